@@ -1,0 +1,19 @@
+//! Everything the eBPF programs and the agent must agree on.
+//!
+//! * [`maps`]: the `#[repr(C)]` key and value types of every BPF map, their
+//!   names and sizes. One definition serves the kernel side, the agent and the
+//!   tests, so the layouts can never drift apart.
+//! * [`csum`]: incremental Internet checksum arithmetic (RFC 1624), used by the
+//!   XDP program (which has no checksum helpers) and by the tests.
+//! * [`stats`]: the counters every program exports, drop reasons included.
+//!
+//! The crate is `no_std` so that the eBPF crate can use it; the `user` feature
+//! adds the userspace-only trait impls.
+#![cfg_attr(not(any(feature = "std", test)), no_std)]
+
+pub mod csum;
+pub mod maps;
+pub mod stats;
+
+pub use maps::*;
+pub use stats::{STAT_COUNT, Stat};

@@ -1,0 +1,101 @@
+//! Ingress of a container's host-side veth (TC): anti-spoofing, reverse DNAT
+//! of replies, masquerade of new flows to the outside.
+
+use aya_ebpf::programs::TcContext;
+use datapath_common::{CONFIG_F_SNAT, CtEntry, EndpointKey, NodeAddrKey, Stat, ct_action};
+
+use crate::{
+    conntrack,
+    ctx::Packet,
+    maps::{self, ENDPOINTS, NODE_ADDRS},
+    nat,
+    parse::{self, L4, Parsed},
+};
+
+/// What the hook must do with the packet.
+pub enum Verdict {
+    /// Hand the packet to the kernel (container to container, to the node).
+    Pass,
+    /// Drop it, counting `Stat`.
+    Drop(Stat),
+    /// Translated: send it out of interface `ifindex` (the uplink),
+    /// resolving the next hop's MAC.
+    ToUplink { ifindex: u32 },
+}
+
+/// Translates one packet sent by a container.
+#[inline(always)]
+pub fn process(ctx: &mut TcContext) -> Verdict {
+    let Some(cfg) = maps::config() else {
+        return Verdict::Pass;
+    };
+    let flow = match parse::parse(ctx) {
+        Parsed::NotOurs => return Verdict::Pass,
+        Parsed::Malformed => return Verdict::Drop(Stat::DropMalformed),
+        Parsed::Fragment(Some(key)) => {
+            return if conntrack::lookup(&key).is_some() {
+                Verdict::Drop(Stat::DropFragment)
+            } else {
+                Verdict::Pass
+            };
+        }
+        Parsed::Fragment(None) => return Verdict::Pass,
+        Parsed::Flow(flow) => flow,
+    };
+    // SAFETY: `skb` is the program's context.
+    let ifindex = unsafe { (*ctx.skb.skb).ingress_ifindex };
+    // A container may only send from its own address and MAC.
+    let Some(ep) = (unsafe { ENDPOINTS.get(EndpointKey { addr: flow.key.saddr }) }) else {
+        return Verdict::Drop(Stat::DropSpoofed);
+    };
+    let Ok(src_mac) = ctx.read::<6>(6) else {
+        return Verdict::Drop(Stat::DropMalformed);
+    };
+    if ep.ifindex != ifindex || ep.mac != src_mac {
+        return Verdict::Drop(Stat::DropSpoofed);
+    }
+    if flow.l4 == L4::IcmpError {
+        return Verdict::Pass;
+    }
+
+    let entry: *mut CtEntry = match conntrack::lookup(&flow.key) {
+        Some(e) => e,
+        None => {
+            let dst = flow.key.daddr;
+            if cfg.flags & CONFIG_F_SNAT == 0
+                || cfg.in_pool(dst)
+                || dst == cfg.gateway_addr
+                || unsafe { NODE_ADDRS.get(NodeAddrKey { addr: dst }) }.is_some()
+            {
+                return Verdict::Pass;
+            }
+            match conntrack::create_snat(&flow.key, cfg, ifindex, ep.container_id) {
+                Ok(e) => {
+                    maps::count(Stat::SnatNew);
+                    e
+                }
+                Err(stat) => return Verdict::Drop(stat),
+            }
+        }
+    };
+    // SAFETY: points into a live conntrack value (RCU); copied out once.
+    let ct = unsafe { *entry };
+    if ct.action != ct_action::REV_DNAT && ct.action != ct_action::SNAT {
+        return Verdict::Pass;
+    }
+    if flow.ttl <= 1 {
+        return Verdict::Drop(Stat::DropTtlExceeded);
+    }
+    conntrack::touch(entry, &flow);
+    if nat::rewrite(ctx, &flow, true, ct.nat_addr, ct.nat_port).is_err()
+        || nat::decrement_ttl(ctx).is_err()
+    {
+        return Verdict::Drop(Stat::DropHelperFailed);
+    }
+    maps::count(if ct.action == ct_action::REV_DNAT {
+        Stat::DnatPackets
+    } else {
+        Stat::SnatPackets
+    });
+    Verdict::ToUplink { ifindex: ct.ifindex }
+}

@@ -1,0 +1,3 @@
+fn main() {
+    println!("{}", datapath::EBPF_OBJECT.len());
+}
