@@ -3,3 +3,6 @@
 
 /// The compiled eBPF object (all programs and maps), embedded at build time.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/datapath-ebpf"));
+
+pub mod netlink;
+pub mod netns;
