@@ -62,7 +62,11 @@ pub fn process(ctx: &mut TcContext) -> Verdict {
         return Verdict::Pass;
     }
 
+    // Forwarding decrements the TTL: a packet that would leave with zero is
+    // dropped before it can create a flow.
+    let expiring = flow.ttl <= 1;
     let entry: *mut CtEntry = match conntrack::lookup(&flow.key) {
+        Some(_) if expiring => return Verdict::Drop(Stat::DropTtlExceeded),
         Some(e) => e,
         None => {
             let dst = flow.key.daddr;
@@ -72,6 +76,9 @@ pub fn process(ctx: &mut TcContext) -> Verdict {
                 || unsafe { NODE_ADDRS.get(NodeAddrKey { addr: dst }) }.is_some()
             {
                 return Verdict::Pass;
+            }
+            if expiring {
+                return Verdict::Drop(Stat::DropTtlExceeded);
             }
             match conntrack::create_snat(&flow.key, cfg, ifindex, ep.container_id) {
                 Ok(e) => {
@@ -86,9 +93,6 @@ pub fn process(ctx: &mut TcContext) -> Verdict {
     let ct = unsafe { *entry };
     if ct.action != ct_action::REV_DNAT && ct.action != ct_action::SNAT {
         return Verdict::Pass;
-    }
-    if flow.ttl <= 1 {
-        return Verdict::Drop(Stat::DropTtlExceeded);
     }
     conntrack::touch(entry, &flow);
     if nat::rewrite(ctx, &flow, true, ct.nat_addr, ct.nat_port).is_err()

@@ -76,10 +76,15 @@ pub fn process<C: Packet + FrameLen>(ctx: &mut C) -> Verdict {
     if flow.l4 == L4::IcmpError {
         return Verdict::Pass;
     }
+    // Forwarding decrements the TTL: a packet that would leave with zero is
+    // dropped before it can create a flow.
+    let expiring = flow.ttl <= 1;
 
     let entry: *mut CtEntry = match conntrack::lookup(&flow.key) {
+        Some(_) if expiring => return Verdict::Drop(Stat::DropTtlExceeded),
         Some(e) => e,
         None => match service(&flow.key) {
+            Some(_) if expiring => return Verdict::Drop(Stat::DropTtlExceeded),
             Some(svc) => {
                 match conntrack::create_dnat(
                     &flow.key,
@@ -118,9 +123,6 @@ pub fn process<C: Packet + FrameLen>(ctx: &mut C) -> Verdict {
     // another kind matching here would be an outbound tuple seen inbound.
     if ct.action != ct_action::DNAT && ct.action != ct_action::REV_SNAT {
         return Verdict::Pass;
-    }
-    if flow.ttl <= 1 {
-        return Verdict::Drop(Stat::DropTtlExceeded);
     }
     conntrack::touch(entry, &flow);
     if nat::rewrite(ctx, &flow, false, ct.nat_addr, ct.nat_port).is_err()

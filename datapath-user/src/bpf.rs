@@ -235,16 +235,20 @@ impl Datapath {
 
     /// Attaches the uplink program for `hook` to `ifname`, replacing the
     /// program of an already pinned link of the same hook in place and
-    /// removing a pinned link of the other hook.
+    /// removing pinned links of the other hooks. The pin name carries the
+    /// hook (`uplink_tc`, `uplink_xdp_native`, `uplink_xdp_generic`): a
+    /// pinned XDP link keeps the mode it was created with.
     pub fn attach_uplink(&mut self, ifname: &str, hook: UplinkHook) -> Result<(), BpfError> {
-        let (keep, drop) = match hook {
-            UplinkHook::Tc => ("uplink_tc", "uplink_xdp"),
-            UplinkHook::XdpNative | UplinkHook::XdpGeneric => ("uplink_xdp", "uplink_tc"),
-        };
-        remove_pin(&self.link_pin(drop))?;
+        for other in UPLINK_LINKS.iter().filter(|(h, _)| *h != hook) {
+            remove_pin(&self.link_pin(other.1))?;
+        }
+        let name = UPLINK_LINKS
+            .iter()
+            .find(|(h, _)| *h == hook)
+            .map_or("uplink_tc", |(_, n)| n);
         match hook {
-            UplinkHook::Tc => self.attach_tc(programs::UPLINK_TC, ifname, keep),
-            _ => self.attach_xdp(ifname, hook, keep),
+            UplinkHook::Tc => self.attach_tc(programs::UPLINK_TC, ifname, name),
+            _ => self.attach_xdp(ifname, hook, name),
         }
     }
 
@@ -346,11 +350,6 @@ impl Datapath {
             UplinkHook::XdpGeneric => (XdpMode::Skb, "xdp-generic"),
             _ => (XdpMode::Driver, "xdp-native"),
         };
-        // A pinned XDP link keeps its mode; reattach when the mode changes.
-        let marker = pin.with_extension("mode");
-        if fs::read_to_string(&marker).ok().as_deref() != Some(hook_name) {
-            remove_pin(&pin)?;
-        }
         let prog: &mut Xdp = program(&mut self.ebpf, program_name)?;
         let program_id = prog.info().map(|i| i.id()).unwrap_or_default();
         let existing = match PinnedLink::from_pin(&pin) {
@@ -382,11 +381,6 @@ impl Datapath {
             fd_link
                 .pin(&pin)
                 .map_err(|e| err(format!("pin link at {}: {e}", pin.display())))?;
-            fs::write(&marker, hook_name).map_err(|source| BpfError::Fs {
-                action: "write",
-                path: marker.clone(),
-                source,
-            })?;
         }
         self.attachments.retain(|a| a.pin != pin);
         self.attachments.push(Attachment {
@@ -399,6 +393,13 @@ impl Datapath {
         Ok(())
     }
 }
+
+/// Pin names of the uplink links, by hook.
+const UPLINK_LINKS: [(UplinkHook, &str); 3] = [
+    (UplinkHook::Tc, "uplink_tc"),
+    (UplinkHook::XdpNative, "uplink_xdp_native"),
+    (UplinkHook::XdpGeneric, "uplink_xdp_generic"),
+];
 
 /// The pinned link name of a container's host-side veth.
 pub fn container_link_name(host_ifname: &str) -> String {

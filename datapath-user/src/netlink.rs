@@ -17,7 +17,7 @@
 use std::{
     fmt, io, mem,
     net::{IpAddr, Ipv4Addr},
-    os::fd::{AsFd, AsRawFd, BorrowedFd},
+    os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd},
     path::PathBuf,
     time::Instant,
 };
@@ -417,23 +417,25 @@ impl Netlink {
     ) -> Result<LinkInfo, NetlinkError> {
         let container = InNetns::Container(spec.netns.clone());
         let runtime = tokio::runtime::Handle::current();
-        // One short trip into the container's netns: a netlink socket bound
-        // there (driven from this runtime afterwards) and the ethtool ioctl.
-        let (connection, handle, _) = netns.run(|| {
+        // One short trip into the container's netns: a netlink socket and
+        // an ethtool socket bound there (both used from here afterwards).
+        let (connection, handle, _, ethtool) = netns.run(|| {
             let _runtime = runtime.enter();
-            let connection =
+            let (connection, handle, messages) =
                 rtnetlink::new_connection().map_err(|source| NetlinkError::Socket {
                     netns: container.clone(),
                     source,
                 })?;
-            if spec.gro {
-                enable_gro(&spec.ifname).map_err(|source| NetlinkError::Gro {
+            let ethtool = if spec.gro {
+                Some(ethtool_socket().map_err(|source| NetlinkError::Gro {
                     link: spec.ifname.clone(),
                     netns: container.clone(),
                     source,
-                })?;
-            }
-            Ok::<_, NetlinkError>(connection)
+                })?)
+            } else {
+                None
+            };
+            Ok::<_, NetlinkError>((connection, handle, messages, ethtool))
         })??;
 
         let container_side = async {
@@ -451,6 +453,16 @@ impl Netlink {
         let host_side = self.configure_host_end(spec);
         let ((host_ifindex, host_mac), (container_ifindex, container_mac)) =
             futures::try_join!(host_side, container_side)?;
+        if let Some(socket) = ethtool {
+            // Only now that the container end is up: a veth turns on the
+            // NAPI instance that native XDP redirects need when GRO changes
+            // while it is running, not when it is brought up with GRO set.
+            enable_gro(socket.as_fd(), &spec.ifname).map_err(|source| NetlinkError::Gro {
+                link: spec.ifname.clone(),
+                netns: container.clone(),
+                source,
+            })?;
+        }
         Ok(LinkInfo {
             host_ifindex,
             host_mac,
@@ -744,17 +756,22 @@ fn ethtool_value(socket: BorrowedFd<'_>, ifname: &str, cmd: u32, data: u32) -> i
     Ok(value.data)
 }
 
-/// Turns GRO on for `ifname` in the calling thread's netns, and checks that
-/// the kernel kept it on.
-fn enable_gro(ifname: &str) -> io::Result<()> {
-    let socket = socket::socket(
+/// A socket for ethtool ioctls on the links of the calling thread's netns.
+fn ethtool_socket() -> io::Result<OwnedFd> {
+    Ok(socket::socket(
         socket::AddressFamily::Inet,
         SockType::Datagram,
         SockFlag::SOCK_CLOEXEC,
         None,
-    )?;
-    ethtool_value(socket.as_fd(), ifname, ETHTOOL_SGRO, 1)?;
-    if ethtool_value(socket.as_fd(), ifname, ETHTOOL_GGRO, 0)? == 0 {
+    )?)
+}
+
+/// Turns GRO on for `ifname` (in the netns `socket` was opened in), off
+/// first so that the kernel sees a change, and checks that it stayed on.
+fn enable_gro(socket: BorrowedFd<'_>, ifname: &str) -> io::Result<()> {
+    ethtool_value(socket, ifname, ETHTOOL_SGRO, 0)?;
+    ethtool_value(socket, ifname, ETHTOOL_SGRO, 1)?;
+    if ethtool_value(socket, ifname, ETHTOOL_GGRO, 0)? == 0 {
         return Err(io::Error::other("the kernel left GRO off"));
     }
     Ok(())

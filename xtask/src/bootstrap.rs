@@ -47,6 +47,8 @@ const TEST_PROGRAMS: &[(&str, &str)] = &[
     ("ethtool", "ethtool"),
     ("nsenter", "util-linux"),
     ("busybox", "busybox-static"),
+    ("ping", "iputils-ping"),
+    ("socat", "socat"),
 ];
 
 /// What the later steps need from the bootstrap.
