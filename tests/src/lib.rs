@@ -12,6 +12,13 @@
 //! Everything a test creates is named with the [`names::PREFIX`] prefix and a
 //! per-process unique id, and removed by a guard's `Drop`.
 
+pub mod agent;
 pub mod frame;
+pub mod leaks;
+pub mod lock;
+pub mod names;
+pub mod netns;
+pub mod node;
 pub mod packet;
 pub mod programs;
+pub mod sys;
