@@ -6,13 +6,15 @@
 //!   back and verifies checksums.
 //! * Namespace tests build a whole node out of network namespaces:
 //!   [`netns`] (one namespace), [`node`] (client, node and containers),
-//!   [`agent`] (the agent running in the node), [`lock`] (serialising
-//!   traffic-heavy tests) and [`leaks`] (finding what a test left behind).
+//!   [`agent`] (the agent running in the node), [`cgroup`] (cgroups for
+//!   the rate limiter), [`lock`] (serialising traffic-heavy tests) and
+//!   [`leaks`] (finding what a test left behind).
 //!
 //! Everything a test creates is named with the [`names::PREFIX`] prefix and a
 //! per-process unique id, and removed by a guard's `Drop`.
 
 pub mod agent;
+pub mod cgroup;
 pub mod frame;
 pub mod leaks;
 pub mod lock;

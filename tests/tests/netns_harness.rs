@@ -2,6 +2,7 @@
 //! described, entered without hiding bpffs, and removed on every exit path.
 
 use std::{
+    os::unix::fs::MetadataExt,
     panic::{AssertUnwindSafe, catch_unwind},
     path::Path,
     process::Command,
@@ -9,9 +10,8 @@ use std::{
     time::Duration,
 };
 
-use nix::sys::statfs::{BPF_FS_MAGIC, statfs};
-
 use datapath_tests::{
+    cgroup::Cgroup,
     leaks,
     lock::TrafficLock,
     names,
@@ -19,6 +19,7 @@ use datapath_tests::{
     node::{CLIENT_IF, Node, UPLINK, ifindex, mac},
     sys,
 };
+use nix::sys::statfs::{BPF_FS_MAGIC, statfs};
 
 #[test]
 fn client_pings_the_node_through_the_uplink() {
@@ -202,4 +203,21 @@ fn traffic_lock_excludes_a_second_holder_until_released() {
     .join()
     .expect("no panic");
     assert!(again.is_some());
+}
+
+#[test]
+fn cgroup_holds_spawned_processes_and_is_removed_with_them() {
+    let ns = Netns::new_unique();
+    let cg = Cgroup::new();
+    let path = cg.path().to_owned();
+    let ino = std::fs::metadata(&path).expect("stat").ino();
+    assert_eq!(cg.id(), ino);
+    let mut child = ns.spawn(cg.enter(Command::new("sleep").arg("600")));
+    let pid = child.id();
+    assert_eq!(cg.pids(), vec![pid]);
+    // The process is in the namespace too.
+    assert_eq!(ns.pids(), vec![i32::try_from(pid).expect("pid")]);
+    drop(cg);
+    assert!(!path.exists(), "{} survived", path.display());
+    assert!(!child.wait().expect("wait").success(), "sleep was killed");
 }
