@@ -223,7 +223,7 @@ const DATA_OUT_SLACK: usize = 256;
 /// The eBPF object, loaded once, private to its owner.
 pub struct Programs {
     ebpf: Ebpf,
-    loaded: HashSet<&'static str>,
+    loaded: HashSet<String>,
 }
 
 impl Programs {
@@ -261,16 +261,6 @@ impl Programs {
         Ok(())
     }
 
-    fn loaded_name(name: &str) -> &'static str {
-        match name {
-            prog_names::UPLINK_TC => prog_names::UPLINK_TC,
-            prog_names::CONTAINER_TC => prog_names::CONTAINER_TC,
-            prog_names::UPLINK_XDP => prog_names::UPLINK_XDP,
-            prog_names::XDP_PASS => prog_names::XDP_PASS,
-            other => panic!("unknown program {other}"),
-        }
-    }
-
     fn load_error(name: &str, e: ProgramError) -> HarnessError {
         match e {
             ProgramError::LoadError {
@@ -290,8 +280,7 @@ impl Programs {
 
     /// The TC program `name`, loaded.
     pub fn classifier(&mut self, name: &str) -> Result<&mut SchedClassifier, HarnessError> {
-        let key = Self::loaded_name(name);
-        let first = !self.loaded.contains(key);
+        let first = !self.loaded.contains(name);
         let prog: &mut SchedClassifier = self
             .ebpf
             .program_mut(name)
@@ -303,15 +292,14 @@ impl Programs {
             })?;
         if first {
             prog.load().map_err(|e| Self::load_error(name, e))?;
-            self.loaded.insert(key);
+            self.loaded.insert(name.to_owned());
         }
         Ok(prog)
     }
 
     /// The XDP program `name`, loaded.
     pub fn xdp(&mut self, name: &str) -> Result<&mut Xdp, HarnessError> {
-        let key = Self::loaded_name(name);
-        let first = !self.loaded.contains(key);
+        let first = !self.loaded.contains(name);
         let prog: &mut Xdp = self
             .ebpf
             .program_mut(name)
@@ -323,7 +311,7 @@ impl Programs {
             })?;
         if first {
             prog.load().map_err(|e| Self::load_error(name, e))?;
-            self.loaded.insert(key);
+            self.loaded.insert(name.to_owned());
         }
         Ok(prog)
     }
@@ -430,7 +418,8 @@ impl Programs {
     }
 
     /// A ready configuration: node address, pool (address and prefix
-    /// length), uplink ifindex; masquerade on, SNAT ports 61000-65535.
+    /// length), uplink ifindex; the gateway is the pool's first address,
+    /// masquerade is on, SNAT ports are 61000-65535.
     pub fn config(node: [u8; 4], pool: [u8; 4], prefix_len: u8, uplink_ifindex: u32) -> Config {
         let mask = if prefix_len == 0 {
             0
@@ -483,7 +472,7 @@ impl Programs {
 
     /// Publishes a TCP or UDP port: `addr:port/proto` → `backend:backend_port`
     /// behind host-side veth `ifindex`, container id `container_id`.
-    #[allow(clippy::too_many_arguments, reason = "one argument per map field")]
+    #[expect(clippy::too_many_arguments, reason = "one argument per map field")]
     pub fn publish(
         &mut self,
         addr: [u8; 4],
