@@ -22,7 +22,7 @@ use std::{collections::HashSet, net::Ipv4Addr, time::Duration};
 use aya::{
     Ebpf, EbpfLoader, TestRun, TestRunOptions,
     maps::{Array, HashMap, MapData, MapError, PerCpuArray},
-    programs::{ProgramError, SchedClassifier, Xdp},
+    programs::{Program, ProgramError, SchedClassifier, Xdp},
 };
 use bytemuck::{Pod, Zeroable};
 use datapath_common::{
@@ -252,13 +252,23 @@ impl Programs {
         })
     }
 
-    /// Loads every program of the object, as the agent does.
-    pub fn load_all(&mut self) -> Result<(), HarnessError> {
-        self.classifier(prog_names::UPLINK_TC)?;
-        self.classifier(prog_names::CONTAINER_TC)?;
-        self.xdp(prog_names::UPLINK_XDP)?;
-        self.xdp(prog_names::XDP_PASS)?;
-        Ok(())
+    /// Loads every program of the object, as the agent does; returns their
+    /// names.
+    pub fn load_all(&mut self) -> Result<Vec<String>, HarnessError> {
+        let mut all: Vec<(String, bool)> = self
+            .ebpf
+            .programs()
+            .map(|(name, p)| (name.to_owned(), matches!(p, Program::Xdp(_))))
+            .collect();
+        all.sort();
+        for (name, is_xdp) in &all {
+            if *is_xdp {
+                self.xdp(name)?;
+            } else {
+                self.classifier(name)?;
+            }
+        }
+        Ok(all.into_iter().map(|(name, _)| name).collect())
     }
 
     fn load_error(name: &str, e: ProgramError) -> HarnessError {

@@ -3,7 +3,11 @@
 //! DNAT of replies, masquerade of new flows, anti-spoofing; and the uplink
 //! side of masqueraded flows' replies.
 
-use datapath_common::{CtKey, Endpoint, Stat, ct_action, proto};
+use datapath_common::{
+    CtKey, Endpoint, Stat, ct_action,
+    programs::{CONTAINER_TC, UPLINK_TC, UPLINK_XDP},
+    proto,
+};
 use datapath_tests::{
     frame::{Frame, tcp_flags},
     packet::{ParsedFrame, assert_only_changed, field, verify_checksums},
@@ -214,11 +218,7 @@ fn the_context_reaches_the_program() {
     // context given to the test run is what the program reads.
     let mut p = datapath();
     let f = from_container(Frame::udp("198.19.0.5:5555", "198.18.0.1:53"));
-    let zeroed = p.run_tc(
-        datapath_common::programs::CONTAINER_TC,
-        &f,
-        Some(&SkBuff::default()),
-    );
+    let zeroed = p.run_tc(CONTAINER_TC, &f, Some(&SkBuff::default()));
     assert_eq!(zeroed.verdict, TC_ACT_SHOT);
     let named = p.container_tc(&f, CTR_IFINDEX);
     assert_eq!(named.verdict, TC_ACT_REDIRECT);
@@ -227,5 +227,11 @@ fn the_context_reaches_the_program() {
 #[test]
 fn every_program_passes_the_verifier() {
     let mut p = Programs::load();
-    p.load_all().unwrap_or_else(|e| panic!("{e}"));
+    let names = p.load_all().unwrap_or_else(|e| panic!("{e}"));
+    for expected in [UPLINK_TC, UPLINK_XDP, CONTAINER_TC] {
+        assert!(
+            names.iter().any(|n| n == expected),
+            "{expected} missing from {names:?}"
+        );
+    }
 }
