@@ -192,6 +192,26 @@ impl Netns {
         })
     }
 
+    /// Starts `f` on a background thread that has entered this namespace
+    /// (a server, say). The caller joins it; a thread still blocked when
+    /// the namespace goes away keeps the namespace alive until it returns,
+    /// so give its sockets timeouts.
+    pub fn spawn_thread<F, R>(&self, f: F) -> std::thread::JoinHandle<R>
+    where
+        F: FnOnce() -> R + Send + 'static,
+        R: Send + 'static,
+    {
+        let file = File::open(&self.path)
+            .unwrap_or_else(|e| panic!("opening {}: {e}", self.path.display()));
+        let name = self.name.clone();
+        std::thread::spawn(move || {
+            setns(&file, CloneFlags::CLONE_NEWNET)
+                .unwrap_or_else(|e| panic!("setns into {name}: {e}"));
+            drop(file);
+            f()
+        })
+    }
+
     /// Sends one ICMP echo request to `addr` from this namespace (`ping`, or
     /// busybox's where iputils is missing); true if a reply came within two
     /// seconds.

@@ -221,3 +221,30 @@ fn cgroup_holds_spawned_processes_and_is_removed_with_them() {
     assert!(!path.exists(), "{} survived", path.display());
     assert!(!child.wait().expect("wait").success(), "sleep was killed");
 }
+
+#[test]
+fn background_thread_serves_tcp_in_the_node_namespace() {
+    use std::io::{Read, Write};
+    let node = Node::new();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let addr = std::net::SocketAddr::from((node.node_addr(), 7000));
+    let server = node.node.spawn_thread(move || {
+        let l = std::net::TcpListener::bind(addr).expect("bind in the node namespace");
+        tx.send(()).expect("ready");
+        let (mut c, peer) = l.accept().expect("accept");
+        c.write_all(b"hi").expect("write");
+        peer
+    });
+    rx.recv_timeout(Duration::from_secs(5))
+        .expect("server ready");
+    let got = node.client.exec_closure(|| {
+        let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+            .expect("connect from the client");
+        let mut out = String::new();
+        s.read_to_string(&mut out).expect("read");
+        out
+    });
+    assert_eq!(got, "hi");
+    let peer = server.join().expect("server thread");
+    assert_eq!(peer.ip(), std::net::IpAddr::V4(node.client_addr()));
+}
