@@ -148,6 +148,10 @@ mod tests {
         let c = replace32(u16::from_be_bytes([hdr[10], hdr[11]]), old_dst, new_dst);
         hdr[16..20].copy_from_slice(&new_dst);
         hdr[10..12].copy_from_slice(&c.to_be_bytes());
-        assert_eq!(checksum(&hdr), 0, "a header with a valid checksum sums to zero");
+        assert_eq!(
+            checksum(&hdr),
+            0,
+            "a header with a valid checksum sums to zero"
+        );
     }
 }

@@ -12,6 +12,7 @@
 #![cfg_attr(not(any(feature = "std", test)), no_std)]
 
 pub mod csum;
+pub mod ct;
 pub mod maps;
 pub mod stats;
 

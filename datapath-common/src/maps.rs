@@ -37,9 +37,6 @@ pub mod programs {
     pub const UPLINK_XDP: &str = "uplink_xdp";
     /// TC (tcx) ingress on a container's host-side veth: reverse DNAT, SNAT.
     pub const CONTAINER_TC: &str = "container_tc";
-    /// XDP on a container-side veth: only passes, so that native XDP
-    /// redirects into the veth pair are delivered.
-    pub const XDP_PASS: &str = "xdp_pass";
 }
 
 /// Default capacities. The agent may size maps differently at load time.

@@ -7,9 +7,7 @@ use aya_ebpf::{
     bindings::BPF_NOEXIST,
     helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns},
 };
-use datapath_common::{
-    CT_F_ORIGINAL, CT_F_SEEN, Config, CtEntry, CtKey, Stat, ct_action,
-};
+use datapath_common::{CT_F_ORIGINAL, CT_F_SEEN, Config, CtEntry, CtKey, Stat, ct_action};
 
 use crate::{maps::CONNTRACK, parse::Flow};
 

@@ -45,7 +45,11 @@ pub fn process(ctx: &mut TcContext) -> Verdict {
     // SAFETY: `skb` is the program's context.
     let ifindex = unsafe { (*ctx.skb.skb).ingress_ifindex };
     // A container may only send from its own address and MAC.
-    let Some(ep) = (unsafe { ENDPOINTS.get(EndpointKey { addr: flow.key.saddr }) }) else {
+    let Some(ep) = (unsafe {
+        ENDPOINTS.get(EndpointKey {
+            addr: flow.key.saddr,
+        })
+    }) else {
         return Verdict::Drop(Stat::DropSpoofed);
     };
     let Ok(src_mac) = ctx.read::<6>(6) else {
@@ -97,5 +101,7 @@ pub fn process(ctx: &mut TcContext) -> Verdict {
     } else {
         Stat::SnatPackets
     });
-    Verdict::ToUplink { ifindex: ct.ifindex }
+    Verdict::ToUplink {
+        ifindex: ct.ifindex,
+    }
 }

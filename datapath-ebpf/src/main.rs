@@ -21,6 +21,7 @@ use aya_ebpf::{
     macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
 };
+use aya_log_ebpf::debug;
 use datapath_common::{EndpointKey, Stat};
 
 use crate::{ctx::Packet, maps::count};
@@ -36,6 +37,7 @@ pub fn uplink_tc(mut ctx: TcContext) -> i32 {
             TC_ACT_OK
         }
         uplink::Verdict::Drop(stat) => {
+            log_drop(&ctx, stat);
             count(stat);
             TC_ACT_SHOT
         }
@@ -56,6 +58,7 @@ pub fn uplink_xdp(mut ctx: XdpContext) -> u32 {
             xdp_action::XDP_PASS
         }
         uplink::Verdict::Drop(stat) => {
+            log_drop(&ctx, stat);
             count(stat);
             xdp_action::XDP_DROP
         }
@@ -82,6 +85,7 @@ pub fn container_tc(mut ctx: TcContext) -> i32 {
     match container::process(&mut ctx) {
         container::Verdict::Pass => TC_ACT_OK,
         container::Verdict::Drop(stat) => {
+            log_drop(&ctx, stat);
             count(stat);
             TC_ACT_SHOT
         }
@@ -92,11 +96,15 @@ pub fn container_tc(mut ctx: TcContext) -> i32 {
     }
 }
 
-/// Attached to container-side veths in native XDP mode: a veth only accepts
-/// XDP-redirected frames when its peer runs an XDP program (or has GRO on).
-#[xdp]
-pub fn xdp_pass(_ctx: XdpContext) -> u32 {
-    xdp_action::XDP_PASS
+/// Logs drops caused by exhausted resources (debug level: the agent turns
+/// kernel-side debug logging on only when asked, so floods cost nothing).
+#[inline(always)]
+fn log_drop<C: aya_ebpf::EbpfContext>(ctx: &C, stat: Stat) {
+    match stat {
+        Stat::DropCtFull => debug!(ctx, "conntrack table full: new flow dropped"),
+        Stat::DropSnatPortsExhausted => debug!(ctx, "no free masquerade port: new flow dropped"),
+        _ => {}
+    }
 }
 
 #[cfg(not(test))]

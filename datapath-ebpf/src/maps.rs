@@ -6,8 +6,8 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use datapath_common::{
-    Config, CtEntry, CtKey, Endpoint, EndpointKey, NodeAddr, NodeAddrKey, STAT_COUNT,
-    ServiceKey, ServiceValue, Stat, capacity,
+    Config, CtEntry, CtKey, Endpoint, EndpointKey, NodeAddr, NodeAddrKey, STAT_COUNT, ServiceKey,
+    ServiceValue, Stat, capacity,
 };
 
 /// Global configuration, one entry.
@@ -32,8 +32,7 @@ pub static NODE_ADDRS: HashMap<NodeAddrKey, NodeAddr, { capacity::NODE_ADDRS as 
 /// Connection tracking. A plain (not LRU) hash: when it is full new flows
 /// are dropped and counted, and established flows are never evicted.
 #[btf_map]
-pub static CONNTRACK: HashMap<CtKey, CtEntry, { capacity::CONNTRACK as usize }> =
-    HashMap::new();
+pub static CONNTRACK: HashMap<CtKey, CtEntry, { capacity::CONNTRACK as usize }> = HashMap::new();
 
 /// Per-CPU counters indexed by [`Stat`].
 #[btf_map]

@@ -2,8 +2,8 @@
 //! ports and reverse SNAT of masqueraded flows' replies.
 
 use datapath_common::{
-    CONFIG_F_ALLOW_DIRECT_ROUTING, CtEntry, EndpointKey, NodeAddrKey, ServiceKey, Stat,
-    ct_action, proto,
+    CONFIG_F_ALLOW_DIRECT_ROUTING, CtEntry, EndpointKey, NodeAddrKey, ServiceKey, Stat, ct_action,
+    proto,
 };
 
 use crate::{
@@ -99,8 +99,12 @@ pub fn process<C: Packet + FrameLen>(ctx: &mut C) -> Verdict {
             None => {
                 if cfg.flags & CONFIG_F_ALLOW_DIRECT_ROUTING == 0
                     && cfg.in_pool(flow.key.daddr)
-                    && unsafe { maps::ENDPOINTS.get(EndpointKey { addr: flow.key.daddr }) }
-                        .is_some()
+                    && unsafe {
+                        maps::ENDPOINTS.get(EndpointKey {
+                            addr: flow.key.daddr,
+                        })
+                    }
+                    .is_some()
                 {
                     return Verdict::Drop(Stat::DropDirectRouting);
                 }

@@ -1,0 +1,696 @@
+//! The node agent: owns the loaded datapath, the persisted state and the
+//! netlink connection, and carries out container operations.
+
+use std::{
+    collections::BTreeMap,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use datapath_common::{
+    CONFIG_F_ALLOW_DIRECT_ROUTING, CONFIG_F_READY, CONFIG_F_SNAT, Config, Endpoint, EndpointKey,
+    NodeAddr, NodeAddrKey, STAT_COUNT, ServiceKey, ServiceValue, Stat, capacity, ct::Timeouts,
+    names,
+};
+use ipnet::Ipv4Net;
+
+use crate::{
+    api::{self, AddContainer, ContainerInfo},
+    bpf::{BpfError, Datapath, LoadOptions, UplinkHook},
+    conntrack,
+    netlink::{ContainerLink, Netlink},
+    netns,
+    spec::PortMapping,
+    state::{Container, State, StateError, StateStore, gateway_of},
+};
+
+/// How the uplink hook is chosen.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum XdpMode {
+    /// TC on veth uplinks (XDP on a veth costs its peer TSO), native XDP
+    /// on other devices.
+    Auto,
+    /// XDP in the driver.
+    Native,
+    /// XDP on the skb.
+    Generic,
+    /// TC only.
+    Off,
+}
+
+/// Everything the agent is configured with.
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    /// The uplink interface, if any.
+    pub uplink: Option<String>,
+    /// The node address (default: the uplink's first IPv4 address).
+    pub node_ip: Option<Ipv4Addr>,
+    /// The container pool.
+    pub pool: Ipv4Net,
+    /// Uplink hook choice.
+    pub xdp_mode: XdpMode,
+    /// bpffs directory for pins.
+    pub bpffs_dir: PathBuf,
+    /// State directory.
+    pub state_dir: PathBuf,
+    /// Masquerade port range.
+    pub snat_ports: (u16, u16),
+    /// Masquerade container egress.
+    pub masquerade: bool,
+    /// Conntrack capacity in entries (two per flow).
+    pub ct_max: Option<u32>,
+    /// Let the uplink reach container addresses directly.
+    pub allow_direct_routing: bool,
+    /// Conntrack idle timeouts.
+    pub timeouts: Timeouts,
+    /// How often expired flows are collected.
+    pub gc_interval: Duration,
+    /// Kernel-side log level (aya-log).
+    pub log_level: u8,
+}
+
+/// An error of an agent operation, with the HTTP status it maps to.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// The request is invalid; nothing was changed.
+    #[error("{0}")]
+    BadRequest(String),
+    /// No such object.
+    #[error("{0}")]
+    NotFound(String),
+    /// The request conflicts with existing state; nothing was changed.
+    #[error("{0}")]
+    Conflict(String),
+    /// A BPF operation failed.
+    #[error(transparent)]
+    Bpf(#[from] BpfError),
+    /// The state file could not be read or written.
+    #[error(transparent)]
+    State(#[from] StateError),
+    /// Something else failed.
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl AgentError {
+    /// The HTTP status for this error.
+    pub fn status(&self) -> u16 {
+        match self {
+            Self::BadRequest(_) => 400,
+            Self::NotFound(_) => 404,
+            Self::Conflict(_) => 409,
+            _ => 500,
+        }
+    }
+}
+
+fn internal(context: &str) -> impl FnOnce(String) -> AgentError + '_ {
+    move |e| AgentError::Internal(format!("{context}: {e}"))
+}
+
+/// The uplink as configured at start.
+#[derive(Clone, Debug)]
+struct Uplink {
+    ifname: String,
+    ifindex: u32,
+    hook: UplinkHook,
+    node_ip: Ipv4Addr,
+    node_addrs: Vec<Ipv4Addr>,
+}
+
+/// The running agent.
+pub struct Agent {
+    cfg: AgentConfig,
+    dp: Datapath,
+    store: StateStore,
+    state: State,
+    netlink: Netlink,
+    uplink: Option<Uplink>,
+}
+
+/// Validates a container name.
+fn validate_name(name: &str) -> Result<(), AgentError> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(AgentError::BadRequest(format!(
+            "invalid container name {name:?}: use 1-64 characters of A-Z a-z 0-9 _ . -"
+        )))
+    }
+}
+
+fn validate_ifname(name: &str) -> Result<(), AgentError> {
+    if name.is_empty() || name.len() > 15 || name.contains(['/', ' ', ':']) {
+        return Err(AgentError::BadRequest(format!(
+            "invalid interface name {name:?}: 1-15 characters, no '/', ':' or spaces"
+        )));
+    }
+    Ok(())
+}
+
+impl Agent {
+    /// Loads the datapath, configures the uplink and adopts the persisted
+    /// state.
+    pub async fn start(cfg: AgentConfig) -> anyhow::Result<Self> {
+        use anyhow::Context as _;
+        crate::bpf::ensure_bpffs()?;
+        let dp = Datapath::load(&LoadOptions {
+            bpffs_dir: cfg.bpffs_dir.clone(),
+            ct_max: cfg.ct_max,
+            log_level: cfg.log_level,
+        })
+        .context("load the datapath")?;
+        let store = StateStore::new(&cfg.state_dir);
+        let state = store.load()?;
+        let netlink = Netlink::new().context("open a netlink connection")?;
+        let mut agent = Agent {
+            cfg,
+            dp,
+            store,
+            state,
+            netlink,
+            uplink: None,
+        };
+        agent.setup_uplink().await?;
+        agent.adopt().await?;
+        Ok(agent)
+    }
+
+    /// The datapath (for the log forwarder).
+    pub fn datapath_mut(&mut self) -> &mut Datapath {
+        &mut self.dp
+    }
+
+    /// The configured GC interval.
+    pub fn gc_interval(&self) -> Duration {
+        self.cfg.gc_interval
+    }
+
+    async fn setup_uplink(&mut self) -> anyhow::Result<()> {
+        use anyhow::{Context as _, bail};
+        let pool = self.cfg.pool;
+        let (lo, hi) = self.cfg.snat_ports;
+        let mut config = Config {
+            pool_addr: pool.network().octets(),
+            pool_mask: pool.netmask().octets(),
+            gateway_addr: gateway_of(pool).octets(),
+            snat_port_min: lo,
+            snat_port_max: hi,
+            ..Config::default()
+        };
+        if self.cfg.masquerade {
+            config.flags |= CONFIG_F_SNAT;
+        }
+        if self.cfg.allow_direct_routing {
+            config.flags |= CONFIG_F_ALLOW_DIRECT_ROUTING;
+        }
+        let Some(ifname) = self.cfg.uplink.clone() else {
+            tracing::warn!("no --uplink given: programs loaded and maps pinned, nothing attached");
+            self.dp.config.set(0, config, 0)?;
+            return Ok(());
+        };
+        let Some((ifindex, _mac, kind)) = self
+            .netlink
+            .link(&ifname)
+            .await
+            .with_context(|| format!("look up uplink {ifname}"))?
+        else {
+            bail!("uplink {ifname} does not exist in this network namespace");
+        };
+        let addrs: Vec<Ipv4Addr> = self
+            .netlink
+            .ipv4_addrs(ifindex)
+            .await
+            .with_context(|| format!("read addresses of {ifname}"))?
+            .into_iter()
+            .map(|(a, _)| a)
+            .collect();
+        let node_ip = match (self.cfg.node_ip, addrs.first()) {
+            (Some(ip), _) => ip,
+            (None, Some(ip)) => *ip,
+            (None, None) => {
+                bail!("uplink {ifname} has no IPv4 address; give one to it or pass --node-ip")
+            }
+        };
+        let mut node_addrs = addrs;
+        if !node_addrs.contains(&node_ip) {
+            node_addrs.push(node_ip);
+        }
+        let hook = match (self.cfg.xdp_mode, kind.as_str()) {
+            (XdpMode::Off, _) | (XdpMode::Auto, "veth") => UplinkHook::Tc,
+            (XdpMode::Auto, _) | (XdpMode::Native, _) => UplinkHook::XdpNative,
+            (XdpMode::Generic, _) => UplinkHook::XdpGeneric,
+        };
+        config.node_addr = node_ip.octets();
+        config.uplink_ifindex = ifindex;
+        config.flags |= CONFIG_F_READY;
+        // Node addresses first, so that no packet sees a ready config
+        // without them.
+        let stale: Vec<NodeAddrKey> = self.dp.node_addrs.keys().filter_map(Result::ok).collect();
+        for k in stale {
+            if !node_addrs.contains(&Ipv4Addr::from(k.addr)) {
+                let _ = self.dp.node_addrs.remove(&k);
+            }
+        }
+        for a in &node_addrs {
+            self.dp
+                .node_addrs
+                .insert(NodeAddrKey { addr: a.octets() }, NodeAddr { ifindex }, 0)?;
+        }
+        self.dp.config.set(0, config, 0)?;
+        crate::netlink::enable_ip_forward().context("enable IPv4 forwarding")?;
+        self.dp.attach_uplink(&ifname, hook)?;
+        tracing::info!(
+            uplink = %ifname,
+            ?hook,
+            %node_ip,
+            "uplink attached"
+        );
+        self.uplink = Some(Uplink {
+            ifname,
+            ifindex,
+            hook,
+            node_ip,
+            node_addrs,
+        });
+        Ok(())
+    }
+
+    /// Re-attaches the programs of containers found in the state whose veth
+    /// still exists, and forgets (cleaning their maps) those whose veth is
+    /// gone.
+    async fn adopt(&mut self) -> anyhow::Result<()> {
+        let containers: Vec<Container> = self.state.containers.values().cloned().collect();
+        for c in containers {
+            match self.netlink.link(&c.host_ifname).await {
+                Ok(Some(_)) => {
+                    self.dp.attach_container(&c.host_ifname)?;
+                    tracing::info!(container = %c.name, "adopted");
+                }
+                Ok(None) => {
+                    tracing::warn!(container = %c.name, veth = %c.host_ifname, "veth gone: removing the container");
+                    self.remove_container(&c).await;
+                    self.state.containers.remove(&c.name);
+                }
+                Err(e) => tracing::warn!(container = %c.name, "cannot check veth: {e}"),
+            }
+        }
+        self.store.save(&self.state)?;
+        Ok(())
+    }
+
+    fn info(&self, c: &Container) -> ContainerInfo {
+        ContainerInfo {
+            name: c.name.clone(),
+            id: c.id,
+            addr: c.addr,
+            gateway: gateway_of(self.cfg.pool),
+            netns: c.netns.clone(),
+            ifname: c.ifname.clone(),
+            host_ifname: c.host_ifname.clone(),
+            publish: c.publish.iter().map(ToString::to_string).collect(),
+        }
+    }
+
+    /// All containers.
+    pub fn list(&self) -> Vec<ContainerInfo> {
+        self.state
+            .containers
+            .values()
+            .map(|c| self.info(c))
+            .collect()
+    }
+
+    /// One container.
+    pub fn get(&self, name: &str) -> Result<ContainerInfo, AgentError> {
+        self.state
+            .containers
+            .get(name)
+            .map(|c| self.info(c))
+            .ok_or_else(|| AgentError::NotFound(format!("no container named {name:?}")))
+    }
+
+    fn check_publish(&self, name: &str, publish: &[PortMapping]) -> Result<(), AgentError> {
+        let (lo, hi) = self.cfg.snat_ports;
+        for (i, m) in publish.iter().enumerate() {
+            if m.host_port <= hi && lo <= m.host_end() {
+                return Err(AgentError::BadRequest(format!(
+                    "cannot publish {m}: host ports {lo}-{hi} are reserved for masquerading (--snat-ports)"
+                )));
+            }
+            if let (Some(ip), Some(up)) = (m.host_ip, &self.uplink)
+                && !up.node_addrs.contains(&ip)
+            {
+                return Err(AgentError::BadRequest(format!(
+                    "cannot publish {m}: {ip} is not an address of this node ({})",
+                    up.node_addrs
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )));
+            }
+            if let Some(other) = publish[..i].iter().find(|o| o.overlaps(m)) {
+                return Err(AgentError::BadRequest(format!(
+                    "{m} overlaps {other} in the same request"
+                )));
+            }
+            for c in self.state.containers.values().filter(|c| c.name != name) {
+                if let Some(other) = c.publish.iter().find(|o| o.overlaps(m)) {
+                    return Err(AgentError::Conflict(format!(
+                        "cannot publish {m}: {other} is already published by container {:?}",
+                        c.name
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Creates a container's network: veth pair, address, routes, maps.
+    /// Idempotent: adding an existing container with the same spec returns
+    /// it unchanged. Nothing is left half-applied on failure.
+    pub async fn add(&mut self, req: AddContainer) -> Result<ContainerInfo, AgentError> {
+        validate_name(&req.name)?;
+        let ifname = req.ifname.clone().unwrap_or_else(|| "eth0".to_owned());
+        validate_ifname(&ifname)?;
+        let netns = netns::resolve(&req.netns).map_err(|e| {
+            AgentError::BadRequest(format!(
+                "network namespace {:?}: {}",
+                req.netns,
+                error_chain(&e)
+            ))
+        })?;
+        let publish = req
+            .publish
+            .iter()
+            .map(|s| s.parse::<PortMapping>())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| AgentError::BadRequest(e.to_string()))?;
+        if let Some(c) = self.state.containers.get(&req.name) {
+            if c.netns == netns && c.ifname == ifname && c.publish == publish {
+                return Ok(self.info(c));
+            }
+            return Err(AgentError::Conflict(format!(
+                "container {:?} exists with another network namespace, interface or ports; delete it first",
+                req.name
+            )));
+        }
+        self.check_publish(&req.name, &publish)?;
+        let addr = self.state.allocate_addr(self.cfg.pool).ok_or_else(|| {
+            AgentError::Conflict(format!("the pool {} has no free address", self.cfg.pool))
+        })?;
+        let id = self.state.take_id();
+        let container = Container {
+            id,
+            name: req.name.clone(),
+            netns: netns.clone(),
+            ifname: ifname.clone(),
+            host_ifname: format!("dp{id:x}"),
+            addr,
+            publish,
+        };
+        let gro = matches!(
+            self.uplink.as_ref().map(|u| u.hook),
+            Some(UplinkHook::XdpNative)
+        );
+        let link = self
+            .netlink
+            .create_container_link(&ContainerLink {
+                host_ifname: container.host_ifname.clone(),
+                netns: netns.clone(),
+                ifname,
+                addr,
+                gateway: gateway_of(self.cfg.pool),
+                mtu: None,
+                gro,
+            })
+            .await
+            .map_err(|e| match e {
+                crate::netlink::NetlinkError::Netns(_) => AgentError::BadRequest(error_chain(&e)),
+                e => AgentError::Internal(format!("create the veth pair: {}", error_chain(&e))),
+            })?;
+        let result = self.fill_maps(
+            &container,
+            link.host_ifindex,
+            link.container_mac,
+            link.host_mac,
+        );
+        let result = match result {
+            Ok(()) => {
+                self.state
+                    .containers
+                    .insert(container.name.clone(), container.clone());
+                self.store.save(&self.state).map_err(AgentError::from)
+            }
+            Err(e) => Err(e),
+        };
+        if let Err(e) = result {
+            self.state.containers.remove(&container.name);
+            self.remove_container(&container).await;
+            return Err(e);
+        }
+        tracing::info!(container = %container.name, addr = %container.addr, veth = %container.host_ifname, "container added");
+        Ok(self.info(&container))
+    }
+
+    fn fill_maps(
+        &mut self,
+        c: &Container,
+        host_ifindex: u32,
+        mac: [u8; 6],
+        host_mac: [u8; 6],
+    ) -> Result<(), AgentError> {
+        self.dp
+            .endpoints
+            .insert(
+                EndpointKey {
+                    addr: c.addr.octets(),
+                },
+                Endpoint {
+                    ifindex: host_ifindex,
+                    container_id: c.id,
+                    mac,
+                    host_mac,
+                    flags: 0,
+                },
+                0,
+            )
+            .map_err(|e| internal("add the endpoint")(e.to_string()))?;
+        for m in &c.publish {
+            for (hp, cp) in m.ports() {
+                self.dp
+                    .services
+                    .insert(
+                        service_key(m, hp),
+                        ServiceValue {
+                            backend_addr: c.addr.octets(),
+                            backend_port: cp,
+                            _pad: 0,
+                            ifindex: host_ifindex,
+                            container_id: c.id,
+                        },
+                        0,
+                    )
+                    .map_err(|e| internal("publish a port")(e.to_string()))?;
+            }
+        }
+        self.dp.attach_container(&c.host_ifname)?;
+        Ok(())
+    }
+
+    /// Undoes everything of a container, going on after failures (logged).
+    async fn remove_container(&mut self, c: &Container) {
+        for m in &c.publish {
+            for (hp, _) in m.ports() {
+                let key = service_key(m, hp);
+                // Only our own entry: never a port another container owns.
+                if self
+                    .dp
+                    .services
+                    .get(&key, 0)
+                    .is_ok_and(|v| v.container_id == c.id)
+                {
+                    let _ = self.dp.services.remove(&key);
+                }
+            }
+        }
+        let ekey = EndpointKey {
+            addr: c.addr.octets(),
+        };
+        if self
+            .dp
+            .endpoints
+            .get(&ekey, 0)
+            .is_ok_and(|e| e.container_id == c.id)
+        {
+            let _ = self.dp.endpoints.remove(&ekey);
+        }
+        if let Err(e) = self.dp.detach_container(&c.host_ifname) {
+            tracing::warn!(container = %c.name, "detach: {e}");
+        }
+        let id = c.id;
+        if let Err(e) = conntrack::flush(&mut self.dp.conntrack, |f| f.orig.container_id == id) {
+            tracing::warn!(container = %c.name, "flush conntrack: {e}");
+        }
+        if let Err(e) = self.netlink.delete_container_link(&c.host_ifname).await {
+            tracing::warn!(container = %c.name, "delete veth: {}", error_chain(&e));
+        }
+    }
+
+    /// Deletes a container; deleting an absent one succeeds.
+    pub async fn del(&mut self, name: &str) -> Result<(), AgentError> {
+        let Some(c) = self.state.containers.get(name).cloned() else {
+            return Ok(());
+        };
+        self.remove_container(&c).await;
+        self.state.containers.remove(name);
+        self.store.save(&self.state)?;
+        tracing::info!(container = %name, "container deleted");
+        Ok(())
+    }
+
+    /// Every tracked flow.
+    pub fn conntrack(&self) -> Result<Vec<api::Flow>, AgentError> {
+        let (flows, _) = conntrack::read_flows(&self.dp.conntrack)
+            .map_err(|e| internal("read conntrack")(e.to_string()))?;
+        let now = conntrack::now_ns();
+        let by_id: BTreeMap<u32, String> = self
+            .state
+            .containers
+            .values()
+            .map(|c| (c.id, c.name.clone()))
+            .collect();
+        Ok(flows
+            .iter()
+            .map(|f| {
+                conntrack::to_api(
+                    f,
+                    &self.cfg.timeouts,
+                    now,
+                    by_id.get(&f.orig.container_id).cloned(),
+                )
+            })
+            .collect())
+    }
+
+    /// Removes the flows of one container, or all.
+    pub fn flush(&mut self, container: Option<&str>) -> Result<usize, AgentError> {
+        let id = match container {
+            Some(name) => Some(
+                self.state
+                    .containers
+                    .get(name)
+                    .map(|c| c.id)
+                    .ok_or_else(|| AgentError::NotFound(format!("no container named {name:?}")))?,
+            ),
+            None => None,
+        };
+        conntrack::flush(&mut self.dp.conntrack, |f| {
+            id.is_none_or(|id| f.orig.container_id == id)
+        })
+        .map_err(|e| internal("flush conntrack")(e.to_string()))
+    }
+
+    /// Collects expired flows.
+    pub fn gc(&mut self) -> usize {
+        match conntrack::gc(
+            &mut self.dp.conntrack,
+            &self.cfg.timeouts,
+            conntrack::now_ns(),
+        ) {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::warn!("conntrack gc: {e}");
+                0
+            }
+        }
+    }
+
+    /// Counters summed over CPUs.
+    pub fn counters(&self) -> BTreeMap<String, u64> {
+        let mut out = BTreeMap::new();
+        for (i, stat) in Stat::ALL.iter().enumerate().take(STAT_COUNT as usize) {
+            let v = self
+                .dp
+                .stats
+                .get(&(i as u32), 0)
+                .map(|per_cpu| per_cpu.iter().sum())
+                .unwrap_or(0);
+            out.insert(stat.name().to_owned(), v);
+        }
+        out
+    }
+
+    /// What is loaded and attached.
+    pub fn status(&self) -> api::Status {
+        let maps_dir = self.cfg.bpffs_dir.join("maps");
+        api::Status {
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            bpffs_dir: self.cfg.bpffs_dir.clone(),
+            state_dir: self.cfg.state_dir.clone(),
+            pool: self.cfg.pool.to_string(),
+            gateway: gateway_of(self.cfg.pool),
+            uplink: self.uplink.as_ref().map(|u| api::UplinkInfo {
+                ifname: u.ifname.clone(),
+                ifindex: u.ifindex,
+                hook: match u.hook {
+                    UplinkHook::Tc => "tc",
+                    UplinkHook::XdpNative => "xdp-native",
+                    UplinkHook::XdpGeneric => "xdp-generic",
+                }
+                .to_owned(),
+                node_ip: u.node_ip,
+                node_addrs: u.node_addrs.clone(),
+            }),
+            attachments: self.dp.attachments().iter().map(Into::into).collect(),
+            maps: names::ALL
+                .iter()
+                .map(|n| api::MapInfo {
+                    name: (*n).to_owned(),
+                    pin: maps_dir.join(n),
+                })
+                .collect(),
+            counters: self.counters(),
+            containers: self.state.containers.len(),
+            conntrack_entries: self.dp.conntrack.keys().count(),
+            conntrack_max: self.cfg.ct_max.unwrap_or(capacity::CONNTRACK),
+        }
+    }
+
+    /// The state directory.
+    pub fn state_dir(&self) -> &Path {
+        &self.cfg.state_dir
+    }
+}
+
+/// An error and its sources, joined with ": ".
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut src = e.source();
+    while let Some(s) = src {
+        let text = s.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        src = s.source();
+    }
+    out
+}
+
+/// The services-map key of host port `port` of mapping `m`.
+fn service_key(m: &PortMapping, port: u16) -> ServiceKey {
+    ServiceKey {
+        addr: m.host_ip.map_or([0; 4], |ip| ip.octets()),
+        port,
+        proto: m.protocol.number(),
+        _pad: 0,
+    }
+}

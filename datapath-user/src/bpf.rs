@@ -1,0 +1,431 @@
+//! Loading the eBPF object, pinning its maps, attaching its programs.
+//!
+//! Pin layout under the agent's bpffs directory:
+//! * `maps/<NAME>`: every map (with BTF: `bpftool map dump pinned` prints
+//!   field names). A restarted agent reuses them, so flows survive.
+//! * `links/<NAME>`: TCX and XDP links. The datapath keeps forwarding while
+//!   the agent is down; a restarted agent swaps its freshly loaded program
+//!   into the existing link atomically.
+
+use std::{
+    fs, io,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap, MapData, PerCpuArray},
+    programs::{
+        LinkOrder, SchedClassifier, TcAttachType, Xdp, XdpMode,
+        links::{FdLink, PinnedLink},
+        tc::{SchedClassifierLink, TcAttachOptions},
+        xdp::XdpLink,
+    },
+};
+use datapath_common::{
+    Config, CtEntry, CtKey, Endpoint, EndpointKey, NodeAddr, NodeAddrKey, ServiceKey, ServiceValue,
+    names, programs,
+};
+use serde::Serialize;
+
+use crate::EBPF_OBJECT;
+
+/// Errors of the BPF layer, each saying which object was involved.
+#[derive(Debug, thiserror::Error)]
+pub enum BpfError {
+    /// The object could not be loaded.
+    #[error("load the eBPF object: {0}")]
+    Load(#[from] aya::EbpfError),
+    /// A program is missing from the object or has another type.
+    #[error("program {name}: {source}")]
+    Program {
+        /// The program's name.
+        name: &'static str,
+        /// The error.
+        source: aya::programs::ProgramError,
+    },
+    /// A map is missing from the object.
+    #[error("map {name} is missing from the eBPF object")]
+    MissingMap {
+        /// The map's name.
+        name: &'static str,
+    },
+    /// A map has another type or layout.
+    #[error("map {name}: {source}")]
+    Map {
+        /// The map's name.
+        name: &'static str,
+        /// The error.
+        source: aya::maps::MapError,
+    },
+    /// Attaching or pinning a link failed.
+    #[error("attach {program} to {ifname}: {message}")]
+    Attach {
+        /// The program.
+        program: &'static str,
+        /// The interface.
+        ifname: String,
+        /// What failed.
+        message: String,
+    },
+    /// A bpffs path could not be created or removed.
+    #[error("{action} {path}: {source}")]
+    Fs {
+        /// What was being done.
+        action: &'static str,
+        /// The path.
+        path: PathBuf,
+        /// The error.
+        source: io::Error,
+    },
+}
+
+/// Which hook serves the uplink.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UplinkHook {
+    /// TCX ingress.
+    Tc,
+    /// XDP in the driver.
+    XdpNative,
+    /// XDP on the skb (generic mode).
+    XdpGeneric,
+}
+
+/// One attached program, for `datapath status`.
+#[derive(Clone, Debug, Serialize)]
+pub struct Attachment {
+    /// Program name.
+    pub program: &'static str,
+    /// Kernel program id.
+    pub program_id: u32,
+    /// Interface name in the agent's namespace.
+    pub ifname: String,
+    /// Hook (`tcx-ingress`, `xdp-native`, `xdp-generic`).
+    pub hook: &'static str,
+    /// Where the link is pinned.
+    pub pin: PathBuf,
+}
+
+/// Options for [`Datapath::load`].
+#[derive(Clone, Debug)]
+pub struct LoadOptions {
+    /// The agent's bpffs directory.
+    pub bpffs_dir: PathBuf,
+    /// Conntrack capacity (entries; two per flow), if not the default.
+    pub ct_max: Option<u32>,
+    /// Kernel-side log level (aya-log: 0 off … 5 trace).
+    pub log_level: u8,
+}
+
+/// The loaded programs and their maps.
+pub struct Datapath {
+    ebpf: Ebpf,
+    bpffs_dir: PathBuf,
+    /// Global configuration.
+    pub config: Array<MapData, Config>,
+    /// Published ports.
+    pub services: HashMap<MapData, ServiceKey, ServiceValue>,
+    /// Containers by address.
+    pub endpoints: HashMap<MapData, EndpointKey, Endpoint>,
+    /// The node's addresses.
+    pub node_addrs: HashMap<MapData, NodeAddrKey, NodeAddr>,
+    /// Connection tracking.
+    pub conntrack: HashMap<MapData, CtKey, CtEntry>,
+    /// Per-CPU counters.
+    pub stats: PerCpuArray<MapData, u64>,
+    attachments: Vec<Attachment>,
+}
+
+/// Mounts bpffs at /sys/fs/bpf if nothing is mounted there.
+pub fn ensure_bpffs() -> Result<(), BpfError> {
+    let mounts = fs::read_to_string("/proc/self/mounts").map_err(|source| BpfError::Fs {
+        action: "read",
+        path: "/proc/self/mounts".into(),
+        source,
+    })?;
+    if mounts
+        .lines()
+        .any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf") && l.contains(" bpf "))
+    {
+        return Ok(());
+    }
+    tracing::info!("mounting bpffs at /sys/fs/bpf");
+    nix::mount::mount(
+        Some("bpf"),
+        "/sys/fs/bpf",
+        Some("bpf"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .map_err(|e| BpfError::Fs {
+        action: "mount bpffs on",
+        path: "/sys/fs/bpf".into(),
+        source: e.into(),
+    })
+}
+
+fn take_map(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map, BpfError> {
+    ebpf.take_map(name).ok_or(BpfError::MissingMap { name })
+}
+
+macro_rules! typed_map {
+    ($ebpf:expr, $name:expr, $ty:ty) => {{
+        let name = $name;
+        <$ty>::try_from(take_map($ebpf, name)?).map_err(|source| BpfError::Map { name, source })?
+    }};
+}
+
+impl Datapath {
+    /// Loads the embedded object, reusing maps already pinned under
+    /// `bpffs_dir/maps` (so a restart keeps every flow) and pinning new ones.
+    pub fn load(opts: &LoadOptions) -> Result<Self, BpfError> {
+        let maps_dir = opts.bpffs_dir.join("maps");
+        for dir in [&maps_dir, &opts.bpffs_dir.join("links")] {
+            fs::create_dir_all(dir).map_err(|source| BpfError::Fs {
+                action: "create",
+                path: dir.clone(),
+                source,
+            })?;
+        }
+        let pins: Vec<(&'static str, PathBuf)> =
+            names::ALL.iter().map(|n| (*n, maps_dir.join(n))).collect();
+        let mut loader = EbpfLoader::new();
+        for (name, path) in &pins {
+            loader.map_pin_path(name, path.as_path());
+        }
+        if let Some(n) = opts.ct_max {
+            loader.map_max_entries(names::CONNTRACK, n);
+        }
+        loader.override_global(aya_log::LEVEL, &opts.log_level, false);
+        let mut ebpf = loader.load(EBPF_OBJECT)?;
+        for name in [programs::UPLINK_TC, programs::CONTAINER_TC] {
+            let prog: &mut SchedClassifier = program(&mut ebpf, name)?;
+            prog.load()
+                .map_err(|source| BpfError::Program { name, source })?;
+        }
+        let xdp: &mut Xdp = program(&mut ebpf, programs::UPLINK_XDP)?;
+        xdp.load().map_err(|source| BpfError::Program {
+            name: programs::UPLINK_XDP,
+            source,
+        })?;
+
+        Ok(Self {
+            config: typed_map!(&mut ebpf, names::CONFIG, Array<MapData, Config>),
+            services: typed_map!(&mut ebpf, names::SERVICES, HashMap<MapData, ServiceKey, ServiceValue>),
+            endpoints: typed_map!(&mut ebpf, names::ENDPOINTS, HashMap<MapData, EndpointKey, Endpoint>),
+            node_addrs: typed_map!(&mut ebpf, names::NODE_ADDRS, HashMap<MapData, NodeAddrKey, NodeAddr>),
+            conntrack: typed_map!(&mut ebpf, names::CONNTRACK, HashMap<MapData, CtKey, CtEntry>),
+            stats: typed_map!(&mut ebpf, names::STATS, PerCpuArray<MapData, u64>),
+            ebpf,
+            bpffs_dir: opts.bpffs_dir.clone(),
+            attachments: Vec::new(),
+        })
+    }
+
+    /// The aya-log ring buffer, to forward kernel-side log events.
+    pub fn take_logger(&mut self) -> Option<aya_log::EbpfLogger<&'static dyn log::Log>> {
+        aya_log::EbpfLogger::init(&mut self.ebpf).ok()
+    }
+
+    /// Pin path of the link named `name`.
+    pub fn link_pin(&self, name: &str) -> PathBuf {
+        self.bpffs_dir.join("links").join(name)
+    }
+
+    /// Attaches the uplink program for `hook` to `ifname`, replacing the
+    /// program of an already pinned link of the same hook in place and
+    /// removing a pinned link of the other hook.
+    pub fn attach_uplink(&mut self, ifname: &str, hook: UplinkHook) -> Result<(), BpfError> {
+        let (keep, drop) = match hook {
+            UplinkHook::Tc => ("uplink_tc", "uplink_xdp"),
+            UplinkHook::XdpNative | UplinkHook::XdpGeneric => ("uplink_xdp", "uplink_tc"),
+        };
+        remove_pin(&self.link_pin(drop))?;
+        match hook {
+            UplinkHook::Tc => self.attach_tc(programs::UPLINK_TC, ifname, keep),
+            _ => self.attach_xdp(ifname, hook, keep),
+        }
+    }
+
+    /// Attaches the container program to a host-side veth.
+    pub fn attach_container(&mut self, host_ifname: &str) -> Result<(), BpfError> {
+        self.attach_tc(
+            programs::CONTAINER_TC,
+            host_ifname,
+            &container_link_name(host_ifname),
+        )
+    }
+
+    /// Detaches the container program from a host-side veth (idempotent).
+    pub fn detach_container(&mut self, host_ifname: &str) -> Result<(), BpfError> {
+        let name = container_link_name(host_ifname);
+        let pin = self.link_pin(&name);
+        self.attachments.retain(|a| a.pin != pin);
+        remove_pin(&pin)
+    }
+
+    /// What is attached where.
+    pub fn attachments(&self) -> &[Attachment] {
+        &self.attachments
+    }
+
+    fn attach_tc(
+        &mut self,
+        program_name: &'static str,
+        ifname: &str,
+        link_name: &str,
+    ) -> Result<(), BpfError> {
+        let pin = self.link_pin(link_name);
+        let err = |message: String| BpfError::Attach {
+            program: program_name,
+            ifname: ifname.to_owned(),
+            message,
+        };
+        let prog: &mut SchedClassifier = program(&mut self.ebpf, program_name)?;
+        let program_id = prog.info().map(|i| i.id()).unwrap_or_default();
+        let existing = match PinnedLink::from_pin(&pin) {
+            Ok(old) => Some(old),
+            Err(aya::programs::links::LinkError::SyscallError(e))
+                if e.io_error.kind() == io::ErrorKind::NotFound =>
+            {
+                None
+            }
+            Err(e) => return Err(err(format!("open pinned link {}: {e}", pin.display()))),
+        };
+        let fresh = existing.is_none();
+        let link_id = match existing {
+            Some(old) => {
+                let link = SchedClassifierLink::try_from(FdLink::from(old))
+                    .map_err(|e| err(format!("reuse pinned link: {e}")))?;
+                prog.attach_to_link(link)
+                    .map_err(|e| err(format!("replace program in pinned link: {e}")))?
+            }
+            None => prog
+                .attach_with_options(
+                    ifname,
+                    TcAttachType::Ingress,
+                    TcAttachOptions::TcxOrder(LinkOrder::default()),
+                )
+                .map_err(|e| err(format!("tcx attach: {e}")))?,
+        };
+        let link = prog
+            .take_link(link_id)
+            .map_err(|e| err(format!("take link: {e}")))?;
+        let fd_link = FdLink::try_from(link).map_err(|e| err(format!("tcx link: {e}")))?;
+        if fresh {
+            fd_link
+                .pin(&pin)
+                .map_err(|e| err(format!("pin link at {}: {e}", pin.display())))?;
+        }
+        self.attachments.retain(|a| a.pin != pin);
+        self.attachments.push(Attachment {
+            program: program_name,
+            program_id,
+            ifname: ifname.to_owned(),
+            hook: "tcx-ingress",
+            pin,
+        });
+        Ok(())
+    }
+
+    fn attach_xdp(
+        &mut self,
+        ifname: &str,
+        hook: UplinkHook,
+        link_name: &str,
+    ) -> Result<(), BpfError> {
+        let program_name = programs::UPLINK_XDP;
+        let pin = self.link_pin(link_name);
+        let err = |message: String| BpfError::Attach {
+            program: program_name,
+            ifname: ifname.to_owned(),
+            message,
+        };
+        let (flags, hook_name) = match hook {
+            UplinkHook::XdpGeneric => (XdpMode::Skb, "xdp-generic"),
+            _ => (XdpMode::Driver, "xdp-native"),
+        };
+        // A pinned XDP link keeps its mode; reattach when the mode changes.
+        let marker = pin.with_extension("mode");
+        if fs::read_to_string(&marker).ok().as_deref() != Some(hook_name) {
+            remove_pin(&pin)?;
+        }
+        let prog: &mut Xdp = program(&mut self.ebpf, program_name)?;
+        let program_id = prog.info().map(|i| i.id()).unwrap_or_default();
+        let existing = match PinnedLink::from_pin(&pin) {
+            Ok(old) => Some(old),
+            Err(aya::programs::links::LinkError::SyscallError(e))
+                if e.io_error.kind() == io::ErrorKind::NotFound =>
+            {
+                None
+            }
+            Err(e) => return Err(err(format!("open pinned link {}: {e}", pin.display()))),
+        };
+        let fresh = existing.is_none();
+        let link_id = match existing {
+            Some(old) => {
+                let link = XdpLink::try_from(FdLink::from(old))
+                    .map_err(|e| err(format!("reuse pinned link: {e}")))?;
+                prog.attach_to_link(link)
+                    .map_err(|e| err(format!("replace program in pinned link: {e}")))?
+            }
+            None => prog
+                .attach(ifname, flags)
+                .map_err(|e| err(format!("xdp attach ({hook_name}): {e}")))?,
+        };
+        let link = prog
+            .take_link(link_id)
+            .map_err(|e| err(format!("take link: {e}")))?;
+        let fd_link = FdLink::try_from(link).map_err(|e| err(format!("xdp link: {e}")))?;
+        if fresh {
+            fd_link
+                .pin(&pin)
+                .map_err(|e| err(format!("pin link at {}: {e}", pin.display())))?;
+            fs::write(&marker, hook_name).map_err(|source| BpfError::Fs {
+                action: "write",
+                path: marker.clone(),
+                source,
+            })?;
+        }
+        self.attachments.retain(|a| a.pin != pin);
+        self.attachments.push(Attachment {
+            program: program_name,
+            program_id,
+            ifname: ifname.to_owned(),
+            hook: hook_name,
+            pin,
+        });
+        Ok(())
+    }
+}
+
+/// The pinned link name of a container's host-side veth.
+pub fn container_link_name(host_ifname: &str) -> String {
+    format!("container_{host_ifname}")
+}
+
+fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, BpfError>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    let prog = ebpf.program_mut(name).ok_or(BpfError::Program {
+        name,
+        source: aya::programs::ProgramError::NotLoaded,
+    })?;
+    prog.try_into()
+        .map_err(|source| BpfError::Program { name, source })
+}
+
+/// Removes a pin (detaching a pinned link); absent is fine.
+fn remove_pin(path: &Path) -> Result<(), BpfError> {
+    match fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(BpfError::Fs {
+            action: "remove",
+            path: path.to_owned(),
+            source,
+        }),
+    }
+}

@@ -1,0 +1,375 @@
+//! The `datapath` command line: the agent daemon and the client verbs, in
+//! the style of `ip` and `docker`.
+
+use std::{net::Ipv4Addr, path::PathBuf, sync::Arc, time::Duration};
+
+use anyhow::Context as _;
+use clap::{Args, Parser, Subcommand};
+use datapath_common::ct::Timeouts;
+use ipnet::Ipv4Net;
+
+use crate::{
+    agent::{Agent, AgentConfig, XdpMode},
+    api::{AddContainer, Client},
+    spec::{parse_duration, parse_port_range},
+};
+
+/// The default API socket.
+pub const DEFAULT_API_SOCKET: &str = "/run/datapath/api.sock";
+
+/// Container networking with eBPF: published ports, masquerade and
+/// bandwidth limits without iptables.
+#[derive(Debug, Parser)]
+#[command(name = "datapath", version)]
+pub struct Cli {
+    /// The agent's API socket.
+    #[arg(long, global = true, env = "DATAPATH_API_SOCKET", default_value = DEFAULT_API_SOCKET)]
+    pub api_socket: PathBuf,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The verbs.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the node agent in the foreground (until SIGINT/SIGTERM).
+    Agent(AgentArgs),
+    /// Show what the agent has loaded and attached.
+    Status {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Manage containers.
+    #[command(subcommand)]
+    Container(ContainerCmd),
+    /// Inspect or flush tracked connections.
+    #[command(subcommand)]
+    Conntrack(ConntrackCmd),
+}
+
+/// `datapath agent`.
+#[derive(Debug, Args)]
+pub struct AgentArgs {
+    /// The uplink interface (where clients and the outside are).
+    #[arg(long)]
+    pub uplink: Option<String>,
+    /// The node address (default: the uplink's first IPv4 address).
+    #[arg(long)]
+    pub node_ip: Option<Ipv4Addr>,
+    /// The containers' address pool.
+    #[arg(long, default_value = "10.88.0.0/16")]
+    pub pool: Ipv4Net,
+    /// Uplink hook: auto = TC on veth uplinks, native XDP elsewhere.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub xdp_mode: XdpMode,
+    /// bpffs directory for pinned maps and links.
+    #[arg(long, default_value = "/sys/fs/bpf/datapath")]
+    pub bpffs_dir: PathBuf,
+    /// Directory of the persisted state.
+    #[arg(long, default_value = "/var/lib/datapath")]
+    pub state_dir: PathBuf,
+    /// Masquerade source port range (never published).
+    #[arg(long, default_value = "61000-65535", value_parser = parse_port_range)]
+    pub snat_ports: (u16, u16),
+    /// Do not masquerade container egress.
+    #[arg(long)]
+    pub no_masquerade: bool,
+    /// Conntrack capacity in entries (two per flow).
+    #[arg(long)]
+    pub ct_max: Option<u32>,
+    /// Let uplink traffic reach container addresses directly.
+    #[arg(long)]
+    pub allow_direct_routing: bool,
+    /// How often expired flows are collected.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub ct_gc_interval: Duration,
+    /// Idle timeout of established TCP flows.
+    #[arg(long, default_value = "6h", value_parser = parse_duration)]
+    pub ct_timeout_tcp: Duration,
+    /// Idle timeout of TCP flows after FIN both ways or RST.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub ct_timeout_tcp_close: Duration,
+    /// Idle timeout of TCP flows before the reply.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    pub ct_timeout_tcp_syn: Duration,
+    /// Idle timeout of UDP flows (replied; unreplied ones get a quarter, at least 1 s).
+    #[arg(long, default_value = "120s", value_parser = parse_duration)]
+    pub ct_timeout_udp: Duration,
+    /// Idle timeout of ICMP echo flows.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub ct_timeout_icmp: Duration,
+    /// Forward kernel-side debug logs (costly under floods).
+    #[arg(long)]
+    pub kernel_debug_logs: bool,
+}
+
+/// `datapath container …`.
+#[derive(Debug, Subcommand)]
+pub enum ContainerCmd {
+    /// Give a container its network: veth, address, routes, published ports.
+    Add {
+        /// Container name.
+        name: String,
+        /// Its network namespace: a path or a name under /var/run/netns.
+        #[arg(long)]
+        netns: String,
+        /// Interface name inside the container.
+        #[arg(long, default_value = "eth0")]
+        ifname: String,
+        /// Publish a port like docker -p: [IP:]HOST[-END]:CONTAINER[-END][/tcp|/udp].
+        #[arg(long = "publish", short = 'p')]
+        publish: Vec<String>,
+    },
+    /// Remove a container's network (succeeds if it is already gone).
+    Del {
+        /// Container name.
+        name: String,
+    },
+    /// List containers.
+    List {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// `datapath conntrack …`.
+#[derive(Debug, Subcommand)]
+pub enum ConntrackCmd {
+    /// List tracked flows.
+    List {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove tracked flows (all, or one container's).
+    Flush {
+        /// Only this container's flows.
+        #[arg(long)]
+        container: Option<String>,
+    },
+}
+
+impl AgentArgs {
+    fn config(&self) -> AgentConfig {
+        let udp = self.ct_timeout_udp.as_secs();
+        AgentConfig {
+            uplink: self.uplink.clone(),
+            node_ip: self.node_ip,
+            pool: self.pool.trunc(),
+            xdp_mode: self.xdp_mode,
+            bpffs_dir: self.bpffs_dir.clone(),
+            state_dir: self.state_dir.clone(),
+            snat_ports: self.snat_ports,
+            masquerade: !self.no_masquerade,
+            ct_max: self.ct_max,
+            allow_direct_routing: self.allow_direct_routing,
+            timeouts: Timeouts {
+                tcp_syn: self.ct_timeout_tcp_syn.as_secs(),
+                tcp_established: self.ct_timeout_tcp.as_secs(),
+                tcp_closing: self.ct_timeout_tcp_close.as_secs(),
+                udp_unreplied: (udp / 4).max(1),
+                udp_replied: udp,
+                icmp: self.ct_timeout_icmp.as_secs(),
+            },
+            gc_interval: self.ct_gc_interval,
+            // aya-log levels: 3 info, 4 debug.
+            log_level: if self.kernel_debug_logs { 4 } else { 3 },
+        }
+    }
+}
+
+/// Runs the agent until SIGINT or SIGTERM.
+pub async fn run_agent(args: &AgentArgs, socket: PathBuf) -> anyhow::Result<()> {
+    let mut agent = Agent::start(args.config()).await?;
+    if let Some(logger) = agent.datapath_mut().take_logger() {
+        tokio::spawn(forward_kernel_logs(logger));
+    }
+    let gc_every = agent.gc_interval();
+    let agent = Arc::new(tokio::sync::Mutex::new(agent));
+    let gc_agent = agent.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(gc_every);
+        loop {
+            tick.tick().await;
+            let n = gc_agent.lock().await.gc();
+            if n > 0 {
+                tracing::debug!(removed = n, "conntrack gc");
+            }
+        }
+    });
+    let shutdown = async {
+        use tokio::signal::unix::{SignalKind, signal};
+        match (
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::terminate()),
+        ) {
+            (Ok(mut int), Ok(mut term)) => {
+                tokio::select! {
+                    _ = int.recv() => {},
+                    _ = term.recv() => {},
+                }
+            }
+            _ => std::future::pending::<()>().await,
+        }
+        tracing::info!("shutting down; programs stay attached and maps pinned");
+    };
+    crate::server::serve(agent, &socket, shutdown).await
+}
+
+async fn forward_kernel_logs(logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
+    // SAFETY: the logger owns the ring buffer's fd, which stays open for
+    // as long as the AsyncFd owns the logger.
+    let registered = unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE)
+    };
+    let Ok(mut fd) = registered else {
+        tracing::warn!("cannot poll the kernel log ring buffer");
+        return;
+    };
+    loop {
+        let Ok(mut guard) = fd.readable_mut().await else {
+            return;
+        };
+        guard.get_inner_mut().flush();
+        guard.clear_ready();
+    }
+}
+
+/// Runs one CLI invocation.
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    let client = Client::new(&cli.api_socket);
+    match cli.command {
+        Command::Agent(args) => run_agent(&args, cli.api_socket.clone()).await,
+        Command::Status { json } => {
+            let st = client.status().await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&st)?);
+                return Ok(());
+            }
+            println!("agent {}  state {}", st.version, st.state_dir.display());
+            match &st.uplink {
+                Some(u) => println!(
+                    "uplink {} (ifindex {}) hook {}  node {}  addresses {}",
+                    u.ifname,
+                    u.ifindex,
+                    u.hook,
+                    u.node_ip,
+                    u.node_addrs
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join(",")
+                ),
+                None => println!("uplink none"),
+            }
+            println!(
+                "pool {}  gateway {}  containers {}",
+                st.pool, st.gateway, st.containers
+            );
+            println!(
+                "conntrack {} / {} entries",
+                st.conntrack_entries, st.conntrack_max
+            );
+            println!("attached:");
+            for a in &st.attachments {
+                println!(
+                    "  {:<14} id {:<6} {:<12} {:<10} {}",
+                    a.program,
+                    a.program_id,
+                    a.hook,
+                    a.ifname,
+                    a.pin.display()
+                );
+            }
+            println!("maps:");
+            for m in &st.maps {
+                println!("  {:<12} {}", m.name, m.pin.display());
+            }
+            println!("counters:");
+            for (k, v) in st.counters.iter().filter(|(_, v)| **v > 0) {
+                println!("  {k:<28} {v}");
+            }
+            Ok(())
+        }
+        Command::Container(ContainerCmd::Add {
+            name,
+            netns,
+            ifname,
+            publish,
+        }) => {
+            let info = client
+                .add_container(&AddContainer {
+                    name,
+                    netns,
+                    ifname: Some(ifname),
+                    publish,
+                })
+                .await?;
+            println!(
+                "{} {} via {} ({})",
+                info.name, info.addr, info.gateway, info.host_ifname
+            );
+            Ok(())
+        }
+        Command::Container(ContainerCmd::Del { name }) => {
+            client.del_container(&name).await.context("delete")?;
+            Ok(())
+        }
+        Command::Container(ContainerCmd::List { json }) => {
+            let list = client.containers().await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+                return Ok(());
+            }
+            println!("{:<20} {:<16} {:<12} PUBLISH", "NAME", "ADDRESS", "VETH");
+            for c in list {
+                println!(
+                    "{:<20} {:<16} {:<12} {}",
+                    c.name,
+                    c.addr,
+                    c.host_ifname,
+                    c.publish.join(",")
+                );
+            }
+            Ok(())
+        }
+        Command::Conntrack(ConntrackCmd::List { json }) => {
+            let flows = client.conntrack().await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&flows)?);
+                return Ok(());
+            }
+            println!(
+                "{:<5} {:<5} {:<44} {:<44} {:<12} {:>6} {:>6} {:>9} {:>9} CONTAINER",
+                "PROTO", "KIND", "ORIGINAL", "TRANSLATED", "STATE", "AGE", "IDLE", "PKTS", "BYTES"
+            );
+            for f in flows {
+                let t = |a: crate::api::Endpoint, b: crate::api::Endpoint| {
+                    format!("{}:{} -> {}:{}", a.addr, a.port, b.addr, b.port)
+                };
+                println!(
+                    "{:<5} {:<5} {:<44} {:<44} {:<12} {:>6} {:>6} {:>9} {:>9} {}",
+                    f.proto,
+                    f.kind,
+                    t(f.orig_src, f.orig_dst),
+                    t(f.nat_src, f.nat_dst),
+                    f.state,
+                    f.age_s,
+                    f.idle_s,
+                    f.packets + f.reply_packets,
+                    f.bytes + f.reply_bytes,
+                    f.container.unwrap_or_else(|| "-".into())
+                );
+            }
+            Ok(())
+        }
+        Command::Conntrack(ConntrackCmd::Flush { container }) => {
+            let r = client.flush_conntrack(container.as_deref()).await?;
+            println!("removed {} entries", r.removed);
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,370 @@
+//! Parsers for what users type: published ports in Docker's `-p` syntax.
+
+use std::{fmt, net::Ipv4Addr, str::FromStr};
+
+use datapath_common::proto;
+use serde::{Deserialize, Serialize};
+
+/// A bad port specification, with what was wrong.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SpecError {
+    /// The overall shape is wrong.
+    #[error(
+        "invalid publish spec {spec:?}: expected [HOST_IP:]HOST_PORT[-END]:CONTAINER_PORT[-END][/tcp|/udp]"
+    )]
+    Shape {
+        /// The spec as given.
+        spec: String,
+    },
+    /// A port is not a number in 1..=65535.
+    #[error("invalid port {port:?} in {spec:?}: ports are 1-65535")]
+    Port {
+        /// The offending port text.
+        port: String,
+        /// The spec as given.
+        spec: String,
+    },
+    /// A range ends before it starts.
+    #[error("invalid port range {range:?} in {spec:?}: the end is below the start")]
+    Range {
+        /// The offending range text.
+        range: String,
+        /// The spec as given.
+        spec: String,
+    },
+    /// Host and container ranges differ in length.
+    #[error(
+        "port ranges in {spec:?} differ in length ({host} host ports, {container} container ports); ranges map one-to-one"
+    )]
+    RangeLength {
+        /// The spec as given.
+        spec: String,
+        /// Number of host ports.
+        host: u32,
+        /// Number of container ports.
+        container: u32,
+    },
+    /// The protocol is neither TCP nor UDP.
+    #[error("invalid protocol {proto:?} in {spec:?}: use tcp or udp")]
+    Protocol {
+        /// The offending protocol text.
+        proto: String,
+        /// The spec as given.
+        spec: String,
+    },
+    /// The host address is not an IPv4 address.
+    #[error("invalid host address {addr:?} in {spec:?}: expected an IPv4 address")]
+    Address {
+        /// The offending address text.
+        addr: String,
+        /// The spec as given.
+        spec: String,
+    },
+}
+
+/// Transport protocol of a published port.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, PartialOrd, Ord)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// TCP.
+    Tcp,
+    /// UDP.
+    Udp,
+}
+
+impl Protocol {
+    /// The IP protocol number.
+    pub fn number(self) -> u8 {
+        match self {
+            Self::Tcp => proto::TCP,
+            Self::Udp => proto::UDP,
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Tcp => "tcp",
+            Self::Udp => "udp",
+        })
+    }
+}
+
+/// One published port or port range: `host_ip:host_port → container_port`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct PortMapping {
+    /// The host address, or `None` for every node address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_ip: Option<Ipv4Addr>,
+    /// First host port.
+    pub host_port: u16,
+    /// First container port.
+    pub container_port: u16,
+    /// Number of consecutive ports (1 for a single port).
+    #[serde(default = "one")]
+    pub count: u16,
+    /// Transport protocol.
+    pub protocol: Protocol,
+}
+
+fn one() -> u16 {
+    1
+}
+
+impl PortMapping {
+    /// The `(host port, container port)` pairs this mapping covers.
+    pub fn ports(&self) -> impl Iterator<Item = (u16, u16)> + '_ {
+        (0..self.count).map(|i| (self.host_port + i, self.container_port + i))
+    }
+
+    /// The last host port.
+    pub fn host_end(&self) -> u16 {
+        self.host_port + (self.count - 1)
+    }
+
+    /// Whether two mappings claim a common (address, port, protocol). A
+    /// mapping on every address overlaps one on a specific address.
+    pub fn overlaps(&self, other: &PortMapping) -> bool {
+        self.protocol == other.protocol
+            && (self.host_ip.is_none() || other.host_ip.is_none() || self.host_ip == other.host_ip)
+            && self.host_port <= other.host_end()
+            && other.host_port <= self.host_end()
+    }
+}
+
+impl fmt::Display for PortMapping {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(ip) = self.host_ip {
+            write!(f, "{ip}:")?;
+        }
+        if self.count == 1 {
+            write!(f, "{}:{}", self.host_port, self.container_port)?;
+        } else {
+            write!(
+                f,
+                "{}-{}:{}-{}",
+                self.host_port,
+                self.host_end(),
+                self.container_port,
+                self.container_port + (self.count - 1)
+            )?;
+        }
+        write!(f, "/{}", self.protocol)
+    }
+}
+
+fn parse_port(text: &str, spec: &str) -> Result<u16, SpecError> {
+    match text.parse::<u32>() {
+        Ok(p @ 1..=65535) => Ok(p as u16),
+        _ => Err(SpecError::Port {
+            port: text.to_owned(),
+            spec: spec.to_owned(),
+        }),
+    }
+}
+
+fn parse_range(text: &str, spec: &str) -> Result<(u16, u16), SpecError> {
+    match text.split_once('-') {
+        None => {
+            let p = parse_port(text, spec)?;
+            Ok((p, p))
+        }
+        Some((a, b)) => {
+            let (a, b) = (parse_port(a, spec)?, parse_port(b, spec)?);
+            if b < a {
+                return Err(SpecError::Range {
+                    range: text.to_owned(),
+                    spec: spec.to_owned(),
+                });
+            }
+            Ok((a, b))
+        }
+    }
+}
+
+impl FromStr for PortMapping {
+    type Err = SpecError;
+
+    /// Parses Docker's `-p` syntax: `8080:80`, `8080:80/udp`,
+    /// `198.18.0.2:8080:80`, `8000-8010:8000-8010/tcp`.
+    fn from_str(spec: &str) -> Result<Self, SpecError> {
+        let shape = || SpecError::Shape {
+            spec: spec.to_owned(),
+        };
+        let (ports, protocol) = match spec.rsplit_once('/') {
+            None => (spec, Protocol::Tcp),
+            Some((ports, p)) => (
+                ports,
+                match p.to_ascii_lowercase().as_str() {
+                    "tcp" => Protocol::Tcp,
+                    "udp" => Protocol::Udp,
+                    _ => {
+                        return Err(SpecError::Protocol {
+                            proto: p.to_owned(),
+                            spec: spec.to_owned(),
+                        });
+                    }
+                },
+            ),
+        };
+        let parts: Vec<&str> = ports.split(':').collect();
+        let (host_ip, host, container) = match parts.as_slice() {
+            [h, c] => (None, *h, *c),
+            [ip, h, c] => {
+                let addr = ip.parse::<Ipv4Addr>().map_err(|_| SpecError::Address {
+                    addr: (*ip).to_owned(),
+                    spec: spec.to_owned(),
+                })?;
+                ((!addr.is_unspecified()).then_some(addr), *h, *c)
+            }
+            _ => return Err(shape()),
+        };
+        if host.is_empty() || container.is_empty() {
+            return Err(shape());
+        }
+        let (h0, h1) = parse_range(host, spec)?;
+        let (c0, c1) = parse_range(container, spec)?;
+        let (hn, cn) = (u32::from(h1 - h0) + 1, u32::from(c1 - c0) + 1);
+        if hn != cn {
+            return Err(SpecError::RangeLength {
+                spec: spec.to_owned(),
+                host: hn,
+                container: cn,
+            });
+        }
+        Ok(PortMapping {
+            host_ip,
+            host_port: h0,
+            container_port: c0,
+            count: hn as u16,
+            protocol,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(s: &str) -> Result<PortMapping, SpecError> {
+        s.parse()
+    }
+
+    #[test]
+    fn docker_forms_parse() {
+        let m = p("8080:80").expect("valid");
+        assert_eq!(
+            (
+                m.host_ip,
+                m.host_port,
+                m.container_port,
+                m.count,
+                m.protocol
+            ),
+            (None, 8080, 80, 1, Protocol::Tcp)
+        );
+        assert_eq!(p("5353:53/udp").expect("valid").protocol, Protocol::Udp);
+        let m = p("198.18.0.2:9000-9009:9000-9009/tcp").expect("valid");
+        assert_eq!(m.host_ip, Some(Ipv4Addr::new(198, 18, 0, 2)));
+        assert_eq!(m.count, 10);
+        assert_eq!(m.ports().last(), Some((9009, 9009)));
+        assert_eq!(p("0.0.0.0:80:80").expect("valid").host_ip, None);
+    }
+
+    #[test]
+    fn display_round_trips() {
+        for s in ["8080:80/tcp", "198.18.0.2:9000-9009:7000-7009/udp"] {
+            assert_eq!(p(s).expect("valid").to_string(), s);
+        }
+    }
+
+    #[test]
+    fn bad_specs_say_what_is_wrong() {
+        assert!(matches!(p("0:80"), Err(SpecError::Port { .. })));
+        assert!(matches!(p("70000:80"), Err(SpecError::Port { .. })));
+        assert!(matches!(
+            p("8000-8010:80-81"),
+            Err(SpecError::RangeLength { .. })
+        ));
+        assert!(matches!(
+            p("8010-8000:8010-8000"),
+            Err(SpecError::Range { .. })
+        ));
+        assert!(matches!(p("80:80/sctp"), Err(SpecError::Protocol { .. })));
+        assert!(matches!(p("1.2.3:80:80"), Err(SpecError::Address { .. })));
+        assert!(matches!(p("80"), Err(SpecError::Shape { .. })));
+        assert!(matches!(p(":80"), Err(SpecError::Shape { .. })));
+        let msg = p("70000:80").expect_err("invalid").to_string();
+        assert!(msg.contains("1-65535"), "{msg}");
+    }
+
+    #[test]
+    fn overlap_considers_wildcards_ranges_and_protocols() {
+        let a = p("8080:80").expect("valid");
+        assert!(a.overlaps(&p("198.18.0.2:8080:81").expect("valid")));
+        assert!(!a.overlaps(&p("8080:80/udp").expect("valid")));
+        assert!(
+            p("8000-8010:8000-8010")
+                .expect("valid")
+                .overlaps(&a.clone())
+                == false
+        );
+        assert!(p("8000-8080:8000-8080").expect("valid").overlaps(&a));
+        assert!(
+            !p("198.18.0.2:8080:80")
+                .expect("valid")
+                .overlaps(&p("198.18.0.3:8080:80").expect("valid"))
+        );
+    }
+}
+
+/// Parses a duration as people type it: `30s`, `500ms`, `5m`, `6h`, or a
+/// bare number of seconds.
+pub fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("invalid duration {text:?}: expected e.g. 30s, 500ms, 5m"))?;
+    let ms = match unit {
+        "" | "s" => n.checked_mul(1000),
+        "ms" => Some(n),
+        "m" => n.checked_mul(60_000),
+        "h" => n.checked_mul(3_600_000),
+        _ => None,
+    }
+    .ok_or_else(|| format!("invalid duration {text:?}: units are ms, s, m, h"))?;
+    Ok(std::time::Duration::from_millis(ms))
+}
+
+/// Parses a port range `LOW-HIGH`.
+pub fn parse_port_range(text: &str) -> Result<(u16, u16), String> {
+    let err = || format!("invalid port range {text:?}: expected LOW-HIGH within 1-65535");
+    let (a, b) = text.split_once('-').ok_or_else(err)?;
+    let a: u16 = a.trim().parse().map_err(|_| err())?;
+    let b: u16 = b.trim().parse().map_err(|_| err())?;
+    if a == 0 || b < a {
+        return Err(err());
+    }
+    Ok((a, b))
+}
+
+#[cfg(test)]
+mod duration_tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn durations_and_port_ranges_parse() {
+        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("2"), Ok(Duration::from_secs(2)));
+        assert!(parse_duration("2d").is_err());
+        assert_eq!(parse_port_range("61000-65535"), Ok((61000, 65535)));
+        assert!(parse_port_range("65535-61000").is_err());
+        assert!(parse_port_range("0-10").is_err());
+    }
+}

@@ -1,0 +1,239 @@
+//! The agent's persisted desired state: its containers, their addresses
+//! (the IPAM record) and published ports. Written atomically; a corrupt
+//! file is reported, never silently replaced.
+
+use std::{
+    collections::BTreeMap,
+    fs,
+    io::{self, Write},
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+};
+
+use ipnet::Ipv4Net;
+use serde::{Deserialize, Serialize};
+
+use crate::spec::PortMapping;
+
+/// The state file's name inside the state directory.
+pub const STATE_FILE: &str = "state.json";
+
+/// Errors reading or writing the state file.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    /// Reading or writing failed.
+    #[error("{action} {path}: {source}")]
+    Io {
+        /// What was being done.
+        action: &'static str,
+        /// The file or directory.
+        path: PathBuf,
+        /// The underlying error.
+        source: io::Error,
+    },
+    /// The file exists but is not valid state.
+    #[error(
+        "state file {path} is corrupt ({source}); fix or move it away, then restart the agent (it will re-adopt what it finds)"
+    )]
+    Corrupt {
+        /// The file.
+        path: PathBuf,
+        /// The parse error.
+        source: serde_json::Error,
+    },
+}
+
+/// One container the agent manages.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Container {
+    /// The agent's number for it (in conntrack entries and the veth name).
+    pub id: u32,
+    /// The name users gave it.
+    pub name: String,
+    /// Path of its network namespace.
+    pub netns: PathBuf,
+    /// Interface name inside the container.
+    pub ifname: String,
+    /// Host-side veth name.
+    pub host_ifname: String,
+    /// Its address from the pool.
+    pub addr: Ipv4Addr,
+    /// Published ports.
+    pub publish: Vec<PortMapping>,
+}
+
+/// Everything the agent persists.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct State {
+    /// The next container id to hand out (ids are never reused).
+    pub next_id: u32,
+    /// Containers by name.
+    pub containers: BTreeMap<String, Container>,
+}
+
+impl State {
+    /// The lowest free address of `pool` for a new container, skipping the
+    /// network address, the gateway (first host) and the broadcast address.
+    pub fn allocate_addr(&self, pool: Ipv4Net) -> Option<Ipv4Addr> {
+        let gateway = gateway_of(pool);
+        pool.hosts()
+            .filter(|a| *a != gateway)
+            .find(|a| !self.containers.values().any(|c| c.addr == *a))
+    }
+
+    /// A fresh container id.
+    pub fn take_id(&mut self) -> u32 {
+        // Id 0 is never used: conntrack entries of no container carry it.
+        self.next_id = self.next_id.max(1);
+        let id = self.next_id;
+        self.next_id += 1;
+        id
+    }
+}
+
+/// The gateway address of a pool: its first host address.
+pub fn gateway_of(pool: Ipv4Net) -> Ipv4Addr {
+    pool.hosts().next().unwrap_or(pool.network())
+}
+
+/// Loads and saves [`State`] in a directory.
+#[derive(Clone, Debug)]
+pub struct StateStore {
+    dir: PathBuf,
+}
+
+impl StateStore {
+    /// A store in `dir` (created on the first save).
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Self { dir: dir.into() }
+    }
+
+    /// The state file's path.
+    pub fn path(&self) -> PathBuf {
+        self.dir.join(STATE_FILE)
+    }
+
+    /// Reads the state; a missing file is an empty state.
+    pub fn load(&self) -> Result<State, StateError> {
+        let path = self.path();
+        match fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map_err(|source| StateError::Corrupt { path, source }),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(State::default()),
+            Err(source) => Err(StateError::Io {
+                action: "read",
+                path,
+                source,
+            }),
+        }
+    }
+
+    /// Writes the state atomically: a temporary file, fsync, rename over the
+    /// old one, fsync of the directory.
+    pub fn save(&self, state: &State) -> Result<(), StateError> {
+        let io_err = |action, path: &Path| {
+            let path = path.to_owned();
+            move |source| StateError::Io {
+                action,
+                path,
+                source,
+            }
+        };
+        fs::create_dir_all(&self.dir).map_err(io_err("create", &self.dir))?;
+        let path = self.path();
+        let tmp = self.dir.join(format!(".{STATE_FILE}.tmp"));
+        let bytes = serde_json::to_vec_pretty(state).map_err(|e| StateError::Io {
+            action: "serialize",
+            path: path.clone(),
+            source: io::Error::other(e),
+        })?;
+        let mut f = fs::File::create(&tmp).map_err(io_err("create", &tmp))?;
+        f.write_all(&bytes).map_err(io_err("write", &tmp))?;
+        f.sync_all().map_err(io_err("fsync", &tmp))?;
+        drop(f);
+        fs::rename(&tmp, &path).map_err(io_err("rename", &path))?;
+        fs::File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io_err("fsync", &self.dir))?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tempdir(tag: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("dpt-state-{tag}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&d);
+        d
+    }
+
+    fn container(name: &str, id: u32, addr: Ipv4Addr) -> Container {
+        Container {
+            id,
+            name: name.into(),
+            netns: "/var/run/netns/x".into(),
+            ifname: "eth0".into(),
+            host_ifname: format!("dp{id:x}"),
+            addr,
+            publish: vec!["8080:80".parse().expect("valid")],
+        }
+    }
+
+    #[test]
+    fn addresses_are_never_handed_out_twice() {
+        let pool: Ipv4Net = "198.19.0.0/29".parse().expect("valid");
+        let mut st = State::default();
+        let mut seen = Vec::new();
+        while let Some(a) = st.allocate_addr(pool) {
+            assert!(!seen.contains(&a));
+            assert_ne!(a, gateway_of(pool));
+            seen.push(a);
+            let id = st.take_id();
+            st.containers
+                .insert(format!("c{id}"), container("c", id, a));
+        }
+        // /29: 6 hosts minus the gateway.
+        assert_eq!(seen.len(), 5);
+        st.containers.remove("c2");
+        assert_eq!(st.allocate_addr(pool), Some(seen[1]));
+    }
+
+    #[test]
+    fn state_round_trips_through_the_file() {
+        let dir = tempdir("rt");
+        let store = StateStore::new(&dir);
+        assert_eq!(store.load().expect("empty"), State::default());
+        let mut st = State::default();
+        let id = st.take_id();
+        st.containers.insert(
+            "web".into(),
+            container("web", id, Ipv4Addr::new(198, 19, 0, 2)),
+        );
+        store.save(&st).expect("save");
+        assert_eq!(store.load().expect("load"), st);
+        assert!(!dir.join(format!(".{STATE_FILE}.tmp")).exists());
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_truncated_state_file_is_reported_not_discarded() {
+        let dir = tempdir("corrupt");
+        let store = StateStore::new(&dir);
+        let mut st = State::default();
+        st.take_id();
+        store.save(&st).expect("save");
+        let bytes = fs::read(store.path()).expect("read");
+        fs::write(store.path(), &bytes[..bytes.len() / 2]).expect("truncate");
+        let err = store.load().expect_err("corrupt");
+        assert!(matches!(err, StateError::Corrupt { .. }));
+        assert!(err.to_string().contains("corrupt"), "{err}");
+        // The file is left for the operator.
+        assert_eq!(
+            fs::read(store.path()).expect("still there").len(),
+            bytes.len() / 2
+        );
+        let _ = fs::remove_dir_all(&dir);
+    }
+}
