@@ -15,7 +15,7 @@ use std::{
     fs::File,
     path::{Path, PathBuf},
     process::{Child, Command, Output, Stdio},
-    sync::atomic::{AtomicU8, Ordering},
+    sync::atomic::{AtomicU8, AtomicU32, Ordering},
     time::{Duration, Instant},
 };
 
@@ -90,8 +90,10 @@ impl<'n> AgentBuilder<'n> {
     pub fn start(self) -> Agent<'n> {
         let bin = datapath_bin();
         sys::ensure_bpffs();
-        let id = names::unique_id();
-        let name = format!("{}{id}", names::PREFIX);
+        // Named after the node, so that its leftovers are the node's.
+        static AGENTS: AtomicU32 = AtomicU32::new(0);
+        let n = AGENTS.fetch_add(1, Ordering::Relaxed);
+        let name = format!("{}{}-agent{n}", names::PREFIX, self.node.id());
         let bpffs_dir = Path::new(sys::BPFFS).join(&name);
         let tmp_dir = Path::new(TMP_DIR).join(&name);
         let state_dir = tmp_dir.join("state");
