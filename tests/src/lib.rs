@@ -1,1 +1,26 @@
-//! Test harnesses.
+//! Test harnesses of the datapath.
+//!
+//! * Packet tests run the real eBPF programs on crafted frames with
+//!   `BPF_PROG_TEST_RUN`: [`frame`] builds frames, [`programs`] loads the
+//!   object, fills its maps and runs a program, [`packet`] reads the result
+//!   back and verifies checksums.
+//! * Namespace tests build a whole node out of network namespaces:
+//!   [`netns`] (one namespace), [`node`] (client, node and containers),
+//!   [`agent`] (the agent running in the node), [`cgroup`] (cgroups for
+//!   the rate limiter), [`lock`] (serialising traffic-heavy tests) and
+//!   [`leaks`] (finding what a test left behind).
+//!
+//! Everything a test creates is named with the [`names::PREFIX`] prefix and a
+//! per-process unique id, and removed by a guard's `Drop`.
+
+pub mod agent;
+pub mod cgroup;
+pub mod frame;
+pub mod leaks;
+pub mod lock;
+pub mod names;
+pub mod netns;
+pub mod node;
+pub mod packet;
+pub mod programs;
+pub mod sys;

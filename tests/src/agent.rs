@@ -1,0 +1,317 @@
+//! The agent running in a [`Node`]'s namespace, with every path of its own.
+//!
+//! ```no_run
+//! use datapath_tests::{agent::Agent, node::Node};
+//!
+//! let node = Node::new();
+//! let ctr = node.add_container_netns("web");
+//! let agent = Agent::start(&node);
+//! agent.cli_ok(["container", "add", "web", "--netns", ctr.name(), "--publish", "8080:80"]);
+//! let status = agent.cli_json(["status", "--json"]);
+//! ```
+
+use std::{
+    ffi::OsStr,
+    fs::File,
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    sync::atomic::{AtomicU8, AtomicU32, Ordering},
+    time::{Duration, Instant},
+};
+
+use nix::{
+    sys::signal::{Signal, kill},
+    unistd::Pid,
+};
+
+use crate::{
+    names,
+    node::{Node, UPLINK},
+    sys,
+};
+
+/// Where each agent's directory (socket, state, log) is made.
+pub const TMP_DIR: &str = "/tmp";
+/// How long the agent may take to create its API socket.
+pub const START_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the agent may take to exit after SIGTERM before it is killed.
+pub const STOP_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The `datapath` binary: `$DATAPATH_BIN`, else `datapath` next to the test
+/// executable's directory (`target/<profile>/datapath`).
+pub fn datapath_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("DATAPATH_BIN") {
+        let p = PathBuf::from(p);
+        assert!(p.is_file(), "DATAPATH_BIN={} does not exist", p.display());
+        return p;
+    }
+    let exe = std::env::current_exe().unwrap_or_else(|e| panic!("current_exe: {e}"));
+    let candidate = exe
+        .parent()
+        .and_then(Path::parent)
+        .map(|d| d.join("datapath"))
+        .unwrap_or_else(|| PathBuf::from("datapath"));
+    assert!(
+        candidate.is_file(),
+        "the agent binary {} is missing: run `cargo xtask test` or build with `cargo build --bins` \
+         (or set DATAPATH_BIN)",
+        candidate.display()
+    );
+    candidate
+}
+
+/// Options of an [`Agent`].
+#[derive(Debug)]
+pub struct AgentBuilder<'n> {
+    node: &'n Node,
+    pool: String,
+    args: Vec<String>,
+}
+
+impl<'n> AgentBuilder<'n> {
+    /// The container pool (default `198.19.<n>.0/24`, n counting agents
+    /// started by this process).
+    pub fn pool(mut self, cidr: &str) -> Self {
+        self.pool = cidr.to_owned();
+        self
+    }
+
+    /// Adds arguments to `datapath agent` (e.g. `["--xdp-mode", "off"]`).
+    pub fn args<I, S>(mut self, args: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.args.extend(args.into_iter().map(Into::into));
+        self
+    }
+
+    /// Starts the agent and waits for its API socket.
+    pub fn start(self) -> Agent<'n> {
+        let bin = datapath_bin();
+        sys::ensure_bpffs();
+        // Named after the node, so that its leftovers are the node's.
+        static AGENTS: AtomicU32 = AtomicU32::new(0);
+        let n = AGENTS.fetch_add(1, Ordering::Relaxed);
+        let name = format!("{}{}-agent{n}", names::PREFIX, self.node.id());
+        let bpffs_dir = Path::new(sys::BPFFS).join(&name);
+        let tmp_dir = Path::new(TMP_DIR).join(&name);
+        let state_dir = tmp_dir.join("state");
+        let socket = tmp_dir.join("api.sock");
+        std::fs::create_dir_all(&state_dir)
+            .unwrap_or_else(|e| panic!("creating {}: {e}", state_dir.display()));
+        let log_path = tmp_dir.join("agent.log");
+        let log = File::create(&log_path)
+            .unwrap_or_else(|e| panic!("creating {}: {e}", log_path.display()));
+        let log_err = log
+            .try_clone()
+            .unwrap_or_else(|e| panic!("duplicating {}: {e}", log_path.display()));
+        let mut cmd = Command::new(&bin);
+        cmd.arg("agent")
+            .args(["--uplink", UPLINK, "--pool", &self.pool])
+            .arg("--bpffs-dir")
+            .arg(&bpffs_dir)
+            .arg("--api-socket")
+            .arg(&socket)
+            .arg("--state-dir")
+            .arg(&state_dir)
+            .args(&self.args)
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log_err);
+        let child = self.node.node.spawn(&mut cmd);
+        let mut agent = Agent {
+            node: self.node,
+            bin,
+            child: Some(child),
+            pool: self.pool,
+            bpffs_dir,
+            tmp_dir,
+            socket,
+            log_path,
+        };
+        agent.wait_ready();
+        agent
+    }
+}
+
+/// A running agent; stopped (SIGTERM, then SIGKILL) on drop, its bpffs and
+/// temporary directories removed.
+#[derive(Debug)]
+pub struct Agent<'n> {
+    node: &'n Node,
+    bin: PathBuf,
+    child: Option<Child>,
+    pool: String,
+    bpffs_dir: PathBuf,
+    tmp_dir: PathBuf,
+    socket: PathBuf,
+    log_path: PathBuf,
+}
+
+impl<'n> Agent<'n> {
+    /// Options for an agent in `node`.
+    pub fn builder(node: &'n Node) -> AgentBuilder<'n> {
+        static POOL: AtomicU8 = AtomicU8::new(0);
+        AgentBuilder {
+            node,
+            pool: format!("198.19.{}.0/24", POOL.fetch_add(1, Ordering::Relaxed)),
+            args: Vec::new(),
+        }
+    }
+
+    /// Starts an agent with default options in `node`.
+    pub fn start(node: &'n Node) -> Self {
+        Self::builder(node).start()
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            if self.socket.exists() {
+                return;
+            }
+            let exited = match self.child.as_mut() {
+                Some(child) => child.try_wait().ok().flatten(),
+                None => None,
+            };
+            if let Some(status) = exited {
+                panic!(
+                    "the agent exited ({status}) before creating {}:\n{}",
+                    self.socket.display(),
+                    self.log()
+                );
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "the agent did not create {} within {START_TIMEOUT:?}:\n{}",
+                    self.socket.display(),
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The node the agent runs in.
+    pub fn node(&self) -> &'n Node {
+        self.node
+    }
+
+    /// The container pool.
+    pub fn pool(&self) -> &str {
+        &self.pool
+    }
+
+    /// The agent's bpffs directory (pinned maps and links).
+    pub fn bpffs_dir(&self) -> &Path {
+        &self.bpffs_dir
+    }
+
+    /// The API socket.
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// The agent's state directory.
+    pub fn state_dir(&self) -> PathBuf {
+        self.tmp_dir.join("state")
+    }
+
+    /// The agent's process id.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Everything the agent printed so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// Runs `datapath --api-socket <socket> ARGS` (in the node namespace)
+    /// and returns its output whatever its exit status.
+    pub fn cli<I, S>(&self, args: I) -> Output
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        let mut cmd = Command::new(&self.bin);
+        cmd.arg("--api-socket").arg(&self.socket).args(args);
+        self.node.node.run(&mut cmd)
+    }
+
+    /// Like [`Agent::cli`]; panics with the CLI's stderr (and the agent's
+    /// log) unless it succeeds, else returns its stdout.
+    #[track_caller]
+    pub fn cli_ok<I, S>(&self, args: I) -> String
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        let args: Vec<_> = args.into_iter().map(|a| a.as_ref().to_owned()).collect();
+        let out = self.cli(&args);
+        assert!(
+            out.status.success(),
+            "datapath {args:?} failed ({}):\n{}{}\nagent log:\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            self.log()
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Like [`Agent::cli_ok`], parsing stdout as JSON.
+    #[track_caller]
+    pub fn cli_json<I, S>(&self, args: I) -> serde_json::Value
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        let out = self.cli_ok(args);
+        serde_json::from_str(&out)
+            .unwrap_or_else(|e| panic!("CLI output is not JSON ({e}):\n{out}"))
+    }
+
+    /// Stops the agent: SIGTERM, then SIGKILL after [`STOP_TIMEOUT`].
+    /// Returns whether it exited by itself (on SIGTERM) and successfully.
+    pub fn stop(&mut self) -> bool {
+        let Some(mut child) = self.child.take() else {
+            return false;
+        };
+        let pid = Pid::from_raw(i32::try_from(child.id()).unwrap_or(i32::MAX));
+        if kill(pid, Signal::SIGTERM).is_err() {
+            // Already gone: reap it.
+            return child.wait().is_ok_and(|s| s.success());
+        }
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        while Instant::now() < deadline {
+            match child.try_wait() {
+                Ok(Some(status)) => return status.success(),
+                Ok(None) => std::thread::sleep(Duration::from_millis(20)),
+                Err(_) => break,
+            }
+        }
+        eprintln!("warning: the agent ignored SIGTERM for {STOP_TIMEOUT:?}; killing it");
+        let _ = child.kill();
+        let _ = child.wait();
+        false
+    }
+}
+
+impl Drop for Agent<'_> {
+    fn drop(&mut self) {
+        self.stop();
+        if std::thread::panicking() {
+            eprintln!("agent log ({}):\n{}", self.log_path.display(), self.log());
+        }
+        for dir in [&self.bpffs_dir, &self.tmp_dir] {
+            match std::fs::remove_dir_all(dir) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    eprintln!("warning: removing {}: {e}", dir.display());
+                }
+                _ => {}
+            }
+        }
+    }
+}

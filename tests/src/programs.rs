@@ -1,0 +1,589 @@
+//! The real eBPF object under `BPF_PROG_TEST_RUN` (the SETUP, RUN and CHECK
+//! steps of a packet test).
+//!
+//! [`Programs`] loads [`datapath::EBPF_OBJECT`] afresh: its maps are new and
+//! private to it (nothing is pinned), so tests run in parallel without
+//! seeing each other's state. Programs are loaded (verified) on first use.
+//!
+//! ```no_run
+//! use datapath_common::programs::UPLINK_TC;
+//! use datapath_tests::{frame::Frame, programs::{Programs, TC_ACT_OK}};
+//!
+//! let mut p = Programs::load();
+//! p.set_config(Programs::config([198, 18, 0, 2], [198, 19, 0, 0], 24, 1));
+//! let input = Frame::tcp("198.18.0.1:40000", "198.18.0.2:9999").build();
+//! let run = p.run_tc(UPLINK_TC, &input, None);
+//! assert_eq!(run.verdict, TC_ACT_OK);
+//! assert_eq!(run.data, input);
+//! ```
+
+use std::{collections::HashSet, net::Ipv4Addr, time::Duration};
+
+use aya::{
+    Ebpf, EbpfLoader, TestRun, TestRunOptions,
+    maps::{Array, HashMap, MapData, MapError, PerCpuArray},
+    programs::{Program, ProgramError, SchedClassifier, Xdp},
+};
+use bytemuck::{Pod, Zeroable};
+use datapath_common::{
+    CONFIG_F_READY, Config, CtEntry, CtKey, Endpoint, EndpointKey, NodeAddr, NodeAddrKey,
+    ServiceKey, ServiceValue, Stat, names, programs as prog_names, proto,
+};
+
+/// TC verdict: let the packet continue.
+pub const TC_ACT_OK: u32 = 0;
+/// TC verdict: drop.
+pub const TC_ACT_SHOT: u32 = 2;
+/// TC verdict: redirect (what `bpf_redirect*` helpers return).
+pub const TC_ACT_REDIRECT: u32 = 7;
+/// XDP verdict: abort (program error).
+pub const XDP_ABORTED: u32 = 0;
+/// XDP verdict: drop.
+pub const XDP_DROP: u32 = 1;
+/// XDP verdict: pass to the stack.
+pub const XDP_PASS: u32 = 2;
+/// XDP verdict: send back out of the receiving interface.
+pub const XDP_TX: u32 = 3;
+/// XDP verdict: redirect.
+pub const XDP_REDIRECT: u32 = 4;
+
+/// Errors of the packet harness.
+#[derive(Debug, thiserror::Error)]
+pub enum HarnessError {
+    /// The object could not be parsed or its maps created.
+    #[error("loading the eBPF object: {0}")]
+    Object(#[from] aya::EbpfError),
+    /// The object has no program of that name.
+    #[error("program {name} is not in the object")]
+    NoProgram {
+        /// Program name.
+        name: String,
+    },
+    /// The program is of another type than the caller expected.
+    #[error("program {name}: {source}")]
+    Program {
+        /// Program name.
+        name: String,
+        /// What went wrong.
+        #[source]
+        source: ProgramError,
+    },
+    /// The kernel refused the program.
+    #[error("program {name} failed to load: {io_error}\nverifier log:\n{verifier_log}")]
+    Verifier {
+        /// Program name.
+        name: String,
+        /// The error of `BPF_PROG_LOAD`.
+        io_error: std::io::Error,
+        /// The verifier's log.
+        verifier_log: String,
+    },
+    /// `BPF_PROG_TEST_RUN` failed.
+    #[error("running {name}: {source}")]
+    Run {
+        /// Program name.
+        name: String,
+        /// What went wrong.
+        #[source]
+        source: ProgramError,
+    },
+    /// The object has no map of that name.
+    #[error("map {name} is not in the object")]
+    NoMap {
+        /// Map name.
+        name: &'static str,
+    },
+    /// A map operation failed.
+    #[error("map {name}: {source}")]
+    Map {
+        /// Map name.
+        name: &'static str,
+        /// What went wrong.
+        #[source]
+        source: MapError,
+    },
+}
+
+/// The userspace layout of the kernel's `struct __sk_buff` (uapi
+/// `linux/bpf.h`), the context a TC program's test run may be given.
+///
+/// `BPF_PROG_TEST_RUN` accepts only a few fields (`mark`, `priority`,
+/// `ingress_ifindex`, `ifindex`, `cb`, `tstamp`, `wire_len`, `gso_segs`,
+/// `gso_size`, `hwtstamp`) and rejects a context with any other byte set.
+/// `ifindex` above 1 must name an interface of the caller's namespace.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct SkBuff {
+    /// Must be zero.
+    pub len: u32,
+    /// Must be zero.
+    pub pkt_type: u32,
+    /// `skb->mark`.
+    pub mark: u32,
+    /// Must be zero.
+    pub queue_mapping: u32,
+    /// Must be zero.
+    pub protocol: u32,
+    /// Must be zero.
+    pub vlan_present: u32,
+    /// Must be zero.
+    pub vlan_tci: u32,
+    /// Must be zero.
+    pub vlan_proto: u32,
+    /// `skb->priority`.
+    pub priority: u32,
+    /// `skb->skb_iif`: the interface the packet arrived on.
+    pub ingress_ifindex: u32,
+    /// The device the packet is on (0 or 1: loopback).
+    pub ifindex: u32,
+    /// Must be zero.
+    pub tc_index: u32,
+    /// Control buffer.
+    pub cb: [u32; 5],
+    /// Must be zero.
+    pub hash: u32,
+    /// Must be zero.
+    pub tc_classid: u32,
+    /// Must be zero.
+    pub data: u32,
+    /// Must be zero.
+    pub data_end: u32,
+    /// Must be zero.
+    pub napi_id: u32,
+    /// Must be zero.
+    pub family: u32,
+    /// Must be zero.
+    pub remote_ip4: u32,
+    /// Must be zero.
+    pub local_ip4: u32,
+    /// Must be zero.
+    pub remote_ip6: [u32; 4],
+    /// Must be zero.
+    pub local_ip6: [u32; 4],
+    /// Must be zero.
+    pub remote_port: u32,
+    /// Must be zero.
+    pub local_port: u32,
+    /// Must be zero.
+    pub data_meta: u32,
+    /// Must be zero (a pointer in the kernel's view).
+    pub flow_keys: u64,
+    /// `skb->tstamp`.
+    pub tstamp: u64,
+    /// Length on the wire (0: the data length).
+    pub wire_len: u32,
+    /// GSO segments.
+    pub gso_segs: u32,
+    /// Must be zero (a pointer in the kernel's view).
+    pub sk: u64,
+    /// GSO segment size.
+    pub gso_size: u32,
+    /// Must be zero.
+    pub tstamp_type: u8,
+    /// Padding.
+    pub _pad: [u8; 3],
+    /// Hardware timestamp.
+    pub hwtstamp: u64,
+}
+
+const _: () = {
+    assert!(size_of::<SkBuff>() == 192);
+    assert!(std::mem::offset_of!(SkBuff, ingress_ifindex) == 36);
+    assert!(std::mem::offset_of!(SkBuff, cb) == 48);
+    assert!(std::mem::offset_of!(SkBuff, flow_keys) == 144);
+    assert!(std::mem::offset_of!(SkBuff, tstamp) == 152);
+    assert!(std::mem::offset_of!(SkBuff, gso_size) == 176);
+    assert!(std::mem::offset_of!(SkBuff, hwtstamp) == 184);
+};
+
+impl SkBuff {
+    /// A context saying the packet arrived on interface `ifindex`.
+    pub fn ingress(ifindex: u32) -> Self {
+        Self {
+            ingress_ifindex: ifindex,
+            ..Self::default()
+        }
+    }
+}
+
+/// The outcome of one test run.
+#[derive(Clone, Debug)]
+pub struct RunResult {
+    /// The program's return value.
+    pub verdict: u32,
+    /// The packet as the program left it.
+    pub data: Vec<u8>,
+    /// The kernel's measured run time.
+    pub duration: Duration,
+}
+
+/// Headroom for programs that grow the packet.
+const DATA_OUT_SLACK: usize = 256;
+
+/// The eBPF object, loaded once, private to its owner.
+pub struct Programs {
+    ebpf: Ebpf,
+    loaded: HashSet<String>,
+}
+
+impl Programs {
+    /// Loads the object with its maps at their compiled sizes; panics with
+    /// the error (see [`Programs::try_load`]).
+    pub fn load() -> Self {
+        Self::try_load().unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Loads the object. Programs are verified on first use.
+    pub fn try_load() -> Result<Self, HarnessError> {
+        Self::try_load_with(&[])
+    }
+
+    /// Loads the object with `max_entries` overridden per map name, e.g.
+    /// `[(names::CONNTRACK, 4)]` to test a full table.
+    pub fn try_load_with(max_entries: &[(&'static str, u32)]) -> Result<Self, HarnessError> {
+        let mut loader = EbpfLoader::new();
+        for (name, n) in max_entries {
+            loader.map_max_entries(name, *n);
+        }
+        let ebpf = loader.load(datapath::EBPF_OBJECT)?;
+        Ok(Self {
+            ebpf,
+            loaded: HashSet::new(),
+        })
+    }
+
+    /// Loads every program of the object, as the agent does; returns their
+    /// names.
+    pub fn load_all(&mut self) -> Result<Vec<String>, HarnessError> {
+        let mut all: Vec<(String, bool)> = self
+            .ebpf
+            .programs()
+            .map(|(name, p)| (name.to_owned(), matches!(p, Program::Xdp(_))))
+            .collect();
+        all.sort();
+        for (name, is_xdp) in &all {
+            if *is_xdp {
+                self.xdp(name)?;
+            } else {
+                self.classifier(name)?;
+            }
+        }
+        Ok(all.into_iter().map(|(name, _)| name).collect())
+    }
+
+    fn load_error(name: &str, e: ProgramError) -> HarnessError {
+        match e {
+            ProgramError::LoadError {
+                io_error,
+                verifier_log,
+            } => HarnessError::Verifier {
+                name: name.to_owned(),
+                io_error,
+                verifier_log: format!("{verifier_log}"),
+            },
+            source => HarnessError::Program {
+                name: name.to_owned(),
+                source,
+            },
+        }
+    }
+
+    /// The TC program `name`, loaded.
+    pub fn classifier(&mut self, name: &str) -> Result<&mut SchedClassifier, HarnessError> {
+        let first = !self.loaded.contains(name);
+        let prog: &mut SchedClassifier = self
+            .ebpf
+            .program_mut(name)
+            .ok_or_else(|| HarnessError::NoProgram { name: name.into() })?
+            .try_into()
+            .map_err(|source| HarnessError::Program {
+                name: name.into(),
+                source,
+            })?;
+        if first {
+            prog.load().map_err(|e| Self::load_error(name, e))?;
+            self.loaded.insert(name.to_owned());
+        }
+        Ok(prog)
+    }
+
+    /// The XDP program `name`, loaded.
+    pub fn xdp(&mut self, name: &str) -> Result<&mut Xdp, HarnessError> {
+        let first = !self.loaded.contains(name);
+        let prog: &mut Xdp = self
+            .ebpf
+            .program_mut(name)
+            .ok_or_else(|| HarnessError::NoProgram { name: name.into() })?
+            .try_into()
+            .map_err(|source| HarnessError::Program {
+                name: name.into(),
+                source,
+            })?;
+        if first {
+            prog.load().map_err(|e| Self::load_error(name, e))?;
+            self.loaded.insert(name.to_owned());
+        }
+        Ok(prog)
+    }
+
+    /// Runs TC program `name` on `frame` with context `ctx` (a zeroed
+    /// `__sk_buff` when `None`).
+    pub fn try_run_tc(
+        &mut self,
+        name: &str,
+        frame: &[u8],
+        ctx: Option<&SkBuff>,
+    ) -> Result<RunResult, HarnessError> {
+        let prog = self.classifier(name)?;
+        let mut out = vec![0u8; frame.len() + DATA_OUT_SLACK];
+        let res = prog
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut out),
+                ctx_in: ctx.map(bytemuck::bytes_of),
+                ..TestRunOptions::default()
+            })
+            .map_err(|source| HarnessError::Run {
+                name: name.into(),
+                source,
+            })?;
+        out.truncate(res.data_size_out as usize);
+        Ok(RunResult {
+            verdict: res.return_value,
+            data: out,
+            duration: res.duration,
+        })
+    }
+
+    /// Runs XDP program `name` on `frame`.
+    pub fn try_run_xdp(&mut self, name: &str, frame: &[u8]) -> Result<RunResult, HarnessError> {
+        let prog = self.xdp(name)?;
+        let mut out = vec![0u8; frame.len() + DATA_OUT_SLACK];
+        let res = prog
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut out),
+                ..TestRunOptions::default()
+            })
+            .map_err(|source| HarnessError::Run {
+                name: name.into(),
+                source,
+            })?;
+        out.truncate(res.data_size_out as usize);
+        Ok(RunResult {
+            verdict: res.return_value,
+            data: out,
+            duration: res.duration,
+        })
+    }
+
+    /// [`Programs::try_run_tc`], panicking on error.
+    pub fn run_tc(&mut self, name: &str, frame: &[u8], ctx: Option<&SkBuff>) -> RunResult {
+        self.try_run_tc(name, frame, ctx)
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// [`Programs::try_run_xdp`], panicking on error.
+    pub fn run_xdp(&mut self, name: &str, frame: &[u8]) -> RunResult {
+        self.try_run_xdp(name, frame)
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Runs `uplink_tc` on `frame` (zeroed context).
+    pub fn uplink_tc(&mut self, frame: &[u8]) -> RunResult {
+        self.run_tc(prog_names::UPLINK_TC, frame, None)
+    }
+
+    /// Runs `uplink_xdp` on `frame`.
+    pub fn uplink_xdp(&mut self, frame: &[u8]) -> RunResult {
+        self.run_xdp(prog_names::UPLINK_XDP, frame)
+    }
+
+    /// Runs `container_tc` on `frame` as if it arrived on the host-side
+    /// veth `ingress_ifindex`.
+    pub fn container_tc(&mut self, frame: &[u8], ingress_ifindex: u32) -> RunResult {
+        self.run_tc(
+            prog_names::CONTAINER_TC,
+            frame,
+            Some(&SkBuff::ingress(ingress_ifindex)),
+        )
+    }
+
+    // ---- maps -------------------------------------------------------------
+
+    fn map_data(&mut self, name: &'static str) -> Result<&mut aya::maps::Map, HarnessError> {
+        self.ebpf.map_mut(name).ok_or(HarnessError::NoMap { name })
+    }
+
+    fn map_err(name: &'static str) -> impl FnOnce(MapError) -> HarnessError {
+        move |source| HarnessError::Map { name, source }
+    }
+
+    fn hash<K: aya::Pod, V: aya::Pod>(
+        &mut self,
+        name: &'static str,
+    ) -> HashMap<&mut MapData, K, V> {
+        let map = self.map_data(name).unwrap_or_else(|e| panic!("{e}"));
+        HashMap::try_from(map).unwrap_or_else(|e| panic!("map {name}: {e}"))
+    }
+
+    /// A ready configuration: node address, pool (address and prefix
+    /// length), uplink ifindex; the gateway is the pool's first address,
+    /// masquerade is on, SNAT ports are 61000-65535.
+    pub fn config(node: [u8; 4], pool: [u8; 4], prefix_len: u8, uplink_ifindex: u32) -> Config {
+        let mask = if prefix_len == 0 {
+            0
+        } else {
+            u32::MAX << (32 - u32::from(prefix_len.min(32)))
+        };
+        let pool_net = u32::from(Ipv4Addr::from(pool)) & mask;
+        let gateway = Ipv4Addr::from(pool_net | 1).octets();
+        Config {
+            node_addr: node,
+            pool_addr: Ipv4Addr::from(pool_net).octets(),
+            pool_mask: Ipv4Addr::from(mask).octets(),
+            gateway_addr: gateway,
+            uplink_ifindex,
+            snat_port_min: 61000,
+            snat_port_max: 65535,
+            flags: datapath_common::CONFIG_F_SNAT | CONFIG_F_READY,
+            _pad: 0,
+        }
+    }
+
+    /// Writes the configuration as given (callers wanting a ready datapath
+    /// set [`CONFIG_F_READY`], as [`Programs::config`] does).
+    pub fn set_config(&mut self, config: Config) {
+        let name = names::CONFIG;
+        let map = self.map_data(name).unwrap_or_else(|e| panic!("{e}"));
+        let mut arr: Array<&mut MapData, Config> =
+            Array::try_from(map).unwrap_or_else(|e| panic!("map {name}: {e}"));
+        arr.set(0, config, 0)
+            .map_err(Self::map_err(name))
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+
+    /// Reads the configuration.
+    pub fn get_config(&mut self) -> Config {
+        let name = names::CONFIG;
+        let map = self.map_data(name).unwrap_or_else(|e| panic!("{e}"));
+        let arr: Array<&mut MapData, Config> =
+            Array::try_from(map).unwrap_or_else(|e| panic!("map {name}: {e}"));
+        arr.get(&0, 0).unwrap_or_else(|e| panic!("map {name}: {e}"))
+    }
+
+    /// Publishes `(addr, port, proto)` (addr `[0; 4]`: every node address)
+    /// to `value`.
+    pub fn insert_service(&mut self, key: ServiceKey, value: ServiceValue) {
+        let mut m = self.hash::<ServiceKey, ServiceValue>(names::SERVICES);
+        m.insert(key, value, 0)
+            .unwrap_or_else(|e| panic!("insert into {}: {e}", names::SERVICES));
+    }
+
+    /// Publishes a TCP or UDP port: `addr:port/proto` → `backend:backend_port`
+    /// behind host-side veth `ifindex`, container id `container_id`.
+    #[expect(clippy::too_many_arguments, reason = "one argument per map field")]
+    pub fn publish(
+        &mut self,
+        addr: [u8; 4],
+        port: u16,
+        l4_proto: u8,
+        backend: [u8; 4],
+        backend_port: u16,
+        ifindex: u32,
+        container_id: u32,
+    ) {
+        assert!(
+            l4_proto == proto::TCP || l4_proto == proto::UDP,
+            "only TCP and UDP ports are published"
+        );
+        self.insert_service(
+            ServiceKey {
+                addr,
+                port,
+                proto: l4_proto,
+                _pad: 0,
+            },
+            ServiceValue {
+                backend_addr: backend,
+                backend_port,
+                _pad: 0,
+                ifindex,
+                container_id,
+            },
+        );
+    }
+
+    /// Removes a published port; returns whether it was there.
+    pub fn remove_service(&mut self, key: &ServiceKey) -> bool {
+        let mut m = self.hash::<ServiceKey, ServiceValue>(names::SERVICES);
+        match m.remove(key) {
+            Ok(()) => true,
+            Err(MapError::KeyNotFound) => false,
+            Err(e) => panic!("remove from {}: {e}", names::SERVICES),
+        }
+    }
+
+    /// Adds a container endpoint.
+    pub fn insert_endpoint(&mut self, addr: [u8; 4], endpoint: Endpoint) {
+        let mut m = self.hash::<EndpointKey, Endpoint>(names::ENDPOINTS);
+        m.insert(EndpointKey { addr }, endpoint, 0)
+            .unwrap_or_else(|e| panic!("insert into {}: {e}", names::ENDPOINTS));
+    }
+
+    /// Adds a node address on interface `ifindex`.
+    pub fn insert_node_addr(&mut self, addr: [u8; 4], ifindex: u32) {
+        let mut m = self.hash::<NodeAddrKey, NodeAddr>(names::NODE_ADDRS);
+        m.insert(NodeAddrKey { addr }, NodeAddr { ifindex }, 0)
+            .unwrap_or_else(|e| panic!("insert into {}: {e}", names::NODE_ADDRS));
+    }
+
+    /// Inserts a conntrack entry (to set up an established flow).
+    pub fn insert_conntrack(&mut self, key: CtKey, entry: CtEntry) {
+        let mut m = self.hash::<CtKey, CtEntry>(names::CONNTRACK);
+        m.insert(key, entry, 0)
+            .unwrap_or_else(|e| panic!("insert into {}: {e}", names::CONNTRACK));
+    }
+
+    /// The conntrack entry for `key`, if any.
+    pub fn conntrack_get(&mut self, key: &CtKey) -> Option<CtEntry> {
+        let m = self.hash::<CtKey, CtEntry>(names::CONNTRACK);
+        match m.get(key, 0) {
+            Ok(v) => Some(v),
+            Err(MapError::KeyNotFound) => None,
+            Err(e) => panic!("lookup in {}: {e}", names::CONNTRACK),
+        }
+    }
+
+    /// Every conntrack entry, sorted by key bytes for stable comparisons.
+    pub fn conntrack(&mut self) -> Vec<(CtKey, CtEntry)> {
+        let m = self.hash::<CtKey, CtEntry>(names::CONNTRACK);
+        let mut all: Vec<(CtKey, CtEntry)> = m
+            .iter()
+            .map(|r| r.unwrap_or_else(|e| panic!("iterating {}: {e}", names::CONNTRACK)))
+            .collect();
+        all.sort_by(|a, b| bytemuck::bytes_of(&a.0).cmp(bytemuck::bytes_of(&b.0)));
+        all
+    }
+
+    /// Counter `stat`, summed over CPUs.
+    pub fn stat(&mut self, stat: Stat) -> u64 {
+        let name = names::STATS;
+        let map = self.map_data(name).unwrap_or_else(|e| panic!("{e}"));
+        let arr: PerCpuArray<&mut MapData, u64> =
+            PerCpuArray::try_from(map).unwrap_or_else(|e| panic!("map {name}: {e}"));
+        let values = arr
+            .get(&(stat as u32), 0)
+            .unwrap_or_else(|e| panic!("map {name}[{}]: {e}", stat.name()));
+        values.iter().sum()
+    }
+
+    /// Every counter that is not zero, summed over CPUs, in index order.
+    pub fn stats(&mut self) -> Vec<(Stat, u64)> {
+        Stat::ALL
+            .iter()
+            .map(|&s| (s, self.stat(s)))
+            .filter(|&(_, n)| n != 0)
+            .collect()
+    }
+}

@@ -1,0 +1,249 @@
+//! Uplink and container programs on the frames that are not plain: TTL at
+//! the limit, fragments, options, VLAN tags, zero UDP checksums, ICMP,
+//! padding, malformed headers, an unconfigured datapath.
+
+use datapath_common::{CtKey, Endpoint, Stat, ct_action, proto};
+use datapath_tests::{
+    frame::{Frame, IcmpError},
+    packet::{ParsedFrame, verify_checksums},
+    programs::{
+        Programs, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, XDP_DROP, XDP_PASS, XDP_REDIRECT,
+    },
+};
+
+const NODE: [u8; 4] = [198, 18, 0, 2];
+const BACKEND: [u8; 4] = [198, 19, 0, 5];
+const CTR_IFINDEX: u32 = 7;
+const CTR_MAC: [u8; 6] = [0x02, 0xc0, 0, 0, 0, 5];
+const HOST_MAC: [u8; 6] = [0x02, 0xee, 0, 0, 0, 7];
+
+fn published() -> Programs {
+    let mut p = Programs::load();
+    p.set_config(Programs::config(NODE, [198, 19, 0, 0], 24, 1));
+    p.insert_node_addr(NODE, 1);
+    p.publish([0; 4], 8080, proto::TCP, BACKEND, 80, CTR_IFINDEX, 3);
+    p.publish([0; 4], 5353, proto::UDP, BACKEND, 53, CTR_IFINDEX, 3);
+    p.insert_endpoint(
+        BACKEND,
+        Endpoint {
+            ifindex: CTR_IFINDEX,
+            container_id: 3,
+            mac: CTR_MAC,
+            host_mac: HOST_MAC,
+            flags: 0,
+        },
+    );
+    p
+}
+
+/// Runs `frame` through both uplink hooks on fresh datapaths; returns the
+/// TC and XDP results and their datapaths.
+fn both(frame: &[u8]) -> [(u32, Vec<u8>, Programs); 2] {
+    let mut tc = published();
+    let r = tc.uplink_tc(frame);
+    let mut xdp = published();
+    let x = xdp.uplink_xdp(frame);
+    [(r.verdict, r.data, tc), (x.verdict, x.data, xdp)]
+}
+
+#[test]
+fn udp_with_a_zero_checksum_keeps_it_zero_after_dnat() {
+    let input = Frame::udp("198.18.0.1:4000", "198.18.0.2:5353")
+        .payload(&b"query"[..])
+        .udp_zero_checksum()
+        .build();
+    let [(tcv, tco, _), (xv, xo, _)] = both(&input);
+    assert_eq!((tcv, xv), (TC_ACT_REDIRECT, XDP_REDIRECT));
+    for out in [tco, xo] {
+        let p = ParsedFrame::parse(&out).expect("parses");
+        assert_eq!(p.ipv4().destination, BACKEND);
+        assert_eq!(p.ports(), (4000, 53));
+        assert_eq!(p.udp().checksum, 0, "a zero UDP checksum stays zero");
+        verify_checksums(&out).expect("valid IPv4 checksum");
+    }
+}
+
+#[test]
+fn udp_with_a_checksum_is_dnatted_with_a_valid_checksum() {
+    let input = Frame::udp("198.18.0.1:4000", "198.18.0.2:5353")
+        .payload(vec![0xab; 33])
+        .build();
+    let [(tcv, tco, _), (xv, xo, _)] = both(&input);
+    assert_eq!((tcv, xv), (TC_ACT_REDIRECT, XDP_REDIRECT));
+    for out in [tco, xo] {
+        verify_checksums(&out).expect("valid checksums");
+        let p = ParsedFrame::parse(&out).expect("parses");
+        assert_eq!(p.ipv4().destination, BACKEND);
+        assert_ne!(p.udp().checksum, 0);
+    }
+}
+
+#[test]
+fn ttl_of_one_is_dropped_and_counted() {
+    let input = Frame::tcp("198.18.0.1:40000", "198.18.0.2:8080")
+        .ttl(1)
+        .build();
+    let [(tcv, _, mut tc), (xv, _, mut xdp)] = both(&input);
+    assert_eq!((tcv, xv), (TC_ACT_SHOT, XDP_DROP));
+    assert_eq!(tc.stat(Stat::DropTtlExceeded), 1);
+    assert_eq!(xdp.stat(Stat::DropTtlExceeded), 1);
+}
+
+#[test]
+fn ipv4_options_are_skipped_to_find_the_ports() {
+    let input = Frame::tcp("198.18.0.1:40000", "198.18.0.2:8080")
+        .ipv4_options(&[1, 1, 1, 0, 0x94, 4, 0, 0])
+        .payload(&b"hi"[..])
+        .build();
+    let [(tcv, tco, _), (xv, xo, _)] = both(&input);
+    assert_eq!((tcv, xv), (TC_ACT_REDIRECT, XDP_REDIRECT));
+    for out in [tco, xo] {
+        verify_checksums(&out).expect("valid checksums");
+        let p = ParsedFrame::parse(&out).expect("parses");
+        assert_eq!(p.ipv4().options.as_slice(), &[1, 1, 1, 0, 0x94, 4, 0, 0]);
+        assert_eq!(p.ipv4().destination, BACKEND);
+        assert_eq!(p.ports(), (40000, 80));
+    }
+}
+
+#[test]
+fn first_fragment_to_a_published_port_is_dropped_later_ones_pass() {
+    let first = Frame::udp("198.18.0.1:4000", "198.18.0.2:5353")
+        .payload(vec![1; 64])
+        .fragment(true, 0)
+        .build();
+    let [(tcv, _, mut tc), (xv, _, _)] = both(&first);
+    assert_eq!((tcv, xv), (TC_ACT_SHOT, XDP_DROP));
+    assert_eq!(tc.stat(Stat::DropFragment), 1);
+    assert!(tc.conntrack().is_empty());
+
+    let later = Frame::udp("198.18.0.1:4000", "198.18.0.2:5353")
+        .payload(vec![1; 64])
+        .fragment(false, 9)
+        .build();
+    let [(tcv, tco, _), (xv, xo, _)] = both(&later);
+    assert_eq!((tcv, xv), (TC_ACT_OK, XDP_PASS));
+    assert_eq!(tco, later);
+    assert_eq!(xo, later);
+}
+
+#[test]
+fn vlan_tagged_and_non_ip_frames_pass_unchanged() {
+    let tagged = Frame::tcp("198.18.0.1:40000", "198.18.0.2:8080")
+        .vlan(5)
+        .build();
+    let arp = datapath_tests::frame::arp_request([2, 0, 0, 0, 0, 1], [198, 18, 0, 1], NODE);
+    let v6 = Frame::tcp("[2001:db8::1]:40000", "[2001:db8::2]:8080").build();
+    for input in [tagged, arp, v6] {
+        let [(tcv, tco, mut tc), (xv, xo, _)] = both(&input);
+        assert_eq!((tcv, xv), (TC_ACT_OK, XDP_PASS));
+        assert_eq!(tco, input);
+        assert_eq!(xo, input);
+        assert!(tc.conntrack().is_empty());
+    }
+}
+
+#[test]
+fn padded_minimum_size_frame_is_translated_and_padding_kept() {
+    let mut input = Frame::tcp("198.18.0.1:40000", "198.18.0.2:8080").build();
+    assert_eq!(input.len(), 54);
+    input.resize(60, 0);
+    let [(tcv, tco, _), (xv, xo, _)] = both(&input);
+    assert_eq!((tcv, xv), (TC_ACT_REDIRECT, XDP_REDIRECT));
+    for out in [tco, xo] {
+        assert_eq!(out.len(), 60);
+        verify_checksums(&out).expect("valid checksums");
+        assert_eq!(
+            ParsedFrame::parse(&out).expect("parses").ipv4().destination,
+            BACKEND
+        );
+    }
+}
+
+#[test]
+fn ip_total_length_beyond_the_frame_is_dropped_as_malformed() {
+    let mut input = Frame::tcp("198.18.0.1:40000", "198.18.0.2:8080").build();
+    input.truncate(input.len() - 4);
+    let [(tcv, _, mut tc), (xv, _, _)] = both(&input);
+    assert_eq!((tcv, xv), (TC_ACT_SHOT, XDP_DROP));
+    assert_eq!(tc.stat(Stat::DropMalformed), 1);
+}
+
+#[test]
+fn unconfigured_datapath_passes_everything() {
+    let mut p = Programs::load();
+    let input = Frame::tcp("198.18.0.1:40000", "198.18.0.2:8080").build();
+    let r = p.uplink_tc(&input);
+    assert_eq!(r.verdict, TC_ACT_OK);
+    assert_eq!(r.data, input);
+    let mut cfg = Programs::config(NODE, [198, 19, 0, 0], 24, 1);
+    cfg.flags &= !datapath_common::CONFIG_F_READY;
+    p.set_config(cfg);
+    p.insert_node_addr(NODE, 1);
+    p.publish([0; 4], 8080, proto::TCP, BACKEND, 80, CTR_IFINDEX, 3);
+    let r = p.uplink_xdp(&input);
+    assert_eq!(
+        r.verdict, XDP_PASS,
+        "a configuration without READY is ignored"
+    );
+    assert!(p.conntrack().is_empty());
+}
+
+#[test]
+fn uplink_packet_straight_to_a_container_address_is_dropped() {
+    let input = Frame::tcp("198.18.0.1:40000", "198.19.0.5:80").build();
+    let [(tcv, _, mut tc), (xv, _, _)] = both(&input);
+    assert_eq!((tcv, xv), (TC_ACT_SHOT, XDP_DROP));
+    assert_eq!(tc.stat(Stat::DropDirectRouting), 1);
+}
+
+#[test]
+fn icmp_echo_to_the_node_passes() {
+    let input = Frame::icmp_echo_request("198.18.0.1", "198.18.0.2", 7, 1).build();
+    let [(tcv, tco, _), (xv, _, _)] = both(&input);
+    assert_eq!((tcv, xv), (TC_ACT_OK, XDP_PASS));
+    assert_eq!(tco, input);
+}
+
+#[test]
+fn icmp_error_from_the_client_about_a_dnat_flow_is_not_dropped() {
+    let mut p = published();
+    let syn = Frame::tcp("198.18.0.1:40000", "198.18.0.2:8080").build();
+    assert_eq!(p.uplink_tc(&syn).verdict, TC_ACT_REDIRECT);
+    // The client reports the (translated back) SYN-ACK as unreachable.
+    let synack = Frame::tcp("198.18.0.2:8080", "198.18.0.1:40000");
+    let err = Frame::icmp_error(
+        "198.18.0.1",
+        "198.18.0.2",
+        IcmpError::PortUnreachable,
+        &synack,
+    )
+    .build();
+    let r = p.uplink_tc(&err);
+    assert_ne!(r.verdict, TC_ACT_SHOT);
+    verify_checksums(&r.data).expect("valid checksums");
+}
+
+#[test]
+fn tcp_rst_and_fin_flags_are_recorded_in_conntrack() {
+    let mut p = published();
+    let key = CtKey {
+        saddr: [198, 18, 0, 1],
+        daddr: NODE,
+        sport: 40000,
+        dport: 8080,
+        proto: proto::TCP,
+        _pad: [0; 3],
+    };
+    let syn = Frame::tcp("198.18.0.1:40000", "198.18.0.2:8080").build();
+    p.uplink_tc(&syn);
+    let fin = Frame::tcp("198.18.0.1:40000", "198.18.0.2:8080")
+        .tcp_flags(datapath_tests::frame::tcp_flags::FIN | datapath_tests::frame::tcp_flags::ACK)
+        .build();
+    assert_eq!(p.uplink_tc(&fin).verdict, TC_ACT_REDIRECT);
+    let e = p.conntrack_get(&key).expect("entry");
+    assert_eq!(e.action, ct_action::DNAT);
+    use datapath_common::tcp_flags as f;
+    assert_eq!(e.tcp_flags, f::SYN | f::FIN | f::ACK);
+    assert_eq!(e.packets, 2);
+}
