@@ -304,12 +304,7 @@ mod tests {
         let a = p("8080:80").expect("valid");
         assert!(a.overlaps(&p("198.18.0.2:8080:81").expect("valid")));
         assert!(!a.overlaps(&p("8080:80/udp").expect("valid")));
-        assert!(
-            p("8000-8010:8000-8010")
-                .expect("valid")
-                .overlaps(&a.clone())
-                == false
-        );
+        assert!(!p("8000-8010:8000-8010").expect("valid").overlaps(&a));
         assert!(p("8000-8080:8000-8080").expect("valid").overlaps(&a));
         assert!(
             !p("198.18.0.2:8080:80")
