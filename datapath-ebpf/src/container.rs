@@ -58,13 +58,32 @@ pub fn process(ctx: &mut TcContext) -> Verdict {
     if ep.ifindex != ifindex || ep.mac != src_mac {
         return Verdict::Drop(Stat::DropSpoofed);
     }
-    if flow.l4 == L4::IcmpError {
-        return Verdict::Pass;
-    }
-
     // Forwarding decrements the TTL: a packet that would leave with zero is
     // dropped before it can create a flow.
     let expiring = flow.ttl <= 1;
+    if flow.l4 == L4::IcmpError {
+        return match conntrack::lookup_icmp_error(ctx, &flow) {
+            Some((quoted, ct))
+                if ct.action == ct_action::REV_DNAT || ct.action == ct_action::SNAT =>
+            {
+                if expiring {
+                    return Verdict::Drop(Stat::DropTtlExceeded);
+                }
+                if nat::rewrite_icmp_error(ctx, &flow, &quoted, true, ct.nat_addr, ct.nat_port)
+                    .is_err()
+                    || nat::decrement_ttl(ctx).is_err()
+                {
+                    return Verdict::Drop(Stat::DropHelperFailed);
+                }
+                maps::count(Stat::IcmpErrorTranslated);
+                Verdict::ToUplink {
+                    ifindex: ct.ifindex,
+                }
+            }
+            _ => Verdict::Pass,
+        };
+    }
+
     let entry: *mut CtEntry = match conntrack::lookup(&flow.key) {
         Some(_) if expiring => return Verdict::Drop(Stat::DropTtlExceeded),
         Some(e) => e,

@@ -207,3 +207,70 @@ pub fn parse<C: Packet + FrameLen>(ctx: &C) -> Parsed {
         tcp_flags,
     })
 }
+
+/// The packet quoted by an ICMP error (an IPv4 header and at least the
+/// first eight bytes of its payload).
+#[derive(Clone, Copy)]
+pub struct Quoted {
+    /// The quoted packet's tuple as it was sent.
+    pub key: CtKey,
+    /// Offset of the quoted IPv4 header.
+    pub ip_off: usize,
+    /// Offset of the quoted L4 header.
+    pub l4_off: usize,
+    /// The quoted L4 header kind (ports: TCP/UDP; id: ICMP echo).
+    pub l4: L4,
+}
+
+/// Parses the packet quoted by ICMP error `flow`; `None` if it is cut
+/// short or not a TCP, UDP or ICMP echo packet we could have sent.
+#[inline(always)]
+pub fn parse_quoted<C: Packet>(ctx: &C, flow: &Flow) -> Option<Quoted> {
+    let ip_off = flow.l4_off + ICMP_HDR_LEN;
+    ctx.pull(ip_off + Ipv4Hdr::LEN).ok()?;
+    let ip = ctx.ptr_at::<Ipv4Hdr>(ip_off).ok()?;
+    // SAFETY: bounds checked by ptr_at; Ipv4Hdr has alignment 1.
+    let ip = unsafe { *ip };
+    let ihl = usize::from(ip.vihl & 0x0f) * 4;
+    if ip.vihl >> 4 != 4 || ihl < Ipv4Hdr::LEN {
+        return None;
+    }
+    let l4_off = ip_off + ihl;
+    ctx.pull(l4_off + 8).ok()?;
+    let l4_hdr = ctx.read::<8>(l4_off).ok()?;
+    let mut key = CtKey {
+        saddr: ip.src_addr,
+        daddr: ip.dst_addr,
+        sport: 0,
+        dport: 0,
+        proto: ip.proto,
+        _pad: [0; 3],
+    };
+    let l4 = match ip.proto {
+        proto::TCP | proto::UDP => {
+            key.sport = u16::from_be_bytes([l4_hdr[0], l4_hdr[1]]);
+            key.dport = u16::from_be_bytes([l4_hdr[2], l4_hdr[3]]);
+            if ip.proto == proto::TCP {
+                L4::Tcp
+            } else {
+                L4::Udp
+            }
+        }
+        proto::ICMP => {
+            let id = u16::from_be_bytes([l4_hdr[4], l4_hdr[5]]);
+            match l4_hdr[0] {
+                icmp_type::ECHO_REQUEST => key.sport = id,
+                icmp_type::ECHO_REPLY => key.dport = id,
+                _ => return None,
+            }
+            L4::IcmpEcho
+        }
+        _ => return None,
+    };
+    Some(Quoted {
+        key,
+        ip_off,
+        l4_off,
+        l4,
+    })
+}

@@ -73,12 +73,32 @@ pub fn process<C: Packet + FrameLen>(ctx: &mut C) -> Verdict {
         Parsed::Fragment(None) => return Verdict::Pass,
         Parsed::Flow(flow) => flow,
     };
-    if flow.l4 == L4::IcmpError {
-        return Verdict::Pass;
-    }
     // Forwarding decrements the TTL: a packet that would leave with zero is
     // dropped before it can create a flow.
     let expiring = flow.ttl <= 1;
+    if flow.l4 == L4::IcmpError {
+        return match conntrack::lookup_icmp_error(ctx, &flow) {
+            Some((quoted, ct))
+                if ct.action == ct_action::DNAT || ct.action == ct_action::REV_SNAT =>
+            {
+                if expiring {
+                    return Verdict::Drop(Stat::DropTtlExceeded);
+                }
+                if nat::rewrite_icmp_error(ctx, &flow, &quoted, false, ct.nat_addr, ct.nat_port)
+                    .is_err()
+                    || nat::decrement_ttl(ctx).is_err()
+                {
+                    return Verdict::Drop(Stat::DropHelperFailed);
+                }
+                maps::count(Stat::IcmpErrorTranslated);
+                Verdict::ToContainer {
+                    ifindex: ct.ifindex,
+                    addr: ct.nat_addr,
+                }
+            }
+            _ => Verdict::Pass,
+        };
+    }
 
     let entry: *mut CtEntry = match conntrack::lookup(&flow.key) {
         Some(_) if expiring => return Verdict::Drop(Stat::DropTtlExceeded),
