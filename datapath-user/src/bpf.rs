@@ -401,9 +401,12 @@ const UPLINK_LINKS: [(UplinkHook, &str); 3] = [
     (UplinkHook::XdpGeneric, "uplink_xdp_generic"),
 ];
 
+/// Prefix of the pinned link names of containers' host-side veths.
+pub const CONTAINER_LINK_PREFIX: &str = "container_";
+
 /// The pinned link name of a container's host-side veth.
 pub fn container_link_name(host_ifname: &str) -> String {
-    format!("container_{host_ifname}")
+    format!("{CONTAINER_LINK_PREFIX}{host_ifname}")
 }
 
 fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, BpfError>

@@ -103,6 +103,10 @@ pub struct AgentArgs {
     /// Forward kernel-side debug logs (costly under floods).
     #[arg(long)]
     pub kernel_debug_logs: bool,
+    /// Instead of running: remove every program, link, pin, veth and state
+    /// file an agent with these paths made, and exit.
+    #[arg(long)]
+    pub cleanup: bool,
 }
 
 /// `datapath container …`.
@@ -183,6 +187,9 @@ impl AgentArgs {
 
 /// Runs the agent until SIGINT or SIGTERM.
 pub async fn run_agent(args: &AgentArgs, socket: PathBuf) -> anyhow::Result<()> {
+    if args.cleanup {
+        return Agent::cleanup(&args.config()).await;
+    }
     let mut agent = Agent::start(args.config()).await?;
     if let Some(logger) = agent.datapath_mut().take_logger() {
         tokio::spawn(forward_kernel_logs(logger));
