@@ -893,3 +893,35 @@ fn service_key(m: &PortMapping, port: u16) -> ServiceKey {
         _pad: 0,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_dp_hex_names_count_as_our_veths() {
+        assert!(is_our_veth_name("dp1"));
+        assert!(is_our_veth_name("dp1f3a"));
+        assert!(!is_our_veth_name("dp"));
+        assert!(!is_our_veth_name("dpdk0"));
+        assert!(!is_our_veth_name("eth0"));
+    }
+
+    #[test]
+    fn macs_round_trip_through_their_text_form() {
+        let mac = [0x02, 0xab, 0x00, 0x10, 0xff, 0x7e];
+        assert_eq!(format_mac(mac), "02:ab:00:10:ff:7e");
+        assert_eq!(parse_mac(&format_mac(mac)), Some(mac));
+        assert_eq!(parse_mac("02:ab:00:10:ff"), None);
+        assert_eq!(parse_mac("02:ab:00:10:ff:7e:00"), None);
+        assert_eq!(parse_mac(""), None);
+    }
+
+    #[test]
+    fn container_names_are_validated() {
+        assert!(validate_name("web-1.a_b").is_ok());
+        assert!(validate_name("").is_err());
+        assert!(validate_name("a/b").is_err());
+        assert!(validate_name(&"x".repeat(65)).is_err());
+    }
+}
