@@ -283,21 +283,17 @@ impl Agent {
     }
 
     /// Adopts what a previous agent left (pinned maps and links, veths, the
-    /// state file) and reconciles it with the state: a container cut off
-    /// mid-creation is rolled back, one whose netns is gone is removed, one
-    /// whose veth is gone is recreated, and every other one gets its map
-    /// entries and program re-applied. Then orphans go: veths, map entries,
-    /// link pins and flows of no known container.
+    /// state file) and reconciles it with the state: a container whose netns
+    /// is gone is removed, one whose veth is gone is recreated, and every
+    /// other one gets its map entries and program re-applied. Then orphans
+    /// go: veths, map entries, link pins and flows of no known container
+    /// (which is also what is left of a container whose creation was cut
+    /// off: it is saved only once complete).
     async fn reconcile(&mut self) -> anyhow::Result<()> {
         let containers: Vec<Container> = self.state.containers.values().cloned().collect();
         for c in containers {
-            let gone = !netns::is_netns(&c.netns).unwrap_or(false);
-            if c.pending || gone {
-                tracing::warn!(
-                    container = %c.name,
-                    reason = if c.pending { "creation was cut off" } else { "its network namespace is gone" },
-                    "removing the container"
-                );
+            if !netns::is_netns(&c.netns).unwrap_or(false) {
+                tracing::warn!(container = %c.name, "its network namespace is gone: removing the container");
                 self.remove_container(&c).await;
                 self.state.containers.remove(&c.name);
                 continue;
@@ -561,8 +557,10 @@ impl Agent {
             AgentError::Conflict(format!("the pool {} has no free address", self.cfg.pool))
         })?;
         let id = self.state.take_id();
-        // Recorded as pending first: an agent cut off before the end rolls
-        // it back on its next start, so a container is all there or not.
+        // Saved only once complete: an agent cut off before that finds the
+        // veth, map entries and link of a container it does not know on its
+        // next start and removes them as orphans, so a container is all
+        // there or not at all, at the cost of a single state write.
         let mut container = Container {
             id,
             name: req.name.clone(),
@@ -572,19 +570,10 @@ impl Agent {
             addr,
             publish,
             mac: String::new(),
-            pending: true,
         };
-        self.state
-            .containers
-            .insert(container.name.clone(), container.clone());
-        if let Err(e) = self.store.save(&self.state) {
-            self.state.containers.remove(&container.name);
-            return Err(e.into());
-        }
         let result = match self.create_link(&container).await {
             Ok(link) => {
                 container.mac = format_mac(link.container_mac);
-                container.pending = false;
                 self.fill_maps(
                     &container,
                     link.host_ifindex,

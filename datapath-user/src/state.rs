@@ -63,10 +63,6 @@ pub struct Container {
     /// MAC address of the container's interface (hex, `aa:bb:…`).
     #[serde(default)]
     pub mac: String,
-    /// Set while the container is being created: a container still pending
-    /// when the agent starts was cut off mid-way and is rolled back.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub pending: bool,
 }
 
 /// Everything the agent persists.
@@ -191,7 +187,6 @@ mod tests {
             addr,
             publish: vec!["8080:80".parse().expect("valid")],
             mac: "02:00:00:00:00:01".into(),
-            pending: false,
         }
     }
 
