@@ -708,6 +708,107 @@ impl Agent {
         }
     }
 
+    /// Publishes one more port (or range) of an existing container.
+    /// Publishing what it already publishes succeeds unchanged.
+    pub fn publish(&mut self, name: &str, spec: &str) -> Result<ContainerInfo, AgentError> {
+        let m: PortMapping = spec
+            .parse()
+            .map_err(|e: crate::spec::SpecError| AgentError::BadRequest(e.to_string()))?;
+        let c = self
+            .state
+            .containers
+            .get(name)
+            .cloned()
+            .ok_or_else(|| AgentError::NotFound(format!("no container named {name:?}")))?;
+        if c.publish.contains(&m) {
+            return Ok(self.info(&c));
+        }
+        if let Some(other) = c.publish.iter().find(|o| o.overlaps(&m)) {
+            return Err(AgentError::Conflict(format!(
+                "cannot publish {m}: container {name:?} already publishes {other}"
+            )));
+        }
+        self.check_publish(name, std::slice::from_ref(&m))?;
+        let ifindex = self
+            .dp
+            .endpoints
+            .get(
+                &EndpointKey {
+                    addr: c.addr.octets(),
+                },
+                0,
+            )
+            .map(|e| e.ifindex)
+            .map_err(|e| internal("read the endpoint")(e.to_string()))?;
+        let mut inserted = Vec::new();
+        for (hp, cp) in m.ports() {
+            let key = service_key(&m, hp);
+            let value = ServiceValue {
+                backend_addr: c.addr.octets(),
+                backend_port: cp,
+                _pad: 0,
+                ifindex,
+                container_id: c.id,
+            };
+            if let Err(e) = self.dp.services.insert(key, value, 0) {
+                for k in inserted {
+                    let _ = self.dp.services.remove(&k);
+                }
+                return Err(internal("publish a port")(e.to_string()));
+            }
+            inserted.push(key);
+        }
+        let mut updated = c;
+        updated.publish.push(m);
+        self.state
+            .containers
+            .insert(name.to_owned(), updated.clone());
+        if let Err(e) = self.store.save(&self.state) {
+            for k in inserted {
+                let _ = self.dp.services.remove(&k);
+            }
+            updated.publish.pop();
+            self.state.containers.insert(name.to_owned(), updated);
+            return Err(e.into());
+        }
+        tracing::info!(container = %name, publish = %m, "port published");
+        Ok(self.info(&self.state.containers[name]))
+    }
+
+    /// Stops publishing one port (or range) of a container. Established
+    /// flows keep their container; new connections are no longer
+    /// translated. Unpublishing what is not published succeeds.
+    pub fn unpublish(&mut self, name: &str, spec: &str) -> Result<ContainerInfo, AgentError> {
+        let m: PortMapping = spec
+            .parse()
+            .map_err(|e: crate::spec::SpecError| AgentError::BadRequest(e.to_string()))?;
+        let mut c = self
+            .state
+            .containers
+            .get(name)
+            .cloned()
+            .ok_or_else(|| AgentError::NotFound(format!("no container named {name:?}")))?;
+        let Some(pos) = c.publish.iter().position(|o| *o == m) else {
+            return Ok(self.info(&c));
+        };
+        c.publish.remove(pos);
+        self.state.containers.insert(name.to_owned(), c.clone());
+        self.store.save(&self.state)?;
+        for (hp, _) in m.ports() {
+            let key = service_key(&m, hp);
+            if self
+                .dp
+                .services
+                .get(&key, 0)
+                .is_ok_and(|v| v.container_id == c.id)
+            {
+                let _ = self.dp.services.remove(&key);
+            }
+        }
+        tracing::info!(container = %name, publish = %m, "port unpublished");
+        Ok(self.info(&c))
+    }
+
     /// Deletes a container; deleting an absent one succeeds.
     pub async fn del(&mut self, name: &str) -> Result<(), AgentError> {
         let Some(c) = self.state.containers.get(name).cloned() else {

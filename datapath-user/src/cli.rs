@@ -126,6 +126,22 @@ pub enum ContainerCmd {
         #[arg(long = "publish", short = 'p')]
         publish: Vec<String>,
     },
+    /// Publish more ports of a running container.
+    Publish {
+        /// Container name.
+        name: String,
+        /// Ports like docker -p: [IP:]HOST[-END]:CONTAINER[-END][/tcp|/udp].
+        #[arg(required = true)]
+        specs: Vec<String>,
+    },
+    /// Stop publishing ports of a container (its established flows go on).
+    Unpublish {
+        /// Container name.
+        name: String,
+        /// Ports as they were published.
+        #[arg(required = true)]
+        specs: Vec<String>,
+    },
     /// Remove a container's network (succeeds if it is already gone).
     Del {
         /// Container name.
@@ -319,6 +335,20 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 "{} {} via {} ({})",
                 info.name, info.addr, info.gateway, info.host_ifname
             );
+            Ok(())
+        }
+        Command::Container(ContainerCmd::Publish { name, specs }) => {
+            for spec in specs {
+                let info = client.publish(&name, &spec).await?;
+                println!("{} publishes {}", info.name, info.publish.join(","));
+            }
+            Ok(())
+        }
+        Command::Container(ContainerCmd::Unpublish { name, specs }) => {
+            for spec in specs {
+                let info = client.unpublish(&name, &spec).await?;
+                println!("{} publishes {}", info.name, info.publish.join(","));
+            }
             Ok(())
         }
         Command::Container(ContainerCmd::Del { name }) => {
