@@ -7,6 +7,7 @@ use datapath_common::{CONFIG_F_SNAT, CtEntry, EndpointKey, NodeAddrKey, Stat, ct
 use crate::{
     conntrack,
     ctx::Packet,
+    icmp,
     maps::{self, ENDPOINTS, NODE_ADDRS},
     nat,
     parse::{self, L4, Parsed},
@@ -62,25 +63,12 @@ pub fn process(ctx: &mut TcContext) -> Verdict {
     // dropped before it can create a flow.
     let expiring = flow.ttl <= 1;
     if flow.l4 == L4::IcmpError {
-        return match conntrack::lookup_icmp_error(ctx, &flow) {
-            Some((quoted, ct))
-                if ct.action == ct_action::REV_DNAT || ct.action == ct_action::SNAT =>
-            {
-                if expiring {
-                    return Verdict::Drop(Stat::DropTtlExceeded);
-                }
-                if nat::rewrite_icmp_error(ctx, &flow, &quoted, true, ct.nat_addr, ct.nat_port)
-                    .is_err()
-                    || nat::decrement_ttl(ctx).is_err()
-                {
-                    return Verdict::Drop(Stat::DropHelperFailed);
-                }
-                maps::count(Stat::IcmpErrorTranslated);
-                Verdict::ToUplink {
-                    ifindex: ct.ifindex,
-                }
-            }
-            _ => Verdict::Pass,
+        return match icmp::translate(ctx, &flow, true, [ct_action::REV_DNAT, ct_action::SNAT]) {
+            icmp::Outcome::NotOurs => Verdict::Pass,
+            icmp::Outcome::Drop(stat) => Verdict::Drop(stat),
+            icmp::Outcome::Forward(ct) => Verdict::ToUplink {
+                ifindex: ct.ifindex,
+            },
         };
     }
 
