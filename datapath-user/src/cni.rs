@@ -891,6 +891,41 @@ mod tests {
     }
 
     #[test]
+    fn the_example_conflists_are_valid_for_an_agent_with_the_default_pool() {
+        let examples = [
+            include_str!("../../examples/cni/podman.conflist"),
+            include_str!("../../examples/cni/containerd.conflist"),
+            include_str!("../../examples/cni/kubernetes.conflist"),
+        ];
+        for text in examples {
+            let list: serde_json::Value = serde_json::from_str(text).expect("valid JSON");
+            let plugins = list["plugins"].as_array().expect("a plugin list");
+            assert_eq!(plugins.len(), 1, "{list}");
+            assert_eq!(plugins[0]["type"], "datapath-cni");
+            // What a runtime hands the plugin: the plugin object with the
+            // list's version and name.
+            let mut request = plugins[0].clone();
+            request["cniVersion"] = list["cniVersion"].clone();
+            request["name"] = list["name"].clone();
+            let conf = NetConf::parse(request.to_string().as_bytes())
+                .unwrap_or_else(|e| panic!("{e}: {text}"));
+            assert!(types::is_supported(&conf.cni_version));
+            assert_eq!(
+                conf.agent_socket(),
+                PathBuf::from(config::DEFAULT_AGENT_SOCKET)
+            );
+            conf.check_ipam(
+                "10.88.0.0/16".parse().expect("pool"),
+                Ipv4Addr::new(10, 88, 0, 1),
+            )
+            .unwrap_or_else(|e| panic!("{e}: {text}"));
+            for v in list["cniVersions"].as_array().into_iter().flatten() {
+                assert!(types::is_supported(v.as_str().unwrap_or_default()), "{v}");
+            }
+        }
+    }
+
+    #[test]
     fn a_chained_result_keeps_the_previous_interfaces() {
         let prev = Success {
             cni_version: "1.0.0".into(),

@@ -392,11 +392,14 @@ impl NetConf {
     /// The cgroup the rate limits apply to, relative to the cgroup2 mount:
     /// `runtimeConfig.cgroupPath`, else the `cgroup` template with the
     /// container id filled in.
+    /// A systemd slice name (what runtimes using the systemd cgroup driver
+    /// pass, e.g. `kubepods-burstable-pod1.slice`) becomes its path.
     pub fn cgroup(&self, container_id: &str) -> Option<String> {
         self.runtime_config
             .cgroup_path
-            .clone()
+            .as_deref()
             .filter(|p| !p.is_empty())
+            .map(expand_slice)
             .or_else(|| {
                 self.cgroup
                     .as_ref()
@@ -527,6 +530,33 @@ impl NetConf {
             Some(list) => Ok(list.iter().flatten().cloned().collect()),
         }
     }
+}
+
+/// Expands a systemd slice name to its cgroup path the way systemd nests
+/// slices: `a-b-c.slice` is `/a.slice/a-b.slice/a-b-c.slice`, `-.slice` the
+/// root. Anything else (a path) is returned unchanged.
+pub fn expand_slice(cgroup: &str) -> String {
+    let Some(stem) = cgroup.strip_suffix(".slice") else {
+        return cgroup.to_owned();
+    };
+    if cgroup.contains('/') {
+        return cgroup.to_owned();
+    }
+    if stem == "-" {
+        return "/".to_owned();
+    }
+    let mut path = String::new();
+    let mut prefix = String::new();
+    for part in stem.split('-').filter(|p| !p.is_empty()) {
+        if !prefix.is_empty() {
+            prefix.push('-');
+        }
+        prefix.push_str(part);
+        path.push('/');
+        path.push_str(&prefix);
+        path.push_str(".slice");
+    }
+    path
 }
 
 /// One direction's limit: both zero is none; one without the other is an
@@ -752,6 +782,24 @@ mod tests {
             Some("/kubepods/pod1")
         );
         assert_eq!(conf(base()).expect("valid").cgroup("abc"), None);
+    }
+
+    #[test]
+    fn systemd_slices_expand_to_their_paths() {
+        assert_eq!(
+            expand_slice("kubepods-burstable-pod1_2.slice"),
+            "/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod1_2.slice"
+        );
+        assert_eq!(expand_slice("machine.slice"), "/machine.slice");
+        assert_eq!(expand_slice("-.slice"), "/");
+        assert_eq!(expand_slice("/kubepods/pod1"), "/kubepods/pod1");
+        assert_eq!(expand_slice("/a.slice/b.slice"), "/a.slice/b.slice");
+        let mut v = base();
+        v["runtimeConfig"] = json!({"cgroupPath": "kubepods-pod9.slice"});
+        assert_eq!(
+            conf(v).expect("valid").cgroup("x").as_deref(),
+            Some("/kubepods.slice/kubepods-pod9.slice")
+        );
     }
 
     #[test]
