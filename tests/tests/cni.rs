@@ -606,6 +606,34 @@ fn bad_configurations_get_the_specifications_error_codes() {
 }
 
 #[test]
+fn add_refuses_an_interface_name_the_container_already_has() {
+    let node = Node::new();
+    let agent = Agent::start(&node);
+    let plugin = Plugin::new(&agent, "dpnet", "1.1.0");
+    let ctr = node.add_container_netns("taken");
+    ctr.exec_ok("ip", ["link", "add", "eth0", "type", "bridge"]);
+    let id = container_id("taken");
+    let e = plugin.exec("ADD", &id, Some(&ctr), &plugin.conf).err(999);
+    assert!(
+        e["details"].as_str().unwrap_or_default().contains("eth0"),
+        "{e:#}"
+    );
+    assert!(containers(&agent).is_empty());
+    let eth0 = ctr.exec_ok("ip", ["-d", "-o", "link", "show", "dev", "eth0"]);
+    assert!(
+        eth0.contains("bridge"),
+        "the existing eth0 was replaced: {eth0}"
+    );
+    // The runtime's DEL after the failed ADD succeeds and leaves it alone.
+    plugin.exec("DEL", &id, Some(&ctr), &plugin.conf).ok();
+    let eth0 = ctr.exec_ok("ip", ["-d", "-o", "link", "show", "dev", "eth0"]);
+    assert!(
+        eth0.contains("bridge"),
+        "DEL removed a link it did not make: {eth0}"
+    );
+}
+
+#[test]
 fn an_agent_that_is_down_means_try_again_later() {
     let node = Node::new();
     let mut agent = Agent::start(&node);
