@@ -486,3 +486,44 @@ fn podman_replacing_a_container_hands_it_a_udp_client_that_kept_sending() {
     podman.ok(["rm", "-f", "-t", "0", &name]);
     assert!(containers(&agent).is_empty());
 }
+
+/// Waits up to 10 s for the agent to hold `n` containers.
+fn wait_for_containers(agent: &Agent, n: usize) -> Vec<Value> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let list = containers(agent);
+        if list.len() == n || Instant::now() > deadline {
+            return list;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn a_podman_container_that_exits_is_detached_and_reattached_on_start() {
+    let node = Node::new();
+    let agent = Agent::start(&node);
+    let podman = Podman::new(&agent, "dpnet", &json!({}));
+    let name = format!("{}{}-exit", names::PREFIX, node.id());
+    // Exits at once the first time, stays up when started again.
+    let script = "/bin/busybox test -e /tmp/started && exec /bin/busybox sleep 60; \
+                  /bin/busybox touch /tmp/started";
+    podman.run_container(
+        &name,
+        "dpnet",
+        "8085:80",
+        &["/bin/busybox", "sh", "-c", script],
+    );
+    // podman's cleanup process runs DEL once the container exits, with
+    // whatever environment conmon gives it.
+    let left = wait_for_containers(&agent, 0);
+    assert!(left.is_empty(), "still attached after exiting: {left:#?}");
+    let state = podman.ok(["inspect", &name, "--format", "{{.State.Status}}"]);
+    assert_eq!(state, "exited");
+    podman.ok(["start", &name]);
+    let list = containers(&agent);
+    assert_eq!(list.len(), 1, "{list:#?}");
+    assert_eq!(list[0]["publish"], json!(["8085:80/tcp"]));
+    podman.ok(["rm", "-f", "-t", "0", &name]);
+    assert!(containers(&agent).is_empty());
+}
