@@ -692,13 +692,11 @@ impl<'c> Plugin<'c> {
 
     /// `STATUS`: the agent answers and has a free address.
     async fn status(&self) -> Result<(), CniError> {
-        let (status, pool) = self.agent_status().await.map_err(|e| {
-            if e.code == code::TRY_AGAIN_LATER {
-                CniError::new(code::NOT_AVAILABLE, e.msg, e.details)
-            } else {
-                e
-            }
-        })?;
+        // Whatever keeps the agent from answering, ADD cannot succeed.
+        let (status, pool) = self
+            .agent_status()
+            .await
+            .map_err(|e| CniError::new(code::NOT_AVAILABLE, e.msg, e.details))?;
         // Host addresses of the pool, minus the gateway.
         let hosts: u64 = match pool.prefix_len() {
             32 => 1,
