@@ -373,23 +373,21 @@ impl<'c> Plugin<'c> {
         let netns = params.netns()?;
         let publish = self.conf.port_mappings()?;
         let limits = self.conf.limits()?;
-        if !limits.is_empty() {
-            return Err(CniError::unsupported(
-                "bandwidth",
-                format!("{limits:?}"),
-                "this agent has no rate limiter",
-            ));
-        }
+        let cgroup = self.conf.cgroup(container_id);
         let prev = self.conf.prev_result()?;
         let (status, pool) = self.agent_status().await?;
         self.conf.check_ipam(pool, status.gateway)?;
         let name = self.name(container_id, ifname);
-        let request = AddContainer {
-            name: name.clone(),
-            netns: netns.to_owned(),
-            ifname: Some(ifname.to_owned()),
-            publish: publish.iter().map(ToString::to_string).collect(),
-        };
+        let request = add_request(
+            AddContainer {
+                name: name.clone(),
+                netns: netns.to_owned(),
+                ifname: Some(ifname.to_owned()),
+                publish: publish.iter().map(ToString::to_string).collect(),
+            },
+            &limits,
+            cgroup,
+        )?;
         let info = call(
             &format!("attach container {container_id} ({name})"),
             self.client.add_container(&request),
@@ -718,6 +716,47 @@ impl<'c> Plugin<'c> {
     }
 }
 
+/// The agent request for an attachment with rate limits `limits` on cgroup
+/// `cgroup`.
+///
+/// The limits travel under the agent API's field names (`cgroup`,
+/// `ingress_rate`, `ingress_burst`, `egress_rate`, `egress_burst`, in tc's
+/// units), set through JSON: an [`AddContainer`] without those fields
+/// refuses them, and the attachment fails with code 2 instead of running
+/// without its limits.
+pub fn add_request(
+    base: AddContainer,
+    limits: &config::Limits,
+    cgroup: Option<String>,
+) -> Result<AddContainer, CniError> {
+    if limits.is_empty() {
+        return Ok(base);
+    }
+    let Some(cgroup) = cgroup else {
+        return Err(CniError::config(
+            "rate limits apply to the container's cgroup: declare the cgroupPath capability \
+             (containerd and CRI-O pass it) or set \"cgroup\" in the plugin configuration \
+             (e.g. \"/libpod_parent/libpod-{containerID}\" for podman)",
+        ));
+    };
+    let mut request = serde_json::to_value(&base)
+        .map_err(|e| CniError::failed("cannot build the agent request", e.to_string()))?;
+    request["cgroup"] = cgroup.into();
+    for (dir, limit) in [("ingress", &limits.ingress), ("egress", &limits.egress)] {
+        if let Some(l) = limit {
+            request[format!("{dir}_rate")] = l.rate.clone().into();
+            request[format!("{dir}_burst")] = l.burst.clone().into();
+        }
+    }
+    serde_json::from_value(request).map_err(|e| {
+        CniError::unsupported(
+            "bandwidth",
+            limits,
+            &format!("this build of the datapath cannot limit rates ({e})"),
+        )
+    })
+}
+
 /// Appends this plugin's result to a previous plugin's (renumbering the
 /// interface indexes of its addresses).
 fn merge(prev: Option<Success>, ours: Success) -> Success {
@@ -921,6 +960,36 @@ mod tests {
                 assert!(types::is_supported(v.as_str().unwrap_or_default()), "{v}");
             }
         }
+    }
+
+    fn request() -> AddContainer {
+        AddContainer {
+            name: "cni-x".into(),
+            netns: "/run/netns/x".into(),
+            ifname: Some("eth0".into()),
+            publish: vec!["8080:80/tcp".into()],
+        }
+    }
+
+    #[test]
+    fn without_limits_the_request_is_the_plain_one() {
+        let r = add_request(request(), &config::Limits::default(), Some("/x".into()))
+            .expect("no limits");
+        assert_eq!(r, request());
+    }
+
+    #[test]
+    fn limits_without_a_cgroup_are_an_invalid_config() {
+        let limits = config::Limits {
+            egress: Some(config::Limit {
+                rate: "1000bit".into(),
+                burst: "100b".into(),
+            }),
+            ingress: None,
+        };
+        let e = add_request(request(), &limits, None).expect_err("no cgroup");
+        assert_eq!(e.code, code::INVALID_CONFIG);
+        assert!(e.details.contains("cgroupPath"), "{e}");
     }
 
     #[test]

@@ -18,8 +18,10 @@ use std::{
 
 use datapath_tests::{
     agent::{Agent, datapath_bin},
+    cgroup::Cgroup,
     netns::Netns,
     node::{self, Node},
+    sys,
 };
 use serde_json::{Value, json};
 
@@ -570,6 +572,15 @@ fn bad_configurations_get_the_specifications_error_codes() {
     let mut rate = plugin.conf.clone();
     rate["egressRate"] = json!(1_000_000);
     add(&rate).err(7);
+    // 7: rate limits without a cgroup to apply them to.
+    let no_cgroup = plugin.with_runtime(json!({"bandwidth": {
+        "egressRate": 1_000_000, "egressBurst": 80_000
+    }}));
+    let e = add(&no_cgroup).err(7);
+    assert!(
+        e["details"].as_str().unwrap_or_default().contains("cgroup"),
+        "{e:#}"
+    );
     // 2: a protocol the datapath cannot publish.
     let sctp = plugin.with_runtime(json!({"portMappings": [
         {"hostPort": 8084, "containerPort": 80, "protocol": "sctp"}
@@ -843,4 +854,57 @@ fn a_replaced_container_gets_the_udp_flow_of_a_client_that_kept_sending() {
         "the client that kept sending ({sent} datagrams) never reached the new container:\n{:#}",
         agent.cli_json(["conntrack", "list", "--json"])
     );
+}
+
+#[test]
+#[ignore = "needs rate limiting in main"]
+fn bandwidth_limits_reach_the_agent_and_go_with_del() {
+    let node = Node::new();
+    let agent = Agent::start(&node);
+    let plugin = Plugin::new(&agent, "dpnet", "1.1.0");
+    let ctr = node.add_container_netns("bw");
+    let cgroup = Cgroup::new();
+    let root = sys::cgroup2_root().expect("a cgroup2 hierarchy");
+    let relative = format!(
+        "/{}",
+        cgroup
+            .path()
+            .strip_prefix(&root)
+            .expect("under the cgroup2 root")
+            .display()
+    );
+    let conf = plugin.with_runtime(json!({
+        "bandwidth": {
+            "ingressRate": 8_000_000, "ingressBurst": 800_000,
+            "egressRate": 4_000_000, "egressBurst": 400_000,
+        },
+        "cgroupPath": relative,
+    }));
+    let id = container_id("bw");
+    let result = plugin.add(&id, &ctr, &conf);
+    let list = containers(&agent);
+    assert_eq!(list.len(), 1, "{list:#?}");
+    let info = &list[0];
+    for key in [
+        "ingress_rate",
+        "ingress_burst",
+        "egress_rate",
+        "egress_burst",
+    ] {
+        assert!(
+            info.get(key).is_some_and(|v| !v.is_null()),
+            "the agent reports no {key}: {info:#}"
+        );
+    }
+    assert!(
+        info.to_string().contains(&relative),
+        "the agent reports another cgroup than {relative}: {info:#}"
+    );
+    plugin
+        .exec("CHECK", &id, Some(&ctr), &Plugin::with_prev(&conf, &result))
+        .ok();
+    plugin
+        .exec("DEL", &id, Some(&ctr), &Plugin::with_prev(&conf, &result))
+        .ok();
+    assert!(containers(&agent).is_empty());
 }

@@ -247,6 +247,23 @@ impl Limits {
     }
 }
 
+impl std::fmt::Display for Limits {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let parts: Vec<String> = [("ingress", &self.ingress), ("egress", &self.egress)]
+            .into_iter()
+            .filter_map(|(dir, l)| {
+                l.as_ref()
+                    .map(|l| format!("{dir} {} burst {}", l.rate, l.burst))
+            })
+            .collect();
+        if parts.is_empty() {
+            f.write_str("no limits")
+        } else {
+            f.write_str(&parts.join(", "))
+        }
+    }
+}
+
 /// Whether `name` is a valid network name or container id: an
 /// alphanumeric character, then alphanumerics, `_`, `.` or `-`.
 pub fn is_valid_identifier(name: &str) -> bool {
