@@ -3,11 +3,19 @@
 //!
 //! The plugin is a thin client of the running agent: `ADD` asks the agent
 //! for a container (veth pair, address from the agent's pool, routes,
-//! published ports) and prints the CNI result; `DEL` removes it (map
-//! entries and conntrack entries with it); `CHECK` compares what the agent
-//! and the kernel hold with the `prevResult`; `GC` removes the network's
-//! attachments the runtime no longer knows; `STATUS` asks whether the agent
-//! can take more; `VERSION` lists the supported versions (1.0.0, 1.1.0).
+//! published ports from `runtimeConfig.portMappings`, rate limits from the
+//! plugin's `ingressRate`/`egressRate`/... keys or `runtimeConfig.bandwidth`
+//! on the container's cgroup) and prints the CNI result; `DEL` removes it
+//! (map entries and conntrack entries with it); `CHECK` compares what the
+//! agent and the kernel hold (interface, address, routes, host veth,
+//! published ports) with the `prevResult` and the configuration; `GC`
+//! removes the network's attachments the runtime no longer knows; `STATUS`
+//! asks whether the agent can take more; `VERSION` lists the supported
+//! versions (1.0.0, 1.1.0).
+//!
+//! The agent allocates every address: an `ipam` section may only restate
+//! the agent's pool (see [`config::NetConf::check_ipam`]); no IPAM plugin
+//! is executed.
 //!
 //! The agent's socket comes from the network configuration (`agentSocket`,
 //! default [`config::DEFAULT_AGENT_SOCKET`]), never from the environment:
