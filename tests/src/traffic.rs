@@ -62,6 +62,13 @@ impl Server {
         Self::start(ns, port, name, Kind::UdpEcho)
     }
 
+    /// A TCP echo server on `0.0.0.0:port` in `ns`: every connection gets
+    /// back what it sends until it closes; connections are served at once,
+    /// each on its own thread.
+    pub fn tcp_echo(ns: &Netns, port: u16, name: &str) -> Self {
+        Self::start(ns, port, name, Kind::TcpEcho)
+    }
+
     /// A UDP sink on `0.0.0.0:port` in `ns`: datagrams are recorded, never
     /// answered.
     pub fn udp_sink(ns: &Netns, port: u16, name: &str) -> Self {
@@ -78,13 +85,14 @@ impl Server {
             ns.spawn_thread(move || {
                 let r = match kind {
                     Kind::Http => serve_http(port, &label, &stop, &peers, &ready_tx),
+                    Kind::TcpEcho => serve_tcp_echo(port, &stop, &peers, &ready_tx),
                     Kind::UdpEcho => serve_udp(port, Some(&label), &stop, &peers, &ready_tx),
                     Kind::UdpSink => serve_udp(port, None, &stop, &peers, &ready_tx),
                 };
+                // Setup errors reach the caller through the channel; this
+                // one ended the server while it served.
                 if let Err(e) = r {
-                    // Setup errors reach the caller through the channel;
-                    // this one happened while serving.
-                    let _ = ready_tx.send(Err(e));
+                    eprintln!("warning: server {label} stopped: {e}");
                 }
             })
         };
@@ -145,6 +153,7 @@ impl Drop for Server {
 #[derive(Clone, Copy, Debug)]
 enum Kind {
     Http,
+    TcpEcho,
     UdpEcho,
     UdpSink,
 }
@@ -222,6 +231,73 @@ fn answer_http(mut conn: TcpStream, peer: SocketAddrV4, label: &str) -> io::Resu
     );
     conn.write_all(resp.as_bytes())?;
     conn.flush()
+}
+
+fn serve_tcp_echo(
+    port: u16,
+    stop: &Arc<AtomicBool>,
+    peers: &Mutex<Vec<SocketAddrV4>>,
+    ready: &mpsc::Sender<io::Result<()>>,
+) -> io::Result<()> {
+    let listener = match TcpListener::bind((Ipv4Addr::UNSPECIFIED, port)) {
+        Ok(l) => l,
+        Err(e) => {
+            let _ = ready.send(Err(e));
+            return Ok(());
+        }
+    };
+    listener.set_nonblocking(true)?;
+    let _ = ready.send(Ok(()));
+    let mut conns = Vec::new();
+    while !stop.load(Ordering::Relaxed) {
+        let (conn, peer) = match listener.accept() {
+            Ok(c) => c,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                std::thread::sleep(POLL);
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        record(peers, v4(peer));
+        let stop = stop.clone();
+        // The socket belongs to this namespace already: the thread needs
+        // no setns.
+        conns.push(std::thread::spawn(move || echo_conn(conn, &stop)));
+    }
+    for c in conns {
+        let _ = c.join();
+    }
+    Ok(())
+}
+
+fn echo_conn(mut conn: TcpStream, stop: &AtomicBool) -> io::Result<()> {
+    conn.set_nonblocking(false)?;
+    conn.set_read_timeout(Some(POLL * 10))?;
+    conn.set_write_timeout(Some(IO_TIMEOUT))?;
+    let mut buf = [0u8; 4096];
+    while !stop.load(Ordering::Relaxed) {
+        match conn.read(&mut buf) {
+            Ok(0) => return Ok(()),
+            Ok(n) => conn.write_all(&buf[..n])?,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Writes `msg` on `s` and reads back exactly as many bytes (an echo).
+pub fn echo_exchange(s: &mut TcpStream, msg: &[u8]) -> io::Result<Vec<u8>> {
+    s.set_read_timeout(Some(IO_TIMEOUT))?;
+    s.set_write_timeout(Some(IO_TIMEOUT))?;
+    s.write_all(msg)?;
+    let mut back = vec![0u8; msg.len()];
+    s.read_exact(&mut back)?;
+    Ok(back)
 }
 
 fn serve_udp(
