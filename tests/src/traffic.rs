@@ -355,7 +355,9 @@ pub fn http_get(ns: &Netns, addr: SocketAddr, path: &str) -> io::Result<String> 
 pub fn http_exchange(s: &mut TcpStream, addr: SocketAddr, path: &str) -> io::Result<String> {
     s.set_read_timeout(Some(IO_TIMEOUT))?;
     s.set_write_timeout(Some(IO_TIMEOUT))?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    // One write: `write!` would send every formatted piece on its own.
+    let req = format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n");
+    s.write_all(req.as_bytes())?;
     let mut resp = String::new();
     s.read_to_string(&mut resp)?;
     let (head, body) = resp.split_once("\r\n\r\n").ok_or_else(|| {

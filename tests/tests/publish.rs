@@ -549,3 +549,130 @@ fn udp_to_a_published_port_without_a_listener_gets_connection_refused() {
         agent.cli_json(["status", "--json"])["counters"]
     );
 }
+
+/// The sandbox binary, with the agent binary the tests use.
+fn sandbox() -> std::process::Command {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_sandbox"));
+    cmd.env("DATAPATH_BIN", datapath_tests::agent::datapath_bin())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    cmd
+}
+
+/// Reads `child`'s stdout on a thread, line by line, into a channel.
+fn lines_of(child: &mut std::process::Child) -> std::sync::mpsc::Receiver<String> {
+    use std::io::BufRead;
+    let stdout = child.stdout.take().expect("piped stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+/// Waits up to `timeout` for `child` to exit; kills it after that.
+fn wait_bounded(child: &mut std::process::Child, timeout: Duration) -> std::process::ExitStatus {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait().expect("wait for the sandbox") {
+            return status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the sandbox did not exit within {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The node id from the sandbox's first line (`node: client dpt-<id>-cl …`).
+fn sandbox_node_id(output: &str) -> String {
+    output
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("dpt-")?.strip_suffix("-cl"))
+        .unwrap_or_else(|| panic!("no client namespace named in:\n{output}"))
+        .to_owned()
+}
+
+#[test]
+fn sandbox_once_shows_answers_through_published_ports_and_cleans_up() {
+    let mut child = sandbox().arg("--once").spawn().expect("start the sandbox");
+    let rx = lines_of(&mut child);
+    let status = wait_bounded(&mut child, Duration::from_secs(60));
+    // The reader ends at the end of the sandbox's output.
+    let mut lines = Vec::new();
+    while let Ok(line) = rx.recv_timeout(Duration::from_secs(5)) {
+        lines.push(line);
+    }
+    let out = lines.join("\n");
+    let mut err = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        use std::io::Read;
+        let _ = e.read_to_string(&mut err);
+    }
+    assert!(status.success(), "sandbox failed ({status}):\n{out}\n{err}");
+    for expected in [
+        "GET http://198.18.0.2:8080/  ->  200 web1 port 80: hello 198.18.0.1:",
+        "GET http://198.18.0.2:8081/  ->  200 web2 port 80: hello 198.18.0.1:",
+        "UDP 198.18.0.2:5353 \"hello over udp\"  ->  \"web2 port 53: hello over udp\"",
+        "$ datapath container list",
+        "8081:80/tcp,5353:53/udp",
+        "$ datapath conntrack list",
+        "$ bpftool map dump pinned",
+        "\"backend_port\": 53",
+    ] {
+        assert!(out.contains(expected), "no {expected:?} in:\n{out}");
+    }
+    let id = sandbox_node_id(&out);
+    assert_eq!(
+        datapath_tests::leaks::leftovers_of(&id),
+        Vec::<String>::new(),
+        "the sandbox left things behind"
+    );
+}
+
+#[test]
+fn sandbox_cleans_up_on_sigint() {
+    let mut child = sandbox().spawn().expect("start the sandbox");
+    let rx = lines_of(&mut child);
+    let mut out = String::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !out.contains("Ctrl-C cleans everything up") {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) => {
+                out.push_str(&line);
+                out.push('\n');
+            }
+            Err(e) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("the sandbox never became ready ({e}):\n{out}");
+            }
+        }
+    }
+    let id = sandbox_node_id(&out);
+    assert!(
+        !datapath_tests::leaks::leftovers_of(&id).is_empty(),
+        "the running sandbox's namespaces carry {id}"
+    );
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).expect("pid"));
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).expect("SIGINT");
+    let status = wait_bounded(&mut child, Duration::from_secs(30));
+    assert!(
+        status.success(),
+        "the sandbox exits cleanly on SIGINT: {status}"
+    );
+    assert_eq!(
+        datapath_tests::leaks::leftovers_of(&id),
+        Vec::<String>::new(),
+        "the sandbox left things behind after SIGINT"
+    );
+}
