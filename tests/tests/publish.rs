@@ -200,6 +200,36 @@ fn two_containers_with_different_published_ports_are_each_reached() {
 }
 
 #[test]
+fn wildcard_ports_answer_on_every_node_address_specific_ones_on_theirs_only() {
+    let node = Node::new();
+    let second = Ipv4Addr::new(198, 18, 0, 3);
+    node.node
+        .exec_ok("ip", ["addr", "add", "198.18.0.3/24", "dev", "up0"]);
+    let ctr = node.add_container_netns("web");
+    let agent = Agent::start(&node);
+    let st = agent.cli_json(["status", "--json"]);
+    assert_eq!(
+        st["uplink"]["node_addrs"],
+        serde_json::json!(["198.18.0.2", "198.18.0.3"]),
+        "{st:#}"
+    );
+    let _any = Server::http(&ctr, 80, "any");
+    let _one = Server::http(&ctr, 81, "one");
+    add(&agent, "web", &ctr, &["8080:80", "198.18.0.3:9000:81"]);
+    for addr in [node.node_addr(), second] {
+        let body = http_get(&node.client, SocketAddr::from((addr, 8080)), "/")
+            .unwrap_or_else(|e| panic!("GET {addr}:8080: {e}"));
+        assert!(body.starts_with("any port 80:"), "{addr}: {body:?}");
+    }
+    let body = http_get(&node.client, SocketAddr::from((second, 9000)), "/").expect("GET .3:9000");
+    assert!(body.starts_with("one port 81:"), "{body:?}");
+    assert!(
+        tcp_connect(&node.client, node_port(&node, 9000), Duration::from_secs(2)).is_err(),
+        "9000 is published on 198.18.0.3 only"
+    );
+}
+
+#[test]
 fn a_published_port_range_maps_each_host_port_to_its_container_port() {
     let node = Node::new();
     let ctr = node.add_container_netns("rng");
