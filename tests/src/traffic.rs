@@ -13,7 +13,7 @@
 //! let web = Server::http(&node.node, 8080, "web");
 //! let body = http_get(&node.client, SocketAddr::from((node.node_addr(), 8080)), "/").unwrap();
 //! assert!(body.starts_with("web"));
-//! assert_eq!(web.peers()[0].ip(), node.client_addr());
+//! assert_eq!(*web.peers()[0].ip(), node.client_addr());
 //! ```
 
 use std::{
