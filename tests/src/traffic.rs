@@ -120,7 +120,8 @@ impl Server {
         self.addr.port()
     }
 
-    /// The peers of every request answered (or datagram received) so far.
+    /// The peers of every request (HTTP: complete request; TCP echo:
+    /// connection; UDP: datagram) received so far.
     pub fn peers(&self) -> Vec<SocketAddrV4> {
         self.peers.lock().map(|p| p.clone()).unwrap_or_default()
     }
@@ -199,16 +200,18 @@ fn serve_http(
             }
             Err(e) => return Err(e),
         };
-        let peer = v4(peer);
         // A client that misbehaves only costs its own request.
-        if answer_http(conn, peer, label).is_ok() {
-            record(peers, peer);
-        }
+        let _ = answer_http(conn, v4(peer), label, peers);
     }
     Ok(())
 }
 
-fn answer_http(mut conn: TcpStream, peer: SocketAddrV4, label: &str) -> io::Result<()> {
+fn answer_http(
+    mut conn: TcpStream,
+    peer: SocketAddrV4,
+    label: &str,
+    peers: &Mutex<Vec<SocketAddrV4>>,
+) -> io::Result<()> {
     conn.set_nonblocking(false)?;
     conn.set_read_timeout(Some(IO_TIMEOUT))?;
     conn.set_write_timeout(Some(IO_TIMEOUT))?;
@@ -224,6 +227,9 @@ fn answer_http(mut conn: TcpStream, peer: SocketAddrV4, label: &str) -> io::Resu
         }
         req.extend_from_slice(&buf[..n]);
     }
+    // Recorded before answering: a client holding the answer finds its
+    // request recorded.
+    record(peers, peer);
     let body = format!("{label}: hello {peer}\n");
     let resp = format!(
         "HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
