@@ -663,7 +663,6 @@ fn time_exceeded_from_a_router_beyond_the_node_reaches_the_container() {
 }
 
 #[test]
-#[ignore = "bug: container_tc drops TTL-expiring egress (drop_ttl_exceeded) instead of letting the node answer time exceeded"]
 fn time_exceeded_from_the_gateway_reaches_the_container() {
     // traceroute's first hop: a router answers a datagram whose TTL
     // expires on it with time exceeded from its own address; the node is
