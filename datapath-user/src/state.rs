@@ -164,7 +164,6 @@ impl StateStore {
         f.sync_all().map_err(io_err("fsync", &tmp))?;
         drop(f);
         fs::rename(&tmp, &path).map_err(io_err("rename", &path))
-
     }
 }
 
