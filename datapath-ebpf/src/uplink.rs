@@ -9,6 +9,7 @@ use datapath_common::{
 use crate::{
     conntrack,
     ctx::Packet,
+    icmp,
     maps::{self, NODE_ADDRS, SERVICES},
     nat,
     parse::{self, FrameLen, L4, Parsed},
@@ -77,26 +78,13 @@ pub fn process<C: Packet + FrameLen>(ctx: &mut C) -> Verdict {
     // dropped before it can create a flow.
     let expiring = flow.ttl <= 1;
     if flow.l4 == L4::IcmpError {
-        return match conntrack::lookup_icmp_error(ctx, &flow) {
-            Some((quoted, ct))
-                if ct.action == ct_action::DNAT || ct.action == ct_action::REV_SNAT =>
-            {
-                if expiring {
-                    return Verdict::Drop(Stat::DropTtlExceeded);
-                }
-                if nat::rewrite_icmp_error(ctx, &flow, &quoted, false, ct.nat_addr, ct.nat_port)
-                    .is_err()
-                    || nat::decrement_ttl(ctx).is_err()
-                {
-                    return Verdict::Drop(Stat::DropHelperFailed);
-                }
-                maps::count(Stat::IcmpErrorTranslated);
-                Verdict::ToContainer {
-                    ifindex: ct.ifindex,
-                    addr: ct.nat_addr,
-                }
-            }
-            _ => Verdict::Pass,
+        return match icmp::translate(ctx, &flow, false, [ct_action::DNAT, ct_action::REV_SNAT]) {
+            icmp::Outcome::NotOurs => Verdict::Pass,
+            icmp::Outcome::Drop(stat) => Verdict::Drop(stat),
+            icmp::Outcome::Forward(ct) => Verdict::ToContainer {
+                ifindex: ct.ifindex,
+                addr: ct.nat_addr,
+            },
         };
     }
 

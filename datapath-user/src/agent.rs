@@ -863,19 +863,17 @@ impl Agent {
         .map_err(|e| internal("flush conntrack")(e.to_string()))
     }
 
-    /// Collects expired flows.
-    pub fn gc(&mut self) -> usize {
-        match conntrack::gc(
-            &mut self.dp.conntrack,
-            &self.cfg.timeouts,
-            conntrack::now_ns(),
-        ) {
-            Ok(n) => n,
-            Err(e) => {
-                tracing::warn!("conntrack gc: {e}");
-                0
-            }
-        }
+    /// A collector of expired flows with its own handle on the conntrack
+    /// map, so that scanning a large table never holds up API requests.
+    pub fn collector(&self) -> Result<conntrack::Collector, BpfError> {
+        conntrack::Collector::open(
+            &self.cfg.bpffs_dir.join("maps").join(names::CONNTRACK),
+            self.cfg.timeouts,
+        )
+        .map_err(|source| BpfError::Map {
+            name: names::CONNTRACK,
+            source,
+        })
     }
 
     /// Counters summed over CPUs.

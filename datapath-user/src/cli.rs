@@ -211,15 +211,16 @@ pub async fn run_agent(args: &AgentArgs, socket: PathBuf) -> anyhow::Result<()> 
         tokio::spawn(forward_kernel_logs(logger));
     }
     let gc_every = agent.gc_interval();
+    let mut collector = agent.collector()?;
     let agent = Arc::new(tokio::sync::Mutex::new(agent));
-    let gc_agent = agent.clone();
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(gc_every);
+    // A plain thread: the runtime would wait for a blocking task at exit.
+    std::thread::spawn(move || {
         loop {
-            tick.tick().await;
-            let n = gc_agent.lock().await.gc();
-            if n > 0 {
-                tracing::debug!(removed = n, "conntrack gc");
+            std::thread::sleep(gc_every);
+            match collector.collect() {
+                Ok(0) => {}
+                Ok(n) => tracing::debug!(removed = n, "conntrack gc"),
+                Err(e) => tracing::warn!("conntrack gc: {e}"),
             }
         }
     });
