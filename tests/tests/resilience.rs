@@ -869,6 +869,7 @@ fn an_orphaned_published_port_in_the_map_is_removed_on_the_next_start() {
 }
 
 #[test]
+#[ignore = "needs the stale link pin of a vanished veth dropped before it is recreated (fix 1 of the issue-8 report)"]
 fn a_container_whose_veth_was_deleted_is_recreated_on_the_next_start() {
     let node = Node::new();
     let ctr = node.add_container_netns("web");
@@ -967,6 +968,63 @@ fn a_corrupt_state_file_stops_the_agent_with_a_message_naming_it() {
         );
     }
     // Put back, the agent starts and has its container.
+    std::fs::write(&path, &whole).expect("restore the state");
+    agent.restart();
+    assert_eq!(container(&agent, "web").name, "web");
+}
+
+#[test]
+#[ignore = "needs the state file's values checked on load (fix 5 of the issue-8 report)"]
+fn a_state_file_with_impossible_values_stops_the_agent_with_a_message_naming_it() {
+    let node = Node::new();
+    let ctr = node.add_container_netns("web");
+    let mut agent = Agent::start(&node);
+    agent.cli_ok([
+        "container",
+        "add",
+        "web",
+        "--netns",
+        ctr.name(),
+        "-p",
+        "8080:80",
+    ]);
+    agent.kill();
+    let path = agent.state_dir().join("state.json");
+    let whole = std::fs::read(&path).expect("state file");
+    type Edit = fn(&mut serde_json::Value);
+    let edits: [(&str, Edit); 4] = [
+        ("no ports", |v| {
+            v["containers"]["web"]["publish"][0]["count"] = 0.into();
+        }),
+        ("a range beyond 65535", |v| {
+            v["containers"]["web"]["publish"][0]["host_port"] = 65535.into();
+            v["containers"]["web"]["publish"][0]["count"] = 2.into();
+        }),
+        ("an id handed out again", |v| {
+            v["next_id"] = 1.into();
+        }),
+        ("a container under another name", |v| {
+            v["containers"]["web"]["name"] = "db".into();
+        }),
+    ];
+    for (what, edit) in edits {
+        std::fs::write(&path, &whole).expect("restore the state");
+        edit_state(&agent, edit);
+        let edited = std::fs::read(&path).expect("state file");
+        let err = agent
+            .try_restart()
+            .expect_err("the agent refuses impossible state");
+        assert!(
+            err.contains(&path.display().to_string()),
+            "{what}: the message names the file: {err}"
+        );
+        assert!(!err.contains("panicked"), "{what}: {err}");
+        assert_eq!(
+            std::fs::read(&path).expect("still there"),
+            edited,
+            "{what}: left for the operator"
+        );
+    }
     std::fs::write(&path, &whole).expect("restore the state");
     agent.restart();
     assert_eq!(container(&agent, "web").name, "web");
@@ -1284,6 +1342,7 @@ fn a_container_cannot_send_from_a_mac_not_its_own() {
 }
 
 #[test]
+#[ignore = "needs anti-spoofing of every IPv4 packet from a container (fix 2 of the issue-8 report)"]
 fn a_container_cannot_spoof_with_other_ip_protocols_or_fragments() {
     let node = Node::new();
     let ctr = node.add_container_netns("app");
@@ -1383,6 +1442,7 @@ fn uplink_traffic_straight_to_a_container_address_is_dropped_and_counted() {
 }
 
 #[test]
+#[ignore = "needs routed flows tracked so that replies are not masqueraded (fix 3 of the issue-8 report)"]
 fn uplink_traffic_reaches_a_container_address_when_direct_routing_is_allowed() {
     let node = Node::new();
     let ctr = node.add_container_netns("web");
@@ -1513,6 +1573,7 @@ fn flow_states(agent: &Agent) -> std::collections::BTreeMap<String, usize> {
 }
 
 #[test]
+#[ignore = "needs a TCP flow established only once its SYN's sender acknowledges (fix 4 of the issue-8 report)"]
 fn the_half_open_flows_of_a_spoofed_syn_flood_expire_like_unanswered_ones() {
     // A spoofed SYN is answered by the container, but its source never
     // completes the handshake: its flow must expire on the short SYN
