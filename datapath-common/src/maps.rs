@@ -224,6 +224,10 @@ pub mod ct_action {
     /// Outside → node reply of a masqueraded flow: rewrite the destination
     /// back to the container.
     pub const REV_SNAT: u8 = 4;
+    /// Uplink → container address, routed unchanged (the operator allowed
+    /// direct routing), and its replies: nothing is rewritten, but the
+    /// container's replies must not be masqueraded.
+    pub const ROUTED: u8 = 5;
 
     /// Whether `action` rewrites the source (else the destination).
     #[inline(always)]
@@ -238,6 +242,7 @@ pub mod ct_action {
             REV_DNAT => "rev-dnat",
             SNAT => "snat",
             REV_SNAT => "rev-snat",
+            ROUTED => "routed",
             _ => "unknown",
         }
     }

@@ -324,6 +324,9 @@ impl Agent {
             },
             Ok(None) => {
                 tracing::warn!(container = %c.name, veth = %c.host_ifname, "veth gone: recreating it");
+                // The link pinned for the vanished veth is defunct (it cannot
+                // take a new program): drop it, attaching makes a fresh one.
+                self.dp.detach_container(&c.host_ifname)?;
                 let link = self.create_link(c).await?;
                 let mac = link.container_mac;
                 if let Some(stored) = self.state.containers.get_mut(&c.name) {

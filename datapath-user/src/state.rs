@@ -65,13 +65,49 @@ pub struct Container {
     pub mac: String,
 }
 
-/// Everything the agent persists.
+/// Everything the agent persists. Deserializing checks what the types
+/// cannot say: every container filed under its own name, ids unique and
+/// below `next_id`, so that no id is handed out twice.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "StateFields")]
 pub struct State {
     /// The next container id to hand out (ids are never reused).
     pub next_id: u32,
     /// Containers by name.
     pub containers: BTreeMap<String, Container>,
+}
+
+/// [`State`]'s fields as stored, before they are checked.
+#[derive(Deserialize)]
+struct StateFields {
+    next_id: u32,
+    containers: BTreeMap<String, Container>,
+}
+
+impl TryFrom<StateFields> for State {
+    type Error = String;
+
+    fn try_from(f: StateFields) -> Result<Self, String> {
+        let mut ids = std::collections::BTreeSet::new();
+        for (name, c) in &f.containers {
+            if *name != c.name {
+                return Err(format!("container {:?} is filed under {name:?}", c.name));
+            }
+            if c.id == 0 || c.id >= f.next_id || !ids.insert(c.id) {
+                return Err(format!(
+                    "container {name:?} has id {}: ids are unique, above 0 and below next_id {}",
+                    c.id, f.next_id
+                ));
+            }
+        }
+        if f.next_id == u32::MAX {
+            return Err("next_id is exhausted".to_owned());
+        }
+        Ok(Self {
+            next_id: f.next_id,
+            containers: f.containers,
+        })
+    }
 }
 
 impl State {

@@ -977,7 +977,6 @@ fn ipv4_fragments_of_a_translated_flow_are_dropped_first_and_passed_later() {
 }
 
 #[test]
-#[ignore = "needs anti-spoofing of every IPv4 packet from a container (fix 2 of the issue-8 report)"]
 fn fragments_and_other_protocols_from_a_container_are_checked_for_spoofing() {
     let mut dp = Datapath::new();
     let own = |f: Frame| f.macs(CTR_MAC, HOST_MAC);
@@ -1116,7 +1115,6 @@ fn single_byte_corruptions_of_the_headers_follow_the_rules_on_the_uplink() {
 }
 
 #[test]
-#[ignore = "needs anti-spoofing of every IPv4 packet from a container (fix 2 of the issue-8 report)"]
 fn single_byte_corruptions_of_the_headers_follow_the_rules_on_a_container_veth() {
     let outcomes = single_byte_sweep(&[Hook::ContainerTc]);
     for kind in [
@@ -1135,7 +1133,6 @@ fn random_multi_byte_corruptions_follow_the_rules_on_the_uplink() {
 }
 
 #[test]
-#[ignore = "needs anti-spoofing of every IPv4 packet from a container (fix 2 of the issue-8 report)"]
 fn random_multi_byte_corruptions_follow_the_rules_on_a_container_veth() {
     random_sweep(&[Hook::ContainerTc]);
 }
