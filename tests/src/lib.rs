@@ -8,7 +8,9 @@
 //!   [`netns`] (one namespace), [`node`] (client, node and containers),
 //!   [`agent`] (the agent running in the node), [`cgroup`] (cgroups for
 //!   the rate limiter), [`lock`] (serialising traffic-heavy tests) and
-//!   [`leaks`] (finding what a test left behind).
+//!   [`leaks`] (finding what a test left behind); [`traffic`] (servers and
+//!   clients of real traffic) and [`inspect`] (bpftool and `ip` views of
+//!   what the agent made).
 //!
 //! Everything a test creates is named with the [`names::PREFIX`] prefix and a
 //! per-process unique id, and removed by a guard's `Drop`.
@@ -16,6 +18,7 @@
 pub mod agent;
 pub mod cgroup;
 pub mod frame;
+pub mod inspect;
 pub mod leaks;
 pub mod lock;
 pub mod names;
@@ -24,3 +27,4 @@ pub mod node;
 pub mod packet;
 pub mod programs;
 pub mod sys;
+pub mod traffic;
