@@ -59,6 +59,8 @@ pub mod programs {
     pub const RATE_EGRESS: &str = "rate_egress";
     /// cgroup_skb ingress on a rate-limited container's cgroup.
     pub const RATE_INGRESS: &str = "rate_ingress";
+    /// sock_ops on a container's cgroup with an egress limit: TCP pacing.
+    pub const RATE_SOCKOPS: &str = "rate_sockops";
 }
 
 /// Default capacities. The agent may size maps differently at load time.
