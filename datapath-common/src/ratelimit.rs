@@ -246,14 +246,26 @@ const fn min(a: u64, b: u64) -> u64 {
     if a < b { a } else { b }
 }
 
-/// The default bucket for a rate when none is given: 4 ms of traffic, at
-/// least 1 MiB. Pacing steers by the backlog, so the bucket must hold a
-/// few GSO packets (up to 64 KiB each) per concurrent TCP sender: about
-/// 128 KiB per sender keeps them within a few percent of the rate, so the
-/// default serves 8. Bursts above the rate only reach senders that are not
-/// paced (UDP), and only as long as the bucket lasts.
-pub fn default_burst(rate_bps: u64) -> u64 {
-    (rate_bps / 8 / 250).clamp(1 << 20, MAX_BURST_BYTES)
+/// The default bucket of a direction's limit when none is given.
+///
+/// * Egress: 4 ms of traffic, at least 1 MiB. Pacing steers by the
+///   backlog, so the bucket must hold a few GSO packets (up to 64 KiB each)
+///   per concurrent TCP sender: about 128 KiB per sender keeps them within
+///   a few percent of the rate, so the default serves 8. Bursts above the
+///   rate only reach senders that are not paced (UDP).
+/// * Ingress: 250 ms of traffic, at least 1 MiB. Ingress is policed (there
+///   is no queue to hold packets in), and a TCP sender on a short path that
+///   overruns a small bucket loses whole flights and waits for its
+///   retransmission timer; a bucket that outlasts the timer keeps the
+///   average at the rate.
+pub fn default_burst(dir: u32, rate_bps: u64) -> u64 {
+    let per_second = rate_bps / 8;
+    let window = if dir == direction::INGRESS {
+        per_second / 4
+    } else {
+        per_second / 250
+    };
+    window.clamp(1 << 20, MAX_BURST_BYTES)
 }
 
 /// What the bucket says about one packet.
@@ -701,6 +713,15 @@ mod tests {
     }
 
     #[test]
+    fn default_buckets_follow_the_rate_within_bounds() {
+        assert_eq!(default_burst(direction::EGRESS, 10_000_000), 1 << 20);
+        assert_eq!(default_burst(direction::EGRESS, 10_000_000_000), 5_000_000);
+        assert_eq!(default_burst(direction::INGRESS, 10_000_000), 1 << 20);
+        assert_eq!(default_burst(direction::INGRESS, 1_000_000_000), 31_250_000);
+        assert_eq!(default_burst(direction::INGRESS, MAX_RATE_BPS), MAX_BURST_BYTES);
+    }
+
+    #[test]
     fn one_paced_sender_gets_the_whole_rate() {
         let l = limit(100_000_000, 1 << 20);
         assert_eq!(l.pacing_rate(SEC), 100_000_000 / 8);
@@ -744,7 +765,7 @@ mod tests {
             (100_000_000, 8),
             (1_000_000_000, 4),
         ] {
-            let (got, over) = paced(rate, default_burst(rate), n, 65_536, 5);
+            let (got, over) = paced(rate, default_burst(direction::EGRESS, rate), n, 65_536, 5);
             let want = rate / 8;
             let err = got.abs_diff(want) as f64 / want as f64;
             assert!(

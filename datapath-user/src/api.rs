@@ -57,7 +57,8 @@ pub struct AddContainer {
     /// rate, at least 1mb).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub egress_burst: Option<String>,
-    /// Ingress bucket size in tc's units.
+    /// Ingress bucket size in tc's units (default: 250 ms of the rate, at
+    /// least 1mb).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ingress_burst: Option<String>,
 }

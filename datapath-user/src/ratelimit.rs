@@ -371,6 +371,15 @@ pub fn burst(input: &str) -> Result<u64, LimitError> {
     Ok(bytes)
 }
 
+/// The direction named `dir` (`egress` or `ingress`).
+fn direction_of(dir: &str) -> u32 {
+    if dir == "ingress" {
+        direction::INGRESS
+    } else {
+        direction::EGRESS
+    }
+}
+
 /// The limit asked for by a rate and an optional burst (`none` or no rate:
 /// unlimited). Without a burst the bucket is [`default_burst`].
 pub fn limit(
@@ -389,7 +398,7 @@ pub fn limit(
             let rate_bps = rate(r)?;
             let burst_bytes = match b {
                 Some(b) => burst(b)?,
-                None => default_burst(rate_bps),
+                None => default_burst(direction_of(dir), rate_bps),
             };
             Ok(Some(Limit {
                 rate_bps,
@@ -425,7 +434,7 @@ pub fn updated(
             let burst_bytes = match (b, cur) {
                 (Some(b), _) => burst(b)?,
                 (None, Some(cur)) => cur.burst_bytes,
-                (None, None) => default_burst(rate_bps),
+                (None, None) => default_burst(direction_of(dir), rate_bps),
             };
             Ok(Some(Limit {
                 rate_bps,
@@ -862,7 +871,7 @@ mod tests {
             limit("egress", Some("10mbit"), None),
             Ok(Some(Limit {
                 rate_bps: 10_000_000,
-                burst_bytes: default_burst(10_000_000)
+                burst_bytes: default_burst(direction::EGRESS, 10_000_000)
             }))
         );
         assert_eq!(
@@ -906,7 +915,7 @@ mod tests {
             updated("egress", None, Some("1gbit"), None),
             Ok(Some(Limit {
                 rate_bps: 1_000_000_000,
-                burst_bytes: default_burst(1_000_000_000)
+                burst_bytes: default_burst(direction::EGRESS, 1_000_000_000)
             }))
         );
         assert!(updated("egress", None, None, Some("1mb")).is_err());

@@ -71,7 +71,7 @@ impl Iperf3Server {
         port: u16,
     ) -> Result<Self, BenchError> {
         let mut cmd = Command::new("iperf3");
-        cmd.args(["-s", "-1", "-B", &bind.to_string(), "-p", &port.to_string()])
+        cmd.args(["-s", "-1", "-J", "-B", &bind.to_string(), "-p", &port.to_string()])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null());
@@ -147,6 +147,9 @@ pub struct Iperf3Report {
     /// The sender's rate in each reported interval after the omitted ones,
     /// bits per second.
     pub intervals: Vec<f64>,
+    /// The receiver's rate in each of its intervals after the omitted
+    /// ones, bits per second (from the server's report).
+    pub received_intervals: Vec<f64>,
     /// The whole report.
     pub json: Value,
 }
@@ -167,20 +170,25 @@ impl Iperf3Report {
         let received_bps = num(&end["sum_received"]["bits_per_second"], "sum_received")?;
         let sent_bps = num(&end["sum_sent"]["bits_per_second"], "sum_sent")?;
         let retransmits = end["sum_sent"]["retransmits"].as_u64().unwrap_or(0);
-        let intervals = json["intervals"]
-            .as_array()
-            .map(|all| {
-                all.iter()
-                    .filter(|i| !i["sum"]["omitted"].as_bool().unwrap_or(false))
-                    .filter_map(|i| i["sum"]["bits_per_second"].as_f64())
-                    .collect()
-            })
-            .unwrap_or_default();
+        let intervals_of = |v: &Value| -> Vec<f64> {
+            v["intervals"]
+                .as_array()
+                .map(|all| {
+                    all.iter()
+                        .filter(|i| !i["sum"]["omitted"].as_bool().unwrap_or(false))
+                        .filter_map(|i| i["sum"]["bits_per_second"].as_f64())
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        let intervals = intervals_of(&json);
+        let received_intervals = intervals_of(&json["server_output_json"]);
         Ok(Self {
             received_bps,
             sent_bps,
             retransmits,
             intervals,
+            received_intervals,
             json,
         })
     }
@@ -216,6 +224,7 @@ impl Iperf3Client {
             &opts.streams.to_string(),
             "-i",
             &opts.interval.to_string(),
+            "--get-server-output",
             "-J",
         ])
         .stdin(Stdio::null())
@@ -324,12 +333,16 @@ pub struct RateCase {
 }
 
 impl RateCase {
-    /// A case with the datapath's default burst, 5 measured seconds after 1
-    /// of warm-up.
+    /// A case with the datapath's default burst for the direction, 5
+    /// measured seconds after 1 of warm-up.
     pub fn new(rate_bps: u64, direction: Direction, streams: u32) -> Self {
+        let dir = match direction {
+            Direction::Egress => datapath_common::ratelimit::direction::EGRESS,
+            Direction::Ingress => datapath_common::ratelimit::direction::INGRESS,
+        };
         Self {
             rate_bps,
-            burst_bytes: datapath_common::ratelimit::default_burst(rate_bps),
+            burst_bytes: datapath_common::ratelimit::default_burst(dir, rate_bps),
             direction,
             streams,
             seconds: 5,

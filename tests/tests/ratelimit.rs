@@ -101,11 +101,16 @@ fn mbit(bps: f64) -> String {
 fn assert_near(what: &str, bps: f64, limit_bps: f64, report: &Iperf3Report) {
     assert!(
         bps > 0.5 * limit_bps && bps < 1.5 * limit_bps,
-        "{what}: {} is not within 0.5x-1.5x of the {} limit; per second: {:?}",
+        "{what}: {} is not within 0.5x-1.5x of the {} limit; per second sent {:?}, received {:?}",
         mbit(bps),
         mbit(limit_bps),
         report
             .intervals
+            .iter()
+            .map(|b| mbit(*b))
+            .collect::<Vec<_>>(),
+        report
+            .received_intervals
             .iter()
             .map(|b| mbit(*b))
             .collect::<Vec<_>>()
@@ -292,7 +297,10 @@ fn limits_cgroup_and_counters_show_in_the_listing_and_go_with_the_container() {
     assert_eq!(c["limits"]["ingress"]["rate_bps"], 50_000_000, "{c:#}");
     assert_eq!(
         c["limits"]["ingress"]["burst_bytes"],
-        datapath_common::ratelimit::default_burst(50_000_000),
+        datapath_common::ratelimit::default_burst(
+            datapath_common::ratelimit::direction::INGRESS,
+            50_000_000
+        ),
         "{c:#}"
     );
     for dir in ["egress", "ingress"] {
@@ -615,7 +623,9 @@ fn an_ingress_update_applies_within_a_second_in_one_flow() {
     let r = flow
         .wait()
         .unwrap_or_else(|e| panic!("the flow did not survive the update: {e}"));
-    assert!(r.intervals.len() >= 4, "{:?}", r.intervals);
-    assert_near("second 1 at 20mbit", r.intervals[0], 20.0 * MBIT, &r);
-    assert_near("second 4 at 80mbit", r.intervals[3], 80.0 * MBIT, &r);
+    // What the container received, second by second.
+    let received = &r.received_intervals;
+    assert!(received.len() >= 4, "{received:?}");
+    assert_near("second 1 at 20mbit", received[0], 20.0 * MBIT, &r);
+    assert_near("second 4 at 80mbit", received[3], 80.0 * MBIT, &r);
 }
