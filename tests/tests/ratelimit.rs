@@ -629,3 +629,66 @@ fn an_ingress_update_applies_within_a_second_in_one_flow() {
     assert_near("second 1 at 20mbit", received[0], 20.0 * MBIT, &r);
     assert_near("second 4 at 80mbit", received[3], 80.0 * MBIT, &r);
 }
+
+#[test]
+fn limits_survive_an_agent_restart_with_fresh_programs_attached() {
+    let node = Node::new();
+    let ctr = node.add_container_netns("web");
+    let mut agent = Agent::start(&node);
+    let cg = Cgroup::new();
+    add(
+        &agent,
+        "web",
+        &ctr,
+        &[
+            "--cgroup",
+            &cg_arg(&cg),
+            "--egress-rate",
+            "10mbit",
+            "--ingress-rate",
+            "20mbit",
+        ],
+    );
+    let before = container(&agent, "web").expect("added");
+    let pins = rate_pins(&agent);
+    assert_eq!(pins.len(), 3, "{pins:?}");
+    let program_ids = |agent: &Agent<'_>| -> Vec<u64> {
+        let st = agent.cli_json(["status", "--json"]);
+        let mut ids: Vec<u64> = st["attachments"]
+            .as_array()
+            .expect("attachments")
+            .iter()
+            .filter(|a| a["hook"].as_str().is_some_and(|h| h.starts_with("cgroup-")))
+            .filter_map(|a| a["program_id"].as_u64())
+            .collect();
+        ids.sort_unstable();
+        ids
+    };
+    let old_ids = program_ids(&agent);
+    assert_eq!(old_ids.len(), 3);
+    assert!(agent.stop(), "the agent stops on SIGTERM");
+    agent.restart();
+    assert_eq!(container(&agent, "web"), Some(before));
+    assert_eq!(rate_pins(&agent), pins);
+    let new_ids = program_ids(&agent);
+    assert_eq!(new_ids.len(), 3, "the restarted agent reports its hooks");
+    assert!(
+        new_ids.iter().all(|id| !old_ids.contains(id)),
+        "the freshly loaded programs replaced the old ones: {old_ids:?} -> {new_ids:?}"
+    );
+    assert_eq!(inspect::map_dump(&agent, "RATE_LIMITS").len(), 2);
+    // The links are the pinned ones: bpftool sees each cgroup program once.
+    let out = Command::new("bpftool")
+        .args(["cgroup", "show"])
+        .arg(cg.path())
+        .output()
+        .expect("bpftool");
+    let text = String::from_utf8_lossy(&out.stdout);
+    for name in ["rate_egress", "rate_ingress", "rate_sockops"] {
+        assert_eq!(
+            text.matches(name).count(),
+            1,
+            "{name} attached once to the cgroup:\n{text}"
+        );
+    }
+}
