@@ -718,7 +718,10 @@ mod tests {
         assert_eq!(default_burst(direction::EGRESS, 10_000_000_000), 5_000_000);
         assert_eq!(default_burst(direction::INGRESS, 10_000_000), 1 << 20);
         assert_eq!(default_burst(direction::INGRESS, 1_000_000_000), 31_250_000);
-        assert_eq!(default_burst(direction::INGRESS, MAX_RATE_BPS), MAX_BURST_BYTES);
+        assert_eq!(
+            default_burst(direction::INGRESS, MAX_RATE_BPS),
+            MAX_BURST_BYTES
+        );
     }
 
     #[test]

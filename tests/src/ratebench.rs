@@ -71,10 +71,18 @@ impl Iperf3Server {
         port: u16,
     ) -> Result<Self, BenchError> {
         let mut cmd = Command::new("iperf3");
-        cmd.args(["-s", "-1", "-J", "-B", &bind.to_string(), "-p", &port.to_string()])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
+        cmd.args([
+            "-s",
+            "-1",
+            "-J",
+            "-B",
+            &bind.to_string(),
+            "-p",
+            &port.to_string(),
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
         if let Some(cg) = cgroup {
             cg.enter(&mut cmd);
         }
