@@ -13,7 +13,7 @@ use std::{
 use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 
-use crate::spec::PortMapping;
+use crate::{ratelimit::Limits, spec::PortMapping};
 
 /// The state file's name inside the state directory.
 pub const STATE_FILE: &str = "state.json";
@@ -63,6 +63,15 @@ pub struct Container {
     /// MAC address of the container's interface (hex, `aa:bb:…`).
     #[serde(default)]
     pub mac: String,
+    /// Its cgroup v2 directory (canonical), if one was given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cgroup: Option<PathBuf>,
+    /// That cgroup's id (inode) when it was resolved; 0 without one.
+    #[serde(default)]
+    pub cgroup_id: u64,
+    /// Rate limits.
+    #[serde(default)]
+    pub limits: Limits,
 }
 
 /// Everything the agent persists. Deserializing checks what the types
@@ -223,7 +232,27 @@ mod tests {
             addr,
             publish: vec!["8080:80".parse().expect("valid")],
             mac: "02:00:00:00:00:01".into(),
+            cgroup: Some("/sys/fs/cgroup/unified/web".into()),
+            cgroup_id: 4242,
+            limits: Limits {
+                egress: Some(crate::ratelimit::Limit {
+                    rate_bps: 10_000_000,
+                    burst_bytes: 65_536,
+                }),
+                ingress: None,
+            },
         }
+    }
+
+    #[test]
+    fn a_state_file_without_cgroups_or_limits_still_loads() {
+        let old = r#"{"next_id": 2, "containers": {"web": {"id": 1, "name": "web",
+            "netns": "/var/run/netns/x", "ifname": "eth0", "host_ifname": "dp1",
+            "addr": "198.19.0.2", "publish": []}}}"#;
+        let st: State = serde_json::from_str(old).expect("an older state file loads");
+        let c = &st.containers["web"];
+        assert_eq!((&c.cgroup, c.cgroup_id), (&None, 0));
+        assert!(c.limits.is_empty());
     }
 
     #[test]
