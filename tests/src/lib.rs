@@ -9,11 +9,14 @@
 //!   [`agent`] (the agent running in the node), [`cgroup`] (cgroups for
 //!   the rate limiter), [`lock`] (serialising traffic-heavy tests) and
 //!   [`leaks`] (finding what a test left behind).
+//! * [`bench`] compares the datapath with iptables, nftables and plain
+//!   routing (`cargo xtask bench`).
 //!
 //! Everything a test creates is named with the [`names::PREFIX`] prefix and a
 //! per-process unique id, and removed by a guard's `Drop`.
 
 pub mod agent;
+pub mod bench;
 pub mod cgroup;
 pub mod frame;
 pub mod leaks;
