@@ -9,7 +9,11 @@ use aya_ebpf::{
 };
 use datapath_common::{CT_F_ORIGINAL, CT_F_SEEN, Config, CtEntry, CtKey, Stat, ct_action};
 
-use crate::{maps::CONNTRACK, parse::Flow};
+use crate::{
+    ctx::Packet,
+    maps::CONNTRACK,
+    parse::{self, Flow, Quoted},
+};
 
 /// `-EEXIST` from `bpf_map_update_elem` with `BPF_NOEXIST`.
 const EEXIST: i32 = -17;
@@ -21,6 +25,17 @@ const SNAT_TRIES: u32 = 16;
 #[inline(always)]
 pub fn lookup(key: &CtKey) -> Option<*mut CtEntry> {
     CONNTRACK.get_ptr_mut(key)
+}
+
+/// The flow an ICMP error is about and its entry for the error's
+/// direction: the quoted packet went the other way, so its tuple reversed is
+/// the key of the entry the error must be translated by.
+#[inline(always)]
+pub fn lookup_icmp_error<C: Packet>(ctx: &C, flow: &Flow) -> Option<(Quoted, CtEntry)> {
+    let quoted = parse::parse_quoted(ctx, flow)?;
+    let entry = lookup(&quoted.key.reversed())?;
+    // SAFETY: points into a live conntrack value (RCU); copied out once.
+    Some((quoted, unsafe { *entry }))
 }
 
 /// Accounts one packet of `flow` to `entry`.

@@ -7,6 +7,7 @@ use datapath_common::{CONFIG_F_SNAT, CtEntry, EndpointKey, NodeAddrKey, Stat, ct
 use crate::{
     conntrack,
     ctx::Packet,
+    icmp,
     maps::{self, ENDPOINTS, NODE_ADDRS},
     nat,
     parse::{self, L4, Parsed},
@@ -58,13 +59,19 @@ pub fn process(ctx: &mut TcContext) -> Verdict {
     if ep.ifindex != ifindex || ep.mac != src_mac {
         return Verdict::Drop(Stat::DropSpoofed);
     }
-    if flow.l4 == L4::IcmpError {
-        return Verdict::Pass;
-    }
-
     // Forwarding decrements the TTL: a packet that would leave with zero is
     // dropped before it can create a flow.
     let expiring = flow.ttl <= 1;
+    if flow.l4 == L4::IcmpError {
+        return match icmp::translate(ctx, &flow, true, [ct_action::REV_DNAT, ct_action::SNAT]) {
+            icmp::Outcome::NotOurs => Verdict::Pass,
+            icmp::Outcome::Drop(stat) => Verdict::Drop(stat),
+            icmp::Outcome::Forward(ct) => Verdict::ToUplink {
+                ifindex: ct.ifindex,
+            },
+        };
+    }
+
     let entry: *mut CtEntry = match conntrack::lookup(&flow.key) {
         Some(_) if expiring => return Verdict::Drop(Stat::DropTtlExceeded),
         Some(e) => e,

@@ -10,6 +10,7 @@
 mod conntrack;
 mod container;
 mod ctx;
+mod icmp;
 mod maps;
 mod nat;
 mod parse;

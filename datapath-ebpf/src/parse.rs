@@ -106,6 +106,39 @@ impl FrameLen for aya_ebpf::programs::XdpContext {
     }
 }
 
+/// The L4 kind of IP protocol `proto` and the length of its header, for
+/// the protocols the datapath translates.
+#[inline(always)]
+fn l4_of(proto: u8) -> Option<(L4, usize)> {
+    match proto {
+        proto::TCP => Some((L4::Tcp, TCP_HDR_LEN)),
+        proto::UDP => Some((L4::Udp, UDP_HDR_LEN)),
+        proto::ICMP => Some((L4::IcmpEcho, ICMP_HDR_LEN)),
+        _ => None,
+    }
+}
+
+/// Fills `key`'s ports from the first eight bytes `hdr` of an L4 header of
+/// kind `l4` (for ICMP echo, the id stands for the port; see [`CtKey`]).
+/// Returns the precise kind (ICMP: echo or error), or `None` for an ICMP
+/// type the datapath does not handle.
+#[inline(always)]
+fn fill_ports(l4: L4, hdr: &[u8; 8], key: &mut CtKey) -> Option<L4> {
+    if l4 != L4::IcmpEcho {
+        key.sport = u16::from_be_bytes([hdr[0], hdr[1]]);
+        key.dport = u16::from_be_bytes([hdr[2], hdr[3]]);
+        return Some(l4);
+    }
+    let id = u16::from_be_bytes([hdr[4], hdr[5]]);
+    match hdr[0] {
+        icmp_type::ECHO_REQUEST => key.sport = id,
+        icmp_type::ECHO_REPLY => key.dport = id,
+        icmp_type::DEST_UNREACH | icmp_type::TIME_EXCEEDED => return Some(L4::IcmpError),
+        _ => return None,
+    }
+    Some(L4::IcmpEcho)
+}
+
 /// Parses the packet in `ctx`.
 #[inline(always)]
 pub fn parse<C: Packet + FrameLen>(ctx: &C) -> Parsed {
@@ -139,11 +172,8 @@ pub fn parse<C: Packet + FrameLen>(ctx: &C) -> Parsed {
     let l4_off = ETH_LEN + ihl;
     let l4_len = usize::from(tot_len) - ihl;
 
-    let (l4, hdr_len) = match ip.proto {
-        proto::TCP => (L4::Tcp, TCP_HDR_LEN),
-        proto::UDP => (L4::Udp, UDP_HDR_LEN),
-        proto::ICMP => (L4::IcmpEcho, ICMP_HDR_LEN),
-        _ => return Parsed::NotOurs,
+    let Some((l4, hdr_len)) = l4_of(ip.proto) else {
+        return Parsed::NotOurs;
     };
     let mut key = CtKey {
         saddr: ip.src_addr,
@@ -156,45 +186,32 @@ pub fn parse<C: Packet + FrameLen>(ctx: &C) -> Parsed {
     if frag_offset != 0 {
         return Parsed::Fragment(None);
     }
-    if l4_len < hdr_len || ctx.pull(l4_off + hdr_len).is_err() {
+    let l4_hdr = if l4_len < hdr_len || ctx.pull(l4_off + hdr_len).is_err() {
+        None
+    } else {
+        ctx.read::<8>(l4_off).ok()
+    };
+    let Some(l4_hdr) = l4_hdr else {
         // A first fragment may be too short to carry the ports.
         return if more_fragments {
             Parsed::Fragment(None)
         } else {
             Parsed::Malformed
         };
-    }
-    let Ok(l4_hdr) = ctx.read::<8>(l4_off) else {
-        return Parsed::Malformed;
     };
     let mut tcp_flags = 0;
-    let mut l4_kind = l4;
-    match l4 {
-        L4::Tcp => {
-            let Ok([doff, flags]) = ctx.read::<2>(l4_off + 12) else {
-                return Parsed::Malformed;
-            };
-            if usize::from(doff >> 4) * 4 < TCP_HDR_LEN {
-                return Parsed::Malformed;
-            }
-            tcp_flags = flags;
-            key.sport = u16::from_be_bytes([l4_hdr[0], l4_hdr[1]]);
-            key.dport = u16::from_be_bytes([l4_hdr[2], l4_hdr[3]]);
+    if l4 == L4::Tcp {
+        let Ok([doff, flags]) = ctx.read::<2>(l4_off + 12) else {
+            return Parsed::Malformed;
+        };
+        if usize::from(doff >> 4) * 4 < TCP_HDR_LEN {
+            return Parsed::Malformed;
         }
-        L4::Udp => {
-            key.sport = u16::from_be_bytes([l4_hdr[0], l4_hdr[1]]);
-            key.dport = u16::from_be_bytes([l4_hdr[2], l4_hdr[3]]);
-        }
-        _ => {
-            let id = u16::from_be_bytes([l4_hdr[4], l4_hdr[5]]);
-            match l4_hdr[0] {
-                icmp_type::ECHO_REQUEST => key.sport = id,
-                icmp_type::ECHO_REPLY => key.dport = id,
-                icmp_type::DEST_UNREACH | icmp_type::TIME_EXCEEDED => l4_kind = L4::IcmpError,
-                _ => return Parsed::NotOurs,
-            }
-        }
+        tcp_flags = flags;
     }
+    let Some(l4_kind) = fill_ports(l4, &l4_hdr, &mut key) else {
+        return Parsed::NotOurs;
+    };
     if more_fragments {
         return Parsed::Fragment(Some(key));
     }
@@ -205,5 +222,56 @@ pub fn parse<C: Packet + FrameLen>(ctx: &C) -> Parsed {
         ip_len: tot_len,
         ttl: ip.ttl,
         tcp_flags,
+    })
+}
+
+/// The packet quoted by an ICMP error (an IPv4 header and at least the
+/// first eight bytes of its payload).
+#[derive(Clone, Copy)]
+pub struct Quoted {
+    /// The quoted packet's tuple as it was sent.
+    pub key: CtKey,
+    /// Offset of the quoted IPv4 header.
+    pub ip_off: usize,
+    /// Offset of the quoted L4 header.
+    pub l4_off: usize,
+    /// The quoted L4 header kind (ports: TCP/UDP; id: ICMP echo).
+    pub l4: L4,
+}
+
+/// Parses the packet quoted by ICMP error `flow`; `None` if it is cut
+/// short or not a TCP, UDP or ICMP echo packet we could have sent.
+#[inline(always)]
+pub fn parse_quoted<C: Packet>(ctx: &C, flow: &Flow) -> Option<Quoted> {
+    let ip_off = flow.l4_off + ICMP_HDR_LEN;
+    ctx.pull(ip_off + Ipv4Hdr::LEN).ok()?;
+    let ip = ctx.ptr_at::<Ipv4Hdr>(ip_off).ok()?;
+    // SAFETY: bounds checked by ptr_at; Ipv4Hdr has alignment 1.
+    let ip = unsafe { *ip };
+    let ihl = usize::from(ip.vihl & 0x0f) * 4;
+    if ip.vihl >> 4 != 4 || ihl < Ipv4Hdr::LEN {
+        return None;
+    }
+    let l4_off = ip_off + ihl;
+    ctx.pull(l4_off + 8).ok()?;
+    let l4_hdr = ctx.read::<8>(l4_off).ok()?;
+    let mut key = CtKey {
+        saddr: ip.src_addr,
+        daddr: ip.dst_addr,
+        sport: 0,
+        dport: 0,
+        proto: ip.proto,
+        _pad: [0; 3],
+    };
+    let (l4, _) = l4_of(ip.proto)?;
+    let l4 = fill_ports(l4, &l4_hdr, &mut key)?;
+    if l4 == L4::IcmpError {
+        return None;
+    }
+    Some(Quoted {
+        key,
+        ip_off,
+        l4_off,
+        l4,
     })
 }

@@ -9,6 +9,7 @@ use datapath_common::{
 use crate::{
     conntrack,
     ctx::Packet,
+    icmp,
     maps::{self, NODE_ADDRS, SERVICES},
     nat,
     parse::{self, FrameLen, L4, Parsed},
@@ -73,12 +74,19 @@ pub fn process<C: Packet + FrameLen>(ctx: &mut C) -> Verdict {
         Parsed::Fragment(None) => return Verdict::Pass,
         Parsed::Flow(flow) => flow,
     };
-    if flow.l4 == L4::IcmpError {
-        return Verdict::Pass;
-    }
     // Forwarding decrements the TTL: a packet that would leave with zero is
     // dropped before it can create a flow.
     let expiring = flow.ttl <= 1;
+    if flow.l4 == L4::IcmpError {
+        return match icmp::translate(ctx, &flow, false, [ct_action::DNAT, ct_action::REV_SNAT]) {
+            icmp::Outcome::NotOurs => Verdict::Pass,
+            icmp::Outcome::Drop(stat) => Verdict::Drop(stat),
+            icmp::Outcome::Forward(ct) => Verdict::ToContainer {
+                ifindex: ct.ifindex,
+                addr: ct.nat_addr,
+            },
+        };
+    }
 
     let entry: *mut CtEntry = match conntrack::lookup(&flow.key) {
         Some(_) if expiring => return Verdict::Drop(Stat::DropTtlExceeded),

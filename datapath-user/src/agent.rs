@@ -178,7 +178,7 @@ impl Agent {
             uplink: None,
         };
         agent.setup_uplink().await?;
-        agent.adopt().await?;
+        agent.reconcile().await?;
         Ok(agent)
     }
 
@@ -282,26 +282,176 @@ impl Agent {
         Ok(())
     }
 
-    /// Re-attaches the programs of containers found in the state whose veth
-    /// still exists, and forgets (cleaning their maps) those whose veth is
-    /// gone.
-    async fn adopt(&mut self) -> anyhow::Result<()> {
+    /// Adopts what a previous agent left (pinned maps and links, veths, the
+    /// state file) and reconciles it with the state: a container whose netns
+    /// is gone is removed, one whose veth is gone is recreated, and every
+    /// other one gets its map entries and program re-applied. Then orphans
+    /// go: veths, map entries, link pins and flows of no known container
+    /// (which is also what is left of a container whose creation was cut
+    /// off: it is saved only once complete).
+    async fn reconcile(&mut self) -> anyhow::Result<()> {
         let containers: Vec<Container> = self.state.containers.values().cloned().collect();
         for c in containers {
-            match self.netlink.link(&c.host_ifname).await {
-                Ok(Some(_)) => {
-                    self.dp.attach_container(&c.host_ifname)?;
-                    tracing::info!(container = %c.name, "adopted");
-                }
-                Ok(None) => {
-                    tracing::warn!(container = %c.name, veth = %c.host_ifname, "veth gone: removing the container");
-                    self.remove_container(&c).await;
-                    self.state.containers.remove(&c.name);
-                }
-                Err(e) => tracing::warn!(container = %c.name, "cannot check veth: {e}"),
+            if !netns::is_netns(&c.netns).unwrap_or(false) {
+                tracing::warn!(container = %c.name, "its network namespace is gone: removing the container");
+                self.remove_container(&c).await;
+                self.state.containers.remove(&c.name);
+                continue;
+            }
+            if let Err(e) = self.restore(&c).await {
+                tracing::warn!(container = %c.name, "cannot restore the container, removing it: {e}");
+                self.remove_container(&c).await;
+                self.state.containers.remove(&c.name);
             }
         }
         self.store.save(&self.state)?;
+        self.remove_orphans().await;
+        Ok(())
+    }
+
+    /// Brings one known container back: its veth (recreated with the same
+    /// address if it vanished), map entries and program.
+    async fn restore(&mut self, c: &Container) -> Result<(), AgentError> {
+        let (ifindex, host_mac, mac) = match self.netlink.link(&c.host_ifname).await {
+            Ok(Some((ifindex, host_mac, _))) => match parse_mac(&c.mac) {
+                Some(mac) => (ifindex, host_mac, mac),
+                None => {
+                    return Err(AgentError::Internal(format!(
+                        "no container MAC recorded for {}",
+                        c.name
+                    )));
+                }
+            },
+            Ok(None) => {
+                tracing::warn!(container = %c.name, veth = %c.host_ifname, "veth gone: recreating it");
+                let link = self.create_link(c).await?;
+                let mac = link.container_mac;
+                if let Some(stored) = self.state.containers.get_mut(&c.name) {
+                    stored.mac = format_mac(mac);
+                }
+                (link.host_ifindex, link.host_mac, mac)
+            }
+            Err(e) => return Err(AgentError::Internal(error_chain(&e))),
+        };
+        self.fill_maps(c, ifindex, mac, host_mac)?;
+        tracing::info!(container = %c.name, "adopted");
+        Ok(())
+    }
+
+    /// Removes what no known container owns: `dp<hex>` veths, SERVICES and
+    /// ENDPOINTS entries, container link pins, and conntrack flows.
+    async fn remove_orphans(&mut self) {
+        let ids: std::collections::HashSet<u32> =
+            self.state.containers.values().map(|c| c.id).collect();
+        let veths: std::collections::HashSet<String> = self
+            .state
+            .containers
+            .values()
+            .map(|c| c.host_ifname.clone())
+            .collect();
+        match self.netlink.list_links_with_prefix("dp").await {
+            Ok(links) => {
+                for (name, _) in links {
+                    if is_our_veth_name(&name) && !veths.contains(&name) {
+                        tracing::warn!(veth = %name, "removing an orphaned veth");
+                        if let Err(e) = self.netlink.delete_container_link(&name).await {
+                            tracing::warn!(veth = %name, "{}", error_chain(&e));
+                        }
+                    }
+                }
+            }
+            Err(e) => tracing::warn!("cannot list veths: {}", error_chain(&e)),
+        }
+        let stale: Vec<ServiceKey> = self
+            .dp
+            .services
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, v)| !ids.contains(&v.container_id))
+            .map(|(k, _)| k)
+            .collect();
+        for k in stale {
+            tracing::warn!(port = k.port, "removing an orphaned published port");
+            let _ = self.dp.services.remove(&k);
+        }
+        let stale: Vec<EndpointKey> = self
+            .dp
+            .endpoints
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, v)| !ids.contains(&v.container_id))
+            .map(|(k, _)| k)
+            .collect();
+        for k in stale {
+            tracing::warn!(addr = %Ipv4Addr::from(k.addr), "removing an orphaned endpoint");
+            let _ = self.dp.endpoints.remove(&k);
+        }
+        let links = self.cfg.bpffs_dir.join("links");
+        if let Ok(entries) = std::fs::read_dir(&links) {
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if let Some(veth) = name.strip_prefix(crate::bpf::CONTAINER_LINK_PREFIX)
+                    && !veths.contains(veth)
+                {
+                    tracing::warn!(link = %name, "removing an orphaned link");
+                    let _ = self.dp.detach_container(veth);
+                }
+            }
+        }
+        if let Err(e) = conntrack::flush(&mut self.dp.conntrack, |f| {
+            f.orig.container_id != 0 && !ids.contains(&f.orig.container_id)
+        }) {
+            tracing::warn!("flush orphaned flows: {e}");
+        }
+    }
+
+    /// Removes everything an agent with these paths made: every container's
+    /// veth, every `dp<hex>` veth, the bpffs directory (pins of maps and
+    /// links: the programs are detached) and the state file. Works without
+    /// loading anything, and with a corrupt state file.
+    pub async fn cleanup(cfg: &AgentConfig) -> anyhow::Result<()> {
+        use anyhow::Context as _;
+        let netlink = Netlink::new().context("open a netlink connection")?;
+        let store = StateStore::new(&cfg.state_dir);
+        let state = match store.load() {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!("{e}; removing veths by name only");
+                State::default()
+            }
+        };
+        let mut names: Vec<String> = state
+            .containers
+            .values()
+            .map(|c| c.host_ifname.clone())
+            .collect();
+        for (name, _) in netlink
+            .list_links_with_prefix("dp")
+            .await
+            .unwrap_or_default()
+        {
+            if is_our_veth_name(&name) && !names.contains(&name) {
+                names.push(name);
+            }
+        }
+        for name in names {
+            match netlink.delete_container_link(&name).await {
+                Ok(()) => tracing::info!(veth = %name, "removed"),
+                Err(e) => tracing::warn!(veth = %name, "{}", error_chain(&e)),
+            }
+        }
+        match std::fs::remove_dir_all(&cfg.bpffs_dir) {
+            Ok(()) => tracing::info!(dir = %cfg.bpffs_dir.display(), "removed pins"),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("remove {}", cfg.bpffs_dir.display())),
+        }
+        match std::fs::remove_file(store.path()) {
+            Ok(()) => tracing::info!(file = %store.path().display(), "removed state"),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("remove {}", store.path().display())),
+        }
+        // The directory too, if nothing else lives there.
+        let _ = std::fs::remove_dir(store.dir());
         Ok(())
     }
 
@@ -407,26 +557,62 @@ impl Agent {
             AgentError::Conflict(format!("the pool {} has no free address", self.cfg.pool))
         })?;
         let id = self.state.take_id();
-        let container = Container {
+        // Saved only once complete: an agent cut off before that finds the
+        // veth, map entries and link of a container it does not know on its
+        // next start and removes them as orphans, so a container is all
+        // there or not at all, at the cost of a single state write.
+        let mut container = Container {
             id,
             name: req.name.clone(),
-            netns: netns.clone(),
-            ifname: ifname.clone(),
+            netns,
+            ifname,
             host_ifname: format!("dp{id:x}"),
             addr,
             publish,
+            mac: String::new(),
         };
+        let result = match self.create_link(&container).await {
+            Ok(link) => {
+                container.mac = format_mac(link.container_mac);
+                self.fill_maps(
+                    &container,
+                    link.host_ifindex,
+                    link.container_mac,
+                    link.host_mac,
+                )
+                .and_then(|()| {
+                    self.state
+                        .containers
+                        .insert(container.name.clone(), container.clone());
+                    self.store.save(&self.state).map_err(AgentError::from)
+                })
+            }
+            Err(e) => Err(e),
+        };
+        if let Err(e) = result {
+            self.remove_container(&container).await;
+            self.state.containers.remove(&container.name);
+            if let Err(save) = self.store.save(&self.state) {
+                tracing::warn!("{save}");
+            }
+            return Err(e);
+        }
+        tracing::info!(container = %container.name, addr = %container.addr, veth = %container.host_ifname, "container added");
+        Ok(self.info(&container))
+    }
+
+    /// Creates a container's veth pair.
+    async fn create_link(&self, c: &Container) -> Result<crate::netlink::LinkInfo, AgentError> {
         let gro = matches!(
             self.uplink.as_ref().map(|u| u.hook),
             Some(UplinkHook::XdpNative)
         );
-        let link = self
-            .netlink
+        self.netlink
             .create_container_link(&ContainerLink {
-                host_ifname: container.host_ifname.clone(),
-                netns: netns.clone(),
-                ifname,
-                addr,
+                host_ifname: c.host_ifname.clone(),
+                netns: c.netns.clone(),
+                ifname: c.ifname.clone(),
+                addr: c.addr,
                 gateway: gateway_of(self.cfg.pool),
                 mtu: None,
                 gro,
@@ -435,29 +621,7 @@ impl Agent {
             .map_err(|e| match e {
                 crate::netlink::NetlinkError::Netns(_) => AgentError::BadRequest(error_chain(&e)),
                 e => AgentError::Internal(format!("create the veth pair: {}", error_chain(&e))),
-            })?;
-        let result = self.fill_maps(
-            &container,
-            link.host_ifindex,
-            link.container_mac,
-            link.host_mac,
-        );
-        let result = match result {
-            Ok(()) => {
-                self.state
-                    .containers
-                    .insert(container.name.clone(), container.clone());
-                self.store.save(&self.state).map_err(AgentError::from)
-            }
-            Err(e) => Err(e),
-        };
-        if let Err(e) = result {
-            self.state.containers.remove(&container.name);
-            self.remove_container(&container).await;
-            return Err(e);
-        }
-        tracing::info!(container = %container.name, addr = %container.addr, veth = %container.host_ifname, "container added");
-        Ok(self.info(&container))
+            })
     }
 
     fn fill_maps(
@@ -544,6 +708,107 @@ impl Agent {
         }
     }
 
+    /// Publishes one more port (or range) of an existing container.
+    /// Publishing what it already publishes succeeds unchanged.
+    pub fn publish(&mut self, name: &str, spec: &str) -> Result<ContainerInfo, AgentError> {
+        let m: PortMapping = spec
+            .parse()
+            .map_err(|e: crate::spec::SpecError| AgentError::BadRequest(e.to_string()))?;
+        let c = self
+            .state
+            .containers
+            .get(name)
+            .cloned()
+            .ok_or_else(|| AgentError::NotFound(format!("no container named {name:?}")))?;
+        if c.publish.contains(&m) {
+            return Ok(self.info(&c));
+        }
+        if let Some(other) = c.publish.iter().find(|o| o.overlaps(&m)) {
+            return Err(AgentError::Conflict(format!(
+                "cannot publish {m}: container {name:?} already publishes {other}"
+            )));
+        }
+        self.check_publish(name, std::slice::from_ref(&m))?;
+        let ifindex = self
+            .dp
+            .endpoints
+            .get(
+                &EndpointKey {
+                    addr: c.addr.octets(),
+                },
+                0,
+            )
+            .map(|e| e.ifindex)
+            .map_err(|e| internal("read the endpoint")(e.to_string()))?;
+        let mut inserted = Vec::new();
+        for (hp, cp) in m.ports() {
+            let key = service_key(&m, hp);
+            let value = ServiceValue {
+                backend_addr: c.addr.octets(),
+                backend_port: cp,
+                _pad: 0,
+                ifindex,
+                container_id: c.id,
+            };
+            if let Err(e) = self.dp.services.insert(key, value, 0) {
+                for k in inserted {
+                    let _ = self.dp.services.remove(&k);
+                }
+                return Err(internal("publish a port")(e.to_string()));
+            }
+            inserted.push(key);
+        }
+        let mut updated = c;
+        updated.publish.push(m);
+        self.state
+            .containers
+            .insert(name.to_owned(), updated.clone());
+        if let Err(e) = self.store.save(&self.state) {
+            for k in inserted {
+                let _ = self.dp.services.remove(&k);
+            }
+            updated.publish.pop();
+            self.state.containers.insert(name.to_owned(), updated);
+            return Err(e.into());
+        }
+        tracing::info!(container = %name, publish = %m, "port published");
+        Ok(self.info(&self.state.containers[name]))
+    }
+
+    /// Stops publishing one port (or range) of a container. Established
+    /// flows keep their container; new connections are no longer
+    /// translated. Unpublishing what is not published succeeds.
+    pub fn unpublish(&mut self, name: &str, spec: &str) -> Result<ContainerInfo, AgentError> {
+        let m: PortMapping = spec
+            .parse()
+            .map_err(|e: crate::spec::SpecError| AgentError::BadRequest(e.to_string()))?;
+        let mut c = self
+            .state
+            .containers
+            .get(name)
+            .cloned()
+            .ok_or_else(|| AgentError::NotFound(format!("no container named {name:?}")))?;
+        let Some(pos) = c.publish.iter().position(|o| *o == m) else {
+            return Ok(self.info(&c));
+        };
+        c.publish.remove(pos);
+        self.state.containers.insert(name.to_owned(), c.clone());
+        self.store.save(&self.state)?;
+        for (hp, _) in m.ports() {
+            let key = service_key(&m, hp);
+            if self
+                .dp
+                .services
+                .get(&key, 0)
+                .is_ok_and(|v| v.container_id == c.id)
+            {
+                let _ = self.dp.services.remove(&key);
+            }
+        }
+        tracing::info!(container = %name, publish = %m, "port unpublished");
+        Ok(self.info(&c))
+    }
+
     /// Deletes a container; deleting an absent one succeeds.
     pub async fn del(&mut self, name: &str) -> Result<(), AgentError> {
         let Some(c) = self.state.containers.get(name).cloned() else {
@@ -598,19 +863,17 @@ impl Agent {
         .map_err(|e| internal("flush conntrack")(e.to_string()))
     }
 
-    /// Collects expired flows.
-    pub fn gc(&mut self) -> usize {
-        match conntrack::gc(
-            &mut self.dp.conntrack,
-            &self.cfg.timeouts,
-            conntrack::now_ns(),
-        ) {
-            Ok(n) => n,
-            Err(e) => {
-                tracing::warn!("conntrack gc: {e}");
-                0
-            }
-        }
+    /// A collector of expired flows with its own handle on the conntrack
+    /// map, so that scanning a large table never holds up API requests.
+    pub fn collector(&self) -> Result<conntrack::Collector, BpfError> {
+        conntrack::Collector::open(
+            &self.cfg.bpffs_dir.join("maps").join(names::CONNTRACK),
+            self.cfg.timeouts,
+        )
+        .map_err(|source| BpfError::Map {
+            name: names::CONNTRACK,
+            source,
+        })
     }
 
     /// Counters summed over CPUs.
@@ -670,6 +933,30 @@ impl Agent {
     }
 }
 
+/// Whether `name` is a host-side veth name the agent hands out (`dp<hex>`).
+fn is_our_veth_name(name: &str) -> bool {
+    name.strip_prefix("dp")
+        .is_some_and(|hex| !hex.is_empty() && hex.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
+/// `aa:bb:cc:dd:ee:ff`.
+fn format_mac(mac: [u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// Parses `aa:bb:cc:dd:ee:ff`.
+fn parse_mac(text: &str) -> Option<[u8; 6]> {
+    let mut out = [0u8; 6];
+    let mut parts = text.split(':');
+    for b in &mut out {
+        *b = u8::from_str_radix(parts.next()?, 16).ok()?;
+    }
+    parts.next().is_none().then_some(out)
+}
+
 /// An error and its sources, joined with ": ".
 pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut out = e.to_string();
@@ -692,5 +979,37 @@ fn service_key(m: &PortMapping, port: u16) -> ServiceKey {
         port,
         proto: m.protocol.number(),
         _pad: 0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_dp_hex_names_count_as_our_veths() {
+        assert!(is_our_veth_name("dp1"));
+        assert!(is_our_veth_name("dp1f3a"));
+        assert!(!is_our_veth_name("dp"));
+        assert!(!is_our_veth_name("dpdk0"));
+        assert!(!is_our_veth_name("eth0"));
+    }
+
+    #[test]
+    fn macs_round_trip_through_their_text_form() {
+        let mac = [0x02, 0xab, 0x00, 0x10, 0xff, 0x7e];
+        assert_eq!(format_mac(mac), "02:ab:00:10:ff:7e");
+        assert_eq!(parse_mac(&format_mac(mac)), Some(mac));
+        assert_eq!(parse_mac("02:ab:00:10:ff"), None);
+        assert_eq!(parse_mac("02:ab:00:10:ff:7e:00"), None);
+        assert_eq!(parse_mac(""), None);
+    }
+
+    #[test]
+    fn container_names_are_validated() {
+        assert!(validate_name("web-1.a_b").is_ok());
+        assert!(validate_name("").is_err());
+        assert!(validate_name("a/b").is_err());
+        assert!(validate_name(&"x".repeat(65)).is_err());
     }
 }

@@ -40,6 +40,15 @@ pub struct AddContainer {
     pub publish: Vec<String>,
 }
 
+/// `POST /v1/containers/{name}/ports` and `DELETE …/ports`: one published
+/// port or range in Docker's `-p` syntax.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct PortRequest {
+    /// `[ip:]host[-end]:container[-end][/tcp|/udp]`.
+    pub publish: String,
+}
+
 /// A container as the API shows it.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct ContainerInfo {
@@ -338,6 +347,37 @@ impl Client {
             message: format!("encode request: {e}"),
         })?;
         self.call(Method::POST, "/v1/containers", Some(body)).await
+    }
+
+    /// `POST /v1/containers/{name}/ports`.
+    pub async fn publish(&self, name: &str, spec: &str) -> Result<ContainerInfo, ClientError> {
+        self.port_call(Method::POST, name, spec).await
+    }
+
+    /// `DELETE /v1/containers/{name}/ports`.
+    pub async fn unpublish(&self, name: &str, spec: &str) -> Result<ContainerInfo, ClientError> {
+        self.port_call(Method::DELETE, name, spec).await
+    }
+
+    async fn port_call(
+        &self,
+        method: Method,
+        name: &str,
+        spec: &str,
+    ) -> Result<ContainerInfo, ClientError> {
+        let body = serde_json::to_vec(&PortRequest {
+            publish: spec.to_owned(),
+        })
+        .map_err(|e| ClientError::Http {
+            socket: self.socket.clone(),
+            message: format!("encode request: {e}"),
+        })?;
+        self.call(
+            method,
+            &format!("/v1/containers/{}/ports", encode(name)),
+            Some(body),
+        )
+        .await
     }
 
     /// `DELETE /v1/containers/{name}`.

@@ -281,55 +281,21 @@ impl Datapath {
         link_name: &str,
     ) -> Result<(), BpfError> {
         let pin = self.link_pin(link_name);
-        let err = |message: String| BpfError::Attach {
+        let prog: &mut SchedClassifier = program(&mut self.ebpf, program_name)?;
+        let program_id = prog.info().map(|i| i.id()).unwrap_or_default();
+        attach_through_pin!(prog, SchedClassifierLink, &pin, {
+            prog.attach_with_options(
+                ifname,
+                TcAttachType::Ingress,
+                TcAttachOptions::TcxOrder(LinkOrder::default()),
+            )
+        })
+        .map_err(|message| BpfError::Attach {
             program: program_name,
             ifname: ifname.to_owned(),
             message,
-        };
-        let prog: &mut SchedClassifier = program(&mut self.ebpf, program_name)?;
-        let program_id = prog.info().map(|i| i.id()).unwrap_or_default();
-        let existing = match PinnedLink::from_pin(&pin) {
-            Ok(old) => Some(old),
-            Err(aya::programs::links::LinkError::SyscallError(e))
-                if e.io_error.kind() == io::ErrorKind::NotFound =>
-            {
-                None
-            }
-            Err(e) => return Err(err(format!("open pinned link {}: {e}", pin.display()))),
-        };
-        let fresh = existing.is_none();
-        let link_id = match existing {
-            Some(old) => {
-                let link = SchedClassifierLink::try_from(FdLink::from(old))
-                    .map_err(|e| err(format!("reuse pinned link: {e}")))?;
-                prog.attach_to_link(link)
-                    .map_err(|e| err(format!("replace program in pinned link: {e}")))?
-            }
-            None => prog
-                .attach_with_options(
-                    ifname,
-                    TcAttachType::Ingress,
-                    TcAttachOptions::TcxOrder(LinkOrder::default()),
-                )
-                .map_err(|e| err(format!("tcx attach: {e}")))?,
-        };
-        let link = prog
-            .take_link(link_id)
-            .map_err(|e| err(format!("take link: {e}")))?;
-        let fd_link = FdLink::try_from(link).map_err(|e| err(format!("tcx link: {e}")))?;
-        if fresh {
-            fd_link
-                .pin(&pin)
-                .map_err(|e| err(format!("pin link at {}: {e}", pin.display())))?;
-        }
-        self.attachments.retain(|a| a.pin != pin);
-        self.attachments.push(Attachment {
-            program: program_name,
-            program_id,
-            ifname: ifname.to_owned(),
-            hook: "tcx-ingress",
-            pin,
-        });
+        })?;
+        self.record(program_name, program_id, ifname, "tcx-ingress", pin);
         Ok(())
     }
 
@@ -341,56 +307,90 @@ impl Datapath {
     ) -> Result<(), BpfError> {
         let program_name = programs::UPLINK_XDP;
         let pin = self.link_pin(link_name);
-        let err = |message: String| BpfError::Attach {
-            program: program_name,
-            ifname: ifname.to_owned(),
-            message,
-        };
-        let (flags, hook_name) = match hook {
+        let (mode, hook_name) = match hook {
             UplinkHook::XdpGeneric => (XdpMode::Skb, "xdp-generic"),
             _ => (XdpMode::Driver, "xdp-native"),
         };
         let prog: &mut Xdp = program(&mut self.ebpf, program_name)?;
         let program_id = prog.info().map(|i| i.id()).unwrap_or_default();
-        let existing = match PinnedLink::from_pin(&pin) {
-            Ok(old) => Some(old),
-            Err(aya::programs::links::LinkError::SyscallError(e))
-                if e.io_error.kind() == io::ErrorKind::NotFound =>
-            {
-                None
-            }
-            Err(e) => return Err(err(format!("open pinned link {}: {e}", pin.display()))),
-        };
-        let fresh = existing.is_none();
-        let link_id = match existing {
-            Some(old) => {
-                let link = XdpLink::try_from(FdLink::from(old))
-                    .map_err(|e| err(format!("reuse pinned link: {e}")))?;
-                prog.attach_to_link(link)
-                    .map_err(|e| err(format!("replace program in pinned link: {e}")))?
-            }
-            None => prog
-                .attach(ifname, flags)
-                .map_err(|e| err(format!("xdp attach ({hook_name}): {e}")))?,
-        };
-        let link = prog
-            .take_link(link_id)
-            .map_err(|e| err(format!("take link: {e}")))?;
-        let fd_link = FdLink::try_from(link).map_err(|e| err(format!("xdp link: {e}")))?;
-        if fresh {
-            fd_link
-                .pin(&pin)
-                .map_err(|e| err(format!("pin link at {}: {e}", pin.display())))?;
-        }
+        attach_through_pin!(prog, XdpLink, &pin, { prog.attach(ifname, mode) }).map_err(
+            |message| BpfError::Attach {
+                program: program_name,
+                ifname: ifname.to_owned(),
+                message: format!("{hook_name}: {message}"),
+            },
+        )?;
+        self.record(program_name, program_id, ifname, hook_name, pin);
+        Ok(())
+    }
+
+    fn record(
+        &mut self,
+        program: &'static str,
+        program_id: u32,
+        ifname: &str,
+        hook: &'static str,
+        pin: PathBuf,
+    ) {
         self.attachments.retain(|a| a.pin != pin);
         self.attachments.push(Attachment {
-            program: program_name,
+            program,
             program_id,
             ifname: ifname.to_owned(),
-            hook: hook_name,
+            hook,
             pin,
         });
-        Ok(())
+    }
+}
+
+/// Attaches `$prog` through the link pinned at `$pin`: if a link is pinned
+/// there, the program is swapped into it atomically (traffic never sees the
+/// hook empty); otherwise `$attach` creates a new link, which is pinned.
+/// aya's link types share no trait for this, hence a macro.
+macro_rules! attach_through_pin {
+    ($prog:ident, $link_ty:ty, $pin:expr, $attach:block) => {{
+        let pin: &Path = $pin;
+        match pinned_link(pin) {
+            Err(e) => Err(e),
+            Ok(existing) => {
+                let fresh = existing.is_none();
+                let id = match existing {
+                    Some(old) => <$link_ty>::try_from(old)
+                        .map_err(|e| format!("reuse pinned link {}: {e}", pin.display()))
+                        .and_then(|link| {
+                            $prog.attach_to_link(link).map_err(|e| {
+                                format!("replace the program in pinned link {}: {e}", pin.display())
+                            })
+                        }),
+                    None => $attach.map_err(|e| format!("attach: {e}")),
+                };
+                id.and_then(|id| $prog.take_link(id).map_err(|e| format!("take link: {e}")))
+                    .and_then(|link| FdLink::try_from(link).map_err(|e| format!("link: {e}")))
+                    .and_then(|link| {
+                        if fresh {
+                            link.pin(pin)
+                                .map(drop)
+                                .map_err(|e| format!("pin link at {}: {e}", pin.display()))
+                        } else {
+                            Ok(())
+                        }
+                    })
+            }
+        }
+    }};
+}
+use attach_through_pin;
+
+/// The link pinned at `pin`, if there is one.
+fn pinned_link(pin: &Path) -> Result<Option<FdLink>, String> {
+    match PinnedLink::from_pin(pin) {
+        Ok(old) => Ok(Some(FdLink::from(old))),
+        Err(aya::programs::links::LinkError::SyscallError(e))
+            if e.io_error.kind() == io::ErrorKind::NotFound =>
+        {
+            Ok(None)
+        }
+        Err(e) => Err(format!("open pinned link {}: {e}", pin.display())),
     }
 }
 
@@ -401,9 +401,12 @@ const UPLINK_LINKS: [(UplinkHook, &str); 3] = [
     (UplinkHook::XdpGeneric, "uplink_xdp_generic"),
 ];
 
+/// Prefix of the pinned link names of containers' host-side veths.
+pub const CONTAINER_LINK_PREFIX: &str = "container_";
+
 /// The pinned link name of a container's host-side veth.
 pub fn container_link_name(host_ifname: &str) -> String {
-    format!("container_{host_ifname}")
+    format!("{CONTAINER_LINK_PREFIX}{host_ifname}")
 }
 
 fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, BpfError>

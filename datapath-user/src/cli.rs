@@ -103,6 +103,10 @@ pub struct AgentArgs {
     /// Forward kernel-side debug logs (costly under floods).
     #[arg(long)]
     pub kernel_debug_logs: bool,
+    /// Instead of running: remove every program, link, pin, veth and state
+    /// file an agent with these paths made, and exit.
+    #[arg(long)]
+    pub cleanup: bool,
 }
 
 /// `datapath container …`.
@@ -121,6 +125,22 @@ pub enum ContainerCmd {
         /// Publish a port like docker -p: [IP:]HOST[-END]:CONTAINER[-END][/tcp|/udp].
         #[arg(long = "publish", short = 'p')]
         publish: Vec<String>,
+    },
+    /// Publish more ports of a running container.
+    Publish {
+        /// Container name.
+        name: String,
+        /// Ports like docker -p: [IP:]HOST[-END]:CONTAINER[-END][/tcp|/udp].
+        #[arg(required = true)]
+        specs: Vec<String>,
+    },
+    /// Stop publishing ports of a container (its established flows go on).
+    Unpublish {
+        /// Container name.
+        name: String,
+        /// Ports as they were published.
+        #[arg(required = true)]
+        specs: Vec<String>,
     },
     /// Remove a container's network (succeeds if it is already gone).
     Del {
@@ -183,20 +203,24 @@ impl AgentArgs {
 
 /// Runs the agent until SIGINT or SIGTERM.
 pub async fn run_agent(args: &AgentArgs, socket: PathBuf) -> anyhow::Result<()> {
+    if args.cleanup {
+        return Agent::cleanup(&args.config()).await;
+    }
     let mut agent = Agent::start(args.config()).await?;
     if let Some(logger) = agent.datapath_mut().take_logger() {
         tokio::spawn(forward_kernel_logs(logger));
     }
     let gc_every = agent.gc_interval();
+    let mut collector = agent.collector()?;
     let agent = Arc::new(tokio::sync::Mutex::new(agent));
-    let gc_agent = agent.clone();
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(gc_every);
+    // A plain thread: the runtime would wait for a blocking task at exit.
+    std::thread::spawn(move || {
         loop {
-            tick.tick().await;
-            let n = gc_agent.lock().await.gc();
-            if n > 0 {
-                tracing::debug!(removed = n, "conntrack gc");
+            std::thread::sleep(gc_every);
+            match collector.collect() {
+                Ok(0) => {}
+                Ok(n) => tracing::debug!(removed = n, "conntrack gc"),
+                Err(e) => tracing::warn!("conntrack gc: {e}"),
             }
         }
     });
@@ -312,6 +336,20 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 "{} {} via {} ({})",
                 info.name, info.addr, info.gateway, info.host_ifname
             );
+            Ok(())
+        }
+        Command::Container(ContainerCmd::Publish { name, specs }) => {
+            for spec in specs {
+                let info = client.publish(&name, &spec).await?;
+                println!("{} publishes {}", info.name, info.publish.join(","));
+            }
+            Ok(())
+        }
+        Command::Container(ContainerCmd::Unpublish { name, specs }) => {
+            for spec in specs {
+                let info = client.unpublish(&name, &spec).await?;
+                println!("{} publishes {}", info.name, info.publish.join(","));
+            }
             Ok(())
         }
         Command::Container(ContainerCmd::Del { name }) => {

@@ -135,6 +135,29 @@ pub fn gc(
     Ok(removed)
 }
 
+/// Collects expired flows periodically, on its own handle of the pinned
+/// conntrack map.
+pub struct Collector {
+    ct: HashMap<MapData, CtKey, CtEntry>,
+    timeouts: Timeouts,
+}
+
+impl Collector {
+    /// Opens the conntrack map pinned at `pin`.
+    pub fn open(pin: &std::path::Path, timeouts: Timeouts) -> Result<Self, MapError> {
+        let map = aya::maps::Map::HashMap(MapData::from_pin(pin)?);
+        Ok(Self {
+            ct: HashMap::try_from(map)?,
+            timeouts,
+        })
+    }
+
+    /// One pass: removes expired flows; returns the entries removed.
+    pub fn collect(&mut self) -> Result<usize, MapError> {
+        gc(&mut self.ct, &self.timeouts, now_ns())
+    }
+}
+
 fn proto_name(p: u8) -> &'static str {
     match p {
         proto::TCP => "tcp",

@@ -77,6 +77,24 @@ async fn del(
     Ok(StatusCode::NO_CONTENT)
 }
 
+async fn publish(
+    State(agent): State<Shared>,
+    UrlPath(name): UrlPath<String>,
+    body: Result<Json<api::PortRequest>, JsonRejection>,
+) -> Result<Json<api::ContainerInfo>, Error> {
+    let Json(req) = body?;
+    Ok(Json(agent.lock().await.publish(&name, &req.publish)?))
+}
+
+async fn unpublish(
+    State(agent): State<Shared>,
+    UrlPath(name): UrlPath<String>,
+    body: Result<Json<api::PortRequest>, JsonRejection>,
+) -> Result<Json<api::ContainerInfo>, Error> {
+    let Json(req) = body?;
+    Ok(Json(agent.lock().await.unpublish(&name, &req.publish)?))
+}
+
 async fn conntrack(State(agent): State<Shared>) -> Result<Json<Vec<api::Flow>>, Error> {
     Ok(Json(agent.lock().await.conntrack()?))
 }
@@ -104,6 +122,10 @@ pub fn router(agent: Shared) -> Router {
         .route("/v1/status", get(status))
         .route("/v1/containers", get(list).post(add))
         .route("/v1/containers/{name}", get(get_one).delete(del))
+        .route(
+            "/v1/containers/{name}/ports",
+            axum::routing::post(publish).delete(unpublish),
+        )
         .route("/v1/conntrack", get(conntrack).delete(flush))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(MAX_BODY))

@@ -60,6 +60,9 @@ pub struct Container {
     pub addr: Ipv4Addr,
     /// Published ports.
     pub publish: Vec<PortMapping>,
+    /// MAC address of the container's interface (hex, `aa:bb:…`).
+    #[serde(default)]
+    pub mac: String,
 }
 
 /// Everything the agent persists.
@@ -111,6 +114,11 @@ impl StateStore {
     /// The state file's path.
     pub fn path(&self) -> PathBuf {
         self.dir.join(STATE_FILE)
+    }
+
+    /// The state directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
     }
 
     /// Reads the state; a missing file is an empty state.
@@ -178,6 +186,7 @@ mod tests {
             host_ifname: format!("dp{id:x}"),
             addr,
             publish: vec!["8080:80".parse().expect("valid")],
+            mac: "02:00:00:00:00:01".into(),
         }
     }
 
