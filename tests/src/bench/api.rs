@@ -75,6 +75,23 @@ impl Api {
             .map(drop)
     }
 
+    /// `POST /v1/containers/{name}/ports`: publishes one more port of a
+    /// running container.
+    pub fn publish(&self, name: &str, spec: &str) -> Result<Value> {
+        let body = serde_json::json!({ "publish": spec });
+        self.call("POST", &format!("/v1/containers/{name}/ports"), Some(&body))
+    }
+
+    /// `DELETE /v1/containers/{name}/ports`: stops publishing one port.
+    pub fn unpublish(&self, name: &str, spec: &str) -> Result<Value> {
+        let body = serde_json::json!({ "publish": spec });
+        self.call(
+            "DELETE",
+            &format!("/v1/containers/{name}/ports"),
+            Some(&body),
+        )
+    }
+
     /// `DELETE /v1/conntrack`: forgets every tracked flow.
     pub fn flush_conntrack(&self) -> Result<()> {
         self.call("DELETE", "/v1/conntrack", None).map(drop)

@@ -8,7 +8,8 @@
 //!   UDP), [`rr`] (request/response latency), [`connrate`] (new
 //!   connections per second), [`control`] (container add/delete), and the
 //!   update timings in the beds' backends; [`cpu`] reads `/proc/stat`
-//!   around them and waits for a quiet machine.
+//!   around them and waits for a quiet machine, [`snmp`] counts the
+//!   datagrams that reach the container.
 //! * [`run`] schedules them (interleaved modes, repetitions, scaling
 //!   sizes); [`results`] and [`stats`] keep and summarize the samples;
 //!   [`targets`] checks the targets; [`report`] writes markdown and
@@ -28,6 +29,7 @@ pub mod report;
 pub mod results;
 pub mod rr;
 pub mod run;
+pub mod snmp;
 pub mod sock;
 pub mod stats;
 pub mod targets;

@@ -284,10 +284,10 @@ pub fn markdown(meta: &Meta, cfg: &Config, r: &Results) -> String {
         out,
         "## Updating one mapping (p50 / p99 of {} samples)\n\n\
          iptables and nft: one command each (`iptables -t nat -A|-D`, `nft add|delete element`), \
-         process start included, as Docker and CNI plugins run them. This datapath: an API call \
-         (a container with one published port added or deleted: veth pair, addresses, routes, \
-         map entries, program attach), the same through the `datapath` CLI, and the BPF map \
-         update alone.\n",
+         process start included, as Docker and CNI plugins run them. This datapath: one API call \
+         publishing or unpublishing a port of a running container (map entry plus the agent's \
+         state file, written and fsynced), the same through the `datapath` CLI (process start \
+         included), and the BPF map update alone.\n",
         cfg.update_samples
     );
     sized_table(&mut out, r, Section::Update, &publishing);

@@ -21,6 +21,7 @@ use crate::bench::{
     mode::Mode,
     results::{Metric, Results, metric},
     rr,
+    snmp::UdpCounters,
     stats::percentile,
 };
 
@@ -178,13 +179,13 @@ impl Config {
             quick: true,
             reps: 3,
             iperf_secs: 1,
-            window: Duration::from_secs(1),
+            window: Duration::from_millis(750),
             sizes: vec![10_000],
-            update_samples: 8,
+            update_samples: 6,
             control_containers: 20,
             quiet: QuietPolicy {
                 min_idle: 0.8,
-                sample: Duration::from_millis(200),
+                sample: Duration::from_millis(150),
                 max_wait: Duration::from_secs(1),
             },
             quiet_budget: Duration::from_secs(20),
@@ -356,23 +357,37 @@ impl<'b, 'n> Runner<'b, 'n> {
                 Ok(format!("{gbps:.1}"))
             }
             Kind::Udp => {
+                let before = UdpCounters::read(bed.container())?;
                 let res = iperf::run(
                     client,
                     bed.ingress(IPERF_PORT),
                     Test::Udp { payload: 64 },
                     cfg.iperf_secs,
                 )?;
-                let received = res.received() as f64;
-                let kpps = received / res.secs / 1e3;
+                let after = UdpCounters::read(bed.container())?;
+                if after.in_csum_errors > before.in_csum_errors {
+                    r.notes.push(format!(
+                        "{mode} udp: {} datagrams with bad checksums reached the container",
+                        after.in_csum_errors - before.in_csum_errors
+                    ));
+                }
+                let arrived = after.arrived_since(&before) as f64;
+                let kpps = arrived / res.secs / 1e3;
                 let loss = if res.packets > 0 {
                     100.0 * res.lost as f64 / res.packets as f64
                 } else {
                     0.0
                 };
                 r.record(&metric::UDP_PPS, mode, ports, kpps);
+                r.record(
+                    &metric::UDP_SENT,
+                    mode,
+                    ports,
+                    res.packets as f64 / res.secs / 1e3,
+                );
                 r.record(&metric::UDP_LOSS, mode, ports, loss);
-                if received > 0.0 {
-                    let per = 1e5 / received * 1e3;
+                if arrived > 0.0 {
+                    let per = 1e5 / arrived * 1e3;
                     r.record(
                         &metric::CPU_SOFTIRQ_PKTS,
                         mode,
@@ -476,9 +491,20 @@ impl<'b, 'n> Runner<'b, 'n> {
         }
     }
 
+    /// Forgets every bed's tracked connections, so that control-plane
+    /// figures do not depend on what the measurements before left behind.
+    fn flush_all(&mut self) {
+        for bed in self.beds.iter() {
+            if let Err(e) = bed.flush_conntrack() {
+                self.results.notes.push(format!("{e:#}"));
+            }
+        }
+    }
+
     /// Times adding and removing one mapping `update_samples` times in
-    /// every publishing bed, interleaved.
+    /// every publishing bed, interleaved (with empty connection tables).
     fn updates(&mut self) -> Result<()> {
+        self.flush_all();
         print!("updates     :");
         for n in 0..self.cfg.update_samples {
             check_interrupted()?;
@@ -527,6 +553,7 @@ impl<'b, 'n> Runner<'b, 'n> {
     /// Adds `control_containers` containers (one published port each) and
     /// deletes them again through the API of every datapath bed.
     fn control_plane(&mut self) -> Result<()> {
+        self.flush_all();
         let count = self.cfg.control_containers;
         for bed in self.beds.iter().filter(|b| b.mode().is_datapath()) {
             check_interrupted()?;

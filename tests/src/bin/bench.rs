@@ -4,7 +4,7 @@
 //! Run through the xtask (it builds the release agent and sets
 //! `DATAPATH_BIN`). Options, for working on the bench itself:
 //! `--modes route,datapath-tc`, `--only conn,rr`, `--reps N`, `--sizes
-//! 1000,10000`, `--out DIR`.
+//! 1000,10000`, `--conn-threads N`, `--out DIR`.
 
 use std::{
     path::{Path, PathBuf},
@@ -66,6 +66,7 @@ fn parse_args() -> Result<Args> {
     let mut quick = false;
     let mut extra: Vec<String> = Vec::new();
     let (mut modes, mut kinds, mut reps, mut sizes) = (None, None, None, None);
+    let mut threads = None;
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--quick" => {
@@ -95,10 +96,18 @@ fn parse_args() -> Result<Args> {
                 extra.push(format!("--sizes {}", join(&s, |s: usize| s.to_string())));
                 sizes = Some(s);
             }
+            "--conn-threads" => {
+                let t: usize = args
+                    .next()
+                    .context("--conn-threads needs a value")?
+                    .parse()?;
+                extra.push(format!("--conn-threads {t}"));
+                threads = Some(t.clamp(1, 64));
+            }
             "--out" => out = PathBuf::from(args.next().context("--out needs a directory")?),
             "-h" | "--help" => {
                 println!(
-                    "bench [--quick] [--modes M,…] [--only KIND,…] [--reps N] [--sizes N,…] [--out DIR]\n\
+                    "bench [--quick] [--modes M,…] [--only KIND,…] [--reps N] [--sizes N,…] [--conn-threads N] [--out DIR]\n\
                      modes: {}\nkinds: {}",
                     join(&Mode::ALL, Mode::name),
                     join(&Kind::ALL, Kind::name)
@@ -112,6 +121,7 @@ fn parse_args() -> Result<Args> {
     cfg.kinds = kinds.unwrap_or(cfg.kinds);
     cfg.reps = reps.unwrap_or(cfg.reps);
     cfg.sizes = sizes.unwrap_or(cfg.sizes);
+    cfg.conn_threads = threads.unwrap_or(cfg.conn_threads);
     let quick = if quick { " --quick" } else { "" };
     let command = if extra.is_empty() {
         format!("cargo xtask bench{quick}")

@@ -15,7 +15,8 @@ use crate::{agent::Agent, bench::api::Api, netns::Netns};
 
 /// The container whose ports are the fillers.
 const FILLER: &str = "filler";
-/// The container added and removed to time one mapping's update.
+/// The container whose port is published and unpublished to time one
+/// mapping's update.
 const UPDATE: &str = "update";
 
 /// The agent of one node, with the namespaces of the filler and update
@@ -25,22 +26,25 @@ pub struct AgentBackend<'n> {
     agent: Agent<'n>,
     api: Api,
     filler_ns: Netns,
-    update_ns: Netns,
+    _update_ns: Netns,
     fillers: usize,
 }
 
 impl<'n> AgentBackend<'n> {
     /// Takes over a running agent; `filler_ns` and `update_ns` are empty
-    /// namespaces for the filler and update containers.
-    pub fn new(agent: Agent<'n>, filler_ns: Netns, update_ns: Netns) -> Self {
+    /// namespaces for the filler and update containers. The update
+    /// container is added now, without ports.
+    pub fn new(agent: Agent<'n>, filler_ns: Netns, update_ns: Netns) -> Result<Self> {
         let api = Api::new(agent.socket());
-        Self {
+        api.add_container(UPDATE, update_ns.name(), &[])
+            .context("adding the update container")?;
+        Ok(Self {
             agent,
             api,
             filler_ns,
-            update_ns,
+            _update_ns: update_ns,
             fillers: 0,
-        }
+        })
     }
 
     /// The agent's API.
@@ -53,8 +57,8 @@ impl<'n> AgentBackend<'n> {
         &self.agent
     }
 
-    /// Times `datapath container add` (the CLI, a process of its own like
-    /// `iptables`) of the update container with one published port.
+    /// Times the `datapath` CLI (a process of its own, like `iptables`)
+    /// running `args`.
     fn cli(&self, args: &[&str]) -> Result<Duration> {
         let start = Instant::now();
         let out = self.agent.cli(args);
@@ -93,35 +97,27 @@ impl Backend for AgentBackend<'_> {
     }
 
     fn time_add(&mut self) -> Result<Duration> {
-        let publish = [Mapping::tcp(UPDATE_PORT, 80).spec()];
+        let spec = Mapping::tcp(UPDATE_PORT, 80).spec();
         let start = Instant::now();
-        self.api
-            .add_container(UPDATE, self.update_ns.name(), &publish)?;
+        self.api.publish(UPDATE, &spec)?;
         Ok(start.elapsed())
     }
 
     fn time_del(&mut self) -> Result<Duration> {
+        let spec = Mapping::tcp(UPDATE_PORT, 80).spec();
         let start = Instant::now();
-        self.api.del_container(UPDATE)?;
+        self.api.unpublish(UPDATE, &spec)?;
         Ok(start.elapsed())
     }
 
     fn time_cli_add(&mut self) -> Option<Result<Duration>> {
         let spec = Mapping::tcp(UPDATE_PORT, 80).spec();
-        let ns = self.update_ns.name().to_owned();
-        Some(self.cli(&[
-            "container",
-            "add",
-            UPDATE,
-            "--netns",
-            &ns,
-            "--publish",
-            &spec,
-        ]))
+        Some(self.cli(&["container", "publish", UPDATE, &spec]))
     }
 
     fn time_cli_del(&mut self) -> Option<Result<Duration>> {
-        Some(self.cli(&["container", "del", UPDATE]))
+        let spec = Mapping::tcp(UPDATE_PORT, 80).spec();
+        Some(self.cli(&["container", "unpublish", UPDATE, &spec]))
     }
 
     fn time_map_update(&mut self) -> Option<Result<(Duration, Duration)>> {
@@ -154,8 +150,14 @@ impl Backend for AgentBackend<'_> {
     }
 
     fn describe(&self) -> String {
+        let hook = self
+            .api
+            .call("GET", "/v1/status", None)
+            .ok()
+            .and_then(|s| s["uplink"]["hook"].as_str().map(str::to_owned))
+            .unwrap_or_else(|| "?".to_owned());
         format!(
-            "datapath agent: {} published ports in SERVICES",
+            "datapath agent, uplink hook {hook}: {} published ports in SERVICES",
             self.fillers + super::UNDER_TEST.len()
         )
     }

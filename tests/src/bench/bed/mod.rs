@@ -235,7 +235,7 @@ impl<'n> Bed<'n> {
                 agent,
                 node.add_container_netns("fill"),
                 node.add_container_netns("upd"),
-            );
+            )?;
             let publish: Vec<String> = UNDER_TEST.iter().map(Mapping::spec).collect();
             let info = backend
                 .api()
