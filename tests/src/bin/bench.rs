@@ -62,7 +62,7 @@ fn list<T>(value: Option<String>, what: &str, parse: impl Fn(&str) -> Option<T>)
 fn parse_args() -> Result<Args> {
     let mut args = std::env::args().skip(1);
     let mut cfg = Config::full();
-    let mut out = Path::new(env!("CARGO_MANIFEST_DIR")).join("../bench/results");
+    let mut out = workspace_root().join("bench/results");
     let mut quick = false;
     let mut extra: Vec<String> = Vec::new();
     let (mut modes, mut kinds, mut reps, mut sizes) = (None, None, None, None);
@@ -214,6 +214,12 @@ fn real_main() -> Result<()> {
     Ok(())
 }
 
+/// The workspace's root directory (the tests crate's parent).
+fn workspace_root() -> PathBuf {
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
+    manifest.parent().unwrap_or(manifest).to_path_buf()
+}
+
 /// The first line of `program args`' output, if it runs.
 fn version(program: &str, args: &[&str]) -> String {
     Command::new(program)
@@ -246,7 +252,7 @@ fn machine_meta(command: &str) -> Meta {
                 .map(|m| m.trim().to_owned())
         })
         .unwrap_or_else(|| "?".to_owned());
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let root = workspace_root();
     let commit = Command::new("git")
         .arg("-C")
         .arg(&root)
