@@ -98,11 +98,12 @@ fn header(out: &mut String, first: &[&str], modes: &[Mode]) {
     );
 }
 
-fn metrics_of(section: Section) -> impl Iterator<Item = &'static Metric> {
+fn metrics_of(section: Section) -> Vec<&'static Metric> {
     metric::ALL
         .iter()
         .copied()
-        .filter(move |m| m.section == section)
+        .filter(|m| m.section == section)
+        .collect()
 }
 
 /// A table of `section`'s figures at `ports` for every mode measured.
@@ -128,8 +129,15 @@ fn figures_table(out: &mut String, r: &Results, section: Section, modes: &[Mode]
     out.push('\n');
 }
 
-/// Ratio tables of `section` against each baseline.
-fn ratio_tables(out: &mut String, r: &Results, section: Section, modes: &[Mode], sized: bool) {
+/// Ratio tables of `metrics` against each baseline (at the base port
+/// count, or at every port count measured if `sized`).
+fn ratio_tables(
+    out: &mut String,
+    r: &Results,
+    metrics: &[&'static Metric],
+    modes: &[Mode],
+    sized: bool,
+) {
     for base in BASELINES {
         if !modes.contains(&base) {
             continue;
@@ -143,7 +151,7 @@ fn ratio_tables(out: &mut String, r: &Results, section: Section, modes: &[Mode],
         };
         header(out, first, &others);
         let mut rows = 0;
-        for m in metrics_of(section) {
+        for m in metrics.iter().copied() {
             let sizes = if sized { r.sizes(m) } else { vec![BASE_PORTS] };
             for ports in sizes {
                 let Some(b) = r.summary(m, base, ports) else {
@@ -169,10 +177,10 @@ fn ratio_tables(out: &mut String, r: &Results, section: Section, modes: &[Mode],
     }
 }
 
-/// A table of `section`'s figures by port count.
-fn sized_table(out: &mut String, r: &Results, section: Section, modes: &[Mode]) {
+/// A table of `metrics` by port count.
+fn sized_table(out: &mut String, r: &Results, metrics: &[&'static Metric], modes: &[Mode]) {
     header(out, &["Figure", "Ports"], modes);
-    for m in metrics_of(section) {
+    for m in metrics.iter().copied() {
         for ports in r.sizes(m) {
             let cells: Vec<String> = modes
                 .iter()
@@ -269,16 +277,21 @@ pub fn markdown(meta: &Meta, cfg: &Config, r: &Results) -> String {
     );
     figures_table(&mut out, r, Section::DataPath, &modes);
     out.push_str("### Ratios\n\n");
-    ratio_tables(&mut out, r, Section::DataPath, &modes, false);
+    ratio_tables(&mut out, r, &metrics_of(Section::DataPath), &modes, false);
 
     out.push_str("## CPU per unit of work (machine-wide /proc/stat deltas)\n\n");
     figures_table(&mut out, r, Section::Cpu, &modes);
-    ratio_tables(&mut out, r, Section::Cpu, &modes, false);
+    ratio_tables(&mut out, r, &metrics_of(Section::Cpu), &modes, false);
 
-    out.push_str("## Scaling: hitting the last of N published ports\n\n");
-    sized_table(&mut out, r, Section::Scaling, &publishing);
+    let _ = writeln!(
+        out,
+        "## Scaling: hitting the last of N published ports\n\n\
+         Each repetition goes through every size in turn (the filler ports are re-installed \
+         each time), so the sizes of one mode are measured minutes, not a whole run, apart.\n"
+    );
+    sized_table(&mut out, r, metric::SCALING, &modes);
     out.push_str("### Ratios\n\n");
-    ratio_tables(&mut out, r, Section::Scaling, &publishing, true);
+    ratio_tables(&mut out, r, metric::SCALING, &publishing, true);
 
     let _ = writeln!(
         out,
@@ -290,7 +303,7 @@ pub fn markdown(meta: &Meta, cfg: &Config, r: &Results) -> String {
          included), and the BPF map update alone.\n",
         cfg.update_samples
     );
-    sized_table(&mut out, r, Section::Update, &publishing);
+    sized_table(&mut out, r, &metrics_of(Section::Update), &publishing);
 
     let _ = writeln!(
         out,

@@ -1,6 +1,6 @@
 //! Request/response latency over one TCP connection (netperf's TCP_RR):
 //! the client sends one byte, the server echoes it, the client times each
-//! round trip.
+//! round trip. Client and server share one CPU (see [`CPU`]).
 
 use std::{
     io::{Read, Write},
@@ -14,6 +14,10 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
+use nix::{
+    sched::{CpuSet, sched_setaffinity},
+    unistd::Pid,
+};
 
 use crate::{
     bench::{
@@ -25,6 +29,22 @@ use crate::{
 
 /// Bytes per request and per response.
 const MESSAGE: usize = 1;
+/// The CPU both the client and the server run on.
+///
+/// On one CPU a transaction costs the path twice plus two context
+/// switches. Across CPUs it would also cost two cross-CPU wakeups, and on
+/// this VM a wakeup of an idle vCPU takes anywhere from a few to ~30 µs
+/// depending on what else runs. That would swamp the path's cost.
+const CPU: usize = 0;
+
+/// Pins the calling thread to [`CPU`]. Best effort: in a restricted
+/// cpuset the thread stays where it is.
+fn pin() {
+    let mut set = CpuSet::new();
+    if set.set(CPU).is_ok() {
+        let _ = sched_setaffinity(Pid::from_raw(0), &set);
+    }
+}
 
 /// An echo server serving one connection at a time; stopped on drop.
 #[derive(Debug)]
@@ -39,7 +59,10 @@ impl RrServer {
         let listener = sock::listen_in(ns, port)?;
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
-        let thread = std::thread::spawn(move || serve(&listener, &flag));
+        let thread = std::thread::spawn(move || {
+            pin();
+            serve(&listener, &flag)
+        });
         Ok(Self {
             stop,
             thread: Some(thread),
@@ -113,6 +136,7 @@ impl RrResult {
 /// transactions, whichever comes first, over one connection.
 pub fn run(ns: &Netns, target: SocketAddrV4, duration: Duration, max: usize) -> Result<RrResult> {
     ns.exec_closure(|| {
+        pin();
         let (mut conn, _) =
             sock::connect_from(None, target).with_context(|| format!("connecting to {target}"))?;
         let mut lat = Vec::with_capacity(max.min(1 << 20));

@@ -223,77 +223,91 @@ impl<'b, 'n> Runner<'b, 'n> {
         self.results
     }
 
-    /// Everything: the data path with the base ports, updates and the
-    /// control plane at the base, then each scaling size.
+    /// Everything. First the kinds that run with the base ports only,
+    /// then the control plane, then the scaling kinds: each repetition goes
+    /// through every size (base first), re-installing the filler ports, and
+    /// times a share of the update samples at each size. The sizes of one
+    /// mode are thus measured minutes apart, not a whole run apart.
     pub fn run_all(&mut self) -> Result<()> {
         let kinds = self.cfg.kinds.clone();
-        for kind in &kinds {
-            self.interleaved(*kind, false)?;
+        let (scaling, plain): (Vec<Kind>, Vec<Kind>) =
+            kinds.iter().partition(|k| Kind::SCALING.contains(k));
+        for kind in plain {
+            for rep in 0..self.cfg.reps {
+                self.round(kind, rep)?;
+            }
         }
-        self.updates()?;
         self.control_plane()?;
-        for size in self.cfg.sizes.clone() {
-            check_interrupted()?;
-            let fillers = size.saturating_sub(BASE_PORTS);
-            println!("== {size} published ports ({fillers} fillers, the ports under test last)");
-            for bed in self.beds.iter_mut().filter(|b| b.mode().publishes()) {
-                let start = Instant::now();
-                bed.set_fillers(fillers)?;
-                println!(
-                    "   {}: {} ({:.1} s)",
-                    bed.mode(),
-                    bed.describe(),
-                    start.elapsed().as_secs_f64()
-                );
-            }
-            for kind in Kind::SCALING {
-                if kinds.contains(&kind) {
-                    self.interleaved(kind, true)?;
+        let mut sizes = vec![BASE_PORTS];
+        sizes.extend(self.cfg.sizes.iter().filter(|s| **s > BASE_PORTS));
+        let reps = self.cfg.reps.max(1);
+        let samples = self.cfg.update_samples.div_ceil(reps);
+        for rep in 0..reps {
+            for &size in &sizes {
+                self.set_size(size)?;
+                for kind in &scaling {
+                    self.round(*kind, rep)?;
                 }
+                self.updates(samples)?;
             }
-            self.updates()?;
         }
         Ok(())
     }
 
-    /// `reps` rounds of `kind` over every bed that takes part.
-    fn interleaved(&mut self, kind: Kind, scaled: bool) -> Result<()> {
+    /// Makes `size` ports published in every publishing bed.
+    fn set_size(&mut self, size: usize) -> Result<()> {
+        check_interrupted()?;
+        let fillers = size.saturating_sub(BASE_PORTS);
+        let start = Instant::now();
+        for bed in self.beds.iter_mut().filter(|b| b.mode().publishes()) {
+            bed.set_fillers(fillers)?;
+        }
+        println!(
+            "== {size} published ports ({fillers} fillers before the ports under test), \
+             installed in {:.1} s",
+            start.elapsed().as_secs_f64()
+        );
+        Ok(())
+    }
+
+    /// Repetition `rep` of `kind`: once in every bed that takes part (all
+    /// of them with the base ports, the publishing ones with more), in an
+    /// order rotated by `rep`.
+    fn round(&mut self, kind: Kind, rep: usize) -> Result<()> {
+        let ports = self
+            .beds
+            .iter()
+            .map(|b| b.fillers() + BASE_PORTS)
+            .max()
+            .unwrap_or(BASE_PORTS);
         let idx: Vec<usize> = (0..self.beds.len())
-            .filter(|&i| !scaled || self.beds[i].mode().publishes())
+            .filter(|&i| ports == BASE_PORTS || self.beds[i].mode().publishes())
             .collect();
-        if idx.is_empty() {
-            return Ok(());
-        }
-        for rep in 0..self.cfg.reps {
-            print!(
-                "{:<12} {}/{}:",
-                if scaled {
-                    format!("{}*", kind.name())
-                } else {
-                    kind.name().to_owned()
-                },
-                rep + 1,
-                self.cfg.reps
-            );
-            for k in 0..idx.len() {
-                check_interrupted()?;
-                let i = idx[(k + rep) % idx.len()];
-                self.wait_quiet();
-                let mode = self.beds[i].mode();
-                match self.measure(i, kind, scaled) {
-                    Ok(shown) => print!("  {mode} {shown}"),
-                    Err(e) => {
-                        print!("  {mode} FAILED");
-                        self.results
-                            .notes
-                            .push(format!("{mode} {} failed: {e:#}", kind.name()));
-                    }
+        print!(
+            "{:<12} {:>5} ports {}/{}:",
+            kind.name(),
+            ports,
+            rep + 1,
+            self.cfg.reps
+        );
+        for k in 0..idx.len() {
+            check_interrupted()?;
+            let i = idx[(k + rep) % idx.len()];
+            self.wait_quiet();
+            let mode = self.beds[i].mode();
+            match self.measure(i, kind) {
+                Ok(shown) => print!("  {mode} {shown}"),
+                Err(e) => {
+                    print!("  {mode} FAILED");
+                    self.results
+                        .notes
+                        .push(format!("{mode} {} failed: {e:#}", kind.name()));
                 }
-                use std::io::Write as _;
-                let _ = std::io::stdout().flush();
             }
-            println!();
+            use std::io::Write as _;
+            let _ = std::io::stdout().flush();
         }
+        println!();
         Ok(())
     }
 
@@ -316,7 +330,7 @@ impl<'b, 'n> Runner<'b, 'n> {
 
     /// One measurement of `kind` in bed `i`; returns its headline figure
     /// for the progress line.
-    fn measure(&mut self, i: usize, kind: Kind, scaled: bool) -> Result<String> {
+    fn measure(&mut self, i: usize, kind: Kind) -> Result<String> {
         let bed = &self.beds[i];
         let mode = bed.mode();
         let ports = bed.fillers() + BASE_PORTS;
@@ -333,14 +347,13 @@ impl<'b, 'n> Runner<'b, 'n> {
                 let test = Test::Tcp { streams, reverse };
                 let res = iperf::run(client, bed.ingress(IPERF_PORT), test, cfg.iperf_secs)?;
                 let gbps = res.bits_per_second / 1e9;
-                let m: &'static Metric = match (kind, scaled) {
-                    (Kind::Tcp1, true) => &metric::SCALE_TCP_1,
-                    (Kind::Tcp1, false) => &metric::TCP_1,
-                    (Kind::Tcp4, _) => &metric::TCP_4,
+                let m: &'static Metric = match kind {
+                    Kind::Tcp1 => &metric::TCP_1,
+                    Kind::Tcp4 => &metric::TCP_4,
                     _ => &metric::TCP_REV,
                 };
                 r.record(m, mode, ports, gbps);
-                if kind == Kind::Tcp1 && !scaled && res.gbits() > 0.0 {
+                if kind == Kind::Tcp1 && ports == BASE_PORTS && res.gbits() > 0.0 {
                     r.record(
                         &metric::CPU_SOFTIRQ_GBIT,
                         mode,
@@ -373,18 +386,13 @@ impl<'b, 'n> Runner<'b, 'n> {
                 }
                 let arrived = after.arrived_since(&before) as f64;
                 let kpps = arrived / res.secs / 1e3;
-                let loss = if res.packets > 0 {
-                    100.0 * res.lost as f64 / res.packets as f64
+                let sent = res.packets as f64;
+                let loss = if sent > 0.0 {
+                    (100.0 * (sent - arrived) / sent).max(0.0)
                 } else {
                     0.0
                 };
                 r.record(&metric::UDP_PPS, mode, ports, kpps);
-                r.record(
-                    &metric::UDP_SENT,
-                    mode,
-                    ports,
-                    res.packets as f64 / res.secs / 1e3,
-                );
                 r.record(&metric::UDP_LOSS, mode, ports, loss);
                 if arrived > 0.0 {
                     let per = 1e5 / arrived * 1e3;
@@ -409,14 +417,9 @@ impl<'b, 'n> Runner<'b, 'n> {
                     percentile(&res.latencies_us, 50.0),
                     percentile(&res.latencies_us, 99.0),
                 );
-                if scaled {
-                    r.record(&metric::SCALE_RR_P50, mode, ports, p50);
-                    r.record(&metric::SCALE_RR_P99, mode, ports, p99);
-                } else {
-                    r.record(&metric::RR_P50, mode, ports, p50);
-                    r.record(&metric::RR_P99, mode, ports, p99);
-                    r.record(&metric::RR_TPS, mode, ports, res.tps() / 1e3);
-                }
+                r.record(&metric::RR_P50, mode, ports, p50);
+                r.record(&metric::RR_P99, mode, ports, p99);
+                r.record(&metric::RR_TPS, mode, ports, res.tps() / 1e3);
                 Ok(format!("{p50:.0}/{p99:.0}µs"))
             }
             Kind::Conn | Kind::EgressConn => {
@@ -444,27 +447,20 @@ impl<'b, 'n> Runner<'b, 'n> {
                 let rate = res.rate() / 1e3;
                 let p50 = percentile(&res.connect_us, 50.0);
                 let p99 = percentile(&res.connect_us, 99.0);
-                match (egress, scaled) {
-                    (true, _) => {
-                        r.record(&metric::EGRESS_CONN, mode, ports, rate);
-                        r.record(&metric::EGRESS_CONN_P99, mode, ports, p99);
-                    }
-                    (false, true) => {
-                        r.record(&metric::SCALE_CONN_RATE, mode, ports, rate);
-                        r.record(&metric::SCALE_CONN_P99, mode, ports, p99);
-                    }
-                    (false, false) => {
-                        r.record(&metric::CONN_RATE, mode, ports, rate);
-                        r.record(&metric::CONN_P50, mode, ports, p50);
-                        r.record(&metric::CONN_P99, mode, ports, p99);
-                        if res.completed > 0 {
-                            r.record(
-                                &metric::CPU_SYS_CONN,
-                                mode,
-                                ports,
-                                res.cpu.kernel_secs() * 1e6 / res.completed as f64,
-                            );
-                        }
+                if egress {
+                    r.record(&metric::EGRESS_CONN, mode, ports, rate);
+                    r.record(&metric::EGRESS_CONN_P99, mode, ports, p99);
+                } else {
+                    r.record(&metric::CONN_RATE, mode, ports, rate);
+                    r.record(&metric::CONN_P50, mode, ports, p50);
+                    r.record(&metric::CONN_P99, mode, ports, p99);
+                    if ports == BASE_PORTS && res.completed > 0 {
+                        r.record(
+                            &metric::CPU_SYS_CONN,
+                            mode,
+                            ports,
+                            res.cpu.kernel_secs() * 1e6 / res.completed as f64,
+                        );
                     }
                 }
                 if res.failed > 0 {
@@ -501,12 +497,12 @@ impl<'b, 'n> Runner<'b, 'n> {
         }
     }
 
-    /// Times adding and removing one mapping `update_samples` times in
-    /// every publishing bed, interleaved (with empty connection tables).
-    fn updates(&mut self) -> Result<()> {
+    /// Times adding and removing one mapping `samples` times in every
+    /// publishing bed, interleaved (with empty connection tables).
+    fn updates(&mut self, samples: usize) -> Result<()> {
         self.flush_all();
         print!("updates     :");
-        for n in 0..self.cfg.update_samples {
+        for n in 0..samples {
             check_interrupted()?;
             let len = self.beds.len();
             for k in 0..len {

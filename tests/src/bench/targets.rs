@@ -169,7 +169,7 @@ pub fn targets(base: usize) -> Vec<Target> {
         ),
         t(
             "New connections/s at 10,000 ports ≥ 3× iptables",
-            &metric::SCALE_CONN_RATE,
+            &metric::CONN_RATE,
             MANY_PORTS,
             Stat::Median,
             M(Mode::Iptables),
@@ -178,7 +178,7 @@ pub fn targets(base: usize) -> Vec<Target> {
         ),
         t(
             "New connections/s at 10,000 ports ≥ 1.0× nftables-map",
-            &metric::SCALE_CONN_RATE,
+            &metric::CONN_RATE,
             MANY_PORTS,
             Stat::Median,
             M(Mode::NftablesMap),
@@ -187,7 +187,7 @@ pub fn targets(base: usize) -> Vec<Target> {
         ),
         t(
             "New connections/s at 10,000 ports ≥ 0.95× our own at the base",
-            &metric::SCALE_CONN_RATE,
+            &metric::CONN_RATE,
             MANY_PORTS,
             Stat::Median,
             Own(&metric::CONN_RATE, base),

@@ -19,6 +19,7 @@
 pub mod datapath;
 pub mod manual;
 pub mod netfilter;
+pub mod route;
 
 use std::{
     net::{Ipv4Addr, SocketAddrV4},
@@ -142,28 +143,6 @@ pub trait Backend {
     fn describe(&self) -> String;
 }
 
-/// The route mode's backend: nothing to publish, nothing to track.
-#[derive(Debug)]
-struct NoBackend;
-
-impl Backend for NoBackend {
-    fn set_fillers(&mut self, _: usize) -> Result<()> {
-        Ok(())
-    }
-    fn time_add(&mut self) -> Result<Duration> {
-        anyhow::bail!("the route mode publishes nothing")
-    }
-    fn time_del(&mut self) -> Result<Duration> {
-        anyhow::bail!("the route mode publishes nothing")
-    }
-    fn flush_conntrack(&self) -> Result<()> {
-        Ok(())
-    }
-    fn describe(&self) -> String {
-        "forwarding only, no netfilter rules, no programs".to_owned()
-    }
-}
-
 /// The servers a bed's measurements talk to; stopped on drop.
 #[derive(Debug)]
 struct Servers {
@@ -260,13 +239,7 @@ impl<'n> Bed<'n> {
                 },
             );
             let backend: Box<dyn Backend + 'n> = match mode {
-                Mode::Route => {
-                    node.client.exec_ok(
-                        "ip",
-                        ["route", "add", &pool, "via", &node.node_addr().to_string()],
-                    );
-                    Box::new(NoBackend)
-                }
+                Mode::Route => Box::new(route::Route::new(node, &pool)),
                 Mode::Iptables | Mode::IptablesNft => {
                     let tool = if mode == Mode::Iptables {
                         "iptables-legacy"
