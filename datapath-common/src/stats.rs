@@ -41,7 +41,8 @@ stats! {
     DropCtFull = "drop_ct_full",
     /// Dropped: no free masquerade port.
     DropSnatPortsExhausted = "drop_snat_ports_exhausted",
-    /// Dropped: TTL would reach zero.
+    /// Not forwarded: TTL would reach zero (dropped on the uplink; from a
+    /// container, left to the node's stack, which answers time exceeded).
     DropTtlExceeded = "drop_ttl_exceeded",
     /// Dropped: IPv4 fragment of a flow we would have to translate.
     DropFragment = "drop_fragment",

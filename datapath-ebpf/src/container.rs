@@ -60,7 +60,7 @@ pub fn process(ctx: &mut TcContext) -> Verdict {
         return Verdict::Drop(Stat::DropSpoofed);
     }
     // Forwarding decrements the TTL: a packet that would leave with zero is
-    // dropped before it can create a flow.
+    // not forwarded (nor does it create a flow); see `ttl_expired`.
     let expiring = flow.ttl <= 1;
     if flow.l4 == L4::IcmpError {
         return match icmp::translate(ctx, &flow, true, [ct_action::REV_DNAT, ct_action::SNAT]) {
@@ -73,7 +73,7 @@ pub fn process(ctx: &mut TcContext) -> Verdict {
     }
 
     let entry: *mut CtEntry = match conntrack::lookup(&flow.key) {
-        Some(_) if expiring => return Verdict::Drop(Stat::DropTtlExceeded),
+        Some(_) if expiring => return ttl_expired(),
         Some(e) => e,
         None => {
             let dst = flow.key.daddr;
@@ -85,7 +85,7 @@ pub fn process(ctx: &mut TcContext) -> Verdict {
                 return Verdict::Pass;
             }
             if expiring {
-                return Verdict::Drop(Stat::DropTtlExceeded);
+                return ttl_expired();
             }
             match conntrack::create_snat(&flow.key, cfg, ifindex, ep.container_id) {
                 Ok(e) => {
@@ -115,4 +115,13 @@ pub fn process(ctx: &mut TcContext) -> Verdict {
     Verdict::ToUplink {
         ifindex: ct.ifindex,
     }
+}
+
+/// A packet whose TTL expires here goes to the node's stack, which answers
+/// time exceeded from the gateway address and drops it, as a router does
+/// (traceroute's first hop). Counted, since the datapath does not forward it.
+#[inline(always)]
+fn ttl_expired() -> Verdict {
+    maps::count(Stat::DropTtlExceeded);
+    Verdict::Pass
 }

@@ -5,6 +5,7 @@ pub mod agent;
 pub mod api;
 pub mod bpf;
 pub mod cli;
+pub mod cni;
 pub mod conntrack;
 pub mod netlink;
 pub mod netns;

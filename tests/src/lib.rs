@@ -8,7 +8,9 @@
 //!   [`netns`] (one namespace), [`node`] (client, node and containers),
 //!   [`agent`] (the agent running in the node), [`cgroup`] (cgroups for
 //!   the rate limiter), [`lock`] (serialising traffic-heavy tests) and
-//!   [`leaks`] (finding what a test left behind).
+//!   [`leaks`] (finding what a test left behind); [`traffic`] (servers and
+//!   clients of real traffic) and [`inspect`] (bpftool and `ip` views of
+//!   what the agent made).
 //! * [`bench`] compares the datapath with iptables, nftables and plain
 //!   routing (`cargo xtask bench`).
 //!
@@ -19,6 +21,7 @@ pub mod agent;
 pub mod bench;
 pub mod cgroup;
 pub mod frame;
+pub mod inspect;
 pub mod leaks;
 pub mod lock;
 pub mod names;
@@ -27,3 +30,4 @@ pub mod node;
 pub mod packet;
 pub mod programs;
 pub mod sys;
+pub mod traffic;

@@ -17,27 +17,34 @@ pub struct TrafficLock {
 impl TrafficLock {
     /// Blocks until no other test (in any process) holds the lock.
     pub fn acquire() -> Self {
-        let file = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(TRAFFIC_LOCK)
-            .unwrap_or_else(|e| panic!("opening {TRAFFIC_LOCK}: {e}"));
-        let lock = Flock::lock(file, FlockArg::LockExclusive)
-            .unwrap_or_else(|(_, e)| panic!("flock {TRAFFIC_LOCK}: {e}"));
-        Self { _lock: lock }
+        Self::acquire_at(TRAFFIC_LOCK)
     }
 
     /// Takes the lock if it is free.
     pub fn try_acquire() -> Option<Self> {
-        let file = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(TRAFFIC_LOCK)
-            .unwrap_or_else(|e| panic!("opening {TRAFFIC_LOCK}: {e}"));
-        Flock::lock(file, FlockArg::LockExclusiveNonblock)
+        Self::try_acquire_at(TRAFFIC_LOCK)
+    }
+
+    /// [`Self::acquire`] on the lock file `path`.
+    pub fn acquire_at(path: &str) -> Self {
+        let lock = Flock::lock(open(path), FlockArg::LockExclusive)
+            .unwrap_or_else(|(_, e)| panic!("flock {path}: {e}"));
+        Self { _lock: lock }
+    }
+
+    /// [`Self::try_acquire`] on the lock file `path`.
+    pub fn try_acquire_at(path: &str) -> Option<Self> {
+        Flock::lock(open(path), FlockArg::LockExclusiveNonblock)
             .ok()
             .map(|lock| Self { _lock: lock })
     }
+}
+
+fn open(path: &str) -> File {
+    OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .unwrap_or_else(|e| panic!("opening {path}: {e}"))
 }

@@ -183,15 +183,18 @@ fn client_tx_offload_can_be_turned_off() {
 
 #[test]
 fn traffic_lock_excludes_a_second_holder_until_released() {
-    let held = TrafficLock::acquire();
+    // A private lock file: the shared one may be held by another test run.
+    let path = format!("/tmp/{}.lock", datapath_tests::names::unique_name());
+    let _cleanup = RemoveOnDrop(path.clone());
+    let held = TrafficLock::acquire_at(&path);
     // flock locks belong to open files: a second open in this process
     // contends exactly like another process would.
-    assert!(TrafficLock::try_acquire().is_none());
+    assert!(TrafficLock::try_acquire_at(&path).is_none());
     drop(held);
-    let again = std::thread::spawn(|| {
+    let again = std::thread::spawn(move || {
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
         loop {
-            if let Some(l) = TrafficLock::try_acquire() {
+            if let Some(l) = TrafficLock::try_acquire_at(&path) {
                 return Some(l);
             }
             if std::time::Instant::now() > deadline {
@@ -203,6 +206,15 @@ fn traffic_lock_excludes_a_second_holder_until_released() {
     .join()
     .expect("no panic");
     assert!(again.is_some());
+}
+
+/// Removes a file when dropped.
+struct RemoveOnDrop(String);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
 }
 
 #[test]

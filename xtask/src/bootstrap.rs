@@ -49,6 +49,8 @@ const TEST_PROGRAMS: &[(&str, &str)] = &[
     ("busybox", "busybox-static"),
     ("ping", "iputils-ping"),
     ("socat", "socat"),
+    ("podman", "podman"),
+    ("runc", "runc"),
 ];
 
 /// What the later steps need from the bootstrap.

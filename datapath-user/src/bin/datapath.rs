@@ -13,6 +13,15 @@ async fn main() -> std::process::ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    // A client verb writing into a closed pipe (`datapath conntrack list |
+    // head -1`) ends quietly, as Unix tools do, instead of panicking in
+    // println!. The agent keeps SIGPIPE ignored: a client hanging up on its
+    // socket must not kill it.
+    if !matches!(cli.command, datapath::cli::Command::Agent(_)) {
+        use nix::sys::signal::{SigHandler, Signal, signal};
+        // SAFETY: restores the default disposition; no handler runs.
+        let _ = unsafe { signal(Signal::SIGPIPE, SigHandler::SigDfl) };
+    }
     match run(cli).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

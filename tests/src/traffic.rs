@@ -1,0 +1,509 @@
+//! Servers and clients for real traffic in namespace tests and the sandbox.
+//!
+//! [`Server`] runs a tiny HTTP server or a UDP echo server on a thread in a
+//! namespace, records the peer address of every request it answered, and
+//! stops (joining its thread) on drop. The clients ([`http_get`],
+//! [`udp_request`], …) run in a namespace and bound every wait.
+//!
+//! ```no_run
+//! use std::net::SocketAddr;
+//! use datapath_tests::{node::Node, traffic::{Server, http_get}};
+//!
+//! let node = Node::new();
+//! let web = Server::http(&node.node, 8080, "web");
+//! let body = http_get(&node.client, SocketAddr::from((node.node_addr(), 8080)), "/").unwrap();
+//! assert!(body.starts_with("web"));
+//! assert_eq!(*web.peers()[0].ip(), node.client_addr());
+//! ```
+
+use std::{
+    io::{self, Read, Write},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+        mpsc,
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use crate::netns::Netns;
+
+/// How long a client waits for a connection, a reply or a read.
+pub const IO_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often a server checks whether it should stop.
+const POLL: Duration = Duration::from_millis(10);
+/// Largest HTTP request a server reads.
+const MAX_REQUEST: usize = 8 * 1024;
+
+/// A server thread in a namespace; stopped and joined on drop.
+#[derive(Debug)]
+pub struct Server {
+    name: String,
+    addr: SocketAddrV4,
+    stop: Arc<AtomicBool>,
+    peers: Arc<Mutex<Vec<SocketAddrV4>>>,
+    handle: Option<JoinHandle<()>>,
+}
+
+impl Server {
+    /// An HTTP/1.0 server on `0.0.0.0:port` in `ns`. Every request gets
+    /// `200 OK` with the body `"<name> port <port>: hello <peer>\n"`, where
+    /// `<peer>` is the address the server saw. Returns once it listens.
+    pub fn http(ns: &Netns, port: u16, name: &str) -> Self {
+        Self::start(ns, port, name, Kind::Http)
+    }
+
+    /// A UDP echo server on `0.0.0.0:port` in `ns`: every datagram is
+    /// answered with `"<name> port <port>: "` followed by the datagram.
+    pub fn udp_echo(ns: &Netns, port: u16, name: &str) -> Self {
+        Self::start(ns, port, name, Kind::UdpEcho)
+    }
+
+    /// A TCP echo server on `0.0.0.0:port` in `ns`: every connection gets
+    /// back what it sends until it closes; connections are served at once,
+    /// each on its own thread.
+    pub fn tcp_echo(ns: &Netns, port: u16, name: &str) -> Self {
+        Self::start(ns, port, name, Kind::TcpEcho)
+    }
+
+    /// A UDP sink on `0.0.0.0:port` in `ns`: datagrams are recorded, never
+    /// answered.
+    pub fn udp_sink(ns: &Netns, port: u16, name: &str) -> Self {
+        Self::start(ns, port, name, Kind::UdpSink)
+    }
+
+    fn start(ns: &Netns, port: u16, name: &str, kind: Kind) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let peers = Arc::new(Mutex::new(Vec::new()));
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let label = format!("{name} port {port}");
+        let handle = {
+            let (stop, peers) = (stop.clone(), peers.clone());
+            ns.spawn_thread(move || {
+                let r = match kind {
+                    Kind::Http => serve_http(port, &label, &stop, &peers, &ready_tx),
+                    Kind::TcpEcho => serve_tcp_echo(port, &stop, &peers, &ready_tx),
+                    Kind::UdpEcho => serve_udp(port, Some(&label), &stop, &peers, &ready_tx),
+                    Kind::UdpSink => serve_udp(port, None, &stop, &peers, &ready_tx),
+                };
+                // Setup errors reach the caller through the channel; this
+                // one ended the server while it served.
+                if let Err(e) = r {
+                    eprintln!("warning: server {label} stopped: {e}");
+                }
+            })
+        };
+        match ready_rx.recv_timeout(IO_TIMEOUT) {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => panic!("{name}: cannot serve port {port} in {}: {e}", ns.name()),
+            Err(e) => panic!("{name}: server on port {port} not ready: {e}"),
+        }
+        Self {
+            name: name.to_owned(),
+            addr: SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port),
+            stop,
+            peers,
+            handle: Some(handle),
+        }
+    }
+
+    /// The server's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The port it listens on.
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    /// The peers of every request (HTTP: complete request; TCP echo:
+    /// connection; UDP: datagram) received so far.
+    pub fn peers(&self) -> Vec<SocketAddrV4> {
+        self.peers.lock().map(|p| p.clone()).unwrap_or_default()
+    }
+
+    /// Waits (up to `timeout`) until `n` requests have been seen; returns
+    /// the peers seen by then.
+    pub fn wait_peers(&self, n: usize, timeout: Duration) -> Vec<SocketAddrV4> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let peers = self.peers();
+            if peers.len() >= n || Instant::now() > deadline {
+                return peers;
+            }
+            std::thread::sleep(POLL);
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(h) = self.handle.take()
+            && h.join().is_err()
+        {
+            eprintln!("warning: server {} panicked", self.name);
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Kind {
+    Http,
+    TcpEcho,
+    UdpEcho,
+    UdpSink,
+}
+
+fn v4(addr: SocketAddr) -> SocketAddrV4 {
+    match addr {
+        SocketAddr::V4(a) => a,
+        SocketAddr::V6(a) => SocketAddrV4::new(
+            a.ip().to_ipv4_mapped().unwrap_or(Ipv4Addr::UNSPECIFIED),
+            a.port(),
+        ),
+    }
+}
+
+fn record(peers: &Mutex<Vec<SocketAddrV4>>, peer: SocketAddrV4) {
+    if let Ok(mut p) = peers.lock() {
+        p.push(peer);
+    }
+}
+
+fn serve_http(
+    port: u16,
+    label: &str,
+    stop: &AtomicBool,
+    peers: &Mutex<Vec<SocketAddrV4>>,
+    ready: &mpsc::Sender<io::Result<()>>,
+) -> io::Result<()> {
+    let listener = match TcpListener::bind((Ipv4Addr::UNSPECIFIED, port)) {
+        Ok(l) => l,
+        Err(e) => {
+            let _ = ready.send(Err(e));
+            return Ok(());
+        }
+    };
+    listener.set_nonblocking(true)?;
+    let _ = ready.send(Ok(()));
+    while !stop.load(Ordering::Relaxed) {
+        let (conn, peer) = match listener.accept() {
+            Ok(c) => c,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                std::thread::sleep(POLL);
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        // A client that misbehaves only costs its own request.
+        let _ = answer_http(conn, v4(peer), label, peers);
+    }
+    Ok(())
+}
+
+fn answer_http(
+    mut conn: TcpStream,
+    peer: SocketAddrV4,
+    label: &str,
+    peers: &Mutex<Vec<SocketAddrV4>>,
+) -> io::Result<()> {
+    conn.set_nonblocking(false)?;
+    conn.set_read_timeout(Some(IO_TIMEOUT))?;
+    conn.set_write_timeout(Some(IO_TIMEOUT))?;
+    let mut req = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = conn.read(&mut buf)?;
+        if n == 0 || req.len() + n > MAX_REQUEST {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "incomplete request",
+            ));
+        }
+        req.extend_from_slice(&buf[..n]);
+    }
+    // Recorded before answering: a client holding the answer finds its
+    // request recorded.
+    record(peers, peer);
+    let body = format!("{label}: hello {peer}\n");
+    let resp = format!(
+        "HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    conn.write_all(resp.as_bytes())?;
+    conn.flush()
+}
+
+fn serve_tcp_echo(
+    port: u16,
+    stop: &Arc<AtomicBool>,
+    peers: &Mutex<Vec<SocketAddrV4>>,
+    ready: &mpsc::Sender<io::Result<()>>,
+) -> io::Result<()> {
+    let listener = match TcpListener::bind((Ipv4Addr::UNSPECIFIED, port)) {
+        Ok(l) => l,
+        Err(e) => {
+            let _ = ready.send(Err(e));
+            return Ok(());
+        }
+    };
+    listener.set_nonblocking(true)?;
+    let _ = ready.send(Ok(()));
+    let mut conns = Vec::new();
+    while !stop.load(Ordering::Relaxed) {
+        let (conn, peer) = match listener.accept() {
+            Ok(c) => c,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                std::thread::sleep(POLL);
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        record(peers, v4(peer));
+        let stop = stop.clone();
+        // The socket belongs to this namespace already: the thread needs
+        // no setns.
+        conns.push(std::thread::spawn(move || echo_conn(conn, &stop)));
+    }
+    for c in conns {
+        let _ = c.join();
+    }
+    Ok(())
+}
+
+fn echo_conn(mut conn: TcpStream, stop: &AtomicBool) -> io::Result<()> {
+    conn.set_nonblocking(false)?;
+    conn.set_read_timeout(Some(POLL * 10))?;
+    conn.set_write_timeout(Some(IO_TIMEOUT))?;
+    let mut buf = [0u8; 4096];
+    while !stop.load(Ordering::Relaxed) {
+        match conn.read(&mut buf) {
+            Ok(0) => return Ok(()),
+            Ok(n) => conn.write_all(&buf[..n])?,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Writes `msg` on `s` and reads back exactly as many bytes (an echo).
+pub fn echo_exchange(s: &mut TcpStream, msg: &[u8]) -> io::Result<Vec<u8>> {
+    s.set_read_timeout(Some(IO_TIMEOUT))?;
+    s.set_write_timeout(Some(IO_TIMEOUT))?;
+    s.write_all(msg)?;
+    let mut back = vec![0u8; msg.len()];
+    s.read_exact(&mut back)?;
+    Ok(back)
+}
+
+fn serve_udp(
+    port: u16,
+    echo: Option<&str>,
+    stop: &AtomicBool,
+    peers: &Mutex<Vec<SocketAddrV4>>,
+    ready: &mpsc::Sender<io::Result<()>>,
+) -> io::Result<()> {
+    let sock = match UdpSocket::bind((Ipv4Addr::UNSPECIFIED, port)) {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = ready.send(Err(e));
+            return Ok(());
+        }
+    };
+    sock.set_read_timeout(Some(POLL))?;
+    let _ = ready.send(Ok(()));
+    let mut buf = [0u8; 2048];
+    while !stop.load(Ordering::Relaxed) {
+        let (n, peer) = match sock.recv_from(&mut buf) {
+            Ok(r) => r,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                continue;
+            }
+            // An ICMP error about an earlier answer: not ours to handle.
+            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => continue,
+            Err(e) => return Err(e),
+        };
+        record(peers, v4(peer));
+        if let Some(label) = echo {
+            let mut reply = format!("{label}: ").into_bytes();
+            reply.extend_from_slice(&buf[..n]);
+            sock.send_to(&reply, peer)?;
+        }
+    }
+    Ok(())
+}
+
+/// `GET path` over HTTP/1.0 from `ns` to `addr`; the body of a `200`
+/// answer, else an error saying what came back.
+pub fn http_get(ns: &Netns, addr: SocketAddr, path: &str) -> io::Result<String> {
+    ns.exec_closure(|| {
+        let mut s = TcpStream::connect_timeout(&addr, IO_TIMEOUT)?;
+        http_exchange(&mut s, addr, path)
+    })
+}
+
+/// Sends `GET path` on a connected stream and reads the answer's body.
+pub fn http_exchange(s: &mut TcpStream, addr: SocketAddr, path: &str) -> io::Result<String> {
+    s.set_read_timeout(Some(IO_TIMEOUT))?;
+    s.set_write_timeout(Some(IO_TIMEOUT))?;
+    // One write: `write!` would send every formatted piece on its own.
+    let req = format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n");
+    s.write_all(req.as_bytes())?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp)?;
+    let (head, body) = resp.split_once("\r\n\r\n").ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("not an HTTP answer: {resp:?}"),
+        )
+    })?;
+    if !head.starts_with("HTTP/1.0 200 ") && !head.starts_with("HTTP/1.1 200 ") {
+        return Err(io::Error::other(format!("HTTP error: {head}")));
+    }
+    Ok(body.to_owned())
+}
+
+/// Tries to connect from `ns` to `addr` within `timeout`: `Ok` if it
+/// connected, the error otherwise (refused, timed out, unreachable).
+pub fn tcp_connect(ns: &Netns, addr: SocketAddr, timeout: Duration) -> io::Result<()> {
+    ns.exec_closure(|| TcpStream::connect_timeout(&addr, timeout).map(drop))
+}
+
+/// Sends `payload` from `ns` to `addr` over UDP (from an ephemeral port)
+/// and returns the first answer. Tries three times, waiting a second each.
+pub fn udp_request(ns: &Netns, addr: SocketAddr, payload: &[u8]) -> io::Result<Vec<u8>> {
+    udp_request_from(ns, 0, addr, payload)
+}
+
+/// Like [`udp_request`], from local port `local_port` (0: ephemeral).
+pub fn udp_request_from(
+    ns: &Netns,
+    local_port: u16,
+    addr: SocketAddr,
+    payload: &[u8],
+) -> io::Result<Vec<u8>> {
+    ns.exec_closure(|| {
+        let sock = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, local_port))?;
+        sock.connect(addr)?;
+        sock.set_read_timeout(Some(Duration::from_secs(1)))?;
+        let mut buf = [0u8; 2048];
+        let mut last = io::Error::from(io::ErrorKind::TimedOut);
+        for _ in 0..3 {
+            sock.send(payload)?;
+            match sock.recv(&mut buf) {
+                Ok(n) => return Ok(buf[..n].to_vec()),
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
+    })
+}
+
+/// A TCP connection from local port `local_port` of the calling thread's
+/// namespace to `dst` (`std` cannot bind before connecting). The connect
+/// gives up after [`IO_TIMEOUT`].
+pub fn tcp_connect_from(local_port: u16, dst: SocketAddrV4) -> io::Result<TcpStream> {
+    fn check(r: libc::c_int) -> io::Result<()> {
+        if r < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(())
+        }
+    }
+    fn sockaddr(a: SocketAddrV4) -> libc::sockaddr_in {
+        libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: a.port().to_be(),
+            sin_addr: libc::in_addr {
+                s_addr: u32::from_ne_bytes(a.ip().octets()),
+            },
+            sin_zero: [0; 8],
+        }
+    }
+    // SAFETY: plain system call; the descriptor is owned right away.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    check(fd)?;
+    // SAFETY: `fd` is a fresh descriptor nobody else owns.
+    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    let one: libc::c_int = 1;
+    let timeout = libc::timeval {
+        tv_sec: IO_TIMEOUT.as_secs() as libc::time_t,
+        tv_usec: 0,
+    };
+    let local = sockaddr(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, local_port));
+    let remote = sockaddr(dst);
+    let len = size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    // SAFETY: every pointer is to a live local of the size passed with it.
+    unsafe {
+        check(libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_REUSEADDR,
+            (&raw const one).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        ))?;
+        // Linux bounds a blocking connect by the send timeout.
+        check(libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_SNDTIMEO,
+            (&raw const timeout).cast(),
+            size_of::<libc::timeval>() as libc::socklen_t,
+        ))?;
+        check(libc::bind(sock.as_raw_fd(), (&raw const local).cast(), len))?;
+        check(libc::connect(
+            sock.as_raw_fd(),
+            (&raw const remote).cast(),
+            len,
+        ))?;
+    }
+    Ok(TcpStream::from(sock))
+}
+
+/// Whether `ns` has no iptables rule (legacy or nft backend) and an empty
+/// nftables rule set; `Err` describes what it found.
+pub fn firewall_is_empty(ns: &Netns) -> Result<(), String> {
+    let mut found = Vec::new();
+    for tool in ["iptables-legacy-save", "iptables-nft-save"] {
+        if crate::netns::which(tool).is_none() {
+            continue;
+        }
+        let out = ns.exec(tool, std::iter::empty::<&str>());
+        let text = String::from_utf8_lossy(&out.stdout);
+        let rules: Vec<&str> = text.lines().filter(|l| l.starts_with("-A")).collect();
+        if !rules.is_empty() {
+            found.push(format!("{tool}: {rules:?}"));
+        }
+    }
+    let out = ns.exec("nft", ["list", "ruleset"]);
+    if !out.status.success() {
+        found.push(format!(
+            "nft list ruleset failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    if !text.trim().is_empty() {
+        found.push(format!("nft list ruleset:\n{text}"));
+    }
+    if found.is_empty() {
+        Ok(())
+    } else {
+        Err(found.join("\n"))
+    }
+}

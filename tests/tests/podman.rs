@@ -1,0 +1,529 @@
+//! podman drives the datapath through the CNI plugin, end to end: a real
+//! `podman run -p` inside a namespace node, traffic from the client
+//! namespace, and `podman rm` leaving no trace. podman's every state
+//! directory lives in a per-test directory; nothing in /etc changes.
+//!
+//! podman runs in the node namespace (`setns`, like `nsenter --net`), with
+//! `runc` (crun fails on this machine's hybrid cgroup layout), the CNI
+//! backend reading this test's configuration directory and a busybox
+//! rootfs, so no image is pulled.
+
+use std::{
+    ffi::OsStr,
+    fs,
+    net::{Ipv4Addr, SocketAddr, UdpSocket},
+    os::unix::fs::symlink,
+    path::{Path, PathBuf},
+    process::{Command, Output},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+        mpsc,
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use datapath_tests::{
+    agent::{Agent, datapath_bin},
+    names,
+    netns::which,
+    node::Node,
+};
+use nix::sched::{CloneFlags, setns};
+use serde_json::{Value, json};
+
+const IO_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// podman with all its state under `/tmp/dpt-<node id>-podman`, containers
+/// under the cgroup `/dpt-<node id>-podman`, networks from this test.
+struct Podman<'n> {
+    node: &'n Node,
+    dir: PathBuf,
+    cgroup_parent: String,
+    rootfs: PathBuf,
+}
+
+impl<'n> Podman<'n> {
+    /// Prepares podman's configuration and a busybox rootfs, and the
+    /// network `name` served by `agent` (with `extra` merged into the
+    /// plugin's configuration).
+    fn new(agent: &Agent<'n>, name: &str, extra: &Value) -> Self {
+        which("podman").expect(
+            "podman is not installed: `apt-get install podman runc` (cargo xtask bootstrap does)",
+        );
+        assert!(
+            which("runc").is_some(),
+            "runc is not installed: `apt-get install runc`"
+        );
+        let busybox = which("busybox").expect("busybox is not installed (busybox-static)");
+        let node = agent.node();
+        let tag = format!("{}{}-podman", names::PREFIX, node.id());
+        let dir = Path::new("/tmp").join(&tag);
+        let _ = fs::remove_dir_all(&dir);
+        let p = Self {
+            node,
+            cgroup_parent: format!("/{tag}"),
+            rootfs: dir.join("rootfs"),
+            dir,
+        };
+        for d in ["cni", "net.d", "root", "runroot", "tmp"] {
+            mkdir(&p.dir.join(d));
+        }
+        for d in ["bin", "proc", "sys", "dev", "etc", "tmp", "www"] {
+            mkdir(&p.rootfs.join(d));
+        }
+        fs::copy(&busybox, p.rootfs.join("bin/busybox")).expect("copy busybox");
+        fs::write(p.rootfs.join("www/index.html"), "hello from podman\n").expect("index");
+        let plugin = datapath_bin()
+            .parent()
+            .map(|d| d.join("datapath-cni"))
+            .expect("a binary directory");
+        assert!(plugin.is_file(), "{} is missing", plugin.display());
+        symlink(&plugin, p.dir.join("cni/datapath-cni")).expect("link the plugin");
+        let d = p.dir.display();
+        fs::write(
+            p.dir.join("containers.conf"),
+            format!(
+                r#"[containers]
+default_ulimits = ["nofile=20000:20000", "nproc=4096:4096"]
+
+[engine]
+runtime = "runc"
+cgroup_manager = "cgroupfs"
+events_logger = "file"
+events_logfile_path = "{d}/events.log"
+tmp_dir = "{d}/tmp"
+static_dir = "{d}/root/libpod"
+volume_path = "{d}/root/volumes"
+
+[network]
+network_backend = "cni"
+cni_plugin_dirs = ["{d}/cni"]
+network_config_dir = "{d}/net.d"
+"#
+            ),
+        )
+        .expect("containers.conf");
+        fs::write(
+            p.dir.join("storage.conf"),
+            format!(
+                "[storage]\ndriver = \"vfs\"\ngraphroot = \"{d}/root\"\nrunroot = \"{d}/runroot\"\n"
+            ),
+        )
+        .expect("storage.conf");
+        let mut plugin_conf = json!({
+            "type": "datapath-cni",
+            "agentSocket": agent.socket(),
+            "ipam": {"type": "datapath", "ranges": [[{"subnet": agent.pool()}]]},
+            "capabilities": {"portMappings": true},
+        });
+        if let (Some(conf), Some(extra)) = (plugin_conf.as_object_mut(), extra.as_object()) {
+            conf.extend(extra.clone());
+        }
+        let conflist = json!({"cniVersion": "1.0.0", "name": name, "plugins": [plugin_conf]});
+        fs::write(
+            p.dir.join(format!("net.d/{name}.conflist")),
+            serde_json::to_vec_pretty(&conflist).expect("conflist"),
+        )
+        .expect("write the conflist");
+        p
+    }
+
+    /// Runs `podman ARGS` in the node namespace.
+    fn run<I, S>(&self, args: I) -> Output
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        let mut cmd = Command::new("podman");
+        cmd.env("CONTAINERS_CONF", self.dir.join("containers.conf"))
+            .env("CONTAINERS_STORAGE_CONF", self.dir.join("storage.conf"))
+            .arg("--root")
+            .arg(self.dir.join("root"))
+            .arg("--runroot")
+            .arg(self.dir.join("runroot"))
+            .args(args)
+            .current_dir(&self.dir);
+        self.node.node.run(&mut cmd)
+    }
+
+    /// Like [`Podman::run`]; panics unless it succeeds, else returns the
+    /// trimmed stdout.
+    #[track_caller]
+    fn ok<I, S>(&self, args: I) -> String
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        let args: Vec<_> = args.into_iter().map(|a| a.as_ref().to_owned()).collect();
+        let out = self.run(&args);
+        assert!(
+            out.status.success(),
+            "podman {args:?} failed ({}):\n{}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
+    /// `podman run -d` of `command` on the busybox rootfs in network
+    /// `network`, publishing `publish`; returns the container id.
+    fn run_container(&self, name: &str, network: &str, publish: &str, command: &[&str]) -> String {
+        let mut args = vec![
+            "run".to_owned(),
+            "-d".to_owned(),
+            "--name".to_owned(),
+            name.to_owned(),
+            "--network".to_owned(),
+            network.to_owned(),
+            "-p".to_owned(),
+            publish.to_owned(),
+            format!("--cgroup-parent={}", self.cgroup_parent),
+            "--rootfs".to_owned(),
+            self.rootfs.display().to_string(),
+        ];
+        args.extend(command.iter().map(|s| (*s).to_owned()));
+        self.ok(&args)
+    }
+
+    /// The container's network namespace file.
+    fn sandbox(&self, name: &str) -> PathBuf {
+        PathBuf::from(self.ok([
+            "inspect",
+            name,
+            "--format",
+            "{{.NetworkSettings.SandboxKey}}",
+        ]))
+    }
+}
+
+impl Drop for Podman<'_> {
+    fn drop(&mut self) {
+        let out = self.run(["rm", "-a", "-f", "-t", "0"]);
+        if !out.status.success() {
+            eprintln!(
+                "warning: podman rm -a: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        // The parent cgroup (and conmon's) in every hierarchy, deepest first.
+        for root in cgroup_mounts() {
+            remove_tree(&root.join(self.cgroup_parent.trim_start_matches('/')));
+        }
+        if let Err(e) = fs::remove_dir_all(&self.dir)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            eprintln!("warning: removing {}: {e}", self.dir.display());
+        }
+    }
+}
+
+fn mkdir(path: &Path) {
+    fs::create_dir_all(path).unwrap_or_else(|e| panic!("mkdir {}: {e}", path.display()));
+}
+
+/// Mount points of every cgroup hierarchy (v1 and v2).
+fn cgroup_mounts() -> Vec<PathBuf> {
+    fs::read_to_string("/proc/mounts")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.len() > 2 && (f[2] == "cgroup" || f[2] == "cgroup2")).then(|| PathBuf::from(f[1]))
+        })
+        .collect()
+}
+
+/// Removes a cgroup directory and its children (rmdir, deepest first).
+fn remove_tree(dir: &Path) {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        if e.file_type().is_ok_and(|t| t.is_dir()) {
+            remove_tree(&e.path());
+        }
+    }
+    if let Err(e) = fs::remove_dir(dir) {
+        eprintln!("warning: rmdir {}: {e}", dir.display());
+    }
+}
+
+/// Panics if the node namespace has any firewall rule (nftables, or
+/// iptables in either backend).
+#[track_caller]
+fn assert_no_firewall_rules(node: &Node, when: &str) {
+    let ruleset = node.node.exec_ok("nft", ["list", "ruleset"]);
+    assert!(
+        ruleset.trim().is_empty(),
+        "nftables rules in the node namespace {when}:\n{ruleset}"
+    );
+    for save in ["iptables-save", "iptables-legacy-save"] {
+        if which(save).is_none() {
+            continue;
+        }
+        let out = node.node.exec_ok(save, Vec::<&str>::new());
+        let rules: Vec<&str> = out.lines().filter(|l| l.starts_with("-A")).collect();
+        assert!(
+            rules.is_empty(),
+            "{save} shows rules in the node namespace {when}:\n{out}"
+        );
+    }
+}
+
+/// The agent's containers.
+fn containers(agent: &Agent) -> Vec<Value> {
+    agent
+        .cli_json(["container", "list", "--json"])
+        .as_array()
+        .cloned()
+        .expect("a list of containers")
+}
+
+/// The agent's flows.
+fn flows(agent: &Agent) -> Vec<Value> {
+    agent
+        .cli_json(["conntrack", "list", "--json"])
+        .as_array()
+        .cloned()
+        .expect("a list of flows")
+}
+
+/// `curl` from the client namespace until it answers (the server may still
+/// be starting) or `IO_TIMEOUT` passes.
+fn curl(node: &Node, url: &str) -> Option<String> {
+    let deadline = Instant::now() + IO_TIMEOUT;
+    loop {
+        let out = node.client.exec("curl", ["-sf", "-m", "2", url]);
+        if out.status.success() {
+            return Some(String::from_utf8_lossy(&out.stdout).into_owned());
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn podman_run_publishes_a_port_and_rm_removes_every_trace() {
+    let node = Node::new();
+    let agent = Agent::start(&node);
+    let podman = Podman::new(&agent, "dpnet", &json!({}));
+    assert_no_firewall_rules(&node, "before podman ran");
+    let name = format!("{}{}-web", names::PREFIX, node.id());
+    let id = podman.run_container(
+        &name,
+        "dpnet",
+        "8080:80",
+        &["/bin/busybox", "httpd", "-f", "-p", "80", "-h", "/www"],
+    );
+    let sandbox = podman.sandbox(&name);
+    assert!(sandbox.exists(), "{}", sandbox.display());
+
+    // The agent holds one container for it, in its netns, with the port.
+    let list = containers(&agent);
+    assert_eq!(list.len(), 1, "{list:#?}");
+    let c = &list[0];
+    assert_eq!(c["netns"], sandbox.display().to_string(), "{c:#}");
+    assert_eq!(c["publish"], json!(["8080:80/tcp"]), "{c:#}");
+    assert!(
+        c["name"].as_str().is_some_and(|n| n.contains(&id[..12])),
+        "the agent's name carries the container id: {c:#}"
+    );
+    let addr = c["addr"].as_str().expect("addr").to_owned();
+    let host = c["host_ifname"].as_str().expect("veth").to_owned();
+    // podman took its address from the plugin's result.
+    let ip = podman.ok([
+        "inspect",
+        &name,
+        "--format",
+        "{{(index .NetworkSettings.Networks \"dpnet\").IPAddress}}",
+    ]);
+    assert_eq!(ip, addr);
+
+    // A client reaches httpd through the published port.
+    let url = format!("http://{}:8080/index.html", node.node_addr());
+    assert_eq!(
+        curl(&node, &url).as_deref(),
+        Some("hello from podman\n"),
+        "no answer through the published port"
+    );
+    assert!(
+        flows(&agent)
+            .iter()
+            .any(|f| f["kind"] == "dnat" && f["nat_dst"]["addr"] == addr.as_str()),
+        "no DNAT flow to {addr}"
+    );
+    assert_no_firewall_rules(&node, "while the container ran");
+
+    // podman rm removes every trace: veth, map entries, flows, netns.
+    podman.ok(["rm", "-f", "-t", "0", &name]);
+    assert!(containers(&agent).is_empty(), "{:#?}", containers(&agent));
+    let links = node.node.exec_ok("ip", ["-o", "link", "show"]);
+    assert!(
+        !links.contains(&format!("{host}@")),
+        "{host} survived:\n{links}"
+    );
+    let left: Vec<Value> = flows(&agent)
+        .into_iter()
+        .filter(|f| f["nat_dst"]["addr"] == addr.as_str() || f["orig_src"]["addr"] == addr.as_str())
+        .collect();
+    assert!(left.is_empty(), "flows survived podman rm: {left:#?}");
+    assert!(!sandbox.exists(), "{} survived", sandbox.display());
+    assert!(
+        curl(&node, &url).is_none(),
+        "the port still answers after podman rm"
+    );
+    let status = agent.cli_json(["status", "--json"]);
+    assert_eq!(status["containers"], 0, "{status:#}");
+    assert_eq!(podman.ok(["ps", "-a", "-q"]), "");
+    assert_no_firewall_rules(&node, "after podman rm");
+}
+
+/// Answers every datagram on `port` inside the netns at `netns` with
+/// `tag` until `stop` is set (bounded by 30 s). Returns once bound.
+fn udp_responder(
+    netns: &Path,
+    port: u16,
+    tag: &'static str,
+    stop: Arc<AtomicBool>,
+) -> JoinHandle<()> {
+    let file = fs::File::open(netns).unwrap_or_else(|e| panic!("open {}: {e}", netns.display()));
+    let (ready_tx, ready_rx) = mpsc::channel();
+    let handle = std::thread::spawn(move || {
+        setns(&file, CloneFlags::CLONE_NEWNET).expect("enter the container's netns");
+        drop(file);
+        let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, port)).expect("bind UDP");
+        socket
+            .set_read_timeout(Some(Duration::from_millis(100)))
+            .expect("timeout");
+        ready_tx.send(()).expect("signal ready");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut buf = [0u8; 64];
+        while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+            if let Ok((_, peer)) = socket.recv_from(&mut buf) {
+                let _ = socket.send_to(tag.as_bytes(), peer);
+            }
+        }
+    });
+    ready_rx
+        .recv_timeout(IO_TIMEOUT)
+        .expect("UDP responder ready");
+    handle
+}
+
+/// Waits up to `timeout` for the reply `want`.
+fn wait_for(rx: &mpsc::Receiver<String>, want: &str, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+        match rx.recv_timeout(left) {
+            Ok(tag) if tag == want => return true,
+            Ok(_) => {}
+            Err(_) => return false,
+        }
+    }
+    false
+}
+
+/// busybox has no UDP server here, so each container runs `sleep` and the
+/// test answers UDP from a thread inside the container's network
+/// namespace: for the datapath that is the container.
+#[test]
+fn podman_replacing_a_container_hands_it_a_udp_client_that_kept_sending() {
+    let node = Node::new();
+    let agent = Agent::start(&node);
+    let podman = Podman::new(&agent, "dpnet", &json!({}));
+    let sleep = ["/bin/busybox", "sleep", "120"];
+    let name = format!("{}{}-dns", names::PREFIX, node.id());
+    podman.run_container(&name, "dpnet", "5353:53/udp", &sleep);
+    let stop_old = Arc::new(AtomicBool::new(false));
+    let old = udp_responder(&podman.sandbox(&name), 53, "old", stop_old.clone());
+
+    let stop_client = Arc::new(AtomicBool::new(false));
+    let (tx, rx) = mpsc::channel();
+    let target = SocketAddr::from((node.node_addr(), 5353));
+    let flag = stop_client.clone();
+    let client = node.client.spawn_thread(move || {
+        let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).expect("bind client");
+        socket
+            .set_read_timeout(Some(Duration::from_millis(20)))
+            .expect("timeout");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut buf = [0u8; 64];
+        while !flag.load(Ordering::Relaxed) && Instant::now() < deadline {
+            let _ = socket.send_to(b"query", target);
+            if let Ok((n, _)) = socket.recv_from(&mut buf) {
+                let _ = tx.send(String::from_utf8_lossy(&buf[..n]).into_owned());
+            }
+        }
+    });
+    assert!(
+        wait_for(&rx, "old", IO_TIMEOUT),
+        "the first container never answered"
+    );
+
+    // Replace it: podman rm, then a new container on the same host port.
+    stop_old.store(true, Ordering::Relaxed);
+    old.join().expect("old responder");
+    podman.ok(["rm", "-f", "-t", "0", &name]);
+    podman.run_container(&name, "dpnet", "5353:53/udp", &sleep);
+    let stop_new = Arc::new(AtomicBool::new(false));
+    let new = udp_responder(&podman.sandbox(&name), 53, "new", stop_new.clone());
+    let reached = wait_for(&rx, "new", Duration::from_secs(10));
+    stop_client.store(true, Ordering::Relaxed);
+    stop_new.store(true, Ordering::Relaxed);
+    client.join().expect("client");
+    new.join().expect("new responder");
+    assert!(
+        reached,
+        "the client never reached the new container; flows:\n{:#?}",
+        flows(&agent)
+    );
+    assert_no_firewall_rules(&node, "after the replacement");
+    podman.ok(["rm", "-f", "-t", "0", &name]);
+    assert!(containers(&agent).is_empty());
+}
+
+/// Waits up to 10 s for the agent to hold `n` containers.
+fn wait_for_containers(agent: &Agent, n: usize) -> Vec<Value> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let list = containers(agent);
+        if list.len() == n || Instant::now() > deadline {
+            return list;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn a_podman_container_that_exits_is_detached_and_reattached_on_start() {
+    let node = Node::new();
+    let agent = Agent::start(&node);
+    let podman = Podman::new(&agent, "dpnet", &json!({}));
+    let name = format!("{}{}-exit", names::PREFIX, node.id());
+    // Exits at once the first time, stays up when started again.
+    let script = "/bin/busybox test -e /tmp/started && exec /bin/busybox sleep 60; \
+                  /bin/busybox touch /tmp/started";
+    podman.run_container(
+        &name,
+        "dpnet",
+        "8085:80",
+        &["/bin/busybox", "sh", "-c", script],
+    );
+    // podman's cleanup process runs DEL once the container exits, with
+    // whatever environment conmon gives it.
+    let left = wait_for_containers(&agent, 0);
+    assert!(left.is_empty(), "still attached after exiting: {left:#?}");
+    let state = podman.ok(["inspect", &name, "--format", "{{.State.Status}}"]);
+    assert_eq!(state, "exited");
+    podman.ok(["start", &name]);
+    let list = containers(&agent);
+    assert_eq!(list.len(), 1, "{list:#?}");
+    assert_eq!(list[0]["publish"], json!(["8085:80/tcp"]));
+    podman.ok(["rm", "-f", "-t", "0", &name]);
+    assert!(containers(&agent).is_empty());
+}
