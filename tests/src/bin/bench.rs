@@ -253,15 +253,31 @@ fn machine_meta(command: &str) -> Meta {
         })
         .unwrap_or_else(|| "?".to_owned());
     let root = workspace_root();
-    let commit = Command::new("git")
-        .arg("-C")
-        .arg(&root)
-        .args(["describe", "--always", "--dirty"])
-        .output()
-        .ok()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
-        .filter(|s| !s.is_empty())
-        .unwrap_or_else(|| "?".to_owned());
+    let git = |args: &[&str]| {
+        Command::new("git")
+            .arg("-C")
+            .arg(&root)
+            .args(args)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+    };
+    // Dirty only if the code changed: results written by earlier runs do
+    // not count.
+    let dirty = git(&[
+        "status",
+        "--porcelain",
+        "--untracked-files=no",
+        "--",
+        ".",
+        ":(exclude)bench/results",
+    ])
+    .is_some_and(|s| !s.is_empty());
+    let commit = git(&["rev-parse", "--short", "HEAD"]).map_or_else(
+        || "?".to_owned(),
+        |c| if dirty { format!("{c}-dirty") } else { c },
+    );
     Meta {
         started: utc_now(),
         command: command.to_owned(),
