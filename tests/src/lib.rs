@@ -12,11 +12,14 @@
 //!   clients of real traffic) and [`inspect`] (bpftool and `ip` views of
 //!   what the agent made); [`ratebench`] (iperf3 runners and the rate
 //!   limiter's benchmark against tc tbf).
+//! * [`bench`] compares the datapath with iptables, nftables and plain
+//!   routing (`cargo xtask bench`).
 //!
 //! Everything a test creates is named with the [`names::PREFIX`] prefix and a
 //! per-process unique id, and removed by a guard's `Drop`.
 
 pub mod agent;
+pub mod bench;
 pub mod cgroup;
 pub mod frame;
 pub mod inspect;

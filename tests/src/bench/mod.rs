@@ -1,0 +1,35 @@
+//! `cargo xtask bench`: this datapath against iptables, nftables and plain
+//! routing, side by side, in namespace nodes.
+//!
+//! * [`mode`]: the modes compared; [`bed`]: one namespace node per mode,
+//!   with its container, servers and way of publishing ports (one module
+//!   per kind of backend).
+//! * Measurements, one module each: [`iperf`] (bulk TCP, small-packet
+//!   UDP), [`rr`] (request/response latency), [`connrate`] (new
+//!   connections per second), [`control`] (container add/delete), and the
+//!   update timings in the beds' backends; [`cpu`] reads `/proc/stat`
+//!   around them and waits for a quiet machine, [`snmp`] counts the
+//!   datagrams that reach the container.
+//! * [`run`] schedules them (interleaved modes, repetitions, scaling
+//!   sizes); [`results`] and [`stats`] keep and summarize the samples;
+//!   [`targets`] checks the targets; [`report`] writes markdown and
+//!   JSON.
+//!
+//! Every loop is bounded in count and time; every namespace is removed by
+//! its guard, on errors and on SIGINT too.
+
+pub mod api;
+pub mod bed;
+pub mod connrate;
+pub mod control;
+pub mod cpu;
+pub mod iperf;
+pub mod mode;
+pub mod report;
+pub mod results;
+pub mod rr;
+pub mod run;
+pub mod snmp;
+pub mod sock;
+pub mod stats;
+pub mod targets;

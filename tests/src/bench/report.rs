@@ -1,0 +1,457 @@
+//! The results as markdown (for people and the README) and JSON (for
+//! tools), with ratios against `iptables`, `nftables-map` and `route`.
+
+use std::fmt::Write as _;
+
+use serde_json::{Value, json};
+
+use crate::bench::{
+    mode::Mode,
+    results::{Better, Metric, Results, Section, Shape, metric},
+    run::{BASE_PORTS, Config},
+    stats::Summary,
+    targets::{self, Outcome},
+};
+
+/// Where and how the run happened.
+#[derive(Clone, Debug, Default)]
+pub struct Meta {
+    /// Start time, UTC, ISO 8601.
+    pub started: String,
+    /// The command that reproduces the run.
+    pub command: String,
+    /// Wall-clock seconds the run took.
+    pub duration_s: f64,
+    /// `git describe` of the tree measured.
+    pub commit: String,
+    /// Kernel release.
+    pub kernel: String,
+    /// CPU model.
+    pub cpu: String,
+    /// Online CPUs.
+    pub cpus: usize,
+    /// The versions of the tools compared.
+    pub tools: Vec<String>,
+    /// What each mode installed.
+    pub beds: Vec<(Mode, String)>,
+}
+
+/// The baselines ratios are given against.
+pub const BASELINES: [Mode; 3] = [Mode::Iptables, Mode::NftablesMap, Mode::Route];
+
+/// A number with a sensible number of digits.
+pub fn num(v: f64) -> String {
+    let a = v.abs();
+    if a >= 100.0 {
+        format!("{v:.0}")
+    } else if a >= 10.0 {
+        format!("{v:.1}")
+    } else if a >= 0.1 {
+        format!("{v:.2}")
+    } else {
+        format!("{v:.3}")
+    }
+}
+
+fn arrow(m: &Metric) -> &'static str {
+    match m.better {
+        Better::Higher => "↑",
+        Better::Lower => "↓",
+    }
+}
+
+fn cell(m: &Metric, s: Option<Summary>) -> String {
+    match (s, m.shape) {
+        (None, _) => "—".to_owned(),
+        (Some(s), Shape::Repeated) => {
+            format!("{} ({}–{})", num(s.median), num(s.min), num(s.max))
+        }
+        (Some(s), Shape::Distribution) => format!("{} / {}", num(s.median), num(s.p99)),
+    }
+}
+
+fn ratio_cell(ours: Option<Summary>, base: Option<Summary>) -> String {
+    match (ours, base) {
+        (Some(o), Some(b)) => match o.ratio(&b) {
+            Some(r) if o.parity(&b) => format!("≈ {r:.2}×"),
+            Some(r) => format!("{r:.2}×"),
+            None => "—".to_owned(),
+        },
+        _ => "—".to_owned(),
+    }
+}
+
+fn header(out: &mut String, first: &[&str], modes: &[Mode]) {
+    let cols: Vec<String> = first
+        .iter()
+        .map(|s| (*s).to_owned())
+        .chain(modes.iter().map(|m| m.name().to_owned()))
+        .collect();
+    let _ = writeln!(out, "| {} |", cols.join(" | "));
+    let _ = writeln!(
+        out,
+        "|{}",
+        cols.iter()
+            .enumerate()
+            .map(|(i, _)| if i < first.len() { "---|" } else { "---:|" })
+            .collect::<String>()
+    );
+}
+
+fn metrics_of(section: Section) -> Vec<&'static Metric> {
+    metric::ALL
+        .iter()
+        .copied()
+        .filter(|m| m.section == section)
+        .collect()
+}
+
+/// A table of `section`'s figures at `ports` for every mode measured.
+fn figures_table(out: &mut String, r: &Results, section: Section, modes: &[Mode]) {
+    header(out, &["Figure"], modes);
+    for m in metrics_of(section) {
+        if r.modes(m).is_empty() {
+            continue;
+        }
+        let cells: Vec<String> = modes
+            .iter()
+            .map(|mode| cell(m, r.summary(m, *mode, BASE_PORTS)))
+            .collect();
+        let _ = writeln!(
+            out,
+            "| {} ({}, {}) | {} |",
+            m.label,
+            m.unit,
+            arrow(m),
+            cells.join(" | ")
+        );
+    }
+    out.push('\n');
+}
+
+/// Ratio tables of `metrics` against each baseline (at the base port
+/// count, or at every port count measured if `sized`).
+fn ratio_tables(
+    out: &mut String,
+    r: &Results,
+    metrics: &[&'static Metric],
+    modes: &[Mode],
+    sized: bool,
+) {
+    for base in BASELINES {
+        if !modes.contains(&base) {
+            continue;
+        }
+        let others: Vec<Mode> = modes.iter().copied().filter(|m| *m != base).collect();
+        let _ = writeln!(out, "Against **{base}**:\n");
+        let first: &[&str] = if sized {
+            &["Figure", "Ports"]
+        } else {
+            &["Figure"]
+        };
+        header(out, first, &others);
+        let mut rows = 0;
+        for m in metrics.iter().copied() {
+            let sizes = if sized { r.sizes(m) } else { vec![BASE_PORTS] };
+            for ports in sizes {
+                let Some(b) = r.summary(m, base, ports) else {
+                    continue;
+                };
+                rows += 1;
+                let cells: Vec<String> = others
+                    .iter()
+                    .map(|mode| ratio_cell(r.summary(m, *mode, ports), Some(b)))
+                    .collect();
+                let lead = if sized {
+                    format!("{} ({}) | {ports}", m.label, arrow(m))
+                } else {
+                    format!("{} ({})", m.label, arrow(m))
+                };
+                let _ = writeln!(out, "| {lead} | {} |", cells.join(" | "));
+            }
+        }
+        if rows == 0 {
+            out.push_str("| (no figures) |\n");
+        }
+        out.push('\n');
+    }
+}
+
+/// A table of `metrics` by port count.
+fn sized_table(out: &mut String, r: &Results, metrics: &[&'static Metric], modes: &[Mode]) {
+    header(out, &["Figure", "Ports"], modes);
+    for m in metrics.iter().copied() {
+        for ports in r.sizes(m) {
+            let cells: Vec<String> = modes
+                .iter()
+                .map(|mode| cell(m, r.summary(m, *mode, ports)))
+                .collect();
+            let _ = writeln!(
+                out,
+                "| {} ({}, {}) | {ports} | {} |",
+                m.label,
+                m.unit,
+                arrow(m),
+                cells.join(" | ")
+            );
+        }
+    }
+    out.push('\n');
+}
+
+/// The targets table.
+fn targets_table(out: &mut String, outcomes: &[Outcome]) {
+    let modes: Vec<Mode> = Mode::OURS.to_vec();
+    header(out, &["Target"], &modes);
+    let mut seen: Vec<&str> = Vec::new();
+    for o in outcomes {
+        if seen.contains(&o.target.text) {
+            continue;
+        }
+        seen.push(o.target.text);
+        let cells: Vec<String> = modes
+            .iter()
+            .map(|m| {
+                outcomes
+                    .iter()
+                    .find(|x| x.target.text == o.target.text && x.mode == *m)
+                    .map_or_else(|| "—".to_owned(), Outcome::cell)
+            })
+            .collect();
+        let _ = writeln!(out, "| {} | {} |", o.target.text, cells.join(" | "));
+    }
+    out.push('\n');
+}
+
+/// The whole report as markdown.
+pub fn markdown(meta: &Meta, cfg: &Config, r: &Results) -> String {
+    let modes: Vec<Mode> = Mode::ALL
+        .into_iter()
+        .filter(|m| cfg.modes.contains(m))
+        .collect();
+    let publishing: Vec<Mode> = modes.iter().copied().filter(|m| m.publishes()).collect();
+    let ours: Vec<Mode> = modes.iter().copied().filter(|m| m.is_datapath()).collect();
+    let outcomes = targets::check_all(r, BASE_PORTS);
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "# Benchmark: this datapath against iptables, nftables and plain routing\n"
+    );
+    let _ = writeln!(
+        out,
+        "- Run: {} (UTC), {:.0} s, `{}` at {}",
+        meta.started, meta.duration_s, meta.command, meta.commit
+    );
+    let _ = writeln!(
+        out,
+        "- Machine: {}, {} CPUs, Linux {}; {}",
+        meta.cpu,
+        meta.cpus,
+        meta.kernel,
+        meta.tools.join(", ")
+    );
+    let _ = writeln!(
+        out,
+        "- Each figure: {} runs per mode, modes interleaved; iperf3 runs of {} s, request/response and connection runs of {:.1} s. \
+         Cells: median (min–max). Ratios: median / median; `≈` marks parity (the interquartile ranges overlap, the noise cannot tell the two apart). \
+         ↑ higher is better, ↓ lower is better.",
+        cfg.reps,
+        cfg.iperf_secs,
+        cfg.window.as_secs_f64()
+    );
+    let _ = writeln!(
+        out,
+        "- Noise: {} of {} measurements started while the machine was less than {:.0}% idle (after waiting up to {:.1} s).\n",
+        r.not_quiet,
+        r.measurements,
+        cfg.quiet.min_idle * 100.0,
+        cfg.quiet.max_wait.as_secs_f64()
+    );
+
+    out.push_str("## Targets\n\n");
+    targets_table(&mut out, &outcomes);
+
+    let _ = writeln!(
+        out,
+        "## Data path ({BASE_PORTS} published ports: the ports under test)\n"
+    );
+    figures_table(&mut out, r, Section::DataPath, &modes);
+    out.push_str("### Ratios\n\n");
+    ratio_tables(&mut out, r, &metrics_of(Section::DataPath), &modes, false);
+
+    out.push_str("## CPU per unit of work (machine-wide /proc/stat deltas)\n\n");
+    figures_table(&mut out, r, Section::Cpu, &modes);
+    ratio_tables(&mut out, r, &metrics_of(Section::Cpu), &modes, false);
+
+    let _ = writeln!(
+        out,
+        "## Scaling: hitting the last of N published ports\n\n\
+         Each repetition goes through every size in turn (the filler ports are re-installed \
+         each time), so the sizes of one mode are measured minutes, not a whole run, apart.\n"
+    );
+    sized_table(&mut out, r, metric::SCALING, &modes);
+    out.push_str("### Ratios\n\n");
+    ratio_tables(&mut out, r, metric::SCALING, &publishing, true);
+
+    let _ = writeln!(
+        out,
+        "## Updating one mapping (p50 / p99 of {} samples)\n\n\
+         iptables and nft: one command each (`iptables -t nat -A|-D`, `nft add|delete element`), \
+         process start included, as Docker and CNI plugins run them. This datapath: one API call \
+         publishing or unpublishing a port of a running container (map entry plus the agent's \
+         state file, written and fsynced), the same through the `datapath` CLI (process start \
+         included), and the BPF map update alone.\n",
+        cfg.update_samples
+    );
+    sized_table(&mut out, r, &metrics_of(Section::Update), &publishing);
+
+    let _ = writeln!(
+        out,
+        "## Control plane (ms, p50 / p99 over {} containers)\n",
+        cfg.control_containers
+    );
+    figures_table(&mut out, r, Section::Control, &ours);
+
+    out.push_str("## Setup\n\n");
+    for (mode, what) in &meta.beds {
+        let _ = writeln!(out, "- `{mode}`: {what}");
+    }
+    if !r.notes.is_empty() {
+        out.push_str("\n## Notes\n\n");
+        for n in &r.notes {
+            let _ = writeln!(out, "- {n}");
+        }
+    }
+    out
+}
+
+fn summary_json(s: &Summary) -> Value {
+    json!({
+        "n": s.n, "min": s.min, "q1": s.q1, "median": s.median,
+        "q3": s.q3, "p99": s.p99, "max": s.max,
+    })
+}
+
+/// The whole report as JSON.
+pub fn json(meta: &Meta, cfg: &Config, r: &Results) -> Value {
+    let figures: Vec<Value> = r
+        .entries
+        .iter()
+        .map(|e| {
+            let mut ratios = serde_json::Map::new();
+            for base in BASELINES {
+                if let (Some(o), Some(b)) = (e.summary(), r.summary(e.metric, base, e.ports))
+                    && base != e.mode
+                    && let Some(ratio) = o.ratio(&b)
+                {
+                    ratios.insert(
+                        base.name().to_owned(),
+                        json!({ "ratio": ratio, "parity": o.parity(&b) }),
+                    );
+                }
+            }
+            json!({
+                "metric": e.metric.id,
+                "label": e.metric.label,
+                "unit": e.metric.unit,
+                "better": match e.metric.better { Better::Higher => "higher", Better::Lower => "lower" },
+                "mode": e.mode.name(),
+                "ports": e.ports,
+                "samples": e.samples,
+                "summary": e.summary().as_ref().map(summary_json),
+                "ratios": ratios,
+            })
+        })
+        .collect();
+    let targets: Vec<Value> = targets::check_all(r, BASE_PORTS)
+        .iter()
+        .map(|o| {
+            json!({
+                "target": o.target.text,
+                "mode": o.mode.name(),
+                "value": o.value,
+                "status": o.status.word(),
+                "met": o.status.is_met(),
+            })
+        })
+        .collect();
+    json!({
+        "meta": {
+            "started": meta.started,
+            "command": meta.command,
+            "duration_s": meta.duration_s,
+            "commit": meta.commit,
+            "kernel": meta.kernel,
+            "cpu": meta.cpu,
+            "cpus": meta.cpus,
+            "tools": meta.tools,
+            "beds": meta.beds.iter().map(|(m, d)| json!({"mode": m.name(), "setup": d})).collect::<Vec<_>>(),
+        },
+        "config": {
+            "quick": cfg.quick,
+            "reps": cfg.reps,
+            "iperf_secs": cfg.iperf_secs,
+            "window_s": cfg.window.as_secs_f64(),
+            "conn_threads": cfg.conn_threads,
+            "sizes": cfg.sizes,
+            "base_ports": BASE_PORTS,
+            "update_samples": cfg.update_samples,
+            "control_containers": cfg.control_containers,
+            "quiet_min_idle": cfg.quiet.min_idle,
+        },
+        "noise": { "measurements": r.measurements, "not_quiet": r.not_quiet },
+        "figures": figures,
+        "targets": targets,
+        "notes": r.notes,
+    })
+}
+
+/// The targets, one line each, for the terminal.
+pub fn targets_text(r: &Results) -> String {
+    let mut out = String::new();
+    for o in targets::check_all(r, BASE_PORTS) {
+        let _ = writeln!(
+            out,
+            "{:<14} {:<70} {}",
+            o.mode.name(),
+            o.target.text,
+            o.cell()
+        );
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn markdown_and_json_carry_figures_ratios_and_targets() {
+        let mut r = Results::default();
+        for (mode, v) in [
+            (Mode::Iptables, [20.0, 21.0, 22.0]),
+            (Mode::DatapathTc, [30.0, 31.0, 32.0]),
+        ] {
+            for x in v {
+                r.record(&metric::CONN_RATE, mode, BASE_PORTS, x);
+            }
+        }
+        let cfg = Config::quick();
+        let md = markdown(&Meta::default(), &cfg, &r);
+        assert!(
+            md.contains("| New connections through DNAT (k/s, ↑) |"),
+            "{md}"
+        );
+        assert!(md.contains("1.48×"), "{md}");
+        assert!(md.contains("met: 1.48×"), "{md}");
+        let j = json(&Meta::default(), &cfg, &r);
+        let fig = j["figures"]
+            .as_array()
+            .and_then(|f| f.iter().find(|f| f["mode"] == "datapath-tc"))
+            .expect("our figure");
+        assert_eq!(fig["summary"]["median"], 31.0);
+        assert_eq!(fig["ratios"]["iptables"]["parity"], false);
+        assert_eq!(num(25.345), "25.3");
+        assert_eq!(num(0.0123), "0.012");
+    }
+}
