@@ -18,11 +18,7 @@ pub const TEST_SECONDS: u64 = 10;
 
 /// Targets that `cargo xtask fuzz` runs only when named, each with the
 /// reason. A target goes here only while a bug it found waits for its fix.
-const PENDING: &[(&str, &str)] = &[(
-    "state_file",
-    "a state file that parses may hold impossible values (no ports, an id handed out \
-     twice) until the loader checks them (fix 5 of the issue-8 report)",
-)];
+const PENDING: &[(&str, &str)] = &[];
 
 /// The targets of `fuzz/Cargo.toml`, as `cargo fuzz list` prints them.
 fn targets(workspace: &Workspace) -> Result<Vec<String>> {
