@@ -25,6 +25,7 @@ pub mod control;
 pub mod cpu;
 pub mod iperf;
 pub mod mode;
+pub mod ratelimit;
 pub mod report;
 pub mod results;
 pub mod rr;
