@@ -7,7 +7,8 @@ use crate::{proto, tcp_flags};
 /// A flow's state for expiry purposes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CtState {
-    /// TCP: SYN seen, no reply yet.
+    /// TCP: SYN seen, the handshake not complete (no reply yet, or a
+    /// reply the SYN's sender has not acknowledged).
     SynSent,
     /// TCP: the peer has answered; the connection is up.
     Established,
@@ -32,7 +33,10 @@ impl CtState {
                     || (orig_flags & tcp_flags::FIN != 0 && reply_flags & tcp_flags::FIN != 0)
                 {
                     CtState::Closing
-                } else if replied {
+                } else if replied && orig_flags & tcp_flags::ACK != 0 {
+                    // The handshake is complete only when the side that
+                    // sent the SYN acknowledges the answer: the flows of a
+                    // spoofed SYN flood are answered but never acknowledged.
                     CtState::Established
                 } else {
                     CtState::SynSent
@@ -113,6 +117,11 @@ mod tests {
         assert_eq!(
             CtState::of(proto::TCP, SYN | ACK, SYN | ACK, true),
             CtState::Established
+        );
+        assert_eq!(
+            CtState::of(proto::TCP, SYN, SYN | ACK, true),
+            CtState::SynSent,
+            "answered but never acknowledged: a spoofed SYN"
         );
         assert_eq!(
             CtState::of(proto::TCP, SYN | ACK | FIN, SYN | ACK, true),

@@ -6,6 +6,7 @@
 //! * [`csum`]: incremental Internet checksum arithmetic (RFC 1624), used by the
 //!   XDP program (which has no checksum helpers) and by the tests.
 //! * [`stats`]: the counters every program exports, drop reasons included.
+//! * [`ratelimit`]: the per-cgroup token buckets' layouts and arithmetic.
 //!
 //! The crate is `no_std` so that the eBPF crate can use it; the `user` feature
 //! adds the userspace-only trait impls.
@@ -14,6 +15,7 @@
 pub mod csum;
 pub mod ct;
 pub mod maps;
+pub mod ratelimit;
 pub mod stats;
 
 pub use maps::*;

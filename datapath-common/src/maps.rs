@@ -24,9 +24,27 @@ pub mod names {
     pub const CONNTRACK: &str = "CONNTRACK";
     /// Per-CPU `u64` counters indexed by [`crate::Stat`].
     pub const STATS: &str = "STATS";
+    /// [`crate::ratelimit::RateKey`] → [`crate::ratelimit::RateLimit`]: token
+    /// buckets per (cgroup, direction).
+    pub const RATE_LIMITS: &str = "RATE_LIMITS";
+    /// [`crate::ratelimit::RateKey`] → per-CPU [`crate::ratelimit::RateStats`].
+    pub const RATE_STATS: &str = "RATE_STATS";
+    /// Cgroup storage: the [`crate::ratelimit::RateKey`] of each cgroup
+    /// attachment of the rate limiter.
+    pub const RATE_CGROUPS: &str = "RATE_CGROUPS";
 
     /// Every map the agent pins, in a stable order.
-    pub const ALL: [&str; 6] = [CONFIG, SERVICES, ENDPOINTS, NODE_ADDRS, CONNTRACK, STATS];
+    pub const ALL: [&str; 9] = [
+        CONFIG,
+        SERVICES,
+        ENDPOINTS,
+        NODE_ADDRS,
+        CONNTRACK,
+        STATS,
+        RATE_LIMITS,
+        RATE_STATS,
+        RATE_CGROUPS,
+    ];
 }
 
 /// Program names (the Rust function names in the eBPF crate).
@@ -37,6 +55,12 @@ pub mod programs {
     pub const UPLINK_XDP: &str = "uplink_xdp";
     /// TC (tcx) ingress on a container's host-side veth: reverse DNAT, SNAT.
     pub const CONTAINER_TC: &str = "container_tc";
+    /// cgroup_skb egress on a rate-limited container's cgroup.
+    pub const RATE_EGRESS: &str = "rate_egress";
+    /// cgroup_skb ingress on a rate-limited container's cgroup.
+    pub const RATE_INGRESS: &str = "rate_ingress";
+    /// sock_ops on a container's cgroup with an egress limit: TCP pacing.
+    pub const RATE_SOCKOPS: &str = "rate_sockops";
 }
 
 /// Default capacities. The agent may size maps differently at load time.
@@ -49,6 +73,8 @@ pub mod capacity {
     pub const NODE_ADDRS: u32 = 64;
     /// Conntrack entries (two per flow).
     pub const CONNTRACK: u32 = 262_144;
+    /// Rate-limited (cgroup, direction) pairs.
+    pub const RATE_LIMITS: u32 = 8_192;
 }
 
 /// IP protocol numbers used as [`ServiceKey::proto`] and [`CtKey::proto`].
@@ -224,6 +250,10 @@ pub mod ct_action {
     /// Outside → node reply of a masqueraded flow: rewrite the destination
     /// back to the container.
     pub const REV_SNAT: u8 = 4;
+    /// Uplink → container address, routed unchanged (the operator allowed
+    /// direct routing), and its replies: nothing is rewritten, but the
+    /// container's replies must not be masqueraded.
+    pub const ROUTED: u8 = 5;
 
     /// Whether `action` rewrites the source (else the destination).
     #[inline(always)]
@@ -238,6 +268,7 @@ pub mod ct_action {
             REV_DNAT => "rev-dnat",
             SNAT => "snat",
             REV_SNAT => "rev-snat",
+            ROUTED => "routed",
             _ => "unknown",
         }
     }

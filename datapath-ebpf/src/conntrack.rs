@@ -143,6 +143,37 @@ pub fn create_dnat(
     }
 }
 
+/// Creates the conntrack pair of a flow routed unchanged from the uplink to
+/// container address `key.daddr`, so that the container's replies are
+/// recognised (and passed, not masqueraded).
+#[inline(always)]
+pub fn create_routed(
+    key: &CtKey,
+    container_ifindex: u32,
+    uplink_ifindex: u32,
+    container_id: u32,
+) -> Result<*mut CtEntry, Stat> {
+    let mut orig = entry(
+        ct_action::ROUTED,
+        key.daddr,
+        key.dport,
+        container_ifindex,
+        container_id,
+    );
+    orig.flags = CT_F_ORIGINAL;
+    let reply = entry(
+        ct_action::ROUTED,
+        key.saddr,
+        key.sport,
+        uplink_ifindex,
+        container_id,
+    );
+    match insert_pair(key, &orig, &reply) {
+        Err(Stat::DropSnatPortsExhausted) => Err(Stat::DropCtFull),
+        r => r,
+    }
+}
+
 /// Creates the conntrack pair of a new masqueraded flow from a container:
 /// `ctr:port → dst` becomes `node:allocated → dst`, with the allocated port
 /// (ICMP: echo id) picked at random from the configured range and retried on

@@ -2,7 +2,9 @@
 //! of replies, masquerade of new flows to the outside.
 
 use aya_ebpf::programs::TcContext;
-use datapath_common::{CONFIG_F_SNAT, CtEntry, EndpointKey, NodeAddrKey, Stat, ct_action};
+use datapath_common::{
+    CONFIG_F_SNAT, CtEntry, Endpoint, EndpointKey, NodeAddrKey, Stat, ct_action,
+};
 
 use crate::{
     conntrack,
@@ -10,8 +12,38 @@ use crate::{
     icmp,
     maps::{self, ENDPOINTS, NODE_ADDRS},
     nat,
-    parse::{self, L4, Parsed},
+    parse::{self, ETH_LEN, IP_SRC_OFF, L4, Parsed},
 };
+
+/// Whose source a frame from a container carries.
+enum Source {
+    /// Not IPv4: the node routes nothing else for containers.
+    NotIpv4,
+    /// An address or MAC that is not the container's behind this veth.
+    Spoofed,
+    /// The container's own.
+    Own(&'static Endpoint),
+}
+
+/// Checks the source address and MAC of an IPv4 frame against the
+/// container behind host-side veth `ifindex`.
+#[inline(always)]
+fn source_endpoint(ctx: &TcContext, ifindex: u32) -> Source {
+    let Ok(ether_type) = ctx.read::<2>(ETH_LEN - 2) else {
+        return Source::NotIpv4;
+    };
+    if u16::from_be_bytes(ether_type) != 0x0800 {
+        return Source::NotIpv4;
+    }
+    let (Ok(saddr), Ok(src_mac)) = (ctx.read::<4>(IP_SRC_OFF), ctx.read::<6>(6)) else {
+        return Source::Spoofed;
+    };
+    // SAFETY: endpoint values are replaced whole by the agent.
+    match unsafe { ENDPOINTS.get(EndpointKey { addr: saddr }) } {
+        Some(ep) if ep.ifindex == ifindex && ep.mac == src_mac => Source::Own(ep),
+        _ => Source::Spoofed,
+    }
+}
 
 /// What the hook must do with the packet.
 pub enum Verdict {
@@ -30,9 +62,22 @@ pub fn process(ctx: &mut TcContext) -> Verdict {
     let Some(cfg) = maps::config() else {
         return Verdict::Pass;
     };
-    let flow = match parse::parse(ctx) {
-        Parsed::NotOurs => return Verdict::Pass,
-        Parsed::Malformed => return Verdict::Drop(Stat::DropMalformed),
+    let parsed = parse::parse(ctx);
+    if let Parsed::Malformed = parsed {
+        return Verdict::Drop(Stat::DropMalformed);
+    }
+    // SAFETY: `skb` is the program's context.
+    let ifindex = unsafe { (*ctx.skb.skb).ingress_ifindex };
+    // A container may only send from its own address and MAC: every IPv4
+    // packet, whatever its protocol, fragments included (the node would
+    // route what is passed).
+    let ep = match source_endpoint(ctx, ifindex) {
+        Source::NotIpv4 => None,
+        Source::Spoofed => return Verdict::Drop(Stat::DropSpoofed),
+        Source::Own(ep) => Some(ep),
+    };
+    let flow = match parsed {
+        Parsed::NotOurs | Parsed::Malformed => return Verdict::Pass,
         Parsed::Fragment(Some(key)) => {
             return if conntrack::lookup(&key).is_some() {
                 Verdict::Drop(Stat::DropFragment)
@@ -43,22 +88,9 @@ pub fn process(ctx: &mut TcContext) -> Verdict {
         Parsed::Fragment(None) => return Verdict::Pass,
         Parsed::Flow(flow) => flow,
     };
-    // SAFETY: `skb` is the program's context.
-    let ifindex = unsafe { (*ctx.skb.skb).ingress_ifindex };
-    // A container may only send from its own address and MAC.
-    let Some(ep) = (unsafe {
-        ENDPOINTS.get(EndpointKey {
-            addr: flow.key.saddr,
-        })
-    }) else {
-        return Verdict::Drop(Stat::DropSpoofed);
+    let Some(ep) = ep else {
+        return Verdict::Pass;
     };
-    let Ok(src_mac) = ctx.read::<6>(6) else {
-        return Verdict::Drop(Stat::DropMalformed);
-    };
-    if ep.ifindex != ifindex || ep.mac != src_mac {
-        return Verdict::Drop(Stat::DropSpoofed);
-    }
     // Forwarding decrements the TTL: a packet that would leave with zero is
     // not forwarded (nor does it create a flow); see `ttl_expired`.
     let expiring = flow.ttl <= 1;
@@ -98,6 +130,11 @@ pub fn process(ctx: &mut TcContext) -> Verdict {
     };
     // SAFETY: points into a live conntrack value (RCU); copied out once.
     let ct = unsafe { *entry };
+    if ct.action == ct_action::ROUTED {
+        // A reply to a flow routed to the container unchanged.
+        conntrack::touch(entry, &flow);
+        return Verdict::Pass;
+    }
     if ct.action != ct_action::REV_DNAT && ct.action != ct_action::SNAT {
         return Verdict::Pass;
     }

@@ -14,6 +14,7 @@ mod icmp;
 mod maps;
 mod nat;
 mod parse;
+mod ratelimit;
 mod uplink;
 
 use aya_ebpf::{
@@ -106,6 +107,24 @@ fn log_drop<C: aya_ebpf::EbpfContext>(ctx: &C, stat: Stat) {
         Stat::DropSnatPortsExhausted => debug!(ctx, "no free masquerade port: new flow dropped"),
         _ => {}
     }
+}
+
+/// cgroup_skb egress of a rate-limited container's cgroup.
+#[aya_ebpf::macros::cgroup_skb(egress)]
+pub fn rate_egress(ctx: aya_ebpf::programs::SkBuffContext) -> i32 {
+    ratelimit::egress(&ctx)
+}
+
+/// cgroup_skb ingress of a rate-limited container's cgroup.
+#[aya_ebpf::macros::cgroup_skb(ingress)]
+pub fn rate_ingress(ctx: aya_ebpf::programs::SkBuffContext) -> i32 {
+    ratelimit::ingress(&ctx)
+}
+
+/// sock_ops of a container's cgroup with an egress limit: TCP pacing.
+#[aya_ebpf::macros::sock_ops]
+pub fn rate_sockops(ctx: aya_ebpf::programs::SockOpsContext) -> u32 {
+    ratelimit::sock_ops(&ctx)
 }
 
 #[cfg(not(test))]

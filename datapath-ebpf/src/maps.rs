@@ -54,3 +54,28 @@ pub fn config() -> Option<&'static Config> {
         .get(0)
         .filter(|c| c.flags & datapath_common::CONFIG_F_READY != 0)
 }
+
+/// Token buckets per (cgroup, direction); see `datapath_common::ratelimit`.
+#[btf_map]
+pub static RATE_LIMITS: aya_ebpf::btf_maps::HashMap<
+    datapath_common::ratelimit::RateKey,
+    datapath_common::ratelimit::RateLimit,
+    { capacity::RATE_LIMITS as usize },
+> = aya_ebpf::btf_maps::HashMap::new();
+
+/// Per-CPU counters of each bucket.
+#[btf_map]
+pub static RATE_STATS: aya_ebpf::btf_maps::PerCpuHashMap<
+    datapath_common::ratelimit::RateKey,
+    datapath_common::ratelimit::RateStats,
+    { capacity::RATE_LIMITS as usize },
+> = aya_ebpf::btf_maps::PerCpuHashMap::new();
+
+/// The bucket key of each cgroup attachment of the rate limiter, written by
+/// the agent after attaching: a program attached to a container's cgroup
+/// also runs for the cgroups below it, and this is how it knows whose
+/// bucket to charge.
+#[btf_map]
+#[allow(deprecated)]
+pub static RATE_CGROUPS: aya_ebpf::btf_maps::CgroupStorage<datapath_common::ratelimit::RateKey> =
+    aya_ebpf::btf_maps::CgroupStorage::new();

@@ -110,23 +110,43 @@ pub fn process<C: Packet + FrameLen>(ctx: &mut C) -> Verdict {
                 }
             }
             None => {
-                if cfg.flags & CONFIG_F_ALLOW_DIRECT_ROUTING == 0
-                    && cfg.in_pool(flow.key.daddr)
-                    && unsafe {
-                        maps::ENDPOINTS.get(EndpointKey {
-                            addr: flow.key.daddr,
-                        })
-                    }
-                    .is_some()
-                {
+                if !cfg.in_pool(flow.key.daddr) {
+                    return Verdict::Pass;
+                }
+                // SAFETY: endpoint values are replaced whole by the agent.
+                let Some(ep) = (unsafe {
+                    maps::ENDPOINTS.get(EndpointKey {
+                        addr: flow.key.daddr,
+                    })
+                }) else {
+                    return Verdict::Pass;
+                };
+                if cfg.flags & CONFIG_F_ALLOW_DIRECT_ROUTING == 0 {
                     return Verdict::Drop(Stat::DropDirectRouting);
                 }
-                return Verdict::Pass;
+                // Routed unchanged, but tracked: the container's replies
+                // must be recognised, not masqueraded.
+                return match conntrack::create_routed(
+                    &flow.key,
+                    ep.ifindex,
+                    cfg.uplink_ifindex,
+                    ep.container_id,
+                ) {
+                    Ok(e) => {
+                        conntrack::touch(e, &flow);
+                        Verdict::Pass
+                    }
+                    Err(stat) => Verdict::Drop(stat),
+                };
             }
         },
     };
     // SAFETY: points into a live conntrack value (RCU); copied out once.
     let ct = unsafe { *entry };
+    if ct.action == ct_action::ROUTED {
+        conntrack::touch(entry, &flow);
+        return Verdict::Pass;
+    }
     // Replies arriving on the uplink are only ever REV_SNAT; an entry of
     // another kind matching here would be an outbound tuple seen inbound.
     if ct.action != ct_action::DNAT && ct.action != ct_action::REV_SNAT {

@@ -16,11 +16,11 @@ use datapath_common::{
 use ipnet::Ipv4Net;
 
 use crate::{
-    api::{self, AddContainer, ContainerInfo},
+    api::{self, AddContainer, ContainerInfo, UpdateContainer},
     bpf::{BpfError, Datapath, LoadOptions, UplinkHook},
     conntrack,
     netlink::{ContainerLink, Netlink},
-    netns,
+    netns, ratelimit,
     spec::PortMapping,
     state::{Container, State, StateError, StateStore, gateway_of},
 };
@@ -324,6 +324,9 @@ impl Agent {
             },
             Ok(None) => {
                 tracing::warn!(container = %c.name, veth = %c.host_ifname, "veth gone: recreating it");
+                // The link pinned for the vanished veth is defunct (it cannot
+                // take a new program): drop it, attaching makes a fresh one.
+                self.dp.detach_container(&c.host_ifname)?;
                 let link = self.create_link(c).await?;
                 let mac = link.container_mac;
                 if let Some(stored) = self.state.containers.get_mut(&c.name) {
@@ -334,8 +337,126 @@ impl Agent {
             Err(e) => return Err(AgentError::Internal(error_chain(&e))),
         };
         self.fill_maps(c, ifindex, mac, host_mac)?;
+        self.restore_limits(c);
         tracing::info!(container = %c.name, "adopted");
         Ok(())
+    }
+
+    /// Re-applies a known container's rate limits with freshly attached
+    /// programs, following its cgroup if it was recreated (new id). A
+    /// cgroup that is gone leaves the limits recorded but unapplied.
+    fn restore_limits(&mut self, c: &Container) {
+        let Some(path) = &c.cgroup else {
+            return;
+        };
+        let mut c = c.clone();
+        match ratelimit::resolve_cgroup(&path.to_string_lossy()) {
+            Ok(cg) if cg.id == c.cgroup_id => {}
+            Ok(cg) => {
+                ratelimit::remove(&mut self.dp, &c);
+                c.cgroup_id = cg.id;
+                if let Some(stored) = self.state.containers.get_mut(&c.name) {
+                    stored.cgroup_id = cg.id;
+                }
+            }
+            Err(e) => {
+                tracing::warn!(container = %c.name, "rate limits not applied: {e}");
+                ratelimit::remove(&mut self.dp, &c);
+                return;
+            }
+        }
+        if let Err(e) = ratelimit::apply(&mut self.dp, &c, true) {
+            tracing::warn!(container = %c.name, "rate limits not applied: {e}");
+        }
+    }
+
+    /// Refuses a second container with limits on a cgroup whose buckets
+    /// another container's limits already use.
+    fn check_cgroup(
+        &self,
+        name: &str,
+        cgroup_id: u64,
+        limits: &ratelimit::Limits,
+    ) -> Result<(), AgentError> {
+        if cgroup_id == 0 || limits.is_empty() {
+            return Ok(());
+        }
+        match self
+            .state
+            .containers
+            .values()
+            .find(|c| c.name != name && c.cgroup_id == cgroup_id && !c.limits.is_empty())
+        {
+            Some(other) => Err(AgentError::Conflict(format!(
+                "container {:?} already limits the cgroup {}; one cgroup has one set of limits",
+                other.name,
+                other.cgroup.as_deref().unwrap_or(Path::new("?")).display()
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    /// Changes a container's rate limits in place: every value is checked
+    /// first, then each direction's bucket is created, reconfigured under
+    /// its lock (no flow notices more than the new rate) or removed.
+    pub fn update(
+        &mut self,
+        name: &str,
+        req: &UpdateContainer,
+    ) -> Result<ContainerInfo, AgentError> {
+        let c = self
+            .state
+            .containers
+            .get(name)
+            .cloned()
+            .ok_or_else(|| AgentError::NotFound(format!("no container named {name:?}")))?;
+        let bad = |e: ratelimit::LimitError| AgentError::BadRequest(e.to_string());
+        let limits = ratelimit::Limits {
+            egress: ratelimit::updated(
+                "egress",
+                c.limits.egress,
+                req.egress_rate.as_deref(),
+                req.egress_burst.as_deref(),
+            )
+            .map_err(bad)?,
+            ingress: ratelimit::updated(
+                "ingress",
+                c.limits.ingress,
+                req.ingress_rate.as_deref(),
+                req.ingress_burst.as_deref(),
+            )
+            .map_err(bad)?,
+        };
+        if limits == c.limits {
+            return Ok(self.info(&c));
+        }
+        if c.cgroup.is_none() && !limits.is_empty() {
+            return Err(AgentError::BadRequest(format!(
+                "container {name:?} was added without a cgroup: rate limits apply to a cgroup, \
+                 so delete it and add it again with --cgroup"
+            )));
+        }
+        self.check_cgroup(name, c.cgroup_id, &limits)?;
+        let mut updated = c.clone();
+        updated.limits = limits;
+        if let Err(e) = ratelimit::apply(&mut self.dp, &updated, false) {
+            if let Err(back) = ratelimit::apply(&mut self.dp, &c, false) {
+                tracing::warn!(container = %name, "restore the previous limits: {back}");
+            }
+            return Err(internal("apply rate limits")(e.to_string()));
+        }
+        self.state
+            .containers
+            .insert(name.to_owned(), updated.clone());
+        if let Err(e) = self.store.save(&self.state) {
+            self.state.containers.insert(name.to_owned(), c.clone());
+            if let Err(back) = ratelimit::apply(&mut self.dp, &c, false) {
+                tracing::warn!(container = %name, "restore the previous limits: {back}");
+            }
+            return Err(e.into());
+        }
+        tracing::info!(container = %name, egress = ?updated.limits.egress, ingress = ?updated.limits.ingress, "rate limits changed");
+        Ok(self.info(&updated))
     }
 
     /// Removes what no known container owns: `dp<hex>` veths, SERVICES and
@@ -396,7 +517,45 @@ impl Agent {
                     tracing::warn!(link = %name, "removing an orphaned link");
                     let _ = self.dp.detach_container(veth);
                 }
+                if name.starts_with(crate::bpf::STAGING_LINK_PREFIX) {
+                    let _ = std::fs::remove_file(e.path());
+                }
+                for hook in crate::bpf::RateHook::ALL {
+                    let prefix = crate::bpf::rate_link_name(hook, "");
+                    if let Some(veth) = name.strip_prefix(&prefix)
+                        && !veths.contains(veth)
+                    {
+                        tracing::warn!(link = %name, "removing an orphaned link");
+                        let _ = self.dp.detach_rate(hook, veth);
+                    }
+                }
             }
+        }
+        let limited: std::collections::HashSet<(u64, u32)> = self
+            .state
+            .containers
+            .values()
+            .flat_map(|c| {
+                [
+                    datapath_common::ratelimit::direction::EGRESS,
+                    datapath_common::ratelimit::direction::INGRESS,
+                ]
+                .into_iter()
+                .filter(|d| c.limits.get(*d).is_some())
+                .map(|d| (c.cgroup_id, d))
+            })
+            .collect();
+        let stale: Vec<datapath_common::ratelimit::RateKey> = self
+            .dp
+            .rate_limits
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !limited.contains(&(k.cgroup_id, k.direction)))
+            .collect();
+        for k in stale {
+            tracing::warn!(cgroup_id = k.cgroup_id, "removing an orphaned rate limit");
+            let _ = self.dp.rate_limits.remove(&k);
+            let _ = self.dp.rate_stats.remove(&k);
         }
         if let Err(e) = conntrack::flush(&mut self.dp.conntrack, |f| {
             f.orig.container_id != 0 && !ids.contains(&f.orig.container_id)
@@ -465,6 +624,9 @@ impl Agent {
             ifname: c.ifname.clone(),
             host_ifname: c.host_ifname.clone(),
             publish: c.publish.iter().map(ToString::to_string).collect(),
+            cgroup: c.cgroup.clone(),
+            limits: c.limits,
+            counters: ratelimit::counters(&self.dp, c),
         }
     }
 
@@ -543,8 +705,20 @@ impl Agent {
             .map(|s| s.parse::<PortMapping>())
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| AgentError::BadRequest(e.to_string()))?;
+        let rate = ratelimit::request(
+            req.cgroup.as_deref(),
+            (req.egress_rate.as_deref(), req.egress_burst.as_deref()),
+            (req.ingress_rate.as_deref(), req.ingress_burst.as_deref()),
+        )
+        .map_err(AgentError::BadRequest)?;
+        let (cgroup, cgroup_id) = rate.cgroup.map_or((None, 0), |cg| (Some(cg.path), cg.id));
         if let Some(c) = self.state.containers.get(&req.name) {
-            if c.netns == netns && c.ifname == ifname && c.publish == publish {
+            if c.netns == netns
+                && c.ifname == ifname
+                && c.publish == publish
+                && c.cgroup == cgroup
+                && c.limits == rate.limits
+            {
                 return Ok(self.info(c));
             }
             return Err(AgentError::Conflict(format!(
@@ -553,6 +727,7 @@ impl Agent {
             )));
         }
         self.check_publish(&req.name, &publish)?;
+        self.check_cgroup(&req.name, cgroup_id, &rate.limits)?;
         let addr = self.state.allocate_addr(self.cfg.pool).ok_or_else(|| {
             AgentError::Conflict(format!("the pool {} has no free address", self.cfg.pool))
         })?;
@@ -570,6 +745,9 @@ impl Agent {
             addr,
             publish,
             mac: String::new(),
+            cgroup,
+            cgroup_id,
+            limits: rate.limits,
         };
         let result = match self.create_link(&container).await {
             Ok(link) => {
@@ -580,6 +758,10 @@ impl Agent {
                     link.container_mac,
                     link.host_mac,
                 )
+                .and_then(|()| {
+                    ratelimit::apply(&mut self.dp, &container, false)
+                        .map_err(|e| internal("apply rate limits")(e.to_string()))
+                })
                 .and_then(|()| {
                     self.state
                         .containers
@@ -699,6 +881,7 @@ impl Agent {
         if let Err(e) = self.dp.detach_container(&c.host_ifname) {
             tracing::warn!(container = %c.name, "detach: {e}");
         }
+        ratelimit::remove(&mut self.dp, c);
         let id = c.id;
         if let Err(e) = conntrack::flush(&mut self.dp.conntrack, |f| f.orig.container_id == id) {
             tracing::warn!(container = %c.name, "flush conntrack: {e}");

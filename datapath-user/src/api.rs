@@ -3,7 +3,8 @@
 //! Routes (all JSON; errors are `{"error": "..."}` with a 4xx/5xx status):
 //! * `GET /v1/status`
 //! * `GET /v1/containers`, `POST /v1/containers` ([`AddContainer`]),
-//!   `GET|DELETE /v1/containers/{name}`
+//!   `GET|DELETE /v1/containers/{name}`, `PATCH /v1/containers/{name}`
+//!   ([`UpdateContainer`]: rate limits)
 //! * `GET /v1/conntrack`, `DELETE /v1/conntrack[?container=NAME]`
 //!
 //! Usable with `curl --unix-socket /run/datapath/api.sock http://x/v1/status`.
@@ -19,13 +20,16 @@ use hyper::{Method, Request, StatusCode, body::Bytes};
 use hyper_util::rt::TokioIo;
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
-use crate::bpf::Attachment;
+use crate::{
+    bpf::Attachment,
+    ratelimit::{Limits, RateCounters},
+};
 
 /// Largest request body the agent accepts.
 pub const MAX_BODY: usize = 64 * 1024;
 
 /// `POST /v1/containers`.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct AddContainer {
     /// Container name: 1-64 of `[A-Za-z0-9_.-]`.
@@ -38,6 +42,46 @@ pub struct AddContainer {
     /// Published ports in Docker's `-p` syntax.
     #[serde(default)]
     pub publish: Vec<String>,
+    /// The container's cgroup v2 directory, which rate limits apply to: a
+    /// path inside the cgroup2 mount, or a path under it (`web1`,
+    /// `/machine.slice/web1`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cgroup: Option<String>,
+    /// Egress (from the container) rate in tc's units, e.g. `10mbit`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub egress_rate: Option<String>,
+    /// Ingress (to the container) rate in tc's units.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ingress_rate: Option<String>,
+    /// Egress bucket size in tc's units, e.g. `64kb` (default: 4 ms of the
+    /// rate, at least 1mb).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub egress_burst: Option<String>,
+    /// Ingress bucket size in tc's units (default: 250 ms of the rate, at
+    /// least 1mb).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ingress_burst: Option<String>,
+}
+
+/// `PATCH /v1/containers/{name}`: changes rate limits in place (no flow
+/// is lost). An absent field is unchanged; a rate of `none` removes that
+/// direction's limit; a new rate keeps the current burst unless one is
+/// given.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateContainer {
+    /// Egress rate in tc's units, or `none`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub egress_rate: Option<String>,
+    /// Ingress rate in tc's units, or `none`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ingress_rate: Option<String>,
+    /// Egress bucket size in tc's units.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub egress_burst: Option<String>,
+    /// Ingress bucket size in tc's units.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ingress_burst: Option<String>,
 }
 
 /// `POST /v1/containers/{name}/ports` and `DELETE …/ports`: one published
@@ -68,6 +112,16 @@ pub struct ContainerInfo {
     pub host_ifname: String,
     /// Published ports, normalized (`[ip:]host:container/proto`).
     pub publish: Vec<String>,
+    /// The cgroup rate limits apply to.
+    #[serde(default)]
+    pub cgroup: Option<PathBuf>,
+    /// Rate limits per direction (rates in bits/s, bursts in bytes; `null`:
+    /// unlimited).
+    #[serde(default)]
+    pub limits: Limits,
+    /// The rate limiter's counters per direction.
+    #[serde(default)]
+    pub counters: RateCounters,
 }
 
 /// The uplink's configuration.
@@ -347,6 +401,24 @@ impl Client {
             message: format!("encode request: {e}"),
         })?;
         self.call(Method::POST, "/v1/containers", Some(body)).await
+    }
+
+    /// `PATCH /v1/containers/{name}`: changes rate limits.
+    pub async fn update_container(
+        &self,
+        name: &str,
+        req: &UpdateContainer,
+    ) -> Result<ContainerInfo, ClientError> {
+        let body = serde_json::to_vec(req).map_err(|e| ClientError::Http {
+            socket: self.socket.clone(),
+            message: format!("encode request: {e}"),
+        })?;
+        self.call(
+            Method::PATCH,
+            &format!("/v1/containers/{}", encode(name)),
+            Some(body),
+        )
+        .await
     }
 
     /// `POST /v1/containers/{name}/ports`.

@@ -6,6 +6,8 @@
 //! * `links/<NAME>`: TCX and XDP links. The datapath keeps forwarding while
 //!   the agent is down; a restarted agent swaps its freshly loaded program
 //!   into the existing link atomically.
+//! * `links/rate_<hook>_<veth>`: the rate limiter's cgroup links of a
+//!   container (see [`RateHook`]); re-attached by replacing the pin.
 
 use std::{
     fs, io,
@@ -16,7 +18,8 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, PerCpuArray},
     programs::{
-        LinkOrder, SchedClassifier, TcAttachType, Xdp, XdpMode,
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, LinkOrder, SchedClassifier, SockOps,
+        TcAttachType, Xdp, XdpMode,
         links::{FdLink, PinnedLink},
         tc::{SchedClassifierLink, TcAttachOptions},
         xdp::XdpLink,
@@ -25,6 +28,7 @@ use aya::{
 use datapath_common::{
     Config, CtEntry, CtKey, Endpoint, EndpointKey, NodeAddr, NodeAddrKey, ServiceKey, ServiceValue,
     names, programs,
+    ratelimit::{ATTACH_SOCK_OPS, RateKey, RateLimit, RateStats, direction},
 };
 use serde::Serialize;
 
@@ -134,6 +138,16 @@ pub struct Datapath {
     pub conntrack: HashMap<MapData, CtKey, CtEntry>,
     /// Per-CPU counters.
     pub stats: PerCpuArray<MapData, u64>,
+    /// Token buckets per (cgroup, direction).
+    pub rate_limits: HashMap<MapData, RateKey, RateLimit>,
+    /// Per-CPU counters of each bucket.
+    pub rate_stats: aya::maps::PerCpuHashMap<MapData, RateKey, RateStats>,
+    /// The bucket key of each cgroup attachment.
+    #[expect(
+        deprecated,
+        reason = "cgroup storage is what gives a key per attachment"
+    )]
+    pub rate_cgroups: aya::maps::CgroupStorage<MapData, RateKey>,
     attachments: Vec<Attachment>,
 }
 
@@ -209,6 +223,16 @@ impl Datapath {
             name: programs::UPLINK_XDP,
             source,
         })?;
+        for name in [programs::RATE_EGRESS, programs::RATE_INGRESS] {
+            let prog: &mut CgroupSkb = program(&mut ebpf, name)?;
+            prog.load()
+                .map_err(|source| BpfError::Program { name, source })?;
+        }
+        let sock_ops: &mut SockOps = program(&mut ebpf, programs::RATE_SOCKOPS)?;
+        sock_ops.load().map_err(|source| BpfError::Program {
+            name: programs::RATE_SOCKOPS,
+            source,
+        })?;
 
         Ok(Self {
             config: typed_map!(&mut ebpf, names::CONFIG, Array<MapData, Config>),
@@ -217,6 +241,13 @@ impl Datapath {
             node_addrs: typed_map!(&mut ebpf, names::NODE_ADDRS, HashMap<MapData, NodeAddrKey, NodeAddr>),
             conntrack: typed_map!(&mut ebpf, names::CONNTRACK, HashMap<MapData, CtKey, CtEntry>),
             stats: typed_map!(&mut ebpf, names::STATS, PerCpuArray<MapData, u64>),
+            rate_limits: typed_map!(&mut ebpf, names::RATE_LIMITS, HashMap<MapData, RateKey, RateLimit>),
+            rate_stats: typed_map!(&mut ebpf, names::RATE_STATS, aya::maps::PerCpuHashMap<MapData, RateKey, RateStats>),
+            #[expect(
+                deprecated,
+                reason = "cgroup storage is what gives a key per attachment"
+            )]
+            rate_cgroups: typed_map!(&mut ebpf, names::RATE_CGROUPS, aya::maps::CgroupStorage<MapData, RateKey>),
             ebpf,
             bpffs_dir: opts.bpffs_dir.clone(),
             attachments: Vec::new(),
@@ -324,6 +355,99 @@ impl Datapath {
         Ok(())
     }
 
+    /// Attaches rate limiter hook `hook` to the cgroup directory `cgroup`
+    /// (id `cgroup_id`) of the container with host-side veth `host_ifname`,
+    /// and gives the attachment its bucket key. A link already pinned for
+    /// it is replaced: the new one is attached and keyed first, then pinned
+    /// over the old one, which detaches it, so the cgroup is never
+    /// unlimited in between.
+    pub fn attach_rate(
+        &mut self,
+        hook: RateHook,
+        cgroup: &Path,
+        cgroup_id: u64,
+        host_ifname: &str,
+    ) -> Result<(), BpfError> {
+        let link_name = rate_link_name(hook, host_ifname);
+        let pin = self.link_pin(&link_name);
+        let staging = self.link_pin(&format!("{STAGING_LINK_PREFIX}{link_name}"));
+        let program_name = hook.program();
+        let err = |message: String| BpfError::Attach {
+            program: program_name,
+            ifname: cgroup.display().to_string(),
+            message,
+        };
+        remove_pin(&staging)?;
+        let dir = fs::File::open(cgroup).map_err(|e| err(format!("open the cgroup: {e}")))?;
+        let (link, program_id) = match hook {
+            RateHook::Egress | RateHook::Ingress => {
+                let prog: &mut CgroupSkb = program(&mut self.ebpf, program_name)?;
+                let program_id = prog.info().map(|i| i.id()).unwrap_or_default();
+                let attach_type = if hook == RateHook::Egress {
+                    CgroupSkbAttachType::Egress
+                } else {
+                    CgroupSkbAttachType::Ingress
+                };
+                let id = prog
+                    .attach(&dir, attach_type, CgroupAttachMode::Single)
+                    .map_err(|e| err(format!("attach: {e}")))?;
+                let link = prog
+                    .take_link(id)
+                    .map_err(|e| err(format!("take link: {e}")))?;
+                (
+                    FdLink::try_from(link).map_err(|e| err(format!("link: {e}")))?,
+                    program_id,
+                )
+            }
+            RateHook::SockOps => {
+                let prog: &mut SockOps = program(&mut self.ebpf, program_name)?;
+                let program_id = prog.info().map(|i| i.id()).unwrap_or_default();
+                let id = prog
+                    .attach(&dir, CgroupAttachMode::Single)
+                    .map_err(|e| err(format!("attach: {e}")))?;
+                let link = prog
+                    .take_link(id)
+                    .map_err(|e| err(format!("take link: {e}")))?;
+                (
+                    FdLink::try_from(link).map_err(|e| err(format!("link: {e}")))?,
+                    program_id,
+                )
+            }
+        };
+        let key = RateKey::new(cgroup_id, hook.direction());
+        let storage_key = aya::maps::CgroupStorageKey::new(cgroup_id, hook.attach_type());
+        self.rate_cgroups
+            .insert(storage_key, key, 0)
+            .map_err(|e| err(format!("write the attachment's key: {e}")))?;
+        link.pin(&staging)
+            .map_err(|e| err(format!("pin link at {}: {e}", staging.display())))?;
+        fs::rename(&staging, &pin).map_err(|source| BpfError::Fs {
+            action: "rename a link pin to",
+            path: pin.clone(),
+            source,
+        })?;
+        self.record(
+            program_name,
+            program_id,
+            &cgroup.display().to_string(),
+            hook.name(),
+            pin,
+        );
+        Ok(())
+    }
+
+    /// Detaches rate limiter hook `hook` of a container (idempotent).
+    pub fn detach_rate(&mut self, hook: RateHook, host_ifname: &str) -> Result<(), BpfError> {
+        let pin = self.link_pin(&rate_link_name(hook, host_ifname));
+        self.attachments.retain(|a| a.pin != pin);
+        remove_pin(&pin)
+    }
+
+    /// Whether rate limiter hook `hook` of a container is pinned.
+    pub fn rate_attached(&self, hook: RateHook, host_ifname: &str) -> bool {
+        self.link_pin(&rate_link_name(hook, host_ifname)).exists()
+    }
+
     fn record(
         &mut self,
         program: &'static str,
@@ -400,6 +524,70 @@ const UPLINK_LINKS: [(UplinkHook, &str); 3] = [
     (UplinkHook::XdpNative, "uplink_xdp_native"),
     (UplinkHook::XdpGeneric, "uplink_xdp_generic"),
 ];
+
+/// The rate limiter's hooks on a container's cgroup.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RateHook {
+    /// cgroup_skb egress: the egress bucket.
+    Egress,
+    /// cgroup_skb ingress: the ingress bucket.
+    Ingress,
+    /// sock_ops: pacing of the cgroup's TCP senders by the egress bucket.
+    SockOps,
+}
+
+impl RateHook {
+    /// Every hook.
+    pub const ALL: [RateHook; 3] = [RateHook::Egress, RateHook::Ingress, RateHook::SockOps];
+
+    /// The program.
+    pub fn program(self) -> &'static str {
+        match self {
+            RateHook::Egress => programs::RATE_EGRESS,
+            RateHook::Ingress => programs::RATE_INGRESS,
+            RateHook::SockOps => programs::RATE_SOCKOPS,
+        }
+    }
+
+    /// The bucket's direction.
+    pub fn direction(self) -> u32 {
+        match self {
+            RateHook::Ingress => direction::INGRESS,
+            RateHook::Egress | RateHook::SockOps => direction::EGRESS,
+        }
+    }
+
+    /// The kernel attach type (the cgroup storage key's).
+    fn attach_type(self) -> u32 {
+        match self {
+            RateHook::Egress => direction::EGRESS,
+            RateHook::Ingress => direction::INGRESS,
+            RateHook::SockOps => ATTACH_SOCK_OPS,
+        }
+    }
+
+    /// The name in pins and `datapath status`.
+    pub fn name(self) -> &'static str {
+        match self {
+            RateHook::Egress => "cgroup-egress",
+            RateHook::Ingress => "cgroup-ingress",
+            RateHook::SockOps => "cgroup-sock-ops",
+        }
+    }
+}
+
+/// Prefix of the pinned link names of the rate limiter.
+pub const RATE_LINK_PREFIX: &str = "rate_";
+
+/// Prefix of a link pinned for a moment before it replaces another (bpffs
+/// names cannot contain dots); one left over was cut off and is removed.
+pub const STAGING_LINK_PREFIX: &str = "new_";
+
+/// The pinned link name of rate limiter hook `hook` of the container with
+/// host-side veth `host_ifname`.
+pub fn rate_link_name(hook: RateHook, host_ifname: &str) -> String {
+    format!("{RATE_LINK_PREFIX}{}_{host_ifname}", hook.name())
+}
 
 /// Prefix of the pinned link names of containers' host-side veths.
 pub const CONTAINER_LINK_PREFIX: &str = "container_";

@@ -10,7 +10,7 @@ use ipnet::Ipv4Net;
 
 use crate::{
     agent::{Agent, AgentConfig, XdpMode},
-    api::{AddContainer, Client},
+    api::{AddContainer, Client, UpdateContainer},
     spec::{parse_duration, parse_port_range},
 };
 
@@ -125,6 +125,20 @@ pub enum ContainerCmd {
         /// Publish a port like docker -p: [IP:]HOST[-END]:CONTAINER[-END][/tcp|/udp].
         #[arg(long = "publish", short = 'p')]
         publish: Vec<String>,
+        /// The container's cgroup v2 directory, which rate limits apply to
+        /// (its processes and every cgroup below): a path in the cgroup2
+        /// mount, or a name under it.
+        #[arg(long)]
+        cgroup: Option<String>,
+        #[command(flatten)]
+        limits: LimitArgs,
+    },
+    /// Change a container's rate limits at once, without losing a flow.
+    Update {
+        /// Container name.
+        name: String,
+        #[command(flatten)]
+        limits: LimitArgs,
     },
     /// Publish more ports of a running container.
     Publish {
@@ -153,6 +167,24 @@ pub enum ContainerCmd {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// Rate limits in tc's units (rates: bit, kbit, mbit, gbit, tbit, bps,
+/// kbps, mbps, gbps; sizes: b, kb/k, mb/m, gb/g with kb = 1024 bytes).
+#[derive(Debug, Args)]
+pub struct LimitArgs {
+    /// Limit what the container sends, e.g. 10mbit (`none` removes it).
+    #[arg(long)]
+    pub egress_rate: Option<String>,
+    /// Limit what the container receives, e.g. 50mbit (`none` removes it).
+    #[arg(long)]
+    pub ingress_rate: Option<String>,
+    /// Egress bucket size, e.g. 64kb (default: 4 ms of the rate, at least 1mb).
+    #[arg(long)]
+    pub egress_burst: Option<String>,
+    /// Ingress bucket size, e.g. 256kb (default: 250 ms of the rate, at least 1mb).
+    #[arg(long)]
+    pub ingress_burst: Option<String>,
 }
 
 /// `datapath conntrack …`.
@@ -262,6 +294,29 @@ async fn forward_kernel_logs(logger: aya_log::EbpfLogger<&'static dyn log::Log>)
     }
 }
 
+/// The rate limit lines of `datapath container list` for one container.
+fn print_limits(c: &crate::api::ContainerInfo) {
+    if let Some(cg) = &c.cgroup {
+        println!("  cgroup {}", cg.display());
+    }
+    for (dir, limit, n) in [
+        ("egress", c.limits.egress, c.counters.egress),
+        ("ingress", c.limits.ingress, c.counters.ingress),
+    ] {
+        if let Some(limit) = limit {
+            println!(
+                "  {dir:<7} {limit}: passed {} B {} pkts, marked {} B {} pkts, dropped {} B {} pkts",
+                n.passed_bytes,
+                n.passed_packets,
+                n.marked_bytes,
+                n.marked_packets,
+                n.dropped_bytes,
+                n.dropped_packets
+            );
+        }
+    }
+}
+
 /// Runs one CLI invocation.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let client = Client::new(&cli.api_socket);
@@ -323,6 +378,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             netns,
             ifname,
             publish,
+            cgroup,
+            limits,
         }) => {
             let info = client
                 .add_container(&AddContainer {
@@ -330,11 +387,39 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     netns,
                     ifname: Some(ifname),
                     publish,
+                    cgroup,
+                    egress_rate: limits.egress_rate,
+                    ingress_rate: limits.ingress_rate,
+                    egress_burst: limits.egress_burst,
+                    ingress_burst: limits.ingress_burst,
                 })
                 .await?;
             println!(
                 "{} {} via {} ({})",
                 info.name, info.addr, info.gateway, info.host_ifname
+            );
+            Ok(())
+        }
+        Command::Container(ContainerCmd::Update { name, limits }) => {
+            let info = client
+                .update_container(
+                    &name,
+                    &UpdateContainer {
+                        egress_rate: limits.egress_rate,
+                        ingress_rate: limits.ingress_rate,
+                        egress_burst: limits.egress_burst,
+                        ingress_burst: limits.ingress_burst,
+                    },
+                )
+                .await?;
+            let show = |l: Option<crate::ratelimit::Limit>| {
+                l.map_or_else(|| "unlimited".to_owned(), |l| l.to_string())
+            };
+            println!(
+                "{} egress {} ingress {}",
+                info.name,
+                show(info.limits.egress),
+                show(info.limits.ingress)
             );
             Ok(())
         }
@@ -371,6 +456,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     c.host_ifname,
                     c.publish.join(",")
                 );
+                print_limits(&c);
             }
             Ok(())
         }

@@ -392,6 +392,7 @@ impl<'c> Plugin<'c> {
                 netns: netns.to_owned(),
                 ifname: Some(ifname.to_owned()),
                 publish: publish.iter().map(ToString::to_string).collect(),
+                ..AddContainer::default()
             },
             &limits,
             cgroup,
@@ -976,6 +977,7 @@ mod tests {
             netns: "/run/netns/x".into(),
             ifname: Some("eth0".into()),
             publish: vec!["8080:80/tcp".into()],
+            ..AddContainer::default()
         }
     }
 

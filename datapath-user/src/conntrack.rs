@@ -193,6 +193,7 @@ pub fn to_api(
         proto: proto_name(k.proto).to_owned(),
         kind: match f.orig.action {
             ct_action::SNAT => "snat",
+            ct_action::ROUTED => "routed",
             _ => "dnat",
         }
         .to_owned(),

@@ -9,6 +9,7 @@ pub mod cni;
 pub mod conntrack;
 pub mod netlink;
 pub mod netns;
+pub mod ratelimit;
 pub mod server;
 pub mod spec;
 pub mod state;

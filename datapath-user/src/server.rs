@@ -14,7 +14,7 @@ use tokio::sync::Mutex;
 
 use crate::{
     agent::{Agent, AgentError},
-    api::{self, AddContainer, ApiError, MAX_BODY},
+    api::{self, AddContainer, ApiError, MAX_BODY, UpdateContainer},
 };
 
 /// The agent shared by the handlers; operations are serialized.
@@ -77,6 +77,15 @@ async fn del(
     Ok(StatusCode::NO_CONTENT)
 }
 
+async fn update(
+    State(agent): State<Shared>,
+    UrlPath(name): UrlPath<String>,
+    body: Result<Json<UpdateContainer>, JsonRejection>,
+) -> Result<Json<api::ContainerInfo>, Error> {
+    let Json(req) = body?;
+    Ok(Json(agent.lock().await.update(&name, &req)?))
+}
+
 async fn publish(
     State(agent): State<Shared>,
     UrlPath(name): UrlPath<String>,
@@ -121,7 +130,10 @@ pub fn router(agent: Shared) -> Router {
     Router::new()
         .route("/v1/status", get(status))
         .route("/v1/containers", get(list).post(add))
-        .route("/v1/containers/{name}", get(get_one).delete(del))
+        .route(
+            "/v1/containers/{name}",
+            get(get_one).delete(del).patch(update),
+        )
         .route(
             "/v1/containers/{name}/ports",
             axum::routing::post(publish).delete(unpublish),

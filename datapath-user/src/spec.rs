@@ -92,7 +92,10 @@ impl fmt::Display for Protocol {
 }
 
 /// One published port or port range: `host_ip:host_port → container_port`.
+/// Deserializing checks what the type cannot say: ports 1-65535, at least
+/// one of them, ranges that end within 65535.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(try_from = "PortMappingFields")]
 pub struct PortMapping {
     /// The host address, or `None` for every node address.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -110,6 +113,44 @@ pub struct PortMapping {
 
 fn one() -> u16 {
     1
+}
+
+/// [`PortMapping`]'s fields as stored, before they are checked.
+#[derive(Deserialize)]
+struct PortMappingFields {
+    #[serde(default)]
+    host_ip: Option<Ipv4Addr>,
+    host_port: u16,
+    container_port: u16,
+    #[serde(default = "one")]
+    count: u16,
+    protocol: Protocol,
+}
+
+impl TryFrom<PortMappingFields> for PortMapping {
+    type Error = String;
+
+    fn try_from(f: PortMappingFields) -> Result<Self, String> {
+        let end = |start: u16| u32::from(start) + u32::from(f.count) - 1;
+        if f.count == 0
+            || f.host_port == 0
+            || f.container_port == 0
+            || end(f.host_port) > 65535
+            || end(f.container_port) > 65535
+        {
+            return Err(format!(
+                "invalid port mapping: host port {}, container port {}, {} ports: ports are 1-65535",
+                f.host_port, f.container_port, f.count
+            ));
+        }
+        Ok(Self {
+            host_ip: f.host_ip,
+            host_port: f.host_port,
+            container_port: f.container_port,
+            count: f.count,
+            protocol: f.protocol,
+        })
+    }
 }
 
 impl PortMapping {

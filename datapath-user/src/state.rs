@@ -13,7 +13,7 @@ use std::{
 use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 
-use crate::spec::PortMapping;
+use crate::{ratelimit::Limits, spec::PortMapping};
 
 /// The state file's name inside the state directory.
 pub const STATE_FILE: &str = "state.json";
@@ -63,15 +63,60 @@ pub struct Container {
     /// MAC address of the container's interface (hex, `aa:bb:…`).
     #[serde(default)]
     pub mac: String,
+    /// Its cgroup v2 directory (canonical), if one was given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cgroup: Option<PathBuf>,
+    /// That cgroup's id (inode) when it was resolved; 0 without one.
+    #[serde(default)]
+    pub cgroup_id: u64,
+    /// Rate limits.
+    #[serde(default)]
+    pub limits: Limits,
 }
 
-/// Everything the agent persists.
+/// Everything the agent persists. Deserializing checks what the types
+/// cannot say: every container filed under its own name, ids unique and
+/// below `next_id`, so that no id is handed out twice.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "StateFields")]
 pub struct State {
     /// The next container id to hand out (ids are never reused).
     pub next_id: u32,
     /// Containers by name.
     pub containers: BTreeMap<String, Container>,
+}
+
+/// [`State`]'s fields as stored, before they are checked.
+#[derive(Deserialize)]
+struct StateFields {
+    next_id: u32,
+    containers: BTreeMap<String, Container>,
+}
+
+impl TryFrom<StateFields> for State {
+    type Error = String;
+
+    fn try_from(f: StateFields) -> Result<Self, String> {
+        let mut ids = std::collections::BTreeSet::new();
+        for (name, c) in &f.containers {
+            if *name != c.name {
+                return Err(format!("container {:?} is filed under {name:?}", c.name));
+            }
+            if c.id == 0 || c.id >= f.next_id || !ids.insert(c.id) {
+                return Err(format!(
+                    "container {name:?} has id {}: ids are unique, above 0 and below next_id {}",
+                    c.id, f.next_id
+                ));
+            }
+        }
+        if f.next_id == u32::MAX {
+            return Err("next_id is exhausted".to_owned());
+        }
+        Ok(Self {
+            next_id: f.next_id,
+            containers: f.containers,
+        })
+    }
 }
 
 impl State {
@@ -187,7 +232,27 @@ mod tests {
             addr,
             publish: vec!["8080:80".parse().expect("valid")],
             mac: "02:00:00:00:00:01".into(),
+            cgroup: Some("/sys/fs/cgroup/unified/web".into()),
+            cgroup_id: 4242,
+            limits: Limits {
+                egress: Some(crate::ratelimit::Limit {
+                    rate_bps: 10_000_000,
+                    burst_bytes: 65_536,
+                }),
+                ingress: None,
+            },
         }
+    }
+
+    #[test]
+    fn a_state_file_without_cgroups_or_limits_still_loads() {
+        let old = r#"{"next_id": 2, "containers": {"web": {"id": 1, "name": "web",
+            "netns": "/var/run/netns/x", "ifname": "eth0", "host_ifname": "dp1",
+            "addr": "198.19.0.2", "publish": []}}}"#;
+        let st: State = serde_json::from_str(old).expect("an older state file loads");
+        let c = &st.containers["web"];
+        assert_eq!((&c.cgroup, c.cgroup_id), (&None, 0));
+        assert!(c.limits.is_empty());
     }
 
     #[test]

@@ -12,7 +12,7 @@
 
 use std::{
     ffi::OsStr,
-    fs::File,
+    fs::{File, OpenOptions},
     path::{Path, PathBuf},
     process::{Child, Command, Output, Stdio},
     sync::atomic::{AtomicU8, AtomicU32, Ordering},
@@ -101,36 +101,22 @@ impl<'n> AgentBuilder<'n> {
         std::fs::create_dir_all(&state_dir)
             .unwrap_or_else(|e| panic!("creating {}: {e}", state_dir.display()));
         let log_path = tmp_dir.join("agent.log");
-        let log = File::create(&log_path)
-            .unwrap_or_else(|e| panic!("creating {}: {e}", log_path.display()));
-        let log_err = log
-            .try_clone()
-            .unwrap_or_else(|e| panic!("duplicating {}: {e}", log_path.display()));
-        let mut cmd = Command::new(&bin);
-        cmd.arg("agent")
-            .args(["--uplink", UPLINK, "--pool", &self.pool])
-            .arg("--bpffs-dir")
-            .arg(&bpffs_dir)
-            .arg("--api-socket")
-            .arg(&socket)
-            .arg("--state-dir")
-            .arg(&state_dir)
-            .args(&self.args)
-            .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(log_err);
-        let child = self.node.node.spawn(&mut cmd);
+        File::create(&log_path).unwrap_or_else(|e| panic!("creating {}: {e}", log_path.display()));
         let mut agent = Agent {
             node: self.node,
             bin,
-            child: Some(child),
+            child: None,
             pool: self.pool,
+            args: self.args,
             bpffs_dir,
             tmp_dir,
             socket,
             log_path,
         };
-        agent.wait_ready();
+        agent.spawn();
+        if let Err(e) = agent.wait_ready() {
+            panic!("{e}");
+        }
         agent
     }
 }
@@ -143,6 +129,7 @@ pub struct Agent<'n> {
     bin: PathBuf,
     child: Option<Child>,
     pool: String,
+    args: Vec<String>,
     bpffs_dir: PathBuf,
     tmp_dir: PathBuf,
     socket: PathBuf,
@@ -165,29 +152,69 @@ impl<'n> Agent<'n> {
         Self::builder(node).start()
     }
 
-    fn wait_ready(&mut self) {
+    /// The agent's own arguments (after `datapath`): `agent`, its paths,
+    /// pool and the builder's extra arguments.
+    fn agent_args(&self) -> Vec<std::ffi::OsString> {
+        let mut args: Vec<std::ffi::OsString> = ["agent", "--uplink", UPLINK, "--pool"]
+            .iter()
+            .map(Into::into)
+            .collect();
+        args.push(self.pool.clone().into());
+        args.push("--bpffs-dir".into());
+        args.push(self.bpffs_dir.clone().into());
+        args.push("--api-socket".into());
+        args.push(self.socket.clone().into());
+        args.push("--state-dir".into());
+        args.push(self.state_dir().into());
+        args.extend(self.args.iter().map(Into::into));
+        args
+    }
+
+    /// Starts the agent process (in the node namespace), its output
+    /// appended to the log.
+    fn spawn(&mut self) {
+        let log = OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(&self.log_path)
+            .unwrap_or_else(|e| panic!("opening {}: {e}", self.log_path.display()));
+        let log_err = log
+            .try_clone()
+            .unwrap_or_else(|e| panic!("duplicating {}: {e}", self.log_path.display()));
+        let mut cmd = Command::new(&self.bin);
+        cmd.args(self.agent_args())
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log_err);
+        self.child = Some(self.node.node.spawn(&mut cmd));
+    }
+
+    /// Waits for the API socket; if the agent exits first (it is reaped)
+    /// or is too slow, says so with its log.
+    fn wait_ready(&mut self) -> Result<(), String> {
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
             if self.socket.exists() {
-                return;
+                return Ok(());
             }
             let exited = match self.child.as_mut() {
                 Some(child) => child.try_wait().ok().flatten(),
                 None => None,
             };
             if let Some(status) = exited {
-                panic!(
+                self.child = None;
+                return Err(format!(
                     "the agent exited ({status}) before creating {}:\n{}",
                     self.socket.display(),
                     self.log()
-                );
+                ));
             }
             if Instant::now() > deadline {
-                panic!(
+                return Err(format!(
                     "the agent did not create {} within {START_TIMEOUT:?}:\n{}",
                     self.socket.display(),
                     self.log()
-                );
+                ));
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -271,6 +298,50 @@ impl<'n> Agent<'n> {
         let out = self.cli_ok(args);
         serde_json::from_str(&out)
             .unwrap_or_else(|e| panic!("CLI output is not JSON ({e}):\n{out}"))
+    }
+
+    /// Kills the agent with SIGKILL, as a crash would, and reaps it: it
+    /// gets no chance to clean up (its stale API socket stays).
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // Already gone is fine: it is reaped below either way.
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts a new agent process with the same paths and arguments, after
+    /// [`Agent::kill`] or [`Agent::stop`]; returns the log if it does not
+    /// come up (it is then not running).
+    pub fn try_restart(&mut self) -> Result<(), String> {
+        assert!(self.child.is_none(), "the agent is still running");
+        // A killed agent leaves its socket: readiness is a new one.
+        match std::fs::remove_file(&self.socket) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                panic!("removing {}: {e}", self.socket.display())
+            }
+            _ => {}
+        }
+        self.spawn();
+        self.wait_ready()
+    }
+
+    /// [`Agent::try_restart`], panicking with the log on failure.
+    #[track_caller]
+    pub fn restart(&mut self) {
+        if let Err(e) = self.try_restart() {
+            panic!("{e}");
+        }
+    }
+
+    /// Stops the agent (SIGTERM) and runs `datapath agent --cleanup` with
+    /// the same paths and arguments in the node namespace; returns its
+    /// output whatever its exit status.
+    pub fn cleanup(&mut self) -> Output {
+        self.stop();
+        let mut cmd = Command::new(&self.bin);
+        cmd.args(self.agent_args()).arg("--cleanup");
+        self.node.node.run(&mut cmd)
     }
 
     /// Stops the agent: SIGTERM, then SIGKILL after [`STOP_TIMEOUT`].

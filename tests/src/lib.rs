@@ -10,7 +10,8 @@
 //!   the rate limiter), [`lock`] (serialising traffic-heavy tests) and
 //!   [`leaks`] (finding what a test left behind); [`traffic`] (servers and
 //!   clients of real traffic) and [`inspect`] (bpftool and `ip` views of
-//!   what the agent made).
+//!   what the agent made); [`ratebench`] (iperf3 runners and the rate
+//!   limiter's benchmark against tc tbf).
 //! * [`bench`] compares the datapath with iptables, nftables and plain
 //!   routing (`cargo xtask bench`).
 //!
@@ -29,5 +30,6 @@ pub mod netns;
 pub mod node;
 pub mod packet;
 pub mod programs;
+pub mod ratebench;
 pub mod sys;
 pub mod traffic;

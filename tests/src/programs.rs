@@ -22,7 +22,7 @@ use std::{collections::HashSet, net::Ipv4Addr, time::Duration};
 use aya::{
     Ebpf, EbpfLoader, TestRun, TestRunOptions,
     maps::{Array, HashMap, MapData, MapError, PerCpuArray},
-    programs::{Program, ProgramError, SchedClassifier, Xdp},
+    programs::{CgroupSkb, Program, ProgramError, SchedClassifier, SockOps, Xdp},
 };
 use bytemuck::{Pod, Zeroable};
 use datapath_common::{
@@ -255,20 +255,26 @@ impl Programs {
     /// Loads every program of the object, as the agent does; returns their
     /// names.
     pub fn load_all(&mut self) -> Result<Vec<String>, HarnessError> {
-        let mut all: Vec<(String, bool)> = self
-            .ebpf
-            .programs()
-            .map(|(name, p)| (name.to_owned(), matches!(p, Program::Xdp(_))))
-            .collect();
+        let mut all: Vec<String> = self.ebpf.programs().map(|(n, _)| n.to_owned()).collect();
         all.sort();
-        for (name, is_xdp) in &all {
-            if *is_xdp {
-                self.xdp(name)?;
-            } else {
-                self.classifier(name)?;
+        for name in &all {
+            match self.ebpf.program(name) {
+                Some(Program::Xdp(_)) => self.xdp(name).map(|_| ())?,
+                Some(Program::CgroupSkb(_)) => self.cgroup_skb(name).map(|_| ())?,
+                Some(Program::SockOps(_)) if !self.loaded.contains(name) => {
+                    let prog: &mut SockOps = self
+                        .ebpf
+                        .program_mut(name)
+                        .and_then(|p| p.try_into().ok())
+                        .ok_or_else(|| HarnessError::NoProgram { name: name.clone() })?;
+                    prog.load().map_err(|e| Self::load_error(name, e))?;
+                    self.loaded.insert(name.clone());
+                }
+                Some(Program::SockOps(_)) => {}
+                _ => self.classifier(name).map(|_| ())?,
             }
         }
-        Ok(all.into_iter().map(|(name, _)| name).collect())
+        Ok(all)
     }
 
     fn load_error(name: &str, e: ProgramError) -> HarnessError {
@@ -324,6 +330,65 @@ impl Programs {
             self.loaded.insert(name.to_owned());
         }
         Ok(prog)
+    }
+
+    /// The cgroup_skb program `name`, loaded.
+    pub fn cgroup_skb(&mut self, name: &str) -> Result<&mut CgroupSkb, HarnessError> {
+        let first = !self.loaded.contains(name);
+        let prog: &mut CgroupSkb = self
+            .ebpf
+            .program_mut(name)
+            .ok_or_else(|| HarnessError::NoProgram { name: name.into() })?
+            .try_into()
+            .map_err(|source| HarnessError::Program {
+                name: name.into(),
+                source,
+            })?;
+        if first {
+            prog.load().map_err(|e| Self::load_error(name, e))?;
+            self.loaded.insert(name.to_owned());
+        }
+        Ok(prog)
+    }
+
+    /// Runs cgroup_skb program `name` on `frame` (an Ethernet frame: the
+    /// kernel strips the link header, the program sees the IP packet). The
+    /// test run gives the packet a socket in the calling process's cgroup,
+    /// and the program fresh cgroup storage.
+    pub fn try_run_cgroup_skb(
+        &mut self,
+        name: &str,
+        frame: &[u8],
+    ) -> Result<RunResult, HarnessError> {
+        let prog = self.cgroup_skb(name)?;
+        let mut out = vec![0u8; frame.len() + DATA_OUT_SLACK];
+        let res = prog
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut out),
+                ..TestRunOptions::default()
+            })
+            .map_err(|source| HarnessError::Run {
+                name: name.into(),
+                source,
+            })?;
+        out.truncate(res.data_size_out as usize);
+        Ok(RunResult {
+            verdict: res.return_value,
+            data: out,
+            duration: res.duration,
+        })
+    }
+
+    /// [`Programs::try_run_cgroup_skb`], panicking on error.
+    pub fn run_cgroup_skb(&mut self, name: &str, frame: &[u8]) -> RunResult {
+        self.try_run_cgroup_skb(name, frame)
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Map `name` of the object, for typed access in a test.
+    pub fn map_mut(&mut self, name: &'static str) -> &mut aya::maps::Map {
+        self.map_data(name).unwrap_or_else(|e| panic!("{e}"))
     }
 
     /// Runs TC program `name` on `frame` with context `ctx` (a zeroed

@@ -857,7 +857,6 @@ fn a_replaced_container_gets_the_udp_flow_of_a_client_that_kept_sending() {
 }
 
 #[test]
-#[ignore = "needs rate limiting in main"]
 fn bandwidth_limits_reach_the_agent_and_go_with_del() {
     let node = Node::new();
     let agent = Agent::start(&node);
@@ -885,17 +884,14 @@ fn bandwidth_limits_reach_the_agent_and_go_with_del() {
     let list = containers(&agent);
     assert_eq!(list.len(), 1, "{list:#?}");
     let info = &list[0];
-    for key in [
-        "ingress_rate",
-        "ingress_burst",
-        "egress_rate",
-        "egress_burst",
-    ] {
-        assert!(
-            info.get(key).is_some_and(|v| !v.is_null()),
-            "the agent reports no {key}: {info:#}"
-        );
-    }
+    // CNI gives bits/s and bits; the agent keeps bits/s and bytes.
+    assert_eq!(info["limits"]["ingress"]["rate_bps"], 8_000_000, "{info:#}");
+    assert_eq!(
+        info["limits"]["ingress"]["burst_bytes"], 100_000,
+        "{info:#}"
+    );
+    assert_eq!(info["limits"]["egress"]["rate_bps"], 4_000_000, "{info:#}");
+    assert_eq!(info["limits"]["egress"]["burst_bytes"], 50_000, "{info:#}");
     assert!(
         info.to_string().contains(&relative),
         "the agent reports another cgroup than {relative}: {info:#}"

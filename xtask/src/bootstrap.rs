@@ -74,6 +74,7 @@ pub fn bootstrap() -> Result<Tools> {
         path = env::join_paths(dirs).context("cannot put bpf-linker's directory on PATH")?;
     }
     test_programs(&path)?;
+    cargo_fuzz(&path)?;
     println!("bootstrap done in {:.2?}", started.elapsed());
     Ok(Tools { path })
 }
@@ -407,6 +408,33 @@ fn link_libllvm(lib_dir: &Path, lib: &Path, soname: &OsStr) -> Result<()> {
             .with_context(|| format!("cannot link {} to {}", link.display(), lib.display()))?;
     }
     Ok(())
+}
+
+/// Checks that cargo-fuzz (the fuzz step of `cargo xtask test`) is
+/// installed, else installs it with cargo.
+fn cargo_fuzz(path: &OsStr) -> Result<()> {
+    checking("cargo-fuzz");
+    let root = InstallRoot::from_env()?;
+    let present = |path: &OsStr| {
+        find_on_path("cargo-fuzz", path)
+            .or_else(|| find_in("cargo-fuzz", [root.bin()]))
+            .is_some()
+    };
+    if present(path) {
+        println!("ok");
+        return Ok(());
+    }
+    println!("missing");
+    println!("installing cargo-fuzz (a minute or two)…");
+    (|| {
+        run(Command::new("cargo").args(["install", "cargo-fuzz", "--locked"]))?;
+        ensure!(
+            present(path),
+            "cargo-fuzz still missing after installing it"
+        );
+        Ok(())
+    })()
+    .with_context(|| by_hand("cargo install cargo-fuzz --locked"))
 }
 
 /// Checks that every program the tests run exists, installing the Debian

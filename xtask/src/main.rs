@@ -8,6 +8,7 @@
 
 mod bootstrap;
 mod cmd;
+mod fuzz;
 mod leftovers;
 mod workspace;
 
@@ -43,8 +44,8 @@ enum Task {
         #[arg(long)]
         release: bool,
     },
-    /// Check formatting and lints, build, run every test, then check that the
-    /// tests left nothing behind.
+    /// Check formatting and lints, build, run every test, check that the
+    /// tests left nothing behind, then fuzz every target briefly.
     Test {
         /// Passed to the test binaries (e.g. a name filter, `--nocapture`).
         #[arg(last = true)]
@@ -56,6 +57,14 @@ enum Task {
         /// Arguments for the datapath binary.
         #[arg(last = true)]
         args: Vec<OsString>,
+    },
+    /// Run the cargo-fuzz targets of fuzz/ (nightly), each for a while.
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = fuzz::TEST_SECONDS)]
+        seconds: u64,
+        /// Only these targets (default: all).
+        targets: Vec<String>,
     },
     /// Run the benchmarks (release build).
     Bench {
@@ -93,6 +102,7 @@ fn dispatch(task: Task) -> Result<()> {
         }),
         Task::Test { args } => test(&workspace, &args),
         Task::Run { args } => run_datapath(&workspace, &args),
+        Task::Fuzz { seconds, targets } => fuzz::fuzz(&workspace, seconds, &targets),
         Task::Bench { quick } => bench(&workspace, quick),
     }
 }
@@ -144,6 +154,7 @@ fn test(workspace: &Workspace, args: &[OsString]) -> Result<()> {
     }
     outcome?;
     println!("all tests passed; nothing left behind");
+    fuzz::fuzz(workspace, fuzz::TEST_SECONDS, &[])?;
     Ok(())
 }
 

@@ -90,6 +90,26 @@ impl Workspace {
         cmd
     }
 
+    /// `rustup run nightly cargo ARGS` in the workspace root (cargo-fuzz
+    /// needs nightly's sanitizer flags).
+    pub fn nightly_cargo<I, S>(&self, args: I) -> Command
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        let mut cmd = Command::new("rustup");
+        cmd.args(["run", "nightly", "cargo"])
+            .args(args)
+            .current_dir(&self.root)
+            .env("PATH", &self.path);
+        cmd
+    }
+
+    /// The workspace's root directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
     /// The directory cargo builds into (honours `CARGO_TARGET_DIR`).
     pub fn target_dir(&self) -> Result<PathBuf> {
         let metadata = output(&mut self.cargo(["metadata", "--format-version", "1", "--no-deps"]))?;

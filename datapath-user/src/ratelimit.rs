@@ -1,0 +1,969 @@
+//! Rate limits as users give them: rates and sizes in tc's units, the
+//! cgroup a limit applies to, and the limits and counters the API shows.
+//!
+//! * Rates ([`parse_rate`]): a number with `bit`, `kbit`, `mbit`, `gbit`,
+//!   `tbit` (decimal multipliers, like tc: `k` = 1000), `bps`, `kbps`,
+//!   `mbps`, `gbps`, `tbps` (bytes per second), the binary `kibit` …
+//!   `tibit` and `kibps` … `tibps`; a bare number is bits per second.
+//!   Decimals are fine (`1.5mbit`); units are case-insensitive.
+//! * Sizes ([`parse_size`]): a number with `b` (bytes), `k`/`kb`, `m`/`mb`,
+//!   `g`/`gb` (binary multipliers, like tc: `kb` = 1024 bytes), `kbit`,
+//!   `mbit`, `gbit` (1024-based bits); a bare number is bytes.
+//! * Cgroups ([`resolve_cgroup`]): a cgroup v2 directory. An absolute path
+//!   inside the cgroup2 mount is taken as it is; anything else is taken
+//!   under the cgroup2 mount (`web1`, or `/machine.slice/web1` the way
+//!   container runtimes write cgroup paths). The cgroup2 mount is found in
+//!   `/proc/self/mountinfo` (`/sys/fs/cgroup` on a unified hierarchy,
+//!   `/sys/fs/cgroup/unified` on a hybrid one).
+
+use std::{
+    fs,
+    os::unix::fs::MetadataExt,
+    path::{Path, PathBuf},
+};
+
+use aya::maps::{MapError, PerCpuValues};
+use datapath_common::ratelimit::{
+    MAX_BURST_BYTES, MAX_RATE_BPS, MIN_BURST_BYTES, MIN_RATE_BPS, RateKey, RateLimit, RateParams,
+    RateStats, default_burst, direction,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    bpf::{BpfError, Datapath, RateHook},
+    state::Container,
+};
+
+/// `BPF_F_LOCK`: read or write a spin-locked map value under its lock.
+pub const BPF_F_LOCK: u64 = 4;
+
+/// The word that removes a limit in an update.
+pub const NONE: &str = "none";
+
+/// A rate, size or cgroup that cannot be used; nothing was changed.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum LimitError {
+    /// Not a number with a unit.
+    #[error("invalid {what} {input:?}: {reason}; {hint}")]
+    Syntax {
+        /// `rate` or `burst`.
+        what: &'static str,
+        /// What was given.
+        input: String,
+        /// What is wrong with it.
+        reason: String,
+        /// What would be right.
+        hint: &'static str,
+    },
+    /// A number out of the accepted range.
+    #[error("{what} {input:?} is {reason}")]
+    Range {
+        /// `rate` or `burst`.
+        what: &'static str,
+        /// What was given.
+        input: String,
+        /// Why it is refused and what the bounds are.
+        reason: String,
+    },
+    /// A burst without a rate.
+    #[error("{dir} burst {burst:?} without a rate: give --{dir}-rate too")]
+    BurstWithoutRate {
+        /// `egress` or `ingress`.
+        dir: &'static str,
+        /// The burst given.
+        burst: String,
+    },
+}
+
+/// The cgroup given is not one a limit can apply to.
+#[derive(Debug, thiserror::Error)]
+pub enum CgroupError {
+    /// No cgroup2 hierarchy is mounted.
+    #[error(
+        "no cgroup2 filesystem is mounted (see /proc/self/mountinfo); rate limits need cgroup v2"
+    )]
+    NoCgroup2,
+    /// `/proc/self/mountinfo` could not be read.
+    #[error("read /proc/self/mountinfo: {0}")]
+    Mountinfo(std::io::Error),
+    /// The cgroup does not exist.
+    #[error("no cgroup {spec:?}: {} does not exist (cgroup2 is mounted at {})", tried.display(), mount.display())]
+    NotFound {
+        /// What was given.
+        spec: String,
+        /// The directory looked for.
+        tried: PathBuf,
+        /// The cgroup2 mount.
+        mount: PathBuf,
+    },
+    /// The path is not a directory of the cgroup2 hierarchy.
+    #[error("{} is not a cgroup v2 directory (cgroup2 is mounted at {})", path.display(), mount.display())]
+    NotCgroup2 {
+        /// The path.
+        path: PathBuf,
+        /// The cgroup2 mount.
+        mount: PathBuf,
+    },
+    /// The cgroup2 root itself.
+    #[error("{} is the cgroup2 root: limits apply to a container's own cgroup, never to the root", path.display())]
+    Root {
+        /// The root.
+        path: PathBuf,
+    },
+    /// An empty name.
+    #[error("an empty cgroup name")]
+    Empty,
+    /// The directory could not be examined.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The path.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+}
+
+/// One direction's limit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Limit {
+    /// Rate in bits per second.
+    pub rate_bps: u64,
+    /// Bucket size in bytes.
+    pub burst_bytes: u64,
+}
+
+impl Limit {
+    /// The bucket parameters (the limit was validated when made).
+    pub fn params(&self) -> Option<RateParams> {
+        RateParams::new(self.rate_bps, self.burst_bytes).ok()
+    }
+}
+
+impl std::fmt::Display for Limit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} burst {}",
+            format_rate(self.rate_bps),
+            format_size(self.burst_bytes)
+        )
+    }
+}
+
+/// Both directions' limits; `None` is unlimited.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Limits {
+    /// Packets sent by the container.
+    #[serde(default)]
+    pub egress: Option<Limit>,
+    /// Packets delivered to the container.
+    #[serde(default)]
+    pub ingress: Option<Limit>,
+}
+
+impl Limits {
+    /// Whether neither direction is limited.
+    pub fn is_empty(&self) -> bool {
+        self.egress.is_none() && self.ingress.is_none()
+    }
+
+    /// The limit of `direction` (`datapath_common::ratelimit::direction`).
+    pub fn get(&self, direction: u32) -> Option<Limit> {
+        if direction == datapath_common::ratelimit::direction::EGRESS {
+            self.egress
+        } else {
+            self.ingress
+        }
+    }
+}
+
+/// One direction's counters.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DirectionCounters {
+    /// Bytes let through (marked ones included).
+    pub passed_bytes: u64,
+    /// Packets let through (a GSO packet counts once).
+    pub passed_packets: u64,
+    /// Bytes dropped over the limit.
+    pub dropped_bytes: u64,
+    /// Packets dropped over the limit.
+    pub dropped_packets: u64,
+    /// Bytes let through with a congestion notification (egress) or an ECN
+    /// CE mark (ingress).
+    pub marked_bytes: u64,
+    /// Packets let through with a congestion notification or CE mark.
+    pub marked_packets: u64,
+}
+
+impl From<RateStats> for DirectionCounters {
+    fn from(s: RateStats) -> Self {
+        Self {
+            passed_bytes: s.passed_bytes,
+            passed_packets: s.passed_packets,
+            dropped_bytes: s.dropped_bytes,
+            dropped_packets: s.dropped_packets,
+            marked_bytes: s.marked_bytes,
+            marked_packets: s.marked_packets,
+        }
+    }
+}
+
+/// Both directions' counters (zero while a direction is unlimited).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RateCounters {
+    /// Packets sent by the container.
+    pub egress: DirectionCounters,
+    /// Packets delivered to the container.
+    pub ingress: DirectionCounters,
+}
+
+/// Splits `input` into a non-negative decimal number and its unit.
+fn number_and_unit<'a>(
+    what: &'static str,
+    input: &'a str,
+    hint: &'static str,
+) -> Result<(f64, &'a str), LimitError> {
+    let s = input.trim();
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let syntax = |reason: String| LimitError::Syntax {
+        what,
+        input: input.to_owned(),
+        reason,
+        hint,
+    };
+    if num.is_empty() {
+        return Err(syntax("it does not start with a number".into()));
+    }
+    let value: f64 = num
+        .parse()
+        .map_err(|_| syntax(format!("{num:?} is not a number")))?;
+    if !value.is_finite() {
+        return Err(syntax(format!("{num:?} is not a number")));
+    }
+    Ok((value, unit))
+}
+
+const RATE_HINT: &str =
+    "use tc's units, e.g. 10mbit, 500kbit, 1gbit, 2mbps (bytes/s), 1000000 (bit/s)";
+const SIZE_HINT: &str = "use tc's units, e.g. 64kb, 1mb, 1500b, 256k (kb = 1024 bytes)";
+
+/// Parses a rate in tc's units into bits per second (not yet range-checked;
+/// see [`rate`]).
+pub fn parse_rate(input: &str) -> Result<u64, LimitError> {
+    let (value, unit) = number_and_unit("rate", input, RATE_HINT)?;
+    let k = 1000.0_f64;
+    let ki = 1024.0_f64;
+    let mult = match unit.to_ascii_lowercase().as_str() {
+        "" | "bit" => 1.0,
+        "kbit" => k,
+        "mbit" => k * k,
+        "gbit" => k * k * k,
+        "tbit" => k * k * k * k,
+        "kibit" => ki,
+        "mibit" => ki * ki,
+        "gibit" => ki * ki * ki,
+        "tibit" => ki * ki * ki * ki,
+        "bps" => 8.0,
+        "kbps" => 8.0 * k,
+        "mbps" => 8.0 * k * k,
+        "gbps" => 8.0 * k * k * k,
+        "tbps" => 8.0 * k * k * k * k,
+        "kibps" => 8.0 * ki,
+        "mibps" => 8.0 * ki * ki,
+        "gibps" => 8.0 * ki * ki * ki,
+        "tibps" => 8.0 * ki * ki * ki * ki,
+        other => {
+            return Err(LimitError::Syntax {
+                what: "rate",
+                input: input.to_owned(),
+                reason: format!("unknown unit {other:?}"),
+                hint: RATE_HINT,
+            });
+        }
+    };
+    to_integer("rate", input, value * mult)
+}
+
+/// Parses a size in tc's units into bytes (not yet range-checked; see
+/// [`burst`]).
+pub fn parse_size(input: &str) -> Result<u64, LimitError> {
+    let (value, unit) = number_and_unit("burst", input, SIZE_HINT)?;
+    let ki = 1024.0_f64;
+    let mult = match unit.to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "k" | "kb" => ki,
+        "m" | "mb" => ki * ki,
+        "g" | "gb" => ki * ki * ki,
+        "kbit" => ki / 8.0,
+        "mbit" => ki * ki / 8.0,
+        "gbit" => ki * ki * ki / 8.0,
+        other => {
+            return Err(LimitError::Syntax {
+                what: "burst",
+                input: input.to_owned(),
+                reason: format!("unknown unit {other:?}"),
+                hint: SIZE_HINT,
+            });
+        }
+    };
+    to_integer("burst", input, value * mult)
+}
+
+fn to_integer(what: &'static str, input: &str, v: f64) -> Result<u64, LimitError> {
+    // 2^63 is exact in f64; anything at or above it is absurd anyway.
+    if v >= 2f64.powi(63) {
+        return Err(LimitError::Range {
+            what,
+            input: input.to_owned(),
+            reason: "far too large".into(),
+        });
+    }
+    Ok(v.round() as u64)
+}
+
+/// A rate for a limit: parsed and within 8 bit/s .. 1 tbit/s.
+pub fn rate(input: &str) -> Result<u64, LimitError> {
+    let bps = parse_rate(input)?;
+    let range = |reason: String| LimitError::Range {
+        what: "rate",
+        input: input.to_owned(),
+        reason,
+    };
+    if bps == 0 {
+        return Err(range(
+            "zero: a limit needs a positive rate (use \"none\" to remove a limit)".into(),
+        ));
+    }
+    if bps < MIN_RATE_BPS {
+        return Err(range(format!("below the smallest rate, {MIN_RATE_BPS}bit")));
+    }
+    if bps > MAX_RATE_BPS {
+        return Err(range(format!(
+            "{}: above the largest rate, 1tbit",
+            format_rate(bps)
+        )));
+    }
+    Ok(bps)
+}
+
+/// A burst for a limit: parsed and within one full-size frame .. 1gb.
+pub fn burst(input: &str) -> Result<u64, LimitError> {
+    let bytes = parse_size(input)?;
+    let range = |reason: String| LimitError::Range {
+        what: "burst",
+        input: input.to_owned(),
+        reason,
+    };
+    if bytes < MIN_BURST_BYTES {
+        return Err(range(format!(
+            "{bytes} bytes: below one full-size frame, {MIN_BURST_BYTES}b"
+        )));
+    }
+    if bytes > MAX_BURST_BYTES {
+        return Err(range(format!(
+            "{}: above the largest burst, 1gb",
+            format_size(bytes)
+        )));
+    }
+    Ok(bytes)
+}
+
+/// The direction named `dir` (`egress` or `ingress`).
+fn direction_of(dir: &str) -> u32 {
+    if dir == "ingress" {
+        direction::INGRESS
+    } else {
+        direction::EGRESS
+    }
+}
+
+/// The limit asked for by a rate and an optional burst (`none` or no rate:
+/// unlimited). Without a burst the bucket is [`default_burst`].
+pub fn limit(
+    dir: &'static str,
+    rate_in: Option<&str>,
+    burst_in: Option<&str>,
+) -> Result<Option<Limit>, LimitError> {
+    match (rate_in.map(str::trim), burst_in) {
+        (None, None) => Ok(None),
+        (None, Some(b)) | (Some(NONE), Some(b)) => Err(LimitError::BurstWithoutRate {
+            dir,
+            burst: b.to_owned(),
+        }),
+        (Some(NONE), None) => Ok(None),
+        (Some(r), b) => {
+            let rate_bps = rate(r)?;
+            let burst_bytes = match b {
+                Some(b) => burst(b)?,
+                None => default_burst(direction_of(dir), rate_bps),
+            };
+            Ok(Some(Limit {
+                rate_bps,
+                burst_bytes,
+            }))
+        }
+    }
+}
+
+/// The limit after an update of `current` with a rate (`none` removes it)
+/// and a burst, either of which may be absent (unchanged). A new rate keeps
+/// the current burst unless one is given; a new limit without a burst gets
+/// [`default_burst`].
+pub fn updated(
+    dir: &'static str,
+    current: Option<Limit>,
+    rate_in: Option<&str>,
+    burst_in: Option<&str>,
+) -> Result<Option<Limit>, LimitError> {
+    match (rate_in.map(str::trim), burst_in, current) {
+        (None, None, cur) => Ok(cur),
+        (Some(NONE), None, _) => Ok(None),
+        (Some(NONE), Some(b), _) | (None, Some(b), None) => Err(LimitError::BurstWithoutRate {
+            dir,
+            burst: b.to_owned(),
+        }),
+        (None, Some(b), Some(cur)) => Ok(Some(Limit {
+            rate_bps: cur.rate_bps,
+            burst_bytes: burst(b)?,
+        })),
+        (Some(r), b, cur) => {
+            let rate_bps = rate(r)?;
+            let burst_bytes = match (b, cur) {
+                (Some(b), _) => burst(b)?,
+                (None, Some(cur)) => cur.burst_bytes,
+                (None, None) => default_burst(direction_of(dir), rate_bps),
+            };
+            Ok(Some(Limit {
+                rate_bps,
+                burst_bytes,
+            }))
+        }
+    }
+}
+
+/// A rate in the largest tc unit that shows it without a fraction
+/// (`10mbit`, `1500kbit`, `12bit`).
+pub fn format_rate(bps: u64) -> String {
+    for (unit, m) in [
+        ("tbit", 1_000_000_000_000u64),
+        ("gbit", 1_000_000_000),
+        ("mbit", 1_000_000),
+        ("kbit", 1_000),
+    ] {
+        if bps >= m && bps.is_multiple_of(m) {
+            return format!("{}{unit}", bps / m);
+        }
+    }
+    format!("{bps}bit")
+}
+
+/// A size in the largest tc unit that shows it without a fraction (`64kb`,
+/// `1mb`, `1514b`).
+pub fn format_size(bytes: u64) -> String {
+    for (unit, m) in [("gb", 1u64 << 30), ("mb", 1 << 20), ("kb", 1 << 10)] {
+        if bytes >= m && bytes.is_multiple_of(m) {
+            return format!("{}{unit}", bytes / m);
+        }
+    }
+    format!("{bytes}b")
+}
+
+/// The mount point of the cgroup2 hierarchy in a `/proc/<pid>/mountinfo`
+/// text: the first cgroup2 mount of the hierarchy's root, else the first
+/// cgroup2 mount.
+pub fn cgroup2_mount_in(mountinfo: &str) -> Option<PathBuf> {
+    let mut fallback = None;
+    for line in mountinfo.lines() {
+        let fields: Vec<&str> = line.split(' ').collect();
+        let Some(sep) = fields.iter().position(|f| *f == "-") else {
+            continue;
+        };
+        if fields.get(sep + 1) != Some(&"cgroup2") || fields.len() < 5 {
+            continue;
+        }
+        let mount = PathBuf::from(unescape_mountinfo(fields[4]));
+        if fields[3] == "/" {
+            return Some(mount);
+        }
+        fallback.get_or_insert(mount);
+    }
+    fallback
+}
+
+/// Undoes mountinfo's octal escapes (`\040` for a space).
+fn unescape_mountinfo(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
+            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The cgroup2 mount point of this process's mount namespace.
+pub fn cgroup2_mount() -> Result<PathBuf, CgroupError> {
+    let text = fs::read_to_string("/proc/self/mountinfo").map_err(CgroupError::Mountinfo)?;
+    cgroup2_mount_in(&text).ok_or(CgroupError::NoCgroup2)
+}
+
+/// A resolved cgroup: its canonical directory and id.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CgroupDir {
+    /// The canonical path of the directory.
+    pub path: PathBuf,
+    /// The cgroup id (what `bpf_skb_cgroup_id` returns): the inode number.
+    pub id: u64,
+}
+
+/// Resolves `spec` (see the module documentation) to a cgroup v2 directory
+/// other than the root.
+pub fn resolve_cgroup(spec: &str) -> Result<CgroupDir, CgroupError> {
+    resolve_cgroup_in(spec, &cgroup2_mount()?)
+}
+
+/// [`resolve_cgroup`] with a given cgroup2 mount point.
+pub fn resolve_cgroup_in(spec: &str, mount: &Path) -> Result<CgroupDir, CgroupError> {
+    if spec.trim().is_empty() {
+        return Err(CgroupError::Empty);
+    }
+    let mount = fs::canonicalize(mount).map_err(|source| CgroupError::Io {
+        path: mount.to_owned(),
+        source,
+    })?;
+    let given = Path::new(spec);
+    let candidate = if given.is_absolute() {
+        if given.starts_with(&mount) {
+            given.to_owned()
+        } else if given.exists() {
+            return Err(CgroupError::NotCgroup2 {
+                path: given.to_owned(),
+                mount,
+            });
+        } else {
+            // Runtimes write cgroup paths from the hierarchy's root.
+            mount.join(given.strip_prefix("/").unwrap_or(given))
+        }
+    } else {
+        mount.join(given)
+    };
+    let path = match fs::canonicalize(&candidate) {
+        Ok(p) => p,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(CgroupError::NotFound {
+                spec: spec.to_owned(),
+                tried: candidate,
+                mount,
+            });
+        }
+        Err(source) => {
+            return Err(CgroupError::Io {
+                path: candidate,
+                source,
+            });
+        }
+    };
+    let not_cgroup2 = || CgroupError::NotCgroup2 {
+        path: path.clone(),
+        mount: mount.clone(),
+    };
+    if !path.starts_with(&mount) {
+        return Err(not_cgroup2());
+    }
+    let meta = fs::metadata(&path).map_err(|source| CgroupError::Io {
+        path: path.clone(),
+        source,
+    })?;
+    if !meta.is_dir() {
+        return Err(not_cgroup2());
+    }
+    let fs_type = nix::sys::statfs::statfs(&path)
+        .map_err(|e| CgroupError::Io {
+            path: path.clone(),
+            source: e.into(),
+        })?
+        .filesystem_type();
+    if fs_type != nix::sys::statfs::CGROUP2_SUPER_MAGIC {
+        return Err(not_cgroup2());
+    }
+    if path == mount {
+        return Err(CgroupError::Root { path });
+    }
+    Ok(CgroupDir {
+        id: meta.ino(),
+        path,
+    })
+}
+
+/// What a request asks for: the cgroup (resolved) and the limits.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Request {
+    /// The cgroup, if one was given.
+    pub cgroup: Option<CgroupDir>,
+    /// The limits.
+    pub limits: Limits,
+}
+
+/// Validates the rate-limiting part of a request to add a container: every
+/// value is checked and the cgroup resolved before anything is changed.
+pub fn request(
+    cgroup: Option<&str>,
+    egress: (Option<&str>, Option<&str>),
+    ingress: (Option<&str>, Option<&str>),
+) -> Result<Request, String> {
+    let limits = Limits {
+        egress: limit("egress", egress.0, egress.1).map_err(|e| e.to_string())?,
+        ingress: limit("ingress", ingress.0, ingress.1).map_err(|e| e.to_string())?,
+    };
+    let cgroup = match cgroup {
+        Some(spec) => Some(resolve_cgroup(spec).map_err(|e| format!("cgroup: {e}"))?),
+        None if !limits.is_empty() => {
+            return Err(
+                "rate limits apply to the container's cgroup: give its cgroup v2 directory \
+                 (--cgroup, or \"cgroup\" in the API)"
+                    .into(),
+            );
+        }
+        None => None,
+    };
+    Ok(Request { cgroup, limits })
+}
+
+/// A failure applying limits to the datapath.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    /// Attaching or detaching failed.
+    #[error(transparent)]
+    Bpf(#[from] BpfError),
+    /// A map update failed.
+    #[error("{action}: {source}")]
+    Map {
+        /// What was being done.
+        action: &'static str,
+        /// The error.
+        source: MapError,
+    },
+    /// The number of CPUs is unknown.
+    #[error("count the CPUs: {0}")]
+    Cpus(String),
+    /// Limits without a cgroup (a bug: requests are validated first).
+    #[error("container {0:?} has rate limits but no cgroup")]
+    NoCgroup(String),
+}
+
+fn map_err(action: &'static str) -> impl FnOnce(MapError) -> ApplyError {
+    move |source| ApplyError::Map { action, source }
+}
+
+/// Makes the datapath match container `c`'s limits: a bucket and a hook
+/// per limited direction on its cgroup (and the TCP pacing hook while
+/// egress is limited), none for the others. A bucket that exists is
+/// reconfigured in place under its lock, so its state and counters
+/// survive and the change applies to the next packet. Hooks already
+/// attached are kept unless `reattach` (after a restart: the freshly
+/// loaded programs replace the old ones).
+///
+/// The pacing hook stays attached after the egress limit is removed:
+/// paced sockets get their pacing back from it on their next ACK. It goes
+/// with the container ([`remove`]).
+pub fn apply(dp: &mut Datapath, c: &Container, reattach: bool) -> Result<(), ApplyError> {
+    let Some(cgroup) = &c.cgroup else {
+        return if c.limits.is_empty() {
+            Ok(())
+        } else {
+            Err(ApplyError::NoCgroup(c.name.clone()))
+        };
+    };
+    let now = crate::conntrack::now_ns();
+    for hook in [RateHook::Egress, RateHook::Ingress] {
+        let key = RateKey::new(c.cgroup_id, hook.direction());
+        let Some(params) = c.limits.get(hook.direction()).and_then(|l| l.params()) else {
+            dp.detach_rate(hook, &c.host_ifname)?;
+            remove_bucket(dp, key);
+            continue;
+        };
+        match dp.rate_limits.get(&key, BPF_F_LOCK) {
+            Ok(mut bucket) => {
+                if bucket.params() != Some(params) {
+                    bucket.reconfigure(&params, now);
+                    dp.rate_limits
+                        .insert(key, bucket, BPF_F_LOCK)
+                        .map_err(map_err("update a rate limit in place"))?;
+                }
+            }
+            Err(MapError::KeyNotFound) => dp
+                .rate_limits
+                .insert(key, RateLimit::new(&params), 0)
+                .map_err(map_err("add a rate limit"))?,
+            Err(e) => return Err(map_err("read a rate limit")(e)),
+        }
+        if matches!(dp.rate_stats.get(&key, 0), Err(MapError::KeyNotFound)) {
+            let cpus = aya::util::nr_cpus()
+                .map_err(|(file, e)| ApplyError::Cpus(format!("{file}: {e}")))?;
+            let zeros = PerCpuValues::try_from(vec![RateStats::default(); cpus])
+                .map_err(|e| ApplyError::Cpus(e.to_string()))?;
+            dp.rate_stats
+                .insert(key, zeros, 0)
+                .map_err(map_err("add rate limit counters"))?;
+        }
+        if reattach || !dp.rate_attached(hook, &c.host_ifname) {
+            dp.attach_rate(hook, cgroup, c.cgroup_id, &c.host_ifname)?;
+        }
+    }
+    if c.limits.egress.is_some()
+        && (reattach || !dp.rate_attached(RateHook::SockOps, &c.host_ifname))
+    {
+        dp.attach_rate(RateHook::SockOps, cgroup, c.cgroup_id, &c.host_ifname)?;
+    }
+    Ok(())
+}
+
+fn remove_bucket(dp: &mut Datapath, key: RateKey) {
+    let _ = dp.rate_limits.remove(&key);
+    let _ = dp.rate_stats.remove(&key);
+}
+
+/// Removes every hook and bucket of container `c` (going on after
+/// failures, which are logged).
+pub fn remove(dp: &mut Datapath, c: &Container) {
+    for hook in RateHook::ALL {
+        if let Err(e) = dp.detach_rate(hook, &c.host_ifname) {
+            tracing::warn!(container = %c.name, "detach {}: {e}", hook.name());
+        }
+    }
+    if c.cgroup_id != 0 {
+        for dir in [direction::EGRESS, direction::INGRESS] {
+            remove_bucket(dp, RateKey::new(c.cgroup_id, dir));
+        }
+    }
+}
+
+/// Container `c`'s counters, summed over CPUs (zero for an unlimited
+/// direction).
+pub fn counters(dp: &Datapath, c: &Container) -> RateCounters {
+    let read = |dir: u32| -> DirectionCounters {
+        if c.cgroup_id == 0 || c.limits.get(dir).is_none() {
+            return DirectionCounters::default();
+        }
+        dp.rate_stats
+            .get(&RateKey::new(c.cgroup_id, dir), 0)
+            .map(|per_cpu| {
+                per_cpu
+                    .iter()
+                    .fold(RateStats::default(), |a, b| a.sum(b))
+                    .into()
+            })
+            .unwrap_or_default()
+    };
+    RateCounters {
+        egress: read(direction::EGRESS),
+        ingress: read(direction::INGRESS),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rates_use_tc_units() {
+        for (input, bps) in [
+            ("10mbit", 10_000_000),
+            ("10Mbit", 10_000_000),
+            ("500kbit", 500_000),
+            ("1gbit", 1_000_000_000),
+            ("1tbit", 1_000_000_000_000),
+            ("1.5mbit", 1_500_000),
+            ("800bit", 800),
+            ("1000000", 1_000_000),
+            ("100bps", 800),
+            ("2kbps", 16_000),
+            ("1mbps", 8_000_000),
+            ("1gbps", 8_000_000_000),
+            ("1kibit", 1024),
+            ("1mibps", 8 * 1024 * 1024),
+            (" 10mbit ", 10_000_000),
+        ] {
+            assert_eq!(parse_rate(input), Ok(bps), "{input}");
+        }
+    }
+
+    #[test]
+    fn sizes_use_tc_units() {
+        for (input, bytes) in [
+            ("64kb", 65_536),
+            ("64k", 65_536),
+            ("1mb", 1 << 20),
+            ("1m", 1 << 20),
+            ("1gb", 1 << 30),
+            ("1514b", 1514),
+            ("1514", 1514),
+            ("256K", 262_144),
+            ("8kbit", 1024),
+            ("1.5kb", 1536),
+        ] {
+            assert_eq!(parse_size(input), Ok(bytes), "{input}");
+        }
+    }
+
+    #[test]
+    fn nonsense_rates_and_sizes_are_refused_with_the_units_to_use() {
+        for input in [
+            "",
+            "mbit",
+            "ten",
+            "10 furlongs",
+            "-5mbit",
+            "1e3mbit",
+            "1.2.3mbit",
+        ] {
+            let e = parse_rate(input).expect_err(input).to_string();
+            assert!(e.contains("10mbit"), "{input}: {e}");
+        }
+        let e = parse_size("64 parsecs").expect_err("unit").to_string();
+        assert!(e.contains("unknown unit") && e.contains("64kb"), "{e}");
+    }
+
+    #[test]
+    fn zero_and_absurd_values_are_out_of_range() {
+        assert!(
+            rate("0mbit")
+                .expect_err("zero")
+                .to_string()
+                .contains("zero")
+        );
+        assert!(rate("0").is_err());
+        assert!(rate("4bit").is_err());
+        let e = rate("2tbit").expect_err("absurd").to_string();
+        assert!(e.contains("1tbit"), "{e}");
+        assert!(rate("99999999999999999999999tbit").is_err());
+        assert!(
+            burst("2gb")
+                .expect_err("absurd")
+                .to_string()
+                .contains("1gb")
+        );
+        assert!(
+            burst("100b")
+                .expect_err("tiny")
+                .to_string()
+                .contains("1514b")
+        );
+        assert_eq!(rate("1tbit"), Ok(MAX_RATE_BPS));
+        assert_eq!(burst("1gb"), Ok(MAX_BURST_BYTES));
+    }
+
+    #[test]
+    fn a_limit_without_a_burst_gets_the_default_bucket() {
+        assert_eq!(
+            limit("egress", Some("10mbit"), None),
+            Ok(Some(Limit {
+                rate_bps: 10_000_000,
+                burst_bytes: default_burst(direction::EGRESS, 10_000_000)
+            }))
+        );
+        assert_eq!(
+            limit("egress", Some("10mbit"), Some("64kb")),
+            Ok(Some(Limit {
+                rate_bps: 10_000_000,
+                burst_bytes: 65_536
+            }))
+        );
+        assert_eq!(limit("ingress", None, None), Ok(None));
+        assert_eq!(limit("ingress", Some("none"), None), Ok(None));
+        assert!(matches!(
+            limit("ingress", None, Some("64kb")),
+            Err(LimitError::BurstWithoutRate { .. })
+        ));
+    }
+
+    #[test]
+    fn updates_change_only_what_is_given() {
+        let cur = Some(Limit {
+            rate_bps: 10_000_000,
+            burst_bytes: 65_536,
+        });
+        assert_eq!(updated("egress", cur, None, None), Ok(cur));
+        assert_eq!(updated("egress", cur, Some("none"), None), Ok(None));
+        assert_eq!(
+            updated("egress", cur, Some("100mbit"), None),
+            Ok(Some(Limit {
+                rate_bps: 100_000_000,
+                burst_bytes: 65_536
+            }))
+        );
+        assert_eq!(
+            updated("egress", cur, None, Some("1mb")),
+            Ok(Some(Limit {
+                rate_bps: 10_000_000,
+                burst_bytes: 1 << 20
+            }))
+        );
+        assert_eq!(
+            updated("egress", None, Some("1gbit"), None),
+            Ok(Some(Limit {
+                rate_bps: 1_000_000_000,
+                burst_bytes: default_burst(direction::EGRESS, 1_000_000_000)
+            }))
+        );
+        assert!(updated("egress", None, None, Some("1mb")).is_err());
+        assert!(updated("egress", cur, Some("none"), Some("1mb")).is_err());
+        assert!(updated("egress", cur, Some("0"), None).is_err());
+    }
+
+    #[test]
+    fn rates_and_sizes_print_in_tc_units() {
+        assert_eq!(format_rate(10_000_000), "10mbit");
+        assert_eq!(format_rate(1_500_000), "1500kbit");
+        assert_eq!(format_rate(12), "12bit");
+        assert_eq!(format_size(65_536), "64kb");
+        assert_eq!(format_size(1 << 20), "1mb");
+        assert_eq!(format_size(1514), "1514b");
+        for r in ["10mbit", "1500kbit", "3gbit", "7bit"] {
+            assert_eq!(format_rate(parse_rate(r).expect("valid")), r);
+        }
+    }
+
+    #[test]
+    fn the_cgroup2_mount_is_found_in_mountinfo() {
+        let hybrid = "\
+25 30 0:23 / /sys rw,nosuid - sysfs sysfs rw
+31 25 0:26 / /sys/fs/cgroup ro,nosuid - tmpfs tmpfs ro,mode=755
+32 31 0:27 / /sys/fs/cgroup/unified rw,nosuid - cgroup2 cgroup2 rw,nsdelegate
+33 31 0:28 / /sys/fs/cgroup/memory rw,nosuid shared:9 - cgroup cgroup rw,memory
+";
+        assert_eq!(
+            cgroup2_mount_in(hybrid),
+            Some(PathBuf::from("/sys/fs/cgroup/unified"))
+        );
+        let unified = "\
+40 30 0:30 /user.slice /mnt/inner rw - cgroup2 cgroup2 rw
+41 30 0:30 / /sys/fs/cgroup rw shared:4 master:1 - cgroup2 cgroup2 rw
+";
+        assert_eq!(
+            cgroup2_mount_in(unified),
+            Some(PathBuf::from("/sys/fs/cgroup"))
+        );
+        let spaced = "50 30 0:30 / /mnt/with\\040space rw - cgroup2 none rw\n";
+        assert_eq!(
+            cgroup2_mount_in(spaced),
+            Some(PathBuf::from("/mnt/with space"))
+        );
+        assert_eq!(
+            cgroup2_mount_in("25 30 0:23 / /sys rw - sysfs sysfs rw\n"),
+            None
+        );
+    }
+}

@@ -1,0 +1,620 @@
+//! Measuring rate limits with real TCP: iperf3 runners, and the benchmark
+//! of the datapath's per-cgroup limiter against tc tbf (what the CNI
+//! `bandwidth` plugin does) on the same kind of namespace node.
+//!
+//! * [`Iperf3Server`] / [`Iperf3Client`]: iperf3 in a namespace, optionally
+//!   in a cgroup, bounded in time, with its JSON report parsed
+//!   ([`Iperf3Report`]).
+//! * [`measure`]: one case ([`RateCase`]) with one limiter ([`Limiter`]):
+//!   builds its own node, limits, sends, tears down. [`compare`] runs both
+//!   limiters on the same case.
+//!
+//! The caller holds [`crate::lock::TrafficLock`] while measuring.
+//!
+//! ```no_run
+//! use datapath_tests::{lock::TrafficLock, ratebench::{Direction, RateCase, compare}};
+//!
+//! let _lock = TrafficLock::acquire();
+//! let case = RateCase::new(100_000_000, Direction::Egress, 4);
+//! let [ours, tbf] = compare(&case).expect("measured");
+//! println!("{:.3} ({} retransmits) vs tbf {:.3} ({})",
+//!     ours.ratio, ours.retransmits, tbf.ratio, tbf.retransmits);
+//! ```
+
+use std::{
+    net::{Ipv4Addr, SocketAddr},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+
+use crate::{agent::Agent, cgroup::Cgroup, netns::Netns, node::Node};
+
+/// Errors of a measurement.
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    /// A tool failed or could not be started.
+    #[error("{what}: {message}")]
+    Tool {
+        /// What was being done.
+        what: String,
+        /// What went wrong (the tool's output).
+        message: String,
+    },
+    /// iperf3 ran but its report is not what was expected.
+    #[error("iperf3 report: {0}")]
+    Report(String),
+}
+
+fn tool(what: impl Into<String>, message: impl Into<String>) -> BenchError {
+    BenchError::Tool {
+        what: what.into(),
+        message: message.into(),
+    }
+}
+
+/// `iperf3 -s -1` in a namespace (and a cgroup, if given): serves one test,
+/// killed on drop.
+#[derive(Debug)]
+pub struct Iperf3Server {
+    child: Child,
+}
+
+impl Iperf3Server {
+    /// Starts the server on `bind:port` in `ns` and waits (up to 5 s) until
+    /// it listens.
+    pub fn start(
+        ns: &Netns,
+        cgroup: Option<&Cgroup>,
+        bind: Ipv4Addr,
+        port: u16,
+    ) -> Result<Self, BenchError> {
+        let mut cmd = Command::new("iperf3");
+        cmd.args([
+            "-s",
+            "-1",
+            "-J",
+            "-B",
+            &bind.to_string(),
+            "-p",
+            &port.to_string(),
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+        if let Some(cg) = cgroup {
+            cg.enter(&mut cmd);
+        }
+        let child = ns.enter(&mut cmd).spawn().map_err(|e| {
+            tool(
+                format!("start iperf3 -s in {}", ns.name()),
+                format!("{e} (is iperf3 installed?)"),
+            )
+        })?;
+        let server = Self { child };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let filter = format!("sport = :{port}");
+        loop {
+            let out = ns.exec("ss", ["-Hltn", filter.as_str()]);
+            if out.status.success() && !out.stdout.is_empty() {
+                return Ok(server);
+            }
+            if Instant::now() > deadline {
+                return Err(tool(
+                    format!("iperf3 -s on {bind}:{port} in {}", ns.name()),
+                    "not listening after 5 s",
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Iperf3Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// How an iperf3 client runs.
+#[derive(Clone, Debug)]
+pub struct Iperf3Options {
+    /// Measured seconds (`-t`).
+    pub seconds: u32,
+    /// Seconds at the start left out of the totals (`-O`).
+    pub omit: u32,
+    /// Parallel streams (`-P`).
+    pub streams: u32,
+    /// Report interval in seconds (`-i`).
+    pub interval: f64,
+}
+
+impl Default for Iperf3Options {
+    fn default() -> Self {
+        Self {
+            seconds: 3,
+            omit: 0,
+            streams: 1,
+            interval: 1.0,
+        }
+    }
+}
+
+/// What an iperf3 client reported.
+#[derive(Clone, Debug)]
+pub struct Iperf3Report {
+    /// Goodput measured by the receiver, bits per second (omitted seconds
+    /// left out).
+    pub received_bps: f64,
+    /// Goodput measured by the sender, bits per second.
+    pub sent_bps: f64,
+    /// TCP retransmissions of the sender (all streams).
+    pub retransmits: u64,
+    /// The sender's rate in each reported interval after the omitted ones,
+    /// bits per second.
+    pub intervals: Vec<f64>,
+    /// The receiver's rate in each of its intervals after the omitted
+    /// ones, bits per second (from the server's report).
+    pub received_intervals: Vec<f64>,
+    /// The whole report.
+    pub json: Value,
+}
+
+impl Iperf3Report {
+    /// Parses `iperf3 -J` output.
+    pub fn parse(text: &[u8]) -> Result<Self, BenchError> {
+        let json: Value = serde_json::from_slice(text)
+            .map_err(|e| BenchError::Report(format!("not JSON ({e})")))?;
+        if let Some(err) = json.get("error").and_then(Value::as_str) {
+            return Err(BenchError::Report(format!("iperf3 failed: {err}")));
+        }
+        let end = &json["end"];
+        let num = |v: &Value, what: &str| {
+            v.as_f64()
+                .ok_or_else(|| BenchError::Report(format!("no {what} in {end}")))
+        };
+        let received_bps = num(&end["sum_received"]["bits_per_second"], "sum_received")?;
+        let sent_bps = num(&end["sum_sent"]["bits_per_second"], "sum_sent")?;
+        let retransmits = end["sum_sent"]["retransmits"].as_u64().unwrap_or(0);
+        let intervals_of = |v: &Value| -> Vec<f64> {
+            v["intervals"]
+                .as_array()
+                .map(|all| {
+                    all.iter()
+                        .filter(|i| !i["sum"]["omitted"].as_bool().unwrap_or(false))
+                        .filter_map(|i| i["sum"]["bits_per_second"].as_f64())
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        let intervals = intervals_of(&json);
+        let received_intervals = intervals_of(&json["server_output_json"]);
+        Ok(Self {
+            received_bps,
+            sent_bps,
+            retransmits,
+            intervals,
+            received_intervals,
+            json,
+        })
+    }
+}
+
+/// A running `iperf3 -c … -J`, killed if it outlives its time.
+#[derive(Debug)]
+pub struct Iperf3Client {
+    child: Option<Child>,
+    deadline: Instant,
+    what: String,
+}
+
+impl Iperf3Client {
+    /// Starts a client in `ns` (and `cgroup`) sending to `server`.
+    pub fn spawn(
+        ns: &Netns,
+        cgroup: Option<&Cgroup>,
+        server: SocketAddr,
+        opts: &Iperf3Options,
+    ) -> Result<Self, BenchError> {
+        let mut cmd = Command::new("iperf3");
+        cmd.args([
+            "-c",
+            &server.ip().to_string(),
+            "-p",
+            &server.port().to_string(),
+            "-t",
+            &opts.seconds.to_string(),
+            "-O",
+            &opts.omit.to_string(),
+            "-P",
+            &opts.streams.to_string(),
+            "-i",
+            &opts.interval.to_string(),
+            "--get-server-output",
+            "-J",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+        if let Some(cg) = cgroup {
+            cg.enter(&mut cmd);
+        }
+        let what = format!("iperf3 -c {server} in {}", ns.name());
+        let child = ns
+            .enter(&mut cmd)
+            .spawn()
+            .map_err(|e| tool(what.clone(), e.to_string()))?;
+        Ok(Self {
+            child: Some(child),
+            deadline: Instant::now()
+                + Duration::from_secs(u64::from(opts.seconds + opts.omit) + 15),
+            what,
+        })
+    }
+
+    /// Waits for the report (killing the client past its deadline).
+    pub fn wait(mut self) -> Result<Iperf3Report, BenchError> {
+        let mut child = self
+            .child
+            .take()
+            .ok_or_else(|| tool(self.what.clone(), "already waited for"))?;
+        loop {
+            match child.try_wait() {
+                Ok(Some(_)) => break,
+                Ok(None) if Instant::now() > self.deadline => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    return Err(tool(self.what.clone(), "did not finish in time: killed"));
+                }
+                Ok(None) => std::thread::sleep(Duration::from_millis(50)),
+                Err(e) => return Err(tool(self.what.clone(), e.to_string())),
+            }
+        }
+        let out = child
+            .wait_with_output()
+            .map_err(|e| tool(self.what.clone(), e.to_string()))?;
+        Iperf3Report::parse(&out.stdout).map_err(|e| {
+            tool(
+                self.what.clone(),
+                format!("{e}\nstderr: {}", String::from_utf8_lossy(&out.stderr)),
+            )
+        })
+    }
+}
+
+impl Drop for Iperf3Client {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// [`Iperf3Client::spawn`] and [`Iperf3Client::wait`].
+pub fn iperf3(
+    ns: &Netns,
+    cgroup: Option<&Cgroup>,
+    server: SocketAddr,
+    opts: &Iperf3Options,
+) -> Result<Iperf3Report, BenchError> {
+    Iperf3Client::spawn(ns, cgroup, server, opts)?.wait()
+}
+
+/// Which way the limited traffic flows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Direction {
+    /// From the container (it sends).
+    Egress,
+    /// To the container (it receives, through a published port).
+    Ingress,
+}
+
+/// What limits the traffic.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Limiter {
+    /// The datapath agent's per-cgroup limiter.
+    Datapath,
+    /// tc tbf set up the way the CNI `bandwidth` plugin does it: on the
+    /// host-side veth for ingress, on an ifb fed by the host-side veth's
+    /// ingress (u32 + mirred) for egress; the latency is 25 ms.
+    Tbf,
+}
+
+/// One benchmark case.
+#[derive(Clone, Debug)]
+pub struct RateCase {
+    /// The configured rate, bits per second.
+    pub rate_bps: u64,
+    /// The bucket size in bytes (both limiters get the same).
+    pub burst_bytes: u64,
+    /// Which way.
+    pub direction: Direction,
+    /// TCP streams.
+    pub streams: u32,
+    /// Measured seconds.
+    pub seconds: u32,
+    /// Seconds of warm-up left out of the result.
+    pub omit: u32,
+}
+
+impl RateCase {
+    /// A case with the datapath's default burst for the direction, 5
+    /// measured seconds after 1 of warm-up.
+    pub fn new(rate_bps: u64, direction: Direction, streams: u32) -> Self {
+        let dir = match direction {
+            Direction::Egress => datapath_common::ratelimit::direction::EGRESS,
+            Direction::Ingress => datapath_common::ratelimit::direction::INGRESS,
+        };
+        Self {
+            rate_bps,
+            burst_bytes: datapath_common::ratelimit::default_burst(dir, rate_bps),
+            direction,
+            streams,
+            seconds: 5,
+            omit: 1,
+        }
+    }
+}
+
+/// The result of one case with one limiter.
+#[derive(Clone, Debug)]
+pub struct RateMeasurement {
+    /// The limiter.
+    pub limiter: Limiter,
+    /// The case.
+    pub case: RateCase,
+    /// Goodput the receiver measured, bits per second.
+    pub achieved_bps: f64,
+    /// `achieved_bps / rate_bps`.
+    pub ratio: f64,
+    /// TCP retransmissions of the sender.
+    pub retransmits: u64,
+    /// The sender's rate per second, bits per second.
+    pub per_second_bps: Vec<f64>,
+}
+
+/// The container's address in the tbf topology (its own pool).
+const TBF_CTR: Ipv4Addr = Ipv4Addr::new(198, 19, 250, 2);
+/// The host side of the tbf topology's container link.
+const TBF_GW: Ipv4Addr = Ipv4Addr::new(198, 19, 250, 1);
+/// iperf3's port.
+const PORT: u16 = 5201;
+/// The published port of the datapath topology's ingress cases.
+const PUBLISHED: u16 = 18080;
+
+/// Measures `case` with `limiter` on a fresh node: a client, a node and a
+/// container (in a cgroup of its own) sending to or receiving from the
+/// client. Takes about `seconds + omit + 2` seconds.
+pub fn measure(case: &RateCase, limiter: Limiter) -> Result<RateMeasurement, BenchError> {
+    let node = Node::new();
+    let ctr = node.add_container_netns("rb");
+    let cg = Cgroup::new();
+    let opts = Iperf3Options {
+        seconds: case.seconds,
+        omit: case.omit,
+        streams: case.streams,
+        interval: 1.0,
+    };
+    let report = match limiter {
+        Limiter::Datapath => {
+            let agent = Agent::start(&node);
+            let rate = case.rate_bps.to_string();
+            let burst = format!("{}b", case.burst_bytes);
+            let (rate_flag, burst_flag) = match case.direction {
+                Direction::Egress => ("--egress-rate", "--egress-burst"),
+                Direction::Ingress => ("--ingress-rate", "--ingress-burst"),
+            };
+            let cgroup = cg.path().to_string_lossy().into_owned();
+            let publish = format!("{PUBLISHED}:{PORT}");
+            let out = agent.cli([
+                "container",
+                "add",
+                "rb",
+                "--netns",
+                ctr.name(),
+                "--publish",
+                &publish,
+                "--cgroup",
+                &cgroup,
+                rate_flag,
+                &rate,
+                burst_flag,
+                &burst,
+            ]);
+            if !out.status.success() {
+                return Err(tool(
+                    "datapath container add",
+                    String::from_utf8_lossy(&out.stderr).into_owned(),
+                ));
+            }
+            match case.direction {
+                Direction::Egress => {
+                    let _server =
+                        Iperf3Server::start(&node.client, None, node.client_addr(), PORT)?;
+                    iperf3(
+                        &ctr,
+                        Some(&cg),
+                        SocketAddr::from((node.client_addr(), PORT)),
+                        &opts,
+                    )?
+                }
+                Direction::Ingress => {
+                    let _server =
+                        Iperf3Server::start(&ctr, Some(&cg), Ipv4Addr::UNSPECIFIED, PORT)?;
+                    iperf3(
+                        &node.client,
+                        None,
+                        SocketAddr::from((node.node_addr(), PUBLISHED)),
+                        &opts,
+                    )?
+                }
+            }
+        }
+        Limiter::Tbf => {
+            routed_container(&node, &ctr)?;
+            cni_bandwidth(&node, case)?;
+            match case.direction {
+                Direction::Egress => {
+                    let _server =
+                        Iperf3Server::start(&node.client, None, node.client_addr(), PORT)?;
+                    iperf3(
+                        &ctr,
+                        Some(&cg),
+                        SocketAddr::from((node.client_addr(), PORT)),
+                        &opts,
+                    )?
+                }
+                Direction::Ingress => {
+                    let _server = Iperf3Server::start(&ctr, Some(&cg), TBF_CTR, PORT)?;
+                    iperf3(&node.client, None, SocketAddr::from((TBF_CTR, PORT)), &opts)?
+                }
+            }
+        }
+    };
+    Ok(RateMeasurement {
+        limiter,
+        case: case.clone(),
+        achieved_bps: report.received_bps,
+        ratio: report.received_bps / case.rate_bps as f64,
+        retransmits: report.retransmits,
+        per_second_bps: report.intervals,
+    })
+}
+
+/// Measures `case` with the datapath, then with tbf.
+pub fn compare(case: &RateCase) -> Result<[RateMeasurement; 2], BenchError> {
+    Ok([
+        measure(case, Limiter::Datapath)?,
+        measure(case, Limiter::Tbf)?,
+    ])
+}
+
+/// Runs `program args` in `ns`, failing with its stderr.
+fn run(ns: &Netns, program: &str, args: &[&str]) -> Result<(), BenchError> {
+    let out = ns.exec(program, args);
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(tool(
+            format!("{program} {} in {}", args.join(" "), ns.name()),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        ))
+    }
+}
+
+/// The host-side veth of the tbf topology (in the node's namespace).
+const TBF_HOST_IF: &str = "rbhost";
+/// The ifb of the tbf topology's egress shaping.
+const TBF_IFB: &str = "rbifb";
+
+/// Connects `ctr` to the node with a plain routed veth pair (no agent): the
+/// container is `TBF_CTR`, the node forwards, the client routes the pool
+/// through the node.
+fn routed_container(node: &Node, ctr: &Netns) -> Result<(), BenchError> {
+    run(
+        &node.node,
+        "ip",
+        &[
+            "link",
+            "add",
+            TBF_HOST_IF,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            ctr.name(),
+        ],
+    )?;
+    let gw = format!("{TBF_GW}/24");
+    let addr = format!("{TBF_CTR}/24");
+    run(&node.node, "ip", &["addr", "add", &gw, "dev", TBF_HOST_IF])?;
+    run(&node.node, "ip", &["link", "set", TBF_HOST_IF, "up"])?;
+    run(ctr, "ip", &["addr", "add", &addr, "dev", "eth0"])?;
+    run(ctr, "ip", &["link", "set", "eth0", "up"])?;
+    run(
+        ctr,
+        "ip",
+        &["route", "add", "default", "via", &TBF_GW.to_string()],
+    )?;
+    run(&node.node, "sysctl", &["-qw", "net.ipv4.ip_forward=1"])?;
+    let node_addr = node.node_addr().to_string();
+    run(
+        &node.client,
+        "ip",
+        &["route", "add", "198.19.250.0/24", "via", &node_addr],
+    )
+}
+
+/// tc as the CNI `bandwidth` plugin sets it up: `tbf rate R burst B latency
+/// 25ms` on the host-side veth (ingress), or on an ifb that a u32 filter
+/// with `mirred egress redirect` feeds from the host-side veth's ingress
+/// qdisc (egress).
+fn cni_bandwidth(node: &Node, case: &RateCase) -> Result<(), BenchError> {
+    let rate = format!("{}bit", case.rate_bps);
+    let burst = format!("{}b", case.burst_bytes);
+    let tbf = |dev: &str| {
+        run(
+            &node.node,
+            "tc",
+            &[
+                "qdisc", "add", "dev", dev, "root", "handle", "1:", "tbf", "rate", &rate, "burst",
+                &burst, "latency", "25ms",
+            ],
+        )
+    };
+    match case.direction {
+        Direction::Ingress => tbf(TBF_HOST_IF),
+        Direction::Egress => {
+            run(&node.node, "ip", &["link", "add", TBF_IFB, "type", "ifb"])?;
+            run(&node.node, "ip", &["link", "set", TBF_IFB, "up"])?;
+            run(
+                &node.node,
+                "tc",
+                &[
+                    "qdisc",
+                    "add",
+                    "dev",
+                    TBF_HOST_IF,
+                    "handle",
+                    "ffff:",
+                    "ingress",
+                ],
+            )?;
+            run(
+                &node.node,
+                "tc",
+                &[
+                    "filter",
+                    "add",
+                    "dev",
+                    TBF_HOST_IF,
+                    "parent",
+                    "ffff:",
+                    "protocol",
+                    "all",
+                    "prio",
+                    "1",
+                    "u32",
+                    "match",
+                    "u32",
+                    "0",
+                    "0",
+                    "flowid",
+                    "1:1",
+                    "action",
+                    "mirred",
+                    "egress",
+                    "redirect",
+                    "dev",
+                    TBF_IFB,
+                ],
+            )?;
+            tbf(TBF_IFB)
+        }
+    }
+}
