@@ -9,7 +9,8 @@
 //!   connections per second), [`control`] (container add/delete), and the
 //!   update timings in the beds' backends; [`cpu`] reads `/proc/stat`
 //!   around them and waits for a quiet machine, [`snmp`] counts the
-//!   datagrams that reach the container.
+//!   datagrams that reach the container; [`ratelimit`] compares the rate
+//!   limiter with tc tbf through [`crate::ratebench`].
 //! * [`run`] schedules them (interleaved modes, repetitions, scaling
 //!   sizes); [`results`] and [`stats`] keep and summarize the samples;
 //!   [`targets`] checks the targets; [`report`] writes markdown and

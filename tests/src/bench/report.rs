@@ -7,6 +7,7 @@ use serde_json::{Value, json};
 
 use crate::bench::{
     mode::Mode,
+    ratelimit::{self, RateRow},
     results::{Better, Metric, Results, Section, Shape, metric},
     run::{BASE_PORTS, Config},
     stats::Summary,
@@ -270,6 +271,17 @@ pub fn markdown(meta: &Meta, cfg: &Config, r: &Results) -> String {
 
     out.push_str("## Targets\n\n");
     targets_table(&mut out, &outcomes);
+    for (text, met, measured) in ratelimit_targets(r) {
+        if measured > 0 {
+            let word = if met == measured { "met" } else { "MISSED" };
+            let _ = writeln!(
+                out,
+                "- {text}: {word} in {met} of {measured} cases (the limiter does not depend on \
+                 the uplink hook; see the rate-limit section)."
+            );
+        }
+    }
+    out.push('\n');
 
     let _ = writeln!(
         out,
@@ -312,6 +324,10 @@ pub fn markdown(meta: &Meta, cfg: &Config, r: &Results) -> String {
     );
     figures_table(&mut out, r, Section::Control, &ours);
 
+    if !r.ratelimit.is_empty() {
+        ratelimit_section(&mut out, r);
+    }
+
     out.push_str("## Setup\n\n");
     for (mode, what) in &meta.beds {
         let _ = writeln!(out, "- `{mode}`: {what}");
@@ -323,6 +339,77 @@ pub fn markdown(meta: &Meta, cfg: &Config, r: &Results) -> String {
         }
     }
     out
+}
+
+/// Achieved/configured ratio and retransmits of the rate limiter and tbf.
+fn ratelimit_section(out: &mut String, r: &Results) {
+    let _ = writeln!(
+        out,
+        "## Rate limits: the datapath's limiter against tc tbf\n\n\
+         TCP through iperf3 from (egress) or to (ingress, through a published port) a container \
+         in its own cgroup; tbf set up as the CNI `bandwidth` plugin does (ingress: on the host \
+         veth; egress: on an ifb fed from the host veth; latency 25 ms). A fresh node for every \
+         measurement. Cells: median (min–max) over the repetitions. Targets (issue 5): within \
+         ±{:.0}% of the configured rate, fewer retransmits than tbf.\n",
+        ratelimit::MAX_DEVIATION * 100.0
+    );
+    out.push_str(
+        "| Case | datapath achieved / configured | tbf achieved / configured | \
+         datapath retransmits | tbf retransmits | within ±5% | fewer retransmits |\n\
+         |---|---:|---:|---:|---:|---|---|\n",
+    );
+    let ratio = |s: Option<Summary>| {
+        s.map_or_else(
+            || "—".to_owned(),
+            |s| format!("{:.3} ({:.3}–{:.3})", s.median, s.min, s.max),
+        )
+    };
+    let count = |s: Option<Summary>| {
+        s.map_or_else(
+            || "—".to_owned(),
+            |s| format!("{:.0} ({:.0}–{:.0})", s.median, s.min, s.max),
+        )
+    };
+    let verdict = |v: Option<bool>| match v {
+        Some(true) => "met",
+        Some(false) => "MISSED",
+        None => "not measured",
+    };
+    for row in &r.ratelimit {
+        let (our_ratio, our_retr) = row.ours();
+        let (tbf_ratio, tbf_retr) = row.theirs();
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} | {} | {} | {} |",
+            row.label(),
+            ratio(our_ratio),
+            ratio(tbf_ratio),
+            count(our_retr),
+            count(tbf_retr),
+            verdict(row.accurate()),
+            verdict(row.fewer_retransmits()),
+        );
+    }
+    out.push('\n');
+}
+
+/// How many rate-limit cases meet each of issue 5's targets, as
+/// `(target, met, measured)`.
+pub fn ratelimit_targets(r: &Results) -> [(&'static str, usize, usize); 2] {
+    let tally = |f: fn(&RateRow) -> Option<bool>| {
+        let verdicts: Vec<bool> = r.ratelimit.iter().filter_map(f).collect();
+        (verdicts.iter().filter(|v| **v).count(), verdicts.len())
+    };
+    let (acc, acc_n) = tally(RateRow::accurate);
+    let (ret, ret_n) = tally(RateRow::fewer_retransmits);
+    [
+        (
+            "Rate limit within ±5% of the configured rate (TCP)",
+            acc,
+            acc_n,
+        ),
+        ("Rate limit: fewer retransmits than tbf", ret, ret_n),
+    ]
 }
 
 fn summary_json(s: &Summary) -> Value {
@@ -375,6 +462,40 @@ pub fn json(meta: &Meta, cfg: &Config, r: &Results) -> Value {
             })
         })
         .collect();
+    let ratelimit: Vec<Value> = r
+        .ratelimit
+        .iter()
+        .map(|row| {
+            let samples = |v: &[ratelimit::RateSample]| {
+                v.iter()
+                    .map(|s| json!({ "ratio": s.ratio, "retransmits": s.retransmits }))
+                    .collect::<Vec<_>>()
+            };
+            json!({
+                "case": row.label(),
+                "rate_bps": row.case.rate_bps,
+                "burst_bytes": row.case.burst_bytes,
+                "streams": row.case.streams,
+                "seconds": row.case.seconds,
+                "datapath": samples(&row.datapath),
+                "tbf": samples(&row.tbf),
+                "within_5_percent": row.accurate(),
+                "fewer_retransmits": row.fewer_retransmits(),
+            })
+        })
+        .collect();
+    let mut targets = targets;
+    for (text, met, measured) in ratelimit_targets(r) {
+        if measured > 0 {
+            targets.push(json!({
+                "target": text,
+                "mode": "datapath",
+                "value": met,
+                "status": format!("{met} of {measured} cases"),
+                "met": met == measured,
+            }));
+        }
+    }
     json!({
         "meta": {
             "started": meta.started,
@@ -401,6 +522,7 @@ pub fn json(meta: &Meta, cfg: &Config, r: &Results) -> Value {
         },
         "noise": { "measurements": r.measurements, "not_quiet": r.not_quiet },
         "figures": figures,
+        "ratelimit": ratelimit,
         "targets": targets,
         "notes": r.notes,
     })

@@ -1,7 +1,7 @@
 //! What the bench measures (the metric catalogue) and what it measured
 //! (samples per metric, mode and number of published ports).
 
-use crate::bench::{mode::Mode, stats::Summary};
+use crate::bench::{mode::Mode, ratelimit::RateRow, stats::Summary};
 
 /// Which way is better.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -138,6 +138,8 @@ pub struct Results {
     pub measurements: usize,
     /// Measurements started although the machine was not quiet.
     pub not_quiet: usize,
+    /// Rate-limit accuracy, one row per case.
+    pub ratelimit: Vec<RateRow>,
 }
 
 impl Results {

@@ -13,16 +13,20 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 
-use crate::bench::{
-    bed::{Bed, CONN_PORT, IPERF_PORT, RR_PORT, UNDER_TEST},
-    connrate,
-    cpu::{QuietPolicy, wait_quiet},
-    iperf::{self, Test},
-    mode::Mode,
-    results::{Metric, Results, metric},
-    rr,
-    snmp::UdpCounters,
-    stats::percentile,
+use crate::{
+    bench::{
+        bed::{Bed, CONN_PORT, IPERF_PORT, RR_PORT, UNDER_TEST},
+        connrate,
+        cpu::{QuietPolicy, wait_quiet},
+        iperf::{self, Test},
+        mode::Mode,
+        ratelimit,
+        results::{Metric, Results, metric},
+        rr,
+        snmp::UdpCounters,
+        stats::percentile,
+    },
+    ratebench::RateCase,
 };
 
 /// Set by SIGINT/SIGTERM: the run stops between measurements and cleans
@@ -143,6 +147,10 @@ pub struct Config {
     pub kinds: Vec<Kind>,
     /// When the machine is quiet enough to measure.
     pub quiet: QuietPolicy,
+    /// Rate-limit cases (empty: none).
+    pub rate_cases: Vec<RateCase>,
+    /// Repetitions of each rate-limit case.
+    pub rate_reps: usize,
     /// The most time spent waiting for quiet over the whole run (on a
     /// machine that is never quiet, the run would otherwise wait before
     /// every measurement).
@@ -170,6 +178,8 @@ impl Config {
                 max_wait: Duration::from_secs(4),
             },
             quiet_budget: Duration::from_secs(150),
+            rate_cases: ratelimit::cases(&[10, 100, 1000], &[1, 4], 4),
+            rate_reps: 2,
         }
     }
 
@@ -189,6 +199,8 @@ impl Config {
                 max_wait: Duration::from_secs(1),
             },
             quiet_budget: Duration::from_secs(20),
+            rate_cases: ratelimit::cases(&[100], &[1], 3),
+            rate_reps: 1,
             ..Self::full()
         }
     }
@@ -227,7 +239,8 @@ impl<'b, 'n> Runner<'b, 'n> {
     /// then the control plane, then the scaling kinds: each repetition goes
     /// through every size (base first), re-installing the filler ports, and
     /// times a share of the update samples at each size. The sizes of one
-    /// mode are thus measured minutes apart, not a whole run apart.
+    /// mode are thus measured minutes apart, not a whole run apart. Last,
+    /// the rate-limit cases.
     pub fn run_all(&mut self) -> Result<()> {
         let kinds = self.cfg.kinds.clone();
         let (scaling, plain): (Vec<Kind>, Vec<Kind>) =
@@ -237,7 +250,18 @@ impl<'b, 'n> Runner<'b, 'n> {
                 self.round(kind, rep)?;
             }
         }
-        self.control_plane()?;
+        if !kinds.is_empty() {
+            self.control_plane()?;
+            self.scaling(&scaling)?;
+        }
+        if !self.cfg.rate_cases.is_empty() {
+            self.ratelimit()?;
+        }
+        Ok(())
+    }
+
+    /// The scaling kinds: each repetition goes through every size.
+    fn scaling(&mut self, kinds: &[Kind]) -> Result<()> {
         let mut sizes = vec![BASE_PORTS];
         sizes.extend(self.cfg.sizes.iter().filter(|s| **s > BASE_PORTS));
         let reps = self.cfg.reps.max(1);
@@ -245,12 +269,31 @@ impl<'b, 'n> Runner<'b, 'n> {
         for rep in 0..reps {
             for &size in &sizes {
                 self.set_size(size)?;
-                for kind in &scaling {
+                for kind in kinds {
                     self.round(*kind, rep)?;
                 }
                 self.updates(samples)?;
             }
         }
+        Ok(())
+    }
+
+    /// The rate-limit cases, each on a fresh node of its own.
+    fn ratelimit(&mut self) -> Result<()> {
+        let cases = self.cfg.rate_cases.clone();
+        let mut notes = Vec::new();
+        let rows = ratelimit::run(
+            &cases,
+            self.cfg.rate_reps,
+            || {
+                check_interrupted()?;
+                self.wait_quiet();
+                Ok(())
+            },
+            &mut notes,
+        )?;
+        self.results.notes.extend(notes);
+        self.results.ratelimit = rows;
         Ok(())
     }
 

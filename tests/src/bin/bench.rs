@@ -3,8 +3,8 @@
 //!
 //! Run through the xtask (it builds the release agent and sets
 //! `DATAPATH_BIN`). Options, for working on the bench itself:
-//! `--modes route,datapath-tc`, `--only conn,rr`, `--reps N`, `--sizes
-//! 1000,10000`, `--conn-threads N`, `--out DIR`.
+//! `--modes route,datapath-tc`, `--only conn,rr,ratelimit`, `--reps N`,
+//! `--sizes 1000,10000`, `--conn-threads N`, `--out DIR`.
 
 use std::{
     path::{Path, PathBuf},
@@ -67,6 +67,7 @@ fn parse_args() -> Result<Args> {
     let mut extra: Vec<String> = Vec::new();
     let (mut modes, mut kinds, mut reps, mut sizes) = (None, None, None, None);
     let mut threads = None;
+    let mut ratelimit = None;
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--quick" => {
@@ -79,9 +80,21 @@ fn parse_args() -> Result<Args> {
                 modes = Some(m);
             }
             "--only" => {
-                let k = list(args.next(), "--only", Kind::parse)?;
-                extra.push(format!("--only {}", join(&k, Kind::name)));
+                let value = args.next().context("--only needs a value")?;
+                let rate = value.split(',').any(|v| v.trim() == "ratelimit");
+                let rest: Vec<&str> = value
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|v| *v != "ratelimit")
+                    .collect();
+                let k = if rest.is_empty() {
+                    Vec::new()
+                } else {
+                    list(Some(rest.join(",")), "--only", Kind::parse)?
+                };
+                extra.push(format!("--only {value}"));
                 kinds = Some(k);
+                ratelimit = Some(rate);
             }
             "--reps" => {
                 let r: usize = args.next().context("--reps needs a value")?.parse()?;
@@ -108,7 +121,7 @@ fn parse_args() -> Result<Args> {
             "-h" | "--help" => {
                 println!(
                     "bench [--quick] [--modes M,…] [--only KIND,…] [--reps N] [--sizes N,…] [--conn-threads N] [--out DIR]\n\
-                     modes: {}\nkinds: {}",
+                     modes: {}\nkinds: {},ratelimit",
                     join(&Mode::ALL, Mode::name),
                     join(&Kind::ALL, Kind::name)
                 );
@@ -122,6 +135,9 @@ fn parse_args() -> Result<Args> {
     cfg.reps = reps.unwrap_or(cfg.reps);
     cfg.sizes = sizes.unwrap_or(cfg.sizes);
     cfg.conn_threads = threads.unwrap_or(cfg.conn_threads);
+    if ratelimit == Some(false) {
+        cfg.rate_cases.clear();
+    }
     let quick = if quick { " --quick" } else { "" };
     let command = if extra.is_empty() {
         format!("cargo xtask bench{quick}")
