@@ -200,22 +200,10 @@ fn real_main() -> Result<()> {
     let results = runner.into_results();
     drop(beds);
     drop(nodes);
-    // The rate limiter against tbf, each case on fresh nodes of its own
-    // (the traffic lock is still held).
-    let (rates, rate_notes) =
-        datapath_tests::bench::ratelimit::run(&datapath_tests::bench::ratelimit::cases(cfg.quick));
     meta.duration_s = start.elapsed().as_secs_f64();
 
-    let md = report::markdown(&meta, &cfg, &results)
-        + &datapath_tests::bench::ratelimit::markdown(&rates, &rate_notes);
-    let mut json = report::json(&meta, &cfg, &results);
-    if let Some(obj) = json.as_object_mut() {
-        obj.insert(
-            "ratelimit".to_owned(),
-            datapath_tests::bench::ratelimit::json(&rates),
-        );
-    }
-    let json = serde_json::to_string_pretty(&json)?;
+    let md = report::markdown(&meta, &cfg, &results);
+    let json = serde_json::to_string_pretty(&report::json(&meta, &cfg, &results))?;
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;
     let kind = if cfg.quick { "quick" } else { "full" };
