@@ -3,7 +3,8 @@
 //! return code, counting every drop.
 #![no_std]
 #![no_main]
-// Atomic adds on map values (conntrack counters): see conntrack::touch.
+// Atomic adds and ORs on map values (conntrack counters and flags): see
+// conntrack::update.
 #![feature(core_intrinsics)]
 #![allow(internal_features)]
 
@@ -15,16 +16,17 @@ mod maps;
 mod nat;
 mod parse;
 mod ratelimit;
+mod route;
 mod uplink;
 
 use aya_ebpf::{
-    bindings::{TC_ACT_OK, TC_ACT_SHOT, xdp_action},
+    bindings::{TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, xdp_action},
     helpers::generated::{bpf_redirect, bpf_redirect_neigh, bpf_redirect_peer},
     macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
 };
 use aya_log_ebpf::debug;
-use datapath_common::{EndpointKey, Stat};
+use datapath_common::{EndpointKey, FlushRequest, Stat};
 
 use crate::{ctx::Packet, maps::count};
 
@@ -45,7 +47,7 @@ pub fn uplink_tc(mut ctx: TcContext) -> i32 {
         }
         uplink::Verdict::ToContainer { ifindex, .. } => {
             // SAFETY: plain helper call.
-            unsafe { bpf_redirect_peer(ifindex, 0) as i32 }
+            redirected(unsafe { bpf_redirect_peer(ifindex, 0) as i32 })
         }
     }
 }
@@ -93,8 +95,28 @@ pub fn container_tc(mut ctx: TcContext) -> i32 {
         }
         container::Verdict::ToUplink { ifindex } => {
             // SAFETY: a null neighbour means "look the next hop up in the FIB".
-            unsafe { bpf_redirect_neigh(ifindex, core::ptr::null_mut(), 0, 0) as i32 }
+            redirected(unsafe { bpf_redirect_neigh(ifindex, core::ptr::null_mut(), 0, 0) as i32 })
         }
+    }
+}
+
+/// Counts a redirect the helper refused (it then returns the drop verdict).
+#[inline(always)]
+fn redirected(verdict: i32) -> i32 {
+    if verdict != TC_ACT_REDIRECT {
+        count(Stat::DropHelperFailed);
+    }
+    verdict
+}
+
+/// Removes the flows the [`FlushRequest`] after the (zero) Ethernet header
+/// names, in the kernel (see `conntrack::flush`); returns how many. Never
+/// attached: the agent runs it with `BPF_PROG_TEST_RUN`.
+#[classifier]
+pub fn ct_flush(ctx: TcContext) -> i32 {
+    match ctx.load::<FlushRequest>(FlushRequest::OFFSET) {
+        Ok(req) => conntrack::flush::<conntrack::V4>(req).min(i32::MAX as u64) as i32,
+        Err(_) => -1,
     }
 }
 

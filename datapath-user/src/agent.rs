@@ -5,13 +5,12 @@ use std::{
     collections::BTreeMap,
     net::Ipv4Addr,
     path::{Path, PathBuf},
-    time::Duration,
 };
 
 use datapath_common::{
-    CONFIG_F_ALLOW_DIRECT_ROUTING, CONFIG_F_READY, CONFIG_F_SNAT, Config, Endpoint, EndpointKey,
-    NodeAddr, NodeAddrKey, STAT_COUNT, ServiceKey, ServiceValue, Stat, capacity, ct::Timeouts,
-    names,
+    CONFIG_F_ALLOW_DIRECT_ROUTING, CONFIG_F_FIB, CONFIG_F_READY, CONFIG_F_SNAT, Config, Endpoint,
+    EndpointKey, FLUSH_F_CONTAINER, FlushRequest, NodeAddr, NodeAddrKey, STAT_COUNT, ServiceKey,
+    ServiceValue, Stat, ct::Timeouts, names,
 };
 use ipnet::Ipv4Net;
 
@@ -58,14 +57,15 @@ pub struct AgentConfig {
     pub snat_ports: (u16, u16),
     /// Masquerade container egress.
     pub masquerade: bool,
-    /// Conntrack capacity in entries (two per flow).
+    /// Capacity of the main conntrack table in entries (two per flow).
     pub ct_max: Option<u32>,
+    /// Percentage of the main conntrack table one container may hold
+    /// (0 or 100: no limit).
+    pub ct_container_share: u8,
     /// Let the uplink reach container addresses directly.
     pub allow_direct_routing: bool,
     /// Conntrack idle timeouts.
     pub timeouts: Timeouts,
-    /// How often expired flows are collected.
-    pub gc_interval: Duration,
     /// Kernel-side log level (aya-log).
     pub log_level: u8,
 }
@@ -187,21 +187,25 @@ impl Agent {
         &mut self.dp
     }
 
-    /// The configured GC interval.
-    pub fn gc_interval(&self) -> Duration {
-        self.cfg.gc_interval
-    }
-
     async fn setup_uplink(&mut self) -> anyhow::Result<()> {
         use anyhow::{Context as _, bail};
         let pool = self.cfg.pool;
         let (lo, hi) = self.cfg.snat_ports;
+        let ct_max = crate::bpf::ct_max(self.cfg.ct_max);
+        let share = u32::from(self.cfg.ct_container_share.min(100));
         let mut config = Config {
             pool_addr: pool.network().octets(),
             pool_mask: pool.netmask().octets(),
             gateway_addr: gateway_of(pool).octets(),
             snat_port_min: lo,
             snat_port_max: hi,
+            flags: CONFIG_F_FIB,
+            ct_container_max: if share == 100 {
+                0
+            } else {
+                (u64::from(ct_max) * u64::from(share) / 100) as u32
+            },
+            timeouts: self.cfg.timeouts,
             ..Config::default()
         };
         if self.cfg.masquerade {
@@ -557,10 +561,15 @@ impl Agent {
             let _ = self.dp.rate_limits.remove(&k);
             let _ = self.dp.rate_stats.remove(&k);
         }
-        if let Err(e) = conntrack::flush(&mut self.dp.conntrack, |f| {
-            f.orig.container_id != 0 && !ids.contains(&f.orig.container_id)
-        }) {
-            tracing::warn!("flush orphaned flows: {e}");
+        match self.flow_container_ids() {
+            Ok(found) => {
+                for id in found.into_iter().filter(|id| *id != 0 && !ids.contains(id)) {
+                    if let Err(e) = self.flush_container_flows(id) {
+                        tracing::warn!(container_id = id, "flush orphaned flows: {e}");
+                    }
+                }
+            }
+            Err(e) => tracing::warn!("read conntrack: {e}"),
         }
     }
 
@@ -882,8 +891,7 @@ impl Agent {
             tracing::warn!(container = %c.name, "detach: {e}");
         }
         ratelimit::remove(&mut self.dp, c);
-        let id = c.id;
-        if let Err(e) = conntrack::flush(&mut self.dp.conntrack, |f| f.orig.container_id == id) {
+        if let Err(e) = self.flush_container_flows(c.id) {
             tracing::warn!(container = %c.name, "flush conntrack: {e}");
         }
         if let Err(e) = self.netlink.delete_container_link(&c.host_ifname).await {
@@ -1004,11 +1012,43 @@ impl Agent {
         Ok(())
     }
 
+    /// Every live flow.
+    fn flows(&self, now: u64) -> Result<Vec<conntrack::FlowEntries>, AgentError> {
+        use aya::maps::IterableMap as _;
+        conntrack::read_flows(
+            self.dp.ct.map(),
+            self.dp.ct_new.map(),
+            &self.cfg.timeouts,
+            now,
+        )
+        .map_err(|e| internal("read conntrack")(e.to_string()))
+    }
+
+    /// The container ids of every flow.
+    fn flow_container_ids(&self) -> Result<std::collections::BTreeSet<u32>, AgentError> {
+        Ok(self
+            .flows(conntrack::now_ns())?
+            .iter()
+            .map(|f| f.orig.container_id)
+            .collect())
+    }
+
+    /// Removes a container's flows (in the kernel, which keeps its
+    /// per-container count exact) and its conntrack record; returns the
+    /// number of entries removed.
+    fn flush_container_flows(&mut self, id: u32) -> Result<u64, AgentError> {
+        let flows = self.dp.flush_flows(FlushRequest {
+            container_id: id,
+            flags: FLUSH_F_CONTAINER,
+        })?;
+        let _ = self.dp.ct_containers.remove(&id);
+        Ok(flows * 2)
+    }
+
     /// Every tracked flow.
     pub fn conntrack(&self) -> Result<Vec<api::Flow>, AgentError> {
-        let (flows, _) = conntrack::read_flows(&self.dp.conntrack)
-            .map_err(|e| internal("read conntrack")(e.to_string()))?;
         let now = conntrack::now_ns();
+        let flows = self.flows(now)?;
         let by_id: BTreeMap<u32, String> = self
             .state
             .containers
@@ -1040,23 +1080,11 @@ impl Agent {
             ),
             None => None,
         };
-        conntrack::flush(&mut self.dp.conntrack, |f| {
-            id.is_none_or(|id| f.orig.container_id == id)
-        })
-        .map_err(|e| internal("flush conntrack")(e.to_string()))
-    }
-
-    /// A collector of expired flows with its own handle on the conntrack
-    /// map, so that scanning a large table never holds up API requests.
-    pub fn collector(&self) -> Result<conntrack::Collector, BpfError> {
-        conntrack::Collector::open(
-            &self.cfg.bpffs_dir.join("maps").join(names::CONNTRACK),
-            self.cfg.timeouts,
-        )
-        .map_err(|source| BpfError::Map {
-            name: names::CONNTRACK,
-            source,
-        })
+        let removed = match id {
+            Some(id) => self.flush_container_flows(id)?,
+            None => self.dp.flush_flows(FlushRequest::default())? * 2,
+        };
+        Ok(removed as usize)
     }
 
     /// Counters summed over CPUs.
@@ -1105,8 +1133,10 @@ impl Agent {
                 .collect(),
             counters: self.counters(),
             containers: self.state.containers.len(),
-            conntrack_entries: self.dp.conntrack.keys().count(),
-            conntrack_max: self.cfg.ct_max.unwrap_or(capacity::CONNTRACK),
+            conntrack_entries: self.flows(conntrack::now_ns()).map_or(0, |f| {
+                f.iter().map(|f| 1 + usize::from(f.reply.is_some())).sum()
+            }),
+            conntrack_max: crate::bpf::ct_max(self.cfg.ct_max),
         }
     }
 

@@ -15,7 +15,7 @@ use std::{
 };
 
 use aya::{
-    Ebpf, EbpfLoader,
+    Ebpf, EbpfLoader, TestRun, TestRunOptions,
     maps::{Array, HashMap, MapData, PerCpuArray},
     programs::{
         CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, LinkOrder, SchedClassifier, SockOps,
@@ -26,8 +26,8 @@ use aya::{
     },
 };
 use datapath_common::{
-    Config, CtEntry, CtKey, Endpoint, EndpointKey, NodeAddr, NodeAddrKey, ServiceKey, ServiceValue,
-    names, programs,
+    Config, CtContainer, CtEntry, CtKey, CtTimedEntry, Endpoint, EndpointKey, FlushRequest,
+    NodeAddr, NodeAddrKey, ServiceKey, ServiceValue, capacity, names, programs,
     ratelimit::{ATTACH_SOCK_OPS, RateKey, RateLimit, RateStats, direction},
 };
 use serde::Serialize;
@@ -72,6 +72,9 @@ pub enum BpfError {
         /// What failed.
         message: String,
     },
+    /// The kernel refused a flush request.
+    #[error("the conntrack flush program refused its request")]
+    Flush,
     /// A bpffs path could not be created or removed.
     #[error("{action} {path}: {source}")]
     Fs {
@@ -116,7 +119,8 @@ pub struct Attachment {
 pub struct LoadOptions {
     /// The agent's bpffs directory.
     pub bpffs_dir: PathBuf,
-    /// Conntrack capacity (entries; two per flow), if not the default.
+    /// Capacity of the main conntrack table (entries; two per flow), if
+    /// not the default. The table of unconfirmed flows gets a quarter.
     pub ct_max: Option<u32>,
     /// Kernel-side log level (aya-log: 0 off … 5 trace).
     pub log_level: u8,
@@ -134,8 +138,12 @@ pub struct Datapath {
     pub endpoints: HashMap<MapData, EndpointKey, Endpoint>,
     /// The node's addresses.
     pub node_addrs: HashMap<MapData, NodeAddrKey, NodeAddr>,
-    /// Connection tracking.
-    pub conntrack: HashMap<MapData, CtKey, CtEntry>,
+    /// Confirmed flows.
+    pub ct: HashMap<MapData, CtKey, CtTimedEntry>,
+    /// Unconfirmed flows.
+    pub ct_new: HashMap<MapData, CtKey, CtEntry>,
+    /// Each container's use of the main conntrack table.
+    pub ct_containers: HashMap<MapData, u32, CtContainer>,
     /// Per-CPU counters.
     pub stats: PerCpuArray<MapData, u64>,
     /// Token buckets per (cgroup, direction).
@@ -149,6 +157,17 @@ pub struct Datapath {
     )]
     pub rate_cgroups: aya::maps::CgroupStorage<MapData, RateKey>,
     attachments: Vec<Attachment>,
+}
+
+/// Capacity of the table of unconfirmed flows for a main table of
+/// `ct_max` entries: a quarter, at least 1,024.
+pub fn ct_new_max(ct_max: u32) -> u32 {
+    (ct_max / 4).max(1024)
+}
+
+/// Capacity of the main conntrack table.
+pub fn ct_max(opt: Option<u32>) -> u32 {
+    opt.unwrap_or(capacity::CT)
 }
 
 /// Mounts bpffs at /sys/fs/bpf if nothing is mounted there.
@@ -209,11 +228,16 @@ impl Datapath {
             loader.map_pin_path(name, path.as_path());
         }
         if let Some(n) = opts.ct_max {
-            loader.map_max_entries(names::CONNTRACK, n);
+            loader.map_max_entries(names::CT, n);
+            loader.map_max_entries(names::CT_NEW, ct_new_max(n));
         }
         loader.override_global(aya_log::LEVEL, &opts.log_level, false);
         let mut ebpf = loader.load(EBPF_OBJECT)?;
-        for name in [programs::UPLINK_TC, programs::CONTAINER_TC] {
+        for name in [
+            programs::UPLINK_TC,
+            programs::CONTAINER_TC,
+            programs::CT_FLUSH,
+        ] {
             let prog: &mut SchedClassifier = program(&mut ebpf, name)?;
             prog.load()
                 .map_err(|source| BpfError::Program { name, source })?;
@@ -239,7 +263,9 @@ impl Datapath {
             services: typed_map!(&mut ebpf, names::SERVICES, HashMap<MapData, ServiceKey, ServiceValue>),
             endpoints: typed_map!(&mut ebpf, names::ENDPOINTS, HashMap<MapData, EndpointKey, Endpoint>),
             node_addrs: typed_map!(&mut ebpf, names::NODE_ADDRS, HashMap<MapData, NodeAddrKey, NodeAddr>),
-            conntrack: typed_map!(&mut ebpf, names::CONNTRACK, HashMap<MapData, CtKey, CtEntry>),
+            ct: typed_map!(&mut ebpf, names::CT, HashMap<MapData, CtKey, CtTimedEntry>),
+            ct_new: typed_map!(&mut ebpf, names::CT_NEW, HashMap<MapData, CtKey, CtEntry>),
+            ct_containers: typed_map!(&mut ebpf, names::CT_CONTAINERS, HashMap<MapData, u32, CtContainer>),
             stats: typed_map!(&mut ebpf, names::STATS, PerCpuArray<MapData, u64>),
             rate_limits: typed_map!(&mut ebpf, names::RATE_LIMITS, HashMap<MapData, RateKey, RateLimit>),
             rate_stats: typed_map!(&mut ebpf, names::RATE_STATS, aya::maps::PerCpuHashMap<MapData, RateKey, RateStats>),
@@ -252,6 +278,24 @@ impl Datapath {
             bpffs_dir: opts.bpffs_dir.clone(),
             attachments: Vec::new(),
         })
+    }
+
+    /// Removes the flows `req` names, in the kernel (the `ct_flush`
+    /// program under `BPF_PROG_TEST_RUN`); returns how many.
+    pub fn flush_flows(&mut self, req: FlushRequest) -> Result<u64, BpfError> {
+        let name = programs::CT_FLUSH;
+        let prog: &mut SchedClassifier = program(&mut self.ebpf, name)?;
+        let frame = req.frame();
+        let mut out = [0u8; 64];
+        let res = prog
+            .test_run(TestRunOptions {
+                data_in: Some(&frame),
+                data_out: Some(&mut out),
+                ..TestRunOptions::default()
+            })
+            .map_err(|source| BpfError::Program { name, source })?;
+        // The program returns -1 when the request is cut short.
+        u64::try_from(res.return_value as i32).map_err(|_| BpfError::Flush)
     }
 
     /// The aya-log ring buffer, to forward kernel-side log events.

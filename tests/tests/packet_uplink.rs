@@ -74,22 +74,8 @@ fn assert_dnat(p: &mut Programs, input: &[u8], output: &[u8], macs_rewritten: bo
     }
     assert_only_changed(input, output, &allowed);
 
-    let orig_key = CtKey {
-        saddr: CLIENT,
-        daddr: NODE,
-        sport: 40000,
-        dport: 8080,
-        proto: proto::TCP,
-        _pad: [0; 3],
-    };
-    let reply_key = CtKey {
-        saddr: BACKEND,
-        daddr: CLIENT,
-        sport: 80,
-        dport: 40000,
-        proto: proto::TCP,
-        _pad: [0; 3],
-    };
+    let orig_key = CtKey::v4(CLIENT, 40000, NODE, 8080, proto::TCP);
+    let reply_key = CtKey::v4(BACKEND, 80, CLIENT, 40000, proto::TCP);
     let ct = p.conntrack();
     assert_eq!(ct.len(), 2, "two conntrack entries: {ct:#?}");
     let orig = p.conntrack_get(&orig_key).expect("DNAT entry");
