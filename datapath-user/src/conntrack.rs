@@ -115,9 +115,13 @@ pub struct FlowEntries {
 }
 
 impl FlowEntries {
-    /// The flow's [`ct_state`].
+    /// The flow's [`ct_state`]. A reply marks only the reply entry
+    /// `replied` (the datapath touches one entry per packet); the flow is.
     pub fn state(&self) -> u8 {
-        self.orig.state
+        match (self.orig.state, self.reply) {
+            (ct_state::UNREPLIED, Some(r)) if r.packets > 0 => ct_state::REPLIED,
+            (s, _) => s,
+        }
     }
 
     /// Last packet time in either direction.

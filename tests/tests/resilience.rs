@@ -1478,8 +1478,6 @@ fn a_syn_flood_leaves_an_established_flow_working_and_memory_bounded() {
             &CT_MAX.to_string(),
             "--ct-timeout-tcp-syn",
             "3s",
-            "--ct-gc-interval",
-            "1s",
         ])
         .start();
     agent.cli_ok([
@@ -1522,38 +1520,24 @@ fn a_syn_flood_leaves_an_established_flow_working_and_memory_bounded() {
     let c = &st["counters"];
     let new = c["dnat_new"].as_u64().expect("dnat_new");
     let full = c["drop_ct_full"].as_u64().expect("drop_ct_full");
-    assert!(full > 0, "the full table is counted: {c:#}");
-    assert!(
-        new + full >= 10_000,
-        "the flood arrived ({new} new flows, {full} dropped): {c:#}"
-    );
+    assert_eq!(full, 0, "no flow is refused as table full: {c:#}");
+    assert!(new >= 10_000, "the flood arrived ({new} new flows): {c:#}");
     let entries = st["conntrack_entries"].as_u64().expect("entries");
-    assert!(entries <= CT_MAX, "{entries} entries > {CT_MAX}");
+    let bound = CT_MAX + CT_MAX.max(4096);
+    assert!(entries <= bound, "{entries} entries > {bound}");
     assert_eq!(st["conntrack_max"].as_u64(), Some(CT_MAX));
     let rss_after = rss_kib(pid);
     eprintln!(
-        "flood: {new} new flows, {full} dropped (table full), {entries} entries, \
-         agent RSS {rss_before} -> {rss_after} KiB"
+        "flood: {new} new flows, {entries} entries, agent RSS {rss_before} -> {rss_after} KiB"
     );
     assert!(
         rss_after < rss_before + 64 * 1024,
         "agent memory grew from {rss_before} to {rss_after} KiB"
     );
 
-    // Once the flood's half-open flows expire, new connections get in
-    // again; the established one never stopped.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if exchange_once(&node.client, published, "new").is_ok() {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no new connection after the flood: {:#}",
-            agent.cli_json(["status", "--json"])
-        );
-        std::thread::sleep(Duration::from_millis(500));
-    }
+    // The flood only pushed out other unconfirmed flows: a new connection
+    // gets in at once, and the established one never stopped.
+    exchange_once(&node.client, published, "new").expect("a new connection right after");
     flow.wait_more("after the flood", 5);
     flow.finish()
         .expect("the established flow survived the flood");
@@ -1579,7 +1563,7 @@ fn the_half_open_flows_of_a_spoofed_syn_flood_expire_like_unanswered_ones() {
     let node = Node::new();
     let ctr = node.add_container_netns("web");
     let agent = Agent::builder(&node)
-        .args(["--ct-timeout-tcp-syn", "2s", "--ct-gc-interval", "1s"])
+        .args(["--ct-timeout-tcp-syn", "2s"])
         .start();
     agent.cli_ok([
         "container",
@@ -1632,7 +1616,7 @@ fn the_half_open_flows_of_a_spoofed_syn_flood_expire_like_unanswered_ones() {
 }
 
 #[test]
-fn fragmented_udp_to_a_published_port_arrives_whole_or_is_dropped_and_counted() {
+fn fragmented_udp_to_a_published_port_arrives_whole() {
     let node = Node::new();
     let ctr = node.add_container_netns("dns");
     let agent = Agent::start(&node);
@@ -1646,7 +1630,6 @@ fn fragmented_udp_to_a_published_port_arrives_whole_or_is_dropped_and_counted() 
         "5353:53/udp",
     ]);
     let sink = UdpSink::start(&ctr, 53);
-    let before = counter(&agent, "drop_fragment");
     let big: Vec<u8> = (0..3000u32).map(|i| (i % 251) as u8).collect();
     let to = SocketAddr::from((node.node_addr(), 5353));
     let big2 = big.clone();
@@ -1669,38 +1652,12 @@ fn fragmented_udp_to_a_published_port_arrives_whole_or_is_dropped_and_counted() 
         s.send_to(&big2, to).expect("send big");
         s.send_to(b"small again", to).expect("send small");
     });
-    // The datagram after the big one arriving means the big one's
-    // fragments have been through the uplink too.
     sink.wait_for(b"small again");
+    sink.wait_for(&big);
     let got = sink.finish(Duration::from_millis(200));
-    let payloads: Vec<&Vec<u8>> = got.iter().map(|(_, p)| p).collect();
-    assert!(
-        payloads.contains(&&b"small".to_vec()) && payloads.contains(&&b"small again".to_vec()),
-        "unfragmented datagrams arrive: {} datagrams",
-        payloads.len()
-    );
-    for p in &payloads {
-        assert!(
-            p.as_slice() == b"small" || p.as_slice() == b"small again" || **p == big,
-            "a datagram arrived neither whole nor as sent ({} bytes)",
-            p.len()
-        );
-    }
-    let dropped = counter(&agent, "drop_fragment") - before;
-    eprintln!(
-        "fragmented datagram {}; drop_fragment moved by {dropped}",
-        if payloads.contains(&&big) {
-            "arrived whole"
-        } else {
-            "did not arrive"
-        }
-    );
-    if !payloads.contains(&&big) {
-        assert!(
-            dropped >= 1,
-            "the fragmented datagram was dropped uncounted"
-        );
-    }
+    assert_eq!(got.len(), 3, "each datagram arrives once, whole");
+    assert!(counter(&agent, "fragment_translated") >= 1);
+    assert_eq!(counter(&agent, "drop_fragment"), 0);
 }
 
 // ---- the API ------------------------------------------------------------------------
