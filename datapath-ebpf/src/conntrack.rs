@@ -523,7 +523,11 @@ pub fn update<F: Family>(hit: Hit<F::A>, key: &CtKeyOf<F::A>, flow: &Flow, now: 
         if first || ct::seq_after(end, (*e).seq_end) {
             (*e).seq_end = end;
         }
-        if pflags & tcp_flags::ACK != 0 && (first || ct::seq_after(flow.ack, (*e).ack_max)) {
+        // The first ACK of this direction sets it whatever its value (0 is
+        // no "before" in sequence space).
+        if pflags & tcp_flags::ACK != 0
+            && (first || old & tcp_flags::ACK == 0 || ct::seq_after(flow.ack, (*e).ack_max))
+        {
             (*e).ack_max = flow.ack;
         }
     }

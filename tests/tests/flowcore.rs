@@ -505,7 +505,7 @@ fn a_stray_rst_injected_into_a_live_flow_does_not_end_it() {
         .exec_closure(|| tcp_connect_from(45001, out))
         .expect("connect");
     line(&mut c, "hello").expect("echo");
-    // The masquerade port the outside sees.
+    // The masquerade port the outside sees (the flow is established).
     let flows = agent.cli_json(["conntrack", "list", "--json"]);
     let port = flows
         .as_array()
@@ -526,8 +526,12 @@ fn a_stray_rst_injected_into_a_live_flow_does_not_end_it() {
     // waits for its own, hours long.
     std::thread::sleep(Duration::from_secs(7));
     for i in 0..3 {
-        line(&mut c, &format!("still {i}"))
-            .unwrap_or_else(|e| panic!("the flow ended after a stray RST: {e}"));
+        line(&mut c, &format!("still {i}")).unwrap_or_else(|e| {
+            panic!(
+                "the flow ended after a stray RST: {e}\n{:#}",
+                status(&agent)["counters"]
+            )
+        });
     }
     assert_eq!(counter(&agent, "ct_rst_ignored"), 1);
 }

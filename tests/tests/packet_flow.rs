@@ -306,38 +306,52 @@ fn a_syn_reusing_a_closed_flows_tuple_starts_it_afresh_through_masquerade() {
 
 #[test]
 fn a_rst_outside_the_window_does_not_end_an_established_flow() {
-    let mut p = datapath();
-    handshake(&mut p, 40003);
-    let data = Frame::tcp((CLIENT, 40003), (NODE, 8080))
-        .tcp_flags(tf::PSH | tf::ACK)
-        .seq(1001)
-        .ack_number(5001)
-        .payload(vec![7; 100])
-        .build();
-    uplink(&mut p, &data);
-    from(&mut p, A, &server(40003, tf::ACK, 5001, 1101));
+    // Initial sequence numbers in both halves of the sequence space: the
+    // window must not depend on where they fall.
+    for (cport, c_isn, s_isn) in [
+        (40003u16, 1000u32, 5000u32),
+        (40006, 0xf000_0000, 0x9000_0000),
+        (40007, 0x7fff_ff00, 0xffff_ff00),
+    ] {
+        let mut p = datapath();
+        let (c1, s1) = (c_isn.wrapping_add(1), s_isn.wrapping_add(1));
+        uplink(&mut p, &client(cport, tf::SYN, c_isn, 0));
+        from(&mut p, A, &server(cport, tf::SYN | tf::ACK, s_isn, c1));
+        uplink(&mut p, &client(cport, tf::ACK, c1, s1));
+        let data = Frame::tcp((CLIENT, cport), (NODE, 8080))
+            .tcp_flags(tf::PSH | tf::ACK)
+            .seq(c1)
+            .ack_number(s1)
+            .payload(vec![7; 100])
+            .build();
+        uplink(&mut p, &data);
+        let c101 = c1.wrapping_add(100);
+        from(&mut p, A, &server(cport, tf::ACK, s1, c101));
 
-    // A blind RST, half the sequence space away: passed on (the endpoint
-    // decides), the flow kept.
-    let stray = client(40003, tf::RST, 1101u32.wrapping_add(1 << 31), 0);
-    assert_eq!(uplink(&mut p, &stray), TC_ACT_REDIRECT);
-    assert_eq!(p.stat(Stat::CtRstIgnored), 1);
-    for key in [dnat_key(40003), rev_dnat_key(40003)] {
+        // Blind RSTs, half the sequence space away, from either side:
+        // passed on (the endpoint decides), the flow kept.
+        let stray = client(cport, tf::RST, c101.wrapping_add(1 << 31), 0);
+        assert_eq!(uplink(&mut p, &stray), TC_ACT_REDIRECT);
+        let stray = server(cport, tf::RST, s1.wrapping_add(1 << 31), 0);
+        assert_eq!(from(&mut p, A, &stray), TC_ACT_REDIRECT);
+        assert_eq!(p.stat(Stat::CtRstIgnored), 2, "ISNs {c_isn:#x}/{s_isn:#x}");
+        for key in [dnat_key(cport), rev_dnat_key(cport)] {
+            assert_eq!(
+                table_and_state(&mut p, &key),
+                (Table::Main, ct_state::TCP_ESTABLISHED)
+            );
+        }
+        assert_eq!(p.ct_container(A.id).entries, 2);
+
+        // A RST at the sender's next sequence number ends it.
+        let rst = client(cport, tf::RST | tf::ACK, c101, s1);
+        assert_eq!(uplink(&mut p, &rst), TC_ACT_REDIRECT);
         assert_eq!(
-            table_and_state(&mut p, &key),
-            (Table::Main, ct_state::TCP_ESTABLISHED)
+            table_and_state(&mut p, &dnat_key(cport)),
+            (Table::New, ct_state::TCP_CLOSING)
         );
+        assert_eq!(p.ct_container(A.id).entries, 0);
     }
-    assert_eq!(p.ct_container(A.id).entries, 2);
-
-    // A RST at the sender's next sequence number ends it.
-    let rst = client(40003, tf::RST | tf::ACK, 1101, 5001);
-    assert_eq!(uplink(&mut p, &rst), TC_ACT_REDIRECT);
-    assert_eq!(
-        table_and_state(&mut p, &dnat_key(40003)),
-        (Table::New, ct_state::TCP_CLOSING)
-    );
-    assert_eq!(p.ct_container(A.id).entries, 0);
 }
 
 #[test]
