@@ -75,8 +75,10 @@
 //! SYN flood's flows never get there: the SYN's sender never acknowledges
 //! the answer), then `established` (confirmed), then `closing` after FIN
 //! both ways or an accepted RST. Flags are ORed in atomically, so two CPUs
-//! never lose each other's flags, and the CPU whose OR sets a flag first is
-//! the one that acts on it. A RST closes an established flow only if its
+//! never lose each other's flags; a CPU that saw a flag unset before its OR
+//! acts on it, and every such action (confirming, closing) tolerates being
+//! taken twice (inserts use `BPF_NOEXIST`, counts follow the removal that
+//! succeeded). A RST closes an established flow only if its
 //! sequence number lies in the window ([`datapath_common::ct::rst_in_window`]:
 //! between what the other side acknowledged and what the sender sent, with
 //! slack for reordering); others are passed on to the endpoint, which
@@ -107,16 +109,32 @@
 //! removal of the original entry succeeds adjusts the container's count.
 //! Counters use atomic adds.
 //!
-//! # Masquerade ports ([`create_snat`])
+//! # Masquerade ports ([`dp_ct_snat_port`])
 //!
 //! The container's source port is kept when it lies in the masquerade
 //! range and is free for the destination (MASQUERADE's behaviour).
 //! Otherwise up to [`datapath_common::ct::SNAT_PROBES`] random ports of
-//! the range are tried (a `bpf_loop`): a new flow fails with probability
-//! `f^128` when a fraction `f` of the range is in use for its destination
-//! (address, port, protocol): one in a million at 90 %, 0.14 % at 95 %. The
-//! default range 61000-65535 gives 4,536 concurrent flows per destination.
-//! Exhaustion is counted per container ([`CT_CONTAINERS`]).
+//! the range are tried (a bounded loop): they miss with probability
+//! `f^128` when a fraction `f` of the range is in use for the destination
+//! (address, port, protocol): one in a million at 90 %, 0.14 % at 95 %.
+//! Then [`datapath_common::ct::SNAT_SCAN`] consecutive ports from a random
+//! one are scanned (a `bpf_loop`), so a range of up to 1,024 ports fails
+//! only when it is full. A port held by an expired flow counts as free
+//! (the search removes the holder). The default range 61000-65535 gives
+//! 4,536 concurrent flows per destination. Exhaustion is counted per
+//! container ([`CT_CONTAINERS`]).
+//!
+//! # Per-container share
+//!
+//! [`CT_CONTAINERS`] counts each container's entries in the main table
+//! (two per confirmed flow), maintained only by the datapath's own
+//! insertions and removals. A flow whose confirmation would take its
+//! container past `Config::ct_container_max` (the agent's
+//! `--ct-container-share` of the main table) stays in `CT_NEW`, where it
+//! keeps working but competes with unconfirmed flows; this is counted
+//! (`over_share`, `ct_over_share`). So one container opening connections
+//! without end cannot fill the main table and lock out the others'
+//! established flows.
 //!
 //! # Fragments ([`CT_FRAGS`])
 //!
@@ -125,7 +143,6 @@
 //! LRU, like the kernel's reassembly queue timeout). Later fragments take
 //! their ports from there and have their addresses translated by the same
 //! flow.
-
 //!
 //! # Verifier shape
 //!
