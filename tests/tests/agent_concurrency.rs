@@ -1,6 +1,6 @@
 //! The agent's reads never wait behind a change in progress: while a
 //! `container add` is stuck in a system call, `status`, `container list`
-//! and `container show`'s API route still answer.
+//! and `GET /v1/containers/{name}` still answer.
 //!
 //! The add is held by the test: its network namespace "path" is a FIFO,
 //! and opening a FIFO for reading blocks until a writer opens it. The test

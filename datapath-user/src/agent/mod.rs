@@ -10,7 +10,7 @@
 //!   they never wait behind a slow change.
 //! * [`lifecycle`]: container add, update and delete, each one
 //!   transaction whose steps are undone if a later one fails
-//!   ([`lifecycle::Transaction`]).
+//!   ([`transaction::Transaction`], the undo log).
 //! * [`publish`]: publishing and unpublishing ports of running containers.
 //! * [`reconcile`]: adopting what a previous agent left, removing orphans,
 //!   and `datapath agent --cleanup`.
