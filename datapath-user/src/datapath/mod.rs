@@ -33,12 +33,7 @@ use datapath_common::{
 };
 use serde::Serialize;
 
-pub use self::{
-    attach::{CONTAINER_LINK_PREFIX, RATE_LINK_PREFIX, RateHook, STAGING_LINK_PREFIX},
-    conntrack::Collector,
-    ratelimit::RateTarget,
-    reader::Reader,
-};
+pub use self::{attach::RateHook, conntrack::Collector, ratelimit::RateTarget, reader::Reader};
 
 /// The compiled eBPF object (all programs and maps), embedded at build time.
 pub static EBPF_OBJECT: &[u8] =
@@ -276,11 +271,6 @@ impl Datapath {
     /// The aya-log ring buffer, to forward kernel-side log events.
     pub fn take_logger(&mut self) -> Option<aya_log::EbpfLogger<&'static dyn log::Log>> {
         aya_log::EbpfLogger::init(&mut self.ebpf).ok()
-    }
-
-    /// The agent's bpffs directory.
-    pub fn bpffs_dir(&self) -> &std::path::Path {
-        &self.bpffs_dir
     }
 
     /// A read-only view of the counters and flows, on handles of its own:
