@@ -26,10 +26,16 @@ pub mod status;
 pub mod transaction;
 pub mod uplink;
 
-use std::{net::Ipv4Addr, path::Path, path::PathBuf, sync::Arc, time::Duration};
+use std::{
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
 
 use datapath_common::ct::Timeouts;
 use ipnet::Ipv4Net;
+use tokio::sync::oneshot;
 
 pub use self::{handle::Handle, reconcile::cleanup};
 use self::{
@@ -329,11 +335,27 @@ pub async fn run(
             }
         })?;
     let handle = Handle::new(started.commands, started.snapshot, started.reader);
-    let served = crate::api::server::serve(handle.clone(), socket, shutdown).await;
+    // An owner that died (a bug) takes the API down with it: a restarted
+    // agent adopts what is there, where this one could only refuse changes.
+    let mut gone = started.gone;
+    let (owner_died_tx, owner_died) = oneshot::channel();
+    let stop = async move {
+        tokio::select! {
+            () = shutdown => {}
+            _ = &mut gone => {
+                tracing::error!("the owner task stopped; shutting down");
+                let _ = owner_died_tx.send(());
+            }
+        }
+    };
+    let served = crate::api::server::serve(handle.clone(), socket, stop).await;
     // Every request has been answered; the owner finishes and stops.
     handle.stop().await;
     let owner = started.owner;
     let _ = tokio::task::spawn_blocking(move || owner.join()).await;
+    if owner_died.await.is_ok() {
+        anyhow::bail!("the agent's owner task stopped unexpectedly");
+    }
     served
 }
 

@@ -61,6 +61,9 @@ pub(super) struct Started {
     pub reader: Arc<Reader>,
     /// The owner's thread (it ends after [`Message::Stop`]).
     pub owner: JoinHandle<()>,
+    /// Completes when the owner's thread ends, for whatever reason (a
+    /// panic included).
+    pub gone: oneshot::Receiver<()>,
     /// The kernel-side log ring buffer, if the object has one.
     pub logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
     /// The conntrack collector.
@@ -81,9 +84,14 @@ struct Ready {
 pub(super) async fn spawn(cfg: AgentConfig) -> anyhow::Result<Started> {
     let (commands, inbox) = mpsc::channel(QUEUE);
     let (ready_tx, ready_rx) = oneshot::channel();
+    let (alive, gone) = oneshot::channel::<()>();
     let owner = std::thread::Builder::new()
         .name("datapath-owner".into())
-        .spawn(move || run(cfg, inbox, ready_tx))
+        .spawn(move || {
+            // Dropped when the thread ends, unwinding or not.
+            let _alive = alive;
+            run(cfg, inbox, ready_tx);
+        })
         .context("start the owner thread")?;
     let ready = ready_rx
         .await
@@ -93,6 +101,7 @@ pub(super) async fn spawn(cfg: AgentConfig) -> anyhow::Result<Started> {
         snapshot: ready.snapshot,
         reader: ready.reader,
         owner,
+        gone,
         logger: ready.logger,
         collector: ready.collector,
     })
