@@ -27,7 +27,7 @@ use aya::{
 use bytemuck::{Pod, Zeroable};
 use datapath_common::{
     CONFIG_F_READY, Config, CtEntry, CtKey, Endpoint, EndpointKey, NodeAddr, NodeAddrKey,
-    ServiceKey, ServiceValue, Stat, names, programs as prog_names, proto,
+    ServiceKey, ServiceValue, Stat, clock::TestClock, names, programs as prog_names, proto,
 };
 
 /// TC verdict: let the packet continue.
@@ -535,6 +535,32 @@ impl Programs {
         let arr: Array<&mut MapData, Config> =
             Array::try_from(map).unwrap_or_else(|e| panic!("map {name}: {e}"));
         arr.get(&0, 0).unwrap_or_else(|e| panic!("map {name}: {e}"))
+    }
+
+    /// Freezes the programs' clock at `ns` (see `datapath_common::clock`):
+    /// until the next call, every program run reads exactly this time. `ns`
+    /// must not be 0, which means the real clock.
+    pub fn freeze_clock(&mut self, ns: u64) {
+        assert_ne!(
+            ns, 0,
+            "0 is the real clock; freeze the programs at another time"
+        );
+        self.set_clock(TestClock::frozen(ns));
+    }
+
+    /// Gives the programs the real clock back.
+    pub fn real_clock(&mut self) {
+        self.set_clock(TestClock::REAL);
+    }
+
+    fn set_clock(&mut self, clock: TestClock) {
+        let name = names::CLOCK;
+        let map = self.map_data(name).unwrap_or_else(|e| panic!("{e}"));
+        let mut arr: Array<&mut MapData, TestClock> =
+            Array::try_from(map).unwrap_or_else(|e| panic!("map {name}: {e}"));
+        arr.set(0, clock, 0)
+            .map_err(Self::map_err(name))
+            .unwrap_or_else(|e| panic!("{e}"));
     }
 
     /// Publishes `(addr, port, proto)` (addr `[0; 4]`: every node address)
