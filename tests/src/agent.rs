@@ -13,6 +13,7 @@
 use std::{
     ffi::OsStr,
     fs::{File, OpenOptions},
+    net::Ipv4Addr,
     path::{Path, PathBuf},
     process::{Child, Command, Output, Stdio},
     sync::atomic::{AtomicU8, AtomicU32, Ordering},
@@ -26,6 +27,7 @@ use nix::{
 
 use crate::{
     names,
+    netns::Netns,
     node::{Node, UPLINK},
     sys,
 };
@@ -300,6 +302,71 @@ impl<'n> Agent<'n> {
             .unwrap_or_else(|e| panic!("CLI output is not JSON ({e}):\n{out}"))
     }
 
+    /// `datapath status --json`.
+    #[track_caller]
+    pub fn status(&self) -> serde_json::Value {
+        self.cli_json(["status", "--json"])
+    }
+
+    /// Counter `name` of `datapath status --json` (e.g. `drop_spoofed`).
+    #[track_caller]
+    pub fn counter(&self, name: &str) -> u64 {
+        let st = self.status();
+        st["counters"][name]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no counter {name} in {st:#}"))
+    }
+
+    /// The flows of `datapath conntrack list --json`.
+    #[track_caller]
+    pub fn flows(&self) -> Vec<serde_json::Value> {
+        match self.cli_json(["conntrack", "list", "--json"]) {
+            serde_json::Value::Array(a) => a,
+            other => panic!("conntrack list is not a list: {other}"),
+        }
+    }
+
+    /// The containers of `datapath container list --json`.
+    #[track_caller]
+    pub fn containers(&self) -> Vec<ContainerInfo> {
+        match self.cli_json(["container", "list", "--json"]) {
+            serde_json::Value::Array(a) => a.into_iter().map(ContainerInfo::from_json).collect(),
+            other => panic!("container list is not a list: {other}"),
+        }
+    }
+
+    /// Container `name`, if listed.
+    #[track_caller]
+    pub fn container(&self, name: &str) -> Option<ContainerInfo> {
+        self.containers().into_iter().find(|c| c.name == name)
+    }
+
+    /// `datapath container add NAME --netns NETNS ARGS…`, which must succeed;
+    /// returns the container as listed.
+    #[track_caller]
+    pub fn add(&self, name: &str, netns: &Netns, args: &[&str]) -> ContainerInfo {
+        let mut all = vec!["container", "add", name, "--netns", netns.name()];
+        all.extend_from_slice(args);
+        self.cli_ok(&all);
+        self.container(name)
+            .unwrap_or_else(|| panic!("{name} is not listed after `datapath {all:?}`"))
+    }
+
+    /// `datapath container add NAME --netns NETNS ARGS…`, which must fail;
+    /// returns its stderr.
+    #[track_caller]
+    pub fn add_refused(&self, name: &str, netns: &str, args: &[&str]) -> String {
+        let mut all = vec!["container", "add", name, "--netns", netns];
+        all.extend_from_slice(args);
+        let out = self.cli(&all);
+        assert!(
+            !out.status.success(),
+            "datapath {all:?} succeeded:\n{}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    }
+
     /// Kills the agent with SIGKILL, as a crash would, and reaps it: it
     /// gets no chance to clean up (its stale API socket stays).
     pub fn kill(&mut self) {
@@ -383,6 +450,46 @@ impl Drop for Agent<'_> {
                 }
                 _ => {}
             }
+        }
+    }
+}
+
+/// One container as `datapath container list --json` shows it: the fields
+/// tests use most, and the whole entry.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ContainerInfo {
+    /// Its name.
+    pub name: String,
+    /// The agent's id of it (`container_id` in the maps).
+    pub id: u32,
+    /// Its address.
+    pub addr: Ipv4Addr,
+    /// The host end of its veth pair.
+    pub host_ifname: String,
+    /// The whole listing entry.
+    pub json: serde_json::Value,
+}
+
+impl ContainerInfo {
+    /// Reads a listing entry; panics if a field is missing.
+    pub fn from_json(json: serde_json::Value) -> Self {
+        let field = |name: &str| {
+            json[name]
+                .as_str()
+                .unwrap_or_else(|| panic!("no {name} in {json:#}"))
+                .to_owned()
+        };
+        Self {
+            name: field("name"),
+            id: json["id"]
+                .as_u64()
+                .and_then(|id| u32::try_from(id).ok())
+                .unwrap_or_else(|| panic!("no id in {json:#}")),
+            addr: field("addr")
+                .parse()
+                .unwrap_or_else(|e| panic!("bad addr in {json:#}: {e}")),
+            host_ifname: field("host_ifname"),
+            json,
         }
     }
 }

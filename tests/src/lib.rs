@@ -20,7 +20,10 @@
 
 pub mod agent;
 pub mod bench;
+pub mod capture;
 pub mod cgroup;
+pub mod events;
+pub mod fixture;
 pub mod frame;
 pub mod inspect;
 pub mod leaks;
@@ -33,3 +36,4 @@ pub mod programs;
 pub mod ratebench;
 pub mod sys;
 pub mod traffic;
+pub mod wait;

@@ -35,11 +35,13 @@ use crate::names;
 /// Where `ip netns` keeps its namespace files.
 pub const NETNS_RUN_DIR: &str = "/var/run/netns";
 
-/// A named network namespace, deleted on drop.
+/// A named network namespace, deleted on drop (unless it is another
+/// owner's, see [`Netns::attach`]).
 #[derive(Debug)]
 pub struct Netns {
     name: String,
     path: PathBuf,
+    owned: bool,
 }
 
 impl Netns {
@@ -63,9 +65,23 @@ impl Netns {
         let ns = Self {
             name: name.to_owned(),
             path: Path::new(NETNS_RUN_DIR).join(name),
+            owned: true,
         };
         ns.exec_ok("ip", ["link", "set", "lo", "up"]);
         ns
+    }
+
+    /// A handle on a namespace someone else made and removes (a container
+    /// runtime's), by its file: commands and threads enter it like any
+    /// other, and dropping the handle leaves it and its processes alone.
+    pub fn attach(path: impl Into<PathBuf>) -> Self {
+        let path = path.into();
+        assert!(path.exists(), "no network namespace at {}", path.display());
+        Self {
+            name: path.display().to_string(),
+            path,
+            owned: false,
+        }
     }
 
     /// Creates a namespace named `dpt-<unique id>`.
@@ -267,6 +283,9 @@ impl Netns {
 
 impl Drop for Netns {
     fn drop(&mut self) {
+        if !self.owned {
+            return;
+        }
         self.kill_all();
         match Command::new("ip")
             .args(["netns", "del", &self.name])

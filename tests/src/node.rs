@@ -17,7 +17,10 @@
 //! let ctr = node.add_container_netns("web");
 //! ```
 
-use std::{net::Ipv4Addr, process::Command};
+use std::{
+    net::{Ipv4Addr, SocketAddr},
+    process::Command,
+};
 
 use crate::{names, netns::Netns};
 
@@ -165,6 +168,26 @@ impl Node {
     /// The link's prefix length.
     pub fn prefix_len(&self) -> u8 {
         self.prefix_len
+    }
+
+    /// `node address:port`: a published port as the client reaches it.
+    pub fn node_port(&self, port: u16) -> SocketAddr {
+        SocketAddr::from((self.node_addr, port))
+    }
+
+    /// `client address:port`: a server in the client namespace as
+    /// containers reach it.
+    pub fn client_port(&self, port: u16) -> SocketAddr {
+        SocketAddr::from((self.client_addr, port))
+    }
+
+    /// Routes `cidr` (a container pool) from the client through the node,
+    /// as a router upstream of a node could.
+    pub fn route_from_client_via_node(&self, cidr: &str) {
+        self.client.exec_ok(
+            "ip",
+            ["route", "add", cidr, "via", &self.node_addr.to_string()],
+        );
     }
 
     /// An empty namespace `dpt-<id>-<name>` for a container; the caller
