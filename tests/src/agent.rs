@@ -11,9 +11,10 @@
 //! ```
 
 use std::{
-    ffi::OsStr,
+    ffi::{CString, OsStr},
     fs::{File, OpenOptions},
     net::Ipv4Addr,
+    os::unix::{ffi::OsStrExt, process::CommandExt},
     path::{Path, PathBuf},
     process::{Child, Command, Output, Stdio},
     sync::atomic::{AtomicU8, AtomicU32, Ordering},
@@ -26,6 +27,7 @@ use nix::{
 };
 
 use crate::{
+    cgroup::Cgroup,
     names,
     netns::Netns,
     node::{Node, UPLINK},
@@ -68,6 +70,7 @@ pub struct AgentBuilder<'n> {
     node: &'n Node,
     pool: String,
     args: Vec<String>,
+    cgroup_root: Option<PathBuf>,
 }
 
 impl<'n> AgentBuilder<'n> {
@@ -85,6 +88,17 @@ impl<'n> AgentBuilder<'n> {
         S: Into<String>,
     {
         self.args.extend(args.into_iter().map(Into::into));
+        self
+    }
+
+    /// Runs the agent in a mount and cgroup namespace of its own in which
+    /// `stand_in` is the cgroup2 root, mounted where the host's is: the
+    /// agent sees that mount point as the root of the hierarchy, exactly as
+    /// it sees the real one. A test of what the agent does with the root
+    /// cannot reach the host's root cgroup even if the agent's check
+    /// regresses: the most it can limit is the stand-in.
+    pub fn cgroup2_root_stand_in(mut self, stand_in: &Cgroup) -> Self {
+        self.cgroup_root = Some(stand_in.path().to_owned());
         self
     }
 
@@ -110,6 +124,7 @@ impl<'n> AgentBuilder<'n> {
             child: None,
             pool: self.pool,
             args: self.args,
+            cgroup_root: self.cgroup_root,
             bpffs_dir,
             tmp_dir,
             socket,
@@ -132,6 +147,7 @@ pub struct Agent<'n> {
     child: Option<Child>,
     pool: String,
     args: Vec<String>,
+    cgroup_root: Option<PathBuf>,
     bpffs_dir: PathBuf,
     tmp_dir: PathBuf,
     socket: PathBuf,
@@ -146,6 +162,7 @@ impl<'n> Agent<'n> {
             node,
             pool: format!("198.19.{}.0/24", POOL.fetch_add(1, Ordering::Relaxed)),
             args: Vec::new(),
+            cgroup_root: None,
         }
     }
 
@@ -188,6 +205,10 @@ impl<'n> Agent<'n> {
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log_err);
+        if let Some(stand_in) = &self.cgroup_root {
+            let mount = sys::cgroup2_root().expect("no cgroup2 hierarchy is mounted");
+            enter_cgroup2_stand_in(&mut cmd, stand_in, &mount);
+        }
         self.child = Some(self.node.node.spawn(&mut cmd));
     }
 
@@ -491,5 +512,54 @@ impl ContainerInfo {
             host_ifname: field("host_ifname"),
             json,
         }
+    }
+}
+
+/// Makes `cmd` (between fork and exec) join cgroup `stand_in`, enter new
+/// mount and cgroup namespaces (whose cgroup root is then `stand_in`), and
+/// mount that namespace's cgroup2 view over `mount`, the host's cgroup2
+/// mount point. The new mount namespace is a slave of the host's: mounts
+/// made later on the host (`ip netns add`) reach it, its own cgroup2 mount
+/// never leaves it.
+fn enter_cgroup2_stand_in(cmd: &mut Command, stand_in: &Path, mount: &Path) {
+    let c = |p: &Path| CString::new(p.as_os_str().as_bytes()).expect("no NUL byte in a path");
+    let procs = c(&stand_in.join("cgroup.procs"));
+    let target = c(mount);
+    // SAFETY: the closure runs in the forked child and only makes
+    // async-signal-safe system calls on memory prepared before the fork.
+    unsafe {
+        cmd.pre_exec(move || {
+            let check = |r: libc::c_int| {
+                if r < 0 {
+                    Err(std::io::Error::last_os_error())
+                } else {
+                    Ok(())
+                }
+            };
+            let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+            check(fd)?;
+            let n = libc::write(fd, b"0".as_ptr().cast(), 1);
+            let err = std::io::Error::last_os_error();
+            libc::close(fd);
+            if n != 1 {
+                return Err(err);
+            }
+            check(libc::unshare(libc::CLONE_NEWNS | libc::CLONE_NEWCGROUP))?;
+            check(libc::mount(
+                std::ptr::null(),
+                c"/".as_ptr(),
+                std::ptr::null(),
+                libc::MS_REC | libc::MS_SLAVE,
+                std::ptr::null(),
+            ))?;
+            check(libc::umount2(target.as_ptr(), libc::MNT_DETACH))?;
+            check(libc::mount(
+                c"cgroup2".as_ptr(),
+                target.as_ptr(),
+                c"cgroup2".as_ptr(),
+                0,
+                std::ptr::null(),
+            ))
+        });
     }
 }

@@ -303,6 +303,68 @@ pub fn iperf3(
     Iperf3Client::spawn(ns, cgroup, server, opts)?.wait()
 }
 
+/// One established TCP connection of a receiver, as `ss -ti` shows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TcpReceived {
+    /// The peer's address and port.
+    pub peer: String,
+    /// Payload bytes received on it so far.
+    pub bytes: u64,
+}
+
+/// The established TCP connections in `ns` whose local port is `port`,
+/// with the bytes each has received (from `ss -tin`).
+pub fn tcp_received(ns: &Netns, port: u16) -> Vec<TcpReceived> {
+    let filter = format!("sport = :{port}");
+    let out = ns.exec_ok("ss", ["-Htin", "state", "established", filter.as_str()]);
+    let mut conns = Vec::new();
+    let mut peer = None;
+    for line in out.lines() {
+        if !line.starts_with(char::is_whitespace) {
+            // `Recv-Q Send-Q Local Peer`: a new connection.
+            peer = line.split_whitespace().nth(3).map(str::to_owned);
+            continue;
+        }
+        let bytes = line
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("bytes_received:"))
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0);
+        if let Some(peer) = peer.take() {
+            conns.push(TcpReceived { peer, bytes });
+        }
+    }
+    conns
+}
+
+/// The goodput of the busiest connection to port `port` in `ns` (an
+/// iperf3 data connection, next to its nearly idle control connection),
+/// measured over `window` by its receiver.
+#[derive(Clone, Debug)]
+pub struct Goodput {
+    /// The connection's peer.
+    pub peer: String,
+    /// Bits per second over the window.
+    pub bps: f64,
+}
+
+/// Measures [`Goodput`] over `window` of the busiest connection to `port`
+/// in `ns`; `None` if there is no connection or it went away meanwhile.
+pub fn receiver_goodput(ns: &Netns, port: u16, window: Duration) -> Option<Goodput> {
+    let busiest = |conns: Vec<TcpReceived>| conns.into_iter().max_by_key(|c| c.bytes);
+    let first = busiest(tcp_received(ns, port))?;
+    let start = Instant::now();
+    std::thread::sleep(window);
+    let last = tcp_received(ns, port)
+        .into_iter()
+        .find(|c| c.peer == first.peer)?;
+    let secs = start.elapsed().as_secs_f64();
+    Some(Goodput {
+        bps: (last.bytes.saturating_sub(first.bytes)) as f64 * 8.0 / secs,
+        peer: first.peer,
+    })
+}
+
 /// Which way the limited traffic flows.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Direction {
