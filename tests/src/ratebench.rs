@@ -303,6 +303,65 @@ pub fn iperf3(
     Iperf3Client::spawn(ns, cgroup, server, opts)?.wait()
 }
 
+/// Egress goodput as a fraction of the limit, for the default bucket (or
+/// one of 1 MB and more). Measured here with one TCP stream over 3 s after
+/// 1 s of warm-up ([`Iperf3Options::measured`]), 4 runs each, load
+/// average 2-5: 0.927-1.003 at 10, 20, 40 and 100 Mbit/s, 10-40 Mbit/s
+/// within 2%, 4 Mbit/s with a 1 MB bucket 0.994-1.003. Small buckets do
+/// worse: 0.76-0.88 at 4 Mbit/s with 50 KB.
+pub const EGRESS_BAND: (f64, f64) = (0.9, 1.1);
+
+/// Ingress goodput as a fraction of the limit, for the default bucket (or
+/// one of 1 MB and more). The limiter polices (there is no queue to pace
+/// from), so TCP saws around the rate. Measured as for [`EGRESS_BAND`]:
+/// 0.959-1.106 at 8, 10, 20, 40, 50 and 80 Mbit/s. Small buckets do worse:
+/// 0.54-0.59 at 8 Mbit/s with 100 KB.
+pub const INGRESS_BAND: (f64, f64) = (0.85, 1.15);
+
+impl Iperf3Options {
+    /// What rate tests measure: one stream, 3 s after 1 s of warm-up (slow
+    /// start and the initial full bucket left out).
+    pub fn measured() -> Self {
+        Self {
+            seconds: 3,
+            omit: 1,
+            ..Self::default()
+        }
+    }
+}
+
+/// `bps` in Mbit/s, for messages.
+pub fn mbit(bps: f64) -> String {
+    format!("{:.1} Mbit/s", bps / 1e6)
+}
+
+/// Asserts that `bps` lies within `band` (fractions) of `limit_bps`;
+/// `details` goes into the message.
+#[track_caller]
+pub fn assert_rate(what: &str, bps: f64, limit_bps: f64, band: (f64, f64), details: &str) {
+    let ratio = bps / limit_bps;
+    assert!(
+        (band.0..=band.1).contains(&ratio),
+        "{what}: {} is {ratio:.3} of the {} limit, not within {}-{}; {details}",
+        mbit(bps),
+        mbit(limit_bps),
+        band.0,
+        band.1,
+    );
+}
+
+/// [`assert_rate`] for the rate the receiver of `report` measured.
+#[track_caller]
+pub fn assert_report(what: &str, report: &Iperf3Report, limit_bps: f64, band: (f64, f64)) {
+    let seconds = |v: &[f64]| v.iter().map(|b| mbit(*b)).collect::<Vec<_>>();
+    let details = format!(
+        "per second sent {:?}, received {:?}",
+        seconds(&report.intervals),
+        seconds(&report.received_intervals)
+    );
+    assert_rate(what, report.received_bps, limit_bps, band, &details);
+}
+
 /// One established TCP connection of a receiver, as `ss -ti` shows it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TcpReceived {

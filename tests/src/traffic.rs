@@ -704,3 +704,67 @@ impl RrFlow {
             .unwrap_or_else(|_| Err("the flow's thread panicked".into()))
     }
 }
+
+/// One UDP socket in a namespace sending the same datagram to one address
+/// every 20 ms, unconnected (ICMP errors while nothing serves the address
+/// do not stop it), collecting the answers: a client that keeps sending on
+/// one 5-tuple while the server behind the address is replaced.
+#[derive(Debug)]
+pub struct UdpPinger {
+    stop: Arc<AtomicBool>,
+    answers: mpsc::Receiver<Vec<u8>>,
+    handle: JoinHandle<u64>,
+}
+
+impl UdpPinger {
+    /// Starts sending `payload` from `ns` to `addr`; gives up by itself
+    /// after 60 s.
+    pub fn start(ns: &Netns, addr: SocketAddr, payload: &[u8]) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (tx, answers) = mpsc::channel();
+        let (flag, payload) = (stop.clone(), payload.to_vec());
+        let handle = ns.spawn_thread(move || {
+            let Ok(socket) = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)) else {
+                return 0;
+            };
+            let _ = socket.set_read_timeout(Some(Duration::from_millis(20)));
+            let deadline = Instant::now() + Duration::from_secs(60);
+            let mut buf = [0u8; 2048];
+            let mut sent = 0;
+            while !flag.load(Ordering::Relaxed) && Instant::now() < deadline {
+                if socket.send_to(&payload, addr).is_ok() {
+                    sent += 1;
+                }
+                if let Ok((n, _)) = socket.recv_from(&mut buf) {
+                    let _ = tx.send(buf[..n].to_vec());
+                }
+            }
+            sent
+        });
+        Self {
+            stop,
+            answers,
+            handle,
+        }
+    }
+
+    /// Waits up to `timeout` for an answer starting with `prefix` (answers
+    /// before it are consumed); whether one came.
+    pub fn wait_answer(&self, prefix: &[u8], timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            match self.answers.recv_timeout(left) {
+                Ok(a) if a.starts_with(prefix) => return true,
+                Ok(_) => {}
+                Err(_) => return false,
+            }
+        }
+        false
+    }
+
+    /// Stops sending; how many datagrams were sent.
+    pub fn finish(self) -> u64 {
+        self.stop.store(true, Ordering::Relaxed);
+        self.handle.join().unwrap_or(0)
+    }
+}

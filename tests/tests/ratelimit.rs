@@ -4,8 +4,8 @@
 //!
 //! Rates are what the receiver measured over 3 s after 1 s of warm-up
 //! (slow start and the full initial bucket), and must lie within the band
-//! the limiter was measured to hold here ([`EGRESS_BAND`],
-//! [`INGRESS_BAND`]). Where a test shows that traffic is *not* limited, it
+//! the limiter was measured to hold here (`ratebench::EGRESS_BAND`,
+//! `INGRESS_BAND`). Where a test shows that traffic is *not* limited, it
 //! compares with the limited rate it measured itself, never with a fixed
 //! throughput. Every test that measures takes the traffic lock.
 
@@ -26,8 +26,8 @@ use datapath_tests::{
     lock::TrafficLock,
     node::Node,
     ratebench::{
-        Goodput, Iperf3Client, Iperf3Options, Iperf3Report, Iperf3Server, iperf3, receiver_goodput,
-        tcp_received,
+        EGRESS_BAND, Goodput, INGRESS_BAND, Iperf3Client, Iperf3Options, Iperf3Report,
+        Iperf3Server, assert_rate, assert_report, iperf3, mbit, receiver_goodput, tcp_received,
     },
     sys, wait,
 };
@@ -36,27 +36,10 @@ use serde_json::Value;
 const MBIT: f64 = 1e6;
 const PORT: u16 = 5201;
 
-/// Egress goodput as a fraction of the limit. Measured here: 0.927-1.003
-/// at 10, 20, 40 and 100 Mbit/s with the default bucket (one TCP stream, 4
-/// runs each, load average 2-4; 10-40 Mbit/s within 2%).
-const EGRESS_BAND: (f64, f64) = (0.9, 1.1);
-/// Ingress goodput as a fraction of the limit: the limiter polices (there
-/// is no queue to pace from), so TCP saws around the rate. Measured here:
-/// 0.959-1.106 at 8, 10, 20, 40, 50 and 80 Mbit/s with the default bucket.
-const INGRESS_BAND: (f64, f64) = (0.85, 1.15);
 /// How many times faster than its limited rate a flow must run once it is
 /// not limited (or its unlimited neighbour runs): even on a loaded machine
 /// an unlimited flow through a namespace node does gigabits.
 const UNLIMITED_FACTOR: f64 = 5.0;
-
-/// What iperf3 measures in the tests: 3 s after 1 s of warm-up.
-fn opts() -> Iperf3Options {
-    Iperf3Options {
-        seconds: 3,
-        omit: 1,
-        ..Default::default()
-    }
-}
 
 /// `container update NAME ARGS…`; returns whether it succeeded and stderr.
 fn update(agent: &Agent<'_>, name: &str, args: &[&str]) -> (bool, String) {
@@ -97,36 +80,6 @@ fn rate_pins(agent: &Agent<'_>) -> Vec<String> {
 
 fn cg_arg(cg: &Cgroup) -> String {
     cg.path().to_string_lossy().into_owned()
-}
-
-fn mbit(bps: f64) -> String {
-    format!("{:.1} Mbit/s", bps / MBIT)
-}
-
-/// Asserts that `bps` lies within `band` (fractions) of `limit_bps`.
-#[track_caller]
-fn assert_within(what: &str, bps: f64, limit_bps: f64, band: (f64, f64), details: &str) {
-    let ratio = bps / limit_bps;
-    assert!(
-        (band.0..=band.1).contains(&ratio),
-        "{what}: {} is {ratio:.3} of the {} limit, not within {}-{}; {details}",
-        mbit(bps),
-        mbit(limit_bps),
-        band.0,
-        band.1,
-    );
-}
-
-/// [`assert_within`] for an iperf3 report's received rate.
-#[track_caller]
-fn assert_report(what: &str, report: &Iperf3Report, limit_bps: f64, band: (f64, f64)) {
-    let seconds = |v: &[f64]| v.iter().map(|b| mbit(*b)).collect::<Vec<_>>();
-    let details = format!(
-        "per second sent {:?}, received {:?}",
-        seconds(&report.intervals),
-        seconds(&report.received_intervals)
-    );
-    assert_within(what, report.received_bps, limit_bps, band, &details);
 }
 
 /// A cgroup below another one, removed on drop.
@@ -505,10 +458,20 @@ fn egress_is_held_near_the_limit_and_an_unlimited_neighbour_is_not() {
     let _s1 = Iperf3Server::start(&node.client, None, node.client_addr(), PORT).expect("server");
     let _s2 =
         Iperf3Server::start(&node.client, None, node.client_addr(), PORT + 1).expect("server");
-    let limited = Iperf3Client::spawn(&web.web.ctr, Some(&web.cg), node.client_port(PORT), &opts())
-        .expect("start the limited sender");
-    let free = iperf3(&nb, Some(&nb_cg), node.client_port(PORT + 1), &opts())
-        .unwrap_or_else(|e| panic!("{e}"));
+    let limited = Iperf3Client::spawn(
+        &web.web.ctr,
+        Some(&web.cg),
+        node.client_port(PORT),
+        &Iperf3Options::measured(),
+    )
+    .expect("start the limited sender");
+    let free = iperf3(
+        &nb,
+        Some(&nb_cg),
+        node.client_port(PORT + 1),
+        &Iperf3Options::measured(),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
     let limited = limited.wait().unwrap_or_else(|e| panic!("{e}"));
     assert_report("limited egress", &limited, 10.0 * MBIT, EGRESS_BAND);
     assert!(
@@ -577,8 +540,8 @@ fn egress_updates_apply_within_a_second_and_removal_lifts_the_limit_in_one_flow(
     update_ok(web.agent(), "web", &["--egress-rate", "none"]);
     let free = phase(&node.client, PORT, Some(&at10.peer));
     drop(flow);
-    assert_within("at 10mbit", at10.bps, 10.0 * MBIT, EGRESS_BAND, "");
-    assert_within("updated to 40mbit", at40.bps, 40.0 * MBIT, EGRESS_BAND, "");
+    assert_rate("at 10mbit", at10.bps, 10.0 * MBIT, EGRESS_BAND, "");
+    assert_rate("updated to 40mbit", at40.bps, 40.0 * MBIT, EGRESS_BAND, "");
     assert!(
         free.bps > UNLIMITED_FACTOR * at40.bps,
         "without a limit the flow ran at {}, limited at {}",
@@ -595,7 +558,7 @@ fn nested_cgroups_count_against_the_containers_limit() {
     let inner = ChildCgroup::new(web.cg.path(), "inner");
     let _server =
         Iperf3Server::start(&node.client, None, node.client_addr(), PORT).expect("server");
-    let o = opts();
+    let o = Iperf3Options::measured();
     let mut cmd = Command::new("iperf3");
     cmd.args([
         "-c",
@@ -627,17 +590,17 @@ fn ingress_through_a_published_port_is_held_updated_and_released() {
         &node,
         &["--publish", "18080:5201", "--ingress-rate", "50mbit"],
     );
-    let r = web.receive(18080, &opts());
+    let r = web.receive(18080, &Iperf3Options::measured());
     assert_report("ingress at 50mbit", &r, 50.0 * MBIT, INGRESS_BAND);
     let n = web.counters("ingress");
     assert!(n["passed_bytes"].as_u64().unwrap_or(0) > 1_000_000, "{n}");
 
     update_ok(web.agent(), "web", &["--ingress-rate", "10mbit"]);
-    let at10 = web.receive(18080, &opts());
+    let at10 = web.receive(18080, &Iperf3Options::measured());
     assert_report("ingress at 10mbit", &at10, 10.0 * MBIT, INGRESS_BAND);
 
     update_ok(web.agent(), "web", &["--ingress-rate", "none"]);
-    let free = web.receive(18080, &opts());
+    let free = web.receive(18080, &Iperf3Options::measured());
     assert!(
         free.received_bps > UNLIMITED_FACTOR * at10.received_bps,
         "without a limit ingress ran at {}, at 10mbit at {}",
@@ -670,8 +633,8 @@ fn an_ingress_update_applies_within_a_second_in_one_flow() {
     update_ok(web.agent(), "web", &["--ingress-rate", "80mbit"]);
     let at80 = phase(&web.web.ctr, PORT, Some(&at20.peer));
     drop(flow);
-    assert_within("at 20mbit", at20.bps, 20.0 * MBIT, INGRESS_BAND, "");
-    assert_within("updated to 80mbit", at80.bps, 80.0 * MBIT, INGRESS_BAND, "");
+    assert_rate("at 20mbit", at20.bps, 20.0 * MBIT, INGRESS_BAND, "");
+    assert_rate("updated to 80mbit", at80.bps, 80.0 * MBIT, INGRESS_BAND, "");
 }
 
 #[test]
@@ -732,9 +695,9 @@ fn limits_survive_an_agent_restart_with_fresh_programs_attached_and_still_hold()
         );
     }
     // And they hold the traffic to the limits, both ways.
-    let out = web.send(&opts());
+    let out = web.send(&Iperf3Options::measured());
     assert_report("egress after the restart", &out, 10.0 * MBIT, EGRESS_BAND);
-    let inbound = web.receive(18080, &opts());
+    let inbound = web.receive(18080, &Iperf3Options::measured());
     assert_report(
         "ingress after the restart",
         &inbound,
