@@ -657,6 +657,19 @@ impl Programs {
         all
     }
 
+    /// Removes every conntrack entry.
+    pub fn clear_conntrack(&mut self) {
+        let mut m = self.hash::<CtKey, CtEntry>(names::CONNTRACK);
+        let keys: Vec<CtKey> = m
+            .keys()
+            .map(|k| k.unwrap_or_else(|e| panic!("iterating {}: {e}", names::CONNTRACK)))
+            .collect();
+        for k in keys {
+            m.remove(&k)
+                .unwrap_or_else(|e| panic!("remove from {}: {e}", names::CONNTRACK));
+        }
+    }
+
     /// Counter `stat`, summed over CPUs.
     pub fn stat(&mut self, stat: Stat) -> u64 {
         let name = names::STATS;

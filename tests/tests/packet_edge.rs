@@ -2,38 +2,21 @@
 //! the limit, fragments, options, VLAN tags, zero UDP checksums, ICMP,
 //! padding, malformed headers, an unconfigured datapath.
 
-use datapath_common::{CtKey, Endpoint, Stat, ct_action, proto};
+use datapath_common::{CtKey, Stat, ct_action, proto};
 use datapath_tests::{
-    frame::{Frame, IcmpError},
+    frame::{Frame, IcmpError, tcp_flags},
     packet::{ParsedFrame, verify_checksums},
     programs::{
         Programs, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, XDP_DROP, XDP_PASS, XDP_REDIRECT,
     },
+    testbed,
 };
 
-const NODE: [u8; 4] = [198, 18, 0, 2];
-const BACKEND: [u8; 4] = [198, 19, 0, 5];
-const CTR_IFINDEX: u32 = 7;
-const CTR_MAC: [u8; 6] = [0x02, 0xc0, 0, 0, 0, 5];
-const HOST_MAC: [u8; 6] = [0x02, 0xee, 0, 0, 0, 7];
+const NODE: [u8; 4] = testbed::NODE;
+const BACKEND: [u8; 4] = testbed::CTR.addr;
 
 fn published() -> Programs {
-    let mut p = Programs::load();
-    p.set_config(Programs::config(NODE, [198, 19, 0, 0], 24, 1));
-    p.insert_node_addr(NODE, 1);
-    p.publish([0; 4], 8080, proto::TCP, BACKEND, 80, CTR_IFINDEX, 3);
-    p.publish([0; 4], 5353, proto::UDP, BACKEND, 53, CTR_IFINDEX, 3);
-    p.insert_endpoint(
-        BACKEND,
-        Endpoint {
-            ifindex: CTR_IFINDEX,
-            container_id: 3,
-            mac: CTR_MAC,
-            host_mac: HOST_MAC,
-            flags: 0,
-        },
-    );
-    p
+    testbed::datapath()
 }
 
 /// Runs `frame` through both uplink hooks on fresh datapaths; returns the
@@ -180,7 +163,15 @@ fn unconfigured_datapath_passes_everything() {
     cfg.flags &= !datapath_common::CONFIG_F_READY;
     p.set_config(cfg);
     p.insert_node_addr(NODE, 1);
-    p.publish([0; 4], 8080, proto::TCP, BACKEND, 80, CTR_IFINDEX, 3);
+    p.publish(
+        [0; 4],
+        8080,
+        proto::TCP,
+        BACKEND,
+        80,
+        testbed::CTR.ifindex,
+        testbed::CTR.id,
+    );
     let r = p.uplink_xdp(&input);
     assert_eq!(
         r.verdict, XDP_PASS,
@@ -206,44 +197,90 @@ fn icmp_echo_to_the_node_passes() {
 }
 
 #[test]
-fn icmp_error_from_the_client_about_a_dnat_flow_is_not_dropped() {
-    let mut p = published();
-    let syn = Frame::tcp("198.18.0.1:40000", "198.18.0.2:8080").build();
-    assert_eq!(p.uplink_tc(&syn).verdict, TC_ACT_REDIRECT);
-    // The client reports the (translated back) SYN-ACK as unreachable.
-    let synack = Frame::tcp("198.18.0.2:8080", "198.18.0.1:40000");
-    let err = Frame::icmp_error(
-        "198.18.0.1",
-        "198.18.0.2",
-        IcmpError::PortUnreachable,
-        &synack,
-    )
-    .build();
-    let r = p.uplink_tc(&err);
-    assert_ne!(r.verdict, TC_ACT_SHOT);
-    verify_checksums(&r.data).expect("valid checksums");
+fn icmp_error_from_the_client_about_a_dnat_flow_reaches_the_container_translated() {
+    for xdp in [false, true] {
+        let mut p = published();
+        let syn = Frame::tcp("198.18.0.1:40000", "198.18.0.2:8080").build();
+        assert_eq!(p.uplink_tc(&syn).verdict, TC_ACT_REDIRECT);
+        // The client reports the (translated back) SYN-ACK as unreachable.
+        let synack = Frame::tcp("198.18.0.2:8080", "198.18.0.1:40000")
+            .tcp_flags(tcp_flags::SYN | tcp_flags::ACK);
+        let err = Frame::icmp_error(
+            "198.18.0.1",
+            "198.18.0.2",
+            IcmpError::PortUnreachable,
+            &synack,
+        )
+        .build();
+        let r = if xdp {
+            p.uplink_xdp(&err)
+        } else {
+            p.uplink_tc(&err)
+        };
+        assert_eq!(
+            r.verdict,
+            if xdp { XDP_REDIRECT } else { TC_ACT_REDIRECT },
+            "xdp={xdp}: the error goes to the container; stats: {:?}",
+            p.stats()
+        );
+        verify_checksums(&r.data).expect("valid outer, ICMP and quoted checksums");
+        let out = ParsedFrame::parse(&r.data).expect("parses");
+        assert_eq!(out.ipv4().source, testbed::CLIENT, "xdp={xdp}");
+        assert_eq!(
+            out.ipv4().destination,
+            BACKEND,
+            "xdp={xdp}: outer destination translated to the container"
+        );
+        assert_eq!(out.ipv4().time_to_live, 63, "xdp={xdp}");
+        let q = out.quoted();
+        assert_eq!(
+            (q.ip.source, q.sport()),
+            (BACKEND, Some(80)),
+            "xdp={xdp}: the quoted SYN-ACK is the container's own, from its port 80"
+        );
+        assert_eq!(
+            (q.ip.destination, q.dport()),
+            (testbed::CLIENT, Some(40000)),
+            "xdp={xdp}"
+        );
+        assert_eq!(p.stat(Stat::IcmpErrorTranslated), 1, "xdp={xdp}");
+    }
 }
 
 #[test]
 fn tcp_rst_and_fin_flags_are_recorded_in_conntrack() {
-    let mut p = published();
+    use datapath_common::tcp_flags as f;
     let key = CtKey {
-        saddr: [198, 18, 0, 1],
+        saddr: testbed::CLIENT,
         daddr: NODE,
         sport: 40000,
         dport: 8080,
         proto: proto::TCP,
         _pad: [0; 3],
     };
-    let syn = Frame::tcp("198.18.0.1:40000", "198.18.0.2:8080").build();
-    p.uplink_tc(&syn);
-    let fin = Frame::tcp("198.18.0.1:40000", "198.18.0.2:8080")
-        .tcp_flags(datapath_tests::frame::tcp_flags::FIN | datapath_tests::frame::tcp_flags::ACK)
-        .build();
-    assert_eq!(p.uplink_tc(&fin).verdict, TC_ACT_REDIRECT);
-    let e = p.conntrack_get(&key).expect("entry");
-    assert_eq!(e.action, ct_action::DNAT);
-    use datapath_common::tcp_flags as f;
-    assert_eq!(e.tcp_flags, f::SYN | f::FIN | f::ACK);
-    assert_eq!(e.packets, 2);
+    let segment = |flags: u8| {
+        Frame::tcp("198.18.0.1:40000", "198.18.0.2:8080")
+            .tcp_flags(flags)
+            .build()
+    };
+    // A flow closed with FIN, and one torn down with RST: each flag is
+    // recorded on top of what the flow had.
+    for (last, flag) in [
+        (tcp_flags::FIN | tcp_flags::ACK, f::FIN),
+        (tcp_flags::RST, f::RST),
+    ] {
+        let mut p = published();
+        p.uplink_tc(&segment(tcp_flags::SYN));
+        assert_eq!(p.conntrack_get(&key).expect("entry").tcp_flags, f::SYN);
+        assert_eq!(p.uplink_tc(&segment(last)).verdict, TC_ACT_REDIRECT);
+        let e = p.conntrack_get(&key).expect("entry");
+        assert_eq!(e.action, ct_action::DNAT);
+        let expected = f::SYN | flag | if flag == f::FIN { f::ACK } else { 0 };
+        assert_eq!(
+            e.tcp_flags, expected,
+            "after {last:#04x}: {:#04x}",
+            e.tcp_flags
+        );
+        assert_eq!(e.packets, 2);
+    }
 }

@@ -2,42 +2,26 @@
 //! reaches the right side with its outer address and the quoted packet
 //! translated back, with valid outer, ICMP and quoted IPv4 checksums.
 
-use datapath_common::{Endpoint, Stat, proto};
+use datapath_common::Stat;
 use datapath_tests::{
     frame::{Frame, IcmpError},
     packet::{ParsedFrame, verify_checksums},
     programs::{Programs, TC_ACT_OK, TC_ACT_REDIRECT, XDP_PASS, XDP_REDIRECT},
+    testbed,
 };
 
-const NODE: [u8; 4] = [198, 18, 0, 2];
-const CLIENT: [u8; 4] = [198, 18, 0, 1];
+const NODE: [u8; 4] = testbed::NODE;
+const CLIENT: [u8; 4] = testbed::CLIENT;
 const ROUTER: [u8; 4] = [198, 18, 0, 254];
-const CTR: [u8; 4] = [198, 19, 0, 5];
-const UPLINK: u32 = 1;
-const CTR_IFINDEX: u32 = 7;
-const CTR_MAC: [u8; 6] = [0x02, 0xc0, 0, 0, 0, 5];
-const HOST_MAC: [u8; 6] = [0x02, 0xee, 0, 0, 0, 7];
+const CTR: [u8; 4] = testbed::CTR.addr;
+const CTR_IFINDEX: u32 = testbed::CTR.ifindex;
 
 fn datapath() -> Programs {
-    let mut p = Programs::load();
-    p.set_config(Programs::config(NODE, [198, 19, 0, 0], 24, UPLINK));
-    p.insert_node_addr(NODE, UPLINK);
-    p.publish([0; 4], 5353, proto::UDP, CTR, 53, CTR_IFINDEX, 3);
-    p.insert_endpoint(
-        CTR,
-        Endpoint {
-            ifindex: CTR_IFINDEX,
-            container_id: 3,
-            mac: CTR_MAC,
-            host_mac: HOST_MAC,
-            flags: 0,
-        },
-    );
-    p
+    testbed::datapath()
 }
 
 fn from_container(f: Frame) -> Vec<u8> {
-    f.macs(CTR_MAC, HOST_MAC).build()
+    testbed::CTR.frame(f)
 }
 
 /// Sends `f` from the container through the masquerade; returns the
