@@ -124,6 +124,11 @@ impl Leftover {
             }
             Self::Link(name) => run(Command::new("ip").args(["link", "delete", name])),
             Self::Pin(path) | Self::Temp(path) => {
+                // podman's storage leaves mounts (a container's shm) below
+                // its directory when its test is killed.
+                for mount in mounts_below(path) {
+                    run(Command::new("umount").arg("-l").arg(&mount))?;
+                }
                 let removed = if path.is_dir() {
                     fs::remove_dir_all(path)
                 } else {
@@ -312,6 +317,20 @@ fn link_names(listing: &str) -> Vec<String> {
         .filter_map(|line| line.split(": ").nth(1))
         .map(|name| name.split('@').next().unwrap_or(name).to_owned())
         .collect()
+}
+
+/// The mount points at or below `dir`, deepest first.
+fn mounts_below(dir: &Path) -> Vec<PathBuf> {
+    let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mut mounts: Vec<PathBuf> = mountinfo
+        .lines()
+        .filter_map(|line| line.split_whitespace().nth(4))
+        .map(|m| PathBuf::from(unescape_mountinfo(m)))
+        .filter(|m| m.starts_with(dir))
+        .collect();
+    mounts.sort_by_key(|m| std::cmp::Reverse(m.components().count()));
+    mounts.dedup();
+    mounts
 }
 
 /// Whether `name` is one podman gives the network namespaces it makes:
