@@ -522,11 +522,11 @@ impl ContainerInfo {
 /// made later on the host (`ip netns add`) reach it, its own cgroup2 mount
 /// never leaves it.
 fn enter_cgroup2_stand_in(cmd: &mut Command, stand_in: &Path, mount: &Path) {
-    let c = |p: &Path| CString::new(p.as_os_str().as_bytes()).expect("no NUL byte in a path");
-    let procs = c(&stand_in.join("cgroup.procs"));
-    let target = c(mount);
-    // SAFETY: the closure runs in the forked child and only makes
-    // async-signal-safe system calls on memory prepared before the fork.
+    crate::cgroup::join_on_exec(cmd, stand_in);
+    let target = CString::new(mount.as_os_str().as_bytes()).expect("no NUL byte in a path");
+    // SAFETY: the closure runs in the forked child, after the one joining
+    // the cgroup, and only makes async-signal-safe system calls on memory
+    // prepared before the fork.
     unsafe {
         cmd.pre_exec(move || {
             let check = |r: libc::c_int| {
@@ -536,14 +536,6 @@ fn enter_cgroup2_stand_in(cmd: &mut Command, stand_in: &Path, mount: &Path) {
                     Ok(())
                 }
             };
-            let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
-            check(fd)?;
-            let n = libc::write(fd, b"0".as_ptr().cast(), 1);
-            let err = std::io::Error::last_os_error();
-            libc::close(fd);
-            if n != 1 {
-                return Err(err);
-            }
             check(libc::unshare(libc::CLONE_NEWNS | libc::CLONE_NEWCGROUP))?;
             check(libc::mount(
                 std::ptr::null(),

@@ -147,19 +147,7 @@ impl PacketSocket {
     }
 
     fn recv_flags(&self, flags: libc::c_int) -> Option<Vec<u8>> {
-        let mut buf = vec![0u8; 65536];
-        // SAFETY: `buf` is valid for its length.
-        let n = unsafe {
-            libc::recv(
-                self.fd.as_raw_fd(),
-                buf.as_mut_ptr().cast(),
-                buf.len(),
-                flags,
-            )
-        };
-        let n = usize::try_from(n).ok()?;
-        buf.truncate(n);
-        Some(buf)
+        crate::sys::recv(&self.fd, flags)
     }
 }
 

@@ -136,20 +136,9 @@ impl RtMonitor {
             if !poll_in(&self.fd, left) {
                 return None;
             }
-            let mut buf = vec![0u8; 65536];
-            // SAFETY: `buf` is valid for its length.
-            let n = unsafe {
-                libc::recv(
-                    self.fd.as_raw_fd(),
-                    buf.as_mut_ptr().cast(),
-                    buf.len(),
-                    libc::MSG_DONTWAIT,
-                )
-            };
-            let Ok(n) = usize::try_from(n) else {
-                continue;
-            };
-            self.pending.extend(parse(&buf[..n]));
+            if let Some(batch) = crate::sys::recv(&self.fd, libc::MSG_DONTWAIT) {
+                self.pending.extend(parse(&batch));
+            }
         }
     }
 }

@@ -184,6 +184,26 @@ impl Netns {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// Creates a veth pair straight between two namespaces: `name` here,
+    /// `peer` in `peer_ns` (`ip link add … netns …`: the root namespace
+    /// never sees it). Both ends start down. `Err` is `ip`'s message.
+    pub fn add_veth(&self, name: &str, peer: &str, peer_ns: &Netns) -> Result<(), String> {
+        let args = [
+            "link", "add", name, "type", "veth", "peer", "name", peer, "netns",
+        ];
+        let out = self.run(Command::new("ip").args(args).arg(peer_ns.name()));
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(format!(
+                "ip link add {name} type veth peer name {peer} netns {} in {}: {}",
+                peer_ns.name(),
+                self.name,
+                String::from_utf8_lossy(&out.stderr).trim()
+            ))
+        }
+    }
+
     /// Runs `f` on a new thread that has entered this namespace (and only
     /// this one: the mount namespace, hence `/sys/fs/bpf`, stays the
     /// caller's). A panic in `f` is propagated.

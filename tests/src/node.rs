@@ -87,21 +87,9 @@ impl NodeBuilder {
         let id = names::unique_id();
         let client = Netns::new(&format!("{}{id}-cl", names::PREFIX));
         let node = Netns::new(&format!("{}{id}-nd", names::PREFIX));
-        client.exec_ok(
-            "ip",
-            [
-                "link",
-                "add",
-                CLIENT_IF,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                UPLINK,
-                "netns",
-                node.name(),
-            ],
-        );
+        client
+            .add_veth(CLIENT_IF, UPLINK, &node)
+            .unwrap_or_else(|e| panic!("{e}"));
         let (c, n) = (
             format!("{}/{}", self.client_addr, self.prefix_len),
             format!("{}/{}", self.node_addr, self.prefix_len),

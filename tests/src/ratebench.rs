@@ -424,6 +424,37 @@ pub fn receiver_goodput(ns: &Netns, port: u16, window: Duration) -> Option<Goodp
     })
 }
 
+/// iperf3 from container namespace `ctr` (in `cgroup`) to a server in the
+/// client of `node`: the container's egress.
+pub fn send_from(
+    node: &Node,
+    ctr: &Netns,
+    cgroup: Option<&Cgroup>,
+    opts: &Iperf3Options,
+) -> Result<Iperf3Report, BenchError> {
+    let _server = Iperf3Server::start(&node.client, None, node.client_addr(), PORT)?;
+    iperf3(
+        ctr,
+        cgroup,
+        SocketAddr::from((node.client_addr(), PORT)),
+        opts,
+    )
+}
+
+/// iperf3 from the client of `node` to `target`, served in container
+/// namespace `ctr` (in `cgroup`) on `bind`, port 5201: the container's
+/// ingress.
+pub fn receive_in(
+    node: &Node,
+    ctr: &Netns,
+    cgroup: Option<&Cgroup>,
+    (bind, target): (Ipv4Addr, SocketAddr),
+    opts: &Iperf3Options,
+) -> Result<Iperf3Report, BenchError> {
+    let _server = Iperf3Server::start(ctr, cgroup, bind, PORT)?;
+    iperf3(&node.client, None, target, opts)
+}
+
 /// Which way the limited traffic flows.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Direction {
@@ -551,47 +582,25 @@ pub fn measure(case: &RateCase, limiter: Limiter) -> Result<RateMeasurement, Ben
                     String::from_utf8_lossy(&out.stderr).into_owned(),
                 ));
             }
+            let published = SocketAddr::from((node.node_addr(), PUBLISHED));
             match case.direction {
-                Direction::Egress => {
-                    let _server =
-                        Iperf3Server::start(&node.client, None, node.client_addr(), PORT)?;
-                    iperf3(
-                        &ctr,
-                        Some(&cg),
-                        SocketAddr::from((node.client_addr(), PORT)),
-                        &opts,
-                    )?
-                }
-                Direction::Ingress => {
-                    let _server =
-                        Iperf3Server::start(&ctr, Some(&cg), Ipv4Addr::UNSPECIFIED, PORT)?;
-                    iperf3(
-                        &node.client,
-                        None,
-                        SocketAddr::from((node.node_addr(), PUBLISHED)),
-                        &opts,
-                    )?
-                }
+                Direction::Egress => send_from(&node, &ctr, Some(&cg), &opts)?,
+                Direction::Ingress => receive_in(
+                    &node,
+                    &ctr,
+                    Some(&cg),
+                    (Ipv4Addr::UNSPECIFIED, published),
+                    &opts,
+                )?,
             }
         }
         Limiter::Tbf => {
             routed_container(&node, &ctr)?;
             cni_bandwidth(&node, case)?;
+            let direct = SocketAddr::from((TBF_CTR, PORT));
             match case.direction {
-                Direction::Egress => {
-                    let _server =
-                        Iperf3Server::start(&node.client, None, node.client_addr(), PORT)?;
-                    iperf3(
-                        &ctr,
-                        Some(&cg),
-                        SocketAddr::from((node.client_addr(), PORT)),
-                        &opts,
-                    )?
-                }
-                Direction::Ingress => {
-                    let _server = Iperf3Server::start(&ctr, Some(&cg), TBF_CTR, PORT)?;
-                    iperf3(&node.client, None, SocketAddr::from((TBF_CTR, PORT)), &opts)?
-                }
+                Direction::Egress => send_from(&node, &ctr, Some(&cg), &opts)?,
+                Direction::Ingress => receive_in(&node, &ctr, Some(&cg), (TBF_CTR, direct), &opts)?,
             }
         }
     };
@@ -635,22 +644,9 @@ const TBF_IFB: &str = "rbifb";
 /// container is `TBF_CTR`, the node forwards, the client routes the pool
 /// through the node.
 fn routed_container(node: &Node, ctr: &Netns) -> Result<(), BenchError> {
-    run(
-        &node.node,
-        "ip",
-        &[
-            "link",
-            "add",
-            TBF_HOST_IF,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            ctr.name(),
-        ],
-    )?;
+    node.node
+        .add_veth(TBF_HOST_IF, "eth0", ctr)
+        .map_err(|e| tool("a routed container", e))?;
     let gw = format!("{TBF_GW}/24");
     let addr = format!("{TBF_CTR}/24");
     run(&node.node, "ip", &["addr", "add", &gw, "dev", TBF_HOST_IF])?;

@@ -13,9 +13,9 @@
 //! assert_eq!(p.container_tc(&reply, testbed::CTR.ifindex).verdict, TC_ACT_REDIRECT);
 //! ```
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddrV4};
 
-use datapath_common::{Config, Endpoint, proto};
+use datapath_common::{Config, CtKey, Endpoint, proto};
 
 use crate::{frame::Frame, programs::Programs};
 
@@ -118,4 +118,23 @@ pub fn datapath_with(config: Config) -> Programs {
 /// Adds container `c` (its endpoint) to the datapath.
 pub fn add_container(p: &mut Programs, c: &TestContainer) {
     p.insert_endpoint(c.addr, c.endpoint());
+}
+
+/// The conntrack key of `proto` packets from `src` to `dst`
+/// (`"198.18.0.1:40000"`), as the frames of [`crate::frame::Frame`] are
+/// written.
+pub fn ct_key(src: &str, dst: &str, proto: u8) -> CtKey {
+    let addr = |a: &str| -> SocketAddrV4 {
+        a.parse()
+            .unwrap_or_else(|e| panic!("not an IPv4 address and port: {a}: {e}"))
+    };
+    let (src, dst) = (addr(src), addr(dst));
+    CtKey {
+        saddr: src.ip().octets(),
+        daddr: dst.ip().octets(),
+        sport: src.port(),
+        dport: dst.port(),
+        proto,
+        _pad: [0; 3],
+    }
 }

@@ -221,12 +221,13 @@ fn record(peers: &Mutex<Vec<SocketAddrV4>>, peer: SocketAddrV4) {
     }
 }
 
-fn serve_http(
+/// Listens on `port` (reporting readiness, or why not, on `ready`) and
+/// hands each connection to `serve` until `stop`.
+fn accept_loop(
     port: u16,
-    label: &str,
     stop: &AtomicBool,
-    peers: &Mutex<Vec<SocketAddrV4>>,
     ready: &mpsc::Sender<io::Result<()>>,
+    mut serve: impl FnMut(TcpStream, SocketAddrV4),
 ) -> io::Result<()> {
     let listener = match TcpListener::bind((Ipv4Addr::UNSPECIFIED, port)) {
         Ok(l) => l,
@@ -238,18 +239,26 @@ fn serve_http(
     listener.set_nonblocking(true)?;
     let _ = ready.send(Ok(()));
     while !stop.load(Ordering::Relaxed) {
-        let (conn, peer) = match listener.accept() {
-            Ok(c) => c,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                std::thread::sleep(POLL);
-                continue;
-            }
+        match listener.accept() {
+            Ok((conn, peer)) => serve(conn, v4(peer)),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => std::thread::sleep(POLL),
             Err(e) => return Err(e),
-        };
-        // A client that misbehaves only costs its own request.
-        let _ = answer_http(conn, v4(peer), label, peers);
+        }
     }
     Ok(())
+}
+
+fn serve_http(
+    port: u16,
+    label: &str,
+    stop: &AtomicBool,
+    peers: &Mutex<Vec<SocketAddrV4>>,
+    ready: &mpsc::Sender<io::Result<()>>,
+) -> io::Result<()> {
+    accept_loop(port, stop, ready, |conn, peer| {
+        // A client that misbehaves only costs its own request.
+        let _ = answer_http(conn, peer, label, peers);
+    })
 }
 
 fn answer_http(
@@ -292,26 +301,9 @@ fn serve_tcp(
     peers: &Mutex<Vec<SocketAddrV4>>,
     ready: &mpsc::Sender<io::Result<()>>,
 ) -> io::Result<()> {
-    let listener = match TcpListener::bind((Ipv4Addr::UNSPECIFIED, port)) {
-        Ok(l) => l,
-        Err(e) => {
-            let _ = ready.send(Err(e));
-            return Ok(());
-        }
-    };
-    listener.set_nonblocking(true)?;
-    let _ = ready.send(Ok(()));
     let mut conns = Vec::new();
-    while !stop.load(Ordering::Relaxed) {
-        let (conn, peer) = match listener.accept() {
-            Ok(c) => c,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                std::thread::sleep(POLL);
-                continue;
-            }
-            Err(e) => return Err(e),
-        };
-        record(peers, v4(peer));
+    let served = accept_loop(port, stop, ready, |conn, peer| {
+        record(peers, peer);
         let stop = stop.clone();
         let tag = lines_as.clone();
         // The socket belongs to this namespace already: the thread needs
@@ -320,11 +312,11 @@ fn serve_tcp(
             Some(tag) => answer_lines(conn, &tag, &stop),
             None => echo_conn(conn, &stop),
         }));
-    }
+    });
     for c in conns {
         let _ = c.join();
     }
-    Ok(())
+    served
 }
 
 fn echo_conn(mut conn: TcpStream, stop: &AtomicBool) -> io::Result<()> {

@@ -18,7 +18,7 @@ use datapath_tests::{
     lock::TrafficLock,
     netns::Netns,
     node::{self, Node},
-    ratebench::{EGRESS_BAND, INGRESS_BAND, Iperf3Options, Iperf3Server, assert_report, iperf3},
+    ratebench::{EGRESS_BAND, INGRESS_BAND, Iperf3Options, assert_report, receive_in, send_from},
     sys,
     traffic::{IO_TIMEOUT, Server, UdpPinger, assert_refused, http_get},
 };
@@ -48,6 +48,19 @@ fn container_id(tag: &str) -> String {
     )
 }
 
+/// The node's agent and the plugin for its network `dpnet` (CNI 1.1.0).
+fn agent_and_plugin(node: &Node) -> (Agent<'_>, Plugin<'_>) {
+    let agent = Agent::start(node);
+    let plugin = Plugin::new(&agent, "dpnet", "1.1.0");
+    (agent, plugin)
+}
+
+/// A container namespace for the plugin to attach, and a container id
+/// for the attachment, both named after `tag`.
+fn attachment(node: &Node, tag: &str) -> (Netns, String) {
+    (node.add_container_netns(tag), container_id(tag))
+}
+
 /// What one plugin run printed.
 #[derive(Debug)]
 struct Run {
@@ -73,6 +86,18 @@ impl Run {
             self.code, self.stdout, self.stderr
         );
         &self.stdout
+    }
+
+    /// Asserts failure with an error structure of `code` whose details
+    /// say `details`; returns it.
+    #[track_caller]
+    fn err_saying(&self, code: u64, details: &str) -> Value {
+        let e = self.err(code);
+        assert!(
+            e["details"].as_str().unwrap_or_default().contains(details),
+            "the details do not say {details:?}: {e:#}"
+        );
+        e
     }
 
     /// Asserts failure with an error structure of `code` and returns it.
@@ -334,8 +359,7 @@ fn add_check_del_with_a_1_0_0_result() {
 #[test]
 fn version_lists_the_supported_versions() {
     let node = Node::new();
-    let agent = Agent::start(&node);
-    let plugin = Plugin::new(&agent, "dpnet", "1.1.0");
+    let (_agent, plugin) = agent_and_plugin(&node);
     let run = plugin.exec_raw(&[("CNI_COMMAND", "VERSION")], br#"{"cniVersion":"1.0.0"}"#);
     run.ok();
     assert_eq!(
@@ -347,10 +371,8 @@ fn version_lists_the_supported_versions() {
 #[test]
 fn del_succeeds_after_the_netns_is_gone() {
     let node = Node::new();
-    let agent = Agent::start(&node);
-    let plugin = Plugin::new(&agent, "dpnet", "1.1.0");
-    let ctr = node.add_container_netns("gone");
-    let id = container_id("gone");
+    let (agent, plugin) = agent_and_plugin(&node);
+    let (ctr, id) = attachment(&node, "gone");
     let conf = plugin.with_runtime(json!({"portMappings": [
         {"hostPort": 8081, "containerPort": 80, "protocol": "tcp"}
     ]}));
@@ -380,10 +402,8 @@ fn del_succeeds_after_the_netns_is_gone() {
 #[test]
 fn check_names_what_is_broken() {
     let node = Node::new();
-    let agent = Agent::start(&node);
-    let plugin = Plugin::new(&agent, "dpnet", "1.1.0");
-    let ctr = node.add_container_netns("chk");
-    let id = container_id("chk");
+    let (agent, plugin) = agent_and_plugin(&node);
+    let (ctr, id) = attachment(&node, "chk");
     let conf = plugin.with_runtime(json!({"portMappings": [
         {"hostPort": 8082, "containerPort": 80, "protocol": "tcp"}
     ]}));
@@ -413,66 +433,46 @@ fn check_names_what_is_broken() {
     // A prevResult with another MAC.
     let mut wrong_mac = result.clone();
     wrong_mac["interfaces"][1]["mac"] = json!("02:00:00:00:00:01");
-    let e = plugin
+    plugin
         .exec(
             "CHECK",
             &id,
             Some(&ctr),
             &Plugin::with_prev(&conf, &wrong_mac),
         )
-        .err(999);
-    assert!(
-        e["details"].as_str().unwrap_or_default().contains("MAC"),
-        "{e:#}"
-    );
+        .err_saying(999, "MAC");
 
     // The default route removed inside the container.
     ctr.exec_ok("ip", ["route", "del", "default"]);
-    let e = plugin.exec("CHECK", &id, Some(&ctr), &with_prev).err(999);
-    assert!(
-        e["details"]
-            .as_str()
-            .unwrap_or_default()
-            .contains("0.0.0.0/0"),
-        "{e:#}"
-    );
+    plugin
+        .exec("CHECK", &id, Some(&ctr), &with_prev)
+        .err_saying(999, "0.0.0.0/0");
 
     // The address removed.
     ctr.exec_ok("ip", ["addr", "del", &addr, "dev", "eth0"]);
-    let e = plugin.exec("CHECK", &id, Some(&ctr), &with_prev).err(999);
-    assert!(
-        e["details"]
-            .as_str()
-            .unwrap_or_default()
-            .contains("lacks its address"),
-        "{e:#}"
-    );
+    plugin
+        .exec("CHECK", &id, Some(&ctr), &with_prev)
+        .err_saying(999, "lacks its address");
 
     // The interface down.
     ctr.exec_ok("ip", ["link", "set", "eth0", "down"]);
-    let e = plugin.exec("CHECK", &id, Some(&ctr), &with_prev).err(999);
-    assert!(
-        e["details"].as_str().unwrap_or_default().contains("down"),
-        "{e:#}"
-    );
+    plugin
+        .exec("CHECK", &id, Some(&ctr), &with_prev)
+        .err_saying(999, "down");
 
     // The container deleted behind the runtime's back.
     let name = agent.containers()[0].name.clone();
     agent.cli_ok(["container", "del", &name]);
-    let e = plugin.exec("CHECK", &id, Some(&ctr), &with_prev).err(999);
-    assert!(
-        e["details"].as_str().unwrap_or_default().contains(&name),
-        "{e:#}"
-    );
+    plugin
+        .exec("CHECK", &id, Some(&ctr), &with_prev)
+        .err_saying(999, &name);
 }
 
 #[test]
 fn bad_configurations_get_the_specifications_error_codes() {
     let node = Node::new();
-    let agent = Agent::start(&node);
-    let plugin = Plugin::new(&agent, "dpnet", "1.1.0");
-    let ctr = node.add_container_netns("bad");
-    let id = container_id("bad");
+    let (agent, plugin) = agent_and_plugin(&node);
+    let (ctr, id) = attachment(&node, "bad");
     let add = |conf: &Value| plugin.exec("ADD", &id, Some(&ctr), conf);
 
     // 6: not JSON.
@@ -489,25 +489,11 @@ fn bad_configurations_get_the_specifications_error_codes() {
     // 1: a version this plugin does not speak.
     let mut old = plugin.conf.clone();
     old["cniVersion"] = json!("0.3.1");
-    let e = add(&old).err(1);
-    assert!(
-        e["details"]
-            .as_str()
-            .unwrap_or_default()
-            .contains("1.0.0, 1.1.0"),
-        "{e:#}"
-    );
+    add(&old).err_saying(1, "1.0.0, 1.1.0");
     // 7: a subnet other than the agent's pool.
     let mut subnet = plugin.conf.clone();
     subnet["ipam"] = json!({"type": "host-local", "subnet": "198.18.128.0/24"});
-    let e = add(&subnet).err(7);
-    assert!(
-        e["details"]
-            .as_str()
-            .unwrap_or_default()
-            .contains(agent.pool()),
-        "{e:#}"
-    );
+    add(&subnet).err_saying(7, agent.pool());
     // 7: no network name.
     let mut nameless = plugin.conf.clone();
     nameless.as_object_mut().expect("object").remove("name");
@@ -520,20 +506,12 @@ fn bad_configurations_get_the_specifications_error_codes() {
     let no_cgroup = plugin.with_runtime(json!({"bandwidth": {
         "egressRate": 1_000_000, "egressBurst": 80_000
     }}));
-    let e = add(&no_cgroup).err(7);
-    assert!(
-        e["details"].as_str().unwrap_or_default().contains("cgroup"),
-        "{e:#}"
-    );
+    add(&no_cgroup).err_saying(7, "cgroup");
     // 2: a protocol the datapath cannot publish.
     let sctp = plugin.with_runtime(json!({"portMappings": [
         {"hostPort": 8084, "containerPort": 80, "protocol": "sctp"}
     ]}));
-    let e = add(&sctp).err(2);
-    assert!(
-        e["details"].as_str().unwrap_or_default().contains("sctp"),
-        "{e:#}"
-    );
+    add(&sctp).err_saying(2, "sctp");
     // 2: an IPAM plugin the datapath does not run.
     let mut dhcp = plugin.conf.clone();
     dhcp["ipam"] = json!({"type": "dhcp"});
@@ -548,11 +526,7 @@ fn bad_configurations_get_the_specifications_error_codes() {
     let snat = plugin.with_runtime(json!({"portMappings": [
         {"hostPort": 62000, "containerPort": 80, "protocol": "tcp"}
     ]}));
-    let e = add(&snat).err(999);
-    assert!(
-        e["details"].as_str().unwrap_or_default().contains("62000"),
-        "{e:#}"
-    );
+    add(&snat).err_saying(999, "62000");
 
     // None of it left anything behind.
     assert!(agent.containers().is_empty());
@@ -563,16 +537,13 @@ fn bad_configurations_get_the_specifications_error_codes() {
 #[test]
 fn add_refuses_an_interface_name_the_container_already_has() {
     let node = Node::new();
-    let agent = Agent::start(&node);
-    let plugin = Plugin::new(&agent, "dpnet", "1.1.0");
+    let (agent, plugin) = agent_and_plugin(&node);
     let ctr = node.add_container_netns("taken");
     ctr.exec_ok("ip", ["link", "add", "eth0", "type", "bridge"]);
     let id = container_id("taken");
-    let e = plugin.exec("ADD", &id, Some(&ctr), &plugin.conf).err(999);
-    assert!(
-        e["details"].as_str().unwrap_or_default().contains("eth0"),
-        "{e:#}"
-    );
+    plugin
+        .exec("ADD", &id, Some(&ctr), &plugin.conf)
+        .err_saying(999, "eth0");
     assert!(agent.containers().is_empty());
     let eth0 = ctr.exec_ok("ip", ["-d", "-o", "link", "show", "dev", "eth0"]);
     assert!(
@@ -593,8 +564,7 @@ fn an_agent_that_is_down_means_try_again_later() {
     let node = Node::new();
     let mut agent = Agent::start(&node);
     let plugin = Plugin::new(&agent, "dpnet", "1.1.0");
-    let ctr = node.add_container_netns("down");
-    let id = container_id("down");
+    let (ctr, id) = attachment(&node, "down");
     plugin.exec("STATUS", &id, None, &plugin.conf).ok();
     assert!(
         agent.stop(),
@@ -619,8 +589,7 @@ fn an_agent_that_is_down_means_try_again_later() {
 #[test]
 fn gc_removes_only_this_networks_stale_attachments() {
     let node = Node::new();
-    let agent = Agent::start(&node);
-    let plugin = Plugin::new(&agent, "dpnet", "1.1.0");
+    let (agent, plugin) = agent_and_plugin(&node);
     let other = Plugin::new(&agent, "othernet", "1.1.0");
     let (a, b, c) = (
         node.add_container_netns("gca"),
@@ -674,8 +643,7 @@ fn gc_removes_only_this_networks_stale_attachments() {
 #[test]
 fn a_replaced_container_gets_the_udp_flow_of_a_client_that_kept_sending() {
     let node = Node::new();
-    let agent = Agent::start(&node);
-    let plugin = Plugin::new(&agent, "dpnet", "1.1.0");
+    let (agent, plugin) = agent_and_plugin(&node);
     let conf = plugin.with_runtime(json!({"portMappings": [
         {"hostPort": 5353, "containerPort": 53, "protocol": "udp"}
     ]}));
@@ -734,8 +702,7 @@ fn a_replaced_container_gets_the_udp_flow_of_a_client_that_kept_sending() {
 fn bandwidth_limits_reach_the_agent_hold_the_traffic_and_go_with_del() {
     let _lock = TrafficLock::acquire();
     let node = Node::new();
-    let agent = Agent::start(&node);
-    let plugin = Plugin::new(&agent, "dpnet", "1.1.0");
+    let (agent, plugin) = agent_and_plugin(&node);
     let ctr = node.add_container_netns("bw");
     let cgroup = Cgroup::new();
     let root = sys::cgroup2_root().expect("a cgroup2 hierarchy");
@@ -778,29 +745,12 @@ fn bandwidth_limits_reach_the_agent_hold_the_traffic_and_go_with_del() {
     );
 
     // The limits hold the container's traffic, both ways.
-    let out = {
-        let _server = Iperf3Server::start(&node.client, None, node.client_addr(), 5201)
-            .expect("iperf3 server in the client");
-        iperf3(
-            &ctr,
-            Some(&cgroup),
-            node.client_port(5201),
-            &Iperf3Options::measured(),
-        )
-        .unwrap_or_else(|e| panic!("{e}"))
-    };
+    let opts = Iperf3Options::measured();
+    let out = send_from(&node, &ctr, Some(&cgroup), &opts).unwrap_or_else(|e| panic!("{e}"));
     assert_report("egress at the CNI's 4 Mbit/s", &out, 4e6, EGRESS_BAND);
-    let inbound = {
-        let _server = Iperf3Server::start(&ctr, Some(&cgroup), Ipv4Addr::UNSPECIFIED, 5201)
-            .expect("iperf3 server in the container");
-        iperf3(
-            &node.client,
-            None,
-            node.node_port(18080),
-            &Iperf3Options::measured(),
-        )
-        .unwrap_or_else(|e| panic!("{e}"))
-    };
+    let target = (Ipv4Addr::UNSPECIFIED, node.node_port(18080));
+    let inbound =
+        receive_in(&node, &ctr, Some(&cgroup), target, &opts).unwrap_or_else(|e| panic!("{e}"));
     assert_report("ingress at the CNI's 8 Mbit/s", &inbound, 8e6, INGRESS_BAND);
 
     plugin

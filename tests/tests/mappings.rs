@@ -2,7 +2,6 @@
 //! container traffic, and flows that outlive a mapping change.
 
 use datapath_tests::{
-    agent::Agent,
     fixture::Deployment,
     node::Node,
     traffic::{RrFlow, Server, assert_refused, line_exchange},
@@ -77,12 +76,14 @@ fn an_established_flow_keeps_its_container_when_the_mapping_moves_to_another() {
 #[test]
 fn containers_reach_each_other_and_their_gateway() {
     let node = Node::new();
-    let a = node.add_container_netns("a");
+    let Deployment {
+        agent,
+        ctr: a,
+        info,
+    } = Deployment::start(&node, "a", &[]);
     let b = node.add_container_netns("b");
-    let agent = Agent::start(&node);
-    let info_a = agent.add("a", &a, &[]);
     let info_b = agent.add("b", &b, &[]);
-    let gateway: std::net::Ipv4Addr = info_a.json["gateway"]
+    let gateway: std::net::Ipv4Addr = info.json["gateway"]
         .as_str()
         .and_then(|s| s.parse().ok())
         .expect("gateway");

@@ -27,6 +27,23 @@ use serde_json::Value;
 /// The default masquerade port range.
 const SNAT_PORTS: std::ops::RangeInclusive<u16> = 61000..=65535;
 
+/// The node's agent, started with `agent_args`, with container `app`.
+fn app<'n>(node: &'n Node, agent_args: &[&str]) -> Deployment<'n> {
+    Deployment::start_with(
+        Agent::builder(node).args(agent_args.iter().copied()),
+        "app",
+        &[],
+    )
+}
+
+/// The node's agent with containers `a` and `b`.
+fn a_and_b(node: &Node) -> (Agent<'_>, Netns, Netns) {
+    let Deployment { agent, ctr: a, .. } = Deployment::start(node, "a", &[]);
+    let b = node.add_container_netns("b");
+    agent.add("b", &b, &[]);
+    (agent, a, b)
+}
+
 /// The masqueraded flow whose original source port is `sport` and
 /// destination port `dport`, if listed.
 fn snat_flow(flows: &[Value], proto: &str, sport: u16, dport: u16) -> Option<Value> {
@@ -44,7 +61,7 @@ fn snat_flow(flows: &[Value], proto: &str, sport: u16, dport: u16) -> Option<Val
 #[test]
 fn container_tcp_to_the_client_comes_from_the_node_address_and_a_masquerade_port() {
     let node = Node::new();
-    let Deployment { ctr, agent, .. } = Deployment::start(&node, "app", &[]);
+    let Deployment { ctr, agent, .. } = app(&node, &[]);
     let outside = Server::http(&node.client, 8000, "outside");
     let body = http_get(&ctr, node.client_port(8000), "/").expect("GET from the container");
     let peers = outside.peers();
@@ -66,7 +83,7 @@ fn container_tcp_to_the_client_comes_from_the_node_address_and_a_masquerade_port
 #[test]
 fn container_udp_to_the_client_is_masqueraded_and_answered() {
     let node = Node::new();
-    let Deployment { ctr, agent, .. } = Deployment::start(&node, "app", &[]);
+    let Deployment { ctr, agent, .. } = app(&node, &[]);
     let echo = Server::udp_echo(&node.client, 5300, "echo");
     let answer = udp_request_from(&ctr, 40000, node.client_port(5300), b"ping?")
         .unwrap_or_else(|e| panic!("UDP from the container: {e}\n{}", agent.log()));
@@ -82,7 +99,7 @@ fn container_udp_to_the_client_is_masqueraded_and_answered() {
 #[test]
 fn a_container_pings_the_client_through_the_masquerade() {
     let node = Node::new();
-    let Deployment { ctr, agent, .. } = Deployment::start(&node, "app", &[]);
+    let Deployment { ctr, agent, .. } = app(&node, &[]);
     assert!(
         ctr.ping(node.client_addr()),
         "no echo reply\n{}",
@@ -100,11 +117,7 @@ fn a_container_pings_the_client_through_the_masquerade() {
 #[test]
 fn two_containers_pinging_at_once_each_get_their_own_replies() {
     let node = Node::new();
-    let a = node.add_container_netns("a");
-    let b = node.add_container_netns("b");
-    let agent = Agent::start(&node);
-    agent.add("a", &a, &[]);
-    agent.add("b", &b, &[]);
+    let (agent, a, b) = a_and_b(&node);
     let target = node.client_addr().to_string();
     let pings: Vec<_> = [&a, &b]
         .into_iter()
@@ -148,11 +161,7 @@ fn two_containers_pinging_at_once_each_get_their_own_replies() {
 #[test]
 fn two_containers_with_the_same_source_port_to_the_same_destination_both_work() {
     let node = Node::new();
-    let a = node.add_container_netns("a");
-    let b = node.add_container_netns("b");
-    let agent = Agent::start(&node);
-    agent.add("a", &a, &[]);
-    agent.add("b", &b, &[]);
+    let (agent, a, b) = a_and_b(&node);
     let udp = Server::udp_echo(&node.client, 5300, "echo");
     let tcp = Server::tcp_echo(&node.client, 7000, "echo");
     let dst = node.client_port(5300);
@@ -197,10 +206,9 @@ fn two_containers_with_the_same_source_port_to_the_same_destination_both_work() 
 #[test]
 fn a_closed_tcp_flow_leaves_conntrack_within_seconds_an_open_one_stays() {
     let node = Node::new();
-    let Deployment { ctr, agent, .. } = Deployment::start_with(
-        Agent::builder(&node).args(["--ct-gc-interval", "1s", "--ct-timeout-tcp-close", "2s"]),
-        "app",
-        &[],
+    let Deployment { ctr, agent, .. } = app(
+        &node,
+        &["--ct-gc-interval", "1s", "--ct-timeout-tcp-close", "2s"],
     );
     let _web = Server::http(&node.client, 8000, "outside");
     let _echo = Server::tcp_echo(&node.client, 7000, "echo");
@@ -239,11 +247,8 @@ fn a_closed_tcp_flow_leaves_conntrack_within_seconds_an_open_one_stays() {
 #[test]
 fn idle_udp_flows_expire_unreplied_ones_sooner_and_their_ports_are_freed() {
     let node = Node::new();
-    let Deployment { ctr, agent, .. } = Deployment::start_with(
-        Agent::builder(&node).args(["--ct-gc-interval", "1s", "--ct-timeout-udp", "4s"]),
-        "app",
-        &[],
-    );
+    let Deployment { ctr, agent, .. } =
+        app(&node, &["--ct-gc-interval", "1s", "--ct-timeout-udp", "4s"]);
     let _echo = Server::udp_echo(&node.client, 5300, "echo");
     let sink = Server::udp_sink(&node.client, 5301, "sink");
     udp_request_from(&ctr, 41000, node.client_port(5300), b"q").expect("replied flow");
@@ -291,17 +296,16 @@ fn idle_udp_flows_expire_unreplied_ones_sooner_and_their_ports_are_freed() {
 #[test]
 fn gc_frees_the_only_masquerade_port_for_a_new_flow() {
     let node = Node::new();
-    let Deployment { ctr, agent, .. } = Deployment::start_with(
-        Agent::builder(&node).args([
+    let Deployment { ctr, agent, .. } = app(
+        &node,
+        &[
             "--snat-ports",
             "61000-61000",
             "--ct-gc-interval",
             "1s",
             "--ct-timeout-udp",
             "2s",
-        ]),
-        "app",
-        &[],
+        ],
     );
     let echo = Server::udp_echo(&node.client, 5300, "echo");
     let dst = node.client_port(5300);
@@ -336,8 +340,7 @@ fn gc_frees_the_only_masquerade_port_for_a_new_flow() {
 #[test]
 fn a_full_conntrack_table_drops_new_flows_counted_and_established_ones_keep_going() {
     let node = Node::new();
-    let Deployment { ctr, agent, .. } =
-        Deployment::start_with(Agent::builder(&node).args(["--ct-max", "64"]), "app", &[]);
+    let Deployment { ctr, agent, .. } = app(&node, &["--ct-max", "64"]);
     let st = agent.cli_json(["status", "--json"]);
     assert_eq!(st["conntrack_max"], 64, "{st:#}");
     let _echo = Server::tcp_echo(&node.client, 7000, "echo");
@@ -389,7 +392,7 @@ fn a_full_conntrack_table_drops_new_flows_counted_and_established_ones_keep_goin
 #[test]
 fn udp_to_a_closed_client_port_gets_connection_refused_through_the_masquerade() {
     let node = Node::new();
-    let Deployment { ctr, agent, .. } = Deployment::start(&node, "app", &[]);
+    let Deployment { ctr, agent, .. } = app(&node, &[]);
     // Nothing listens on the client's port 5999: it answers with an ICMP
     // port unreachable to the node's masquerade port.
     let err =
@@ -407,23 +410,11 @@ fn udp_to_a_closed_client_port_gets_connection_refused_through_the_masquerade() 
 /// routes between the node (198.18.0.0/24) and `far` (198.18.1.2/24).
 fn far_behind_a_small_mtu_hop(node: &Node) -> Netns {
     let far = node.add_container_netns("far");
-    node.client.exec_ok(
-        "ip",
-        [
-            "link",
-            "add",
-            "tofar",
-            "mtu",
-            "1280",
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            far.name(),
-        ],
-    );
+    node.client
+        .add_veth("tofar", "eth0", &far)
+        .unwrap_or_else(|e| panic!("{e}"));
+    node.client
+        .exec_ok("ip", ["link", "set", "tofar", "mtu", "1280"]);
     node.client
         .exec_ok("ip", ["addr", "add", "198.18.1.1/24", "dev", "tofar"]);
     node.client.exec_ok("ip", ["link", "set", "tofar", "up"]);
@@ -450,7 +441,7 @@ fn far_behind_a_small_mtu_hop(node: &Node) -> Netns {
 fn frag_needed_from_a_smaller_mtu_hop_reaches_the_container() {
     let node = Node::new();
     let far = far_behind_a_small_mtu_hop(&node);
-    let Deployment { ctr, agent, .. } = Deployment::start(&node, "app", &[]);
+    let Deployment { ctr, agent, .. } = app(&node, &[]);
     let sink = Server::udp_sink(&far, 5400, "far");
     let dst = SocketAddr::from((Ipv4Addr::new(198, 18, 1, 2), 5400));
     // Small datagrams pass the hop.
@@ -600,7 +591,7 @@ fn time_exceeded_from_a_router_beyond_the_node_reaches_the_container() {
     // exceeded (to the node's masquerade port) must reach the container.
     let node = Node::new();
     let _far = far_behind_a_small_mtu_hop(&node);
-    let Deployment { ctr, agent, .. } = Deployment::start(&node, "app", &[]);
+    let Deployment { ctr, agent, .. } = app(&node, &[]);
     let dst = SocketAddr::from((Ipv4Addr::new(198, 18, 1, 2), 33434));
     let report = ttl_probe(&ctr, dst, 2).expect("probe");
     assert_eq!(
@@ -622,7 +613,7 @@ fn time_exceeded_from_the_gateway_reaches_the_container() {
     // expires on it with time exceeded from its own address; the node is
     // the containers' router and its address to them is the gateway.
     let node = Node::new();
-    let Deployment { ctr, agent, .. } = Deployment::start(&node, "app", &[]);
+    let Deployment { ctr, agent, .. } = app(&node, &[]);
     let gateway: Ipv4Addr = agent.cli_json(["status", "--json"])["gateway"]
         .as_str()
         .and_then(|g| g.parse().ok())

@@ -4,7 +4,7 @@
 //! side of masqueraded flows' replies.
 
 use datapath_common::{
-    CtKey, Stat, ct_action,
+    Stat, ct_action,
     programs::{CONTAINER_TC, UPLINK_TC, UPLINK_XDP},
     proto,
 };
@@ -62,14 +62,7 @@ fn reply_of_a_dnat_flow_gets_the_published_source_back() {
             l4 + field::TCP_CSUM..l4 + field::TCP_CSUM + 2,
         ],
     );
-    let reply_key = CtKey {
-        saddr: CTR,
-        daddr: CLIENT,
-        sport: 80,
-        dport: 40000,
-        proto: proto::TCP,
-        _pad: [0; 3],
-    };
+    let reply_key = testbed::ct_key("198.19.0.5:80", "198.18.0.1:40000", proto::TCP);
     let e = p.conntrack_get(&reply_key).expect("reply entry");
     assert_eq!(e.action, ct_action::REV_DNAT);
     assert_eq!(e.packets, 1);
@@ -92,14 +85,7 @@ fn container_egress_is_masqueraded_and_the_reply_finds_its_way_back() {
     assert!((61000..=65535).contains(&sport), "masquerade port {sport}");
     assert_eq!(p.stat(Stat::SnatNew), 1);
 
-    let orig_key = CtKey {
-        saddr: CTR,
-        daddr: CLIENT,
-        sport: 5555,
-        dport: 53,
-        proto: proto::UDP,
-        _pad: [0; 3],
-    };
+    let orig_key = testbed::ct_key("198.19.0.5:5555", "198.18.0.1:53", proto::UDP);
     let e = p.conntrack_get(&orig_key).expect("SNAT entry");
     assert_eq!(
         (e.action, e.nat_addr, e.nat_port),

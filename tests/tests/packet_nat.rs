@@ -48,6 +48,24 @@ fn ip_fields(f: Frame) -> Frame {
     f.tos(0x28).ident(0x4d2).dont_fragment(true)
 }
 
+/// A UDP datagram `src` → `dst` with [`ip_fields`], TTL `ttl` and
+/// `payload`, without a checksum if `zero_checksum`.
+fn udp(
+    (src, dst): ((Ipv4Addr, u16), (Ipv4Addr, u16)),
+    ttl: u8,
+    payload: &[u8],
+    zero_checksum: bool,
+) -> Frame {
+    let f = ip_fields(Frame::udp(src, dst))
+        .ttl(ttl)
+        .payload(payload.to_vec());
+    if zero_checksum {
+        f.udp_zero_checksum()
+    } else {
+        f
+    }
+}
+
 /// What a translation may change besides MACs.
 #[derive(Clone, Copy)]
 enum L4 {
@@ -170,9 +188,12 @@ fn dnat_of_a_tcp_data_segment_rewrites_exactly_the_destination_ttl_and_checksums
 #[test]
 fn dnat_of_udp_rewrites_exactly_the_destination_ttl_and_checksums() {
     let dgram = |dst: (Ipv4Addr, u16), ttl: u8| {
-        ip_fields(Frame::udp((ip(CLIENT), 4000), dst))
-            .ttl(ttl)
-            .payload(&b"\x12\x34 query for example.org"[..])
+        udp(
+            ((ip(CLIENT), 4000), dst),
+            ttl,
+            b"\x12\x34 query for example.org",
+            false,
+        )
     };
     let input = dgram((ip(NODE), 5353), 64).build();
     dnat_both_hooks(&[], &input, &dgram((A.ip(), 53), 63), L4::Udp);
@@ -180,12 +201,8 @@ fn dnat_of_udp_rewrites_exactly_the_destination_ttl_and_checksums() {
 
 #[test]
 fn dnat_of_udp_without_checksum_keeps_it_zero() {
-    let dgram = |dst: (Ipv4Addr, u16), ttl: u8| {
-        ip_fields(Frame::udp((ip(CLIENT), 4000), dst))
-            .ttl(ttl)
-            .udp_zero_checksum()
-            .payload(&b"no checksum"[..])
-    };
+    let dgram =
+        |dst: (Ipv4Addr, u16), ttl: u8| udp(((ip(CLIENT), 4000), dst), ttl, b"no checksum", true);
     let input = dgram((ip(NODE), 5353), 64).build();
     assert_eq!(udp_checksum(&input), 0);
     dnat_both_hooks(&[], &input, &dgram((A.ip(), 53), 63), L4::Udp);
@@ -223,15 +240,13 @@ fn udp_dnat_flow() -> Programs {
 fn rev_dnat_udp(zero_checksum: bool) {
     let mut p = udp_dnat_flow();
     let dgram = |src: (Ipv4Addr, u16), ttl: u8| {
-        let f = ip_fields(Frame::udp(src, (ip(CLIENT), 4000)))
-            .macs(A.mac, A.host_mac)
-            .ttl(ttl)
-            .payload(&b"answer: 192.0.2.1"[..]);
-        if zero_checksum {
-            f.udp_zero_checksum()
-        } else {
-            f
-        }
+        udp(
+            (src, (ip(CLIENT), 4000)),
+            ttl,
+            b"answer: 192.0.2.1",
+            zero_checksum,
+        )
+        .macs(A.mac, A.host_mac)
     };
     let input = dgram((A.ip(), 53), 64).build();
     let r = p.container_tc(&input, A.ifindex);
@@ -300,15 +315,7 @@ fn snat_of_a_tcp_syn_rewrites_exactly_the_source_ttl_and_checksums() {
 fn snat_udp(zero_checksum: bool) {
     let mut p = default_datapath();
     let dgram = |src: (Ipv4Addr, u16), ttl: u8| {
-        let f = ip_fields(Frame::udp(src, (ip(CLIENT), 53)))
-            .macs(A.mac, A.host_mac)
-            .ttl(ttl)
-            .payload(&b"question"[..]);
-        if zero_checksum {
-            f.udp_zero_checksum()
-        } else {
-            f
-        }
+        udp((src, (ip(CLIENT), 53)), ttl, b"question", zero_checksum).macs(A.mac, A.host_mac)
     };
     let input = dgram((A.ip(), 5555), 64).build();
     let (out, port) = snat(&mut p, A, &input, L4::Udp);
@@ -402,14 +409,12 @@ fn rev_snat_udp(zero_checksum: bool) {
         .build();
     let (_, port) = snat(&mut p, A, &q, L4::Udp);
     let answer = |dst: (Ipv4Addr, u16), ttl: u8| {
-        let f = ip_fields(Frame::udp((ip(CLIENT), 53), dst))
-            .ttl(ttl)
-            .payload(&b"the answer is 42"[..]);
-        if zero_checksum {
-            f.udp_zero_checksum()
-        } else {
-            f
-        }
+        udp(
+            ((ip(CLIENT), 53), dst),
+            ttl,
+            b"the answer is 42",
+            zero_checksum,
+        )
     };
     let input = answer((ip(NODE), port), 64).build();
     rev_snat_both_hooks(&mut p, A, &input, &answer((A.ip(), 5555), 63), L4::Udp);

@@ -92,6 +92,15 @@ fn programs() -> Programs {
     p
 }
 
+/// Programs at [`T0`] with the test process's `dir` bucket limited to
+/// [`RATE`] and [`BURST`]; its key.
+fn limited(dir: u32) -> (Programs, RateKey) {
+    let mut p = programs();
+    let key = RateKey::new(own_cgroup_id(), dir);
+    set_limit(&mut p, key, RATE, BURST);
+    (p, key)
+}
+
 /// The verdicts of `n` runs of `program` on `frame`.
 fn run_many(p: &mut Programs, program: &str, frame: &[u8], n: usize) -> Vec<i32> {
     (0..n)
@@ -140,9 +149,7 @@ const BURST: u64 = 1_514;
 
 #[test]
 fn egress_over_a_tiny_bucket_is_dropped_with_congestion_notification() {
-    let mut p = programs();
-    let key = RateKey::new(own_cgroup_id(), direction::EGRESS);
-    set_limit(&mut p, key, RATE, BURST);
+    let (mut p, key) = limited(direction::EGRESS);
     let verdicts = run_many(&mut p, RATE_EGRESS, &segment(), 17);
     let mut expected = vec![cgroup_verdict::PASS; 8];
     expected.extend([cgroup_verdict::PASS_CN; 8]);
@@ -168,9 +175,7 @@ fn egress_over_a_tiny_bucket_is_dropped_with_congestion_notification() {
 
 #[test]
 fn ingress_over_a_tiny_bucket_is_dropped_and_ecn_capable_packets_are_marked_ce() {
-    let mut p = programs();
-    let key = RateKey::new(own_cgroup_id(), direction::INGRESS);
-    set_limit(&mut p, key, RATE, BURST);
+    let (mut p, key) = limited(direction::INGRESS);
     // ECT(0): the marking band sets Congestion Experienced.
     let ect = Frame::tcp("198.18.0.1:80", "198.19.0.5:40000")
         .payload(vec![0x5a; 60])
@@ -202,9 +207,7 @@ fn ingress_over_a_tiny_bucket_is_dropped_and_ecn_capable_packets_are_marked_ce()
 
 #[test]
 fn ingress_packets_that_cannot_carry_ecn_pass_unmarked_in_the_marking_band() {
-    let mut p = programs();
-    let key = RateKey::new(own_cgroup_id(), direction::INGRESS);
-    set_limit(&mut p, key, RATE, BURST);
+    let (mut p, key) = limited(direction::INGRESS);
     let frame = segment();
     for _ in 0..16 {
         let r = p.run_cgroup_skb(RATE_INGRESS, &frame);
@@ -217,9 +220,7 @@ fn ingress_packets_that_cannot_carry_ecn_pass_unmarked_in_the_marking_band() {
 
 #[test]
 fn a_locked_in_place_update_applies_to_the_next_packet_and_keeps_the_counters() {
-    let mut p = programs();
-    let key = RateKey::new(own_cgroup_id(), direction::EGRESS);
-    set_limit(&mut p, key, RATE, BURST);
+    let (mut p, key) = limited(direction::EGRESS);
     let frame = segment();
     let verdicts = run_many(&mut p, RATE_EGRESS, &frame, 17);
     assert_eq!(verdicts.last(), Some(&cgroup_verdict::DROP_CN));
@@ -248,9 +249,7 @@ fn a_locked_in_place_update_applies_to_the_next_packet_and_keeps_the_counters() 
 
 #[test]
 fn a_deleted_limit_stops_charging_at_once() {
-    let mut p = programs();
-    let key = RateKey::new(own_cgroup_id(), direction::EGRESS);
-    set_limit(&mut p, key, RATE, BURST);
+    let (mut p, key) = limited(direction::EGRESS);
     let frame = segment();
     run_many(&mut p, RATE_EGRESS, &frame, 17);
     limits(&mut p).remove(&key).expect("remove the limit");
@@ -263,9 +262,7 @@ fn a_deleted_limit_stops_charging_at_once() {
 
 #[test]
 fn the_bucket_refills_at_the_configured_rate_as_time_passes() {
-    let mut p = programs();
-    let key = RateKey::new(own_cgroup_id(), direction::EGRESS);
-    set_limit(&mut p, key, RATE, BURST);
+    let (mut p, key) = limited(direction::EGRESS);
     let frame = segment();
     // Empty the bucket at T0: 16 admitted (1600 ms of backlog), then over.
     assert_eq!(

@@ -1,9 +1,7 @@
 //! The uplink programs (`uplink_tc`, `uplink_xdp`) under BPF_PROG_TEST_RUN:
 //! DNAT of a published port, and leaving everything else alone.
 
-use datapath_common::{
-    CT_F_ORIGINAL, CT_F_SEEN, CtKey, Stat, ct_action, proto, tcp_flags as ct_tcp,
-};
+use datapath_common::{CT_F_ORIGINAL, CT_F_SEEN, Stat, ct_action, proto, tcp_flags as ct_tcp};
 use datapath_tests::{
     frame::{Frame, tcp_flags},
     packet::{ParsedFrame, assert_only_changed, field, verify_checksums},
@@ -61,22 +59,8 @@ fn assert_dnat(p: &mut Programs, input: &[u8], output: &[u8], macs_rewritten: bo
     }
     assert_only_changed(input, output, &allowed);
 
-    let orig_key = CtKey {
-        saddr: CLIENT,
-        daddr: NODE,
-        sport: 40000,
-        dport: 8080,
-        proto: proto::TCP,
-        _pad: [0; 3],
-    };
-    let reply_key = CtKey {
-        saddr: BACKEND,
-        daddr: CLIENT,
-        sport: 80,
-        dport: 40000,
-        proto: proto::TCP,
-        _pad: [0; 3],
-    };
+    let orig_key = testbed::ct_key("198.18.0.1:40000", "198.18.0.2:8080", proto::TCP);
+    let reply_key = testbed::ct_key("198.19.0.5:80", "198.18.0.1:40000", proto::TCP);
     let ct = p.conntrack();
     assert_eq!(ct.len(), 2, "two conntrack entries: {ct:#?}");
     let orig = p.conntrack_get(&orig_key).expect("DNAT entry");

@@ -441,18 +441,10 @@ fn container_add_and_del_are_idempotent() {
     let ctr = node.add_container_netns("c");
     let other = node.add_container_netns("o");
     let agent = Agent::start(&node);
-    let spec = [
-        "container",
-        "add",
-        "web",
-        "--netns",
-        ctr.name(),
-        "-p",
-        "8080:80",
-    ];
-    let first = agent.cli_ok(spec);
+    let spec = format!("container add web --netns {} -p 8080:80", ctr.name());
+    let first = agent.cli_ok(spec.split(' '));
     let snap = snapshot(&agent);
-    let second = agent.cli_ok(spec);
+    let second = agent.cli_ok(spec.split(' '));
     assert_eq!(first, second, "a repeated add answers the same");
     assert_eq!(snapshot(&agent), snap, "a repeated add changes nothing");
     assert_eq!(inspect::links(&ctr), ["eth0", "lo"]);

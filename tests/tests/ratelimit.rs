@@ -9,14 +9,7 @@
 //! compares with the limited rate it measured itself, never with a fixed
 //! throughput. Every test that measures takes the traffic lock.
 
-use std::{
-    ffi::CString,
-    net::Ipv4Addr,
-    os::unix::{ffi::OsStrExt, process::CommandExt},
-    path::{Path, PathBuf},
-    process::Command,
-    time::Duration,
-};
+use std::{net::Ipv4Addr, process::Command, time::Duration};
 
 use datapath_tests::{
     agent::Agent,
@@ -27,7 +20,8 @@ use datapath_tests::{
     node::Node,
     ratebench::{
         EGRESS_BAND, Goodput, INGRESS_BAND, Iperf3Client, Iperf3Options, Iperf3Report,
-        Iperf3Server, assert_rate, assert_report, iperf3, mbit, receiver_goodput, tcp_received,
+        Iperf3Server, assert_rate, assert_report, iperf3, mbit, receive_in, receiver_goodput,
+        send_from, tcp_received,
     },
     sys, wait,
 };
@@ -80,52 +74,6 @@ fn rate_pins(agent: &Agent<'_>) -> Vec<String> {
 
 fn cg_arg(cg: &Cgroup) -> String {
     cg.path().to_string_lossy().into_owned()
-}
-
-/// A cgroup below another one, removed on drop.
-struct ChildCgroup {
-    path: PathBuf,
-}
-
-impl ChildCgroup {
-    fn new(parent: &Path, name: &str) -> Self {
-        let path = parent.join(name);
-        std::fs::create_dir(&path).unwrap_or_else(|e| panic!("mkdir {}: {e}", path.display()));
-        Self { path }
-    }
-
-    /// Makes `cmd` join this cgroup between fork and exec.
-    fn enter<'c>(&self, cmd: &'c mut Command) -> &'c mut Command {
-        let procs = CString::new(self.path.join("cgroup.procs").as_os_str().as_bytes())
-            .expect("no NUL byte");
-        // SAFETY: only async-signal-safe calls on memory prepared before
-        // the fork.
-        unsafe {
-            cmd.pre_exec(move || {
-                let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
-                if fd < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                let n = libc::write(fd, b"0".as_ptr().cast(), 1);
-                let err = std::io::Error::last_os_error();
-                libc::close(fd);
-                if n != 1 {
-                    return Err(err);
-                }
-                Ok(())
-            })
-        }
-    }
-}
-
-impl Drop for ChildCgroup {
-    fn drop(&mut self) {
-        let _ = std::fs::write(self.path.join("cgroup.kill"), "1");
-        wait::within(Duration::from_secs(2), || {
-            !matches!(std::fs::remove_dir(&self.path),
-                Err(e) if e.kind() != std::io::ErrorKind::NotFound)
-        });
-    }
 }
 
 #[test]
@@ -232,7 +180,7 @@ fn the_cgroup2_root_is_refused_however_it_is_named() {
         .start();
     let ctr = node.add_container_netns("web");
     // A cgroup below the stand-in is one below the root in the agent's view.
-    let _below = ChildCgroup::new(stand_in.path(), "below");
+    let _below = stand_in.child("below");
     let root = sys::cgroup2_root().expect("cgroup2 is mounted");
     let root = root.to_str().expect("a UTF-8 path");
     let spellings = [
@@ -424,21 +372,15 @@ impl<'n> Limited<'n> {
 
     /// iperf3 from the container's cgroup to a server in the client.
     fn send(&self, opts: &Iperf3Options) -> Iperf3Report {
-        let node = self.node();
-        let _server =
-            Iperf3Server::start(&node.client, None, node.client_addr(), PORT).expect("server");
-        iperf3(&self.web.ctr, Some(&self.cg), node.client_port(PORT), opts)
+        send_from(self.node(), &self.web.ctr, Some(&self.cg), opts)
             .unwrap_or_else(|e| panic!("{e}"))
     }
 
     /// iperf3 from the client to a server in the container's cgroup,
     /// through the node's port `published`.
     fn receive(&self, published: u16, opts: &Iperf3Options) -> Iperf3Report {
-        let node = self.node();
-        let _server =
-            Iperf3Server::start(&self.web.ctr, Some(&self.cg), Ipv4Addr::UNSPECIFIED, PORT)
-                .expect("server in the container");
-        iperf3(&node.client, None, node.node_port(published), opts)
+        let target = (Ipv4Addr::UNSPECIFIED, self.node().node_port(published));
+        receive_in(self.node(), &self.web.ctr, Some(&self.cg), target, opts)
             .unwrap_or_else(|e| panic!("{e}"))
     }
 
@@ -555,7 +497,7 @@ fn nested_cgroups_count_against_the_containers_limit() {
     let _lock = TrafficLock::acquire();
     let node = Node::new();
     let web = Limited::new(&node, &["--egress-rate", "20mbit"]);
-    let inner = ChildCgroup::new(web.cg.path(), "inner");
+    let inner = web.cg.child("inner");
     let _server =
         Iperf3Server::start(&node.client, None, node.client_addr(), PORT).expect("server");
     let o = Iperf3Options::measured();

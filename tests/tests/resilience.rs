@@ -82,12 +82,19 @@ fn assert_answers(ns: &Netns, addr: SocketAddr, server: &str, line: &str) {
 
 // ---- restarts ----------------------------------------------------------------------
 
+/// A node's agent with container `web` publishing 8080:80, a line server
+/// `web` on its port 80 and one `outside` on the client's port 9000.
+fn web_and_outside(node: &Node) -> (Deployment<'_>, Server, Server) {
+    let web = Deployment::start(node, "web", &["-p", "8080:80"]);
+    let inside = Server::line_echo(&web.ctr, 80, "web");
+    let outside = Server::line_echo(&node.client, 9000, "outside");
+    (web, inside, outside)
+}
+
 #[test]
 fn established_flows_through_a_published_port_and_the_masquerade_survive_a_killed_agent() {
     let node = Node::new();
-    let mut web = Deployment::start(&node, "web", &["-p", "8080:80"]);
-    let _inside = Server::line_echo(&web.ctr, 80, "web");
-    let _outside = Server::line_echo(&node.client, 9000, "outside");
+    let (mut web, _inside, _outside) = web_and_outside(&node);
     let inbound = RrFlow::start(&node.client, node.node_port(8080), "web");
     let outbound = RrFlow::start(&web.ctr, node.client_port(9000), "outside");
     inbound.wait_more("inbound before the kill", 5);
@@ -118,9 +125,7 @@ fn established_flows_through_a_published_port_and_the_masquerade_survive_a_kille
 #[test]
 fn new_connections_are_forwarded_while_the_agent_is_down_and_after_its_restart() {
     let node = Node::new();
-    let mut web = Deployment::start(&node, "web", &["-p", "8080:80"]);
-    let inside = Server::line_echo(&web.ctr, 80, "web");
-    let _outside = Server::line_echo(&node.client, 9000, "outside");
+    let (mut web, inside, _outside) = web_and_outside(&node);
     let (published, outside) = (node.node_port(8080), node.client_port(9000));
     assert_answers(&node.client, published, "web", "up");
 
@@ -347,6 +352,32 @@ fn a_container_whose_netns_is_gone_is_removed_on_the_next_start() {
     assert!(endpoints(&agent).is_empty());
 }
 
+/// Writes `bytes` as the agent's state file and asserts that the agent
+/// refuses to start on it (`what` it is) with an error, not a panic, whose
+/// message names the file and says `says`, and that it leaves the file as
+/// it was for the operator.
+#[track_caller]
+fn assert_state_refused(agent: &mut Agent, what: &str, bytes: &[u8], says: &str) {
+    let path = agent.state_dir().join("state.json");
+    std::fs::write(&path, bytes).expect("write the state");
+    let err = agent
+        .try_restart()
+        .expect_err("the agent refuses a state file it cannot trust");
+    assert!(
+        err.contains(&path.display().to_string()) && err.contains(says),
+        "{what}: the message names the file and says {says:?}: {err}"
+    );
+    assert!(
+        !err.contains("panicked"),
+        "{what}: an error, not a panic: {err}"
+    );
+    assert_eq!(
+        std::fs::read(&path).expect("still there"),
+        bytes,
+        "{what}: the file is left for the operator"
+    );
+}
+
 #[test]
 fn a_corrupt_state_file_stops_the_agent_with_a_message_naming_it() {
     let node = Node::new();
@@ -355,28 +386,11 @@ fn a_corrupt_state_file_stops_the_agent_with_a_message_naming_it() {
     let path = web.agent.state_dir().join("state.json");
     let whole = std::fs::read(&path).expect("state file");
     for (what, bytes) in [
-        ("truncated", whole[..whole.len() / 2].to_vec()),
-        ("not JSON", b"\x00\x01garbage".to_vec()),
-        ("empty", Vec::new()),
+        ("truncated", &whole[..whole.len() / 2]),
+        ("not JSON", b"\x00\x01garbage"),
+        ("empty", b""),
     ] {
-        std::fs::write(&path, &bytes).expect("corrupt the state");
-        let err = web
-            .agent
-            .try_restart()
-            .expect_err("the agent refuses a corrupt state file");
-        assert!(
-            err.contains(&path.display().to_string()) && err.contains("corrupt"),
-            "{what}: the message names the file: {err}"
-        );
-        assert!(
-            !err.contains("panicked"),
-            "{what}: an error, not a panic: {err}"
-        );
-        assert_eq!(
-            std::fs::read(&path).expect("still there"),
-            bytes,
-            "{what}: the file is left for the operator"
-        );
+        assert_state_refused(&mut web.agent, what, bytes, "corrupt");
     }
     // Put back, the agent starts and has its container.
     std::fs::write(&path, &whole).expect("restore the state");
@@ -408,23 +422,10 @@ fn a_state_file_with_impossible_values_stops_the_agent_with_a_message_naming_it(
         }),
     ];
     for (what, edit) in edits {
-        std::fs::write(&path, &whole).expect("restore the state");
-        edit_state(&web.agent, edit);
-        let edited = std::fs::read(&path).expect("state file");
-        let err = web
-            .agent
-            .try_restart()
-            .expect_err("the agent refuses impossible state");
-        assert!(
-            err.contains(&path.display().to_string()),
-            "{what}: the message names the file: {err}"
-        );
-        assert!(!err.contains("panicked"), "{what}: {err}");
-        assert_eq!(
-            std::fs::read(&path).expect("still there"),
-            edited,
-            "{what}: left for the operator"
-        );
+        let mut v: serde_json::Value = serde_json::from_slice(&whole).expect("state is JSON");
+        edit(&mut v);
+        let edited = serde_json::to_vec_pretty(&v).expect("JSON");
+        assert_state_refused(&mut web.agent, what, &edited, "");
     }
     std::fs::write(&path, &whole).expect("restore the state");
     web.agent.restart();
@@ -1245,21 +1246,10 @@ fn concurrent_adds_of_one_container_create_it_once() {
     let node = Node::new();
     let ctr = node.add_container_netns("web");
     let agent = Agent::start(&node);
+    let add_web = format!("container add web --netns {} -p 8080:80", ctr.name());
     let outputs: Vec<_> = std::thread::scope(|s| {
         let workers: Vec<_> = (0..8)
-            .map(|_| {
-                s.spawn(|| {
-                    agent.cli([
-                        "container",
-                        "add",
-                        "web",
-                        "--netns",
-                        ctr.name(),
-                        "-p",
-                        "8080:80",
-                    ])
-                })
-            })
+            .map(|_| s.spawn(|| agent.cli(add_web.split(' '))))
             .collect();
         workers
             .into_iter()
