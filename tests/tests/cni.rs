@@ -700,7 +700,6 @@ fn a_replaced_container_gets_the_udp_flow_of_a_client_that_kept_sending() {
 
 #[test]
 fn bandwidth_limits_reach_the_agent_hold_the_traffic_and_go_with_del() {
-    let _lock = TrafficLock::acquire();
     let node = Node::new();
     let (agent, plugin) = agent_and_plugin(&node);
     let ctr = node.add_container_netns("bw");
@@ -744,6 +743,8 @@ fn bandwidth_limits_reach_the_agent_hold_the_traffic_and_go_with_del() {
         "the agent reports another cgroup than {relative}: {info:#}"
     );
 
+    // Set up before, measured under, the traffic lock.
+    let _lock = TrafficLock::acquire();
     // The limits hold the container's traffic, both ways.
     let opts = Iperf3Options::measured();
     let out = send_from(&node, &ctr, Some(&cgroup), &opts).unwrap_or_else(|e| panic!("{e}"));

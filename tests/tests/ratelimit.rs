@@ -391,12 +391,13 @@ impl<'n> Limited<'n> {
 
 #[test]
 fn egress_is_held_near_the_limit_and_an_unlimited_neighbour_is_not() {
-    let _lock = TrafficLock::acquire();
     let node = Node::new();
     let web = Limited::new(&node, &["--egress-rate", "10mbit"]);
     let nb = node.add_container_netns("nb");
     let nb_cg = Cgroup::new();
     web.agent().add("nb", &nb, &["--cgroup", &cg_arg(&nb_cg)]);
+    // Set up before, measured under, the traffic lock.
+    let _lock = TrafficLock::acquire();
     let _s1 = Iperf3Server::start(&node.client, None, node.client_addr(), PORT).expect("server");
     let _s2 =
         Iperf3Server::start(&node.client, None, node.client_addr(), PORT + 1).expect("server");
@@ -463,9 +464,10 @@ fn flow_started(ns: &datapath_tests::netns::Netns, port: u16) {
 
 #[test]
 fn egress_updates_apply_within_a_second_and_removal_lifts_the_limit_in_one_flow() {
-    let _lock = TrafficLock::acquire();
     let node = Node::new();
     let web = Limited::new(&node, &["--egress-rate", "10mbit"]);
+    // Set up before, measured under, the traffic lock.
+    let _lock = TrafficLock::acquire();
     let _server =
         Iperf3Server::start(&node.client, None, node.client_addr(), PORT).expect("server");
     // Longer than the phases; stopped when they are measured.
@@ -494,10 +496,11 @@ fn egress_updates_apply_within_a_second_and_removal_lifts_the_limit_in_one_flow(
 
 #[test]
 fn nested_cgroups_count_against_the_containers_limit() {
-    let _lock = TrafficLock::acquire();
     let node = Node::new();
     let web = Limited::new(&node, &["--egress-rate", "20mbit"]);
     let inner = web.cg.child("inner");
+    // Set up before, measured under, the traffic lock.
+    let _lock = TrafficLock::acquire();
     let _server =
         Iperf3Server::start(&node.client, None, node.client_addr(), PORT).expect("server");
     let o = Iperf3Options::measured();
@@ -526,12 +529,13 @@ fn nested_cgroups_count_against_the_containers_limit() {
 
 #[test]
 fn ingress_through_a_published_port_is_held_updated_and_released() {
-    let _lock = TrafficLock::acquire();
     let node = Node::new();
     let web = Limited::new(
         &node,
         &["--publish", "18080:5201", "--ingress-rate", "50mbit"],
     );
+    // Set up before, measured under, the traffic lock.
+    let _lock = TrafficLock::acquire();
     let r = web.receive(18080, &Iperf3Options::measured());
     assert_report("ingress at 50mbit", &r, 50.0 * MBIT, INGRESS_BAND);
     let n = web.counters("ingress");
@@ -556,12 +560,13 @@ fn ingress_through_a_published_port_is_held_updated_and_released() {
             and ingress at 80mbit through it runs at 0.52-0.77 of the limit (a fresh 80mbit \
             limit, 2.5 MB, holds 1.00-1.02)"]
 fn an_ingress_update_applies_within_a_second_in_one_flow() {
-    let _lock = TrafficLock::acquire();
     let node = Node::new();
     let web = Limited::new(
         &node,
         &["--publish", "18080:5201", "--ingress-rate", "20mbit"],
     );
+    // Set up before, measured under, the traffic lock.
+    let _lock = TrafficLock::acquire();
     let _server = Iperf3Server::start(&web.web.ctr, Some(&web.cg), Ipv4Addr::UNSPECIFIED, PORT)
         .expect("server in the container");
     let long = Iperf3Options {
@@ -581,7 +586,6 @@ fn an_ingress_update_applies_within_a_second_in_one_flow() {
 
 #[test]
 fn limits_survive_an_agent_restart_with_fresh_programs_attached_and_still_hold() {
-    let _lock = TrafficLock::acquire();
     let node = Node::new();
     let mut web = Limited::new(
         &node,
@@ -636,6 +640,8 @@ fn limits_survive_an_agent_restart_with_fresh_programs_attached_and_still_hold()
             "{name} attached once to the cgroup:\n{text}"
         );
     }
+    // Set up before, measured under, the traffic lock.
+    let _lock = TrafficLock::acquire();
     // And they hold the traffic to the limits, both ways.
     let out = web.send(&Iperf3Options::measured());
     assert_report("egress after the restart", &out, 10.0 * MBIT, EGRESS_BAND);

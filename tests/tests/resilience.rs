@@ -968,7 +968,6 @@ fn syn_flood(node: &Node, port: u16, count: u32) {
 
 #[test]
 fn a_syn_flood_leaves_an_established_flow_working_and_memory_bounded() {
-    let _lock = TrafficLock::acquire();
     const CT_MAX: u64 = 4096;
     let node = Node::new();
     let web = Deployment::start_with(
@@ -990,6 +989,8 @@ fn a_syn_flood_leaves_an_established_flow_working_and_memory_bounded() {
     let pid = web.agent.pid().expect("running");
     let rss_before = rss_kib(pid);
 
+    // The flood runs under the traffic lock.
+    let _lock = TrafficLock::acquire();
     syn_flood(&node, 8080, 20_000);
     flow.wait_more("right after the flood", 10);
 
@@ -1040,7 +1041,6 @@ fn the_half_open_flows_of_a_spoofed_syn_flood_expire_like_unanswered_ones() {
     // A spoofed SYN is answered by the container, but its source never
     // completes the handshake: its flow must expire on the short SYN
     // timeout, not live on as an established one and keep the table full.
-    let _lock = TrafficLock::acquire();
     let node = Node::new();
     let web = Deployment::start_with(
         Agent::builder(&node).args(["--ct-timeout-tcp-syn", "2s", "--ct-gc-interval", "1s"]),
@@ -1050,6 +1050,8 @@ fn the_half_open_flows_of_a_spoofed_syn_flood_expire_like_unanswered_ones() {
     let _server = Server::line_echo(&web.ctr, 80, "web");
     let flow = RrFlow::start(&node.client, node.node_port(8080), "web");
     flow.wait_more("before the flood", 3);
+    // The flood runs under the traffic lock.
+    let _lock = TrafficLock::acquire();
     syn_flood(&node, 8080, 2000);
     let after_flood = flow_count(&web.agent);
     assert!(after_flood > 100, "the flood made {after_flood} flows");
