@@ -750,8 +750,14 @@ fn bandwidth_limits_reach_the_agent_hold_the_traffic_and_go_with_del() {
     let out = send_from(&node, &ctr, Some(&cgroup), &opts).unwrap_or_else(|e| panic!("{e}"));
     assert_report("egress at the CNI's 4 Mbit/s", &out, 4e6, EGRESS_BAND);
     let target = (Ipv4Addr::UNSPECIFIED, node.node_port(18080));
-    let inbound =
-        receive_in(&node, &ctr, Some(&cgroup), target, &opts).unwrap_or_else(|e| panic!("{e}"));
+    let inbound = receive_in(
+        &node,
+        &ctr,
+        Some(&cgroup),
+        target,
+        &Iperf3Options::measured_ingress(),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
     assert_report("ingress at the CNI's 8 Mbit/s", &inbound, 8e6, INGRESS_BAND);
 
     plugin

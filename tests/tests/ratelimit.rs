@@ -2,8 +2,9 @@
 //! in a container's cgroup, the limits applied, changed and removed through
 //! the CLI, and bad input refused with nothing applied.
 //!
-//! Rates are what the receiver measured over 3 s after 1 s of warm-up
-//! (slow start and the full initial bucket), and must lie within the band
+//! Rates are what the receiver measured over 3 s after 1 s (egress) or 2 s
+//! (ingress) of warm-up (slow start and the full initial bucket), and must
+//! lie within the band
 //! the limiter was measured to hold here (`ratebench::EGRESS_BAND`,
 //! `INGRESS_BAND`). Where a test shows that traffic is *not* limited, it
 //! compares with the limited rate it measured itself, never with a fixed
@@ -536,13 +537,13 @@ fn ingress_through_a_published_port_is_held_updated_and_released() {
     );
     // Set up before, measured under, the traffic lock.
     let _lock = TrafficLock::acquire();
-    let r = web.receive(18080, &Iperf3Options::measured());
+    let r = web.receive(18080, &Iperf3Options::measured_ingress());
     assert_report("ingress at 50mbit", &r, 50.0 * MBIT, INGRESS_BAND);
     let n = web.counters("ingress");
     assert!(n["passed_bytes"].as_u64().unwrap_or(0) > 1_000_000, "{n}");
 
     update_ok(web.agent(), "web", &["--ingress-rate", "10mbit"]);
-    let at10 = web.receive(18080, &Iperf3Options::measured());
+    let at10 = web.receive(18080, &Iperf3Options::measured_ingress());
     assert_report("ingress at 10mbit", &at10, 10.0 * MBIT, INGRESS_BAND);
 
     update_ok(web.agent(), "web", &["--ingress-rate", "none"]);
@@ -645,7 +646,7 @@ fn limits_survive_an_agent_restart_with_fresh_programs_attached_and_still_hold()
     // And they hold the traffic to the limits, both ways.
     let out = web.send(&Iperf3Options::measured());
     assert_report("egress after the restart", &out, 10.0 * MBIT, EGRESS_BAND);
-    let inbound = web.receive(18080, &Iperf3Options::measured());
+    let inbound = web.receive(18080, &Iperf3Options::measured_ingress());
     assert_report(
         "ingress after the restart",
         &inbound,
