@@ -204,6 +204,20 @@ impl Netns {
         }
     }
 
+    /// Waits (up to 10 s) until interface `ifname` is operationally up.
+    /// A link set up comes up for traffic only once the kernel's link
+    /// watcher has seen its carrier, which a busy machine may take seconds
+    /// to do; until then packets (the first ARP requests) are dropped.
+    #[track_caller]
+    pub fn wait_link_up(&self, ifname: &str) {
+        let up = crate::wait::within(std::time::Duration::from_secs(10), || {
+            let out = self.exec("ip", ["-j", "link", "show", "dev", ifname]);
+            serde_json::from_slice::<serde_json::Value>(&out.stdout)
+                .is_ok_and(|v| v[0]["operstate"] == "UP")
+        });
+        assert!(up, "{ifname} in {} did not come up in 10 s", self.name);
+    }
+
     /// Runs `f` on a new thread that has entered this namespace (and only
     /// this one: the mount namespace, hence `/sys/fs/bpf`, stays the
     /// caller's). A panic in `f` is propagated.

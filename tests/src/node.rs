@@ -98,6 +98,8 @@ impl NodeBuilder {
         node.exec_ok("ip", ["addr", "add", &n, "dev", UPLINK]);
         client.exec_ok("ip", ["link", "set", CLIENT_IF, "up"]);
         node.exec_ok("ip", ["link", "set", UPLINK, "up"]);
+        client.wait_link_up(CLIENT_IF);
+        node.wait_link_up(UPLINK);
         if !self.client_tx_offload {
             client.exec_ok("ethtool", ["-K", CLIENT_IF, "tx", "off"]);
         }
