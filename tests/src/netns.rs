@@ -104,15 +104,21 @@ impl Netns {
         Path::new(NETNS_RUN_DIR).join(name).exists()
     }
 
-    /// Makes `cmd` enter this namespace between fork and exec.
+    /// Makes `cmd` enter this namespace between fork and exec. The process
+    /// is also killed when the thread that started it goes away (a test
+    /// killed outright takes its agent, servers and clients along instead
+    /// of leaving them running in a namespace nobody will delete).
     pub fn enter<'c>(&self, cmd: &'c mut Command) -> &'c mut Command {
         let path = CString::new(self.path.as_os_str().as_bytes())
             .expect("namespace paths have no NUL byte");
         // SAFETY: the closure runs in the forked child and only makes
-        // async-signal-safe calls (open, setns, close) on memory prepared
-        // before the fork.
+        // async-signal-safe calls (prctl, open, setns, close) on memory
+        // prepared before the fork.
         unsafe {
             cmd.pre_exec(move || {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
                 let fd = libc::open(path.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC);
                 if fd < 0 {
                     return Err(std::io::Error::last_os_error());
