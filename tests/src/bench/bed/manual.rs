@@ -1,5 +1,5 @@
 //! Container networks made by hand with `ip`, for the modes that have no
-//! agent: the same shape the agent builds (see `datapath::netlink`), so
+//! agent: the same shape the agent builds (see `datapath::net::link`), so
 //! that only the translation differs between modes.
 //!
 //! ```text
