@@ -42,6 +42,9 @@ pub mod names {
     /// Cgroup storage: the [`crate::ratelimit::RateKey`] of each cgroup
     /// attachment of the rate limiter.
     pub const RATE_CGROUPS: &str = "RATE_CGROUPS";
+    /// [`crate::clock::TestClock`] array (one entry): zero in production;
+    /// packet tests freeze the programs' time with it. Not pinned.
+    pub const CLOCK: &str = "CLOCK";
 
     /// Every map the agent pins, in a stable order.
     pub const ALL: [&str; 12] = [

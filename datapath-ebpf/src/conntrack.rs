@@ -165,7 +165,7 @@ use aya_ebpf::{
     bindings::{BPF_ANY, BPF_NOEXIST},
     btf_maps::{HashMap, LruHashMap},
     helpers::generated::{
-        bpf_for_each_map_elem, bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_loop, bpf_timer_init,
+        bpf_for_each_map_elem, bpf_get_prandom_u32, bpf_loop, bpf_timer_init,
         bpf_timer_set_callback, bpf_timer_start,
     },
 };
@@ -267,12 +267,11 @@ impl Family for V4 {
     }
 }
 
-/// The clock of every conntrack decision (ns). One function, so that a
-/// test clock replaces it in one line.
+/// The clock of every conntrack decision (ns): the programs' clock, which
+/// packet tests can freeze ([`crate::clock::now_ns`]).
 #[inline(always)]
 pub fn now() -> u64 {
-    // SAFETY: plain helper call.
-    unsafe { bpf_ktime_get_ns() }
+    crate::clock::now_ns()
 }
 
 /// ORs TCP flags `tcp` and `CT_F_*` bits `ct` into entry `e` atomically:

@@ -17,14 +17,16 @@ use aya_ebpf::{
         BPF_SOCK_OPS_RTT_CB, BPF_SOCK_OPS_RTT_CB_FLAG, SO_MAX_PACING_RATE, SOL_SOCKET,
     },
     helpers::generated::{
-        bpf_ktime_get_ns, bpf_setsockopt, bpf_skb_cgroup_id, bpf_skb_ecn_set_ce, bpf_spin_lock,
-        bpf_spin_unlock,
+        bpf_setsockopt, bpf_skb_cgroup_id, bpf_skb_ecn_set_ce, bpf_spin_lock, bpf_spin_unlock,
     },
     programs::{SkBuffContext, SockOpsContext},
 };
 use datapath_common::ratelimit::{RateKey, RateStats, Verdict, cgroup_verdict, direction};
 
-use crate::maps::{RATE_CGROUPS, RATE_LIMITS, RATE_STATS};
+use crate::{
+    clock::now_ns,
+    maps::{RATE_CGROUPS, RATE_LIMITS, RATE_STATS},
+};
 
 /// The bucket this program run charges.
 #[inline(always)]
@@ -49,9 +51,8 @@ fn bucket_key(ctx: &SkBuffContext, dir: u32) -> RateKey {
 fn charge(ctx: &SkBuffContext, key: &RateKey) -> Option<Verdict> {
     let limit = RATE_LIMITS.get_ptr_mut(key)?;
     let len = ctx.len();
-    // SAFETY: plain helper call. Read before taking the lock: no helper may
-    // run while it is held.
-    let now = unsafe { bpf_ktime_get_ns() };
+    // Read before taking the lock: no helper may run while it is held.
+    let now = now_ns();
     // SAFETY: `limit` points into a live map value (RCU) whose BTF declares
     // the lock; every other access to the bucket fields happens under it
     // (the agent writes with BPF_F_LOCK). `charge` is inlined: no call
@@ -144,10 +145,7 @@ pub fn sock_ops(ctx: &SockOpsContext) -> u32 {
         // SAFETY: live map value (RCU). The fields are read without the
         // lock: an aligned u64 is never torn, and a rate read during the
         // agent's update is off for one callback only.
-        Some(limit) => unsafe {
-            let now = bpf_ktime_get_ns();
-            (*limit).pacing_rate(now)
-        },
+        Some(limit) => unsafe { (*limit).pacing_rate(now_ns()) },
         None => u64::MAX,
     };
     let flags = ctx.cb_flags();

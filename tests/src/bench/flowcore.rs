@@ -423,7 +423,8 @@ fn gc(plan: &Plan) -> Result<Vec<GcRow>> {
     for &size in &plan.gc_sizes {
         fill_table(&mut map, size)?;
         let t = Instant::now();
-        let all: Vec<(CtKey, CtTimedEntry)> = datapath::conntrack::read_all(map_data(&map))?;
+        let all: Vec<(CtKey, CtTimedEntry)> =
+            datapath::datapath::conntrack::read_all(map_data(&map))?;
         let batch_ms = t.elapsed().as_secs_f64() * 1e3;
         if all.len() != size {
             bail!("the batch walk read {} of {size} entries", all.len());
@@ -467,7 +468,7 @@ fn map_data(map: &BpfHashMap<MapData, CtKey, CtTimedEntry>) -> &MapData {
 
 /// Puts `size` entries (`size / 2` established flows) into the main table.
 fn fill_table(map: &mut BpfHashMap<MapData, CtKey, CtTimedEntry>, size: usize) -> Result<()> {
-    let now = datapath::conntrack::now_ns();
+    let now = datapath::datapath::conntrack::now_ns();
     for i in 0..(size / 2) as u32 {
         let client = [198, 18, (i >> 16) as u8, (i >> 8) as u8];
         let sport = 1024 + (i & 0xff) as u16;

@@ -4,12 +4,12 @@
 //! module): the agent never removes an entry. It reads the tables with
 //! `BPF_MAP_LOOKUP_BATCH` (a few syscalls per thousand entries, where
 //! iterating key by key costs two per entry), and flushes by asking the
-//! kernel ([`crate::bpf::Datapath::flush_flows`]), so the per-container
+//! kernel ([`super::Datapath::flush_flows`]), so the per-container
 //! accounting stays exact and no check-then-delete race can remove a flow
 //! that just became active.
 
 use std::{
-    collections::HashMap as StdHashMap,
+    collections::{BTreeSet, HashMap as StdHashMap},
     io,
     net::Ipv4Addr,
     os::fd::{AsFd as _, AsRawFd as _},
@@ -22,7 +22,7 @@ use datapath_common::{
     ct_action, ct_state, proto,
 };
 
-use crate::api;
+use crate::model::{Flow, FlowEndpoint};
 
 /// The kernel's `bpf_ktime_get_ns` clock (CLOCK_MONOTONIC), in ns.
 pub fn now_ns() -> u64 {
@@ -181,6 +181,18 @@ pub fn read_flows(
     Ok(flows)
 }
 
+/// The ids of the containers owning an entry of either table (`0`: flows
+/// of no container).
+pub fn container_ids(ct: &MapData, ct_new: &MapData) -> io::Result<BTreeSet<u32>> {
+    let main: Vec<(CtKey, CtTimedEntry)> = read_all(ct)?;
+    let new: Vec<(CtKey, CtEntry)> = read_all(ct_new)?;
+    Ok(main
+        .iter()
+        .map(|(_, v)| v.entry.container_id)
+        .chain(new.iter().map(|(_, v)| v.container_id))
+        .collect())
+}
+
 fn proto_name(p: u8) -> &'static str {
     match p {
         proto::TCP => "tcp",
@@ -190,20 +202,20 @@ fn proto_name(p: u8) -> &'static str {
     }
 }
 
-fn ep(addr: [u8; 4], port: u16) -> api::Endpoint {
-    api::Endpoint {
+fn ep(addr: [u8; 4], port: u16) -> FlowEndpoint {
+    FlowEndpoint {
         addr: Ipv4Addr::from(addr),
         port,
     }
 }
 
-/// The API view of a flow.
-pub fn to_api(
+/// How the API shows a flow.
+pub fn flow_view(
     f: &FlowEntries,
     timeouts: &Timeouts,
     now: u64,
     container: Option<String>,
-) -> api::Flow {
+) -> Flow {
     let k = &f.key;
     let (nat_src, nat_dst) = if ct_action::rewrites_source(f.orig.action) {
         (ep(f.orig.nat_addr, f.orig.nat_port), ep(k.daddr, k.dport))
@@ -212,7 +224,7 @@ pub fn to_api(
     };
     let state = f.state();
     let idle_s = now.saturating_sub(f.last_seen_ns()) / 1_000_000_000;
-    api::Flow {
+    Flow {
         proto: proto_name(k.proto).to_owned(),
         kind: match f.orig.action {
             ct_action::SNAT => "snat",
