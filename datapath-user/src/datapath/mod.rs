@@ -24,7 +24,7 @@ use std::{fs, io, path::PathBuf};
 use aya::{
     Ebpf, EbpfLoader, TestRun, TestRunOptions,
     maps::{Array, HashMap, MapData, PerCpuArray},
-    programs::{CgroupSkb, SchedClassifier, SockOps, Xdp},
+    programs::{CgroupSkb, SchedClassifier, SockOps},
 };
 use datapath_common::{
     Config, CtContainer, CtEntry, CtKey, CtTimedEntry, Endpoint, EndpointKey, FlushRequest,
@@ -264,11 +264,8 @@ impl Datapath {
             prog.load()
                 .map_err(|source| BpfError::Program { name, source })?;
         }
-        let xdp: &mut Xdp = program(&mut ebpf, programs::UPLINK_XDP)?;
-        xdp.load().map_err(|source| BpfError::Program {
-            name: programs::UPLINK_XDP,
-            source,
-        })?;
+        // The XDP program is loaded when an uplink needs it
+        // (`attach_xdp`): most uplinks are served by TC.
         for name in [programs::RATE_EGRESS, programs::RATE_INGRESS] {
             let prog: &mut CgroupSkb = program(&mut ebpf, name)?;
             prog.load()
