@@ -84,6 +84,9 @@ pub struct AgentArgs {
     /// Let uplink traffic reach container addresses directly.
     #[arg(long)]
     pub allow_direct_routing: bool,
+    /// MTU of the containers' veth pairs (default: the uplink's).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(68..=65535))]
+    pub mtu: Option<u32>,
     /// Idle timeout of established TCP flows.
     #[arg(long, default_value = "6h", value_parser = parse_duration)]
     pub ct_timeout_tcp: Duration,
@@ -221,6 +224,7 @@ impl AgentArgs {
             ct_max: self.ct_max,
             ct_container_share: self.ct_container_share,
             allow_direct_routing: self.allow_direct_routing,
+            mtu: self.mtu,
             timeouts: Timeouts {
                 tcp_syn: secs(self.ct_timeout_tcp_syn),
                 tcp_established: secs(self.ct_timeout_tcp),

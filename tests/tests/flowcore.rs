@@ -28,9 +28,7 @@ use datapath_tests::{
     lock::TrafficLock,
     netns::Netns,
     node::{self, Node},
-    traffic::{
-        IO_TIMEOUT, Server, line_on, tcp_connect_from, udp_request_within,
-    },
+    traffic::{IO_TIMEOUT, Server, line_on, tcp_connect_from, udp_request_within},
 };
 use serde_json::Value;
 
@@ -114,9 +112,7 @@ fn ct_containers(agent: &Agent<'_>) -> Vec<Value> {
 #[test]
 fn new_flows_keep_being_admitted_with_the_agent_killed_for_several_timeouts() {
     let node = Node::new();
-    let Deployment {
-        ctr, mut agent, ..
-    } = Deployment::start_with(
+    let Deployment { ctr, mut agent, .. } = Deployment::start_with(
         Agent::builder(&node).args([
             "--ct-max",
             "256",
@@ -585,6 +581,31 @@ fn container_egress_follows_the_nodes_routes_and_is_masqueraded_only_on_the_upli
     assert_eq!(*outside.peers()[0].ip(), node.node_addr());
 }
 
+/// The MTU of interface `ifname` in `ns`.
+fn mtu_of(ns: &Netns, ifname: &str) -> u64 {
+    let out = ns.exec_ok("ip", ["-j", "link", "show", "dev", ifname]);
+    let links: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+    links[0]["mtu"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no MTU for {ifname}: {out}"))
+}
+
+#[test]
+fn container_veths_get_the_uplinks_mtu_or_the_one_given() {
+    // An uplink with MTU 1400: both ends of a container's veth pair get it.
+    let node = Node::new();
+    node.node
+        .exec_ok("ip", ["link", "set", node::UPLINK, "mtu", "1400"]);
+    let web = Deployment::start(&node, "web", &[]);
+    assert_eq!(mtu_of(&web.ctr, "eth0"), 1400);
+    assert_eq!(mtu_of(&node.node, &web.info.host_ifname), 1400);
+    // --mtu wins over the uplink's.
+    let other = Node::new();
+    let app = Deployment::start_with(Agent::builder(&other).args(["--mtu", "1300"]), "app", &[]);
+    assert_eq!(mtu_of(&app.ctr, "eth0"), 1300);
+    assert_eq!(mtu_of(&other.node, &app.info.host_ifname), 1300);
+}
+
 #[test]
 fn a_datagram_too_big_for_an_mtu_1400_uplink_gets_fragmentation_needed_back() {
     let node = Node::new();
@@ -593,11 +614,8 @@ fn a_datagram_too_big_for_an_mtu_1400_uplink_gets_fragmentation_needed_back() {
     }
     // Containers whose links keep MTU 1500 (as when the uplink's MTU
     // is lowered after they were added).
-    let Deployment { ctr, agent, .. } = Deployment::start_with(
-        Agent::builder(&node).args(["--mtu", "1500"]),
-        "app",
-        &[],
-    );
+    let Deployment { ctr, agent, .. } =
+        Deployment::start_with(Agent::builder(&node).args(["--mtu", "1500"]), "app", &[]);
     let _outside = Server::udp_echo(&node.client, 5300, "outside");
     let dst = node.client_port(5300);
     // 1,450 bytes with DF (path MTU discovery) from a container whose own

@@ -188,7 +188,7 @@ impl Lifecycle<'_> {
                 ifname: c.ifname.clone(),
                 addr: c.addr,
                 gateway: self.node.cfg.gateway(),
-                mtu: None,
+                mtu: self.node.container_mtu(),
                 gro: self.node.gro(),
             })
             .await

@@ -87,6 +87,8 @@ pub struct AgentConfig {
     pub ct_container_share: u8,
     /// Let the uplink reach container addresses directly.
     pub allow_direct_routing: bool,
+    /// MTU of the containers' veth pairs (default: the uplink's).
+    pub mtu: Option<u32>,
     /// Conntrack idle timeouts.
     pub timeouts: Timeouts,
     /// Kernel-side log level (aya-log).
@@ -173,6 +175,14 @@ pub struct Node {
 }
 
 impl Node {
+    /// The MTU of the containers' veth pairs: `--mtu`, else the uplink's,
+    /// else the kernel's default.
+    pub fn container_mtu(&self) -> Option<u32> {
+        self.cfg
+            .mtu
+            .or_else(|| self.uplink.as_ref().and_then(|u| u.mtu))
+    }
+
     /// Whether container ends need GRO: native XDP redirects into a veth
     /// are dropped unless its peer has GRO (or an XDP program).
     pub fn gro(&self) -> bool {

@@ -29,6 +29,8 @@ pub struct Uplink {
     pub node_ip: Ipv4Addr,
     /// Every node address published ports answer on.
     pub node_addrs: Vec<Ipv4Addr>,
+    /// Its MTU, if the kernel reported one.
+    pub mtu: Option<u32>,
 }
 
 impl Uplink {
@@ -138,6 +140,7 @@ pub async fn setup(
         hook,
         node_ip,
         node_addrs,
+        mtu: link.mtu,
     }))
 }
 
