@@ -150,6 +150,12 @@ pub const CONFIG_F_ALLOW_DIRECT_ROUTING: u32 = 1 << 1;
 /// stack, check the egress MTU. Without it (packet tests), everything
 /// leaving the pool is masqueraded out of the uplink.
 pub const CONFIG_F_FIB: u32 = 1 << 2;
+/// [`Config::flags`]: before redirecting a packet to the interface its flow
+/// cached, check that the interface still exists (a flow outliving its
+/// container's veth is removed and counted, not redirected into nothing).
+/// Without it (packet tests, whose interface indexes are made up), the
+/// cached interface is trusted.
+pub const CONFIG_F_CHECK_LINKS: u32 = 1 << 3;
 /// [`Config::flags`]: the configuration has been written by an agent.
 pub const CONFIG_F_READY: u32 = 1 << 31;
 
@@ -245,18 +251,28 @@ pub struct FlushRequest {
     pub container_id: u32,
     /// `FLUSH_F_*` bits; none: every flow.
     pub flags: u32,
+    /// The published port whose flows go (with [`FLUSH_F_SERVICE`]), host
+    /// order.
+    pub port: u16,
+    /// Its protocol ([`crate::proto`]).
+    pub proto: u8,
+    /// Explicit padding, always zero.
+    pub _pad: u8,
 }
 
 /// [`FlushRequest::flags`]: only the flows of [`FlushRequest::container_id`].
 pub const FLUSH_F_CONTAINER: u32 = 1 << 0;
+/// [`FlushRequest::flags`]: only the flows that came in through published
+/// port [`FlushRequest::port`]/[`FlushRequest::proto`] (DNAT).
+pub const FLUSH_F_SERVICE: u32 = 1 << 1;
 
 impl FlushRequest {
     /// Offset of the request in the frame.
     pub const OFFSET: usize = 14;
 
     /// The frame to run the flush program on.
-    pub fn frame(&self) -> [u8; Self::OFFSET + 8] {
-        let mut f = [0u8; Self::OFFSET + 8];
+    pub fn frame(&self) -> [u8; Self::OFFSET + size_of::<Self>()] {
+        let mut f = [0u8; Self::OFFSET + size_of::<Self>()];
         f[Self::OFFSET..].copy_from_slice(bytemuck::bytes_of(self));
         f
     }
@@ -270,7 +286,7 @@ const _: () = {
     assert!(size_of::<Endpoint>() == 24);
     assert!(size_of::<NodeAddrKey>() == 4);
     assert!(size_of::<NodeAddr>() == 4);
-    assert!(size_of::<FlushRequest>() == 8);
+    assert!(size_of::<FlushRequest>() == 12);
 };
 
 #[cfg(feature = "user")]

@@ -104,7 +104,10 @@ stats! {
     DropSpoofed = "drop_spoofed",
     /// Dropped: uplink packet straight to a container address.
     DropDirectRouting = "drop_direct_routing",
-    /// Dropped: a redirect or checksum helper failed.
+    /// Dropped: the interface a packet was redirected to refused it or is
+    /// gone (a flow that outlived its container's veth).
+    DropRedirectFailed = "drop_redirect_failed",
+    /// Dropped: a checksum, rewrite or lookup helper failed.
     DropHelperFailed = "drop_helper_failed",
     /// Dropped: the datapath is not configured yet.
     DropNotConfigured = "drop_not_configured",

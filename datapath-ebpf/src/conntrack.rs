@@ -171,7 +171,8 @@ use aya_ebpf::{
 };
 use datapath_common::{
     CT_F_ORIGINAL, CT_F_PICKUP, CT_F_SEEN, CtContainer, CtEntryOf, CtKey, CtKeyOf, CtTimedEntryOf,
-    FLUSH_F_CONTAINER, FlushRequest, FragEntry, FragKeyOf, IpAddress, Stat, bpf_timer, capacity,
+    FLUSH_F_CONTAINER, FLUSH_F_SERVICE, FlushRequest, FragEntry, FragKeyOf, IpAddress, Stat,
+    bpf_timer, capacity,
     ct::{self, Timeouts},
     ct_action, ct_state, proto, tcp_flags,
 };
@@ -588,6 +589,29 @@ fn arg<'a, T>(p: *const T) -> Option<&'a T> {
     // SAFETY: non-null; the verifier checked the caller's memory covers a
     // `T`, and it outlives the call.
     unsafe { p.as_ref() }
+}
+
+/// Removes the flow of IPv4 `key` from whichever table holds it; returns
+/// 1 if it did. For a flow whose cached interface is gone: its next packet
+/// starts it afresh from the endpoint and published port maps.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn dp_ct_forget(key: *const CtKey) -> u32 {
+    match arg(key) {
+        Some(key) => u32::from(forget::<V4>(key)),
+        None => 0,
+    }
+}
+
+#[inline(always)]
+fn forget<F: Family>(key: &CtKeyOf<F::A>) -> bool {
+    if let Some(e) = get::<F>(Table::Main, key) {
+        return remove_pair::<F>(Table::Main, key, e);
+    }
+    match get::<F>(Table::New, key) {
+        Some(e) => remove_pair::<F>(Table::New, key, e),
+        None => false,
+    }
 }
 
 /// Removes the flow of IPv4 `key` (in table `table`) if it is to be
@@ -1231,9 +1255,25 @@ struct Flush {
 }
 
 impl Flush {
+    /// Whether an entry of container `container_id` is within the
+    /// request's container (all of them without [`FLUSH_F_CONTAINER`]).
     #[inline(always)]
-    fn matches(&self, container_id: u32) -> bool {
+    fn container(&self, container_id: u32) -> bool {
         self.req.flags & FLUSH_F_CONTAINER == 0 || self.req.container_id == container_id
+    }
+
+    /// Whether the flow of original entry `e` (key `key`) is to go.
+    ///
+    /// # Safety
+    /// `e` points into a live map value.
+    #[inline(always)]
+    unsafe fn flow<A: IpAddress>(&self, key: &CtKeyOf<A>, e: *const CtEntryOf<A>) -> bool {
+        let r = &self.req;
+        // SAFETY: per the caller.
+        let (id, action) = unsafe { ((*e).container_id, (*e).action) };
+        self.container(id)
+            && (r.flags & FLUSH_F_SERVICE == 0
+                || (action == ct_action::DNAT && key.dport == r.port && key.proto == r.proto))
     }
 }
 
@@ -1260,15 +1300,14 @@ extern "C" fn flush_main<F: Family>(
     // SAFETY: the kernel passes the element and the caller's context.
     unsafe {
         let e = &raw mut (*v).entry;
-        if !(*flush).matches((*e).container_id) {
-            return 0;
-        }
         let key = *key;
         if (*e).is_original() {
-            if remove_pair::<F>(Table::Main, &key, e) {
+            if (*flush).flow(&key, e) && remove_pair::<F>(Table::Main, &key, e) {
                 flushed();
             }
-        } else if get::<F>(Table::Main, &(*e).peer_key(&key)).is_none() {
+        } else if (*flush).container((*e).container_id)
+            && get::<F>(Table::Main, &(*e).peer_key(&key)).is_none()
+        {
             // A reply entry that lost its original.
             remove::<F>(Table::Main, &key);
         }
@@ -1276,7 +1315,7 @@ extern "C" fn flush_main<F: Family>(
     0
 }
 
-/// Flush callback over a table of unconfirmed flows.
+/// Flush callback over a table of unconfirmed flows: like [`flush_main`].
 #[inline(never)]
 extern "C" fn flush_new<F: Family>(
     _map: *mut c_void,
@@ -1286,13 +1325,15 @@ extern "C" fn flush_new<F: Family>(
 ) -> i64 {
     // SAFETY: the kernel passes the element and the caller's context.
     unsafe {
-        if !(*flush).matches((*e).container_id) {
-            return 0;
-        }
-        let original = (*e).is_original();
         let key = *key;
-        if remove::<F>(Table::New, &key) && original {
-            flushed();
+        if (*e).is_original() {
+            if (*flush).flow(&key, e) && remove_pair::<F>(Table::New, &key, e) {
+                flushed();
+            }
+        } else if (*flush).container((*e).container_id)
+            && get::<F>(Table::New, &(*e).peer_key(&key)).is_none()
+        {
+            remove::<F>(Table::New, &key);
         }
     }
     0

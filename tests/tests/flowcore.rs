@@ -28,7 +28,7 @@ use datapath_tests::{
     lock::TrafficLock,
     netns::Netns,
     node::{self, Node},
-    traffic::{IO_TIMEOUT, Server, line_on, tcp_connect_from, udp_request_within},
+    traffic::{IO_TIMEOUT, Server, UdpPinger, line_on, tcp_connect_from, udp_request_within},
 };
 use serde_json::Value;
 
@@ -663,6 +663,72 @@ fn a_datagram_too_big_for_an_mtu_1400_uplink_gets_fragmentation_needed_back() {
         agent.status()["counters"]
     );
     assert!(agent.counter("too_big") >= 1);
+}
+
+// ---- 9. no stale forwarding ------------------------------------------------------------
+
+#[test]
+fn a_live_udp_flow_reaches_its_container_again_once_its_veth_is_recreated() {
+    let node = Node::new();
+    let Deployment {
+        ctr,
+        mut agent,
+        info,
+    } = Deployment::start(&node, "dns", &["-p", "5353:53/udp"]);
+    let _dns = Server::udp_echo(&ctr, 53, "dns");
+    let answer = b"dns port 53: ping";
+    // One socket: one flow, kept alive by a datagram every 20 ms.
+    let pinger = UdpPinger::start(&node.client, node.node_port(5353), b"ping");
+    assert!(pinger.wait_answer(answer, IO_TIMEOUT), "answers at first");
+
+    // The veth vanishes with the agent down: the flow's packets are sent
+    // to an interface that is gone, until no answer came for half a second.
+    agent.kill();
+    node.node.exec_ok("ip", ["link", "del", &info.host_ifname]);
+    let deadline = Instant::now() + 2 * IO_TIMEOUT;
+    while pinger.wait_answer(answer, Duration::from_millis(500)) {
+        assert!(
+            Instant::now() < deadline,
+            "answers went on without the veth"
+        );
+    }
+
+    // The restarted agent recreates the veth (another interface index):
+    // the live flow must not keep sending to the old one.
+    agent.restart();
+    assert!(
+        pinger.wait_answer(answer, IO_TIMEOUT),
+        "no answer once the veth is back: {:#}",
+        agent.status()["counters"]
+    );
+    assert!(pinger.finish() > 0);
+    assert!(
+        agent.counter("drop_redirect_failed") > 0,
+        "the redirects to the vanished veth are counted"
+    );
+}
+
+#[test]
+fn a_live_udp_flow_follows_its_port_when_it_moves_to_another_container() {
+    let node = Node::new();
+    let a = Deployment::start(&node, "a", &["-p", "5353:53/udp"]);
+    let b_ns = node.add_container_netns("b");
+    a.agent.add("b", &b_ns, &[]);
+    let _sa = Server::udp_echo(&a.ctr, 53, "a");
+    let _sb = Server::udp_echo(&b_ns, 53, "b");
+    let pinger = UdpPinger::start(&node.client, node.node_port(5353), b"ping");
+    assert!(pinger.wait_answer(b"a port 53: ping", IO_TIMEOUT));
+    // UDP has no connection to keep: once the port is b's, the client's
+    // datagrams (one socket, one flow all along) reach b.
+    a.agent
+        .cli_ok(["container", "unpublish", "a", "5353:53/udp"]);
+    a.agent.cli_ok(["container", "publish", "b", "5353:53/udp"]);
+    assert!(
+        pinger.wait_answer(b"b port 53: ping", IO_TIMEOUT),
+        "the flow still goes to a: {:#?}",
+        a.agent.flows()
+    );
+    assert!(pinger.finish() > 0);
 }
 
 // ---- 11. sustained connection load -------------------------------------------------

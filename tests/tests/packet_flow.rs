@@ -10,8 +10,8 @@
 use std::time::{Duration, Instant};
 
 use datapath_common::{
-    CT_F_PICKUP, Config, CtEntry, CtKey, Endpoint, FLUSH_F_CONTAINER, FlushRequest, Stat,
-    ct_action, ct_state, names, proto,
+    CONFIG_F_CHECK_LINKS, CT_F_PICKUP, Config, CtEntry, CtKey, Endpoint, FLUSH_F_CONTAINER,
+    FLUSH_F_SERVICE, FlushRequest, Stat, ct_action, ct_state, names, proto,
 };
 use datapath_tests::{
     frame::{Frame, tcp_flags as tf},
@@ -824,6 +824,7 @@ fn a_flush_of_one_container_removes_its_flows_and_its_count_in_the_kernel() {
     let removed = p.flush(FlushRequest {
         container_id: B.id,
         flags: FLUSH_F_CONTAINER,
+        ..FlushRequest::default()
     });
     assert_eq!(removed, 2, "two flows of B");
     assert_eq!(p.ct_container(B.id).entries, 0);
@@ -835,4 +836,122 @@ fn a_flush_of_one_container_removes_its_flows_and_its_count_in_the_kernel() {
     assert_eq!(p.flush(FlushRequest::default()), 1);
     assert!(p.conntrack().is_empty());
     assert_eq!(p.ct_container(A.id).entries, 0);
+}
+
+#[test]
+fn a_flush_of_one_published_port_removes_only_the_flows_through_it() {
+    let mut p = datapath();
+    // Through 5353/udp and 8080/tcp of A, and A's own egress.
+    let query = |cport: u16| {
+        Frame::udp((CLIENT, cport), (NODE, 5353))
+            .payload(&b"q"[..])
+            .build()
+    };
+    assert_eq!(uplink(&mut p, &query(4100)), TC_ACT_REDIRECT);
+    assert_eq!(uplink(&mut p, &query(4101)), TC_ACT_REDIRECT);
+    assert_eq!(
+        uplink(&mut p, &client(40030, tf::SYN, 1000, 0)),
+        TC_ACT_REDIRECT
+    );
+    assert_eq!(from(&mut p, A, &query_from(A, 4102)), TC_ACT_REDIRECT);
+    assert_eq!(p.conntrack().len(), 8);
+
+    let port = |port: u16, proto: u8| FlushRequest {
+        container_id: A.id,
+        flags: FLUSH_F_CONTAINER | FLUSH_F_SERVICE,
+        port,
+        proto,
+        _pad: 0,
+    };
+    assert_eq!(p.flush(port(5353, proto::TCP)), 0, "another protocol");
+    assert_eq!(
+        p.flush(port(5353, proto::UDP)),
+        2,
+        "the two flows of 5353/udp"
+    );
+    let left = p.conntrack();
+    assert_eq!(left.len(), 4, "{left:#?}");
+    assert!(
+        p.conntrack_get(&dnat_key(40030)).is_some(),
+        "8080/tcp's stays"
+    );
+    assert!(
+        left.iter()
+            .any(|(_, e)| e.action == ct_action::SNAT && e.is_original()),
+        "A's egress stays"
+    );
+}
+
+#[test]
+fn a_flow_expires_by_the_programs_clock() {
+    const T0: u64 = 1_000 * 1_000_000_000;
+    const S: u64 = 1_000_000_000;
+    let mut p = datapath();
+    let query = Frame::udp((CLIENT, 4200), (NODE, 5353))
+        .payload(&b"q"[..])
+        .build();
+    let key = CtKey::v4(CLIENT, 4200, NODE, 5353, proto::UDP);
+    p.freeze_clock(T0);
+    assert_eq!(uplink(&mut p, &query), TC_ACT_REDIRECT);
+    assert_eq!(p.conntrack_get(&key).expect("flow").created_ns, T0);
+    // 29 s later (UDP: 30 s idle), the same flow.
+    p.freeze_clock(T0 + 29 * S);
+    assert_eq!(uplink(&mut p, &query), TC_ACT_REDIRECT);
+    let e = p.conntrack_get(&key).expect("flow");
+    assert_eq!((e.created_ns, e.last_seen_ns), (T0, T0 + 29 * S));
+    assert_eq!(p.stat(Stat::CtExpired), 0);
+    // 31 s after that: expired, replaced by a fresh flow.
+    p.freeze_clock(T0 + 60 * S);
+    assert_eq!(uplink(&mut p, &query), TC_ACT_REDIRECT);
+    assert_eq!(p.conntrack_get(&key).expect("flow").created_ns, T0 + 60 * S);
+    assert_eq!(p.stat(Stat::CtExpired), 1);
+}
+
+#[test]
+fn a_flow_whose_interface_is_gone_is_dropped_counted_and_forgotten() {
+    // An interface index no namespace has yet, and the loopback's (1 in
+    // every namespace).
+    const GONE: u32 = 0x7fff_0000;
+    const LO: u32 = 1;
+    let mut p = datapath_with(|c| c.flags |= CONFIG_F_CHECK_LINKS, &[]);
+    let place = |p: &mut Programs, ifindex: u32| {
+        p.insert_endpoint(
+            A.addr,
+            Endpoint {
+                ifindex,
+                container_id: A.id,
+                mac: A.mac,
+                host_mac: A.host_mac,
+                flags: 0,
+            },
+        );
+        p.publish([0; 4], 5353, proto::UDP, A.addr, 53, ifindex, A.id);
+    };
+    let query = Frame::udp((CLIENT, 4300), (NODE, 5353))
+        .payload(&b"q"[..])
+        .build();
+    let key = CtKey::v4(CLIENT, 4300, NODE, 5353, proto::UDP);
+    // A flow through the container's veth...
+    place(&mut p, LO);
+    assert_eq!(uplink(&mut p, &query), TC_ACT_REDIRECT);
+    assert_eq!(p.conntrack_get(&key).expect("flow").ifindex, LO);
+    // ... which vanished: its next packet is dropped and counted, and the
+    // flow forgotten.
+    let mut e = p.conntrack_get(&key).expect("flow");
+    e.ifindex = GONE;
+    p.insert_conntrack_new(key, e);
+    assert_eq!(uplink(&mut p, &query), TC_ACT_SHOT);
+    assert_eq!(p.stat(Stat::DropRedirectFailed), 1);
+    assert!(p.conntrack().is_empty(), "{:#?}", p.conntrack());
+    // While the maps still name the vanished veth, each packet is dropped
+    // the same way; once they name the new one, the next packet starts the
+    // flow afresh through it.
+    place(&mut p, GONE);
+    assert_eq!(uplink(&mut p, &query), TC_ACT_SHOT);
+    assert_eq!(p.stat(Stat::DropRedirectFailed), 2);
+    assert!(p.conntrack().is_empty(), "{:#?}", p.conntrack());
+    place(&mut p, LO);
+    assert_eq!(uplink(&mut p, &query), TC_ACT_REDIRECT);
+    assert_eq!(p.conntrack_get(&key).expect("flow").ifindex, LO);
+    assert_eq!(p.stat(Stat::DropRedirectFailed), 2);
 }

@@ -26,7 +26,7 @@ use super::{
 use crate::{
     api::{AddContainer, ContainerInfo, UpdateContainer},
     cgroup,
-    datapath::{Datapath, Reader},
+    datapath::{Datapath, Flows, Reader},
     error::error_chain,
     model::{
         PortMapping, RateLimits,
@@ -340,7 +340,7 @@ impl Lifecycle<'_> {
             tracing::warn!(container = %c.name, "detach: {e}");
         }
         self.dp.remove_limits(&rate_target(c));
-        if let Err(e) = self.dp.flush_flows(Some(c.id)) {
+        if let Err(e) = self.dp.flush_flows(Flows::Container(c.id)) {
             tracing::warn!(container = %c.name, "flush conntrack: {e}");
         }
         if let Err(e) = self.net.delete_container_link(&c.host_ifname).await {

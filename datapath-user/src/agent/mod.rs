@@ -42,7 +42,7 @@ use self::{
 };
 use crate::{
     api::server::Failure,
-    datapath::{BpfError, Datapath, LoadOptions, RateTarget, Reader, UplinkHook},
+    datapath::{BpfError, Datapath, Flows, LoadOptions, RateTarget, Reader, UplinkHook},
     net::link::Netlink,
     store::{Container, StateError, Store, gateway_of},
 };
@@ -311,7 +311,9 @@ impl Agent {
             ),
             None => None,
         };
-        self.dp.flush_flows(id).map_err(internal("flush conntrack"))
+        self.dp
+            .flush_flows(id.map_or(Flows::All, Flows::Container))
+            .map_err(internal("flush conntrack"))
     }
 }
 

@@ -10,8 +10,11 @@ use super::{
 };
 use crate::{
     api::ContainerInfo,
-    datapath::{Datapath, Reader},
-    model::{PortMapping, ports::SpecError},
+    datapath::{Datapath, Flows, Reader},
+    model::{
+        PortMapping,
+        ports::{Protocol, SpecError},
+    },
     net::link::Netlink,
     store::{Container, Store},
 };
@@ -186,8 +189,12 @@ impl Ports<'_> {
     }
 
     /// Stops publishing one port (or range) of a container. Established
-    /// flows keep their container; new connections are no longer
-    /// translated. Unpublishing what is not published succeeds.
+    /// TCP connections keep their container; new connections are no
+    /// longer translated. UDP has no connections: its flows through the
+    /// port are removed (as kube-proxy does), so that a client that keeps
+    /// sending reaches whatever the port is published to next instead of
+    /// this container for as long as it sends. Unpublishing what is not
+    /// published succeeds.
     pub async fn unpublish(&mut self, name: &str, spec: &str) -> Result<ContainerInfo, AgentError> {
         let m: PortMapping = spec
             .parse()
@@ -212,6 +219,16 @@ impl Ports<'_> {
         tx.commit();
         for (hp, _) in m.ports() {
             self.dp.remove_service(&service_key(&m, hp), c.id);
+            if m.protocol == Protocol::Udp {
+                let flows = Flows::Published {
+                    container_id: c.id,
+                    port: hp,
+                    proto: m.protocol.number(),
+                };
+                if let Err(e) = self.dp.flush_flows(flows) {
+                    tracing::warn!(container = %name, port = hp, "flush the port's flows: {e}");
+                }
+            }
         }
         tracing::info!(container = %name, publish = %m, "port unpublished");
         Ok(self.info(&c))

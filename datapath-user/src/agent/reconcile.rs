@@ -20,6 +20,7 @@ use super::{
 };
 use crate::{
     cgroup,
+    datapath::Flows,
     error::error_chain,
     model::{
         mac::{format_mac, parse_mac},
@@ -57,6 +58,7 @@ async fn restore(lc: &mut Lifecycle<'_>, name: &str) -> Result<(), AgentError> {
     let Some(mut c) = lc.store.get(name).cloned() else {
         return Ok(());
     };
+    let mut recreated = false;
     let (host, mac) = match lc.net.link(&c.host_ifname).await {
         Ok(Some(host)) => {
             let mac = parse_mac(&c.mac).ok_or_else(|| {
@@ -74,6 +76,7 @@ async fn restore(lc: &mut Lifecycle<'_>, name: &str) -> Result<(), AgentError> {
             // take a new program): drop it, attaching makes a fresh one.
             lc.dp.detach_container(&c.host_ifname)?;
             let link = lc.create_link(&c).await?;
+            recreated = true;
             c.mac = format_mac(link.container_mac);
             let host = HostEnd {
                 index: link.host_ifindex,
@@ -89,6 +92,16 @@ async fn restore(lc: &mut Lifecycle<'_>, name: &str) -> Result<(), AgentError> {
     let filled = lc.fill(&mut tx, &c, host, mac);
     tx.commit();
     filled?;
+    if recreated {
+        // Its flows still send to the vanished veth: gone, the next packet
+        // of each starts afresh through the entries just written.
+        match lc.dp.flush_flows(Flows::Container(c.id)) {
+            Ok(n) => {
+                tracing::info!(container = %c.name, entries = n, "flows of the old veth removed")
+            }
+            Err(e) => tracing::warn!(container = %c.name, "flush the old veth's flows: {e}"),
+        }
+    }
     restore_limits(lc, &mut c);
     lc.store.put(c.clone());
     tracing::info!(container = %c.name, "adopted");
@@ -160,7 +173,7 @@ async fn remove_orphans(lc: &mut Lifecycle<'_>) {
     match lc.dp.flow_container_ids() {
         Ok(found) => {
             for id in found.into_iter().filter(|id| *id != 0 && !ids.contains(id)) {
-                if let Err(e) = lc.dp.flush_flows(Some(id)) {
+                if let Err(e) = lc.dp.flush_flows(Flows::Container(id)) {
                     tracing::warn!(container_id = id, "flush orphaned flows: {e}");
                 }
             }

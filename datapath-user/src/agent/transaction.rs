@@ -9,7 +9,7 @@ use datapath_common::ServiceKey;
 
 use super::rate_target;
 use crate::{
-    datapath::Datapath,
+    datapath::{Datapath, Flows},
     error::error_chain,
     model::RateLimits,
     net::link::Netlink,
@@ -128,7 +128,7 @@ impl Transaction {
                 }
                 Step::Service { key, id } => dp.remove_service(&key, id),
                 Step::Flows { id } => {
-                    if let Err(e) = dp.flush_flows(Some(id)) {
+                    if let Err(e) = dp.flush_flows(Flows::Container(id)) {
                         tracing::warn!(id, "flush conntrack: {e}");
                     }
                 }

@@ -6,7 +6,8 @@ use std::net::Ipv4Addr;
 
 use anyhow::{Context as _, bail};
 use datapath_common::{
-    CONFIG_F_ALLOW_DIRECT_ROUTING, CONFIG_F_FIB, CONFIG_F_READY, CONFIG_F_SNAT, Config,
+    CONFIG_F_ALLOW_DIRECT_ROUTING, CONFIG_F_CHECK_LINKS, CONFIG_F_FIB, CONFIG_F_READY,
+    CONFIG_F_SNAT, Config,
 };
 
 use super::{AgentConfig, XdpMode};
@@ -77,7 +78,7 @@ pub async fn setup(
         gateway_addr: cfg.gateway().octets(),
         snat_port_min: lo,
         snat_port_max: hi,
-        flags: CONFIG_F_FIB,
+        flags: CONFIG_F_FIB | CONFIG_F_CHECK_LINKS,
         ct_container_max: if share == 0 || share == 100 {
             0
         } else {

@@ -7,11 +7,30 @@ use std::{collections::BTreeSet, net::Ipv4Addr};
 
 use aya::maps::{IterableMap as _, MapError};
 use datapath_common::{
-    Config, Endpoint, EndpointKey, FLUSH_F_CONTAINER, FlushRequest, NodeAddr, NodeAddrKey,
-    ServiceKey, ServiceValue, names,
+    Config, Endpoint, EndpointKey, FLUSH_F_CONTAINER, FLUSH_F_SERVICE, FlushRequest, NodeAddr,
+    NodeAddrKey, ServiceKey, ServiceValue, names,
 };
 
 use super::{BpfError, Datapath};
+
+/// Which tracked flows [`Datapath::flush_flows`] removes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Flows {
+    /// Every flow.
+    All,
+    /// A container's flows.
+    Container(u32),
+    /// The flows that came in through one of a container's published
+    /// ports.
+    Published {
+        /// The container.
+        container_id: u32,
+        /// The published port, host order.
+        port: u16,
+        /// Its protocol ([`datapath_common::proto`]).
+        proto: u8,
+    },
+}
 
 fn map_err(name: &'static str) -> impl FnOnce(MapError) -> BpfError {
     move |source| BpfError::Map { name, source }
@@ -121,20 +140,31 @@ impl Datapath {
         stale
     }
 
-    /// Removes the tracked flows of container `id`, or every flow (`None`),
-    /// in the kernel, which keeps the per-container counts exact and
-    /// cannot race a packet; returns the number of entries removed (two
-    /// per flow).
-    pub fn flush_flows(&mut self, id: Option<u32>) -> Result<usize, BpfError> {
-        let req = match id {
-            Some(container_id) => FlushRequest {
+    /// Removes the tracked flows `which` names in the kernel, which keeps
+    /// the per-container counts exact and cannot race a packet; returns the
+    /// number of entries removed (two per flow).
+    pub fn flush_flows(&mut self, which: Flows) -> Result<usize, BpfError> {
+        let req = match which {
+            Flows::All => FlushRequest::default(),
+            Flows::Container(container_id) => FlushRequest {
                 container_id,
                 flags: FLUSH_F_CONTAINER,
+                ..FlushRequest::default()
             },
-            None => FlushRequest::default(),
+            Flows::Published {
+                container_id,
+                port,
+                proto,
+            } => FlushRequest {
+                container_id,
+                flags: FLUSH_F_CONTAINER | FLUSH_F_SERVICE,
+                port,
+                proto,
+                _pad: 0,
+            },
         };
         let flows = self.run_flush(req)?;
-        if let Some(id) = id {
+        if let Flows::Container(id) = which {
             // The container's count is zero now; its record goes with it.
             let _ = self.ct_containers.remove(&id);
         }

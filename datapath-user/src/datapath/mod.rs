@@ -33,7 +33,7 @@ use datapath_common::{
 };
 use serde::Serialize;
 
-pub use self::{attach::RateHook, ratelimit::RateTarget, reader::Reader};
+pub use self::{attach::RateHook, maps::Flows, ratelimit::RateTarget, reader::Reader};
 
 /// The compiled eBPF object (all programs and maps), embedded at build time.
 pub static EBPF_OBJECT: &[u8] =
