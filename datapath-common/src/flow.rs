@@ -20,14 +20,28 @@ pub trait IpAddress: Copy + Clone + Debug + Default + PartialEq + Eq + Pod + 'st
     /// Padding after an address in [`CtEntryOf`], so that what follows is
     /// 8-byte aligned in both families.
     type Pad: Copy + Clone + Debug + Default + PartialEq + Eq + Pod + 'static;
+
+    /// The address of this family held in the first bytes of `bytes`
+    /// (how family-neutral requests carry one).
+    fn from_prefix(bytes: &[u8; 16]) -> Self;
 }
 
 impl IpAddress for [u8; 4] {
     type Pad = [u8; 4];
+
+    #[inline(always)]
+    fn from_prefix(b: &[u8; 16]) -> Self {
+        [b[0], b[1], b[2], b[3]]
+    }
 }
 
 impl IpAddress for [u8; 16] {
     type Pad = [u8; 0];
+
+    #[inline(always)]
+    fn from_prefix(b: &[u8; 16]) -> Self {
+        *b
+    }
 }
 
 /// A connection-tracking key: one direction of a flow as seen on the wire.

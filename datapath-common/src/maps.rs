@@ -258,6 +258,9 @@ pub struct FlushRequest {
     pub proto: u8,
     /// Explicit padding, always zero.
     pub _pad: u8,
+    /// The masquerade address whose flows go (with
+    /// [`FLUSH_F_MASQUERADE`]); an IPv4 address in the first four bytes.
+    pub addr: [u8; 16],
 }
 
 /// [`FlushRequest::flags`]: only the flows of [`FlushRequest::container_id`].
@@ -265,6 +268,9 @@ pub const FLUSH_F_CONTAINER: u32 = 1 << 0;
 /// [`FlushRequest::flags`]: only the flows that came in through published
 /// port [`FlushRequest::port`]/[`FlushRequest::proto`] (DNAT).
 pub const FLUSH_F_SERVICE: u32 = 1 << 1;
+/// [`FlushRequest::flags`]: only the flows masqueraded as
+/// [`FlushRequest::addr`] (the node's address changed).
+pub const FLUSH_F_MASQUERADE: u32 = 1 << 2;
 
 impl FlushRequest {
     /// Offset of the request in the frame.
@@ -286,7 +292,7 @@ const _: () = {
     assert!(size_of::<Endpoint>() == 24);
     assert!(size_of::<NodeAddrKey>() == 4);
     assert!(size_of::<NodeAddr>() == 4);
-    assert!(size_of::<FlushRequest>() == 12);
+    assert!(size_of::<FlushRequest>() == 28);
 };
 
 #[cfg(feature = "user")]

@@ -171,7 +171,7 @@ use aya_ebpf::{
 };
 use datapath_common::{
     CT_F_ORIGINAL, CT_F_PICKUP, CT_F_SEEN, CtContainer, CtEntryOf, CtKey, CtKeyOf, CtTimedEntryOf,
-    FLUSH_F_CONTAINER, FLUSH_F_SERVICE, FlushRequest, FragEntry, FragKeyOf, IpAddress, Stat,
+    FLUSH_F_CONTAINER, FLUSH_F_MASQUERADE, FLUSH_F_SERVICE, FlushRequest, FragEntry, FragKeyOf, IpAddress, Stat,
     bpf_timer, capacity,
     ct::{self, Timeouts},
     ct_action, ct_state, proto, tcp_flags,
@@ -1270,10 +1270,12 @@ impl Flush {
     unsafe fn flow<A: IpAddress>(&self, key: &CtKeyOf<A>, e: *const CtEntryOf<A>) -> bool {
         let r = &self.req;
         // SAFETY: per the caller.
-        let (id, action) = unsafe { ((*e).container_id, (*e).action) };
+        let (id, action, nat_addr) = unsafe { ((*e).container_id, (*e).action, (*e).nat_addr) };
         self.container(id)
             && (r.flags & FLUSH_F_SERVICE == 0
                 || (action == ct_action::DNAT && key.dport == r.port && key.proto == r.proto))
+            && (r.flags & FLUSH_F_MASQUERADE == 0
+                || (action == ct_action::SNAT && nat_addr == A::from_prefix(&r.addr)))
     }
 }
 

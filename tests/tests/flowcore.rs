@@ -28,7 +28,11 @@ use datapath_tests::{
     lock::TrafficLock,
     netns::Netns,
     node::{self, Node},
-    traffic::{IO_TIMEOUT, Server, UdpPinger, line_on, tcp_connect_from, udp_request_within},
+    traffic::{
+        IO_TIMEOUT, Server, UdpPinger, line_exchange, line_on, tcp_connect_from,
+        udp_request_within,
+    },
+    wait,
 };
 use serde_json::Value;
 
@@ -727,6 +731,63 @@ fn a_live_udp_flow_follows_its_port_when_it_moves_to_another_container() {
         pinger.wait_answer(b"b port 53: ping", IO_TIMEOUT),
         "the flow still goes to a: {:#?}",
         a.agent.flows()
+    );
+    assert!(pinger.finish() > 0);
+}
+
+// ---- 10. the node's address can change ---------------------------------------------------
+
+#[test]
+fn the_agent_follows_a_change_of_the_nodes_address_without_a_restart() {
+    let node = Node::new();
+    let Deployment { ctr, agent, .. } = Deployment::start(&node, "web", &["-p", "8080:80"]);
+    let _web = Server::line_echo(&ctr, 80, "web");
+    let outside = Server::udp_echo(&node.client, 5300, "outside");
+    let answer = b"outside port 5300: ping";
+    // A masqueraded flow that lives through the change (one socket).
+    let pinger = UdpPinger::start(&ctr, node.client_port(5300), b"ping");
+    assert!(pinger.wait_answer(answer, IO_TIMEOUT));
+
+    // 198.18.0.2 gives way to 198.18.0.3 (promoted when the old one goes).
+    let new = Ipv4Addr::new(198, 18, 0, 3);
+    node.node.exec_ok(
+        "sysctl",
+        ["-qw", &format!("net.ipv4.conf.{}.promote_secondaries=1", node::UPLINK)],
+    );
+    node.node
+        .exec_ok("ip", ["addr", "add", "198.18.0.3/24", "dev", node::UPLINK]);
+    node.node
+        .exec_ok("ip", ["addr", "del", "198.18.0.2/24", "dev", node::UPLINK]);
+    let followed = wait::within(IO_TIMEOUT, || {
+        agent.status()["uplink"]["node_ip"] == new.to_string()
+    });
+    assert!(followed, "the agent kept {}", agent.status()["uplink"]);
+
+    // The published port answers on the new address...
+    assert_eq!(
+        line_exchange(&node.client, SocketAddr::from((new, 8080)), "hi")
+            .expect("the published port on the new address"),
+        "web: hi"
+    );
+    // ... new flows from the container leave as it...
+    udp_request_within(&ctr, 0, node.client_port(5300), b"new", IO_TIMEOUT)
+        .expect("a new flow after the change");
+    // ... and so does the flow that was there before.
+    let deadline = Instant::now() + 2 * IO_TIMEOUT;
+    while outside.peers().last().map(|p| *p.ip()) != Some(new) {
+        assert!(Instant::now() < deadline, "{:?}", outside.peers().last());
+        pinger.wait_answer(answer, Duration::from_millis(100));
+    }
+    assert!(
+        pinger.wait_answer(answer, IO_TIMEOUT),
+        "the live flow goes on as the new address"
+    );
+    let peers = outside.peers();
+    let live = peers.iter().rev().take(10);
+    assert!(
+        live.clone().all(|p| *p.ip() == new),
+        "{:?}",
+        live.collect::<Vec<_>>()
     );
     assert!(pinger.finish() > 0);
 }

@@ -861,7 +861,7 @@ fn a_flush_of_one_published_port_removes_only_the_flows_through_it() {
         flags: FLUSH_F_CONTAINER | FLUSH_F_SERVICE,
         port,
         proto,
-        _pad: 0,
+        ..FlushRequest::default()
     };
     assert_eq!(p.flush(port(5353, proto::TCP)), 0, "another protocol");
     assert_eq!(

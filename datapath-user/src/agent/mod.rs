@@ -287,6 +287,21 @@ impl Agent {
         }
     }
 
+    /// Follows an address change on link `ifindex` if it is the uplink's.
+    async fn addresses_changed(&mut self, ifindex: u32, publish: impl Fn(Snapshot)) {
+        let Some(up) = self.node.uplink.as_mut() else {
+            return;
+        };
+        if up.ifindex != ifindex {
+            return;
+        }
+        match uplink::follow_addresses(&self.node.cfg, up, &mut self.dp, &self.net).await {
+            Ok(true) => publish(self.snapshot()),
+            Ok(false) => {}
+            Err(e) => tracing::warn!("follow the uplink's addresses: {e:#}"),
+        }
+    }
+
     /// Publishes the snapshot, then answers. A client that went away
     /// meanwhile misses the answer; the change stands.
     fn answer<T>(

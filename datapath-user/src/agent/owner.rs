@@ -19,6 +19,7 @@ use super::{Agent, AgentConfig, AgentError, status::Snapshot};
 use crate::{
     api::{AddContainer, ContainerInfo, UpdateContainer},
     datapath::Reader,
+    net::watch::AddressEvents,
 };
 
 /// How many commands may wait for the owner; senders wait beyond that.
@@ -103,6 +104,14 @@ pub(super) async fn spawn(cfg: AgentConfig) -> anyhow::Result<Started> {
     })
 }
 
+/// The next address event, or never without a subscription.
+async fn next_event(events: Option<&mut AddressEvents>) -> Option<u32> {
+    match events {
+        Some(events) => events.next().await,
+        None => std::future::pending().await,
+    }
+}
+
 /// The owner thread's body.
 fn run(
     cfg: AgentConfig,
@@ -139,8 +148,27 @@ fn run(
         let publish = |snapshot: Snapshot| {
             snapshots.send_replace(Arc::new(snapshot));
         };
-        while let Some(Message::Command(command)) = inbox.recv().await {
-            agent.execute(*command, publish).await;
+        // The uplink's address changes, watched from now on; one may have
+        // come since the uplink was set up, so its addresses are read once
+        // more right away.
+        let mut events = None;
+        if let Some(ifindex) = agent.node.uplink.as_ref().map(|u| u.ifindex) {
+            match AddressEvents::subscribe() {
+                Ok(e) => events = Some(e),
+                Err(e) => tracing::warn!("the node's address changes will not be followed: {e}"),
+            }
+            agent.addresses_changed(ifindex, publish).await;
+        }
+        loop {
+            tokio::select! {
+                message = inbox.recv() => match message {
+                    Some(Message::Command(command)) => agent.execute(*command, publish).await,
+                    Some(Message::Stop) | None => break,
+                },
+                Some(ifindex) = next_event(events.as_mut()) => {
+                    agent.addresses_changed(ifindex, publish).await;
+                }
+            }
         }
     });
 }

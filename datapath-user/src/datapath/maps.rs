@@ -7,7 +7,7 @@ use std::{collections::BTreeSet, net::Ipv4Addr};
 
 use aya::maps::{IterableMap as _, MapError};
 use datapath_common::{
-    Config, Endpoint, EndpointKey, FLUSH_F_CONTAINER, FLUSH_F_SERVICE, FlushRequest, NodeAddr,
+    Config, Endpoint, EndpointKey, FLUSH_F_CONTAINER, FLUSH_F_MASQUERADE, FLUSH_F_SERVICE, FlushRequest, NodeAddr,
     NodeAddrKey, ServiceKey, ServiceValue, names,
 };
 
@@ -30,6 +30,8 @@ pub enum Flows {
         /// Its protocol ([`datapath_common::proto`]).
         proto: u8,
     },
+    /// The flows masqueraded as this address.
+    Masqueraded(Ipv4Addr),
 }
 
 fn map_err(name: &'static str) -> impl FnOnce(MapError) -> BpfError {
@@ -37,6 +39,12 @@ fn map_err(name: &'static str) -> impl FnOnce(MapError) -> BpfError {
 }
 
 impl Datapath {
+    /// The global configuration (zero before the first
+    /// [`Datapath::set_config`]).
+    pub fn config(&self) -> Result<Config, BpfError> {
+        self.config.get(&0, 0).map_err(map_err(names::CONFIG))
+    }
+
     /// Sets the global configuration.
     pub fn set_config(&mut self, config: Config) -> Result<(), BpfError> {
         self.config
@@ -160,8 +168,16 @@ impl Datapath {
                 flags: FLUSH_F_CONTAINER | FLUSH_F_SERVICE,
                 port,
                 proto,
-                _pad: 0,
+                ..FlushRequest::default()
             },
+            Flows::Masqueraded(addr) => {
+                let mut req = FlushRequest {
+                    flags: FLUSH_F_MASQUERADE,
+                    ..FlushRequest::default()
+                };
+                req.addr[..4].copy_from_slice(&addr.octets());
+                req
+            }
         };
         let flows = self.run_flush(req)?;
         if let Flows::Container(id) = which {

@@ -1,11 +1,12 @@
 //! The kernel's network objects the datapath configures and reads, over
 //! rtnetlink: container veth pairs with their addresses and routes
-//! ([`link`]), reading links back ([`inspect`]), and network namespaces
-//! ([`netns`]).
+//! ([`link`]), reading links back ([`inspect`]), network namespaces
+//! ([`netns`]), and the node's address changes ([`watch`]).
 
 pub mod inspect;
 pub mod link;
 pub mod netns;
+pub mod watch;
 
 use nix::errno::Errno;
 
