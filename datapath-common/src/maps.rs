@@ -42,12 +42,22 @@ pub mod names {
     /// Cgroup storage: the [`crate::ratelimit::RateKey`] of each cgroup
     /// attachment of the rate limiter.
     pub const RATE_CGROUPS: &str = "RATE_CGROUPS";
+    /// Per-CPU [`crate::monitor::ContainerStats`] indexed by
+    /// [`crate::monitor::slot`]: each container's packets and bytes.
+    pub const CONTAINER_STATS: &str = "CONTAINER_STATS";
+    /// [`crate::monitor::ContainerDrops`] indexed by
+    /// [`crate::monitor::slot`]: each container's drops by reason.
+    pub const CONTAINER_DROPS: &str = "CONTAINER_DROPS";
+    /// Ring buffer of [`crate::monitor::Event`]s: drops and flows, written
+    /// only while the monitor is on ([`super::CONFIG_F_MONITOR_DROPS`],
+    /// [`super::CONFIG_F_MONITOR_FLOWS`]).
+    pub const EVENTS: &str = "EVENTS";
     /// [`crate::clock::TestClock`] array (one entry): zero in production;
     /// packet tests freeze the programs' time with it. Not pinned.
     pub const CLOCK: &str = "CLOCK";
 
     /// Every map the agent pins, in a stable order.
-    pub const ALL: [&str; 12] = [
+    pub const ALL: [&str; 15] = [
         CONFIG,
         SERVICES,
         ENDPOINTS,
@@ -60,6 +70,9 @@ pub mod names {
         RATE_LIMITS,
         RATE_STATS,
         RATE_CGROUPS,
+        CONTAINER_STATS,
+        CONTAINER_DROPS,
+        EVENTS,
     ];
 }
 
@@ -156,6 +169,13 @@ pub const CONFIG_F_FIB: u32 = 1 << 2;
 /// Without it (packet tests, whose interface indexes are made up), the
 /// cached interface is trusted.
 pub const CONFIG_F_CHECK_LINKS: u32 = 1 << 3;
+/// [`Config::flags`]: the monitor is on for drops: every dropped packet is
+/// written to the [`names::EVENTS`] ring buffer (within
+/// [`crate::monitor::MONITOR_BURST`]). Off, the programs write nothing there.
+pub const CONFIG_F_MONITOR_DROPS: u32 = 1 << 4;
+/// [`Config::flags`]: the monitor is on for flows: new, closed and expired
+/// flows are written to the [`names::EVENTS`] ring buffer.
+pub const CONFIG_F_MONITOR_FLOWS: u32 = 1 << 5;
 /// [`Config::flags`]: the configuration has been written by an agent.
 pub const CONFIG_F_READY: u32 = 1 << 31;
 

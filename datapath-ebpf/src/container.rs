@@ -14,7 +14,9 @@
 
 use aya_ebpf::programs::TcContext;
 use datapath_common::{
-    CONFIG_F_FIB, CONFIG_F_SNAT, Config, CtKey, Endpoint, EndpointKey, NodeAddrKey, Stat, ct_action,
+    CONFIG_F_FIB, CONFIG_F_SNAT, Config, CtKey, Endpoint, EndpointKey, NodeAddrKey, Stat,
+    ct_action,
+    monitor::{event_kind, hook},
 };
 
 use crate::{
@@ -23,7 +25,7 @@ use crate::{
     icmp,
     maps::{self, ENDPOINTS, NODE_ADDRS},
     nat,
-    parse::{self, ETH_LEN, Flow, IP_SRC_OFF, Kind, L4, frag},
+    parse::{self, ETH_LEN, Flow, FrameLen, IP_SRC_OFF, Kind, L4, frag},
     route::{Fib, Node},
 };
 
@@ -94,6 +96,7 @@ pub fn process(ctx: &mut TcContext) -> Verdict {
     let Some(sc) = maps::scratch() else {
         return Verdict::Pass;
     };
+    maps::begin(sc, hook::CONTAINER_TC);
     let flow = &mut sc.flow;
     let req = &mut sc.req;
     let kind = parse::parse(ctx, flow);
@@ -110,6 +113,13 @@ pub fn process(ctx: &mut TcContext) -> Verdict {
         Source::Spoofed => return Verdict::Drop(Stat::DropSpoofed),
         Source::Own(ep) => ep,
     };
+    sc.container = ep.container_id;
+    maps::account(
+        ep.container_id,
+        false,
+        ctx.frame_len() as u64,
+        ctx.segments(),
+    );
     if kind != Kind::Flow {
         return Verdict::Pass;
     }
@@ -170,7 +180,7 @@ pub fn process(ctx: &mut TcContext) -> Verdict {
         return Verdict::Pass;
     }
     if expiring {
-        return ttl_expired();
+        return ttl_expired(ctx, ifindex);
     }
     if mtu != 0 && too_big(ctx, flow, mtu) {
         // The path may have changed since the flow was created.
@@ -243,7 +253,7 @@ fn new_flow(
         return PASS;
     }
     if expiring {
-        maps::count(Stat::DropTtlExceeded);
+        maps::dropped(Stat::DropTtlExceeded, ifindex, ctx.len());
         return PASS;
     }
     // A later fragment whose flow ended since its first fragment, or a TCP
@@ -255,6 +265,7 @@ fn new_flow(
     match conntrack::create::<V4>(&flow.key, req) {
         CREATED => {
             maps::count(Stat::SnatNew);
+            maps::flow_event(event_kind::FLOW_NEW, &flow.key, ep.container_id);
             CREATED
         }
         r => DROP + r,
@@ -306,7 +317,7 @@ fn too_big_code(flow: &Flow) -> u32 {
 /// time exceeded from the gateway address and drops it, as a router does
 /// (traceroute's first hop). Counted, since the datapath does not forward it.
 #[inline(always)]
-fn ttl_expired() -> Verdict {
-    maps::count(Stat::DropTtlExceeded);
+fn ttl_expired(ctx: &TcContext, ifindex: u32) -> Verdict {
+    maps::dropped(Stat::DropTtlExceeded, ifindex, ctx.len());
     Verdict::Pass
 }

@@ -3,7 +3,7 @@
 
 use datapath_common::{
     CONFIG_F_ALLOW_DIRECT_ROUTING, CONFIG_F_FIB, Config, CtKey, EndpointKey, NodeAddrKey,
-    ServiceKey, Stat, ct_action, proto,
+    ServiceKey, Stat, ct_action, monitor::event_kind, proto,
 };
 
 use crate::{
@@ -91,13 +91,14 @@ fn service(key: &CtKey) -> Option<&'static datapath_common::ServiceValue> {
 
 /// Translates one uplink packet.
 #[inline(always)]
-pub fn process<C: Packet + FrameLen + Node + TranslateIcmp>(ctx: &mut C) -> Verdict {
+pub fn process<C: Packet + FrameLen + Node + TranslateIcmp>(ctx: &mut C, hook: u8) -> Verdict {
     let Some(cfg) = maps::config() else {
         return Verdict::Pass;
     };
     let Some(sc) = maps::scratch() else {
         return Verdict::Pass;
     };
+    maps::begin(sc, hook);
     let flow = &mut sc.flow;
     let req = &mut sc.req;
     let kind = parse::parse(ctx, flow);
@@ -142,12 +143,20 @@ pub fn process<C: Packet + FrameLen + Node + TranslateIcmp>(ctx: &mut C) -> Verd
     };
     // SAFETY: points into a live conntrack value (RCU); the fields the
     // translation needs are read once.
-    let (action, addr, port, ifindex) = unsafe {
+    let (action, addr, port, ifindex, container) = unsafe {
         let e = hit.entry;
-        ((*e).action, (*e).nat_addr, (*e).nat_port, (*e).ifindex)
+        (
+            (*e).action,
+            (*e).nat_addr,
+            (*e).nat_port,
+            (*e).ifindex,
+            (*e).container_id,
+        )
     };
+    sc.container = container;
     if action == ct_action::ROUTED {
         conntrack::update::<V4>(hit, &flow.key, flow, now);
+        maps::account(container, true, ctx.frame_len() as u64, 1);
         return Verdict::Pass;
     }
     // Replies arriving on the uplink are only ever REV_SNAT; an entry of
@@ -173,6 +182,7 @@ pub fn process<C: Packet + FrameLen + Node + TranslateIcmp>(ctx: &mut C) -> Verd
     } else {
         Stat::SnatPackets
     });
+    maps::account(container, true, ctx.frame_len() as u64, ctx.segments());
     Verdict::ToContainer { ifindex, addr }
 }
 
@@ -238,6 +248,7 @@ fn new_flow<C: Packet + Node>(
         let r = conntrack::create::<V4>(&flow.key, req);
         if r == CREATED {
             maps::count(Stat::DnatNew);
+            maps::flow_event(event_kind::FLOW_NEW, &flow.key, req.container_id);
             return CREATED;
         }
         return DROP + r;
