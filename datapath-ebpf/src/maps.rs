@@ -118,6 +118,9 @@ pub static EVENTS: RingBuf<Event, { EVENTS_BYTES as usize }> = RingBuf::new();
 pub fn begin(sc: &mut Scratch, hook: u8) {
     sc.hook = u32::from(hook);
     sc.container = 0;
+    // A drop before the packet is parsed must not show the last one's
+    // addresses.
+    sc.flow.key = datapath_common::CtKey::default();
 }
 
 /// Counts a packet of `frame_len` bytes (`segments` on the wire) to or

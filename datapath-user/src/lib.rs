@@ -23,6 +23,7 @@ pub mod cli;
 pub mod cni;
 pub mod datapath;
 pub mod error;
+pub mod metrics;
 pub mod model;
 pub mod net;
 pub mod store;

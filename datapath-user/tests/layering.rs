@@ -20,14 +20,15 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("model", &[]),
     ("error", &[]),
     ("cgroup", &[]),
-    ("api", &["model"]),
+    ("metrics", &["model"]),
+    ("api", &["model", "metrics"]),
     ("store", &["model"]),
     ("net", &["model"]),
-    ("datapath", &["model"]),
+    ("datapath", &["model", "metrics"]),
     (
         "agent",
         &[
-            "model", "error", "cgroup", "api", "store", "net", "datapath",
+            "model", "error", "cgroup", "api", "store", "net", "datapath", "metrics",
         ],
     ),
     ("cni", &["model", "error", "api", "net"]),

@@ -19,6 +19,7 @@
 
 pub mod handle;
 pub mod lifecycle;
+pub mod observe;
 mod owner;
 pub mod publish;
 pub mod reconcile;
@@ -91,6 +92,11 @@ pub struct AgentConfig {
     pub mtu: Option<u32>,
     /// Conntrack idle timeouts.
     pub timeouts: Timeouts,
+    /// Where to serve the metrics page over TCP (`--metrics`), if at all.
+    pub metrics: Option<std::net::SocketAddr>,
+    /// Keep the kernel's program statistics on (`--bpf-stats`), not only
+    /// while metrics are scraped.
+    pub bpf_stats: bool,
     /// Kernel-side log level (aya-log).
     pub log_level: u8,
 }
@@ -284,6 +290,13 @@ impl Agent {
             Command::Flush(container, reply) => {
                 let _ = reply.send(self.flush(container.as_deref()));
             }
+            Command::Monitor(flags, reply) => {
+                let _ = reply.send(
+                    self.dp
+                        .set_monitor(flags)
+                        .map_err(internal("turn the monitor on or off")),
+                );
+            }
         }
     }
 
@@ -341,11 +354,50 @@ pub async fn run(
     socket: &Path,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    let metrics_addr = cfg.metrics;
+    let program_stats = Arc::new(observe::ProgramStats::new(cfg.bpf_stats));
     let started = owner::spawn(cfg).await?;
     if let Some(logger) = started.logger {
         tokio::spawn(forward_kernel_logs(logger));
     }
-    let handle = Handle::new(started.commands, started.snapshot, started.reader);
+    let monitor = observe::Monitor::new(started.commands.clone());
+    if let Some(ring) = started.events {
+        tokio::spawn(Arc::clone(&monitor).read(ring));
+    }
+    {
+        let stats = Arc::clone(&program_stats);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(std::time::Duration::from_secs(30));
+            loop {
+                tick.tick().await;
+                stats.expire();
+            }
+        });
+    }
+    let handle = Handle::new(
+        started.commands,
+        started.snapshot,
+        started.reader,
+        program_stats,
+        monitor,
+    );
+    let (metrics_stop, metrics_stopped) = oneshot::channel::<()>();
+    if let Some(addr) = metrics_addr {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("listen for metrics on {addr}"))?;
+        tracing::info!(%addr, "metrics listening");
+        let backend = handle.clone();
+        tokio::spawn(async move {
+            let stop = async move {
+                let _ = metrics_stopped.await;
+            };
+            if let Err(e) = crate::api::server::serve_metrics(backend, listener, stop).await {
+                tracing::error!("metrics server: {e:#}");
+            }
+        });
+    }
     // An owner that died (a bug) takes the API down with it: a restarted
     // agent adopts what is there, where this one could only refuse changes.
     let mut gone = started.gone;
@@ -360,6 +412,7 @@ pub async fn run(
         }
     };
     let served = crate::api::server::serve(handle.clone(), socket, stop).await;
+    let _ = metrics_stop.send(());
     // Every request has been answered; the owner finishes and stops.
     handle.stop().await;
     let owner = started.owner;

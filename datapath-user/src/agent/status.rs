@@ -11,7 +11,8 @@ use ipnet::Ipv4Net;
 use super::{AgentError, Node, internal};
 use crate::{
     api::{AttachmentInfo, ContainerInfo, Flow, MapInfo, Status, UplinkInfo},
-    datapath::{Attachment, Datapath, Reader, conntrack},
+    datapath::{Attachment, ContainerRef, Datapath, Reader, conntrack, reader::ConntrackFigures},
+    model::Figures,
     store::{Container, Store},
 };
 
@@ -27,6 +28,7 @@ pub struct Snapshot {
     uplink: Option<UplinkInfo>,
     attachments: Vec<AttachmentInfo>,
     containers: BTreeMap<String, Container>,
+    snat_range: u64,
 }
 
 impl Snapshot {
@@ -43,12 +45,69 @@ impl Snapshot {
             uplink: node.uplink.as_ref().map(|u| u.info()),
             attachments: dp.attachments().iter().map(attachment_info).collect(),
             containers: store.containers().clone(),
+            snat_range: u64::from(cfg.snat_ports.1.saturating_sub(cfg.snat_ports.0)) + 1,
+        }
+    }
+
+    /// The name of container `id`, if it is one of ours.
+    pub fn container_name(&self, id: u32) -> Option<String> {
+        self.containers
+            .values()
+            .find(|c| c.id == id)
+            .map(|c| c.name.clone())
+    }
+
+    /// The id of container `name`.
+    pub fn container_id(&self, name: &str) -> Option<u32> {
+        self.containers.get(name).map(|c| c.id)
+    }
+
+    /// Every figure of the datapath (`program_stats`: whether the kernel
+    /// gathers program statistics now, which are then read too).
+    pub fn figures(&self, reader: &Reader, program_stats: bool) -> Figures {
+        let ct = reader
+            .conntrack_figures(&self.timeouts)
+            .unwrap_or_else(|e| {
+                tracing::warn!("read conntrack for the figures: {e}");
+                ConntrackFigures::default()
+            });
+        let programs: Vec<(u32, String, String)> = self
+            .attachments
+            .iter()
+            .map(|a| (a.program_id, a.program.clone(), a.ifname.clone()))
+            .collect();
+        Figures {
+            counters: reader.counters(),
+            containers: self
+                .containers
+                .values()
+                .map(|c| {
+                    reader.container_figures(&ContainerRef {
+                        name: &c.name,
+                        id: c.id,
+                        cgroup_id: c.cgroup_id,
+                        limits: &c.limits,
+                    })
+                })
+                .collect(),
+            conntrack: ct.entries,
+            conntrack_max: u64::from(self.ct_max),
+            conntrack_new_max: u64::from(crate::datapath::ct_new_max(self.ct_max)),
+            masquerade: ct.masquerade,
+            masquerade_range: self.snat_range,
+            programs: if program_stats {
+                reader.program_figures(&programs)
+            } else {
+                Vec::new()
+            },
+            program_stats,
         }
     }
 
     /// `GET /v1/status`: what is loaded and attached, with the counters.
-    pub fn status(&self, reader: &Reader) -> Status {
+    pub fn status(&self, reader: &Reader, program_stats: bool) -> Status {
         let maps_dir = self.bpffs_dir.join("maps");
+        let figures = self.figures(reader, program_stats);
         Status {
             version: env!("CARGO_PKG_VERSION").to_owned(),
             bpffs_dir: self.bpffs_dir.clone(),
@@ -66,8 +125,9 @@ impl Snapshot {
                 .collect(),
             counters: reader.counters(),
             containers: self.containers.len(),
-            conntrack_entries: reader.conntrack_entries(&self.timeouts),
+            conntrack_entries: figures.conntrack.iter().map(|f| f.entries).sum::<u64>() as usize,
             conntrack_max: self.ct_max,
+            figures,
         }
     }
 

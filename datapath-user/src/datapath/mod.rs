@@ -28,12 +28,19 @@ use aya::{
 };
 use datapath_common::{
     Config, CtContainer, CtEntry, CtKey, CtTimedEntry, Endpoint, EndpointKey, FlushRequest,
-    NodeAddr, NodeAddrKey, ServiceKey, ServiceValue, capacity, names, programs,
+    NodeAddr, NodeAddrKey, ServiceKey, ServiceValue, capacity,
+    monitor::{ContainerDrops, ContainerStats},
+    names, programs,
     ratelimit::{RateKey, RateLimit, RateStats},
 };
 use serde::Serialize;
 
-pub use self::{attach::RateHook, maps::Flows, ratelimit::RateTarget, reader::Reader};
+pub use self::{
+    attach::RateHook,
+    maps::Flows,
+    ratelimit::RateTarget,
+    reader::{ContainerRef, Reader},
+};
 
 /// The compiled eBPF object (all programs and maps), embedded at build time.
 pub static EBPF_OBJECT: &[u8] =
@@ -178,6 +185,15 @@ pub struct Datapath {
         reason = "cgroup storage is what gives a key per attachment"
     )]
     rate_cgroups: aya::maps::CgroupStorage<MapData, RateKey>,
+    /// Each container's packets and bytes, per CPU, by slot.
+    container_stats: PerCpuArray<MapData, ContainerStats>,
+    /// Each container's drops by reason, by slot.
+    container_drops: Array<MapData, ContainerDrops>,
+    /// The monitor's ring buffer, until [`Datapath::take_events`].
+    events: Option<aya::maps::RingBuf<MapData>>,
+    /// The monitor's `CONFIG_F_MONITOR_*` bits, kept across
+    /// [`Datapath::set_config`].
+    monitor_flags: u32,
     attachments: Vec<Attachment>,
 }
 
@@ -293,6 +309,14 @@ impl Datapath {
                 reason = "cgroup storage is what gives a key per attachment"
             )]
             rate_cgroups: typed_map!(&mut ebpf, names::RATE_CGROUPS, aya::maps::CgroupStorage<MapData, RateKey>),
+            container_stats: typed_map!(&mut ebpf, names::CONTAINER_STATS, PerCpuArray<MapData, ContainerStats>),
+            container_drops: typed_map!(&mut ebpf, names::CONTAINER_DROPS, Array<MapData, ContainerDrops>),
+            events: Some(typed_map!(
+                &mut ebpf,
+                names::EVENTS,
+                aya::maps::RingBuf<MapData>
+            )),
+            monitor_flags: 0,
             ebpf,
             bpffs_dir: opts.bpffs_dir.clone(),
             attachments: Vec::new(),

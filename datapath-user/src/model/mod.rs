@@ -5,12 +5,14 @@
 //! persisted state, the agent and the CNI plugin can all use it without
 //! depending on each other.
 
+pub mod figures;
 pub mod flow;
 pub mod limits;
 pub mod mac;
 pub mod names;
 pub mod ports;
 
+pub use figures::Figures;
 pub use flow::{Flow, FlowEndpoint};
 pub use limits::{DirectionCounters, Limit, RateCounters, RateLimits};
 pub use ports::{PortMapping, Protocol};

@@ -6,6 +6,7 @@
 
 mod file;
 
+use datapath_common::monitor::{CONTAINER_SLOTS, slot};
 use std::{collections::BTreeMap, net::Ipv4Addr, path::PathBuf};
 
 use ipnet::Ipv4Net;
@@ -104,9 +105,18 @@ impl State {
     pub fn take_id(&mut self) -> u32 {
         // Id 0 is never used: conntrack entries of no container carry it.
         self.next_id = self.next_id.max(1);
-        let id = self.next_id;
-        self.next_id += 1;
-        id
+        // The kernel counts each container in slot `id % CONTAINER_SLOTS`
+        // of its per-container counters: an id whose slot a live container
+        // holds is skipped (ids are never reused either way).
+        let busy: std::collections::BTreeSet<u32> =
+            self.containers.values().map(|c| slot(c.id)).collect();
+        loop {
+            let id = self.next_id;
+            self.next_id += 1;
+            if !busy.contains(&slot(id)) || busy.len() >= CONTAINER_SLOTS as usize {
+                return id;
+            }
+        }
     }
 }
 
