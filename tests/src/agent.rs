@@ -340,6 +340,41 @@ impl<'n> Agent<'n> {
             .unwrap_or_else(|| panic!("no counter {name} in {st:#}"))
     }
 
+    /// The metrics page the agent serves at `/metrics` on its API socket.
+    #[track_caller]
+    pub fn metrics(&self) -> String {
+        use std::io::{Read as _, Write as _};
+        let mut s = std::os::unix::net::UnixStream::connect(&self.socket)
+            .unwrap_or_else(|e| panic!("connect {}: {e}", self.socket.display()));
+        s.set_read_timeout(Some(Duration::from_secs(60)))
+            .expect("socket timeout");
+        s.write_all(b"GET /metrics HTTP/1.0\r\nHost: datapath\r\n\r\n")
+            .expect("send the request");
+        let mut answer = String::new();
+        s.read_to_string(&mut answer).expect("read the metrics");
+        let (head, body) = answer
+            .split_once("\r\n\r\n")
+            .unwrap_or_else(|| panic!("no HTTP answer: {answer}"));
+        assert!(
+            head.starts_with("HTTP/1.0 200"),
+            "metrics refused: {answer}"
+        );
+        body.to_owned()
+    }
+
+    /// Starts `datapath monitor ARGS` in the node namespace, its stdout
+    /// piped (killed when dropped, with the node).
+    pub fn monitor(&self, args: &[&str]) -> Child {
+        let mut cmd = Command::new(&self.bin);
+        cmd.arg("--api-socket")
+            .arg(&self.socket)
+            .arg("monitor")
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null());
+        self.node.node.spawn(&mut cmd)
+    }
+
     /// The flows of `datapath conntrack list --json`.
     #[track_caller]
     pub fn flows(&self) -> Vec<serde_json::Value> {

@@ -1,0 +1,299 @@
+//! Seeing what the datapath does (issue 17): per-container counters that
+//! move by exactly the packets sent, a metrics page any Prometheus parser
+//! reads, series that go with their container, and the monitor's events
+//! (present when asked for, absent from the kernel otherwise).
+
+use std::{
+    io::{BufRead as _, BufReader},
+    net::{Ipv4Addr, SocketAddr},
+    os::fd::{AsFd as _, AsRawFd as _},
+    sync::mpsc,
+    time::Duration,
+};
+
+use datapath_tests::{
+    fixture::Deployment,
+    node::Node,
+    traffic::{Server, udp_request, udp_request_within, udp_send},
+    wait,
+};
+
+/// The page parsed, after checking that every family has HELP and TYPE.
+fn parse(page: &str) -> prometheus_parse::Scrape {
+    let scrape = prometheus_parse::Scrape::parse(page.lines().map(|l| Ok(l.to_owned())))
+        .unwrap_or_else(|e| panic!("the metrics page does not parse: {e}\n{page}"));
+    assert!(!scrape.samples.is_empty(), "no samples:\n{page}");
+    for s in &scrape.samples {
+        let family = ["_total", "_bucket", "_sum", "_count", "_info", "_created"]
+            .iter()
+            .find_map(|suffix| s.metric.strip_suffix(suffix))
+            .filter(|f| page.contains(&format!("# TYPE {f} ")))
+            .unwrap_or(&s.metric);
+        for kind in ["HELP", "TYPE"] {
+            assert!(
+                page.contains(&format!("# {kind} {family} ")),
+                "family {family} (of {}) has no {kind}:\n{page}",
+                s.metric
+            );
+        }
+        assert!(family.starts_with("datapath_"), "{family} lacks the prefix");
+    }
+    scrape
+}
+
+/// The value of the sample of `metric` with exactly `labels` among its
+/// labels, if there is one.
+fn sample(scrape: &prometheus_parse::Scrape, metric: &str, labels: &[(&str, &str)]) -> Option<u64> {
+    scrape
+        .samples
+        .iter()
+        .find(|s| s.metric == metric && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+        .map(|s| match s.value {
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => v as u64,
+            _ => panic!("{metric} is not a plain value"),
+        })
+}
+
+fn traffic(scrape: &prometheus_parse::Scrape, container: &str) -> [u64; 4] {
+    let get = |metric: &str, dir: &str| {
+        sample(
+            scrape,
+            metric,
+            &[("container", container), ("direction", dir)],
+        )
+        .unwrap_or(0)
+    };
+    [
+        get("datapath_container_packets_total", "rx"),
+        get("datapath_container_bytes_total", "rx"),
+        get("datapath_container_packets_total", "tx"),
+        get("datapath_container_bytes_total", "tx"),
+    ]
+}
+
+/// A first UDP exchange with the echo server behind node port `port`,
+/// retried while the server starts; its answer.
+fn first_exchange(node: &Node, port: u16, payload: &[u8]) -> Vec<u8> {
+    wait::for_some(Duration::from_secs(30), || {
+        udp_request_within(
+            &node.client,
+            0,
+            node.node_port(port),
+            payload,
+            Duration::from_secs(2),
+        )
+        .ok()
+    })
+    .expect("the echo server answers")
+}
+
+#[test]
+fn container_counters_move_by_exactly_the_packets_sent_and_the_page_parses() {
+    const N: u64 = 12;
+    let node = Node::new();
+    let web = Deployment::start(&node, "web", &["-p", "8080:80/udp"]);
+    let _echo = Server::udp_echo(&web.ctr, 80, "web");
+    let payload = [b'x'; 32];
+    // One exchange first: the flow exists, the echo server answers.
+    let reply = first_exchange(&node, 8080, &payload);
+    let before = traffic(&parse(&web.agent.metrics()), "web");
+    for _ in 0..N {
+        udp_request(&node.client, node.node_port(8080), &payload).expect("echo");
+    }
+    let page = web.agent.metrics();
+    if std::env::var_os("SHOW_METRICS").is_some() {
+        eprintln!("{page}\n{}", web.agent.cli_ok(["status"]));
+    }
+    let after = traffic(&parse(&page), "web");
+    // A frame: Ethernet 14 + IPv4 20 + UDP 8 + payload.
+    let frame = |len: usize| 42 + len as u64;
+    assert_eq!(
+        [
+            after[0] - before[0],
+            after[1] - before[1],
+            after[2] - before[2],
+            after[3] - before[3]
+        ],
+        [N, N * frame(payload.len()), N, N * frame(reply.len())],
+        "rx packets, rx bytes, tx packets, tx bytes of web:\n{page}"
+    );
+    for family in [
+        "datapath_drops_total",
+        "datapath_conntrack_entries",
+        "datapath_conntrack_fill_ratio",
+        "datapath_map_update_duration_seconds",
+        "datapath_api_requests_total",
+        "datapath_build_info",
+        "datapath_ratelimit_packets_total",
+        "datapath_program_run_time_seconds",
+    ] {
+        assert!(page.contains(family), "no {family} on the page:\n{page}");
+    }
+    // The kernel's program statistics are on while metrics are scraped.
+    let scrape = parse(&web.agent.metrics());
+    assert_eq!(
+        sample(&scrape, "datapath_program_stats_enabled", &[]),
+        Some(1)
+    );
+    // `datapath status` shows the same figures in words.
+    let status = web.agent.cli_ok(["status"]);
+    assert!(
+        status.contains(&format!("container web: received {} packets", after[0])),
+        "{status}"
+    );
+}
+
+#[test]
+fn a_deleted_containers_series_vanish_and_metrics_serve_over_tcp() {
+    let node = Node::new();
+    node.node.exec_ok("ip", ["link", "set", "lo", "up"]);
+    let addr: SocketAddr = "127.0.0.1:9417".parse().expect("address");
+    let agent = datapath_tests::agent::Agent::builder(&node)
+        .args(["--metrics", &addr.to_string()])
+        .start();
+    let ctr = node.add_container_netns("gone");
+    agent.add("gone", &ctr, &["-p", "8081:81/udp"]);
+    let _echo = Server::udp_echo(&ctr, 81, "gone");
+    let before = parse(&agent.metrics());
+    first_exchange(&node, 8081, b"hello");
+    let scrape = |agent: &datapath_tests::agent::Agent<'_>| {
+        datapath_tests::traffic::http_get(&node.node, addr, "/metrics")
+            .unwrap_or_else(|e| panic!("GET /metrics over TCP: {e}\n{}", agent.log()))
+    };
+    let page = scrape(&agent);
+    assert!(
+        traffic(&parse(&page), "gone")[0] > traffic(&before, "gone")[0],
+        "packets delivered:\n{page}"
+    );
+    agent.cli_ok(["container", "del", "gone"]);
+    let page = scrape(&agent);
+    parse(&page);
+    assert!(
+        !page.contains("container=\"gone\""),
+        "series of the deleted container remain:\n{page}"
+    );
+}
+
+/// Reads `child`'s stdout lines on a thread.
+fn lines(child: &mut std::process::Child) -> mpsc::Receiver<String> {
+    let out = child.stdout.take().expect("piped stdout");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
+
+#[test]
+fn monitor_shows_a_spoofed_packet_dropped_with_its_reason_and_addresses() {
+    let node = Node::new();
+    let app = Deployment::start(&node, "app", &[]);
+    let spoof = Ipv4Addr::new(198, 18, 0, 77);
+    app.ctr
+        .exec_ok("ip", ["addr", "add", &format!("{spoof}/32"), "dev", "eth0"]);
+    let mut monitor = app.agent.monitor(&["--drops", "--json"]);
+    let rx = lines(&mut monitor);
+    let to = node.client_port(9001);
+    // The monitor subscribes shortly after it starts: send until it shows
+    // one (bounded).
+    let event = wait::for_some(Duration::from_secs(30), || {
+        udp_send(&app.ctr, SocketAddr::from((spoof, 5555)), to, b"spoofed").expect("send");
+        let line = rx.recv_timeout(Duration::from_millis(200)).ok()?;
+        Some(serde_json::from_str::<serde_json::Value>(&line).expect("JSON line"))
+    });
+    let _ = monitor.kill();
+    let _ = monitor.wait();
+    let ev = event.unwrap_or_else(|| panic!("no event; agent log:\n{}", app.agent.log()));
+    assert_eq!(ev["kind"], "drop", "{ev}");
+    assert_eq!(ev["reason"], "spoofed", "{ev}");
+    assert_eq!(ev["hook"], "container-tc", "{ev}");
+    assert_eq!(ev["protocol"], "udp", "{ev}");
+    assert_eq!(ev["src"], spoof.to_string(), "{ev}");
+    assert_eq!(ev["sport"], 5555, "{ev}");
+    assert_eq!(ev["dst"], to.ip().to_string(), "{ev}");
+    assert_eq!(ev["dport"], to.port(), "{ev}");
+}
+
+/// The producer position of the pinned ring buffer `path` (bytes written
+/// since it was created).
+fn ring_producer_pos(path: &std::path::Path) -> u64 {
+    let map = aya::maps::MapData::from_pin(path)
+        .unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+    let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).expect("page size");
+    // The producer page follows the consumer page; it is read-only.
+    // SAFETY: a fresh read-only shared mapping of the map's fd, unmapped
+    // below.
+    unsafe {
+        let p = libc::mmap(
+            std::ptr::null_mut(),
+            page,
+            libc::PROT_READ,
+            libc::MAP_SHARED,
+            map.fd().as_fd().as_raw_fd(),
+            page as libc::off_t,
+        );
+        assert_ne!(p, libc::MAP_FAILED, "mmap the ring buffer");
+        let pos = std::ptr::read_volatile(p.cast::<u64>());
+        libc::munmap(p, page);
+        pos
+    }
+}
+
+#[test]
+fn with_the_monitor_off_the_kernel_writes_no_events() {
+    let node = Node::new();
+    let app = Deployment::start(&node, "quiet", &["-p", "8082:82/udp"]);
+    let _echo = Server::udp_echo(&app.ctr, 82, "quiet");
+    let spoof = Ipv4Addr::new(198, 18, 0, 78);
+    app.ctr
+        .exec_ok("ip", ["addr", "add", &format!("{spoof}/32"), "dev", "eth0"]);
+    let ring = app.agent.bpffs_dir().join("maps").join("EVENTS");
+    let before = ring_producer_pos(&ring);
+    let dropped = app.agent.counter("drop_spoofed");
+    for i in 0..5u16 {
+        udp_send(
+            &app.ctr,
+            SocketAddr::from((spoof, 6000 + i)),
+            node.client_port(9002),
+            b"spoofed",
+        )
+        .expect("send");
+        // New flows too.
+        first_exchange(&node, 8082, b"new flow");
+    }
+    wait::until("the drops are counted", Duration::from_secs(10), || {
+        app.agent.counter("drop_spoofed") >= dropped + 5
+    });
+    assert_eq!(
+        ring_producer_pos(&ring),
+        before,
+        "the kernel wrote events with no monitor running"
+    );
+    // The same traffic with a monitor running moves the ring buffer: the
+    // position read above is the one the kernel writes.
+    let mut monitor = app.agent.monitor(&["--json"]);
+    let rx = lines(&mut monitor);
+    let seen = wait::for_some(Duration::from_secs(30), || {
+        udp_send(
+            &app.ctr,
+            SocketAddr::from((spoof, 7000)),
+            node.client_port(9002),
+            b"spoofed",
+        )
+        .expect("send");
+        rx.recv_timeout(Duration::from_millis(200)).ok()
+    });
+    let _ = monitor.kill();
+    let _ = monitor.wait();
+    assert!(seen.is_some(), "the monitor showed nothing");
+    assert!(
+        ring_producer_pos(&ring) > before,
+        "the ring buffer's producer position did not move with a monitor running"
+    );
+}
