@@ -140,6 +140,24 @@ impl<'n> AgentBuilder<'n> {
     }
 }
 
+/// The metrics page an agent serves at `/metrics` on API socket `socket`.
+pub fn metrics_at(socket: &Path) -> Result<String, String> {
+    use std::io::{Read as _, Write as _};
+    let mut s = std::os::unix::net::UnixStream::connect(socket)
+        .map_err(|e| format!("connect {}: {e}", socket.display()))?;
+    s.set_read_timeout(Some(Duration::from_secs(60)))
+        .map_err(|e| format!("socket timeout: {e}"))?;
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: datapath\r\n\r\n")
+        .map_err(|e| format!("send the request: {e}"))?;
+    let mut answer = String::new();
+    s.read_to_string(&mut answer)
+        .map_err(|e| format!("read the metrics: {e}"))?;
+    match answer.split_once("\r\n\r\n") {
+        Some((head, body)) if head.starts_with("HTTP/1.0 200") => Ok(body.to_owned()),
+        _ => Err(format!("metrics refused: {answer}")),
+    }
+}
+
 /// A running agent; stopped (SIGTERM, then SIGKILL) on drop, its bpffs and
 /// temporary directories removed.
 #[derive(Debug)]
