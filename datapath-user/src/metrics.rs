@@ -376,3 +376,56 @@ pub fn render(figures: &Figures) -> Result<String, std::fmt::Error> {
     encode(&mut out, &reg)?;
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::figures::ContainerFigures;
+
+    fn figures(containers: &[&str]) -> Figures {
+        Figures {
+            counters: [("drop_spoofed".to_owned(), 3), ("dnat_new".to_owned(), 5)].into(),
+            containers: containers
+                .iter()
+                .map(|n| ContainerFigures {
+                    name: (*n).to_owned(),
+                    rx_packets: 11,
+                    ..ContainerFigures::default()
+                })
+                .collect(),
+            conntrack_max: 100,
+            conntrack_new_max: 25,
+            ..Figures::default()
+        }
+    }
+
+    #[test]
+    fn the_page_names_drops_by_reason_and_containers_by_label() {
+        let page = render(&figures(&["web"])).expect("render");
+        assert!(
+            page.contains("datapath_drops_total{reason=\"spoofed\"} 3"),
+            "{page}"
+        );
+        assert!(
+            page.contains("datapath_events_total{event=\"dnat_new\"} 5"),
+            "{page}"
+        );
+        assert!(
+            page.contains(
+                "datapath_container_packets_total{container=\"web\",direction=\"rx\"} 11"
+            ),
+            "{page}"
+        );
+        assert!(
+            page.contains("# TYPE datapath_conntrack_fill_ratio gauge"),
+            "{page}"
+        );
+        assert!(page.ends_with("# EOF\n"), "{page}");
+    }
+
+    #[test]
+    fn a_container_no_longer_listed_has_no_series() {
+        let page = render(&figures(&[])).expect("render");
+        assert!(!page.contains("container=\"web\""), "{page}");
+    }
+}

@@ -176,6 +176,33 @@ fn a_deleted_containers_series_vanish_and_metrics_serve_over_tcp() {
     );
 }
 
+#[test]
+fn a_containers_drops_are_counted_by_reason_per_container() {
+    const N: u64 = 7;
+    let node = Node::new();
+    let app = Deployment::start(&node, "ttl", &[]);
+    let reason = [("container", "ttl"), ("reason", "ttl_exceeded")];
+    let before = sample(
+        &parse(&app.agent.metrics()),
+        "datapath_container_drops_total",
+        &reason,
+    )
+    .unwrap_or(0);
+    // Datagrams whose TTL would reach zero on the node: not forwarded, and
+    // counted against the container that sent them.
+    let to = node.client_port(9003);
+    app.ctr.exec_closure(|| {
+        let s = std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).expect("bind");
+        s.set_ttl(1).expect("ttl");
+        for _ in 0..N {
+            s.send_to(b"short-lived", to).expect("send");
+        }
+    });
+    let page = app.agent.metrics();
+    let after = sample(&parse(&page), "datapath_container_drops_total", &reason).unwrap_or(0);
+    assert_eq!(after - before, N, "{page}");
+}
+
 /// Reads `child`'s stdout lines on a thread.
 fn lines(child: &mut std::process::Child) -> mpsc::Receiver<String> {
     let out = child.stdout.take().expect("piped stdout");

@@ -183,6 +183,21 @@ pub fn gateway_of(pool: Ipv4Net) -> Ipv4Addr {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_new_id_never_shares_a_live_containers_counter_slot() {
+        let mut st = State::default();
+        let first = st.take_id();
+        st.containers.insert(
+            "a".to_owned(),
+            container("a", first, Ipv4Addr::new(198, 19, 0, 2)),
+        );
+        st.next_id = first + CONTAINER_SLOTS;
+        let id = st.take_id();
+        assert_eq!(id, first + CONTAINER_SLOTS + 1, "the busy slot is skipped");
+        assert_ne!(slot(id), slot(first));
+    }
+
     use std::fs;
 
     use super::*;
