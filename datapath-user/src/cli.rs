@@ -130,6 +130,9 @@ pub enum ContainerCmd {
         /// Publish a port like docker -p: [IP:]HOST[-END]:CONTAINER[-END][/tcp|/udp].
         #[arg(long = "publish", short = 'p')]
         publish: Vec<String>,
+        /// Publish even ports a process of the node listens on.
+        #[arg(long)]
+        force: bool,
         /// The container's cgroup v2 directory, which rate limits apply to
         /// (its processes and every cgroup below): a path in the cgroup2
         /// mount, or a name under it.
@@ -152,8 +155,12 @@ pub enum ContainerCmd {
         /// Ports like docker -p: [IP:]HOST[-END]:CONTAINER[-END][/tcp|/udp].
         #[arg(required = true)]
         specs: Vec<String>,
+        /// Publish even ports a process of the node listens on.
+        #[arg(long)]
+        force: bool,
     },
-    /// Stop publishing ports of a container (its established flows go on).
+    /// Stop publishing ports of a container (its established TCP
+    /// connections go on; its UDP flows through them are removed).
     Unpublish {
         /// Container name.
         name: String,
@@ -350,6 +357,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             netns,
             ifname,
             publish,
+            force,
             cgroup,
             limits,
         }) => {
@@ -364,6 +372,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     ingress_rate: limits.ingress_rate,
                     egress_burst: limits.egress_burst,
                     ingress_burst: limits.ingress_burst,
+                    force,
                 })
                 .await?;
             println!(
@@ -394,9 +403,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Command::Container(ContainerCmd::Publish { name, specs }) => {
+        Command::Container(ContainerCmd::Publish { name, specs, force }) => {
             for spec in specs {
-                let info = client.publish(&name, &spec).await?;
+                let info = client.publish(&name, &spec, force).await?;
                 println!("{} publishes {}", info.name, info.publish.join(","));
             }
             Ok(())

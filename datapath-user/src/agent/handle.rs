@@ -14,7 +14,7 @@ use super::{
 };
 use crate::{
     api::{
-        AddContainer, ContainerInfo, Flow, Status, UpdateContainer,
+        AddContainer, ContainerInfo, Flow, PortRequest, Status, UpdateContainer,
         server::{Backend, Failure},
     },
     datapath::Reader,
@@ -93,9 +93,9 @@ impl Backend for Handle {
         Ok(self.call(|reply| Command::Update(name, req, reply)).await?)
     }
 
-    async fn publish(&self, name: String, spec: String) -> Result<ContainerInfo, Failure> {
+    async fn publish(&self, name: String, req: PortRequest) -> Result<ContainerInfo, Failure> {
         Ok(self
-            .call(|reply| Command::Publish(name, spec, reply))
+            .call(|reply| Command::Publish(name, req, reply))
             .await?)
     }
 

@@ -22,6 +22,7 @@ pub mod lifecycle;
 mod owner;
 pub mod publish;
 pub mod reconcile;
+pub mod reserved;
 pub mod status;
 pub mod transaction;
 pub mod uplink;
@@ -227,6 +228,7 @@ impl Agent {
             reader,
         };
         reconcile::reconcile(&mut agent.lifecycle()).await?;
+        agent.reserve_ports();
         Ok(agent)
     }
 
@@ -262,6 +264,7 @@ impl Agent {
         match command {
             Command::Add(req, reply) => {
                 let result = self.lifecycle().add(req).await;
+                self.reserve_ports();
                 self.answer(&publish, reply, result);
             }
             Command::Update(name, req, reply) => {
@@ -270,20 +273,33 @@ impl Agent {
             }
             Command::Delete(name, reply) => {
                 let result = self.lifecycle().delete(&name).await;
+                self.reserve_ports();
                 self.answer(&publish, reply, result);
             }
-            Command::Publish(name, spec, reply) => {
-                let result = self.ports().publish(&name, &spec).await;
+            Command::Publish(name, req, reply) => {
+                let result = self.ports().publish(&name, &req.publish, req.force).await;
+                self.reserve_ports();
                 self.answer(&publish, reply, result);
             }
             Command::Unpublish(name, spec, reply) => {
                 let result = self.ports().unpublish(&name, &spec).await;
+                self.reserve_ports();
                 self.answer(&publish, reply, result);
             }
             // Flows are read live, not from the snapshot.
             Command::Flush(container, reply) => {
                 let _ = reply.send(self.flush(container.as_deref()));
             }
+        }
+    }
+
+    /// Brings the node's reserved ports in line with what is published and
+    /// masqueraded ([`reserved`]). A failure is logged: the datapath works
+    /// without it.
+    fn reserve_ports(&mut self) {
+        let wanted = reserved::wanted(&self.node, &self.store);
+        if let Err(e) = reserved::apply(&wanted, &mut self.store) {
+            tracing::warn!("reserve the published ports: {e:#}");
         }
     }
 

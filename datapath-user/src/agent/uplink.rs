@@ -188,7 +188,9 @@ pub async fn follow_addresses(
         config.node_addr = node_ip.octets();
         dp.set_config(config)?;
         match dp.flush_flows(Flows::Masqueraded(before)) {
-            Ok(n) => tracing::info!(entries = n, %before, "flows masqueraded as the old address removed"),
+            Ok(n) => {
+                tracing::info!(entries = n, %before, "flows masqueraded as the old address removed")
+            }
             Err(e) => tracing::warn!(%before, "flush the old address's flows: {e}"),
         }
     }

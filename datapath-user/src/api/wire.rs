@@ -46,6 +46,10 @@ pub struct AddContainer {
     /// least 1mb).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ingress_burst: Option<String>,
+    /// Publish ports even where a process of the node listens on them
+    /// (refused otherwise).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub force: bool,
 }
 
 /// `PATCH /v1/containers/{name}`: changes rate limits in place (no flow
@@ -76,6 +80,10 @@ pub struct UpdateContainer {
 pub struct PortRequest {
     /// `[ip:]host[-end]:container[-end][/tcp|/udp]`.
     pub publish: String,
+    /// Publish even where a process of the node listens on the port
+    /// (refused otherwise); unpublishing ignores it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub force: bool,
 }
 
 /// A container as the API shows it.

@@ -7,8 +7,8 @@ use std::{collections::BTreeSet, net::Ipv4Addr};
 
 use aya::maps::{IterableMap as _, MapError};
 use datapath_common::{
-    Config, Endpoint, EndpointKey, FLUSH_F_CONTAINER, FLUSH_F_MASQUERADE, FLUSH_F_SERVICE, FlushRequest, NodeAddr,
-    NodeAddrKey, ServiceKey, ServiceValue, names,
+    Config, Endpoint, EndpointKey, FLUSH_F_CONTAINER, FLUSH_F_MASQUERADE, FLUSH_F_SERVICE,
+    FlushRequest, NodeAddr, NodeAddrKey, ServiceKey, ServiceValue, names,
 };
 
 use super::{BpfError, Datapath};
