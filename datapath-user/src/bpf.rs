@@ -28,7 +28,7 @@ use aya::{
 use datapath_common::{
     Config, CtEntry, CtKey, Endpoint, EndpointKey, NodeAddr, NodeAddrKey, ServiceKey, ServiceValue,
     names, programs,
-    ratelimit::{ATTACH_SOCK_OPS, RateKey, RateLimit, RateStats, direction},
+    ratelimit::{ATTACH_SOCK_OPS, RateFlows, RateKey, RateLimit, RateStats, direction},
 };
 use serde::Serialize;
 
@@ -148,6 +148,8 @@ pub struct Datapath {
         reason = "cgroup storage is what gives a key per attachment"
     )]
     pub rate_cgroups: aya::maps::CgroupStorage<MapData, RateKey>,
+    /// TCP sockets sharing each ingress bucket's receive windows.
+    pub rate_flows: HashMap<MapData, RateKey, RateFlows>,
     attachments: Vec<Attachment>,
 }
 
@@ -248,6 +250,7 @@ impl Datapath {
                 reason = "cgroup storage is what gives a key per attachment"
             )]
             rate_cgroups: typed_map!(&mut ebpf, names::RATE_CGROUPS, aya::maps::CgroupStorage<MapData, RateKey>),
+            rate_flows: typed_map!(&mut ebpf, names::RATE_FLOWS, HashMap<MapData, RateKey, RateFlows>),
             ebpf,
             bpffs_dir: opts.bpffs_dir.clone(),
             attachments: Vec::new(),
@@ -532,7 +535,8 @@ pub enum RateHook {
     Egress,
     /// cgroup_skb ingress: the ingress bucket.
     Ingress,
-    /// sock_ops: pacing of the cgroup's TCP senders by the egress bucket.
+    /// sock_ops: pacing of the cgroup's TCP senders by the egress bucket,
+    /// receive windows of its TCP receivers by the ingress bucket.
     SockOps,
 }
 

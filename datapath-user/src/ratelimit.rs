@@ -24,8 +24,8 @@ use std::{
 
 use aya::maps::{MapError, PerCpuValues};
 use datapath_common::ratelimit::{
-    MAX_BURST_BYTES, MAX_RATE_BPS, MIN_BURST_BYTES, MIN_RATE_BPS, RateKey, RateLimit, RateParams,
-    RateStats, default_burst, direction,
+    MAX_BURST_BYTES, MAX_RATE_BPS, MIN_BURST_BYTES, MIN_RATE_BPS, RateFlows, RateKey, RateLimit,
+    RateParams, RateStats, default_burst, direction,
 };
 use serde::{Deserialize, Serialize};
 
@@ -410,8 +410,10 @@ pub fn limit(
 
 /// The limit after an update of `current` with a rate (`none` removes it)
 /// and a burst, either of which may be absent (unchanged). A new rate keeps
-/// the current burst unless one is given; a new limit without a burst gets
-/// [`default_burst`].
+/// the current burst unless one is given, or unless the current burst is
+/// the default for the current rate: a default bucket follows the rate
+/// (the receive windows need one that covers a sender's persist timer). A
+/// new limit without a burst gets [`default_burst`].
 pub fn updated(
     dir: &'static str,
     current: Option<Limit>,
@@ -433,8 +435,12 @@ pub fn updated(
             let rate_bps = rate(r)?;
             let burst_bytes = match (b, cur) {
                 (Some(b), _) => burst(b)?,
-                (None, Some(cur)) => cur.burst_bytes,
-                (None, None) => default_burst(direction_of(dir), rate_bps),
+                (None, Some(cur))
+                    if cur.burst_bytes != default_burst(direction_of(dir), cur.rate_bps) =>
+                {
+                    cur.burst_bytes
+                }
+                (None, _) => default_burst(direction_of(dir), rate_bps),
             };
             Ok(Some(Limit {
                 rate_bps,
@@ -668,16 +674,17 @@ fn map_err(action: &'static str) -> impl FnOnce(MapError) -> ApplyError {
 }
 
 /// Makes the datapath match container `c`'s limits: a bucket and a hook
-/// per limited direction on its cgroup (and the TCP pacing hook while
-/// egress is limited), none for the others. A bucket that exists is
-/// reconfigured in place under its lock, so its state and counters
-/// survive and the change applies to the next packet. Hooks already
-/// attached are kept unless `reattach` (after a restart: the freshly
-/// loaded programs replace the old ones).
+/// per limited direction on its cgroup (and the sock_ops hook that paces
+/// TCP senders and chooses TCP receivers' windows while either is
+/// limited), none for the others. A bucket that exists is reconfigured in
+/// place under its lock, so its state and counters survive and the change
+/// applies to the next packet (and to the next window of every socket).
+/// Hooks already attached are kept unless `reattach` (after a restart: the
+/// freshly loaded programs replace the old ones).
 ///
-/// The pacing hook stays attached after the egress limit is removed:
-/// paced sockets get their pacing back from it on their next ACK. It goes
-/// with the container ([`remove`]).
+/// The sock_ops hook stays attached after the limits are removed: paced
+/// and clamped sockets get their pacing and window back from it on their
+/// next segment. It goes with the container ([`remove`]).
 pub fn apply(dp: &mut Datapath, c: &Container, reattach: bool) -> Result<(), ApplyError> {
     let Some(cgroup) = &c.cgroup else {
         return if c.limits.is_empty() {
@@ -709,6 +716,13 @@ pub fn apply(dp: &mut Datapath, c: &Container, reattach: bool) -> Result<(), App
                 .map_err(map_err("add a rate limit"))?,
             Err(e) => return Err(map_err("read a rate limit")(e)),
         }
+        if hook == RateHook::Ingress
+            && matches!(dp.rate_flows.get(&key, 0), Err(MapError::KeyNotFound))
+        {
+            dp.rate_flows
+                .insert(key, RateFlows::default(), 0)
+                .map_err(map_err("add a TCP flow count"))?;
+        }
         if matches!(dp.rate_stats.get(&key, 0), Err(MapError::KeyNotFound)) {
             let cpus = aya::util::nr_cpus()
                 .map_err(|(file, e)| ApplyError::Cpus(format!("{file}: {e}")))?;
@@ -722,9 +736,7 @@ pub fn apply(dp: &mut Datapath, c: &Container, reattach: bool) -> Result<(), App
             dp.attach_rate(hook, cgroup, c.cgroup_id, &c.host_ifname)?;
         }
     }
-    if c.limits.egress.is_some()
-        && (reattach || !dp.rate_attached(RateHook::SockOps, &c.host_ifname))
-    {
+    if !c.limits.is_empty() && (reattach || !dp.rate_attached(RateHook::SockOps, &c.host_ifname)) {
         dp.attach_rate(RateHook::SockOps, cgroup, c.cgroup_id, &c.host_ifname)?;
     }
     Ok(())
@@ -733,6 +745,7 @@ pub fn apply(dp: &mut Datapath, c: &Container, reattach: bool) -> Result<(), App
 fn remove_bucket(dp: &mut Datapath, key: RateKey) {
     let _ = dp.rate_limits.remove(&key);
     let _ = dp.rate_stats.remove(&key);
+    let _ = dp.rate_flows.remove(&key);
 }
 
 /// Removes every hook and bucket of container `c` (going on after
@@ -916,6 +929,25 @@ mod tests {
             Ok(Some(Limit {
                 rate_bps: 1_000_000_000,
                 burst_bytes: default_burst(direction::EGRESS, 1_000_000_000)
+            }))
+        );
+        // A default bucket follows a new rate; a given one stays.
+        let default_ingress = Some(Limit {
+            rate_bps: 20_000_000,
+            burst_bytes: default_burst(direction::INGRESS, 20_000_000),
+        });
+        assert_eq!(
+            updated("ingress", default_ingress, Some("80mbit"), None),
+            Ok(Some(Limit {
+                rate_bps: 80_000_000,
+                burst_bytes: default_burst(direction::INGRESS, 80_000_000)
+            }))
+        );
+        assert_eq!(
+            updated("ingress", cur, Some("80mbit"), None),
+            Ok(Some(Limit {
+                rate_bps: 80_000_000,
+                burst_bytes: 65_536
             }))
         );
         assert!(updated("egress", None, None, Some("1mb")).is_err());
