@@ -118,6 +118,30 @@ impl Drop for Iperf3Server {
     }
 }
 
+/// A TCP congestion control for iperf3's `-C` (the two a network
+/// namespace allows).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Congestion {
+    /// BBR (the machine's default here).
+    #[default]
+    Bbr,
+    /// Reno.
+    Reno,
+}
+
+impl Congestion {
+    /// Both.
+    pub const ALL: [Congestion; 2] = [Congestion::Bbr, Congestion::Reno];
+
+    /// The kernel's name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Congestion::Bbr => "bbr",
+            Congestion::Reno => "reno",
+        }
+    }
+}
+
 /// How an iperf3 client runs.
 #[derive(Clone, Debug)]
 pub struct Iperf3Options {
@@ -129,6 +153,8 @@ pub struct Iperf3Options {
     pub streams: u32,
     /// Report interval in seconds (`-i`).
     pub interval: f64,
+    /// The sender's congestion control (`-C`), if not the system's.
+    pub congestion: Option<Congestion>,
 }
 
 impl Default for Iperf3Options {
@@ -138,6 +164,7 @@ impl Default for Iperf3Options {
             omit: 0,
             streams: 1,
             interval: 1.0,
+            congestion: None,
         }
     }
 }
@@ -238,6 +265,9 @@ impl Iperf3Client {
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
+        if let Some(cc) = opts.congestion {
+            cmd.args(["-C", cc.name()]);
+        }
         if let Some(cg) = cgroup {
             cg.enter(&mut cmd);
         }
@@ -334,6 +364,8 @@ pub struct RateCase {
     pub direction: Direction,
     /// TCP streams.
     pub streams: u32,
+    /// The senders' congestion control.
+    pub congestion: Congestion,
     /// Measured seconds.
     pub seconds: u32,
     /// Seconds of warm-up left out of the result.
@@ -353,9 +385,16 @@ impl RateCase {
             burst_bytes: datapath_common::ratelimit::default_burst(dir, rate_bps),
             direction,
             streams,
+            congestion: Congestion::Bbr,
             seconds: 5,
             omit: 1,
         }
+    }
+
+    /// The same case with senders using `congestion`.
+    pub fn with_congestion(mut self, congestion: Congestion) -> Self {
+        self.congestion = congestion;
+        self
     }
 }
 
@@ -397,6 +436,7 @@ pub fn measure(case: &RateCase, limiter: Limiter) -> Result<RateMeasurement, Ben
         omit: case.omit,
         streams: case.streams,
         interval: 1.0,
+        congestion: Some(case.congestion),
     };
     let report = match limiter {
         Limiter::Datapath => {
