@@ -421,8 +421,83 @@ const TBF_CTR: Ipv4Addr = Ipv4Addr::new(198, 19, 250, 2);
 const TBF_GW: Ipv4Addr = Ipv4Addr::new(198, 19, 250, 1);
 /// iperf3's port.
 const PORT: u16 = 5201;
-/// The published port of the datapath topology's ingress cases.
+/// The echo server's port of the request/response measurement.
+const RR_PORT: u16 = 5202;
+/// The published port of the datapath topology for [`PORT`]; the next one
+/// is [`RR_PORT`]'s.
 const PUBLISHED: u16 = 18080;
+
+/// The port the datapath topology publishes container port `port` on.
+const fn published(port: u16) -> u16 {
+    PUBLISHED + (port - PORT)
+}
+
+/// Where the client reaches container port `port` with `limiter`: a
+/// published port of the node, or the routed container itself.
+fn container_addr(node: &Node, limiter: Limiter, port: u16) -> SocketAddr {
+    match limiter {
+        Limiter::Datapath => SocketAddr::from((node.node_addr(), published(port))),
+        Limiter::Tbf => SocketAddr::from((TBF_CTR, port)),
+    }
+}
+
+/// Connects container `ctr` (in cgroup `cg`) to `node` and limits it as
+/// `case` says with `limiter`, making container ports `ports` reachable
+/// from the client. Returns the agent (datapath) for the caller to keep.
+fn set_up<'n>(
+    node: &'n Node,
+    ctr: &Netns,
+    cg: &Cgroup,
+    case: &RateCase,
+    limiter: Limiter,
+    ports: &[u16],
+) -> Result<Option<Agent<'n>>, BenchError> {
+    match limiter {
+        Limiter::Datapath => {
+            let agent = Agent::start(node);
+            let rate = case.rate_bps.to_string();
+            let burst = format!("{}b", case.burst_bytes);
+            let (rate_flag, burst_flag) = match case.direction {
+                Direction::Egress => ("--egress-rate", "--egress-burst"),
+                Direction::Ingress => ("--ingress-rate", "--ingress-burst"),
+            };
+            let cgroup = cg.path().to_string_lossy().into_owned();
+            let publish: Vec<String> = ports
+                .iter()
+                .map(|p| format!("{}:{p}", published(*p)))
+                .collect();
+            let mut args = vec!["container", "add", "rb", "--netns", ctr.name()];
+            for p in &publish {
+                args.extend(["--publish", p.as_str()]);
+            }
+            args.extend(["--cgroup", &cgroup, rate_flag, &rate, burst_flag, &burst]);
+            let out = agent.cli(&args);
+            if !out.status.success() {
+                return Err(tool(
+                    "datapath container add",
+                    String::from_utf8_lossy(&out.stderr).into_owned(),
+                ));
+            }
+            Ok(Some(agent))
+        }
+        Limiter::Tbf => {
+            routed_container(node, ctr)?;
+            cni_bandwidth(node, case)?;
+            Ok(None)
+        }
+    }
+}
+
+/// iperf3's options for `case`.
+fn iperf3_options(case: &RateCase) -> Iperf3Options {
+    Iperf3Options {
+        seconds: case.seconds,
+        omit: case.omit,
+        streams: case.streams,
+        interval: 1.0,
+        congestion: Some(case.congestion),
+    }
+}
 
 /// Measures `case` with `limiter` on a fresh node: a client, a node and a
 /// container (in a cgroup of its own) sending to or receiving from the
@@ -431,87 +506,26 @@ pub fn measure(case: &RateCase, limiter: Limiter) -> Result<RateMeasurement, Ben
     let node = Node::new();
     let ctr = node.add_container_netns("rb");
     let cg = Cgroup::new();
-    let opts = Iperf3Options {
-        seconds: case.seconds,
-        omit: case.omit,
-        streams: case.streams,
-        interval: 1.0,
-        congestion: Some(case.congestion),
-    };
-    let report = match limiter {
-        Limiter::Datapath => {
-            let agent = Agent::start(&node);
-            let rate = case.rate_bps.to_string();
-            let burst = format!("{}b", case.burst_bytes);
-            let (rate_flag, burst_flag) = match case.direction {
-                Direction::Egress => ("--egress-rate", "--egress-burst"),
-                Direction::Ingress => ("--ingress-rate", "--ingress-burst"),
-            };
-            let cgroup = cg.path().to_string_lossy().into_owned();
-            let publish = format!("{PUBLISHED}:{PORT}");
-            let out = agent.cli([
-                "container",
-                "add",
-                "rb",
-                "--netns",
-                ctr.name(),
-                "--publish",
-                &publish,
-                "--cgroup",
-                &cgroup,
-                rate_flag,
-                &rate,
-                burst_flag,
-                &burst,
-            ]);
-            if !out.status.success() {
-                return Err(tool(
-                    "datapath container add",
-                    String::from_utf8_lossy(&out.stderr).into_owned(),
-                ));
-            }
-            match case.direction {
-                Direction::Egress => {
-                    let _server =
-                        Iperf3Server::start(&node.client, None, node.client_addr(), PORT)?;
-                    iperf3(
-                        &ctr,
-                        Some(&cg),
-                        SocketAddr::from((node.client_addr(), PORT)),
-                        &opts,
-                    )?
-                }
-                Direction::Ingress => {
-                    let _server =
-                        Iperf3Server::start(&ctr, Some(&cg), Ipv4Addr::UNSPECIFIED, PORT)?;
-                    iperf3(
-                        &node.client,
-                        None,
-                        SocketAddr::from((node.node_addr(), PUBLISHED)),
-                        &opts,
-                    )?
-                }
-            }
+    let _agent = set_up(&node, &ctr, &cg, case, limiter, &[PORT])?;
+    let opts = iperf3_options(case);
+    let report = match case.direction {
+        Direction::Egress => {
+            let _server = Iperf3Server::start(&node.client, None, node.client_addr(), PORT)?;
+            iperf3(
+                &ctr,
+                Some(&cg),
+                SocketAddr::from((node.client_addr(), PORT)),
+                &opts,
+            )?
         }
-        Limiter::Tbf => {
-            routed_container(&node, &ctr)?;
-            cni_bandwidth(&node, case)?;
-            match case.direction {
-                Direction::Egress => {
-                    let _server =
-                        Iperf3Server::start(&node.client, None, node.client_addr(), PORT)?;
-                    iperf3(
-                        &ctr,
-                        Some(&cg),
-                        SocketAddr::from((node.client_addr(), PORT)),
-                        &opts,
-                    )?
-                }
-                Direction::Ingress => {
-                    let _server = Iperf3Server::start(&ctr, Some(&cg), TBF_CTR, PORT)?;
-                    iperf3(&node.client, None, SocketAddr::from((TBF_CTR, PORT)), &opts)?
-                }
-            }
+        Direction::Ingress => {
+            let _server = Iperf3Server::start(&ctr, Some(&cg), Ipv4Addr::UNSPECIFIED, PORT)?;
+            iperf3(
+                &node.client,
+                None,
+                container_addr(&node, limiter, PORT),
+                &opts,
+            )?
         }
     };
     Ok(RateMeasurement {
@@ -521,6 +535,116 @@ pub fn measure(case: &RateCase, limiter: Limiter) -> Result<RateMeasurement, Ben
         ratio: report.received_bps / case.rate_bps as f64,
         retransmits: report.retransmits,
         per_second_bps: report.intervals,
+    })
+}
+
+/// Request/response latency into a limited container while a bulk
+/// transfer fills its ingress limit.
+#[derive(Clone, Debug)]
+pub struct RrUnderLoad {
+    /// The limiter.
+    pub limiter: Limiter,
+    /// The bulk transfer's case (ingress).
+    pub case: RateCase,
+    /// Round-trip times of the one-byte transactions, microseconds.
+    pub latencies_us: Vec<f64>,
+    /// The bulk transfer's achieved / configured rate.
+    pub bulk_ratio: f64,
+    /// The bulk senders' retransmissions.
+    pub bulk_retransmits: u64,
+}
+
+/// A `socat` echo server on `port` in `ns` (and `cgroup`), killed on drop.
+struct EchoServer {
+    child: Child,
+}
+
+impl EchoServer {
+    /// Starts it and waits (up to 5 s) until it listens.
+    fn start(ns: &Netns, cgroup: &Cgroup, port: u16) -> Result<Self, BenchError> {
+        let mut cmd = Command::new("socat");
+        // A pipe read back into the connection: an echo.
+        cmd.arg(format!("TCP4-LISTEN:{port},reuseaddr,nodelay"))
+            .arg("PIPE")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        cgroup.enter(&mut cmd);
+        let child = ns.enter(&mut cmd).spawn().map_err(|e| {
+            tool(
+                format!("start socat in {}", ns.name()),
+                format!("{e} (is socat installed?)"),
+            )
+        })?;
+        let server = Self { child };
+        wait_listening(ns, port, "socat")?;
+        Ok(server)
+    }
+}
+
+impl Drop for EchoServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Waits (up to 5 s) until something listens on TCP `port` in `ns`.
+fn wait_listening(ns: &Netns, port: u16, what: &str) -> Result<(), BenchError> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let filter = format!("sport = :{port}");
+    loop {
+        let out = ns.exec("ss", ["-Hltn", filter.as_str()]);
+        if out.status.success() && !out.stdout.is_empty() {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(tool(
+                format!("{what} on port {port} in {}", ns.name()),
+                "not listening after 5 s",
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Measures one-byte request/response transactions from the client into
+/// the container while `case` (an ingress case) runs a bulk transfer
+/// through the same limit: the requests share the bucket (or tbf's queue)
+/// with the bulk traffic. The transactions start a second after the
+/// warm-up and run until a second before the transfer ends.
+pub fn measure_rr_under_load(case: &RateCase, limiter: Limiter) -> Result<RrUnderLoad, BenchError> {
+    let node = Node::new();
+    let ctr = node.add_container_netns("rb");
+    let cg = Cgroup::new();
+    let _agent = set_up(&node, &ctr, &cg, case, limiter, &[PORT, RR_PORT])?;
+    let _server = Iperf3Server::start(&ctr, Some(&cg), Ipv4Addr::UNSPECIFIED, PORT)?;
+    let _echo = EchoServer::start(&ctr, &cg, RR_PORT)?;
+    let bulk = Iperf3Client::spawn(
+        &node.client,
+        None,
+        container_addr(&node, limiter, PORT),
+        &iperf3_options(case),
+    )?;
+    std::thread::sleep(Duration::from_secs(u64::from(case.omit) + 1));
+    let SocketAddr::V4(target) = container_addr(&node, limiter, RR_PORT) else {
+        return Err(tool("request/response", "an IPv4 target"));
+    };
+    let seconds = u64::from(case.seconds.saturating_sub(2).max(1));
+    let rr = crate::bench::rr::run(
+        &node.client,
+        target,
+        Duration::from_secs(seconds),
+        usize::MAX,
+    )
+    .map_err(|e| tool(format!("request/response with {target}"), format!("{e:#}")))?;
+    let report = bulk.wait()?;
+    Ok(RrUnderLoad {
+        limiter,
+        case: case.clone(),
+        latencies_us: rr.latencies_us,
+        bulk_ratio: report.received_bps / case.rate_bps as f64,
+        bulk_retransmits: report.retransmits,
     })
 }
 
