@@ -54,13 +54,16 @@
 //! the sock_ops program chooses the window each TCP socket of the cgroup
 //! advertises, right before every segment it sends (and again as every
 //! segment arrives), and clamps it to the socket's share of what the bucket
-//! can still admit beyond a reserve of a quarter of the bucket
-//! ([`RateLimit::window_grant`]). A window is counted from the data
-//! received, so the right edge it offers advances exactly as fast as the
-//! bucket refills: a sender can never have more in flight than the bucket
-//! has room for, whatever the path's round-trip time. In a steady flow the
-//! grant settles at the share of the rate times the time between ACKs,
-//! about the share times the RTT.
+//! can still admit beyond a reserve of a quarter of the bucket, and to no
+//! more than twice its share of the rate times its round-trip time (at
+//! least 64 KiB) ([`RateLimit::window_grant`]). A window is counted from
+//! the data received, so the right edge it offers advances exactly as fast
+//! as the bucket refills: a sender can never have more in flight than the
+//! bucket has room for, whatever the path's round-trip time. In a steady
+//! flow the grant settles near the share of the rate times the RTT; the
+//! RTT bound keeps a sender that finds a full bucket from sending it all
+//! at once (on a path of microseconds, it has one 64 KiB segment in flight
+//! at a time, which also keeps the segments in order).
 //!
 //! When the rate times the RTT is less than a segment (10 Mbit/s over a
 //! path of a few hundred microseconds), the grant falls below one segment
@@ -165,6 +168,10 @@ pub const WINDOW_UNCLAMPED: u32 = 1 << 30;
 /// The smallest window clamp given at a handshake: 64 KiB, the largest
 /// window without scaling.
 pub const WINDOW_CAP_MIN: u32 = 65_535;
+/// The smallest window the round-trip time limits a grant to: 64 KiB, one
+/// GSO segment. On a path of microseconds a sender then has one segment in
+/// flight at a time, sent as the ACK of the last one opens the window.
+pub const WINDOW_RTT_MIN: u64 = 65_536;
 /// The share of the bucket kept out of the windows: a quarter.
 pub const RESERVE_DIV: u64 = 4;
 
@@ -558,18 +565,34 @@ impl RateLimit {
     }
 
     /// The receive window clamp of each of `flows` TCP sockets of the
-    /// cgroup at `now_ns`: an equal share of what the bucket can admit
-    /// beyond its reserve, at least [`WINDOW_MIN`], at most
-    /// [`RateLimit::window_cap`]. Runs in the kernel: no panics.
+    /// cgroup at `now_ns`, for a socket whose smoothed round-trip time is
+    /// `rtt_us` (0: unknown): an equal share of what the bucket can admit
+    /// beyond its reserve, but no more than twice the share of the rate
+    /// times the round-trip time (at least [`WINDOW_RTT_MIN`]), at least
+    /// [`WINDOW_MIN`], at most [`RateLimit::window_cap`]. Runs in the
+    /// kernel: no panics.
     #[inline(always)]
-    pub fn window_grant(&self, now_ns: u64, flows: u64) -> u32 {
+    pub fn window_grant(&self, now_ns: u64, flows: u64, rtt_us: u32) -> u32 {
+        let flows = if flows == 0 { 1 } else { flows };
         let free = self.free_bytes(now_ns);
         let reserve = self.burst_bytes / RESERVE_DIV;
-        let share = if free > reserve {
-            div(free - reserve, if flows == 0 { 1 } else { flows })
+        let mut share = if free > reserve {
+            div(free - reserve, flows)
         } else {
             0
         };
+        if rtt_us != 0 {
+            let rtt_ns = (rtt_us as u64).wrapping_mul(1_000);
+            let in_flight = div(2 * ns_to_bytes(rtt_ns, self.rate_bps), flows);
+            share = min(
+                share,
+                if in_flight < WINDOW_RTT_MIN {
+                    WINDOW_RTT_MIN
+                } else {
+                    in_flight
+                },
+            );
+        }
         let cap = self.window_cap();
         if share < WINDOW_MIN as u64 {
             WINDOW_MIN
@@ -969,19 +992,26 @@ mod tests {
         // 80 Mbit/s, 1 MB bucket: 250 kB of reserve, 750 kB to share.
         let mut l = limit(80_000_000, 1_000_000);
         assert_eq!(l.free_bytes(SEC), 1_000_000);
-        assert_eq!(l.window_grant(SEC, 1), 750_000);
-        assert_eq!(l.window_grant(SEC, 3), 250_000);
-        assert_eq!(l.window_grant(SEC, 0), 750_000, "no flows counted: one");
+        assert_eq!(l.window_grant(SEC, 1, 0), 750_000);
+        assert_eq!(l.window_grant(SEC, 3, 0), 250_000);
+        assert_eq!(l.window_grant(SEC, 0, 0), 750_000, "no flows counted: one");
         assert_eq!(l.window_cap(), 750_000);
         // 600 kB admitted: 150 kB left to share.
         l.charge(SEC, 600_000);
         assert_eq!(l.free_bytes(SEC), 400_000);
-        assert_eq!(l.window_grant(SEC, 1), 150_000);
+        assert_eq!(l.window_grant(SEC, 1, 0), 150_000);
         // Into the reserve: the window closes below one segment.
         l.charge(SEC, 200_000);
-        assert_eq!(l.window_grant(SEC, 1), WINDOW_MIN);
+        assert_eq!(l.window_grant(SEC, 1, 0), WINDOW_MIN);
         // 10 ms later 100 kB came back.
-        assert_eq!(l.window_grant(SEC + 10 * MS, 1), 50_000);
+        assert_eq!(l.window_grant(SEC + 10 * MS, 1, 0), 50_000);
+        // No more than twice the share of the rate times the RTT: 10 ms at
+        // 80 Mbit/s is 100 kB; 1 ms would be 10 kB, less than 64 KiB.
+        let l = limit(80_000_000, 1_000_000);
+        assert_eq!(l.window_grant(SEC, 1, 10_000), 200_000);
+        assert_eq!(l.window_grant(SEC, 2, 10_000), 100_000);
+        assert_eq!(l.window_grant(SEC, 1, 1_000), 65_536);
+        assert_eq!(l.window_grant(SEC, 1, 0), 750_000, "RTT unknown");
         // A tiny bucket still gets a window the size of an unscaled one.
         assert_eq!(limit(8_000, MIN_BURST_BYTES).window_cap(), WINDOW_CAP_MIN);
     }
@@ -1045,7 +1075,7 @@ mod tests {
                         _ => {}
                     }
                     received[i] += len;
-                    let grant = u64::from(l.window_grant(t, n as u64));
+                    let grant = u64::from(l.window_grant(t, n as u64, (rtt_ns / 1_000) as u32));
                     edge[i] = edge[i].max(received[i] + grant);
                     if sent[i] == received[i] {
                         events.push(std::cmp::Reverse((t + rtt_ns / 2, i, None)));
@@ -1197,6 +1227,7 @@ mod tests {
             rate in MIN_RATE_BPS..=MAX_RATE_BPS,
             burst in MIN_BURST_BYTES..=MAX_BURST_BYTES,
             flows in 0u64..1000,
+            rtt_us in 0u32..=1_000_000,
             events in proptest::collection::vec((1u32..=65_536, 0u64..=50 * MS), 0..50),
         ) {
             let mut l = limit(rate, burst);
@@ -1205,7 +1236,7 @@ mod tests {
                 t += gap;
                 l.charge(t, len);
             }
-            let grant = u64::from(l.window_grant(t, flows));
+            let grant = u64::from(l.window_grant(t, flows, rtt_us));
             prop_assert!(grant >= u64::from(WINDOW_MIN));
             prop_assert!(grant <= u64::from(l.window_cap()));
             if grant > u64::from(WINDOW_MIN) {

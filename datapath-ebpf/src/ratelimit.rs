@@ -279,10 +279,13 @@ fn window(ctx: &SockOpsContext) {
     };
     // SAFETY: plain helper call.
     let now = unsafe { bpf_ktime_get_ns() };
+    // SAFETY: reading a field of the program's context (the kernel keeps
+    // the smoothed RTT in eighths of a microsecond).
+    let rtt_us = unsafe { (*ctx.ops).srtt_us } >> 3;
     // SAFETY: live map value (RCU). Read without the lock (no helper may
     // run under it, and setsockopt must): aligned u64 fields are never
     // torn, and a value read during a charge is off by one packet.
-    let grant = unsafe { (*limit).window_grant(now, flows) };
+    let grant = unsafe { (*limit).window_grant(now, flows, rtt_us) };
     set_int_option(ctx, SOL_TCP, TCP_WINDOW_CLAMP, grant);
     // SAFETY: reading a field of the program's context.
     let mss = unsafe { (*ctx.ops).mss_cache };
