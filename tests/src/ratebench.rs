@@ -423,6 +423,10 @@ const TBF_GW: Ipv4Addr = Ipv4Addr::new(198, 19, 250, 1);
 const PORT: u16 = 5201;
 /// The echo server's port of the request/response measurement.
 const RR_PORT: u16 = 5202;
+/// The pause between two request/response transactions under load: 500
+/// per second at most, light next to the bulk transfer (their bytes are a
+/// few percent of 10 Mbit/s).
+const RR_GAP: Duration = Duration::from_millis(2);
 /// The published port of the datapath topology for [`PORT`]; the next one
 /// is [`RR_PORT`]'s.
 const PUBLISHED: u16 = 18080;
@@ -608,11 +612,12 @@ fn wait_listening(ns: &Netns, port: u16, what: &str) -> Result<(), BenchError> {
     }
 }
 
-/// Measures one-byte request/response transactions from the client into
-/// the container while `case` (an ingress case) runs a bulk transfer
-/// through the same limit: the requests share the bucket (or tbf's queue)
-/// with the bulk traffic. The transactions start a second after the
-/// warm-up and run until a second before the transfer ends.
+/// Measures one-byte request/response transactions (one every
+/// [`RR_GAP`]) from the client into the container while `case` (an
+/// ingress case) runs a bulk transfer through the same limit: the requests
+/// share the bucket (or tbf's queue) with the bulk traffic. The
+/// transactions start a second after the warm-up and run until a second
+/// before the transfer ends.
 pub fn measure_rr_under_load(case: &RateCase, limiter: Limiter) -> Result<RrUnderLoad, BenchError> {
     let node = Node::new();
     let ctr = node.add_container_netns("rb");
@@ -631,13 +636,9 @@ pub fn measure_rr_under_load(case: &RateCase, limiter: Limiter) -> Result<RrUnde
         return Err(tool("request/response", "an IPv4 target"));
     };
     let seconds = u64::from(case.seconds.saturating_sub(2).max(1));
-    let rr = crate::bench::rr::run(
-        &node.client,
-        target,
-        Duration::from_secs(seconds),
-        usize::MAX,
-    )
-    .map_err(|e| tool(format!("request/response with {target}"), format!("{e:#}")))?;
+    let rr =
+        crate::bench::rr::run_paced(&node.client, target, Duration::from_secs(seconds), RR_GAP)
+            .map_err(|e| tool(format!("request/response with {target}"), format!("{e:#}")))?;
     let report = bulk.wait()?;
     Ok(RrUnderLoad {
         limiter,

@@ -402,7 +402,8 @@ fn ratelimit_rr_section(out: &mut String, r: &Results) {
     out.push_str(
         "### Request/response through an ingress limit under load\n\n\
          One-byte transactions over one TCP connection from the client into the container \
-         (socat echo in the container's cgroup) while one BBR stream fills the ingress limit; \
+         (socat echo in the container's cgroup), one every 2 ms, while one BBR stream fills the \
+         ingress limit; \
          the requests share the bucket, or tbf's queue, with the bulk transfer. Cells: median \
          (min–max) over the repetitions of each run's figure. Target (issue 18): p99 latency no \
          more than tbf's.\n\n\
