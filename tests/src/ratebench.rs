@@ -411,8 +411,25 @@ pub struct RateMeasurement {
     pub ratio: f64,
     /// TCP retransmissions of the sender.
     pub retransmits: u64,
+    /// Of those, the segments the receiver reported as duplicates (D-SACK):
+    /// spurious retransmissions of segments that were not lost, only late
+    /// (the sender's namespace's `TCPDSACKRecvSegs`; `None` if unreadable).
+    pub spurious: Option<u64>,
     /// The sender's rate per second, bits per second.
     pub per_second_bps: Vec<f64>,
+}
+
+/// The `TcpExt` counter `name` of namespace `ns` (`/proc/net/netstat`).
+pub fn tcp_ext_counter(ns: &Netns, name: &str) -> Option<u64> {
+    let out = ns.exec("cat", ["/proc/net/netstat"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut lines = text.lines().filter(|l| l.starts_with("TcpExt:"));
+    let (names, values) = (lines.next()?, lines.next()?);
+    names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .find(|(n, _)| *n == name)
+        .and_then(|(_, v)| v.parse().ok())
 }
 
 /// The container's address in the tbf topology (its own pool).
@@ -512,6 +529,10 @@ pub fn measure(case: &RateCase, limiter: Limiter) -> Result<RateMeasurement, Ben
     let cg = Cgroup::new();
     let _agent = set_up(&node, &ctr, &cg, case, limiter, &[PORT])?;
     let opts = iperf3_options(case);
+    let sender = match case.direction {
+        Direction::Egress => &ctr,
+        Direction::Ingress => &node.client,
+    };
     let report = match case.direction {
         Direction::Egress => {
             let _server = Iperf3Server::start(&node.client, None, node.client_addr(), PORT)?;
@@ -538,6 +559,8 @@ pub fn measure(case: &RateCase, limiter: Limiter) -> Result<RateMeasurement, Ben
         achieved_bps: report.received_bps,
         ratio: report.received_bps / case.rate_bps as f64,
         retransmits: report.retransmits,
+        // A fresh namespace: its counters are this transfer's.
+        spurious: tcp_ext_counter(sender, "TCPDSACKRecvSegs"),
         per_second_bps: report.intervals,
     })
 }

@@ -27,6 +27,9 @@ pub struct RateSample {
     pub ratio: f64,
     /// TCP retransmissions of the sender.
     pub retransmits: f64,
+    /// Of those, the ones the receiver reported as duplicates (not lost,
+    /// only late), if known.
+    pub spurious: Option<f64>,
 }
 
 /// Every measurement of one case.
@@ -59,6 +62,12 @@ impl RateRow {
     /// `10 Mbit/s egress, 1 bbr stream`.
     pub fn label(&self) -> String {
         label(&self.case)
+    }
+
+    /// The summary of the spurious retransmissions of `samples`.
+    pub fn spurious(samples: &[RateSample]) -> Option<Summary> {
+        let v: Vec<f64> = samples.iter().filter_map(|s| s.spurious).collect();
+        Summary::of(&v)
     }
 
     fn summaries(samples: &[RateSample]) -> (Option<Summary>, Option<Summary>) {
@@ -298,8 +307,14 @@ pub fn run(
                         let sample = RateSample {
                             ratio: m.ratio,
                             retransmits: m.retransmits as f64,
+                            spurious: m.spurious.map(|n| n as f64),
                         };
-                        print!("  {name} {:.3} ({} retr.)", m.ratio, m.retransmits);
+                        print!(
+                            "  {name} {:.3} ({} retr., {} spurious)",
+                            m.ratio,
+                            m.retransmits,
+                            m.spurious.map_or_else(|| "?".to_owned(), |n| n.to_string())
+                        );
                         match limiter {
                             Limiter::Datapath => row.datapath.push(sample),
                             Limiter::Tbf => row.tbf.push(sample),
@@ -325,7 +340,11 @@ mod tests {
 
     #[test]
     fn rows_judge_accuracy_and_retransmits_on_medians() {
-        let s = |ratio, retransmits| RateSample { ratio, retransmits };
+        let s = |ratio, retransmits| RateSample {
+            ratio,
+            retransmits,
+            spurious: None,
+        };
         let row = RateRow {
             case: RateCase::new(100_000_000, Direction::Ingress, 4),
             datapath: vec![s(0.97, 3.0), s(0.99, 1.0), s(1.20, 2.0)],

@@ -370,7 +370,8 @@ fn ratelimit_section(out: &mut String, r: &Results) {
          the host veth; latency 25 ms); both get the datapath's default bucket for the direction. \
          A fresh node for every measurement. Cells: median (min–max) over the repetitions. \
          Targets (issues 5 and 18): within ±{:.0}% of the configured rate, retransmits no more \
-         than tbf's.\n",
+         than tbf's. Retransmits are the sender's (iperf3); in brackets, how many of them the \
+         receiver reported as duplicates (D-SACK): segments that were not lost, only late.\n",
         ratelimit::MAX_DEVIATION * 100.0
     );
     out.push_str(
@@ -387,8 +388,8 @@ fn ratelimit_section(out: &mut String, r: &Results) {
             row.label(),
             fraction_cell(our_ratio),
             fraction_cell(tbf_ratio),
-            count_cell(our_retr),
-            count_cell(tbf_retr),
+            retransmit_cell(our_retr, RateRow::spurious(&row.datapath)),
+            retransmit_cell(tbf_retr, RateRow::spurious(&row.tbf)),
             verdict_word(row.accurate()),
             verdict_word(row.retransmits_at_most_tbf()),
         );
@@ -458,6 +459,14 @@ fn count_cell(s: Option<Summary>) -> String {
         || "—".to_owned(),
         |s| format!("{:.0} ({:.0}–{:.0})", s.median, s.min, s.max),
     )
+}
+
+/// `median (min–max) [spurious median]` of retransmissions.
+fn retransmit_cell(all: Option<Summary>, spurious: Option<Summary>) -> String {
+    match spurious {
+        Some(sp) => format!("{} [{:.0}]", count_cell(all), sp.median),
+        None => count_cell(all),
+    }
 }
 
 fn verdict_word(v: Option<bool>) -> &'static str {
@@ -556,7 +565,13 @@ pub fn json(meta: &Meta, cfg: &Config, r: &Results) -> Value {
         .map(|row| {
             let samples = |v: &[ratelimit::RateSample]| {
                 v.iter()
-                    .map(|s| json!({ "ratio": s.ratio, "retransmits": s.retransmits }))
+                    .map(|s| {
+                        json!({
+                            "ratio": s.ratio,
+                            "retransmits": s.retransmits,
+                            "spurious_retransmits": s.spurious,
+                        })
+                    })
                     .collect::<Vec<_>>()
             };
             json!({
