@@ -411,9 +411,10 @@ pub struct RateMeasurement {
     pub ratio: f64,
     /// TCP retransmissions of the sender.
     pub retransmits: u64,
-    /// Of those, the segments the receiver reported as duplicates (D-SACK):
-    /// spurious retransmissions of segments that were not lost, only late
-    /// (the sender's namespace's `TCPDSACKRecvSegs`; `None` if unreadable).
+    /// The segments the receiver reported as received twice (D-SACK) over
+    /// the whole transfer, warm-up included: retransmissions of segments
+    /// that were not lost, only late (the sender's namespace's
+    /// `TCPDSACKRecvSegs`; `None` if unreadable).
     pub spurious: Option<u64>,
     /// The sender's rate per second, bits per second.
     pub per_second_bps: Vec<f64>,

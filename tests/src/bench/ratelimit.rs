@@ -27,8 +27,8 @@ pub struct RateSample {
     pub ratio: f64,
     /// TCP retransmissions of the sender.
     pub retransmits: f64,
-    /// Of those, the ones the receiver reported as duplicates (not lost,
-    /// only late), if known.
+    /// Segments the receiver reported as received twice (not lost, only
+    /// late; warm-up included), if known.
     pub spurious: Option<f64>,
 }
 

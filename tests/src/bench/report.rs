@@ -280,7 +280,7 @@ pub fn markdown(meta: &Meta, cfg: &Config, r: &Results) -> String {
             let word = if met == measured { "met" } else { "MISSED" };
             let _ = writeln!(
                 out,
-                "- {text}: {word} in {met} of {measured} cases (the limiter does not depend on \
+                "- {text}: {word}, in {met} of {measured} cases (the limiter does not depend on \
                  the uplink hook; see the rate-limit section)."
             );
         }
@@ -370,8 +370,9 @@ fn ratelimit_section(out: &mut String, r: &Results) {
          the host veth; latency 25 ms); both get the datapath's default bucket for the direction. \
          A fresh node for every measurement. Cells: median (min–max) over the repetitions. \
          Targets (issues 5 and 18): within ±{:.0}% of the configured rate, retransmits no more \
-         than tbf's. Retransmits are the sender's (iperf3); in brackets, how many of them the \
-         receiver reported as duplicates (D-SACK): segments that were not lost, only late.\n",
+         than tbf's. Retransmits are the sender's (iperf3, warm-up left out); in brackets, the \
+         segments the receiver reported as received twice (D-SACK) over the whole transfer, \
+         warm-up included: retransmissions of segments that were not lost, only late.\n",
         ratelimit::MAX_DEVIATION * 100.0
     );
     out.push_str(
@@ -684,7 +685,7 @@ pub fn targets_text(r: &Results) -> String {
             let word = if met == measured { "met" } else { "MISSED" };
             let _ = writeln!(
                 out,
-                "{:<14} {:<70} {word}: {met} of {measured} cases",
+                "{:<14} {:<70} {word}, in {met} of {measured} cases",
                 "datapath", text
             );
         }
