@@ -7,11 +7,13 @@
 //!   XDP program (which has no checksum helpers) and by the tests.
 //! * [`stats`]: the counters every program exports, drop reasons included.
 //! * [`ratelimit`]: the per-cgroup token buckets' layouts and arithmetic.
+//! * [`clock`]: the test clock that can stand in for the programs' clock.
 //!
 //! The crate is `no_std` so that the eBPF crate can use it; the `user` feature
 //! adds the userspace-only trait impls.
 #![cfg_attr(not(any(feature = "std", test)), no_std)]
 
+pub mod clock;
 pub mod csum;
 pub mod ct;
 pub mod maps;

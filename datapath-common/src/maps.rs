@@ -36,6 +36,9 @@ pub mod names {
     /// [`crate::ratelimit::RateFlows`]: the TCP sockets sharing an ingress
     /// limit's receive windows.
     pub const RATE_FLOWS: &str = "RATE_FLOWS";
+    /// [`crate::clock::TestClock`] array (one entry): zero in production;
+    /// packet tests freeze the programs' time with it. Not pinned.
+    pub const CLOCK: &str = "CLOCK";
 
     /// Every map the agent pins, in a stable order.
     pub const ALL: [&str; 10] = [

@@ -7,6 +7,7 @@
 #![feature(core_intrinsics)]
 #![allow(internal_features)]
 
+mod clock;
 mod conntrack;
 mod container;
 mod ctx;

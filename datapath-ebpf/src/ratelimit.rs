@@ -23,8 +23,8 @@ use aya_ebpf::{
         BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG, BPF_TCP_ESTABLISHED, SO_MAX_PACING_RATE, SOL_SOCKET,
     },
     helpers::generated::{
-        bpf_ktime_get_ns, bpf_reserve_hdr_opt, bpf_setsockopt, bpf_skb_cgroup_id,
-        bpf_skb_ecn_set_ce, bpf_spin_lock, bpf_spin_unlock,
+        bpf_reserve_hdr_opt, bpf_setsockopt, bpf_skb_cgroup_id, bpf_skb_ecn_set_ce, bpf_spin_lock,
+        bpf_spin_unlock,
     },
     programs::{SkBuffContext, SockOpsContext},
 };
@@ -32,7 +32,10 @@ use datapath_common::ratelimit::{
     RateKey, RateLimit, RateStats, Verdict, WINDOW_UNCLAMPED, cgroup_verdict, direction,
 };
 
-use crate::maps::{RATE_CGROUPS, RATE_FLOWS, RATE_LIMITS, RATE_STATS};
+use crate::{
+    clock::now_ns,
+    maps::{RATE_CGROUPS, RATE_FLOWS, RATE_LIMITS, RATE_STATS},
+};
 
 /// The bucket this program run charges.
 #[inline(always)]
@@ -58,9 +61,8 @@ fn charge(ctx: &SkBuffContext, key: &RateKey) -> Option<Verdict> {
     let ingress = key.direction == direction::INGRESS;
     let limit = RATE_LIMITS.get_ptr_mut(key)?;
     let len = ctx.len();
-    // SAFETY: plain helper call. Read before taking the lock: no helper may
-    // run while it is held.
-    let now = unsafe { bpf_ktime_get_ns() };
+    // Read before taking the lock: no helper may run while it is held.
+    let now = now_ns();
     // SAFETY: `limit` points into a live map value (RCU) whose BTF declares
     // the lock; every other access to the bucket fields happens under it
     // (the agent writes with BPF_F_LOCK). `charge` is inlined: no call
@@ -277,8 +279,7 @@ fn window(ctx: &SockOpsContext) {
         Some(f) => unsafe { (*f).share_count() },
         None => 1,
     };
-    // SAFETY: plain helper call.
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = now_ns();
     // SAFETY: reading a field of the program's context (the kernel keeps
     // the smoothed RTT in eighths of a microsecond).
     let rtt_us = unsafe { (*ctx.ops).srtt_us } >> 3;
@@ -331,10 +332,7 @@ fn pace(ctx: &SockOpsContext) {
         // SAFETY: live map value (RCU). The fields are read without the
         // lock: an aligned u64 is never torn, and a rate read during the
         // agent's update is off for one callback only.
-        Some((_, limit)) => unsafe {
-            let now = bpf_ktime_get_ns();
-            (*limit).pacing_rate(now)
-        },
+        Some((_, limit)) => unsafe { (*limit).pacing_rate(now_ns()) },
         None => u64::MAX,
     };
     let flags = ctx.cb_flags();

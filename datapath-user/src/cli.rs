@@ -1,7 +1,7 @@
 //! The `datapath` command line: the agent daemon and the client verbs, in
 //! the style of `ip` and `docker`.
 
-use std::{net::Ipv4Addr, path::PathBuf, sync::Arc, time::Duration};
+use std::{net::Ipv4Addr, path::PathBuf, time::Duration};
 
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
@@ -9,13 +9,10 @@ use datapath_common::ct::Timeouts;
 use ipnet::Ipv4Net;
 
 use crate::{
-    agent::{Agent, AgentConfig, XdpMode},
-    api::{AddContainer, Client, UpdateContainer},
-    spec::{parse_duration, parse_port_range},
+    agent::{self, AgentConfig, XdpMode},
+    api::{AddContainer, Client, ContainerInfo, DEFAULT_SOCKET, FlowEndpoint, UpdateContainer},
+    model::Limit,
 };
-
-/// The default API socket.
-pub const DEFAULT_API_SOCKET: &str = "/run/datapath/api.sock";
 
 /// Container networking with eBPF: published ports, masquerade and
 /// bandwidth limits without iptables.
@@ -23,7 +20,7 @@ pub const DEFAULT_API_SOCKET: &str = "/run/datapath/api.sock";
 #[command(name = "datapath", version)]
 pub struct Cli {
     /// The agent's API socket.
-    #[arg(long, global = true, env = "DATAPATH_API_SOCKET", default_value = DEFAULT_API_SOCKET)]
+    #[arg(long, global = true, env = "DATAPATH_API_SOCKET", default_value = DEFAULT_SOCKET)]
     pub api_socket: PathBuf,
     /// What to do.
     #[command(subcommand)]
@@ -233,69 +230,35 @@ impl AgentArgs {
     }
 }
 
-/// Runs the agent until SIGINT or SIGTERM.
+/// Runs the agent until SIGINT or SIGTERM (or, with `--cleanup`, removes
+/// what one made).
 pub async fn run_agent(args: &AgentArgs, socket: PathBuf) -> anyhow::Result<()> {
     if args.cleanup {
-        return Agent::cleanup(&args.config()).await;
+        return agent::cleanup(&args.config()).await;
     }
-    let mut agent = Agent::start(args.config()).await?;
-    if let Some(logger) = agent.datapath_mut().take_logger() {
-        tokio::spawn(forward_kernel_logs(logger));
-    }
-    let gc_every = agent.gc_interval();
-    let mut collector = agent.collector()?;
-    let agent = Arc::new(tokio::sync::Mutex::new(agent));
-    // A plain thread: the runtime would wait for a blocking task at exit.
-    std::thread::spawn(move || {
-        loop {
-            std::thread::sleep(gc_every);
-            match collector.collect() {
-                Ok(0) => {}
-                Ok(n) => tracing::debug!(removed = n, "conntrack gc"),
-                Err(e) => tracing::warn!("conntrack gc: {e}"),
-            }
-        }
-    });
-    let shutdown = async {
-        use tokio::signal::unix::{SignalKind, signal};
-        match (
-            signal(SignalKind::interrupt()),
-            signal(SignalKind::terminate()),
-        ) {
-            (Ok(mut int), Ok(mut term)) => {
-                tokio::select! {
-                    _ = int.recv() => {},
-                    _ = term.recv() => {},
-                }
-            }
-            _ => std::future::pending::<()>().await,
-        }
-        tracing::info!("shutting down; programs stay attached and maps pinned");
-    };
-    crate::server::serve(agent, &socket, shutdown).await
+    agent::run(args.config(), &socket, shutdown_signal()).await
 }
 
-async fn forward_kernel_logs(logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
-    // SAFETY: the logger owns the ring buffer's fd, which stays open for
-    // as long as the AsyncFd owns the logger.
-    let registered = unsafe {
-        tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE)
-    };
-    let Ok(mut fd) = registered else {
-        tracing::warn!("cannot poll the kernel log ring buffer");
-        return;
-    };
-    loop {
-        let Ok(mut guard) = fd.readable_mut().await else {
-            return;
-        };
-        guard.get_inner_mut().flush();
-        guard.clear_ready();
+/// Completes on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) {
+        (Ok(mut int), Ok(mut term)) => {
+            tokio::select! {
+                _ = int.recv() => {},
+                _ = term.recv() => {},
+            }
+        }
+        _ => std::future::pending::<()>().await,
     }
+    tracing::info!("shutting down; programs stay attached and maps pinned");
 }
 
 /// The rate limit lines of `datapath container list` for one container.
-fn print_limits(c: &crate::api::ContainerInfo) {
+fn print_limits(c: &ContainerInfo) {
     if let Some(cg) = &c.cgroup {
         println!("  cgroup {}", cg.display());
     }
@@ -412,9 +375,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     },
                 )
                 .await?;
-            let show = |l: Option<crate::ratelimit::Limit>| {
-                l.map_or_else(|| "unlimited".to_owned(), |l| l.to_string())
-            };
+            let show =
+                |l: Option<Limit>| l.map_or_else(|| "unlimited".to_owned(), |l| l.to_string());
             println!(
                 "{} egress {} ingress {}",
                 info.name,
@@ -471,7 +433,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 "PROTO", "KIND", "ORIGINAL", "TRANSLATED", "STATE", "AGE", "IDLE", "PKTS", "BYTES"
             );
             for f in flows {
-                let t = |a: crate::api::Endpoint, b: crate::api::Endpoint| {
+                let t = |a: FlowEndpoint, b: FlowEndpoint| {
                     format!("{}:{} -> {}:{}", a.addr, a.port, b.addr, b.port)
                 };
                 println!(
@@ -495,5 +457,55 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("removed {} entries", r.removed);
             Ok(())
         }
+    }
+}
+
+/// Parses a duration as people type it: `30s`, `500ms`, `5m`, `6h`, or a
+/// bare number of seconds.
+pub fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("invalid duration {text:?}: expected e.g. 30s, 500ms, 5m"))?;
+    let ms = match unit {
+        "" | "s" => n.checked_mul(1000),
+        "ms" => Some(n),
+        "m" => n.checked_mul(60_000),
+        "h" => n.checked_mul(3_600_000),
+        _ => None,
+    }
+    .ok_or_else(|| format!("invalid duration {text:?}: units are ms, s, m, h"))?;
+    Ok(std::time::Duration::from_millis(ms))
+}
+
+/// Parses a port range `LOW-HIGH`.
+pub fn parse_port_range(text: &str) -> Result<(u16, u16), String> {
+    let err = || format!("invalid port range {text:?}: expected LOW-HIGH within 1-65535");
+    let (a, b) = text.split_once('-').ok_or_else(err)?;
+    let a: u16 = a.trim().parse().map_err(|_| err())?;
+    let b: u16 = b.trim().parse().map_err(|_| err())?;
+    if a == 0 || b < a {
+        return Err(err());
+    }
+    Ok((a, b))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn durations_and_port_ranges_parse() {
+        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("2"), Ok(Duration::from_secs(2)));
+        assert!(parse_duration("2d").is_err());
+        assert_eq!(parse_port_range("61000-65535"), Ok((61000, 65535)));
+        assert!(parse_port_range("65535-61000").is_err());
+        assert!(parse_port_range("0-10").is_err());
     }
 }

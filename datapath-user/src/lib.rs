@@ -1,19 +1,30 @@
 //! The datapath's userspace: the agent that loads the eBPF programs and
 //! fills their maps, its HTTP API and CLI, and the CNI plugin.
+//!
+//! Modules, each depending only on those listed before it (see
+//! ARCHITECTURE.md):
+//!
+//! * [`model`]: the shared vocabulary (ports, limits, flows, names, MACs);
+//!   [`error`] and [`cgroup`]: small helpers.
+//! * [`api`]: wire types, the HTTP server (of any [`api::server::Backend`])
+//!   and its client.
+//! * [`store`]: the persisted desired state.
+//! * [`net`]: rtnetlink links, addresses, routes; network namespaces.
+//! * [`datapath`]: the eBPF object, its maps and programs.
+//! * [`agent`]: the owner task and its parts (lifecycle, publishing,
+//!   reconcile, status).
+//! * [`cni`]: the CNI plugin, a client of the API.
+//! * [`cli`]: the `datapath` command line.
 
 pub mod agent;
 pub mod api;
-pub mod bpf;
+pub mod cgroup;
 pub mod cli;
 pub mod cni;
-pub mod conntrack;
-pub mod netlink;
-pub mod netns;
-pub mod ratelimit;
-pub mod server;
-pub mod spec;
-pub mod state;
+pub mod datapath;
+pub mod error;
+pub mod model;
+pub mod net;
+pub mod store;
 
-/// The compiled eBPF object (all programs and maps), embedded at build time.
-pub static EBPF_OBJECT: &[u8] =
-    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/datapath-ebpf"));
+pub use datapath::EBPF_OBJECT;

@@ -5,7 +5,7 @@
 #![no_main]
 
 use arbitrary::{Arbitrary, Unstructured};
-use datapath::spec::{parse_duration, parse_port_range};
+use datapath::cli::{parse_duration, parse_port_range};
 use libfuzzer_sys::fuzz_target;
 
 /// Values built from their parts.

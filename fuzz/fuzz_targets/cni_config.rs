@@ -4,7 +4,7 @@
 //! every accessor the plugin calls answers without a panic.
 #![no_main]
 
-use datapath::{cni::config::NetConf, spec::PortMapping};
+use datapath::{cni::config::NetConf, model::PortMapping};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

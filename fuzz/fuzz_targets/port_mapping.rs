@@ -7,7 +7,7 @@
 use std::net::Ipv4Addr;
 
 use arbitrary::{Arbitrary, Unstructured};
-use datapath::spec::{PortMapping, Protocol};
+use datapath::model::{PortMapping, Protocol};
 use libfuzzer_sys::fuzz_target;
 
 /// A mapping built field by field.

@@ -4,7 +4,7 @@
 //! id) without a panic or a wrapped-around number.
 #![no_main]
 
-use datapath::state::State;
+use datapath::store::State;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -11,8 +11,10 @@
 //! ```
 
 use std::{
-    ffi::OsStr,
+    ffi::{CString, OsStr},
     fs::{File, OpenOptions},
+    net::Ipv4Addr,
+    os::unix::{ffi::OsStrExt, process::CommandExt},
     path::{Path, PathBuf},
     process::{Child, Command, Output, Stdio},
     sync::atomic::{AtomicU8, AtomicU32, Ordering},
@@ -25,7 +27,9 @@ use nix::{
 };
 
 use crate::{
+    cgroup::Cgroup,
     names,
+    netns::Netns,
     node::{Node, UPLINK},
     sys,
 };
@@ -66,6 +70,7 @@ pub struct AgentBuilder<'n> {
     node: &'n Node,
     pool: String,
     args: Vec<String>,
+    cgroup_root: Option<PathBuf>,
 }
 
 impl<'n> AgentBuilder<'n> {
@@ -83,6 +88,17 @@ impl<'n> AgentBuilder<'n> {
         S: Into<String>,
     {
         self.args.extend(args.into_iter().map(Into::into));
+        self
+    }
+
+    /// Runs the agent in a mount and cgroup namespace of its own in which
+    /// `stand_in` is the cgroup2 root, mounted where the host's is: the
+    /// agent sees that mount point as the root of the hierarchy, exactly as
+    /// it sees the real one. A test of what the agent does with the root
+    /// cannot reach the host's root cgroup even if the agent's check
+    /// regresses: the most it can limit is the stand-in.
+    pub fn cgroup2_root_stand_in(mut self, stand_in: &Cgroup) -> Self {
+        self.cgroup_root = Some(stand_in.path().to_owned());
         self
     }
 
@@ -108,6 +124,7 @@ impl<'n> AgentBuilder<'n> {
             child: None,
             pool: self.pool,
             args: self.args,
+            cgroup_root: self.cgroup_root,
             bpffs_dir,
             tmp_dir,
             socket,
@@ -130,6 +147,7 @@ pub struct Agent<'n> {
     child: Option<Child>,
     pool: String,
     args: Vec<String>,
+    cgroup_root: Option<PathBuf>,
     bpffs_dir: PathBuf,
     tmp_dir: PathBuf,
     socket: PathBuf,
@@ -144,6 +162,7 @@ impl<'n> Agent<'n> {
             node,
             pool: format!("198.19.{}.0/24", POOL.fetch_add(1, Ordering::Relaxed)),
             args: Vec::new(),
+            cgroup_root: None,
         }
     }
 
@@ -186,6 +205,10 @@ impl<'n> Agent<'n> {
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log_err);
+        if let Some(stand_in) = &self.cgroup_root {
+            let mount = sys::cgroup2_root().expect("no cgroup2 hierarchy is mounted");
+            enter_cgroup2_stand_in(&mut cmd, stand_in, &mount);
+        }
         self.child = Some(self.node.node.spawn(&mut cmd));
     }
 
@@ -300,6 +323,71 @@ impl<'n> Agent<'n> {
             .unwrap_or_else(|e| panic!("CLI output is not JSON ({e}):\n{out}"))
     }
 
+    /// `datapath status --json`.
+    #[track_caller]
+    pub fn status(&self) -> serde_json::Value {
+        self.cli_json(["status", "--json"])
+    }
+
+    /// Counter `name` of `datapath status --json` (e.g. `drop_spoofed`).
+    #[track_caller]
+    pub fn counter(&self, name: &str) -> u64 {
+        let st = self.status();
+        st["counters"][name]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no counter {name} in {st:#}"))
+    }
+
+    /// The flows of `datapath conntrack list --json`.
+    #[track_caller]
+    pub fn flows(&self) -> Vec<serde_json::Value> {
+        match self.cli_json(["conntrack", "list", "--json"]) {
+            serde_json::Value::Array(a) => a,
+            other => panic!("conntrack list is not a list: {other}"),
+        }
+    }
+
+    /// The containers of `datapath container list --json`.
+    #[track_caller]
+    pub fn containers(&self) -> Vec<ContainerInfo> {
+        match self.cli_json(["container", "list", "--json"]) {
+            serde_json::Value::Array(a) => a.into_iter().map(ContainerInfo::from_json).collect(),
+            other => panic!("container list is not a list: {other}"),
+        }
+    }
+
+    /// Container `name`, if listed.
+    #[track_caller]
+    pub fn container(&self, name: &str) -> Option<ContainerInfo> {
+        self.containers().into_iter().find(|c| c.name == name)
+    }
+
+    /// `datapath container add NAME --netns NETNS ARGS…`, which must succeed;
+    /// returns the container as listed.
+    #[track_caller]
+    pub fn add(&self, name: &str, netns: &Netns, args: &[&str]) -> ContainerInfo {
+        let mut all = vec!["container", "add", name, "--netns", netns.name()];
+        all.extend_from_slice(args);
+        self.cli_ok(&all);
+        self.container(name)
+            .unwrap_or_else(|| panic!("{name} is not listed after `datapath {all:?}`"))
+    }
+
+    /// `datapath container add NAME --netns NETNS ARGS…`, which must fail;
+    /// returns its stderr.
+    #[track_caller]
+    pub fn add_refused(&self, name: &str, netns: &str, args: &[&str]) -> String {
+        let mut all = vec!["container", "add", name, "--netns", netns];
+        all.extend_from_slice(args);
+        let out = self.cli(&all);
+        assert!(
+            !out.status.success(),
+            "datapath {all:?} succeeded:\n{}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    }
+
     /// Kills the agent with SIGKILL, as a crash would, and reaps it: it
     /// gets no chance to clean up (its stale API socket stays).
     pub fn kill(&mut self) {
@@ -384,5 +472,86 @@ impl Drop for Agent<'_> {
                 _ => {}
             }
         }
+    }
+}
+
+/// One container as `datapath container list --json` shows it: the fields
+/// tests use most, and the whole entry.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ContainerInfo {
+    /// Its name.
+    pub name: String,
+    /// The agent's id of it (`container_id` in the maps).
+    pub id: u32,
+    /// Its address.
+    pub addr: Ipv4Addr,
+    /// The host end of its veth pair.
+    pub host_ifname: String,
+    /// The whole listing entry.
+    pub json: serde_json::Value,
+}
+
+impl ContainerInfo {
+    /// Reads a listing entry; panics if a field is missing.
+    pub fn from_json(json: serde_json::Value) -> Self {
+        let field = |name: &str| {
+            json[name]
+                .as_str()
+                .unwrap_or_else(|| panic!("no {name} in {json:#}"))
+                .to_owned()
+        };
+        Self {
+            name: field("name"),
+            id: json["id"]
+                .as_u64()
+                .and_then(|id| u32::try_from(id).ok())
+                .unwrap_or_else(|| panic!("no id in {json:#}")),
+            addr: field("addr")
+                .parse()
+                .unwrap_or_else(|e| panic!("bad addr in {json:#}: {e}")),
+            host_ifname: field("host_ifname"),
+            json,
+        }
+    }
+}
+
+/// Makes `cmd` (between fork and exec) join cgroup `stand_in`, enter new
+/// mount and cgroup namespaces (whose cgroup root is then `stand_in`), and
+/// mount that namespace's cgroup2 view over `mount`, the host's cgroup2
+/// mount point. The new mount namespace is a slave of the host's: mounts
+/// made later on the host (`ip netns add`) reach it, its own cgroup2 mount
+/// never leaves it.
+fn enter_cgroup2_stand_in(cmd: &mut Command, stand_in: &Path, mount: &Path) {
+    crate::cgroup::join_on_exec(cmd, stand_in);
+    let target = CString::new(mount.as_os_str().as_bytes()).expect("no NUL byte in a path");
+    // SAFETY: the closure runs in the forked child, after the one joining
+    // the cgroup, and only makes async-signal-safe system calls on memory
+    // prepared before the fork.
+    unsafe {
+        cmd.pre_exec(move || {
+            let check = |r: libc::c_int| {
+                if r < 0 {
+                    Err(std::io::Error::last_os_error())
+                } else {
+                    Ok(())
+                }
+            };
+            check(libc::unshare(libc::CLONE_NEWNS | libc::CLONE_NEWCGROUP))?;
+            check(libc::mount(
+                std::ptr::null(),
+                c"/".as_ptr(),
+                std::ptr::null(),
+                libc::MS_REC | libc::MS_SLAVE,
+                std::ptr::null(),
+            ))?;
+            check(libc::umount2(target.as_ptr(), libc::MNT_DETACH))?;
+            check(libc::mount(
+                c"cgroup2".as_ptr(),
+                target.as_ptr(),
+                c"cgroup2".as_ptr(),
+                0,
+                std::ptr::null(),
+            ))
+        });
     }
 }

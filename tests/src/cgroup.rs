@@ -61,26 +61,15 @@ impl Cgroup {
     /// Makes `cmd` join the cgroup between fork and exec (combine with
     /// [`crate::netns::Netns::enter`] to also enter a namespace).
     pub fn enter<'c>(&self, cmd: &'c mut Command) -> &'c mut Command {
-        let procs = CString::new(self.path.join("cgroup.procs").as_os_str().as_bytes())
-            .expect("cgroup paths have no NUL byte");
-        // SAFETY: the closure runs in the forked child and only makes
-        // async-signal-safe calls (open, write, close) on memory prepared
-        // before the fork. Writing "0" moves the writing process.
-        unsafe {
-            cmd.pre_exec(move || {
-                let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
-                if fd < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                let n = libc::write(fd, b"0".as_ptr().cast(), 1);
-                let err = std::io::Error::last_os_error();
-                libc::close(fd);
-                if n != 1 {
-                    return Err(err);
-                }
-                Ok(())
-            })
-        }
+        join_on_exec(cmd, &self.path)
+    }
+
+    /// A cgroup `name` below this one, removed on drop (drop it first).
+    pub fn child(&self, name: &str) -> Cgroup {
+        let path = self.path.join(name);
+        std::fs::create_dir(&path)
+            .unwrap_or_else(|e| panic!("creating cgroup {}: {e}", path.display()));
+        Self { path }
     }
 
     /// The processes in the cgroup.
@@ -134,5 +123,29 @@ impl Drop for Cgroup {
                 Err(_) => std::thread::sleep(Duration::from_millis(10)),
             }
         }
+    }
+}
+
+/// Makes `cmd` join the cgroup directory `dir` between fork and exec.
+pub fn join_on_exec<'c>(cmd: &'c mut Command, dir: &Path) -> &'c mut Command {
+    let procs = CString::new(dir.join("cgroup.procs").as_os_str().as_bytes())
+        .expect("cgroup paths have no NUL byte");
+    // SAFETY: the closure runs in the forked child and only makes
+    // async-signal-safe calls (open, write, close) on memory prepared
+    // before the fork. Writing "0" moves the writing process.
+    unsafe {
+        cmd.pre_exec(move || {
+            let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+            if fd < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let n = libc::write(fd, b"0".as_ptr().cast(), 1);
+            let err = std::io::Error::last_os_error();
+            libc::close(fd);
+            if n != 1 {
+                return Err(err);
+            }
+            Ok(())
+        })
     }
 }

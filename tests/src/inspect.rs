@@ -113,3 +113,100 @@ pub fn ipv4_addrs(ns: &Netns) -> Vec<(String, String)> {
     }
     all
 }
+
+/// The tools that list every rule of a namespace's firewall: both iptables
+/// backends and nftables. A node "without rules" is only known to be so if
+/// all of them ran.
+pub const FIREWALL_TOOLS: [&str; 3] = ["iptables-legacy-save", "iptables-nft-save", "nft"];
+
+/// Every firewall rule in `ns`: the `-A` lines of both iptables backends
+/// and the nftables rule set (tables included: a table alone is a change
+/// too). `Err` if a tool is missing or fails: a check that cannot look
+/// must not pass.
+pub fn firewall_rules(ns: &Netns) -> Result<Vec<String>, String> {
+    let mut found = Vec::new();
+    for tool in &FIREWALL_TOOLS[..2] {
+        if crate::netns::which(tool).is_none() {
+            return Err(format!(
+                "{tool} is not installed (Debian package iptables): the firewall cannot be checked"
+            ));
+        }
+        let out = ns.exec(tool, std::iter::empty::<&str>());
+        if !out.status.success() {
+            return Err(format!(
+                "{tool} failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        found.extend(
+            String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .filter(|l| l.starts_with("-A"))
+                .map(|l| format!("{tool}: {l}")),
+        );
+    }
+    let out = ns.exec("nft", ["list", "ruleset"]);
+    if !out.status.success() {
+        return Err(format!(
+            "nft list ruleset failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    found.extend(
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| format!("nft: {l}")),
+    );
+    Ok(found)
+}
+
+/// Asserts that `ns` has no firewall rule at all ([`firewall_rules`]);
+/// `when` says at which point of the test.
+#[track_caller]
+pub fn assert_no_firewall(ns: &Netns, when: &str) {
+    match firewall_rules(ns) {
+        Ok(rules) if rules.is_empty() => {}
+        Ok(rules) => panic!(
+            "{} has firewall rules {when}:\n{}",
+            ns.name(),
+            rules.join("\n")
+        ),
+        Err(e) => panic!("{e}"),
+    }
+}
+
+/// Every entry of the agent's pinned hash map `name`, read through its pin
+/// with the layouts of `datapath_common`.
+pub fn pinned_hash<K: aya::Pod, V: aya::Pod>(agent: &Agent<'_>, name: &str) -> Vec<(K, V)> {
+    let path = agent.bpffs_dir().join("maps").join(name);
+    let data = aya::maps::MapData::from_pin(&path)
+        .unwrap_or_else(|e| panic!("open pin {}: {e}", path.display()));
+    let map: aya::maps::HashMap<_, K, V> =
+        aya::maps::HashMap::try_from(aya::maps::Map::HashMap(data))
+            .unwrap_or_else(|e| panic!("map {name}: {e}"));
+    map.iter()
+        .map(|r| r.unwrap_or_else(|e| panic!("reading {name}: {e}")))
+        .collect()
+}
+
+/// The IPv4 addresses of `ifname` in `ns` (none if there is no such
+/// interface).
+pub fn addrs_of(ns: &Netns, ifname: &str) -> Vec<std::net::Ipv4Addr> {
+    ipv4_addrs(ns)
+        .into_iter()
+        .filter(|(i, _)| i == ifname)
+        .filter_map(|(_, a)| a.split('/').next()?.parse().ok())
+        .collect()
+}
+
+/// The host ends of the veth pairs the agent made in `ns` (`dp<hex id>`).
+pub fn agent_veths(ns: &Netns) -> std::collections::BTreeSet<String> {
+    links(ns)
+        .into_iter()
+        .filter(|n| {
+            n.strip_prefix("dp")
+                .is_some_and(|h| !h.is_empty() && h.bytes().all(|b| b.is_ascii_hexdigit()))
+        })
+        .collect()
+}

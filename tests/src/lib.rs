@@ -2,8 +2,9 @@
 //!
 //! * Packet tests run the real eBPF programs on crafted frames with
 //!   `BPF_PROG_TEST_RUN`: [`frame`] builds frames, [`programs`] loads the
-//!   object, fills its maps and runs a program, [`packet`] reads the result
-//!   back and verifies checksums.
+//!   object, fills its maps and runs a program, [`testbed`] is the
+//!   datapath most of them run on, [`packet`] reads the result back and
+//!   verifies checksums.
 //! * Namespace tests build a whole node out of network namespaces:
 //!   [`netns`] (one namespace), [`node`] (client, node and containers),
 //!   [`agent`] (the agent running in the node), [`cgroup`] (cgroups for
@@ -20,7 +21,10 @@
 
 pub mod agent;
 pub mod bench;
+pub mod capture;
 pub mod cgroup;
+pub mod events;
+pub mod fixture;
 pub mod frame;
 pub mod inspect;
 pub mod leaks;
@@ -32,4 +36,6 @@ pub mod packet;
 pub mod programs;
 pub mod ratebench;
 pub mod sys;
+pub mod testbed;
 pub mod traffic;
+pub mod wait;

@@ -1,5 +1,8 @@
 //! A lock across test processes, for tests whose traffic would disturb
-//! each other (rates, bulk transfers).
+//! each other (rates, bulk transfers, floods). Take it once the test is
+//! set up, right before its traffic: setting up needs no quiet machine.
+//! `.config/nextest.toml` lists the tests that take it (the `traffic`
+//! group), so that they do not fill every parallel slot waiting for it.
 
 use std::fs::{File, OpenOptions};
 

@@ -35,11 +35,13 @@ use crate::names;
 /// Where `ip netns` keeps its namespace files.
 pub const NETNS_RUN_DIR: &str = "/var/run/netns";
 
-/// A named network namespace, deleted on drop.
+/// A named network namespace, deleted on drop (unless it is another
+/// owner's, see [`Netns::attach`]).
 #[derive(Debug)]
 pub struct Netns {
     name: String,
     path: PathBuf,
+    owned: bool,
 }
 
 impl Netns {
@@ -63,9 +65,23 @@ impl Netns {
         let ns = Self {
             name: name.to_owned(),
             path: Path::new(NETNS_RUN_DIR).join(name),
+            owned: true,
         };
         ns.exec_ok("ip", ["link", "set", "lo", "up"]);
         ns
+    }
+
+    /// A handle on a namespace someone else made and removes (a container
+    /// runtime's), by its file: commands and threads enter it like any
+    /// other, and dropping the handle leaves it and its processes alone.
+    pub fn attach(path: impl Into<PathBuf>) -> Self {
+        let path = path.into();
+        assert!(path.exists(), "no network namespace at {}", path.display());
+        Self {
+            name: path.display().to_string(),
+            path,
+            owned: false,
+        }
     }
 
     /// Creates a namespace named `dpt-<unique id>`.
@@ -88,15 +104,21 @@ impl Netns {
         Path::new(NETNS_RUN_DIR).join(name).exists()
     }
 
-    /// Makes `cmd` enter this namespace between fork and exec.
+    /// Makes `cmd` enter this namespace between fork and exec. The process
+    /// is also killed when the thread that started it goes away (a test
+    /// killed outright takes its agent, servers and clients along instead
+    /// of leaving them running in a namespace nobody will delete).
     pub fn enter<'c>(&self, cmd: &'c mut Command) -> &'c mut Command {
         let path = CString::new(self.path.as_os_str().as_bytes())
             .expect("namespace paths have no NUL byte");
         // SAFETY: the closure runs in the forked child and only makes
-        // async-signal-safe calls (open, setns, close) on memory prepared
-        // before the fork.
+        // async-signal-safe calls (prctl, open, setns, close) on memory
+        // prepared before the fork.
         unsafe {
             cmd.pre_exec(move || {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
                 let fd = libc::open(path.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC);
                 if fd < 0 {
                     return Err(std::io::Error::last_os_error());
@@ -166,6 +188,40 @@ impl Netns {
             String::from_utf8_lossy(&out.stderr)
         );
         String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Creates a veth pair straight between two namespaces: `name` here,
+    /// `peer` in `peer_ns` (`ip link add … netns …`: the root namespace
+    /// never sees it). Both ends start down. `Err` is `ip`'s message.
+    pub fn add_veth(&self, name: &str, peer: &str, peer_ns: &Netns) -> Result<(), String> {
+        let args = [
+            "link", "add", name, "type", "veth", "peer", "name", peer, "netns",
+        ];
+        let out = self.run(Command::new("ip").args(args).arg(peer_ns.name()));
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(format!(
+                "ip link add {name} type veth peer name {peer} netns {} in {}: {}",
+                peer_ns.name(),
+                self.name,
+                String::from_utf8_lossy(&out.stderr).trim()
+            ))
+        }
+    }
+
+    /// Waits (up to 10 s) until interface `ifname` is operationally up.
+    /// A link set up comes up for traffic only once the kernel's link
+    /// watcher has seen its carrier, which a busy machine may take seconds
+    /// to do; until then packets (the first ARP requests) are dropped.
+    #[track_caller]
+    pub fn wait_link_up(&self, ifname: &str) {
+        let up = crate::wait::within(std::time::Duration::from_secs(10), || {
+            let out = self.exec("ip", ["-j", "link", "show", "dev", ifname]);
+            serde_json::from_slice::<serde_json::Value>(&out.stdout)
+                .is_ok_and(|v| v[0]["operstate"] == "UP")
+        });
+        assert!(up, "{ifname} in {} did not come up in 10 s", self.name);
     }
 
     /// Runs `f` on a new thread that has entered this namespace (and only
@@ -267,6 +323,9 @@ impl Netns {
 
 impl Drop for Netns {
     fn drop(&mut self) {
+        if !self.owned {
+            return;
+        }
         self.kill_all();
         match Command::new("ip")
             .args(["netns", "del", &self.name])

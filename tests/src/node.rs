@@ -17,7 +17,10 @@
 //! let ctr = node.add_container_netns("web");
 //! ```
 
-use std::{net::Ipv4Addr, process::Command};
+use std::{
+    net::{Ipv4Addr, SocketAddr},
+    process::Command,
+};
 
 use crate::{names, netns::Netns};
 
@@ -84,21 +87,9 @@ impl NodeBuilder {
         let id = names::unique_id();
         let client = Netns::new(&format!("{}{id}-cl", names::PREFIX));
         let node = Netns::new(&format!("{}{id}-nd", names::PREFIX));
-        client.exec_ok(
-            "ip",
-            [
-                "link",
-                "add",
-                CLIENT_IF,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                UPLINK,
-                "netns",
-                node.name(),
-            ],
-        );
+        client
+            .add_veth(CLIENT_IF, UPLINK, &node)
+            .unwrap_or_else(|e| panic!("{e}"));
         let (c, n) = (
             format!("{}/{}", self.client_addr, self.prefix_len),
             format!("{}/{}", self.node_addr, self.prefix_len),
@@ -107,6 +98,8 @@ impl NodeBuilder {
         node.exec_ok("ip", ["addr", "add", &n, "dev", UPLINK]);
         client.exec_ok("ip", ["link", "set", CLIENT_IF, "up"]);
         node.exec_ok("ip", ["link", "set", UPLINK, "up"]);
+        client.wait_link_up(CLIENT_IF);
+        node.wait_link_up(UPLINK);
         if !self.client_tx_offload {
             client.exec_ok("ethtool", ["-K", CLIENT_IF, "tx", "off"]);
         }
@@ -165,6 +158,26 @@ impl Node {
     /// The link's prefix length.
     pub fn prefix_len(&self) -> u8 {
         self.prefix_len
+    }
+
+    /// `node address:port`: a published port as the client reaches it.
+    pub fn node_port(&self, port: u16) -> SocketAddr {
+        SocketAddr::from((self.node_addr, port))
+    }
+
+    /// `client address:port`: a server in the client namespace as
+    /// containers reach it.
+    pub fn client_port(&self, port: u16) -> SocketAddr {
+        SocketAddr::from((self.client_addr, port))
+    }
+
+    /// Routes `cidr` (a container pool) from the client through the node,
+    /// as a router upstream of a node could.
+    pub fn route_from_client_via_node(&self, cidr: &str) {
+        self.client.exec_ok(
+            "ip",
+            ["route", "add", cidr, "via", &self.node_addr.to_string()],
+        );
     }
 
     /// An empty namespace `dpt-<id>-<name>` for a container; the caller

@@ -27,7 +27,7 @@ use aya::{
 use bytemuck::{Pod, Zeroable};
 use datapath_common::{
     CONFIG_F_READY, Config, CtEntry, CtKey, Endpoint, EndpointKey, NodeAddr, NodeAddrKey,
-    ServiceKey, ServiceValue, Stat, names, programs as prog_names, proto,
+    ServiceKey, ServiceValue, Stat, clock::TestClock, names, programs as prog_names, proto,
 };
 
 /// TC verdict: let the packet continue.
@@ -261,16 +261,7 @@ impl Programs {
             match self.ebpf.program(name) {
                 Some(Program::Xdp(_)) => self.xdp(name).map(|_| ())?,
                 Some(Program::CgroupSkb(_)) => self.cgroup_skb(name).map(|_| ())?,
-                Some(Program::SockOps(_)) if !self.loaded.contains(name) => {
-                    let prog: &mut SockOps = self
-                        .ebpf
-                        .program_mut(name)
-                        .and_then(|p| p.try_into().ok())
-                        .ok_or_else(|| HarnessError::NoProgram { name: name.clone() })?;
-                    prog.load().map_err(|e| Self::load_error(name, e))?;
-                    self.loaded.insert(name.clone());
-                }
-                Some(Program::SockOps(_)) => {}
+                Some(Program::SockOps(_)) => self.program(name, SockOps::load).map(|_| ())?,
                 _ => self.classifier(name).map(|_| ())?,
             }
         }
@@ -294,10 +285,17 @@ impl Programs {
         }
     }
 
-    /// The TC program `name`, loaded.
-    pub fn classifier(&mut self, name: &str) -> Result<&mut SchedClassifier, HarnessError> {
+    /// Program `name` as a `T`, loaded (verified) by `load` on first use.
+    fn program<T>(
+        &mut self,
+        name: &str,
+        load: fn(&mut T) -> Result<(), ProgramError>,
+    ) -> Result<&mut T, HarnessError>
+    where
+        for<'p> &'p mut T: TryFrom<&'p mut Program, Error = ProgramError>,
+    {
         let first = !self.loaded.contains(name);
-        let prog: &mut SchedClassifier = self
+        let prog: &mut T = self
             .ebpf
             .program_mut(name)
             .ok_or_else(|| HarnessError::NoProgram { name: name.into() })?
@@ -307,48 +305,25 @@ impl Programs {
                 source,
             })?;
         if first {
-            prog.load().map_err(|e| Self::load_error(name, e))?;
+            load(prog).map_err(|e| Self::load_error(name, e))?;
             self.loaded.insert(name.to_owned());
         }
         Ok(prog)
+    }
+
+    /// The TC program `name`, loaded.
+    pub fn classifier(&mut self, name: &str) -> Result<&mut SchedClassifier, HarnessError> {
+        self.program(name, SchedClassifier::load)
     }
 
     /// The XDP program `name`, loaded.
     pub fn xdp(&mut self, name: &str) -> Result<&mut Xdp, HarnessError> {
-        let first = !self.loaded.contains(name);
-        let prog: &mut Xdp = self
-            .ebpf
-            .program_mut(name)
-            .ok_or_else(|| HarnessError::NoProgram { name: name.into() })?
-            .try_into()
-            .map_err(|source| HarnessError::Program {
-                name: name.into(),
-                source,
-            })?;
-        if first {
-            prog.load().map_err(|e| Self::load_error(name, e))?;
-            self.loaded.insert(name.to_owned());
-        }
-        Ok(prog)
+        self.program(name, Xdp::load)
     }
 
     /// The cgroup_skb program `name`, loaded.
     pub fn cgroup_skb(&mut self, name: &str) -> Result<&mut CgroupSkb, HarnessError> {
-        let first = !self.loaded.contains(name);
-        let prog: &mut CgroupSkb = self
-            .ebpf
-            .program_mut(name)
-            .ok_or_else(|| HarnessError::NoProgram { name: name.into() })?
-            .try_into()
-            .map_err(|source| HarnessError::Program {
-                name: name.into(),
-                source,
-            })?;
-        if first {
-            prog.load().map_err(|e| Self::load_error(name, e))?;
-            self.loaded.insert(name.to_owned());
-        }
-        Ok(prog)
+        self.program(name, CgroupSkb::load)
     }
 
     /// Runs cgroup_skb program `name` on `frame` (an Ethernet frame: the
@@ -360,24 +335,7 @@ impl Programs {
         name: &str,
         frame: &[u8],
     ) -> Result<RunResult, HarnessError> {
-        let prog = self.cgroup_skb(name)?;
-        let mut out = vec![0u8; frame.len() + DATA_OUT_SLACK];
-        let res = prog
-            .test_run(TestRunOptions {
-                data_in: Some(frame),
-                data_out: Some(&mut out),
-                ..TestRunOptions::default()
-            })
-            .map_err(|source| HarnessError::Run {
-                name: name.into(),
-                source,
-            })?;
-        out.truncate(res.data_size_out as usize);
-        Ok(RunResult {
-            verdict: res.return_value,
-            data: out,
-            duration: res.duration,
-        })
+        test_run(self.cgroup_skb(name)?, name, frame, None)
     }
 
     /// [`Programs::try_run_cgroup_skb`], panicking on error.
@@ -399,47 +357,12 @@ impl Programs {
         frame: &[u8],
         ctx: Option<&SkBuff>,
     ) -> Result<RunResult, HarnessError> {
-        let prog = self.classifier(name)?;
-        let mut out = vec![0u8; frame.len() + DATA_OUT_SLACK];
-        let res = prog
-            .test_run(TestRunOptions {
-                data_in: Some(frame),
-                data_out: Some(&mut out),
-                ctx_in: ctx.map(bytemuck::bytes_of),
-                ..TestRunOptions::default()
-            })
-            .map_err(|source| HarnessError::Run {
-                name: name.into(),
-                source,
-            })?;
-        out.truncate(res.data_size_out as usize);
-        Ok(RunResult {
-            verdict: res.return_value,
-            data: out,
-            duration: res.duration,
-        })
+        test_run(self.classifier(name)?, name, frame, ctx)
     }
 
     /// Runs XDP program `name` on `frame`.
     pub fn try_run_xdp(&mut self, name: &str, frame: &[u8]) -> Result<RunResult, HarnessError> {
-        let prog = self.xdp(name)?;
-        let mut out = vec![0u8; frame.len() + DATA_OUT_SLACK];
-        let res = prog
-            .test_run(TestRunOptions {
-                data_in: Some(frame),
-                data_out: Some(&mut out),
-                ..TestRunOptions::default()
-            })
-            .map_err(|source| HarnessError::Run {
-                name: name.into(),
-                source,
-            })?;
-        out.truncate(res.data_size_out as usize);
-        Ok(RunResult {
-            verdict: res.return_value,
-            data: out,
-            duration: res.duration,
-        })
+        test_run(self.xdp(name)?, name, frame, None)
     }
 
     /// [`Programs::try_run_tc`], panicking on error.
@@ -537,6 +460,32 @@ impl Programs {
         arr.get(&0, 0).unwrap_or_else(|e| panic!("map {name}: {e}"))
     }
 
+    /// Freezes the programs' clock at `ns` (see `datapath_common::clock`):
+    /// until the next call, every program run reads exactly this time. `ns`
+    /// must not be 0, which means the real clock.
+    pub fn freeze_clock(&mut self, ns: u64) {
+        assert_ne!(
+            ns, 0,
+            "0 is the real clock; freeze the programs at another time"
+        );
+        self.set_clock(TestClock::frozen(ns));
+    }
+
+    /// Gives the programs the real clock back.
+    pub fn real_clock(&mut self) {
+        self.set_clock(TestClock::REAL);
+    }
+
+    fn set_clock(&mut self, clock: TestClock) {
+        let name = names::CLOCK;
+        let map = self.map_data(name).unwrap_or_else(|e| panic!("{e}"));
+        let mut arr: Array<&mut MapData, TestClock> =
+            Array::try_from(map).unwrap_or_else(|e| panic!("map {name}: {e}"));
+        arr.set(0, clock, 0)
+            .map_err(Self::map_err(name))
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+
     /// Publishes `(addr, port, proto)` (addr `[0; 4]`: every node address)
     /// to `value`.
     pub fn insert_service(&mut self, key: ServiceKey, value: ServiceValue) {
@@ -631,6 +580,19 @@ impl Programs {
         all
     }
 
+    /// Removes every conntrack entry.
+    pub fn clear_conntrack(&mut self) {
+        let mut m = self.hash::<CtKey, CtEntry>(names::CONNTRACK);
+        let keys: Vec<CtKey> = m
+            .keys()
+            .map(|k| k.unwrap_or_else(|e| panic!("iterating {}: {e}", names::CONNTRACK)))
+            .collect();
+        for k in keys {
+            m.remove(&k)
+                .unwrap_or_else(|e| panic!("remove from {}: {e}", names::CONNTRACK));
+        }
+    }
+
     /// Counter `stat`, summed over CPUs.
     pub fn stat(&mut self, stat: Stat) -> u64 {
         let name = names::STATS;
@@ -651,4 +613,36 @@ impl Programs {
             .filter(|&(_, n)| n != 0)
             .collect()
     }
+}
+
+/// One `BPF_PROG_TEST_RUN` of `prog` (named `name`) on `frame`, with the
+/// `__sk_buff` context `ctx` if given, with room for the program to grow
+/// the packet.
+fn test_run<T>(
+    prog: &T,
+    name: &str,
+    frame: &[u8],
+    ctx: Option<&SkBuff>,
+) -> Result<RunResult, HarnessError>
+where
+    T: for<'a> TestRun<Opts<'a> = TestRunOptions<'a>, Result = aya::TestRunResult>,
+{
+    let mut out = vec![0u8; frame.len() + DATA_OUT_SLACK];
+    let res = prog
+        .test_run(TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            ctx_in: ctx.map(bytemuck::bytes_of),
+            ..TestRunOptions::default()
+        })
+        .map_err(|source| HarnessError::Run {
+            name: name.into(),
+            source,
+        })?;
+    out.truncate(res.data_size_out as usize);
+    Ok(RunResult {
+        verdict: res.return_value,
+        data: out,
+        duration: res.duration,
+    })
 }

@@ -333,6 +333,173 @@ pub fn iperf3(
     Iperf3Client::spawn(ns, cgroup, server, opts)?.wait()
 }
 
+/// Egress goodput as a fraction of the limit, for the default bucket (or
+/// one of 1 MB and more). Measured here with one TCP stream over 3 s after
+/// 1 s of warm-up ([`Iperf3Options::measured`]), 4 runs each, load
+/// average 2-5: 0.927-1.003 at 10, 20, 40 and 100 Mbit/s, 10-40 Mbit/s
+/// within 2%, 4 Mbit/s with a 1 MB bucket 0.994-1.003. Small buckets do
+/// worse: 0.76-0.88 at 4 Mbit/s with 50 KB.
+pub const EGRESS_BAND: (f64, f64) = (0.9, 1.1);
+
+/// Ingress goodput as a fraction of the limit, for the default bucket (or
+/// one of 1 MB and more), measured over 3 s after 2 s of warm-up
+/// ([`Iperf3Options::measured_ingress`]). The limiter polices (there is no
+/// queue to pace from), so TCP saws around the rate and takes longer to
+/// use up the initial bucket. Measured here, 4 runs each, load average
+/// 2-6: 0.925-1.060 at 10 and 50 Mbit/s, at 8 Mbit/s with a 1 MB bucket
+/// and at 10 Mbit/s right after an update from 50 (after 1 s of warm-up:
+/// up to 1.197, the rest of the bucket still draining). Small buckets do
+/// worse: 0.54-0.59 at 8 Mbit/s with 100 KB.
+pub const INGRESS_BAND: (f64, f64) = (0.85, 1.15);
+
+impl Iperf3Options {
+    /// What rate tests measure: one stream, 3 s after 1 s of warm-up (slow
+    /// start and the initial full bucket left out).
+    pub fn measured() -> Self {
+        Self {
+            seconds: 3,
+            omit: 1,
+            ..Self::default()
+        }
+    }
+}
+
+/// `bps` in Mbit/s, for messages.
+pub fn mbit(bps: f64) -> String {
+    format!("{:.1} Mbit/s", bps / 1e6)
+}
+
+impl Iperf3Options {
+    /// What ingress rate tests measure: one stream, 3 s after 2 s of
+    /// warm-up (see [`INGRESS_BAND`]).
+    pub fn measured_ingress() -> Self {
+        Self {
+            omit: 2,
+            ..Self::measured()
+        }
+    }
+}
+
+/// Asserts that `bps` lies within `band` (fractions) of `limit_bps`;
+/// `details` goes into the message.
+#[track_caller]
+pub fn assert_rate(what: &str, bps: f64, limit_bps: f64, band: (f64, f64), details: &str) {
+    let ratio = bps / limit_bps;
+    assert!(
+        (band.0..=band.1).contains(&ratio),
+        "{what}: {} is {ratio:.3} of the {} limit, not within {}-{}; {details}",
+        mbit(bps),
+        mbit(limit_bps),
+        band.0,
+        band.1,
+    );
+}
+
+/// [`assert_rate`] for the rate the receiver of `report` measured.
+#[track_caller]
+pub fn assert_report(what: &str, report: &Iperf3Report, limit_bps: f64, band: (f64, f64)) {
+    let seconds = |v: &[f64]| v.iter().map(|b| mbit(*b)).collect::<Vec<_>>();
+    let details = format!(
+        "per second sent {:?}, received {:?}",
+        seconds(&report.intervals),
+        seconds(&report.received_intervals)
+    );
+    assert_rate(what, report.received_bps, limit_bps, band, &details);
+}
+
+/// One established TCP connection of a receiver, as `ss -ti` shows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TcpReceived {
+    /// The peer's address and port.
+    pub peer: String,
+    /// Payload bytes received on it so far.
+    pub bytes: u64,
+}
+
+/// The established TCP connections in `ns` whose local port is `port`,
+/// with the bytes each has received (from `ss -tin`).
+pub fn tcp_received(ns: &Netns, port: u16) -> Vec<TcpReceived> {
+    let filter = format!("sport = :{port}");
+    let out = ns.exec_ok("ss", ["-Htin", "state", "established", filter.as_str()]);
+    let mut conns = Vec::new();
+    let mut peer = None;
+    for line in out.lines() {
+        if !line.starts_with(char::is_whitespace) {
+            // `Recv-Q Send-Q Local Peer`: a new connection.
+            peer = line.split_whitespace().nth(3).map(str::to_owned);
+            continue;
+        }
+        let bytes = line
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("bytes_received:"))
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0);
+        if let Some(peer) = peer.take() {
+            conns.push(TcpReceived { peer, bytes });
+        }
+    }
+    conns
+}
+
+/// The goodput of the busiest connection to port `port` in `ns` (an
+/// iperf3 data connection, next to its nearly idle control connection),
+/// measured over `window` by its receiver.
+#[derive(Clone, Debug)]
+pub struct Goodput {
+    /// The connection's peer.
+    pub peer: String,
+    /// Bits per second over the window.
+    pub bps: f64,
+}
+
+/// Measures [`Goodput`] over `window` of the busiest connection to `port`
+/// in `ns`; `None` if there is no connection or it went away meanwhile.
+pub fn receiver_goodput(ns: &Netns, port: u16, window: Duration) -> Option<Goodput> {
+    let busiest = |conns: Vec<TcpReceived>| conns.into_iter().max_by_key(|c| c.bytes);
+    let first = busiest(tcp_received(ns, port))?;
+    let start = Instant::now();
+    std::thread::sleep(window);
+    let last = tcp_received(ns, port)
+        .into_iter()
+        .find(|c| c.peer == first.peer)?;
+    let secs = start.elapsed().as_secs_f64();
+    Some(Goodput {
+        bps: (last.bytes.saturating_sub(first.bytes)) as f64 * 8.0 / secs,
+        peer: first.peer,
+    })
+}
+
+/// iperf3 from container namespace `ctr` (in `cgroup`) to a server in the
+/// client of `node`: the container's egress.
+pub fn send_from(
+    node: &Node,
+    ctr: &Netns,
+    cgroup: Option<&Cgroup>,
+    opts: &Iperf3Options,
+) -> Result<Iperf3Report, BenchError> {
+    let _server = Iperf3Server::start(&node.client, None, node.client_addr(), PORT)?;
+    iperf3(
+        ctr,
+        cgroup,
+        SocketAddr::from((node.client_addr(), PORT)),
+        opts,
+    )
+}
+
+/// iperf3 from the client of `node` to `target`, served in container
+/// namespace `ctr` (in `cgroup`) on `bind`, port 5201: the container's
+/// ingress.
+pub fn receive_in(
+    node: &Node,
+    ctr: &Netns,
+    cgroup: Option<&Cgroup>,
+    (bind, target): (Ipv4Addr, SocketAddr),
+    opts: &Iperf3Options,
+) -> Result<Iperf3Report, BenchError> {
+    let _server = Iperf3Server::start(ctr, cgroup, bind, PORT)?;
+    iperf3(&node.client, None, target, opts)
+}
+
 /// Which way the limited traffic flows.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Direction {
@@ -703,22 +870,9 @@ const TBF_IFB: &str = "rbifb";
 /// container is `TBF_CTR`, the node forwards, the client routes the pool
 /// through the node.
 fn routed_container(node: &Node, ctr: &Netns) -> Result<(), BenchError> {
-    run(
-        &node.node,
-        "ip",
-        &[
-            "link",
-            "add",
-            TBF_HOST_IF,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            ctr.name(),
-        ],
-    )?;
+    node.node
+        .add_veth(TBF_HOST_IF, "eth0", ctr)
+        .map_err(|e| tool("a routed container", e))?;
     let gw = format!("{TBF_GW}/24");
     let addr = format!("{TBF_CTR}/24");
     run(&node.node, "ip", &["addr", "add", &gw, "dev", TBF_HOST_IF])?;

@@ -44,3 +44,15 @@ pub fn cgroup2_root() -> Option<PathBuf> {
         .or_else(|| all.first())
         .cloned()
 }
+
+/// One datagram (a frame, a netlink message batch) from socket `fd`, up to
+/// 64 KiB, with `recv(2)` flags `flags`; `None` if there was none (a
+/// timeout, `EAGAIN`) or the call failed.
+pub fn recv(fd: &impl std::os::fd::AsRawFd, flags: libc::c_int) -> Option<Vec<u8>> {
+    let mut buf = vec![0u8; 65536];
+    // SAFETY: `buf` is valid for its length.
+    let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), flags) };
+    let n = usize::try_from(n).ok()?;
+    buf.truncate(n);
+    Some(buf)
+}

@@ -1,9 +1,12 @@
 //! Servers and clients for real traffic in namespace tests and the sandbox.
 //!
-//! [`Server`] runs a tiny HTTP server or a UDP echo server on a thread in a
-//! namespace, records the peer address of every request it answered, and
-//! stops (joining its thread) on drop. The clients ([`http_get`],
-//! [`udp_request`], …) run in a namespace and bound every wait.
+//! [`Server`] runs a tiny HTTP server, a TCP or line echo server, or a UDP
+//! echo server or sink on a thread in a namespace, records the peer of
+//! every request it answered (and every datagram it got), and stops
+//! (joining its thread) on drop. The clients ([`http_get`],
+//! [`udp_request`], [`line_exchange`], …) run in a namespace and bound
+//! every wait; none retries behind the caller's back. [`RrFlow`] keeps one
+//! connection exchanging lines in the background.
 //!
 //! ```no_run
 //! use std::net::SocketAddr;
@@ -17,12 +20,12 @@
 //! ```
 
 use std::{
-    io::{self, Read, Write},
+    io::{self, BufRead, BufReader, Read, Write},
     net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
     sync::{
         Arc, Mutex,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
         mpsc,
     },
     thread::JoinHandle,
@@ -45,8 +48,12 @@ pub struct Server {
     addr: SocketAddrV4,
     stop: Arc<AtomicBool>,
     peers: Arc<Mutex<Vec<SocketAddrV4>>>,
+    datagrams: Arc<Mutex<Vec<Datagram>>>,
     handle: Option<JoinHandle<()>>,
 }
+
+/// A datagram a UDP server received: its sender and payload.
+pub type Datagram = (SocketAddrV4, Vec<u8>);
 
 impl Server {
     /// An HTTP/1.0 server on `0.0.0.0:port` in `ns`. Every request gets
@@ -69,6 +76,13 @@ impl Server {
         Self::start(ns, port, name, Kind::TcpEcho)
     }
 
+    /// A TCP line server on `0.0.0.0:port` in `ns`: every line `L` is
+    /// answered with the line `"<name>: L"`, on any number of connections at
+    /// once (see [`line_exchange`] and [`RrFlow`]).
+    pub fn line_echo(ns: &Netns, port: u16, name: &str) -> Self {
+        Self::start(ns, port, name, Kind::LineEcho)
+    }
+
     /// A UDP sink on `0.0.0.0:port` in `ns`: datagrams are recorded, never
     /// answered.
     pub fn udp_sink(ns: &Netns, port: u16, name: &str) -> Self {
@@ -78,16 +92,20 @@ impl Server {
     fn start(ns: &Netns, port: u16, name: &str, kind: Kind) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let peers = Arc::new(Mutex::new(Vec::new()));
+        let datagrams = Arc::new(Mutex::new(Vec::new()));
         let (ready_tx, ready_rx) = mpsc::channel();
         let label = format!("{name} port {port}");
+        let tag = name.to_owned();
         let handle = {
-            let (stop, peers) = (stop.clone(), peers.clone());
+            let (stop, peers, datagrams) = (stop.clone(), peers.clone(), datagrams.clone());
             ns.spawn_thread(move || {
+                let udp = |echo| serve_udp(port, echo, &stop, &peers, &datagrams, &ready_tx);
                 let r = match kind {
                     Kind::Http => serve_http(port, &label, &stop, &peers, &ready_tx),
-                    Kind::TcpEcho => serve_tcp_echo(port, &stop, &peers, &ready_tx),
-                    Kind::UdpEcho => serve_udp(port, Some(&label), &stop, &peers, &ready_tx),
-                    Kind::UdpSink => serve_udp(port, None, &stop, &peers, &ready_tx),
+                    Kind::TcpEcho => serve_tcp(port, None, &stop, &peers, &ready_tx),
+                    Kind::LineEcho => serve_tcp(port, Some(tag), &stop, &peers, &ready_tx),
+                    Kind::UdpEcho => udp(Some(&label)),
+                    Kind::UdpSink => udp(None),
                 };
                 // Setup errors reach the caller through the channel; this
                 // one ended the server while it served.
@@ -106,6 +124,7 @@ impl Server {
             addr: SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port),
             stop,
             peers,
+            datagrams,
             handle: Some(handle),
         }
     }
@@ -124,6 +143,32 @@ impl Server {
     /// connection; UDP: datagram) received so far.
     pub fn peers(&self) -> Vec<SocketAddrV4> {
         self.peers.lock().map(|p| p.clone()).unwrap_or_default()
+    }
+
+    /// Every datagram a UDP server received so far, in order.
+    pub fn datagrams(&self) -> Vec<Datagram> {
+        self.datagrams.lock().map(|d| d.clone()).unwrap_or_default()
+    }
+
+    /// How many datagrams carrying exactly `payload` arrived so far.
+    pub fn count_payload(&self, payload: &[u8]) -> usize {
+        self.datagrams()
+            .iter()
+            .filter(|(_, p)| p.as_slice() == payload)
+            .count()
+    }
+
+    /// Waits (up to `timeout`) until `n` datagrams carrying exactly
+    /// `payload` have arrived; returns how many had by then.
+    pub fn wait_payload(&self, payload: &[u8], n: usize, timeout: Duration) -> usize {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let got = self.count_payload(payload);
+            if got >= n || Instant::now() > deadline {
+                return got;
+            }
+            std::thread::sleep(POLL);
+        }
     }
 
     /// Waits (up to `timeout`) until `n` requests have been seen; returns
@@ -155,6 +200,7 @@ impl Drop for Server {
 enum Kind {
     Http,
     TcpEcho,
+    LineEcho,
     UdpEcho,
     UdpSink,
 }
@@ -175,12 +221,13 @@ fn record(peers: &Mutex<Vec<SocketAddrV4>>, peer: SocketAddrV4) {
     }
 }
 
-fn serve_http(
+/// Listens on `port` (reporting readiness, or why not, on `ready`) and
+/// hands each connection to `serve` until `stop`.
+fn accept_loop(
     port: u16,
-    label: &str,
     stop: &AtomicBool,
-    peers: &Mutex<Vec<SocketAddrV4>>,
     ready: &mpsc::Sender<io::Result<()>>,
+    mut serve: impl FnMut(TcpStream, SocketAddrV4),
 ) -> io::Result<()> {
     let listener = match TcpListener::bind((Ipv4Addr::UNSPECIFIED, port)) {
         Ok(l) => l,
@@ -192,18 +239,26 @@ fn serve_http(
     listener.set_nonblocking(true)?;
     let _ = ready.send(Ok(()));
     while !stop.load(Ordering::Relaxed) {
-        let (conn, peer) = match listener.accept() {
-            Ok(c) => c,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                std::thread::sleep(POLL);
-                continue;
-            }
+        match listener.accept() {
+            Ok((conn, peer)) => serve(conn, v4(peer)),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => std::thread::sleep(POLL),
             Err(e) => return Err(e),
-        };
-        // A client that misbehaves only costs its own request.
-        let _ = answer_http(conn, v4(peer), label, peers);
+        }
     }
     Ok(())
+}
+
+fn serve_http(
+    port: u16,
+    label: &str,
+    stop: &AtomicBool,
+    peers: &Mutex<Vec<SocketAddrV4>>,
+    ready: &mpsc::Sender<io::Result<()>>,
+) -> io::Result<()> {
+    accept_loop(port, stop, ready, |conn, peer| {
+        // A client that misbehaves only costs its own request.
+        let _ = answer_http(conn, peer, label, peers);
+    })
 }
 
 fn answer_http(
@@ -239,41 +294,29 @@ fn answer_http(
     conn.flush()
 }
 
-fn serve_tcp_echo(
+fn serve_tcp(
     port: u16,
+    lines_as: Option<String>,
     stop: &Arc<AtomicBool>,
     peers: &Mutex<Vec<SocketAddrV4>>,
     ready: &mpsc::Sender<io::Result<()>>,
 ) -> io::Result<()> {
-    let listener = match TcpListener::bind((Ipv4Addr::UNSPECIFIED, port)) {
-        Ok(l) => l,
-        Err(e) => {
-            let _ = ready.send(Err(e));
-            return Ok(());
-        }
-    };
-    listener.set_nonblocking(true)?;
-    let _ = ready.send(Ok(()));
     let mut conns = Vec::new();
-    while !stop.load(Ordering::Relaxed) {
-        let (conn, peer) = match listener.accept() {
-            Ok(c) => c,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                std::thread::sleep(POLL);
-                continue;
-            }
-            Err(e) => return Err(e),
-        };
-        record(peers, v4(peer));
+    let served = accept_loop(port, stop, ready, |conn, peer| {
+        record(peers, peer);
         let stop = stop.clone();
+        let tag = lines_as.clone();
         // The socket belongs to this namespace already: the thread needs
         // no setns.
-        conns.push(std::thread::spawn(move || echo_conn(conn, &stop)));
-    }
+        conns.push(std::thread::spawn(move || match tag {
+            Some(tag) => answer_lines(conn, &tag, &stop),
+            None => echo_conn(conn, &stop),
+        }));
+    });
     for c in conns {
         let _ = c.join();
     }
-    Ok(())
+    served
 }
 
 fn echo_conn(mut conn: TcpStream, stop: &AtomicBool) -> io::Result<()> {
@@ -285,15 +328,42 @@ fn echo_conn(mut conn: TcpStream, stop: &AtomicBool) -> io::Result<()> {
         match conn.read(&mut buf) {
             Ok(0) => return Ok(()),
             Ok(n) => conn.write_all(&buf[..n])?,
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                ) => {}
+            Err(e) if is_timeout(&e) => {}
             Err(e) => return Err(e),
         }
     }
     Ok(())
+}
+
+/// Answers every line `L` on `conn` with `"<tag>: L"` until EOF or `stop`.
+fn answer_lines(conn: TcpStream, tag: &str, stop: &AtomicBool) -> io::Result<()> {
+    conn.set_nonblocking(false)?;
+    conn.set_read_timeout(Some(POLL * 10))?;
+    conn.set_write_timeout(Some(IO_TIMEOUT))?;
+    let mut w = conn.try_clone()?;
+    let mut r = BufReader::new(conn);
+    let mut line = String::new();
+    while !stop.load(Ordering::Relaxed) {
+        match r.read_line(&mut line) {
+            Ok(0) => return Ok(()),
+            Ok(_) if line.ends_with('\n') => {
+                w.write_all(format!("{tag}: {line}").as_bytes())?;
+                line.clear();
+            }
+            // Part of a line before the timeout: the rest follows.
+            Ok(_) => {}
+            Err(e) if is_timeout(&e) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+fn is_timeout(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+    )
 }
 
 /// Writes `msg` on `s` and reads back exactly as many bytes (an echo).
@@ -311,6 +381,7 @@ fn serve_udp(
     echo: Option<&str>,
     stop: &AtomicBool,
     peers: &Mutex<Vec<SocketAddrV4>>,
+    datagrams: &Mutex<Vec<Datagram>>,
     ready: &mpsc::Sender<io::Result<()>>,
 ) -> io::Result<()> {
     let sock = match UdpSocket::bind((Ipv4Addr::UNSPECIFIED, port)) {
@@ -322,23 +393,19 @@ fn serve_udp(
     };
     sock.set_read_timeout(Some(POLL))?;
     let _ = ready.send(Ok(()));
-    let mut buf = [0u8; 2048];
+    let mut buf = vec![0u8; 65536];
     while !stop.load(Ordering::Relaxed) {
         let (n, peer) = match sock.recv_from(&mut buf) {
             Ok(r) => r,
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                ) =>
-            {
-                continue;
-            }
+            Err(e) if is_timeout(&e) => continue,
             // An ICMP error about an earlier answer: not ours to handle.
             Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => continue,
             Err(e) => return Err(e),
         };
         record(peers, v4(peer));
+        if let Ok(mut d) = datagrams.lock() {
+            d.push((v4(peer), buf[..n].to_vec()));
+        }
         if let Some(label) = echo {
             let mut reply = format!("{label}: ").into_bytes();
             reply.extend_from_slice(&buf[..n]);
@@ -384,8 +451,9 @@ pub fn tcp_connect(ns: &Netns, addr: SocketAddr, timeout: Duration) -> io::Resul
     ns.exec_closure(|| TcpStream::connect_timeout(&addr, timeout).map(drop))
 }
 
-/// Sends `payload` from `ns` to `addr` over UDP (from an ephemeral port)
-/// and returns the first answer. Tries three times, waiting a second each.
+/// Sends `payload` once from `ns` to `addr` over UDP (from an ephemeral
+/// port) and returns the answer, waiting up to [`IO_TIMEOUT`]. It does not
+/// send again: a datapath that loses a first packet fails the caller.
 pub fn udp_request(ns: &Netns, addr: SocketAddr, payload: &[u8]) -> io::Result<Vec<u8>> {
     udp_request_from(ns, 0, addr, payload)
 }
@@ -397,21 +465,82 @@ pub fn udp_request_from(
     addr: SocketAddr,
     payload: &[u8],
 ) -> io::Result<Vec<u8>> {
+    udp_request_within(ns, local_port, addr, payload, IO_TIMEOUT)
+}
+
+/// Like [`udp_request_from`], waiting `timeout` for the answer: for
+/// requests the test expects to go unanswered (pair the silence with
+/// evidence of why, such as a drop counter that moved).
+pub fn udp_request_within(
+    ns: &Netns,
+    local_port: u16,
+    addr: SocketAddr,
+    payload: &[u8],
+    timeout: Duration,
+) -> io::Result<Vec<u8>> {
     ns.exec_closure(|| {
         let sock = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, local_port))?;
         sock.connect(addr)?;
-        sock.set_read_timeout(Some(Duration::from_secs(1)))?;
+        sock.set_read_timeout(Some(timeout))?;
+        sock.send(payload)?;
         let mut buf = [0u8; 2048];
-        let mut last = io::Error::from(io::ErrorKind::TimedOut);
-        for _ in 0..3 {
-            sock.send(payload)?;
-            match sock.recv(&mut buf) {
-                Ok(n) => return Ok(buf[..n].to_vec()),
-                Err(e) => last = e,
-            }
-        }
-        Err(last)
+        let n = sock.recv(&mut buf)?;
+        Ok(buf[..n].to_vec())
     })
+}
+
+/// Sends `payload` from `from` (an address of `ns`, port 0 for any) to
+/// `to`, unconnected, expecting no answer.
+pub fn udp_send(ns: &Netns, from: SocketAddr, to: SocketAddr, payload: &[u8]) -> io::Result<()> {
+    ns.exec_closure(|| {
+        let s = UdpSocket::bind(from)?;
+        s.send_to(payload, to).map(drop)
+    })
+}
+
+/// One short TCP connection from `ns` to `addr`: sends `line`, returns the
+/// answering line (without its newline), as a [`Server::line_echo`]
+/// answers: `"<name>: <line>"`.
+pub fn line_exchange(ns: &Netns, addr: SocketAddr, line: &str) -> io::Result<String> {
+    ns.exec_closure(|| {
+        let s = TcpStream::connect_timeout(&addr, IO_TIMEOUT)?;
+        s.set_read_timeout(Some(IO_TIMEOUT))?;
+        let mut w = s.try_clone()?;
+        w.write_all(format!("{line}\n").as_bytes())?;
+        let mut answer = String::new();
+        BufReader::new(s).read_line(&mut answer)?;
+        if !answer.ends_with('\n') {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!("{addr} closed after {answer:?}"),
+            ));
+        }
+        Ok(answer.trim_end().to_owned())
+    })
+}
+
+/// Asserts that a connection from `ns` to `addr` is refused: something
+/// (the node's own stack, a container without a listener) answered the
+/// SYN with a reset. Silence does not count: a test that expects packets
+/// to be dropped uses [`assert_unanswered`] and checks the drop counter.
+#[track_caller]
+pub fn assert_refused(ns: &Netns, addr: SocketAddr, what: &str) {
+    match tcp_connect(ns, addr, IO_TIMEOUT) {
+        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {}
+        Ok(()) => panic!("{what}: {addr} accepted the connection"),
+        Err(e) => panic!("{what}: a connection to {addr} was not refused but failed with: {e}"),
+    }
+}
+
+/// Asserts that a connection from `ns` to `addr` gets no answer at all
+/// within `timeout` (its SYNs are dropped): neither accepted nor refused.
+#[track_caller]
+pub fn assert_unanswered(ns: &Netns, addr: SocketAddr, timeout: Duration, what: &str) {
+    match tcp_connect(ns, addr, timeout) {
+        Err(e) if e.kind() == io::ErrorKind::TimedOut => {}
+        Ok(()) => panic!("{what}: {addr} accepted the connection"),
+        Err(e) => panic!("{what}: a connection to {addr} failed with {e}, not silence"),
+    }
 }
 
 /// A TCP connection from local port `local_port` of the calling thread's
@@ -475,35 +604,159 @@ pub fn tcp_connect_from(local_port: u16, dst: SocketAddrV4) -> io::Result<TcpStr
     Ok(TcpStream::from(sock))
 }
 
-/// Whether `ns` has no iptables rule (legacy or nft backend) and an empty
-/// nftables rule set; `Err` describes what it found.
-pub fn firewall_is_empty(ns: &Netns) -> Result<(), String> {
-    let mut found = Vec::new();
-    for tool in ["iptables-legacy-save", "iptables-nft-save"] {
-        if crate::netns::which(tool).is_none() {
-            continue;
+/// Pause between two exchanges of an [`RrFlow`].
+const RR_INTERVAL: Duration = Duration::from_millis(50);
+
+/// A long-lived TCP connection exchanging a numbered line with a
+/// [`Server::line_echo`] every 50 ms, in the background, until stopped or
+/// its first failure.
+///
+/// ```no_run
+/// use std::net::SocketAddr;
+/// use datapath_tests::{node::Node, traffic::{RrFlow, Server}};
+///
+/// let node = Node::new();
+/// let _echo = Server::line_echo(&node.node, 7000, "echo");
+/// let flow = RrFlow::start(&node.client, SocketAddr::from((node.node_addr(), 7000)), "echo");
+/// flow.wait_more("before anything happens", 5);
+/// assert!(flow.finish().expect("no exchange failed") >= 5);
+/// ```
+#[derive(Debug)]
+pub struct RrFlow {
+    stop: Arc<AtomicBool>,
+    done: Arc<AtomicU64>,
+    handle: JoinHandle<Result<u64, String>>,
+}
+
+impl RrFlow {
+    /// Connects from `ns` to `addr`, served by the line server `server`,
+    /// and starts exchanging.
+    pub fn start(ns: &Netns, addr: SocketAddr, server: &str) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let done = Arc::new(AtomicU64::new(0));
+        let (stop2, done2) = (stop.clone(), done.clone());
+        let server = server.to_owned();
+        let handle = ns.spawn_thread(move || {
+            let s = TcpStream::connect_timeout(&addr, IO_TIMEOUT)
+                .map_err(|e| format!("connect to {addr}: {e}"))?;
+            s.set_read_timeout(Some(IO_TIMEOUT))
+                .map_err(|e| e.to_string())?;
+            let mut w = s.try_clone().map_err(|e| e.to_string())?;
+            let mut r = BufReader::new(s);
+            let mut n = 0u64;
+            while !stop2.load(Ordering::Relaxed) {
+                n += 1;
+                w.write_all(format!("exchange {n}\n").as_bytes())
+                    .map_err(|e| format!("exchange {n}: send: {e}"))?;
+                let mut answer = String::new();
+                r.read_line(&mut answer)
+                    .map_err(|e| format!("exchange {n}: receive: {e}"))?;
+                if answer != format!("{server}: exchange {n}\n") {
+                    return Err(format!("exchange {n}: answer {answer:?}"));
+                }
+                done2.store(n, Ordering::Relaxed);
+                std::thread::sleep(RR_INTERVAL);
+            }
+            Ok(n)
+        });
+        Self { stop, done, handle }
+    }
+
+    /// Exchanges completed so far.
+    pub fn exchanges(&self) -> u64 {
+        self.done.load(Ordering::Relaxed)
+    }
+
+    /// Waits until `n` more exchanges than now have completed; panics
+    /// (naming `what`) if the flow ends or stalls for 10 s.
+    #[track_caller]
+    pub fn wait_more(&self, what: &str, n: u64) {
+        let target = self.exchanges() + n;
+        let deadline = Instant::now() + IO_TIMEOUT * 2;
+        while self.exchanges() < target {
+            assert!(
+                !self.handle.is_finished(),
+                "{what}: the flow ended after {} exchanges",
+                self.exchanges()
+            );
+            assert!(
+                Instant::now() < deadline,
+                "{what}: {} of {target} exchanges",
+                self.exchanges()
+            );
+            std::thread::sleep(POLL);
         }
-        let out = ns.exec(tool, std::iter::empty::<&str>());
-        let text = String::from_utf8_lossy(&out.stdout);
-        let rules: Vec<&str> = text.lines().filter(|l| l.starts_with("-A")).collect();
-        if !rules.is_empty() {
-            found.push(format!("{tool}: {rules:?}"));
+    }
+
+    /// Stops exchanging; the number of exchanges, or the first failure.
+    pub fn finish(self) -> Result<u64, String> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.handle
+            .join()
+            .unwrap_or_else(|_| Err("the flow's thread panicked".into()))
+    }
+}
+
+/// One UDP socket in a namespace sending the same datagram to one address
+/// every 20 ms, unconnected (ICMP errors while nothing serves the address
+/// do not stop it), collecting the answers: a client that keeps sending on
+/// one 5-tuple while the server behind the address is replaced.
+#[derive(Debug)]
+pub struct UdpPinger {
+    stop: Arc<AtomicBool>,
+    answers: mpsc::Receiver<Vec<u8>>,
+    handle: JoinHandle<u64>,
+}
+
+impl UdpPinger {
+    /// Starts sending `payload` from `ns` to `addr`; gives up by itself
+    /// after 60 s.
+    pub fn start(ns: &Netns, addr: SocketAddr, payload: &[u8]) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (tx, answers) = mpsc::channel();
+        let (flag, payload) = (stop.clone(), payload.to_vec());
+        let handle = ns.spawn_thread(move || {
+            let Ok(socket) = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)) else {
+                return 0;
+            };
+            let _ = socket.set_read_timeout(Some(Duration::from_millis(20)));
+            let deadline = Instant::now() + Duration::from_secs(60);
+            let mut buf = [0u8; 2048];
+            let mut sent = 0;
+            while !flag.load(Ordering::Relaxed) && Instant::now() < deadline {
+                if socket.send_to(&payload, addr).is_ok() {
+                    sent += 1;
+                }
+                if let Ok((n, _)) = socket.recv_from(&mut buf) {
+                    let _ = tx.send(buf[..n].to_vec());
+                }
+            }
+            sent
+        });
+        Self {
+            stop,
+            answers,
+            handle,
         }
     }
-    let out = ns.exec("nft", ["list", "ruleset"]);
-    if !out.status.success() {
-        found.push(format!(
-            "nft list ruleset failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        ));
+
+    /// Waits up to `timeout` for an answer starting with `prefix` (answers
+    /// before it are consumed); whether one came.
+    pub fn wait_answer(&self, prefix: &[u8], timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            match self.answers.recv_timeout(left) {
+                Ok(a) if a.starts_with(prefix) => return true,
+                Ok(_) => {}
+                Err(_) => return false,
+            }
+        }
+        false
     }
-    let text = String::from_utf8_lossy(&out.stdout);
-    if !text.trim().is_empty() {
-        found.push(format!("nft list ruleset:\n{text}"));
-    }
-    if found.is_empty() {
-        Ok(())
-    } else {
-        Err(found.join("\n"))
+
+    /// Stops sending; how many datagrams were sent.
+    pub fn finish(self) -> u64 {
+        self.stop.store(true, Ordering::Relaxed);
+        self.handle.join().unwrap_or(0)
     }
 }

@@ -1,63 +1,13 @@
 //! The agent in a namespace node: it starts, attaches, serves its API,
 //! translates real traffic, and leaves nothing behind when stopped.
 
-use std::{
-    io::{Read, Write},
-    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
-    sync::mpsc,
-    time::{Duration, Instant},
+use datapath_tests::{
+    agent::Agent,
+    fixture::Deployment,
+    leaks,
+    node::Node,
+    traffic::{Server, http_get},
 };
-
-use datapath_tests::{agent::Agent, leaks, netns::Netns, node::Node};
-
-const IO_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// Serves one TCP connection on `port` in `ns`: reads a line, answers
-/// `reply`, and returns the peer address it saw. Waits until listening.
-fn serve_once(ns: &Netns, port: u16, reply: &'static str) -> std::thread::JoinHandle<SocketAddr> {
-    let (ready_tx, ready_rx) = mpsc::channel();
-    let handle = ns.spawn_thread(move || {
-        let listener = TcpListener::bind((Ipv4Addr::UNSPECIFIED, port)).expect("bind");
-        listener.set_nonblocking(true).expect("nonblocking");
-        ready_tx.send(()).expect("signal ready");
-        let deadline = Instant::now() + IO_TIMEOUT;
-        let (mut conn, peer) = loop {
-            match listener.accept() {
-                Ok(c) => break c,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    assert!(
-                        Instant::now() < deadline,
-                        "no connection within {IO_TIMEOUT:?}"
-                    );
-                    std::thread::sleep(Duration::from_millis(10));
-                }
-                Err(e) => panic!("accept: {e}"),
-            }
-        };
-        conn.set_nonblocking(false).expect("blocking");
-        conn.set_read_timeout(Some(IO_TIMEOUT)).expect("timeout");
-        let mut buf = [0u8; 64];
-        let n = conn.read(&mut buf).expect("read request");
-        assert!(n > 0, "empty request");
-        conn.write_all(reply.as_bytes()).expect("write reply");
-        peer
-    });
-    ready_rx.recv_timeout(IO_TIMEOUT).expect("server ready");
-    handle
-}
-
-/// Connects from `ns` to `addr`, sends a line, returns the answer.
-fn request(ns: &Netns, addr: SocketAddr) -> String {
-    ns.exec_closure(|| {
-        let mut s = TcpStream::connect_timeout(&addr, IO_TIMEOUT)
-            .unwrap_or_else(|e| panic!("connect to {addr}: {e}"));
-        s.set_read_timeout(Some(IO_TIMEOUT)).expect("timeout");
-        s.write_all(b"hello\n").expect("write");
-        let mut out = String::new();
-        s.read_to_string(&mut out).expect("read");
-        out
-    })
-}
 
 #[test]
 fn agent_attaches_to_the_uplink_and_leaves_nothing_behind() {
@@ -94,28 +44,18 @@ fn agent_attaches_to_the_uplink_and_leaves_nothing_behind() {
 #[test]
 fn published_port_reaches_a_server_in_the_container() {
     let node = Node::new();
-    let ctr = node.add_container_netns("web");
-    let agent = Agent::start(&node);
-    agent.cli_ok([
-        "container",
-        "add",
-        "web",
-        "--netns",
-        ctr.name(),
-        "--publish",
-        "8080:80",
-    ]);
-    let server = serve_once(&ctr, 80, "hello from web");
-    let answer = request(&node.client, SocketAddr::from((node.node_addr(), 8080)));
-    assert_eq!(answer, "hello from web");
-    let peer = server.join().expect("server thread");
+    let web = Deployment::start(&node, "web", &["--publish", "8080:80"]);
+    let server = Server::http(&web.ctr, 80, "web");
+    let body = http_get(&node.client, node.node_port(8080), "/").expect("GET node:8080");
+    let peers = server.peers();
+    assert_eq!(peers.len(), 1, "{peers:?}");
     assert_eq!(
-        peer.ip(),
-        std::net::IpAddr::V4(node.client_addr()),
+        *peers[0].ip(),
+        node.client_addr(),
         "the client's address is kept"
     );
-    let flows = agent.cli_json(["conntrack", "list", "--json"]);
-    let flows = flows.as_array().expect("a list of flows");
+    assert_eq!(body, format!("web port 80: hello {}\n", peers[0]));
+    let flows = web.agent.flows();
     assert!(
         flows
             .iter()
@@ -127,18 +67,13 @@ fn published_port_reaches_a_server_in_the_container() {
 #[test]
 fn container_egress_is_masqueraded_behind_the_node_address() {
     let node = Node::new();
-    let ctr = node.add_container_netns("app");
-    let agent = Agent::start(&node);
-    agent.cli_ok(["container", "add", "app", "--netns", ctr.name()]);
-    let server = serve_once(&node.client, 9000, "hello from outside");
-    let answer = request(&ctr, SocketAddr::from((node.client_addr(), 9000)));
-    assert_eq!(answer, "hello from outside");
-    let peer = server.join().expect("server thread");
-    assert_eq!(
-        peer.ip(),
-        std::net::IpAddr::V4(node.node_addr()),
-        "masqueraded source"
-    );
+    let app = Deployment::start(&node, "app", &[]);
+    let server = Server::http(&node.client, 9000, "outside");
+    let body = http_get(&app.ctr, node.client_port(9000), "/").expect("GET client:9000");
+    let peers = server.peers();
+    assert_eq!(peers.len(), 1, "{peers:?}");
+    assert_eq!(*peers[0].ip(), node.node_addr(), "masqueraded source");
+    assert_eq!(body, format!("outside port 9000: hello {}\n", peers[0]));
 }
 
 #[test]

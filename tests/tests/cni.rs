@@ -4,28 +4,25 @@
 //! and effects (links, addresses, routes, maps, traffic) are checked.
 
 use std::{
-    io::{Read, Write},
-    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    io::Write,
+    net::Ipv4Addr,
     path::PathBuf,
     process::Stdio,
-    sync::{
-        Arc,
-        atomic::{AtomicBool, AtomicU32, Ordering},
-        mpsc,
-    },
-    time::{Duration, Instant},
+    sync::atomic::{AtomicU32, Ordering},
+    time::Duration,
 };
 
 use datapath_tests::{
-    agent::{Agent, datapath_bin},
+    agent::{Agent, ContainerInfo, datapath_bin},
     cgroup::Cgroup,
+    lock::TrafficLock,
     netns::Netns,
     node::{self, Node},
+    ratebench::{EGRESS_BAND, INGRESS_BAND, Iperf3Options, assert_report, receive_in, send_from},
     sys,
+    traffic::{IO_TIMEOUT, Server, UdpPinger, assert_refused, http_get},
 };
 use serde_json::{Value, json};
-
-const IO_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The plugin binary: `datapath-cni` next to the agent binary.
 fn plugin_bin() -> PathBuf {
@@ -49,6 +46,19 @@ fn container_id(tag: &str) -> String {
         std::process::id(),
         N.fetch_add(1, Ordering::Relaxed)
     )
+}
+
+/// The node's agent and the plugin for its network `dpnet` (CNI 1.1.0).
+fn agent_and_plugin(node: &Node) -> (Agent<'_>, Plugin<'_>) {
+    let agent = Agent::start(node);
+    let plugin = Plugin::new(&agent, "dpnet", "1.1.0");
+    (agent, plugin)
+}
+
+/// A container namespace for the plugin to attach, and a container id
+/// for the attachment, both named after `tag`.
+fn attachment(node: &Node, tag: &str) -> (Netns, String) {
+    (node.add_container_netns(tag), container_id(tag))
 }
 
 /// What one plugin run printed.
@@ -76,6 +86,18 @@ impl Run {
             self.code, self.stdout, self.stderr
         );
         &self.stdout
+    }
+
+    /// Asserts failure with an error structure of `code` whose details
+    /// say `details`; returns it.
+    #[track_caller]
+    fn err_saying(&self, code: u64, details: &str) -> Value {
+        let e = self.err(code);
+        assert!(
+            e["details"].as_str().unwrap_or_default().contains(details),
+            "the details do not say {details:?}: {e:#}"
+        );
+        e
     }
 
     /// Asserts failure with an error structure of `code` and returns it.
@@ -174,68 +196,12 @@ impl<'n> Plugin<'n> {
     }
 }
 
-/// The agent's containers.
-fn containers(agent: &Agent) -> Vec<Value> {
-    agent
-        .cli_json(["container", "list", "--json"])
-        .as_array()
-        .cloned()
-        .expect("a list of containers")
-}
-
 /// Whether the node netns has a link named `name`.
 fn node_has_link(node: &Node, name: &str) -> bool {
     node.node
         .exec("ip", ["link", "show", "dev", name])
         .status
         .success()
-}
-
-/// Serves TCP on `port` in `ns`: answers every connection with `reply`
-/// until `stop` is set (bounded by 20 s).
-fn serve_tcp(
-    ns: &Netns,
-    port: u16,
-    reply: &'static str,
-) -> (Arc<AtomicBool>, std::thread::JoinHandle<()>) {
-    let stop = Arc::new(AtomicBool::new(false));
-    let flag = stop.clone();
-    let (ready_tx, ready_rx) = mpsc::channel();
-    let handle = ns.spawn_thread(move || {
-        let listener = TcpListener::bind((Ipv4Addr::UNSPECIFIED, port)).expect("bind");
-        listener.set_nonblocking(true).expect("nonblocking");
-        ready_tx.send(()).expect("signal ready");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !flag.load(Ordering::Relaxed) && Instant::now() < deadline {
-            match listener.accept() {
-                Ok((mut conn, _)) => {
-                    conn.set_nonblocking(false).expect("blocking");
-                    conn.set_read_timeout(Some(IO_TIMEOUT)).expect("timeout");
-                    let mut buf = [0u8; 64];
-                    let _ = conn.read(&mut buf);
-                    let _ = conn.write_all(reply.as_bytes());
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    std::thread::sleep(Duration::from_millis(10));
-                }
-                Err(e) => panic!("accept: {e}"),
-            }
-        }
-    });
-    ready_rx.recv_timeout(IO_TIMEOUT).expect("server ready");
-    (stop, handle)
-}
-
-/// Connects from `ns` to `addr`, sends a line, returns the answer.
-fn request(ns: &Netns, addr: SocketAddr) -> std::io::Result<String> {
-    ns.exec_closure(|| {
-        let mut s = TcpStream::connect_timeout(&addr, IO_TIMEOUT)?;
-        s.set_read_timeout(Some(IO_TIMEOUT))?;
-        s.write_all(b"hello\n")?;
-        let mut out = String::new();
-        s.read_to_string(&mut out)?;
-        Ok(out)
-    })
 }
 
 /// The IPv4 routes of `dev` in `ns` (`ip -j`).
@@ -279,14 +245,15 @@ fn attach_and_check_result(version: &str) {
     let result = plugin.add(&id, &ctr, &conf);
 
     // The result, field by field.
-    let list = containers(&agent);
+    let list = agent.containers();
     assert_eq!(list.len(), 1, "{list:#?}");
-    let info = &list[0];
-    let host_ifname = info["host_ifname"].as_str().expect("host_ifname");
-    let addr: Ipv4Addr = info["addr"]
-        .as_str()
-        .and_then(|a| a.parse().ok())
-        .expect("addr");
+    let ContainerInfo {
+        host_ifname,
+        addr,
+        json: info,
+        ..
+    } = &list[0];
+    let (host_ifname, addr) = (host_ifname.as_str(), *addr);
     let gateway = info["gateway"].as_str().expect("gateway");
     let (network, prefix) = parse_pool(agent.pool());
     let mask = u32::MAX << (32 - prefix);
@@ -346,12 +313,13 @@ fn attach_and_check_result(version: &str) {
     );
 
     // The published port answers.
-    let (stop, server) = serve_tcp(&ctr, 80, "hello from cni");
-    let answer = request(&node.client, SocketAddr::from((node.node_addr(), 8080)))
+    let server = Server::http(&ctr, 80, "cni");
+    let body = http_get(&node.client, node.node_port(8080), "/")
         .expect("request through the published port");
-    assert_eq!(answer, "hello from cni");
-    stop.store(true, Ordering::Relaxed);
-    server.join().expect("server thread");
+    assert!(
+        body.starts_with("cni port 80: hello 198.18.0.1:"),
+        "{body:?}"
+    );
 
     // CHECK with the ADD's result passes and prints nothing.
     let check = plugin.exec("CHECK", &id, Some(&ctr), &Plugin::with_prev(&conf, &result));
@@ -360,16 +328,20 @@ fn attach_and_check_result(version: &str) {
     // DEL removes everything; a second DEL succeeds too.
     let del_conf = Plugin::with_prev(&conf, &result);
     assert_eq!(plugin.exec("DEL", &id, Some(&ctr), &del_conf).ok(), "");
-    assert!(containers(&agent).is_empty());
+    assert!(agent.containers().is_empty());
     assert!(
         !node_has_link(&node, host_ifname),
         "{host_ifname} survived DEL"
     );
     let links = ctr.exec_ok("ip", ["-o", "link", "show"]);
     assert!(!links.contains("eth0"), "{links}");
-    assert!(
-        request(&node.client, SocketAddr::from((node.node_addr(), 8080))).is_err(),
-        "the port still answers after DEL"
+    // The server still runs: the port is refused because nothing is
+    // published any more, not because nothing listens.
+    assert_refused(&node.client, node.node_port(8080), "the port after DEL");
+    assert_eq!(
+        server.peers().len(),
+        1,
+        "the server saw only the first request"
     );
     assert_eq!(plugin.exec("DEL", &id, Some(&ctr), &del_conf).ok(), "");
 }
@@ -387,8 +359,7 @@ fn add_check_del_with_a_1_0_0_result() {
 #[test]
 fn version_lists_the_supported_versions() {
     let node = Node::new();
-    let agent = Agent::start(&node);
-    let plugin = Plugin::new(&agent, "dpnet", "1.1.0");
+    let (_agent, plugin) = agent_and_plugin(&node);
     let run = plugin.exec_raw(&[("CNI_COMMAND", "VERSION")], br#"{"cniVersion":"1.0.0"}"#);
     run.ok();
     assert_eq!(
@@ -400,10 +371,8 @@ fn version_lists_the_supported_versions() {
 #[test]
 fn del_succeeds_after_the_netns_is_gone() {
     let node = Node::new();
-    let agent = Agent::start(&node);
-    let plugin = Plugin::new(&agent, "dpnet", "1.1.0");
-    let ctr = node.add_container_netns("gone");
-    let id = container_id("gone");
+    let (agent, plugin) = agent_and_plugin(&node);
+    let (ctr, id) = attachment(&node, "gone");
     let conf = plugin.with_runtime(json!({"portMappings": [
         {"hostPort": 8081, "containerPort": 80, "protocol": "tcp"}
     ]}));
@@ -424,7 +393,7 @@ fn del_succeeds_after_the_netns_is_gone() {
     let path_text = path.display().to_string();
     vars.push(("CNI_NETNS", &path_text));
     assert_eq!(plugin.exec_raw(&vars, conf.to_string().as_bytes()).ok(), "");
-    assert!(containers(&agent).is_empty());
+    assert!(agent.containers().is_empty());
     assert!(!node_has_link(&node, &host));
     vars.pop();
     assert_eq!(plugin.exec_raw(&vars, conf.to_string().as_bytes()).ok(), "");
@@ -433,10 +402,8 @@ fn del_succeeds_after_the_netns_is_gone() {
 #[test]
 fn check_names_what_is_broken() {
     let node = Node::new();
-    let agent = Agent::start(&node);
-    let plugin = Plugin::new(&agent, "dpnet", "1.1.0");
-    let ctr = node.add_container_netns("chk");
-    let id = container_id("chk");
+    let (agent, plugin) = agent_and_plugin(&node);
+    let (ctr, id) = attachment(&node, "chk");
     let conf = plugin.with_runtime(json!({"portMappings": [
         {"hostPort": 8082, "containerPort": 80, "protocol": "tcp"}
     ]}));
@@ -466,69 +433,46 @@ fn check_names_what_is_broken() {
     // A prevResult with another MAC.
     let mut wrong_mac = result.clone();
     wrong_mac["interfaces"][1]["mac"] = json!("02:00:00:00:00:01");
-    let e = plugin
+    plugin
         .exec(
             "CHECK",
             &id,
             Some(&ctr),
             &Plugin::with_prev(&conf, &wrong_mac),
         )
-        .err(999);
-    assert!(
-        e["details"].as_str().unwrap_or_default().contains("MAC"),
-        "{e:#}"
-    );
+        .err_saying(999, "MAC");
 
     // The default route removed inside the container.
     ctr.exec_ok("ip", ["route", "del", "default"]);
-    let e = plugin.exec("CHECK", &id, Some(&ctr), &with_prev).err(999);
-    assert!(
-        e["details"]
-            .as_str()
-            .unwrap_or_default()
-            .contains("0.0.0.0/0"),
-        "{e:#}"
-    );
+    plugin
+        .exec("CHECK", &id, Some(&ctr), &with_prev)
+        .err_saying(999, "0.0.0.0/0");
 
     // The address removed.
     ctr.exec_ok("ip", ["addr", "del", &addr, "dev", "eth0"]);
-    let e = plugin.exec("CHECK", &id, Some(&ctr), &with_prev).err(999);
-    assert!(
-        e["details"]
-            .as_str()
-            .unwrap_or_default()
-            .contains("lacks its address"),
-        "{e:#}"
-    );
+    plugin
+        .exec("CHECK", &id, Some(&ctr), &with_prev)
+        .err_saying(999, "lacks its address");
 
     // The interface down.
     ctr.exec_ok("ip", ["link", "set", "eth0", "down"]);
-    let e = plugin.exec("CHECK", &id, Some(&ctr), &with_prev).err(999);
-    assert!(
-        e["details"].as_str().unwrap_or_default().contains("down"),
-        "{e:#}"
-    );
+    plugin
+        .exec("CHECK", &id, Some(&ctr), &with_prev)
+        .err_saying(999, "down");
 
     // The container deleted behind the runtime's back.
-    let name = containers(&agent)[0]["name"]
-        .as_str()
-        .expect("name")
-        .to_owned();
+    let name = agent.containers()[0].name.clone();
     agent.cli_ok(["container", "del", &name]);
-    let e = plugin.exec("CHECK", &id, Some(&ctr), &with_prev).err(999);
-    assert!(
-        e["details"].as_str().unwrap_or_default().contains(&name),
-        "{e:#}"
-    );
+    plugin
+        .exec("CHECK", &id, Some(&ctr), &with_prev)
+        .err_saying(999, &name);
 }
 
 #[test]
 fn bad_configurations_get_the_specifications_error_codes() {
     let node = Node::new();
-    let agent = Agent::start(&node);
-    let plugin = Plugin::new(&agent, "dpnet", "1.1.0");
-    let ctr = node.add_container_netns("bad");
-    let id = container_id("bad");
+    let (agent, plugin) = agent_and_plugin(&node);
+    let (ctr, id) = attachment(&node, "bad");
     let add = |conf: &Value| plugin.exec("ADD", &id, Some(&ctr), conf);
 
     // 6: not JSON.
@@ -545,25 +489,11 @@ fn bad_configurations_get_the_specifications_error_codes() {
     // 1: a version this plugin does not speak.
     let mut old = plugin.conf.clone();
     old["cniVersion"] = json!("0.3.1");
-    let e = add(&old).err(1);
-    assert!(
-        e["details"]
-            .as_str()
-            .unwrap_or_default()
-            .contains("1.0.0, 1.1.0"),
-        "{e:#}"
-    );
+    add(&old).err_saying(1, "1.0.0, 1.1.0");
     // 7: a subnet other than the agent's pool.
     let mut subnet = plugin.conf.clone();
     subnet["ipam"] = json!({"type": "host-local", "subnet": "198.18.128.0/24"});
-    let e = add(&subnet).err(7);
-    assert!(
-        e["details"]
-            .as_str()
-            .unwrap_or_default()
-            .contains(agent.pool()),
-        "{e:#}"
-    );
+    add(&subnet).err_saying(7, agent.pool());
     // 7: no network name.
     let mut nameless = plugin.conf.clone();
     nameless.as_object_mut().expect("object").remove("name");
@@ -576,20 +506,12 @@ fn bad_configurations_get_the_specifications_error_codes() {
     let no_cgroup = plugin.with_runtime(json!({"bandwidth": {
         "egressRate": 1_000_000, "egressBurst": 80_000
     }}));
-    let e = add(&no_cgroup).err(7);
-    assert!(
-        e["details"].as_str().unwrap_or_default().contains("cgroup"),
-        "{e:#}"
-    );
+    add(&no_cgroup).err_saying(7, "cgroup");
     // 2: a protocol the datapath cannot publish.
     let sctp = plugin.with_runtime(json!({"portMappings": [
         {"hostPort": 8084, "containerPort": 80, "protocol": "sctp"}
     ]}));
-    let e = add(&sctp).err(2);
-    assert!(
-        e["details"].as_str().unwrap_or_default().contains("sctp"),
-        "{e:#}"
-    );
+    add(&sctp).err_saying(2, "sctp");
     // 2: an IPAM plugin the datapath does not run.
     let mut dhcp = plugin.conf.clone();
     dhcp["ipam"] = json!({"type": "dhcp"});
@@ -604,14 +526,10 @@ fn bad_configurations_get_the_specifications_error_codes() {
     let snat = plugin.with_runtime(json!({"portMappings": [
         {"hostPort": 62000, "containerPort": 80, "protocol": "tcp"}
     ]}));
-    let e = add(&snat).err(999);
-    assert!(
-        e["details"].as_str().unwrap_or_default().contains("62000"),
-        "{e:#}"
-    );
+    add(&snat).err_saying(999, "62000");
 
     // None of it left anything behind.
-    assert!(containers(&agent).is_empty());
+    assert!(agent.containers().is_empty());
     let links = ctr.exec_ok("ip", ["-o", "link", "show"]);
     assert!(!links.contains("eth0"), "{links}");
 }
@@ -619,17 +537,14 @@ fn bad_configurations_get_the_specifications_error_codes() {
 #[test]
 fn add_refuses_an_interface_name_the_container_already_has() {
     let node = Node::new();
-    let agent = Agent::start(&node);
-    let plugin = Plugin::new(&agent, "dpnet", "1.1.0");
+    let (agent, plugin) = agent_and_plugin(&node);
     let ctr = node.add_container_netns("taken");
     ctr.exec_ok("ip", ["link", "add", "eth0", "type", "bridge"]);
     let id = container_id("taken");
-    let e = plugin.exec("ADD", &id, Some(&ctr), &plugin.conf).err(999);
-    assert!(
-        e["details"].as_str().unwrap_or_default().contains("eth0"),
-        "{e:#}"
-    );
-    assert!(containers(&agent).is_empty());
+    plugin
+        .exec("ADD", &id, Some(&ctr), &plugin.conf)
+        .err_saying(999, "eth0");
+    assert!(agent.containers().is_empty());
     let eth0 = ctr.exec_ok("ip", ["-d", "-o", "link", "show", "dev", "eth0"]);
     assert!(
         eth0.contains("bridge"),
@@ -649,8 +564,7 @@ fn an_agent_that_is_down_means_try_again_later() {
     let node = Node::new();
     let mut agent = Agent::start(&node);
     let plugin = Plugin::new(&agent, "dpnet", "1.1.0");
-    let ctr = node.add_container_netns("down");
-    let id = container_id("down");
+    let (ctr, id) = attachment(&node, "down");
     plugin.exec("STATUS", &id, None, &plugin.conf).ok();
     assert!(
         agent.stop(),
@@ -675,8 +589,7 @@ fn an_agent_that_is_down_means_try_again_later() {
 #[test]
 fn gc_removes_only_this_networks_stale_attachments() {
     let node = Node::new();
-    let agent = Agent::start(&node);
-    let plugin = Plugin::new(&agent, "dpnet", "1.1.0");
+    let (agent, plugin) = agent_and_plugin(&node);
     let other = Plugin::new(&agent, "othernet", "1.1.0");
     let (a, b, c) = (
         node.add_container_netns("gca"),
@@ -689,19 +602,19 @@ fn gc_removes_only_this_networks_stale_attachments() {
     let stale = plugin.add(&idb, &b, &plugin.conf);
     other.add(&idc, &c, &other.conf);
     agent.cli_ok(["container", "add", "manual", "--netns", manual.name()]);
-    assert_eq!(containers(&agent).len(), 4);
+    assert_eq!(agent.containers().len(), 4);
 
     let mut gc = plugin.conf.clone();
     gc["cni.dev/valid-attachments"] = json!([{"containerID": ida, "ifname": "eth0"}]);
     assert_eq!(plugin.exec("GC", "", None, &gc).ok(), "");
-    let left = containers(&agent);
+    let left = agent.containers();
     assert_eq!(left.len(), 3, "{left:#?}");
     let stale_host = stale["interfaces"][0]["name"].as_str().expect("veth");
     assert!(!node_has_link(&node, stale_host));
-    assert!(left.iter().any(|c| c["name"] == "manual"));
+    assert!(left.iter().any(|c| c.name == "manual"));
     let other_netns = c.path().display().to_string();
     assert!(
-        left.iter().any(|x| x["netns"] == other_netns.as_str()),
+        left.iter().any(|x| x.json["netns"] == other_netns.as_str()),
         "the other network's attachment survives: {left:#?}"
     );
     // The valid one is still intact.
@@ -723,62 +636,20 @@ fn gc_removes_only_this_networks_stale_attachments() {
     // An empty (null) list removes the rest of this network.
     gc["cni.dev/valid-attachments"] = Value::Null;
     plugin.exec("GC", "", None, &gc).ok();
-    let left = containers(&agent);
+    let left = agent.containers();
     assert_eq!(left.len(), 2, "{left:#?}");
-}
-
-/// Answers every UDP datagram on `port` in `ns` with `tag` until `stop`
-/// is set (bounded by 30 s). Returns once bound.
-fn udp_echo(
-    ns: &Netns,
-    port: u16,
-    tag: &'static str,
-    stop: Arc<AtomicBool>,
-) -> std::thread::JoinHandle<()> {
-    let (ready_tx, ready_rx) = mpsc::channel();
-    let handle = ns.spawn_thread(move || {
-        let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, port)).expect("bind UDP");
-        socket
-            .set_read_timeout(Some(Duration::from_millis(100)))
-            .expect("timeout");
-        ready_tx.send(()).expect("signal ready");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let mut buf = [0u8; 64];
-        while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
-            if let Ok((_, peer)) = socket.recv_from(&mut buf) {
-                let _ = socket.send_to(tag.as_bytes(), peer);
-            }
-        }
-    });
-    ready_rx.recv_timeout(IO_TIMEOUT).expect("UDP server ready");
-    handle
-}
-
-/// Waits up to `timeout` for a reply `want` from the client thread.
-fn wait_for_reply(rx: &mpsc::Receiver<String>, want: &str, timeout: Duration) -> bool {
-    let deadline = Instant::now() + timeout;
-    while let Some(left) = deadline.checked_duration_since(Instant::now()) {
-        match rx.recv_timeout(left) {
-            Ok(tag) if tag == want => return true,
-            Ok(_) => {}
-            Err(_) => return false,
-        }
-    }
-    false
 }
 
 #[test]
 fn a_replaced_container_gets_the_udp_flow_of_a_client_that_kept_sending() {
     let node = Node::new();
-    let agent = Agent::start(&node);
-    let plugin = Plugin::new(&agent, "dpnet", "1.1.0");
+    let (agent, plugin) = agent_and_plugin(&node);
     let conf = plugin.with_runtime(json!({"portMappings": [
         {"hostPort": 5353, "containerPort": 53, "protocol": "udp"}
     ]}));
     let old = node.add_container_netns("udpold");
     let old_id = container_id("old");
-    let stop_old = Arc::new(AtomicBool::new(false));
-    let old_server = udp_echo(&old, 53, "old", stop_old.clone());
+    let old_server = Server::udp_echo(&old, 53, "old");
     let old_result = plugin.add(&old_id, &old, &conf);
     let old_addr = old_result["ips"][0]["address"]
         .as_str()
@@ -787,31 +658,9 @@ fn a_replaced_container_gets_the_udp_flow_of_a_client_that_kept_sending() {
         .to_owned();
 
     // One client socket (one 5-tuple) sending every 20 ms throughout.
-    let stop_client = Arc::new(AtomicBool::new(false));
-    let (tx, rx) = mpsc::channel();
-    let target = SocketAddr::from((node.node_addr(), 5353));
-    let flag = stop_client.clone();
-    let client = node.client.spawn_thread(move || {
-        let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).expect("bind client");
-        socket
-            .set_read_timeout(Some(Duration::from_millis(20)))
-            .expect("timeout");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let mut buf = [0u8; 64];
-        let mut sent = 0u32;
-        while !flag.load(Ordering::Relaxed) && Instant::now() < deadline {
-            // Unconnected: ICMP errors while no container serves the port
-            // do not break the socket.
-            let _ = socket.send_to(b"ping", target);
-            sent += 1;
-            if let Ok((n, _)) = socket.recv_from(&mut buf) {
-                let _ = tx.send(String::from_utf8_lossy(&buf[..n]).into_owned());
-            }
-        }
-        sent
-    });
+    let client = UdpPinger::start(&node.client, node.node_port(5353), b"ping");
     assert!(
-        wait_for_reply(&rx, "old", IO_TIMEOUT),
+        client.wait_answer(b"old port 53: ping", IO_TIMEOUT),
         "the first container never answered"
     );
 
@@ -824,13 +673,10 @@ fn a_replaced_container_gets_the_udp_flow_of_a_client_that_kept_sending() {
             &Plugin::with_prev(&conf, &old_result),
         )
         .ok();
-    stop_old.store(true, Ordering::Relaxed);
-    old_server.join().expect("old server");
-    let flows = agent.cli_json(["conntrack", "list", "--json"]);
-    let stale: Vec<&Value> = flows
-        .as_array()
-        .expect("flows")
-        .iter()
+    drop(old_server);
+    let stale: Vec<Value> = agent
+        .flows()
+        .into_iter()
         .filter(|f| {
             f["nat_dst"]["addr"] == old_addr.as_str() || f["orig_src"]["addr"] == old_addr.as_str()
         })
@@ -841,26 +687,21 @@ fn a_replaced_container_gets_the_udp_flow_of_a_client_that_kept_sending() {
     );
 
     let new = node.add_container_netns("udpnew");
-    let stop_new = Arc::new(AtomicBool::new(false));
-    let new_server = udp_echo(&new, 53, "new", stop_new.clone());
+    let _new_server = Server::udp_echo(&new, 53, "new");
     plugin.add(&container_id("new"), &new, &conf);
-    let reached = wait_for_reply(&rx, "new", Duration::from_secs(10));
-    stop_client.store(true, Ordering::Relaxed);
-    stop_new.store(true, Ordering::Relaxed);
-    let sent = client.join().expect("client");
-    new_server.join().expect("new server");
+    let reached = client.wait_answer(b"new port 53: ping", Duration::from_secs(10));
+    let sent = client.finish();
     assert!(
         reached,
-        "the client that kept sending ({sent} datagrams) never reached the new container:\n{:#}",
-        agent.cli_json(["conntrack", "list", "--json"])
+        "the client that kept sending ({sent} datagrams) never reached the new container:\n{:#?}",
+        agent.flows()
     );
 }
 
 #[test]
-fn bandwidth_limits_reach_the_agent_and_go_with_del() {
+fn bandwidth_limits_reach_the_agent_hold_the_traffic_and_go_with_del() {
     let node = Node::new();
-    let agent = Agent::start(&node);
-    let plugin = Plugin::new(&agent, "dpnet", "1.1.0");
+    let (agent, plugin) = agent_and_plugin(&node);
     let ctr = node.add_container_netns("bw");
     let cgroup = Cgroup::new();
     let root = sys::cgroup2_root().expect("a cgroup2 hierarchy");
@@ -872,35 +713,58 @@ fn bandwidth_limits_reach_the_agent_and_go_with_del() {
             .expect("under the cgroup2 root")
             .display()
     );
+    // Buckets of 1 MB: the limiter holds its measured bands with them.
     let conf = plugin.with_runtime(json!({
         "bandwidth": {
-            "ingressRate": 8_000_000, "ingressBurst": 800_000,
-            "egressRate": 4_000_000, "egressBurst": 400_000,
+            "ingressRate": 8_000_000, "ingressBurst": 8_000_000,
+            "egressRate": 4_000_000, "egressBurst": 8_000_000,
         },
+        "portMappings": [{"hostPort": 18080, "containerPort": 5201, "protocol": "tcp"}],
         "cgroupPath": relative,
     }));
     let id = container_id("bw");
     let result = plugin.add(&id, &ctr, &conf);
-    let list = containers(&agent);
+    let list = agent.containers();
     assert_eq!(list.len(), 1, "{list:#?}");
-    let info = &list[0];
+    let info = &list[0].json;
     // CNI gives bits/s and bits; the agent keeps bits/s and bytes.
     assert_eq!(info["limits"]["ingress"]["rate_bps"], 8_000_000, "{info:#}");
     assert_eq!(
-        info["limits"]["ingress"]["burst_bytes"], 100_000,
+        info["limits"]["ingress"]["burst_bytes"], 1_000_000,
         "{info:#}"
     );
     assert_eq!(info["limits"]["egress"]["rate_bps"], 4_000_000, "{info:#}");
-    assert_eq!(info["limits"]["egress"]["burst_bytes"], 50_000, "{info:#}");
+    assert_eq!(
+        info["limits"]["egress"]["burst_bytes"], 1_000_000,
+        "{info:#}"
+    );
     assert!(
         info.to_string().contains(&relative),
         "the agent reports another cgroup than {relative}: {info:#}"
     );
+
+    // Set up before, measured under, the traffic lock.
+    let _lock = TrafficLock::acquire();
+    // The limits hold the container's traffic, both ways.
+    let opts = Iperf3Options::measured();
+    let out = send_from(&node, &ctr, Some(&cgroup), &opts).unwrap_or_else(|e| panic!("{e}"));
+    assert_report("egress at the CNI's 4 Mbit/s", &out, 4e6, EGRESS_BAND);
+    let target = (Ipv4Addr::UNSPECIFIED, node.node_port(18080));
+    let inbound = receive_in(
+        &node,
+        &ctr,
+        Some(&cgroup),
+        target,
+        &Iperf3Options::measured_ingress(),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert_report("ingress at the CNI's 8 Mbit/s", &inbound, 8e6, INGRESS_BAND);
+
     plugin
         .exec("CHECK", &id, Some(&ctr), &Plugin::with_prev(&conf, &result))
         .ok();
     plugin
         .exec("DEL", &id, Some(&ctr), &Plugin::with_prev(&conf, &result))
         .ok();
-    assert!(containers(&agent).is_empty());
+    assert!(agent.containers().is_empty());
 }

@@ -13,39 +13,35 @@ use std::{
 
 use datapath_tests::{
     agent::Agent,
+    fixture::Deployment,
     netns::Netns,
     node::Node,
     traffic::{
         IO_TIMEOUT, Server, echo_exchange, http_exchange, http_get, tcp_connect_from, udp_request,
-        udp_request_from,
+        udp_request_from, udp_request_within,
     },
+    wait,
 };
 use serde_json::Value;
 
 /// The default masquerade port range.
 const SNAT_PORTS: std::ops::RangeInclusive<u16> = 61000..=65535;
 
-fn client_port(node: &Node, port: u16) -> SocketAddr {
-    SocketAddr::from((node.client_addr(), port))
+/// The node's agent, started with `agent_args`, with container `app`.
+fn app<'n>(node: &'n Node, agent_args: &[&str]) -> Deployment<'n> {
+    Deployment::start_with(
+        Agent::builder(node).args(agent_args.iter().copied()),
+        "app",
+        &[],
+    )
 }
 
-#[track_caller]
-fn add(agent: &Agent<'_>, name: &str, ns: &Netns) {
-    agent.cli_ok(["container", "add", name, "--netns", ns.name()]);
-}
-
-fn flows(agent: &Agent<'_>) -> Vec<Value> {
-    match agent.cli_json(["conntrack", "list", "--json"]) {
-        Value::Array(a) => a,
-        other => panic!("conntrack list is not a list: {other}"),
-    }
-}
-
-fn counter(agent: &Agent<'_>, name: &str) -> u64 {
-    let st = agent.cli_json(["status", "--json"]);
-    st["counters"][name]
-        .as_u64()
-        .unwrap_or_else(|| panic!("no counter {name}: {st:#}"))
+/// The node's agent with containers `a` and `b`.
+fn a_and_b(node: &Node) -> (Agent<'_>, Netns, Netns) {
+    let Deployment { agent, ctr: a, .. } = Deployment::start(node, "a", &[]);
+    let b = node.add_container_netns("b");
+    agent.add("b", &b, &[]);
+    (agent, a, b)
 }
 
 /// The masqueraded flow whose original source port is `sport` and
@@ -62,36 +58,19 @@ fn snat_flow(flows: &[Value], proto: &str, sport: u16, dport: u16) -> Option<Val
         .cloned()
 }
 
-/// Polls `cond` every 100 ms until it holds or `timeout` passes; returns
-/// whether it held.
-fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if cond() {
-            return true;
-        }
-        if Instant::now() > deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 #[test]
 fn container_tcp_to_the_client_comes_from_the_node_address_and_a_masquerade_port() {
     let node = Node::new();
-    let ctr = node.add_container_netns("app");
-    let agent = Agent::start(&node);
-    add(&agent, "app", &ctr);
+    let Deployment { ctr, agent, .. } = app(&node, &[]);
     let outside = Server::http(&node.client, 8000, "outside");
-    let body = http_get(&ctr, client_port(&node, 8000), "/").expect("GET from the container");
+    let body = http_get(&ctr, node.client_port(8000), "/").expect("GET from the container");
     let peers = outside.peers();
     assert_eq!(peers.len(), 1);
     let peer = peers[0];
     assert_eq!(*peer.ip(), node.node_addr(), "masqueraded source");
     assert!(SNAT_PORTS.contains(&peer.port()), "source port {peer}");
     assert_eq!(body, format!("outside port 8000: hello {peer}\n"));
-    let f = flows(&agent);
+    let f = agent.flows();
     let flow = f
         .iter()
         .find(|f| f["kind"] == "snat" && f["proto"] == "tcp")
@@ -104,17 +83,15 @@ fn container_tcp_to_the_client_comes_from_the_node_address_and_a_masquerade_port
 #[test]
 fn container_udp_to_the_client_is_masqueraded_and_answered() {
     let node = Node::new();
-    let ctr = node.add_container_netns("app");
-    let agent = Agent::start(&node);
-    add(&agent, "app", &ctr);
+    let Deployment { ctr, agent, .. } = app(&node, &[]);
     let echo = Server::udp_echo(&node.client, 5300, "echo");
-    let answer = udp_request_from(&ctr, 40000, client_port(&node, 5300), b"ping?")
+    let answer = udp_request_from(&ctr, 40000, node.client_port(5300), b"ping?")
         .unwrap_or_else(|e| panic!("UDP from the container: {e}\n{}", agent.log()));
     assert_eq!(answer, b"echo port 5300: ping?");
     let peer = echo.peers()[0];
     assert_eq!(*peer.ip(), node.node_addr());
     assert!(SNAT_PORTS.contains(&peer.port()), "source port {peer}");
-    let flow = snat_flow(&flows(&agent), "udp", 40000, 5300).expect("UDP SNAT flow");
+    let flow = snat_flow(&agent.flows(), "udp", 40000, 5300).expect("UDP SNAT flow");
     assert_eq!(flow["nat_src"]["port"], peer.port());
     assert_eq!(flow["state"], "replied");
 }
@@ -122,15 +99,13 @@ fn container_udp_to_the_client_is_masqueraded_and_answered() {
 #[test]
 fn a_container_pings_the_client_through_the_masquerade() {
     let node = Node::new();
-    let ctr = node.add_container_netns("app");
-    let agent = Agent::start(&node);
-    add(&agent, "app", &ctr);
+    let Deployment { ctr, agent, .. } = app(&node, &[]);
     assert!(
         ctr.ping(node.client_addr()),
         "no echo reply\n{}",
         agent.log()
     );
-    let f = flows(&agent);
+    let f = agent.flows();
     let icmp = f
         .iter()
         .find(|f| f["kind"] == "snat" && f["proto"] == "icmp")
@@ -142,11 +117,7 @@ fn a_container_pings_the_client_through_the_masquerade() {
 #[test]
 fn two_containers_pinging_at_once_each_get_their_own_replies() {
     let node = Node::new();
-    let a = node.add_container_netns("a");
-    let b = node.add_container_netns("b");
-    let agent = Agent::start(&node);
-    add(&agent, "a", &a);
-    add(&agent, "b", &b);
+    let (agent, a, b) = a_and_b(&node);
     let target = node.client_addr().to_string();
     let pings: Vec<_> = [&a, &b]
         .into_iter()
@@ -172,7 +143,7 @@ fn two_containers_pinging_at_once_each_get_their_own_replies() {
         // or foreign sequence numbers.
         assert!(!text.contains("DUP!"), "{text}");
     }
-    let f = flows(&agent);
+    let f = agent.flows();
     let icmp: Vec<&Value> = f.iter().filter(|f| f["proto"] == "icmp").collect();
     assert_eq!(icmp.len(), 2, "one ICMP flow per container: {f:#?}");
     assert_ne!(
@@ -190,14 +161,10 @@ fn two_containers_pinging_at_once_each_get_their_own_replies() {
 #[test]
 fn two_containers_with_the_same_source_port_to_the_same_destination_both_work() {
     let node = Node::new();
-    let a = node.add_container_netns("a");
-    let b = node.add_container_netns("b");
-    let agent = Agent::start(&node);
-    add(&agent, "a", &a);
-    add(&agent, "b", &b);
+    let (agent, a, b) = a_and_b(&node);
     let udp = Server::udp_echo(&node.client, 5300, "echo");
     let tcp = Server::tcp_echo(&node.client, 7000, "echo");
-    let dst = client_port(&node, 5300);
+    let dst = node.client_port(5300);
     for (ns, msg) in [(&a, b"from a"), (&b, b"from b")] {
         let answer = udp_request_from(ns, 40000, dst, msg)
             .unwrap_or_else(|e| panic!("UDP from {}: {e}", ns.name()));
@@ -228,7 +195,7 @@ fn two_containers_with_the_same_source_port_to_the_same_destination_both_work() 
     let tcp_peers = tcp.wait_peers(2, IO_TIMEOUT);
     assert_eq!(tcp_peers.len(), 2);
     assert_ne!(tcp_peers[0].port(), tcp_peers[1].port());
-    let f = flows(&agent);
+    let f = agent.flows();
     let same_port: Vec<&Value> = f
         .iter()
         .filter(|f| f["kind"] == "snat" && f["orig_src"]["port"] == 40001)
@@ -239,11 +206,10 @@ fn two_containers_with_the_same_source_port_to_the_same_destination_both_work() 
 #[test]
 fn a_closed_tcp_flow_leaves_conntrack_within_seconds_an_open_one_stays() {
     let node = Node::new();
-    let ctr = node.add_container_netns("app");
-    let agent = Agent::builder(&node)
-        .args(["--ct-gc-interval", "1s", "--ct-timeout-tcp-close", "2s"])
-        .start();
-    add(&agent, "app", &ctr);
+    let Deployment { ctr, agent, .. } = app(
+        &node,
+        &["--ct-gc-interval", "1s", "--ct-timeout-tcp-close", "2s"],
+    );
     let _web = Server::http(&node.client, 8000, "outside");
     let _echo = Server::tcp_echo(&node.client, 7000, "echo");
     // An idle established connection, which must survive the collection.
@@ -252,25 +218,25 @@ fn a_closed_tcp_flow_leaves_conntrack_within_seconds_an_open_one_stays() {
         .expect("connect the idle flow");
     assert_eq!(echo_exchange(&mut idle, b"hi").expect("echo"), b"hi");
 
-    let addr = client_port(&node, 8000);
+    let addr = node.client_port(8000);
     let mut conn = ctr
         .exec_closure(|| tcp_connect_from(40200, SocketAddrV4::new(node.client_addr(), 8000)))
         .expect("connect");
-    let open = snat_flow(&flows(&agent), "tcp", 40200, 8000).expect("flow while open");
+    let open = snat_flow(&agent.flows(), "tcp", 40200, 8000).expect("flow while open");
     assert_eq!(open["state"], "established", "{open:#}");
     // One request; the server closes, the client reads to the end and
     // closes too: FIN both ways.
     http_exchange(&mut conn, addr, "/").expect("GET");
     drop(conn);
-    let gone = wait_until(Duration::from_secs(10), || {
-        snat_flow(&flows(&agent), "tcp", 40200, 8000).is_none()
+    let gone = wait::within(Duration::from_secs(10), || {
+        snat_flow(&agent.flows(), "tcp", 40200, 8000).is_none()
     });
     assert!(
         gone,
         "the closed flow is still listed after 10 s: {:#?}",
-        flows(&agent)
+        agent.flows()
     );
-    let stays = snat_flow(&flows(&agent), "tcp", 40100, 7000).expect("the idle flow stays");
+    let stays = snat_flow(&agent.flows(), "tcp", 40100, 7000).expect("the idle flow stays");
     assert_eq!(stays["state"], "established");
     assert_eq!(
         echo_exchange(&mut idle, b"still there").expect("echo"),
@@ -281,22 +247,19 @@ fn a_closed_tcp_flow_leaves_conntrack_within_seconds_an_open_one_stays() {
 #[test]
 fn idle_udp_flows_expire_unreplied_ones_sooner_and_their_ports_are_freed() {
     let node = Node::new();
-    let ctr = node.add_container_netns("app");
-    let agent = Agent::builder(&node)
-        .args(["--ct-gc-interval", "1s", "--ct-timeout-udp", "4s"])
-        .start();
-    add(&agent, "app", &ctr);
+    let Deployment { ctr, agent, .. } =
+        app(&node, &["--ct-gc-interval", "1s", "--ct-timeout-udp", "4s"]);
     let _echo = Server::udp_echo(&node.client, 5300, "echo");
     let sink = Server::udp_sink(&node.client, 5301, "sink");
-    udp_request_from(&ctr, 41000, client_port(&node, 5300), b"q").expect("replied flow");
+    udp_request_from(&ctr, 41000, node.client_port(5300), b"q").expect("replied flow");
     ctr.exec_closure(|| {
         let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 41001))?;
-        s.send_to(b"nobody answers", client_port(&node, 5301))
+        s.send_to(b"nobody answers", node.client_port(5301))
     })
     .expect("send the unreplied datagram");
     assert_eq!(sink.wait_peers(1, IO_TIMEOUT).len(), 1);
     let sent_at = Instant::now();
-    let f = flows(&agent);
+    let f = agent.flows();
     let replied = snat_flow(&f, "udp", 41000, 5300).expect("replied flow listed");
     let unreplied = snat_flow(&f, "udp", 41001, 5301).expect("unreplied flow listed");
     assert_eq!(replied["state"], "replied");
@@ -304,8 +267,8 @@ fn idle_udp_flows_expire_unreplied_ones_sooner_and_their_ports_are_freed() {
 
     // Unreplied: a quarter of 4 s (1 s), collected every second.
     let mut replied_meanwhile = true;
-    let gone = wait_until(Duration::from_secs(6), || {
-        let f = flows(&agent);
+    let gone = wait::within(Duration::from_secs(6), || {
+        let f = agent.flows();
         replied_meanwhile &= snat_flow(&f, "udp", 41000, 5300).is_some();
         snat_flow(&f, "udp", 41001, 5301).is_none()
     });
@@ -317,8 +280,9 @@ fn idle_udp_flows_expire_unreplied_ones_sooner_and_their_ports_are_freed() {
     );
     // Replied: 4 s idle.
     let port = replied["nat_src"]["port"].as_u64().expect("port");
-    let gone = wait_until(Duration::from_secs(10), || {
-        flows(&agent)
+    let gone = wait::within(Duration::from_secs(10), || {
+        agent
+            .flows()
             .iter()
             .all(|f| f["nat_src"]["port"].as_u64() != Some(port))
     });
@@ -332,24 +296,25 @@ fn idle_udp_flows_expire_unreplied_ones_sooner_and_their_ports_are_freed() {
 #[test]
 fn gc_frees_the_only_masquerade_port_for_a_new_flow() {
     let node = Node::new();
-    let ctr = node.add_container_netns("app");
-    let agent = Agent::builder(&node)
-        .args([
+    let Deployment { ctr, agent, .. } = app(
+        &node,
+        &[
             "--snat-ports",
             "61000-61000",
             "--ct-gc-interval",
             "1s",
             "--ct-timeout-udp",
             "2s",
-        ])
-        .start();
-    add(&agent, "app", &ctr);
+        ],
+    );
     let echo = Server::udp_echo(&node.client, 5300, "echo");
-    let dst = client_port(&node, 5300);
+    let dst = node.client_port(5300);
     udp_request_from(&ctr, 42000, dst, b"first").expect("first flow");
     assert_eq!(echo.peers()[0].port(), 61000);
-    // Same destination, another source port: no port left.
-    let err = udp_request_from(&ctr, 42001, dst, b"second").expect_err("no port is free");
+    // Same destination, another source port: no port left, the datagram
+    // is dropped and counted.
+    let err = udp_request_within(&ctr, 42001, dst, b"second", Duration::from_secs(1))
+        .expect_err("no port is free");
     assert!(
         matches!(
             err.kind(),
@@ -357,27 +322,25 @@ fn gc_frees_the_only_masquerade_port_for_a_new_flow() {
         ),
         "{err}"
     );
-    assert!(counter(&agent, "drop_snat_ports_exhausted") >= 1);
+    assert_eq!(agent.counter("drop_snat_ports_exhausted"), 1);
     assert_eq!(echo.peers().len(), 1, "the second flow never left the node");
     // Once the first flow is collected its port serves the next one.
-    let gone = wait_until(Duration::from_secs(8), || {
-        snat_flow(&flows(&agent), "udp", 42000, 5300).is_none()
+    let gone = wait::within(Duration::from_secs(8), || {
+        snat_flow(&agent.flows(), "udp", 42000, 5300).is_none()
     });
     assert!(gone, "the first flow was not collected");
     let answer = udp_request_from(&ctr, 42001, dst, b"third").expect("port freed by GC");
     assert_eq!(answer, b"echo port 5300: third");
     let peers = echo.peers();
     assert_eq!(peers.last().map(SocketAddrV4::port), Some(61000));
-    let f = snat_flow(&flows(&agent), "udp", 42001, 5300).expect("new flow");
+    let f = snat_flow(&agent.flows(), "udp", 42001, 5300).expect("new flow");
     assert_eq!(f["nat_src"]["port"], 61000);
 }
 
 #[test]
 fn a_full_conntrack_table_drops_new_flows_counted_and_established_ones_keep_going() {
     let node = Node::new();
-    let ctr = node.add_container_netns("app");
-    let agent = Agent::builder(&node).args(["--ct-max", "64"]).start();
-    add(&agent, "app", &ctr);
+    let Deployment { ctr, agent, .. } = app(&node, &["--ct-max", "64"]);
     let st = agent.cli_json(["status", "--json"]);
     assert_eq!(st["conntrack_max"], 64, "{st:#}");
     let _echo = Server::tcp_echo(&node.client, 7000, "echo");
@@ -392,7 +355,7 @@ fn a_full_conntrack_table_drops_new_flows_counted_and_established_ones_keep_goin
 
     // 200 new flows (distinct source ports), one datagram each.
     const FLOOD: usize = 200;
-    let dst = client_port(&node, 5301);
+    let dst = node.client_port(5301);
     ctr.exec_closure(|| -> io::Result<()> {
         for _ in 0..FLOOD {
             let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
@@ -402,7 +365,7 @@ fn a_full_conntrack_table_drops_new_flows_counted_and_established_ones_keep_goin
     })
     .expect("send the flood");
     let received = sink.wait_peers(FLOOD, Duration::from_secs(2)).len();
-    let dropped = counter(&agent, "drop_ct_full");
+    let dropped = agent.counter("drop_ct_full");
     assert!(
         received > 0 && received < FLOOD,
         "part of the flood passes: {received} of {FLOOD}"
@@ -429,43 +392,29 @@ fn a_full_conntrack_table_drops_new_flows_counted_and_established_ones_keep_goin
 #[test]
 fn udp_to_a_closed_client_port_gets_connection_refused_through_the_masquerade() {
     let node = Node::new();
-    let ctr = node.add_container_netns("app");
-    let agent = Agent::start(&node);
-    add(&agent, "app", &ctr);
+    let Deployment { ctr, agent, .. } = app(&node, &[]);
     // Nothing listens on the client's port 5999: it answers with an ICMP
     // port unreachable to the node's masquerade port.
-    let err = udp_request(&ctr, client_port(&node, 5999), b"anyone?")
-        .expect_err("nothing answers on 5999");
+    let err =
+        udp_request(&ctr, node.client_port(5999), b"anyone?").expect_err("nothing answers on 5999");
     assert_eq!(
         err.kind(),
         io::ErrorKind::ConnectionRefused,
         "the container's connected socket gets ECONNREFUSED: {err}\ncounters: {:#}",
         agent.cli_json(["status", "--json"])["counters"]
     );
-    assert!(counter(&agent, "icmp_error_translated") >= 1);
+    assert!(agent.counter("icmp_error_translated") >= 1);
 }
 
 /// A namespace `far` behind the client, over a link of MTU 1280: the client
 /// routes between the node (198.18.0.0/24) and `far` (198.18.1.2/24).
 fn far_behind_a_small_mtu_hop(node: &Node) -> Netns {
     let far = node.add_container_netns("far");
-    node.client.exec_ok(
-        "ip",
-        [
-            "link",
-            "add",
-            "tofar",
-            "mtu",
-            "1280",
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            far.name(),
-        ],
-    );
+    node.client
+        .add_veth("tofar", "eth0", &far)
+        .unwrap_or_else(|e| panic!("{e}"));
+    node.client
+        .exec_ok("ip", ["link", "set", "tofar", "mtu", "1280"]);
     node.client
         .exec_ok("ip", ["addr", "add", "198.18.1.1/24", "dev", "tofar"]);
     node.client.exec_ok("ip", ["link", "set", "tofar", "up"]);
@@ -492,9 +441,7 @@ fn far_behind_a_small_mtu_hop(node: &Node) -> Netns {
 fn frag_needed_from_a_smaller_mtu_hop_reaches_the_container() {
     let node = Node::new();
     let far = far_behind_a_small_mtu_hop(&node);
-    let ctr = node.add_container_netns("app");
-    let agent = Agent::start(&node);
-    add(&agent, "app", &ctr);
+    let Deployment { ctr, agent, .. } = app(&node, &[]);
     let sink = Server::udp_sink(&far, 5400, "far");
     let dst = SocketAddr::from((Ipv4Addr::new(198, 18, 1, 2), 5400));
     // Small datagrams pass the hop.
@@ -538,7 +485,7 @@ fn frag_needed_from_a_smaller_mtu_hop_reaches_the_container() {
         agent.cli_json(["status", "--json"])["counters"]
     );
     assert_eq!(mtu, 1280);
-    assert!(counter(&agent, "icmp_error_translated") >= 1);
+    assert!(agent.counter("icmp_error_translated") >= 1);
 }
 
 /// What an ICMP error told a socket (`IP_RECVERR`): the ICMP type and code
@@ -644,9 +591,7 @@ fn time_exceeded_from_a_router_beyond_the_node_reaches_the_container() {
     // exceeded (to the node's masquerade port) must reach the container.
     let node = Node::new();
     let _far = far_behind_a_small_mtu_hop(&node);
-    let ctr = node.add_container_netns("app");
-    let agent = Agent::start(&node);
-    add(&agent, "app", &ctr);
+    let Deployment { ctr, agent, .. } = app(&node, &[]);
     let dst = SocketAddr::from((Ipv4Addr::new(198, 18, 1, 2), 33434));
     let report = ttl_probe(&ctr, dst, 2).expect("probe");
     assert_eq!(
@@ -659,7 +604,7 @@ fn time_exceeded_from_a_router_beyond_the_node_reaches_the_container() {
         "counters: {:#}",
         agent.cli_json(["status", "--json"])["counters"]
     );
-    assert!(counter(&agent, "icmp_error_translated") >= 1);
+    assert!(agent.counter("icmp_error_translated") >= 1);
 }
 
 #[test]
@@ -668,14 +613,12 @@ fn time_exceeded_from_the_gateway_reaches_the_container() {
     // expires on it with time exceeded from its own address; the node is
     // the containers' router and its address to them is the gateway.
     let node = Node::new();
-    let ctr = node.add_container_netns("app");
-    let agent = Agent::start(&node);
-    add(&agent, "app", &ctr);
+    let Deployment { ctr, agent, .. } = app(&node, &[]);
     let gateway: Ipv4Addr = agent.cli_json(["status", "--json"])["gateway"]
         .as_str()
         .and_then(|g| g.parse().ok())
         .expect("a gateway address");
-    let report = ttl_probe(&ctr, client_port(&node, 33434), 1).expect("probe");
+    let report = ttl_probe(&ctr, node.client_port(33434), 1).expect("probe");
     assert_eq!(
         report,
         Some(IcmpReport {

@@ -4,7 +4,7 @@
 //! side of masqueraded flows' replies.
 
 use datapath_common::{
-    CtKey, Endpoint, Stat, ct_action,
+    Stat, ct_action,
     programs::{CONTAINER_TC, UPLINK_TC, UPLINK_XDP},
     proto,
 };
@@ -12,37 +12,24 @@ use datapath_tests::{
     frame::{Frame, tcp_flags},
     packet::{ParsedFrame, assert_only_changed, field, verify_checksums},
     programs::{Programs, SkBuff, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, XDP_REDIRECT},
+    testbed,
 };
 
-const NODE: [u8; 4] = [198, 18, 0, 2];
-const CLIENT: [u8; 4] = [198, 18, 0, 1];
-const CTR: [u8; 4] = [198, 19, 0, 5];
-const UPLINK: u32 = 1;
-const CTR_IFINDEX: u32 = 7;
-const CTR_MAC: [u8; 6] = [0x02, 0xc0, 0, 0, 0, 5];
-const HOST_MAC: [u8; 6] = [0x02, 0xee, 0, 0, 0, 7];
+const NODE: [u8; 4] = testbed::NODE;
+const CLIENT: [u8; 4] = testbed::CLIENT;
+const CTR: [u8; 4] = testbed::CTR.addr;
+const UPLINK: u32 = testbed::UPLINK_IFINDEX;
+const CTR_IFINDEX: u32 = testbed::CTR.ifindex;
+const CTR_MAC: [u8; 6] = testbed::CTR.mac;
+const HOST_MAC: [u8; 6] = testbed::CTR.host_mac;
 
 fn datapath() -> Programs {
-    let mut p = Programs::load();
-    p.set_config(Programs::config(NODE, [198, 19, 0, 0], 24, UPLINK));
-    p.insert_node_addr(NODE, UPLINK);
-    p.publish([0; 4], 8080, proto::TCP, CTR, 80, CTR_IFINDEX, 3);
-    p.insert_endpoint(
-        CTR,
-        Endpoint {
-            ifindex: CTR_IFINDEX,
-            container_id: 3,
-            mac: CTR_MAC,
-            host_mac: HOST_MAC,
-            flags: 0,
-        },
-    );
-    p
+    testbed::datapath()
 }
 
 /// A frame as the container sends it: from its MAC to the gateway's.
 fn from_container(f: Frame) -> Vec<u8> {
-    f.macs(CTR_MAC, HOST_MAC).build()
+    testbed::CTR.frame(f)
 }
 
 #[test]
@@ -75,14 +62,7 @@ fn reply_of_a_dnat_flow_gets_the_published_source_back() {
             l4 + field::TCP_CSUM..l4 + field::TCP_CSUM + 2,
         ],
     );
-    let reply_key = CtKey {
-        saddr: CTR,
-        daddr: CLIENT,
-        sport: 80,
-        dport: 40000,
-        proto: proto::TCP,
-        _pad: [0; 3],
-    };
+    let reply_key = testbed::ct_key("198.19.0.5:80", "198.18.0.1:40000", proto::TCP);
     let e = p.conntrack_get(&reply_key).expect("reply entry");
     assert_eq!(e.action, ct_action::REV_DNAT);
     assert_eq!(e.packets, 1);
@@ -105,14 +85,7 @@ fn container_egress_is_masqueraded_and_the_reply_finds_its_way_back() {
     assert!((61000..=65535).contains(&sport), "masquerade port {sport}");
     assert_eq!(p.stat(Stat::SnatNew), 1);
 
-    let orig_key = CtKey {
-        saddr: CTR,
-        daddr: CLIENT,
-        sport: 5555,
-        dport: 53,
-        proto: proto::UDP,
-        _pad: [0; 3],
-    };
+    let orig_key = testbed::ct_key("198.19.0.5:5555", "198.18.0.1:53", proto::UDP);
     let e = p.conntrack_get(&orig_key).expect("SNAT entry");
     assert_eq!(
         (e.action, e.nat_addr, e.nat_port),

@@ -25,7 +25,7 @@
 use std::{collections::BTreeMap, fmt};
 
 use datapath_common::{
-    CONFIG_F_SNAT, Config, CtKey, Endpoint, Stat, ct_action,
+    CONFIG_F_SNAT, Config, CtKey, Stat, ct_action,
     programs::{CONTAINER_TC, UPLINK_TC, UPLINK_XDP},
     proto,
 };
@@ -35,18 +35,28 @@ use datapath_tests::{
     programs::{
         Programs, SkBuff, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, XDP_DROP, XDP_PASS, XDP_REDIRECT,
     },
+    testbed,
 };
 
-const NODE: [u8; 4] = [198, 18, 0, 2];
-const POOL: [u8; 4] = [198, 19, 0, 0];
-const BACKEND: [u8; 4] = [198, 19, 0, 5];
-const UPLINK_IFINDEX: u32 = 1;
-const CTR_IFINDEX: u32 = 7;
-const CTR_ID: u32 = 3;
-const CTR_MAC: [u8; 6] = [0x02, 0xc0, 0, 0, 0, 5];
-const HOST_MAC: [u8; 6] = [0x02, 0xee, 0, 0, 0, 7];
+const NODE: [u8; 4] = testbed::NODE;
+const POOL: [u8; 4] = testbed::POOL;
+const BACKEND: [u8; 4] = testbed::CTR.addr;
+const CTR_IFINDEX: u32 = testbed::CTR.ifindex;
+const CTR_MAC: [u8; 6] = testbed::CTR.mac;
+const HOST_MAC: [u8; 6] = testbed::CTR.host_mac;
 /// Published ports: (host port, protocol) → container port.
-const PUBLISHED: [(u16, u8, u16); 2] = [(8080, proto::TCP, 80), (5353, proto::UDP, 53)];
+const PUBLISHED: [(u16, u8, u16); 2] = [
+    (
+        testbed::TCP_PUBLISHED.0,
+        proto::TCP,
+        testbed::TCP_PUBLISHED.1,
+    ),
+    (
+        testbed::UDP_PUBLISHED.0,
+        proto::UDP,
+        testbed::UDP_PUBLISHED.1,
+    ),
+];
 
 const ETH: usize = 14;
 
@@ -227,24 +237,10 @@ struct Datapath {
 
 impl Datapath {
     fn new() -> Self {
-        let mut p = Programs::load();
-        let config = Programs::config(NODE, POOL, 24, UPLINK_IFINDEX);
-        p.set_config(config);
-        p.insert_node_addr(NODE, UPLINK_IFINDEX);
-        for (hp, l4, cp) in PUBLISHED {
-            p.publish([0; 4], hp, l4, BACKEND, cp, CTR_IFINDEX, CTR_ID);
+        Self {
+            p: testbed::datapath(),
+            config: testbed::config(),
         }
-        p.insert_endpoint(
-            BACKEND,
-            Endpoint {
-                ifindex: CTR_IFINDEX,
-                container_id: CTR_ID,
-                mac: CTR_MAC,
-                host_mac: HOST_MAC,
-                flags: 0,
-            },
-        );
-        Self { p, config }
     }
 
     fn published(&self, k: &CtKey) -> bool {

@@ -2,38 +2,36 @@
 //! the limit, fragments, options, VLAN tags, zero UDP checksums, ICMP,
 //! padding, malformed headers, an unconfigured datapath.
 
-use datapath_common::{CtKey, Endpoint, Stat, ct_action, proto};
+use datapath_common::{Stat, ct_action, proto};
 use datapath_tests::{
-    frame::{Frame, IcmpError},
+    frame::{Frame, tcp_flags},
     packet::{ParsedFrame, verify_checksums},
     programs::{
         Programs, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, XDP_DROP, XDP_PASS, XDP_REDIRECT,
     },
+    testbed,
 };
 
-const NODE: [u8; 4] = [198, 18, 0, 2];
-const BACKEND: [u8; 4] = [198, 19, 0, 5];
-const CTR_IFINDEX: u32 = 7;
-const CTR_MAC: [u8; 6] = [0x02, 0xc0, 0, 0, 0, 5];
-const HOST_MAC: [u8; 6] = [0x02, 0xee, 0, 0, 0, 7];
+const NODE: [u8; 4] = testbed::NODE;
+const BACKEND: [u8; 4] = testbed::CTR.addr;
 
 fn published() -> Programs {
-    let mut p = Programs::load();
-    p.set_config(Programs::config(NODE, [198, 19, 0, 0], 24, 1));
-    p.insert_node_addr(NODE, 1);
-    p.publish([0; 4], 8080, proto::TCP, BACKEND, 80, CTR_IFINDEX, 3);
-    p.publish([0; 4], 5353, proto::UDP, BACKEND, 53, CTR_IFINDEX, 3);
-    p.insert_endpoint(
-        BACKEND,
-        Endpoint {
-            ifindex: CTR_IFINDEX,
-            container_id: 3,
-            mac: CTR_MAC,
-            host_mac: HOST_MAC,
-            flags: 0,
-        },
-    );
-    p
+    testbed::datapath()
+}
+
+/// Runs `frame` through both uplink hooks on fresh datapaths; asserts
+/// that both redirected it to the container with its destination
+/// translated and valid checksums; returns both outputs, parsed.
+#[track_caller]
+fn dnat_by_both(frame: &[u8]) -> [(Vec<u8>, ParsedFrame); 2] {
+    let [(tcv, tco, _), (xv, xo, _)] = both(frame);
+    assert_eq!((tcv, xv), (TC_ACT_REDIRECT, XDP_REDIRECT));
+    [tco, xo].map(|out| {
+        verify_checksums(&out).expect("valid checksums");
+        let p = ParsedFrame::parse(&out).expect("parses");
+        assert_eq!(p.ipv4().destination, BACKEND);
+        (out, p)
+    })
 }
 
 /// Runs `frame` through both uplink hooks on fresh datapaths; returns the
@@ -52,14 +50,9 @@ fn udp_with_a_zero_checksum_keeps_it_zero_after_dnat() {
         .payload(&b"query"[..])
         .udp_zero_checksum()
         .build();
-    let [(tcv, tco, _), (xv, xo, _)] = both(&input);
-    assert_eq!((tcv, xv), (TC_ACT_REDIRECT, XDP_REDIRECT));
-    for out in [tco, xo] {
-        let p = ParsedFrame::parse(&out).expect("parses");
-        assert_eq!(p.ipv4().destination, BACKEND);
+    for (_, p) in dnat_by_both(&input) {
         assert_eq!(p.ports(), (4000, 53));
         assert_eq!(p.udp().checksum, 0, "a zero UDP checksum stays zero");
-        verify_checksums(&out).expect("valid IPv4 checksum");
     }
 }
 
@@ -68,12 +61,7 @@ fn udp_with_a_checksum_is_dnatted_with_a_valid_checksum() {
     let input = Frame::udp("198.18.0.1:4000", "198.18.0.2:5353")
         .payload(vec![0xab; 33])
         .build();
-    let [(tcv, tco, _), (xv, xo, _)] = both(&input);
-    assert_eq!((tcv, xv), (TC_ACT_REDIRECT, XDP_REDIRECT));
-    for out in [tco, xo] {
-        verify_checksums(&out).expect("valid checksums");
-        let p = ParsedFrame::parse(&out).expect("parses");
-        assert_eq!(p.ipv4().destination, BACKEND);
+    for (_, p) in dnat_by_both(&input) {
         assert_ne!(p.udp().checksum, 0);
     }
 }
@@ -95,13 +83,8 @@ fn ipv4_options_are_skipped_to_find_the_ports() {
         .ipv4_options(&[1, 1, 1, 0, 0x94, 4, 0, 0])
         .payload(&b"hi"[..])
         .build();
-    let [(tcv, tco, _), (xv, xo, _)] = both(&input);
-    assert_eq!((tcv, xv), (TC_ACT_REDIRECT, XDP_REDIRECT));
-    for out in [tco, xo] {
-        verify_checksums(&out).expect("valid checksums");
-        let p = ParsedFrame::parse(&out).expect("parses");
+    for (_, p) in dnat_by_both(&input) {
         assert_eq!(p.ipv4().options.as_slice(), &[1, 1, 1, 0, 0x94, 4, 0, 0]);
-        assert_eq!(p.ipv4().destination, BACKEND);
         assert_eq!(p.ports(), (40000, 80));
     }
 }
@@ -148,15 +131,8 @@ fn padded_minimum_size_frame_is_translated_and_padding_kept() {
     let mut input = Frame::tcp("198.18.0.1:40000", "198.18.0.2:8080").build();
     assert_eq!(input.len(), 54);
     input.resize(60, 0);
-    let [(tcv, tco, _), (xv, xo, _)] = both(&input);
-    assert_eq!((tcv, xv), (TC_ACT_REDIRECT, XDP_REDIRECT));
-    for out in [tco, xo] {
+    for (out, _) in dnat_by_both(&input) {
         assert_eq!(out.len(), 60);
-        verify_checksums(&out).expect("valid checksums");
-        assert_eq!(
-            ParsedFrame::parse(&out).expect("parses").ipv4().destination,
-            BACKEND
-        );
     }
 }
 
@@ -180,7 +156,15 @@ fn unconfigured_datapath_passes_everything() {
     cfg.flags &= !datapath_common::CONFIG_F_READY;
     p.set_config(cfg);
     p.insert_node_addr(NODE, 1);
-    p.publish([0; 4], 8080, proto::TCP, BACKEND, 80, CTR_IFINDEX, 3);
+    p.publish(
+        [0; 4],
+        8080,
+        proto::TCP,
+        BACKEND,
+        80,
+        testbed::CTR.ifindex,
+        testbed::CTR.id,
+    );
     let r = p.uplink_xdp(&input);
     assert_eq!(
         r.verdict, XDP_PASS,
@@ -206,44 +190,32 @@ fn icmp_echo_to_the_node_passes() {
 }
 
 #[test]
-fn icmp_error_from_the_client_about_a_dnat_flow_is_not_dropped() {
-    let mut p = published();
-    let syn = Frame::tcp("198.18.0.1:40000", "198.18.0.2:8080").build();
-    assert_eq!(p.uplink_tc(&syn).verdict, TC_ACT_REDIRECT);
-    // The client reports the (translated back) SYN-ACK as unreachable.
-    let synack = Frame::tcp("198.18.0.2:8080", "198.18.0.1:40000");
-    let err = Frame::icmp_error(
-        "198.18.0.1",
-        "198.18.0.2",
-        IcmpError::PortUnreachable,
-        &synack,
-    )
-    .build();
-    let r = p.uplink_tc(&err);
-    assert_ne!(r.verdict, TC_ACT_SHOT);
-    verify_checksums(&r.data).expect("valid checksums");
-}
-
-#[test]
 fn tcp_rst_and_fin_flags_are_recorded_in_conntrack() {
-    let mut p = published();
-    let key = CtKey {
-        saddr: [198, 18, 0, 1],
-        daddr: NODE,
-        sport: 40000,
-        dport: 8080,
-        proto: proto::TCP,
-        _pad: [0; 3],
-    };
-    let syn = Frame::tcp("198.18.0.1:40000", "198.18.0.2:8080").build();
-    p.uplink_tc(&syn);
-    let fin = Frame::tcp("198.18.0.1:40000", "198.18.0.2:8080")
-        .tcp_flags(datapath_tests::frame::tcp_flags::FIN | datapath_tests::frame::tcp_flags::ACK)
-        .build();
-    assert_eq!(p.uplink_tc(&fin).verdict, TC_ACT_REDIRECT);
-    let e = p.conntrack_get(&key).expect("entry");
-    assert_eq!(e.action, ct_action::DNAT);
     use datapath_common::tcp_flags as f;
-    assert_eq!(e.tcp_flags, f::SYN | f::FIN | f::ACK);
-    assert_eq!(e.packets, 2);
+    let key = testbed::ct_key("198.18.0.1:40000", "198.18.0.2:8080", proto::TCP);
+    let segment = |flags: u8| {
+        Frame::tcp("198.18.0.1:40000", "198.18.0.2:8080")
+            .tcp_flags(flags)
+            .build()
+    };
+    // A flow closed with FIN, and one torn down with RST: each flag is
+    // recorded on top of what the flow had.
+    for (last, flag) in [
+        (tcp_flags::FIN | tcp_flags::ACK, f::FIN),
+        (tcp_flags::RST, f::RST),
+    ] {
+        let mut p = published();
+        p.uplink_tc(&segment(tcp_flags::SYN));
+        assert_eq!(p.conntrack_get(&key).expect("entry").tcp_flags, f::SYN);
+        assert_eq!(p.uplink_tc(&segment(last)).verdict, TC_ACT_REDIRECT);
+        let e = p.conntrack_get(&key).expect("entry");
+        assert_eq!(e.action, ct_action::DNAT);
+        let expected = f::SYN | flag | if flag == f::FIN { f::ACK } else { 0 };
+        assert_eq!(
+            e.tcp_flags, expected,
+            "after {last:#04x}: {:#04x}",
+            e.tcp_flags
+        );
+        assert_eq!(e.packets, 2);
+    }
 }

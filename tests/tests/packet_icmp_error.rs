@@ -2,42 +2,26 @@
 //! reaches the right side with its outer address and the quoted packet
 //! translated back, with valid outer, ICMP and quoted IPv4 checksums.
 
-use datapath_common::{Endpoint, Stat, proto};
+use datapath_common::Stat;
 use datapath_tests::{
-    frame::{Frame, IcmpError},
+    frame::{Frame, IcmpError, tcp_flags},
     packet::{ParsedFrame, verify_checksums},
     programs::{Programs, TC_ACT_OK, TC_ACT_REDIRECT, XDP_PASS, XDP_REDIRECT},
+    testbed,
 };
 
-const NODE: [u8; 4] = [198, 18, 0, 2];
-const CLIENT: [u8; 4] = [198, 18, 0, 1];
+const NODE: [u8; 4] = testbed::NODE;
+const CLIENT: [u8; 4] = testbed::CLIENT;
 const ROUTER: [u8; 4] = [198, 18, 0, 254];
-const CTR: [u8; 4] = [198, 19, 0, 5];
-const UPLINK: u32 = 1;
-const CTR_IFINDEX: u32 = 7;
-const CTR_MAC: [u8; 6] = [0x02, 0xc0, 0, 0, 0, 5];
-const HOST_MAC: [u8; 6] = [0x02, 0xee, 0, 0, 0, 7];
+const CTR: [u8; 4] = testbed::CTR.addr;
+const CTR_IFINDEX: u32 = testbed::CTR.ifindex;
 
 fn datapath() -> Programs {
-    let mut p = Programs::load();
-    p.set_config(Programs::config(NODE, [198, 19, 0, 0], 24, UPLINK));
-    p.insert_node_addr(NODE, UPLINK);
-    p.publish([0; 4], 5353, proto::UDP, CTR, 53, CTR_IFINDEX, 3);
-    p.insert_endpoint(
-        CTR,
-        Endpoint {
-            ifindex: CTR_IFINDEX,
-            container_id: 3,
-            mac: CTR_MAC,
-            host_mac: HOST_MAC,
-            flags: 0,
-        },
-    );
-    p
+    testbed::datapath()
 }
 
 fn from_container(f: Frame) -> Vec<u8> {
-    f.macs(CTR_MAC, HOST_MAC).build()
+    testbed::CTR.frame(f)
 }
 
 /// Sends `f` from the container through the masquerade; returns the
@@ -60,6 +44,27 @@ fn error_about(src: [u8; 4], dst: [u8; 4], kind: IcmpError, frame: &[u8]) -> Fra
     Frame::icmp_error_quoting(src, dst, kind, &quote(frame))
 }
 
+/// Runs `frame` through the uplink under XDP or TC; asserts it was
+/// redirected (to a container) with valid outer, ICMP and quoted
+/// checksums, and that the error was counted as translated, once.
+#[track_caller]
+fn uplink_redirect(p: &mut Programs, xdp: bool, frame: &[u8]) -> ParsedFrame {
+    let r = if xdp {
+        p.uplink_xdp(frame)
+    } else {
+        p.uplink_tc(frame)
+    };
+    assert_eq!(
+        r.verdict,
+        if xdp { XDP_REDIRECT } else { TC_ACT_REDIRECT },
+        "xdp={xdp}: the error goes to the container; stats: {:?}",
+        p.stats()
+    );
+    verify_checksums(&r.data).expect("valid outer, ICMP and quoted checksums");
+    assert_eq!(p.stat(Stat::IcmpErrorTranslated), 1, "xdp={xdp}");
+    ParsedFrame::parse(&r.data).expect("parses")
+}
+
 #[test]
 fn port_unreachable_for_a_masqueraded_udp_flow_reaches_the_container_translated() {
     for xdp in [false, true] {
@@ -67,19 +72,7 @@ fn port_unreachable_for_a_masqueraded_udp_flow_reaches_the_container_translated(
         let sent = masquerade(&mut p, Frame::udp("198.19.0.5:5555", "198.18.0.1:53"));
         let out_port = ParsedFrame::parse(&sent).expect("parses").ports().0;
         let err = error_about(CLIENT, NODE, IcmpError::PortUnreachable, &sent).build();
-        let r = if xdp {
-            p.uplink_xdp(&err)
-        } else {
-            p.uplink_tc(&err)
-        };
-        assert_eq!(
-            r.verdict,
-            if xdp { XDP_REDIRECT } else { TC_ACT_REDIRECT },
-            "xdp={xdp} stats: {:?}",
-            p.stats()
-        );
-        verify_checksums(&r.data).expect("valid outer, ICMP and quoted checksums");
-        let out = ParsedFrame::parse(&r.data).expect("parses");
+        let out = uplink_redirect(&mut p, xdp, &err);
         assert_eq!(out.ipv4().source, CLIENT);
         assert_eq!(
             out.ipv4().destination,
@@ -96,7 +89,34 @@ fn port_unreachable_for_a_masqueraded_udp_flow_reaches_the_container_translated(
             "quoted source port back (was {out_port})"
         );
         assert_eq!(q.dport(), Some(53));
-        assert_eq!(p.stat(Stat::IcmpErrorTranslated), 1);
+    }
+}
+
+#[test]
+fn port_unreachable_from_the_client_about_a_dnat_flow_reaches_the_container_translated() {
+    for xdp in [false, true] {
+        let mut p = datapath();
+        let syn = Frame::tcp("198.18.0.1:40000", "198.18.0.2:8080").build();
+        assert_eq!(p.uplink_tc(&syn).verdict, TC_ACT_REDIRECT);
+        // The client reports the (translated back) SYN-ACK as unreachable.
+        let synack = Frame::tcp("198.18.0.2:8080", "198.18.0.1:40000")
+            .tcp_flags(tcp_flags::SYN | tcp_flags::ACK);
+        let err = Frame::icmp_error(CLIENT, NODE, IcmpError::PortUnreachable, &synack).build();
+        let out = uplink_redirect(&mut p, xdp, &err);
+        assert_eq!(out.ipv4().source, CLIENT, "xdp={xdp}");
+        assert_eq!(
+            out.ipv4().destination,
+            CTR,
+            "xdp={xdp}: outer destination translated to the container"
+        );
+        assert_eq!(out.ipv4().time_to_live, 63, "xdp={xdp}");
+        let q = out.quoted();
+        assert_eq!(
+            (q.ip.source, q.sport()),
+            (CTR, Some(80)),
+            "xdp={xdp}: the quoted SYN-ACK is the container's own, from its port 80"
+        );
+        assert_eq!((q.ip.destination, q.dport()), (CLIENT, Some(40000)));
     }
 }
 

@@ -4,6 +4,10 @@
 //! and the program a fresh cgroup storage, so the programs charge the
 //! bucket of the test process's cgroup: the tests put their limits there.
 //! (The agent's per-attachment keys are exercised by the namespace tests.)
+//!
+//! Every test freezes the programs' clock (`Programs::freeze_clock`) and
+//! moves it by hand: the verdicts depend on the chosen times only, never on
+//! how fast the machine runs the test.
 
 use std::os::unix::fs::MetadataExt;
 
@@ -76,6 +80,27 @@ fn ip_of(data: &[u8]) -> &[u8] {
     &data[14..]
 }
 
+/// The time the tests start the programs' clock at (any time but 0).
+const T0: u64 = 1_000 * NS_PER_S;
+const NS_PER_S: u64 = 1_000_000_000;
+const NS_PER_MS: u64 = 1_000_000;
+
+/// A fresh object with the programs' clock frozen at [`T0`].
+fn programs() -> Programs {
+    let mut p = Programs::load();
+    p.freeze_clock(T0);
+    p
+}
+
+/// Programs at [`T0`] with the test process's `dir` bucket limited to
+/// [`RATE`] and [`BURST`]; its key.
+fn limited(dir: u32) -> (Programs, RateKey) {
+    let mut p = programs();
+    let key = RateKey::new(own_cgroup_id(), dir);
+    set_limit(&mut p, key, RATE, BURST);
+    (p, key)
+}
+
 /// The verdicts of `n` runs of `program` on `frame`.
 fn run_many(p: &mut Programs, program: &str, frame: &[u8], n: usize) -> Vec<i32> {
     (0..n)
@@ -85,7 +110,7 @@ fn run_many(p: &mut Programs, program: &str, frame: &[u8], n: usize) -> Vec<i32>
 
 #[test]
 fn a_cgroup_without_a_limit_passes_untouched_and_uncounted() {
-    let mut p = Programs::load();
+    let mut p = programs();
     let frame = segment();
     for program in [RATE_EGRESS, RATE_INGRESS] {
         let r = p.run_cgroup_skb(program, &frame);
@@ -104,7 +129,7 @@ fn a_cgroup_without_a_limit_passes_untouched_and_uncounted() {
 
 #[test]
 fn a_limit_on_another_cgroup_is_not_charged() {
-    let mut p = Programs::load();
+    let mut p = programs();
     let other = RateKey::new(own_cgroup_id() + 1_000_003, direction::EGRESS);
     set_limit(&mut p, other, 8_000, 1_514);
     let verdicts = run_many(&mut p, RATE_EGRESS, &segment(), 30);
@@ -116,19 +141,17 @@ fn a_limit_on_another_cgroup_is_not_charged() {
 }
 
 /// 8 kbit/s (1000 bytes per second, a 100-byte packet costs 100 ms) with a
-/// 1514-byte bucket: egress packets that find a backlog of 0-700 ms pass,
-/// 800-1500 ms pass marked (half the bucket); ingress ones pass up to 1100
-/// ms and are marked from 1200 ms (the bucket's reserve, its last quarter,
-/// starts at 1135 ms); the 17th (1600 ms) is over. The test's own run time
-/// gives back a few bytes at most.
+/// 1514-byte bucket (1514 ms): at one instant, egress packets that find a
+/// backlog of 0-700 ms pass, 800-1500 ms pass marked (above half the
+/// bucket, 757 ms); ingress ones pass up to 1100 ms and are marked from
+/// 1200 ms (the bucket's reserve, its last quarter, starts at 1135 ms); the
+/// 17th (1600 ms) is over.
 const RATE: u64 = 8_000;
 const BURST: u64 = 1_514;
 
 #[test]
 fn egress_over_a_tiny_bucket_is_dropped_with_congestion_notification() {
-    let mut p = Programs::load();
-    let key = RateKey::new(own_cgroup_id(), direction::EGRESS);
-    set_limit(&mut p, key, RATE, BURST);
+    let (mut p, key) = limited(direction::EGRESS);
     let verdicts = run_many(&mut p, RATE_EGRESS, &segment(), 17);
     let mut expected = vec![cgroup_verdict::PASS; 8];
     expected.extend([cgroup_verdict::PASS_CN; 8]);
@@ -154,9 +177,7 @@ fn egress_over_a_tiny_bucket_is_dropped_with_congestion_notification() {
 
 #[test]
 fn ingress_over_a_tiny_bucket_is_dropped_and_ecn_capable_packets_are_marked_ce() {
-    let mut p = Programs::load();
-    let key = RateKey::new(own_cgroup_id(), direction::INGRESS);
-    set_limit(&mut p, key, RATE, BURST);
+    let (mut p, key) = limited(direction::INGRESS);
     // ECT(0): the marking band (the reserve) sets Congestion Experienced.
     let ect = Frame::tcp("198.18.0.1:80", "198.19.0.5:40000")
         .payload(vec![0x5a; 60])
@@ -188,9 +209,7 @@ fn ingress_over_a_tiny_bucket_is_dropped_and_ecn_capable_packets_are_marked_ce()
 
 #[test]
 fn ingress_packets_that_cannot_carry_ecn_pass_unmarked_in_the_marking_band() {
-    let mut p = Programs::load();
-    let key = RateKey::new(own_cgroup_id(), direction::INGRESS);
-    set_limit(&mut p, key, RATE, BURST);
+    let (mut p, key) = limited(direction::INGRESS);
     let frame = segment();
     for _ in 0..16 {
         let r = p.run_cgroup_skb(RATE_INGRESS, &frame);
@@ -203,16 +222,13 @@ fn ingress_packets_that_cannot_carry_ecn_pass_unmarked_in_the_marking_band() {
 
 #[test]
 fn a_locked_in_place_update_applies_to_the_next_packet_and_keeps_the_counters() {
-    let mut p = Programs::load();
-    let key = RateKey::new(own_cgroup_id(), direction::EGRESS);
-    set_limit(&mut p, key, RATE, BURST);
+    let (mut p, key) = limited(direction::EGRESS);
     let frame = segment();
     let verdicts = run_many(&mut p, RATE_EGRESS, &frame, 17);
     assert_eq!(verdicts.last(), Some(&cgroup_verdict::DROP_CN));
-    // What the agent does: read under the lock, reconfigure, write under
-    // the lock.
-    let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).expect("clock");
-    let now = now.tv_sec() as u64 * 1_000_000_000 + now.tv_nsec() as u64;
+    // What the agent does: read under the lock, reconfigure at the
+    // programs' time, write under the lock.
+    let now = T0;
     let mut value = limits(&mut p)
         .get(&key, BPF_F_LOCK)
         .expect("read the limit");
@@ -235,9 +251,7 @@ fn a_locked_in_place_update_applies_to_the_next_packet_and_keeps_the_counters() 
 
 #[test]
 fn a_deleted_limit_stops_charging_at_once() {
-    let mut p = Programs::load();
-    let key = RateKey::new(own_cgroup_id(), direction::EGRESS);
-    set_limit(&mut p, key, RATE, BURST);
+    let (mut p, key) = limited(direction::EGRESS);
     let frame = segment();
     run_many(&mut p, RATE_EGRESS, &frame, 17);
     limits(&mut p).remove(&key).expect("remove the limit");
@@ -245,5 +259,80 @@ fn a_deleted_limit_stops_charging_at_once() {
     assert!(
         verdicts.iter().all(|&v| v == cgroup_verdict::PASS),
         "{verdicts:?}"
+    );
+}
+
+#[test]
+fn the_bucket_refills_at_the_configured_rate_as_time_passes() {
+    let (mut p, key) = limited(direction::EGRESS);
+    let frame = segment();
+    // Empty the bucket at T0: 16 admitted (1600 ms of backlog), then over.
+    assert_eq!(
+        run_many(&mut p, RATE_EGRESS, &frame, 17).last(),
+        Some(&cgroup_verdict::DROP_CN)
+    );
+    // 99 ms later the backlog is 1501 ms: one more packet (100 ms) fits a
+    // 1514 ms bucket only once it is down to 1414 ms... not yet.
+    p.freeze_clock(T0 + 99 * NS_PER_MS);
+    assert_eq!(
+        run_many(&mut p, RATE_EGRESS, &frame, 1),
+        [cgroup_verdict::PASS_CN],
+        "a backlog of 1501 ms is within the 1514 ms bucket"
+    );
+    assert_eq!(
+        run_many(&mut p, RATE_EGRESS, &frame, 1),
+        [cgroup_verdict::DROP_CN],
+        "1601 ms is not"
+    );
+    // After exactly the backlog (1701 ms from T0), the bucket is full
+    // again: the same 8 unmarked, 8 marked, 1 over as at the start.
+    p.freeze_clock(T0 + 1_701 * NS_PER_MS);
+    let mut expected = vec![cgroup_verdict::PASS; 8];
+    expected.extend([cgroup_verdict::PASS_CN; 8]);
+    expected.push(cgroup_verdict::DROP_CN);
+    assert_eq!(run_many(&mut p, RATE_EGRESS, &frame, 17), expected);
+    // Over 10 s, 1000 bytes per second are admitted and no more, however
+    // the packets are spread: one every 50 ms offers twice the rate.
+    let before = stats(&mut p, key).expect("counters");
+    let start = T0 + 1_701 * NS_PER_MS;
+    for i in 1..=200 {
+        p.freeze_clock(start + i * 50 * NS_PER_MS);
+        p.run_cgroup_skb(RATE_EGRESS, &frame);
+    }
+    let after = stats(&mut p, key).expect("counters");
+    assert_eq!(
+        after.passed_bytes - before.passed_bytes,
+        10_000,
+        "10 s at 8 kbit/s: {after:?}"
+    );
+    assert_eq!(after.dropped_packets - before.dropped_packets, 100);
+}
+
+#[test]
+fn the_programs_read_the_real_clock_unless_it_is_frozen() {
+    let mut p = Programs::load();
+    let key = RateKey::new(own_cgroup_id(), direction::EGRESS);
+    set_limit(&mut p, key, RATE, BURST);
+    let frame = segment();
+    // The bucket emptied 1 ns after boot is full again by now on the real
+    // clock, which has run for far longer than its 1.6 s backlog...
+    let uptime = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).expect("clock");
+    assert!(uptime.tv_sec() > 2, "the machine booted {uptime} ago");
+    p.freeze_clock(1);
+    assert_eq!(
+        run_many(&mut p, RATE_EGRESS, &frame, 17).last(),
+        Some(&cgroup_verdict::DROP_CN)
+    );
+    p.real_clock();
+    assert_eq!(
+        run_many(&mut p, RATE_EGRESS, &frame, 1),
+        [cgroup_verdict::PASS],
+        "a zeroed test clock is the real clock, not time 0"
+    );
+    // ...and frozen at 1 ns again, that packet's charge lies far ahead.
+    p.freeze_clock(1);
+    assert_eq!(
+        run_many(&mut p, RATE_EGRESS, &frame, 1),
+        [cgroup_verdict::DROP_CN]
     );
 }

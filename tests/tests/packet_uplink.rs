@@ -1,42 +1,27 @@
 //! The uplink programs (`uplink_tc`, `uplink_xdp`) under BPF_PROG_TEST_RUN:
 //! DNAT of a published port, and leaving everything else alone.
 
-use datapath_common::{
-    CT_F_ORIGINAL, CT_F_SEEN, CtKey, Endpoint, Stat, ct_action, proto, tcp_flags as ct_tcp,
-};
+use datapath_common::{CT_F_ORIGINAL, CT_F_SEEN, Stat, ct_action, proto, tcp_flags as ct_tcp};
 use datapath_tests::{
     frame::{Frame, tcp_flags},
     packet::{ParsedFrame, assert_only_changed, field, verify_checksums},
     programs::{Programs, TC_ACT_OK, TC_ACT_REDIRECT, XDP_PASS, XDP_REDIRECT},
+    testbed,
 };
 
-const NODE: [u8; 4] = [198, 18, 0, 2];
-const CLIENT: [u8; 4] = [198, 18, 0, 1];
-const BACKEND: [u8; 4] = [198, 19, 0, 5];
-const UPLINK_IFINDEX: u32 = 1;
-const CTR_IFINDEX: u32 = 7;
-const CTR_ID: u32 = 3;
-const CTR_MAC: [u8; 6] = [0x02, 0xc0, 0x00, 0x00, 0x00, 0x05];
-const HOST_VETH_MAC: [u8; 6] = [0x02, 0xee, 0x00, 0x00, 0x00, 0x07];
+const NODE: [u8; 4] = testbed::NODE;
+const CLIENT: [u8; 4] = testbed::CLIENT;
+const BACKEND: [u8; 4] = testbed::CTR.addr;
+const UPLINK_IFINDEX: u32 = testbed::UPLINK_IFINDEX;
+const CTR_IFINDEX: u32 = testbed::CTR.ifindex;
+const CTR_ID: u32 = testbed::CTR.id;
+const CTR_MAC: [u8; 6] = testbed::CTR.mac;
+const HOST_VETH_MAC: [u8; 6] = testbed::CTR.host_mac;
 
-/// A datapath with node 198.18.0.2, pool 198.19.0.0/24 and TCP port 8080
-/// published on every node address to 198.19.0.5:80 behind ifindex 7.
+/// The test datapath: TCP port 8080 published on every node address to
+/// 198.19.0.5:80 behind ifindex 7.
 fn published() -> Programs {
-    let mut p = Programs::load();
-    p.set_config(Programs::config(NODE, [198, 19, 0, 0], 24, UPLINK_IFINDEX));
-    p.insert_node_addr(NODE, UPLINK_IFINDEX);
-    p.publish([0; 4], 8080, proto::TCP, BACKEND, 80, CTR_IFINDEX, CTR_ID);
-    p.insert_endpoint(
-        BACKEND,
-        Endpoint {
-            ifindex: CTR_IFINDEX,
-            container_id: CTR_ID,
-            mac: CTR_MAC,
-            host_mac: HOST_VETH_MAC,
-            flags: 0,
-        },
-    );
-    p
+    testbed::datapath()
 }
 
 fn syn() -> Frame {
@@ -74,22 +59,8 @@ fn assert_dnat(p: &mut Programs, input: &[u8], output: &[u8], macs_rewritten: bo
     }
     assert_only_changed(input, output, &allowed);
 
-    let orig_key = CtKey {
-        saddr: CLIENT,
-        daddr: NODE,
-        sport: 40000,
-        dport: 8080,
-        proto: proto::TCP,
-        _pad: [0; 3],
-    };
-    let reply_key = CtKey {
-        saddr: BACKEND,
-        daddr: CLIENT,
-        sport: 80,
-        dport: 40000,
-        proto: proto::TCP,
-        _pad: [0; 3],
-    };
+    let orig_key = testbed::ct_key("198.18.0.1:40000", "198.18.0.2:8080", proto::TCP);
+    let reply_key = testbed::ct_key("198.19.0.5:80", "198.18.0.1:40000", proto::TCP);
     let ct = p.conntrack();
     assert_eq!(ct.len(), 2, "two conntrack entries: {ct:#?}");
     let orig = p.conntrack_get(&orig_key).expect("DNAT entry");

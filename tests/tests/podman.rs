@@ -11,29 +11,22 @@
 use std::{
     ffi::OsStr,
     fs,
-    net::{Ipv4Addr, SocketAddr, UdpSocket},
     os::unix::fs::symlink,
     path::{Path, PathBuf},
     process::{Command, Output},
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-        mpsc,
-    },
-    thread::JoinHandle,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use datapath_tests::{
     agent::{Agent, datapath_bin},
+    inspect::assert_no_firewall,
     names,
-    netns::which,
+    netns::{Netns, which},
     node::Node,
+    traffic::{IO_TIMEOUT, Server, UdpPinger},
+    wait,
 };
-use nix::sched::{CloneFlags, setns};
 use serde_json::{Value, json};
-
-const IO_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// podman with all its state under `/tmp/dpt-<node id>-podman`, containers
 /// under the cgroup `/dpt-<node id>-podman`, networks from this test.
@@ -251,60 +244,15 @@ fn remove_tree(dir: &Path) {
     }
 }
 
-/// Panics if the node namespace has any firewall rule (nftables, or
-/// iptables in either backend).
-#[track_caller]
-fn assert_no_firewall_rules(node: &Node, when: &str) {
-    let ruleset = node.node.exec_ok("nft", ["list", "ruleset"]);
-    assert!(
-        ruleset.trim().is_empty(),
-        "nftables rules in the node namespace {when}:\n{ruleset}"
-    );
-    for save in ["iptables-save", "iptables-legacy-save"] {
-        if which(save).is_none() {
-            continue;
-        }
-        let out = node.node.exec_ok(save, Vec::<&str>::new());
-        let rules: Vec<&str> = out.lines().filter(|l| l.starts_with("-A")).collect();
-        assert!(
-            rules.is_empty(),
-            "{save} shows rules in the node namespace {when}:\n{out}"
-        );
-    }
-}
-
-/// The agent's containers.
-fn containers(agent: &Agent) -> Vec<Value> {
-    agent
-        .cli_json(["container", "list", "--json"])
-        .as_array()
-        .cloned()
-        .expect("a list of containers")
-}
-
-/// The agent's flows.
-fn flows(agent: &Agent) -> Vec<Value> {
-    agent
-        .cli_json(["conntrack", "list", "--json"])
-        .as_array()
-        .cloned()
-        .expect("a list of flows")
-}
-
 /// `curl` from the client namespace until it answers (the server may still
 /// be starting) or `IO_TIMEOUT` passes.
 fn curl(node: &Node, url: &str) -> Option<String> {
-    let deadline = Instant::now() + IO_TIMEOUT;
-    loop {
+    wait::for_some(IO_TIMEOUT, || {
         let out = node.client.exec("curl", ["-sf", "-m", "2", url]);
-        if out.status.success() {
-            return Some(String::from_utf8_lossy(&out.stdout).into_owned());
-        }
-        if Instant::now() > deadline {
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    })
 }
 
 #[test]
@@ -312,7 +260,7 @@ fn podman_run_publishes_a_port_and_rm_removes_every_trace() {
     let node = Node::new();
     let agent = Agent::start(&node);
     let podman = Podman::new(&agent, "dpnet", &json!({}));
-    assert_no_firewall_rules(&node, "before podman ran");
+    assert_no_firewall(&node.node, "before podman ran");
     let name = format!("{}{}-web", names::PREFIX, node.id());
     let id = podman.run_container(
         &name,
@@ -324,17 +272,17 @@ fn podman_run_publishes_a_port_and_rm_removes_every_trace() {
     assert!(sandbox.exists(), "{}", sandbox.display());
 
     // The agent holds one container for it, in its netns, with the port.
-    let list = containers(&agent);
+    let list = agent.containers();
     assert_eq!(list.len(), 1, "{list:#?}");
-    let c = &list[0];
+    let c = &list[0].json;
     assert_eq!(c["netns"], sandbox.display().to_string(), "{c:#}");
     assert_eq!(c["publish"], json!(["8080:80/tcp"]), "{c:#}");
     assert!(
-        c["name"].as_str().is_some_and(|n| n.contains(&id[..12])),
+        list[0].name.contains(&id[..12]),
         "the agent's name carries the container id: {c:#}"
     );
-    let addr = c["addr"].as_str().expect("addr").to_owned();
-    let host = c["host_ifname"].as_str().expect("veth").to_owned();
+    let addr = list[0].addr.to_string();
+    let host = list[0].host_ifname.clone();
     // podman took its address from the plugin's result.
     let ip = podman.ok([
         "inspect",
@@ -352,22 +300,24 @@ fn podman_run_publishes_a_port_and_rm_removes_every_trace() {
         "no answer through the published port"
     );
     assert!(
-        flows(&agent)
+        agent
+            .flows()
             .iter()
             .any(|f| f["kind"] == "dnat" && f["nat_dst"]["addr"] == addr.as_str()),
         "no DNAT flow to {addr}"
     );
-    assert_no_firewall_rules(&node, "while the container ran");
+    assert_no_firewall(&node.node, "while the container ran");
 
     // podman rm removes every trace: veth, map entries, flows, netns.
     podman.ok(["rm", "-f", "-t", "0", &name]);
-    assert!(containers(&agent).is_empty(), "{:#?}", containers(&agent));
+    assert!(agent.containers().is_empty(), "{:#?}", agent.containers());
     let links = node.node.exec_ok("ip", ["-o", "link", "show"]);
     assert!(
         !links.contains(&format!("{host}@")),
         "{host} survived:\n{links}"
     );
-    let left: Vec<Value> = flows(&agent)
+    let left: Vec<Value> = agent
+        .flows()
         .into_iter()
         .filter(|f| f["nat_dst"]["addr"] == addr.as_str() || f["orig_src"]["addr"] == addr.as_str())
         .collect();
@@ -380,52 +330,7 @@ fn podman_run_publishes_a_port_and_rm_removes_every_trace() {
     let status = agent.cli_json(["status", "--json"]);
     assert_eq!(status["containers"], 0, "{status:#}");
     assert_eq!(podman.ok(["ps", "-a", "-q"]), "");
-    assert_no_firewall_rules(&node, "after podman rm");
-}
-
-/// Answers every datagram on `port` inside the netns at `netns` with
-/// `tag` until `stop` is set (bounded by 30 s). Returns once bound.
-fn udp_responder(
-    netns: &Path,
-    port: u16,
-    tag: &'static str,
-    stop: Arc<AtomicBool>,
-) -> JoinHandle<()> {
-    let file = fs::File::open(netns).unwrap_or_else(|e| panic!("open {}: {e}", netns.display()));
-    let (ready_tx, ready_rx) = mpsc::channel();
-    let handle = std::thread::spawn(move || {
-        setns(&file, CloneFlags::CLONE_NEWNET).expect("enter the container's netns");
-        drop(file);
-        let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, port)).expect("bind UDP");
-        socket
-            .set_read_timeout(Some(Duration::from_millis(100)))
-            .expect("timeout");
-        ready_tx.send(()).expect("signal ready");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let mut buf = [0u8; 64];
-        while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
-            if let Ok((_, peer)) = socket.recv_from(&mut buf) {
-                let _ = socket.send_to(tag.as_bytes(), peer);
-            }
-        }
-    });
-    ready_rx
-        .recv_timeout(IO_TIMEOUT)
-        .expect("UDP responder ready");
-    handle
-}
-
-/// Waits up to `timeout` for the reply `want`.
-fn wait_for(rx: &mpsc::Receiver<String>, want: &str, timeout: Duration) -> bool {
-    let deadline = Instant::now() + timeout;
-    while let Some(left) = deadline.checked_duration_since(Instant::now()) {
-        match rx.recv_timeout(left) {
-            Ok(tag) if tag == want => return true,
-            Ok(_) => {}
-            Err(_) => return false,
-        }
-    }
-    false
+    assert_no_firewall(&node.node, "after podman rm");
 }
 
 /// busybox has no UDP server here, so each container runs `sleep` and the
@@ -439,64 +344,29 @@ fn podman_replacing_a_container_hands_it_a_udp_client_that_kept_sending() {
     let sleep = ["/bin/busybox", "sleep", "120"];
     let name = format!("{}{}-dns", names::PREFIX, node.id());
     podman.run_container(&name, "dpnet", "5353:53/udp", &sleep);
-    let stop_old = Arc::new(AtomicBool::new(false));
-    let old = udp_responder(&podman.sandbox(&name), 53, "old", stop_old.clone());
+    let old = Server::udp_echo(&Netns::attach(podman.sandbox(&name)), 53, "old");
 
-    let stop_client = Arc::new(AtomicBool::new(false));
-    let (tx, rx) = mpsc::channel();
-    let target = SocketAddr::from((node.node_addr(), 5353));
-    let flag = stop_client.clone();
-    let client = node.client.spawn_thread(move || {
-        let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).expect("bind client");
-        socket
-            .set_read_timeout(Some(Duration::from_millis(20)))
-            .expect("timeout");
-        let deadline = Instant::now() + Duration::from_secs(60);
-        let mut buf = [0u8; 64];
-        while !flag.load(Ordering::Relaxed) && Instant::now() < deadline {
-            let _ = socket.send_to(b"query", target);
-            if let Ok((n, _)) = socket.recv_from(&mut buf) {
-                let _ = tx.send(String::from_utf8_lossy(&buf[..n]).into_owned());
-            }
-        }
-    });
+    let client = UdpPinger::start(&node.client, node.node_port(5353), b"query");
     assert!(
-        wait_for(&rx, "old", IO_TIMEOUT),
+        client.wait_answer(b"old port 53: query", IO_TIMEOUT),
         "the first container never answered"
     );
 
     // Replace it: podman rm, then a new container on the same host port.
-    stop_old.store(true, Ordering::Relaxed);
-    old.join().expect("old responder");
+    drop(old);
     podman.ok(["rm", "-f", "-t", "0", &name]);
     podman.run_container(&name, "dpnet", "5353:53/udp", &sleep);
-    let stop_new = Arc::new(AtomicBool::new(false));
-    let new = udp_responder(&podman.sandbox(&name), 53, "new", stop_new.clone());
-    let reached = wait_for(&rx, "new", Duration::from_secs(10));
-    stop_client.store(true, Ordering::Relaxed);
-    stop_new.store(true, Ordering::Relaxed);
-    client.join().expect("client");
-    new.join().expect("new responder");
+    let _new = Server::udp_echo(&Netns::attach(podman.sandbox(&name)), 53, "new");
+    let reached = client.wait_answer(b"new port 53: query", Duration::from_secs(10));
+    client.finish();
     assert!(
         reached,
         "the client never reached the new container; flows:\n{:#?}",
-        flows(&agent)
+        agent.flows()
     );
-    assert_no_firewall_rules(&node, "after the replacement");
+    assert_no_firewall(&node.node, "after the replacement");
     podman.ok(["rm", "-f", "-t", "0", &name]);
-    assert!(containers(&agent).is_empty());
-}
-
-/// Waits up to 10 s for the agent to hold `n` containers.
-fn wait_for_containers(agent: &Agent, n: usize) -> Vec<Value> {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let list = containers(agent);
-        if list.len() == n || Instant::now() > deadline {
-            return list;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    assert!(agent.containers().is_empty());
 }
 
 #[test]
@@ -505,8 +375,9 @@ fn a_podman_container_that_exits_is_detached_and_reattached_on_start() {
     let agent = Agent::start(&node);
     let podman = Podman::new(&agent, "dpnet", &json!({}));
     let name = format!("{}{}-exit", names::PREFIX, node.id());
-    // Exits at once the first time, stays up when started again.
-    let script = "/bin/busybox test -e /tmp/started && exec /bin/busybox sleep 60; \
+    // Exits at once the first time, serves HTTP when started again.
+    let script = "/bin/busybox test -e /tmp/started && \
+                  exec /bin/busybox httpd -f -p 80 -h /www; \
                   /bin/busybox touch /tmp/started";
     podman.run_container(
         &name,
@@ -516,14 +387,27 @@ fn a_podman_container_that_exits_is_detached_and_reattached_on_start() {
     );
     // podman's cleanup process runs DEL once the container exits, with
     // whatever environment conmon gives it.
-    let left = wait_for_containers(&agent, 0);
-    assert!(left.is_empty(), "still attached after exiting: {left:#?}");
+    let detached = wait::within(Duration::from_secs(10), || agent.containers().is_empty());
+    assert!(
+        detached,
+        "still attached after exiting: {:#?}",
+        agent.containers()
+    );
     let state = podman.ok(["inspect", &name, "--format", "{{.State.Status}}"]);
     assert_eq!(state, "exited");
+    let url = format!("http://{}:8085/index.html", node.node_addr());
+    let down = node.client.exec("curl", ["-sf", "-m", "2", url.as_str()]);
+    assert!(!down.status.success(), "nothing answers while it is down");
     podman.ok(["start", &name]);
-    let list = containers(&agent);
+    let list = agent.containers();
     assert_eq!(list.len(), 1, "{list:#?}");
-    assert_eq!(list[0]["publish"], json!(["8085:80/tcp"]));
+    assert_eq!(list[0].json["publish"], json!(["8085:80/tcp"]));
+    // Re-attached for real: the published port reaches the new process.
+    assert_eq!(
+        curl(&node, &url).as_deref(),
+        Some("hello from podman\n"),
+        "no answer through the re-attached container's port"
+    );
     podman.ok(["rm", "-f", "-t", "0", &name]);
-    assert!(containers(&agent).is_empty());
+    assert!(agent.containers().is_empty());
 }

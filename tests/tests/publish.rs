@@ -10,57 +10,39 @@ use std::{
 };
 
 use datapath_tests::{
-    agent::Agent,
-    inspect::{self, addr_of},
+    agent::{Agent, ContainerInfo},
+    inspect::{self, addr_of, assert_no_firewall, firewall_rules},
     netns::Netns,
     node::Node,
-    traffic::{Server, firewall_is_empty, http_get, tcp_connect, udp_request},
+    traffic::{Server, assert_refused, http_get, udp_request},
 };
 use serde_json::Value;
 
-/// The client's view of the node's port `port`.
-fn node_port(node: &Node, port: u16) -> SocketAddr {
-    SocketAddr::from((node.node_addr(), port))
-}
-
-/// `datapath container add NAME --netns NS [-p SPEC]...`, which must
-/// succeed; returns the container as `container list --json` shows it.
+/// `datapath container add NAME --netns NS --publish SPEC…`, which must
+/// succeed; returns the container as listed.
 #[track_caller]
-fn add(agent: &Agent<'_>, name: &str, ns: &Netns, publish: &[&str]) -> Value {
-    let mut args = vec!["container", "add", name, "--netns", ns.name()];
-    for p in publish {
-        args.extend(["--publish", p]);
-    }
-    agent.cli_ok(&args);
-    container(agent, name).unwrap_or_else(|| panic!("{name} is not listed after add"))
+fn add(agent: &Agent<'_>, name: &str, ns: &Netns, publish: &[&str]) -> ContainerInfo {
+    agent.add(name, ns, &publish_args(publish))
 }
 
 /// `datapath container add …` expected to fail: returns its stderr.
 #[track_caller]
 fn add_refused(agent: &Agent<'_>, name: &str, netns: &str, publish: &[&str]) -> String {
-    let mut args = vec!["container", "add", name, "--netns", netns];
-    for p in publish {
-        args.extend(["--publish", p]);
+    agent.add_refused(name, netns, &publish_args(publish))
+}
+
+fn publish_args<'a>(publish: &[&'a str]) -> Vec<&'a str> {
+    publish.iter().flat_map(|p| ["--publish", p]).collect()
+}
+
+/// Asserts that UDP to `addr` from the client is answered with a port
+/// unreachable: nothing (the node itself) serves it.
+#[track_caller]
+fn assert_udp_refused(node: &Node, addr: SocketAddr, what: &str) {
+    match udp_request(&node.client, addr, b"anyone?") {
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {}
+        other => panic!("{what}: UDP to {addr} got {other:?}, not ECONNREFUSED"),
     }
-    let out = agent.cli(&args);
-    assert!(
-        !out.status.success(),
-        "datapath {args:?} succeeded:\n{}",
-        String::from_utf8_lossy(&out.stdout)
-    );
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-/// The container named `name` in `container list --json`.
-fn container(agent: &Agent<'_>, name: &str) -> Option<Value> {
-    let list = agent.cli_json(["container", "list", "--json"]);
-    list.as_array()?.iter().find(|c| c["name"] == name).cloned()
-}
-
-fn addr_field(v: &Value) -> Ipv4Addr {
-    v.as_str()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("not an address: {v}"))
 }
 
 /// Everything an operator could see of the agent's work: containers, the
@@ -88,13 +70,6 @@ fn snapshot(agent: &Agent<'_>) -> Snapshot {
     }
 }
 
-#[track_caller]
-fn assert_no_firewall(node: &Node, when: &str) {
-    if let Err(found) = firewall_is_empty(&node.node) {
-        panic!("the node has firewall rules {when}:\n{found}");
-    }
-}
-
 /// One HTTP GET and one UDP exchange through published ports under the
 /// uplink hook chosen by `--xdp-mode mode`, whose status name is `hook`.
 fn http_and_udp_through_published_ports(node: &Node, mode: &str, hook: &str) {
@@ -102,12 +77,12 @@ fn http_and_udp_through_published_ports(node: &Node, mode: &str, hook: &str) {
     let agent = Agent::builder(node).args(["--xdp-mode", mode]).start();
     let st = agent.cli_json(["status", "--json"]);
     assert_eq!(st["uplink"]["hook"], hook, "{st:#}");
-    assert_no_firewall(node, "after the agent started");
+    assert_no_firewall(&node.node, "after the agent started");
     let web = Server::http(&ctr, 80, "web");
     let dns = Server::udp_echo(&ctr, 53, "dns");
     add(&agent, "web", &ctr, &["8080:80", "5353:53/udp"]);
 
-    let body = http_get(&node.client, node_port(node, 8080), "/index.html")
+    let body = http_get(&node.client, node.node_port(8080), "/index.html")
         .unwrap_or_else(|e| panic!("GET node:8080 under {mode}: {e}\n{}", agent.log()));
     assert!(body.starts_with("web port 80: hello "), "{body:?}");
     let peers = web.peers();
@@ -122,7 +97,7 @@ fn http_and_udp_through_published_ports(node: &Node, mode: &str, hook: &str) {
         "the answer names the peer the server saw: {body:?}"
     );
 
-    let answer = udp_request(&node.client, node_port(node, 5353), b"query")
+    let answer = udp_request(&node.client, node.node_port(5353), b"query")
         .unwrap_or_else(|e| panic!("UDP to node:5353 under {mode}: {e}\n{}", agent.log()));
     assert_eq!(answer, b"dns port 53: query");
     let udp_peers = dns.peers();
@@ -149,7 +124,7 @@ fn http_and_udp_through_published_ports(node: &Node, mode: &str, hook: &str) {
             "no {proto} DNAT flow to {port}: {flows:#?}"
         );
     }
-    assert_no_firewall(node, "after traffic");
+    assert_no_firewall(&node.node, "after traffic");
 }
 
 #[test]
@@ -183,20 +158,19 @@ fn two_containers_with_different_published_ports_are_each_reached() {
     let _d2 = Server::udp_echo(&c2, 53, "dns2");
     let i1 = add(&agent, "web1", &c1, &["8080:80"]);
     let i2 = add(&agent, "web2", &c2, &["8081:80", "5353:53/udp"]);
-    assert_ne!(i1["addr"], i2["addr"], "each container has its own address");
-    assert_ne!(i1["host_ifname"], i2["host_ifname"]);
+    assert_ne!(i1.addr, i2.addr, "each container has its own address");
+    assert_ne!(i1.host_ifname, i2.host_ifname);
 
     for _ in 0..3 {
-        let a = http_get(&node.client, node_port(&node, 8080), "/").expect("GET :8080");
-        let b = http_get(&node.client, node_port(&node, 8081), "/").expect("GET :8081");
+        let a = http_get(&node.client, node.node_port(8080), "/").expect("GET :8080");
+        let b = http_get(&node.client, node.node_port(8081), "/").expect("GET :8081");
         assert!(a.starts_with("web1 port 80:"), "{a:?}");
         assert!(b.starts_with("web2 port 80:"), "{b:?}");
     }
-    let u = udp_request(&node.client, node_port(&node, 5353), b"q").expect("UDP :5353");
+    let u = udp_request(&node.client, node.node_port(5353), b"q").expect("UDP :5353");
     assert_eq!(u, b"dns2 port 53: q");
-    // Nothing was published on web1 for UDP, nor on 8082.
-    let refused = tcp_connect(&node.client, node_port(&node, 8082), Duration::from_secs(2));
-    assert!(refused.is_err(), "an unpublished port does not connect");
+    // Nothing was published on 8082: the node itself refuses it.
+    assert_refused(&node.client, node.node_port(8082), "an unpublished port");
 }
 
 #[test]
@@ -223,9 +197,10 @@ fn wildcard_ports_answer_on_every_node_address_specific_ones_on_theirs_only() {
     }
     let body = http_get(&node.client, SocketAddr::from((second, 9000)), "/").expect("GET .3:9000");
     assert!(body.starts_with("one port 81:"), "{body:?}");
-    assert!(
-        tcp_connect(&node.client, node_port(&node, 9000), Duration::from_secs(2)).is_err(),
-        "9000 is published on 198.18.0.3 only"
+    assert_refused(
+        &node.client,
+        node.node_port(9000),
+        "9000 is published on 198.18.0.3 only",
     );
 }
 
@@ -238,9 +213,12 @@ fn a_published_port_range_maps_each_host_port_to_its_container_port() {
         .map(|p| Server::http(&ctr, p, "rng"))
         .collect();
     let info = add(&agent, "rng", &ctr, &["9000-9004:7000-7004"]);
-    assert_eq!(info["publish"][0], "9000-9004:7000-7004/tcp", "{info:#}");
+    assert_eq!(
+        info.json["publish"][0], "9000-9004:7000-7004/tcp",
+        "{info:#?}"
+    );
     for i in 0..5u16 {
-        let body = http_get(&node.client, node_port(&node, 9000 + i), "/")
+        let body = http_get(&node.client, node.node_port(9000 + i), "/")
             .unwrap_or_else(|e| panic!("GET :{}: {e}", 9000 + i));
         assert!(
             body.starts_with(&format!("rng port {}:", 7000 + i)),
@@ -255,8 +233,7 @@ fn a_published_port_range_maps_each_host_port_to_its_container_port() {
         let cp = s["value"]["backend_port"].as_u64().expect("backend_port");
         assert_eq!(cp, hp - 2000, "{s}");
     }
-    // One past the range is not published.
-    assert!(tcp_connect(&node.client, node_port(&node, 9005), Duration::from_secs(2)).is_err());
+    assert_refused(&node.client, node.node_port(9005), "one past the range");
 }
 
 #[test]
@@ -315,7 +292,7 @@ fn conflicting_publish_is_refused_with_a_clear_error_and_nothing_applied() {
     // The same port under the other protocol is no conflict.
     add(&agent, "web2", &c2, &["8080:80/udp"]);
     assert_eq!(inspect::map_dump(&agent, "SERVICES").len(), 4);
-    assert_no_firewall(&node, "after refusals");
+    assert_no_firewall(&node.node, "after refusals");
 }
 
 #[test]
@@ -380,14 +357,9 @@ fn a_deleted_container_leaves_nothing_behind_and_can_be_added_again() {
     let web = Server::http(&ctr, 80, "web");
     let _dns = Server::udp_echo(&ctr, 53, "dns");
     let info = add(&agent, "web", &ctr, &["8080:80", "5353:53/udp"]);
-    let addr = addr_field(&info["addr"]);
-    let veth = info["host_ifname"]
-        .as_str()
-        .expect("host_ifname")
-        .to_owned();
-    let id = info["id"].as_u64().expect("id");
-    http_get(&node.client, node_port(&node, 8080), "/").expect("GET before del");
-    udp_request(&node.client, node_port(&node, 5353), b"x").expect("UDP before del");
+    let (addr, veth, id) = (info.addr, info.host_ifname, u64::from(info.id));
+    http_get(&node.client, node.node_port(8080), "/").expect("GET before del");
+    udp_request(&node.client, node.node_port(5353), b"x").expect("UDP before del");
     let flows = agent.cli_json(["conntrack", "list", "--json"]);
     assert_eq!(
         flows.as_array().map(Vec::len),
@@ -397,13 +369,10 @@ fn a_deleted_container_leaves_nothing_behind_and_can_be_added_again() {
 
     agent.cli_ok(["container", "del", "web"]);
 
-    // The published ports lead nowhere: the node itself refuses them.
-    let r = tcp_connect(&node.client, node_port(&node, 8080), Duration::from_secs(2));
-    assert!(r.is_err(), "node:8080 still connects after del");
-    assert!(
-        udp_request(&node.client, node_port(&node, 5353), b"y").is_err(),
-        "node:5353 still answers after del"
-    );
+    // The published ports lead nowhere: the node itself refuses them,
+    // while the servers in the container still run.
+    assert_refused(&node.client, node.node_port(8080), "8080 after del");
+    assert_udp_refused(&node, node.node_port(5353), "5353 after del");
     assert_eq!(web.peers().len(), 1, "the server saw nothing new");
     // No veth, address, route, map entry or flow of the container.
     let after = snapshot(&agent);
@@ -430,14 +399,14 @@ fn a_deleted_container_leaves_nothing_behind_and_can_be_added_again() {
             .iter()
             .all(|e| addr_of(&e["key"]["addr"]) != Some(addr))
     );
-    assert_no_firewall(&node, "after del");
+    assert_no_firewall(&node.node, "after del");
 
     // The same request works again.
     add(&agent, "web", &ctr, &["8080:80", "5353:53/udp"]);
-    let body = http_get(&node.client, node_port(&node, 8080), "/").expect("GET after re-add");
+    let body = http_get(&node.client, node.node_port(8080), "/").expect("GET after re-add");
     assert!(body.starts_with("web port 80:"), "{body:?}");
     assert_eq!(
-        udp_request(&node.client, node_port(&node, 5353), b"z").expect("UDP after re-add"),
+        udp_request(&node.client, node.node_port(5353), b"z").expect("UDP after re-add"),
         b"dns port 53: z"
     );
 }
@@ -460,7 +429,7 @@ fn one_thousand_published_ports_on_a_node_reach_the_last_one() {
         (20000, "big port 20000:"),
         (30000, "small port 80:"),
     ] {
-        let body = http_get(&node.client, node_port(&node, port), "/")
+        let body = http_get(&node.client, node.node_port(port), "/")
             .unwrap_or_else(|e| panic!("GET :{port}: {e}"));
         assert!(body.starts_with(expected), ":{port} answered {body:?}");
     }
@@ -472,18 +441,10 @@ fn container_add_and_del_are_idempotent() {
     let ctr = node.add_container_netns("c");
     let other = node.add_container_netns("o");
     let agent = Agent::start(&node);
-    let spec = [
-        "container",
-        "add",
-        "web",
-        "--netns",
-        ctr.name(),
-        "-p",
-        "8080:80",
-    ];
-    let first = agent.cli_ok(spec);
+    let spec = format!("container add web --netns {} -p 8080:80", ctr.name());
+    let first = agent.cli_ok(spec.split(' '));
     let snap = snapshot(&agent);
-    let second = agent.cli_ok(spec);
+    let second = agent.cli_ok(spec.split(' '));
     assert_eq!(first, second, "a repeated add answers the same");
     assert_eq!(snapshot(&agent), snap, "a repeated add changes nothing");
     assert_eq!(inspect::links(&ctr), ["eth0", "lo"]);
@@ -510,7 +471,7 @@ fn pinned_maps_dump_with_named_fields() {
     let agent = Agent::start(&node);
     let _web = Server::http(&ctr, 80, "web");
     add(&agent, "web", &ctr, &["8080:80"]);
-    http_get(&node.client, node_port(&node, 8080), "/").expect("GET");
+    http_get(&node.client, node.node_port(8080), "/").expect("GET");
     let services = inspect::map_dump_text(&agent, "SERVICES");
     for field in ["\"backend_addr\"", "\"backend_port\": 80", "\"port\": 8080"] {
         assert!(
@@ -534,32 +495,41 @@ fn pinned_maps_dump_with_named_fields() {
 #[test]
 fn the_node_has_no_iptables_or_nftables_rule_at_any_point() {
     let node = Node::new();
-    assert_no_firewall(&node, "before the agent started");
+    assert_no_firewall(&node.node, "before the agent started");
     let c1 = node.add_container_netns("a");
     let c2 = node.add_container_netns("b");
     {
         let agent = Agent::start(&node);
-        assert_no_firewall(&node, "after the agent started");
+        assert_no_firewall(&node.node, "after the agent started");
         let _w = Server::http(&c1, 80, "a");
         add(&agent, "a", &c1, &["8080:80", "5353:53/udp"]);
         add(&agent, "b", &c2, &["9000-9009:9000-9009"]);
-        assert_no_firewall(&node, "after adding containers");
-        http_get(&node.client, node_port(&node, 8080), "/").expect("GET");
+        assert_no_firewall(&node.node, "after adding containers");
+        http_get(&node.client, node.node_port(8080), "/").expect("GET");
         // Masqueraded egress too.
         let _out = Server::http(&node.client, 8000, "outside");
         http_get(&c2, SocketAddr::from((node.client_addr(), 8000)), "/").expect("egress GET");
-        assert_no_firewall(&node, "after traffic");
+        assert_no_firewall(&node.node, "after traffic");
         agent.cli_ok(["container", "del", "a"]);
         agent.cli_ok(["container", "del", "b"]);
-        assert_no_firewall(&node, "after deleting containers");
+        assert_no_firewall(&node.node, "after deleting containers");
     }
-    assert_no_firewall(&node, "after the agent stopped");
-    // The rule sets are really read: a rule made here is found.
+    assert_no_firewall(&node.node, "after the agent stopped");
+    // The rule sets are really read: rules made here are found.
     node.node.exec_ok("nft", ["add", "table", "inet", "probe"]);
-    assert!(
-        firewall_is_empty(&node.node).is_err(),
-        "the check sees an nftables table"
-    );
+    for tool in ["iptables-legacy", "iptables-nft"] {
+        node.node.exec_ok(
+            tool,
+            ["-A", "INPUT", "-p", "tcp", "--dport", "9", "-j", "DROP"],
+        );
+    }
+    let rules = firewall_rules(&node.node).expect("the rules can be read");
+    for tool in ["iptables-legacy-save", "iptables-nft-save", "nft"] {
+        assert!(
+            rules.iter().any(|r| r.starts_with(tool)),
+            "the check sees the rule {tool} lists: {rules:#?}"
+        );
+    }
 }
 
 #[test]
@@ -570,14 +540,12 @@ fn udp_to_a_published_port_without_a_listener_gets_connection_refused() {
     let ctr = node.add_container_netns("web");
     let agent = Agent::start(&node);
     add(&agent, "web", &ctr, &["5353:53/udp"]);
-    let err = udp_request(&node.client, node_port(&node, 5353), b"anyone?")
-        .expect_err("nothing listens on the container's port 53");
-    assert_eq!(
-        err.kind(),
-        std::io::ErrorKind::ConnectionRefused,
-        "the client's connected socket gets ECONNREFUSED: {err}\ncounters: {:#}",
-        agent.cli_json(["status", "--json"])["counters"]
+    assert_udp_refused(
+        &node,
+        node.node_port(5353),
+        "nothing listens on the container's port 53",
     );
+    assert!(agent.counter("icmp_error_translated") >= 1);
 }
 
 /// The sandbox binary, with the agent binary the tests use.

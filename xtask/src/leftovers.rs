@@ -9,10 +9,20 @@
 //! still alive. Where a name reads both ways, either pid being alive counts:
 //! a leak may then go unreported, but another run's objects are never
 //! removed.
+//!
+//! Cgroups are looked for in every hierarchy, v1 ones included: podman
+//! (cgroupfs) makes its containers' `--cgroup-parent` in each. podman also
+//! names the network namespaces it makes itself (`netns-<uuid>` in
+//! `/run/netns`). One of those is a test's when the processes using it are
+//! in a test's cgroup (a test's container left running: it belongs to that
+//! cgroup's test), or a leftover of unknown owner when no process uses it
+//! on two looks a few seconds apart (so that one another run is setting up
+//! is never taken); the latter counts only if it appeared during the run.
 
 use std::{
     collections::BTreeSet,
     fmt, fs,
+    os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
     process::Command,
     thread,
@@ -39,6 +49,12 @@ const HEX_ID_SUFFIX: usize = 5;
 /// How long to wait for killed processes to leave a cgroup before removing it.
 const CGROUP_DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// Where `ip netns` (and podman) keep named network namespaces.
+const NETNS_DIR: &str = "/run/netns";
+
+/// How long a podman namespace must stay unused to count as left behind.
+const ORPHAN_RECHECK: Duration = Duration::from_secs(3);
+
 /// One object a test created.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Leftover {
@@ -49,8 +65,17 @@ pub enum Leftover {
     Link(String),
     /// A pin or directory at the top of bpffs.
     Pin(PathBuf),
-    /// A cgroup directory (the outermost matching one of its subtree).
+    /// A cgroup directory (the outermost matching one of its subtree), in
+    /// any hierarchy.
     Cgroup(PathBuf),
+    /// A network namespace podman made (`netns-<uuid>`), used by no process
+    /// or only by processes in a test's cgroup (named here).
+    PodmanNetns {
+        /// Its name in `/run/netns`.
+        name: String,
+        /// The test cgroup (`dpt-…`) its processes are in, if any.
+        cgroup: Option<String>,
+    },
     /// A temporary file or directory.
     Temp(PathBuf),
 }
@@ -71,6 +96,7 @@ impl Leftover {
     fn name(&self) -> String {
         match self {
             Self::Netns(name) | Self::Link(name) => name.clone(),
+            Self::PodmanNetns { name, cgroup } => cgroup.clone().unwrap_or_else(|| name.clone()),
             Self::Pin(path) | Self::Cgroup(path) | Self::Temp(path) => path
                 .file_name()
                 .map(|name| name.to_string_lossy().into_owned())
@@ -93,9 +119,16 @@ impl Leftover {
     /// Removes the object; a cgroup's remaining processes are killed first.
     fn remove(&self) -> Result<()> {
         match self {
-            Self::Netns(name) => run(Command::new("ip").args(["netns", "delete", name])),
+            Self::Netns(name) | Self::PodmanNetns { name, .. } => {
+                run(Command::new("ip").args(["netns", "delete", name]))
+            }
             Self::Link(name) => run(Command::new("ip").args(["link", "delete", name])),
             Self::Pin(path) | Self::Temp(path) => {
+                // podman's storage leaves mounts (a container's shm) below
+                // its directory when its test is killed.
+                for mount in mounts_below(path) {
+                    run(Command::new("umount").arg("-l").arg(&mount))?;
+                }
                 let removed = if path.is_dir() {
                     fs::remove_dir_all(path)
                 } else {
@@ -115,6 +148,16 @@ impl fmt::Display for Leftover {
             Self::Link(name) => write!(f, "link {name} in the root network namespace"),
             Self::Pin(path) => write!(f, "bpffs entry {}", path.display()),
             Self::Cgroup(path) => write!(f, "cgroup {}", path.display()),
+            Self::PodmanNetns {
+                name,
+                cgroup: Some(cgroup),
+            } => write!(
+                f,
+                "podman's network namespace {name}, used in cgroup {cgroup}"
+            ),
+            Self::PodmanNetns { name, cgroup: None } => {
+                write!(f, "podman's network namespace {name}, unused")
+            }
             Self::Temp(path) => write!(f, "temporary {}", path.display()),
         }
     }
@@ -170,10 +213,41 @@ impl Leftovers {
         );
         let mountinfo = fs::read_to_string("/proc/self/mountinfo")
             .context("cannot read /proc/self/mountinfo")?;
-        for mount in cgroup2_mounts(&mountinfo) {
+        for mount in cgroup_mounts(&mountinfo) {
             let mut cgroups = Vec::new();
             find_cgroups(&mount, &mut cgroups)?;
             found.extend(cgroups.into_iter().map(Leftover::Cgroup));
+        }
+        let podman: Vec<String> = netns_names(&netns)
+            .into_iter()
+            .filter(|n| is_podman_netns(n))
+            .collect();
+        let users = netns_cgroups(&podman);
+        let mut unused = Vec::new();
+        for name in podman {
+            match users.get(&name) {
+                None => unused.push(name),
+                Some(cgroups) => {
+                    // Only a test's, if every process using it is.
+                    let tests: BTreeSet<&String> =
+                        cgroups.iter().filter(|c| c.starts_with(PREFIX)).collect();
+                    if tests.len() == 1 && cgroups.iter().all(|c| c.starts_with(PREFIX)) {
+                        let cgroup = tests.into_iter().next().cloned();
+                        found.insert(Leftover::PodmanNetns { name, cgroup });
+                    }
+                }
+            }
+        }
+        if !unused.is_empty() {
+            // One being set up right now gets its process in a moment.
+            thread::sleep(ORPHAN_RECHECK);
+            let users = netns_cgroups(&unused);
+            found.extend(
+                unused
+                    .into_iter()
+                    .filter(|n| !users.contains_key(n) && Path::new(NETNS_DIR).join(n).exists())
+                    .map(|name| Leftover::PodmanNetns { name, cgroup: None }),
+            );
         }
         Ok(Self(found))
     }
@@ -245,16 +319,97 @@ fn link_names(listing: &str) -> Vec<String> {
         .collect()
 }
 
-/// Mount points of every cgroup2 filesystem in a `/proc/self/mountinfo`
-/// listing.
-fn cgroup2_mounts(mountinfo: &str) -> Vec<PathBuf> {
+/// The mount points at or below `dir`, deepest first.
+fn mounts_below(dir: &Path) -> Vec<PathBuf> {
+    let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mut mounts: Vec<PathBuf> = mountinfo
+        .lines()
+        .filter_map(|line| line.split_whitespace().nth(4))
+        .map(|m| PathBuf::from(unescape_mountinfo(m)))
+        .filter(|m| m.starts_with(dir))
+        .collect();
+    mounts.sort_by_key(|m| std::cmp::Reverse(m.components().count()));
+    mounts.dedup();
+    mounts
+}
+
+/// Whether `name` is one podman gives the network namespaces it makes:
+/// `netns-` and a UUID.
+fn is_podman_netns(name: &str) -> bool {
+    let Some(uuid) = name.strip_prefix("netns-") else {
+        return false;
+    };
+    let groups: Vec<&str> = uuid.split('-').collect();
+    groups.iter().map(|g| g.len()).eq([8, 4, 4, 4, 12])
+        && groups
+            .iter()
+            .all(|g| g.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
+/// For each namespace among `names` (in [`NETNS_DIR`]) that a process
+/// uses, the outermost `dpt-…` cgroup of each such process, or the
+/// process's whole cgroup path when it is in none.
+fn netns_cgroups(names: &[String]) -> std::collections::BTreeMap<String, BTreeSet<String>> {
+    let mut users = std::collections::BTreeMap::new();
+    if names.is_empty() {
+        return users;
+    }
+    let by_inode: std::collections::BTreeMap<(u64, u64), &String> = names
+        .iter()
+        .filter_map(|n| {
+            let m = fs::metadata(Path::new(NETNS_DIR).join(n)).ok()?;
+            Some(((m.dev(), m.ino()), n))
+        })
+        .collect();
+    let Ok(procs) = fs::read_dir("/proc") else {
+        return users;
+    };
+    for entry in procs.flatten() {
+        if entry
+            .file_name()
+            .to_str()
+            .and_then(|p| p.parse::<u32>().ok())
+            .is_none()
+        {
+            continue;
+        }
+        let Ok(m) = fs::metadata(entry.path().join("ns/net")) else {
+            continue;
+        };
+        let Some(name) = by_inode.get(&(m.dev(), m.ino())) else {
+            continue;
+        };
+        let cgroup = fs::read_to_string(entry.path().join("cgroup")).unwrap_or_default();
+        users
+            .entry((*name).clone())
+            .or_insert_with(BTreeSet::new)
+            .insert(test_cgroup(&cgroup).unwrap_or(cgroup));
+    }
+    users
+}
+
+/// The first `dpt-…` component of any hierarchy's path in a
+/// `/proc/<pid>/cgroup` text (`ID:CONTROLLERS:PATH` lines).
+fn test_cgroup(proc_cgroup: &str) -> Option<String> {
+    proc_cgroup.lines().find_map(|line| {
+        let path = line.splitn(3, ':').nth(2)?;
+        path.split('/')
+            .find(|c| c.starts_with(PREFIX))
+            .map(str::to_owned)
+    })
+}
+
+/// Mount points of every cgroup filesystem (v1 hierarchies and cgroup2) in
+/// a `/proc/self/mountinfo` listing.
+fn cgroup_mounts(mountinfo: &str) -> Vec<PathBuf> {
     let mut mounts: Vec<PathBuf> = mountinfo
         .lines()
         .filter_map(|line| {
             let (fields, rest) = line.split_once(" - ")?;
             let fstype = rest.split_whitespace().next()?;
             let mount_point = fields.split_whitespace().nth(4)?;
-            (fstype == "cgroup2").then(|| PathBuf::from(unescape_mountinfo(mount_point)))
+            matches!(fstype, "cgroup" | "cgroup2")
+                .then(|| PathBuf::from(unescape_mountinfo(mount_point)))
         })
         .collect();
     mounts.sort();
@@ -323,7 +478,8 @@ fn find_cgroups(dir: &Path, found: &mut Vec<PathBuf>) -> Result<()> {
 }
 
 /// Removes a cgroup and its descendants, bottom up, killing the processes
-/// still in them (`cgroup.kill`) first.
+/// still in them first (`cgroup.kill`; in a v1 hierarchy, which has none,
+/// each process of `cgroup.procs`).
 fn remove_cgroup(cgroup: &Path) -> Result<()> {
     let children =
         fs::read_dir(cgroup).with_context(|| format!("cannot list {}", cgroup.display()))?;
@@ -336,8 +492,16 @@ fn remove_cgroup(cgroup: &Path) -> Result<()> {
     let procs = cgroup.join("cgroup.procs");
     let populated = || fs::read_to_string(&procs).is_ok_and(|pids| !pids.trim().is_empty());
     if populated() {
-        fs::write(cgroup.join("cgroup.kill"), "1")
-            .with_context(|| format!("cannot kill the processes in {}", cgroup.display()))?;
+        if fs::write(cgroup.join("cgroup.kill"), "1").is_err() {
+            let pids = fs::read_to_string(&procs)
+                .with_context(|| format!("cannot list the processes in {}", cgroup.display()))?;
+            for pid in pids.lines().filter_map(|p| p.trim().parse::<u32>().ok()) {
+                // Gone already is fine: the wait below sees it either way.
+                let _ = Command::new("kill")
+                    .args(["-KILL", &pid.to_string()])
+                    .output();
+            }
+        }
         let deadline = Instant::now() + CGROUP_DRAIN_TIMEOUT;
         while populated() && Instant::now() < deadline {
             thread::sleep(Duration::from_millis(20));
@@ -363,17 +527,75 @@ mod tests {
     }
 
     #[test]
-    fn cgroup2_mounts_are_found_by_filesystem_type() {
+    fn cgroup_mounts_of_both_versions_are_found_by_filesystem_type() {
         let mountinfo = "25 30 0:23 / /sys rw,nosuid shared:7 - sysfs sysfs rw\n\
+                         31 23 0:28 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755\n\
                          40 31 0:37 / /sys/fs/cgroup/cpu rw shared:16 - cgroup cgroup rw,cpu\n\
                          41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw\n\
                          42 31 0:39 / /mnt/with\\040space rw - cgroup2 cgroup2 rw\n";
         assert_eq!(
-            cgroup2_mounts(mountinfo),
+            cgroup_mounts(mountinfo),
             [
                 PathBuf::from("/mnt/with space"),
+                PathBuf::from("/sys/fs/cgroup/cpu"),
                 PathBuf::from("/sys/fs/cgroup/unified")
             ]
+        );
+    }
+
+    #[test]
+    fn podman_namespaces_are_told_by_their_uuid_names() {
+        assert!(is_podman_netns(
+            "netns-5c1d8e2a-0b1f-4a3e-9c2d-7e8f9a0b1c2d"
+        ));
+        for other in [
+            "netns-5c1d8e2a",
+            "netns-5c1d8e2a-0b1f-4a3e-9c2d-7e8f9a0b1c2z",
+            "cni-5c1d8e2a-0b1f-4a3e-9c2d-7e8f9a0b1c2d",
+            "dpt-1a2b00c7f-cl",
+        ] {
+            assert!(!is_podman_netns(other), "{other}");
+        }
+    }
+
+    #[test]
+    fn a_test_cgroup_is_read_from_any_hierarchy() {
+        let text = "12:pids:/dpt-1a2b00c7f-podman/libpod-abc\n0::/user.slice\n";
+        assert_eq!(test_cgroup(text).as_deref(), Some("dpt-1a2b00c7f-podman"));
+        assert_eq!(test_cgroup("0::/system.slice/podman.service\n"), None);
+    }
+
+    #[test]
+    fn the_users_of_a_namespace_are_found_with_their_cgroups() {
+        let name = format!("dpt-{}-xtask-users", std::process::id());
+        if Command::new("ip")
+            .args(["netns", "add", &name])
+            .output()
+            .map_or(true, |o| !o.status.success())
+        {
+            eprintln!("skipped: cannot make network namespaces here");
+            return;
+        }
+        let unused = netns_cgroups(std::slice::from_ref(&name));
+        let holder = Command::new("ip")
+            .args(["netns", "exec", &name, "sleep", "30"])
+            .spawn();
+        let used = (0..100).find_map(|_| {
+            thread::sleep(Duration::from_millis(20));
+            netns_cgroups(std::slice::from_ref(&name)).remove(&name)
+        });
+        if let Ok(mut holder) = holder {
+            let _ = holder.kill();
+            let _ = holder.wait();
+        }
+        let _ = Command::new("ip").args(["netns", "delete", &name]).output();
+        assert!(unused.is_empty(), "{unused:?}");
+        let own = fs::read_to_string("/proc/self/cgroup").expect("own cgroup");
+        let own = test_cgroup(&own).unwrap_or(own);
+        assert_eq!(
+            used,
+            Some(BTreeSet::from([own])),
+            "the holder's cgroup is ours"
         );
     }
 

@@ -14,7 +14,9 @@ mod workspace;
 
 use std::{
     ffi::OsString,
+    path::Path,
     process::{Command, ExitCode},
+    time::Instant,
 };
 
 use anyhow::{Context as _, Result, bail};
@@ -133,12 +135,9 @@ fn test(workspace: &Workspace, args: &[OsString]) -> Result<()> {
         println!("leaving alone (they may belong to tests running now):\n{present}");
     }
 
-    let mut tests = workspace.cargo(["test"]);
-    tests.args(HOST_CRATES).env("DATAPATH_BIN", &datapath);
-    if !args.is_empty() {
-        tests.arg("--").args(args);
-    }
-    let outcome = run(&mut tests).context("tests failed");
+    let started = Instant::now();
+    let outcome = run_tests(workspace, &datapath, args);
+    println!("the tests ran for {:.0?}", started.elapsed());
 
     // Only what appeared during the run, and not what tests that are still
     // running (another run on the same machine) own.
@@ -160,6 +159,48 @@ fn test(workspace: &Workspace, args: &[OsString]) -> Result<()> {
     println!("all tests passed; nothing left behind");
     fuzz::fuzz(workspace, fuzz::TEST_SECONDS, &[])?;
     Ok(())
+}
+
+/// How many tests run at once. Most namespace tests spend their time
+/// waiting (for an agent to start, a flow to expire, a crash to be
+/// noticed), so more run than there are cores; the ones whose traffic
+/// would disturb each other hold the harness's traffic lock.
+const TEST_THREADS: &str = "8";
+
+/// Every test of the host crates, against the agent binary `datapath`,
+/// with `args` for the test binaries (a filter, `--nocapture`, …). With
+/// cargo-nextest, every test binary's tests run side by side (a process
+/// each), then the documentation examples; without it, `cargo test`.
+fn run_tests(workspace: &Workspace, datapath: &Path, args: &[OsString]) -> Result<()> {
+    let nextest = workspace
+        .cargo(["nextest", "--version"])
+        .output()
+        .is_ok_and(|out| out.status.success());
+    let mut tests = if nextest {
+        let mut cmd = workspace.cargo(["nextest", "run"]);
+        cmd.args(HOST_CRATES)
+            .args(["--no-fail-fast", "--test-threads", TEST_THREADS]);
+        if !args.is_empty() {
+            cmd.arg("--").args(args);
+        }
+        cmd
+    } else {
+        let mut cmd = workspace.cargo(["test"]);
+        cmd.args(HOST_CRATES)
+            .args(["--no-fail-fast", "--", "--test-threads", TEST_THREADS])
+            .args(args);
+        cmd
+    };
+    tests.env("DATAPATH_BIN", datapath);
+    let outcome = run(&mut tests).context("tests failed");
+    let doc = if nextest && args.is_empty() {
+        let mut doc = workspace.cargo(["test", "--doc"]);
+        doc.args(HOST_CRATES);
+        run(&mut doc).context("documentation examples failed")
+    } else {
+        Ok(())
+    };
+    outcome.and(doc)
 }
 
 /// The sandbox without arguments, else the datapath binary with them.

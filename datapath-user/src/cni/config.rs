@@ -27,10 +27,10 @@ use ipnet::{IpNet, Ipv4Net};
 use serde::Deserialize;
 
 use super::types::{CniError, Dns, Success};
-use crate::spec::{PortMapping, Protocol};
-
-/// Where the agent listens unless `agentSocket` says otherwise.
-pub const DEFAULT_AGENT_SOCKET: &str = "/run/datapath/api.sock";
+use crate::{
+    api::DEFAULT_SOCKET,
+    model::{PortMapping, Protocol},
+};
 
 /// The placeholder for the container id in the `cgroup` template.
 pub const CONTAINER_ID_PLACEHOLDER: &str = "{containerID}";
@@ -222,32 +222,32 @@ pub struct Attachment {
     pub ifname: String,
 }
 
-/// One direction's limit in the agent's units (tc's).
+/// One direction's limit in the agent API's units (tc's).
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Limit {
+pub struct TcLimit {
     /// Rate, e.g. `1000000bit`.
     pub rate: String,
     /// Burst in bytes, e.g. `8000b`.
     pub burst: String,
 }
 
-/// Both directions' limits, in the agent's units.
+/// Both directions' limits, in the agent API's units.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Limits {
+pub struct TcLimits {
     /// Towards the container.
-    pub ingress: Option<Limit>,
+    pub ingress: Option<TcLimit>,
     /// From the container.
-    pub egress: Option<Limit>,
+    pub egress: Option<TcLimit>,
 }
 
-impl Limits {
+impl TcLimits {
     /// Whether no direction is limited.
     pub fn is_empty(&self) -> bool {
         self.ingress.is_none() && self.egress.is_none()
     }
 }
 
-impl std::fmt::Display for Limits {
+impl std::fmt::Display for TcLimits {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let parts: Vec<String> = [("ingress", &self.ingress), ("egress", &self.egress)]
             .into_iter()
@@ -306,7 +306,7 @@ impl NetConf {
     pub fn agent_socket(&self) -> PathBuf {
         self.agent_socket
             .clone()
-            .unwrap_or_else(|| PathBuf::from(DEFAULT_AGENT_SOCKET))
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET))
     }
 
     /// `runtimeConfig.portMappings` as the agent's publish specs, checked
@@ -378,7 +378,7 @@ impl NetConf {
     /// The requested rate limits: the plugin-level keys if any is set,
     /// else `runtimeConfig.bandwidth`; checked (a rate needs a burst and
     /// the other way round) and converted to the agent's units.
-    pub fn limits(&self) -> Result<Limits, CniError> {
+    pub fn limits(&self) -> Result<TcLimits, CniError> {
         let b = self.bandwidth;
         let plugin_level = b.ingress_rate.is_some()
             || b.ingress_burst.is_some()
@@ -400,7 +400,7 @@ impl NetConf {
                 "runtimeConfig.bandwidth.",
             )
         };
-        Ok(Limits {
+        Ok(TcLimits {
             ingress: limit(prefix, "ingress", bw.ingress_rate, bw.ingress_burst)?,
             egress: limit(prefix, "egress", bw.egress_rate, bw.egress_burst)?,
         })
@@ -578,7 +578,7 @@ pub fn expand_slice(cgroup: &str) -> String {
 
 /// One direction's limit: both zero is none; one without the other is an
 /// error; bursts become whole bytes.
-fn limit(prefix: &str, dir: &str, rate: u64, burst: u64) -> Result<Option<Limit>, CniError> {
+fn limit(prefix: &str, dir: &str, rate: u64, burst: u64) -> Result<Option<TcLimit>, CniError> {
     match (rate, burst) {
         (0, 0) => Ok(None),
         (_, 0) | (0, _) => Err(CniError::config(format!(
@@ -587,7 +587,7 @@ fn limit(prefix: &str, dir: &str, rate: u64, burst: u64) -> Result<Option<Limit>
         (_, _) if burst / 8 >= u64::from(u32::MAX) => Err(CniError::config(format!(
             "{prefix}{dir}Burst = {burst}: bursts are below 4 GiB"
         ))),
-        (rate, burst) => Ok(Some(Limit {
+        (rate, burst) => Ok(Some(TcLimit {
             rate: format!("{rate}bit"),
             burst: format!("{}b", burst.div_ceil(8)),
         })),
@@ -643,7 +643,7 @@ mod tests {
         let e = conf(with(base(), "agentSocket", json!("api.sock"))).expect_err("relative");
         assert_eq!(e.code, code::INVALID_CONFIG);
         let c = conf(base()).expect("valid");
-        assert_eq!(c.agent_socket(), PathBuf::from(DEFAULT_AGENT_SOCKET));
+        assert_eq!(c.agent_socket(), PathBuf::from(DEFAULT_SOCKET));
         let c = conf(with(base(), "agentSocket", json!("/tmp/x.sock"))).expect("valid");
         assert_eq!(c.agent_socket(), PathBuf::from("/tmp/x.sock"));
     }
@@ -726,8 +726,8 @@ mod tests {
         let c = conf(with(base(), "runtimeConfig", rc.clone())).expect("valid");
         assert_eq!(
             c.limits().expect("valid"),
-            Limits {
-                ingress: Some(Limit {
+            TcLimits {
+                ingress: Some(TcLimit {
                     rate: "1000000bit".into(),
                     burst: "8000b".into()
                 }),
@@ -740,9 +740,9 @@ mod tests {
         let c = conf(v).expect("valid");
         assert_eq!(
             c.limits().expect("valid"),
-            Limits {
+            TcLimits {
                 ingress: None,
-                egress: Some(Limit {
+                egress: Some(TcLimit {
                     rate: "8000000bit".into(),
                     burst: "1544b".into()
                 }),

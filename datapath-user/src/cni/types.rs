@@ -246,14 +246,6 @@ impl Dns {
     }
 }
 
-/// Formats a MAC address the way results carry it.
-pub fn format_mac(mac: [u8; 6]) -> String {
-    mac.iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -311,14 +303,6 @@ mod tests {
         assert_eq!(
             v["details"],
             "ipam.type = \"dhcp\": the agent allocates addresses"
-        );
-    }
-
-    #[test]
-    fn macs_are_lowercase_colon_separated() {
-        assert_eq!(
-            format_mac([0x02, 0xab, 0, 1, 0x10, 0xff]),
-            "02:ab:00:01:10:ff"
         );
     }
 }

@@ -99,7 +99,7 @@ pub struct Plan {
 }
 
 /// One run's figures.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct ConnResult {
     /// Completed connections (connect, exchange, close).
     pub completed: usize,
@@ -145,14 +145,7 @@ pub fn run(ns: &Netns, plan: &Plan) -> Result<ConnResult> {
             ns.spawn_thread(move || client(&plan, &started, start))
         })
         .collect();
-    let mut result = ConnResult {
-        completed: 0,
-        failed: 0,
-        connect_us: Vec::new(),
-        secs: 0.0,
-        cpu: CpuDelta::default(),
-        first_error: None,
-    };
+    let mut result = ConnResult::default();
     for h in handles {
         let part = h
             .join()
@@ -178,14 +171,7 @@ pub fn run(ns: &Netns, plan: &Plan) -> Result<ConnResult> {
 /// One client thread: takes connection numbers from `started` until the
 /// plan's time or count is used up.
 fn client(plan: &Plan, started: &AtomicUsize, start: Instant) -> ConnResult {
-    let mut out = ConnResult {
-        completed: 0,
-        failed: 0,
-        connect_us: Vec::new(),
-        secs: 0.0,
-        cpu: CpuDelta::default(),
-        first_error: None,
-    };
+    let mut out = ConnResult::default();
     while start.elapsed() < plan.duration {
         let i = started.fetch_add(1, Ordering::Relaxed);
         if i >= plan.max {

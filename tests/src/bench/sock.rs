@@ -36,12 +36,7 @@ fn timeval(d: Duration) -> TimeVal {
 /// of 4096 and accept timing out after [`POLL`].
 pub fn listen_in(ns: &Netns, port: u16) -> Result<TcpListener> {
     ns.exec_closure(|| -> Result<TcpListener> {
-        let fd = socket(
-            AddressFamily::Inet,
-            SockType::Stream,
-            SockFlag::SOCK_CLOEXEC,
-            None,
-        )?;
+        let fd = tcp_socket()?;
         setsockopt(&fd, sockopt::ReuseAddr, &true)?;
         setsockopt(&fd, sockopt::ReceiveTimeout, &timeval(POLL))?;
         bind(
@@ -54,16 +49,21 @@ pub fn listen_in(ns: &Netns, port: u16) -> Result<TcpListener> {
     .with_context(|| format!("listening on port {port} in {}", ns.name()))
 }
 
-/// Connects to `dst` from `src` (any address if `None`, else that address
-/// with a port chosen at connect time); returns the stream and how long
-/// the handshake took. Must run on a thread in the client's namespace.
-pub fn connect_from(src: Option<Ipv4Addr>, dst: SocketAddrV4) -> Result<(TcpStream, Duration)> {
-    let fd = socket(
+/// A new IPv4 TCP socket (close-on-exec).
+fn tcp_socket() -> nix::Result<std::os::fd::OwnedFd> {
+    socket(
         AddressFamily::Inet,
         SockType::Stream,
         SockFlag::SOCK_CLOEXEC,
         None,
-    )?;
+    )
+}
+
+/// Connects to `dst` from `src` (any address if `None`, else that address
+/// with a port chosen at connect time); returns the stream and how long
+/// the handshake took. Must run on a thread in the client's namespace.
+pub fn connect_from(src: Option<Ipv4Addr>, dst: SocketAddrV4) -> Result<(TcpStream, Duration)> {
+    let fd = tcp_socket()?;
     if let Some(src) = src {
         // Defer the port choice to connect(), which picks one unique for
         // the whole 4-tuple instead of one free for every destination.

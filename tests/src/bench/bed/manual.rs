@@ -1,5 +1,5 @@
 //! Container networks made by hand with `ip`, for the modes that have no
-//! agent: the same shape the agent builds (see `datapath::netlink`), so
+//! agent: the same shape the agent builds (see `datapath::net::link`), so
 //! that only the translation differs between modes.
 //!
 //! ```text
@@ -36,21 +36,8 @@ pub fn attach(node: &Node, ctr: &Netns, link: &ManualLink) {
     let n = &node.node;
     let host = link.host_if.as_str();
     let (addr, gw) = (link.addr.to_string(), link.gateway.to_string());
-    n.exec_ok(
-        "ip",
-        [
-            "link",
-            "add",
-            host,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            ctr.name(),
-        ],
-    );
+    n.add_veth(host, "eth0", ctr)
+        .unwrap_or_else(|e| panic!("{e}"));
     n.exec_ok("ip", ["addr", "add", &format!("{gw}/32"), "dev", host]);
     n.exec_ok("ip", ["link", "set", host, "up"]);
     ctr.exec_ok("ip", ["addr", "add", &format!("{addr}/32"), "dev", "eth0"]);

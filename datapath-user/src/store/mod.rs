@@ -1,47 +1,18 @@
 //! The agent's persisted desired state: its containers, their addresses
-//! (the IPAM record) and published ports. Written atomically; a corrupt
-//! file is reported, never silently replaced.
+//! (the IPAM record), published ports and rate limits ([`State`]); the
+//! file it is kept in ([`StateStore`]: written atomically; a corrupt file is
+//! reported, never silently replaced); and the two together ([`Store`]),
+//! which the agent changes and saves before it acknowledges a change.
 
-use std::{
-    collections::BTreeMap,
-    fs,
-    io::{self, Write},
-    net::Ipv4Addr,
-    path::{Path, PathBuf},
-};
+mod file;
+
+use std::{collections::BTreeMap, net::Ipv4Addr, path::PathBuf};
 
 use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 
-use crate::{ratelimit::Limits, spec::PortMapping};
-
-/// The state file's name inside the state directory.
-pub const STATE_FILE: &str = "state.json";
-
-/// Errors reading or writing the state file.
-#[derive(Debug, thiserror::Error)]
-pub enum StateError {
-    /// Reading or writing failed.
-    #[error("{action} {path}: {source}")]
-    Io {
-        /// What was being done.
-        action: &'static str,
-        /// The file or directory.
-        path: PathBuf,
-        /// The underlying error.
-        source: io::Error,
-    },
-    /// The file exists but is not valid state.
-    #[error(
-        "state file {path} is corrupt ({source}); fix or move it away, then restart the agent (it will re-adopt what it finds)"
-    )]
-    Corrupt {
-        /// The file.
-        path: PathBuf,
-        /// The parse error.
-        source: serde_json::Error,
-    },
-}
+pub use self::file::{STATE_FILE, StateError, StateStore};
+use crate::model::{PortMapping, RateLimits};
 
 /// One container the agent manages.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -71,7 +42,7 @@ pub struct Container {
     pub cgroup_id: u64,
     /// Rate limits.
     #[serde(default)]
-    pub limits: Limits,
+    pub limits: RateLimits,
 }
 
 /// Everything the agent persists. Deserializing checks what the types
@@ -139,82 +110,73 @@ impl State {
     }
 }
 
+/// The desired state in memory and the file it is saved to. Changes are
+/// made in memory ([`Store::put`], [`Store::remove`]) and are durable once
+/// [`Store::save`] returns.
+#[derive(Debug)]
+pub struct Store {
+    file: StateStore,
+    state: State,
+}
+
+impl Store {
+    /// Loads the state kept in `dir` (none yet is an empty state).
+    pub fn open(dir: impl Into<PathBuf>) -> Result<Self, StateError> {
+        let file = StateStore::new(dir);
+        let state = file.load()?;
+        Ok(Self { file, state })
+    }
+
+    /// The state.
+    pub fn state(&self) -> &State {
+        &self.state
+    }
+
+    /// Containers by name.
+    pub fn containers(&self) -> &BTreeMap<String, Container> {
+        &self.state.containers
+    }
+
+    /// The container named `name`.
+    pub fn get(&self, name: &str) -> Option<&Container> {
+        self.state.containers.get(name)
+    }
+
+    /// Adds or replaces a container (in memory); returns the one it
+    /// replaced.
+    pub fn put(&mut self, c: Container) -> Option<Container> {
+        self.state.containers.insert(c.name.clone(), c)
+    }
+
+    /// Removes a container (in memory); returns it.
+    pub fn remove(&mut self, name: &str) -> Option<Container> {
+        self.state.containers.remove(name)
+    }
+
+    /// A fresh container id and the lowest free address of `pool` for it;
+    /// `None` if the pool is full.
+    pub fn allocate(&mut self, pool: Ipv4Net) -> Option<(u32, Ipv4Addr)> {
+        let addr = self.state.allocate_addr(pool)?;
+        Some((self.state.take_id(), addr))
+    }
+
+    /// Makes the state in memory durable.
+    pub fn save(&self) -> Result<(), StateError> {
+        self.file.save(&self.state)
+    }
+}
+
 /// The gateway address of a pool: its first host address.
 pub fn gateway_of(pool: Ipv4Net) -> Ipv4Addr {
     pool.hosts().next().unwrap_or(pool.network())
 }
 
-/// Loads and saves [`State`] in a directory.
-#[derive(Clone, Debug)]
-pub struct StateStore {
-    dir: PathBuf,
-}
-
-impl StateStore {
-    /// A store in `dir` (created on the first save).
-    pub fn new(dir: impl Into<PathBuf>) -> Self {
-        Self { dir: dir.into() }
-    }
-
-    /// The state file's path.
-    pub fn path(&self) -> PathBuf {
-        self.dir.join(STATE_FILE)
-    }
-
-    /// The state directory.
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
-
-    /// Reads the state; a missing file is an empty state.
-    pub fn load(&self) -> Result<State, StateError> {
-        let path = self.path();
-        match fs::read(&path) {
-            Ok(bytes) => serde_json::from_slice(&bytes)
-                .map_err(|source| StateError::Corrupt { path, source }),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(State::default()),
-            Err(source) => Err(StateError::Io {
-                action: "read",
-                path,
-                source,
-            }),
-        }
-    }
-
-    /// Writes the state atomically: a temporary file, fsync, rename over the
-    /// old one. The directory is not fsynced: until the filesystem commits
-    /// the rename (seconds), a power loss can only bring back the previous
-    /// complete state, which the agent reconciles like any other (what it
-    /// no longer describes is removed as orphans). That halves the cost of
-    /// every change on disks where an fsync takes milliseconds.
-    pub fn save(&self, state: &State) -> Result<(), StateError> {
-        let io_err = |action, path: &Path| {
-            let path = path.to_owned();
-            move |source| StateError::Io {
-                action,
-                path,
-                source,
-            }
-        };
-        fs::create_dir_all(&self.dir).map_err(io_err("create", &self.dir))?;
-        let path = self.path();
-        let tmp = self.dir.join(format!(".{STATE_FILE}.tmp"));
-        let bytes = serde_json::to_vec_pretty(state).map_err(|e| StateError::Io {
-            action: "serialize",
-            path: path.clone(),
-            source: io::Error::other(e),
-        })?;
-        let mut f = fs::File::create(&tmp).map_err(io_err("create", &tmp))?;
-        f.write_all(&bytes).map_err(io_err("write", &tmp))?;
-        f.sync_all().map_err(io_err("fsync", &tmp))?;
-        drop(f);
-        fs::rename(&tmp, &path).map_err(io_err("rename", &path))
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use std::fs;
+
     use super::*;
+    use crate::model::Limit;
 
     fn tempdir(tag: &str) -> PathBuf {
         let d = std::env::temp_dir().join(format!("dpt-state-{tag}-{}", std::process::id()));
@@ -234,8 +196,8 @@ mod tests {
             mac: "02:00:00:00:00:01".into(),
             cgroup: Some("/sys/fs/cgroup/unified/web".into()),
             cgroup_id: 4242,
-            limits: Limits {
-                egress: Some(crate::ratelimit::Limit {
+            limits: RateLimits {
+                egress: Some(Limit {
                     rate_bps: 10_000_000,
                     burst_bytes: 65_536,
                 }),

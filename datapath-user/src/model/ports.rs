@@ -1,4 +1,5 @@
-//! Parsers for what users type: published ports in Docker's `-p` syntax.
+//! Published ports: [`PortMapping`], parsed from Docker's `-p` syntax
+//! (`8080:80`, `8080:80/udp`, `198.18.0.2:8080:80`, `8000-8010:8000-8010`).
 
 use std::{fmt, net::Ipv4Addr, str::FromStr};
 
@@ -352,55 +353,5 @@ mod tests {
                 .expect("valid")
                 .overlaps(&p("198.18.0.3:8080:80").expect("valid"))
         );
-    }
-}
-
-/// Parses a duration as people type it: `30s`, `500ms`, `5m`, `6h`, or a
-/// bare number of seconds.
-pub fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
-    let t = text.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("invalid duration {text:?}: expected e.g. 30s, 500ms, 5m"))?;
-    let ms = match unit {
-        "" | "s" => n.checked_mul(1000),
-        "ms" => Some(n),
-        "m" => n.checked_mul(60_000),
-        "h" => n.checked_mul(3_600_000),
-        _ => None,
-    }
-    .ok_or_else(|| format!("invalid duration {text:?}: units are ms, s, m, h"))?;
-    Ok(std::time::Duration::from_millis(ms))
-}
-
-/// Parses a port range `LOW-HIGH`.
-pub fn parse_port_range(text: &str) -> Result<(u16, u16), String> {
-    let err = || format!("invalid port range {text:?}: expected LOW-HIGH within 1-65535");
-    let (a, b) = text.split_once('-').ok_or_else(err)?;
-    let a: u16 = a.trim().parse().map_err(|_| err())?;
-    let b: u16 = b.trim().parse().map_err(|_| err())?;
-    if a == 0 || b < a {
-        return Err(err());
-    }
-    Ok((a, b))
-}
-
-#[cfg(test)]
-mod duration_tests {
-    use std::time::Duration;
-
-    use super::*;
-
-    #[test]
-    fn durations_and_port_ranges_parse() {
-        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
-        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
-        assert_eq!(parse_duration("2"), Ok(Duration::from_secs(2)));
-        assert!(parse_duration("2d").is_err());
-        assert_eq!(parse_port_range("61000-65535"), Ok((61000, 65535)));
-        assert!(parse_port_range("65535-61000").is_err());
-        assert!(parse_port_range("0-10").is_err());
     }
 }

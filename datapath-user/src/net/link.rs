@@ -22,11 +22,8 @@ use std::{
     time::Instant,
 };
 
-use futures::TryStreamExt;
 use netlink_packet_route::{
-    AddressFamily,
-    address::AddressAttribute,
-    link::{InfoData, InfoVeth, LinkAttribute, LinkInfo as LinkInfoAttribute, LinkMessage},
+    link::{InfoData, InfoVeth},
     route::RouteScope,
 };
 use nix::{
@@ -35,10 +32,11 @@ use nix::{
 };
 use rtnetlink::{Handle, LinkMessageBuilder, LinkUnspec, LinkVeth, RouteMessageBuilder};
 
-use crate::netns::{Netns, NetnsError};
-
-/// The longest interface name the kernel accepts (IFNAMSIZ minus the NUL).
-pub const MAX_IFNAME_LEN: usize = 15;
+use super::{
+    inspect::{self, Link},
+    netns::{Netns, NetnsError},
+};
+use crate::model::names::{InvalidName, MAX_IFNAME_LEN, validate_ifname};
 
 /// What can go wrong while configuring links. Every variant says which step
 /// failed, on which link and in which netns.
@@ -48,13 +46,8 @@ pub enum NetlinkError {
     #[error("the netlink connection needs a tokio runtime to run on")]
     NoRuntime,
     /// An interface name the kernel would refuse.
-    #[error("invalid interface name {name:?}: {reason}")]
-    InvalidName {
-        /// The rejected name.
-        name: String,
-        /// Why it was rejected.
-        reason: &'static str,
-    },
+    #[error(transparent)]
+    InvalidName(#[from] InvalidName),
     /// The container's netns could not be opened or entered.
     #[error("container network namespace")]
     Netns(#[from] NetnsError),
@@ -182,7 +175,7 @@ impl NetlinkError {
     /// Sorts a failed request by the kernel's error code.
     fn request(step: &'static str, link: &str, netns: &InNetns, source: rtnetlink::Error) -> Self {
         let (link, netns) = (link.to_owned(), netns.clone());
-        let errno = netlink_errno(&source);
+        let errno = super::errno(&source);
         let source = Box::new(source);
         match errno {
             Some(Errno::ENODEV | Errno::ENOENT) => Self::NotFound {
@@ -207,16 +200,6 @@ impl NetlinkError {
     }
 }
 
-/// The errno of a netlink error answer, if the error is one.
-fn netlink_errno(error: &rtnetlink::Error) -> Option<Errno> {
-    match error {
-        rtnetlink::Error::NetlinkError(message) => message
-            .code
-            .map(|code| Errno::from_raw(code.get().saturating_abs())),
-        _ => None,
-    }
-}
-
 /// The network namespace a step ran in, for error messages.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum InNetns {
@@ -232,31 +215,6 @@ impl fmt::Display for InNetns {
             Self::Agent => f.write_str("in the agent's netns"),
             Self::Container(path) => write!(f, "in netns {}", path.display()),
         }
-    }
-}
-
-/// Checks a name the way the kernel's `dev_valid_name` does.
-pub fn validate_ifname(name: &str) -> Result<(), NetlinkError> {
-    let reason = if name.is_empty() {
-        Some("empty")
-    } else if name.len() > MAX_IFNAME_LEN {
-        Some("longer than 15 bytes")
-    } else if name == "." || name == ".." {
-        Some("not a valid name")
-    } else if name
-        .bytes()
-        .any(|b| b == b'/' || b == b':' || b == 0 || b.is_ascii_whitespace())
-    {
-        Some("contains '/', ':', a NUL or whitespace")
-    } else {
-        None
-    };
-    match reason {
-        Some(reason) => Err(NetlinkError::InvalidName {
-            name: name.to_owned(),
-            reason,
-        }),
-        None => Ok(()),
     }
 }
 
@@ -290,7 +248,7 @@ impl ContainerLink {
     /// Checks what the kernel would otherwise refuse halfway through.
     pub fn validate(&self) -> Result<(), NetlinkError> {
         validate_ifname(&self.host_ifname)?;
-        validate_ifname(&self.ifname)
+        Ok(validate_ifname(&self.ifname)?)
     }
 }
 
@@ -507,16 +465,16 @@ impl Netlink {
     /// container end goes with it). Succeeds if no such link exists; refuses
     /// to delete a link that is not a veth.
     pub async fn delete_container_link(&self, host_ifname: &str) -> Result<(), NetlinkError> {
-        let Some((index, _, kind)) = self.link(host_ifname).await? else {
+        let Some(link) = self.link(host_ifname).await? else {
             return Ok(());
         };
-        if kind != "veth" {
+        if link.kind != "veth" {
             return Err(NetlinkError::NotVeth {
                 name: host_ifname.to_owned(),
-                kind,
+                kind: link.kind,
             });
         }
-        match self.handle.link().del(index).execute().await {
+        match self.handle.link().del(link.index).execute().await {
             Ok(()) => Ok(()),
             Err(e) => match NetlinkError::request("delete link", host_ifname, &InNetns::Agent, e) {
                 // Gone meanwhile (the container's netns was destroyed).
@@ -526,86 +484,37 @@ impl Netlink {
         }
     }
 
-    /// Looks a link up by name: its index, MAC address (zeros for links
-    /// without a 6-byte hardware address) and kind (`"veth"`, or `""` for
-    /// links without one, like physical NICs). `None` if there is none.
-    pub async fn link(&self, name: &str) -> Result<Option<(u32, [u8; 6], String)>, NetlinkError> {
+    /// Looks a link up by name; `None` if there is none.
+    pub async fn link(&self, name: &str) -> Result<Option<Link>, NetlinkError> {
         validate_ifname(name)?;
-        let mut links = self.handle.link().get().match_name(name).execute();
-        match links.try_next().await {
-            Ok(Some(message)) => Ok(Some((
-                message.header.index,
-                link_mac(&message),
-                link_kind(&message),
-            ))),
-            Ok(None) => Err(NetlinkError::BadReply {
-                step: "look up link",
-                link: name.to_owned(),
-                netns: InNetns::Agent,
-                what: "link",
-            }),
-            Err(e) => match NetlinkError::request("look up link", name, &InNetns::Agent, e) {
-                e if e.is_not_found() => Ok(None),
-                e => Err(e),
-            },
-        }
+        inspect::find_link(&self.handle, name)
+            .await
+            .map_err(|e| NetlinkError::request("look up link", name, &InNetns::Agent, e))
     }
 
     /// The IPv4 addresses of a link, with their prefix lengths.
     pub async fn ipv4_addrs(&self, ifindex: u32) -> Result<Vec<(Ipv4Addr, u8)>, NetlinkError> {
-        let mut request = self.handle.address().get().set_link_index_filter(ifindex);
-        request.message_mut().header.family = AddressFamily::Inet;
-        let messages: Vec<_> = request.execute().try_collect().await.map_err(|e| {
-            NetlinkError::request(
-                "list addresses",
-                &format!("ifindex {ifindex}"),
-                &InNetns::Agent,
-                e,
-            )
-        })?;
-        Ok(messages
-            .iter()
-            .filter(|message| message.header.family == AddressFamily::Inet)
-            .filter_map(|message| {
-                // IFA_LOCAL is the interface's own address; IFA_ADDRESS
-                // differs from it only on point-to-point links.
-                let attr = |local| {
-                    message.attributes.iter().find_map(|attr| match attr {
-                        AddressAttribute::Local(IpAddr::V4(ip)) if local => Some(*ip),
-                        AddressAttribute::Address(IpAddr::V4(ip)) if !local => Some(*ip),
-                        _ => None,
-                    })
-                };
-                attr(true)
-                    .or_else(|| attr(false))
-                    .map(|ip| (ip, message.header.prefix_len))
-            })
-            .collect())
-    }
-
-    /// The links whose names start with `prefix`, with their indexes (to
-    /// find host ends left behind by containers that are gone).
-    pub async fn list_links_with_prefix(
-        &self,
-        prefix: &str,
-    ) -> Result<Vec<(String, u32)>, NetlinkError> {
-        let messages: Vec<_> = self
-            .handle
-            .link()
-            .get()
-            .execute()
-            .try_collect()
+        inspect::ipv4_addrs(&self.handle, ifindex)
             .await
             .map_err(|e| {
-                NetlinkError::request("list links", &format!("{prefix}*"), &InNetns::Agent, e)
-            })?;
-        Ok(messages
-            .iter()
-            .filter_map(|message| {
-                link_name(message)
-                    .filter(|name| name.starts_with(prefix))
-                    .map(|name| (name.to_owned(), message.header.index))
+                NetlinkError::request(
+                    "list addresses",
+                    &format!("ifindex {ifindex}"),
+                    &InNetns::Agent,
+                    e,
+                )
             })
+    }
+
+    /// The links whose names start with `prefix` (to find host ends left
+    /// behind by containers that are gone).
+    pub async fn links_with_prefix(&self, prefix: &str) -> Result<Vec<Link>, NetlinkError> {
+        let links = inspect::links(&self.handle).await.map_err(|e| {
+            NetlinkError::request("list links", &format!("{prefix}*"), &InNetns::Agent, e)
+        })?;
+        Ok(links
+            .into_iter()
+            .filter(|link| link.name.starts_with(prefix))
             .collect())
     }
 }
@@ -676,9 +585,8 @@ async fn lookup_link(
     name: &str,
     netns: &InNetns,
 ) -> Result<(u32, [u8; 6]), NetlinkError> {
-    let mut links = handle.link().get().match_name(name).execute();
-    match links.try_next().await {
-        Ok(Some(message)) => Ok((message.header.index, link_mac(&message))),
+    match inspect::find_link(handle, name).await {
+        Ok(Some(link)) => Ok((link.index, link.mac)),
         Ok(None) => Err(NetlinkError::BadReply {
             step: "look up link",
             link: name.to_owned(),
@@ -687,38 +595,6 @@ async fn lookup_link(
         }),
         Err(e) => Err(NetlinkError::request("look up link", name, netns, e)),
     }
-}
-
-fn link_name(message: &LinkMessage) -> Option<&str> {
-    message.attributes.iter().find_map(|attr| match attr {
-        LinkAttribute::IfName(name) => Some(name.as_str()),
-        _ => None,
-    })
-}
-
-fn link_mac(message: &LinkMessage) -> [u8; 6] {
-    message
-        .attributes
-        .iter()
-        .find_map(|attr| match attr {
-            LinkAttribute::Address(address) => <[u8; 6]>::try_from(address.as_slice()).ok(),
-            _ => None,
-        })
-        .unwrap_or_default()
-}
-
-fn link_kind(message: &LinkMessage) -> String {
-    message
-        .attributes
-        .iter()
-        .find_map(|attr| match attr {
-            LinkAttribute::LinkInfo(infos) => infos.iter().find_map(|info| match info {
-                LinkInfoAttribute::Kind(kind) => Some(kind.to_string()),
-                _ => None,
-            }),
-            _ => None,
-        })
-        .unwrap_or_default()
 }
 
 /// `ETHTOOL_GGRO` and `ETHTOOL_SGRO` from linux/ethtool.h.
@@ -802,8 +678,8 @@ mod tests {
         time::TimeVal,
     };
 
-    use super::*;
-    use crate::netns::testing::TestNetns;
+    use super::{super::netns::testing::TestNetns, *};
+    use crate::model::mac::format_mac;
 
     /// Runs `f` on a thread inside `netns`, on a runtime of its own: there,
     /// [`Netlink::new`] talks to that netns as the agent would to its own.
@@ -885,10 +761,6 @@ mod tests {
             .find(|line| line.starts_with("generic-receive-offload:"))
             .expect("ethtool lists generic-receive-offload");
         line.contains(": on")
-    }
-
-    fn format_mac(mac: [u8; 6]) -> String {
-        mac.map(|b| format!("{b:02x}")).join(":")
     }
 
     fn checksum(data: &[u8]) -> u16 {
@@ -982,17 +854,16 @@ mod tests {
             let mut host = good.clone();
             host.host_ifname = bad.to_owned();
             assert!(
-                matches!(host.validate(), Err(NetlinkError::InvalidName { .. })),
+                matches!(host.validate(), Err(NetlinkError::InvalidName(_))),
                 "host name {bad:?} was accepted"
             );
             let mut peer = good.clone();
             peer.ifname = bad.to_owned();
             assert!(
-                matches!(peer.validate(), Err(NetlinkError::InvalidName { .. })),
+                matches!(peer.validate(), Err(NetlinkError::InvalidName(_))),
                 "container name {bad:?} was accepted"
             );
         }
-        validate_ifname("dp0123456789abc").expect("15 bytes is the limit");
     }
 
     #[test]
@@ -1027,7 +898,7 @@ mod tests {
             (info, host)
         });
         assert_eq!(
-            (host.0, host.1, host.2.as_str()),
+            (host.index, host.mac, host.kind.as_str()),
             (info.host_ifindex, info.host_mac, "veth")
         );
 
@@ -1169,10 +1040,7 @@ mod tests {
             );
             assert!(chain.contains(&spec.netns.display().to_string()), "{chain}");
             assert_eq!(
-                netlink
-                    .list_links_with_prefix("dp")
-                    .await
-                    .expect("list links"),
+                netlink.links_with_prefix("dp").await.expect("list links"),
                 vec![]
             );
         });
@@ -1247,12 +1115,9 @@ mod tests {
                     .expect("create a container link");
                 println!("create_container_link took {:?}", started.elapsed());
             }
-            let mut hosts = netlink
-                .list_links_with_prefix("dp")
-                .await
-                .expect("list links");
-            hosts.sort();
-            let names: Vec<_> = hosts.iter().map(|(name, _)| name.clone()).collect();
+            let hosts = netlink.links_with_prefix("dp").await.expect("list links");
+            let mut names: Vec<_> = hosts.into_iter().map(|link| link.name).collect();
+            names.sort();
             assert_eq!(names, vec![a.host_ifname.clone(), b.host_ifname.clone()]);
         });
         let ping = |netns: &TestNetns, dst| netns.open().run(|| icmp_echo(dst)).expect("enter");

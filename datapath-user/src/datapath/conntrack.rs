@@ -1,4 +1,4 @@
-//! Userspace side of connection tracking: listing flows, flushing them,
+//! Userspace side of connection tracking: reading flows, flushing them,
 //! and garbage-collecting expired ones (which frees their masquerade ports).
 
 use std::{collections::HashMap as StdHashMap, net::Ipv4Addr};
@@ -10,7 +10,7 @@ use datapath_common::{
     ct_action, proto,
 };
 
-use crate::api;
+use crate::model::{Flow, FlowEndpoint};
 
 /// The kernel's `bpf_ktime_get_ns` clock (CLOCK_MONOTONIC), in ns.
 pub fn now_ns() -> u64 {
@@ -135,21 +135,17 @@ pub fn gc(
     Ok(removed)
 }
 
-/// Collects expired flows periodically, on its own handle of the pinned
-/// conntrack map.
+/// Collects expired flows periodically, on its own handle of the
+/// conntrack map ([`super::Datapath::collector`]).
 pub struct Collector {
     ct: HashMap<MapData, CtKey, CtEntry>,
     timeouts: Timeouts,
 }
 
 impl Collector {
-    /// Opens the conntrack map pinned at `pin`.
-    pub fn open(pin: &std::path::Path, timeouts: Timeouts) -> Result<Self, MapError> {
-        let map = aya::maps::Map::HashMap(MapData::from_pin(pin)?);
-        Ok(Self {
-            ct: HashMap::try_from(map)?,
-            timeouts,
-        })
+    /// A collector working on `ct`.
+    pub fn new(ct: HashMap<MapData, CtKey, CtEntry>, timeouts: Timeouts) -> Self {
+        Self { ct, timeouts }
     }
 
     /// One pass: removes expired flows; returns the entries removed.
@@ -167,20 +163,20 @@ fn proto_name(p: u8) -> &'static str {
     }
 }
 
-fn ep(addr: [u8; 4], port: u16) -> api::Endpoint {
-    api::Endpoint {
+fn ep(addr: [u8; 4], port: u16) -> FlowEndpoint {
+    FlowEndpoint {
         addr: Ipv4Addr::from(addr),
         port,
     }
 }
 
-/// The API view of a flow.
-pub fn to_api(
+/// How the API shows a flow.
+pub fn flow_view(
     f: &FlowEntries,
     timeouts: &Timeouts,
     now: u64,
     container: Option<String>,
-) -> api::Flow {
+) -> Flow {
     let k = &f.key;
     let (nat_src, nat_dst) = if ct_action::rewrites_source(f.orig.action) {
         (ep(f.orig.nat_addr, f.orig.nat_port), ep(k.daddr, k.dport))
@@ -189,7 +185,7 @@ pub fn to_api(
     };
     let state = f.state();
     let idle_s = now.saturating_sub(f.last_seen_ns()) / 1_000_000_000;
-    api::Flow {
+    Flow {
         proto: proto_name(k.proto).to_owned(),
         kind: match f.orig.action {
             ct_action::SNAT => "snat",

@@ -18,8 +18,11 @@
 //! is executed.
 //!
 //! The agent's socket comes from the network configuration (`agentSocket`,
-//! default [`config::DEFAULT_AGENT_SOCKET`]), never from the environment:
+//! default [`crate::api::DEFAULT_SOCKET`]), never from the environment:
 //! runtimes call `DEL` with a minimal environment.
+//!
+//! The plugin depends on the API (its client and wire types), the shared
+//! vocabulary and the link-reading helpers, never on the agent.
 //!
 //! Each attachment `(CNI_CONTAINERID, CNI_IFNAME)` of network `name` is one
 //! agent container named by [`attachment_name`]:
@@ -37,7 +40,6 @@
 //! the agent refuses or `CHECK` finds the attachment broken.
 
 pub mod config;
-pub mod inspect;
 pub mod types;
 
 use std::{collections::BTreeSet, future::Future, net::Ipv4Addr, path::PathBuf, time::Duration};
@@ -48,12 +50,14 @@ use self::{
     config::NetConf,
     types::{
         CniError, Interface, IpConfig, LATEST_VERSION, Route, SUPPORTED_VERSIONS, Success,
-        VersionResult, code, format_mac,
+        VersionResult, code,
     },
 };
 use crate::{
     api::{AddContainer, Client, ClientError, ContainerInfo, Status},
-    spec::PortMapping,
+    error::error_chain,
+    model::{PortMapping, mac::format_mac, names::validate_ifname},
+    net::{inspect, netns},
 };
 
 /// How long the plugin waits for one answer of the agent.
@@ -125,7 +129,7 @@ impl Params {
             .ifname
             .as_deref()
             .ok_or_else(|| CniError::env("CNI_IFNAME", "missing"))?;
-        crate::netlink::validate_ifname(name).map_err(|e| CniError::env("CNI_IFNAME", e))?;
+        validate_ifname(name).map_err(|e| CniError::env("CNI_IFNAME", e))?;
         Ok(name)
     }
 
@@ -422,10 +426,7 @@ impl<'c> Plugin<'c> {
         let inside = inspect::link(Some(&info.netns), ifname)
             .await
             .map_err(|e| {
-                CniError::failed(
-                    "cannot read the container's interface",
-                    crate::agent::error_chain(&e),
-                )
+                CniError::failed("cannot read the container's interface", error_chain(&e))
             })?
             .ok_or_else(|| {
                 CniError::failed(
@@ -507,7 +508,7 @@ impl<'c> Plugin<'c> {
                 "the agent has no container {name}: it was deleted (ADD it again)"
             ))
         })?;
-        let want_netns = crate::netns::resolve(netns).unwrap_or_else(|_| PathBuf::from(netns));
+        let want_netns = netns::resolve(netns).unwrap_or_else(|_| PathBuf::from(netns));
         if info.netns != want_netns || info.ifname != ifname {
             return Err(broken(format!(
                 "the agent's container {name} is {} in {}, not {ifname} in {netns}",
@@ -552,7 +553,7 @@ impl<'c> Plugin<'c> {
         // Inside the container.
         let link = inspect::link(Some(&info.netns), ifname)
             .await
-            .map_err(|e| broken(crate::agent::error_chain(&e)))?
+            .map_err(|e| broken(error_chain(&e)))?
             .ok_or_else(|| broken(format!("{ifname} is missing in {netns}")))?;
         if !link.up {
             return Err(broken(format!("{ifname} in {netns} is down")));
@@ -609,7 +610,7 @@ impl<'c> Plugin<'c> {
         // The host end.
         let host = inspect::link(None, &info.host_ifname)
             .await
-            .map_err(|e| broken(crate::agent::error_chain(&e)))?
+            .map_err(|e| broken(error_chain(&e)))?
             .ok_or_else(|| {
                 broken(format!(
                     "the host-side veth {} is missing",
@@ -735,7 +736,7 @@ impl<'c> Plugin<'c> {
 /// without its limits.
 pub fn add_request(
     base: AddContainer,
-    limits: &config::Limits,
+    limits: &config::TcLimits,
     cgroup: Option<String>,
 ) -> Result<AddContainer, CniError> {
     if limits.is_empty() {
@@ -799,12 +800,8 @@ mod tests {
         assert!(a.starts_with(&network_prefix("podman-dp")));
         assert!(a.starts_with("cni-"));
         assert!(a.contains("-3f0c1a2b4d5e-"), "{a}");
-        assert!(a.len() <= 64, "{a}");
-        assert!(
-            a.bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b)),
-            "{a}"
-        );
+        // The agent takes it as a container name.
+        crate::model::names::validate_container_name(&a).expect("a valid container name");
         assert_ne!(a, attachment_name("podman-dp", id, "eth1"));
         assert_ne!(a, attachment_name("other", id, "eth0"));
         assert_ne!(
@@ -939,9 +936,9 @@ mod tests {
     #[test]
     fn the_example_conflists_are_valid_for_an_agent_with_the_default_pool() {
         let examples = [
-            include_str!("../../examples/cni/podman.conflist"),
-            include_str!("../../examples/cni/containerd.conflist"),
-            include_str!("../../examples/cni/kubernetes.conflist"),
+            include_str!("../../../examples/cni/podman.conflist"),
+            include_str!("../../../examples/cni/containerd.conflist"),
+            include_str!("../../../examples/cni/kubernetes.conflist"),
         ];
         for text in examples {
             let list: serde_json::Value = serde_json::from_str(text).expect("valid JSON");
@@ -958,7 +955,7 @@ mod tests {
             assert!(types::is_supported(&conf.cni_version));
             assert_eq!(
                 conf.agent_socket(),
-                PathBuf::from(config::DEFAULT_AGENT_SOCKET)
+                PathBuf::from(crate::api::DEFAULT_SOCKET)
             );
             conf.check_ipam(
                 "10.88.0.0/16".parse().expect("pool"),
@@ -983,15 +980,15 @@ mod tests {
 
     #[test]
     fn without_limits_the_request_is_the_plain_one() {
-        let r = add_request(request(), &config::Limits::default(), Some("/x".into()))
+        let r = add_request(request(), &config::TcLimits::default(), Some("/x".into()))
             .expect("no limits");
         assert_eq!(r, request());
     }
 
     #[test]
     fn limits_without_a_cgroup_are_an_invalid_config() {
-        let limits = config::Limits {
-            egress: Some(config::Limit {
+        let limits = config::TcLimits {
+            egress: Some(config::TcLimit {
                 rate: "1000bit".into(),
                 burst: "100b".into(),
             }),

@@ -1,0 +1,119 @@
+//! The API's way into the agent. Changes are sent to the owner task and
+//! answered when it has made them; reads are served here, from the last
+//! [`Snapshot`] the owner published and the read-only [`Reader`], so that
+//! `status` or a listing never waits behind a slow change.
+
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, oneshot, watch};
+
+use super::{
+    AgentError,
+    owner::{Command, Message, Reply},
+    status::Snapshot,
+};
+use crate::{
+    api::{
+        AddContainer, ContainerInfo, Flow, Status, UpdateContainer,
+        server::{Backend, Failure},
+    },
+    datapath::Reader,
+};
+
+/// A handle on the running agent (cheap to clone).
+#[derive(Clone)]
+pub struct Handle {
+    commands: mpsc::Sender<Message>,
+    snapshot: watch::Receiver<Arc<Snapshot>>,
+    reader: Arc<Reader>,
+}
+
+impl Handle {
+    pub(super) fn new(
+        commands: mpsc::Sender<Message>,
+        snapshot: watch::Receiver<Arc<Snapshot>>,
+        reader: Arc<Reader>,
+    ) -> Self {
+        Self {
+            commands,
+            snapshot,
+            reader,
+        }
+    }
+
+    /// Sends a command to the owner and waits for its outcome.
+    async fn call<T>(&self, command: impl FnOnce(Reply<T>) -> Command) -> Result<T, AgentError> {
+        let (reply, outcome) = oneshot::channel();
+        let gone = || AgentError::Internal("the agent's owner task has stopped".to_owned());
+        self.commands
+            .send(Message::Command(Box::new(command(reply))))
+            .await
+            .map_err(|_| gone())?;
+        outcome.await.map_err(|_| gone())?
+    }
+
+    /// Runs `read` on the current snapshot and the reader, on a blocking
+    /// thread (reads walk maps with syscalls).
+    async fn read<T: Send + 'static>(
+        &self,
+        read: impl FnOnce(&Snapshot, &Reader) -> Result<T, AgentError> + Send + 'static,
+    ) -> Result<T, AgentError> {
+        let snapshot = Arc::clone(&self.snapshot.borrow());
+        let reader = Arc::clone(&self.reader);
+        tokio::task::spawn_blocking(move || read(&snapshot, &reader))
+            .await
+            .map_err(|e| AgentError::Internal(format!("read the datapath: {e}")))?
+    }
+
+    /// Asks the owner to stop once the commands before have been carried
+    /// out, and waits for it to take the request.
+    pub async fn stop(&self) {
+        let _ = self.commands.send(Message::Stop).await;
+    }
+}
+
+impl Backend for Handle {
+    async fn status(&self) -> Result<Status, Failure> {
+        Ok(self.read(|s, r| Ok(s.status(r))).await?)
+    }
+
+    async fn containers(&self) -> Result<Vec<ContainerInfo>, Failure> {
+        Ok(self.read(|s, r| Ok(s.containers(r))).await?)
+    }
+
+    async fn container(&self, name: String) -> Result<ContainerInfo, Failure> {
+        Ok(self.read(move |s, r| s.container(&name, r)).await?)
+    }
+
+    async fn add(&self, req: AddContainer) -> Result<ContainerInfo, Failure> {
+        Ok(self.call(|reply| Command::Add(req, reply)).await?)
+    }
+
+    async fn update(&self, name: String, req: UpdateContainer) -> Result<ContainerInfo, Failure> {
+        Ok(self.call(|reply| Command::Update(name, req, reply)).await?)
+    }
+
+    async fn publish(&self, name: String, spec: String) -> Result<ContainerInfo, Failure> {
+        Ok(self
+            .call(|reply| Command::Publish(name, spec, reply))
+            .await?)
+    }
+
+    async fn unpublish(&self, name: String, spec: String) -> Result<ContainerInfo, Failure> {
+        Ok(self
+            .call(|reply| Command::Unpublish(name, spec, reply))
+            .await?)
+    }
+
+    async fn delete(&self, name: String) -> Result<(), Failure> {
+        Ok(self.call(|reply| Command::Delete(name, reply)).await?)
+    }
+
+    async fn conntrack(&self) -> Result<Vec<Flow>, Failure> {
+        Ok(self.read(|s, r| s.flows(r)).await?)
+    }
+
+    async fn flush(&self, container: Option<String>) -> Result<usize, Failure> {
+        Ok(self.call(|reply| Command::Flush(container, reply)).await?)
+    }
+}

@@ -1,0 +1,426 @@
+//! A container's lifecycle: add, update (rate limits) and delete.
+//!
+//! `add` and `update` are transactions: each step that changes the kernel
+//! or the state is written down in a [`Transaction`] as it is taken, and if
+//! a later step fails, the steps taken are undone in reverse order, so a
+//! container is all there or not at all. The state file is saved last: a
+//! container is recorded only once it is complete, and an agent cut off
+//! before that finds only orphans on its next start ([`super::reconcile`]).
+//!
+//! `add` takes these steps: the veth pair ([`Netlink::create_container_link`]),
+//! the endpoint and published ports in the maps and the container program
+//! on the host end ([`Lifecycle::fill`]), the rate limits
+//! ([`Datapath::apply_limits`]), then the record, saved.
+//!
+//! `delete` cannot be undone: it tears down whatever is there, going on
+//! after failures, and then forgets the container.
+
+use std::path::Path;
+
+use datapath_common::Endpoint;
+
+use super::{
+    AgentError, Node, internal, publish, rate_target,
+    transaction::{Step, Transaction},
+};
+use crate::{
+    api::{AddContainer, ContainerInfo, UpdateContainer},
+    cgroup,
+    datapath::{Datapath, Reader},
+    error::error_chain,
+    model::{
+        PortMapping, RateLimits,
+        limits::{LimitError, limit, updated},
+        mac::format_mac,
+        names::{host_veth_name, validate_container_name, validate_ifname},
+    },
+    net::{
+        link::{ContainerLink, LinkInfo, Netlink, NetlinkError},
+        netns,
+    },
+    store::{Container, Store},
+};
+
+/// The container lifecycle, over the parts of the agent it changes.
+pub struct Lifecycle<'a> {
+    /// The node's configuration and uplink.
+    pub node: &'a Node,
+    /// The datapath's maps and programs.
+    pub dp: &'a mut Datapath,
+    /// The netlink connection.
+    pub net: &'a Netlink,
+    /// The desired state.
+    pub store: &'a mut Store,
+    /// The read-only view (for the answers' counters).
+    pub reader: &'a Reader,
+}
+
+impl Lifecycle<'_> {
+    /// How the API shows container `c`.
+    pub fn info(&self, c: &Container) -> ContainerInfo {
+        super::status::container_info(c, self.node.cfg.gateway(), self.reader)
+    }
+
+    /// Creates a container's network: veth pair, address, routes, maps,
+    /// rate limits. Idempotent: adding an existing container with the same
+    /// spec returns it unchanged. Nothing is left half-applied on failure.
+    pub async fn add(&mut self, req: AddContainer) -> Result<ContainerInfo, AgentError> {
+        let container = match self.plan(req)? {
+            Plan::Exists(c) => return Ok(self.info(&c)),
+            Plan::New(c) => c,
+        };
+        let mut tx = Transaction::new();
+        match self.create(&mut tx, container).await {
+            Ok(c) => {
+                tx.commit();
+                tracing::info!(container = %c.name, addr = %c.addr, veth = %c.host_ifname, "container added");
+                Ok(self.info(&c))
+            }
+            Err(e) => {
+                tx.roll_back(self.dp, self.net, self.store).await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Checks a request to add a container and decides what it makes:
+    /// nothing is changed yet, but an id and an address are taken.
+    fn plan(&mut self, req: AddContainer) -> Result<Plan, AgentError> {
+        let bad = |e: &dyn std::fmt::Display| AgentError::BadRequest(e.to_string());
+        validate_container_name(&req.name).map_err(|e| bad(&e))?;
+        let ifname = req.ifname.clone().unwrap_or_else(|| "eth0".to_owned());
+        validate_ifname(&ifname).map_err(|e| bad(&e))?;
+        let netns = netns::resolve(&req.netns).map_err(|e| {
+            AgentError::BadRequest(format!(
+                "network namespace {:?}: {}",
+                req.netns,
+                error_chain(&e)
+            ))
+        })?;
+        let publish = req
+            .publish
+            .iter()
+            .map(|s| s.parse::<PortMapping>())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| bad(&e))?;
+        let rate = RateRequest::new(
+            req.cgroup.as_deref(),
+            (req.egress_rate.as_deref(), req.egress_burst.as_deref()),
+            (req.ingress_rate.as_deref(), req.ingress_burst.as_deref()),
+        )
+        .map_err(AgentError::BadRequest)?;
+        let (cgroup, cgroup_id) = rate.cgroup.map_or((None, 0), |cg| (Some(cg.path), cg.id));
+        if let Some(c) = self.store.get(&req.name) {
+            if c.netns == netns
+                && c.ifname == ifname
+                && c.publish == publish
+                && c.cgroup == cgroup
+                && c.limits == rate.limits
+            {
+                return Ok(Plan::Exists(c.clone()));
+            }
+            return Err(AgentError::Conflict(format!(
+                "container {:?} exists with another network namespace, interface or ports; delete it first",
+                req.name
+            )));
+        }
+        publish::check(self.node, self.store, &req.name, &publish)?;
+        check_cgroup(self.store, &req.name, cgroup_id, &rate.limits)?;
+        let pool = self.node.cfg.pool;
+        let (id, addr) = self
+            .store
+            .allocate(pool)
+            .ok_or_else(|| AgentError::Conflict(format!("the pool {pool} has no free address")))?;
+        Ok(Plan::New(Container {
+            id,
+            name: req.name,
+            netns,
+            ifname,
+            host_ifname: host_veth_name(id),
+            addr,
+            publish,
+            mac: String::new(),
+            cgroup,
+            cgroup_id,
+            limits: rate.limits,
+        }))
+    }
+
+    /// The steps of `add`: veth pair, maps and program, rate limits, then
+    /// the record, saved.
+    async fn create(
+        &mut self,
+        tx: &mut Transaction,
+        mut c: Container,
+    ) -> Result<Container, AgentError> {
+        let link = self.create_link(&c).await?;
+        tx.did(Step::Veth {
+            host_ifname: c.host_ifname.clone(),
+        });
+        c.mac = format_mac(link.container_mac);
+        let host = HostEnd {
+            index: link.host_ifindex,
+            mac: link.host_mac,
+        };
+        self.fill(tx, &c, host, link.container_mac)?;
+        tx.did(Step::Limits {
+            container: Box::new(c.clone()),
+            previous: None,
+        });
+        self.dp
+            .apply_limits(&rate_target(&c), false)
+            .map_err(internal("apply rate limits"))?;
+        let previous = self.store.put(c.clone());
+        tx.did(Step::Record {
+            name: c.name.clone(),
+            previous: previous.map(Box::new),
+        });
+        self.store.save()?;
+        Ok(c)
+    }
+
+    /// Creates a container's veth pair.
+    pub async fn create_link(&self, c: &Container) -> Result<LinkInfo, AgentError> {
+        self.net
+            .create_container_link(&ContainerLink {
+                host_ifname: c.host_ifname.clone(),
+                netns: c.netns.clone(),
+                ifname: c.ifname.clone(),
+                addr: c.addr,
+                gateway: self.node.cfg.gateway(),
+                mtu: None,
+                gro: self.node.gro(),
+            })
+            .await
+            .map_err(|e| match e {
+                NetlinkError::Netns(_) => AgentError::BadRequest(error_chain(&e)),
+                e => AgentError::Internal(format!("create the veth pair: {}", error_chain(&e))),
+            })
+    }
+
+    /// Puts container `c` into the maps (its endpoint: its veth's host end
+    /// `host` and the MAC of its own end; its published ports) and attaches
+    /// the container program to the host end.
+    pub fn fill(
+        &mut self,
+        tx: &mut Transaction,
+        c: &Container,
+        host: HostEnd,
+        mac: [u8; 6],
+    ) -> Result<(), AgentError> {
+        self.dp
+            .insert_endpoint(
+                c.addr,
+                Endpoint {
+                    ifindex: host.index,
+                    container_id: c.id,
+                    mac,
+                    host_mac: host.mac,
+                    flags: 0,
+                },
+            )
+            .map_err(internal("add the endpoint"))?;
+        tx.did(Step::Endpoint {
+            addr: c.addr,
+            id: c.id,
+        });
+        tx.did(Step::Flows { id: c.id });
+        publish::insert_services(self.dp, tx, c, &c.publish, host.index)?;
+        tx.did(Step::Program {
+            host_ifname: c.host_ifname.clone(),
+        });
+        self.dp.attach_container(&c.host_ifname)?;
+        Ok(())
+    }
+
+    /// Changes a container's rate limits in place: every value is checked
+    /// first, then each direction's bucket is created, reconfigured under
+    /// its lock (no flow notices more than the new rate) or removed.
+    pub async fn update(
+        &mut self,
+        name: &str,
+        req: &UpdateContainer,
+    ) -> Result<ContainerInfo, AgentError> {
+        let c = self
+            .store
+            .get(name)
+            .cloned()
+            .ok_or_else(|| AgentError::no_container(name))?;
+        let bad = |e: LimitError| AgentError::BadRequest(e.to_string());
+        let limits = RateLimits {
+            egress: updated(
+                "egress",
+                c.limits.egress,
+                req.egress_rate.as_deref(),
+                req.egress_burst.as_deref(),
+            )
+            .map_err(bad)?,
+            ingress: updated(
+                "ingress",
+                c.limits.ingress,
+                req.ingress_rate.as_deref(),
+                req.ingress_burst.as_deref(),
+            )
+            .map_err(bad)?,
+        };
+        if limits == c.limits {
+            return Ok(self.info(&c));
+        }
+        if c.cgroup.is_none() && !limits.is_empty() {
+            return Err(AgentError::BadRequest(format!(
+                "container {name:?} was added without a cgroup: rate limits apply to a cgroup, \
+                 so delete it and add it again with --cgroup"
+            )));
+        }
+        check_cgroup(self.store, name, c.cgroup_id, &limits)?;
+        let new = Container {
+            limits,
+            ..c.clone()
+        };
+        let mut tx = Transaction::new();
+        match self.change_limits(&mut tx, &new, c.limits) {
+            Ok(()) => {
+                tx.commit();
+                tracing::info!(container = %name, egress = ?new.limits.egress, ingress = ?new.limits.ingress, "rate limits changed");
+                Ok(self.info(&new))
+            }
+            Err(e) => {
+                tx.roll_back(self.dp, self.net, self.store).await;
+                Err(e)
+            }
+        }
+    }
+
+    /// The steps of `update`: the limits, then the record, saved.
+    fn change_limits(
+        &mut self,
+        tx: &mut Transaction,
+        new: &Container,
+        previous: RateLimits,
+    ) -> Result<(), AgentError> {
+        tx.did(Step::Limits {
+            container: Box::new(new.clone()),
+            previous: Some(previous),
+        });
+        self.dp
+            .apply_limits(&rate_target(new), false)
+            .map_err(internal("apply rate limits"))?;
+        let replaced = self.store.put(new.clone());
+        tx.did(Step::Record {
+            name: new.name.clone(),
+            previous: replaced.map(Box::new),
+        });
+        self.store.save()?;
+        Ok(())
+    }
+
+    /// Deletes a container; deleting an absent one succeeds.
+    pub async fn delete(&mut self, name: &str) -> Result<(), AgentError> {
+        let Some(c) = self.store.get(name).cloned() else {
+            return Ok(());
+        };
+        self.teardown(&c).await;
+        self.store.remove(name);
+        self.store.save()?;
+        tracing::info!(container = %name, "container deleted");
+        Ok(())
+    }
+
+    /// Removes everything of container `c` from the kernel (published
+    /// ports, endpoint, programs, rate limits, flows, veth), going on after
+    /// failures (logged). Entries another container owns are left alone.
+    pub async fn teardown(&mut self, c: &Container) {
+        for m in &c.publish {
+            for (hp, _) in m.ports() {
+                self.dp.remove_service(&publish::service_key(m, hp), c.id);
+            }
+        }
+        self.dp.remove_endpoint(c.addr, c.id);
+        if let Err(e) = self.dp.detach_container(&c.host_ifname) {
+            tracing::warn!(container = %c.name, "detach: {e}");
+        }
+        self.dp.remove_limits(&rate_target(c));
+        let id = c.id;
+        if let Err(e) = self.dp.flush_flows(|f| f.orig.container_id == id) {
+            tracing::warn!(container = %c.name, "flush conntrack: {e}");
+        }
+        if let Err(e) = self.net.delete_container_link(&c.host_ifname).await {
+            tracing::warn!(container = %c.name, "delete veth: {}", error_chain(&e));
+        }
+    }
+}
+
+/// The host end of a container's veth pair, as the maps need it.
+#[derive(Clone, Copy, Debug)]
+pub struct HostEnd {
+    /// Interface index.
+    pub index: u32,
+    /// MAC address (the container's gateway MAC).
+    pub mac: [u8; 6],
+}
+
+/// What an add request comes to.
+enum Plan {
+    /// The same container exists already.
+    Exists(Container),
+    /// A new container, to be created.
+    New(Container),
+}
+
+/// The rate-limiting part of a request to add a container: the cgroup
+/// (resolved) and the limits, every value checked before anything is
+/// changed.
+struct RateRequest {
+    cgroup: Option<cgroup::CgroupDir>,
+    limits: RateLimits,
+}
+
+impl RateRequest {
+    fn new(
+        cgroup: Option<&str>,
+        egress: (Option<&str>, Option<&str>),
+        ingress: (Option<&str>, Option<&str>),
+    ) -> Result<Self, String> {
+        let limits = RateLimits {
+            egress: limit("egress", egress.0, egress.1).map_err(|e| e.to_string())?,
+            ingress: limit("ingress", ingress.0, ingress.1).map_err(|e| e.to_string())?,
+        };
+        let cgroup = match cgroup {
+            Some(spec) => Some(cgroup::resolve_cgroup(spec).map_err(|e| format!("cgroup: {e}"))?),
+            None if !limits.is_empty() => {
+                return Err(
+                    "rate limits apply to the container's cgroup: give its cgroup v2 directory \
+                     (--cgroup, or \"cgroup\" in the API)"
+                        .into(),
+                );
+            }
+            None => None,
+        };
+        Ok(Self { cgroup, limits })
+    }
+}
+
+/// Refuses a second container with limits on a cgroup whose buckets
+/// another container's limits already use.
+fn check_cgroup(
+    store: &Store,
+    name: &str,
+    cgroup_id: u64,
+    limits: &RateLimits,
+) -> Result<(), AgentError> {
+    if cgroup_id == 0 || limits.is_empty() {
+        return Ok(());
+    }
+    match store
+        .containers()
+        .values()
+        .find(|c| c.name != name && c.cgroup_id == cgroup_id && !c.limits.is_empty())
+    {
+        Some(other) => Err(AgentError::Conflict(format!(
+            "container {:?} already limits the cgroup {}; one cgroup has one set of limits",
+            other.name,
+            other.cgroup.as_deref().unwrap_or(Path::new("?")).display()
+        ))),
+        None => Ok(()),
+    }
+}

@@ -1,0 +1,379 @@
+//! The node agent: the one owner of the loaded datapath, the netlink
+//! connection and the desired state, fed by the API over a channel.
+//!
+//! * [`owner`]: the owner task, on a thread of its own, carries out one
+//!   change after another; every blocking step (BPF syscalls, fsync,
+//!   setns) runs there, never on the API's async workers.
+//! * [`handle`]: what the API server holds ([`Handle`]): changes go to the
+//!   owner as commands; reads (status, listings, flows) use the last
+//!   published [`status::Snapshot`] and a read-only view of the maps, so
+//!   they never wait behind a slow change.
+//! * [`lifecycle`]: container add, update and delete, each one
+//!   transaction whose steps are undone if a later one fails
+//!   ([`transaction::Transaction`], the undo log).
+//! * [`publish`]: publishing and unpublishing ports of running containers.
+//! * [`reconcile`]: adopting what a previous agent left, removing orphans,
+//!   and `datapath agent --cleanup`.
+//! * [`uplink`]: the uplink and the global configuration, at start.
+//! * [`status`]: what the API shows.
+
+pub mod handle;
+pub mod lifecycle;
+mod owner;
+pub mod publish;
+pub mod reconcile;
+pub mod status;
+pub mod transaction;
+pub mod uplink;
+
+use std::{
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use datapath_common::ct::Timeouts;
+use ipnet::Ipv4Net;
+use tokio::sync::oneshot;
+
+pub use self::{handle::Handle, reconcile::cleanup};
+use self::{
+    lifecycle::Lifecycle, owner::Command, publish::Ports, status::Snapshot, uplink::Uplink,
+};
+use crate::{
+    api::server::Failure,
+    datapath::{BpfError, Datapath, LoadOptions, RateTarget, Reader, UplinkHook},
+    net::link::Netlink,
+    store::{Container, StateError, Store, gateway_of},
+};
+
+/// How the uplink hook is chosen.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum XdpMode {
+    /// TC on veth uplinks (XDP on a veth costs its peer TSO), native XDP
+    /// on other devices.
+    Auto,
+    /// XDP in the driver.
+    Native,
+    /// XDP on the skb.
+    Generic,
+    /// TC only.
+    Off,
+}
+
+/// Everything the agent is configured with.
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    /// The uplink interface, if any.
+    pub uplink: Option<String>,
+    /// The node address (default: the uplink's first IPv4 address).
+    pub node_ip: Option<Ipv4Addr>,
+    /// The container pool.
+    pub pool: Ipv4Net,
+    /// Uplink hook choice.
+    pub xdp_mode: XdpMode,
+    /// bpffs directory for pins.
+    pub bpffs_dir: PathBuf,
+    /// State directory.
+    pub state_dir: PathBuf,
+    /// Masquerade port range.
+    pub snat_ports: (u16, u16),
+    /// Masquerade container egress.
+    pub masquerade: bool,
+    /// Conntrack capacity in entries (two per flow).
+    pub ct_max: Option<u32>,
+    /// Let the uplink reach container addresses directly.
+    pub allow_direct_routing: bool,
+    /// Conntrack idle timeouts.
+    pub timeouts: Timeouts,
+    /// How often expired flows are collected.
+    pub gc_interval: Duration,
+    /// Kernel-side log level (aya-log).
+    pub log_level: u8,
+}
+
+impl AgentConfig {
+    /// The containers' gateway: the pool's first host address.
+    pub fn gateway(&self) -> Ipv4Addr {
+        gateway_of(self.pool)
+    }
+}
+
+/// An error of an agent operation, with the HTTP status it maps to.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// The request is invalid; nothing was changed.
+    #[error("{0}")]
+    BadRequest(String),
+    /// No such object.
+    #[error("{0}")]
+    NotFound(String),
+    /// The request conflicts with existing state; nothing was changed.
+    #[error("{0}")]
+    Conflict(String),
+    /// A BPF operation failed.
+    #[error(transparent)]
+    Bpf(#[from] BpfError),
+    /// The state file could not be read or written.
+    #[error(transparent)]
+    State(#[from] StateError),
+    /// Something else failed.
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl AgentError {
+    /// The HTTP status for this error.
+    pub fn status(&self) -> u16 {
+        match self {
+            Self::BadRequest(_) => 400,
+            Self::NotFound(_) => 404,
+            Self::Conflict(_) => 409,
+            _ => 500,
+        }
+    }
+
+    /// No container named `name`.
+    pub fn no_container(name: &str) -> Self {
+        Self::NotFound(format!("no container named {name:?}"))
+    }
+}
+
+impl From<AgentError> for Failure {
+    fn from(e: AgentError) -> Self {
+        Failure::new(e.status(), e.to_string())
+    }
+}
+
+/// An [`AgentError::Internal`] saying what was being done.
+fn internal<E: std::fmt::Display>(context: &str) -> impl FnOnce(E) -> AgentError + '_ {
+    move |e| AgentError::Internal(format!("{context}: {e}"))
+}
+
+/// Where container `c`'s rate limits apply.
+pub fn rate_target(c: &Container) -> RateTarget<'_> {
+    RateTarget {
+        name: &c.name,
+        host_ifname: &c.host_ifname,
+        cgroup: c.cgroup.as_deref(),
+        cgroup_id: c.cgroup_id,
+        limits: c.limits,
+    }
+}
+
+/// What the agent was configured with and found at start; fixed while it
+/// runs.
+#[derive(Debug)]
+pub struct Node {
+    /// The configuration.
+    pub cfg: AgentConfig,
+    /// The uplink, if one is configured.
+    pub uplink: Option<Uplink>,
+}
+
+impl Node {
+    /// Whether container ends need GRO: native XDP redirects into a veth
+    /// are dropped unless its peer has GRO (or an XDP program).
+    pub fn gro(&self) -> bool {
+        matches!(
+            self.uplink.as_ref().map(|u| u.hook),
+            Some(UplinkHook::XdpNative)
+        )
+    }
+}
+
+/// The agent's state, owned by the owner task: a thin owner of the parts
+/// each concern borrows ([`Lifecycle`], [`Ports`], [`Snapshot`]).
+struct Agent {
+    node: Node,
+    dp: Datapath,
+    net: Netlink,
+    store: Store,
+    reader: Arc<Reader>,
+}
+
+impl Agent {
+    /// Loads the datapath, configures the uplink and adopts what a previous
+    /// agent left.
+    async fn start(cfg: AgentConfig) -> anyhow::Result<Self> {
+        use anyhow::Context as _;
+        crate::datapath::ensure_bpffs()?;
+        let mut dp = Datapath::load(&LoadOptions {
+            bpffs_dir: cfg.bpffs_dir.clone(),
+            ct_max: cfg.ct_max,
+            log_level: cfg.log_level,
+        })
+        .context("load the datapath")?;
+        let store = Store::open(&cfg.state_dir)?;
+        let net = Netlink::new().context("open a netlink connection")?;
+        let uplink = uplink::setup(&cfg, &mut dp, &net).await?;
+        let reader = Arc::new(dp.reader()?);
+        let mut agent = Agent {
+            node: Node { cfg, uplink },
+            dp,
+            net,
+            store,
+            reader,
+        };
+        reconcile::reconcile(&mut agent.lifecycle()).await?;
+        Ok(agent)
+    }
+
+    fn lifecycle(&mut self) -> Lifecycle<'_> {
+        Lifecycle {
+            node: &self.node,
+            dp: &mut self.dp,
+            net: &self.net,
+            store: &mut self.store,
+            reader: &self.reader,
+        }
+    }
+
+    fn ports(&mut self) -> Ports<'_> {
+        Ports {
+            node: &self.node,
+            dp: &mut self.dp,
+            net: &self.net,
+            store: &mut self.store,
+            reader: &self.reader,
+        }
+    }
+
+    /// What the API's reads see until the next change.
+    fn snapshot(&self) -> Snapshot {
+        Snapshot::capture(&self.node, &self.dp, &self.store)
+    }
+
+    /// Carries out one command. A change is answered once `publish` has
+    /// the snapshot that shows it: a client that reads after its change
+    /// was acknowledged sees it.
+    async fn execute(&mut self, command: Command, publish: impl Fn(Snapshot)) {
+        match command {
+            Command::Add(req, reply) => {
+                let result = self.lifecycle().add(req).await;
+                self.answer(&publish, reply, result);
+            }
+            Command::Update(name, req, reply) => {
+                let result = self.lifecycle().update(&name, &req).await;
+                self.answer(&publish, reply, result);
+            }
+            Command::Delete(name, reply) => {
+                let result = self.lifecycle().delete(&name).await;
+                self.answer(&publish, reply, result);
+            }
+            Command::Publish(name, spec, reply) => {
+                let result = self.ports().publish(&name, &spec).await;
+                self.answer(&publish, reply, result);
+            }
+            Command::Unpublish(name, spec, reply) => {
+                let result = self.ports().unpublish(&name, &spec).await;
+                self.answer(&publish, reply, result);
+            }
+            // Flows are read live, not from the snapshot.
+            Command::Flush(container, reply) => {
+                let _ = reply.send(self.flush(container.as_deref()));
+            }
+        }
+    }
+
+    /// Publishes the snapshot, then answers. A client that went away
+    /// meanwhile misses the answer; the change stands.
+    fn answer<T>(
+        &self,
+        publish: &impl Fn(Snapshot),
+        reply: owner::Reply<T>,
+        result: Result<T, AgentError>,
+    ) {
+        publish(self.snapshot());
+        let _ = reply.send(result);
+    }
+
+    /// Removes the tracked flows of one container, or all; returns the
+    /// number of entries removed.
+    fn flush(&mut self, container: Option<&str>) -> Result<usize, AgentError> {
+        let id = match container {
+            Some(name) => Some(
+                self.store
+                    .get(name)
+                    .map(|c| c.id)
+                    .ok_or_else(|| AgentError::no_container(name))?,
+            ),
+            None => None,
+        };
+        self.dp
+            .flush_flows(|f| id.is_none_or(|id| f.orig.container_id == id))
+            .map_err(internal("flush conntrack"))
+    }
+}
+
+/// Runs the agent until `shutdown` completes: loads and adopts, then serves
+/// the API on `socket`, collects expired flows and forwards kernel logs.
+/// The programs stay attached and the maps pinned when it returns.
+pub async fn run(
+    cfg: AgentConfig,
+    socket: &Path,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let gc_every = cfg.gc_interval;
+    let started = owner::spawn(cfg).await?;
+    if let Some(logger) = started.logger {
+        tokio::spawn(forward_kernel_logs(logger));
+    }
+    let mut collector = started.collector;
+    // A plain thread: the runtime would wait for a blocking task at exit.
+    std::thread::Builder::new()
+        .name("conntrack-gc".into())
+        .spawn(move || {
+            loop {
+                std::thread::sleep(gc_every);
+                match collector.collect() {
+                    Ok(0) => {}
+                    Ok(n) => tracing::debug!(removed = n, "conntrack gc"),
+                    Err(e) => tracing::warn!("conntrack gc: {e}"),
+                }
+            }
+        })?;
+    let handle = Handle::new(started.commands, started.snapshot, started.reader);
+    // An owner that died (a bug) takes the API down with it: a restarted
+    // agent adopts what is there, where this one could only refuse changes.
+    let mut gone = started.gone;
+    let (owner_died_tx, owner_died) = oneshot::channel();
+    let stop = async move {
+        tokio::select! {
+            () = shutdown => {}
+            _ = &mut gone => {
+                tracing::error!("the owner task stopped; shutting down");
+                let _ = owner_died_tx.send(());
+            }
+        }
+    };
+    let served = crate::api::server::serve(handle.clone(), socket, stop).await;
+    // Every request has been answered; the owner finishes and stops.
+    handle.stop().await;
+    let owner = started.owner;
+    let _ = tokio::task::spawn_blocking(move || owner.join()).await;
+    if owner_died.await.is_ok() {
+        anyhow::bail!("the agent's owner task stopped unexpectedly");
+    }
+    served
+}
+
+async fn forward_kernel_logs(logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
+    // SAFETY: the logger owns the ring buffer's fd, which stays open for
+    // as long as the AsyncFd owns the logger.
+    let registered = unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE)
+    };
+    let Ok(mut fd) = registered else {
+        tracing::warn!("cannot poll the kernel log ring buffer");
+        return;
+    };
+    loop {
+        let Ok(mut guard) = fd.readable_mut().await else {
+            return;
+        };
+        guard.get_inner_mut().flush();
+        guard.clear_ready();
+    }
+}

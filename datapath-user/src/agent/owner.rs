@@ -1,0 +1,158 @@
+//! The owner task: the one place where the agent's state changes.
+//!
+//! It runs on a thread of its own with a single-threaded runtime (for its
+//! netlink connection), and takes [`Command`]s from the API in the order
+//! they come, one at a time. Everything a change does — BPF map updates
+//! and attachments, netlink round trips, the `setns` thread of a veth
+//! pair, the state file's fsync — blocks that thread and no other: the
+//! API's async workers stay free to answer reads. After each change it
+//! publishes a fresh [`Snapshot`] before it answers.
+//!
+//! New kinds of work (cluster sync, services) become new [`Command`]s.
+
+use std::{sync::Arc, thread::JoinHandle};
+
+use anyhow::Context as _;
+use tokio::sync::{mpsc, oneshot, watch};
+
+use super::{Agent, AgentConfig, AgentError, status::Snapshot};
+use crate::{
+    api::{AddContainer, ContainerInfo, UpdateContainer},
+    datapath::{Collector, Reader},
+};
+
+/// How many commands may wait for the owner; senders wait beyond that.
+const QUEUE: usize = 64;
+
+/// Where the owner sends a command's outcome.
+pub(super) type Reply<T> = oneshot::Sender<Result<T, AgentError>>;
+
+/// A change for the owner to make.
+pub(super) enum Command {
+    /// Add a container.
+    Add(AddContainer, Reply<ContainerInfo>),
+    /// Change a container's rate limits.
+    Update(String, UpdateContainer, Reply<ContainerInfo>),
+    /// Delete a container.
+    Delete(String, Reply<()>),
+    /// Publish a port of a container.
+    Publish(String, String, Reply<ContainerInfo>),
+    /// Stop publishing a port of a container.
+    Unpublish(String, String, Reply<ContainerInfo>),
+    /// Remove tracked flows (one container's, or all).
+    Flush(Option<String>, Reply<usize>),
+}
+
+/// What the owner sends its inbox: a command, or the end.
+pub(super) enum Message {
+    /// A command to carry out.
+    Command(Box<Command>),
+    /// Stop after the commands before this one.
+    Stop,
+}
+
+/// A started owner and what the rest of the agent needs from it.
+pub(super) struct Started {
+    /// Where commands go.
+    pub commands: mpsc::Sender<Message>,
+    /// The snapshots the owner publishes.
+    pub snapshot: watch::Receiver<Arc<Snapshot>>,
+    /// The read-only view of the maps.
+    pub reader: Arc<Reader>,
+    /// The owner's thread (it ends after [`Message::Stop`]).
+    pub owner: JoinHandle<()>,
+    /// Completes when the owner's thread ends, for whatever reason (a
+    /// panic included).
+    pub gone: oneshot::Receiver<()>,
+    /// The kernel-side log ring buffer, if the object has one.
+    pub logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
+    /// The conntrack collector.
+    pub collector: Collector,
+}
+
+/// What the owner hands back once the agent has started.
+struct Ready {
+    snapshot: watch::Receiver<Arc<Snapshot>>,
+    reader: Arc<Reader>,
+    logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
+    collector: Collector,
+}
+
+/// Starts the agent (load, uplink, adoption) on the owner's thread and
+/// returns once it is ready to take commands, or with the reason it could
+/// not start.
+pub(super) async fn spawn(cfg: AgentConfig) -> anyhow::Result<Started> {
+    let (commands, inbox) = mpsc::channel(QUEUE);
+    let (ready_tx, ready_rx) = oneshot::channel();
+    let (alive, gone) = oneshot::channel::<()>();
+    let owner = std::thread::Builder::new()
+        .name("datapath-owner".into())
+        .spawn(move || {
+            // Dropped when the thread ends, unwinding or not.
+            let _alive = alive;
+            run(cfg, inbox, ready_tx);
+        })
+        .context("start the owner thread")?;
+    let ready = ready_rx
+        .await
+        .context("the owner thread stopped while starting")??;
+    Ok(Started {
+        commands,
+        snapshot: ready.snapshot,
+        reader: ready.reader,
+        owner,
+        gone,
+        logger: ready.logger,
+        collector: ready.collector,
+    })
+}
+
+/// The owner thread's body.
+fn run(
+    cfg: AgentConfig,
+    mut inbox: mpsc::Receiver<Message>,
+    ready: oneshot::Sender<anyhow::Result<Ready>>,
+) {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            let _ = ready.send(Err(e).context("start the owner's runtime"));
+            return;
+        }
+    };
+    runtime.block_on(async move {
+        let mut agent = match Agent::start(cfg).await {
+            Ok(agent) => agent,
+            Err(e) => {
+                let _ = ready.send(Err(e));
+                return;
+            }
+        };
+        let (snapshots, snapshot) = watch::channel(Arc::new(agent.snapshot()));
+        let collector = match agent.dp.collector(agent.node.cfg.timeouts) {
+            Ok(collector) => collector,
+            Err(e) => {
+                let _ = ready.send(Err(e.into()));
+                return;
+            }
+        };
+        let handed = Ready {
+            snapshot,
+            reader: Arc::clone(&agent.reader),
+            logger: agent.dp.take_logger(),
+            collector,
+        };
+        if ready.send(Ok(handed)).is_err() {
+            return;
+        }
+        let publish = |snapshot: Snapshot| {
+            snapshots.send_replace(Arc::new(snapshot));
+        };
+        while let Some(Message::Command(command)) = inbox.recv().await {
+            agent.execute(*command, publish).await;
+        }
+    });
+}

@@ -1,0 +1,138 @@
+//! What the API shows: the agent's status, its containers and the tracked
+//! flows. The owner captures a [`Snapshot`] of its state after every
+//! change; the live parts (counters, flows) are read through the
+//! [`Reader`] when asked for.
+
+use std::{collections::BTreeMap, net::Ipv4Addr, path::PathBuf};
+
+use datapath_common::{capacity, ct::Timeouts, names};
+use ipnet::Ipv4Net;
+
+use super::{AgentError, Node, internal};
+use crate::{
+    api::{AttachmentInfo, ContainerInfo, Flow, MapInfo, Status, UplinkInfo},
+    datapath::{Attachment, Datapath, Reader, conntrack},
+    store::{Container, Store},
+};
+
+/// The agent's state as the API's reads see it between two changes.
+#[derive(Clone, Debug)]
+pub struct Snapshot {
+    bpffs_dir: PathBuf,
+    state_dir: PathBuf,
+    pool: Ipv4Net,
+    gateway: Ipv4Addr,
+    ct_max: u32,
+    timeouts: Timeouts,
+    uplink: Option<UplinkInfo>,
+    attachments: Vec<AttachmentInfo>,
+    containers: BTreeMap<String, Container>,
+}
+
+impl Snapshot {
+    /// The owner's state now.
+    pub(super) fn capture(node: &Node, dp: &Datapath, store: &Store) -> Self {
+        let cfg = &node.cfg;
+        Self {
+            bpffs_dir: cfg.bpffs_dir.clone(),
+            state_dir: cfg.state_dir.clone(),
+            pool: cfg.pool,
+            gateway: cfg.gateway(),
+            ct_max: cfg.ct_max.unwrap_or(capacity::CONNTRACK),
+            timeouts: cfg.timeouts,
+            uplink: node.uplink.as_ref().map(|u| u.info()),
+            attachments: dp.attachments().iter().map(attachment_info).collect(),
+            containers: store.containers().clone(),
+        }
+    }
+
+    /// `GET /v1/status`: what is loaded and attached, with the counters.
+    pub fn status(&self, reader: &Reader) -> Status {
+        let maps_dir = self.bpffs_dir.join("maps");
+        Status {
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            bpffs_dir: self.bpffs_dir.clone(),
+            state_dir: self.state_dir.clone(),
+            pool: self.pool.to_string(),
+            gateway: self.gateway,
+            uplink: self.uplink.clone(),
+            attachments: self.attachments.clone(),
+            maps: names::ALL
+                .iter()
+                .map(|n| MapInfo {
+                    name: (*n).to_owned(),
+                    pin: maps_dir.join(n),
+                })
+                .collect(),
+            counters: reader.counters(),
+            containers: self.containers.len(),
+            conntrack_entries: reader.conntrack_entries(),
+            conntrack_max: self.ct_max,
+        }
+    }
+
+    /// `GET /v1/containers`.
+    pub fn containers(&self, reader: &Reader) -> Vec<ContainerInfo> {
+        self.containers
+            .values()
+            .map(|c| container_info(c, self.gateway, reader))
+            .collect()
+    }
+
+    /// `GET /v1/containers/{name}`.
+    pub fn container(&self, name: &str, reader: &Reader) -> Result<ContainerInfo, AgentError> {
+        self.containers
+            .get(name)
+            .map(|c| container_info(c, self.gateway, reader))
+            .ok_or_else(|| AgentError::no_container(name))
+    }
+
+    /// `GET /v1/conntrack`: every tracked flow, with its container's name.
+    pub fn flows(&self, reader: &Reader) -> Result<Vec<Flow>, AgentError> {
+        let flows = reader.flows().map_err(internal("read conntrack"))?;
+        let now = conntrack::now_ns();
+        let by_id: BTreeMap<u32, &str> = self
+            .containers
+            .values()
+            .map(|c| (c.id, c.name.as_str()))
+            .collect();
+        Ok(flows
+            .iter()
+            .map(|f| {
+                conntrack::flow_view(
+                    f,
+                    &self.timeouts,
+                    now,
+                    by_id.get(&f.orig.container_id).map(|n| (*n).to_owned()),
+                )
+            })
+            .collect())
+    }
+}
+
+/// A container as the API shows it, with its rate limiter's counters.
+pub fn container_info(c: &Container, gateway: Ipv4Addr, reader: &Reader) -> ContainerInfo {
+    ContainerInfo {
+        name: c.name.clone(),
+        id: c.id,
+        addr: c.addr,
+        gateway,
+        netns: c.netns.clone(),
+        ifname: c.ifname.clone(),
+        host_ifname: c.host_ifname.clone(),
+        publish: c.publish.iter().map(ToString::to_string).collect(),
+        cgroup: c.cgroup.clone(),
+        limits: c.limits,
+        counters: reader.rate_counters(c.cgroup_id, &c.limits),
+    }
+}
+
+fn attachment_info(a: &Attachment) -> AttachmentInfo {
+    AttachmentInfo {
+        program: a.program.to_owned(),
+        program_id: a.program_id,
+        ifname: a.ifname.clone(),
+        hook: a.hook.to_owned(),
+        pin: a.pin.clone(),
+    }
+}

@@ -1,0 +1,145 @@
+//! The uplink at start: the global configuration, the node's addresses,
+//! and the uplink program attached with the hook the mode and the device
+//! call for.
+
+use std::net::Ipv4Addr;
+
+use anyhow::{Context as _, bail};
+use datapath_common::{CONFIG_F_ALLOW_DIRECT_ROUTING, CONFIG_F_READY, CONFIG_F_SNAT, Config};
+
+use super::{AgentConfig, XdpMode};
+use crate::{
+    api::UplinkInfo,
+    datapath::{Datapath, UplinkHook},
+    net::link::{Netlink, enable_ip_forward},
+};
+
+/// The uplink as configured at start.
+#[derive(Clone, Debug)]
+pub struct Uplink {
+    /// Interface name.
+    pub ifname: String,
+    /// Interface index.
+    pub ifindex: u32,
+    /// The hook serving it.
+    pub hook: UplinkHook,
+    /// The node's primary address (masquerade source).
+    pub node_ip: Ipv4Addr,
+    /// Every node address published ports answer on.
+    pub node_addrs: Vec<Ipv4Addr>,
+}
+
+impl Uplink {
+    /// How the API shows it.
+    pub fn info(&self) -> UplinkInfo {
+        UplinkInfo {
+            ifname: self.ifname.clone(),
+            ifindex: self.ifindex,
+            hook: match self.hook {
+                UplinkHook::Tc => "tc",
+                UplinkHook::XdpNative => "xdp-native",
+                UplinkHook::XdpGeneric => "xdp-generic",
+            }
+            .to_owned(),
+            node_ip: self.node_ip,
+            node_addrs: self.node_addrs.clone(),
+        }
+    }
+}
+
+/// The hook that serves an uplink of kind `kind` (`veth`, ...) in `mode`.
+fn hook_for(mode: XdpMode, kind: &str) -> UplinkHook {
+    match (mode, kind) {
+        (XdpMode::Off, _) | (XdpMode::Auto, "veth") => UplinkHook::Tc,
+        (XdpMode::Auto, _) | (XdpMode::Native, _) => UplinkHook::XdpNative,
+        (XdpMode::Generic, _) => UplinkHook::XdpGeneric,
+    }
+}
+
+/// Writes the global configuration and attaches the uplink program; with
+/// no uplink configured, only the configuration (nothing is attached).
+pub async fn setup(
+    cfg: &AgentConfig,
+    dp: &mut Datapath,
+    net: &Netlink,
+) -> anyhow::Result<Option<Uplink>> {
+    let pool = cfg.pool;
+    let (lo, hi) = cfg.snat_ports;
+    let mut config = Config {
+        pool_addr: pool.network().octets(),
+        pool_mask: pool.netmask().octets(),
+        gateway_addr: cfg.gateway().octets(),
+        snat_port_min: lo,
+        snat_port_max: hi,
+        ..Config::default()
+    };
+    if cfg.masquerade {
+        config.flags |= CONFIG_F_SNAT;
+    }
+    if cfg.allow_direct_routing {
+        config.flags |= CONFIG_F_ALLOW_DIRECT_ROUTING;
+    }
+    let Some(ifname) = cfg.uplink.clone() else {
+        tracing::warn!("no --uplink given: programs loaded and maps pinned, nothing attached");
+        dp.set_config(config)?;
+        return Ok(None);
+    };
+    let Some(link) = net
+        .link(&ifname)
+        .await
+        .with_context(|| format!("look up uplink {ifname}"))?
+    else {
+        bail!("uplink {ifname} does not exist in this network namespace");
+    };
+    let ifindex = link.index;
+    let addrs: Vec<Ipv4Addr> = net
+        .ipv4_addrs(ifindex)
+        .await
+        .with_context(|| format!("read addresses of {ifname}"))?
+        .into_iter()
+        .map(|(a, _)| a)
+        .collect();
+    let node_ip = match (cfg.node_ip, addrs.first()) {
+        (Some(ip), _) => ip,
+        (None, Some(ip)) => *ip,
+        (None, None) => {
+            bail!("uplink {ifname} has no IPv4 address; give one to it or pass --node-ip")
+        }
+    };
+    let mut node_addrs = addrs;
+    if !node_addrs.contains(&node_ip) {
+        node_addrs.push(node_ip);
+    }
+    let hook = hook_for(cfg.xdp_mode, &link.kind);
+    config.node_addr = node_ip.octets();
+    config.uplink_ifindex = ifindex;
+    config.flags |= CONFIG_F_READY;
+    // Node addresses first, so that no packet sees a ready config without
+    // them.
+    dp.set_node_addrs(&node_addrs, ifindex)?;
+    dp.set_config(config)?;
+    enable_ip_forward().context("enable IPv4 forwarding")?;
+    dp.attach_uplink(&ifname, hook)?;
+    tracing::info!(uplink = %ifname, ?hook, %node_ip, "uplink attached");
+    Ok(Some(Uplink {
+        ifname,
+        ifindex,
+        hook,
+        node_ip,
+        node_addrs,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn veth_uplinks_get_tc_unless_xdp_is_asked_for() {
+        assert_eq!(hook_for(XdpMode::Auto, "veth"), UplinkHook::Tc);
+        assert_eq!(hook_for(XdpMode::Auto, ""), UplinkHook::XdpNative);
+        assert_eq!(hook_for(XdpMode::Native, "veth"), UplinkHook::XdpNative);
+        assert_eq!(hook_for(XdpMode::Generic, "veth"), UplinkHook::XdpGeneric);
+        assert_eq!(hook_for(XdpMode::Off, ""), UplinkHook::Tc);
+    }
+}

@@ -1,0 +1,241 @@
+//! A client of the agent's API, for the CLI and the CNI plugin.
+
+use std::path::{Path, PathBuf};
+
+use http_body_util::{BodyExt, Full};
+use hyper::{Method, Request, StatusCode, body::Bytes};
+use hyper_util::rt::TokioIo;
+use serde::de::DeserializeOwned;
+
+use super::wire::{
+    AddContainer, ApiError, ContainerInfo, Flow, Flushed, PortRequest, Status, UpdateContainer,
+};
+
+/// Errors of the API client.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The agent's socket could not be reached.
+    #[error(
+        "cannot reach the agent at {socket}: {source} (is `datapath agent` running? use --api-socket or DATAPATH_API_SOCKET to point elsewhere)"
+    )]
+    Connect {
+        /// The socket path.
+        socket: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// The HTTP exchange failed.
+    #[error("talking to the agent at {socket}: {message}")]
+    Http {
+        /// The socket path.
+        socket: PathBuf,
+        /// What failed.
+        message: String,
+    },
+    /// The agent answered with an error.
+    #[error("{message}")]
+    Agent {
+        /// HTTP status.
+        status: u16,
+        /// The agent's message.
+        message: String,
+    },
+}
+
+impl ClientError {
+    /// Whether the agent was unreachable (as opposed to refusing).
+    pub fn is_unreachable(&self) -> bool {
+        matches!(self, Self::Connect { .. })
+    }
+}
+
+/// A client of the agent's API.
+#[derive(Clone, Debug)]
+pub struct Client {
+    socket: PathBuf,
+}
+
+impl Client {
+    /// A client for the agent listening on `socket`.
+    pub fn new(socket: impl Into<PathBuf>) -> Self {
+        Self {
+            socket: socket.into(),
+        }
+    }
+
+    /// The socket path.
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    async fn call<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<T, ClientError> {
+        let http = |message: String| ClientError::Http {
+            socket: self.socket.clone(),
+            message,
+        };
+        let stream = tokio::net::UnixStream::connect(&self.socket)
+            .await
+            .map_err(|source| ClientError::Connect {
+                socket: self.socket.clone(),
+                source,
+            })?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| http(format!("handshake: {e}")))?;
+        tokio::spawn(conn);
+        let req = Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", "datapath")
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(body.unwrap_or_default())))
+            .map_err(|e| http(format!("build request: {e}")))?;
+        let resp = sender
+            .send_request(req)
+            .await
+            .map_err(|e| http(format!("request: {e}")))?;
+        let status = resp.status();
+        let bytes = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| http(format!("read answer: {e}")))?
+            .to_bytes();
+        if !status.is_success() {
+            let message = serde_json::from_slice::<ApiError>(&bytes)
+                .map(|e| e.error)
+                .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).into_owned());
+            return Err(ClientError::Agent {
+                status: status.as_u16(),
+                message,
+            });
+        }
+        let bytes = if bytes.is_empty() || status == StatusCode::NO_CONTENT {
+            Bytes::from_static(b"null")
+        } else {
+            bytes
+        };
+        serde_json::from_slice(&bytes).map_err(|e| http(format!("decode answer: {e}")))
+    }
+
+    /// `GET /v1/status`.
+    pub async fn status(&self) -> Result<Status, ClientError> {
+        self.call(Method::GET, "/v1/status", None).await
+    }
+
+    /// `GET /v1/containers`.
+    pub async fn containers(&self) -> Result<Vec<ContainerInfo>, ClientError> {
+        self.call(Method::GET, "/v1/containers", None).await
+    }
+
+    /// `GET /v1/containers/{name}`.
+    pub async fn container(&self, name: &str) -> Result<ContainerInfo, ClientError> {
+        self.call(
+            Method::GET,
+            &format!("/v1/containers/{}", encode(name)),
+            None,
+        )
+        .await
+    }
+
+    /// `POST /v1/containers`.
+    pub async fn add_container(&self, req: &AddContainer) -> Result<ContainerInfo, ClientError> {
+        let body = serde_json::to_vec(req).map_err(|e| ClientError::Http {
+            socket: self.socket.clone(),
+            message: format!("encode request: {e}"),
+        })?;
+        self.call(Method::POST, "/v1/containers", Some(body)).await
+    }
+
+    /// `PATCH /v1/containers/{name}`: changes rate limits.
+    pub async fn update_container(
+        &self,
+        name: &str,
+        req: &UpdateContainer,
+    ) -> Result<ContainerInfo, ClientError> {
+        let body = serde_json::to_vec(req).map_err(|e| ClientError::Http {
+            socket: self.socket.clone(),
+            message: format!("encode request: {e}"),
+        })?;
+        self.call(
+            Method::PATCH,
+            &format!("/v1/containers/{}", encode(name)),
+            Some(body),
+        )
+        .await
+    }
+
+    /// `POST /v1/containers/{name}/ports`.
+    pub async fn publish(&self, name: &str, spec: &str) -> Result<ContainerInfo, ClientError> {
+        self.port_call(Method::POST, name, spec).await
+    }
+
+    /// `DELETE /v1/containers/{name}/ports`.
+    pub async fn unpublish(&self, name: &str, spec: &str) -> Result<ContainerInfo, ClientError> {
+        self.port_call(Method::DELETE, name, spec).await
+    }
+
+    async fn port_call(
+        &self,
+        method: Method,
+        name: &str,
+        spec: &str,
+    ) -> Result<ContainerInfo, ClientError> {
+        let body = serde_json::to_vec(&PortRequest {
+            publish: spec.to_owned(),
+        })
+        .map_err(|e| ClientError::Http {
+            socket: self.socket.clone(),
+            message: format!("encode request: {e}"),
+        })?;
+        self.call(
+            method,
+            &format!("/v1/containers/{}/ports", encode(name)),
+            Some(body),
+        )
+        .await
+    }
+
+    /// `DELETE /v1/containers/{name}`.
+    pub async fn del_container(&self, name: &str) -> Result<(), ClientError> {
+        self.call::<Option<()>>(
+            Method::DELETE,
+            &format!("/v1/containers/{}", encode(name)),
+            None,
+        )
+        .await
+        .map(|_| ())
+    }
+
+    /// `GET /v1/conntrack`.
+    pub async fn conntrack(&self) -> Result<Vec<Flow>, ClientError> {
+        self.call(Method::GET, "/v1/conntrack", None).await
+    }
+
+    /// `DELETE /v1/conntrack[?container=NAME]`.
+    pub async fn flush_conntrack(&self, container: Option<&str>) -> Result<Flushed, ClientError> {
+        let path = match container {
+            Some(c) => format!("/v1/conntrack?container={}", encode(c)),
+            None => "/v1/conntrack".to_owned(),
+        };
+        self.call(Method::DELETE, &path, None).await
+    }
+}
+
+/// Percent-encodes a path segment or query value.
+fn encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}

@@ -1,0 +1,192 @@
+//! The API's wire types: the JSON bodies of requests and answers. They
+//! depend only on the shared vocabulary ([`crate::model`]), so that the
+//! server, the client and the CNI plugin share them without depending on
+//! the agent.
+
+use std::{collections::BTreeMap, net::Ipv4Addr, path::PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+pub use crate::model::{Flow, FlowEndpoint};
+use crate::model::{RateCounters, RateLimits};
+
+/// Largest request body the agent accepts.
+pub const MAX_BODY: usize = 64 * 1024;
+
+/// `POST /v1/containers`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct AddContainer {
+    /// Container name: 1-64 of `[A-Za-z0-9_.-]`.
+    pub name: String,
+    /// Network namespace: a path, or a name under /var/run/netns.
+    pub netns: String,
+    /// Interface name inside the container (default `eth0`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ifname: Option<String>,
+    /// Published ports in Docker's `-p` syntax.
+    #[serde(default)]
+    pub publish: Vec<String>,
+    /// The container's cgroup v2 directory, which rate limits apply to: a
+    /// path inside the cgroup2 mount, or a path under it (`web1`,
+    /// `/machine.slice/web1`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cgroup: Option<String>,
+    /// Egress (from the container) rate in tc's units, e.g. `10mbit`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub egress_rate: Option<String>,
+    /// Ingress (to the container) rate in tc's units.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ingress_rate: Option<String>,
+    /// Egress bucket size in tc's units, e.g. `64kb` (default: 4 ms of the
+    /// rate, at least 1mb).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub egress_burst: Option<String>,
+    /// Ingress bucket size in tc's units (default: 500 ms of the rate, at
+    /// least 1mb).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ingress_burst: Option<String>,
+}
+
+/// `PATCH /v1/containers/{name}`: changes rate limits in place (no flow
+/// is lost). An absent field is unchanged; a rate of `none` removes that
+/// direction's limit; a new rate keeps the current burst unless one is
+/// given.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateContainer {
+    /// Egress rate in tc's units, or `none`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub egress_rate: Option<String>,
+    /// Ingress rate in tc's units, or `none`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ingress_rate: Option<String>,
+    /// Egress bucket size in tc's units.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub egress_burst: Option<String>,
+    /// Ingress bucket size in tc's units.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ingress_burst: Option<String>,
+}
+
+/// `POST /v1/containers/{name}/ports` and `DELETE …/ports`: one published
+/// port or range in Docker's `-p` syntax.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct PortRequest {
+    /// `[ip:]host[-end]:container[-end][/tcp|/udp]`.
+    pub publish: String,
+}
+
+/// A container as the API shows it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ContainerInfo {
+    /// Name.
+    pub name: String,
+    /// The agent's number for it.
+    pub id: u32,
+    /// Address from the pool.
+    pub addr: Ipv4Addr,
+    /// Gateway (host-side veth address).
+    pub gateway: Ipv4Addr,
+    /// Network namespace path.
+    pub netns: PathBuf,
+    /// Interface inside the container.
+    pub ifname: String,
+    /// Host-side veth.
+    pub host_ifname: String,
+    /// Published ports, normalized (`[ip:]host:container/proto`).
+    pub publish: Vec<String>,
+    /// The cgroup rate limits apply to.
+    #[serde(default)]
+    pub cgroup: Option<PathBuf>,
+    /// Rate limits per direction (rates in bits/s, bursts in bytes; `null`:
+    /// unlimited).
+    #[serde(default)]
+    pub limits: RateLimits,
+    /// The rate limiter's counters per direction.
+    #[serde(default)]
+    pub counters: RateCounters,
+}
+
+/// The uplink's configuration.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct UplinkInfo {
+    /// Interface name.
+    pub ifname: String,
+    /// Interface index.
+    pub ifindex: u32,
+    /// The hook serving it (`tc`, `xdp-native`, `xdp-generic`).
+    pub hook: String,
+    /// The node's primary address (masquerade source).
+    pub node_ip: Ipv4Addr,
+    /// Every node address published ports answer on.
+    pub node_addrs: Vec<Ipv4Addr>,
+}
+
+/// An attached program.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct AttachmentInfo {
+    /// Program name.
+    pub program: String,
+    /// Kernel program id.
+    pub program_id: u32,
+    /// Interface.
+    pub ifname: String,
+    /// Hook.
+    pub hook: String,
+    /// Link pin.
+    pub pin: PathBuf,
+}
+
+/// A pinned map.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct MapInfo {
+    /// Map name.
+    pub name: String,
+    /// Pin path.
+    pub pin: PathBuf,
+}
+
+/// `GET /v1/status`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Status {
+    /// Agent version.
+    pub version: String,
+    /// bpffs directory.
+    pub bpffs_dir: PathBuf,
+    /// State directory.
+    pub state_dir: PathBuf,
+    /// Container pool.
+    pub pool: String,
+    /// Containers' gateway.
+    pub gateway: Ipv4Addr,
+    /// The uplink, if one is configured.
+    pub uplink: Option<UplinkInfo>,
+    /// Attached programs.
+    pub attachments: Vec<AttachmentInfo>,
+    /// Pinned maps.
+    pub maps: Vec<MapInfo>,
+    /// Datapath counters (summed over CPUs).
+    pub counters: BTreeMap<String, u64>,
+    /// Number of containers.
+    pub containers: usize,
+    /// Conntrack entries in use (two per flow) and capacity.
+    pub conntrack_entries: usize,
+    /// Conntrack capacity.
+    pub conntrack_max: u32,
+}
+
+/// `DELETE /v1/conntrack` answer.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Flushed {
+    /// Entries removed (two per flow).
+    pub removed: usize,
+}
+
+/// The body of every error answer.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ApiError {
+    /// What went wrong and what to do.
+    pub error: String,
+}

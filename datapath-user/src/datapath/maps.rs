@@ -1,0 +1,137 @@
+//! Typed operations on the maps the agent fills: the global configuration,
+//! the node's addresses, containers (ENDPOINTS) and published ports
+//! (SERVICES). Entries carry the id of the container that owns them, and
+//! removals take that id, so that no container removes another's entry.
+
+use std::net::Ipv4Addr;
+
+use aya::maps::MapError;
+use datapath_common::{
+    Config, Endpoint, EndpointKey, NodeAddr, NodeAddrKey, ServiceKey, ServiceValue, names,
+};
+
+use super::{BpfError, Datapath};
+
+fn map_err(name: &'static str) -> impl FnOnce(MapError) -> BpfError {
+    move |source| BpfError::Map { name, source }
+}
+
+impl Datapath {
+    /// Sets the global configuration.
+    pub fn set_config(&mut self, config: Config) -> Result<(), BpfError> {
+        self.config
+            .set(0, config, 0)
+            .map_err(map_err(names::CONFIG))
+    }
+
+    /// Makes the node's addresses exactly `addrs`, all on interface
+    /// `ifindex`.
+    pub fn set_node_addrs(&mut self, addrs: &[Ipv4Addr], ifindex: u32) -> Result<(), BpfError> {
+        let stale: Vec<NodeAddrKey> = self.node_addrs.keys().filter_map(Result::ok).collect();
+        for k in stale {
+            if !addrs.contains(&Ipv4Addr::from(k.addr)) {
+                let _ = self.node_addrs.remove(&k);
+            }
+        }
+        for a in addrs {
+            self.node_addrs
+                .insert(NodeAddrKey { addr: a.octets() }, NodeAddr { ifindex }, 0)
+                .map_err(map_err(names::NODE_ADDRS))?;
+        }
+        Ok(())
+    }
+
+    /// The container endpoint of address `addr`, if there is one.
+    pub fn endpoint(&self, addr: Ipv4Addr) -> Result<Option<Endpoint>, BpfError> {
+        match self.endpoints.get(&endpoint_key(addr), 0) {
+            Ok(e) => Ok(Some(e)),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(map_err(names::ENDPOINTS)(e)),
+        }
+    }
+
+    /// Adds (or replaces) the endpoint of address `addr`.
+    pub fn insert_endpoint(&mut self, addr: Ipv4Addr, endpoint: Endpoint) -> Result<(), BpfError> {
+        self.endpoints
+            .insert(endpoint_key(addr), endpoint, 0)
+            .map_err(map_err(names::ENDPOINTS))
+    }
+
+    /// Removes the endpoint of address `addr` if container `owner` owns it.
+    pub fn remove_endpoint(&mut self, addr: Ipv4Addr, owner: u32) {
+        let key = endpoint_key(addr);
+        if self
+            .endpoints
+            .get(&key, 0)
+            .is_ok_and(|e| e.container_id == owner)
+        {
+            let _ = self.endpoints.remove(&key);
+        }
+    }
+
+    /// Removes every endpoint whose owner `keep` refuses; returns their
+    /// addresses.
+    pub fn retain_endpoints(&mut self, keep: impl Fn(u32) -> bool) -> Vec<Ipv4Addr> {
+        let stale: Vec<EndpointKey> = self
+            .endpoints
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, v)| !keep(v.container_id))
+            .map(|(k, _)| k)
+            .collect();
+        for k in &stale {
+            let _ = self.endpoints.remove(k);
+        }
+        stale.iter().map(|k| Ipv4Addr::from(k.addr)).collect()
+    }
+
+    /// Adds (or replaces) the published port `key`.
+    pub fn insert_service(&mut self, key: ServiceKey, value: ServiceValue) -> Result<(), BpfError> {
+        self.services
+            .insert(key, value, 0)
+            .map_err(map_err(names::SERVICES))
+    }
+
+    /// Removes published port `key` if container `owner` owns it (never a
+    /// port another container publishes).
+    pub fn remove_service(&mut self, key: &ServiceKey, owner: u32) {
+        if self
+            .services
+            .get(key, 0)
+            .is_ok_and(|v| v.container_id == owner)
+        {
+            let _ = self.services.remove(key);
+        }
+    }
+
+    /// Removes every published port whose owner `keep` refuses; returns
+    /// their keys.
+    pub fn retain_services(&mut self, keep: impl Fn(u32) -> bool) -> Vec<ServiceKey> {
+        let stale: Vec<ServiceKey> = self
+            .services
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, v)| !keep(v.container_id))
+            .map(|(k, _)| k)
+            .collect();
+        for k in &stale {
+            let _ = self.services.remove(k);
+        }
+        stale
+    }
+
+    /// Removes both entries of every tracked flow for which `pred` holds;
+    /// returns the number of entries removed.
+    pub fn flush_flows(
+        &mut self,
+        pred: impl FnMut(&super::conntrack::FlowEntries) -> bool,
+    ) -> Result<usize, BpfError> {
+        super::conntrack::flush(&mut self.conntrack, pred).map_err(map_err(names::CONNTRACK))
+    }
+}
+
+fn endpoint_key(addr: Ipv4Addr) -> EndpointKey {
+    EndpointKey {
+        addr: addr.octets(),
+    }
+}

@@ -1,0 +1,329 @@
+//! The eBPF object in the kernel: loading it, pinning its maps, attaching
+//! its programs ([`attach`]), and every handle on its maps — typed
+//! operations for the agent ([`maps`], [`ratelimit`]), a read-only view for
+//! the API's reads ([`reader`]) and the conntrack collector
+//! ([`conntrack`]). No other module touches a map.
+//!
+//! Pin layout under the agent's bpffs directory:
+//! * `maps/<NAME>`: every map (with BTF: `bpftool map dump pinned` prints
+//!   field names). A restarted agent reuses them, so flows survive.
+//! * `links/<NAME>`: TCX and XDP links. The datapath keeps forwarding while
+//!   the agent is down; a restarted agent swaps its freshly loaded program
+//!   into the existing link atomically.
+//! * `links/rate_<hook>_<veth>`: the rate limiter's cgroup links of a
+//!   container (see [`RateHook`]); re-attached by replacing the pin.
+
+pub mod attach;
+pub mod conntrack;
+pub mod maps;
+pub mod ratelimit;
+pub mod reader;
+
+use std::{fs, io, path::PathBuf};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap, MapData, PerCpuArray},
+    programs::{CgroupSkb, SchedClassifier, SockOps, Xdp},
+};
+use datapath_common::{
+    Config, CtEntry, CtKey, Endpoint, EndpointKey, NodeAddr, NodeAddrKey, ServiceKey, ServiceValue,
+    names, programs,
+    ratelimit::{RateFlows, RateKey, RateLimit, RateStats},
+};
+use serde::Serialize;
+
+pub use self::{attach::RateHook, conntrack::Collector, ratelimit::RateTarget, reader::Reader};
+
+/// The compiled eBPF object (all programs and maps), embedded at build time.
+pub static EBPF_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/datapath-ebpf"));
+
+/// Errors of the BPF layer, each saying which object was involved.
+#[derive(Debug, thiserror::Error)]
+pub enum BpfError {
+    /// The object could not be loaded.
+    #[error("load the eBPF object: {0}")]
+    Load(#[from] aya::EbpfError),
+    /// A program is missing from the object or has another type.
+    #[error("program {name}: {source}")]
+    Program {
+        /// The program's name.
+        name: &'static str,
+        /// The error.
+        source: aya::programs::ProgramError,
+    },
+    /// A map is missing from the object.
+    #[error("map {name} is missing from the eBPF object")]
+    MissingMap {
+        /// The map's name.
+        name: &'static str,
+    },
+    /// A map has another type or layout.
+    #[error("map {name}: {source}")]
+    Map {
+        /// The map's name.
+        name: &'static str,
+        /// The error.
+        source: aya::maps::MapError,
+    },
+    /// Attaching or pinning a link failed.
+    #[error("attach {program} to {ifname}: {message}")]
+    Attach {
+        /// The program.
+        program: &'static str,
+        /// The interface.
+        ifname: String,
+        /// What failed.
+        message: String,
+    },
+    /// A second handle on a map could not be made.
+    #[error("duplicate the descriptor of map {name}: {source}")]
+    Duplicate {
+        /// The map's name.
+        name: &'static str,
+        /// The error.
+        source: io::Error,
+    },
+    /// A bpffs path could not be created or removed.
+    #[error("{action} {path}: {source}")]
+    Fs {
+        /// What was being done.
+        action: &'static str,
+        /// The path.
+        path: PathBuf,
+        /// The error.
+        source: io::Error,
+    },
+}
+
+/// Which hook serves the uplink.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UplinkHook {
+    /// TCX ingress.
+    Tc,
+    /// XDP in the driver.
+    XdpNative,
+    /// XDP on the skb (generic mode).
+    XdpGeneric,
+}
+
+/// One attached program, for `datapath status`.
+#[derive(Clone, Debug, Serialize)]
+pub struct Attachment {
+    /// Program name.
+    pub program: &'static str,
+    /// Kernel program id.
+    pub program_id: u32,
+    /// Interface name in the agent's namespace.
+    pub ifname: String,
+    /// Hook (`tcx-ingress`, `xdp-native`, `xdp-generic`).
+    pub hook: &'static str,
+    /// Where the link is pinned.
+    pub pin: PathBuf,
+}
+
+/// Options for [`Datapath::load`].
+#[derive(Clone, Debug)]
+pub struct LoadOptions {
+    /// The agent's bpffs directory.
+    pub bpffs_dir: PathBuf,
+    /// Conntrack capacity (entries; two per flow), if not the default.
+    pub ct_max: Option<u32>,
+    /// Kernel-side log level (aya-log: 0 off … 5 trace).
+    pub log_level: u8,
+}
+
+/// The loaded programs and their maps: the one owner of every map handle
+/// the agent writes through.
+pub struct Datapath {
+    ebpf: Ebpf,
+    bpffs_dir: PathBuf,
+    /// Global configuration.
+    config: Array<MapData, Config>,
+    /// Published ports.
+    services: HashMap<MapData, ServiceKey, ServiceValue>,
+    /// Containers by address.
+    endpoints: HashMap<MapData, EndpointKey, Endpoint>,
+    /// The node's addresses.
+    node_addrs: HashMap<MapData, NodeAddrKey, NodeAddr>,
+    /// Connection tracking.
+    conntrack: HashMap<MapData, CtKey, CtEntry>,
+    /// Per-CPU counters.
+    stats: PerCpuArray<MapData, u64>,
+    /// Token buckets per (cgroup, direction).
+    rate_limits: HashMap<MapData, RateKey, RateLimit>,
+    /// Per-CPU counters of each bucket.
+    rate_stats: aya::maps::PerCpuHashMap<MapData, RateKey, RateStats>,
+    /// The bucket key of each cgroup attachment.
+    #[expect(
+        deprecated,
+        reason = "cgroup storage is what gives a key per attachment"
+    )]
+    rate_cgroups: aya::maps::CgroupStorage<MapData, RateKey>,
+    /// TCP sockets sharing each ingress bucket's receive windows.
+    rate_flows: HashMap<MapData, RateKey, RateFlows>,
+    attachments: Vec<Attachment>,
+}
+
+/// Mounts bpffs at /sys/fs/bpf if nothing is mounted there.
+pub fn ensure_bpffs() -> Result<(), BpfError> {
+    let mounts = fs::read_to_string("/proc/self/mounts").map_err(|source| BpfError::Fs {
+        action: "read",
+        path: "/proc/self/mounts".into(),
+        source,
+    })?;
+    if mounts
+        .lines()
+        .any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf") && l.contains(" bpf "))
+    {
+        return Ok(());
+    }
+    tracing::info!("mounting bpffs at /sys/fs/bpf");
+    nix::mount::mount(
+        Some("bpf"),
+        "/sys/fs/bpf",
+        Some("bpf"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .map_err(|e| BpfError::Fs {
+        action: "mount bpffs on",
+        path: "/sys/fs/bpf".into(),
+        source: e.into(),
+    })
+}
+
+fn take_map(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map, BpfError> {
+    ebpf.take_map(name).ok_or(BpfError::MissingMap { name })
+}
+
+macro_rules! typed_map {
+    ($ebpf:expr, $name:expr, $ty:ty) => {{
+        let name = $name;
+        <$ty>::try_from(take_map($ebpf, name)?).map_err(|source| BpfError::Map { name, source })?
+    }};
+}
+
+impl Datapath {
+    /// Loads the embedded object, reusing maps already pinned under
+    /// `bpffs_dir/maps` (so a restart keeps every flow) and pinning new ones.
+    pub fn load(opts: &LoadOptions) -> Result<Self, BpfError> {
+        let maps_dir = opts.bpffs_dir.join("maps");
+        for dir in [&maps_dir, &opts.bpffs_dir.join("links")] {
+            fs::create_dir_all(dir).map_err(|source| BpfError::Fs {
+                action: "create",
+                path: dir.clone(),
+                source,
+            })?;
+        }
+        let pins: Vec<(&'static str, PathBuf)> =
+            names::ALL.iter().map(|n| (*n, maps_dir.join(n))).collect();
+        let mut loader = EbpfLoader::new();
+        for (name, path) in &pins {
+            loader.map_pin_path(name, path.as_path());
+        }
+        if let Some(n) = opts.ct_max {
+            loader.map_max_entries(names::CONNTRACK, n);
+        }
+        loader.override_global(aya_log::LEVEL, &opts.log_level, false);
+        let mut ebpf = loader.load(EBPF_OBJECT)?;
+        for name in [programs::UPLINK_TC, programs::CONTAINER_TC] {
+            let prog: &mut SchedClassifier = program(&mut ebpf, name)?;
+            prog.load()
+                .map_err(|source| BpfError::Program { name, source })?;
+        }
+        let xdp: &mut Xdp = program(&mut ebpf, programs::UPLINK_XDP)?;
+        xdp.load().map_err(|source| BpfError::Program {
+            name: programs::UPLINK_XDP,
+            source,
+        })?;
+        for name in [programs::RATE_EGRESS, programs::RATE_INGRESS] {
+            let prog: &mut CgroupSkb = program(&mut ebpf, name)?;
+            prog.load()
+                .map_err(|source| BpfError::Program { name, source })?;
+        }
+        let sock_ops: &mut SockOps = program(&mut ebpf, programs::RATE_SOCKOPS)?;
+        sock_ops.load().map_err(|source| BpfError::Program {
+            name: programs::RATE_SOCKOPS,
+            source,
+        })?;
+
+        Ok(Self {
+            config: typed_map!(&mut ebpf, names::CONFIG, Array<MapData, Config>),
+            services: typed_map!(&mut ebpf, names::SERVICES, HashMap<MapData, ServiceKey, ServiceValue>),
+            endpoints: typed_map!(&mut ebpf, names::ENDPOINTS, HashMap<MapData, EndpointKey, Endpoint>),
+            node_addrs: typed_map!(&mut ebpf, names::NODE_ADDRS, HashMap<MapData, NodeAddrKey, NodeAddr>),
+            conntrack: typed_map!(&mut ebpf, names::CONNTRACK, HashMap<MapData, CtKey, CtEntry>),
+            stats: typed_map!(&mut ebpf, names::STATS, PerCpuArray<MapData, u64>),
+            rate_limits: typed_map!(&mut ebpf, names::RATE_LIMITS, HashMap<MapData, RateKey, RateLimit>),
+            rate_stats: typed_map!(&mut ebpf, names::RATE_STATS, aya::maps::PerCpuHashMap<MapData, RateKey, RateStats>),
+            #[expect(
+                deprecated,
+                reason = "cgroup storage is what gives a key per attachment"
+            )]
+            rate_cgroups: typed_map!(&mut ebpf, names::RATE_CGROUPS, aya::maps::CgroupStorage<MapData, RateKey>),
+            rate_flows: typed_map!(&mut ebpf, names::RATE_FLOWS, HashMap<MapData, RateKey, RateFlows>),
+            ebpf,
+            bpffs_dir: opts.bpffs_dir.clone(),
+            attachments: Vec::new(),
+        })
+    }
+
+    /// The aya-log ring buffer, to forward kernel-side log events.
+    pub fn take_logger(&mut self) -> Option<aya_log::EbpfLogger<&'static dyn log::Log>> {
+        aya_log::EbpfLogger::init(&mut self.ebpf).ok()
+    }
+
+    /// A read-only view of the counters and flows, on handles of its own:
+    /// the API's reads use it without waiting for the owner of this
+    /// datapath.
+    pub fn reader(&self) -> Result<Reader, BpfError> {
+        Reader::new(self)
+    }
+
+    /// A collector of expired flows with its own handle on the conntrack
+    /// map, so that scanning a large table never holds up anything else.
+    pub fn collector(
+        &self,
+        timeouts: datapath_common::ct::Timeouts,
+    ) -> Result<Collector, BpfError> {
+        Ok(Collector::new(
+            second_handle(&self.conntrack, names::CONNTRACK)?,
+            timeouts,
+        ))
+    }
+}
+
+/// Another handle on the map behind `map` (a duplicated file descriptor),
+/// typed as `M`.
+fn second_handle<K: aya::Pod, V, T, M>(map: &T, name: &'static str) -> Result<M, BpfError>
+where
+    T: aya::maps::IterableMap<K, V>,
+    M: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
+{
+    use std::os::fd::AsFd as _;
+    let map_err = |source| BpfError::Map { name, source };
+    let fd = map
+        .map()
+        .fd()
+        .as_fd()
+        .try_clone_to_owned()
+        .map_err(|source| BpfError::Duplicate { name, source })?;
+    let data = MapData::from_fd(fd).map_err(map_err)?;
+    let map = aya::maps::Map::from_map_data(data).map_err(map_err)?;
+    M::try_from(map).map_err(map_err)
+}
+
+fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, BpfError>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    let prog = ebpf.program_mut(name).ok_or(BpfError::Program {
+        name,
+        source: aya::programs::ProgramError::NotLoaded,
+    })?;
+    prog.try_into()
+        .map_err(|source| BpfError::Program { name, source })
+}
