@@ -162,7 +162,7 @@ pub struct FlowcoreResults {
 
 /// The modes the section compares: this datapath's TC hook and
 /// iptables (how Docker does it).
-fn compared(mode: Mode) -> bool {
+pub fn compared(mode: Mode) -> bool {
     matches!(mode, Mode::DatapathTc | Mode::Iptables)
 }
 
