@@ -168,6 +168,7 @@ fn new_flows_keep_being_admitted_with_the_agent_killed_for_several_timeouts() {
 #[test]
 fn a_syn_flood_and_a_udp_spray_lock_out_neither_new_nor_established_flows() {
     let node = Node::new();
+    node.default_route_via_client();
     let web = Deployment::start_with(
         Agent::builder(&node).args(["--ct-max", "1024"]),
         "web",
