@@ -52,12 +52,16 @@ pub mod names {
     /// only while the monitor is on ([`super::CONFIG_F_MONITOR_DROPS`],
     /// [`super::CONFIG_F_MONITOR_FLOWS`]).
     pub const EVENTS: &str = "EVENTS";
+    /// [`crate::ratelimit::RateKey`] (ingress) →
+    /// [`crate::ratelimit::RateFlows`]: the TCP sockets sharing an ingress
+    /// limit's receive windows.
+    pub const RATE_FLOWS: &str = "RATE_FLOWS";
     /// [`crate::clock::TestClock`] array (one entry): zero in production;
     /// packet tests freeze the programs' time with it. Not pinned.
     pub const CLOCK: &str = "CLOCK";
 
     /// Every map the agent pins, in a stable order.
-    pub const ALL: [&str; 15] = [
+    pub const ALL: [&str; 16] = [
         CONFIG,
         SERVICES,
         ENDPOINTS,
@@ -73,6 +77,7 @@ pub mod names {
         CONTAINER_STATS,
         CONTAINER_DROPS,
         EVENTS,
+        RATE_FLOWS,
     ];
 }
 
@@ -88,7 +93,8 @@ pub mod programs {
     pub const RATE_EGRESS: &str = "rate_egress";
     /// cgroup_skb ingress on a rate-limited container's cgroup.
     pub const RATE_INGRESS: &str = "rate_ingress";
-    /// sock_ops on a container's cgroup with an egress limit: TCP pacing.
+    /// sock_ops on a rate-limited container's cgroup: pacing of TCP senders
+    /// (egress) and receive windows of TCP receivers (ingress).
     pub const RATE_SOCKOPS: &str = "rate_sockops";
     /// Run by the agent with `BPF_PROG_TEST_RUN` (never attached): removes
     /// the flows a [`crate::FlushRequest`] names, in the kernel, so that

@@ -161,6 +161,9 @@ pub enum ContainerCmd {
         /// Publish a port like docker -p: [IP:]HOST[-END]:CONTAINER[-END][/tcp|/udp].
         #[arg(long = "publish", short = 'p')]
         publish: Vec<String>,
+        /// Publish even ports a process of the node listens on.
+        #[arg(long)]
+        force: bool,
         /// The container's cgroup v2 directory, which rate limits apply to
         /// (its processes and every cgroup below): a path in the cgroup2
         /// mount, or a name under it.
@@ -183,8 +186,12 @@ pub enum ContainerCmd {
         /// Ports like docker -p: [IP:]HOST[-END]:CONTAINER[-END][/tcp|/udp].
         #[arg(required = true)]
         specs: Vec<String>,
+        /// Publish even ports a process of the node listens on.
+        #[arg(long)]
+        force: bool,
     },
-    /// Stop publishing ports of a container (its established flows go on).
+    /// Stop publishing ports of a container (its established TCP
+    /// connections go on; its UDP flows through them are removed).
     Unpublish {
         /// Container name.
         name: String,
@@ -218,7 +225,7 @@ pub struct LimitArgs {
     /// Egress bucket size, e.g. 64kb (default: 4 ms of the rate, at least 1mb).
     #[arg(long)]
     pub egress_burst: Option<String>,
-    /// Ingress bucket size, e.g. 256kb (default: 250 ms of the rate, at least 1mb).
+    /// Ingress bucket size, e.g. 256kb (default: 500 ms of the rate, at least 1mb).
     #[arg(long)]
     pub ingress_burst: Option<String>,
 }
@@ -521,6 +528,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             netns,
             ifname,
             publish,
+            force,
             cgroup,
             limits,
         }) => {
@@ -535,6 +543,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     ingress_rate: limits.ingress_rate,
                     egress_burst: limits.egress_burst,
                     ingress_burst: limits.ingress_burst,
+                    force,
                 })
                 .await?;
             println!(
@@ -565,9 +574,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Command::Container(ContainerCmd::Publish { name, specs }) => {
+        Command::Container(ContainerCmd::Publish { name, specs, force }) => {
             for spec in specs {
-                let info = client.publish(&name, &spec).await?;
+                let info = client.publish(&name, &spec, force).await?;
                 println!("{} publishes {}", info.name, info.publish.join(","));
             }
             Ok(())

@@ -970,6 +970,7 @@ fn syn_flood(node: &Node, port: u16, count: u32) {
 fn a_syn_flood_leaves_an_established_flow_working_and_memory_bounded() {
     const CT_MAX: u64 = 4096;
     let node = Node::new();
+    node.default_route_via_client();
     let web = Deployment::start_with(
         Agent::builder(&node).args([
             "--ct-max",

@@ -17,7 +17,8 @@ use super::{
 };
 use crate::{
     api::{
-        AddContainer, ContainerInfo, Flow, MonitorEvent, MonitorQuery, Status, UpdateContainer,
+        AddContainer, ContainerInfo, Flow, MonitorEvent, MonitorQuery, PortRequest, Status,
+        UpdateContainer,
         server::{Backend, Failure},
     },
     datapath::Reader,
@@ -104,9 +105,9 @@ impl Backend for Handle {
         Ok(self.call(|reply| Command::Update(name, req, reply)).await?)
     }
 
-    async fn publish(&self, name: String, spec: String) -> Result<ContainerInfo, Failure> {
+    async fn publish(&self, name: String, req: PortRequest) -> Result<ContainerInfo, Failure> {
         Ok(self
-            .call(|reply| Command::Publish(name, spec, reply))
+            .call(|reply| Command::Publish(name, req, reply))
             .await?)
     }
 

@@ -124,7 +124,7 @@ impl Lifecycle<'_> {
                 req.name
             )));
         }
-        publish::check(self.node, self.store, &req.name, &publish)?;
+        publish::check(self.node, self.store, &req.name, &publish, req.force)?;
         check_cgroup(self.store, &req.name, cgroup_id, &rate.limits)?;
         let pool = self.node.cfg.pool;
         let (id, addr) = self

@@ -23,6 +23,7 @@ pub mod observe;
 mod owner;
 pub mod publish;
 pub mod reconcile;
+pub mod reserved;
 pub mod status;
 pub mod transaction;
 pub mod uplink;
@@ -233,6 +234,7 @@ impl Agent {
             reader,
         };
         reconcile::reconcile(&mut agent.lifecycle()).await?;
+        agent.reserve_ports();
         Ok(agent)
     }
 
@@ -268,6 +270,7 @@ impl Agent {
         match command {
             Command::Add(req, reply) => {
                 let result = self.lifecycle().add(req).await;
+                self.reserve_ports();
                 self.answer(&publish, reply, result);
             }
             Command::Update(name, req, reply) => {
@@ -276,14 +279,17 @@ impl Agent {
             }
             Command::Delete(name, reply) => {
                 let result = self.lifecycle().delete(&name).await;
+                self.reserve_ports();
                 self.answer(&publish, reply, result);
             }
-            Command::Publish(name, spec, reply) => {
-                let result = self.ports().publish(&name, &spec).await;
+            Command::Publish(name, req, reply) => {
+                let result = self.ports().publish(&name, &req.publish, req.force).await;
+                self.reserve_ports();
                 self.answer(&publish, reply, result);
             }
             Command::Unpublish(name, spec, reply) => {
                 let result = self.ports().unpublish(&name, &spec).await;
+                self.reserve_ports();
                 self.answer(&publish, reply, result);
             }
             // Flows are read live, not from the snapshot.
@@ -297,6 +303,16 @@ impl Agent {
                         .map_err(internal("turn the monitor on or off")),
                 );
             }
+        }
+    }
+
+    /// Brings the node's reserved ports in line with what is published and
+    /// masqueraded ([`reserved`]). A failure is logged: the datapath works
+    /// without it.
+    fn reserve_ports(&mut self) {
+        let wanted = reserved::wanted(&self.node, &self.store);
+        if let Err(e) = reserved::apply(&wanted, &mut self.store) {
+            tracing::warn!("reserve the published ports: {e:#}");
         }
     }
 

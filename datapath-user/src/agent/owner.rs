@@ -17,7 +17,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use super::{Agent, AgentConfig, AgentError, status::Snapshot};
 use crate::{
-    api::{AddContainer, ContainerInfo, UpdateContainer},
+    api::{AddContainer, ContainerInfo, PortRequest, UpdateContainer},
     datapath::Reader,
     net::watch::AddressEvents,
 };
@@ -37,7 +37,7 @@ pub(super) enum Command {
     /// Delete a container.
     Delete(String, Reply<()>),
     /// Publish a port of a container.
-    Publish(String, String, Reply<ContainerInfo>),
+    Publish(String, PortRequest, Reply<ContainerInfo>),
     /// Stop publishing a port of a container.
     Unpublish(String, String, Reply<ContainerInfo>),
     /// Remove tracked flows (one container's, or all).

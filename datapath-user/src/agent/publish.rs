@@ -2,6 +2,8 @@
 //! the SERVICES map, and publishing or unpublishing ports of a running
 //! container.
 
+use std::net::IpAddr;
+
 use datapath_common::{ServiceKey, ServiceValue};
 
 use super::{
@@ -15,7 +17,7 @@ use crate::{
         PortMapping,
         ports::{Protocol, SpecError},
     },
-    net::link::Netlink,
+    net::{link::Netlink, sockets},
     store::{Container, Store},
 };
 
@@ -31,12 +33,14 @@ pub fn service_key(m: &PortMapping, port: u16) -> ServiceKey {
 
 /// Checks that container `name` may publish `publish`: no masquerade port,
 /// only addresses of this node, no overlap within the request or with
-/// another container's ports.
+/// another container's ports, and (unless `force`) no port a process of
+/// the node listens on.
 pub fn check(
     node: &Node,
     store: &Store,
     name: &str,
     publish: &[PortMapping],
+    force: bool,
 ) -> Result<(), AgentError> {
     let (lo, hi) = node.cfg.snat_ports;
     for (i, m) in publish.iter().enumerate() {
@@ -67,6 +71,42 @@ pub fn check(
                 return Err(AgentError::Conflict(format!(
                     "cannot publish {m}: {other} is already published by container {:?}",
                     c.name
+                )));
+            }
+        }
+    }
+    if !force {
+        check_node_listeners(publish)?;
+    }
+    Ok(())
+}
+
+/// Refuses a mapping whose host port a process of the node receives on
+/// (like Docker's "port is already allocated"): the published port would
+/// take that process's traffic.
+fn check_node_listeners(publish: &[PortMapping]) -> Result<(), AgentError> {
+    for protocol in [Protocol::Tcp, Protocol::Udp] {
+        let mappings: Vec<&PortMapping> =
+            publish.iter().filter(|m| m.protocol == protocol).collect();
+        if mappings.is_empty() {
+            continue;
+        }
+        let receivers = match sockets::receivers(protocol.number()) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!("cannot list the node's {protocol} sockets: {e}");
+                continue;
+            }
+        };
+        for m in mappings {
+            let taken = receivers.iter().find(|r| {
+                (m.host_port..=m.host_end()).contains(&r.port())
+                    && sockets::receives_for(r, m.host_ip.map(IpAddr::V4))
+            });
+            if let Some(r) = taken {
+                return Err(AgentError::Conflict(format!(
+                    "cannot publish {m}: port {}/{protocol} is already allocated: a process of the node listens on {r} (publish it anyway with --force)",
+                    r.port()
                 )));
             }
         }
@@ -132,8 +172,14 @@ impl Ports<'_> {
 
     /// Publishes one more port (or range) of an existing container, as one
     /// transaction. Publishing what it already publishes succeeds
-    /// unchanged.
-    pub async fn publish(&mut self, name: &str, spec: &str) -> Result<ContainerInfo, AgentError> {
+    /// unchanged. A port a process of the node listens on is refused unless
+    /// `force`.
+    pub async fn publish(
+        &mut self,
+        name: &str,
+        spec: &str,
+        force: bool,
+    ) -> Result<ContainerInfo, AgentError> {
         let m: PortMapping = spec
             .parse()
             .map_err(|e: SpecError| AgentError::BadRequest(e.to_string()))?;
@@ -146,7 +192,7 @@ impl Ports<'_> {
                 "cannot publish {m}: container {name:?} already publishes {other}"
             )));
         }
-        check(self.node, self.store, name, std::slice::from_ref(&m))?;
+        check(self.node, self.store, name, std::slice::from_ref(&m), force)?;
         let ifindex = self
             .dp
             .endpoint(c.addr)

@@ -25,6 +25,7 @@ use crate::{
     model::{
         mac::{format_mac, parse_mac},
         names::{HOST_VETH_PREFIX, is_host_veth_name},
+        ports::PortSet,
     },
     net::{link::Netlink, netns},
     store::{State, StateStore, Store},
@@ -191,7 +192,13 @@ pub async fn cleanup(cfg: &AgentConfig) -> anyhow::Result<()> {
     let net = Netlink::new().context("open a netlink connection")?;
     let file = StateStore::new(&cfg.state_dir);
     let state = match Store::open(&cfg.state_dir) {
-        Ok(store) => store.state().clone(),
+        Ok(mut store) => {
+            // The ports this agent reserved go back to the node.
+            if let Err(e) = super::reserved::apply(&PortSet::default(), &mut store) {
+                tracing::warn!("give back the reserved ports: {e:#}");
+            }
+            store.state().clone()
+        }
         Err(e) => {
             tracing::warn!("{e}; removing veths by name only");
             State::default()

@@ -259,13 +259,20 @@ impl Client {
     }
 
     /// `POST /v1/containers/{name}/ports`.
-    pub async fn publish(&self, name: &str, spec: &str) -> Result<ContainerInfo, ClientError> {
-        self.port_call(Method::POST, name, spec).await
+    /// `POST /v1/containers/{name}/ports`; with `force`, even where a
+    /// process of the node listens on the port.
+    pub async fn publish(
+        &self,
+        name: &str,
+        spec: &str,
+        force: bool,
+    ) -> Result<ContainerInfo, ClientError> {
+        self.port_call(Method::POST, name, spec, force).await
     }
 
     /// `DELETE /v1/containers/{name}/ports`.
     pub async fn unpublish(&self, name: &str, spec: &str) -> Result<ContainerInfo, ClientError> {
-        self.port_call(Method::DELETE, name, spec).await
+        self.port_call(Method::DELETE, name, spec, false).await
     }
 
     async fn port_call(
@@ -273,9 +280,11 @@ impl Client {
         method: Method,
         name: &str,
         spec: &str,
+        force: bool,
     ) -> Result<ContainerInfo, ClientError> {
         let body = serde_json::to_vec(&PortRequest {
             publish: spec.to_owned(),
+            force,
         })
         .map_err(|e| ClientError::Http {
             socket: self.socket.clone(),

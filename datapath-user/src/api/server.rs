@@ -49,7 +49,7 @@ pub trait Backend: Clone + Send + Sync + 'static {
     fn publish(
         &self,
         name: String,
-        spec: String,
+        req: PortRequest,
     ) -> impl Future<Output = Result<ContainerInfo, Failure>> + Send;
     /// `DELETE /v1/containers/{name}/ports`.
     fn unpublish(
@@ -164,7 +164,7 @@ async fn publish<B: Backend>(
     body: Result<Json<PortRequest>, JsonRejection>,
 ) -> Result<Json<ContainerInfo>, Failure> {
     let Json(req) = body?;
-    Ok(Json(b.publish(name, req.publish).await?))
+    Ok(Json(b.publish(name, req).await?))
 }
 
 async fn unpublish<B: Backend>(

@@ -42,16 +42,20 @@ pub struct AddContainer {
     /// rate, at least 1mb).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub egress_burst: Option<String>,
-    /// Ingress bucket size in tc's units (default: 250 ms of the rate, at
+    /// Ingress bucket size in tc's units (default: 500 ms of the rate, at
     /// least 1mb).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ingress_burst: Option<String>,
+    /// Publish ports even where a process of the node listens on them
+    /// (refused otherwise).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub force: bool,
 }
 
 /// `PATCH /v1/containers/{name}`: changes rate limits in place (no flow
 /// is lost). An absent field is unchanged; a rate of `none` removes that
-/// direction's limit; a new rate keeps the current burst unless one is
-/// given.
+/// direction's limit; a new rate keeps a burst that was given and
+/// derives the default one from the new rate otherwise.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct UpdateContainer {
@@ -76,6 +80,10 @@ pub struct UpdateContainer {
 pub struct PortRequest {
     /// `[ip:]host[-end]:container[-end][/tcp|/udp]`.
     pub publish: String,
+    /// Publish even where a process of the node listens on the port
+    /// (refused otherwise); unpublishing ignores it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub force: bool,
 }
 
 /// A container as the API shows it.

@@ -31,7 +31,7 @@ use datapath_common::{
     NodeAddr, NodeAddrKey, ServiceKey, ServiceValue, capacity,
     monitor::{ContainerDrops, ContainerStats},
     names, programs,
-    ratelimit::{RateKey, RateLimit, RateStats},
+    ratelimit::{RateFlows, RateKey, RateLimit, RateStats},
 };
 use serde::Serialize;
 
@@ -194,6 +194,8 @@ pub struct Datapath {
     /// The monitor's `CONFIG_F_MONITOR_*` bits, kept across
     /// [`Datapath::set_config`].
     monitor_flags: u32,
+    /// TCP sockets sharing each ingress bucket's receive windows.
+    rate_flows: HashMap<MapData, RateKey, RateFlows>,
     attachments: Vec<Attachment>,
 }
 
@@ -317,6 +319,7 @@ impl Datapath {
                 aya::maps::RingBuf<MapData>
             )),
             monitor_flags: 0,
+            rate_flows: typed_map!(&mut ebpf, names::RATE_FLOWS, HashMap<MapData, RateKey, RateFlows>),
             ebpf,
             bpffs_dir: opts.bpffs_dir.clone(),
             attachments: Vec::new(),

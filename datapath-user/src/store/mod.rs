@@ -13,7 +13,7 @@ use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 
 pub use self::file::{STATE_FILE, StateError, StateStore};
-use crate::model::{PortMapping, RateLimits};
+use crate::model::{PortMapping, RateLimits, ports::PortSet};
 
 /// One container the agent manages.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -56,6 +56,10 @@ pub struct State {
     pub next_id: u32,
     /// Containers by name.
     pub containers: BTreeMap<String, Container>,
+    /// The ports this agent added to the node's
+    /// `net.ipv4.ip_local_reserved_ports` (not those reserved before it),
+    /// given back when no longer published or masqueraded.
+    pub reserved_ports: PortSet,
 }
 
 /// [`State`]'s fields as stored, before they are checked.
@@ -63,6 +67,8 @@ pub struct State {
 struct StateFields {
     next_id: u32,
     containers: BTreeMap<String, Container>,
+    #[serde(default)]
+    reserved_ports: PortSet,
 }
 
 impl TryFrom<StateFields> for State {
@@ -87,6 +93,7 @@ impl TryFrom<StateFields> for State {
         Ok(Self {
             next_id: f.next_id,
             containers: f.containers,
+            reserved_ports: f.reserved_ports,
         })
     }
 }
@@ -163,6 +170,11 @@ impl Store {
         self.state.containers.remove(name)
     }
 
+    /// Records the ports this agent reserved (in memory).
+    pub fn set_reserved_ports(&mut self, ports: PortSet) {
+        self.state.reserved_ports = ports;
+    }
+
     /// A fresh container id and the lowest free address of `pool` for it;
     /// `None` if the pool is full.
     pub fn allocate(&mut self, pool: Ipv4Net) -> Option<(u32, Ipv4Addr)> {
@@ -222,10 +234,7 @@ mod tests {
             cgroup: Some("/sys/fs/cgroup/unified/web".into()),
             cgroup_id: 4242,
             limits: RateLimits {
-                egress: Some(Limit {
-                    rate_bps: 10_000_000,
-                    burst_bytes: 65_536,
-                }),
+                egress: Some(Limit::given(10_000_000, 65_536)),
                 ingress: None,
             },
         }
