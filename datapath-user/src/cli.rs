@@ -129,6 +129,9 @@ pub enum ContainerCmd {
         cgroup: Option<String>,
         #[command(flatten)]
         limits: LimitArgs,
+        /// MTU of both ends of the veth pair (default: the kernel's, 1500).
+        #[arg(long)]
+        mtu: Option<u32>,
     },
     /// Change a container's rate limits at once, without losing a flow.
     Update {
@@ -257,10 +260,24 @@ async fn shutdown_signal() {
     tracing::info!("shutting down; programs stay attached and maps pinned");
 }
 
+/// What `container add` says of limits whose cgroup does not exist yet.
+fn pending_note(c: &ContainerInfo) -> String {
+    format!(
+        "rate limits pending: {} does not exist yet; they apply as soon as it appears",
+        c.cgroup
+            .as_deref()
+            .map_or_else(String::new, |p| p.display().to_string())
+    )
+}
+
 /// The rate limit lines of `datapath container list` for one container.
 fn print_limits(c: &ContainerInfo) {
     if let Some(cg) = &c.cgroup {
-        println!("  cgroup {}", cg.display());
+        if c.pending {
+            println!("  cgroup {} (pending)", cg.display());
+        } else {
+            println!("  cgroup {}", cg.display());
+        }
     }
     for (dir, limit, n) in [
         ("egress", c.limits.egress, c.counters.egress),
@@ -343,6 +360,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             publish,
             cgroup,
             limits,
+            mtu,
         }) => {
             let info = client
                 .add_container(&AddContainer {
@@ -355,12 +373,16 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     ingress_rate: limits.ingress_rate,
                     egress_burst: limits.egress_burst,
                     ingress_burst: limits.ingress_burst,
+                    mtu,
                 })
                 .await?;
             println!(
                 "{} {} via {} ({})",
                 info.name, info.addr, info.gateway, info.host_ifname
             );
+            if info.pending {
+                println!("{}", pending_note(&info));
+            }
             Ok(())
         }
         Command::Container(ContainerCmd::Update { name, limits }) => {

@@ -41,6 +41,11 @@ use crate::{
     store::{Container, Store},
 };
 
+/// The smallest MTU a container's veth may have (IPv4's minimum).
+pub const MIN_MTU: u32 = 68;
+/// The largest MTU a container's veth may have.
+pub const MAX_MTU: u32 = 65535;
+
 /// The container lifecycle, over the parts of the agent it changes.
 pub struct Lifecycle<'a> {
     /// The node's configuration and uplink.
@@ -109,13 +114,26 @@ impl Lifecycle<'_> {
             (req.ingress_rate.as_deref(), req.ingress_burst.as_deref()),
         )
         .map_err(AgentError::BadRequest)?;
-        let (cgroup, cgroup_id) = rate.cgroup.map_or((None, 0), |cg| (Some(cg.path), cg.id));
+        // A cgroup that does not exist yet (runtimes create it after the
+        // network) is recorded with id 0: its limits are pending until it
+        // appears ([`super::cgroups`]).
+        let (cgroup, cgroup_id) = rate
+            .cgroup
+            .map_or((None, 0), |cg| (Some(cg.path), cg.id.unwrap_or(0)));
+        if let Some(mtu) = req.mtu
+            && !(MIN_MTU..=MAX_MTU).contains(&mtu)
+        {
+            return Err(AgentError::BadRequest(format!(
+                "mtu {mtu}: give {MIN_MTU}-{MAX_MTU} (IPv4 needs at least {MIN_MTU})"
+            )));
+        }
         if let Some(c) = self.store.get(&req.name) {
             if c.netns == netns
                 && c.ifname == ifname
                 && c.publish == publish
                 && c.cgroup == cgroup
                 && c.limits == rate.limits
+                && c.mtu == req.mtu
             {
                 return Ok(Plan::Exists(c.clone()));
             }
@@ -125,7 +143,7 @@ impl Lifecycle<'_> {
             )));
         }
         publish::check(self.node, self.store, &req.name, &publish)?;
-        check_cgroup(self.store, &req.name, cgroup_id, &rate.limits)?;
+        check_cgroup(self.store, &req.name, cgroup.as_deref(), &rate.limits)?;
         let pool = self.node.cfg.pool;
         let (id, addr) = self
             .store
@@ -143,6 +161,7 @@ impl Lifecycle<'_> {
             cgroup,
             cgroup_id,
             limits: rate.limits,
+            mtu: req.mtu,
         }))
     }
 
@@ -188,7 +207,7 @@ impl Lifecycle<'_> {
                 ifname: c.ifname.clone(),
                 addr: c.addr,
                 gateway: self.node.cfg.gateway(),
-                mtu: None,
+                mtu: c.mtu,
                 gro: self.node.gro(),
             })
             .await
@@ -272,7 +291,7 @@ impl Lifecycle<'_> {
                  so delete it and add it again with --cgroup"
             )));
         }
-        check_cgroup(self.store, name, c.cgroup_id, &limits)?;
+        check_cgroup(self.store, name, c.cgroup.as_deref(), &limits)?;
         let new = Container {
             limits,
             ..c.clone()
@@ -371,7 +390,7 @@ enum Plan {
 /// (resolved) and the limits, every value checked before anything is
 /// changed.
 struct RateRequest {
-    cgroup: Option<cgroup::CgroupDir>,
+    cgroup: Option<cgroup::Located>,
     limits: RateLimits,
 }
 
@@ -386,7 +405,7 @@ impl RateRequest {
             ingress: limit("ingress", ingress.0, ingress.1).map_err(|e| e.to_string())?,
         };
         let cgroup = match cgroup {
-            Some(spec) => Some(cgroup::resolve_cgroup(spec).map_err(|e| format!("cgroup: {e}"))?),
+            Some(spec) => Some(cgroup::locate(spec).map_err(|e| format!("cgroup: {e}"))?),
             None if !limits.is_empty() => {
                 return Err(
                     "rate limits apply to the container's cgroup: give its cgroup v2 directory \
@@ -400,21 +419,24 @@ impl RateRequest {
     }
 }
 
-/// Refuses a second container with limits on a cgroup whose buckets
-/// another container's limits already use.
+/// Refuses a second container with limits on a cgroup (existing or
+/// pending) whose buckets another container's limits already use.
 fn check_cgroup(
     store: &Store,
     name: &str,
-    cgroup_id: u64,
+    cgroup: Option<&Path>,
     limits: &RateLimits,
 ) -> Result<(), AgentError> {
-    if cgroup_id == 0 || limits.is_empty() {
+    let Some(cgroup) = cgroup else {
+        return Ok(());
+    };
+    if limits.is_empty() {
         return Ok(());
     }
     match store
         .containers()
         .values()
-        .find(|c| c.name != name && c.cgroup_id == cgroup_id && !c.limits.is_empty())
+        .find(|c| c.name != name && c.cgroup.as_deref() == Some(cgroup) && !c.limits.is_empty())
     {
         Some(other) => Err(AgentError::Conflict(format!(
             "container {:?} already limits the cgroup {}; one cgroup has one set of limits",

@@ -11,12 +11,15 @@
 //! * [`lifecycle`]: container add, update and delete, each one
 //!   transaction whose steps are undone if a later one fails
 //!   ([`transaction::Transaction`], the undo log).
+//! * [`cgroups`]: rate limits whose cgroup appears after the container
+//!   (runtimes create it after the network), attached when it does.
 //! * [`publish`]: publishing and unpublishing ports of running containers.
 //! * [`reconcile`]: adopting what a previous agent left, removing orphans,
 //!   and `datapath agent --cleanup`.
 //! * [`uplink`]: the uplink and the global configuration, at start.
 //! * [`status`]: what the API shows.
 
+pub mod cgroups;
 pub mod handle;
 pub mod lifecycle;
 mod owner;
@@ -37,10 +40,11 @@ use datapath_common::ct::Timeouts;
 use ipnet::Ipv4Net;
 use tokio::sync::oneshot;
 
-pub use self::{handle::Handle, reconcile::cleanup};
 use self::{
-    lifecycle::Lifecycle, owner::Command, publish::Ports, status::Snapshot, uplink::Uplink,
+    cgroups::Cgroups, lifecycle::Lifecycle, owner::Command, publish::Ports, status::Snapshot,
+    uplink::Uplink,
 };
+pub use self::{handle::Handle, reconcile::cleanup};
 use crate::{
     api::server::Failure,
     datapath::{BpfError, Datapath, LoadOptions, RateTarget, Reader, UplinkHook},
@@ -230,6 +234,13 @@ impl Agent {
         }
     }
 
+    fn cgroups(&mut self) -> Cgroups<'_> {
+        Cgroups {
+            dp: &mut self.dp,
+            store: &mut self.store,
+        }
+    }
+
     fn ports(&mut self) -> Ports<'_> {
         Ports {
             node: &self.node,
@@ -268,6 +279,10 @@ impl Agent {
             }
             Command::Unpublish(name, spec, reply) => {
                 let result = self.ports().unpublish(&name, &spec).await;
+                self.answer(&publish, reply, result);
+            }
+            Command::SyncCgroups(reply) => {
+                let result = self.cgroups().sync();
                 self.answer(&publish, reply, result);
             }
             // Flows are read live, not from the snapshot.
@@ -335,6 +350,7 @@ pub async fn run(
             }
         })?;
     let handle = Handle::new(started.commands, started.snapshot, started.reader);
+    tokio::spawn(cgroups::watch(handle.clone()));
     // An owner that died (a bug) takes the API down with it: a restarted
     // agent adopts what is there, where this one could only refuse changes.
     let mut gone = started.gone;

@@ -46,6 +46,10 @@ pub struct AddContainer {
     /// least 1mb).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ingress_burst: Option<String>,
+    /// MTU of both ends of the veth pair (68-65535; default: the kernel's,
+    /// 1500).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtu: Option<u32>,
 }
 
 /// `PATCH /v1/containers/{name}`: changes rate limits in place (no flow
@@ -100,6 +104,14 @@ pub struct ContainerInfo {
     /// The cgroup rate limits apply to.
     #[serde(default)]
     pub cgroup: Option<PathBuf>,
+    /// Whether the rate limits are pending: the cgroup does not exist yet
+    /// (runtimes create it after the network), and the limits apply as
+    /// soon as it appears.
+    #[serde(default)]
+    pub pending: bool,
+    /// The veth pair's MTU, if one was asked for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtu: Option<u32>,
     /// Rate limits per direction (rates in bits/s, bursts in bytes; `null`:
     /// unlimited).
     #[serde(default)]

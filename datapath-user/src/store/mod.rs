@@ -34,15 +34,29 @@ pub struct Container {
     /// MAC address of the container's interface (hex, `aa:bb:…`).
     #[serde(default)]
     pub mac: String,
-    /// Its cgroup v2 directory (canonical), if one was given.
+    /// Its cgroup v2 directory (canonical), if one was given. It may not
+    /// exist yet: runtimes create it after the network.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cgroup: Option<PathBuf>,
-    /// That cgroup's id (inode) when it was resolved; 0 without one.
+    /// That cgroup's id (inode) while it exists and its limits are
+    /// applied; 0 without one, and while it does not exist (its limits are
+    /// pending).
     #[serde(default)]
     pub cgroup_id: u64,
     /// Rate limits.
     #[serde(default)]
     pub limits: RateLimits,
+    /// The MTU of both ends of its veth pair (the kernel's default if
+    /// none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtu: Option<u32>,
+}
+
+impl Container {
+    /// Whether its rate limits wait for its cgroup to appear.
+    pub fn limits_pending(&self) -> bool {
+        self.cgroup.is_some() && self.cgroup_id == 0 && !self.limits.is_empty()
+    }
 }
 
 /// Everything the agent persists. Deserializing checks what the types
@@ -203,6 +217,7 @@ mod tests {
                 }),
                 ingress: None,
             },
+            mtu: Some(1400),
         }
     }
 
