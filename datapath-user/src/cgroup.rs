@@ -45,6 +45,14 @@ pub enum CgroupError {
         /// The cgroup2 mount.
         mount: PathBuf,
     },
+    /// The path names a place outside the cgroup2 hierarchy.
+    #[error("{} is outside the cgroup2 hierarchy (mounted at {}): give a cgroup v2 directory, or a path under the mount", path.display(), mount.display())]
+    Outside {
+        /// The path.
+        path: PathBuf,
+        /// The cgroup2 mount.
+        mount: PathBuf,
+    },
     /// The cgroup2 root itself.
     #[error("{} is the cgroup2 root: limits apply to a container's own cgroup, never to the root", path.display())]
     Root {
@@ -192,7 +200,7 @@ pub fn locate_in(spec: &str, mount: &Path) -> Result<Located, CgroupError> {
         });
     }
     let mount = canonical_mount(mount)?;
-    let outside = |path: &Path| CgroupError::NotCgroup2 {
+    let outside = |path: &Path| CgroupError::Outside {
         path: path.to_owned(),
         mount: mount.clone(),
     };
