@@ -368,7 +368,7 @@ mod tests {
         // An absolute path naming an existing place outside the mount.
         for spec in ["/etc/passwd-not-a-cgroup", "/proc/self"] {
             assert!(
-                matches!(locate_in(spec, &mount), Err(CgroupError::NotCgroup2 { .. })),
+                matches!(locate_in(spec, &mount), Err(CgroupError::Outside { .. })),
                 "{spec}: {:?}",
                 locate_in(spec, &mount)
             );

@@ -281,9 +281,17 @@ fn attach_and_check_result(version: &str) {
         "{result:#}"
     );
     assert_eq!(ifaces[1]["sandbox"], ctr.path().display().to_string());
-    assert_eq!(ifaces[1]["mtu"], 1500);
     let ips = result["ips"].as_array().expect("ips");
     assert_eq!(ips.len(), 1, "{result:#}");
+    if version.starts_with("0.") {
+        // The format before 1.0.0: each address names its IP version, and
+        // interfaces have no MTU.
+        assert_eq!(ips[0]["version"], "4", "{result:#}");
+        assert!(ifaces[1].get("mtu").is_none(), "{result:#}");
+    } else {
+        assert!(ips[0].get("version").is_none(), "{result:#}");
+        assert_eq!(ifaces[1]["mtu"], 1500);
+    }
     assert_eq!(ips[0]["address"], format!("{addr}/32"));
     assert_eq!(ips[0]["gateway"], gateway);
     assert_eq!(ips[0]["interface"], 1);
@@ -357,15 +365,135 @@ fn add_check_del_with_a_1_0_0_result() {
 }
 
 #[test]
-fn version_lists_the_supported_versions() {
+fn add_check_del_with_a_0_4_0_result() {
+    // podman 3 and containerd before 1.7 ask for 0.4.0.
+    attach_and_check_result("0.4.0");
+}
+
+#[test]
+fn version_lists_the_supported_versions_and_never_echoes_another() {
     let node = Node::new();
     let (_agent, plugin) = agent_and_plugin(&node);
-    let run = plugin.exec_raw(&[("CNI_COMMAND", "VERSION")], br#"{"cniVersion":"1.0.0"}"#);
-    run.ok();
-    assert_eq!(
-        run.json(),
-        json!({"cniVersion": "1.0.0", "supportedVersions": ["1.0.0", "1.1.0"]})
-    );
+    let supported = json!(["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"]);
+    for (asked, answered) in [
+        ("1.0.0", "1.0.0"),
+        ("0.4.0", "0.4.0"),
+        ("0.2.0", "1.1.0"),
+        ("9.9.9", "1.1.0"),
+    ] {
+        let stdin = format!(r#"{{"cniVersion":"{asked}"}}"#);
+        let run = plugin.exec_raw(&[("CNI_COMMAND", "VERSION")], stdin.as_bytes());
+        run.ok();
+        assert_eq!(
+            run.json(),
+            json!({"cniVersion": answered, "supportedVersions": supported}),
+            "asked {asked}"
+        );
+    }
+    // A configuration of a version it does not speak is code 1.
+    let (ctr, id) = attachment(&node, "old");
+    let mut conf = plugin.conf.clone();
+    conf["cniVersion"] = json!("0.2.0");
+    plugin
+        .exec("ADD", &id, Some(&ctr), &conf)
+        .err_saying(1, "0.4.0");
+}
+
+#[test]
+fn check_compares_network_namespaces_by_identity_not_by_path_text() {
+    let node = Node::new();
+    let (_agent, plugin) = agent_and_plugin(&node);
+    let (ctr, id) = attachment(&node, "ident");
+    let var_run = ctr.path().display().to_string();
+    let run_path = var_run.replacen("/var/run/", "/run/", 1);
+    assert_ne!(run_path, var_run, "the harness names netns under /var/run");
+    let exec = |command: &str, netns: &str, conf: &Value| {
+        plugin.exec_raw(
+            &[
+                ("CNI_COMMAND", command),
+                ("CNI_CONTAINERID", id.as_str()),
+                ("CNI_IFNAME", "eth0"),
+                ("CNI_PATH", "/nonexistent"),
+                ("CNI_NETNS", netns),
+            ],
+            conf.to_string().as_bytes(),
+        )
+    };
+    // ADD through /run/netns, CHECK through /var/run/netns: one namespace.
+    let add = exec("ADD", &run_path, &plugin.conf);
+    add.ok();
+    let result = add.json();
+    assert_eq!(result["interfaces"][1]["sandbox"], run_path);
+    let with_prev = Plugin::with_prev(&plugin.conf, &result);
+    assert_eq!(exec("CHECK", &var_run, &with_prev).ok(), "");
+    assert_eq!(exec("CHECK", &run_path, &with_prev).ok(), "");
+    // Another namespace is still told apart.
+    let other = node.add_container_netns("other");
+    let other_path = other.path().display().to_string();
+    exec("CHECK", &other_path, &with_prev).err(999);
+    assert_eq!(exec("DEL", &var_run, &with_prev).ok(), "");
+}
+
+#[test]
+fn a_retried_add_whose_read_back_fails_keeps_the_attachment_it_found() {
+    let node = Node::new();
+    let (agent, plugin) = agent_and_plugin(&node);
+    let (ctr, id) = attachment(&node, "retry");
+    let first = plugin.add(&id, &ctr, &plugin.conf);
+    let host = first["interfaces"][0]["name"]
+        .as_str()
+        .expect("host veth")
+        .to_owned();
+    // Something renames the interface: the retried ADD finds the agent's
+    // container but cannot read the interface back.
+    ctr.exec_ok("ip", ["link", "set", "eth0", "name", "eth9"]);
+    plugin
+        .exec("ADD", &id, Some(&ctr), &plugin.conf)
+        .err_saying(999, "eth0");
+    // The attachment the first ADD made is still there, whole.
+    let list = agent.containers();
+    assert_eq!(list.len(), 1, "the retried ADD removed the attachment");
+    assert_eq!(list[0].host_ifname, host);
+    assert!(node_has_link(&node, &host), "{host} was deleted");
+    ctr.exec_ok("ip", ["link", "set", "eth9", "name", "eth0"]);
+    let again = plugin.add(&id, &ctr, &plugin.conf);
+    assert_eq!(again["ips"], first["ips"]);
+    let with_prev = Plugin::with_prev(&plugin.conf, &again);
+    assert_eq!(plugin.exec("CHECK", &id, Some(&ctr), &with_prev).ok(), "");
+}
+
+#[test]
+fn the_mtu_key_sets_both_ends_of_the_veth_and_the_result() {
+    let node = Node::new();
+    let (agent, plugin) = agent_and_plugin(&node);
+    let (ctr, id) = attachment(&node, "mtu");
+    let mut conf = plugin.conf.clone();
+    conf["mtu"] = json!(1400);
+    let result = plugin.add(&id, &ctr, &conf);
+    let host = result["interfaces"][0]["name"]
+        .as_str()
+        .expect("host veth")
+        .to_owned();
+    assert_eq!(result["interfaces"][0]["mtu"], 1400, "{result:#}");
+    assert_eq!(result["interfaces"][1]["mtu"], 1400, "{result:#}");
+    let mtu_of = |ns: &Netns, dev: &str| -> Value {
+        let out = ns.exec_ok("ip", ["-j", "link", "show", "dev", dev]);
+        serde_json::from_str::<Value>(&out).expect("ip -j link")[0]["mtu"].clone()
+    };
+    assert_eq!(mtu_of(&ctr, "eth0"), 1400);
+    assert_eq!(mtu_of(&node.node, &host), 1400);
+    assert_eq!(agent.containers()[0].json["mtu"], 1400);
+    let with_prev = Plugin::with_prev(&conf, &result);
+    assert_eq!(plugin.exec("CHECK", &id, Some(&ctr), &with_prev).ok(), "");
+    assert_eq!(plugin.exec("DEL", &id, Some(&ctr), &with_prev).ok(), "");
+    // One the kernel cannot take is an invalid configuration.
+    for bad in [0, 67, 70_000] {
+        conf["mtu"] = json!(bad);
+        plugin
+            .exec("ADD", &id, Some(&ctr), &conf)
+            .err_saying(7, "mtu");
+    }
+    assert!(agent.containers().is_empty());
 }
 
 #[test]

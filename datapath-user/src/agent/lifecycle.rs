@@ -32,6 +32,7 @@ use crate::{
         PortMapping, RateLimits,
         limits::{LimitError, limit, updated},
         mac::format_mac,
+        mtu::validate_mtu,
         names::{host_veth_name, validate_container_name, validate_ifname},
     },
     net::{
@@ -40,11 +41,6 @@ use crate::{
     },
     store::{Container, Store},
 };
-
-/// The smallest MTU a container's veth may have (IPv4's minimum).
-pub const MIN_MTU: u32 = 68;
-/// The largest MTU a container's veth may have.
-pub const MAX_MTU: u32 = 65535;
 
 /// The container lifecycle, over the parts of the agent it changes.
 pub struct Lifecycle<'a> {
@@ -120,12 +116,8 @@ impl Lifecycle<'_> {
         let (cgroup, cgroup_id) = rate
             .cgroup
             .map_or((None, 0), |cg| (Some(cg.path), cg.id.unwrap_or(0)));
-        if let Some(mtu) = req.mtu
-            && !(MIN_MTU..=MAX_MTU).contains(&mtu)
-        {
-            return Err(AgentError::BadRequest(format!(
-                "mtu {mtu}: give {MIN_MTU}-{MAX_MTU} (IPv4 needs at least {MIN_MTU})"
-            )));
+        if let Some(mtu) = req.mtu {
+            validate_mtu(mtu).map_err(AgentError::BadRequest)?;
         }
         if let Some(c) = self.store.get(&req.name) {
             if c.netns == netns

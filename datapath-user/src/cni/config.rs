@@ -8,6 +8,7 @@
 //!   "agentSocket": "/run/datapath/api.sock",
 //!   "ipam": { "type": "datapath", "ranges": [[{ "subnet": "10.88.0.0/16" }]] },
 //!   "dns": { "nameservers": ["10.88.0.1"] },
+//!   "mtu": 1450,
 //!   "capabilities": { "portMappings": true, "bandwidth": true, "cgroupPath": true },
 //!   "egressRate": 10000000, "egressBurst": 800000,
 //!   "cgroup": "/libpod_parent/libpod-{containerID}"
@@ -29,7 +30,7 @@ use serde::Deserialize;
 use super::types::{CniError, Dns, Success};
 use crate::{
     api::DEFAULT_SOCKET,
-    model::{PortMapping, Protocol},
+    model::{PortMapping, Protocol, mtu::validate_mtu},
 };
 
 /// The placeholder for the container id in the `cgroup` template.
@@ -55,6 +56,10 @@ pub struct NetConf {
     /// DNS settings handed to the container in the result.
     #[serde(default)]
     pub dns: Option<Dns>,
+    /// The MTU of the container's interface and its host end (default:
+    /// the kernel's, 1500).
+    #[serde(default)]
+    pub mtu: Option<u32>,
     /// Per-attachment arguments from the runtime (capabilities).
     #[serde(default)]
     pub runtime_config: RuntimeConfig,
@@ -373,6 +378,13 @@ impl NetConf {
             }
         }
         Ok(out)
+    }
+
+    /// The MTU asked for, checked.
+    pub fn mtu(&self) -> Result<Option<u32>, CniError> {
+        self.mtu
+            .map(|m| validate_mtu(m).map_err(CniError::config))
+            .transpose()
     }
 
     /// The requested rate limits: the plugin-level keys if any is set,

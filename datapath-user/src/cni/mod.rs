@@ -42,7 +42,13 @@
 pub mod config;
 pub mod types;
 
-use std::{collections::BTreeSet, future::Future, net::Ipv4Addr, path::PathBuf, time::Duration};
+use std::{
+    collections::BTreeSet,
+    future::Future,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use ipnet::Ipv4Net;
 
@@ -216,6 +222,16 @@ async fn dispatch(command: Command, params: &Params, stdin: &[u8]) -> Result<Str
             ),
         ));
     }
+    if command == Command::Check && !types::has_check(&conf.cni_version) {
+        return Err(CniError::new(
+            code::INCOMPATIBLE_VERSION,
+            "incompatible CNI version",
+            format!(
+                "CHECK needs cniVersion 0.4.0 or later, the configuration says {}",
+                conf.cni_version
+            ),
+        ));
+    }
     if matches!(command, Command::Gc | Command::Status)
         && !types::has_status_and_gc(&conf.cni_version)
     {
@@ -239,7 +255,9 @@ async fn dispatch(command: Command, params: &Params, stdin: &[u8]) -> Result<Str
     }
 }
 
-/// `VERSION`: echoes the input's `cniVersion` (the newest if none).
+/// `VERSION`: echoes the input's `cniVersion` if this plugin speaks it,
+/// else answers with the newest it speaks (never a version it does not
+/// support: the caller compares the list with its own).
 fn version(stdin: &[u8]) -> Result<String, CniError> {
     let cni_version = if stdin.iter().all(u8::is_ascii_whitespace) {
         LATEST_VERSION.to_owned()
@@ -254,6 +272,7 @@ fn version(stdin: &[u8]) -> Result<String, CniError> {
         value
             .get("cniVersion")
             .and_then(|v| v.as_str())
+            .filter(|v| types::is_supported(v))
             .unwrap_or(LATEST_VERSION)
             .to_owned()
     };
@@ -329,6 +348,18 @@ async fn call<T>(
     }
 }
 
+/// Whether the files `a` and `b` are the same network namespace: the same
+/// device and inode, as `/run/netns/x` and `/var/run/netns/x` (or a bind
+/// mount of `/proc/PID/ns/net`) are. Paths that cannot be examined are
+/// compared as text.
+fn same_netns(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt as _;
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(x), Ok(y)) => x.dev() == y.dev() && x.ino() == y.ino(),
+        _ => a == b,
+    }
+}
+
 /// The normalized text of a set of mappings (for comparison).
 fn mapping_set<'a>(m: impl IntoIterator<Item = &'a PortMapping>) -> BTreeSet<String> {
     m.into_iter().map(ToString::to_string).collect()
@@ -386,6 +417,7 @@ impl<'c> Plugin<'c> {
         let publish = self.conf.port_mappings()?;
         let limits = self.conf.limits()?;
         let cgroup = self.conf.cgroup(container_id);
+        let mtu = self.conf.mtu()?;
         let prev = self.conf.prev_result()?;
         let (status, pool) = self.agent_status().await?;
         self.conf.check_ipam(pool, status.gateway)?;
@@ -396,21 +428,27 @@ impl<'c> Plugin<'c> {
                 netns: netns.to_owned(),
                 ifname: Some(ifname.to_owned()),
                 publish: publish.iter().map(ToString::to_string).collect(),
+                mtu,
                 ..AddContainer::default()
             },
             &limits,
             cgroup,
         )?;
+        // A retried ADD finds the attachment its first try made: if reading
+        // it back fails now, it is not this ADD's to remove.
+        let existed = self.container(&name).await?.is_some();
         let info = call(
             &format!("attach container {container_id} ({name})"),
             self.client.add_container(&request),
         )
         .await?;
         match self.result(&info, netns, ifname).await {
-            Ok(ours) => Ok(merge(prev, ours)),
+            Ok(ours) => Ok(merge(prev, ours).for_version(&self.conf.cni_version)),
             Err(e) => {
-                // Leave nothing behind; the runtime's DEL finds nothing.
-                let _ = call("roll back", self.client.del_container(&name)).await;
+                if !existed {
+                    // Leave nothing behind; the runtime's DEL finds nothing.
+                    let _ = call("roll back", self.client.del_container(&name)).await;
+                }
                 Err(e)
             }
         }
@@ -463,6 +501,7 @@ impl<'c> Plugin<'c> {
                 address: format!("{}/32", info.addr),
                 gateway: Some(gateway.clone()),
                 interface: Some(1),
+                ..IpConfig::default()
             }],
             routes: vec![Route {
                 dst: "0.0.0.0/0".to_owned(),
@@ -509,7 +548,7 @@ impl<'c> Plugin<'c> {
             ))
         })?;
         let want_netns = netns::resolve(netns).unwrap_or_else(|_| PathBuf::from(netns));
-        if info.netns != want_netns || info.ifname != ifname {
+        if !same_netns(&info.netns, &want_netns) || info.ifname != ifname {
             return Err(broken(format!(
                 "the agent's container {name} is {} in {}, not {ifname} in {netns}",
                 info.ifname,
@@ -521,7 +560,12 @@ impl<'c> Plugin<'c> {
         let index = prev
             .interfaces
             .iter()
-            .position(|i| i.name == ifname && i.sandbox.as_deref() == Some(netns))
+            .position(|i| {
+                i.name == ifname
+                    && i.sandbox
+                        .as_deref()
+                        .is_some_and(|s| same_netns(Path::new(s), &want_netns))
+            })
             .ok_or_else(|| {
                 CniError::config(format!(
                     "prevResult lists no interface {ifname} with sandbox {netns}"
@@ -841,18 +885,26 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn version_echoes_the_input_version() {
-        let out = run(
-            env(&[("CNI_COMMAND", "VERSION")]),
-            br#"{"cniVersion":"1.0.0"}"#,
-        )
-        .await;
-        assert!(out.success);
-        let v: VersionResult = serde_json::from_str(&out.stdout).expect("a version result");
-        assert_eq!(v.cni_version, "1.0.0");
-        assert_eq!(v.supported_versions, ["1.0.0", "1.1.0"]);
-        let out = run(env(&[("CNI_COMMAND", "VERSION")]), b"").await;
-        let v: VersionResult = serde_json::from_str(&out.stdout).expect("a version result");
+    async fn version_echoes_a_supported_input_version_and_never_another() {
+        let version_of = |out: &Output| -> VersionResult {
+            assert!(out.success, "{}", out.stdout);
+            serde_json::from_str(&out.stdout).expect("a version result")
+        };
+        for asked in ["1.0.0", "0.4.0", "0.3.1"] {
+            let stdin = format!(r#"{{"cniVersion":"{asked}"}}"#);
+            let v = version_of(&run(env(&[("CNI_COMMAND", "VERSION")]), stdin.as_bytes()).await);
+            assert_eq!(v.cni_version, asked);
+            assert_eq!(
+                v.supported_versions,
+                ["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"]
+            );
+        }
+        for asked in ["0.2.0", "2.0.0", "", "banana"] {
+            let stdin = format!(r#"{{"cniVersion":"{asked}"}}"#);
+            let v = version_of(&run(env(&[("CNI_COMMAND", "VERSION")]), stdin.as_bytes()).await);
+            assert_eq!(v.cni_version, "1.1.0", "asked {asked:?}");
+        }
+        let v = version_of(&run(env(&[("CNI_COMMAND", "VERSION")]), b"").await);
         assert_eq!(v.cni_version, "1.1.0");
     }
 
@@ -896,17 +948,33 @@ mod tests {
             ("CNI_CONTAINERID", "c1"),
             ("CNI_IFNAME", "eth0"),
         ];
+        for old in ["0.1.0", "0.2.0"] {
+            let conf = format!(r#"{{"cniVersion":"{old}","name":"n","type":"datapath-cni"}}"#);
+            let e = error_of(&run(env(&del), conf.as_bytes()).await);
+            assert_eq!(
+                (e.code, e.cni_version.as_str()),
+                (code::INCOMPATIBLE_VERSION, "1.1.0")
+            );
+        }
+        // 0.3.x has no CHECK.
+        let check = [
+            ("CNI_COMMAND", "CHECK"),
+            ("CNI_CONTAINERID", "c1"),
+            ("CNI_IFNAME", "eth0"),
+            ("CNI_NETNS", "/x"),
+        ];
         let e = error_of(
             &run(
-                env(&del),
-                br#"{"cniVersion":"0.4.0","name":"n","type":"datapath-cni"}"#,
+                env(&check),
+                br#"{"cniVersion":"0.3.1","name":"n","type":"datapath-cni"}"#,
             )
             .await,
         );
         assert_eq!(
             (e.code, e.cni_version.as_str()),
-            (code::INCOMPATIBLE_VERSION, "1.1.0")
+            (code::INCOMPATIBLE_VERSION, "0.3.1")
         );
+        assert!(e.details.contains("0.4.0"), "{e:?}");
         let e = error_of(
             &run(
                 env(&[("CNI_COMMAND", "GC")]),
@@ -1011,6 +1079,7 @@ mod tests {
                 address: "198.18.9.9/32".into(),
                 gateway: None,
                 interface: Some(0),
+                ..IpConfig::default()
             }],
             routes: vec![],
             dns: types::Dns {
@@ -1035,6 +1104,7 @@ mod tests {
                 address: "198.19.0.2/32".into(),
                 gateway: Some("198.19.0.1".into()),
                 interface: Some(1),
+                ..IpConfig::default()
             }],
             routes: vec![Route {
                 dst: "0.0.0.0/0".into(),
