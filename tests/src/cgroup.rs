@@ -22,10 +22,12 @@ use std::{
 use crate::{names, sys};
 
 /// A cgroup `dpt-<unique id>` under the cgroup2 root; its processes are
-/// killed and the directory removed on drop.
+/// killed and the directory removed on drop (unless it is someone else's:
+/// [`Cgroup::attach`]).
 #[derive(Debug)]
 pub struct Cgroup {
     path: PathBuf,
+    owned: bool,
 }
 
 impl Cgroup {
@@ -35,7 +37,16 @@ impl Cgroup {
         let path = root.join(names::unique_name());
         std::fs::create_dir(&path)
             .unwrap_or_else(|e| panic!("creating cgroup {}: {e}", path.display()));
-        Self { path }
+        Self { path, owned: true }
+    }
+
+    /// A handle on a cgroup2 directory someone else made and removes (a
+    /// container runtime's): processes join it like any other, and
+    /// dropping the handle leaves it and its processes alone.
+    pub fn attach(path: impl Into<PathBuf>) -> Self {
+        let path = path.into();
+        assert!(path.is_dir(), "no cgroup at {}", path.display());
+        Self { path, owned: false }
     }
 
     /// The cgroup's directory.
@@ -69,7 +80,7 @@ impl Cgroup {
         let path = self.path.join(name);
         std::fs::create_dir(&path)
             .unwrap_or_else(|e| panic!("creating cgroup {}: {e}", path.display()));
-        Self { path }
+        Self { path, owned: true }
     }
 
     /// The processes in the cgroup.
@@ -108,6 +119,9 @@ impl Default for Cgroup {
 
 impl Drop for Cgroup {
     fn drop(&mut self) {
+        if !self.owned {
+            return;
+        }
         self.kill_all();
         // An exited process leaves the cgroup only once reaped by its
         // parent; retry the removal for a moment.
