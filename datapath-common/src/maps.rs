@@ -32,12 +32,17 @@ pub mod names {
     /// Cgroup storage: the [`crate::ratelimit::RateKey`] of each cgroup
     /// attachment of the rate limiter.
     pub const RATE_CGROUPS: &str = "RATE_CGROUPS";
+    /// LPM trie of IPv4 prefixes (a `u32` prefix length, then four address
+    /// bytes in wire order) → `u8` 1: destinations container traffic keeps
+    /// its source address for (`--non-masquerade-cidr`): it goes to the
+    /// node's stack untranslated.
+    pub const NON_MASQUERADE: &str = "NON_MASQUERADE";
     /// [`crate::clock::TestClock`] array (one entry): zero in production;
     /// packet tests freeze the programs' time with it. Not pinned.
     pub const CLOCK: &str = "CLOCK";
 
     /// Every map the agent pins, in a stable order.
-    pub const ALL: [&str; 9] = [
+    pub const ALL: [&str; 10] = [
         CONFIG,
         SERVICES,
         ENDPOINTS,
@@ -47,6 +52,7 @@ pub mod names {
         RATE_LIMITS,
         RATE_STATS,
         RATE_CGROUPS,
+        NON_MASQUERADE,
     ];
 }
 
@@ -78,6 +84,8 @@ pub mod capacity {
     pub const CONNTRACK: u32 = 262_144;
     /// Rate-limited (cgroup, direction) pairs.
     pub const RATE_LIMITS: u32 = 8_192;
+    /// Non-masquerade destination prefixes.
+    pub const NON_MASQUERADE: u32 = 64;
 }
 
 /// IP protocol numbers used as [`ServiceKey::proto`] and [`CtKey::proto`].

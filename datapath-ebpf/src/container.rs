@@ -111,6 +111,7 @@ pub fn process(ctx: &mut TcContext) -> Verdict {
             let dst = flow.key.daddr;
             if cfg.flags & CONFIG_F_SNAT == 0
                 || cfg.in_pool(dst)
+                || maps::non_masquerade(dst)
                 || dst == cfg.gateway_addr
                 || unsafe { NODE_ADDRS.get(NodeAddrKey { addr: dst }) }.is_some()
             {

@@ -71,6 +71,8 @@ pub struct AgentBuilder<'n> {
     pool: String,
     args: Vec<String>,
     cgroup_root: Option<PathBuf>,
+    command: Option<Vec<String>>,
+    env: Vec<(String, String)>,
 }
 
 impl<'n> AgentBuilder<'n> {
@@ -102,8 +104,34 @@ impl<'n> AgentBuilder<'n> {
         self
     }
 
+    /// Runs `datapath WORDS…` instead of `datapath agent` (e.g. a systemd
+    /// unit's `ExecStart`, after the binary); the harness's flags (uplink,
+    /// pool, paths) and [`AgentBuilder::args`] follow, and win over a
+    /// configuration file the words name.
+    pub fn command<I, S>(mut self, words: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.command = Some(words.into_iter().map(Into::into).collect());
+        self
+    }
+
+    /// Sets an environment variable of the agent.
+    pub fn env(mut self, key: &str, value: impl Into<String>) -> Self {
+        self.env.push((key.to_owned(), value.into()));
+        self
+    }
+
     /// Starts the agent and waits for its API socket.
     pub fn start(self) -> Agent<'n> {
+        let mut agent = self.spawn();
+        agent.wait_api();
+        agent
+    }
+
+    /// Starts the agent without waiting for it ([`Agent::wait_api`] does).
+    pub fn spawn(self) -> Agent<'n> {
         let bin = datapath_bin();
         sys::ensure_bpffs();
         // Named after the node, so that its leftovers are the node's.
@@ -125,15 +153,14 @@ impl<'n> AgentBuilder<'n> {
             pool: self.pool,
             args: self.args,
             cgroup_root: self.cgroup_root,
+            command: self.command,
+            env: self.env,
             bpffs_dir,
             tmp_dir,
             socket,
             log_path,
         };
         agent.spawn();
-        if let Err(e) = agent.wait_ready() {
-            panic!("{e}");
-        }
         agent
     }
 }
@@ -148,6 +175,8 @@ pub struct Agent<'n> {
     pool: String,
     args: Vec<String>,
     cgroup_root: Option<PathBuf>,
+    command: Option<Vec<String>>,
+    env: Vec<(String, String)>,
     bpffs_dir: PathBuf,
     tmp_dir: PathBuf,
     socket: PathBuf,
@@ -163,6 +192,8 @@ impl<'n> Agent<'n> {
             pool: format!("198.19.{}.0/24", POOL.fetch_add(1, Ordering::Relaxed)),
             args: Vec::new(),
             cgroup_root: None,
+            command: None,
+            env: Vec::new(),
         }
     }
 
@@ -174,10 +205,11 @@ impl<'n> Agent<'n> {
     /// The agent's own arguments (after `datapath`): `agent`, its paths,
     /// pool and the builder's extra arguments.
     fn agent_args(&self) -> Vec<std::ffi::OsString> {
-        let mut args: Vec<std::ffi::OsString> = ["agent", "--uplink", UPLINK, "--pool"]
-            .iter()
-            .map(Into::into)
-            .collect();
+        let mut args: Vec<std::ffi::OsString> = match &self.command {
+            Some(words) => words.iter().map(Into::into).collect(),
+            None => vec!["agent".into()],
+        };
+        args.extend(["--uplink", UPLINK, "--pool"].iter().map(Into::into));
         args.push(self.pool.clone().into());
         args.push("--bpffs-dir".into());
         args.push(self.bpffs_dir.clone().into());
@@ -202,6 +234,7 @@ impl<'n> Agent<'n> {
             .unwrap_or_else(|e| panic!("duplicating {}: {e}", self.log_path.display()));
         let mut cmd = Command::new(&self.bin);
         cmd.args(self.agent_args())
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log_err);
@@ -210,6 +243,14 @@ impl<'n> Agent<'n> {
             enter_cgroup2_stand_in(&mut cmd, stand_in, &mount);
         }
         self.child = Some(self.node.node.spawn(&mut cmd));
+    }
+
+    /// Waits for the API socket; panics with the agent's log if it exits
+    /// first or is too slow.
+    pub fn wait_api(&mut self) {
+        if let Err(e) = self.wait_ready() {
+            panic!("{e}");
+        }
     }
 
     /// Waits for the API socket; if the agent exits first (it is reaped)

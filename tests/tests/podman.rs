@@ -492,7 +492,11 @@ fn podman_limits_from_the_conflist_hold_through_stop_and_start_and_go_with_rm() 
     let c = applied(&agent);
     assert_eq!(c["cgroup"], dir.display().to_string(), "{c:#}");
     assert_eq!(c["limits"]["egress"]["rate_bps"], RATE_BPS, "{c:#}");
-    assert_eq!(c["limits"]["egress"]["burst_bytes"], BURST_BITS / 8, "{c:#}");
+    assert_eq!(
+        c["limits"]["egress"]["burst_bytes"],
+        BURST_BITS / 8,
+        "{c:#}"
+    );
     assert_eq!(c["limits"]["ingress"]["rate_bps"], RATE_BPS, "{c:#}");
     assert_eq!(rate_pins(&agent).len(), 3, "{:?}", rate_pins(&agent));
 
@@ -504,7 +508,13 @@ fn podman_limits_from_the_conflist_hold_through_stop_and_start_and_go_with_rm() 
         let _lock = TrafficLock::acquire();
         let report = if ingress {
             let target = (Ipv4Addr::UNSPECIFIED, node.node_port(5201));
-            receive_in(&node, &ctr, Some(&cg), target, &Iperf3Options::measured_ingress())
+            receive_in(
+                &node,
+                &ctr,
+                Some(&cg),
+                target,
+                &Iperf3Options::measured_ingress(),
+            )
         } else {
             send_from(&node, &ctr, Some(&cg), &Iperf3Options::measured())
         }
@@ -518,7 +528,11 @@ fn podman_limits_from_the_conflist_hold_through_stop_and_start_and_go_with_rm() 
     // container; podman start attaches it again, limits included.
     podman.ok(["stop", "-t", "0", &name]);
     let detached = wait::within(Duration::from_secs(10), || agent.containers().is_empty());
-    assert!(detached, "still attached after stop: {:#?}", agent.containers());
+    assert!(
+        detached,
+        "still attached after stop: {:#?}",
+        agent.containers()
+    );
     assert_eq!(rate_pins(&agent), Vec::<String>::new());
     podman.ok(["start", &name]);
     let c = applied(&agent);
@@ -535,7 +549,10 @@ fn podman_limits_from_the_conflist_hold_through_stop_and_start_and_go_with_rm() 
     podman.ok(["rm", "-f", "-t", "0", &name]);
     assert!(agent.containers().is_empty(), "{:#?}", agent.containers());
     assert_eq!(rate_pins(&agent), Vec::<String>::new());
-    assert_eq!(inspect::map_dump(&agent, "RATE_LIMITS"), Vec::<Value>::new());
+    assert_eq!(
+        inspect::map_dump(&agent, "RATE_LIMITS"),
+        Vec::<Value>::new()
+    );
     assert_eq!(inspect::map_dump(&agent, "RATE_STATS"), Vec::<Value>::new());
     assert!(!dir.exists(), "{} survived podman rm", dir.display());
     assert_no_firewall(&node.node, "after podman rm");

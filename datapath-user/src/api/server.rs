@@ -5,12 +5,13 @@ use std::{future::Future, os::unix::fs::PermissionsExt, path::Path};
 
 use axum::{
     Json, Router,
-    extract::{DefaultBodyLimit, Path as UrlPath, Query, State, rejection::JsonRejection},
+    body::Bytes,
+    extract::{DefaultBodyLimit, FromRequest, Path as UrlPath, Query, Request, State},
     http::StatusCode,
     response::{IntoResponse, Response},
     routing::get,
 };
-use serde::Deserialize;
+use serde::{Deserialize, de::DeserializeOwned};
 
 use super::wire::{
     AddContainer, ApiError, ContainerInfo, Flow, Flushed, MAX_BODY, PortRequest, Status,
@@ -81,12 +82,26 @@ impl Failure {
     }
 }
 
-impl From<JsonRejection> for Failure {
-    fn from(e: JsonRejection) -> Self {
-        Failure::new(
-            e.status().as_u16(),
-            format!("invalid request body: {}", e.body_text()),
-        )
+/// A request body: JSON, whatever its `Content-Type` says (`curl -d` sends
+/// `application/x-www-form-urlencoded`; the API speaks nothing but JSON).
+/// A body that is not the expected JSON is a 400 that says why; one over
+/// [`MAX_BODY`] a 413.
+pub struct Body<T>(pub T);
+
+impl<T, S> FromRequest<S> for Body<T>
+where
+    T: DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = Failure;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Failure> {
+        let bytes = Bytes::from_request(req, state)
+            .await
+            .map_err(|e| Failure::new(e.status().as_u16(), e.body_text()))?;
+        serde_json::from_slice(&bytes)
+            .map(Body)
+            .map_err(|e| Failure::new(400, format!("invalid request body: {e}")))
     }
 }
 
@@ -120,9 +135,8 @@ async fn get_one<B: Backend>(
 
 async fn add<B: Backend>(
     State(b): State<B>,
-    body: Result<Json<AddContainer>, JsonRejection>,
+    Body(req): Body<AddContainer>,
 ) -> Result<(StatusCode, Json<ContainerInfo>), Failure> {
-    let Json(req) = body?;
     let info = b.add(req).await?;
     Ok((StatusCode::CREATED, Json(info)))
 }
@@ -138,27 +152,24 @@ async fn del<B: Backend>(
 async fn update<B: Backend>(
     State(b): State<B>,
     UrlPath(name): UrlPath<String>,
-    body: Result<Json<UpdateContainer>, JsonRejection>,
+    Body(req): Body<UpdateContainer>,
 ) -> Result<Json<ContainerInfo>, Failure> {
-    let Json(req) = body?;
     Ok(Json(b.update(name, req).await?))
 }
 
 async fn publish<B: Backend>(
     State(b): State<B>,
     UrlPath(name): UrlPath<String>,
-    body: Result<Json<PortRequest>, JsonRejection>,
+    Body(req): Body<PortRequest>,
 ) -> Result<Json<ContainerInfo>, Failure> {
-    let Json(req) = body?;
     Ok(Json(b.publish(name, req.publish).await?))
 }
 
 async fn unpublish<B: Backend>(
     State(b): State<B>,
     UrlPath(name): UrlPath<String>,
-    body: Result<Json<PortRequest>, JsonRejection>,
+    Body(req): Body<PortRequest>,
 ) -> Result<Json<ContainerInfo>, Failure> {
-    let Json(req) = body?;
     Ok(Json(b.unpublish(name, req.publish).await?))
 }
 
@@ -202,11 +213,13 @@ pub fn router<B: Backend>(backend: B) -> Router {
         .with_state(backend)
 }
 
-/// Binds the socket (mode 0600: the API is root's) and serves until
-/// `shutdown` completes; removes the socket afterwards.
+/// Binds the socket (mode 0600: the API is root's), calls `listening`
+/// once it accepts connections, and serves until `shutdown` completes;
+/// removes the socket afterwards.
 pub async fn serve<B: Backend>(
     backend: B,
     socket: &Path,
+    listening: impl FnOnce(),
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     use anyhow::Context as _;
@@ -226,6 +239,7 @@ pub async fn serve<B: Backend>(
     std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))
         .with_context(|| format!("chmod {}", socket.display()))?;
     tracing::info!(socket = %socket.display(), "API listening");
+    listening();
     let result = axum::serve(listener, router(backend))
         .with_graceful_shutdown(shutdown)
         .await;

@@ -27,6 +27,10 @@ mod tests {
         assert_eq!(validate_mtu(65535), Ok(65535));
         assert!(validate_mtu(67).is_err());
         assert!(validate_mtu(0).is_err());
-        assert!(validate_mtu(65536).unwrap_err().contains("68-65535"));
+        assert!(
+            validate_mtu(65536)
+                .expect_err("too large")
+                .contains("68-65535")
+        );
     }
 }
