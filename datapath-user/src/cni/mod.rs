@@ -414,26 +414,11 @@ impl<'c> Plugin<'c> {
         let container_id = params.container_id()?;
         let ifname = params.ifname()?;
         let netns = params.netns()?;
-        let publish = self.conf.port_mappings()?;
-        let limits = self.conf.limits()?;
-        let cgroup = self.conf.cgroup(container_id);
-        let mtu = self.conf.mtu()?;
+        let request = attach_request(self.conf, container_id, ifname, netns)?;
+        let name = request.name.clone();
         let prev = self.conf.prev_result()?;
         let (status, pool) = self.agent_status().await?;
         self.conf.check_ipam(pool, status.gateway)?;
-        let name = self.name(container_id, ifname);
-        let request = add_request(
-            AddContainer {
-                name: name.clone(),
-                netns: netns.to_owned(),
-                ifname: Some(ifname.to_owned()),
-                publish: publish.iter().map(ToString::to_string).collect(),
-                mtu,
-                ..AddContainer::default()
-            },
-            &limits,
-            cgroup,
-        )?;
         // A retried ADD finds the attachment its first try made: if reading
         // it back fails now, it is not this ADD's to remove.
         let existed = self.container(&name).await?.is_some();
@@ -770,6 +755,32 @@ impl<'c> Plugin<'c> {
     }
 }
 
+/// What `ADD` asks the agent for attachment (`container_id`, `ifname`) in
+/// `netns` under configuration `conf`: the container with its published
+/// ports (`runtimeConfig.portMappings`), MTU, and rate limits
+/// ([`NetConf::limits`]) on its cgroup ([`NetConf::cgroup`]).
+pub fn attach_request(
+    conf: &NetConf,
+    container_id: &str,
+    ifname: &str,
+    netns: &str,
+) -> Result<AddContainer, CniError> {
+    let publish = conf.port_mappings()?;
+    let limits = conf.limits()?;
+    add_request(
+        AddContainer {
+            name: attachment_name(&conf.name, container_id, ifname),
+            netns: netns.to_owned(),
+            ifname: Some(ifname.to_owned()),
+            publish: publish.iter().map(ToString::to_string).collect(),
+            mtu: conf.mtu()?,
+            ..AddContainer::default()
+        },
+        &limits,
+        conf.cgroup(container_id),
+    )
+}
+
 /// The agent request for an attachment with rate limits `limits` on cgroup
 /// `cgroup`.
 ///
@@ -799,7 +810,9 @@ pub fn add_request(
     for (dir, limit) in [("ingress", &limits.ingress), ("egress", &limits.egress)] {
         if let Some(l) = limit {
             request[format!("{dir}_rate")] = l.rate.clone().into();
-            request[format!("{dir}_burst")] = l.burst.clone().into();
+            if let Some(burst) = &l.burst {
+                request[format!("{dir}_burst")] = burst.clone().into();
+            }
         }
     }
     serde_json::from_value(request).map_err(|e| {
@@ -1058,7 +1071,7 @@ mod tests {
         let limits = config::TcLimits {
             egress: Some(config::TcLimit {
                 rate: "1000bit".into(),
-                burst: "100b".into(),
+                burst: Some("100b".into()),
             }),
             ingress: None,
         };
@@ -1118,5 +1131,65 @@ mod tests {
         assert_eq!(m.interfaces[2].name, "eth0");
         assert_eq!(m.dns.nameservers, ["198.18.0.53"]);
         assert_eq!(m.routes.len(), 1);
+    }
+
+    /// What containerd's CRI hands the plugin for a Kubernetes pod with
+    /// `kubernetes.io/ingress-bandwidth: 10M`,
+    /// `kubernetes.io/egress-bandwidth: 20M`, a `hostPort` with a `hostIP`,
+    /// under the systemd cgroup driver: the `bandwidth` capability with
+    /// each rate and the burst 2^32 - 1 bits ("none given"), and the pod's
+    /// cgroup parent as `cgroupPath` (containerd 1.7 and later).
+    #[test]
+    fn kubernetes_bandwidth_annotations_through_containerds_cri_reach_the_agent() {
+        let stdin = br#"{
+            "cniVersion": "1.0.0",
+            "name": "k8s-datapath",
+            "type": "datapath-cni",
+            "agentSocket": "/run/datapath/api.sock",
+            "ipam": {"type": "datapath"},
+            "capabilities": {"portMappings": true, "bandwidth": true, "cgroupPath": true},
+            "runtimeConfig": {
+                "portMappings": [
+                    {"hostPort": 8080, "containerPort": 80, "protocol": "tcp", "hostIP": "198.18.0.2"}
+                ],
+                "bandwidth": {
+                    "ingressRate": 10000000, "ingressBurst": 4294967295,
+                    "egressRate": 20000000, "egressBurst": 4294967295
+                },
+                "cgroupPath": "kubepods-besteffort-pod0a1b2c3d.slice"
+            }
+        }"#;
+        let conf = NetConf::parse(stdin).expect("valid");
+        let id = "5d1a0c9e8f7b6a5d4c3b2a1f0e9d8c7b6a5f4e3d2c1b0a9f8e7d6c5b4a3f2e1d";
+        let req = attach_request(&conf, id, "eth0", "/var/run/netns/cni-1234").expect("valid");
+        let want: AddContainer = serde_json::from_value(serde_json::json!({
+            "name": attachment_name("k8s-datapath", id, "eth0"),
+            "netns": "/var/run/netns/cni-1234",
+            "ifname": "eth0",
+            "publish": ["198.18.0.2:8080:80/tcp"],
+            "cgroup": "/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod0a1b2c3d.slice",
+            "ingress_rate": "10000000bit",
+            "egress_rate": "20000000bit",
+        }))
+        .expect("a valid request");
+        // No burst: the agent's default bucket for the rate, not 512 MiB.
+        assert_eq!(req, want);
+        // With the cgroupfs driver the parent is a path.
+        let stdin = String::from_utf8_lossy(stdin).replace(
+            "kubepods-besteffort-pod0a1b2c3d.slice",
+            "/kubepods/besteffort/pod0a1b2c3d",
+        );
+        let conf = NetConf::parse(stdin.as_bytes()).expect("valid");
+        let req = attach_request(&conf, id, "eth0", "/var/run/netns/cni-1234").expect("valid");
+        assert_eq!(
+            req.cgroup.as_deref(),
+            Some("/kubepods/besteffort/pod0a1b2c3d")
+        );
+        // A burst the runtime did give is kept (bits to bytes).
+        let stdin = stdin.replace("\"egressBurst\": 4294967295", "\"egressBurst\": 800000");
+        let conf = NetConf::parse(stdin.as_bytes()).expect("valid");
+        let req = attach_request(&conf, id, "eth0", "/x").expect("valid");
+        assert_eq!(req.egress_burst.as_deref(), Some("100000b"));
+        assert_eq!(req.ingress_burst, None);
     }
 }
