@@ -5,7 +5,7 @@
 
 use std::{
     io::Write,
-    net::Ipv4Addr,
+    net::{Ipv4Addr, SocketAddr},
     path::PathBuf,
     process::Stdio,
     sync::atomic::{AtomicU32, Ordering},
@@ -895,4 +895,102 @@ fn bandwidth_limits_reach_the_agent_hold_the_traffic_and_go_with_del() {
         .exec("DEL", &id, Some(&ctr), &Plugin::with_prev(&conf, &result))
         .ok();
     assert!(agent.containers().is_empty());
+}
+
+/// Kubernetes semantics on one node: the agent started with the cluster's
+/// service CIDR and another node's pod CIDR as `--non-masquerade-cidr`
+/// (and `--allow-direct-routing`, so the other node's answers reach the
+/// pod); a pod attached through the plugin with a `hostPort` and a
+/// `hostIP`, as kubelet's CRI passes them.
+#[test]
+fn kubernetes_pods_keep_their_address_to_cluster_cidrs_and_host_ports_bind_their_host_ip() {
+    const SERVICE_CIDR: &str = "198.18.64.0/18";
+    const SERVICE_IP: &str = "198.18.64.10";
+    const REMOTE_PODS: &str = "198.18.128.0/24";
+    const REMOTE_POD: &str = "198.18.128.7";
+    const HOST_IP: &str = "198.18.0.3";
+    let node = Node::new();
+    // A second node address for the hostIP; a service address on the
+    // node's own stack (where kube-proxy would translate it); the other
+    // node's pods behind the client.
+    node.node.exec_ok(
+        "ip",
+        ["addr", "add", &format!("{HOST_IP}/24"), "dev", node::UPLINK],
+    );
+    node.node.exec_ok(
+        "ip",
+        ["addr", "add", &format!("{SERVICE_IP}/32"), "dev", "lo"],
+    );
+    node.node.exec_ok(
+        "ip",
+        [
+            "route",
+            "add",
+            REMOTE_PODS,
+            "via",
+            &node.client_addr().to_string(),
+        ],
+    );
+    node.client.exec_ok(
+        "ip",
+        ["addr", "add", &format!("{REMOTE_POD}/32"), "dev", "lo"],
+    );
+    let agent = Agent::builder(&node)
+        .args([
+            "--non-masquerade-cidr",
+            SERVICE_CIDR,
+            "--non-masquerade-cidr",
+            REMOTE_PODS,
+            "--allow-direct-routing",
+        ])
+        .start();
+    node.route_from_client_via_node(agent.pool());
+    let plugin = Plugin::new(&agent, "k8s-datapath", "1.0.0");
+    let (pod, id) = attachment(&node, "pod");
+    let conf = plugin.with_runtime(json!({"portMappings": [
+        {"hostPort": 8080, "containerPort": 80, "protocol": "tcp", "hostIP": HOST_IP}
+    ]}));
+    let result = plugin.add(&id, &pod, &conf);
+    let pod_addr = result["ips"][0]["address"]
+        .as_str()
+        .and_then(|a| a.split('/').next())
+        .expect("the pod's address")
+        .to_owned();
+    let seen_by = |server: &str, addr: SocketAddr| -> String {
+        let body = http_get(&pod, addr, "/").unwrap_or_else(|e| panic!("{server}: {e}"));
+        body.split("hello ")
+            .nth(1)
+            .and_then(|p| p.split(':').next())
+            .unwrap_or_else(|| panic!("{server}: {body:?}"))
+            .to_owned()
+    };
+
+    // Pod to service: to the node's stack, with the pod's own address.
+    let _svc = Server::http(&node.node, 7000, "svc");
+    let to_service = format!("{SERVICE_IP}:7000").parse().expect("an address");
+    assert_eq!(seen_by("service", to_service), pod_addr);
+    // Pod to a pod of another node: routed by the node, address kept.
+    let _remote = Server::http(&node.client, 7001, "remote");
+    let to_remote = format!("{REMOTE_POD}:7001").parse().expect("an address");
+    assert_eq!(seen_by("remote pod", to_remote), pod_addr);
+    // Anywhere else: masqueraded to the node's address.
+    let _out = Server::http(&node.client, 7002, "out");
+    assert_eq!(
+        seen_by("outside", node.client_port(7002)),
+        node.node_addr().to_string()
+    );
+
+    // The hostPort answers on its hostIP, and only there.
+    let _web = Server::http(&pod, 80, "web");
+    let on_host_ip: SocketAddr = format!("{HOST_IP}:8080").parse().expect("an address");
+    let body = http_get(&node.client, on_host_ip, "/").expect("the hostPort on its hostIP");
+    assert!(
+        body.starts_with("web port 80: hello 198.18.0.1:"),
+        "{body:?}"
+    );
+    assert_refused(
+        &node.client,
+        node.node_port(8080),
+        "the hostPort on another address",
+    );
 }

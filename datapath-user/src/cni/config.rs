@@ -265,11 +265,10 @@ impl std::fmt::Display for TcLimits {
         let parts: Vec<String> = [("ingress", &self.ingress), ("egress", &self.egress)]
             .into_iter()
             .filter_map(|(dir, l)| {
-                l.as_ref()
-                    .map(|l| match &l.burst {
-                        Some(b) => format!("{dir} {} burst {b}", l.rate),
-                        None => format!("{dir} {}", l.rate),
-                    })
+                l.as_ref().map(|l| match &l.burst {
+                    Some(b) => format!("{dir} {} burst {b}", l.rate),
+                    None => format!("{dir} {}", l.rate),
+                })
             })
             .collect();
         if parts.is_empty() {
