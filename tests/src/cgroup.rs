@@ -163,3 +163,39 @@ pub fn join_on_exec<'c>(cmd: &'c mut Command, dir: &Path) -> &'c mut Command {
         })
     }
 }
+
+/// Mount points of every cgroup hierarchy (v1 and v2).
+pub fn cgroup_mounts() -> Vec<PathBuf> {
+    std::fs::read_to_string("/proc/mounts")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.len() > 2 && (f[2] == "cgroup" || f[2] == "cgroup2")).then(|| PathBuf::from(f[1]))
+        })
+        .collect()
+}
+
+/// Removes the cgroup `path` (from the hierarchies' root, e.g.
+/// `/dpt-1-podman`) and every cgroup below it, in every hierarchy: what a
+/// container runtime a test drove left under the parent it was given.
+pub fn remove_everywhere(path: &str) {
+    for root in cgroup_mounts() {
+        remove_tree(&root.join(path.trim_start_matches('/')));
+    }
+}
+
+/// Removes a cgroup directory and its children (rmdir, deepest first).
+fn remove_tree(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        if e.file_type().is_ok_and(|t| t.is_dir()) {
+            remove_tree(&e.path());
+        }
+    }
+    if let Err(e) = std::fs::remove_dir(dir) {
+        eprintln!("warning: rmdir {}: {e}", dir.display());
+    }
+}

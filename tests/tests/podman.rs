@@ -20,7 +20,7 @@ use std::{
 
 use datapath_tests::{
     agent::{Agent, datapath_bin},
-    cgroup::Cgroup,
+    cgroup::{Cgroup, remove_everywhere},
     inspect::{self, assert_no_firewall},
     lock::TrafficLock,
     names,
@@ -207,9 +207,7 @@ impl Drop for Podman<'_> {
             );
         }
         // The parent cgroup (and conmon's) in every hierarchy, deepest first.
-        for root in cgroup_mounts() {
-            remove_tree(&root.join(self.cgroup_parent.trim_start_matches('/')));
-        }
+        remove_everywhere(&self.cgroup_parent);
         if let Err(e) = fs::remove_dir_all(&self.dir)
             && e.kind() != std::io::ErrorKind::NotFound
         {
@@ -226,33 +224,6 @@ fn cgroup_parent(node: &Node) -> String {
 
 fn mkdir(path: &Path) {
     fs::create_dir_all(path).unwrap_or_else(|e| panic!("mkdir {}: {e}", path.display()));
-}
-
-/// Mount points of every cgroup hierarchy (v1 and v2).
-fn cgroup_mounts() -> Vec<PathBuf> {
-    fs::read_to_string("/proc/mounts")
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            (f.len() > 2 && (f[2] == "cgroup" || f[2] == "cgroup2")).then(|| PathBuf::from(f[1]))
-        })
-        .collect()
-}
-
-/// Removes a cgroup directory and its children (rmdir, deepest first).
-fn remove_tree(dir: &Path) {
-    let Ok(entries) = fs::read_dir(dir) else {
-        return;
-    };
-    for e in entries.flatten() {
-        if e.file_type().is_ok_and(|t| t.is_dir()) {
-            remove_tree(&e.path());
-        }
-    }
-    if let Err(e) = fs::remove_dir(dir) {
-        eprintln!("warning: rmdir {}: {e}", dir.display());
-    }
 }
 
 /// `curl` from the client namespace until it answers (the server may still

@@ -28,18 +28,17 @@
 
 use std::{
     fs,
-    io::{BufRead, BufReader},
     os::unix::fs::symlink,
     path::{Path, PathBuf},
-    process::{Child, Command, Output, Stdio},
+    process::Child,
 };
 
 use datapath_tests::{
     agent::{START_TIMEOUT, STOP_TIMEOUT, datapath_bin},
-    cgroup::{Cgroup, join_on_exec},
     names,
     node::{Node, UPLINK},
-    sys, wait,
+    sandbox::Sandbox,
+    wait,
 };
 use nix::{
     sys::signal::{Signal, kill},
@@ -139,128 +138,48 @@ fn strip_comment(line: &str) -> &str {
     line
 }
 
-/// The sandbox: a process holding the mount and cgroup namespaces, the
-/// node's network namespace, and a working directory.
-struct Sandbox<'n> {
-    node: &'n Node,
-    holder: Child,
-    dir: PathBuf,
-    path_env: String,
-    _root: Cgroup,
+/// The node with its uplink named as the README names it, and the
+/// sandbox around it, working in a copy of the repository's layout.
+fn sandbox<'n>(node: &'n Node, dir: &Path) -> Sandbox<'n> {
+    for args in [
+        vec!["link", "set", UPLINK, "down"],
+        vec!["link", "set", UPLINK, "name", "eth0"],
+        vec!["link", "set", "eth0", "up"],
+    ] {
+        node.node.exec_ok("ip", args);
+    }
+    node.node.wait_link_up("eth0");
+    // The repository after `cargo build --release`, as the README assumes,
+    // with this build's binaries.
+    let _ = fs::remove_dir_all(dir);
+    let bin = dir.join("bin");
+    let release = dir.join("target/release");
+    for d in [&bin, &release] {
+        fs::create_dir_all(d).expect("create the working directory");
+    }
+    let built = datapath_bin();
+    let built_dir = built.parent().expect("a binary directory");
+    for name in ["datapath", "datapath-cni"] {
+        symlink(built_dir.join(name), release.join(name)).expect("link a binary");
+        symlink(built_dir.join(name), bin.join(name)).expect("link a binary");
+    }
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("the repository");
+    symlink(repo.join("examples"), dir.join("examples")).expect("link the examples");
+    Sandbox::builder(node)
+        .cgroup2_stand_in()
+        .path_first(bin)
+        .dir(dir)
+        .start()
 }
 
-impl<'n> Sandbox<'n> {
-    fn new(node: &'n Node) -> Self {
-        // The node's uplink as the README names it.
-        for args in [
-            vec!["link", "set", UPLINK, "down"],
-            vec!["link", "set", UPLINK, "name", "eth0"],
-            vec!["link", "set", "eth0", "up"],
-        ] {
-            node.node.exec_ok("ip", args);
-        }
-        node.node.wait_link_up("eth0");
-        let root = Cgroup::new();
-        let cgroup2 = sys::cgroup2_root().expect("no cgroup2 hierarchy is mounted");
-        let cg = cgroup2.display();
-        let script = format!(
-            "set -e
-             umount -l {cg}
-             mount -t cgroup2 cgroup2 {cg}
-             mount -t bpf bpf /sys/fs/bpf
-             mount -t tmpfs tmpfs /run
-             mkdir -p /run/netns /run/.etc/upper /run/.etc/work
-             mount -t overlay overlay -o lowerdir=/etc,upperdir=/run/.etc/upper,workdir=/run/.etc/work /etc
-             mount -t tmpfs tmpfs /opt
-             mount -t tmpfs tmpfs /var/lib
-             echo ready
-             exec sleep 600"
-        );
-        let mut cmd = Command::new("unshare");
-        cmd.args(["--mount", "--cgroup", "--propagation", "private", "--"])
-            .args(["sh", "-c", &script])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
-        join_on_exec(&mut cmd, root.path());
-        let mut holder = cmd.spawn().expect("start the sandbox");
-        let mut first = String::new();
-        if let Some(out) = holder.stdout.take() {
-            let _ = BufReader::new(out).read_line(&mut first);
-        }
-        assert_eq!(first.trim(), "ready", "the sandbox did not set up");
+/// The working directory, removed on drop.
+struct WorkDir(PathBuf);
 
-        // The repository after `cargo build --release`, as the README
-        // assumes, and this build's binaries.
-        let dir = Path::new("/tmp").join(format!("{}{}-readme", names::PREFIX, node.id()));
-        let _ = fs::remove_dir_all(&dir);
-        let bin = dir.join("bin");
-        let release = dir.join("target/release");
-        for d in [&bin, &release] {
-            fs::create_dir_all(d).expect("create the working directory");
-        }
-        let built = datapath_bin();
-        let built_dir = built.parent().expect("a binary directory");
-        for name in ["datapath", "datapath-cni"] {
-            symlink(built_dir.join(name), release.join(name)).expect("link a binary");
-            symlink(built_dir.join(name), bin.join(name)).expect("link a binary");
-        }
-        let repo = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .parent()
-            .expect("the repository");
-        symlink(repo.join("examples"), dir.join("examples")).expect("link the examples");
-        let path_env = format!(
-            "{}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-            bin.display()
-        );
-        Self {
-            node,
-            holder,
-            dir,
-            path_env,
-            _root: root,
-        }
-    }
-
-    /// `command` (a shell line) in the sandbox, in the working directory.
-    fn command(&self, command: &str) -> Command {
-        let mut cmd = Command::new("nsenter");
-        cmd.arg("--target")
-            .arg(self.holder.id().to_string())
-            .args(["--mount", "--cgroup"])
-            .arg(format!("--net={}", self.node.node.path().display()))
-            .args(["--", "sh", "-c"])
-            .arg(format!("cd {} && exec {command}", self.dir.display()))
-            .env_clear()
-            .env("PATH", &self.path_env)
-            .env("HOME", "/root")
-            .stdin(Stdio::null());
-        cmd
-    }
-
-    fn run(&self, command: &str) -> Output {
-        self.command(command)
-            .output()
-            .unwrap_or_else(|e| panic!("{command}: {e}"))
-    }
-
-    /// Starts `command` in the background, its output in `log`.
-    fn spawn(&self, command: &str, log: &Path) -> Child {
-        let file = fs::File::create(log).expect("create a log");
-        let err = file.try_clone().expect("duplicate the log");
-        self.command(command)
-            .stdout(file)
-            .stderr(err)
-            .spawn()
-            .unwrap_or_else(|e| panic!("{command}: {e}"))
-    }
-}
-
-impl Drop for Sandbox<'_> {
+impl Drop for WorkDir {
     fn drop(&mut self) {
-        let _ = self.holder.kill();
-        let _ = self.holder.wait();
-        let _ = fs::remove_dir_all(&self.dir);
+        let _ = fs::remove_dir_all(&self.0);
     }
 }
 
@@ -302,7 +221,8 @@ fn every_command_the_readme_shows_runs_as_written() {
     let examples = examples(&readme);
     assert!(examples.len() > 20, "{examples:#?}");
     let node = Node::new();
-    let sandbox = Sandbox::new(&node);
+    let work = WorkDir(Path::new("/tmp").join(format!("{}{}-readme", names::PREFIX, node.id())));
+    let sandbox = sandbox(&node, &work.0);
     let mut agent: Option<Running> = None;
     let mut not_run = Vec::new();
     for (n, ex) in examples.iter().enumerate() {
@@ -330,7 +250,7 @@ fn every_command_the_readme_shows_runs_as_written() {
                     "the agent of `{example}` did not stop cleanly"
                 );
             }
-            let log = sandbox.dir.join(format!("agent{n}.log"));
+            let log = work.0.join(format!("agent{n}.log"));
             let mut running = Running {
                 child: sandbox.spawn(&command, &log),
                 log,
