@@ -11,7 +11,14 @@
 //! published ports) with the `prevResult` and the configuration; `GC`
 //! removes the network's attachments the runtime no longer knows; `STATUS`
 //! asks whether the agent can take more; `VERSION` lists the supported
-//! versions (1.0.0, 1.1.0).
+//! versions (0.3.0, 0.3.1, 0.4.0, 1.0.0, 1.1.0: results are converted for
+//! the older ones, see [`types::Success::for_version`]).
+//!
+//! A limit's cgroup need not exist at `ADD` (runtimes create it after the
+//! network): the agent keeps the limits pending until it appears. A
+//! retried `ADD` of an attachment that exists returns it, and does not
+//! remove it if reading it back fails. `CHECK` compares network namespaces
+//! by identity (device and inode), not by the text of their paths.
 //!
 //! The agent allocates every address: an `ipam` section may only restate
 //! the agent's pool (see [`config::NetConf::check_ipam`]); no IPAM plugin
