@@ -241,8 +241,10 @@ pub fn locate_in(spec: &str, mount: &Path) -> Result<Located, CgroupError> {
     if !real.starts_with(&mount) {
         return Err(outside(&candidate));
     }
-    let rest = candidate.strip_prefix(&existing).unwrap_or(Path::new(""));
-    let path = real.join(rest);
+    let path = match candidate.strip_prefix(&existing) {
+        Ok(rest) if !rest.as_os_str().is_empty() => real.join(rest),
+        _ => real.clone(),
+    };
     if path == mount {
         return Err(CgroupError::Root { path });
     }

@@ -616,8 +616,8 @@ fn bad_configurations_get_the_specifications_error_codes() {
     run.err(6);
     // 1: a version this plugin does not speak.
     let mut old = plugin.conf.clone();
-    old["cniVersion"] = json!("0.3.1");
-    add(&old).err_saying(1, "1.0.0, 1.1.0");
+    old["cniVersion"] = json!("0.2.0");
+    add(&old).err_saying(1, "0.4.0, 1.0.0, 1.1.0");
     // 7: a subnet other than the agent's pool.
     let mut subnet = plugin.conf.clone();
     subnet["ipam"] = json!({"type": "host-local", "subnet": "198.18.128.0/24"});
