@@ -37,12 +37,16 @@ pub mod names {
     /// its source address for (`--non-masquerade-cidr`): it goes to the
     /// node's stack untranslated.
     pub const NON_MASQUERADE: &str = "NON_MASQUERADE";
+    /// [`crate::ratelimit::RateKey`] (ingress) →
+    /// [`crate::ratelimit::RateFlows`]: the TCP sockets sharing an ingress
+    /// limit's receive windows.
+    pub const RATE_FLOWS: &str = "RATE_FLOWS";
     /// [`crate::clock::TestClock`] array (one entry): zero in production;
     /// packet tests freeze the programs' time with it. Not pinned.
     pub const CLOCK: &str = "CLOCK";
 
     /// Every map the agent pins, in a stable order.
-    pub const ALL: [&str; 10] = [
+    pub const ALL: [&str; 11] = [
         CONFIG,
         SERVICES,
         ENDPOINTS,
@@ -53,6 +57,7 @@ pub mod names {
         RATE_STATS,
         RATE_CGROUPS,
         NON_MASQUERADE,
+        RATE_FLOWS,
     ];
 }
 
@@ -68,7 +73,8 @@ pub mod programs {
     pub const RATE_EGRESS: &str = "rate_egress";
     /// cgroup_skb ingress on a rate-limited container's cgroup.
     pub const RATE_INGRESS: &str = "rate_ingress";
-    /// sock_ops on a container's cgroup with an egress limit: TCP pacing.
+    /// sock_ops on a rate-limited container's cgroup: pacing of TCP senders
+    /// (egress) and receive windows of TCP receivers (ingress).
     pub const RATE_SOCKOPS: &str = "rate_sockops";
 }
 
