@@ -410,12 +410,14 @@ fn wait_pending(agent: &Agent<'_>, name: &str, want: bool) -> Value {
 fn limits_wait_for_a_cgroup_that_appears_later_and_follow_it_until_it_goes() {
     // What a runtime does: the network (and the limits) first, the cgroup
     // a moment later; then the container stops (its cgroup goes) and
-    // starts again (a new cgroup, a new id, at the same path).
+    // starts again (a new cgroup, a new id, at the same path). Two levels
+    // are missing at first, like podman's `/libpod_parent/libpod-<id>`
+    // before its first container.
     let node = Node::new();
     let agent = Agent::start(&node);
     let ctr = node.add_container_netns("web");
     let parent = Cgroup::new();
-    let path = parent.path().join("ctr");
+    let path = parent.path().join("pod").join("ctr");
     let spec = path.to_string_lossy().into_owned();
     let added = agent.cli_ok([
         "container",
@@ -451,8 +453,9 @@ fn limits_wait_for_a_cgroup_that_appears_later_and_follow_it_until_it_goes() {
     );
     assert!(err.contains("already limits"), "{err}");
 
-    // The cgroup appears: the limits are attached to it.
-    let cg = parent.child("ctr");
+    // The cgroups appear, the parent first: the limits are attached.
+    let pod = parent.child("pod");
+    let cg = pod.child("ctr");
     let c = wait_pending(&agent, "web", false);
     let host_if = c["host_ifname"].as_str().expect("host_ifname").to_owned();
     assert_eq!(
@@ -486,7 +489,7 @@ fn limits_wait_for_a_cgroup_that_appears_later_and_follow_it_until_it_goes() {
     );
 
     // It comes back (a new id): attached again, to the new cgroup.
-    let cg = parent.child("ctr");
+    let cg = pod.child("ctr");
     assert_ne!(cg.id(), first_id);
     wait_pending(&agent, "web", false);
     let buckets = inspect::map_dump(&agent, "RATE_LIMITS");
