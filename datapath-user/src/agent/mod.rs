@@ -262,12 +262,12 @@ impl Agent {
                 let result = self.lifecycle().delete(&name).await;
                 self.answer(&publish, reply, result);
             }
-            Command::Publish(name, spec, reply) => {
-                let result = self.ports().publish(&name, &spec).await;
+            Command::Publish(name, specs, reply) => {
+                let result = self.ports().publish(&name, &specs).await;
                 self.answer(&publish, reply, result);
             }
-            Command::Unpublish(name, spec, reply) => {
-                let result = self.ports().unpublish(&name, &spec).await;
+            Command::Unpublish(name, specs, reply) => {
+                let result = self.ports().unpublish(&name, &specs).await;
                 self.answer(&publish, reply, result);
             }
             // Flows are read live, not from the snapshot.

@@ -35,10 +35,10 @@ pub(super) enum Command {
     Update(String, UpdateContainer, Reply<ContainerInfo>),
     /// Delete a container.
     Delete(String, Reply<()>),
-    /// Publish a port of a container.
-    Publish(String, String, Reply<ContainerInfo>),
-    /// Stop publishing a port of a container.
-    Unpublish(String, String, Reply<ContainerInfo>),
+    /// Publish ports of a container (all or none).
+    Publish(String, Vec<String>, Reply<ContainerInfo>),
+    /// Stop publishing ports of a container.
+    Unpublish(String, Vec<String>, Reply<ContainerInfo>),
     /// Remove tracked flows (one container's, or all).
     Flush(Option<String>, Reply<usize>),
 }

@@ -8,7 +8,8 @@ use hyper_util::rt::TokioIo;
 use serde::de::DeserializeOwned;
 
 use super::wire::{
-    AddContainer, ApiError, ContainerInfo, Flow, Flushed, PortRequest, Status, UpdateContainer,
+    AddContainer, ApiError, ContainerInfo, Flow, FlowQuery, Flushed, PortRequest, Specs, Status,
+    UpdateContainer,
 };
 
 /// Errors of the API client.
@@ -170,24 +171,34 @@ impl Client {
         .await
     }
 
-    /// `POST /v1/containers/{name}/ports`.
-    pub async fn publish(&self, name: &str, spec: &str) -> Result<ContainerInfo, ClientError> {
-        self.port_call(Method::POST, name, spec).await
+    /// `POST /v1/containers/{name}/ports`: publishes `specs` in one
+    /// request (all or none).
+    pub async fn publish(
+        &self,
+        name: &str,
+        specs: &[String],
+    ) -> Result<ContainerInfo, ClientError> {
+        self.port_call(Method::POST, name, specs).await
     }
 
-    /// `DELETE /v1/containers/{name}/ports`.
-    pub async fn unpublish(&self, name: &str, spec: &str) -> Result<ContainerInfo, ClientError> {
-        self.port_call(Method::DELETE, name, spec).await
+    /// `DELETE /v1/containers/{name}/ports`: stops publishing `specs` in
+    /// one request.
+    pub async fn unpublish(
+        &self,
+        name: &str,
+        specs: &[String],
+    ) -> Result<ContainerInfo, ClientError> {
+        self.port_call(Method::DELETE, name, specs).await
     }
 
     async fn port_call(
         &self,
         method: Method,
         name: &str,
-        spec: &str,
+        specs: &[String],
     ) -> Result<ContainerInfo, ClientError> {
         let body = serde_json::to_vec(&PortRequest {
-            publish: spec.to_owned(),
+            publish: Specs::List(specs.to_vec()),
         })
         .map_err(|e| ClientError::Http {
             socket: self.socket.clone(),
@@ -212,9 +223,21 @@ impl Client {
         .map(|_| ())
     }
 
-    /// `GET /v1/conntrack`.
-    pub async fn conntrack(&self) -> Result<Vec<Flow>, ClientError> {
-        self.call(Method::GET, "/v1/conntrack", None).await
+    /// `GET /v1/conntrack[?container=NAME][&limit=N]`.
+    pub async fn conntrack(&self, query: &FlowQuery) -> Result<Vec<Flow>, ClientError> {
+        let mut params = Vec::new();
+        if let Some(c) = &query.container {
+            params.push(format!("container={}", encode(c)));
+        }
+        if let Some(n) = query.limit {
+            params.push(format!("limit={n}"));
+        }
+        let path = if params.is_empty() {
+            "/v1/conntrack".to_owned()
+        } else {
+            format!("/v1/conntrack?{}", params.join("&"))
+        };
+        self.call(Method::GET, &path, None).await
     }
 
     /// `DELETE /v1/conntrack[?container=NAME]`.

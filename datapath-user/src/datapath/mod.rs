@@ -162,7 +162,7 @@ pub struct Datapath {
         reason = "cgroup storage is what gives a key per attachment"
     )]
     rate_cgroups: aya::maps::CgroupStorage<MapData, RateKey>,
-    attachments: Vec<Attachment>,
+    attachments: imbl::OrdMap<PathBuf, Attachment>,
 }
 
 /// Mounts bpffs at /sys/fs/bpf if nothing is mounted there.
@@ -264,7 +264,7 @@ impl Datapath {
             rate_cgroups: typed_map!(&mut ebpf, names::RATE_CGROUPS, aya::maps::CgroupStorage<MapData, RateKey>),
             ebpf,
             bpffs_dir: opts.bpffs_dir.clone(),
-            attachments: Vec::new(),
+            attachments: imbl::OrdMap::new(),
         })
     }
 
