@@ -154,5 +154,10 @@ fn run(
         while let Some(Message::Command(command)) = inbox.recv().await {
             agent.execute(*command, publish).await;
         }
+        // A clean stop leaves the whole state in the snapshot and an empty
+        // journal (what an operator reading the state directory expects).
+        if let Err(e) = agent.store.compact() {
+            tracing::warn!("write the state snapshot at shutdown: {e}");
+        }
     });
 }

@@ -8,8 +8,8 @@ use hyper_util::rt::TokioIo;
 use serde::de::DeserializeOwned;
 
 use super::wire::{
-    AddContainer, ApiError, ContainerInfo, Flow, FlowQuery, Flushed, PortRequest, Specs, Status,
-    UpdateContainer,
+    AddContainer, ApiError, ContainerInfo, Flow, FlowQuery, Flushed, MAX_PORTS_BODY, PortRequest,
+    SPLIT_PORTS, Specs, Status, UpdateContainer, too_large,
 };
 
 /// Errors of the API client.
@@ -150,6 +150,7 @@ impl Client {
             socket: self.socket.clone(),
             message: format!("encode request: {e}"),
         })?;
+        fits_ports_body(&body)?;
         self.call(Method::POST, "/v1/containers", Some(body)).await
     }
 
@@ -204,6 +205,7 @@ impl Client {
             socket: self.socket.clone(),
             message: format!("encode request: {e}"),
         })?;
+        fits_ports_body(&body)?;
         self.call(
             method,
             &format!("/v1/containers/{}/ports", encode(name)),
@@ -248,6 +250,19 @@ impl Client {
         };
         self.call(Method::DELETE, &path, None).await
     }
+}
+
+/// Refuses, before sending it, a body the agent would refuse as too large
+/// (the agent stops reading such a body and answers at once; a client
+/// still writing it may never see the answer).
+fn fits_ports_body(body: &[u8]) -> Result<(), ClientError> {
+    if body.len() > MAX_PORTS_BODY {
+        return Err(ClientError::Agent {
+            status: 413,
+            message: too_large(MAX_PORTS_BODY, SPLIT_PORTS),
+        });
+    }
+    Ok(())
 }
 
 /// Percent-encodes a path segment or query value.

@@ -17,7 +17,7 @@ use serde::Deserialize;
 
 use super::wire::{
     AddContainer, ApiError, ContainerInfo, Flow, FlowQuery, Flushed, MAX_BODY, MAX_PORTS_BODY,
-    PortRequest, Status, UpdateContainer,
+    PortRequest, SPLIT_PORTS, Status, UpdateContainer,
 };
 
 /// What the API's routes are served by (the agent). Every method answers
@@ -104,23 +104,9 @@ impl From<JsonRejection> for Failure {
     }
 }
 
-/// How a request with many ports is split to fit [`MAX_PORTS_BODY`].
-const SPLIT_PORTS: &str = "split the ports over several requests of at most 100,000 ports each \
-    (`datapath container add` with the first part, then `datapath container publish NAME \
-    --publish-file PART` with each other part; through the API, `POST \
-    /v1/containers/{name}/ports` with a list)";
-
 /// A body over a route's limit: which limit, and what to do.
 fn too_large(limit: usize, what_to_do: &str) -> Failure {
-    let size = if limit >= 1 << 20 {
-        format!("{} MiB", limit >> 20)
-    } else {
-        format!("{} KiB", limit >> 10)
-    };
-    Failure::new(
-        413,
-        format!("the request body is larger than the {size} this route accepts: {what_to_do}"),
-    )
+    Failure::new(413, super::wire::too_large(limit, what_to_do))
 }
 
 /// The body of a route that takes port lists, or why it was refused.

@@ -19,6 +19,23 @@ pub const MAX_BODY: usize = 64 * 1024;
 /// written out one by one.
 pub const MAX_PORTS_BODY: usize = 8 * 1024 * 1024;
 
+/// How a request with many ports is split to fit [`MAX_PORTS_BODY`].
+pub const SPLIT_PORTS: &str = "split the ports over several requests of at most 100,000 ports \
+    each (`datapath container add` with the first part, then `datapath container publish NAME \
+    --publish-file PART` with each other part; through the API, `POST \
+    /v1/containers/{name}/ports` with a list)";
+
+/// What the agent (or the client, before sending) says of a request body
+/// over a route's `limit`: which limit, and `what_to_do`.
+pub fn too_large(limit: usize, what_to_do: &str) -> String {
+    let size = if limit >= 1 << 20 {
+        format!("{} MiB", limit >> 20)
+    } else {
+        format!("{} KiB", limit >> 10)
+    };
+    format!("the request body is larger than the {size} this route accepts: {what_to_do}")
+}
+
 /// `POST /v1/containers`.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]

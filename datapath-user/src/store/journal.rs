@@ -220,13 +220,15 @@ pub struct Journal {
 impl Journal {
     /// Reads the state kept in `dir` and opens its journal for the next
     /// changes. A journal left by an earlier run is folded into a fresh
-    /// snapshot first, so that a run starts with an empty journal file.
+    /// snapshot first (and a missing snapshot written), so that a run
+    /// starts with a snapshot and an empty journal file.
     pub fn open(dir: PathBuf) -> Result<(State, Self), StateError> {
         let (state, seq, files) = read(&dir)?;
         let snapshot = StateStore::new(&dir);
         fs::create_dir_all(&dir).map_err(io_err("create", &dir))?;
-        let snapshot_bytes = if files.is_empty() {
-            fs::metadata(snapshot.path()).map_or(0, |m| m.len())
+        let existing = fs::metadata(snapshot.path()).map(|m| m.len());
+        let snapshot_bytes = if let (true, Ok(size)) = (files.is_empty(), &existing) {
+            *size
         } else {
             let size = snapshot.save(&state, seq)?;
             for (_, path) in &files {
@@ -388,15 +390,13 @@ impl Journal {
         remove_before(self.dir(), n);
     }
 
-    /// Writes a snapshot of `state` (the state as of the last record) now
-    /// and removes the journal files before the current one.
+    /// Writes a snapshot of `state` (the state as of the last record) now,
+    /// starts a new, empty journal file and removes the others.
     pub fn compact_now(&mut self, state: &State) -> Result<(), StateError> {
         self.wait();
         self.snapshot_bytes = self.snapshot.save(state, self.seq)?;
         self.since_snapshot = 0;
-        if self.file.is_none() {
-            self.start_file(self.number + 1)?;
-        }
+        self.start_file(self.number + 1)?;
         self.remove_before(self.number);
         Ok(())
     }
