@@ -3,7 +3,7 @@
 //!
 //! Run through the xtask (it builds the release agent and sets
 //! `DATAPATH_BIN`). Options, for working on the bench itself:
-//! `--modes route,datapath-tc`, `--only conn,rr,ratelimit`, `--reps N`,
+//! `--modes route,datapath-tc`, `--only conn,rr,ratelimit,control`, `--reps N`,
 //! `--sizes 1000,10000`, `--conn-threads N`, `--out DIR`.
 
 use std::{
@@ -68,6 +68,7 @@ fn parse_args() -> Result<Args> {
     let (mut modes, mut kinds, mut reps, mut sizes) = (None, None, None, None);
     let mut threads = None;
     let mut ratelimit = None;
+    let mut control_plane = None;
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--quick" => {
@@ -82,10 +83,11 @@ fn parse_args() -> Result<Args> {
             "--only" => {
                 let value = args.next().context("--only needs a value")?;
                 let rate = value.split(',').any(|v| v.trim() == "ratelimit");
+                let control = value.split(',').any(|v| v.trim() == "control");
                 let rest: Vec<&str> = value
                     .split(',')
                     .map(str::trim)
-                    .filter(|v| *v != "ratelimit")
+                    .filter(|v| *v != "ratelimit" && *v != "control")
                     .collect();
                 let k = if rest.is_empty() {
                     Vec::new()
@@ -95,6 +97,7 @@ fn parse_args() -> Result<Args> {
                 extra.push(format!("--only {value}"));
                 kinds = Some(k);
                 ratelimit = Some(rate);
+                control_plane = Some(control);
             }
             "--reps" => {
                 let r: usize = args.next().context("--reps needs a value")?.parse()?;
@@ -121,7 +124,7 @@ fn parse_args() -> Result<Args> {
             "-h" | "--help" => {
                 println!(
                     "bench [--quick] [--modes M,…] [--only KIND,…] [--reps N] [--sizes N,…] [--conn-threads N] [--out DIR]\n\
-                     modes: {}\nkinds: {},ratelimit",
+                     modes: {}\nkinds: {},ratelimit,control",
                     join(&Mode::ALL, Mode::name),
                     join(&Kind::ALL, Kind::name)
                 );
@@ -137,6 +140,9 @@ fn parse_args() -> Result<Args> {
     cfg.conn_threads = threads.unwrap_or(cfg.conn_threads);
     if ratelimit == Some(false) {
         cfg.rate_cases.clear();
+    }
+    if control_plane == Some(false) {
+        cfg.control.enabled = false;
     }
     let quick = if quick { " --quick" } else { "" };
     let command = if extra.is_empty() {
