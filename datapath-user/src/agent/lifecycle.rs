@@ -3,17 +3,18 @@
 //! `add` and `update` are transactions: each step that changes the kernel
 //! or the state is written down in a [`Transaction`] as it is taken, and if
 //! a later step fails, the steps taken are undone in reverse order, so a
-//! container is all there or not at all. The state file is saved last: a
-//! container is recorded only once it is complete, and an agent cut off
-//! before that finds only orphans on its next start ([`super::reconcile`]).
+//! container is all there or not at all. The record is written last (one
+//! durable journal record, [`Store::commit`]): a container is recorded
+//! only once it is complete, and an agent cut off before that finds only
+//! orphans on its next start ([`super::reconcile`]).
 //!
 //! `add` takes these steps: the veth pair ([`Netlink::create_container_link`]),
 //! the endpoint and published ports in the maps and the container program
 //! on the host end ([`Lifecycle::fill`]), the rate limits
-//! ([`Datapath::apply_limits`]), then the record, saved.
+//! ([`Datapath::apply_limits`]), then the record.
 //!
-//! `delete` cannot be undone: it tears down whatever is there, going on
-//! after failures, and then forgets the container.
+//! `delete` cannot be undone: it records the container's removal first,
+//! then tears down whatever is there, going on after failures.
 
 use std::path::Path;
 

@@ -115,7 +115,7 @@ pub enum AgentError {
     /// A BPF operation failed.
     #[error(transparent)]
     Bpf(#[from] BpfError),
-    /// The state file could not be read or written.
+    /// The persisted state could not be read or written.
     #[error(transparent)]
     State(#[from] StateError),
     /// Something else failed.

@@ -4,7 +4,7 @@
 //! netlink connection), and takes [`Command`]s from the API in the order
 //! they come, one at a time. Everything a change does — BPF map updates
 //! and attachments, netlink round trips, the `setns` thread of a veth
-//! pair, the state file's fsync — blocks that thread and no other: the
+//! pair, the state journal's fsync — blocks that thread and no other: the
 //! API's async workers stay free to answer reads. After each change it
 //! publishes a fresh [`Snapshot`] before it answers.
 //!

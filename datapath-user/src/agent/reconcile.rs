@@ -294,8 +294,8 @@ async fn remove_orphans(lc: &mut Lifecycle<'_>, found: &Found) {
 
 /// Removes everything an agent with these paths made: every container's
 /// veth, every `dp<hex>` veth, the bpffs directory (pins of maps and
-/// links: the programs are detached) and the state file. Works without
-/// loading anything, and with a corrupt state file.
+/// links: the programs are detached) and the persisted state (snapshot and
+/// journal). Works without loading anything, and with a corrupt state.
 pub async fn cleanup(cfg: &AgentConfig) -> anyhow::Result<()> {
     use anyhow::Context as _;
     let net = Netlink::new().context("open a netlink connection")?;

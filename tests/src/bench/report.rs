@@ -329,8 +329,8 @@ pub fn markdown(meta: &Meta, cfg: &Config, r: &Results) -> String {
         "## Updating one mapping (p50 / p99 of {} samples)\n\n\
          iptables and nft: one command each (`iptables -t nat -A|-D`, `nft add|delete element`), \
          process start included, as Docker and CNI plugins run them. This datapath: one API call \
-         publishing or unpublishing a port of a running container (map entry plus the agent's \
-         state file, written and fsynced), the same through the `datapath` CLI (process start \
+         publishing or unpublishing a port of a running container (map entry plus one record \
+         of the agent's state journal, written and fsynced), the same through the `datapath` CLI (process start \
          included), and the BPF map update alone.\n",
         cfg.update_samples
     );
