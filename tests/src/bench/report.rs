@@ -122,7 +122,7 @@ fn control_plane_text(cfg: &Config) -> String {
          mappings), and container add/delete ({} containers, one port each), the listings, the \
          memory and a restart (SIGKILL, start, API answering with everything adopted, {} times) \
          are measured with them present. The range rows have the same number of ports present \
-         as one range mapping.\n",
+         as one range mapping.\n\n",
         cfg.control.samples, cfg.control.containers, cfg.control.churn, cfg.control.restarts
     )
 }
