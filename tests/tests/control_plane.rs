@@ -368,6 +368,12 @@ fn the_conntrack_listing_is_streamed_and_can_be_limited() {
         );
     }
     assert_eq!(agent.flows().len(), 3);
+    // Counted in the background, the status's number catches up with the
+    // table's (two entries per flow).
+    datapath_tests::wait::until("status counts the entries", Duration::from_secs(10), || {
+        let in_table = datapath_tests::inspect::map_dump(&agent, "CONNTRACK").len();
+        in_table >= 6 && agent.status()["conntrack_entries"].as_u64() == Some(in_table as u64)
+    });
     let limited = agent.cli_json(["conntrack", "list", "--json", "--limit", "2"]);
     assert_eq!(limited.as_array().map(Vec::len), Some(2));
     let theirs = agent.cli_json(["conntrack", "list", "--json", "--container", "web"]);
