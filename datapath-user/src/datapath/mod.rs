@@ -29,7 +29,7 @@ use aya::{
 use datapath_common::{
     Config, CtEntry, CtKey, Endpoint, EndpointKey, NodeAddr, NodeAddrKey, ServiceKey, ServiceValue,
     names, programs,
-    ratelimit::{RateKey, RateLimit, RateStats},
+    ratelimit::{RateFlows, RateKey, RateLimit, RateStats},
 };
 use serde::Serialize;
 
@@ -162,6 +162,8 @@ pub struct Datapath {
         reason = "cgroup storage is what gives a key per attachment"
     )]
     rate_cgroups: aya::maps::CgroupStorage<MapData, RateKey>,
+    /// TCP sockets sharing each ingress bucket's receive windows.
+    rate_flows: HashMap<MapData, RateKey, RateFlows>,
     attachments: imbl::OrdMap<PathBuf, Attachment>,
 }
 
@@ -262,6 +264,7 @@ impl Datapath {
                 reason = "cgroup storage is what gives a key per attachment"
             )]
             rate_cgroups: typed_map!(&mut ebpf, names::RATE_CGROUPS, aya::maps::CgroupStorage<MapData, RateKey>),
+            rate_flows: typed_map!(&mut ebpf, names::RATE_FLOWS, HashMap<MapData, RateKey, RateFlows>),
             ebpf,
             bpffs_dir: opts.bpffs_dir.clone(),
             attachments: imbl::OrdMap::new(),

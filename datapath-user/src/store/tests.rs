@@ -33,10 +33,7 @@ fn container(name: &str, id: u32, addr: Ipv4Addr, ports: &[&str]) -> Container {
         cgroup: Some("/sys/fs/cgroup/unified/web".into()),
         cgroup_id: 4242 + u64::from(id),
         limits: RateLimits {
-            egress: Some(Limit {
-                rate_bps: 10_000_000,
-                burst_bytes: 65_536,
-            }),
+            egress: Some(Limit::given(10_000_000, 65_536)),
             ingress: None,
         },
     }

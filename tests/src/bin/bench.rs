@@ -2,7 +2,9 @@
 //! and plain routing in namespace nodes; writes `bench/results/`.
 //!
 //! Run through the xtask (it builds the release agent and sets
-//! `DATAPATH_BIN`). Options, for working on the bench itself:
+//! `DATAPATH_BIN`; `cargo xtask bench --only ratelimit` runs the rate
+//! section alone, `--only control` the control plane's). Options, for
+//! working on the bench itself:
 //! `--modes route,datapath-tc`, `--only conn,rr,ratelimit,control`, `--reps N`,
 //! `--sizes 1000,10000`, `--conn-threads N`, `--out DIR`.
 
@@ -49,6 +51,8 @@ struct Args {
     cfg: Config,
     out: PathBuf,
     command: String,
+    /// The sections chosen with `--only`, if not all.
+    only: Option<String>,
 }
 
 fn list<T>(value: Option<String>, what: &str, parse: impl Fn(&str) -> Option<T>) -> Result<Vec<T>> {
@@ -69,6 +73,7 @@ fn parse_args() -> Result<Args> {
     let mut threads = None;
     let mut ratelimit = None;
     let mut control_plane = None;
+    let mut only = None;
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--quick" => {
@@ -95,6 +100,7 @@ fn parse_args() -> Result<Args> {
                     list(Some(rest.join(",")), "--only", Kind::parse)?
                 };
                 extra.push(format!("--only {value}"));
+                only = Some(value.clone());
                 kinds = Some(k);
                 ratelimit = Some(rate);
                 control_plane = Some(control);
@@ -140,12 +146,16 @@ fn parse_args() -> Result<Args> {
     cfg.conn_threads = threads.unwrap_or(cfg.conn_threads);
     if ratelimit == Some(false) {
         cfg.rate_cases.clear();
+        cfg.rr_cases.clear();
     }
     if control_plane == Some(false) {
         cfg.control.enabled = false;
     }
     let quick = if quick { " --quick" } else { "" };
-    let command = if extra.is_empty() {
+    let command = if let Ok(command) = std::env::var("BENCH_COMMAND") {
+        // Run by `cargo xtask bench`, which says how.
+        command
+    } else if extra.is_empty() {
         format!("cargo xtask bench{quick}")
     } else {
         format!(
@@ -153,7 +163,12 @@ fn parse_args() -> Result<Args> {
             extra.join(" ")
         )
     };
-    Ok(Args { cfg, out, command })
+    Ok(Args {
+        cfg,
+        out,
+        command,
+        only,
+    })
 }
 
 fn join<T: Copy, S: ToString>(items: &[T], f: impl Fn(T) -> S) -> String {
@@ -192,9 +207,16 @@ fn real_main() -> Result<()> {
         cfg.sizes
     );
 
-    let nodes: Vec<_> = cfg.modes.iter().map(|m| bed::node_for(*m)).collect();
+    // The rate and control-plane sections (`--only ratelimit,control`)
+    // build their own nodes.
+    let modes: &[Mode] = if cfg.kinds.is_empty() {
+        &[]
+    } else {
+        &cfg.modes
+    };
+    let nodes: Vec<_> = modes.iter().map(|m| bed::node_for(*m)).collect();
     let mut beds = Vec::new();
-    for (i, (mode, node)) in cfg.modes.iter().zip(&nodes).enumerate() {
+    for (i, (mode, node)) in modes.iter().zip(&nodes).enumerate() {
         let bed =
             Bed::new(*mode, node, 16 + i as u8).with_context(|| format!("setting up {mode}"))?;
         println!("set up {mode}: {}", bed.describe());
@@ -212,10 +234,18 @@ fn real_main() -> Result<()> {
     let json = serde_json::to_string_pretty(&report::json(&meta, &cfg, &results))?;
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;
+    // A run of some sections only goes to files of its own, so that it
+    // never replaces the results of a whole run.
+    let part = args
+        .only
+        .as_deref()
+        .map(|o| format!("-{}", o.replace(',', "+")))
+        .unwrap_or_default();
     let kind = if cfg.quick { "quick" } else { "full" };
     let stamp = meta.started.replace([':', '-'], "");
     let latest = if cfg.quick { "latest-quick" } else { "latest" };
-    for name in [format!("{stamp}-{kind}"), latest.to_owned()] {
+    let (kind, latest) = (format!("{kind}{part}"), format!("{latest}{part}"));
+    for name in [format!("{stamp}-{kind}"), latest.clone()] {
         for (ext, text) in [("md", &md), ("json", &json)] {
             let path = args.out.join(format!("{name}.{ext}"));
             std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
