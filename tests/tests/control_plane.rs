@@ -19,6 +19,7 @@ use datapath_tests::{
     agent::Agent,
     bench::api::Api,
     inspect::pinned_hash,
+    lock::TrafficLock,
     names,
     netns::Netns,
     node::Node,
@@ -72,6 +73,9 @@ fn a_thousand_containers_with_ten_ports_each_are_adopted_after_the_agent_is_kill
     const CONTAINERS: usize = 1000;
     const PORTS: usize = 10;
     const FIRST: usize = 10_000;
+    // Half a minute of both cores busy adding containers: rates measured
+    // meanwhile by other tests would be off.
+    let _lock = TrafficLock::acquire();
     let node = Node::new();
     let mut agent = Agent::builder(&node).pool("198.19.128.0/21").start();
     let api = Api::new(agent.socket());
