@@ -115,7 +115,7 @@ pub enum AgentError {
     /// A BPF operation failed.
     #[error(transparent)]
     Bpf(#[from] BpfError),
-    /// The state file could not be read or written.
+    /// The persisted state could not be read or written.
     #[error(transparent)]
     State(#[from] StateError),
     /// Something else failed.
@@ -262,12 +262,12 @@ impl Agent {
                 let result = self.lifecycle().delete(&name).await;
                 self.answer(&publish, reply, result);
             }
-            Command::Publish(name, spec, reply) => {
-                let result = self.ports().publish(&name, &spec).await;
+            Command::Publish(name, specs, reply) => {
+                let result = self.ports().publish(&name, &specs).await;
                 self.answer(&publish, reply, result);
             }
-            Command::Unpublish(name, spec, reply) => {
-                let result = self.ports().unpublish(&name, &spec).await;
+            Command::Unpublish(name, specs, reply) => {
+                let result = self.ports().unpublish(&name, &specs).await;
                 self.answer(&publish, reply, result);
             }
             // Flows are read live, not from the snapshot.
