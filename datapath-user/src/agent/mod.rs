@@ -118,7 +118,7 @@ pub enum AgentError {
     /// A BPF operation failed.
     #[error(transparent)]
     Bpf(#[from] BpfError),
-    /// The state file could not be read or written.
+    /// The persisted state could not be read or written.
     #[error(transparent)]
     State(#[from] StateError),
     /// Something else failed.
@@ -276,13 +276,13 @@ impl Agent {
                 self.reserve_ports();
                 self.answer(&publish, reply, result);
             }
-            Command::Publish(name, req, reply) => {
-                let result = self.ports().publish(&name, &req.publish, req.force).await;
+            Command::Publish(name, specs, force, reply) => {
+                let result = self.ports().publish(&name, &specs, force).await;
                 self.reserve_ports();
                 self.answer(&publish, reply, result);
             }
-            Command::Unpublish(name, spec, reply) => {
-                let result = self.ports().unpublish(&name, &spec).await;
+            Command::Unpublish(name, specs, reply) => {
+                let result = self.ports().unpublish(&name, &specs).await;
                 self.reserve_ports();
                 self.answer(&publish, reply, result);
             }

@@ -8,7 +8,11 @@
 use anyhow::Context as _;
 
 use super::Node;
-use crate::{model::ports::PortSet, net::sockets, store::Store};
+use crate::{
+    model::ports::PortSet,
+    net::sockets,
+    store::{Change, Store},
+};
 
 /// The ports the agent wants reserved: the masquerade range (when it
 /// masquerades) and every published host port.
@@ -29,12 +33,22 @@ pub fn wanted(node: &Node, store: &Store) -> PortSet {
 }
 
 /// Makes the reservation `wanted`: adds what is missing, gives back what
-/// the agent reserved and no longer needs, and records (and saves) what is
-/// the agent's.
+/// the agent reserved and no longer needs, and records (one journal
+/// record, when it changed) what is the agent's.
 pub fn apply(wanted: &PortSet, store: &mut Store) -> anyhow::Result<()> {
+    let ours_before = store.state().reserved_ports();
+    let ours = reserve(wanted, ours_before)?;
+    if ours != *ours_before {
+        store.commit(vec![Change::ReservedPorts { ports: ours }])?;
+    }
+    Ok(())
+}
+
+/// Makes the reservation `wanted` where `ours_before` are the ports the
+/// agent reserved so far; returns those that are the agent's now.
+pub fn reserve(wanted: &PortSet, ours_before: &PortSet) -> anyhow::Result<PortSet> {
     let current = sockets::reserved_ports().context("read ip_local_reserved_ports")?;
-    let ours_before = store.state().reserved_ports.clone();
-    let others = current.minus(&ours_before);
+    let others = current.minus(ours_before);
     let ours = wanted.minus(&others);
     let mut target = others;
     target.extend(wanted);
@@ -42,9 +56,5 @@ pub fn apply(wanted: &PortSet, store: &mut Store) -> anyhow::Result<()> {
         sockets::set_reserved_ports(&target).context("write ip_local_reserved_ports")?;
         tracing::debug!(reserved = %target, "ip_local_reserved_ports");
     }
-    if ours != ours_before {
-        store.set_reserved_ports(ours);
-        store.save()?;
-    }
-    Ok(())
+    Ok(ours)
 }
