@@ -13,7 +13,10 @@ use ipnet::Ipv4Net;
 
 use crate::{
     agent::{self, AgentConfig, XdpMode},
-    api::{AddContainer, Client, ContainerInfo, DEFAULT_SOCKET, FlowEndpoint, UpdateContainer},
+    api::{
+        AddContainer, Client, ContainerInfo, DEFAULT_SOCKET, FlowEndpoint, FlowQuery,
+        UpdateContainer,
+    },
     model::Limit,
 };
 
@@ -76,15 +79,20 @@ pub struct AgentArgs {
     /// Do not masquerade container egress.
     #[arg(long)]
     pub no_masquerade: bool,
-    /// Conntrack capacity in entries (two per flow).
+    /// Capacity of the main conntrack table in entries (two per flow);
+    /// the table of unconfirmed flows gets a quarter of it.
     #[arg(long)]
     pub ct_max: Option<u32>,
+    /// Percentage of the main conntrack table one container's flows may
+    /// hold (100: no limit); beyond it they are tracked, but evictable.
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u8).range(1..=100))]
+    pub ct_container_share: u8,
     /// Let uplink traffic reach container addresses directly.
     #[arg(long)]
     pub allow_direct_routing: bool,
-    /// How often expired flows are collected.
-    #[arg(long, default_value = "5s", value_parser = parse_duration)]
-    pub ct_gc_interval: Duration,
+    /// MTU of the containers' veth pairs (default: the uplink's).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(68..=65535))]
+    pub mtu: Option<u32>,
     /// Idle timeout of established TCP flows.
     #[arg(long, default_value = "6h", value_parser = parse_duration)]
     pub ct_timeout_tcp: Duration,
@@ -94,9 +102,12 @@ pub struct AgentArgs {
     /// Idle timeout of TCP flows before the reply.
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     pub ct_timeout_tcp_syn: Duration,
-    /// Idle timeout of UDP flows (replied; unreplied ones get a quarter, at least 1 s).
-    #[arg(long, default_value = "120s", value_parser = parse_duration)]
+    /// Idle timeout of UDP flows seen one way, or answered once.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
     pub ct_timeout_udp: Duration,
+    /// Idle timeout of UDP flows with traffic both ways more than once.
+    #[arg(long, default_value = "120s", value_parser = parse_duration)]
+    pub ct_timeout_udp_stream: Duration,
     /// Idle timeout of ICMP echo flows.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     pub ct_timeout_icmp: Duration,
@@ -138,9 +149,17 @@ pub enum ContainerCmd {
         /// Interface name inside the container.
         #[arg(long, default_value = "eth0")]
         ifname: String,
-        /// Publish a port like docker -p: [IP:]HOST[-END]:CONTAINER[-END][/tcp|/udp].
+        /// Publish a port like docker -p: [IP:]HOST[-END]:CONTAINER[-END][/tcp|/udp]
+        /// (repeatable).
         #[arg(long = "publish", short = 'p')]
         publish: Vec<String>,
+        /// Also publish the ports of a JSON list of specs in FILE (`-`:
+        /// standard input), e.g. `["8080:80", "8443:443"]`.
+        #[arg(long, value_name = "FILE")]
+        publish_file: Option<PathBuf>,
+        /// Publish even ports a process of the node listens on.
+        #[arg(long)]
+        force: bool,
         /// The container's cgroup v2 directory, which rate limits apply to
         /// (its processes and every cgroup below): a path in the cgroup2
         /// mount, or a name under it.
@@ -148,7 +167,8 @@ pub enum ContainerCmd {
         cgroup: Option<String>,
         #[command(flatten)]
         limits: LimitArgs,
-        /// MTU of both ends of the veth pair (default: the kernel's, 1500).
+        /// MTU of both ends of the veth pair (default: the agent's `--mtu`,
+        /// or the uplink's).
         #[arg(long)]
         mtu: Option<u32>,
     },
@@ -159,21 +179,29 @@ pub enum ContainerCmd {
         #[command(flatten)]
         limits: LimitArgs,
     },
-    /// Publish more ports of a running container.
+    /// Publish more ports of a running container, all in one request:
+    /// every port is published, or none is.
     Publish {
         /// Container name.
         name: String,
         /// Ports like docker -p: [IP:]HOST[-END]:CONTAINER[-END][/tcp|/udp].
-        #[arg(required = true)]
         specs: Vec<String>,
+        #[command(flatten)]
+        more: MorePorts,
+        /// Publish even ports a process of the node listens on.
+        #[arg(long)]
+        force: bool,
     },
-    /// Stop publishing ports of a container (its established flows go on).
+    /// Stop publishing ports of a container, all in one request (its
+    /// established TCP connections go on; its UDP flows through them are
+    /// removed).
     Unpublish {
         /// Container name.
         name: String,
         /// Ports as they were published.
-        #[arg(required = true)]
         specs: Vec<String>,
+        #[command(flatten)]
+        more: MorePorts,
     },
     /// Remove a container's network (succeeds if it is already gone).
     Del {
@@ -186,6 +214,62 @@ pub enum ContainerCmd {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// Ports given by flag or file besides the positional ones.
+#[derive(Debug, Args)]
+pub struct MorePorts {
+    /// A port, as with `container add` (repeatable).
+    #[arg(long = "publish", short = 'p', value_name = "SPEC")]
+    publish: Vec<String>,
+    /// The ports of a JSON list of specs in FILE (`-`: standard input),
+    /// e.g. `["8080:80", "8443:443"]`.
+    #[arg(long, value_name = "FILE")]
+    publish_file: Option<PathBuf>,
+}
+
+impl MorePorts {
+    /// Every port: `specs`, then the flags', then the file's; at least one.
+    fn all(self, mut specs: Vec<String>) -> anyhow::Result<Vec<String>> {
+        specs.extend(self.publish);
+        if let Some(file) = &self.publish_file {
+            specs.extend(read_specs(file)?);
+        }
+        anyhow::ensure!(
+            !specs.is_empty(),
+            "give at least one port (SPEC, --publish SPEC or --publish-file FILE)"
+        );
+        Ok(specs)
+    }
+}
+
+/// Reads a JSON list of port specs from `path` (`-`: standard input).
+fn read_specs(path: &std::path::Path) -> anyhow::Result<Vec<String>> {
+    let text = if path.as_os_str() == "-" {
+        std::io::read_to_string(std::io::stdin()).context("read standard input")?
+    } else {
+        std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?
+    };
+    serde_json::from_str(&text).with_context(|| {
+        format!(
+            "{}: expected a JSON list of port specs, e.g. [\"8080:80\", \"53:53/udp\"]",
+            path.display()
+        )
+    })
+}
+
+/// What `container publish|unpublish` prints: the ports now published
+/// (their number, beyond a screenful).
+fn print_ports(c: &ContainerInfo) {
+    if c.publish.len() <= 32 {
+        println!("{} publishes {}", c.name, c.publish.join(","));
+    } else {
+        println!(
+            "{} publishes {} ports (`datapath container list` shows them)",
+            c.name,
+            c.publish.len()
+        );
+    }
 }
 
 /// Rate limits in tc's units (rates: bit, kbit, mbit, gbit, tbit, bps,
@@ -209,11 +293,17 @@ pub struct LimitArgs {
 /// `datapath conntrack …`.
 #[derive(Debug, Subcommand)]
 pub enum ConntrackCmd {
-    /// List tracked flows.
+    /// List tracked flows (the agent streams them as it reads the table).
     List {
         /// Print JSON.
         #[arg(long)]
         json: bool,
+        /// Only this container's flows.
+        #[arg(long)]
+        container: Option<String>,
+        /// At most this many flows.
+        #[arg(long)]
+        limit: Option<usize>,
     },
     /// Remove tracked flows (all, or one container's).
     Flush {
@@ -253,7 +343,7 @@ pub fn parse_from(args: Vec<std::ffi::OsString>) -> Result<Cli, config::ConfigEr
 
 impl AgentArgs {
     fn config(&self) -> AgentConfig {
-        let udp = self.ct_timeout_udp.as_secs();
+        let secs = |d: Duration| u32::try_from(d.as_secs().max(1)).unwrap_or(u32::MAX);
         AgentConfig {
             uplink: self.uplink.clone(),
             node_ip: self.node_ip,
@@ -264,16 +354,17 @@ impl AgentArgs {
             snat_ports: self.snat_ports,
             masquerade: !self.no_masquerade,
             ct_max: self.ct_max,
+            ct_container_share: self.ct_container_share,
             allow_direct_routing: self.allow_direct_routing,
+            mtu: self.mtu,
             timeouts: Timeouts {
-                tcp_syn: self.ct_timeout_tcp_syn.as_secs(),
-                tcp_established: self.ct_timeout_tcp.as_secs(),
-                tcp_closing: self.ct_timeout_tcp_close.as_secs(),
-                udp_unreplied: (udp / 4).max(1),
-                udp_replied: udp,
-                icmp: self.ct_timeout_icmp.as_secs(),
+                tcp_syn: secs(self.ct_timeout_tcp_syn),
+                tcp_established: secs(self.ct_timeout_tcp),
+                tcp_closing: secs(self.ct_timeout_tcp_close),
+                udp: secs(self.ct_timeout_udp),
+                udp_stream: secs(self.ct_timeout_udp_stream),
+                icmp: secs(self.ct_timeout_icmp),
             },
-            gc_interval: self.ct_gc_interval,
             non_masquerade: self.non_masquerade_cidr.iter().map(|n| n.trunc()).collect(),
             // aya-log levels: 3 info, 4 debug.
             log_level: if self.kernel_debug_logs { 4 } else { 3 },
@@ -412,11 +503,16 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             name,
             netns,
             ifname,
-            publish,
+            mut publish,
+            publish_file,
+            force,
             cgroup,
             limits,
             mtu,
         }) => {
+            if let Some(file) = &publish_file {
+                publish.extend(read_specs(file)?);
+            }
             let info = client
                 .add_container(&AddContainer {
                     name,
@@ -429,6 +525,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     egress_burst: limits.egress_burst,
                     ingress_burst: limits.ingress_burst,
                     mtu,
+                    force,
                 })
                 .await?;
             println!(
@@ -462,18 +559,19 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Command::Container(ContainerCmd::Publish { name, specs }) => {
-            for spec in specs {
-                let info = client.publish(&name, &spec).await?;
-                println!("{} publishes {}", info.name, info.publish.join(","));
-            }
+        Command::Container(ContainerCmd::Publish {
+            name,
+            specs,
+            more,
+            force,
+        }) => {
+            let info = client.publish(&name, &more.all(specs)?, force).await?;
+            print_ports(&info);
             Ok(())
         }
-        Command::Container(ContainerCmd::Unpublish { name, specs }) => {
-            for spec in specs {
-                let info = client.unpublish(&name, &spec).await?;
-                println!("{} publishes {}", info.name, info.publish.join(","));
-            }
+        Command::Container(ContainerCmd::Unpublish { name, specs, more }) => {
+            let info = client.unpublish(&name, &more.all(specs)?).await?;
+            print_ports(&info);
             Ok(())
         }
         Command::Container(ContainerCmd::Del { name }) => {
@@ -499,8 +597,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Conntrack(ConntrackCmd::List { json }) => {
-            let flows = client.conntrack().await?;
+        Command::Conntrack(ConntrackCmd::List {
+            json,
+            container,
+            limit,
+        }) => {
+            let flows = client.conntrack(&FlowQuery { container, limit }).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&flows)?);
                 return Ok(());

@@ -27,11 +27,12 @@ use std::{
     time::Duration,
 };
 
+use datapath::store::journal::FAULT_ENV;
 use datapath_common::{Endpoint, EndpointKey, ServiceKey, ServiceValue, names, proto};
 use datapath_tests::{
     agent::{Agent, datapath_bin},
     capture::{Capture, containing, ipv4_source, send_frames},
-    events::{DirMonitor, RtEvent, RtMonitor},
+    events::{RtEvent, RtMonitor},
     fixture::Deployment,
     frame::Frame,
     inspect::{self, addrs_of, agent_veths, pinned_hash},
@@ -186,7 +187,8 @@ fn an_orphaned_veth_is_removed_on_the_next_start_and_other_veths_are_kept() {
     assert_answers(&node.client, node.node_port(8080), "web", "kept");
 }
 
-/// Rewrites the agent's state file through `edit` on its JSON.
+/// Rewrites the agent's state file (the snapshot, which holds the whole
+/// state once the agent has stopped cleanly) through `edit` on its JSON.
 fn edit_state(agent: &Agent, edit: impl FnOnce(&mut serde_json::Value)) {
     let path = agent.state_dir().join("state.json");
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
@@ -205,7 +207,8 @@ fn a_container_missing_from_the_state_file_is_removed_on_the_next_start() {
     // Anything listening: a port that is still published would answer.
     let _server = Server::line_echo(&web.ctr, 80, "web");
     assert_answers(&node.client, node.node_port(8080), "web", "before");
-    web.agent.kill();
+    // Stopped cleanly, the agent leaves the whole state in the snapshot.
+    web.agent.stop();
     edit_state(&web.agent, |v| {
         v["containers"]
             .as_object_mut()
@@ -382,7 +385,7 @@ fn assert_state_refused(agent: &mut Agent, what: &str, bytes: &[u8], says: &str)
 fn a_corrupt_state_file_stops_the_agent_with_a_message_naming_it() {
     let node = Node::new();
     let mut web = Deployment::start(&node, "web", &[]);
-    web.agent.kill();
+    web.agent.stop();
     let path = web.agent.state_dir().join("state.json");
     let whole = std::fs::read(&path).expect("state file");
     for (what, bytes) in [
@@ -402,7 +405,7 @@ fn a_corrupt_state_file_stops_the_agent_with_a_message_naming_it() {
 fn a_state_file_with_impossible_values_stops_the_agent_with_a_message_naming_it() {
     let node = Node::new();
     let mut web = Deployment::start(&node, "web", &["-p", "8080:80"]);
-    web.agent.kill();
+    web.agent.stop();
     let path = web.agent.state_dir().join("state.json");
     let whole = std::fs::read(&path).expect("state file");
     type Edit = fn(&mut serde_json::Value);
@@ -446,14 +449,16 @@ enum CrashPoint {
     DefaultRoute,
     /// The published port is in the SERVICES map.
     PortPublished,
-    /// The state file with the container was renamed into place: the add
-    /// is committed, only its answer is left.
-    StateSaved,
+    /// The container's record is durable in the state's journal: the add
+    /// is committed, only its answer is left. The agent is started with
+    /// the test fault point `DATAPATH_TEST_FAULT=crash-after-journal` for
+    /// this one, and aborts itself right there.
+    Recorded,
 }
 
 /// Container `name`'s add cut off by SIGKILL at `point`; returns whether
-/// the state file held the container when the agent died (the add had
-/// committed) and the CLI's output.
+/// the persisted state held the container when the agent died (the add
+/// had committed) and the CLI's output.
 fn add_and_crash_at(
     node: &Node,
     agent: &mut Agent,
@@ -465,7 +470,11 @@ fn add_and_crash_at(
     let mut node_events = RtMonitor::open(&node.node);
     let mut ctr_events = RtMonitor::open(ns);
     let state_dir = agent.state_dir();
-    let state_renames = DirMonitor::open(&state_dir);
+    if point == CrashPoint::Recorded {
+        agent.stop();
+        agent.set_env(FAULT_ENV, Some("crash-after-journal"));
+        agent.restart();
+    }
     let services_pin = inspect::map_pin(agent, names::SERVICES);
     let socket = agent.socket().to_owned();
     let limit = Duration::from_secs(10);
@@ -530,15 +539,17 @@ fn add_and_crash_at(
                     std::thread::sleep(Duration::from_micros(100));
                 }
             }
-            CrashPoint::StateSaved => state_renames.wait_renamed("state.json", limit),
+            CrashPoint::Recorded => agent.wait_exit(limit).is_some(),
         };
         agent.kill();
         (seen, adding.join().expect("the adding thread"))
     });
+    agent.set_env(FAULT_ENV, None);
     assert!(seen, "{name}: the add never reached {point:?}");
-    let state = std::fs::read_to_string(state_dir.join("state.json")).unwrap_or_default();
-    let committed = serde_json::from_str::<serde_json::Value>(&state)
-        .is_ok_and(|v| v["containers"].get(name).is_some());
+    let committed = datapath::store::journal::load(&state_dir)
+        .unwrap_or_else(|e| panic!("{name}: the state does not read back: {e}"))
+        .get(name)
+        .is_some();
     (committed, cli)
 }
 
@@ -559,7 +570,7 @@ fn a_crash_at_any_step_of_container_add_leaves_the_whole_container_or_nothing() 
         CrashPoint::AddressSet,
         CrashPoint::DefaultRoute,
         CrashPoint::PortPublished,
-        CrashPoint::StateSaved,
+        CrashPoint::Recorded,
     ];
     let mut n = 0u16;
     for point in points {
@@ -573,8 +584,8 @@ fn a_crash_at_any_step_of_container_add_leaves_the_whole_container_or_nothing() 
             agent.restart();
             check_whole_or_nothing(&node, &agent, &ns, &name, port, committed);
             namespaces.push(ns);
-            if point == CrashPoint::StateSaved {
-                assert!(committed, "{name}: the state file was saved without it");
+            if point == CrashPoint::Recorded {
+                assert!(committed, "{name}: the record was written without it");
                 landed = true;
                 break;
             }
@@ -989,14 +1000,13 @@ fn syn_flood(node: &Node, port: u16, count: u32) {
 fn a_syn_flood_leaves_an_established_flow_working_and_memory_bounded() {
     const CT_MAX: u64 = 4096;
     let node = Node::new();
+    node.default_route_via_client();
     let web = Deployment::start_with(
         Agent::builder(&node).args([
             "--ct-max",
             &CT_MAX.to_string(),
             "--ct-timeout-tcp-syn",
             "3s",
-            "--ct-gc-interval",
-            "1s",
         ]),
         "web",
         &["-p", "8080:80"],
@@ -1017,34 +1027,24 @@ fn a_syn_flood_leaves_an_established_flow_working_and_memory_bounded() {
     let c = &st["counters"];
     let new = c["dnat_new"].as_u64().expect("dnat_new");
     let full = c["drop_ct_full"].as_u64().expect("drop_ct_full");
-    assert!(full > 0, "the full table is counted: {c:#}");
-    assert!(
-        new + full >= 10_000,
-        "the flood arrived ({new} new flows, {full} dropped): {c:#}"
-    );
+    assert_eq!(full, 0, "no flow is refused as table full: {c:#}");
+    assert!(new >= 10_000, "the flood arrived ({new} new flows): {c:#}");
     let entries = st["conntrack_entries"].as_u64().expect("entries");
-    assert!(entries <= CT_MAX, "{entries} entries > {CT_MAX}");
+    let bound = CT_MAX + CT_MAX.max(4096);
+    assert!(entries <= bound, "{entries} entries > {bound}");
     assert_eq!(st["conntrack_max"].as_u64(), Some(CT_MAX));
     let rss_after = rss_kib(pid);
     eprintln!(
-        "flood: {new} new flows, {full} dropped (table full), {entries} entries, \
-         agent RSS {rss_before} -> {rss_after} KiB"
+        "flood: {new} new flows, {entries} entries, agent RSS {rss_before} -> {rss_after} KiB"
     );
     assert!(
         rss_after < rss_before + 64 * 1024,
         "agent memory grew from {rss_before} to {rss_after} KiB"
     );
 
-    // Once the flood's half-open flows expire, new connections get in
-    // again; the established one never stopped.
-    let got_in = wait::within(Duration::from_secs(20), || {
-        line_exchange(&node.client, published, "new").is_ok()
-    });
-    assert!(
-        got_in,
-        "no new connection after the flood: {:#}",
-        web.agent.status()
-    );
+    // The flood only pushed out other unconfirmed flows: a new connection
+    // gets in at once, and the established one never stopped.
+    line_exchange(&node.client, published, "new").expect("a new connection right after");
     flow.wait_more("after the flood", 5);
     flow.finish()
         .expect("the established flow survived the flood");
@@ -1062,7 +1062,7 @@ fn the_half_open_flows_of_a_spoofed_syn_flood_expire_like_unanswered_ones() {
     // timeout, not live on as an established one and keep the table full.
     let node = Node::new();
     let web = Deployment::start_with(
-        Agent::builder(&node).args(["--ct-timeout-tcp-syn", "2s", "--ct-gc-interval", "1s"]),
+        Agent::builder(&node).args(["--ct-timeout-tcp-syn", "2s"]),
         "web",
         &["-p", "8080:80"],
     );
@@ -1086,11 +1086,10 @@ fn the_half_open_flows_of_a_spoofed_syn_flood_expire_like_unanswered_ones() {
 }
 
 #[test]
-fn fragmented_udp_to_a_published_port_arrives_whole_or_is_dropped_and_counted() {
+fn fragmented_udp_to_a_published_port_arrives_whole() {
     let node = Node::new();
     let dns = Deployment::start(&node, "dns", &["-p", "5353:53/udp"]);
     let sink = Server::udp_sink(&dns.ctr, 53, "dns");
-    let before = dns.agent.counter("drop_fragment");
     let big: Vec<u8> = (0..3000u32).map(|i| (i % 251) as u8).collect();
     let to = node.node_port(5353);
     let big2 = big.clone();
@@ -1116,34 +1115,15 @@ fn fragmented_udp_to_a_published_port_arrives_whole_or_is_dropped_and_counted() 
     // The datagram after the big one arriving means the big one's
     // fragments have been through the uplink too.
     assert_eq!(sink.wait_payload(b"small again", 1, IO_TIMEOUT), 1);
+    assert_eq!(
+        sink.wait_payload(&big, 1, IO_TIMEOUT),
+        1,
+        "the big one arrives whole"
+    );
     let got = sink.datagrams();
-    let payloads: Vec<&Vec<u8>> = got.iter().map(|(_, p)| p).collect();
-    assert!(
-        payloads.contains(&&b"small".to_vec()),
-        "unfragmented datagrams arrive: {} datagrams",
-        payloads.len()
-    );
-    for p in &payloads {
-        assert!(
-            p.as_slice() == b"small" || p.as_slice() == b"small again" || **p == big,
-            "a datagram arrived neither whole nor as sent ({} bytes)",
-            p.len()
-        );
-    }
-    let dropped = dns.agent.counter("drop_fragment") - before;
-    let arrived = payloads.contains(&&big);
-    eprintln!(
-        "fragmented datagram {}; drop_fragment moved by {dropped}",
-        if arrived {
-            "arrived whole"
-        } else {
-            "did not arrive"
-        }
-    );
-    assert!(
-        arrived || dropped >= 1,
-        "the fragmented datagram was dropped uncounted"
-    );
+    assert_eq!(got.len(), 3, "each datagram arrives once, whole");
+    assert!(dns.agent.counter("fragment_translated") >= 1);
+    assert_eq!(dns.agent.counter("drop_fragment"), 0);
 }
 
 // ---- the API ------------------------------------------------------------------------
@@ -1250,11 +1230,18 @@ fn an_oversized_request_body_gets_413() {
     let node = Node::new();
     let ctr = node.add_container_netns("web");
     let agent = Agent::start(&node);
-    let padding = " ".repeat(70 * 1024);
+    // Adding a container takes port lists: its limit is 8 MiB.
+    let padding = " ".repeat(9 << 20);
     let body = format!(r#"{{"name": "web",{padding} "netns": "{}"}}"#, ctr.name());
     let (status, answer) = http(&agent, "POST", "/v1/containers", body.as_bytes());
     assert_eq!(status, 413, "{answer}");
-    error_message(&answer);
+    assert!(error_message(&answer).contains("8 MiB"), "{answer}");
+    // Other routes take 64 KiB.
+    let padding = " ".repeat(70 * 1024);
+    let body = format!(r#"{{{padding}"egress_rate": "10mbit"}}"#);
+    let (status, answer) = http(&agent, "PATCH", "/v1/containers/web", body.as_bytes());
+    assert_eq!(status, 413, "{answer}");
+    assert!(error_message(&answer).contains("64 KiB"), "{answer}");
     assert!(agent.containers().is_empty());
     // The same request without the padding is fine.
     let body = format!(r#"{{"name": "web", "netns": "{}"}}"#, ctr.name());

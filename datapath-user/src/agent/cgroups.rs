@@ -25,7 +25,11 @@ use futures::{FutureExt as _, StreamExt as _};
 use inotify::{EventMask, Inotify, WatchDescriptor, WatchMask};
 
 use super::{AgentError, Handle, rate_target};
-use crate::{cgroup, datapath::Datapath, store::Store};
+use crate::{
+    cgroup,
+    datapath::Datapath,
+    store::{Change, Container, Store},
+};
 
 /// The owner's side: the containers' limits and the datapath.
 pub struct Cgroups<'a> {
@@ -38,17 +42,17 @@ pub struct Cgroups<'a> {
 impl Cgroups<'_> {
     /// Attaches the pending limits whose cgroup exists now, follows a
     /// cgroup that was recreated, and detaches the limits of a cgroup that
-    /// is gone (they are pending again); saves the state if anything
-    /// changed. Returns how many containers changed.
+    /// is gone (they are pending again); records what changed (one journal
+    /// record). Returns how many containers changed.
     pub fn sync(&mut self) -> Result<usize, AgentError> {
-        let limited: Vec<_> = self
+        let limited: Vec<Container> = self
             .store
             .containers()
             .values()
             .filter(|c| c.cgroup.is_some() && !c.limits.is_empty())
-            .cloned()
+            .map(|c| Container::clone(c))
             .collect();
-        let mut changed = 0;
+        let mut changes = Vec::new();
         for mut c in limited {
             let Some(path) = c.cgroup.clone() else {
                 continue;
@@ -85,12 +89,13 @@ impl Cgroups<'_> {
                     tracing::info!(container = %c.name, cgroup = %path.display(), "cgroup gone: rate limits pending");
                 }
             }
-            self.store.put(c);
-            changed += 1;
+            changes.push(Change::Cgroup {
+                name: c.name,
+                cgroup_id: c.cgroup_id,
+            });
         }
-        if changed > 0 {
-            self.store.save()?;
-        }
+        let changed = changes.len();
+        self.store.commit(changes)?;
         Ok(changed)
     }
 }

@@ -3,20 +3,51 @@
 //! (SERVICES). Entries carry the id of the container that owns them, and
 //! removals take that id, so that no container removes another's entry.
 
-use std::net::Ipv4Addr;
+use std::{
+    collections::{BTreeSet, HashMap},
+    net::Ipv4Addr,
+};
 
-use aya::maps::MapError;
+use aya::maps::{IterableMap as _, MapError};
 use datapath_common::{
-    Config, Endpoint, EndpointKey, NodeAddr, NodeAddrKey, ServiceKey, ServiceValue, names,
+    Config, Endpoint, EndpointKey, FLUSH_F_CONTAINER, FLUSH_F_MASQUERADE, FLUSH_F_SERVICE,
+    FlushRequest, NodeAddr, NodeAddrKey, ServiceKey, ServiceValue, names,
 };
 
 use super::{BpfError, Datapath};
+
+/// Which tracked flows [`Datapath::flush_flows`] removes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Flows {
+    /// Every flow.
+    All,
+    /// A container's flows.
+    Container(u32),
+    /// The flows that came in through one of a container's published
+    /// ports.
+    Published {
+        /// The container.
+        container_id: u32,
+        /// The published port, host order.
+        port: u16,
+        /// Its protocol ([`datapath_common::proto`]).
+        proto: u8,
+    },
+    /// The flows masqueraded as this address.
+    Masqueraded(Ipv4Addr),
+}
 
 fn map_err(name: &'static str) -> impl FnOnce(MapError) -> BpfError {
     move |source| BpfError::Map { name, source }
 }
 
 impl Datapath {
+    /// The global configuration (zero before the first
+    /// [`Datapath::set_config`]).
+    pub fn config(&self) -> Result<Config, BpfError> {
+        self.config.get(&0, 0).map_err(map_err(names::CONFIG))
+    }
+
     /// Sets the global configuration.
     pub fn set_config(&mut self, config: Config) -> Result<(), BpfError> {
         self.config
@@ -69,20 +100,18 @@ impl Datapath {
         }
     }
 
-    /// Removes every endpoint whose owner `keep` refuses; returns their
-    /// addresses.
-    pub fn retain_endpoints(&mut self, keep: impl Fn(u32) -> bool) -> Vec<Ipv4Addr> {
-        let stale: Vec<EndpointKey> = self
-            .endpoints
+    /// Every endpoint, read in one pass over the map.
+    pub fn endpoints(&self) -> Result<HashMap<Ipv4Addr, Endpoint>, BpfError> {
+        self.endpoints
             .iter()
-            .filter_map(Result::ok)
-            .filter(|(_, v)| !keep(v.container_id))
-            .map(|(k, _)| k)
-            .collect();
-        for k in &stale {
-            let _ = self.endpoints.remove(k);
-        }
-        stale.iter().map(|k| Ipv4Addr::from(k.addr)).collect()
+            .map(|e| e.map(|(k, v)| (Ipv4Addr::from(k.addr), v)))
+            .collect::<Result<_, _>>()
+            .map_err(map_err(names::ENDPOINTS))
+    }
+
+    /// Removes the endpoint of address `addr`, whoever owns it.
+    pub fn remove_endpoint_any(&mut self, addr: Ipv4Addr) {
+        let _ = self.endpoints.remove(&endpoint_key(addr));
     }
 
     /// Adds (or replaces) the published port `key`.
@@ -90,6 +119,19 @@ impl Datapath {
         self.services
             .insert(key, value, 0)
             .map_err(map_err(names::SERVICES))
+    }
+
+    /// Every published port, read in one pass over the map.
+    pub fn services(&self) -> Result<HashMap<ServiceKey, ServiceValue>, BpfError> {
+        self.services
+            .iter()
+            .collect::<Result<_, _>>()
+            .map_err(map_err(names::SERVICES))
+    }
+
+    /// Removes published port `key`, whoever owns it.
+    pub fn remove_service_any(&mut self, key: &ServiceKey) {
+        let _ = self.services.remove(key);
     }
 
     /// Removes published port `key` if container `owner` owns it (never a
@@ -104,29 +146,55 @@ impl Datapath {
         }
     }
 
-    /// Removes every published port whose owner `keep` refuses; returns
-    /// their keys.
-    pub fn retain_services(&mut self, keep: impl Fn(u32) -> bool) -> Vec<ServiceKey> {
-        let stale: Vec<ServiceKey> = self
-            .services
-            .iter()
-            .filter_map(Result::ok)
-            .filter(|(_, v)| !keep(v.container_id))
-            .map(|(k, _)| k)
-            .collect();
-        for k in &stale {
-            let _ = self.services.remove(k);
+    /// Removes the tracked flows `which` names in the kernel, which keeps
+    /// the per-container counts exact and cannot race a packet; returns the
+    /// number of entries removed (two per flow).
+    pub fn flush_flows(&mut self, which: Flows) -> Result<usize, BpfError> {
+        let req = match which {
+            Flows::All => FlushRequest::default(),
+            Flows::Container(container_id) => FlushRequest {
+                container_id,
+                flags: FLUSH_F_CONTAINER,
+                ..FlushRequest::default()
+            },
+            Flows::Published {
+                container_id,
+                port,
+                proto,
+            } => FlushRequest {
+                container_id,
+                flags: FLUSH_F_CONTAINER | FLUSH_F_SERVICE,
+                port,
+                proto,
+                ..FlushRequest::default()
+            },
+            Flows::Masqueraded(addr) => {
+                let mut req = FlushRequest {
+                    flags: FLUSH_F_MASQUERADE,
+                    ..FlushRequest::default()
+                };
+                req.addr[..4].copy_from_slice(&addr.octets());
+                req
+            }
+        };
+        let flows = self.run_flush(req)?;
+        if let Flows::Container(id) = which {
+            // The container's count is zero now; its record goes with it.
+            let _ = self.ct_containers.remove(&id);
         }
-        stale
+        Ok(usize::try_from(flows)
+            .unwrap_or(usize::MAX)
+            .saturating_mul(2))
     }
 
-    /// Removes both entries of every tracked flow for which `pred` holds;
-    /// returns the number of entries removed.
-    pub fn flush_flows(
-        &mut self,
-        pred: impl FnMut(&super::conntrack::FlowEntries) -> bool,
-    ) -> Result<usize, BpfError> {
-        super::conntrack::flush(&mut self.conntrack, pred).map_err(map_err(names::CONNTRACK))
+    /// The ids of the containers that own tracked flows.
+    pub fn flow_container_ids(&self) -> Result<BTreeSet<u32>, BpfError> {
+        super::conntrack::container_ids(self.ct.map(), self.ct_new.map()).map_err(|source| {
+            BpfError::Read {
+                name: names::CT,
+                source,
+            }
+        })
     }
 }
 

@@ -68,6 +68,9 @@ fn cell(m: &Metric, s: Option<Summary>) -> String {
             format!("{} ({}–{})", num(s.median), num(s.min), num(s.max))
         }
         (Some(s), Shape::Distribution) => format!("{} / {}", num(s.median), num(s.p99)),
+        (Some(s), Shape::Tail) => {
+            format!("{} / {} / {}", num(s.median), num(s.p99), num(s.max))
+        }
     }
 }
 
@@ -105,6 +108,23 @@ fn metrics_of(section: Section) -> Vec<&'static Metric> {
         .copied()
         .filter(|m| m.section == section)
         .collect()
+}
+
+/// The control-plane section's heading and how it is measured.
+fn control_plane_text(cfg: &Config) -> String {
+    format!(
+        "## Control plane at scale (p50 / p99 / max; `Ports` is N)\n\n\
+         One agent in a node of its own (the control plane does not depend on the uplink hook; \
+         shown under datapath-tc). Mappings are published one API call at a time, as Docker, \
+         CNI portmap and Kubernetes hostPorts add them, onto a filler container; the timed port \
+         belongs to another container. {} samples per figure; the CLI figures include the \
+         process start. Then {} containers with 10 ports each are added (the node's 10,000 \
+         mappings), and container add/delete ({} containers, one port each), the listings, the \
+         memory and a restart (SIGKILL, start, API answering with everything adopted, {} times) \
+         are measured with them present. The range rows have the same number of ports present \
+         as one range mapping.\n\n",
+        cfg.control.samples, cfg.control.containers, cfg.control.churn, cfg.control.restarts
+    )
 }
 
 /// A table of `section`'s figures at `ports` for every mode measured.
@@ -272,7 +292,7 @@ pub fn markdown(meta: &Meta, cfg: &Config, r: &Results) -> String {
     );
 
     out.push_str("## Targets\n\n");
-    if modes_measured {
+    if !r.entries.is_empty() {
         targets_table(&mut out, &outcomes);
     }
     for (text, met, measured) in ratelimit_targets(r) {
@@ -289,12 +309,23 @@ pub fn markdown(meta: &Meta, cfg: &Config, r: &Results) -> String {
     if modes_measured {
         modes_sections(&mut out, cfg, r, &modes);
     }
+    // A node of its own: measured with or without the modes.
+    if !r.modes(&metric::CP_PUBLISH).is_empty() || !r.modes(&metric::CONTROL_ADD).is_empty() {
+        out.push_str(&control_plane_text(cfg));
+        sized_table(
+            &mut out,
+            r,
+            &metrics_of(Section::Control),
+            &[Mode::DatapathTc],
+        );
+    }
     if !r.ratelimit.is_empty() {
         ratelimit_section(&mut out, r);
     }
     if !r.ratelimit_rr.is_empty() {
         ratelimit_rr_section(&mut out, r);
     }
+    flowcore_section(&mut out, r);
     if !meta.beds.is_empty() {
         out.push_str("## Setup\n\n");
         for (mode, what) in &meta.beds {
@@ -314,7 +345,6 @@ pub fn markdown(meta: &Meta, cfg: &Config, r: &Results) -> String {
 fn modes_sections(dest: &mut String, cfg: &Config, r: &Results, modes: &[Mode]) {
     let modes = modes.to_vec();
     let publishing: Vec<Mode> = modes.iter().copied().filter(|m| m.publishes()).collect();
-    let ours: Vec<Mode> = modes.iter().copied().filter(|m| m.is_datapath()).collect();
     let mut out = std::mem::take(dest);
     let _ = writeln!(
         out,
@@ -343,20 +373,115 @@ fn modes_sections(dest: &mut String, cfg: &Config, r: &Results, modes: &[Mode]) 
         "## Updating one mapping (p50 / p99 of {} samples)\n\n\
          iptables and nft: one command each (`iptables -t nat -A|-D`, `nft add|delete element`), \
          process start included, as Docker and CNI plugins run them. This datapath: one API call \
-         publishing or unpublishing a port of a running container (map entry plus the agent's \
-         state file, written and fsynced), the same through the `datapath` CLI (process start \
+         publishing or unpublishing a port of a running container (map entry plus one record \
+         of the agent's state journal, written and fsynced), the same through the `datapath` CLI (process start \
          included), and the BPF map update alone.\n",
         cfg.update_samples
     );
     sized_table(&mut out, r, &metrics_of(Section::Update), &publishing);
 
-    let _ = writeln!(
-        out,
-        "## Control plane (ms, p50 / p99 over {} containers)\n",
-        cfg.control_containers
-    );
-    figures_table(&mut out, r, Section::Control, &ours);
     *dest = out;
+}
+
+/// The flow core under load: sustained connections, a SYN flood, the
+/// masquerade to one destination, table walks.
+fn flowcore_section(out: &mut String, r: &Results) {
+    let f = &r.flowcore;
+    if f.sustained.is_empty() && f.fill.is_empty() && f.snat.is_empty() && f.gc.is_empty() {
+        return;
+    }
+    out.push_str(
+        "## Conntrack under load (issue 12)\n\n\
+         New connections through a published port, as fast as the client goes, from its 64 \
+         addresses, in consecutive windows: their rate over time and the failures. nf_conntrack \
+         keeps every closed connection for TIME_WAIT (120 s); this datapath's closed flows give \
+         way to new ones.\n\n\
+         | Mode | windows | first (k/s) | lowest | last | completed | failed |\n\
+         |---|---:|---:|---:|---:|---:|---:|\n",
+    );
+    for row in &f.sustained {
+        let low = row.rates.iter().copied().fold(f64::INFINITY, f64::min);
+        let _ = writeln!(
+            out,
+            "| `{}` | {} | {} | {} | {} | {} | {} |",
+            row.mode,
+            row.rates.len(),
+            row.rates.first().map_or("—".to_owned(), |v| num(*v)),
+            if low.is_finite() {
+                num(low)
+            } else {
+                "—".to_owned()
+            },
+            row.rates.last().map_or("—".to_owned(), |v| num(*v)),
+            row.completed,
+            row.failed
+        );
+    }
+    if !f.fill.is_empty() {
+        out.push_str(
+            "\nNew connections during a spoofed SYN flood at the same port (hping3 \
+             `--rand-source --flood`):\n\n\
+             | Mode | connections (k/s) | completed | failed | tracked entries after |\n\
+             |---|---:|---:|---:|---:|\n",
+        );
+        for row in &f.fill {
+            let _ = writeln!(
+                out,
+                "| `{}` | {} | {} | {} | {} |",
+                row.mode,
+                num(row.rate),
+                row.completed,
+                row.failed,
+                row.entries
+            );
+        }
+    }
+    if !f.snat.is_empty() {
+        out.push_str(
+            "\nMasqueraded UDP flows from the container to one destination, one more at a time, \
+             each answered, until the first is not:\n\n\
+             | Mode | ports | flows | first 100 (µs each) | last 100 (µs each) |\n\
+             |---|---|---:|---:|---:|\n",
+        );
+        for row in &f.snat {
+            let flows = if row.capped {
+                format!("≥ {}", row.flows)
+            } else {
+                row.flows.to_string()
+            };
+            let _ = writeln!(
+                out,
+                "| `{}` | {} | {} | {} | {} |",
+                row.mode,
+                row.range,
+                flows,
+                num(row.first_us),
+                num(row.last_us)
+            );
+        }
+    }
+    if !f.gc.is_empty() {
+        out.push_str(
+            "\nWalking the main conntrack table (established flows, two entries each): \
+             `BPF_MAP_LOOKUP_BATCH` as the agent does, key by key as it did before, \
+             `datapath conntrack list --json` (API and JSON included), and `conntrack flush` \
+             (the kernel removes every flow):\n\n\
+             | Entries | batch (ms) | key by key (ms) | list (ms) | flush (ms) |\n\
+             |---:|---:|---:|---:|---:|\n",
+        );
+        for row in &f.gc {
+            let _ = writeln!(
+                out,
+                "| {} | {} | {} | {} | {} |",
+                row.entries,
+                num(row.batch_ms),
+                num(row.per_key_ms),
+                row.list_ms.map_or("—".to_owned(), num),
+                num(row.flush_ms)
+            );
+        }
+    }
+    out.push('\n');
 }
 
 /// Achieved/configured ratio and retransmits of the rate limiter and tbf.
@@ -650,15 +775,58 @@ pub fn json(meta: &Meta, cfg: &Config, r: &Results) -> Value {
             "sizes": cfg.sizes,
             "base_ports": BASE_PORTS,
             "update_samples": cfg.update_samples,
-            "control_containers": cfg.control_containers,
+            "control": {
+                "samples": cfg.control.samples,
+                "containers": cfg.control.containers,
+                "churn": cfg.control.churn,
+                "restarts": cfg.control.restarts,
+            },
             "quiet_min_idle": cfg.quiet.min_idle,
         },
         "noise": { "measurements": r.measurements, "not_quiet": r.not_quiet },
         "figures": figures,
         "ratelimit": ratelimit,
         "ratelimit_rr": ratelimit_rr,
+        "flowcore": flowcore_json(r),
         "targets": targets,
         "notes": r.notes,
+    })
+}
+
+/// The flow-core section's figures.
+fn flowcore_json(r: &Results) -> Value {
+    let f = &r.flowcore;
+    json!({
+        "sustained": f.sustained.iter().map(|row| json!({
+            "mode": row.mode.name(),
+            "rates_kps": row.rates,
+            "completed": row.completed,
+            "failed": row.failed,
+            "first_error": row.first_error,
+        })).collect::<Vec<_>>(),
+        "fill": f.fill.iter().map(|row| json!({
+            "mode": row.mode.name(),
+            "rate_kps": row.rate,
+            "completed": row.completed,
+            "failed": row.failed,
+            "entries_after": row.entries,
+            "first_error": row.first_error,
+        })).collect::<Vec<_>>(),
+        "snat": f.snat.iter().map(|row| json!({
+            "mode": row.mode.name(),
+            "ports": row.range,
+            "flows": row.flows,
+            "capped": row.capped,
+            "first_us": row.first_us,
+            "last_us": row.last_us,
+        })).collect::<Vec<_>>(),
+        "gc": f.gc.iter().map(|row| json!({
+            "entries": row.entries,
+            "batch_ms": row.batch_ms,
+            "per_key_ms": row.per_key_ms,
+            "list_ms": row.list_ms,
+            "flush_ms": row.flush_ms,
+        })).collect::<Vec<_>>(),
     })
 }
 
