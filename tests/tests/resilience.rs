@@ -956,26 +956,7 @@ fn uplink_traffic_reaches_a_container_address_when_direct_routing_is_allowed() {
 
 /// `hping3` SYN flood of `count` packets from random sources at the
 /// node's `port`, bounded to 20 s.
-///
-/// The node first gets a default route via the client, as a node has: the
-/// answers to the spoofed sources go to one next hop. Without it the
-/// kernel takes each of them for on-link on the uplink and resolves a
-/// neighbour per source; the neighbour table's limit (`gc_thresh3`) is
-/// one for every namespace of the machine, so thousands of unresolved
-/// entries made other tests' first packets fail with ENOBUFS.
 fn syn_flood(node: &Node, port: u16, count: u32) {
-    node.node.exec_ok(
-        "ip",
-        [
-            "route",
-            "replace",
-            "default",
-            "via",
-            &node.client_addr().to_string(),
-            "dev",
-            UPLINK,
-        ],
-    );
     let flood = node.client.run(Command::new("timeout").args([
         "20",
         "hping3",

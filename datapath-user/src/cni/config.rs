@@ -57,7 +57,7 @@ pub struct NetConf {
     #[serde(default)]
     pub dns: Option<Dns>,
     /// The MTU of the container's interface and its host end (default:
-    /// the kernel's, 1500).
+    /// the agent's `--mtu`, else the uplink's).
     #[serde(default)]
     pub mtu: Option<u32>,
     /// Per-attachment arguments from the runtime (capabilities).
