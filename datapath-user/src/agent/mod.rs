@@ -22,6 +22,7 @@ pub mod lifecycle;
 mod owner;
 pub mod publish;
 pub mod reconcile;
+pub mod reserved;
 pub mod status;
 pub mod transaction;
 pub mod uplink;
@@ -30,7 +31,6 @@ use std::{
     net::Ipv4Addr,
     path::{Path, PathBuf},
     sync::Arc,
-    time::Duration,
 };
 
 use datapath_common::ct::Timeouts;
@@ -43,7 +43,7 @@ use self::{
 };
 use crate::{
     api::server::Failure,
-    datapath::{BpfError, Datapath, LoadOptions, RateTarget, Reader, UplinkHook},
+    datapath::{BpfError, Datapath, Flows, LoadOptions, RateTarget, Reader, UplinkHook},
     net::link::Netlink,
     store::{Container, StateError, Store, gateway_of},
 };
@@ -81,14 +81,17 @@ pub struct AgentConfig {
     pub snat_ports: (u16, u16),
     /// Masquerade container egress.
     pub masquerade: bool,
-    /// Conntrack capacity in entries (two per flow).
+    /// Capacity of the main conntrack table in entries (two per flow).
     pub ct_max: Option<u32>,
+    /// Percentage of the main conntrack table one container may hold
+    /// (100: no limit).
+    pub ct_container_share: u8,
     /// Let the uplink reach container addresses directly.
     pub allow_direct_routing: bool,
+    /// MTU of the containers' veth pairs (default: the uplink's).
+    pub mtu: Option<u32>,
     /// Conntrack idle timeouts.
     pub timeouts: Timeouts,
-    /// How often expired flows are collected.
-    pub gc_interval: Duration,
     /// Kernel-side log level (aya-log).
     pub log_level: u8,
 }
@@ -173,6 +176,14 @@ pub struct Node {
 }
 
 impl Node {
+    /// The MTU of the containers' veth pairs: `--mtu`, else the uplink's,
+    /// else the kernel's default.
+    pub fn container_mtu(&self) -> Option<u32> {
+        self.cfg
+            .mtu
+            .or_else(|| self.uplink.as_ref().and_then(|u| u.mtu))
+    }
+
     /// Whether container ends need GRO: native XDP redirects into a veth
     /// are dropped unless its peer has GRO (or an XDP program).
     pub fn gro(&self) -> bool {
@@ -217,6 +228,10 @@ impl Agent {
             reader,
         };
         reconcile::reconcile(&mut agent.lifecycle()).await?;
+        agent.reserve_ports();
+        // From now on each change carries the reservation it leads to.
+        let snat = reserved::snat_range(&agent.node);
+        agent.store.set_reserver(reserved::reserver(snat));
         Ok(agent)
     }
 
@@ -262,8 +277,8 @@ impl Agent {
                 let result = self.lifecycle().delete(&name).await;
                 self.answer(&publish, reply, result);
             }
-            Command::Publish(name, specs, reply) => {
-                let result = self.ports().publish(&name, &specs).await;
+            Command::Publish(name, specs, force, reply) => {
+                let result = self.ports().publish(&name, &specs, force).await;
                 self.answer(&publish, reply, result);
             }
             Command::Unpublish(name, specs, reply) => {
@@ -274,6 +289,32 @@ impl Agent {
             Command::Flush(container, reply) => {
                 let _ = reply.send(self.flush(container.as_deref()));
             }
+        }
+    }
+
+    /// Brings the node's reserved ports in line with what is published and
+    /// masqueraded ([`reserved`]), at start (every change after that does
+    /// it in its own record). A failure is logged: the datapath works
+    /// without it.
+    fn reserve_ports(&mut self) {
+        let wanted = reserved::wanted(reserved::snat_range(&self.node), self.store.state());
+        if let Err(e) = reserved::apply(&wanted, &mut self.store) {
+            tracing::warn!("reserve the published ports: {e:#}");
+        }
+    }
+
+    /// Follows an address change on link `ifindex` if it is the uplink's.
+    async fn addresses_changed(&mut self, ifindex: u32, publish: impl Fn(Snapshot)) {
+        let Some(up) = self.node.uplink.as_mut() else {
+            return;
+        };
+        if up.ifindex != ifindex {
+            return;
+        }
+        match uplink::follow_addresses(&self.node.cfg, up, &mut self.dp, &self.net).await {
+            Ok(true) => publish(self.snapshot()),
+            Ok(false) => {}
+            Err(e) => tracing::warn!("follow the uplink's addresses: {e:#}"),
         }
     }
 
@@ -302,38 +343,24 @@ impl Agent {
             None => None,
         };
         self.dp
-            .flush_flows(|f| id.is_none_or(|id| f.orig.container_id == id))
+            .flush_flows(id.map_or(Flows::All, Flows::Container))
             .map_err(internal("flush conntrack"))
     }
 }
 
 /// Runs the agent until `shutdown` completes: loads and adopts, then serves
-/// the API on `socket`, collects expired flows and forwards kernel logs.
+/// the API on `socket` and forwards kernel logs (flows expire in the
+/// kernel).
 /// The programs stay attached and the maps pinned when it returns.
 pub async fn run(
     cfg: AgentConfig,
     socket: &Path,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let gc_every = cfg.gc_interval;
     let started = owner::spawn(cfg).await?;
     if let Some(logger) = started.logger {
         tokio::spawn(forward_kernel_logs(logger));
     }
-    let mut collector = started.collector;
-    // A plain thread: the runtime would wait for a blocking task at exit.
-    std::thread::Builder::new()
-        .name("conntrack-gc".into())
-        .spawn(move || {
-            loop {
-                std::thread::sleep(gc_every);
-                match collector.collect() {
-                    Ok(0) => {}
-                    Ok(n) => tracing::debug!(removed = n, "conntrack gc"),
-                    Err(e) => tracing::warn!("conntrack gc: {e}"),
-                }
-            }
-        })?;
     let handle = Handle::new(started.commands, started.snapshot, started.reader);
     // An owner that died (a bug) takes the API down with it: a restarted
     // agent adopts what is there, where this one could only refuse changes.

@@ -33,11 +33,13 @@ use super::{
 };
 use crate::{
     cgroup,
+    datapath::Flows,
     error::error_chain,
     model::{
         PortMapping, Protocol,
         mac::{format_mac, parse_mac},
         names::{HOST_VETH_PREFIX, is_host_veth_name},
+        ports::PortSet,
     },
     net::{inspect::Link, link::Netlink, netns},
     store::{self, Change, Container, State},
@@ -110,15 +112,16 @@ pub async fn reconcile(lc: &mut Lifecycle<'_>) -> anyhow::Result<()> {
 }
 
 /// Brings known container `c` back: its veth (recreated with the same
-/// address if it vanished), whatever of its map entries is missing or
-/// wrong, its program and rate limits. Returns its record if adoption
-/// changed it, and the number of map entries written.
+/// address if it vanished, its flows then removed), whatever of its map
+/// entries is missing or wrong, its program and rate limits. Returns its
+/// record if adoption changed it, and the number of map entries written.
 async fn restore(
     lc: &mut Lifecycle<'_>,
     c: &Container,
     found: &mut Found,
 ) -> Result<(Option<Container>, usize), AgentError> {
     let mut new = c.clone();
+    let mut recreated = false;
     let (host, mac) = match found.links.get(&c.host_ifname) {
         Some(host) => {
             let mac = parse_mac(&c.mac).ok_or_else(|| {
@@ -136,6 +139,7 @@ async fn restore(
             // take a new program): drop it, attaching makes a fresh one.
             lc.dp.detach_container(&c.host_ifname)?;
             let link = lc.create_link(c).await?;
+            recreated = true;
             new.mac = format_mac(link.container_mac);
             let host = HostEnd {
                 index: link.host_ifindex,
@@ -180,6 +184,16 @@ async fn restore(
     }
     // The freshly loaded program goes into the pinned link (or a new one).
     lc.dp.attach_container(&c.host_ifname)?;
+    if recreated {
+        // Its flows still send to the vanished veth: gone, the next packet
+        // of each starts afresh through the entries just written.
+        match lc.dp.flush_flows(Flows::Container(c.id)) {
+            Ok(n) => {
+                tracing::info!(container = %c.name, entries = n, "flows of the old veth removed")
+            }
+            Err(e) => tracing::warn!(container = %c.name, "flush the old veth's flows: {e}"),
+        }
+    }
     restore_limits(lc, &mut new);
     let changed = (new != *c).then_some(new);
     Ok((changed, written))
@@ -284,11 +298,15 @@ async fn remove_orphans(lc: &mut Lifecycle<'_>, found: &Found) {
     for cgroup_id in lc.dp.retain_buckets(&limited) {
         tracing::warn!(cgroup_id, "removed an orphaned rate limit");
     }
-    if let Err(e) = lc
-        .dp
-        .flush_flows(|f| f.orig.container_id != 0 && !state.has_id(f.orig.container_id))
-    {
-        tracing::warn!("flush orphaned flows: {e}");
+    match lc.dp.flow_container_ids() {
+        Ok(ids) => {
+            for id in ids.into_iter().filter(|id| *id != 0 && !state.has_id(*id)) {
+                if let Err(e) = lc.dp.flush_flows(Flows::Container(id)) {
+                    tracing::warn!(container_id = id, "flush orphaned flows: {e}");
+                }
+            }
+        }
+        Err(e) => tracing::warn!("read conntrack: {e}"),
     }
 }
 
@@ -300,7 +318,13 @@ pub async fn cleanup(cfg: &AgentConfig) -> anyhow::Result<()> {
     use anyhow::Context as _;
     let net = Netlink::new().context("open a netlink connection")?;
     let state = match store::journal::load(&cfg.state_dir) {
-        Ok(state) => state,
+        Ok(state) => {
+            // The ports this agent reserved go back to the node.
+            if let Err(e) = super::reserved::reserve(&PortSet::default(), state.reserved_ports()) {
+                tracing::warn!("give back the reserved ports: {e:#}");
+            }
+            state
+        }
         Err(e) => {
             tracing::warn!("{e}; removing veths by name only");
             State::default()

@@ -10,6 +10,8 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
+use crate::model::ports::PortSet;
+
 use super::State;
 
 /// The snapshot's name inside the state directory (the name of the single
@@ -70,6 +72,8 @@ struct SnapshotOut<'a> {
     next_id: u32,
     journal_seq: u64,
     containers: super::ContainersByName<'a>,
+    #[serde(skip_serializing_if = "PortSet::is_empty")]
+    reserved_ports: &'a PortSet,
 }
 
 /// The snapshot as read; a file of an earlier version has no
@@ -80,6 +84,8 @@ struct SnapshotIn {
     #[serde(default)]
     journal_seq: u64,
     containers: std::collections::BTreeMap<String, super::Container>,
+    #[serde(default)]
+    reserved_ports: PortSet,
 }
 
 /// Loads and saves the snapshot in a directory.
@@ -118,6 +124,7 @@ impl StateStore {
                 let state = State::try_from(super::StateFields {
                     next_id: s.next_id,
                     containers: s.containers,
+                    reserved_ports: s.reserved_ports,
                 })
                 .map_err(|e| corrupt(serde::de::Error::custom(e)))?;
                 Ok((state, s.journal_seq))
@@ -144,6 +151,7 @@ impl StateStore {
             next_id: state.next_id(),
             journal_seq,
             containers: super::ContainersByName(state.containers()),
+            reserved_ports: state.reserved_ports(),
         };
         let bytes = serde_json::to_vec(&out).map_err(|e| StateError::Io {
             action: "serialize",

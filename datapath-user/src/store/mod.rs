@@ -70,7 +70,7 @@ use self::{
     index::{Ipam, PortIndex},
     journal::Journal,
 };
-use crate::model::{PortMapping, RateLimits};
+use crate::model::{PortMapping, RateLimits, ports::PortSet};
 
 /// One container the agent manages.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -136,6 +136,11 @@ pub enum Change {
         /// The new limits.
         limits: RateLimits,
     },
+    /// The ports this agent holds in `ip_local_reserved_ports` replaced.
+    ReservedPorts {
+        /// All of them.
+        ports: PortSet,
+    },
 }
 
 /// Everything the agent persists, with its indexes. Built and changed only
@@ -154,11 +159,17 @@ pub struct State {
     ports: PortIndex,
     /// The container whose limits use each cgroup's buckets.
     limited: OrdMap<u64, Arc<str>>,
+    /// The ports this agent added to the node's
+    /// `net.ipv4.ip_local_reserved_ports` (not those reserved before it),
+    /// given back when no longer published or masqueraded.
+    reserved_ports: PortSet,
 }
 
 impl PartialEq for State {
     fn eq(&self, other: &Self) -> bool {
-        self.next_id == other.next_id && self.containers == other.containers
+        self.next_id == other.next_id
+            && self.containers == other.containers
+            && self.reserved_ports == other.reserved_ports
     }
 }
 
@@ -169,6 +180,8 @@ impl Eq for State {}
 struct StateFields {
     next_id: u32,
     containers: BTreeMap<String, Container>,
+    #[serde(default)]
+    reserved_ports: PortSet,
 }
 
 impl TryFrom<StateFields> for State {
@@ -180,6 +193,7 @@ impl TryFrom<StateFields> for State {
         }
         let mut st = State {
             next_id: f.next_id,
+            reserved_ports: f.reserved_ports,
             ..State::default()
         };
         for (name, c) in f.containers {
@@ -211,9 +225,14 @@ impl Serialize for ContainersByName<'_> {
 impl Serialize for State {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         use serde::ser::SerializeStruct as _;
-        let mut st = s.serialize_struct("State", 2)?;
+        let mut st = s.serialize_struct("State", 3)?;
         st.serialize_field("next_id", &self.next_id)?;
         st.serialize_field("containers", &ContainersByName(&self.containers))?;
+        if self.reserved_ports.is_empty() {
+            st.skip_field("reserved_ports")?;
+        } else {
+            st.serialize_field("reserved_ports", &self.reserved_ports)?;
+        }
         st.end()
     }
 }
@@ -247,6 +266,11 @@ impl State {
     /// The published ports.
     pub fn ports(&self) -> &PortIndex {
         &self.ports
+    }
+
+    /// The ports this agent added to `ip_local_reserved_ports`.
+    pub fn reserved_ports(&self) -> &PortSet {
+        &self.reserved_ports
     }
 
     /// The container whose limits use the buckets of cgroup `cgroup_id`.
@@ -308,6 +332,10 @@ impl State {
                 c.limits = *limits;
                 self.limit(&owner, &c)?;
                 self.containers.insert(name.clone(), Arc::new(c));
+                Ok(())
+            }
+            Change::ReservedPorts { ports } => {
+                self.reserved_ports = ports.clone();
                 Ok(())
             }
         }
@@ -396,6 +424,28 @@ pub struct Store {
     state: State,
     journal: Journal,
     ipam: Option<Ipam>,
+    reserver: Option<Reserver>,
+}
+
+/// Keeps the node's reserved ports in line with each change: given the
+/// state a change leads to, reserves what it needs and returns the ports
+/// that are then the agent's, recorded in the change's own record.
+pub struct Reserver(Box<ReserveFn>);
+
+/// What a [`Reserver`] calls.
+type ReserveFn = dyn FnMut(&State) -> Result<PortSet, String> + Send;
+
+impl Reserver {
+    /// A reserver calling `f`.
+    pub fn new(f: impl FnMut(&State) -> Result<PortSet, String> + Send + 'static) -> Self {
+        Self(Box::new(f))
+    }
+}
+
+impl std::fmt::Debug for Reserver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Reserver")
+    }
 }
 
 impl Store {
@@ -407,6 +457,7 @@ impl Store {
             state,
             journal,
             ipam: None,
+            reserver: None,
         })
     }
 
@@ -430,6 +481,11 @@ impl Store {
         self.journal.dir()
     }
 
+    /// Follows every change with `reserver` from now on.
+    pub fn set_reserver(&mut self, reserver: Reserver) {
+        self.reserver = Some(reserver);
+    }
+
     /// A fresh container id and the lowest free address of `pool` for it;
     /// `None` if the pool is full. The address is taken once a container
     /// with it is committed.
@@ -449,7 +505,10 @@ impl Store {
     /// in memory. Changes that do not apply (a bug of the caller) are
     /// refused before anything is written; a record that cannot be
     /// written leaves the state as it was.
-    pub fn commit(&mut self, changes: Vec<Change>) -> Result<(), StateError> {
+    ///
+    /// With a [`Reserver`], the reserved ports the change leads to go into
+    /// the same record.
+    pub fn commit(&mut self, mut changes: Vec<Change>) -> Result<(), StateError> {
         if changes.is_empty() {
             return Ok(());
         }
@@ -459,6 +518,20 @@ impl Store {
                 reason,
                 dir: self.journal.dir().to_owned(),
             })?;
+        }
+        if let Some(Reserver(reserve)) = &mut self.reserver {
+            match reserve(&next) {
+                Ok(ports) if ports != *next.reserved_ports() => {
+                    let change = Change::ReservedPorts { ports };
+                    next.apply(&change).map_err(|reason| StateError::Refused {
+                        reason,
+                        dir: self.journal.dir().to_owned(),
+                    })?;
+                    changes.push(change);
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!("reserve the published ports: {e}"),
+            }
         }
         self.journal.append(&next, &changes)?;
         if let Some(ipam) = &mut self.ipam {
