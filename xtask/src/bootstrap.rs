@@ -55,6 +55,7 @@ const TEST_PROGRAMS: &[(&str, &str)] = &[
     ("ctr", "containerd"),
     ("containerd-shim-runc-v2", "containerd"),
     ("unshare", "util-linux"),
+    ("sysctl", "procps"),
 ];
 
 /// What the later steps need from the bootstrap.
