@@ -52,6 +52,11 @@ pub mod names {
     /// only while the monitor is on ([`super::CONFIG_F_MONITOR_DROPS`],
     /// [`super::CONFIG_F_MONITOR_FLOWS`]).
     pub const EVENTS: &str = "EVENTS";
+    /// LPM trie of IPv4 prefixes (a `u32` prefix length, then four address
+    /// bytes in wire order) → `u8` 1: destinations container traffic keeps
+    /// its source address for (`--non-masquerade-cidr`): it goes to the
+    /// node's stack untranslated.
+    pub const NON_MASQUERADE: &str = "NON_MASQUERADE";
     /// [`crate::ratelimit::RateKey`] (ingress) →
     /// [`crate::ratelimit::RateFlows`]: the TCP sockets sharing an ingress
     /// limit's receive windows.
@@ -61,7 +66,7 @@ pub mod names {
     pub const CLOCK: &str = "CLOCK";
 
     /// Every map the agent pins, in a stable order.
-    pub const ALL: [&str; 16] = [
+    pub const ALL: [&str; 17] = [
         CONFIG,
         SERVICES,
         ENDPOINTS,
@@ -77,6 +82,7 @@ pub mod names {
         CONTAINER_STATS,
         CONTAINER_DROPS,
         EVENTS,
+        NON_MASQUERADE,
         RATE_FLOWS,
     ];
 }
@@ -120,6 +126,8 @@ pub mod capacity {
     pub const CT_CONTAINERS: u32 = 8_192;
     /// Rate-limited (cgroup, direction) pairs.
     pub const RATE_LIMITS: u32 = 8_192;
+    /// Non-masquerade destination prefixes.
+    pub const NON_MASQUERADE: u32 = 64;
 }
 
 /// IP protocol numbers used as [`ServiceKey::proto`] and [`crate::CtKey::proto`].

@@ -1,17 +1,20 @@
 //! The `datapath` command line: the agent daemon and the client verbs, in
-//! the style of `ip` and `docker`.
+//! the style of `ip` and `docker`; the agent's flags can also come from its
+//! configuration file ([`config`]).
+
+pub mod config;
 
 use std::{io::Write as _, net::Ipv4Addr, path::PathBuf, time::Duration};
 
 use anyhow::Context as _;
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory as _, Parser, Subcommand};
 use datapath_common::ct::Timeouts;
 use ipnet::Ipv4Net;
 
 use crate::{
     agent::{self, AgentConfig, XdpMode},
     api::{
-        AddContainer, Client, ContainerInfo, DEFAULT_SOCKET, FlowEndpoint, MonitorQuery,
+        AddContainer, Client, ContainerInfo, DEFAULT_SOCKET, FlowEndpoint, FlowQuery, MonitorQuery,
         UpdateContainer,
     },
     model::{Figures, Limit},
@@ -139,10 +142,26 @@ pub struct AgentArgs {
     /// clock read per program run).
     #[arg(long)]
     pub bpf_stats: bool,
+    /// Traffic from containers to this CIDR keeps its source address and
+    /// goes to the node's stack (repeatable): a Kubernetes cluster's pod and
+    /// service CIDRs, for kube-proxy or the node's routes to handle.
+    #[arg(long = "non-masquerade-cidr", value_name = "CIDR")]
+    pub non_masquerade_cidr: Vec<Ipv4Net>,
+    /// The configuration file (every flag is a key; flags win)
+    /// [default: /etc/datapath/agent.toml, if it exists].
+    #[arg(long, value_name = "PATH")]
+    pub config: Option<PathBuf>,
+    /// Check the configuration (file and flags), print the one that results,
+    /// and exit without starting.
+    #[arg(long)]
+    pub check_config: bool,
     /// Instead of running: remove every program, link, pin, veth and state
     /// file an agent with these paths made, and exit.
     #[arg(long)]
     pub cleanup: bool,
+    /// What `--check-config` prints (set by [`parse`]).
+    #[arg(skip)]
+    pub effective: Option<String>,
 }
 
 /// `datapath container …`.
@@ -158,9 +177,14 @@ pub enum ContainerCmd {
         /// Interface name inside the container.
         #[arg(long, default_value = "eth0")]
         ifname: String,
-        /// Publish a port like docker -p: [IP:]HOST[-END]:CONTAINER[-END][/tcp|/udp].
+        /// Publish a port like docker -p: [IP:]HOST[-END]:CONTAINER[-END][/tcp|/udp]
+        /// (repeatable).
         #[arg(long = "publish", short = 'p')]
         publish: Vec<String>,
+        /// Also publish the ports of a JSON list of specs in FILE (`-`:
+        /// standard input), e.g. `["8080:80", "8443:443"]`.
+        #[arg(long, value_name = "FILE")]
+        publish_file: Option<PathBuf>,
         /// Publish even ports a process of the node listens on.
         #[arg(long)]
         force: bool,
@@ -171,6 +195,10 @@ pub enum ContainerCmd {
         cgroup: Option<String>,
         #[command(flatten)]
         limits: LimitArgs,
+        /// MTU of both ends of the veth pair (default: the agent's `--mtu`,
+        /// or the uplink's).
+        #[arg(long)]
+        mtu: Option<u32>,
     },
     /// Change a container's rate limits at once, without losing a flow.
     Update {
@@ -179,25 +207,29 @@ pub enum ContainerCmd {
         #[command(flatten)]
         limits: LimitArgs,
     },
-    /// Publish more ports of a running container.
+    /// Publish more ports of a running container, all in one request:
+    /// every port is published, or none is.
     Publish {
         /// Container name.
         name: String,
         /// Ports like docker -p: [IP:]HOST[-END]:CONTAINER[-END][/tcp|/udp].
-        #[arg(required = true)]
         specs: Vec<String>,
+        #[command(flatten)]
+        more: MorePorts,
         /// Publish even ports a process of the node listens on.
         #[arg(long)]
         force: bool,
     },
-    /// Stop publishing ports of a container (its established TCP
-    /// connections go on; its UDP flows through them are removed).
+    /// Stop publishing ports of a container, all in one request (its
+    /// established TCP connections go on; its UDP flows through them are
+    /// removed).
     Unpublish {
         /// Container name.
         name: String,
         /// Ports as they were published.
-        #[arg(required = true)]
         specs: Vec<String>,
+        #[command(flatten)]
+        more: MorePorts,
     },
     /// Remove a container's network (succeeds if it is already gone).
     Del {
@@ -210,6 +242,62 @@ pub enum ContainerCmd {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// Ports given by flag or file besides the positional ones.
+#[derive(Debug, Args)]
+pub struct MorePorts {
+    /// A port, as with `container add` (repeatable).
+    #[arg(long = "publish", short = 'p', value_name = "SPEC")]
+    publish: Vec<String>,
+    /// The ports of a JSON list of specs in FILE (`-`: standard input),
+    /// e.g. `["8080:80", "8443:443"]`.
+    #[arg(long, value_name = "FILE")]
+    publish_file: Option<PathBuf>,
+}
+
+impl MorePorts {
+    /// Every port: `specs`, then the flags', then the file's; at least one.
+    fn all(self, mut specs: Vec<String>) -> anyhow::Result<Vec<String>> {
+        specs.extend(self.publish);
+        if let Some(file) = &self.publish_file {
+            specs.extend(read_specs(file)?);
+        }
+        anyhow::ensure!(
+            !specs.is_empty(),
+            "give at least one port (SPEC, --publish SPEC or --publish-file FILE)"
+        );
+        Ok(specs)
+    }
+}
+
+/// Reads a JSON list of port specs from `path` (`-`: standard input).
+fn read_specs(path: &std::path::Path) -> anyhow::Result<Vec<String>> {
+    let text = if path.as_os_str() == "-" {
+        std::io::read_to_string(std::io::stdin()).context("read standard input")?
+    } else {
+        std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?
+    };
+    serde_json::from_str(&text).with_context(|| {
+        format!(
+            "{}: expected a JSON list of port specs, e.g. [\"8080:80\", \"53:53/udp\"]",
+            path.display()
+        )
+    })
+}
+
+/// What `container publish|unpublish` prints: the ports now published
+/// (their number, beyond a screenful).
+fn print_ports(c: &ContainerInfo) {
+    if c.publish.len() <= 32 {
+        println!("{} publishes {}", c.name, c.publish.join(","));
+    } else {
+        println!(
+            "{} publishes {} ports (`datapath container list` shows them)",
+            c.name,
+            c.publish.len()
+        );
+    }
 }
 
 /// Rate limits in tc's units (rates: bit, kbit, mbit, gbit, tbit, bps,
@@ -233,11 +321,17 @@ pub struct LimitArgs {
 /// `datapath conntrack …`.
 #[derive(Debug, Subcommand)]
 pub enum ConntrackCmd {
-    /// List tracked flows.
+    /// List tracked flows (the agent streams them as it reads the table).
     List {
         /// Print JSON.
         #[arg(long)]
         json: bool,
+        /// Only this container's flows.
+        #[arg(long)]
+        container: Option<String>,
+        /// At most this many flows.
+        #[arg(long)]
+        limit: Option<usize>,
     },
     /// Remove tracked flows (all, or one container's).
     Flush {
@@ -245,6 +339,34 @@ pub enum ConntrackCmd {
         #[arg(long)]
         container: Option<String>,
     },
+}
+
+/// Parses the command line of this process, the agent's configuration file
+/// included (see [`config`]). A command line clap refuses (or `--help`)
+/// exits the process with clap's message, as [`Parser::parse`] does.
+pub fn parse() -> Result<Cli, config::ConfigError> {
+    parse_from(std::env::args_os().collect())
+}
+
+/// [`parse`] of `args` (the program name first).
+pub fn parse_from(args: Vec<std::ffi::OsString>) -> Result<Cli, config::ConfigError> {
+    let cmd = Cli::command();
+    let loaded = config::load(&cmd, args)?;
+    let mut cli = Cli::parse_from(&loaded.args);
+    if let Command::Agent(agent) = &mut cli.command
+        && agent.check_config
+    {
+        let table = config::effective(&cmd, &loaded.args).unwrap_or_else(|e| e.exit());
+        let source = loaded.path.as_deref().map_or_else(
+            || "no configuration file".to_owned(),
+            |p| format!("{} and the command line", p.display()),
+        );
+        agent.effective = Some(format!(
+            "# datapath agent: the configuration from {source} (flags win)\n{}",
+            toml::to_string(&table).unwrap_or_default()
+        ));
+    }
+    Ok(cli)
 }
 
 impl AgentArgs {
@@ -271,6 +393,7 @@ impl AgentArgs {
                 udp_stream: secs(self.ct_timeout_udp_stream),
                 icmp: secs(self.ct_timeout_icmp),
             },
+            non_masquerade: self.non_masquerade_cidr.iter().map(|n| n.trunc()).collect(),
             // aya-log levels: 3 info, 4 debug.
             log_level: if self.kernel_debug_logs { 4 } else { 3 },
             metrics: self.metrics,
@@ -282,10 +405,17 @@ impl AgentArgs {
 /// Runs the agent until SIGINT or SIGTERM (or, with `--cleanup`, removes
 /// what one made).
 pub async fn run_agent(args: &AgentArgs, socket: PathBuf) -> anyhow::Result<()> {
+    let cfg = args.config();
     if args.cleanup {
-        return agent::cleanup(&args.config()).await;
+        return agent::cleanup(&cfg).await;
     }
-    agent::run(args.config(), &socket, shutdown_signal()).await
+    cfg.validate()
+        .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
+    if args.check_config {
+        print!("{}", args.effective.as_deref().unwrap_or_default());
+        return Ok(());
+    }
+    agent::run(cfg, &socket, shutdown_signal()).await
 }
 
 /// Completes on SIGINT or SIGTERM.
@@ -306,10 +436,24 @@ async fn shutdown_signal() {
     tracing::info!("shutting down; programs stay attached and maps pinned");
 }
 
+/// What `container add` says of limits whose cgroup does not exist yet.
+fn pending_note(c: &ContainerInfo) -> String {
+    format!(
+        "rate limits pending: {} does not exist yet; they apply as soon as it appears",
+        c.cgroup
+            .as_deref()
+            .map_or_else(String::new, |p| p.display().to_string())
+    )
+}
+
 /// The rate limit lines of `datapath container list` for one container.
 fn print_limits(c: &ContainerInfo) {
     if let Some(cg) = &c.cgroup {
-        println!("  cgroup {}", cg.display());
+        if c.pending {
+            println!("  cgroup {} (pending)", cg.display());
+        } else {
+            println!("  cgroup {}", cg.display());
+        }
     }
     for (dir, limit, n) in [
         ("egress", c.limits.egress, c.counters.egress),
@@ -527,11 +671,16 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             name,
             netns,
             ifname,
-            publish,
+            mut publish,
+            publish_file,
             force,
             cgroup,
             limits,
+            mtu,
         }) => {
+            if let Some(file) = &publish_file {
+                publish.extend(read_specs(file)?);
+            }
             let info = client
                 .add_container(&AddContainer {
                     name,
@@ -543,6 +692,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     ingress_rate: limits.ingress_rate,
                     egress_burst: limits.egress_burst,
                     ingress_burst: limits.ingress_burst,
+                    mtu,
                     force,
                 })
                 .await?;
@@ -550,6 +700,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 "{} {} via {} ({})",
                 info.name, info.addr, info.gateway, info.host_ifname
             );
+            if info.pending {
+                println!("{}", pending_note(&info));
+            }
             Ok(())
         }
         Command::Container(ContainerCmd::Update { name, limits }) => {
@@ -574,18 +727,19 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Command::Container(ContainerCmd::Publish { name, specs, force }) => {
-            for spec in specs {
-                let info = client.publish(&name, &spec, force).await?;
-                println!("{} publishes {}", info.name, info.publish.join(","));
-            }
+        Command::Container(ContainerCmd::Publish {
+            name,
+            specs,
+            more,
+            force,
+        }) => {
+            let info = client.publish(&name, &more.all(specs)?, force).await?;
+            print_ports(&info);
             Ok(())
         }
-        Command::Container(ContainerCmd::Unpublish { name, specs }) => {
-            for spec in specs {
-                let info = client.unpublish(&name, &spec).await?;
-                println!("{} publishes {}", info.name, info.publish.join(","));
-            }
+        Command::Container(ContainerCmd::Unpublish { name, specs, more }) => {
+            let info = client.unpublish(&name, &more.all(specs)?).await?;
+            print_ports(&info);
             Ok(())
         }
         Command::Container(ContainerCmd::Del { name }) => {
@@ -611,8 +765,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Conntrack(ConntrackCmd::List { json }) => {
-            let flows = client.conntrack().await?;
+        Command::Conntrack(ConntrackCmd::List {
+            json,
+            container,
+            limit,
+        }) => {
+            let flows = client.conntrack(&FlowQuery { container, limit }).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&flows)?);
                 return Ok(());

@@ -73,6 +73,9 @@ pub struct AgentBuilder<'n> {
     pool: String,
     args: Vec<String>,
     cgroup_root: Option<PathBuf>,
+    command: Option<Vec<String>>,
+    env: Vec<(String, String)>,
+    state_tmpfs: Option<String>,
 }
 
 impl<'n> AgentBuilder<'n> {
@@ -104,8 +107,42 @@ impl<'n> AgentBuilder<'n> {
         self
     }
 
+    /// Runs `datapath WORDS…` instead of `datapath agent` (e.g. a systemd
+    /// unit's `ExecStart`, after the binary); the harness's flags (uplink,
+    /// pool, paths) and [`AgentBuilder::args`] follow, and win over a
+    /// configuration file the words name.
+    pub fn command<I, S>(mut self, words: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.command = Some(words.into_iter().map(Into::into).collect());
+        self
+    }
+
+    /// Sets an environment variable of the agent process.
+    pub fn env(mut self, key: &str, value: impl Into<String>) -> Self {
+        self.env.push((key.to_owned(), value.into()));
+        self
+    }
+
+    /// Keeps the agent's state directory on a tmpfs of its own of `size`
+    /// (`mount -o size=…`, e.g. `1m`), unmounted when the agent is dropped:
+    /// a test can fill it up to make the agent's writes fail.
+    pub fn state_on_tmpfs(mut self, size: &str) -> Self {
+        self.state_tmpfs = Some(size.to_owned());
+        self
+    }
+
     /// Starts the agent and waits for its API socket.
     pub fn start(self) -> Agent<'n> {
+        let mut agent = self.spawn();
+        agent.wait_api();
+        agent
+    }
+
+    /// Starts the agent without waiting for it ([`Agent::wait_api`] does).
+    pub fn spawn(self) -> Agent<'n> {
         let bin = datapath_bin();
         sys::ensure_bpffs();
         // Named after the node, so that its leftovers are the node's.
@@ -118,6 +155,16 @@ impl<'n> AgentBuilder<'n> {
         let socket = tmp_dir.join("api.sock");
         std::fs::create_dir_all(&state_dir)
             .unwrap_or_else(|e| panic!("creating {}: {e}", state_dir.display()));
+        if let Some(size) = &self.state_tmpfs {
+            nix::mount::mount(
+                Some("tmpfs"),
+                &state_dir,
+                Some("tmpfs"),
+                nix::mount::MsFlags::MS_NOSUID | nix::mount::MsFlags::MS_NODEV,
+                Some(format!("size={size},mode=0700").as_str()),
+            )
+            .unwrap_or_else(|e| panic!("mounting a tmpfs on {}: {e}", state_dir.display()));
+        }
         let log_path = tmp_dir.join("agent.log");
         File::create(&log_path).unwrap_or_else(|e| panic!("creating {}: {e}", log_path.display()));
         let mut agent = Agent {
@@ -127,15 +174,15 @@ impl<'n> AgentBuilder<'n> {
             pool: self.pool,
             args: self.args,
             cgroup_root: self.cgroup_root,
+            command: self.command,
+            env: self.env,
+            state_mounted: self.state_tmpfs.is_some(),
             bpffs_dir,
             tmp_dir,
             socket,
             log_path,
         };
         agent.spawn();
-        if let Err(e) = agent.wait_ready() {
-            panic!("{e}");
-        }
         agent
     }
 }
@@ -168,6 +215,9 @@ pub struct Agent<'n> {
     pool: String,
     args: Vec<String>,
     cgroup_root: Option<PathBuf>,
+    command: Option<Vec<String>>,
+    env: Vec<(String, String)>,
+    state_mounted: bool,
     bpffs_dir: PathBuf,
     tmp_dir: PathBuf,
     socket: PathBuf,
@@ -183,6 +233,9 @@ impl<'n> Agent<'n> {
             pool: format!("198.19.{}.0/24", POOL.fetch_add(1, Ordering::Relaxed)),
             args: Vec::new(),
             cgroup_root: None,
+            command: None,
+            env: Vec::new(),
+            state_tmpfs: None,
         }
     }
 
@@ -194,10 +247,11 @@ impl<'n> Agent<'n> {
     /// The agent's own arguments (after `datapath`): `agent`, its paths,
     /// pool and the builder's extra arguments.
     fn agent_args(&self) -> Vec<std::ffi::OsString> {
-        let mut args: Vec<std::ffi::OsString> = ["agent", "--uplink", UPLINK, "--pool"]
-            .iter()
-            .map(Into::into)
-            .collect();
+        let mut args: Vec<std::ffi::OsString> = match &self.command {
+            Some(words) => words.iter().map(Into::into).collect(),
+            None => vec!["agent".into()],
+        };
+        args.extend(["--uplink", UPLINK, "--pool"].iter().map(Into::into));
         args.push(self.pool.clone().into());
         args.push("--bpffs-dir".into());
         args.push(self.bpffs_dir.clone().into());
@@ -222,6 +276,7 @@ impl<'n> Agent<'n> {
             .unwrap_or_else(|e| panic!("duplicating {}: {e}", self.log_path.display()));
         let mut cmd = Command::new(&self.bin);
         cmd.args(self.agent_args())
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log_err);
@@ -230,6 +285,14 @@ impl<'n> Agent<'n> {
             enter_cgroup2_stand_in(&mut cmd, stand_in, &mount);
         }
         self.child = Some(self.node.node.spawn(&mut cmd));
+    }
+
+    /// Waits for the API socket; panics with the agent's log if it exits
+    /// first or is too slow.
+    pub fn wait_api(&mut self) {
+        if let Err(e) = self.wait_ready() {
+            panic!("{e}");
+        }
     }
 
     /// Waits for the API socket; if the agent exits first (it is reaped)
@@ -453,6 +516,30 @@ impl<'n> Agent<'n> {
         }
     }
 
+    /// Sets (`Some`) or unsets (`None`) an environment variable of the
+    /// agent processes started from now on ([`Agent::restart`]).
+    pub fn set_env(&mut self, key: &str, value: Option<&str>) {
+        self.env.retain(|(k, _)| k != key);
+        if let Some(v) = value {
+            self.env.push((key.to_owned(), v.to_owned()));
+        }
+    }
+
+    /// Waits up to `timeout` for the agent process to exit by itself (a
+    /// crash), reaping it; returns its exit status.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            let child = self.child.as_mut()?;
+            if let Ok(Some(status)) = child.try_wait() {
+                self.child = None;
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
     /// Starts a new agent process with the same paths and arguments, after
     /// [`Agent::kill`] or [`Agent::stop`]; returns the log if it does not
     /// come up (it is then not running).
@@ -518,6 +605,12 @@ impl Drop for Agent<'_> {
         self.stop();
         if std::thread::panicking() {
             eprintln!("agent log ({}):\n{}", self.log_path.display(), self.log());
+        }
+        if self.state_mounted {
+            let state = self.state_dir();
+            if let Err(e) = nix::mount::umount2(&state, nix::mount::MntFlags::MNT_DETACH) {
+                eprintln!("warning: unmounting {}: {e}", state.display());
+            }
         }
         for dir in [&self.bpffs_dir, &self.tmp_dir] {
             match std::fs::remove_dir_all(dir) {

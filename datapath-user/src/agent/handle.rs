@@ -17,13 +17,16 @@ use super::{
 };
 use crate::{
     api::{
-        AddContainer, ContainerInfo, Flow, MonitorEvent, MonitorQuery, PortRequest, Status,
+        AddContainer, ContainerInfo, FlowQuery, MonitorEvent, MonitorQuery, Status,
         UpdateContainer,
-        server::{Backend, Failure},
+        server::{Backend, Failure, FlowBatches},
     },
     datapath::Reader,
     metrics,
 };
+
+/// How many batches of flows a listing reads ahead of its client.
+const FLOW_BATCHES_AHEAD: usize = 4;
 
 /// A handle on the running agent (cheap to clone).
 #[derive(Clone)]
@@ -76,6 +79,17 @@ impl Handle {
             .map_err(|e| AgentError::Internal(format!("read the datapath: {e}")))?
     }
 
+    /// The snapshots the owner publishes after every change.
+    pub fn snapshots(&self) -> watch::Receiver<Arc<Snapshot>> {
+        self.snapshot.clone()
+    }
+
+    /// Asks the owner to apply or remove the rate limits whose cgroup
+    /// appeared or went; returns how many containers changed.
+    pub async fn sync_cgroups(&self) -> Result<usize, AgentError> {
+        self.call(Command::SyncCgroups).await
+    }
+
     /// Asks the owner to stop once the commands before have been carried
     /// out, and waits for it to take the request.
     pub async fn stop(&self) {
@@ -105,15 +119,20 @@ impl Backend for Handle {
         Ok(self.call(|reply| Command::Update(name, req, reply)).await?)
     }
 
-    async fn publish(&self, name: String, req: PortRequest) -> Result<ContainerInfo, Failure> {
+    async fn publish(
+        &self,
+        name: String,
+        specs: Vec<String>,
+        force: bool,
+    ) -> Result<ContainerInfo, Failure> {
         Ok(self
-            .call(|reply| Command::Publish(name, req, reply))
+            .call(|reply| Command::Publish(name, specs, force, reply))
             .await?)
     }
 
-    async fn unpublish(&self, name: String, spec: String) -> Result<ContainerInfo, Failure> {
+    async fn unpublish(&self, name: String, specs: Vec<String>) -> Result<ContainerInfo, Failure> {
         Ok(self
-            .call(|reply| Command::Unpublish(name, spec, reply))
+            .call(|reply| Command::Unpublish(name, specs, reply))
             .await?)
     }
 
@@ -121,8 +140,22 @@ impl Backend for Handle {
         Ok(self.call(|reply| Command::Delete(name, reply)).await?)
     }
 
-    async fn conntrack(&self) -> Result<Vec<Flow>, Failure> {
-        Ok(self.read(|s, r| s.flows(r)).await?)
+    async fn conntrack(&self, query: FlowQuery) -> Result<FlowBatches, Failure> {
+        let snapshot = Arc::clone(&self.snapshot.borrow());
+        let container = match &query.container {
+            Some(name) => Some(
+                snapshot
+                    .container_id(name)
+                    .ok_or_else(|| AgentError::no_container(name))?,
+            ),
+            None => None,
+        };
+        let reader = Arc::clone(&self.reader);
+        let (batches, receiver) = mpsc::channel(FLOW_BATCHES_AHEAD);
+        tokio::task::spawn_blocking(move || {
+            snapshot.stream_flows(&reader, container, query.limit, &batches);
+        });
+        Ok(receiver)
     }
 
     async fn flush(&self, container: Option<String>) -> Result<usize, Failure> {

@@ -3,17 +3,18 @@
 //! `add` and `update` are transactions: each step that changes the kernel
 //! or the state is written down in a [`Transaction`] as it is taken, and if
 //! a later step fails, the steps taken are undone in reverse order, so a
-//! container is all there or not at all. The state file is saved last: a
-//! container is recorded only once it is complete, and an agent cut off
-//! before that finds only orphans on its next start ([`super::reconcile`]).
+//! container is all there or not at all. The record is written last (one
+//! durable journal record, [`Store::commit`]): a container is recorded
+//! only once it is complete, and an agent cut off before that finds only
+//! orphans on its next start ([`super::reconcile`]).
 //!
 //! `add` takes these steps: the veth pair ([`Netlink::create_container_link`]),
 //! the endpoint and published ports in the maps and the container program
 //! on the host end ([`Lifecycle::fill`]), the rate limits
-//! ([`Datapath::apply_limits`]), then the record, saved.
+//! ([`Datapath::apply_limits`]), then the record.
 //!
-//! `delete` cannot be undone: it tears down whatever is there, going on
-//! after failures, and then forgets the container.
+//! `delete` cannot be undone: it records the container's removal first,
+//! then tears down whatever is there, going on after failures.
 
 use std::path::Path;
 
@@ -29,16 +30,17 @@ use crate::{
     datapath::{Datapath, Flows, Reader},
     error::error_chain,
     model::{
-        PortMapping, RateLimits,
+        RateLimits,
         limits::{LimitError, limit, updated},
         mac::format_mac,
+        mtu::validate_mtu,
         names::{host_veth_name, validate_container_name, validate_ifname},
     },
     net::{
         link::{ContainerLink, LinkInfo, Netlink, NetlinkError},
         netns,
     },
-    store::{Container, Store},
+    store::{Change, Container, Store},
 };
 
 /// The container lifecycle, over the parts of the agent it changes.
@@ -77,7 +79,7 @@ impl Lifecycle<'_> {
                 Ok(self.info(&c))
             }
             Err(e) => {
-                tx.roll_back(self.dp, self.net, self.store).await;
+                tx.roll_back(self.dp, self.net).await;
                 Err(e)
             }
         }
@@ -97,35 +99,51 @@ impl Lifecycle<'_> {
                 error_chain(&e)
             ))
         })?;
-        let publish = req
-            .publish
-            .iter()
-            .map(|s| s.parse::<PortMapping>())
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| bad(&e))?;
+        let publish = publish::parse_specs(&req.publish)?;
         let rate = RateRequest::new(
             req.cgroup.as_deref(),
             (req.egress_rate.as_deref(), req.egress_burst.as_deref()),
             (req.ingress_rate.as_deref(), req.ingress_burst.as_deref()),
         )
         .map_err(AgentError::BadRequest)?;
-        let (cgroup, cgroup_id) = rate.cgroup.map_or((None, 0), |cg| (Some(cg.path), cg.id));
+        // A cgroup that does not exist yet (runtimes create it after the
+        // network) is recorded with id 0: its limits are pending until it
+        // appears ([`super::cgroups`]).
+        let (cgroup, cgroup_id) = rate
+            .cgroup
+            .map_or((None, 0), |cg| (Some(cg.path), cg.id.unwrap_or(0)));
+        if let Some(mtu) = req.mtu {
+            validate_mtu(mtu).map_err(AgentError::BadRequest)?;
+        }
         if let Some(c) = self.store.get(&req.name) {
             if c.netns == netns
                 && c.ifname == ifname
                 && c.publish == publish
                 && c.cgroup == cgroup
                 && c.limits == rate.limits
+                && c.mtu == req.mtu
             {
-                return Ok(Plan::Exists(c.clone()));
+                return Ok(Plan::Exists(Container::clone(c)));
             }
             return Err(AgentError::Conflict(format!(
                 "container {:?} exists with another network namespace, interface or ports; delete it first",
                 req.name
             )));
         }
-        publish::check(self.node, self.store, &req.name, &publish, req.force)?;
-        check_cgroup(self.store, &req.name, cgroup_id, &rate.limits)?;
+        publish::check(
+            self.node,
+            self.store.state(),
+            &req.name,
+            &publish,
+            req.force,
+        )?;
+        check_cgroup(
+            self.store,
+            &req.name,
+            cgroup.as_deref(),
+            cgroup_id,
+            &rate.limits,
+        )?;
         let pool = self.node.cfg.pool;
         let (id, addr) = self
             .store
@@ -143,11 +161,12 @@ impl Lifecycle<'_> {
             cgroup,
             cgroup_id,
             limits: rate.limits,
+            mtu: req.mtu,
         }))
     }
 
     /// The steps of `add`: veth pair, maps and program, rate limits, then
-    /// the record, saved.
+    /// the record (one durable write).
     async fn create(
         &mut self,
         tx: &mut Transaction,
@@ -175,12 +194,7 @@ impl Lifecycle<'_> {
         self.dp
             .apply_limits(&rate_target(&c), false)
             .map_err(internal("apply rate limits"))?;
-        let previous = self.store.put(c.clone());
-        tx.did(Step::Record {
-            name: c.name.clone(),
-            previous: previous.map(Box::new),
-        });
-        self.store.save()?;
+        self.store.commit(vec![Change::Put(Box::new(c.clone()))])?;
         Ok(c)
     }
 
@@ -193,7 +207,7 @@ impl Lifecycle<'_> {
                 ifname: c.ifname.clone(),
                 addr: c.addr,
                 gateway: self.node.cfg.gateway(),
-                mtu: self.node.container_mtu(),
+                mtu: c.mtu.or_else(|| self.node.container_mtu()),
                 gro: self.node.gro(),
             })
             .await
@@ -249,7 +263,7 @@ impl Lifecycle<'_> {
         let c = self
             .store
             .get(name)
-            .cloned()
+            .map(|c| Container::clone(c))
             .ok_or_else(|| AgentError::no_container(name))?;
         let bad = |e: LimitError| AgentError::BadRequest(e.to_string());
         let limits = RateLimits {
@@ -277,7 +291,7 @@ impl Lifecycle<'_> {
                  so delete it and add it again with --cgroup"
             )));
         }
-        check_cgroup(self.store, name, c.cgroup_id, &limits)?;
+        check_cgroup(self.store, name, c.cgroup.as_deref(), c.cgroup_id, &limits)?;
         let new = Container {
             limits,
             ..c.clone()
@@ -290,13 +304,13 @@ impl Lifecycle<'_> {
                 Ok(self.info(&new))
             }
             Err(e) => {
-                tx.roll_back(self.dp, self.net, self.store).await;
+                tx.roll_back(self.dp, self.net).await;
                 Err(e)
             }
         }
     }
 
-    /// The steps of `update`: the limits, then the record, saved.
+    /// The steps of `update`: the limits, then the record.
     fn change_limits(
         &mut self,
         tx: &mut Transaction,
@@ -310,23 +324,24 @@ impl Lifecycle<'_> {
         self.dp
             .apply_limits(&rate_target(new), false)
             .map_err(internal("apply rate limits"))?;
-        let replaced = self.store.put(new.clone());
-        tx.did(Step::Record {
+        self.store.commit(vec![Change::Limits {
             name: new.name.clone(),
-            previous: replaced.map(Box::new),
-        });
-        self.store.save()?;
+            limits: new.limits,
+        }])?;
         Ok(())
     }
 
-    /// Deletes a container; deleting an absent one succeeds.
+    /// Deletes a container; deleting an absent one succeeds. The record
+    /// goes first: once the deletion is durable, an agent cut off while
+    /// tearing down finds only orphans, which it removes when it starts.
     pub async fn delete(&mut self, name: &str) -> Result<(), AgentError> {
         let Some(c) = self.store.get(name).cloned() else {
             return Ok(());
         };
+        self.store.commit(vec![Change::Remove {
+            name: name.to_owned(),
+        }])?;
         self.teardown(&c).await;
-        self.store.remove(name);
-        self.store.save()?;
         tracing::info!(container = %name, "container deleted");
         Ok(())
     }
@@ -375,7 +390,7 @@ enum Plan {
 /// (resolved) and the limits, every value checked before anything is
 /// changed.
 struct RateRequest {
-    cgroup: Option<cgroup::CgroupDir>,
+    cgroup: Option<cgroup::Located>,
     limits: RateLimits,
 }
 
@@ -390,7 +405,7 @@ impl RateRequest {
             ingress: limit("ingress", ingress.0, ingress.1).map_err(|e| e.to_string())?,
         };
         let cgroup = match cgroup {
-            Some(spec) => Some(cgroup::resolve_cgroup(spec).map_err(|e| format!("cgroup: {e}"))?),
+            Some(spec) => Some(cgroup::locate(spec).map_err(|e| format!("cgroup: {e}"))?),
             None if !limits.is_empty() => {
                 return Err(
                     "rate limits apply to the container's cgroup: give its cgroup v2 directory \
@@ -404,21 +419,31 @@ impl RateRequest {
     }
 }
 
-/// Refuses a second container with limits on a cgroup whose buckets
-/// another container's limits already use.
+/// Refuses a second container with limits on a cgroup (existing or
+/// pending) whose buckets another container's limits already use: the
+/// same directory, or the same cgroup (`cgroup_id`; 0: not there yet).
 fn check_cgroup(
     store: &Store,
     name: &str,
+    cgroup: Option<&Path>,
     cgroup_id: u64,
     limits: &RateLimits,
 ) -> Result<(), AgentError> {
-    if cgroup_id == 0 || limits.is_empty() {
+    let Some(cgroup) = cgroup else {
+        return Ok(());
+    };
+    if limits.is_empty() {
         return Ok(());
     }
-    match store
-        .containers()
-        .values()
-        .find(|c| c.name != name && c.cgroup_id == cgroup_id && !c.limits.is_empty())
+    let state = store.state();
+    let by_id = (cgroup_id != 0)
+        .then(|| state.limiting(cgroup_id))
+        .flatten();
+    match [state.limiting_path(cgroup), by_id]
+        .into_iter()
+        .flatten()
+        .find(|other| *other != name)
+        .and_then(|other| store.get(other))
     {
         Some(other) => Err(AgentError::Conflict(format!(
             "container {:?} already limits the cgroup {}; one cgroup has one set of limits",

@@ -11,12 +11,15 @@
 //! * [`lifecycle`]: container add, update and delete, each one
 //!   transaction whose steps are undone if a later one fails
 //!   ([`transaction::Transaction`], the undo log).
+//! * [`cgroups`]: rate limits whose cgroup appears after the container
+//!   (runtimes create it after the network), attached when it does.
 //! * [`publish`]: publishing and unpublishing ports of running containers.
 //! * [`reconcile`]: adopting what a previous agent left, removing orphans,
 //!   and `datapath agent --cleanup`.
 //! * [`uplink`]: the uplink and the global configuration, at start.
 //! * [`status`]: what the API shows.
 
+pub mod cgroups;
 pub mod handle;
 pub mod lifecycle;
 pub mod observe;
@@ -38,10 +41,11 @@ use datapath_common::ct::Timeouts;
 use ipnet::Ipv4Net;
 use tokio::sync::oneshot;
 
-pub use self::{handle::Handle, reconcile::cleanup};
 use self::{
-    lifecycle::Lifecycle, owner::Command, publish::Ports, status::Snapshot, uplink::Uplink,
+    cgroups::Cgroups, lifecycle::Lifecycle, owner::Command, publish::Ports, status::Snapshot,
+    uplink::Uplink,
 };
+pub use self::{handle::Handle, reconcile::cleanup};
 use crate::{
     api::server::Failure,
     datapath::{BpfError, Datapath, Flows, LoadOptions, RateTarget, Reader, UplinkHook},
@@ -100,6 +104,10 @@ pub struct AgentConfig {
     pub bpf_stats: bool,
     /// Kernel-side log level (aya-log).
     pub log_level: u8,
+    /// Destinations container traffic keeps its source address for: it
+    /// goes to the node's stack unmasqueraded (a cluster's pod and service
+    /// CIDRs).
+    pub non_masquerade: Vec<Ipv4Net>,
 }
 
 impl AgentConfig {
@@ -107,7 +115,41 @@ impl AgentConfig {
     pub fn gateway(&self) -> Ipv4Addr {
         gateway_of(self.pool)
     }
+
+    /// Checks what the flags' parsers cannot: a pool with room for the
+    /// gateway and a container, a valid uplink name, absolute directories,
+    /// at most [`MAX_NON_MASQUERADE`] CIDRs.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.pool.prefix_len() > 30 {
+            return Err(format!(
+                "--pool {}: a pool needs room for the gateway and containers (/30 at most)",
+                self.pool
+            ));
+        }
+        if let Some(uplink) = &self.uplink {
+            crate::model::names::validate_ifname(uplink)
+                .map_err(|e| format!("--uplink {uplink:?}: {e}"))?;
+        }
+        for (flag, dir) in [
+            ("--bpffs-dir", &self.bpffs_dir),
+            ("--state-dir", &self.state_dir),
+        ] {
+            if !dir.is_absolute() {
+                return Err(format!("{flag} {}: give an absolute path", dir.display()));
+            }
+        }
+        if self.non_masquerade.len() > MAX_NON_MASQUERADE {
+            return Err(format!(
+                "--non-masquerade-cidr: at most {MAX_NON_MASQUERADE} CIDRs, {} given",
+                self.non_masquerade.len()
+            ));
+        }
+        Ok(())
+    }
 }
+
+/// How many `--non-masquerade-cidr` the datapath takes.
+pub const MAX_NON_MASQUERADE: usize = datapath_common::capacity::NON_MASQUERADE as usize;
 
 /// An error of an agent operation, with the HTTP status it maps to.
 #[derive(Debug, thiserror::Error)]
@@ -124,7 +166,7 @@ pub enum AgentError {
     /// A BPF operation failed.
     #[error(transparent)]
     Bpf(#[from] BpfError),
-    /// The state file could not be read or written.
+    /// The persisted state could not be read or written.
     #[error(transparent)]
     State(#[from] StateError),
     /// Something else failed.
@@ -235,6 +277,9 @@ impl Agent {
         };
         reconcile::reconcile(&mut agent.lifecycle()).await?;
         agent.reserve_ports();
+        // From now on each change carries the reservation it leads to.
+        let snat = reserved::snat_range(&agent.node);
+        agent.store.set_reserver(reserved::reserver(snat));
         Ok(agent)
     }
 
@@ -245,6 +290,13 @@ impl Agent {
             net: &self.net,
             store: &mut self.store,
             reader: &self.reader,
+        }
+    }
+
+    fn cgroups(&mut self) -> Cgroups<'_> {
+        Cgroups {
+            dp: &mut self.dp,
+            store: &mut self.store,
         }
     }
 
@@ -270,7 +322,6 @@ impl Agent {
         match command {
             Command::Add(req, reply) => {
                 let result = self.lifecycle().add(req).await;
-                self.reserve_ports();
                 self.answer(&publish, reply, result);
             }
             Command::Update(name, req, reply) => {
@@ -279,17 +330,18 @@ impl Agent {
             }
             Command::Delete(name, reply) => {
                 let result = self.lifecycle().delete(&name).await;
-                self.reserve_ports();
                 self.answer(&publish, reply, result);
             }
-            Command::Publish(name, req, reply) => {
-                let result = self.ports().publish(&name, &req.publish, req.force).await;
-                self.reserve_ports();
+            Command::Publish(name, specs, force, reply) => {
+                let result = self.ports().publish(&name, &specs, force).await;
                 self.answer(&publish, reply, result);
             }
-            Command::Unpublish(name, spec, reply) => {
-                let result = self.ports().unpublish(&name, &spec).await;
-                self.reserve_ports();
+            Command::Unpublish(name, specs, reply) => {
+                let result = self.ports().unpublish(&name, &specs).await;
+                self.answer(&publish, reply, result);
+            }
+            Command::SyncCgroups(reply) => {
+                let result = self.cgroups().sync();
                 self.answer(&publish, reply, result);
             }
             // Flows are read live, not from the snapshot.
@@ -307,10 +359,11 @@ impl Agent {
     }
 
     /// Brings the node's reserved ports in line with what is published and
-    /// masqueraded ([`reserved`]). A failure is logged: the datapath works
+    /// masqueraded ([`reserved`]), at start (every change after that does
+    /// it in its own record). A failure is logged: the datapath works
     /// without it.
     fn reserve_ports(&mut self) {
-        let wanted = reserved::wanted(&self.node, &self.store);
+        let wanted = reserved::wanted(reserved::snat_range(&self.node), self.store.state());
         if let Err(e) = reserved::apply(&wanted, &mut self.store) {
             tracing::warn!("reserve the published ports: {e:#}");
         }
@@ -362,8 +415,9 @@ impl Agent {
 }
 
 /// Runs the agent until `shutdown` completes: loads and adopts, then serves
-/// the API on `socket` and forwards kernel logs (flows expire in the
-/// kernel).
+/// the API on `socket` (telling a service manager it is ready once it
+/// listens), follows the cgroups of pending limits and forwards kernel logs
+/// (flows expire in the kernel).
 /// The programs stay attached and the maps pinned when it returns.
 pub async fn run(
     cfg: AgentConfig,
@@ -414,6 +468,7 @@ pub async fn run(
             }
         });
     }
+    tokio::spawn(cgroups::watch(handle.clone()));
     // An owner that died (a bug) takes the API down with it: a restarted
     // agent adopts what is there, where this one could only refuse changes.
     let mut gone = started.gone;
@@ -427,8 +482,10 @@ pub async fn run(
             }
         }
     };
-    let served = crate::api::server::serve(handle.clone(), socket, stop).await;
+    let served =
+        crate::api::server::serve(handle.clone(), socket, || notify_ready(socket), stop).await;
     let _ = metrics_stop.send(());
+    notify(&[sd_notify::NotifyState::Stopping]);
     // Every request has been answered; the owner finishes and stops.
     handle.stop().await;
     let owner = started.owner;
@@ -437,6 +494,25 @@ pub async fn run(
         anyhow::bail!("the agent's owner task stopped unexpectedly");
     }
     served
+}
+
+/// Tells the service manager (systemd with `Type=notify`, through
+/// `NOTIFY_SOCKET`) that the agent is ready: the maps are loaded and
+/// pinned, what a previous agent left is adopted, and the API accepts
+/// connections. Without `NOTIFY_SOCKET` nothing is sent.
+fn notify_ready(socket: &Path) {
+    let status = format!("serving the API on {}", socket.display());
+    notify(&[
+        sd_notify::NotifyState::Ready,
+        sd_notify::NotifyState::Status(&status),
+    ]);
+}
+
+/// Sends `states` to the service manager, if there is one.
+fn notify(states: &[sd_notify::NotifyState<'_>]) {
+    if let Err(e) = sd_notify::notify(states) {
+        tracing::warn!("notify the service manager (NOTIFY_SOCKET): {e}");
+    }
 }
 
 async fn forward_kernel_logs(logger: aya_log::EbpfLogger<&'static dyn log::Log>) {

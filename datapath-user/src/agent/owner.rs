@@ -4,7 +4,7 @@
 //! netlink connection), and takes [`Command`]s from the API in the order
 //! they come, one at a time. Everything a change does — BPF map updates
 //! and attachments, netlink round trips, the `setns` thread of a veth
-//! pair, the state file's fsync — blocks that thread and no other: the
+//! pair, the state journal's fsync — blocks that thread and no other: the
 //! API's async workers stay free to answer reads. After each change it
 //! publishes a fresh [`Snapshot`] before it answers.
 //!
@@ -17,7 +17,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use super::{Agent, AgentConfig, AgentError, status::Snapshot};
 use crate::{
-    api::{AddContainer, ContainerInfo, PortRequest, UpdateContainer},
+    api::{AddContainer, ContainerInfo, UpdateContainer},
     datapath::Reader,
     net::watch::AddressEvents,
 };
@@ -36,15 +36,18 @@ pub(super) enum Command {
     Update(String, UpdateContainer, Reply<ContainerInfo>),
     /// Delete a container.
     Delete(String, Reply<()>),
-    /// Publish a port of a container.
-    Publish(String, PortRequest, Reply<ContainerInfo>),
-    /// Stop publishing a port of a container.
-    Unpublish(String, String, Reply<ContainerInfo>),
+    /// Publish ports of a container (all or none); `true`: even ports a
+    /// node process listens on.
+    Publish(String, Vec<String>, bool, Reply<ContainerInfo>),
+    /// Stop publishing ports of a container.
+    Unpublish(String, Vec<String>, Reply<ContainerInfo>),
     /// Remove tracked flows (one container's, or all).
     Flush(Option<String>, Reply<usize>),
     /// Turn the monitor's events on or off in the kernel
     /// (`CONFIG_F_MONITOR_*` bits).
     Monitor(u32, Reply<()>),
+    /// Apply or remove rate limits whose cgroup appeared or went.
+    SyncCgroups(Reply<usize>),
 }
 
 /// What the owner sends its inbox: a command, or the end.
@@ -177,6 +180,11 @@ fn run(
                     agent.addresses_changed(ifindex, publish).await;
                 }
             }
+        }
+        // A clean stop leaves the whole state in the snapshot and an empty
+        // journal (what an operator reading the state directory expects).
+        if let Err(e) = agent.store.compact() {
+            tracing::warn!("write the state snapshot at shutdown: {e}");
         }
     });
 }

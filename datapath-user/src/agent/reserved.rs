@@ -8,17 +8,20 @@
 use anyhow::Context as _;
 
 use super::Node;
-use crate::{model::ports::PortSet, net::sockets, store::Store};
+use crate::{
+    model::ports::PortSet,
+    net::sockets,
+    store::{Change, Reserver, State, Store},
+};
 
-/// The ports the agent wants reserved: the masquerade range (when it
-/// masquerades) and every published host port.
-pub fn wanted(node: &Node, store: &Store) -> PortSet {
+/// The ports the agent wants reserved: the masquerade range `snat` (when
+/// it masquerades) and every published host port of `state`.
+pub fn wanted(snat: Option<(u16, u16)>, state: &State) -> PortSet {
     let mut ports = PortSet::default();
-    if node.cfg.masquerade {
-        let (lo, hi) = node.cfg.snat_ports;
+    if let Some((lo, hi)) = snat {
         ports.extend(&PortSet::range(lo, hi));
     }
-    for c in store.containers().values() {
+    for c in state.containers().values() {
         for m in &c.publish {
             for (hp, _) in m.ports() {
                 ports.insert(hp);
@@ -28,13 +31,38 @@ pub fn wanted(node: &Node, store: &Store) -> PortSet {
     ports
 }
 
+/// What keeps the reservation in line with each change of the store (in
+/// that change's record): the agent's masquerade range `snat`, if it
+/// masquerades, and the published ports.
+pub fn reserver(snat: Option<(u16, u16)>) -> Reserver {
+    Reserver::new(move |state| {
+        reserve(&wanted(snat, state), state.reserved_ports()).map_err(|e| format!("{e:#}"))
+    })
+}
+
+/// The masquerade range the agent reserves: `--snat-ports` when it
+/// masquerades.
+pub fn snat_range(node: &Node) -> Option<(u16, u16)> {
+    node.cfg.masquerade.then_some(node.cfg.snat_ports)
+}
+
 /// Makes the reservation `wanted`: adds what is missing, gives back what
-/// the agent reserved and no longer needs, and records (and saves) what is
-/// the agent's.
+/// the agent reserved and no longer needs, and records (one journal
+/// record, when it changed) what is the agent's.
 pub fn apply(wanted: &PortSet, store: &mut Store) -> anyhow::Result<()> {
+    let ours_before = store.state().reserved_ports();
+    let ours = reserve(wanted, ours_before)?;
+    if ours != *ours_before {
+        store.commit(vec![Change::ReservedPorts { ports: ours }])?;
+    }
+    Ok(())
+}
+
+/// Makes the reservation `wanted` where `ours_before` are the ports the
+/// agent reserved so far; returns those that are the agent's now.
+pub fn reserve(wanted: &PortSet, ours_before: &PortSet) -> anyhow::Result<PortSet> {
     let current = sockets::reserved_ports().context("read ip_local_reserved_ports")?;
-    let ours_before = store.state().reserved_ports.clone();
-    let others = current.minus(&ours_before);
+    let others = current.minus(ours_before);
     let ours = wanted.minus(&others);
     let mut target = others;
     target.extend(wanted);
@@ -42,9 +70,5 @@ pub fn apply(wanted: &PortSet, store: &mut Store) -> anyhow::Result<()> {
         sockets::set_reserved_ports(&target).context("write ip_local_reserved_ports")?;
         tracing::debug!(reserved = %target, "ip_local_reserved_ports");
     }
-    if ours != ours_before {
-        store.set_reserved_ports(ours);
-        store.save()?;
-    }
-    Ok(())
+    Ok(ours)
 }

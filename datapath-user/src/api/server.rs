@@ -5,10 +5,10 @@ use std::{future::Future, os::unix::fs::PermissionsExt, path::Path, time::Instan
 
 use axum::{
     Json, Router,
-    body::Body,
+    body::Bytes,
     extract::{
-        DefaultBodyLimit, MatchedPath, Path as UrlPath, Query, Request, State,
-        rejection::JsonRejection,
+        DefaultBodyLimit, FromRequest, MatchedPath, Path as UrlPath, Query, Request, State,
+        rejection::QueryRejection,
     },
     http::{StatusCode, header},
     middleware::Next,
@@ -16,11 +16,11 @@ use axum::{
     routing::get,
 };
 use futures::{StreamExt as _, stream::BoxStream};
-use serde::Deserialize;
+use serde::{Deserialize, de::DeserializeOwned};
 
 use super::wire::{
-    AddContainer, ApiError, ContainerInfo, Flow, Flushed, MAX_BODY, MonitorEvent, MonitorQuery,
-    PortRequest, Status, UpdateContainer,
+    AddContainer, ApiError, ContainerInfo, Flow, FlowQuery, Flushed, MAX_BODY, MAX_PORTS_BODY,
+    MonitorEvent, MonitorQuery, PortRequest, SPLIT_PORTS, Status, UpdateContainer,
 };
 use crate::metrics;
 
@@ -45,22 +45,27 @@ pub trait Backend: Clone + Send + Sync + 'static {
         name: String,
         req: UpdateContainer,
     ) -> impl Future<Output = Result<ContainerInfo, Failure>> + Send;
-    /// `POST /v1/containers/{name}/ports`.
+    /// `POST /v1/containers/{name}/ports`: one spec or a list, all or none.
     fn publish(
         &self,
         name: String,
-        req: PortRequest,
+        specs: Vec<String>,
+        force: bool,
     ) -> impl Future<Output = Result<ContainerInfo, Failure>> + Send;
-    /// `DELETE /v1/containers/{name}/ports`.
+    /// `DELETE /v1/containers/{name}/ports`: one spec or a list.
     fn unpublish(
         &self,
         name: String,
-        spec: String,
+        specs: Vec<String>,
     ) -> impl Future<Output = Result<ContainerInfo, Failure>> + Send;
     /// `DELETE /v1/containers/{name}`.
     fn delete(&self, name: String) -> impl Future<Output = Result<(), Failure>> + Send;
-    /// `GET /v1/conntrack`.
-    fn conntrack(&self) -> impl Future<Output = Result<Vec<Flow>, Failure>> + Send;
+    /// `GET /v1/conntrack[?container=NAME][&limit=N]`: the flows as they
+    /// are read, in batches, ending with an error if the walk failed.
+    fn conntrack(
+        &self,
+        query: FlowQuery,
+    ) -> impl Future<Output = Result<FlowBatches, Failure>> + Send;
     /// `DELETE /v1/conntrack[?container=NAME]`: the number of entries removed.
     fn flush(
         &self,
@@ -74,6 +79,10 @@ pub trait Backend: Clone + Send + Sync + 'static {
         query: MonitorQuery,
     ) -> impl Future<Output = Result<BoxStream<'static, MonitorEvent>, Failure>> + Send;
 }
+
+/// Flows as they are read from the table: batches, or the error that cut
+/// the walk short.
+pub type FlowBatches = tokio::sync::mpsc::Receiver<Result<Vec<Flow>, String>>;
 
 /// A refused or failed request: the HTTP status and what to tell the
 /// client (what was wrong and what to do).
@@ -95,12 +104,47 @@ impl Failure {
     }
 }
 
-impl From<JsonRejection> for Failure {
-    fn from(e: JsonRejection) -> Self {
-        Failure::new(
-            e.status().as_u16(),
-            format!("invalid request body: {}", e.body_text()),
-        )
+/// A request body: JSON, whatever its `Content-Type` says (`curl -d` sends
+/// `application/x-www-form-urlencoded`; the API speaks nothing but JSON).
+/// A body that is not the expected JSON is a 400 that says why; one over
+/// [`MAX_BODY`] a 413 naming the limit (see [`ports_body`] for the routes
+/// with a larger one).
+pub struct Body<T>(pub T);
+
+impl<T, S> FromRequest<S> for Body<T>
+where
+    T: DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = Failure;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Failure> {
+        let bytes = Bytes::from_request(req, state).await.map_err(|e| {
+            if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                too_large(MAX_BODY, "send a smaller body")
+            } else {
+                Failure::new(e.status().as_u16(), e.body_text())
+            }
+        })?;
+        serde_json::from_slice(&bytes)
+            .map(Body)
+            .map_err(|e| Failure::new(400, format!("invalid request body: {e}")))
+    }
+}
+
+/// A body over a route's limit: which limit, and what to do.
+fn too_large(limit: usize, what_to_do: &str) -> Failure {
+    Failure::new(413, super::wire::too_large(limit, what_to_do))
+}
+
+/// The body of a route that takes port lists, or why it was refused.
+fn ports_body<T>(body: Result<Body<T>, Failure>) -> Result<T, Failure> {
+    match body {
+        Ok(Body(t)) => Ok(t),
+        Err(e) if e.status == StatusCode::PAYLOAD_TOO_LARGE.as_u16() => {
+            Err(too_large(MAX_PORTS_BODY, SPLIT_PORTS))
+        }
+        Err(e) => Err(e),
     }
 }
 
@@ -134,9 +178,9 @@ async fn get_one<B: Backend>(
 
 async fn add<B: Backend>(
     State(b): State<B>,
-    body: Result<Json<AddContainer>, JsonRejection>,
+    body: Result<Body<AddContainer>, Failure>,
 ) -> Result<(StatusCode, Json<ContainerInfo>), Failure> {
-    let Json(req) = body?;
+    let req = ports_body(body)?;
     let info = b.add(req).await?;
     Ok((StatusCode::CREATED, Json(info)))
 }
@@ -152,32 +196,75 @@ async fn del<B: Backend>(
 async fn update<B: Backend>(
     State(b): State<B>,
     UrlPath(name): UrlPath<String>,
-    body: Result<Json<UpdateContainer>, JsonRejection>,
+    Body(req): Body<UpdateContainer>,
 ) -> Result<Json<ContainerInfo>, Failure> {
-    let Json(req) = body?;
     Ok(Json(b.update(name, req).await?))
 }
 
 async fn publish<B: Backend>(
     State(b): State<B>,
     UrlPath(name): UrlPath<String>,
-    body: Result<Json<PortRequest>, JsonRejection>,
+    body: Result<Body<PortRequest>, Failure>,
 ) -> Result<Json<ContainerInfo>, Failure> {
-    let Json(req) = body?;
-    Ok(Json(b.publish(name, req).await?))
+    let req = ports_body(body)?;
+    Ok(Json(
+        b.publish(name, req.publish.into_vec(), req.force).await?,
+    ))
 }
 
 async fn unpublish<B: Backend>(
     State(b): State<B>,
     UrlPath(name): UrlPath<String>,
-    body: Result<Json<PortRequest>, JsonRejection>,
+    body: Result<Body<PortRequest>, Failure>,
 ) -> Result<Json<ContainerInfo>, Failure> {
-    let Json(req) = body?;
-    Ok(Json(b.unpublish(name, req.publish).await?))
+    let req = ports_body(body)?;
+    Ok(Json(b.unpublish(name, req.publish.into_vec()).await?))
 }
 
-async fn conntrack<B: Backend>(State(b): State<B>) -> Result<Json<Vec<Flow>>, Failure> {
-    Ok(Json(b.conntrack().await?))
+/// Streams the flows as one JSON list, a batch at a time, as the backend
+/// reads them. A walk that fails midway ends the answer early, so the
+/// client sees a list that does not parse rather than a partial one.
+async fn conntrack<B: Backend>(
+    State(b): State<B>,
+    query: Result<Query<FlowQuery>, QueryRejection>,
+) -> Result<Response, Failure> {
+    let Query(query) =
+        query.map_err(|e| Failure::new(400, format!("invalid query: {}", e.body_text())))?;
+    let batches = b.conntrack(query).await?;
+    let chunks = futures::stream::unfold(
+        (batches, true, false),
+        |(mut batches, first, done)| async move {
+            if done {
+                return None;
+            }
+            let mut chunk = Vec::new();
+            let next = batches.recv().await;
+            let end = match next {
+                Some(Ok(flows)) => {
+                    let mut first = first;
+                    for f in &flows {
+                        chunk.push(if first { b'[' } else { b',' });
+                        first = false;
+                        if let Err(e) = serde_json::to_writer(&mut chunk, f) {
+                            return Some((Err(std::io::Error::other(e)), (batches, false, true)));
+                        }
+                    }
+                    return Some((Ok(chunk), (batches, first, false)));
+                }
+                Some(Err(e)) => {
+                    return Some((Err(std::io::Error::other(e)), (batches, false, true)));
+                }
+                None if first => b"[]".to_vec(),
+                None => b"]".to_vec(),
+            };
+            Some((Ok(end), (batches, false, true)))
+        },
+    );
+    Ok((
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        axum::body::Body::from_stream(chunks),
+    )
+        .into_response())
 }
 
 #[derive(Deserialize)]
@@ -210,7 +297,7 @@ async fn monitor<B: Backend>(
     });
     Ok((
         [(header::CONTENT_TYPE, "application/x-ndjson")],
-        Body::from_stream(lines),
+        axum::body::Body::from_stream(lines),
     )
         .into_response())
 }
@@ -260,14 +347,20 @@ async fn not_found() -> Failure {
 pub fn router<B: Backend>(backend: B) -> Router {
     Router::new()
         .route("/v1/status", get(status::<B>))
-        .route("/v1/containers", get(list::<B>).post(add::<B>))
+        .route(
+            "/v1/containers",
+            get(list::<B>)
+                .merge(axum::routing::post(add::<B>).layer(DefaultBodyLimit::max(MAX_PORTS_BODY))),
+        )
         .route(
             "/v1/containers/{name}",
             get(get_one::<B>).delete(del::<B>).patch(update::<B>),
         )
         .route(
             "/v1/containers/{name}/ports",
-            axum::routing::post(publish::<B>).delete(unpublish::<B>),
+            axum::routing::post(publish::<B>)
+                .delete(unpublish::<B>)
+                .layer(DefaultBodyLimit::max(MAX_PORTS_BODY)),
         )
         .route("/v1/conntrack", get(conntrack::<B>).delete(flush::<B>))
         .route("/v1/monitor", get(monitor::<B>))
@@ -278,11 +371,13 @@ pub fn router<B: Backend>(backend: B) -> Router {
         .with_state(backend)
 }
 
-/// Binds the socket (mode 0600: the API is root's) and serves until
-/// `shutdown` completes; removes the socket afterwards.
+/// Binds the socket (mode 0600: the API is root's), calls `listening`
+/// once it accepts connections, and serves until `shutdown` completes;
+/// removes the socket afterwards.
 pub async fn serve<B: Backend>(
     backend: B,
     socket: &Path,
+    listening: impl FnOnce(),
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     use anyhow::Context as _;
@@ -302,6 +397,7 @@ pub async fn serve<B: Backend>(
     std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))
         .with_context(|| format!("chmod {}", socket.display()))?;
     tracing::info!(socket = %socket.display(), "API listening");
+    listening();
     let result = axum::serve(listener, router(backend))
         .with_graceful_shutdown(shutdown)
         .await;

@@ -16,6 +16,7 @@
 pub mod attach;
 pub mod conntrack;
 pub mod maps;
+pub mod masquerade;
 pub mod ratelimit;
 pub mod reader;
 
@@ -196,7 +197,7 @@ pub struct Datapath {
     monitor_flags: u32,
     /// TCP sockets sharing each ingress bucket's receive windows.
     rate_flows: HashMap<MapData, RateKey, RateFlows>,
-    attachments: Vec<Attachment>,
+    attachments: imbl::OrdMap<PathBuf, Attachment>,
 }
 
 /// Capacity of the table of unconfirmed flows for a main table of
@@ -322,7 +323,7 @@ impl Datapath {
             rate_flows: typed_map!(&mut ebpf, names::RATE_FLOWS, HashMap<MapData, RateKey, RateFlows>),
             ebpf,
             bpffs_dir: opts.bpffs_dir.clone(),
-            attachments: Vec::new(),
+            attachments: imbl::OrdMap::new(),
         })
     }
 

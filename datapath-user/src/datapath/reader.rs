@@ -3,10 +3,25 @@
 //! the owner of the [`Datapath`], whatever that is busy with. Reads are
 //! plain syscalls that may walk a large map: call them off the async
 //! workers (`spawn_blocking`).
+//!
+//! Nothing here holds a whole table in memory: flows are walked a batch
+//! at a time ([`Reader::walk_flows`]), and the conntrack entries are
+//! counted (by table, protocol and state, with the masquerade ports by
+//! destination) in the background at most once a second
+//! ([`Reader::conntrack_entries`], [`Reader::conntrack_figures`]), never by
+//! the read that asks for them.
 
-use std::{collections::BTreeMap, io};
+use std::{
+    collections::BTreeMap,
+    io,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
 
-use aya::maps::{Array, HashMap, IterableMap as _, MapData, PerCpuArray, PerCpuHashMap};
+use aya::maps::{Array, HashMap, IterableMap as _, MapData, MapError, PerCpuArray, PerCpuHashMap};
 use datapath_common::{
     CtContainer, CtEntry, CtKey, CtTimedEntry, STAT_COUNT, Stat,
     ct::Timeouts,
@@ -24,16 +39,30 @@ use crate::model::{
     },
 };
 
+/// How old the conntrack entry count may be before a read asks for a new
+/// one.
+const COUNT_MAX_AGE: Duration = Duration::from_secs(1);
+
+/// How many entries a walk reads per `BPF_MAP_LOOKUP_BATCH`.
+const WALK_BATCH: usize = 1024;
+
 /// Read-only handles on the counters, the conntrack tables and the rate
 /// limiter's counters.
 pub struct Reader {
     stats: PerCpuArray<MapData, u64>,
-    ct: HashMap<MapData, CtKey, CtTimedEntry>,
-    ct_new: HashMap<MapData, CtKey, CtEntry>,
-    ct_containers: HashMap<MapData, u32, CtContainer>,
+    tables: Arc<Tables>,
     rate_stats: PerCpuHashMap<MapData, RateKey, RateStats>,
+    count: Arc<EntryCount>,
+    ct_containers: HashMap<MapData, u32, CtContainer>,
     container_stats: PerCpuArray<MapData, ContainerStats>,
     container_drops: Array<MapData, ContainerDrops>,
+}
+
+/// Handles on both conntrack tables: confirmed flows (CT) and unconfirmed
+/// ones (CT_NEW).
+struct Tables {
+    ct: HashMap<MapData, CtKey, CtTimedEntry>,
+    ct_new: HashMap<MapData, CtKey, CtEntry>,
 }
 
 /// A container whose figures [`Reader::container_figures`] reads.
@@ -49,7 +78,7 @@ pub struct ContainerRef<'a> {
 }
 
 /// The conntrack figures [`Reader::conntrack_figures`] reads.
-#[derive(Default)]
+#[derive(Default, Debug)]
 pub struct ConntrackFigures {
     /// Entries by table, protocol and state.
     pub entries: Vec<ConntrackFigure>,
@@ -57,14 +86,239 @@ pub struct ConntrackFigures {
     pub masquerade: Vec<MasqueradeFigure>,
 }
 
+impl Tables {
+    /// Walks the live flows of both tables (flows the kernel would find
+    /// expired at `now` are left out), a batch at a time, calling `visit`
+    /// with each until it returns `false`. A flow's reply entry is looked
+    /// up in the table of its original entry.
+    fn walk(
+        &self,
+        timeouts: &Timeouts,
+        now: u64,
+        mut visit: impl FnMut(conntrack::FlowEntries) -> bool,
+    ) -> io::Result<()> {
+        let mut go = true;
+        conntrack::walk_batches(
+            self.ct.map(),
+            WALK_BATCH,
+            |batch: &[(CtKey, CtTimedEntry)]| {
+                for (key, v) in batch {
+                    if !v.entry.is_original() {
+                        continue;
+                    }
+                    let reply_key = v.entry.peer_key(key);
+                    let reply = lookup(self.ct.get(&reply_key, 0))?.map(|r| r.entry);
+                    let flow = flow(*key, v.entry, reply_key, reply, true);
+                    if !flow.expired(timeouts, now) && !visit(flow) {
+                        go = false;
+                        return Ok(false);
+                    }
+                }
+                Ok(true)
+            },
+        )?;
+        if !go {
+            return Ok(());
+        }
+        conntrack::walk_batches(
+            self.ct_new.map(),
+            WALK_BATCH,
+            |batch: &[(CtKey, CtEntry)]| {
+                for (key, v) in batch {
+                    if !v.is_original() {
+                        continue;
+                    }
+                    let reply_key = v.peer_key(key);
+                    let reply = lookup(self.ct_new.get(&reply_key, 0))?;
+                    let flow = flow(*key, *v, reply_key, reply, false);
+                    if !flow.expired(timeouts, now) && !visit(flow) {
+                        return Ok(false);
+                    }
+                }
+                Ok(true)
+            },
+        )
+    }
+}
+
+/// A lookup's entry, `None` if the key is gone (removed since the walk
+/// read its peer).
+fn lookup<V>(r: Result<V, MapError>) -> io::Result<Option<V>> {
+    match r {
+        Ok(v) => Ok(Some(v)),
+        Err(MapError::KeyNotFound) => Ok(None),
+        Err(e) => Err(io::Error::other(e)),
+    }
+}
+
+fn flow(
+    key: CtKey,
+    orig: CtEntry,
+    reply_key: CtKey,
+    reply: Option<CtEntry>,
+    confirmed: bool,
+) -> conntrack::FlowEntries {
+    conntrack::FlowEntries {
+        key,
+        orig,
+        reply_key,
+        reply,
+        confirmed,
+    }
+}
+
+/// The conntrack tables' census (entries by table, protocol and state;
+/// masquerade ports by destination), taken on a thread of its own.
+struct EntryCount {
+    tables: Arc<Tables>,
+    entries: AtomicUsize,
+    figures: Mutex<Arc<ConntrackFigures>>,
+    /// When the last census finished, and whether one is running.
+    state: Mutex<(Option<Instant>, bool)>,
+}
+
+impl EntryCount {
+    /// Starts a new census (with `timeouts`) in the background if the last
+    /// one is older than [`COUNT_MAX_AGE`] and none is running.
+    fn refresh(self: &Arc<Self>, timeouts: &Timeouts) {
+        let start = {
+            let Ok(mut state) = self.state.lock() else {
+                return;
+            };
+            let (at, running) = &mut *state;
+            let stale = at.is_none_or(|t| t.elapsed() >= COUNT_MAX_AGE);
+            let start = stale && !*running;
+            if start {
+                *running = true;
+            }
+            start
+        };
+        if start {
+            let me = Arc::clone(self);
+            let timeouts = *timeouts;
+            let spawned = std::thread::Builder::new()
+                .name("conntrack-count".into())
+                .spawn(move || me.count(&timeouts));
+            if spawned.is_err()
+                && let Ok(mut state) = self.state.lock()
+            {
+                state.1 = false;
+            }
+        }
+    }
+
+    /// The last count of entries (see [`Self::refresh`]).
+    fn get(self: &Arc<Self>, timeouts: &Timeouts) -> usize {
+        self.refresh(timeouts);
+        self.entries.load(Ordering::Relaxed)
+    }
+
+    /// The last census (see [`Self::refresh`]).
+    fn figures(self: &Arc<Self>, timeouts: &Timeouts) -> Arc<ConntrackFigures> {
+        self.refresh(timeouts);
+        self.figures
+            .lock()
+            .map(|f| Arc::clone(&f))
+            .unwrap_or_default()
+    }
+
+    fn count(&self, timeouts: &Timeouts) {
+        let mut census = Census::default();
+        let walked = self.tables.walk(timeouts, conntrack::now_ns(), |f| {
+            census.add(&f);
+            true
+        });
+        match walked {
+            Ok(()) => {
+                self.entries.store(census.total, Ordering::Relaxed);
+                if let Ok(mut figures) = self.figures.lock() {
+                    *figures = Arc::new(census.finish());
+                }
+            }
+            Err(e) => tracing::warn!("count the conntrack entries: {e}"),
+        }
+        if let Ok(mut state) = self.state.lock() {
+            *state = (Some(Instant::now()), false);
+        }
+    }
+}
+
+/// Conntrack figures being gathered, a flow at a time.
+#[derive(Default)]
+struct Census {
+    total: usize,
+    entries: BTreeMap<(&'static str, &'static str, &'static str), u64>,
+    masquerade: BTreeMap<String, u64>,
+}
+
+impl Census {
+    fn add(&mut self, f: &conntrack::FlowEntries) {
+        let n = 1 + usize::from(f.reply.is_some());
+        self.total += n;
+        let table = if f.confirmed { "main" } else { "new" };
+        let protocol = match f.key.proto {
+            proto::TCP => "tcp",
+            proto::UDP => "udp",
+            proto::ICMP => "icmp",
+            _ => "other",
+        };
+        *self
+            .entries
+            .entry((table, protocol, ct_state::name(f.orig.state)))
+            .or_default() += n as u64;
+        if f.orig.action == ct_action::SNAT {
+            let [a, b, c, d] = f.key.daddr;
+            let dest = format!("{a}.{b}.{c}.{d}:{}/{protocol}", f.key.dport);
+            *self.masquerade.entry(dest).or_default() += 1;
+        }
+    }
+
+    fn finish(self) -> ConntrackFigures {
+        let mut masquerade: Vec<MasqueradeFigure> = self
+            .masquerade
+            .into_iter()
+            .map(|(destination, ports)| MasqueradeFigure { destination, ports })
+            .collect();
+        masquerade.sort_by(|a, b| {
+            b.ports
+                .cmp(&a.ports)
+                .then(a.destination.cmp(&b.destination))
+        });
+        masquerade.truncate(MASQUERADE_DESTINATIONS);
+        ConntrackFigures {
+            entries: self
+                .entries
+                .into_iter()
+                .map(|((table, protocol, state), entries)| ConntrackFigure {
+                    table: table.to_owned(),
+                    protocol: protocol.to_owned(),
+                    state: state.to_owned(),
+                    entries,
+                })
+                .collect(),
+            masquerade,
+        }
+    }
+}
+
 impl Reader {
     pub(super) fn new(dp: &Datapath) -> Result<Self, BpfError> {
-        Ok(Self {
-            stats: second_handle(&dp.stats, names::STATS)?,
+        let tables = Arc::new(Tables {
             ct: second_handle(&dp.ct, names::CT)?,
             ct_new: second_handle(&dp.ct_new, names::CT_NEW)?,
-            ct_containers: second_handle(&dp.ct_containers, names::CT_CONTAINERS)?,
+        });
+        let count = Arc::new(EntryCount {
+            tables: Arc::clone(&tables),
+            entries: AtomicUsize::new(0),
+            figures: Mutex::default(),
+            state: Mutex::new((None, false)),
+        });
+        Ok(Self {
+            stats: second_handle(&dp.stats, names::STATS)?,
+            tables,
             rate_stats: second_handle(&dp.rate_stats, names::RATE_STATS)?,
+            count,
+            ct_containers: second_handle(&dp.ct_containers, names::CT_CONTAINERS)?,
             container_stats: second_handle(&dp.container_stats, names::CONTAINER_STATS)?,
             container_drops: second_handle(&dp.container_drops, names::CONTAINER_DROPS)?,
         })
@@ -102,50 +356,10 @@ impl Reader {
     }
 
     /// Conntrack entries by table, protocol and state, and masquerade
-    /// ports in use by destination.
-    pub fn conntrack_figures(&self, timeouts: &Timeouts) -> io::Result<ConntrackFigures> {
-        let flows = self.flows(timeouts, conntrack::now_ns())?;
-        let mut entries: BTreeMap<(&str, &str, &str), u64> = BTreeMap::new();
-        let mut masq: BTreeMap<String, u64> = BTreeMap::new();
-        for f in &flows {
-            let table = if f.confirmed { "main" } else { "new" };
-            let protocol = match f.key.proto {
-                proto::TCP => "tcp",
-                proto::UDP => "udp",
-                proto::ICMP => "icmp",
-                _ => "other",
-            };
-            *entries
-                .entry((table, protocol, ct_state::name(f.orig.state)))
-                .or_default() += 1 + u64::from(f.reply.is_some());
-            if f.orig.action == ct_action::SNAT {
-                let [a, b, c, d] = f.key.daddr;
-                let dest = format!("{a}.{b}.{c}.{d}:{}/{protocol}", f.key.dport);
-                *masq.entry(dest).or_default() += 1;
-            }
-        }
-        let mut masquerade: Vec<MasqueradeFigure> = masq
-            .into_iter()
-            .map(|(destination, ports)| MasqueradeFigure { destination, ports })
-            .collect();
-        masquerade.sort_by(|a, b| {
-            b.ports
-                .cmp(&a.ports)
-                .then(a.destination.cmp(&b.destination))
-        });
-        masquerade.truncate(MASQUERADE_DESTINATIONS);
-        Ok(ConntrackFigures {
-            entries: entries
-                .into_iter()
-                .map(|((table, protocol, state), entries)| ConntrackFigure {
-                    table: table.to_owned(),
-                    protocol: protocol.to_owned(),
-                    state: state.to_owned(),
-                    entries,
-                })
-                .collect(),
-            masquerade,
-        })
+    /// ports in use by destination, as counted in the background within the
+    /// last second or so (like [`Self::conntrack_entries`]).
+    pub fn conntrack_figures(&self, timeouts: &Timeouts) -> Arc<ConntrackFigures> {
+        self.count.figures(timeouts)
     }
 
     /// The kernel's statistics of the programs with ids `programs` (id,
@@ -180,21 +394,25 @@ impl Reader {
         out
     }
 
-    /// The number of live conntrack entries (two per flow), in both
-    /// tables.
+    /// The number of live conntrack entries (two per answered flow) in
+    /// both tables, as counted in the background within the last second
+    /// or so: a read never walks the tables for it.
     pub fn conntrack_entries(&self, timeouts: &Timeouts) -> usize {
-        self.flows(timeouts, conntrack::now_ns())
-            .map_or(0, |flows| {
-                flows
-                    .iter()
-                    .map(|f| 1 + usize::from(f.reply.is_some()))
-                    .sum()
-            })
+        self.count.get(timeouts)
     }
 
-    /// Every live flow (flows the kernel would find expired are left out).
-    pub fn flows(&self, timeouts: &Timeouts, now: u64) -> io::Result<Vec<conntrack::FlowEntries>> {
-        conntrack::read_flows(self.ct.map(), self.ct_new.map(), timeouts, now)
+    /// Walks the live flows of both tables a batch at a time (flows the
+    /// kernel would find expired at `now` are left out), calling `visit`
+    /// with each until it returns `false`. Memory stays that of one batch
+    /// whatever the tables' sizes; a flow created or removed during the
+    /// walk may or may not be seen.
+    pub fn walk_flows(
+        &self,
+        timeouts: &Timeouts,
+        now: u64,
+        visit: impl FnMut(conntrack::FlowEntries) -> bool,
+    ) -> io::Result<()> {
+        self.tables.walk(timeouts, now, visit)
     }
 
     /// The rate limiter's counters of cgroup `cgroup_id` with `limits`.

@@ -3,9 +3,9 @@
 //!
 //! Run through the xtask (it builds the release agent and sets
 //! `DATAPATH_BIN`; `cargo xtask bench --only ratelimit` runs the rate
-//! section alone, `--only flowcore` the conntrack one). Options, for working
-//! on the bench itself:
-//! `--modes route,datapath-tc`, `--only conn,rr,ratelimit,flowcore`, `--reps N`,
+//! section alone, `--only flowcore` the conntrack one, `--only control` the
+//! control plane's). Options, for working on the bench itself:
+//! `--modes route,datapath-tc`, `--only conn,rr,ratelimit,flowcore,control`, `--reps N`,
 //! `--sizes 1000,10000`, `--conn-threads N`, `--out DIR`.
 
 use std::{
@@ -73,6 +73,7 @@ fn parse_args() -> Result<Args> {
     let mut threads = None;
     let mut ratelimit = None;
     let mut flowcore = None;
+    let mut control_plane = None;
     let mut only = None;
     while let Some(arg) = args.next() {
         match arg.as_str() {
@@ -89,10 +90,11 @@ fn parse_args() -> Result<Args> {
                 let value = args.next().context("--only needs a value")?;
                 let rate = value.split(',').any(|v| v.trim() == "ratelimit");
                 let flow = value.split(',').any(|v| v.trim() == "flowcore");
+                let control = value.split(',').any(|v| v.trim() == "control");
                 let rest: Vec<&str> = value
                     .split(',')
                     .map(str::trim)
-                    .filter(|v| *v != "ratelimit" && *v != "flowcore")
+                    .filter(|v| !["ratelimit", "flowcore", "control"].contains(v))
                     .collect();
                 let k = if rest.is_empty() {
                     Vec::new()
@@ -104,6 +106,7 @@ fn parse_args() -> Result<Args> {
                 kinds = Some(k);
                 ratelimit = Some(rate);
                 flowcore = Some(flow);
+                control_plane = Some(control);
             }
             "--reps" => {
                 let r: usize = args.next().context("--reps needs a value")?.parse()?;
@@ -130,7 +133,7 @@ fn parse_args() -> Result<Args> {
             "-h" | "--help" => {
                 println!(
                     "bench [--quick] [--modes M,…] [--only KIND,…] [--reps N] [--sizes N,…] [--conn-threads N] [--out DIR]\n\
-                     modes: {}\nkinds: {},ratelimit,flowcore",
+                     modes: {}\nkinds: {},ratelimit,flowcore,control",
                     join(&Mode::ALL, Mode::name),
                     join(&Kind::ALL, Kind::name)
                 );
@@ -153,6 +156,9 @@ fn parse_args() -> Result<Args> {
     }
     if let Some(plan) = cfg.flowcore.as_mut() {
         plan.threads = cfg.conn_threads.max(plan.threads);
+    }
+    if control_plane == Some(false) {
+        cfg.control.enabled = false;
     }
     let quick = if quick { " --quick" } else { "" };
     let command = if let Ok(command) = std::env::var("BENCH_COMMAND") {
@@ -210,9 +216,9 @@ fn real_main() -> Result<()> {
         cfg.sizes
     );
 
-    // Only the rate section (`--only ratelimit`) builds its own nodes; the
-    // conntrack section alone (`--only flowcore`) needs only the modes it
-    // compares.
+    // The rate and control-plane sections (`--only ratelimit,control`)
+    // build their own nodes; the conntrack section alone (`--only
+    // flowcore`) needs only the modes it compares.
     let modes: Vec<Mode> = if !cfg.kinds.is_empty() {
         cfg.modes.clone()
     } else if cfg.flowcore.is_some() {
