@@ -48,6 +48,11 @@ pub mod names {
     /// [`crate::monitor::ContainerDrops`] indexed by
     /// [`crate::monitor::slot`]: each container's drops by reason.
     pub const CONTAINER_DROPS: &str = "CONTAINER_DROPS";
+    /// Hash of a container's host-side veth (`u32` ifindex) → its id
+    /// (`u32`): read only for a packet a container sent that is dropped
+    /// before its address is known (an IPv6 router advertisement, a
+    /// malformed header), to count the drop as the container's.
+    pub const CONTAINER_VETHS: &str = "CONTAINER_VETHS";
     /// Ring buffer of [`crate::monitor::Event`]s: drops and flows, written
     /// only while the monitor is on ([`super::CONFIG_F_MONITOR_DROPS`],
     /// [`super::CONFIG_F_MONITOR_FLOWS`]).
@@ -66,7 +71,7 @@ pub mod names {
     pub const CLOCK: &str = "CLOCK";
 
     /// Every map the agent pins, in a stable order.
-    pub const ALL: [&str; 17] = [
+    pub const ALL: [&str; 18] = [
         CONFIG,
         SERVICES,
         ENDPOINTS,
@@ -81,6 +86,7 @@ pub mod names {
         RATE_CGROUPS,
         CONTAINER_STATS,
         CONTAINER_DROPS,
+        CONTAINER_VETHS,
         EVENTS,
         NON_MASQUERADE,
         RATE_FLOWS,

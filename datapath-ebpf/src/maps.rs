@@ -108,6 +108,11 @@ pub static CONTAINER_STATS: PerCpuArray<ContainerStats, { CONTAINER_SLOTS as usi
 #[btf_map]
 pub static CONTAINER_DROPS: Array<ContainerDrops, { CONTAINER_SLOTS as usize }> = Array::new();
 
+/// Each container's host-side veth (ifindex) → its id: read only on the
+/// drop path, for a packet dropped before its container is known.
+#[btf_map]
+pub static CONTAINER_VETHS: HashMap<u32, u32, { capacity::ENDPOINTS as usize }> = HashMap::new();
+
 /// The monitor's events (drops, flows); written only while the monitor is
 /// on.
 #[btf_map]
@@ -149,7 +154,16 @@ pub fn dropped(stat: Stat, ifindex: u32, frame_len: u32) {
     let Some(sc) = scratch() else {
         return;
     };
-    let id = sc.container;
+    let mut id = sc.container;
+    if id == 0 && sc.hook == u32::from(datapath_common::monitor::hook::CONTAINER_TC) {
+        // A packet a container sent, dropped before its address was read:
+        // its veth tells whose it is (a lookup on the drop path only).
+        // SAFETY: plain values, replaced whole by the agent.
+        if let Some(c) = unsafe { CONTAINER_VETHS.get(ifindex) } {
+            id = *c;
+            sc.container = id;
+        }
+    }
     if id != 0
         && let Some(d) = CONTAINER_DROPS.get_ptr_mut(slot(id))
     {

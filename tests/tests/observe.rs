@@ -12,6 +12,7 @@ use std::{
 };
 
 use datapath_tests::{
+    capture,
     fixture::Deployment,
     node::Node,
     traffic::{Server, udp_request, udp_request_within, udp_send},
@@ -198,6 +199,33 @@ fn a_containers_drops_are_counted_by_reason_per_container() {
             s.send_to(b"short-lived", to).expect("send");
         }
     });
+    let page = app.agent.metrics();
+    let after = sample(&parse(&page), "datapath_container_drops_total", &reason).unwrap_or(0);
+    assert_eq!(after - before, N, "{page}");
+}
+
+#[test]
+fn a_packet_dropped_before_its_address_is_read_counts_as_its_containers() {
+    const N: u64 = 5;
+    let node = Node::new();
+    let app = Deployment::start(&node, "bad", &[]);
+    let reason = [("container", "bad"), ("reason", "malformed")];
+    let before = sample(
+        &parse(&app.agent.metrics()),
+        "datapath_container_drops_total",
+        &reason,
+    )
+    .unwrap_or(0);
+    // IPv4 with a header length of 16 bytes: malformed, dropped before the
+    // program reads the source address; the veth it came in by says whose
+    // it is.
+    let mut frame = vec![0xff; 6];
+    frame.extend([0x02, 0, 0, 0, 0, 0x01, 0x08, 0x00]);
+    frame.extend([0x44, 0, 0, 20, 0, 0, 0, 0, 64, 17, 0, 0]);
+    frame.extend(Ipv4Addr::new(198, 19, 0, 2).octets());
+    frame.extend(Ipv4Addr::new(198, 18, 0, 1).octets());
+    frame.resize(60, 0);
+    capture::send_frames(&app.ctr, "eth0", &vec![frame; N as usize]);
     let page = app.agent.metrics();
     let after = sample(&parse(&page), "datapath_container_drops_total", &reason).unwrap_or(0);
     assert_eq!(after - before, N, "{page}");

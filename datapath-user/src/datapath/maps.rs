@@ -134,23 +134,44 @@ impl Datapath {
         }
     }
 
-    /// Adds (or replaces) the endpoint of address `addr`.
+    /// Adds (or replaces) the endpoint of address `addr`, and the veth
+    /// entry that names its container.
     pub fn insert_endpoint(&mut self, addr: Ipv4Addr, endpoint: Endpoint) -> Result<(), BpfError> {
-        metrics::timed(names::ENDPOINTS, || {
-            self.endpoints.insert(endpoint_key(addr), endpoint, 0)
+        let key = endpoint_key(addr);
+        if let Ok(old) = self.endpoints.get(&key, 0)
+            && old.ifindex != endpoint.ifindex
+        {
+            self.remove_veth(old.ifindex, old.container_id);
+        }
+        metrics::timed(names::CONTAINER_VETHS, || {
+            self.container_veths
+                .insert(endpoint.ifindex, endpoint.container_id, 0)
         })
-        .map_err(map_err(names::ENDPOINTS))
+        .map_err(map_err(names::CONTAINER_VETHS))?;
+        metrics::timed(names::ENDPOINTS, || self.endpoints.insert(key, endpoint, 0))
+            .map_err(map_err(names::ENDPOINTS))
     }
 
-    /// Removes the endpoint of address `addr` if container `owner` owns it.
+    /// Removes the veth entry of `ifindex` if it names container `owner`.
+    fn remove_veth(&mut self, ifindex: u32, owner: u32) {
+        if self
+            .container_veths
+            .get(&ifindex, 0)
+            .is_ok_and(|id| id == owner)
+        {
+            let _ = self.container_veths.remove(&ifindex);
+        }
+    }
+
+    /// Removes the endpoint of address `addr` (and its veth entry) if
+    /// container `owner` owns it.
     pub fn remove_endpoint(&mut self, addr: Ipv4Addr, owner: u32) {
         let key = endpoint_key(addr);
-        if self
-            .endpoints
-            .get(&key, 0)
-            .is_ok_and(|e| e.container_id == owner)
+        if let Ok(e) = self.endpoints.get(&key, 0)
+            && e.container_id == owner
         {
             let _ = self.endpoints.remove(&key);
+            self.remove_veth(e.ifindex, owner);
         }
     }
 
@@ -165,7 +186,11 @@ impl Datapath {
 
     /// Removes the endpoint of address `addr`, whoever owns it.
     pub fn remove_endpoint_any(&mut self, addr: Ipv4Addr) {
-        let _ = self.endpoints.remove(&endpoint_key(addr));
+        let key = endpoint_key(addr);
+        if let Ok(e) = self.endpoints.get(&key, 0) {
+            self.remove_veth(e.ifindex, e.container_id);
+        }
+        let _ = self.endpoints.remove(&key);
     }
 
     /// Adds (or replaces) the published port `key`.

@@ -166,6 +166,8 @@ pub struct Datapath {
     services: HashMap<MapData, ServiceKey, ServiceValue>,
     /// Containers by address.
     endpoints: HashMap<MapData, EndpointKey, Endpoint>,
+    /// Host-side veth ifindex → container id (see [`names::CONTAINER_VETHS`]).
+    container_veths: HashMap<MapData, u32, u32>,
     /// The node's addresses.
     node_addrs: HashMap<MapData, NodeAddrKey, NodeAddr>,
     /// Confirmed flows.
@@ -300,6 +302,7 @@ impl Datapath {
             config: typed_map!(&mut ebpf, names::CONFIG, Array<MapData, Config>),
             services: typed_map!(&mut ebpf, names::SERVICES, HashMap<MapData, ServiceKey, ServiceValue>),
             endpoints: typed_map!(&mut ebpf, names::ENDPOINTS, HashMap<MapData, EndpointKey, Endpoint>),
+            container_veths: typed_map!(&mut ebpf, names::CONTAINER_VETHS, HashMap<MapData, u32, u32>),
             node_addrs: typed_map!(&mut ebpf, names::NODE_ADDRS, HashMap<MapData, NodeAddrKey, NodeAddr>),
             ct: typed_map!(&mut ebpf, names::CT, HashMap<MapData, CtKey, CtTimedEntry>),
             ct_new: typed_map!(&mut ebpf, names::CT_NEW, HashMap<MapData, CtKey, CtEntry>),
