@@ -268,6 +268,8 @@ fn monitor_shows_a_spoofed_packet_dropped_with_its_reason_and_addresses() {
     assert_eq!(ev["kind"], "drop", "{ev}");
     assert_eq!(ev["reason"], "spoofed", "{ev}");
     assert_eq!(ev["hook"], "container-tc", "{ev}");
+    // Whatever its source address, the veth says whose it is.
+    assert_eq!(ev["container"], "app", "{ev}");
     assert_eq!(ev["protocol"], "udp", "{ev}");
     assert_eq!(ev["src"], spoof.to_string(), "{ev}");
     assert_eq!(ev["sport"], 5555, "{ev}");
