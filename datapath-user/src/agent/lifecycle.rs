@@ -15,7 +15,7 @@
 //! `delete` cannot be undone: it tears down whatever is there, going on
 //! after failures, and then forgets the container.
 
-use std::path::Path;
+use std::{collections::BTreeMap, path::Path};
 
 use datapath_common::Endpoint;
 
@@ -30,13 +30,14 @@ use crate::{
     error::error_chain,
     model::{
         PortMapping, RateLimits,
+        identity::{MAX_ALIAS_LEN, VethTag},
         limits::{LimitError, limit, updated},
         mac::format_mac,
         names::{host_veth_name, validate_container_name, validate_ifname},
     },
     net::{
         link::{ContainerLink, LinkInfo, Netlink, NetlinkError},
-        netns,
+        netns::{self, Netns},
     },
     store::{Container, Store},
 };
@@ -53,6 +54,9 @@ pub struct Lifecycle<'a> {
     pub store: &'a mut Store,
     /// The read-only view (for the answers' counters).
     pub reader: &'a Reader,
+    /// Containers kept though they could not be restored, with why
+    /// ([`super::reconcile`] retries them).
+    pub degraded: &'a mut BTreeMap<String, String>,
 }
 
 impl Lifecycle<'_> {
@@ -90,13 +94,19 @@ impl Lifecycle<'_> {
         validate_container_name(&req.name).map_err(|e| bad(&e))?;
         let ifname = req.ifname.clone().unwrap_or_else(|| "eth0".to_owned());
         validate_ifname(&ifname).map_err(|e| bad(&e))?;
-        let netns = netns::resolve(&req.netns).map_err(|e| {
+        let netns_err = |e: &dyn std::error::Error| {
             AgentError::BadRequest(format!(
                 "network namespace {:?}: {}",
                 req.netns,
-                error_chain(&e)
+                error_chain(e)
             ))
-        })?;
+        };
+        let netns = netns::resolve(&req.netns).map_err(|e| netns_err(&e))?;
+        // The namespace is recorded by identity: its path is trusted only
+        // while it names this namespace.
+        let ns = Netns::open_path(&netns).map_err(|e| netns_err(&e))?;
+        ns.check_container_netns().map_err(|e| netns_err(&e))?;
+        let netns_id = ns.id();
         let publish = req
             .publish
             .iter()
@@ -111,6 +121,14 @@ impl Lifecycle<'_> {
         .map_err(AgentError::BadRequest)?;
         let (cgroup, cgroup_id) = rate.cgroup.map_or((None, 0), |cg| (Some(cg.path), cg.id));
         if let Some(c) = self.store.get(&req.name) {
+            if c.netns == netns && c.netns_id.is_some_and(|id| id != netns_id) {
+                return Err(AgentError::Conflict(format!(
+                    "container {:?} exists, but {} names another network namespace than when it \
+                     was added: its namespace is gone; delete it first",
+                    req.name,
+                    netns.display()
+                )));
+            }
             if c.netns == netns
                 && c.ifname == ifname
                 && c.publish == publish
@@ -126,6 +144,21 @@ impl Lifecycle<'_> {
         }
         publish::check(self.node, self.store, &req.name, &publish)?;
         check_cgroup(self.store, &req.name, cgroup_id, &rate.limits)?;
+        let tag = VethTag {
+            id: u32::MAX,
+            name: req.name.clone(),
+            ifname: ifname.clone(),
+            netns_id,
+            netns: netns.clone(),
+        };
+        if tag.alias().is_none() {
+            return Err(AgentError::BadRequest(format!(
+                "the network namespace path {} and the name {:?} are too long together: \
+                 the container's veth records both in its alias (at most {MAX_ALIAS_LEN} bytes)",
+                netns.display(),
+                req.name
+            )));
+        }
         let pool = self.node.cfg.pool;
         let (id, addr) = self
             .store
@@ -135,6 +168,7 @@ impl Lifecycle<'_> {
             id,
             name: req.name,
             netns,
+            netns_id: Some(netns_id),
             ifname,
             host_ifname: host_veth_name(id),
             addr,
@@ -153,7 +187,10 @@ impl Lifecycle<'_> {
         tx: &mut Transaction,
         mut c: Container,
     ) -> Result<Container, AgentError> {
-        let link = self.create_link(&c).await?;
+        let link = self.create_link(&c).await.map_err(|e| match e {
+            NetlinkError::Netns(_) => AgentError::BadRequest(error_chain(&e)),
+            e => AgentError::Internal(format!("create the veth pair: {}", error_chain(&e))),
+        })?;
         tx.did(Step::Veth {
             host_ifname: c.host_ifname.clone(),
         });
@@ -179,12 +216,15 @@ impl Lifecycle<'_> {
         Ok(c)
     }
 
-    /// Creates a container's veth pair.
-    pub async fn create_link(&self, c: &Container) -> Result<LinkInfo, AgentError> {
+    /// Creates a container's veth pair, in the namespace the container
+    /// was recorded with (by identity) and tagged as the agent's.
+    pub async fn create_link(&self, c: &Container) -> Result<LinkInfo, NetlinkError> {
         self.net
             .create_container_link(&ContainerLink {
                 host_ifname: c.host_ifname.clone(),
                 netns: c.netns.clone(),
+                netns_id: c.netns_id,
+                alias: veth_tag(c).and_then(|t| t.alias()).unwrap_or_default(),
                 ifname: c.ifname.clone(),
                 addr: c.addr,
                 gateway: self.node.cfg.gateway(),
@@ -192,10 +232,6 @@ impl Lifecycle<'_> {
                 gro: self.node.gro(),
             })
             .await
-            .map_err(|e| match e {
-                NetlinkError::Netns(_) => AgentError::BadRequest(error_chain(&e)),
-                e => AgentError::Internal(format!("create the veth pair: {}", error_chain(&e))),
-            })
     }
 
     /// Puts container `c` into the maps (its endpoint: its veth's host end
@@ -322,6 +358,7 @@ impl Lifecycle<'_> {
         self.teardown(&c).await;
         self.store.remove(name);
         self.store.save()?;
+        self.degraded.remove(name);
         tracing::info!(container = %name, "container deleted");
         Ok(())
     }
@@ -348,6 +385,18 @@ impl Lifecycle<'_> {
             tracing::warn!(container = %c.name, "delete veth: {}", error_chain(&e));
         }
     }
+}
+
+/// The tag of container `c`'s veth (none for a container recorded by an
+/// older agent without its namespace's identity).
+pub fn veth_tag(c: &Container) -> Option<VethTag> {
+    Some(VethTag {
+        id: c.id,
+        name: c.name.clone(),
+        ifname: c.ifname.clone(),
+        netns_id: c.netns_id?,
+        netns: c.netns.clone(),
+    })
 }
 
 /// The host end of a container's veth pair, as the maps need it.

@@ -151,8 +151,19 @@ fn run(
         let publish = |snapshot: Snapshot| {
             snapshots.send_replace(Arc::new(snapshot));
         };
-        while let Some(Message::Command(command)) = inbox.recv().await {
-            agent.execute(*command, publish).await;
+        let mut retry = tokio::time::interval(super::RETRY_INTERVAL);
+        retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                message = inbox.recv() => match message {
+                    Some(Message::Command(command)) => agent.execute(*command, publish).await,
+                    Some(Message::Stop) | None => break,
+                },
+                _ = retry.tick(), if !agent.degraded.is_empty() => {
+                    agent.retry().await;
+                    publish(agent.snapshot());
+                }
+            }
         }
     });
 }

@@ -85,6 +85,20 @@ impl Datapath {
         stale.iter().map(|k| Ipv4Addr::from(k.addr)).collect()
     }
 
+    /// Every endpoint, by address (to rebuild a lost state).
+    pub fn endpoints(&self) -> Vec<(Ipv4Addr, Endpoint)> {
+        self.endpoints
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(k, v)| (Ipv4Addr::from(k.addr), v))
+            .collect()
+    }
+
+    /// Every published port (to rebuild a lost state).
+    pub fn services(&self) -> Vec<(ServiceKey, ServiceValue)> {
+        self.services.iter().filter_map(Result::ok).collect()
+    }
+
     /// Adds (or replaces) the published port `key`.
     pub fn insert_service(&mut self, key: ServiceKey, value: ServiceValue) -> Result<(), BpfError> {
         self.services

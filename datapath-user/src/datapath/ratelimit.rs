@@ -8,7 +8,7 @@ use aya::maps::{MapData, MapError, PerCpuHashMap, PerCpuValues};
 use datapath_common::ratelimit::{RateKey, RateLimit, RateStats, direction};
 
 use super::{BpfError, Datapath, RateHook, conntrack::now_ns};
-use crate::model::{DirectionCounters, RateCounters, RateLimits};
+use crate::model::{DirectionCounters, Limit, RateCounters, RateLimits};
 
 /// `BPF_F_LOCK`: read or write a spin-locked map value under its lock.
 pub const BPF_F_LOCK: u64 = 4;
@@ -136,6 +136,24 @@ impl Datapath {
                 self.remove_bucket(RateKey::new(t.cgroup_id, dir));
             }
         }
+    }
+
+    /// The limit each bucket was configured with (to rebuild a lost
+    /// state).
+    pub fn buckets(&self) -> Vec<(RateKey, Limit)> {
+        self.rate_limits
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(k, v)| {
+                (
+                    k,
+                    Limit {
+                        rate_bps: v.rate_bps,
+                        burst_bytes: v.burst_bytes,
+                    },
+                )
+            })
+            .collect()
     }
 
     /// Removes every bucket not in `limited` (pairs of cgroup id and

@@ -27,7 +27,9 @@ pub enum StateError {
     },
     /// The file exists but is not valid state.
     #[error(
-        "state file {path} is corrupt ({source}); fix or move it away, then restart the agent (it will re-adopt what it finds)"
+        "state file {path} is corrupt ({source}); the agent changed nothing and the datapath keeps \
+         forwarding. Fix the file, or move it away: the agent then rebuilds its state from the \
+         pinned maps and its veths"
     )]
     Corrupt {
         /// The file.

@@ -5,6 +5,7 @@
 //! which the agent changes and saves before it acknowledges a change.
 
 mod file;
+mod lock;
 
 use std::{collections::BTreeMap, net::Ipv4Addr, path::PathBuf};
 
@@ -12,7 +13,8 @@ use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 
 pub use self::file::{STATE_FILE, StateError, StateStore};
-use crate::model::{PortMapping, RateLimits};
+pub use self::lock::{LockError, StateLock};
+use crate::model::{PortMapping, RateLimits, identity::NetnsId};
 
 /// One container the agent manages.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -23,6 +25,11 @@ pub struct Container {
     pub name: String,
     /// Path of its network namespace.
     pub netns: PathBuf,
+    /// Identity of that namespace when the container was added: the path
+    /// is trusted only while it names this namespace. Absent in state files
+    /// of older agents (the namespace found at the path is recorded then).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub netns_id: Option<NetnsId>,
     /// Interface name inside the container.
     pub ifname: String,
     /// Host-side veth name.
@@ -53,6 +60,14 @@ pub struct Container {
 pub struct State {
     /// The next container id to hand out (ids are never reused).
     pub next_id: u32,
+    /// The pool the containers' addresses come from (absent in state files
+    /// of older agents): a restart with another pool is refused while
+    /// containers from this one exist.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool: Option<Ipv4Net>,
+    /// The masquerade port range the agent ran with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snat_ports: Option<(u16, u16)>,
     /// Containers by name.
     pub containers: BTreeMap<String, Container>,
 }
@@ -61,6 +76,10 @@ pub struct State {
 #[derive(Deserialize)]
 struct StateFields {
     next_id: u32,
+    #[serde(default)]
+    pool: Option<Ipv4Net>,
+    #[serde(default)]
+    snat_ports: Option<(u16, u16)>,
     containers: BTreeMap<String, Container>,
 }
 
@@ -83,8 +102,18 @@ impl TryFrom<StateFields> for State {
         if f.next_id == u32::MAX {
             return Err("next_id is exhausted".to_owned());
         }
+        if let Some(pool) = f.pool
+            && let Some(c) = f.containers.values().find(|c| !pool.contains(&c.addr))
+        {
+            return Err(format!(
+                "container {:?} has address {} outside the pool {pool}",
+                c.name, c.addr
+            ));
+        }
         Ok(Self {
             next_id: f.next_id,
+            pool: f.pool,
+            snat_ports: f.snat_ports,
             containers: f.containers,
         })
     }
@@ -164,6 +193,27 @@ impl Store {
     pub fn save(&self) -> Result<(), StateError> {
         self.file.save(&self.state)
     }
+
+    /// Records the pool and masquerade ports the agent runs with (saved
+    /// with the next [`Store::save`]).
+    pub fn set_ranges(&mut self, pool: Ipv4Net, snat_ports: (u16, u16)) {
+        self.state.pool = Some(pool);
+        self.state.snat_ports = Some(snat_ports);
+    }
+
+    /// A store in `dir` holding `state` (not yet saved): the state rebuilt
+    /// from the kernel when the file was missing or unreadable.
+    pub fn with_state(dir: impl Into<PathBuf>, state: State) -> Self {
+        Self {
+            file: StateStore::new(dir),
+            state,
+        }
+    }
+
+    /// Whether the state file exists (a missing one loads as empty).
+    pub fn file_exists(&self) -> bool {
+        self.file.path().exists()
+    }
 }
 
 /// The gateway address of a pool: its first host address.
@@ -189,6 +239,10 @@ mod tests {
             id,
             name: name.into(),
             netns: "/var/run/netns/x".into(),
+            netns_id: Some(NetnsId {
+                dev: 4,
+                ino: 4026531840 + u64::from(id),
+            }),
             ifname: "eth0".into(),
             host_ifname: format!("dp{id:x}"),
             addr,
