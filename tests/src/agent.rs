@@ -398,6 +398,19 @@ impl<'n> Agent<'n> {
         }
     }
 
+    /// Replaces the extra arguments (the builder's [`AgentBuilder::args`])
+    /// and the pool the next [`Agent::restart`] starts the agent with.
+    pub fn set_args(&mut self, pool: &str, args: &[&str]) {
+        self.pool = pool.to_owned();
+        self.args = args.iter().map(|a| (*a).to_owned()).collect();
+    }
+
+    /// The full command line (after the binary) of `datapath agent` with
+    /// this agent's paths, pool and arguments.
+    pub fn command_line(&self) -> Vec<std::ffi::OsString> {
+        self.agent_args()
+    }
+
     /// Starts a new agent process with the same paths and arguments, after
     /// [`Agent::kill`] or [`Agent::stop`]; returns the log if it does not
     /// come up (it is then not running).

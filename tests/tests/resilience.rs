@@ -27,6 +27,7 @@ use std::{
     time::Duration,
 };
 
+use datapath::model::identity::VETH_GROUP;
 use datapath_common::{Endpoint, EndpointKey, ServiceKey, ServiceValue, names, proto};
 use datapath_tests::{
     agent::{Agent, datapath_bin},
@@ -163,7 +164,16 @@ fn an_orphaned_veth_is_removed_on_the_next_start_and_other_veths_are_kept() {
     let node = Node::new();
     let mut web = Deployment::start(&node, "web", &["-p", "8080:80"]);
     web.agent.kill();
-    for (a, b) in [("dpabc", "orph0"), ("keep0", "keep1")] {
+    let group = VETH_GROUP.to_string();
+    // An orphan: a veth of the agent's (in its group) of no container.
+    node.node.exec_ok(
+        "ip",
+        [
+            "link", "add", "dpabc", "group", &group, "type", "veth", "peer", "name", "orph0",
+        ],
+    );
+    // Not the agent's, whatever their names: never removed.
+    for (a, b) in [("keep0", "keep1"), ("dpdef", "keep2")] {
         node.node
             .exec_ok("ip", ["link", "add", a, "type", "veth", "peer", "name", b]);
     }
@@ -174,12 +184,13 @@ fn an_orphaned_veth_is_removed_on_the_next_start_and_other_veths_are_kept() {
         "the orphan is gone: {after:?}"
     );
     assert!(
-        after.contains("keep0") && after.contains("keep1"),
-        "a veth the agent did not make is kept: {after:?}"
+        ["keep0", "keep1", "dpdef", "keep2"]
+            .iter()
+            .all(|l| after.contains(*l)),
+        "veths the agent did not make are kept: {after:?}"
     );
-    assert_eq!(
-        agent_veths(&node.node),
-        BTreeSet::from([web.info.host_ifname.clone()]),
+    assert!(
+        after.contains(&web.info.host_ifname),
         "the container's own veth is kept"
     );
     let _server = Server::line_echo(&web.ctr, 80, "web");
