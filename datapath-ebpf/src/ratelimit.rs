@@ -21,7 +21,9 @@ use aya_ebpf::{
     },
     programs::{SkBuffContext, SockOpsContext},
 };
-use datapath_common::ratelimit::{RateKey, RateStats, Verdict, cgroup_verdict, direction};
+use datapath_common::ratelimit::{
+    LOOPBACK_IFINDEX, RateKey, RateStats, Verdict, cgroup_verdict, direction,
+};
 
 use crate::{
     clock::now_ns,
@@ -43,6 +45,14 @@ fn bucket_key(ctx: &SkBuffContext, dir: u32) -> RateKey {
     }
     // SAFETY: plain helper call on the program's context.
     RateKey::new(unsafe { bpf_skb_cgroup_id(ctx.skb.skb) }, dir)
+}
+
+/// Whether the packet is on the loopback device: it stays inside the
+/// container and is neither charged nor counted.
+#[inline(always)]
+fn on_loopback(ctx: &SkBuffContext) -> bool {
+    // SAFETY: reads a field of the program's own context.
+    unsafe { (*ctx.skb.skb).ifindex == LOOPBACK_IFINDEX }
 }
 
 /// Charges the packet to its bucket; returns the bucket's verdict, or `None`
@@ -82,6 +92,9 @@ fn count(key: &RateKey, verdict: Verdict, len: u32) {
 /// congestion window); in the marking band it passes with one.
 #[inline(always)]
 pub fn egress(ctx: &SkBuffContext) -> i32 {
+    if on_loopback(ctx) {
+        return cgroup_verdict::PASS;
+    }
     let key = bucket_key(ctx, direction::EGRESS);
     let Some(verdict) = charge(ctx, &key) else {
         return cgroup_verdict::PASS;
@@ -99,6 +112,9 @@ pub fn egress(ctx: &SkBuffContext) -> i32 {
 /// gets Congestion Experienced.
 #[inline(always)]
 pub fn ingress(ctx: &SkBuffContext) -> i32 {
+    if on_loopback(ctx) {
+        return cgroup_verdict::PASS;
+    }
     let key = bucket_key(ctx, direction::INGRESS);
     let Some(mut verdict) = charge(ctx, &key) else {
         return cgroup_verdict::PASS;
