@@ -32,12 +32,16 @@ pub mod names {
     /// Cgroup storage: the [`crate::ratelimit::RateKey`] of each cgroup
     /// attachment of the rate limiter.
     pub const RATE_CGROUPS: &str = "RATE_CGROUPS";
+    /// [`crate::ratelimit::RateKey`] (ingress) →
+    /// [`crate::ratelimit::RateFlows`]: the TCP sockets sharing an ingress
+    /// limit's receive windows.
+    pub const RATE_FLOWS: &str = "RATE_FLOWS";
     /// [`crate::clock::TestClock`] array (one entry): zero in production;
     /// packet tests freeze the programs' time with it. Not pinned.
     pub const CLOCK: &str = "CLOCK";
 
     /// Every map the agent pins, in a stable order.
-    pub const ALL: [&str; 9] = [
+    pub const ALL: [&str; 10] = [
         CONFIG,
         SERVICES,
         ENDPOINTS,
@@ -47,6 +51,7 @@ pub mod names {
         RATE_LIMITS,
         RATE_STATS,
         RATE_CGROUPS,
+        RATE_FLOWS,
     ];
 }
 
@@ -62,7 +67,8 @@ pub mod programs {
     pub const RATE_EGRESS: &str = "rate_egress";
     /// cgroup_skb ingress on a rate-limited container's cgroup.
     pub const RATE_INGRESS: &str = "rate_ingress";
-    /// sock_ops on a container's cgroup with an egress limit: TCP pacing.
+    /// sock_ops on a rate-limited container's cgroup: pacing of TCP senders
+    /// (egress) and receive windows of TCP receivers (ingress).
     pub const RATE_SOCKOPS: &str = "rate_sockops";
 }
 

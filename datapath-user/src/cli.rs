@@ -182,7 +182,7 @@ pub struct LimitArgs {
     /// Egress bucket size, e.g. 64kb (default: 4 ms of the rate, at least 1mb).
     #[arg(long)]
     pub egress_burst: Option<String>,
-    /// Ingress bucket size, e.g. 256kb (default: 250 ms of the rate, at least 1mb).
+    /// Ingress bucket size, e.g. 256kb (default: 500 ms of the rate, at least 1mb).
     #[arg(long)]
     pub ingress_burst: Option<String>,
 }

@@ -42,7 +42,7 @@ pub struct AddContainer {
     /// rate, at least 1mb).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub egress_burst: Option<String>,
-    /// Ingress bucket size in tc's units (default: 250 ms of the rate, at
+    /// Ingress bucket size in tc's units (default: 500 ms of the rate, at
     /// least 1mb).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ingress_burst: Option<String>,
@@ -50,8 +50,8 @@ pub struct AddContainer {
 
 /// `PATCH /v1/containers/{name}`: changes rate limits in place (no flow
 /// is lost). An absent field is unchanged; a rate of `none` removes that
-/// direction's limit; a new rate keeps the current burst unless one is
-/// given.
+/// direction's limit; a new rate keeps a burst that was given and
+/// derives the default one from the new rate otherwise.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct UpdateContainer {

@@ -344,7 +344,8 @@ pub enum RateHook {
     Egress,
     /// cgroup_skb ingress: the ingress bucket.
     Ingress,
-    /// sock_ops: pacing of the cgroup's TCP senders by the egress bucket.
+    /// sock_ops: pacing of the cgroup's TCP senders by the egress bucket,
+    /// receive windows of its TCP receivers by the ingress bucket.
     SockOps,
 }
 

@@ -31,7 +31,7 @@ use aya::{
 use datapath_common::{
     Config, CtEntry, CtKey, Endpoint, EndpointKey, NodeAddr, NodeAddrKey, ServiceKey, ServiceValue,
     names, programs,
-    ratelimit::{RateKey, RateLimit, RateStats},
+    ratelimit::{RateFlows, RateKey, RateLimit, RateStats},
 };
 use serde::Serialize;
 
@@ -178,6 +178,8 @@ pub struct Datapath {
         reason = "cgroup storage is what gives a key per attachment"
     )]
     rate_cgroups: aya::maps::CgroupStorage<MapData, RateKey>,
+    /// TCP sockets sharing each ingress bucket's receive windows.
+    rate_flows: HashMap<MapData, RateKey, RateFlows>,
     attachments: Vec<Attachment>,
 }
 
@@ -345,6 +347,7 @@ impl Datapath {
                 reason = "cgroup storage is what gives a key per attachment"
             )]
             rate_cgroups: typed_map!(&mut ebpf, names::RATE_CGROUPS, aya::maps::CgroupStorage<MapData, RateKey>),
+            rate_flows: typed_map!(&mut ebpf, names::RATE_FLOWS, HashMap<MapData, RateKey, RateFlows>),
             ebpf,
             bpffs_dir: opts.bpffs_dir.clone(),
             attachments: Vec::new(),

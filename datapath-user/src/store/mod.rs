@@ -251,10 +251,7 @@ mod tests {
             cgroup: Some("/sys/fs/cgroup/unified/web".into()),
             cgroup_id: 4242,
             limits: RateLimits {
-                egress: Some(Limit {
-                    rate_bps: 10_000_000,
-                    burst_bytes: 65_536,
-                }),
+                egress: Some(Limit::given(10_000_000, 65_536)),
                 ingress: None,
             },
         }

@@ -1,7 +1,11 @@
 //! What the bench measures (the metric catalogue) and what it measured
 //! (samples per metric, mode and number of published ports).
 
-use crate::bench::{mode::Mode, ratelimit::RateRow, stats::Summary};
+use crate::bench::{
+    mode::Mode,
+    ratelimit::{RateRow, RrRow},
+    stats::Summary,
+};
 
 /// Which way is better.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -140,6 +144,8 @@ pub struct Results {
     pub not_quiet: usize,
     /// Rate-limit accuracy, one row per case.
     pub ratelimit: Vec<RateRow>,
+    /// Request/response latency through an ingress limit under load.
+    pub ratelimit_rr: Vec<RrRow>,
 }
 
 impl Results {

@@ -149,6 +149,8 @@ pub struct Config {
     pub quiet: QuietPolicy,
     /// Rate-limit cases (empty: none).
     pub rate_cases: Vec<RateCase>,
+    /// Request/response-under-load cases of the rate limiter (empty: none).
+    pub rr_cases: Vec<RateCase>,
     /// Repetitions of each rate-limit case.
     pub rate_reps: usize,
     /// The most time spent waiting for quiet over the whole run (on a
@@ -178,7 +180,8 @@ impl Config {
                 max_wait: Duration::from_secs(4),
             },
             quiet_budget: Duration::from_secs(150),
-            rate_cases: ratelimit::cases(&[10, 100, 1000], &[1, 4], 4),
+            rate_cases: ratelimit::cases(&[10, 100, 1000], &[1, 4], 5),
+            rr_cases: ratelimit::rr_cases(&[10, 100, 1000], 5),
             rate_reps: 2,
         }
     }
@@ -200,6 +203,7 @@ impl Config {
             },
             quiet_budget: Duration::from_secs(20),
             rate_cases: ratelimit::cases(&[100], &[1], 3),
+            rr_cases: ratelimit::rr_cases(&[100], 3),
             rate_reps: 1,
             ..Self::full()
         }
@@ -254,7 +258,7 @@ impl<'b, 'n> Runner<'b, 'n> {
             self.control_plane()?;
             self.scaling(&scaling)?;
         }
-        if !self.cfg.rate_cases.is_empty() {
+        if !self.cfg.rate_cases.is_empty() || !self.cfg.rr_cases.is_empty() {
             self.ratelimit()?;
         }
         Ok(())
@@ -278,7 +282,8 @@ impl<'b, 'n> Runner<'b, 'n> {
         Ok(())
     }
 
-    /// The rate-limit cases, each on a fresh node of its own.
+    /// The rate-limit cases, then the request/response ones, each on a
+    /// fresh node of its own.
     fn ratelimit(&mut self) -> Result<()> {
         let cases = self.cfg.rate_cases.clone();
         let mut notes = Vec::new();
@@ -292,8 +297,20 @@ impl<'b, 'n> Runner<'b, 'n> {
             },
             &mut notes,
         )?;
+        let rr_cases = self.cfg.rr_cases.clone();
+        let rr_rows = ratelimit::run_rr(
+            &rr_cases,
+            self.cfg.rate_reps,
+            || {
+                check_interrupted()?;
+                self.wait_quiet();
+                Ok(())
+            },
+            &mut notes,
+        )?;
         self.results.notes.extend(notes);
         self.results.ratelimit = rows;
+        self.results.ratelimit_rr = rr_rows;
         Ok(())
     }
 

@@ -2,7 +2,8 @@
 //! and plain routing in namespace nodes; writes `bench/results/`.
 //!
 //! Run through the xtask (it builds the release agent and sets
-//! `DATAPATH_BIN`). Options, for working on the bench itself:
+//! `DATAPATH_BIN`; `cargo xtask bench --only ratelimit` runs the rate
+//! section alone). Options, for working on the bench itself:
 //! `--modes route,datapath-tc`, `--only conn,rr,ratelimit`, `--reps N`,
 //! `--sizes 1000,10000`, `--conn-threads N`, `--out DIR`.
 
@@ -49,6 +50,8 @@ struct Args {
     cfg: Config,
     out: PathBuf,
     command: String,
+    /// The sections chosen with `--only`, if not all.
+    only: Option<String>,
 }
 
 fn list<T>(value: Option<String>, what: &str, parse: impl Fn(&str) -> Option<T>) -> Result<Vec<T>> {
@@ -68,6 +71,7 @@ fn parse_args() -> Result<Args> {
     let (mut modes, mut kinds, mut reps, mut sizes) = (None, None, None, None);
     let mut threads = None;
     let mut ratelimit = None;
+    let mut only = None;
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--quick" => {
@@ -93,6 +97,7 @@ fn parse_args() -> Result<Args> {
                     list(Some(rest.join(",")), "--only", Kind::parse)?
                 };
                 extra.push(format!("--only {value}"));
+                only = Some(value.clone());
                 kinds = Some(k);
                 ratelimit = Some(rate);
             }
@@ -137,9 +142,13 @@ fn parse_args() -> Result<Args> {
     cfg.conn_threads = threads.unwrap_or(cfg.conn_threads);
     if ratelimit == Some(false) {
         cfg.rate_cases.clear();
+        cfg.rr_cases.clear();
     }
     let quick = if quick { " --quick" } else { "" };
-    let command = if extra.is_empty() {
+    let command = if let Ok(command) = std::env::var("BENCH_COMMAND") {
+        // Run by `cargo xtask bench`, which says how.
+        command
+    } else if extra.is_empty() {
         format!("cargo xtask bench{quick}")
     } else {
         format!(
@@ -147,7 +156,12 @@ fn parse_args() -> Result<Args> {
             extra.join(" ")
         )
     };
-    Ok(Args { cfg, out, command })
+    Ok(Args {
+        cfg,
+        out,
+        command,
+        only,
+    })
 }
 
 fn join<T: Copy, S: ToString>(items: &[T], f: impl Fn(T) -> S) -> String {
@@ -186,9 +200,15 @@ fn real_main() -> Result<()> {
         cfg.sizes
     );
 
-    let nodes: Vec<_> = cfg.modes.iter().map(|m| bed::node_for(*m)).collect();
+    // Only the rate section (`--only ratelimit`) builds its own nodes.
+    let modes: &[Mode] = if cfg.kinds.is_empty() {
+        &[]
+    } else {
+        &cfg.modes
+    };
+    let nodes: Vec<_> = modes.iter().map(|m| bed::node_for(*m)).collect();
     let mut beds = Vec::new();
-    for (i, (mode, node)) in cfg.modes.iter().zip(&nodes).enumerate() {
+    for (i, (mode, node)) in modes.iter().zip(&nodes).enumerate() {
         let bed =
             Bed::new(*mode, node, 16 + i as u8).with_context(|| format!("setting up {mode}"))?;
         println!("set up {mode}: {}", bed.describe());
@@ -206,10 +226,18 @@ fn real_main() -> Result<()> {
     let json = serde_json::to_string_pretty(&report::json(&meta, &cfg, &results))?;
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;
+    // A run of some sections only goes to files of its own, so that it
+    // never replaces the results of a whole run.
+    let part = args
+        .only
+        .as_deref()
+        .map(|o| format!("-{}", o.replace(',', "+")))
+        .unwrap_or_default();
     let kind = if cfg.quick { "quick" } else { "full" };
     let stamp = meta.started.replace([':', '-'], "");
     let latest = if cfg.quick { "latest-quick" } else { "latest" };
-    for name in [format!("{stamp}-{kind}"), latest.to_owned()] {
+    let (kind, latest) = (format!("{kind}{part}"), format!("{latest}{part}"));
+    for name in [format!("{stamp}-{kind}"), latest.clone()] {
         for (ext, text) in [("md", &md), ("json", &json)] {
             let path = args.out.join(format!("{name}.{ext}"));
             std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
