@@ -954,9 +954,14 @@ fn uplink_traffic_reaches_a_container_address_when_direct_routing_is_allowed() {
     assert_eq!(web.agent.counter("drop_direct_routing"), 0);
 }
 
-/// `hping3` SYN flood of `count` packets from random sources at the
-/// node's `port`, bounded to 20 s.
+/// `hping3` SYN flood of `count` packets at the node's `port`, bounded to
+/// 20 s: each from another source port of an address on the client's link
+/// that nobody holds (so no one ever answers the container's SYN-ACKs).
+/// Not from random addresses: the node would resolve a neighbour entry for
+/// each, and the kernel's neighbour table is shared by every namespace, so
+/// a full one would stall the other tests' traffic.
 fn syn_flood(node: &Node, port: u16, count: u32) {
+    let spoofed = Ipv4Addr::from(u32::from(node.client_addr()) + 200);
     let flood = node.client.run(Command::new("timeout").args([
         "20",
         "hping3",
@@ -964,7 +969,8 @@ fn syn_flood(node: &Node, port: u16, count: u32) {
         "-S",
         "-p",
         &port.to_string(),
-        "--rand-source",
+        "-a",
+        &spoofed.to_string(),
         "-c",
         &count.to_string(),
         "--faster",
