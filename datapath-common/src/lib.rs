@@ -8,6 +8,7 @@
 //! * [`stats`]: the counters every program exports, drop reasons included.
 //! * [`ratelimit`]: the per-cgroup token buckets' layouts and arithmetic.
 //! * [`clock`]: the test clock that can stand in for the programs' clock.
+//! * [`policy`]: who may send what (martian sources, neighbour discovery).
 //!
 //! The crate is `no_std` so that the eBPF crate can use it; the `user` feature
 //! adds the userspace-only trait impls.
@@ -17,6 +18,7 @@ pub mod clock;
 pub mod csum;
 pub mod ct;
 pub mod maps;
+pub mod policy;
 pub mod ratelimit;
 pub mod stats;
 

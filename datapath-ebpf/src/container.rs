@@ -9,7 +9,7 @@ use datapath_common::{
 use crate::{
     conntrack,
     ctx::Packet,
-    icmp,
+    guard, icmp,
     maps::{self, ENDPOINTS, NODE_ADDRS},
     nat,
     parse::{self, ETH_LEN, IP_SRC_OFF, L4, Parsed},
@@ -59,9 +59,13 @@ pub enum Verdict {
 /// Translates one packet sent by a container.
 #[inline(always)]
 pub fn process(ctx: &mut TcContext) -> Verdict {
+    // Not configured yet: nothing can be checked, so nothing goes through.
     let Some(cfg) = maps::config() else {
-        return Verdict::Pass;
+        return Verdict::Drop(Stat::DropNotConfigured);
     };
+    if let Some(stat) = guard::container(ctx) {
+        return Verdict::Drop(stat);
+    }
     let parsed = parse::parse(ctx);
     if let Parsed::Malformed = parsed {
         return Verdict::Drop(Stat::DropMalformed);

@@ -11,6 +11,7 @@ mod clock;
 mod conntrack;
 mod container;
 mod ctx;
+mod guard;
 mod icmp;
 mod maps;
 mod nat;
@@ -68,12 +69,12 @@ pub fn uplink_xdp(mut ctx: XdpContext) -> u32 {
         uplink::Verdict::ToContainer { ifindex, addr } => {
             // SAFETY: endpoint values are replaced whole by the agent.
             let Some(ep) = (unsafe { maps::ENDPOINTS.get(EndpointKey { addr }) }) else {
-                count(Stat::DropHelperFailed);
+                count(Stat::DropNoEndpoint);
                 return xdp_action::XDP_DROP;
             };
             let (mac, host_mac) = (ep.mac, ep.host_mac);
             if ctx.store(0, &mac).is_err() || ctx.store(6, &host_mac).is_err() {
-                count(Stat::DropMalformed);
+                count(Stat::DropMacStore);
                 return xdp_action::XDP_DROP;
             }
             // SAFETY: plain helper call.

@@ -9,7 +9,7 @@ use datapath_common::{
 use crate::{
     conntrack,
     ctx::Packet,
-    icmp,
+    guard, icmp,
     maps::{self, NODE_ADDRS, SERVICES},
     nat,
     parse::{self, FrameLen, L4, Parsed},
@@ -57,6 +57,9 @@ pub fn process<C: Packet + FrameLen>(ctx: &mut C) -> Verdict {
     let Some(cfg) = maps::config() else {
         return Verdict::Pass;
     };
+    if let Some(stat) = guard::uplink(ctx, cfg) {
+        return Verdict::Drop(stat);
+    }
     let flow = match parse::parse(ctx) {
         Parsed::NotOurs => return Verdict::Pass,
         Parsed::Malformed => return Verdict::Drop(Stat::DropMalformed),

@@ -356,15 +356,22 @@ impl Programs {
         self.cgroup_skb(name)?;
         if self.device.is_none() {
             let ns = crate::netns::Netns::new_unique();
-            ns.exec_ok("ip", ["link", "add", "pkt0", "type", "veth", "peer", "name", "pkt1"]);
+            ns.exec_ok(
+                "ip",
+                [
+                    "link", "add", "pkt0", "type", "veth", "peer", "name", "pkt1",
+                ],
+            );
             let index = crate::node::ifindex(&ns, "pkt0");
             self.device = Some((ns, index));
         }
-        let (ns, veth) = self.device.as_ref().map(|(n, i)| (n, *i)).ok_or_else(|| {
-            HarnessError::NoProgram {
-                name: "a namespace for cgroup_skb runs".into(),
-            }
-        })?;
+        let (ns, veth) =
+            self.device
+                .as_ref()
+                .map(|(n, i)| (n, *i))
+                .ok_or_else(|| HarnessError::NoProgram {
+                    name: "a namespace for cgroup_skb runs".into(),
+                })?;
         let prog: &CgroupSkb = self
             .ebpf
             .program(name)
@@ -592,6 +599,16 @@ impl Programs {
         let mut m = self.hash::<EndpointKey, Endpoint>(names::ENDPOINTS);
         m.insert(EndpointKey { addr }, endpoint, 0)
             .unwrap_or_else(|e| panic!("insert into {}: {e}", names::ENDPOINTS));
+    }
+
+    /// Removes a container endpoint; returns whether it was there.
+    pub fn remove_endpoint(&mut self, addr: [u8; 4]) -> bool {
+        let mut m = self.hash::<EndpointKey, Endpoint>(names::ENDPOINTS);
+        match m.remove(&EndpointKey { addr }) {
+            Ok(()) => true,
+            Err(MapError::KeyNotFound) => false,
+            Err(e) => panic!("remove from {}: {e}", names::ENDPOINTS),
+        }
     }
 
     /// Adds a node address on interface `ifindex`.

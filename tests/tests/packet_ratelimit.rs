@@ -132,7 +132,10 @@ fn a_cgroup_without_a_limit_passes_untouched_and_uncounted() {
 #[test]
 fn packets_on_loopback_are_neither_charged_nor_counted() {
     let frame = segment();
-    for (program, dir) in [(RATE_EGRESS, direction::EGRESS), (RATE_INGRESS, direction::INGRESS)] {
+    for (program, dir) in [
+        (RATE_EGRESS, direction::EGRESS),
+        (RATE_INGRESS, direction::INGRESS),
+    ] {
         let (mut p, key) = limited(dir);
         // Far more than the bucket holds: a sidecar on 127.0.0.1.
         for _ in 0..(BURST as usize / frame.len() + 10) * 2 {

@@ -430,18 +430,33 @@ fn cleanup_removes_only_what_the_agent_made() {
     let mut web = Deployment::start(&node, "web", &[]);
     // A veth with a name like the agent's, and a directory in its bpffs
     // directory, neither made by the agent.
-    node.node
-        .exec_ok("ip", ["link", "add", "dpfeed", "type", "veth", "peer", "name", "feed1"]);
+    node.node.exec_ok(
+        "ip",
+        [
+            "link", "add", "dpfeed", "type", "veth", "peer", "name", "feed1",
+        ],
+    );
     let foreign = web.agent.bpffs_dir().join("someone-elses");
     std::fs::create_dir(&foreign).expect("a foreign directory in bpffs");
     let out = web.agent.cleanup();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let after = links(&node.node);
-    assert!(!after.contains(&web.info.host_ifname), "the agent's veth is gone");
-    assert!(after.contains("dpfeed") && after.contains("feed1"), "{after:?}");
+    assert!(
+        !after.contains(&web.info.host_ifname),
+        "the agent's veth is gone"
+    );
+    assert!(
+        after.contains("dpfeed") && after.contains("feed1"),
+        "{after:?}"
+    );
     assert!(foreign.is_dir(), "the foreign directory is kept");
     assert!(
-        !web.agent.bpffs_dir().join("maps").exists() && !web.agent.bpffs_dir().join("links").exists(),
+        !web.agent.bpffs_dir().join("maps").exists()
+            && !web.agent.bpffs_dir().join("links").exists(),
         "the agent's pins are gone"
     );
 }
