@@ -24,6 +24,7 @@ use std::{
     collections::BTreeSet,
     ffi::OsString,
     io::{Read, Write},
+    net::{Ipv4Addr, SocketAddrV4},
     os::unix::{fs::MetadataExt, net::UnixStream},
     path::{Path, PathBuf},
     process::{Child, Command, Output, Stdio},
@@ -33,11 +34,14 @@ use std::{
 use datapath_common::names;
 use datapath_tests::{
     agent::{Agent, datapath_bin},
+    capture::{Capture, contains, send_frames},
     cgroup::Cgroup,
     fixture::Deployment,
+    frame::Frame,
     inspect::{self, addrs_of, agent_veths},
     names as test_names,
     netns::Netns,
+    node,
     node::Node,
     traffic::{RrFlow, Server, line_exchange},
     wait,
@@ -916,15 +920,17 @@ fn a_router_advertisement_from_a_container_leaves_the_nodes_routes_unchanged() {
     let web = Deployment::start(&node, "web", &[]);
     let host = web.info.host_ifname.clone();
     let before = node.node.exec_ok("ip", ["-6", "route", "show"]);
+    let dropped = web.agent.counter("drop_router_advertisement");
     web.ctr
         .exec_closure(|| send_router_advertisement("eth0"))
         .expect("send a router advertisement");
-    // The node's stack saw it (the proof that it arrived).
+    // The container's program dropped it: the node's stack never saw it.
     wait::until(
-        "the node received the advertisement",
+        "the advertisement was dropped",
         Duration::from_secs(10),
-        || router_advertisements_in(&node.node, &host) >= 1,
+        || web.agent.counter("drop_router_advertisement") == dropped + 1,
     );
+    assert_eq!(router_advertisements_in(&node.node, &host), 0);
     let after = node.node.exec_ok("ip", ["-6", "route", "show"]);
     assert_eq!(after, before, "the node's IPv6 routes are unchanged");
     assert!(!after.contains("default"), "{after}");
@@ -938,4 +944,99 @@ fn a_router_advertisement_from_a_container_leaves_the_nodes_routes_unchanged() {
             .exec_ok("cat", [format!("/proc/sys/net/{family}/conf/{host}/{key}")]);
         assert_eq!(v.trim(), "0", "{family} {key} on {host}");
     }
+}
+
+// ---- the uplink: spoofed sources and direct routing ----------------------------------------------
+
+/// A UDP frame from the client's interface to the node's uplink.
+fn from_client(node: &Node, src: Ipv4Addr, dst: SocketAddrV4, payload: &[u8]) -> Vec<u8> {
+    Frame::udp((src, 40000), (*dst.ip(), dst.port()))
+        .payload(payload.to_vec())
+        .macs(node.client_mac(), node.uplink_mac())
+        .build()
+}
+
+#[test]
+fn spoofed_and_martian_sources_from_the_uplink_never_reach_a_published_port() {
+    let node = Node::new();
+    let web = Deployment::start(&node, "web", &["-p", "9053:53/udp"]);
+    let sink = Server::udp_sink(&web.ctr, 53, "web");
+    let to = SocketAddrV4::new(node.node_addr(), 9053);
+    let pool_other = Ipv4Addr::from(u32::from(web.info.addr) + 1);
+    let spoofed = [web.info.addr, pool_other, node.node_addr()];
+    let martians = [
+        Ipv4Addr::new(127, 0, 0, 1),
+        Ipv4Addr::new(0, 1, 2, 3),
+        Ipv4Addr::new(224, 0, 0, 9),
+        Ipv4Addr::new(240, 0, 0, 1),
+        Ipv4Addr::new(169, 254, 0, 1),
+    ];
+    let before = (
+        web.agent.counter("drop_uplink_spoofed"),
+        web.agent.counter("drop_martian"),
+    );
+    let mut frames: Vec<Vec<u8>> = spoofed
+        .iter()
+        .chain(&martians)
+        .map(|&src| from_client(&node, src, to, b"spoofed"))
+        .collect();
+    // Sent after the others on the same path: once it arrived, so would
+    // they have.
+    frames.push(from_client(&node, node.client_addr(), to, b"genuine"));
+    send_frames(&node.client, node::CLIENT_IF, &frames);
+    assert_eq!(sink.wait_payload(b"genuine", 1, Duration::from_secs(10)), 1);
+    assert_eq!(sink.count_payload(b"spoofed"), 0, "{:?}", sink.datagrams());
+    let after = (
+        web.agent.counter("drop_uplink_spoofed"),
+        web.agent.counter("drop_martian"),
+    );
+    assert_eq!(after.0 - before.0, spoofed.len() as u64, "spoofed counted");
+    assert_eq!(
+        after.1 - before.1,
+        martians.len() as u64,
+        "martians counted"
+    );
+}
+
+#[test]
+fn fragments_sctp_gre_esp_and_odd_icmp_never_reach_a_container_address() {
+    let node = Node::new();
+    let web = Deployment::start(&node, "web", &["-p", "9053:53/udp"]);
+    let sink = Server::udp_sink(&web.ctr, 53, "web");
+    let capture = Capture::start(&web.ctr, "eth0");
+    let (client, ctr) = (node.client_addr(), web.info.addr);
+    let macs = |f: Frame| f.macs(node.client_mac(), node.uplink_mac()).build();
+    let marker = b"direct-attempt-0123456789".to_vec();
+    let attempts = [
+        macs(
+            Frame::udp((client, 4000), (ctr, 53))
+                .payload(marker.clone())
+                .fragment(true, 0),
+        ),
+        macs(
+            Frame::udp((client, 4000), (ctr, 53))
+                .payload(marker.clone())
+                .fragment(false, 8),
+        ),
+        macs(Frame::raw_ip(client, ctr, 132).payload(marker.clone())),
+        macs(Frame::raw_ip(client, ctr, 47).payload(marker.clone())),
+        macs(Frame::raw_ip(client, ctr, 50).payload(marker.clone())),
+        macs(Frame::raw_ip(client, ctr, 1).payload([&[13u8, 0, 0, 0][..], &marker].concat())),
+    ];
+    let before = web.agent.counter("drop_direct_routing");
+    let mut frames = attempts.to_vec();
+    // The control, last: through the published port.
+    frames.push(from_client(
+        &node,
+        client,
+        SocketAddrV4::new(node.node_addr(), 9053),
+        b"genuine",
+    ));
+    send_frames(&node.client, node::CLIENT_IF, &frames);
+    assert_eq!(sink.wait_payload(b"genuine", 1, Duration::from_secs(10)), 1);
+    let seen = capture.finish();
+    let leaked: Vec<&Vec<u8>> = seen.iter().filter(|f| contains(f, &marker)).collect();
+    assert!(leaked.is_empty(), "{} reached the container", leaked.len());
+    let dropped = web.agent.counter("drop_direct_routing") - before;
+    assert_eq!(dropped, attempts.len() as u64);
 }
