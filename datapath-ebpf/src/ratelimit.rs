@@ -175,14 +175,49 @@ pub fn sock_ops(ctx: &SockOpsContext) -> u32 {
         pace(ctx);
     } else if op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB || op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB
     {
-        pace(ctx);
-        window_start(ctx);
+        if peer_on_loopback(ctx) {
+            // Neither paced nor windowed; an accepted socket drops the
+            // clamp its listener was given.
+            set_int_option(ctx, SOL_TCP, TCP_WINDOW_CLAMP, WINDOW_UNCLAMPED);
+        } else {
+            pace(ctx);
+            window_start(ctx);
+        }
     } else if op == BPF_SOCK_OPS_STATE_CB {
         window_end(ctx);
-    } else if op == BPF_SOCK_OPS_TCP_LISTEN_CB || op == BPF_SOCK_OPS_TCP_CONNECT_CB {
+    } else if op == BPF_SOCK_OPS_TCP_LISTEN_CB
+        || (op == BPF_SOCK_OPS_TCP_CONNECT_CB && !peer_on_loopback(ctx))
+    {
         window_cap(ctx);
     }
     1
+}
+
+/// `AF_INET`.
+const AF_INET: u32 = 2;
+/// `AF_INET6`.
+const AF_INET6: u32 = 10;
+
+/// Whether the socket's peer is reached over the container's loopback: a
+/// loopback address, or the socket's own address (the limiter does not
+/// charge loopback traffic, so its TCP is not paced or windowed either).
+#[inline(always)]
+fn peer_on_loopback(ctx: &SockOpsContext) -> bool {
+    let family = ctx.family();
+    if family == AF_INET {
+        let remote = ctx.remote_ip4();
+        u32::from_be(remote) >> 24 == 127 || remote == ctx.local_ip4()
+    } else if family == AF_INET6 {
+        let r = ctx.remote_ip6();
+        let l = ctx.local_ip6();
+        let loopback = r[0] == 0 && r[1] == 0 && r[2] == 0 && r[3] == 1u32.to_be();
+        let mapped_loopback =
+            r[0] == 0 && r[1] == 0 && r[2] == 0xffffu32.to_be() && u32::from_be(r[3]) >> 24 == 127;
+        let own = r[0] == l[0] && r[1] == l[1] && r[2] == l[2] && r[3] == l[3];
+        loopback || mapped_loopback || own
+    } else {
+        false
+    }
 }
 
 /// The cgroup this attachment limits, once the agent has keyed it.

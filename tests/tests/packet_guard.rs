@@ -169,7 +169,7 @@ fn icmpv6(icmp_type: u8, body: &[u8], ext: &[(u8, Vec<u8>)]) -> Vec<u8> {
     }
     payload.extend_from_slice(&[icmp_type, 0, 0, 0]);
     payload.extend_from_slice(body);
-    let dst: Ipv6Addr = "ff02::1".parse().unwrap();
+    let dst = Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 1);
     CTR.frame(Frame::raw_ip(ctr_link_local(), dst, first).payload(payload))
 }
 
@@ -240,7 +240,7 @@ fn router_advertisements_and_redirects_from_a_container_are_dropped_even_behind_
 
 #[test]
 fn a_container_may_advertise_only_its_own_address_unless_asked() {
-    let other: Ipv6Addr = "fe80::1".parse().unwrap();
+    let other = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 1);
     let cases = [
         (
             "unsolicited, another address",
