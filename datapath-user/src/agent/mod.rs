@@ -50,7 +50,7 @@ use crate::{
     api::server::Failure,
     datapath::{BpfError, Datapath, LoadOptions, RateTarget, Reader, UplinkHook},
     net::link::Netlink,
-    store::{Container, StateError, StateLock, Store, gateway_of},
+    store::{self, Container, StateError, StateLock, Store, gateway_of},
 };
 
 /// How often containers that could not be restored are tried again.
@@ -123,7 +123,7 @@ pub enum AgentError {
     /// A BPF operation failed.
     #[error(transparent)]
     Bpf(#[from] BpfError),
-    /// The state file could not be read or written.
+    /// The persisted state could not be read or written.
     #[error(transparent)]
     State(#[from] StateError),
     /// Something else failed.
@@ -224,7 +224,7 @@ impl Agent {
             .collect();
         let view = pool::NodeView::read(&net, &known).await?;
         pool::check(&cfg, store.state(), &view)?;
-        store.set_ranges(cfg.pool, cfg.snat_ports);
+        store.set_ranges(cfg.pool, cfg.snat_ports)?;
         let uplink = uplink::setup(&cfg, &mut dp, &net).await?;
         let reader = Arc::new(dp.reader()?);
         let mut agent = Agent {
@@ -290,12 +290,12 @@ impl Agent {
                 let result = self.lifecycle().delete(&name).await;
                 self.answer(&publish, reply, result);
             }
-            Command::Publish(name, spec, reply) => {
-                let result = self.ports().publish(&name, &spec).await;
+            Command::Publish(name, specs, reply) => {
+                let result = self.ports().publish(&name, &specs).await;
                 self.answer(&publish, reply, result);
             }
-            Command::Unpublish(name, spec, reply) => {
-                let result = self.ports().unpublish(&name, &spec).await;
+            Command::Unpublish(name, specs, reply) => {
+                let result = self.ports().unpublish(&name, &specs).await;
                 self.answer(&publish, reply, result);
             }
             // Flows are read live, not from the snapshot.
@@ -335,26 +335,25 @@ impl Agent {
     }
 }
 
-/// The state in the state directory; if its file is missing, the state
-/// rebuilt from what the kernel holds ([`rebuild`]), so that a lost file
-/// never removes the node's containers. A corrupt file is refused (and
-/// left alone): moving it away lets the agent rebuild.
+/// The state kept in the state directory; if its snapshot is missing, the
+/// state rebuilt from what the kernel holds ([`rebuild`]), so that a lost
+/// snapshot never removes the node's containers. A corrupt
+/// snapshot or journal is refused (and left alone): moving it away lets
+/// the agent rebuild.
 async fn open_store(cfg: &AgentConfig, dp: &Datapath, net: &Netlink) -> anyhow::Result<Store> {
-    let store = Store::open(&cfg.state_dir)?;
-    if store.file_exists() {
-        return Ok(store);
+    // Checked before opening: opening writes an empty snapshot.
+    if store::exists(&cfg.state_dir) {
+        return Ok(Store::open(&cfg.state_dir)?);
     }
     match rebuild::rebuild(cfg.pool, cfg.snat_ports, dp, net).await? {
-        None => Ok(store),
+        None => Ok(Store::open(&cfg.state_dir)?),
         Some(state) => {
             tracing::warn!(
                 dir = %cfg.state_dir.display(),
-                containers = state.containers.len(),
-                "no state file, but the kernel holds an agent's containers: state rebuilt from them"
+                containers = state.containers().len(),
+                "no state snapshot, but the kernel holds an agent's containers: state rebuilt from them"
             );
-            let store = Store::with_state(&cfg.state_dir, state);
-            store.save()?;
-            Ok(store)
+            Ok(Store::create(&cfg.state_dir, &state)?)
         }
     }
 }

@@ -78,19 +78,19 @@ impl NodeView {
 /// node or with what `state` recorded (see the module's documentation).
 pub fn check(cfg: &AgentConfig, state: &State, node: &NodeView) -> anyhow::Result<()> {
     let pool = cfg.pool;
-    if let Some(old) = state.pool
+    if let Some(old) = state.pool()
         && old != pool
-        && !state.containers.is_empty()
+        && !state.containers().is_empty()
     {
         bail!(
             "the state in {} has {} container(s) with addresses from the pool {old}, not {pool}: \
              restart with --pool {old}, or delete those containers first",
             cfg.state_dir.display(),
-            state.containers.len()
+            state.containers().len()
         );
     }
     let (lo, hi) = cfg.snat_ports;
-    if let Some((c, m)) = state.containers.values().find_map(|c| {
+    if let Some((c, m)) = state.containers().values().find_map(|c| {
         c.publish
             .iter()
             .find(|m| m.host_port <= hi && m.host_end() >= lo)
@@ -185,15 +185,12 @@ mod tests {
 
     #[test]
     fn a_restart_with_another_pool_is_refused_while_containers_exist() {
-        let mut state = State {
-            pool: Some("198.19.0.0/24".parse().expect("a pool")),
-            ..State::default()
-        };
+        let mut state =
+            State::with_ranges("198.19.0.0/24".parse().expect("a pool"), (61000, 65535));
         let node = NodeView::default();
         check(&cfg("198.19.1.0/24"), &state, &node).expect("no containers: a new pool is fine");
-        state.containers.insert(
-            "web".into(),
-            crate::store::Container {
+        state
+            .adopt(crate::store::Container {
                 id: 1,
                 name: "web".into(),
                 netns: "/var/run/netns/x".into(),
@@ -206,8 +203,8 @@ mod tests {
                 cgroup: None,
                 cgroup_id: 0,
                 limits: crate::model::RateLimits::default(),
-            },
-        );
+            })
+            .expect("a container in the pool");
         let e = check(&cfg("198.19.1.0/24"), &state, &node).expect_err("another pool");
         assert!(e.to_string().contains("--pool 198.19.0.0/24"), "{e}");
         check(&cfg("198.19.0.0/24"), &state, &node).expect("the same pool");

@@ -10,8 +10,6 @@
 //! the cgroup its limiter's links are attached to. A veth without an
 //! endpoint is what a cut-off add left: it stays an orphan.
 
-use std::collections::BTreeMap;
-
 use datapath_common::{ServiceKey, ServiceValue, proto, ratelimit::direction};
 use ipnet::Ipv4Net;
 
@@ -46,18 +44,13 @@ pub async fn rebuild(
             (host_veth_name(tag.id) == l.name).then_some((l.name, tag))
         })
         .collect();
-    let endpoints = dp.endpoints();
-    let services = dp.services();
+    let endpoints = dp.endpoints().context("read ENDPOINTS")?;
+    let services = dp.services().context("read SERVICES")?;
     if tagged.is_empty() && endpoints.is_empty() && services.is_empty() {
         return Ok(None);
     }
     let buckets = dp.buckets();
-    let mut state = State {
-        next_id: 1,
-        pool: Some(pool),
-        snat_ports: Some(snat_ports),
-        containers: BTreeMap::new(),
-    };
+    let mut state = State::with_ranges(pool, snat_ports);
     for (host_ifname, tag) in tagged {
         let Some((addr, ep)) = endpoints.iter().find(|(_, e)| e.container_id == tag.id) else {
             tracing::warn!(veth = %host_ifname, "no endpoint: an add that was cut off; not adopted");
@@ -67,7 +60,7 @@ pub async fn rebuild(
             tracing::warn!(veth = %host_ifname, %addr, %pool, "its address is outside the pool; not adopted");
             continue;
         }
-        if state.containers.contains_key(&tag.name) {
+        if state.get(&tag.name).is_some() {
             tracing::warn!(veth = %host_ifname, name = %tag.name, "a second veth tagged with this name; not adopted");
             continue;
         }
@@ -103,9 +96,11 @@ pub async fn rebuild(
             cgroup_id,
             limits,
         };
-        tracing::warn!(container = %c.name, id = c.id, addr = %c.addr, "rebuilt from the kernel");
-        state.next_id = state.next_id.max(c.id.saturating_add(1));
-        state.containers.insert(c.name.clone(), c);
+        let (name, id, addr) = (c.name.clone(), c.id, c.addr);
+        match state.adopt(c) {
+            Ok(()) => tracing::warn!(container = %name, id, %addr, "rebuilt from the kernel"),
+            Err(e) => tracing::warn!(veth = %host_ifname, "{e}; not adopted"),
+        }
     }
     Ok(Some(state))
 }
@@ -113,7 +108,7 @@ pub async fn rebuild(
 /// The published ports of one container's SERVICES entries, consecutive
 /// ports merged back into ranges.
 pub fn mappings<'a>(
-    entries: impl Iterator<Item = &'a (ServiceKey, ServiceValue)>,
+    entries: impl Iterator<Item = (&'a ServiceKey, &'a ServiceValue)>,
 ) -> Vec<PortMapping> {
     let mut singles: Vec<PortMapping> = entries
         .filter_map(|(k, v)| {
@@ -179,7 +174,7 @@ mod tests {
             entry(9001, 9001, proto::TCP),
             entry(5353, 53, proto::UDP),
         ];
-        let got: Vec<String> = mappings(entries.iter())
+        let got: Vec<String> = mappings(entries.iter().map(|(k, v)| (k, v)))
             .iter()
             .map(ToString::to_string)
             .collect();

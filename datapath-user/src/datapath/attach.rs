@@ -62,12 +62,12 @@ impl Datapath {
     pub fn detach_container(&mut self, host_ifname: &str) -> Result<(), BpfError> {
         let name = container_link_name(host_ifname);
         let pin = self.link_pin(&name);
-        self.attachments.retain(|a| a.pin != pin);
+        self.attachments.remove(&pin);
         remove_pin(&pin)
     }
 
-    /// What is attached where.
-    pub fn attachments(&self) -> &[Attachment] {
+    /// What is attached where, by pin (a copy costs O(1)).
+    pub fn attachments(&self) -> &imbl::OrdMap<PathBuf, Attachment> {
         &self.attachments
     }
 
@@ -205,7 +205,7 @@ impl Datapath {
     /// Detaches rate limiter hook `hook` of a container (idempotent).
     pub fn detach_rate(&mut self, hook: RateHook, host_ifname: &str) -> Result<(), BpfError> {
         let pin = self.link_pin(&rate_link_name(hook, host_ifname));
-        self.attachments.retain(|a| a.pin != pin);
+        self.attachments.remove(&pin);
         remove_pin(&pin)
     }
 
@@ -222,14 +222,16 @@ impl Datapath {
         hook: &'static str,
         pin: PathBuf,
     ) {
-        self.attachments.retain(|a| a.pin != pin);
-        self.attachments.push(Attachment {
-            program,
-            program_id,
-            ifname: ifname.to_owned(),
-            hook,
-            pin,
-        });
+        self.attachments.insert(
+            pin.clone(),
+            Attachment {
+                program,
+                program_id,
+                ifname: ifname.to_owned(),
+                hook,
+                pin,
+            },
+        );
     }
 
     /// The cgroup id the rate limiter's links of a container are attached

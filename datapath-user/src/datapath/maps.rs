@@ -3,7 +3,7 @@
 //! (SERVICES). Entries carry the id of the container that owns them, and
 //! removals take that id, so that no container removes another's entry.
 
-use std::net::Ipv4Addr;
+use std::{collections::HashMap, net::Ipv4Addr};
 
 use aya::maps::MapError;
 use datapath_common::{
@@ -69,34 +69,18 @@ impl Datapath {
         }
     }
 
-    /// Removes every endpoint whose owner `keep` refuses; returns their
-    /// addresses.
-    pub fn retain_endpoints(&mut self, keep: impl Fn(u32) -> bool) -> Vec<Ipv4Addr> {
-        let stale: Vec<EndpointKey> = self
-            .endpoints
-            .iter()
-            .filter_map(Result::ok)
-            .filter(|(_, v)| !keep(v.container_id))
-            .map(|(k, _)| k)
-            .collect();
-        for k in &stale {
-            let _ = self.endpoints.remove(k);
-        }
-        stale.iter().map(|k| Ipv4Addr::from(k.addr)).collect()
-    }
-
-    /// Every endpoint, by address (to rebuild a lost state).
-    pub fn endpoints(&self) -> Vec<(Ipv4Addr, Endpoint)> {
+    /// Every endpoint, read in one pass over the map.
+    pub fn endpoints(&self) -> Result<HashMap<Ipv4Addr, Endpoint>, BpfError> {
         self.endpoints
             .iter()
-            .filter_map(Result::ok)
-            .map(|(k, v)| (Ipv4Addr::from(k.addr), v))
-            .collect()
+            .map(|e| e.map(|(k, v)| (Ipv4Addr::from(k.addr), v)))
+            .collect::<Result<_, _>>()
+            .map_err(map_err(names::ENDPOINTS))
     }
 
-    /// Every published port (to rebuild a lost state).
-    pub fn services(&self) -> Vec<(ServiceKey, ServiceValue)> {
-        self.services.iter().filter_map(Result::ok).collect()
+    /// Removes the endpoint of address `addr`, whoever owns it.
+    pub fn remove_endpoint_any(&mut self, addr: Ipv4Addr) {
+        let _ = self.endpoints.remove(&endpoint_key(addr));
     }
 
     /// Adds (or replaces) the published port `key`.
@@ -104,6 +88,19 @@ impl Datapath {
         self.services
             .insert(key, value, 0)
             .map_err(map_err(names::SERVICES))
+    }
+
+    /// Every published port, read in one pass over the map.
+    pub fn services(&self) -> Result<HashMap<ServiceKey, ServiceValue>, BpfError> {
+        self.services
+            .iter()
+            .collect::<Result<_, _>>()
+            .map_err(map_err(names::SERVICES))
+    }
+
+    /// Removes published port `key`, whoever owns it.
+    pub fn remove_service_any(&mut self, key: &ServiceKey) {
+        let _ = self.services.remove(key);
     }
 
     /// Removes published port `key` if container `owner` owns it (never a
@@ -116,22 +113,6 @@ impl Datapath {
         {
             let _ = self.services.remove(key);
         }
-    }
-
-    /// Removes every published port whose owner `keep` refuses; returns
-    /// their keys.
-    pub fn retain_services(&mut self, keep: impl Fn(u32) -> bool) -> Vec<ServiceKey> {
-        let stale: Vec<ServiceKey> = self
-            .services
-            .iter()
-            .filter_map(Result::ok)
-            .filter(|(_, v)| !keep(v.container_id))
-            .map(|(k, _)| k)
-            .collect();
-        for k in &stale {
-            let _ = self.services.remove(k);
-        }
-        stale
     }
 
     /// Removes both entries of every tracked flow for which `pred` holds;

@@ -180,7 +180,7 @@ pub struct Datapath {
     rate_cgroups: aya::maps::CgroupStorage<MapData, RateKey>,
     /// TCP sockets sharing each ingress bucket's receive windows.
     rate_flows: HashMap<MapData, RateKey, RateFlows>,
-    attachments: Vec<Attachment>,
+    attachments: imbl::OrdMap<PathBuf, Attachment>,
 }
 
 /// Mounts bpffs at /sys/fs/bpf if nothing is mounted there.
@@ -350,7 +350,7 @@ impl Datapath {
             rate_flows: typed_map!(&mut ebpf, names::RATE_FLOWS, HashMap<MapData, RateKey, RateFlows>),
             ebpf,
             bpffs_dir: opts.bpffs_dir.clone(),
-            attachments: Vec::new(),
+            attachments: imbl::OrdMap::new(),
         })
     }
 

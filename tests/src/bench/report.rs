@@ -68,6 +68,9 @@ fn cell(m: &Metric, s: Option<Summary>) -> String {
             format!("{} ({}–{})", num(s.median), num(s.min), num(s.max))
         }
         (Some(s), Shape::Distribution) => format!("{} / {}", num(s.median), num(s.p99)),
+        (Some(s), Shape::Tail) => {
+            format!("{} / {} / {}", num(s.median), num(s.p99), num(s.max))
+        }
     }
 }
 
@@ -105,6 +108,23 @@ fn metrics_of(section: Section) -> Vec<&'static Metric> {
         .copied()
         .filter(|m| m.section == section)
         .collect()
+}
+
+/// The control-plane section's heading and how it is measured.
+fn control_plane_text(cfg: &Config) -> String {
+    format!(
+        "## Control plane at scale (p50 / p99 / max; `Ports` is N)\n\n\
+         One agent in a node of its own (the control plane does not depend on the uplink hook; \
+         shown under datapath-tc). Mappings are published one API call at a time, as Docker, \
+         CNI portmap and Kubernetes hostPorts add them, onto a filler container; the timed port \
+         belongs to another container. {} samples per figure; the CLI figures include the \
+         process start. Then {} containers with 10 ports each are added (the node's 10,000 \
+         mappings), and container add/delete ({} containers, one port each), the listings, the \
+         memory and a restart (SIGKILL, start, API answering with everything adopted, {} times) \
+         are measured with them present. The range rows have the same number of ports present \
+         as one range mapping.\n\n",
+        cfg.control.samples, cfg.control.containers, cfg.control.churn, cfg.control.restarts
+    )
 }
 
 /// A table of `section`'s figures at `ports` for every mode measured.
@@ -272,7 +292,7 @@ pub fn markdown(meta: &Meta, cfg: &Config, r: &Results) -> String {
     );
 
     out.push_str("## Targets\n\n");
-    if modes_measured {
+    if !r.entries.is_empty() {
         targets_table(&mut out, &outcomes);
     }
     for (text, met, measured) in ratelimit_targets(r) {
@@ -288,6 +308,16 @@ pub fn markdown(meta: &Meta, cfg: &Config, r: &Results) -> String {
     out.push('\n');
     if modes_measured {
         modes_sections(&mut out, cfg, r, &modes);
+    }
+    // A node of its own: measured with or without the modes.
+    if !r.modes(&metric::CP_PUBLISH).is_empty() || !r.modes(&metric::CONTROL_ADD).is_empty() {
+        out.push_str(&control_plane_text(cfg));
+        sized_table(
+            &mut out,
+            r,
+            &metrics_of(Section::Control),
+            &[Mode::DatapathTc],
+        );
     }
     if !r.ratelimit.is_empty() {
         ratelimit_section(&mut out, r);
@@ -314,7 +344,6 @@ pub fn markdown(meta: &Meta, cfg: &Config, r: &Results) -> String {
 fn modes_sections(dest: &mut String, cfg: &Config, r: &Results, modes: &[Mode]) {
     let modes = modes.to_vec();
     let publishing: Vec<Mode> = modes.iter().copied().filter(|m| m.publishes()).collect();
-    let ours: Vec<Mode> = modes.iter().copied().filter(|m| m.is_datapath()).collect();
     let mut out = std::mem::take(dest);
     let _ = writeln!(
         out,
@@ -343,19 +372,13 @@ fn modes_sections(dest: &mut String, cfg: &Config, r: &Results, modes: &[Mode]) 
         "## Updating one mapping (p50 / p99 of {} samples)\n\n\
          iptables and nft: one command each (`iptables -t nat -A|-D`, `nft add|delete element`), \
          process start included, as Docker and CNI plugins run them. This datapath: one API call \
-         publishing or unpublishing a port of a running container (map entry plus the agent's \
-         state file, written and fsynced), the same through the `datapath` CLI (process start \
+         publishing or unpublishing a port of a running container (map entry plus one record \
+         of the agent's state journal, written and fsynced), the same through the `datapath` CLI (process start \
          included), and the BPF map update alone.\n",
         cfg.update_samples
     );
     sized_table(&mut out, r, &metrics_of(Section::Update), &publishing);
 
-    let _ = writeln!(
-        out,
-        "## Control plane (ms, p50 / p99 over {} containers)\n",
-        cfg.control_containers
-    );
-    figures_table(&mut out, r, Section::Control, &ours);
     *dest = out;
 }
 
@@ -650,7 +673,12 @@ pub fn json(meta: &Meta, cfg: &Config, r: &Results) -> Value {
             "sizes": cfg.sizes,
             "base_ports": BASE_PORTS,
             "update_samples": cfg.update_samples,
-            "control_containers": cfg.control_containers,
+            "control": {
+                "samples": cfg.control.samples,
+                "containers": cfg.control.containers,
+                "churn": cfg.control.churn,
+                "restarts": cfg.control.restarts,
+            },
             "quiet_min_idle": cfg.quiet.min_idle,
         },
         "noise": { "measurements": r.measurements, "not_quiet": r.not_quiet },

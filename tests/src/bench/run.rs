@@ -17,6 +17,7 @@ use crate::{
     bench::{
         bed::{Bed, CONN_PORT, IPERF_PORT, RR_PORT, UNDER_TEST},
         connrate,
+        control::ControlConfig,
         cpu::{QuietPolicy, wait_quiet},
         iperf::{self, Test},
         mode::Mode,
@@ -139,8 +140,8 @@ pub struct Config {
     pub sizes: Vec<usize>,
     /// Samples of each update time.
     pub update_samples: usize,
-    /// Containers added and deleted for the control-plane figures.
-    pub control_containers: usize,
+    /// The control plane at scale.
+    pub control: ControlConfig,
     /// Modes to set up.
     pub modes: Vec<Mode>,
     /// Data-path measurements to run.
@@ -171,7 +172,13 @@ impl Config {
             conn_threads: 2,
             sizes: vec![1_000, 10_000],
             update_samples: 20,
-            control_containers: 100,
+            control: ControlConfig {
+                enabled: true,
+                samples: 100,
+                containers: 1_000,
+                churn: 50,
+                restarts: 5,
+            },
             modes: Mode::ALL.to_vec(),
             kinds: Kind::ALL.to_vec(),
             quiet: QuietPolicy {
@@ -195,7 +202,13 @@ impl Config {
             window: Duration::from_millis(750),
             sizes: vec![10_000],
             update_samples: 6,
-            control_containers: 20,
+            control: ControlConfig {
+                enabled: true,
+                samples: 40,
+                containers: 1_000,
+                churn: 20,
+                restarts: 3,
+            },
             quiet: QuietPolicy {
                 min_idle: 0.8,
                 sample: Duration::from_millis(150),
@@ -240,11 +253,11 @@ impl<'b, 'n> Runner<'b, 'n> {
     }
 
     /// Everything. First the kinds that run with the base ports only,
-    /// then the control plane, then the scaling kinds: each repetition goes
-    /// through every size (base first), re-installing the filler ports, and
-    /// times a share of the update samples at each size. The sizes of one
-    /// mode are thus measured minutes apart, not a whole run apart. Last,
-    /// the rate-limit cases.
+    /// then the scaling kinds: each repetition goes through every size
+    /// (base first), re-installing the filler ports, and times a share of
+    /// the update samples at each size. The sizes of one mode are thus
+    /// measured minutes apart, not a whole run apart. Then the control
+    /// plane at scale (a node of its own), and last the rate-limit cases.
     pub fn run_all(&mut self) -> Result<()> {
         let kinds = self.cfg.kinds.clone();
         let (scaling, plain): (Vec<Kind>, Vec<Kind>) =
@@ -255,8 +268,10 @@ impl<'b, 'n> Runner<'b, 'n> {
             }
         }
         if !kinds.is_empty() {
-            self.control_plane()?;
             self.scaling(&scaling)?;
+        }
+        if self.cfg.control.enabled {
+            self.control_plane()?;
         }
         if !self.cfg.rate_cases.is_empty() || !self.cfg.rr_cases.is_empty() {
             self.ratelimit()?;
@@ -606,35 +621,13 @@ impl<'b, 'n> Runner<'b, 'n> {
         Ok(())
     }
 
-    /// Adds `control_containers` containers (one published port each) and
-    /// deletes them again through the API of every datapath bed.
+    /// The control plane at scale, in a node of its own.
     fn control_plane(&mut self) -> Result<()> {
-        self.flush_all();
-        let count = self.cfg.control_containers;
-        for bed in self.beds.iter().filter(|b| b.mode().is_datapath()) {
-            check_interrupted()?;
-            let mode = bed.mode();
-            let outcome = crate::bench::control::add_and_delete(bed, count);
-            match outcome {
-                Ok(times) => {
-                    for (add, del) in &times {
-                        self.results
-                            .record(&metric::CONTROL_ADD, mode, BASE_PORTS, *add);
-                        self.results
-                            .record(&metric::CONTROL_DEL, mode, BASE_PORTS, *del);
-                    }
-                    let adds: Vec<f64> = times.iter().map(|t| t.0).collect();
-                    println!(
-                        "control     : {mode}: {count} containers, add p50 {:.1} ms p99 {:.1} ms",
-                        percentile(&adds, 50.0),
-                        percentile(&adds, 99.0)
-                    );
-                }
-                Err(e) => self
-                    .results
-                    .notes
-                    .push(format!("{mode} control plane failed: {e:#}")),
-            }
+        check_interrupted()?;
+        if let Err(e) = crate::bench::control::run(&self.cfg.control, &mut self.results) {
+            self.results
+                .notes
+                .push(format!("control plane failed: {e:#}"));
         }
         Ok(())
     }

@@ -3,8 +3,9 @@
 //!
 //! Run through the xtask (it builds the release agent and sets
 //! `DATAPATH_BIN`; `cargo xtask bench --only ratelimit` runs the rate
-//! section alone). Options, for working on the bench itself:
-//! `--modes route,datapath-tc`, `--only conn,rr,ratelimit`, `--reps N`,
+//! section alone, `--only control` the control plane's). Options, for
+//! working on the bench itself:
+//! `--modes route,datapath-tc`, `--only conn,rr,ratelimit,control`, `--reps N`,
 //! `--sizes 1000,10000`, `--conn-threads N`, `--out DIR`.
 
 use std::{
@@ -71,6 +72,7 @@ fn parse_args() -> Result<Args> {
     let (mut modes, mut kinds, mut reps, mut sizes) = (None, None, None, None);
     let mut threads = None;
     let mut ratelimit = None;
+    let mut control_plane = None;
     let mut only = None;
     while let Some(arg) = args.next() {
         match arg.as_str() {
@@ -86,10 +88,11 @@ fn parse_args() -> Result<Args> {
             "--only" => {
                 let value = args.next().context("--only needs a value")?;
                 let rate = value.split(',').any(|v| v.trim() == "ratelimit");
+                let control = value.split(',').any(|v| v.trim() == "control");
                 let rest: Vec<&str> = value
                     .split(',')
                     .map(str::trim)
-                    .filter(|v| *v != "ratelimit")
+                    .filter(|v| *v != "ratelimit" && *v != "control")
                     .collect();
                 let k = if rest.is_empty() {
                     Vec::new()
@@ -100,6 +103,7 @@ fn parse_args() -> Result<Args> {
                 only = Some(value.clone());
                 kinds = Some(k);
                 ratelimit = Some(rate);
+                control_plane = Some(control);
             }
             "--reps" => {
                 let r: usize = args.next().context("--reps needs a value")?.parse()?;
@@ -126,7 +130,7 @@ fn parse_args() -> Result<Args> {
             "-h" | "--help" => {
                 println!(
                     "bench [--quick] [--modes M,…] [--only KIND,…] [--reps N] [--sizes N,…] [--conn-threads N] [--out DIR]\n\
-                     modes: {}\nkinds: {},ratelimit",
+                     modes: {}\nkinds: {},ratelimit,control",
                     join(&Mode::ALL, Mode::name),
                     join(&Kind::ALL, Kind::name)
                 );
@@ -143,6 +147,9 @@ fn parse_args() -> Result<Args> {
     if ratelimit == Some(false) {
         cfg.rate_cases.clear();
         cfg.rr_cases.clear();
+    }
+    if control_plane == Some(false) {
+        cfg.control.enabled = false;
     }
     let quick = if quick { " --quick" } else { "" };
     let command = if let Ok(command) = std::env::var("BENCH_COMMAND") {
@@ -200,7 +207,8 @@ fn real_main() -> Result<()> {
         cfg.sizes
     );
 
-    // Only the rate section (`--only ratelimit`) builds its own nodes.
+    // The rate and control-plane sections (`--only ratelimit,control`)
+    // build their own nodes.
     let modes: &[Mode] = if cfg.kinds.is_empty() {
         &[]
     } else {
