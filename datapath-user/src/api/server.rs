@@ -309,21 +309,42 @@ impl Peer {
     }
 }
 
-/// Reads the whole request body within [`BODY_TIMEOUT`] (and
-/// [`MAX_BODY`]), before any route sees it.
+/// Whether a request goes to a route that takes port lists (and so
+/// [`MAX_PORTS_BODY`] rather than [`MAX_BODY`]).
+fn takes_ports(method: &Method, path: &str) -> bool {
+    let mut parts = path.trim_end_matches('/').split('/').skip(1);
+    match (
+        parts.next(),
+        parts.next(),
+        parts.next(),
+        parts.next(),
+        parts.next(),
+    ) {
+        (Some("v1"), Some("containers"), None, None, None) => method == Method::POST,
+        (Some("v1"), Some("containers"), Some(_), Some("ports"), None) => {
+            method == Method::POST || method == Method::DELETE
+        }
+        _ => false,
+    }
+}
+
+/// Reads the whole request body within [`BODY_TIMEOUT`] (and the route's
+/// limit: [`MAX_PORTS_BODY`] for port lists, [`MAX_BODY`] otherwise),
+/// before any route sees it.
 async fn read_body_in_time(req: Request, next: Next) -> Response {
     let (parts, body) = req.into_parts();
-    match tokio::time::timeout(BODY_TIMEOUT, axum::body::to_bytes(body, MAX_BODY)).await {
+    let (limit, what_to_do) = if takes_ports(&parts.method, parts.uri.path()) {
+        (MAX_PORTS_BODY, SPLIT_PORTS)
+    } else {
+        (MAX_BODY, "send a smaller body")
+    };
+    match tokio::time::timeout(BODY_TIMEOUT, axum::body::to_bytes(body, limit)).await {
         Err(_) => Failure::new(
             408,
             format!("the request body did not arrive within {BODY_TIMEOUT:?}"),
         )
         .into_response(),
-        Ok(Err(_)) => Failure::new(
-            413,
-            format!("invalid request body: larger than {MAX_BODY} bytes, or cut off"),
-        )
-        .into_response(),
+        Ok(Err(_)) => too_large(limit, what_to_do).into_response(),
         Ok(Ok(bytes)) => {
             next.run(Request::from_parts(parts, Body::from(bytes)))
                 .await
