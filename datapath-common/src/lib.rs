@@ -3,6 +3,9 @@
 //! * [`maps`]: the `#[repr(C)]` key and value types of every BPF map, their
 //!   names and sizes. One definition serves the kernel side, the agent and the
 //!   tests, so the layouts can never drift apart.
+//! * [`flow`]: the flow core's layouts (conntrack, fragments), generic over
+//!   the address family; [`ct`]: its timeouts and rules (TCP sequence
+//!   windows, UDP streams, the masquerade port search).
 //! * [`csum`]: incremental Internet checksum arithmetic (RFC 1624), used by the
 //!   XDP program (which has no checksum helpers) and by the tests.
 //! * [`stats`]: the counters every program exports, drop reasons included.
@@ -17,10 +20,12 @@
 pub mod clock;
 pub mod csum;
 pub mod ct;
+pub mod flow;
 pub mod maps;
 pub mod policy;
 pub mod ratelimit;
 pub mod stats;
 
+pub use flow::*;
 pub use maps::*;
 pub use stats::{STAT_COUNT, Stat};

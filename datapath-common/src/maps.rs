@@ -20,8 +20,18 @@ pub mod names {
     pub const ENDPOINTS: &str = "ENDPOINTS";
     /// [`super::NodeAddrKey`] → [`super::NodeAddr`]: the node's own addresses.
     pub const NODE_ADDRS: &str = "NODE_ADDRS";
-    /// [`super::CtKey`] → [`super::CtEntry`]: connection tracking, both directions.
-    pub const CONNTRACK: &str = "CONNTRACK";
+    /// [`crate::CtKey`] → [`crate::CtEntry`]: confirmed flows (established
+    /// TCP, UDP and ICMP streams), both directions; expired by timers.
+    pub const CT: &str = "CT";
+    /// [`crate::CtKey`] → [`crate::CtEntry`] (LRU): unconfirmed flows
+    /// (handshakes, unreplied and single-exchange UDP, closing TCP).
+    pub const CT_NEW: &str = "CT_NEW";
+    /// [`crate::FragKey`] → [`crate::FragEntry`] (LRU): the ports of
+    /// fragmented datagrams, for their later fragments.
+    pub const CT_FRAGS: &str = "CT_FRAGS";
+    /// Container id → [`crate::CtContainer`]: each container's share of
+    /// [`CT`] and what it was refused.
+    pub const CT_CONTAINERS: &str = "CT_CONTAINERS";
     /// Per-CPU `u64` counters indexed by [`crate::Stat`].
     pub const STATS: &str = "STATS";
     /// [`crate::ratelimit::RateKey`] → [`crate::ratelimit::RateLimit`]: token
@@ -41,12 +51,15 @@ pub mod names {
     pub const CLOCK: &str = "CLOCK";
 
     /// Every map the agent pins, in a stable order.
-    pub const ALL: [&str; 10] = [
+    pub const ALL: [&str; 13] = [
         CONFIG,
         SERVICES,
         ENDPOINTS,
         NODE_ADDRS,
-        CONNTRACK,
+        CT,
+        CT_NEW,
+        CT_FRAGS,
+        CT_CONTAINERS,
         STATS,
         RATE_LIMITS,
         RATE_STATS,
@@ -70,6 +83,10 @@ pub mod programs {
     /// sock_ops on a rate-limited container's cgroup: pacing of TCP senders
     /// (egress) and receive windows of TCP receivers (ingress).
     pub const RATE_SOCKOPS: &str = "rate_sockops";
+    /// Run by the agent with `BPF_PROG_TEST_RUN` (never attached): removes
+    /// the flows a [`crate::FlushRequest`] names, in the kernel, so that
+    /// the per-container accounting stays exact.
+    pub const CT_FLUSH: &str = "ct_flush";
 }
 
 /// Default capacities. The agent may size maps differently at load time.
@@ -80,13 +97,19 @@ pub mod capacity {
     pub const ENDPOINTS: u32 = 4_096;
     /// Node addresses.
     pub const NODE_ADDRS: u32 = 64;
-    /// Conntrack entries (two per flow).
-    pub const CONNTRACK: u32 = 262_144;
+    /// Entries of the main conntrack table (two per flow).
+    pub const CT: u32 = 262_144;
+    /// Entries of the table of unconfirmed flows (two per flow).
+    pub const CT_NEW: u32 = 65_536;
+    /// Fragmented datagrams in flight.
+    pub const CT_FRAGS: u32 = 8_192;
+    /// Containers with flows in the main table.
+    pub const CT_CONTAINERS: u32 = 8_192;
     /// Rate-limited (cgroup, direction) pairs.
     pub const RATE_LIMITS: u32 = 8_192;
 }
 
-/// IP protocol numbers used as [`ServiceKey::proto`] and [`CtKey::proto`].
+/// IP protocol numbers used as [`ServiceKey::proto`] and [`crate::CtKey::proto`].
 pub mod proto {
     /// ICMP.
     pub const ICMP: u8 = 1;
@@ -116,14 +139,29 @@ pub struct Config {
     pub snat_port_max: u16,
     /// `CONFIG_F_*` bits.
     pub flags: u32,
-    /// Explicit tail padding.
-    pub _pad: u32,
+    /// The most entries of [`names::CT`] one container's flows may hold
+    /// (0: no limit). Flows beyond it stay in [`names::CT_NEW`].
+    pub ct_container_max: u32,
+    /// Conntrack idle timeouts.
+    pub timeouts: crate::ct::Timeouts,
 }
 
 /// [`Config::flags`]: masquerade container egress to outside the pool.
 pub const CONFIG_F_SNAT: u32 = 1 << 0;
 /// [`Config::flags`]: let the uplink reach container addresses directly.
 pub const CONFIG_F_ALLOW_DIRECT_ROUTING: u32 = 1 << 1;
+/// [`Config::flags`]: route container egress by the node's FIB
+/// (`bpf_fib_lookup`): masquerade only what leaves through the uplink,
+/// leave local, broadcast and otherwise routed destinations to the node's
+/// stack, check the egress MTU. Without it (packet tests), everything
+/// leaving the pool is masqueraded out of the uplink.
+pub const CONFIG_F_FIB: u32 = 1 << 2;
+/// [`Config::flags`]: before redirecting a packet to the interface its flow
+/// cached, check that the interface still exists (a flow outliving its
+/// container's veth is removed and counted, not redirected into nothing).
+/// Without it (packet tests, whose interface indexes are made up), the
+/// cached interface is trusted.
+pub const CONFIG_F_CHECK_LINKS: u32 = 1 << 3;
 /// [`Config::flags`]: the configuration has been written by an agent.
 pub const CONFIG_F_READY: u32 = 1 << 31;
 
@@ -209,165 +247,58 @@ pub struct NodeAddr {
     pub ifindex: u32,
 }
 
-/// A connection-tracking key: one direction of a flow as seen on the wire.
-///
-/// For ICMP echo the identifier stands in for the port: an echo request has
-/// `sport = id, dport = 0`, an echo reply `sport = 0, dport = id`, so the
-/// reply's key is the request's with addresses and ports swapped, like TCP's.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
-pub struct CtKey {
-    /// Source address.
-    pub saddr: [u8; 4],
-    /// Destination address.
-    pub daddr: [u8; 4],
-    /// Source port (ICMP echo: id of a request, 0 for a reply), host order.
-    pub sport: u16,
-    /// Destination port (ICMP echo: 0 for a request, id of a reply), host order.
-    pub dport: u16,
-    /// IP protocol ([`proto`]).
-    pub proto: u8,
-    /// Explicit padding, always zero.
-    pub _pad: [u8; 3],
-}
-
-impl CtKey {
-    /// The key of the opposite direction of the same (untranslated) packets.
-    #[inline(always)]
-    pub const fn reversed(&self) -> Self {
-        Self {
-            saddr: self.daddr,
-            daddr: self.saddr,
-            sport: self.dport,
-            dport: self.sport,
-            proto: self.proto,
-            _pad: [0; 3],
-        }
-    }
-}
-
-/// What a conntrack entry does to the packets matching its key.
-pub mod ct_action {
-    /// Client → published port: rewrite the destination to the container.
-    pub const DNAT: u8 = 1;
-    /// Container → client reply of a DNAT flow: rewrite the source back to
-    /// the published address and port.
-    pub const REV_DNAT: u8 = 2;
-    /// Container → outside: rewrite the source to the node address and an
-    /// allocated port (masquerade).
-    pub const SNAT: u8 = 3;
-    /// Outside → node reply of a masqueraded flow: rewrite the destination
-    /// back to the container.
-    pub const REV_SNAT: u8 = 4;
-    /// Uplink → container address, routed unchanged (the operator allowed
-    /// direct routing), and its replies: nothing is rewritten, but the
-    /// container's replies must not be masqueraded.
-    pub const ROUTED: u8 = 5;
-
-    /// Whether `action` rewrites the source (else the destination).
-    #[inline(always)]
-    pub const fn rewrites_source(action: u8) -> bool {
-        matches!(action, REV_DNAT | SNAT)
-    }
-
-    /// A short name for listings.
-    pub const fn name(action: u8) -> &'static str {
-        match action {
-            DNAT => "dnat",
-            REV_DNAT => "rev-dnat",
-            SNAT => "snat",
-            REV_SNAT => "rev-snat",
-            ROUTED => "routed",
-            _ => "unknown",
-        }
-    }
-}
-
-/// [`CtEntry::flags`]: this entry was created for the flow's first packet
-/// (the original direction); its peer is the reply direction.
-pub const CT_F_ORIGINAL: u32 = 1 << 0;
-/// [`CtEntry::flags`]: a packet has matched this entry after creation.
-pub const CT_F_SEEN: u32 = 1 << 1;
-
-/// TCP flag bits as in the TCP header's 13th byte.
-pub mod tcp_flags {
-    /// FIN.
-    pub const FIN: u32 = 0x01;
-    /// SYN.
-    pub const SYN: u32 = 0x02;
-    /// RST.
-    pub const RST: u32 = 0x04;
-    /// ACK.
-    pub const ACK: u32 = 0x10;
-}
-
-/// One direction of a tracked flow and the translation to apply to it.
-///
-/// Every flow has two entries, created together: the original direction's
-/// and the reply direction's. Each is self-contained, so a packet needs a
-/// single lookup to be translated and forwarded. The peer's key is
-/// [`CtEntry::peer_key`].
+/// What the [`programs::CT_FLUSH`] program removes. It is run with
+/// `BPF_PROG_TEST_RUN` on [`FlushRequest::frame`]: the request follows an
+/// (all-zero) Ethernet header, which a TC test run requires.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
-pub struct CtEntry {
-    /// The address that replaces the source (or destination, see
-    /// [`ct_action::rewrites_source`]).
-    pub nat_addr: [u8; 4],
-    /// The port (ICMP: echo id) that replaces the source or destination port.
-    pub nat_port: u16,
-    /// [`ct_action`].
-    pub action: u8,
+pub struct FlushRequest {
+    /// The container whose flows go (with [`FLUSH_F_CONTAINER`]).
+    pub container_id: u32,
+    /// `FLUSH_F_*` bits; none: every flow.
+    pub flags: u32,
+    /// The published port whose flows go (with [`FLUSH_F_SERVICE`]), host
+    /// order.
+    pub port: u16,
+    /// Its protocol ([`crate::proto`]).
+    pub proto: u8,
     /// Explicit padding, always zero.
     pub _pad: u8,
-    /// Where translated packets are sent: a host-side veth (towards a
-    /// container) or the uplink.
-    pub ifindex: u32,
-    /// The container the flow belongs to.
-    pub container_id: u32,
-    /// OR of the TCP flags seen in this direction ([`tcp_flags`]).
-    pub tcp_flags: u32,
-    /// `CT_F_*` bits.
-    pub flags: u32,
-    /// `bpf_ktime_get_ns` at creation.
-    pub created_ns: u64,
-    /// `bpf_ktime_get_ns` of the last packet.
-    pub last_seen_ns: u64,
-    /// Packets seen in this direction.
-    pub packets: u64,
-    /// Bytes (IP total length) seen in this direction.
-    pub bytes: u64,
+    /// The masquerade address whose flows go (with
+    /// [`FLUSH_F_MASQUERADE`]); an IPv4 address in the first four bytes.
+    pub addr: [u8; 16],
 }
 
-impl CtEntry {
-    /// The key of the other direction of the flow, given this entry's key.
-    ///
-    /// The packets of the other direction carry the translated tuple,
-    /// reversed: for a DNAT entry `client → node:hp` translated to
-    /// `client → ctr:cp`, the reply is `ctr:cp → client`.
-    #[inline(always)]
-    pub fn peer_key(&self, key: &CtKey) -> CtKey {
-        let mut t = *key;
-        if ct_action::rewrites_source(self.action) {
-            t.saddr = self.nat_addr;
-            t.sport = self.nat_port;
-        } else {
-            t.daddr = self.nat_addr;
-            t.dport = self.nat_port;
-        }
-        t.reversed()
+/// [`FlushRequest::flags`]: only the flows of [`FlushRequest::container_id`].
+pub const FLUSH_F_CONTAINER: u32 = 1 << 0;
+/// [`FlushRequest::flags`]: only the flows that came in through published
+/// port [`FlushRequest::port`]/[`FlushRequest::proto`] (DNAT).
+pub const FLUSH_F_SERVICE: u32 = 1 << 1;
+/// [`FlushRequest::flags`]: only the flows masqueraded as
+/// [`FlushRequest::addr`] (the node's address changed).
+pub const FLUSH_F_MASQUERADE: u32 = 1 << 2;
+
+impl FlushRequest {
+    /// Offset of the request in the frame.
+    pub const OFFSET: usize = 14;
+
+    /// The frame to run the flush program on.
+    pub fn frame(&self) -> [u8; Self::OFFSET + size_of::<Self>()] {
+        let mut f = [0u8; Self::OFFSET + size_of::<Self>()];
+        f[Self::OFFSET..].copy_from_slice(bytemuck::bytes_of(self));
+        f
     }
 }
 
 const _: () = {
-    assert!(size_of::<Config>() == 32);
+    assert!(size_of::<Config>() == 56);
     assert!(size_of::<ServiceKey>() == 8);
     assert!(size_of::<ServiceValue>() == 16);
     assert!(size_of::<EndpointKey>() == 4);
     assert!(size_of::<Endpoint>() == 24);
     assert!(size_of::<NodeAddrKey>() == 4);
     assert!(size_of::<NodeAddr>() == 4);
-    assert!(size_of::<CtKey>() == 16);
-    assert!(size_of::<CtEntry>() == 56);
+    assert!(size_of::<FlushRequest>() == 28);
 };
 
 #[cfg(feature = "user")]
@@ -384,59 +315,11 @@ mod user {
     unsafe impl aya::Pod for Endpoint {}
     unsafe impl aya::Pod for NodeAddrKey {}
     unsafe impl aya::Pod for NodeAddr {}
-    unsafe impl aya::Pod for CtKey {}
-    unsafe impl aya::Pod for CtEntry {}
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn dnat_peer_key_is_the_reply_from_the_container() {
-        let key = CtKey {
-            saddr: [198, 18, 0, 1],
-            daddr: [198, 18, 0, 2],
-            sport: 40000,
-            dport: 8080,
-            proto: proto::TCP,
-            _pad: [0; 3],
-        };
-        let entry = CtEntry {
-            nat_addr: [198, 19, 0, 5],
-            nat_port: 80,
-            action: ct_action::DNAT,
-            ..Default::default()
-        };
-        let peer = entry.peer_key(&key);
-        assert_eq!(peer.saddr, [198, 19, 0, 5]);
-        assert_eq!(peer.sport, 80);
-        assert_eq!(peer.daddr, [198, 18, 0, 1]);
-        assert_eq!(peer.dport, 40000);
-    }
-
-    #[test]
-    fn snat_peer_key_is_the_reply_to_the_node() {
-        let key = CtKey {
-            saddr: [198, 19, 0, 5],
-            daddr: [198, 18, 0, 1],
-            sport: 5555,
-            dport: 53,
-            proto: proto::UDP,
-            _pad: [0; 3],
-        };
-        let entry = CtEntry {
-            nat_addr: [198, 18, 0, 2],
-            nat_port: 61000,
-            action: ct_action::SNAT,
-            ..Default::default()
-        };
-        let peer = entry.peer_key(&key);
-        assert_eq!(
-            (peer.saddr, peer.sport, peer.daddr, peer.dport),
-            ([198, 18, 0, 1], 53, [198, 18, 0, 2], 61000)
-        );
-    }
 
     #[test]
     fn pool_membership_uses_the_mask() {

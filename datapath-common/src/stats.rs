@@ -14,6 +14,19 @@ macro_rules! stats {
             /// Every counter, in index order.
             pub const ALL: &'static [Stat] = &[$(Stat::$variant,)*];
 
+            /// The counter with index `i` ([`Stat::DropHelperFailed`] if
+            /// there is none).
+            #[inline(always)]
+            pub const fn from_index(i: u32) -> Self {
+                if i < Self::ALL.len() as u32 {
+                    // SAFETY: `Stat` is `repr(u32)` with the discriminants
+                    // 0..ALL.len(), and `i` is among them.
+                    unsafe { core::mem::transmute::<u32, Stat>(i) }
+                } else {
+                    Stat::DropHelperFailed
+                }
+            }
+
             /// The counter's name in listings and the API.
             pub const fn name(self) -> &'static str {
                 match self {
@@ -37,22 +50,64 @@ stats! {
     IcmpErrorTranslated = "icmp_error_translated",
     /// Packets passed to the kernel untouched (not ours).
     Passed = "passed",
+    /// Flows confirmed (established TCP, UDP/ICMP streams): moved to the
+    /// main table.
+    CtConfirmed = "ct_confirmed",
+    /// Flows that stayed unconfirmed because the main table was full.
+    CtMainFull = "ct_main_full",
+    /// Flows that stayed unconfirmed because their container used up its
+    /// share of the main table.
+    CtOverShare = "ct_over_share",
+    /// Flows removed once idle for their whole timeout.
+    CtExpired = "ct_expired",
+    /// TCP flows closed (FIN both ways or an accepted RST): moved to the
+    /// table of unconfirmed flows, where they give way first.
+    CtClosed = "ct_closed",
+    /// Closing or closed TCP flows reopened by a new SYN.
+    CtReopened = "ct_reopened",
+    /// RSTs outside the connection's window: passed on, the flow kept.
+    CtRstIgnored = "ct_rst_ignored",
+    /// TCP flows picked up from a segment without SYN.
+    CtPickedUp = "ct_picked_up",
+    /// Creations that lost a race with another CPU and used its entry.
+    CtRaceLost = "ct_race_lost",
+    /// Expiry timers that could not be armed (the flow stayed
+    /// unconfirmed).
+    CtTimerFailed = "ct_timer_failed",
+    /// Non-first fragments translated through the fragment table.
+    FragmentTranslated = "fragment_translated",
+    /// Replies to the node's own connections left to the node even though
+    /// their port is published.
+    NodeFlowPassed = "node_flow_passed",
+    /// Packets too big for their egress path, left to the node's stack,
+    /// which answers "fragmentation needed".
+    TooBig = "too_big",
     /// Dropped: the conntrack table is full.
     DropCtFull = "drop_ct_full",
+    /// Dropped: the new flow's reply tuple belongs to another live flow.
+    DropCtCollision = "drop_ct_collision",
     /// Dropped: no free masquerade port.
     DropSnatPortsExhausted = "drop_snat_ports_exhausted",
     /// Not forwarded: TTL would reach zero (dropped on the uplink; from a
     /// container, left to the node's stack, which answers time exceeded).
     DropTtlExceeded = "drop_ttl_exceeded",
-    /// Dropped: IPv4 fragment of a flow we would have to translate.
+    /// Dropped: a fragment whose first fragment was not seen (or expired),
+    /// so its flow is unknown.
     DropFragment = "drop_fragment",
+    /// Dropped: a packet from a container that would leave with its pool
+    /// address (no flow, and none may be created: a TCP RST or FIN, or a
+    /// datagram too big for the path without DF).
+    DropNoFlow = "drop_no_flow",
     /// Dropped: malformed header (bad IHL, length, data offset).
     DropMalformed = "drop_malformed",
     /// Dropped: a container sent with a source address or MAC not its own.
     DropSpoofed = "drop_spoofed",
     /// Dropped: uplink packet straight to a container address.
     DropDirectRouting = "drop_direct_routing",
-    /// Dropped: a redirect or checksum helper failed.
+    /// Dropped: the interface a packet was redirected to refused it or is
+    /// gone (a flow that outlived its container's veth).
+    DropRedirectFailed = "drop_redirect_failed",
+    /// Dropped: a checksum, rewrite or lookup helper failed.
     DropHelperFailed = "drop_helper_failed",
     /// Dropped: the datapath is not configured yet (container traffic is
     /// never passed unchecked).

@@ -1,18 +1,30 @@
 //! Ingress of a container's host-side veth (TC): anti-spoofing, reverse DNAT
 //! of replies, masquerade of new flows to the outside.
+//!
+//! Where a new flow goes is the node's FIB's decision (`bpf_fib_lookup`):
+//! destinations the node handles itself (its own addresses on any
+//! interface, broadcast, multicast, unreachable ones) and destinations
+//! routed through an interface other than the uplink are passed to the
+//! node's stack untouched, as the kernel would route them; only what leaves
+//! through the uplink is masqueraded, with the egress device's MTU recorded
+//! in the flow. A packet too big for that MTU is passed to the node's stack
+//! when it has DF set (the stack answers "fragmentation needed", so path MTU
+//! discovery works), and dropped and counted without DF (the stack would
+//! fragment it and send it with the container's pool address).
 
 use aya_ebpf::programs::TcContext;
 use datapath_common::{
-    CONFIG_F_SNAT, CtEntry, Endpoint, EndpointKey, NodeAddrKey, Stat, ct_action,
+    CONFIG_F_FIB, CONFIG_F_SNAT, Config, CtKey, Endpoint, EndpointKey, NodeAddrKey, Stat, ct_action,
 };
 
 use crate::{
-    conntrack,
+    conntrack::{self, NewFlow, V4},
     ctx::Packet,
     guard, icmp,
     maps::{self, ENDPOINTS, NODE_ADDRS},
     nat,
-    parse::{self, ETH_LEN, IP_SRC_OFF, L4, Parsed},
+    parse::{self, ETH_LEN, Flow, IP_SRC_OFF, Kind, L4, frag},
+    route::{Fib, Node},
 };
 
 /// Whose source a frame from a container carries.
@@ -45,6 +57,23 @@ fn source_endpoint(ctx: &TcContext, ifindex: u32) -> Source {
     }
 }
 
+/// [`new_flow`]: the flow was created.
+const CREATED: u32 = 0;
+/// [`new_flow`]: no flow; pass the packet.
+const PASS: u32 = 1;
+/// [`new_flow`]: no flow; drop the packet, counting `Stat::from_index(r - DROP)`.
+const DROP: u32 = 2;
+
+/// The verdict for a packet [`new_flow`] made no flow for.
+#[inline(always)]
+fn refused(r: u32) -> Verdict {
+    if r == PASS {
+        Verdict::Pass
+    } else {
+        Verdict::Drop(Stat::from_index(r - DROP))
+    }
+}
+
 /// What the hook must do with the packet.
 pub enum Verdict {
     /// Hand the packet to the kernel (container to container, to the node).
@@ -66,8 +95,13 @@ pub fn process(ctx: &mut TcContext) -> Verdict {
     if let Some(stat) = guard::container(ctx) {
         return Verdict::Drop(stat);
     }
-    let parsed = parse::parse(ctx);
-    if let Parsed::Malformed = parsed {
+    let Some(sc) = maps::scratch() else {
+        return Verdict::Pass;
+    };
+    let flow = &mut sc.flow;
+    let req = &mut sc.req;
+    let kind = parse::parse(ctx, flow);
+    if kind == Kind::Malformed {
         return Verdict::Drop(Stat::DropMalformed);
     }
     // SAFETY: `skb` is the program's context.
@@ -76,85 +110,199 @@ pub fn process(ctx: &mut TcContext) -> Verdict {
     // packet, whatever its protocol, fragments included (the node would
     // route what is passed).
     let ep = match source_endpoint(ctx, ifindex) {
-        Source::NotIpv4 => None,
+        Source::NotIpv4 => return Verdict::Pass,
         Source::Spoofed => return Verdict::Drop(Stat::DropSpoofed),
-        Source::Own(ep) => Some(ep),
+        Source::Own(ep) => ep,
     };
-    let flow = match parsed {
-        Parsed::NotOurs | Parsed::Malformed => return Verdict::Pass,
-        Parsed::Fragment(Some(key)) => {
-            return if conntrack::lookup(&key).is_some() {
-                Verdict::Drop(Stat::DropFragment)
-            } else {
-                Verdict::Pass
-            };
-        }
-        Parsed::Fragment(None) => return Verdict::Pass,
-        Parsed::Flow(flow) => flow,
-    };
-    let Some(ep) = ep else {
+    if kind != Kind::Flow {
         return Verdict::Pass;
-    };
+    }
+    let now = conntrack::now();
+    if flow.frag == frag::LATER && !conntrack::frag_ports(flow, now) {
+        // Its first fragment was not seen: without ports there is no flow
+        // to translate it by, and it must not leave with the pool address.
+        return if masqueraded(ctx, cfg, ifindex, &flow.key) {
+            Verdict::Drop(Stat::DropFragment)
+        } else {
+            Verdict::Pass
+        };
+    }
     // Forwarding decrements the TTL: a packet that would leave with zero is
     // not forwarded (nor does it create a flow); see `ttl_expired`.
     let expiring = flow.ttl <= 1;
     if flow.l4 == L4::IcmpError {
-        return match icmp::translate(ctx, &flow, true, [ct_action::REV_DNAT, ct_action::SNAT]) {
-            icmp::Outcome::NotOurs => Verdict::Pass,
-            icmp::Outcome::Drop(stat) => Verdict::Drop(stat),
-            icmp::Outcome::Forward(ct) => Verdict::ToUplink {
-                ifindex: ct.ifindex,
+        let mut fwd = icmp::Forward::default();
+        return match icmp::translate_tc(ctx, flow, true, &mut fwd) {
+            icmp::NOT_OURS => Verdict::Pass,
+            icmp::FORWARD => Verdict::ToUplink {
+                ifindex: fwd.ifindex,
             },
+            v => Verdict::Drop(Stat::from_index(v - icmp::DROP)),
         };
     }
-
-    let entry: *mut CtEntry = match conntrack::lookup(&flow.key) {
-        Some(_) if expiring => return ttl_expired(),
-        Some(e) => e,
+    let hit = match conntrack::lookup::<V4>(&flow.key, flow.tcp_flags, &cfg.timeouts, now) {
+        Some(hit) => hit,
         None => {
-            let dst = flow.key.daddr;
-            if cfg.flags & CONFIG_F_SNAT == 0
-                || cfg.in_pool(dst)
-                || dst == cfg.gateway_addr
-                || unsafe { NODE_ADDRS.get(NodeAddrKey { addr: dst }) }.is_some()
-            {
-                return Verdict::Pass;
+            let r = new_flow(ctx, cfg, ep, ifindex, flow, req, expiring);
+            if r != CREATED {
+                return refused(r);
             }
-            if expiring {
-                return ttl_expired();
-            }
-            match conntrack::create_snat(&flow.key, cfg, ifindex, ep.container_id) {
-                Ok(e) => {
-                    maps::count(Stat::SnatNew);
-                    e
-                }
-                Err(stat) => return Verdict::Drop(stat),
+            match conntrack::lookup_created::<V4>(&flow.key) {
+                Some(hit) => hit,
+                None => return Verdict::Drop(Stat::DropCtFull),
             }
         }
     };
-    // SAFETY: points into a live conntrack value (RCU); copied out once.
-    let ct = unsafe { *entry };
-    if ct.action == ct_action::ROUTED {
+    // SAFETY: points into a live conntrack value (RCU); the fields the
+    // translation needs are read once.
+    let (action, addr, port, out, mtu) = unsafe {
+        let e = hit.entry;
+        (
+            (*e).action,
+            (*e).nat_addr,
+            (*e).nat_port,
+            (*e).ifindex,
+            (*e).mtu,
+        )
+    };
+    if action == ct_action::ROUTED {
         // A reply to a flow routed to the container unchanged.
-        conntrack::touch(entry, &flow);
+        conntrack::update::<V4>(hit, &flow.key, flow, now);
         return Verdict::Pass;
     }
-    if ct.action != ct_action::REV_DNAT && ct.action != ct_action::SNAT {
+    if action != ct_action::REV_DNAT && action != ct_action::SNAT {
         return Verdict::Pass;
     }
-    conntrack::touch(entry, &flow);
-    if nat::rewrite(ctx, &flow, true, ct.nat_addr, ct.nat_port).is_err()
-        || nat::decrement_ttl(ctx).is_err()
-    {
+    if expiring {
+        return ttl_expired();
+    }
+    if mtu != 0 && too_big(ctx, flow, mtu) {
+        // The path may have changed since the flow was created.
+        let r = ctx.route(&flow.key, ifindex);
+        if cfg.flags & CONFIG_F_FIB == 0 || r.fib != Fib::Forward {
+            return refused(too_big_code(flow));
+        }
+        // SAFETY: live map value (RCU); a plain store of a hint.
+        unsafe { (*hit.entry).mtu = r.mtu };
+    }
+    conntrack::update::<V4>(hit, &flow.key, flow, now);
+    if flow.frag == frag::FIRST {
+        conntrack::frag_record(flow, now);
+    }
+    if nat::rewrite(ctx, flow, true, addr, port).is_err() || nat::decrement_ttl(ctx).is_err() {
         return Verdict::Drop(Stat::DropHelperFailed);
     }
-    maps::count(if ct.action == ct_action::REV_DNAT {
+    if flow.frag == frag::LATER {
+        maps::count(Stat::FragmentTranslated);
+    }
+    maps::count(if action == ct_action::REV_DNAT {
         Stat::DnatPackets
     } else {
         Stat::SnatPackets
     });
-    Verdict::ToUplink {
-        ifindex: ct.ifindex,
+    Verdict::ToUplink { ifindex: out }
+}
+
+/// The first packet of a flow from a container: masqueraded if it leaves
+/// through the uplink, else left to the node's stack.
+#[inline(always)]
+fn new_flow(
+    ctx: &TcContext,
+    cfg: &Config,
+    ep: &Endpoint,
+    ifindex: u32,
+    flow: &Flow,
+    req: &mut NewFlow<[u8; 4]>,
+    expiring: bool,
+) -> u32 {
+    if cfg.flags & CONFIG_F_SNAT == 0 {
+        return PASS;
+    }
+    let dst = flow.key.daddr;
+    if cfg.in_pool(dst) || dst == cfg.gateway_addr {
+        return PASS;
+    }
+    *req = NewFlow {
+        nat_addr: cfg.node_addr,
+        nat_port: 0,
+        action: ct_action::SNAT,
+        tcp_flags: flow.tcp_flags,
+        orig_ifindex: cfg.uplink_ifindex,
+        reply_ifindex: ifindex,
+        container_id: ep.container_id,
+        orig_mtu: 0,
+        reply_mtu: 0,
+    };
+    if cfg.flags & CONFIG_F_FIB != 0 {
+        let r = ctx.route(&flow.key, ifindex);
+        match r.fib {
+            Fib::Forward | Fib::TooBig if r.ifindex == cfg.uplink_ifindex => {}
+            _ => return PASS,
+        }
+        if r.fib == Fib::TooBig {
+            return too_big_code(flow);
+        }
+        req.orig_mtu = r.mtu;
+    } else if unsafe { NODE_ADDRS.get(NodeAddrKey { addr: dst }) }.is_some() {
+        return PASS;
+    }
+    if expiring {
+        maps::count(Stat::DropTtlExceeded);
+        return PASS;
+    }
+    // A later fragment whose flow ended since its first fragment, or a TCP
+    // segment that cannot open a connection (RST, FIN, SYN-ACK): nothing to
+    // translate it by, and it must not leave with the pool address.
+    if flow.frag == frag::LATER || !conntrack::may_create(flow.key.proto, flow.tcp_flags) {
+        return DROP + Stat::DropNoFlow as u32;
+    }
+    match conntrack::create::<V4>(&flow.key, req) {
+        CREATED => {
+            maps::count(Stat::SnatNew);
+            CREATED
+        }
+        r => DROP + r,
+    }
+}
+
+/// Whether a packet with tuple `key` from a container would leave through
+/// the uplink, masqueraded.
+#[inline(always)]
+fn masqueraded(ctx: &TcContext, cfg: &Config, ifindex: u32, key: &CtKey) -> bool {
+    let dst = key.daddr;
+    if cfg.flags & CONFIG_F_SNAT == 0 || cfg.in_pool(dst) || dst == cfg.gateway_addr {
+        return false;
+    }
+    if cfg.flags & CONFIG_F_FIB == 0 {
+        return unsafe { NODE_ADDRS.get(NodeAddrKey { addr: dst }) }.is_none();
+    }
+    let r = ctx.route(key, ifindex);
+    matches!(r.fib, Fib::Forward | Fib::TooBig) && r.ifindex == cfg.uplink_ifindex
+}
+
+/// Whether `flow`'s packet (a GSO packet: each of its segments) exceeds `mtu`.
+#[inline(always)]
+fn too_big(ctx: &TcContext, flow: &Flow, mtu: u16) -> bool {
+    // SAFETY: `skb` is the program's context.
+    let gso_size = unsafe { (*ctx.skb.skb).gso_size };
+    let len = if gso_size != 0 {
+        gso_size + flow.hdr_len
+    } else {
+        u32::from(flow.ip_len)
+    };
+    len > u32::from(mtu)
+}
+
+/// A packet too big for its path: with DF, the node's stack answers
+/// "fragmentation needed" (and drops it); without, it would fragment it
+/// and send it with the pool address, so it is dropped here.
+#[inline(always)]
+fn too_big_code(flow: &Flow) -> u32 {
+    if flow.dont_fragment {
+        maps::count(Stat::TooBig);
+        PASS
+    } else {
+        DROP + Stat::DropNoFlow as u32
     }
 }
 

@@ -102,9 +102,14 @@ impl Packet for XdpContext {
         XdpContext::data(self)
     }
 
+    /// Read afresh (volatile) for every bounds check: with one read, LLVM
+    /// drops a check that an earlier, wider one implies, and the verifier,
+    /// which tracks each computed packet pointer separately, then sees an
+    /// access without a check.
     #[inline(always)]
     fn data_end(&self) -> usize {
-        XdpContext::data_end(self)
+        // SAFETY: `ctx` is the program's context; `data_end` a field of it.
+        unsafe { core::ptr::read_volatile(&raw const (*self.ctx).data_end) as usize }
     }
 
     /// XDP frames are always linear. No bounds check here: LLVM would use it

@@ -3,7 +3,8 @@
 //! return code, counting every drop.
 #![no_std]
 #![no_main]
-// Atomic adds on map values (conntrack counters): see conntrack::touch.
+// Atomic adds and ORs on map values (conntrack counters and flags): see
+// conntrack::update.
 #![feature(core_intrinsics)]
 #![allow(internal_features)]
 
@@ -17,16 +18,18 @@ mod maps;
 mod nat;
 mod parse;
 mod ratelimit;
+mod route;
 mod uplink;
 
 use aya_ebpf::{
-    bindings::{TC_ACT_OK, TC_ACT_SHOT, xdp_action},
-    helpers::generated::{bpf_redirect, bpf_redirect_neigh, bpf_redirect_peer},
+    EbpfContext,
+    bindings::{TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, xdp_action},
+    helpers::generated::{bpf_check_mtu, bpf_redirect, bpf_redirect_neigh, bpf_redirect_peer},
     macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
 };
 use aya_log_ebpf::debug;
-use datapath_common::{EndpointKey, Stat};
+use datapath_common::{CONFIG_F_CHECK_LINKS, EndpointKey, FlushRequest, Stat};
 
 use crate::{ctx::Packet, maps::count};
 
@@ -46,8 +49,11 @@ pub fn uplink_tc(mut ctx: TcContext) -> i32 {
             TC_ACT_SHOT
         }
         uplink::Verdict::ToContainer { ifindex, .. } => {
+            if interface_gone(&ctx, ifindex) {
+                return stale_interface();
+            }
             // SAFETY: plain helper call.
-            unsafe { bpf_redirect_peer(ifindex, 0) as i32 }
+            redirected(unsafe { bpf_redirect_peer(ifindex, 0) as i32 })
         }
     }
 }
@@ -66,13 +72,21 @@ pub fn uplink_xdp(mut ctx: XdpContext) -> u32 {
             count(stat);
             xdp_action::XDP_DROP
         }
-        uplink::Verdict::ToContainer { ifindex, addr } => {
+        uplink::Verdict::ToContainer { addr, .. } => {
+            // The endpoint gives the MACs and, re-validating the flow's
+            // cached interface, the container's current veth. (XDP
+            // redirects fail after the program returns, uncounted: the
+            // interface must be right here.)
             // SAFETY: endpoint values are replaced whole by the agent.
             let Some(ep) = (unsafe { maps::ENDPOINTS.get(EndpointKey { addr }) }) else {
                 count(Stat::DropNoEndpoint);
                 return xdp_action::XDP_DROP;
             };
-            let (mac, host_mac) = (ep.mac, ep.host_mac);
+            let (mac, host_mac, ifindex) = (ep.mac, ep.host_mac, ep.ifindex);
+            if interface_gone(&ctx, ifindex) {
+                stale_interface();
+                return xdp_action::XDP_DROP;
+            }
             if ctx.store(0, &mac).is_err() || ctx.store(6, &host_mac).is_err() {
                 count(Stat::DropMacStore);
                 return xdp_action::XDP_DROP;
@@ -94,9 +108,64 @@ pub fn container_tc(mut ctx: TcContext) -> i32 {
             TC_ACT_SHOT
         }
         container::Verdict::ToUplink { ifindex } => {
+            if interface_gone(&ctx, ifindex) {
+                return stale_interface();
+            }
             // SAFETY: a null neighbour means "look the next hop up in the FIB".
-            unsafe { bpf_redirect_neigh(ifindex, core::ptr::null_mut(), 0, 0) as i32 }
+            redirected(unsafe { bpf_redirect_neigh(ifindex, core::ptr::null_mut(), 0, 0) as i32 })
         }
+    }
+}
+
+/// `-ENODEV`.
+const ENODEV: i64 = -19;
+
+/// Whether interface `ifindex` is gone. A redirect to it would be dropped
+/// after the program returned, uncounted: so the interface a flow cached is
+/// re-validated before every redirect (`bpf_check_mtu` finds the device
+/// by index, or answers `-ENODEV`), unless the configuration says not to
+/// ([`CONFIG_F_CHECK_LINKS`]).
+#[inline(always)]
+fn interface_gone<C: EbpfContext>(ctx: &C, ifindex: u32) -> bool {
+    if maps::config().is_none_or(|c| c.flags & CONFIG_F_CHECK_LINKS == 0) {
+        return false;
+    }
+    let mut mtu = 0u32;
+    // SAFETY: plain helper call; `mtu` is a live local.
+    unsafe { bpf_check_mtu(ctx.as_ptr(), ifindex, &mut mtu, 0, 0) == ENODEV }
+}
+
+/// Drops a packet whose flow sends it to an interface that is gone,
+/// counted, and removes the flow: its next packet starts it afresh from
+/// the endpoint and published port maps (the agent rewrites those when it
+/// recreates a veth).
+#[inline(always)]
+fn stale_interface() -> i32 {
+    count(Stat::DropRedirectFailed);
+    if let Some(sc) = maps::scratch() {
+        conntrack::dp_ct_forget(&sc.flow.key);
+    }
+    TC_ACT_SHOT
+}
+
+/// Counts a redirect the helper refused (it then returns the drop verdict):
+/// the interface is gone or not a veth.
+#[inline(always)]
+fn redirected(verdict: i32) -> i32 {
+    if verdict != TC_ACT_REDIRECT {
+        count(Stat::DropRedirectFailed);
+    }
+    verdict
+}
+
+/// Removes the flows the [`FlushRequest`] after the (zero) Ethernet header
+/// names, in the kernel (see `conntrack::flush`); returns how many. Never
+/// attached: the agent runs it with `BPF_PROG_TEST_RUN`.
+#[classifier]
+pub fn ct_flush(ctx: TcContext) -> i32 {
+    match ctx.load::<FlushRequest>(FlushRequest::OFFSET) {
+        Ok(req) => conntrack::flush::<conntrack::V4>(req).min(i32::MAX as u64) as i32,
+        Err(_) => -1,
     }
 }
 

@@ -2,13 +2,15 @@
 //! and pins them (aya-ebpf's BTF maps cannot pin by name).
 
 use aya_ebpf::{
-    btf_maps::{Array, HashMap, PerCpuArray},
+    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray},
     macros::btf_map,
 };
 use datapath_common::{
-    Config, CtEntry, CtKey, Endpoint, EndpointKey, NodeAddr, NodeAddrKey, STAT_COUNT, ServiceKey,
+    Config, CtContainer, Endpoint, EndpointKey, NodeAddr, NodeAddrKey, STAT_COUNT, ServiceKey,
     ServiceValue, Stat, capacity,
 };
+
+use crate::conntrack::{FragTable, MainTable, NewTable};
 
 /// Global configuration, one entry.
 #[btf_map]
@@ -29,10 +31,51 @@ pub static ENDPOINTS: HashMap<EndpointKey, Endpoint, { capacity::ENDPOINTS as us
 pub static NODE_ADDRS: HashMap<NodeAddrKey, NodeAddr, { capacity::NODE_ADDRS as usize }> =
     HashMap::new();
 
-/// Connection tracking. A plain (not LRU) hash: when it is full new flows
-/// are dropped and counted, and established flows are never evicted.
+/// Confirmed flows, with their expiry timers (see `conntrack`). A plain
+/// hash: nothing is ever evicted from it.
 #[btf_map]
-pub static CONNTRACK: HashMap<CtKey, CtEntry, { capacity::CONNTRACK as usize }> = HashMap::new();
+pub static CT: MainTable<[u8; 4]> = HashMap::new();
+
+/// Unconfirmed flows: an LRU, where floods and closed flows push out only
+/// each other.
+#[btf_map]
+pub static CT_NEW: NewTable<[u8; 4]> = LruHashMap::new();
+
+/// Ports of fragmented datagrams, for their later fragments.
+#[btf_map]
+pub static CT_FRAGS: FragTable<[u8; 4]> = LruHashMap::new();
+
+/// Each container's use of [`CT`] and what it was refused.
+#[btf_map]
+pub static CT_CONTAINERS: HashMap<u32, CtContainer, { capacity::CT_CONTAINERS as usize }> =
+    HashMap::new();
+
+/// Per-CPU scratch space of the programs: the parsed packet and the
+/// request for a new flow live here rather than on the stack, which the
+/// programs share (512 bytes) with the global functions they call. A
+/// program runs to completion on its CPU before the next one there uses
+/// it (softirq, or bottom halves disabled).
+#[btf_map]
+pub static SCRATCH: PerCpuArray<Scratch, 1> = PerCpuArray::new();
+
+/// See [`SCRATCH`].
+#[repr(C)]
+pub struct Scratch {
+    /// The packet's flow.
+    pub flow: crate::parse::Flow,
+    /// A new flow's description.
+    pub req: crate::conntrack::NewFlow<[u8; 4]>,
+    /// Flows a flush removed.
+    pub flushed: u64,
+}
+
+/// This CPU's scratch space.
+#[inline(always)]
+pub fn scratch() -> Option<&'static mut Scratch> {
+    // SAFETY: per-CPU slot, used by one program run at a time (see
+    // SCRATCH).
+    SCRATCH.get_ptr_mut(0).map(|p| unsafe { &mut *p })
+}
 
 /// Per-CPU counters indexed by [`Stat`].
 #[btf_map]

@@ -8,20 +8,27 @@ use crate::{
     parse::{Flow, IP_CSUM_OFF, IP_DST_OFF, IP_SRC_OFF, IP_TTL_OFF, L4, Quoted},
 };
 
-/// Where a flow's L4 checksum is and how the helpers must treat it.
+/// Where a flow's L4 checksum is and how the helpers must treat it
+/// (offset 0 for a later fragment, which carries no L4 header). Plain
+/// values, not an `Option`: LLVM reads an `Option`'s payload ahead of the
+/// check, from a stack slot that may hold a pointer on the other path,
+/// which the verifier refuses.
 #[inline(always)]
 fn l4_csum(flow: &Flow) -> (usize, u64) {
     match flow.l4 {
-        L4::Tcp => (flow.l4_off + 16, CSUM_PSEUDO),
-        L4::Udp => (flow.l4_off + 6, CSUM_PSEUDO | CSUM_UDP),
+        L4::Tcp => (flow.l4_off() + 16, CSUM_PSEUDO),
+        L4::Udp => (flow.l4_off() + 6, CSUM_PSEUDO | CSUM_UDP),
         // ICMP's checksum covers no pseudo header.
-        L4::IcmpEcho | L4::IcmpError => (flow.l4_off + 2, 0),
+        L4::IcmpEcho | L4::IcmpError => (flow.l4_off() + 2, 0),
+        L4::Fragment => (0, 0),
     }
 }
 
 /// Rewrites the source (`source = true`) or destination address and port of
 /// `flow` to `addr`/`port`, fixing the IPv4 and L4 checksums. For ICMP echo
-/// the port is the identifier.
+/// the port is the identifier. A later fragment gets only its address
+/// rewritten: its ports and L4 checksum are in the first fragment (whose
+/// checksum, over the whole datagram, was updated by the same amounts).
 #[inline(always)]
 pub fn rewrite<C: Packet>(
     ctx: &mut C,
@@ -45,11 +52,14 @@ pub fn rewrite<C: Packet>(
         ctx.l3_csum(IP_CSUM_OFF, from, to, CSUM_SIZE_4)?;
         ctx.store(addr_off, &addr)?;
     }
+    if flow.l4 == L4::Fragment {
+        return Ok(());
+    }
     if old_port != port {
         let port_off = match flow.l4 {
-            L4::IcmpEcho | L4::IcmpError => flow.l4_off + 4,
-            _ if source => flow.l4_off,
-            _ => flow.l4_off + 2,
+            L4::IcmpEcho | L4::IcmpError => flow.l4_off() + 4,
+            _ if source => flow.l4_off(),
+            _ => flow.l4_off() + 2,
         };
         let new = port.to_be_bytes();
         let from = u32::from(u16::from_ne_bytes(old_port.to_be_bytes()));
@@ -123,10 +133,10 @@ pub fn rewrite_icmp_error<C: Packet>(
         ctx.store(q_addr_off, &addr)?;
         ctx.store(csum_off, &new_csum.to_be_bytes())?;
     }
-    let icmp_csum_off = flow.l4_off + 2;
+    let icmp_csum_off = flow.l4_off() + 2;
     if q_old_port != port {
         let port_off = match quoted.l4 {
-            L4::IcmpEcho | L4::IcmpError => quoted.l4_off + 4,
+            L4::IcmpEcho | L4::IcmpError | L4::Fragment => quoted.l4_off + 4,
             _ if source => quoted.l4_off + 2,
             _ => quoted.l4_off,
         };
@@ -136,7 +146,7 @@ pub fn rewrite_icmp_error<C: Packet>(
     let (l4_csum_off, pseudo, udp) = match quoted.l4 {
         L4::Udp => (quoted.l4_off + 6, true, true),
         L4::Tcp => (quoted.l4_off + 16, true, false),
-        L4::IcmpEcho | L4::IcmpError => (quoted.l4_off + 2, false, false),
+        L4::IcmpEcho | L4::IcmpError | L4::Fragment => (quoted.l4_off + 2, false, false),
     };
     if ctx.pull(l4_csum_off + 2).is_err() {
         return Ok(());

@@ -1,12 +1,20 @@
 //! Header parsing: Ethernet → IPv4 → TCP/UDP/ICMP into a [`Flow`].
 //!
 //! Rules for what is not a plain IPv4 packet (each is counted by the caller):
-//! * not IPv4 (ARP, IPv6, VLAN-tagged, …): [`Parsed::NotOurs`], passed;
+//! * not IPv4 (ARP, IPv6, VLAN-tagged, …): [`Kind::NotOurs`], passed;
 //! * a header the kernel itself would drop (IHL < 5, total length shorter
 //!   than the header or longer than the frame, TCP data offset < 5, L4 header
-//!   cut short): [`Parsed::Malformed`], dropped;
-//! * IPv4 fragments: [`Parsed::Fragment`] with the ports of a first fragment,
-//!   so that the caller can refuse to half-translate a flow of ours.
+//!   cut short): [`Kind::Malformed`], dropped;
+//! * IPv4 fragments: a first fragment is a [`Flow`] like any packet (its
+//!   L4 header must be whole, else it is malformed; [`Flow::frag`] says more
+//!   follow); a later fragment is a [`Flow`] of kind [`L4::Fragment`]
+//!   without ports, which the caller takes from the fragment table.
+//!
+//! The result is a [`Kind`] and a plain struct the caller owns, fully
+//! initialised on every path: an enum with payloads lets LLVM copy
+//! uninitialised bytes through registers, which the verifier refuses, and
+//! returning the struct by value would cost the program's small stack a
+//! second copy.
 
 use datapath_common::{CtKey, proto};
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
@@ -44,6 +52,7 @@ pub mod icmp_type {
 /// What kind of L4 header a [`Flow`] has, which says where its ports and
 /// checksum are.
 #[derive(Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
 pub enum L4 {
     /// TCP: ports at +0/+2, checksum at +16 (pseudo header).
     Tcp,
@@ -54,36 +63,71 @@ pub enum L4 {
     IcmpEcho,
     /// ICMP error carrying an embedded IPv4 header at +8.
     IcmpError,
+    /// A later fragment: no L4 header, only the IP header is rewritten.
+    Fragment,
+}
+
+/// Fragment position of a packet.
+pub mod frag {
+    /// Not a fragment.
+    pub const NONE: u8 = 0;
+    /// The first fragment (offset 0, more follow): it carries the ports.
+    pub const FIRST: u8 = 1;
+    /// A later fragment (offset above 0): no L4 header.
+    pub const LATER: u8 = 2;
 }
 
 /// A parsed IPv4 packet.
 #[derive(Clone, Copy)]
 pub struct Flow {
-    /// The tuple as seen on the wire.
+    /// The tuple as seen on the wire (later fragments: ports zero).
     pub key: CtKey,
-    /// Offset of the L4 header.
-    pub l4_off: usize,
+    /// IPv4 header length in 32-bit words (see [`Flow::l4_off`]).
+    pub ihl: u8,
     /// The L4 header kind.
     pub l4: L4,
-    /// IPv4 total length.
-    pub ip_len: u16,
+    /// [`frag`] position.
+    pub frag: u8,
     /// IPv4 TTL.
     pub ttl: u8,
     /// TCP flags byte (0 for other protocols).
     pub tcp_flags: u8,
+    /// IPv4 total length.
+    pub ip_len: u16,
+    /// IPv4 identification.
+    pub ip_id: u16,
+    /// Whether DF is set.
+    pub dont_fragment: bool,
+    /// TCP sequence number.
+    pub seq: u32,
+    /// TCP acknowledgement number.
+    pub ack: u32,
+    /// TCP payload length (GSO packets: the whole super-packet's).
+    pub payload_len: u32,
+    /// Length of the IPv4 and L4 headers (TCP: with options).
+    pub hdr_len: u32,
 }
 
-/// The outcome of parsing.
-pub enum Parsed {
+impl Flow {
+    /// Offset of the L4 header. Computed from the header length masked to
+    /// its four bits, so that the verifier knows its bounds even when the
+    /// flow is read back from a map (the scratch space).
+    #[inline(always)]
+    pub fn l4_off(&self) -> usize {
+        ETH_LEN + usize::from(self.ihl & 0x0f) * 4
+    }
+}
+
+/// What a packet is.
+#[derive(Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Kind {
     /// Not IPv4, or an IPv4 protocol the datapath does not translate.
     NotOurs,
     /// A header the kernel would drop too.
     Malformed,
-    /// An IPv4 fragment; `Some(key)` for a first fragment whose ports could
-    /// be read, `None` for later fragments.
-    Fragment(Option<CtKey>),
-    /// A translatable packet.
-    Flow(Flow),
+    /// A translatable packet (or fragment), described in the [`Flow`].
+    Flow,
 }
 
 /// Length of the whole frame, including any non-linear part.
@@ -102,7 +146,7 @@ impl FrameLen for aya_ebpf::programs::TcContext {
 impl FrameLen for aya_ebpf::programs::XdpContext {
     #[inline(always)]
     fn frame_len(&self) -> usize {
-        self.data_end() - self.data()
+        Packet::data_end(self) - Packet::data(self)
     }
 }
 
@@ -139,21 +183,21 @@ fn fill_ports(l4: L4, hdr: &[u8; 8], key: &mut CtKey) -> Option<L4> {
     Some(L4::IcmpEcho)
 }
 
-/// Parses the packet in `ctx`.
+/// Parses the packet in `ctx` into `flow` (meaningful for [`Kind::Flow`]).
 #[inline(always)]
-pub fn parse<C: Packet + FrameLen>(ctx: &C) -> Parsed {
+pub fn parse<C: Packet + FrameLen>(ctx: &C, flow: &mut Flow) -> Kind {
     let Ok(eth) = ctx.ptr_at::<EthHdr>(0) else {
-        return Parsed::NotOurs;
+        return Kind::NotOurs;
     };
     // SAFETY: bounds checked by ptr_at.
     if u16::from_be(unsafe { (*eth).ether_type }) != ETH_P_IP {
-        return Parsed::NotOurs;
+        return Kind::NotOurs;
     }
     if ctx.pull(ETH_LEN + Ipv4Hdr::LEN).is_err() {
-        return Parsed::Malformed;
+        return Kind::Malformed;
     }
     let Ok(ip) = ctx.ptr_at::<Ipv4Hdr>(ETH_LEN) else {
-        return Parsed::Malformed;
+        return Kind::Malformed;
     };
     // SAFETY: bounds checked by ptr_at; Ipv4Hdr has alignment 1.
     let ip = unsafe { *ip };
@@ -164,65 +208,69 @@ pub fn parse<C: Packet + FrameLen>(ctx: &C) -> Parsed {
         || usize::from(tot_len) < ihl
         || ETH_LEN + usize::from(tot_len) > ctx.frame_len()
     {
-        return Parsed::Malformed;
+        return Kind::Malformed;
     }
+    let Some((l4, hdr_len)) = l4_of(ip.proto) else {
+        return Kind::NotOurs;
+    };
     let frags = u16::from_be_bytes(ip.frags);
     let more_fragments = frags & 0x2000 != 0;
     let frag_offset = frags & 0x1fff;
     let l4_off = ETH_LEN + ihl;
     let l4_len = usize::from(tot_len) - ihl;
-
-    let Some((l4, hdr_len)) = l4_of(ip.proto) else {
-        return Parsed::NotOurs;
-    };
-    let mut key = CtKey {
-        saddr: ip.src_addr,
-        daddr: ip.dst_addr,
-        sport: 0,
-        dport: 0,
-        proto: ip.proto,
-        _pad: [0; 3],
+    *flow = Flow {
+        key: CtKey::v4(ip.src_addr, 0, ip.dst_addr, 0, ip.proto),
+        ihl: ip.vihl & 0x0f,
+        l4: L4::Fragment,
+        frag: frag::LATER,
+        ttl: ip.ttl,
+        tcp_flags: 0,
+        ip_len: tot_len,
+        ip_id: u16::from_be_bytes(ip.id),
+        dont_fragment: frags & 0x4000 != 0,
+        seq: 0,
+        ack: 0,
+        payload_len: 0,
+        hdr_len: ihl as u32,
     };
     if frag_offset != 0 {
-        return Parsed::Fragment(None);
+        return Kind::Flow;
     }
-    let l4_hdr = if l4_len < hdr_len || ctx.pull(l4_off + hdr_len).is_err() {
-        None
-    } else {
-        ctx.read::<8>(l4_off).ok()
+    if l4_len < hdr_len || ctx.pull(l4_off + hdr_len).is_err() {
+        // A first fragment must carry the whole L4 header too (tiny first
+        // fragments are an attack, RFC 1858): without its ports it could
+        // not be translated, nor its later fragments.
+        return Kind::Malformed;
+    }
+    let Ok(l4_hdr) = ctx.read::<8>(l4_off) else {
+        return Kind::Malformed;
     };
-    let Some(l4_hdr) = l4_hdr else {
-        // A first fragment may be too short to carry the ports.
-        return if more_fragments {
-            Parsed::Fragment(None)
-        } else {
-            Parsed::Malformed
-        };
-    };
-    let mut tcp_flags = 0;
     if l4 == L4::Tcp {
-        let Ok([doff, flags]) = ctx.read::<2>(l4_off + 12) else {
-            return Parsed::Malformed;
+        let Ok(tcp) = ctx.read::<{ TCP_HDR_LEN - 4 }>(l4_off + 4) else {
+            return Kind::Malformed;
         };
-        if usize::from(doff >> 4) * 4 < TCP_HDR_LEN {
-            return Parsed::Malformed;
+        let doff = usize::from(tcp[8] >> 4) * 4;
+        if doff < TCP_HDR_LEN {
+            return Kind::Malformed;
         }
-        tcp_flags = flags;
+        flow.tcp_flags = tcp[9];
+        flow.seq = u32::from_be_bytes([tcp[0], tcp[1], tcp[2], tcp[3]]);
+        flow.ack = u32::from_be_bytes([tcp[4], tcp[5], tcp[6], tcp[7]]);
+        flow.payload_len = l4_len.saturating_sub(doff) as u32;
+        flow.hdr_len = (ihl + doff) as u32;
+    } else {
+        flow.hdr_len = (ihl + hdr_len) as u32;
     }
-    let Some(l4_kind) = fill_ports(l4, &l4_hdr, &mut key) else {
-        return Parsed::NotOurs;
+    let Some(l4_kind) = fill_ports(l4, &l4_hdr, &mut flow.key) else {
+        return Kind::NotOurs;
     };
-    if more_fragments {
-        return Parsed::Fragment(Some(key));
-    }
-    Parsed::Flow(Flow {
-        key,
-        l4_off,
-        l4: l4_kind,
-        ip_len: tot_len,
-        ttl: ip.ttl,
-        tcp_flags,
-    })
+    flow.l4 = l4_kind;
+    flow.frag = if more_fragments {
+        frag::FIRST
+    } else {
+        frag::NONE
+    };
+    Kind::Flow
 }
 
 /// The packet quoted by an ICMP error (an IPv4 header and at least the
@@ -243,7 +291,7 @@ pub struct Quoted {
 /// short or not a TCP, UDP or ICMP echo packet we could have sent.
 #[inline(always)]
 pub fn parse_quoted<C: Packet>(ctx: &C, flow: &Flow) -> Option<Quoted> {
-    let ip_off = flow.l4_off + ICMP_HDR_LEN;
+    let ip_off = flow.l4_off() + ICMP_HDR_LEN;
     ctx.pull(ip_off + Ipv4Hdr::LEN).ok()?;
     let ip = ctx.ptr_at::<Ipv4Hdr>(ip_off).ok()?;
     // SAFETY: bounds checked by ptr_at; Ipv4Hdr has alignment 1.
@@ -255,14 +303,7 @@ pub fn parse_quoted<C: Packet>(ctx: &C, flow: &Flow) -> Option<Quoted> {
     let l4_off = ip_off + ihl;
     ctx.pull(l4_off + 8).ok()?;
     let l4_hdr = ctx.read::<8>(l4_off).ok()?;
-    let mut key = CtKey {
-        saddr: ip.src_addr,
-        daddr: ip.dst_addr,
-        sport: 0,
-        dport: 0,
-        proto: ip.proto,
-        _pad: [0; 3],
-    };
+    let mut key = CtKey::v4(ip.src_addr, 0, ip.dst_addr, 0, ip.proto);
     let (l4, _) = l4_of(ip.proto)?;
     let l4 = fill_ports(l4, &l4_hdr, &mut key)?;
     if l4 == L4::IcmpError {

@@ -79,15 +79,20 @@ pub struct AgentArgs {
     /// Do not masquerade container egress.
     #[arg(long)]
     pub no_masquerade: bool,
-    /// Conntrack capacity in entries (two per flow).
+    /// Capacity of the main conntrack table in entries (two per flow);
+    /// the table of unconfirmed flows gets a quarter of it.
     #[arg(long)]
     pub ct_max: Option<u32>,
+    /// Percentage of the main conntrack table one container's flows may
+    /// hold (100: no limit); beyond it they are tracked, but evictable.
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u8).range(1..=100))]
+    pub ct_container_share: u8,
     /// Let uplink traffic reach container addresses directly.
     #[arg(long)]
     pub allow_direct_routing: bool,
-    /// How often expired flows are collected.
-    #[arg(long, default_value = "5s", value_parser = parse_duration)]
-    pub ct_gc_interval: Duration,
+    /// MTU of the containers' veth pairs (default: the uplink's).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(68..=65535))]
+    pub mtu: Option<u32>,
     /// Idle timeout of established TCP flows.
     #[arg(long, default_value = "6h", value_parser = parse_duration)]
     pub ct_timeout_tcp: Duration,
@@ -97,9 +102,12 @@ pub struct AgentArgs {
     /// Idle timeout of TCP flows before the reply.
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     pub ct_timeout_tcp_syn: Duration,
-    /// Idle timeout of UDP flows (replied; unreplied ones get a quarter, at least 1 s).
-    #[arg(long, default_value = "120s", value_parser = parse_duration)]
+    /// Idle timeout of UDP flows seen one way, or answered once.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
     pub ct_timeout_udp: Duration,
+    /// Idle timeout of UDP flows with traffic both ways more than once.
+    #[arg(long, default_value = "120s", value_parser = parse_duration)]
+    pub ct_timeout_udp_stream: Duration,
     /// Idle timeout of ICMP echo flows.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     pub ct_timeout_icmp: Duration,
@@ -133,6 +141,9 @@ pub enum ContainerCmd {
         /// standard input), e.g. `["8080:80", "8443:443"]`.
         #[arg(long, value_name = "FILE")]
         publish_file: Option<PathBuf>,
+        /// Publish even ports a process of the node listens on.
+        #[arg(long)]
+        force: bool,
         /// The container's cgroup v2 directory, which rate limits apply to
         /// (its processes and every cgroup below): a path in the cgroup2
         /// mount, or a name under it.
@@ -157,9 +168,13 @@ pub enum ContainerCmd {
         specs: Vec<String>,
         #[command(flatten)]
         more: MorePorts,
+        /// Publish even ports a process of the node listens on.
+        #[arg(long)]
+        force: bool,
     },
     /// Stop publishing ports of a container, all in one request (its
-    /// established flows go on).
+    /// established TCP connections go on; its UDP flows through them are
+    /// removed).
     Unpublish {
         /// Container name.
         name: String,
@@ -280,7 +295,7 @@ pub enum ConntrackCmd {
 
 impl AgentArgs {
     fn config(&self) -> AgentConfig {
-        let udp = self.ct_timeout_udp.as_secs();
+        let secs = |d: Duration| u32::try_from(d.as_secs().max(1)).unwrap_or(u32::MAX);
         AgentConfig {
             uplink: self.uplink.clone(),
             node_ip: self.node_ip,
@@ -291,16 +306,17 @@ impl AgentArgs {
             snat_ports: self.snat_ports,
             masquerade: !self.no_masquerade,
             ct_max: self.ct_max,
+            ct_container_share: self.ct_container_share,
             allow_direct_routing: self.allow_direct_routing,
+            mtu: self.mtu,
             timeouts: Timeouts {
-                tcp_syn: self.ct_timeout_tcp_syn.as_secs(),
-                tcp_established: self.ct_timeout_tcp.as_secs(),
-                tcp_closing: self.ct_timeout_tcp_close.as_secs(),
-                udp_unreplied: (udp / 4).max(1),
-                udp_replied: udp,
-                icmp: self.ct_timeout_icmp.as_secs(),
+                tcp_syn: secs(self.ct_timeout_tcp_syn),
+                tcp_established: secs(self.ct_timeout_tcp),
+                tcp_closing: secs(self.ct_timeout_tcp_close),
+                udp: secs(self.ct_timeout_udp),
+                udp_stream: secs(self.ct_timeout_udp_stream),
+                icmp: secs(self.ct_timeout_icmp),
             },
-            gc_interval: self.ct_gc_interval,
             // aya-log levels: 3 info, 4 debug.
             log_level: if self.kernel_debug_logs { 4 } else { 3 },
         }
@@ -442,6 +458,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             ifname,
             mut publish,
             publish_file,
+            force,
             cgroup,
             limits,
         }) => {
@@ -459,6 +476,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     ingress_rate: limits.ingress_rate,
                     egress_burst: limits.egress_burst,
                     ingress_burst: limits.ingress_burst,
+                    force,
                 })
                 .await?;
             println!(
@@ -489,8 +507,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Command::Container(ContainerCmd::Publish { name, specs, more }) => {
-            let info = client.publish(&name, &more.all(specs)?).await?;
+        Command::Container(ContainerCmd::Publish {
+            name,
+            specs,
+            more,
+            force,
+        }) => {
+            let info = client.publish(&name, &more.all(specs)?, force).await?;
             print_ports(&info);
             Ok(())
         }

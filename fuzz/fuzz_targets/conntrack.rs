@@ -1,14 +1,15 @@
 //! The conntrack logic both sides share (datapath-common): the two entries
-//! of a flow find each other (the agent's collector pairs them this way),
-//! keys reverse cleanly, flow states follow the TCP flags, every state has
-//! a timeout, and the pool test agrees with plain mask arithmetic.
+//! of a flow find each other (the datapath and the agent pair them this
+//! way), keys reverse cleanly and compare like `==`, every state has a
+//! timeout, a RST at the sender's next sequence number is always in the
+//! window, and the pool test agrees with plain mask arithmetic.
 #![no_main]
 
 use arbitrary::Arbitrary;
 use datapath_common::{
     Config, CtEntry, CtKey,
-    ct::{CtState, Timeouts},
-    ct_action, proto, tcp_flags,
+    ct::{self, Timeouts},
+    ct_action, ct_state,
 };
 use libfuzzer_sys::fuzz_target;
 
@@ -22,9 +23,10 @@ struct Input {
     nat_addr: [u8; 4],
     nat_port: u16,
     snat: bool,
-    orig_flags: u32,
-    reply_flags: u32,
-    replied: bool,
+    state: u8,
+    seq: u32,
+    ack: u32,
+    flight: u16,
     pool_addr: [u8; 4],
     prefix: u8,
 }
@@ -39,15 +41,10 @@ fn entry(action: u8, nat_addr: [u8; 4], nat_port: u16) -> CtEntry {
 }
 
 fuzz_target!(|i: Input| {
-    let key = CtKey {
-        saddr: i.saddr,
-        daddr: i.daddr,
-        sport: i.sport,
-        dport: i.dport,
-        proto: i.proto,
-        _pad: [0; 3],
-    };
+    let key = CtKey::v4(i.saddr, i.sport, i.daddr, i.dport, i.proto);
     assert_eq!(key.reversed().reversed(), key);
+    assert!(key.same(&key));
+    assert_eq!(key.same(&key.reversed()), key == key.reversed());
 
     // A flow's original entry leads to its reply entry's key, and the
     // reply entry leads back: DNAT (destination rewritten to the
@@ -65,6 +62,7 @@ fuzz_target!(|i: Input| {
     };
     let reply_key = orig.peer_key(&key);
     assert_eq!(reply.peer_key(&reply_key), key, "{orig:?} / {reply:?}");
+    assert!(orig.pairs_with(&key, &reply_key) && reply.pairs_with(&reply_key, &key));
     if i.snat {
         assert_eq!((reply_key.daddr, reply_key.dport), (i.nat_addr, i.nat_port));
         assert_eq!((reply_key.saddr, reply_key.sport), (key.daddr, key.dport));
@@ -73,20 +71,24 @@ fuzz_target!(|i: Input| {
         assert_eq!((reply_key.daddr, reply_key.dport), (key.saddr, key.sport));
     }
 
-    let state = CtState::of(i.proto, i.orig_flags, i.reply_flags, i.replied);
-    let all = i.orig_flags | i.reply_flags;
-    match i.proto {
-        proto::TCP if all & tcp_flags::RST != 0 => assert_eq!(state, CtState::Closing),
-        proto::TCP if !i.replied => assert!(matches!(state, CtState::SynSent | CtState::Closing)),
-        proto::TCP => {}
-        _ => assert_eq!(
-            state,
-            CtState::of(i.proto, 0, 0, i.replied),
-            "flags only matter to TCP"
-        ),
-    }
-    assert!(Timeouts::default().of(state) > 0);
-    assert!(!state.name().is_empty());
+    // Every state of every protocol has a timeout, set or defaulted.
+    let state = i.state % 8;
+    assert!(Timeouts::UNSET.of(i.proto, state) > 0);
+    assert!(!ct_state::name(state).is_empty());
+
+    // A RST carrying the sender's next sequence number, or any number the
+    // other side acknowledged within the bytes in flight, is in the
+    // window; one half the sequence space away is not.
+    let sender_end = i.seq;
+    let receiver_ack = i.seq.wrapping_sub(u32::from(i.flight));
+    assert!(ct::rst_in_window(sender_end, sender_end, receiver_ack));
+    assert!(ct::rst_in_window(receiver_ack, sender_end, receiver_ack));
+    assert!(!ct::rst_in_window(
+        sender_end.wrapping_add(1 << 31),
+        sender_end,
+        receiver_ack
+    ));
+    let _ = ct::seq_after(i.seq, i.ack);
 
     let prefix = u32::from(i.prefix % 33);
     let mask = if prefix == 0 {

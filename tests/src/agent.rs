@@ -36,8 +36,10 @@ use crate::{
 
 /// Where each agent's directory (socket, state, log) is made.
 pub const TMP_DIR: &str = "/tmp";
-/// How long the agent may take to create its API socket.
-pub const START_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the agent may take to create its API socket. Loading verifies
+/// the programs, about a second of CPU time alone; with several tests
+/// starting agents at once on two shared cores it can take ten.
+pub const START_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long the agent may take to exit after SIGTERM before it is killed.
 pub const STOP_TIMEOUT: Duration = Duration::from_secs(5);
 

@@ -183,6 +183,12 @@ impl IntoSocketAddr for (std::net::Ipv4Addr, u16) {
     }
 }
 
+impl IntoSocketAddr for ([u8; 4], u16) {
+    fn into_socket_addr(self) -> SocketAddr {
+        SocketAddr::from((std::net::Ipv4Addr::from(self.0), self.1))
+    }
+}
+
 /// Anything that names an IP address: an [`IpAddr`], an [`std::net::Ipv4Addr`]
 /// or a string (test code: a malformed string panics).
 pub trait IntoIpAddr {

@@ -26,8 +26,9 @@ use aya::{
 };
 use bytemuck::{Pod, Zeroable};
 use datapath_common::{
-    CONFIG_F_READY, Config, CtEntry, CtKey, Endpoint, EndpointKey, NodeAddr, NodeAddrKey,
-    ServiceKey, ServiceValue, Stat, clock::TestClock, names, programs as prog_names, proto,
+    CONFIG_F_READY, Config, CtContainer, CtEntry, CtKey, CtTimedEntry, Endpoint, EndpointKey,
+    FlushRequest, FragEntry, FragKey, NodeAddr, NodeAddrKey, ServiceKey, ServiceValue, Stat,
+    clock::TestClock, ct_state, names, programs as prog_names, proto,
 };
 
 /// TC verdict: let the packet continue.
@@ -206,6 +207,34 @@ impl SkBuff {
     }
 }
 
+/// The two conntrack tables.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Table {
+    /// [`names::CT`]: confirmed flows.
+    Main,
+    /// [`names::CT_NEW`]: unconfirmed flows.
+    New,
+}
+
+/// The kernel's clock (`bpf_ktime_get_ns`), in ns.
+pub fn now_ns() -> u64 {
+    let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .unwrap_or_else(|e| panic!("clock_gettime: {e}"));
+    t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64
+}
+
+/// `entry` with zero timestamps set to now.
+fn fresh(mut entry: CtEntry) -> CtEntry {
+    let now = now_ns();
+    if entry.created_ns == 0 {
+        entry.created_ns = now;
+    }
+    if entry.last_seen_ns == 0 {
+        entry.last_seen_ns = now;
+    }
+    entry
+}
+
 /// The outcome of one test run.
 #[derive(Clone, Debug)]
 pub struct RunResult {
@@ -242,7 +271,7 @@ impl Programs {
     }
 
     /// Loads the object with `max_entries` overridden per map name, e.g.
-    /// `[(names::CONNTRACK, 4)]` to test a full table.
+    /// `[(names::CT, 4)]` to test a full table.
     pub fn try_load_with(max_entries: &[(&'static str, u32)]) -> Result<Self, HarnessError> {
         let mut loader = EbpfLoader::new();
         for (name, n) in max_entries {
@@ -491,7 +520,8 @@ impl Programs {
             snat_port_min: 61000,
             snat_port_max: 65535,
             flags: datapath_common::CONFIG_F_SNAT | CONFIG_F_READY,
-            _pad: 0,
+            ct_container_max: 0,
+            timeouts: datapath_common::ct::Timeouts::UNSET,
         }
     }
 
@@ -618,45 +648,126 @@ impl Programs {
             .unwrap_or_else(|e| panic!("insert into {}: {e}", names::NODE_ADDRS));
     }
 
-    /// Inserts a conntrack entry (to set up an established flow).
+    /// Inserts a confirmed conntrack entry into the main table (to set up
+    /// an established flow). A zero state becomes the confirmed state of
+    /// the key's protocol, zero timestamps become now; no expiry timer is
+    /// armed (the entry expires when a packet finds it idle).
     pub fn insert_conntrack(&mut self, key: CtKey, entry: CtEntry) {
-        let mut m = self.hash::<CtKey, CtEntry>(names::CONNTRACK);
-        m.insert(key, entry, 0)
-            .unwrap_or_else(|e| panic!("insert into {}: {e}", names::CONNTRACK));
+        let mut entry = fresh(entry);
+        if entry.state == 0 {
+            entry.state = if key.proto == proto::TCP {
+                ct_state::TCP_ESTABLISHED
+            } else {
+                ct_state::STREAM
+            };
+        }
+        let mut m = self.hash::<CtKey, CtTimedEntry>(names::CT);
+        m.insert(
+            key,
+            CtTimedEntry {
+                entry,
+                ..CtTimedEntry::default()
+            },
+            0,
+        )
+        .unwrap_or_else(|e| panic!("insert into {}: {e}", names::CT));
     }
 
-    /// The conntrack entry for `key`, if any.
-    pub fn conntrack_get(&mut self, key: &CtKey) -> Option<CtEntry> {
-        let m = self.hash::<CtKey, CtEntry>(names::CONNTRACK);
-        match m.get(key, 0) {
-            Ok(v) => Some(v),
+    /// Inserts an entry into the table of unconfirmed flows as given
+    /// (zero timestamps become now).
+    pub fn insert_conntrack_new(&mut self, key: CtKey, entry: CtEntry) {
+        let mut m = self.hash::<CtKey, CtEntry>(names::CT_NEW);
+        m.insert(key, fresh(entry), 0)
+            .unwrap_or_else(|e| panic!("insert into {}: {e}", names::CT_NEW));
+    }
+
+    /// The conntrack entry for `key` and its table, if any.
+    pub fn conntrack_lookup(&mut self, key: &CtKey) -> Option<(Table, CtEntry)> {
+        let main = self.hash::<CtKey, CtTimedEntry>(names::CT);
+        match main.get(key, 0) {
+            Ok(v) => return Some((Table::Main, v.entry)),
+            Err(MapError::KeyNotFound) => {}
+            Err(e) => panic!("lookup in {}: {e}", names::CT),
+        }
+        let new = self.hash::<CtKey, CtEntry>(names::CT_NEW);
+        match new.get(key, 0) {
+            Ok(v) => Some((Table::New, v)),
             Err(MapError::KeyNotFound) => None,
-            Err(e) => panic!("lookup in {}: {e}", names::CONNTRACK),
+            Err(e) => panic!("lookup in {}: {e}", names::CT_NEW),
         }
     }
 
-    /// Every conntrack entry, sorted by key bytes for stable comparisons.
+    /// The conntrack entry for `key`, in either table, if any.
+    pub fn conntrack_get(&mut self, key: &CtKey) -> Option<CtEntry> {
+        self.conntrack_lookup(key).map(|(_, e)| e)
+    }
+
+    /// Every conntrack entry of both tables, sorted by key bytes for
+    /// stable comparisons.
     pub fn conntrack(&mut self) -> Vec<(CtKey, CtEntry)> {
-        let m = self.hash::<CtKey, CtEntry>(names::CONNTRACK);
-        let mut all: Vec<(CtKey, CtEntry)> = m
-            .iter()
-            .map(|r| r.unwrap_or_else(|e| panic!("iterating {}: {e}", names::CONNTRACK)))
+        let mut all: Vec<(CtKey, CtEntry)> = self
+            .conntrack_table(Table::Main)
+            .into_iter()
+            .chain(self.conntrack_table(Table::New))
             .collect();
         all.sort_by(|a, b| bytemuck::bytes_of(&a.0).cmp(bytemuck::bytes_of(&b.0)));
         all
     }
 
-    /// Removes every conntrack entry.
-    pub fn clear_conntrack(&mut self) {
-        let mut m = self.hash::<CtKey, CtEntry>(names::CONNTRACK);
-        let keys: Vec<CtKey> = m
-            .keys()
-            .map(|k| k.unwrap_or_else(|e| panic!("iterating {}: {e}", names::CONNTRACK)))
-            .collect();
-        for k in keys {
-            m.remove(&k)
-                .unwrap_or_else(|e| panic!("remove from {}: {e}", names::CONNTRACK));
+    /// Every entry of one conntrack table, sorted by key bytes.
+    pub fn conntrack_table(&mut self, table: Table) -> Vec<(CtKey, CtEntry)> {
+        let mut all: Vec<(CtKey, CtEntry)> = match table {
+            Table::Main => self
+                .hash::<CtKey, CtTimedEntry>(names::CT)
+                .iter()
+                .map(|r| r.map(|(k, v)| (k, v.entry)))
+                .collect::<Result<_, _>>()
+                .unwrap_or_else(|e| panic!("iterating {}: {e}", names::CT)),
+            Table::New => self
+                .hash::<CtKey, CtEntry>(names::CT_NEW)
+                .iter()
+                .collect::<Result<_, _>>()
+                .unwrap_or_else(|e| panic!("iterating {}: {e}", names::CT_NEW)),
+        };
+        all.sort_by(|a, b| bytemuck::bytes_of(&a.0).cmp(bytemuck::bytes_of(&b.0)));
+        all
+    }
+
+    /// The fragment-table entry of `key`, if any.
+    pub fn frag_get(&mut self, key: &FragKey) -> Option<FragEntry> {
+        let m = self.hash::<FragKey, FragEntry>(names::CT_FRAGS);
+        match m.get(key, 0) {
+            Ok(v) => Some(v),
+            Err(MapError::KeyNotFound) => None,
+            Err(e) => panic!("lookup in {}: {e}", names::CT_FRAGS),
         }
+    }
+
+    /// The conntrack record of container `id` (zero if it has none).
+    pub fn ct_container(&mut self, id: u32) -> CtContainer {
+        let m = self.hash::<u32, CtContainer>(names::CT_CONTAINERS);
+        match m.get(&id, 0) {
+            Ok(v) => v,
+            Err(MapError::KeyNotFound) => CtContainer::default(),
+            Err(e) => panic!("lookup in {}: {e}", names::CT_CONTAINERS),
+        }
+    }
+
+    /// Runs the flush program on `req`; returns the flows it removed.
+    pub fn flush(&mut self, req: FlushRequest) -> u32 {
+        let frame = req.frame();
+        let r = self.run_tc(prog_names::CT_FLUSH, &frame, None);
+        assert!(
+            (r.verdict as i32) >= 0,
+            "flush refused its request: {}",
+            r.verdict as i32
+        );
+        r.verdict
+    }
+
+    /// Removes every flow (through the kernel's flush, as the agent does).
+    pub fn clear_conntrack(&mut self) {
+        self.flush(FlushRequest::default());
     }
 
     /// Counter `stat`, summed over CPUs.

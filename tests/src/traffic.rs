@@ -78,7 +78,10 @@ impl Server {
 
     /// A TCP line server on `0.0.0.0:port` in `ns`: every line `L` is
     /// answered with the line `"<name>: L"`, on any number of connections at
-    /// once (see [`line_exchange`] and [`RrFlow`]).
+    /// once (see [`line_exchange`] and [`RrFlow`]). After answering the
+    /// line `bye` it closes the connection itself, so that the server's
+    /// end, not the client's, waits out TIME_WAIT (a client may reuse its
+    /// port at once).
     pub fn line_echo(ns: &Netns, port: u16, name: &str) -> Self {
         Self::start(ns, port, name, Kind::LineEcho)
     }
@@ -335,7 +338,8 @@ fn echo_conn(mut conn: TcpStream, stop: &AtomicBool) -> io::Result<()> {
     Ok(())
 }
 
-/// Answers every line `L` on `conn` with `"<tag>: L"` until EOF or `stop`.
+/// Answers every line `L` on `conn` with `"<tag>: L"` until EOF, `stop`
+/// or the line `bye`.
 fn answer_lines(conn: TcpStream, tag: &str, stop: &AtomicBool) -> io::Result<()> {
     conn.set_nonblocking(false)?;
     conn.set_read_timeout(Some(POLL * 10))?;
@@ -348,6 +352,9 @@ fn answer_lines(conn: TcpStream, tag: &str, stop: &AtomicBool) -> io::Result<()>
             Ok(0) => return Ok(()),
             Ok(_) if line.ends_with('\n') => {
                 w.write_all(format!("{tag}: {line}").as_bytes())?;
+                if line == "bye\n" {
+                    return Ok(());
+                }
                 line.clear();
             }
             // Part of a line before the timeout: the rest follows.
@@ -409,7 +416,12 @@ fn serve_udp(
         if let Some(label) = echo {
             let mut reply = format!("{label}: ").into_bytes();
             reply.extend_from_slice(&buf[..n]);
-            sock.send_to(&reply, peer)?;
+            // An answer that cannot leave (the route to the peer went away
+            // with an interface) is lost, as on a network; the server goes
+            // on serving.
+            if let Err(e) = sock.send_to(&reply, peer) {
+                eprintln!("server {label}: answer to {peer} not sent: {e}");
+            }
         }
     }
     Ok(())
@@ -483,7 +495,7 @@ pub fn udp_request_within(
         sock.connect(addr)?;
         sock.set_read_timeout(Some(timeout))?;
         sock.send(payload)?;
-        let mut buf = [0u8; 2048];
+        let mut buf = vec![0u8; 65536];
         let n = sock.recv(&mut buf)?;
         Ok(buf[..n].to_vec())
     })
@@ -496,6 +508,26 @@ pub fn udp_send(ns: &Netns, from: SocketAddr, to: SocketAddr, payload: &[u8]) ->
         let s = UdpSocket::bind(from)?;
         s.send_to(payload, to).map(drop)
     })
+}
+
+/// Sends `line` on an open connection to a [`Server::line_echo`] and reads
+/// the answering line (without its newline).
+pub fn line_on(s: &mut TcpStream, line: &str) -> io::Result<String> {
+    s.write_all(format!("{line}\n").as_bytes())?;
+    let mut answer = Vec::new();
+    let mut byte = [0u8; 1];
+    // Byte by byte: nothing after the newline may be read ahead and lost.
+    while answer.last() != Some(&b'\n') {
+        if s.read(&mut byte)? == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!("closed after {:?}", String::from_utf8_lossy(&answer)),
+            ));
+        }
+        answer.push(byte[0]);
+    }
+    answer.pop();
+    String::from_utf8(answer).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
 }
 
 /// One short TCP connection from `ns` to `addr`: sends `line`, returns the

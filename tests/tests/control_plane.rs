@@ -373,9 +373,11 @@ fn the_conntrack_listing_is_streamed_and_can_be_limited() {
     }
     assert_eq!(agent.flows().len(), 3);
     // Counted in the background, the status's number catches up with the
-    // table's (two entries per flow).
-    datapath_tests::wait::until("status counts the entries", Duration::from_secs(10), || {
-        let in_table = datapath_tests::inspect::map_dump(&agent, "CONNTRACK").len();
+    // tables' (two entries per flow, confirmed or not; the closed flows
+    // stay live for the closing timeout, 10 s).
+    datapath_tests::wait::until("status counts the entries", Duration::from_secs(8), || {
+        let in_table = datapath_tests::inspect::map_dump(&agent, "CT").len()
+            + datapath_tests::inspect::map_dump(&agent, "CT_NEW").len();
         in_table >= 6 && agent.status()["conntrack_entries"].as_u64() == Some(in_table as u64)
     });
     let limited = agent.cli_json(["conntrack", "list", "--json", "--limit", "2"]);

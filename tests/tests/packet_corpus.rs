@@ -9,11 +9,15 @@
 //! * a header the kernel itself would drop (IHL < 5, total length below the
 //!   header or beyond the frame, TCP data offset < 5, L4 header cut short):
 //!   dropped, `drop_malformed`;
-//! * a first fragment of a flow the datapath translates (tracked, or to a
-//!   published port on the uplink): dropped, `drop_fragment`; later
-//!   fragments, and first fragments too short to carry ports: passed;
+//! * a first fragment is judged like a whole packet (its L4 header must be
+//!   whole: else it is malformed); a later fragment takes its ports from
+//!   the fragment table (where its first fragment left them when it was
+//!   translated) and follows its flow; without them it is passed, or
+//!   dropped (`drop_fragment`) from a container when it would leave
+//!   masqueraded;
 //! * otherwise the translation rules (published port, conntrack, TTL,
-//!   direct routing, anti-spoofing, masquerade).
+//!   direct routing, anti-spoofing, masquerade, which TCP segments may
+//!   start a flow).
 //!
 //! For every frame: the verdict is the oracle's; a passed frame is
 //! byte-identical to the input; a translated one differs only in the fields
@@ -25,7 +29,7 @@
 use std::{collections::BTreeMap, fmt};
 
 use datapath_common::{
-    CONFIG_F_SNAT, Config, CtKey, Stat, ct_action,
+    CONFIG_F_SNAT, Config, CtKey, FragKey, Stat, ct_action,
     policy::{ICMP_REDIRECT, martian_source},
     programs::{CONTAINER_TC, UPLINK_TC, UPLINK_XDP},
     proto,
@@ -100,14 +104,33 @@ enum Expect {
 enum Model {
     NotOurs,
     Malformed,
-    Fragment(Option<CtKey>),
+    /// A later fragment: the key without ports, and the IP id.
+    Later {
+        key: CtKey,
+        id: u16,
+        ttl: u8,
+    },
     Flow {
         key: CtKey,
         ttl: u8,
+        /// TCP flags (0 for other protocols).
+        flags: u8,
         /// An ICMP error (destination unreachable, time exceeded): the
         /// key of the flow it is about, if it quotes one.
         icmp_error: Option<Option<CtKey>>,
     },
+}
+
+/// Whether a TCP segment with `flags` may start a flow: SYN without ACK,
+/// or (loose pickup) an ACK without SYN; never with RST or FIN.
+fn may_create(k: &CtKey, flags: u8) -> bool {
+    let (syn, ack, rst, fin) = (
+        flags & 2 != 0,
+        flags & 0x10 != 0,
+        flags & 4 != 0,
+        flags & 1 != 0,
+    );
+    k.proto != proto::TCP || (!rst && !fin && syn != ack)
 }
 
 fn be16(b: &[u8], off: usize) -> u16 {
@@ -115,14 +138,13 @@ fn be16(b: &[u8], off: usize) -> u16 {
 }
 
 fn key(saddr: &[u8], daddr: &[u8], sport: u16, dport: u16, proto: u8) -> CtKey {
-    CtKey {
-        saddr: [saddr[0], saddr[1], saddr[2], saddr[3]],
-        daddr: [daddr[0], daddr[1], daddr[2], daddr[3]],
+    CtKey::v4(
+        [saddr[0], saddr[1], saddr[2], saddr[3]],
         sport,
+        [daddr[0], daddr[1], daddr[2], daddr[3]],
         dport,
         proto,
-        _pad: [0; 3],
-    }
+    )
 }
 
 /// The tuple of the packet an ICMP error at L4 offset `l4` quotes, by the
@@ -173,23 +195,25 @@ fn model(f: &[u8]) -> Model {
         proto::UDP | proto::ICMP => 8,
         _ => return Model::NotOurs,
     };
+    let (s, d) = (&ip[12..16], &ip[16..20]);
     if offset != 0 {
-        return Model::Fragment(None);
-    }
-    if l4_len < hdr {
-        return if more {
-            Model::Fragment(None)
-        } else {
-            Model::Malformed
+        return Model::Later {
+            key: key(s, d, 0, 0, proto),
+            id: be16(ip, 4),
+            ttl: ip[8],
         };
     }
-    let (s, d) = (&ip[12..16], &ip[16..20]);
+    if l4_len < hdr {
+        return Model::Malformed;
+    }
     let mut icmp_error = None;
+    let mut flags = 0;
     let k = match proto {
         proto::TCP => {
             if usize::from(f[l4 + 12] >> 4) * 4 < 20 {
                 return Model::Malformed;
             }
+            flags = f[l4 + 13];
             key(s, d, be16(f, l4), be16(f, l4 + 2), proto)
         }
         proto::UDP => key(s, d, be16(f, l4), be16(f, l4 + 2), proto),
@@ -203,12 +227,11 @@ fn model(f: &[u8]) -> Model {
             _ => return Model::NotOurs,
         },
     };
-    if more {
-        return Model::Fragment(Some(k));
-    }
+    let _ = more;
     Model::Flow {
         key: k,
         ttl: ip[8],
+        flags,
         icmp_error,
     }
 }
@@ -297,6 +320,14 @@ impl Datapath {
         Expect::Drop(self.guarded(hook, f).unwrap_or(Stat::DropMalformed))
     }
 
+    /// Whether a container's packet to `dst` leaves masqueraded.
+    fn masqueraded(&self, dst: [u8; 4]) -> bool {
+        self.config.flags & CONFIG_F_SNAT != 0
+            && !self.in_pool(dst)
+            && dst != self.config.gateway_addr
+            && dst != NODE
+    }
+
     /// The oracle's verdict for `f` on `hook`, given the conntrack table as
     /// it is now.
     fn expect(&mut self, hook: Hook, f: &[u8]) -> Expect {
@@ -318,19 +349,51 @@ impl Datapath {
         match m {
             Model::NotOurs => Expect::Pass,
             Model::Malformed => Expect::Drop(Stat::DropMalformed),
-            Model::Fragment(None) => Expect::Pass,
-            Model::Fragment(Some(k)) => {
-                let ours =
-                    tracked(&mut self.p, &k).is_some() || (hook.is_uplink() && self.published(&k));
-                if ours {
-                    Expect::Drop(Stat::DropFragment)
+            Model::Later { key: k, id, ttl } => {
+                let ours: &[u8] = if hook.is_uplink() {
+                    &[ct_action::DNAT, ct_action::REV_SNAT]
                 } else {
-                    Expect::Pass
+                    &[ct_action::REV_DNAT, ct_action::SNAT]
+                };
+                let frag = self.p.frag_get(&FragKey {
+                    saddr: k.saddr,
+                    daddr: k.daddr,
+                    id: u32::from(id),
+                    proto: k.proto,
+                    _pad: [0; 3],
+                });
+                let Some(frag) = frag else {
+                    return if !hook.is_uplink() && self.masqueraded(k.daddr) {
+                        Expect::Drop(Stat::DropFragment)
+                    } else {
+                        Expect::Pass
+                    };
+                };
+                let k = CtKey {
+                    sport: frag.sport,
+                    dport: frag.dport,
+                    ..k
+                };
+                match tracked(&mut self.p, &k) {
+                    Some(e) if ours.contains(&e.action) && ttl <= 1 => {
+                        if hook.is_uplink() {
+                            Expect::Drop(Stat::DropTtlExceeded)
+                        } else {
+                            Expect::PassCounted(Stat::DropTtlExceeded)
+                        }
+                    }
+                    Some(e) if ours.contains(&e.action) => Expect::Translate,
+                    Some(_) => Expect::Pass,
+                    None if !hook.is_uplink() && self.masqueraded(k.daddr) => {
+                        Expect::Drop(Stat::DropNoFlow)
+                    }
+                    None => Expect::Pass,
                 }
             }
             Model::Flow {
                 key: k,
                 ttl,
+                flags,
                 icmp_error,
             } => {
                 let ours: &[u8] = if hook.is_uplink() {
@@ -366,6 +429,9 @@ impl Datapath {
                     if self.published(&k) {
                         return if ttl <= 1 {
                             Expect::Drop(Stat::DropTtlExceeded)
+                        } else if !may_create(&k, flags) {
+                            // The node answers for the port itself.
+                            Expect::Pass
                         } else {
                             Expect::Translate
                         };
@@ -375,15 +441,13 @@ impl Datapath {
                     }
                     return Expect::Pass;
                 }
-                let dst = k.daddr;
-                if self.config.flags & CONFIG_F_SNAT == 0
-                    || self.in_pool(dst)
-                    || dst == self.config.gateway_addr
-                    || dst == NODE
-                {
+                if !self.masqueraded(k.daddr) {
                     Expect::Pass
                 } else if ttl <= 1 {
                     ttl_expired
+                } else if !may_create(&k, flags) {
+                    // It would leave with the pool address.
+                    Expect::Drop(Stat::DropNoFlow)
                 } else {
                     Expect::Translate
                 }
@@ -513,11 +577,49 @@ impl Datapath {
                 .unwrap_or_else(|e| panic!("valid checksums stay valid ({e}): {}", ctx()));
         }
         assert_eq!(out[ETH + 8], f[ETH + 8] - 1, "TTL decremented: {}", ctx());
-        let Model::Flow {
-            key: k, icmp_error, ..
-        } = model(f)
-        else {
-            panic!("only flows translate: {}", ctx());
+        let (k, icmp_error) = match model(f) {
+            Model::Flow {
+                key, icmp_error, ..
+            } => (key, icmp_error),
+            Model::Later { key, id, .. } => {
+                let frag = self
+                    .p
+                    .frag_get(&FragKey {
+                        saddr: key.saddr,
+                        daddr: key.daddr,
+                        id: u32::from(id),
+                        proto: key.proto,
+                        _pad: [0; 3],
+                    })
+                    .unwrap_or_else(|| panic!("a translated fragment is known: {}", ctx()));
+                let k = CtKey {
+                    sport: frag.sport,
+                    dport: frag.dport,
+                    ..key
+                };
+                let entry = self
+                    .p
+                    .conntrack_get(&k)
+                    .unwrap_or_else(|| panic!("a translated flow is tracked: {}", ctx()));
+                let addr_off = if hook.is_uplink() { ETH + 16 } else { ETH + 12 };
+                assert_eq!(out[addr_off..addr_off + 4], entry.nat_addr, "{}", ctx());
+                let mut allowed = vec![ETH + 8, ETH + 10, ETH + 11];
+                allowed.extend(addr_off..addr_off + 4);
+                if hook == Hook::UplinkXdp {
+                    allowed.extend(0..12);
+                }
+                let stray: Vec<usize> = changed_offsets(f, out)
+                    .into_iter()
+                    .filter(|i| !allowed.contains(i))
+                    .collect();
+                assert!(
+                    stray.is_empty(),
+                    "a later fragment has only its address rewritten, not {stray:?}: {}",
+                    ctx()
+                );
+                return;
+            }
+            _ => panic!("only flows translate: {}", ctx()),
         };
         if icmp_error.is_some() {
             // ICMP errors rewrite the quoted packet too: packet_icmp_error.rs
@@ -907,7 +1009,7 @@ fn ipv6_with_extension_headers_passes_untouched() {
 }
 
 #[test]
-fn ipv4_fragments_of_a_translated_flow_are_dropped_first_and_passed_later() {
+fn ipv4_fragments_follow_the_flow_of_their_first_fragment() {
     let mut dps = datapaths();
     let payload = vec![7u8; 64];
     let uplink = [
@@ -925,16 +1027,22 @@ fn ipv4_fragments_of_a_translated_flow_are_dropped_first_and_passed_later() {
         let later = f.clone().fragment(true, 8).build();
         let last = f.clone().fragment(false, 16).build();
         for (hook, dp) in dps.iter_mut().filter(|(h, _)| h.is_uplink()) {
+            // Later fragments before their first: nothing to go by.
+            let e = dp.check(
+                *hook,
+                &label(format!("{name} early later fragment")),
+                &later,
+            );
+            assert_eq!(e, Expect::Pass, "{name} on {hook:?}");
             let e = dp.check(*hook, &label(format!("{name} first fragment")), &first);
-            assert_eq!(e, Expect::Drop(Stat::DropFragment), "{name} on {hook:?}");
+            assert_eq!(e, Expect::Translate, "{name} on {hook:?}");
             for (what, frag) in [("later", &later), ("last", &last)] {
                 let e = dp.check(*hook, &label(format!("{name} {what} fragment")), frag);
-                assert_eq!(e, Expect::Pass, "{name} {what} on {hook:?}");
+                assert_eq!(e, Expect::Translate, "{name} {what} on {hook:?}");
             }
         }
     }
-    // A first fragment too short to carry the ports cannot be told apart
-    // from others: passed (the kernel reassembles or discards it).
+    // A first fragment too short to carry its L4 header: malformed.
     let short = with_tot_len(
         Frame::udp("198.18.0.1:4003", "198.18.0.2:5353")
             .fragment(true, 0)
@@ -942,78 +1050,54 @@ fn ipv4_fragments_of_a_translated_flow_are_dropped_first_and_passed_later() {
             .to_vec(),
         24,
     );
-    // A first fragment of a flow that is not ours: passed.
+    // A datagram that is not ours: passed whole, fragments too.
     let other = Frame::udp("198.18.0.1:4004", "198.18.0.2:9999")
         .payload(payload.clone())
-        .fragment(true, 0)
-        .build();
+        .ident(0x4004);
     for (hook, dp) in dps.iter_mut().filter(|(h, _)| h.is_uplink()) {
         assert_eq!(
             dp.check(*hook, &label("short first fragment"), &short),
-            Expect::Pass
+            Expect::Drop(Stat::DropMalformed)
         );
-        {
+        for (what, f) in [
+            ("first", other.clone().fragment(true, 0).build()),
+            ("later", other.clone().fragment(false, 8).build()),
+        ] {
             assert_eq!(
-                dp.check(*hook, &label("first fragment, not published"), &other),
+                dp.check(*hook, &label(format!("{what} fragment, not published")), &f),
                 Expect::Pass
             );
         }
     }
 
-    // The container side: a first fragment of a masqueraded (tracked) flow
-    // is dropped, of an untracked one passed.
+    // The container side: a datagram leaving masqueraded is translated
+    // fragment by fragment; a later fragment without its first never
+    // leaves with the pool address.
     let (_, dp) = &mut dps[2];
     let flow = Frame::udp("198.19.0.5:5002", "198.18.0.1:9001").macs(CTR_MAC, HOST_MAC);
+    let orphan = flow
+        .clone()
+        .payload(payload.clone())
+        .ident(77)
+        .fragment(false, 8)
+        .build();
+    assert_eq!(
+        dp.check(Hook::ContainerTc, &label("orphan later fragment"), &orphan),
+        Expect::Drop(Stat::DropFragment)
+    );
     let first = flow
         .clone()
         .payload(payload.clone())
         .fragment(true, 0)
         .build();
     assert_eq!(
-        dp.check(
-            Hook::ContainerTc,
-            &label("untracked first fragment"),
-            &first
-        ),
-        Expect::Pass
-    );
-    let whole = flow.clone().payload(vec![1; 8]).build();
-    assert_eq!(
-        dp.check(Hook::ContainerTc, &label("whole datagram"), &whole),
+        dp.check(Hook::ContainerTc, &label("first fragment"), &first),
         Expect::Translate
-    );
-    assert_eq!(
-        dp.check(Hook::ContainerTc, &label("tracked first fragment"), &first),
-        Expect::Drop(Stat::DropFragment)
     );
     let later = flow.payload(payload).fragment(false, 8).build();
     assert_eq!(
-        dp.check(Hook::ContainerTc, &label("tracked later fragment"), &later),
-        Expect::Pass
-    );
-
-    // The uplink: a first fragment of a tracked flow to a port no longer
-    // published is still dropped.
-    let (_, dp) = &mut dps[0];
-    let syn = Frame::tcp("198.18.0.1:40005", "198.18.0.2:8080");
-    assert_eq!(
-        dp.check(Hook::UplinkTc, &label("SYN"), &syn.clone().build()),
+        dp.check(Hook::ContainerTc, &label("later fragment"), &later),
         Expect::Translate
-    );
-    assert!(dp.p.remove_service(&datapath_common::ServiceKey {
-        addr: [0; 4],
-        port: 8080,
-        proto: proto::TCP,
-        _pad: 0,
-    }));
-    let first = syn
-        .tcp_flags(datapath_tests::frame::tcp_flags::ACK)
-        .payload(vec![3; 40])
-        .fragment(true, 0)
-        .build();
-    assert_eq!(
-        dp.check(Hook::UplinkTc, &label("tracked first fragment"), &first),
-        Expect::Drop(Stat::DropFragment)
     );
 }
 
@@ -1055,14 +1139,22 @@ fn fragments_and_other_protocols_from_a_container_are_checked_for_spoofing() {
             Expect::Drop(Stat::DropSpoofed),
             "{what}"
         );
+        // The container's own: fragments of a UDP datagram to the outside
+        // are masqueraded (the first records the ports its later ones
+        // follow), other protocols pass.
         let genuine = own(f).build();
+        let expected = if what.contains("fragment") {
+            Expect::Translate
+        } else {
+            Expect::Pass
+        };
         assert_eq!(
             dp.check(
                 Hook::ContainerTc,
                 &label(format!("{what}, own source")),
                 &genuine
             ),
-            Expect::Pass,
+            expected,
             "{what}"
         );
     }
@@ -1149,7 +1241,7 @@ fn single_byte_corruptions_of_the_headers_follow_the_rules_on_the_uplink() {
         "Pass",
         "Translate",
         "Drop(DropMalformed)",
-        "Drop(DropFragment)",
+        "Drop(DropTtlExceeded)",
     ] {
         assert!(outcomes.contains_key(kind), "no {kind} in {outcomes:?}");
     }

@@ -90,27 +90,6 @@ fn ipv4_options_are_skipped_to_find_the_ports() {
 }
 
 #[test]
-fn first_fragment_to_a_published_port_is_dropped_later_ones_pass() {
-    let first = Frame::udp("198.18.0.1:4000", "198.18.0.2:5353")
-        .payload(vec![1; 64])
-        .fragment(true, 0)
-        .build();
-    let [(tcv, _, mut tc), (xv, _, _)] = both(&first);
-    assert_eq!((tcv, xv), (TC_ACT_SHOT, XDP_DROP));
-    assert_eq!(tc.stat(Stat::DropFragment), 1);
-    assert!(tc.conntrack().is_empty());
-
-    let later = Frame::udp("198.18.0.1:4000", "198.18.0.2:5353")
-        .payload(vec![1; 64])
-        .fragment(false, 9)
-        .build();
-    let [(tcv, tco, _), (xv, xo, _)] = both(&later);
-    assert_eq!((tcv, xv), (TC_ACT_OK, XDP_PASS));
-    assert_eq!(tco, later);
-    assert_eq!(xo, later);
-}
-
-#[test]
 fn vlan_tagged_and_non_ip_frames_pass_unchanged() {
     let tagged = Frame::tcp("198.18.0.1:40000", "198.18.0.2:8080")
         .vlan(5)

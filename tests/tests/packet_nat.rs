@@ -482,14 +482,7 @@ fn two_containers_with_the_same_source_port_and_destination_get_distinct_ports()
     let (_, pb) = snat(&mut p, B, &query(B, 5555), L4::Udp);
     assert_ne!(pa, pb, "one masquerade port per flow");
     assert_eq!(p.conntrack().len(), 4, "two entries per flow");
-    let key = |c: Ctr| CtKey {
-        saddr: c.addr,
-        daddr: CLIENT,
-        sport: 5555,
-        dport: 53,
-        proto: proto::UDP,
-        _pad: [0; 3],
-    };
+    let key = |c: Ctr| CtKey::v4(c.addr, 5555, CLIENT, 53, proto::UDP);
     for (c, port) in [(A, pa), (B, pb)] {
         let e = p.conntrack_get(&key(c)).expect("SNAT entry");
         assert_eq!(

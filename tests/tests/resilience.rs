@@ -997,14 +997,13 @@ fn syn_flood(node: &Node, port: u16, count: u32) {
 fn a_syn_flood_leaves_an_established_flow_working_and_memory_bounded() {
     const CT_MAX: u64 = 4096;
     let node = Node::new();
+    node.default_route_via_client();
     let web = Deployment::start_with(
         Agent::builder(&node).args([
             "--ct-max",
             &CT_MAX.to_string(),
             "--ct-timeout-tcp-syn",
             "3s",
-            "--ct-gc-interval",
-            "1s",
         ]),
         "web",
         &["-p", "8080:80"],
@@ -1025,34 +1024,24 @@ fn a_syn_flood_leaves_an_established_flow_working_and_memory_bounded() {
     let c = &st["counters"];
     let new = c["dnat_new"].as_u64().expect("dnat_new");
     let full = c["drop_ct_full"].as_u64().expect("drop_ct_full");
-    assert!(full > 0, "the full table is counted: {c:#}");
-    assert!(
-        new + full >= 10_000,
-        "the flood arrived ({new} new flows, {full} dropped): {c:#}"
-    );
+    assert_eq!(full, 0, "no flow is refused as table full: {c:#}");
+    assert!(new >= 10_000, "the flood arrived ({new} new flows): {c:#}");
     let entries = st["conntrack_entries"].as_u64().expect("entries");
-    assert!(entries <= CT_MAX, "{entries} entries > {CT_MAX}");
+    let bound = CT_MAX + CT_MAX.max(4096);
+    assert!(entries <= bound, "{entries} entries > {bound}");
     assert_eq!(st["conntrack_max"].as_u64(), Some(CT_MAX));
     let rss_after = rss_kib(pid);
     eprintln!(
-        "flood: {new} new flows, {full} dropped (table full), {entries} entries, \
-         agent RSS {rss_before} -> {rss_after} KiB"
+        "flood: {new} new flows, {entries} entries, agent RSS {rss_before} -> {rss_after} KiB"
     );
     assert!(
         rss_after < rss_before + 64 * 1024,
         "agent memory grew from {rss_before} to {rss_after} KiB"
     );
 
-    // Once the flood's half-open flows expire, new connections get in
-    // again; the established one never stopped.
-    let got_in = wait::within(Duration::from_secs(20), || {
-        line_exchange(&node.client, published, "new").is_ok()
-    });
-    assert!(
-        got_in,
-        "no new connection after the flood: {:#}",
-        web.agent.status()
-    );
+    // The flood only pushed out other unconfirmed flows: a new connection
+    // gets in at once, and the established one never stopped.
+    line_exchange(&node.client, published, "new").expect("a new connection right after");
     flow.wait_more("after the flood", 5);
     flow.finish()
         .expect("the established flow survived the flood");
@@ -1070,7 +1059,7 @@ fn the_half_open_flows_of_a_spoofed_syn_flood_expire_like_unanswered_ones() {
     // timeout, not live on as an established one and keep the table full.
     let node = Node::new();
     let web = Deployment::start_with(
-        Agent::builder(&node).args(["--ct-timeout-tcp-syn", "2s", "--ct-gc-interval", "1s"]),
+        Agent::builder(&node).args(["--ct-timeout-tcp-syn", "2s"]),
         "web",
         &["-p", "8080:80"],
     );
@@ -1094,11 +1083,10 @@ fn the_half_open_flows_of_a_spoofed_syn_flood_expire_like_unanswered_ones() {
 }
 
 #[test]
-fn fragmented_udp_to_a_published_port_arrives_whole_or_is_dropped_and_counted() {
+fn fragmented_udp_to_a_published_port_arrives_whole() {
     let node = Node::new();
     let dns = Deployment::start(&node, "dns", &["-p", "5353:53/udp"]);
     let sink = Server::udp_sink(&dns.ctr, 53, "dns");
-    let before = dns.agent.counter("drop_fragment");
     let big: Vec<u8> = (0..3000u32).map(|i| (i % 251) as u8).collect();
     let to = node.node_port(5353);
     let big2 = big.clone();
@@ -1124,34 +1112,15 @@ fn fragmented_udp_to_a_published_port_arrives_whole_or_is_dropped_and_counted() 
     // The datagram after the big one arriving means the big one's
     // fragments have been through the uplink too.
     assert_eq!(sink.wait_payload(b"small again", 1, IO_TIMEOUT), 1);
+    assert_eq!(
+        sink.wait_payload(&big, 1, IO_TIMEOUT),
+        1,
+        "the big one arrives whole"
+    );
     let got = sink.datagrams();
-    let payloads: Vec<&Vec<u8>> = got.iter().map(|(_, p)| p).collect();
-    assert!(
-        payloads.contains(&&b"small".to_vec()),
-        "unfragmented datagrams arrive: {} datagrams",
-        payloads.len()
-    );
-    for p in &payloads {
-        assert!(
-            p.as_slice() == b"small" || p.as_slice() == b"small again" || **p == big,
-            "a datagram arrived neither whole nor as sent ({} bytes)",
-            p.len()
-        );
-    }
-    let dropped = dns.agent.counter("drop_fragment") - before;
-    let arrived = payloads.contains(&&big);
-    eprintln!(
-        "fragmented datagram {}; drop_fragment moved by {dropped}",
-        if arrived {
-            "arrived whole"
-        } else {
-            "did not arrive"
-        }
-    );
-    assert!(
-        arrived || dropped >= 1,
-        "the fragmented datagram was dropped uncounted"
-    );
+    assert_eq!(got.len(), 3, "each datagram arrives once, whole");
+    assert!(dns.agent.counter("fragment_translated") >= 1);
+    assert_eq!(dns.agent.counter("drop_fragment"), 0);
 }
 
 // ---- the API ------------------------------------------------------------------------

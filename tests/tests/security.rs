@@ -582,7 +582,7 @@ fn a_pinned_map_of_another_layout_is_refused_and_one_of_another_capacity_migrate
         &["-p", "8080:80"],
     );
     let pool = web.agent.pool().to_owned();
-    assert_eq!(status_max_entries(&web.agent, names::CONNTRACK), Some(1024));
+    assert_eq!(status_max_entries(&web.agent, names::CT), Some(1024));
 
     // An older layout of ENDPOINTS (another value size) pinned in place.
     let pin = inspect::map_pin(&web.agent, names::ENDPOINTS);
@@ -645,13 +645,13 @@ fn a_pinned_map_of_another_layout_is_refused_and_one_of_another_capacity_migrate
     web.agent.kill();
     web.agent.set_args(&pool, &["--ct-max", "2048"]);
     web.agent.restart();
-    assert_eq!(status_max_entries(&web.agent, names::CONNTRACK), Some(2048));
+    assert_eq!(status_max_entries(&web.agent, names::CT), Some(2048));
     assert_eq!(web.agent.status()["conntrack_max"], 2048);
     assert_eq!(web.agent.flows().len(), flows, "every flow was copied");
     flow.wait_more("after the migration", 3);
     flow.finish().expect("the flow went on");
     assert!(
-        !pin.with_file_name(format!("migrate_{}", names::CONNTRACK))
+        !pin.with_file_name(format!("migrate_{}", names::CT))
             .exists(),
         "the old map's pin is gone"
     );

@@ -96,9 +96,14 @@ impl Backend for Handle {
         Ok(self.call(|reply| Command::Update(name, req, reply)).await?)
     }
 
-    async fn publish(&self, name: String, specs: Vec<String>) -> Result<ContainerInfo, Failure> {
+    async fn publish(
+        &self,
+        name: String,
+        specs: Vec<String>,
+        force: bool,
+    ) -> Result<ContainerInfo, Failure> {
         Ok(self
-            .call(|reply| Command::Publish(name, specs, reply))
+            .call(|reply| Command::Publish(name, specs, force, reply))
             .await?)
     }
 

@@ -27,7 +27,7 @@ use super::{
 use crate::{
     api::{AddContainer, ContainerInfo, UpdateContainer},
     cgroup,
-    datapath::{Datapath, Reader},
+    datapath::{Datapath, Flows, Reader},
     error::error_chain,
     model::{
         RateLimits,
@@ -138,7 +138,13 @@ impl Lifecycle<'_> {
                 req.name
             )));
         }
-        publish::check(self.node, self.store.state(), &req.name, &publish)?;
+        publish::check(
+            self.node,
+            self.store.state(),
+            &req.name,
+            &publish,
+            req.force,
+        )?;
         check_cgroup(self.store, &req.name, cgroup_id, &rate.limits)?;
         let tag = VethTag {
             id: u32::MAX,
@@ -219,7 +225,7 @@ impl Lifecycle<'_> {
                 ifname: c.ifname.clone(),
                 addr: c.addr,
                 gateway: self.node.cfg.gateway(),
-                mtu: None,
+                mtu: self.node.container_mtu(),
                 gro: self.node.gro(),
             })
             .await
@@ -369,8 +375,7 @@ impl Lifecycle<'_> {
             tracing::warn!(container = %c.name, "detach: {e}");
         }
         self.dp.remove_limits(&rate_target(c));
-        let id = c.id;
-        if let Err(e) = self.dp.flush_flows(|f| f.orig.container_id == id) {
+        if let Err(e) = self.dp.flush_flows(Flows::Container(c.id)) {
             tracing::warn!(container = %c.name, "flush conntrack: {e}");
         }
         if let Err(e) = self.net.delete_container_link(&c.host_ifname).await {

@@ -26,6 +26,7 @@ pub mod pool;
 pub mod publish;
 pub mod rebuild;
 pub mod reconcile;
+pub mod reserved;
 pub mod status;
 pub mod transaction;
 pub mod uplink;
@@ -35,7 +36,6 @@ use std::{
     net::Ipv4Addr,
     path::{Path, PathBuf},
     sync::Arc,
-    time::Duration,
 };
 
 use datapath_common::ct::Timeouts;
@@ -48,13 +48,13 @@ use self::{
 };
 use crate::{
     api::server::Failure,
-    datapath::{BpfError, Datapath, LoadOptions, RateTarget, Reader, UplinkHook},
+    datapath::{BpfError, Datapath, Flows, LoadOptions, RateTarget, Reader, UplinkHook},
     net::link::Netlink,
     store::{self, Container, StateError, StateLock, Store, gateway_of},
 };
 
 /// How often containers that could not be restored are tried again.
-pub const RETRY_INTERVAL: Duration = Duration::from_secs(2);
+pub const RETRY_INTERVAL: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// How the uplink hook is chosen.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -89,14 +89,17 @@ pub struct AgentConfig {
     pub snat_ports: (u16, u16),
     /// Masquerade container egress.
     pub masquerade: bool,
-    /// Conntrack capacity in entries (two per flow).
+    /// Capacity of the main conntrack table in entries (two per flow).
     pub ct_max: Option<u32>,
+    /// Percentage of the main conntrack table one container may hold
+    /// (100: no limit).
+    pub ct_container_share: u8,
     /// Let the uplink reach container addresses directly.
     pub allow_direct_routing: bool,
+    /// MTU of the containers' veth pairs (default: the uplink's).
+    pub mtu: Option<u32>,
     /// Conntrack idle timeouts.
     pub timeouts: Timeouts,
-    /// How often expired flows are collected.
-    pub gc_interval: Duration,
     /// Kernel-side log level (aya-log).
     pub log_level: u8,
 }
@@ -181,6 +184,14 @@ pub struct Node {
 }
 
 impl Node {
+    /// The MTU of the containers' veth pairs: `--mtu`, else the uplink's,
+    /// else the kernel's default.
+    pub fn container_mtu(&self) -> Option<u32> {
+        self.cfg
+            .mtu
+            .or_else(|| self.uplink.as_ref().and_then(|u| u.mtu))
+    }
+
     /// Whether container ends need GRO: native XDP redirects into a veth
     /// are dropped unless its peer has GRO (or an XDP program).
     pub fn gro(&self) -> bool {
@@ -236,6 +247,7 @@ impl Agent {
             degraded: BTreeMap::new(),
         };
         reconcile::reconcile(&mut agent.lifecycle()).await?;
+        agent.reserve_ports();
         Ok(agent)
     }
 
@@ -280,6 +292,7 @@ impl Agent {
         match command {
             Command::Add(req, reply) => {
                 let result = self.lifecycle().add(req).await;
+                self.reserve_ports();
                 self.answer(&publish, reply, result);
             }
             Command::Update(name, req, reply) => {
@@ -288,20 +301,48 @@ impl Agent {
             }
             Command::Delete(name, reply) => {
                 let result = self.lifecycle().delete(&name).await;
+                self.reserve_ports();
                 self.answer(&publish, reply, result);
             }
-            Command::Publish(name, specs, reply) => {
-                let result = self.ports().publish(&name, &specs).await;
+            Command::Publish(name, specs, force, reply) => {
+                let result = self.ports().publish(&name, &specs, force).await;
+                self.reserve_ports();
                 self.answer(&publish, reply, result);
             }
             Command::Unpublish(name, specs, reply) => {
                 let result = self.ports().unpublish(&name, &specs).await;
+                self.reserve_ports();
                 self.answer(&publish, reply, result);
             }
             // Flows are read live, not from the snapshot.
             Command::Flush(container, reply) => {
                 let _ = reply.send(self.flush(container.as_deref()));
             }
+        }
+    }
+
+    /// Brings the node's reserved ports in line with what is published and
+    /// masqueraded ([`reserved`]). A failure is logged: the datapath works
+    /// without it.
+    fn reserve_ports(&mut self) {
+        let wanted = reserved::wanted(&self.node, &self.store);
+        if let Err(e) = reserved::apply(&wanted, &mut self.store) {
+            tracing::warn!("reserve the published ports: {e:#}");
+        }
+    }
+
+    /// Follows an address change on link `ifindex` if it is the uplink's.
+    async fn addresses_changed(&mut self, ifindex: u32, publish: impl Fn(Snapshot)) {
+        let Some(up) = self.node.uplink.as_mut() else {
+            return;
+        };
+        if up.ifindex != ifindex {
+            return;
+        }
+        match uplink::follow_addresses(&self.node.cfg, up, &mut self.dp, &self.net).await {
+            Ok(true) => publish(self.snapshot()),
+            Ok(false) => {}
+            Err(e) => tracing::warn!("follow the uplink's addresses: {e:#}"),
         }
     }
 
@@ -330,7 +371,7 @@ impl Agent {
             None => None,
         };
         self.dp
-            .flush_flows(|f| id.is_none_or(|id| f.orig.container_id == id))
+            .flush_flows(id.map_or(Flows::All, Flows::Container))
             .map_err(internal("flush conntrack"))
     }
 }
@@ -360,8 +401,8 @@ async fn open_store(cfg: &AgentConfig, dp: &Datapath, net: &Netlink) -> anyhow::
 
 /// Runs the agent until `shutdown` completes: takes its state directory
 /// (refusing if another agent has it, or answers on `socket`), loads and
-/// adopts, then serves the API on `socket`, collects expired flows and
-/// forwards kernel logs. The programs stay attached and the maps pinned
+/// adopts, then serves the API on `socket` and forwards kernel logs (flows
+/// expire in the kernel). The programs stay attached and the maps pinned
 /// when it returns.
 pub async fn run(
     cfg: AgentConfig,
@@ -371,25 +412,10 @@ pub async fn run(
     // Before anything in the state directory is read; held until exit.
     let _lock = StateLock::acquire(&cfg.state_dir)?;
     crate::api::server::refuse_if_answered(socket).await?;
-    let gc_every = cfg.gc_interval;
     let started = owner::spawn(cfg).await?;
     if let Some(logger) = started.logger {
         tokio::spawn(forward_kernel_logs(logger));
     }
-    let mut collector = started.collector;
-    // A plain thread: the runtime would wait for a blocking task at exit.
-    std::thread::Builder::new()
-        .name("conntrack-gc".into())
-        .spawn(move || {
-            loop {
-                std::thread::sleep(gc_every);
-                match collector.collect() {
-                    Ok(0) => {}
-                    Ok(n) => tracing::debug!(removed = n, "conntrack gc"),
-                    Err(e) => tracing::warn!("conntrack gc: {e}"),
-                }
-            }
-        })?;
     let handle = Handle::new(started.commands, started.snapshot, started.reader);
     // An owner that died (a bug) takes the API down with it: a restarted
     // agent adopts what is there, where this one could only refuse changes.

@@ -18,7 +18,8 @@ use tokio::sync::{mpsc, oneshot, watch};
 use super::{Agent, AgentConfig, AgentError, status::Snapshot};
 use crate::{
     api::{AddContainer, ContainerInfo, UpdateContainer},
-    datapath::{Collector, Reader},
+    datapath::Reader,
+    net::watch::AddressEvents,
 };
 
 /// How many commands may wait for the owner; senders wait beyond that.
@@ -35,8 +36,9 @@ pub(super) enum Command {
     Update(String, UpdateContainer, Reply<ContainerInfo>),
     /// Delete a container.
     Delete(String, Reply<()>),
-    /// Publish ports of a container (all or none).
-    Publish(String, Vec<String>, Reply<ContainerInfo>),
+    /// Publish ports of a container (all or none); `true`: even ports a
+    /// node process listens on.
+    Publish(String, Vec<String>, bool, Reply<ContainerInfo>),
     /// Stop publishing ports of a container.
     Unpublish(String, Vec<String>, Reply<ContainerInfo>),
     /// Remove tracked flows (one container's, or all).
@@ -66,8 +68,6 @@ pub(super) struct Started {
     pub gone: oneshot::Receiver<()>,
     /// The kernel-side log ring buffer, if the object has one.
     pub logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
-    /// The conntrack collector.
-    pub collector: Collector,
 }
 
 /// What the owner hands back once the agent has started.
@@ -75,7 +75,6 @@ struct Ready {
     snapshot: watch::Receiver<Arc<Snapshot>>,
     reader: Arc<Reader>,
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
-    collector: Collector,
 }
 
 /// Starts the agent (load, uplink, adoption) on the owner's thread and
@@ -103,8 +102,15 @@ pub(super) async fn spawn(cfg: AgentConfig) -> anyhow::Result<Started> {
         owner,
         gone,
         logger: ready.logger,
-        collector: ready.collector,
     })
+}
+
+/// The next address event, or never without a subscription.
+async fn next_event(events: Option<&mut AddressEvents>) -> Option<u32> {
+    match events {
+        Some(events) => events.next().await,
+        None => std::future::pending().await,
+    }
 }
 
 /// The owner thread's body.
@@ -132,18 +138,10 @@ fn run(
             }
         };
         let (snapshots, snapshot) = watch::channel(Arc::new(agent.snapshot()));
-        let collector = match agent.dp.collector(agent.node.cfg.timeouts) {
-            Ok(collector) => collector,
-            Err(e) => {
-                let _ = ready.send(Err(e.into()));
-                return;
-            }
-        };
         let handed = Ready {
             snapshot,
             reader: Arc::clone(&agent.reader),
             logger: agent.dp.take_logger(),
-            collector,
         };
         if ready.send(Ok(handed)).is_err() {
             return;
@@ -153,6 +151,17 @@ fn run(
         };
         let mut retry = tokio::time::interval(super::RETRY_INTERVAL);
         retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // The uplink's address changes, watched from now on; one may have
+        // come since the uplink was set up, so its addresses are read once
+        // more right away.
+        let mut events = None;
+        if let Some(ifindex) = agent.node.uplink.as_ref().map(|u| u.ifindex) {
+            match AddressEvents::subscribe() {
+                Ok(e) => events = Some(e),
+                Err(e) => tracing::warn!("the node's address changes will not be followed: {e}"),
+            }
+            agent.addresses_changed(ifindex, publish).await;
+        }
         loop {
             tokio::select! {
                 message = inbox.recv() => match message {
@@ -162,6 +171,9 @@ fn run(
                 _ = retry.tick(), if !agent.degraded.is_empty() => {
                     agent.retry().await;
                     publish(agent.snapshot());
+                }
+                Some(ifindex) = next_event(events.as_mut()) => {
+                    agent.addresses_changed(ifindex, publish).await;
                 }
             }
         }

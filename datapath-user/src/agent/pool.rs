@@ -147,9 +147,10 @@ mod tests {
             snat_ports: (61000, 65535),
             masquerade: true,
             ct_max: None,
+            ct_container_share: 50,
             allow_direct_routing: false,
+            mtu: None,
             timeouts: Timeouts::default(),
-            gc_interval: std::time::Duration::from_secs(5),
             log_level: 3,
         }
     }

@@ -2,7 +2,7 @@
 //! the SERVICES map, and publishing or unpublishing ports of a running
 //! container.
 
-use std::{collections::HashSet, sync::Arc};
+use std::{collections::HashSet, net::IpAddr, sync::Arc};
 
 use datapath_common::{ServiceKey, ServiceValue};
 
@@ -12,9 +12,12 @@ use super::{
 };
 use crate::{
     api::ContainerInfo,
-    datapath::{Datapath, Reader},
-    model::{PortMapping, ports::SpecError},
-    net::link::Netlink,
+    datapath::{Datapath, Flows, Reader},
+    model::{
+        PortMapping,
+        ports::{Protocol, SpecError},
+    },
+    net::{link::Netlink, sockets},
     store::{Change, Container, State, Store},
 };
 
@@ -31,12 +34,14 @@ pub fn service_key(m: &PortMapping, port: u16) -> ServiceKey {
 /// Checks that container `name` may publish `publish` (none of which it
 /// publishes yet): no masquerade port, only addresses of this node, no
 /// overlap within the request or with ports already published (its own
-/// or another container's). O(log n) per mapping in the ports published.
+/// or another container's), and (unless `force`) no port a process of the
+/// node listens on. O(log n) per mapping in the ports published.
 pub fn check(
     node: &Node,
     state: &State,
     name: &str,
     publish: &[PortMapping],
+    force: bool,
 ) -> Result<(), AgentError> {
     let (lo, hi) = node.cfg.snat_ports;
     // The request's own mappings are checked against each other through a
@@ -80,6 +85,42 @@ pub fn check(
             }
         }
         ports.insert(&requester, m).map_err(AgentError::Internal)?;
+    }
+    if !force {
+        check_node_listeners(publish)?;
+    }
+    Ok(())
+}
+
+/// Refuses a mapping whose host port a process of the node receives on
+/// (like Docker's "port is already allocated"): the published port would
+/// take that process's traffic.
+fn check_node_listeners(publish: &[PortMapping]) -> Result<(), AgentError> {
+    for protocol in [Protocol::Tcp, Protocol::Udp] {
+        let mappings: Vec<&PortMapping> =
+            publish.iter().filter(|m| m.protocol == protocol).collect();
+        if mappings.is_empty() {
+            continue;
+        }
+        let receivers = match sockets::receivers(protocol.number()) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!("cannot list the node's {protocol} sockets: {e}");
+                continue;
+            }
+        };
+        for m in mappings {
+            let taken = receivers.iter().find(|r| {
+                (m.host_port..=m.host_end()).contains(&r.port())
+                    && sockets::receives_for(r, m.host_ip.map(IpAddr::V4))
+            });
+            if let Some(r) = taken {
+                return Err(AgentError::Conflict(format!(
+                    "cannot publish {m}: port {}/{protocol} is already allocated: a process of the node listens on {r} (publish it anyway with --force)",
+                    r.port()
+                )));
+            }
+        }
     }
     Ok(())
 }
@@ -156,11 +197,13 @@ impl Ports<'_> {
     /// Publishes more ports (or ranges) of an existing container, all in
     /// one transaction and one durable write: all of them or none.
     /// Mappings it already publishes are left as they are (publishing
-    /// only those succeeds unchanged).
+    /// only those succeeds unchanged). A port a process of the node
+    /// listens on is refused unless `force`.
     pub async fn publish(
         &mut self,
         name: &str,
         specs: &[String],
+        force: bool,
     ) -> Result<ContainerInfo, AgentError> {
         let wanted = parse_specs(specs)?;
         let c = self.container(name)?;
@@ -182,7 +225,7 @@ impl Ports<'_> {
         if new.is_empty() {
             return Ok(self.info(&c));
         }
-        check(self.node, self.store.state(), name, &new)?;
+        check(self.node, self.store.state(), name, &new, force)?;
         let ifindex = self
             .dp
             .endpoint(c.addr)
@@ -223,9 +266,12 @@ impl Ports<'_> {
     }
 
     /// Stops publishing ports (or ranges) of a container, in one durable
-    /// write. Established flows keep their container; new connections
-    /// are no longer translated. Unpublishing what is not published
-    /// succeeds.
+    /// write. Established TCP connections keep their container; new
+    /// connections are no longer translated. UDP has no connections: its
+    /// flows through the ports are removed (as kube-proxy does), so that a
+    /// client that keeps sending reaches whatever the port is published to
+    /// next instead of this container for as long as it sends.
+    /// Unpublishing what is not published succeeds.
     pub async fn unpublish(
         &mut self,
         name: &str,
@@ -259,6 +305,16 @@ impl Ports<'_> {
         for m in &gone {
             for (hp, _) in m.ports() {
                 self.dp.remove_service(&service_key(m, hp), c.id);
+                if m.protocol == Protocol::Udp {
+                    let flows = Flows::Published {
+                        container_id: c.id,
+                        port: hp,
+                        proto: m.protocol.number(),
+                    };
+                    if let Err(e) = self.dp.flush_flows(flows) {
+                        tracing::warn!(container = %name, port = hp, "flush the port's flows: {e}");
+                    }
+                }
             }
         }
         tracing::info!(container = %name, ports = gone.len(), first = %gone[0], "ports unpublished");

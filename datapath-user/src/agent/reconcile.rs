@@ -43,12 +43,14 @@ use super::{
 };
 use crate::{
     cgroup,
+    datapath::Flows,
     error::error_chain,
     model::{
         PortMapping, Protocol,
         identity::VETH_GROUP,
         mac::{format_mac, parse_mac},
         names::{HOST_VETH_PREFIX, is_host_veth_name},
+        ports::PortSet,
     },
     net::{
         inspect::Link,
@@ -188,9 +190,9 @@ fn open_netns(c: &Container) -> Result<Netns, Unrestored> {
 }
 
 /// Brings known container `c` back: its namespace checked, its veth
-/// (recreated with the same address if it vanished, tagged if an older
-/// agent made it), whatever of its map entries is missing or wrong, its
-/// program and rate limits. Every step overwrites what is there: a retry
+/// (recreated with the same address if it vanished, its flows then
+/// removed; tagged if an older agent made it), whatever of its map entries
+/// is missing or wrong, its program and rate limits. Every step overwrites what is there: a retry
 /// redoes them. Returns its record if adoption changed it, and the number
 /// of map entries written.
 async fn restore(
@@ -208,6 +210,7 @@ async fn restore(
         new.netns_id = Some(ns.id());
     }
     drop(ns);
+    let mut recreated = false;
     let (host, mac) = match found.links.get(&c.host_ifname) {
         Some(host) => {
             let mac = parse_mac(&c.mac).ok_or_else(|| {
@@ -242,6 +245,7 @@ async fn restore(
                     failed("recreate its veth", &e)
                 }
             })?;
+            recreated = true;
             new.mac = format_mac(link.container_mac);
             let host = HostEnd {
                 index: link.host_ifindex,
@@ -288,6 +292,16 @@ async fn restore(
     lc.dp
         .attach_container(&c.host_ifname)
         .map_err(|e| failed("attach its program", &e))?;
+    if recreated {
+        // Its flows still send to the vanished veth: gone, the next packet
+        // of each starts afresh through the entries just written.
+        match lc.dp.flush_flows(Flows::Container(c.id)) {
+            Ok(n) => {
+                tracing::info!(container = %c.name, entries = n, "flows of the old veth removed")
+            }
+            Err(e) => tracing::warn!(container = %c.name, "flush the old veth's flows: {e}"),
+        }
+    }
     restore_limits(lc, &mut new);
     let changed = (new != *c).then_some(new);
     Ok((changed, written))
@@ -397,11 +411,15 @@ async fn remove_orphans(lc: &mut Lifecycle<'_>, found: &Found) {
     for cgroup_id in lc.dp.retain_buckets(&limited) {
         tracing::warn!(cgroup_id, "removed an orphaned rate limit");
     }
-    if let Err(e) = lc
-        .dp
-        .flush_flows(|f| f.orig.container_id != 0 && !state.has_id(f.orig.container_id))
-    {
-        tracing::warn!("flush orphaned flows: {e}");
+    match lc.dp.flow_container_ids() {
+        Ok(ids) => {
+            for id in ids.into_iter().filter(|id| *id != 0 && !state.has_id(*id)) {
+                if let Err(e) = lc.dp.flush_flows(Flows::Container(id)) {
+                    tracing::warn!(container_id = id, "flush orphaned flows: {e}");
+                }
+            }
+        }
+        Err(e) => tracing::warn!("read conntrack: {e}"),
     }
 }
 
@@ -417,7 +435,13 @@ pub async fn cleanup(cfg: &AgentConfig) -> anyhow::Result<()> {
         .context("datapath agent --cleanup refuses to run under a live agent")?;
     let net = Netlink::new().context("open a netlink connection")?;
     let state = match store::journal::load(&cfg.state_dir) {
-        Ok(state) => state,
+        Ok(state) => {
+            // The ports this agent reserved go back to the node.
+            if let Err(e) = super::reserved::reserve(&PortSet::default(), state.reserved_ports()) {
+                tracing::warn!("give back the reserved ports: {e:#}");
+            }
+            state
+        }
         Err(e) => {
             tracing::warn!("{e}; removing the agent's veths by their tag only");
             State::default()

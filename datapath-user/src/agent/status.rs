@@ -5,7 +5,7 @@
 
 use std::{collections::BTreeMap, net::Ipv4Addr, path::PathBuf};
 
-use datapath_common::{capacity, ct::Timeouts, names};
+use datapath_common::{ct::Timeouts, names};
 use ipnet::Ipv4Net;
 
 use super::{AgentError, Node};
@@ -49,7 +49,7 @@ impl Snapshot {
             state_dir: cfg.state_dir.clone(),
             pool: cfg.pool,
             gateway: cfg.gateway(),
-            ct_max: cfg.ct_max.unwrap_or(capacity::CONNTRACK),
+            ct_max: crate::datapath::ct_max(cfg.ct_max),
             timeouts: cfg.timeouts,
             uplink: node.uplink.as_ref().map(|u| u.info()),
             attachments: dp.attachments().clone(),
@@ -103,10 +103,10 @@ impl Snapshot {
             maps: maps.clone(),
             counters: reader.counters(),
             containers: self.state.containers().len(),
-            conntrack_entries: reader.conntrack_entries(),
+            conntrack_entries: reader.conntrack_entries(&self.timeouts),
             conntrack_max: maps
                 .iter()
-                .find(|m| m.name == names::CONNTRACK && m.max_entries > 0)
+                .find(|m| m.name == names::CT && m.max_entries > 0)
                 .map_or(self.ct_max, |m| m.max_entries),
         }
     }
@@ -149,7 +149,7 @@ impl Snapshot {
         let mut sent = 0;
         let mut batch = Vec::with_capacity(FLOW_BATCH);
         let mut open = true;
-        let walked = reader.walk_flows(|f| {
+        let walked = reader.walk_flows(&self.timeouts, now, |f| {
             if sent >= limit {
                 return false;
             }

@@ -9,7 +9,11 @@ use datapath_common::ServiceKey;
 
 use super::rate_target;
 use crate::{
-    datapath::Datapath, error::error_chain, model::RateLimits, net::link::Netlink, store::Container,
+    datapath::{Datapath, Flows},
+    error::error_chain,
+    model::RateLimits,
+    net::link::Netlink,
+    store::Container,
 };
 
 /// One step a transaction took, and what undoes it.
@@ -111,7 +115,7 @@ impl Transaction {
                 }
                 Step::Service { key, id } => dp.remove_service(&key, id),
                 Step::Flows { id } => {
-                    if let Err(e) = dp.flush_flows(|f| f.orig.container_id == id) {
+                    if let Err(e) = dp.flush_flows(Flows::Container(id)) {
                         tracing::warn!(id, "flush conntrack: {e}");
                     }
                 }

@@ -5,12 +5,15 @@
 use std::net::Ipv4Addr;
 
 use anyhow::{Context as _, bail};
-use datapath_common::{CONFIG_F_ALLOW_DIRECT_ROUTING, CONFIG_F_READY, CONFIG_F_SNAT, Config};
+use datapath_common::{
+    CONFIG_F_ALLOW_DIRECT_ROUTING, CONFIG_F_CHECK_LINKS, CONFIG_F_FIB, CONFIG_F_READY,
+    CONFIG_F_SNAT, Config,
+};
 
 use super::{AgentConfig, XdpMode};
 use crate::{
     api::UplinkInfo,
-    datapath::{Datapath, UplinkHook},
+    datapath::{self, Datapath, Flows, UplinkHook},
     net::link::{Netlink, enable_ip_forward},
 };
 
@@ -27,6 +30,8 @@ pub struct Uplink {
     pub node_ip: Ipv4Addr,
     /// Every node address published ports answer on.
     pub node_addrs: Vec<Ipv4Addr>,
+    /// Its MTU, if the kernel reported one.
+    pub mtu: Option<u32>,
 }
 
 impl Uplink {
@@ -65,12 +70,21 @@ pub async fn setup(
 ) -> anyhow::Result<Option<Uplink>> {
     let pool = cfg.pool;
     let (lo, hi) = cfg.snat_ports;
+    let ct_max = datapath::ct_max(cfg.ct_max);
+    let share = u32::from(cfg.ct_container_share.min(100));
     let mut config = Config {
         pool_addr: pool.network().octets(),
         pool_mask: pool.netmask().octets(),
         gateway_addr: cfg.gateway().octets(),
         snat_port_min: lo,
         snat_port_max: hi,
+        flags: CONFIG_F_FIB | CONFIG_F_CHECK_LINKS,
+        ct_container_max: if share == 0 || share == 100 {
+            0
+        } else {
+            u32::try_from(u64::from(ct_max) * u64::from(share) / 100).unwrap_or(u32::MAX)
+        },
+        timeouts: cfg.timeouts,
         ..Config::default()
     };
     if cfg.masquerade {
@@ -102,17 +116,10 @@ pub async fn setup(
         .into_iter()
         .map(|(a, _)| a)
         .collect();
-    let node_ip = match (cfg.node_ip, addrs.first()) {
-        (Some(ip), _) => ip,
-        (None, Some(ip)) => *ip,
-        (None, None) => {
-            bail!("uplink {ifname} has no IPv4 address; give one to it or pass --node-ip")
-        }
-    };
-    let mut node_addrs = addrs;
-    if !node_addrs.contains(&node_ip) {
-        node_addrs.push(node_ip);
+    if cfg.node_ip.is_none() && addrs.is_empty() {
+        bail!("uplink {ifname} has no IPv4 address; give one to it or pass --node-ip");
     }
+    let (node_ip, node_addrs) = node_addresses(cfg, addrs, Ipv4Addr::UNSPECIFIED);
     let hook = hook_for(cfg.xdp_mode, &link.kind);
     config.node_addr = node_ip.octets();
     config.uplink_ifindex = ifindex;
@@ -130,7 +137,70 @@ pub async fn setup(
         hook,
         node_ip,
         node_addrs,
+        mtu: link.mtu,
     }))
+}
+
+/// The node address and the published-port addresses for link addresses
+/// `addrs`: `--node-ip` if given, else the first address (else `before`,
+/// when the link has none).
+fn node_addresses(
+    cfg: &AgentConfig,
+    addrs: Vec<Ipv4Addr>,
+    before: Ipv4Addr,
+) -> (Ipv4Addr, Vec<Ipv4Addr>) {
+    let node_ip = cfg.node_ip.or(addrs.first().copied()).unwrap_or(before);
+    let mut node_addrs = addrs;
+    if !node_addrs.contains(&node_ip) {
+        node_addrs.push(node_ip);
+    }
+    (node_ip, node_addrs)
+}
+
+/// Follows a change of the uplink's addresses without a restart: reads
+/// them again and rewrites the node-address map and, if the node's address
+/// changed, the masquerade source; flows masqueraded as the address the
+/// node gave up are removed, so that their next packet leaves as the new
+/// one. Whether anything changed.
+pub async fn follow_addresses(
+    cfg: &AgentConfig,
+    uplink: &mut Uplink,
+    dp: &mut Datapath,
+    net: &Netlink,
+) -> anyhow::Result<bool> {
+    let addrs: Vec<Ipv4Addr> = net
+        .ipv4_addrs(uplink.ifindex)
+        .await
+        .with_context(|| format!("read addresses of {}", uplink.ifname))?
+        .into_iter()
+        .map(|(a, _)| a)
+        .collect();
+    let (node_ip, node_addrs) = node_addresses(cfg, addrs, uplink.node_ip);
+    let sorted = |a: &[Ipv4Addr]| {
+        let mut a = a.to_vec();
+        a.sort_unstable();
+        a
+    };
+    if node_ip == uplink.node_ip && sorted(&node_addrs) == sorted(&uplink.node_addrs) {
+        return Ok(false);
+    }
+    dp.set_node_addrs(&node_addrs, uplink.ifindex)?;
+    let before = uplink.node_ip;
+    if node_ip != before {
+        let mut config = dp.config()?;
+        config.node_addr = node_ip.octets();
+        dp.set_config(config)?;
+        match dp.flush_flows(Flows::Masqueraded(before)) {
+            Ok(n) => {
+                tracing::info!(entries = n, %before, "flows masqueraded as the old address removed")
+            }
+            Err(e) => tracing::warn!(%before, "flush the old address's flows: {e}"),
+        }
+    }
+    tracing::info!(uplink = %uplink.ifname, %node_ip, addrs = ?node_addrs, "uplink addresses changed");
+    uplink.node_ip = node_ip;
+    uplink.node_addrs = node_addrs;
+    Ok(true)
 }
 
 #[cfg(test)]

@@ -227,13 +227,15 @@ impl Client {
     }
 
     /// `POST /v1/containers/{name}/ports`: publishes `specs` in one
-    /// request (all or none).
+    /// request (all or none); with `force`, even where a process of the
+    /// node listens on a port.
     pub async fn publish(
         &self,
         name: &str,
         specs: &[String],
+        force: bool,
     ) -> Result<ContainerInfo, ClientError> {
-        self.port_call(Method::POST, name, specs).await
+        self.port_call(Method::POST, name, specs, force).await
     }
 
     /// `DELETE /v1/containers/{name}/ports`: stops publishing `specs` in
@@ -243,7 +245,7 @@ impl Client {
         name: &str,
         specs: &[String],
     ) -> Result<ContainerInfo, ClientError> {
-        self.port_call(Method::DELETE, name, specs).await
+        self.port_call(Method::DELETE, name, specs, false).await
     }
 
     async fn port_call(
@@ -251,9 +253,11 @@ impl Client {
         method: Method,
         name: &str,
         specs: &[String],
+        force: bool,
     ) -> Result<ContainerInfo, ClientError> {
         let body = serde_json::to_vec(&PortRequest {
             publish: Specs::List(specs.to_vec()),
+            force,
         })
         .map_err(|e| ClientError::Http {
             socket: self.socket.clone(),

@@ -69,6 +69,7 @@ pub trait Backend: Clone + Send + Sync + 'static {
         &self,
         name: String,
         specs: Vec<String>,
+        force: bool,
     ) -> impl Future<Output = Result<ContainerInfo, Failure>> + Send;
     /// `DELETE /v1/containers/{name}/ports`: one spec or a list.
     fn unpublish(
@@ -204,7 +205,9 @@ async fn publish<B: Backend>(
     body: Result<Json<PortRequest>, JsonRejection>,
 ) -> Result<Json<ContainerInfo>, Failure> {
     let req = ports_body(body)?;
-    Ok(Json(b.publish(name, req.publish.into_vec()).await?))
+    Ok(Json(
+        b.publish(name, req.publish.into_vec(), req.force).await?,
+    ))
 }
 
 async fn unpublish<B: Backend>(

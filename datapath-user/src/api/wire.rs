@@ -69,6 +69,10 @@ pub struct AddContainer {
     /// least 1mb).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ingress_burst: Option<String>,
+    /// Publish ports even where a process of the node listens on them
+    /// (refused otherwise).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub force: bool,
 }
 
 /// `PATCH /v1/containers/{name}`: changes rate limits in place (no flow
@@ -100,6 +104,10 @@ pub struct UpdateContainer {
 pub struct PortRequest {
     /// `[ip:]host[-end]:container[-end][/tcp|/udp]`, or a list of them.
     pub publish: Specs,
+    /// Publish even where a process of the node listens on a port
+    /// (refused otherwise); unpublishing ignores it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub force: bool,
 }
 
 /// One port specification or a list of them.

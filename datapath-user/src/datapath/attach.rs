@@ -109,6 +109,13 @@ impl Datapath {
             _ => (XdpMode::Driver, "xdp-native"),
         };
         let prog: &mut Xdp = program(&mut self.ebpf, program_name)?;
+        // Loaded (verified) only for an uplink served by XDP.
+        if prog.fd().is_err() {
+            prog.load().map_err(|source| BpfError::Program {
+                name: program_name,
+                source,
+            })?;
+        }
         let program_id = prog.info().map(|i| i.id()).unwrap_or_default();
         attach_through_pin!(prog, XdpLink, &pin, { prog.attach(ifname, mode) }).map_err(
             |message| BpfError::Attach {

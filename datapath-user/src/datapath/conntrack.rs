@@ -1,13 +1,25 @@
-//! Userspace side of connection tracking: reading flows, flushing them,
-//! and garbage-collecting expired ones (which frees their masquerade ports).
+//! Userspace side of connection tracking: reading and describing flows.
+//!
+//! The kernel expires flows itself (see the eBPF crate's `conntrack`
+//! module): the agent never removes an entry. It reads the tables with
+//! `BPF_MAP_LOOKUP_BATCH` (a few syscalls per thousand entries, where
+//! iterating key by key costs two per entry), and flushes by asking the
+//! kernel ([`super::Datapath::flush_flows`]), so the per-container
+//! accounting stays exact and no check-then-delete race can remove a flow
+//! that just became active.
 
-use std::{collections::HashMap as StdHashMap, net::Ipv4Addr};
+use std::{
+    collections::{BTreeSet, HashMap as StdHashMap},
+    io,
+    net::Ipv4Addr,
+    os::fd::{AsFd as _, AsRawFd as _},
+};
 
-use aya::maps::{HashMap, MapData, MapError};
+use aya::maps::MapData;
 use datapath_common::{
-    CT_F_ORIGINAL, CtEntry, CtKey,
-    ct::{CtState, Timeouts},
-    ct_action, proto,
+    CtEntry, CtKey, CtTimedEntry,
+    ct::{self, Timeouts},
+    ct_action, ct_state, proto,
 };
 
 use crate::model::{Flow, FlowEndpoint};
@@ -19,7 +31,103 @@ pub fn now_ns() -> u64 {
         .unwrap_or(0)
 }
 
+/// `BPF_MAP_LOOKUP_BATCH`.
+const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+
+/// The `batch` member of `union bpf_attr`.
+#[repr(C)]
+#[derive(Default)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
+/// Reads every entry of hash map `map` with `BPF_MAP_LOOKUP_BATCH`. The
+/// result is a consistent view of each bucket, not of the whole map: a
+/// flow created or removed meanwhile may or may not be in it.
+pub fn read_all<K: bytemuck::Pod, V: bytemuck::Pod>(map: &MapData) -> io::Result<Vec<(K, V)>> {
+    let mut out = Vec::new();
+    walk_batches(map, 4096, |batch: &[(K, V)]| {
+        out.extend_from_slice(batch);
+        Ok(true)
+    })?;
+    Ok(out)
+}
+
+/// Reads the entries of hash map `map` with `BPF_MAP_LOOKUP_BATCH`, about
+/// `chunk` at a time (more for a bucket that holds more), calling `visit`
+/// with each batch until it returns `false` or fails. Memory stays that
+/// of one batch whatever the map's size; like [`read_all`], each bucket
+/// is seen consistently, the whole map is not.
+pub fn walk_batches<K: bytemuck::Pod, V: bytemuck::Pod>(
+    map: &MapData,
+    chunk: usize,
+    mut visit: impl FnMut(&[(K, V)]) -> io::Result<bool>,
+) -> io::Result<()> {
+    let fd = map.fd().as_fd().as_raw_fd();
+    let mut chunk = chunk.max(1);
+    let mut batch: Vec<(K, V)> = Vec::with_capacity(chunk);
+    // The batch token of a hash map is a bucket index (a u32).
+    let mut token = [0u64; 1];
+    let mut next = [0u64; 1];
+    let mut first = true;
+    loop {
+        let mut keys = vec![K::zeroed(); chunk];
+        let mut values = vec![V::zeroed(); chunk];
+        let mut attr = BatchAttr {
+            in_batch: if first { 0 } else { token.as_ptr() as u64 },
+            out_batch: next.as_mut_ptr() as u64,
+            keys: keys.as_mut_ptr() as u64,
+            values: values.as_mut_ptr() as u64,
+            count: chunk as u32,
+            map_fd: fd as u32,
+            ..BatchAttr::default()
+        };
+        // SAFETY: `attr` points at live buffers of `chunk` keys and values
+        // of the map's sizes; the kernel writes at most that many.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_LOOKUP_BATCH,
+                &raw mut attr,
+                size_of::<BatchAttr>(),
+            )
+        };
+        let err = (rc < 0).then(io::Error::last_os_error);
+        let n = (attr.count as usize).min(chunk);
+        batch.clear();
+        batch.extend(keys.into_iter().zip(values).take(n));
+        match err.as_ref().and_then(io::Error::raw_os_error) {
+            None => {}
+            Some(libc::ENOENT) => {
+                if !batch.is_empty() {
+                    visit(&batch)?;
+                }
+                return Ok(());
+            }
+            // A bucket holds more entries than fit: retry it larger.
+            Some(libc::ENOSPC) if n == 0 => {
+                chunk *= 2;
+                continue;
+            }
+            Some(_) => return Err(err.unwrap_or_else(io::Error::last_os_error)),
+        }
+        if !batch.is_empty() && !visit(&batch)? {
+            return Ok(());
+        }
+        token = next;
+        first = false;
+    }
+}
+
 /// One flow: its original-direction entry and, if present, its reply entry.
+#[derive(Clone, Debug)]
 pub struct FlowEntries {
     /// Key of the original direction.
     pub key: CtKey,
@@ -29,15 +137,18 @@ pub struct FlowEntries {
     pub reply_key: CtKey,
     /// Reply-direction entry.
     pub reply: Option<CtEntry>,
+    /// Whether it is in the main table (confirmed).
+    pub confirmed: bool,
 }
 
 impl FlowEntries {
-    /// The flow's state.
-    pub fn state(&self) -> CtState {
-        let (rf, replied) = self
-            .reply
-            .map_or((0, false), |r| (r.tcp_flags, r.packets > 0));
-        CtState::of(self.key.proto, self.orig.tcp_flags, rf, replied)
+    /// The flow's [`ct_state`]. A reply marks only the reply entry
+    /// `replied` (the datapath touches one entry per packet); the flow is.
+    pub fn state(&self) -> u8 {
+        match (self.orig.state, self.reply) {
+            (ct_state::UNREPLIED, Some(r)) if r.packets > 0 => ct_state::REPLIED,
+            (s, _) => s,
+        }
     }
 
     /// Last packet time in either direction.
@@ -46,112 +157,67 @@ impl FlowEntries {
             r.last_seen_ns.max(self.orig.last_seen_ns)
         })
     }
+
+    /// Whether the kernel would treat the flow as expired at `now` (it
+    /// removes such a flow when a packet or its timer finds it).
+    pub fn expired(&self, timeouts: &Timeouts, now: u64) -> bool {
+        ct::idle_expired(
+            now,
+            self.last_seen_ns(),
+            timeouts.of_ns(self.key.proto, self.state()),
+        )
+    }
 }
 
-/// Reads every flow. Reply entries whose original entry is gone are
-/// returned separately (as keys) so the collector can remove them.
-pub fn read_flows(
-    ct: &HashMap<MapData, CtKey, CtEntry>,
-) -> Result<(Vec<FlowEntries>, Vec<CtKey>), MapError> {
-    let mut all: StdHashMap<CtKey, CtEntry> = StdHashMap::new();
-    for item in ct.iter() {
-        let (k, v) = item?;
-        all.insert(k, v);
-    }
-    let mut flows = Vec::new();
-    let mut paired = std::collections::HashSet::new();
+/// The flows of one table's entries.
+fn pair(entries: Vec<(CtKey, CtEntry)>, confirmed: bool, out: &mut Vec<FlowEntries>) {
+    let all: StdHashMap<CtKey, CtEntry> = entries.into_iter().collect();
     for (k, v) in &all {
-        if v.flags & CT_F_ORIGINAL == 0 {
+        if !v.is_original() {
             continue;
         }
         let reply_key = v.peer_key(k);
-        let reply = all.get(&reply_key).copied();
-        if reply.is_some() {
-            paired.insert(reply_key);
-        }
-        flows.push(FlowEntries {
+        out.push(FlowEntries {
             key: *k,
             orig: *v,
             reply_key,
-            reply,
+            reply: all.get(&reply_key).copied(),
+            confirmed,
         });
     }
-    let orphans = all
-        .iter()
-        .filter(|(k, v)| v.flags & CT_F_ORIGINAL == 0 && !paired.contains(*k))
-        .map(|(k, _)| *k)
-        .collect();
-    Ok((flows, orphans))
 }
 
-/// Removes both entries of every flow for which `pred` holds; returns the
-/// number of entries removed.
-pub fn flush(
-    ct: &mut HashMap<MapData, CtKey, CtEntry>,
-    mut pred: impl FnMut(&FlowEntries) -> bool,
-) -> Result<usize, MapError> {
-    let (flows, _) = read_flows(ct)?;
-    let mut removed = 0;
-    for f in flows.iter().filter(|f| pred(f)) {
-        for key in [f.key, f.reply_key] {
-            if ct.remove(&key).is_ok() {
-                removed += 1;
-            }
-        }
-    }
-    Ok(removed)
-}
-
-/// Removes expired flows and orphaned reply entries; returns the number of
-/// entries removed. A masqueraded flow's port is free again once its reply
-/// entry is gone.
-pub fn gc(
-    ct: &mut HashMap<MapData, CtKey, CtEntry>,
+/// Reads every live flow of both tables (main: `ct`, unconfirmed:
+/// `ct_new`); flows the kernel would find expired are left out.
+pub fn read_flows(
+    ct: &MapData,
+    ct_new: &MapData,
     timeouts: &Timeouts,
     now: u64,
-) -> Result<usize, MapError> {
-    let (flows, orphans) = read_flows(ct)?;
-    let mut removed = 0;
-    for f in &flows {
-        let idle_s = now.saturating_sub(f.last_seen_ns()) / 1_000_000_000;
-        if idle_s >= timeouts.of(f.state()) {
-            for key in [f.key, f.reply_key] {
-                if ct.remove(&key).is_ok() {
-                    removed += 1;
-                }
-            }
-        }
-    }
-    for key in orphans {
-        // Created together with its original; an orphan older than a
-        // second lost its partner (flush or a failed insert).
-        if let Ok(e) = ct.get(&key, 0)
-            && now.saturating_sub(e.created_ns) > 1_000_000_000
-            && ct.remove(&key).is_ok()
-        {
-            removed += 1;
-        }
-    }
-    Ok(removed)
+) -> io::Result<Vec<FlowEntries>> {
+    let main: Vec<(CtKey, CtTimedEntry)> = read_all(ct)?;
+    let new: Vec<(CtKey, CtEntry)> = read_all(ct_new)?;
+    let mut flows = Vec::with_capacity((main.len() + new.len()) / 2);
+    pair(
+        main.into_iter().map(|(k, v)| (k, v.entry)).collect(),
+        true,
+        &mut flows,
+    );
+    pair(new, false, &mut flows);
+    flows.retain(|f| !f.expired(timeouts, now));
+    Ok(flows)
 }
 
-/// Collects expired flows periodically, on its own handle of the
-/// conntrack map ([`super::Datapath::collector`]).
-pub struct Collector {
-    ct: HashMap<MapData, CtKey, CtEntry>,
-    timeouts: Timeouts,
-}
-
-impl Collector {
-    /// A collector working on `ct`.
-    pub fn new(ct: HashMap<MapData, CtKey, CtEntry>, timeouts: Timeouts) -> Self {
-        Self { ct, timeouts }
-    }
-
-    /// One pass: removes expired flows; returns the entries removed.
-    pub fn collect(&mut self) -> Result<usize, MapError> {
-        gc(&mut self.ct, &self.timeouts, now_ns())
-    }
+/// The ids of the containers owning an entry of either table (`0`: flows
+/// of no container).
+pub fn container_ids(ct: &MapData, ct_new: &MapData) -> io::Result<BTreeSet<u32>> {
+    let main: Vec<(CtKey, CtTimedEntry)> = read_all(ct)?;
+    let new: Vec<(CtKey, CtEntry)> = read_all(ct_new)?;
+    Ok(main
+        .iter()
+        .map(|(_, v)| v.entry.container_id)
+        .chain(new.iter().map(|(_, v)| v.container_id))
+        .collect())
 }
 
 fn proto_name(p: u8) -> &'static str {
@@ -197,10 +263,10 @@ pub fn flow_view(
         orig_dst: ep(k.daddr, k.dport),
         nat_src,
         nat_dst,
-        state: state.name().to_owned(),
+        state: ct_state::name(state).to_owned(),
         age_s: now.saturating_sub(f.orig.created_ns) / 1_000_000_000,
         idle_s,
-        expires_in_s: timeouts.of(state).saturating_sub(idle_s),
+        expires_in_s: u64::from(timeouts.of(k.proto, state)).saturating_sub(idle_s),
         packets: f.orig.packets,
         bytes: f.orig.bytes,
         reply_packets: f.reply.map_or(0, |r| r.packets),

@@ -3,20 +3,51 @@
 //! (SERVICES). Entries carry the id of the container that owns them, and
 //! removals take that id, so that no container removes another's entry.
 
-use std::{collections::HashMap, net::Ipv4Addr};
+use std::{
+    collections::{BTreeSet, HashMap},
+    net::Ipv4Addr,
+};
 
-use aya::maps::MapError;
+use aya::maps::{IterableMap as _, MapError};
 use datapath_common::{
-    Config, Endpoint, EndpointKey, NodeAddr, NodeAddrKey, ServiceKey, ServiceValue, names,
+    Config, Endpoint, EndpointKey, FLUSH_F_CONTAINER, FLUSH_F_MASQUERADE, FLUSH_F_SERVICE,
+    FlushRequest, NodeAddr, NodeAddrKey, ServiceKey, ServiceValue, names,
 };
 
 use super::{BpfError, Datapath};
+
+/// Which tracked flows [`Datapath::flush_flows`] removes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Flows {
+    /// Every flow.
+    All,
+    /// A container's flows.
+    Container(u32),
+    /// The flows that came in through one of a container's published
+    /// ports.
+    Published {
+        /// The container.
+        container_id: u32,
+        /// The published port, host order.
+        port: u16,
+        /// Its protocol ([`datapath_common::proto`]).
+        proto: u8,
+    },
+    /// The flows masqueraded as this address.
+    Masqueraded(Ipv4Addr),
+}
 
 fn map_err(name: &'static str) -> impl FnOnce(MapError) -> BpfError {
     move |source| BpfError::Map { name, source }
 }
 
 impl Datapath {
+    /// The global configuration (zero before the first
+    /// [`Datapath::set_config`]).
+    pub fn config(&self) -> Result<Config, BpfError> {
+        self.config.get(&0, 0).map_err(map_err(names::CONFIG))
+    }
+
     /// Sets the global configuration.
     pub fn set_config(&mut self, config: Config) -> Result<(), BpfError> {
         self.config
@@ -115,13 +146,55 @@ impl Datapath {
         }
     }
 
-    /// Removes both entries of every tracked flow for which `pred` holds;
-    /// returns the number of entries removed.
-    pub fn flush_flows(
-        &mut self,
-        pred: impl FnMut(&super::conntrack::FlowEntries) -> bool,
-    ) -> Result<usize, BpfError> {
-        super::conntrack::flush(&mut self.conntrack, pred).map_err(map_err(names::CONNTRACK))
+    /// Removes the tracked flows `which` names in the kernel, which keeps
+    /// the per-container counts exact and cannot race a packet; returns the
+    /// number of entries removed (two per flow).
+    pub fn flush_flows(&mut self, which: Flows) -> Result<usize, BpfError> {
+        let req = match which {
+            Flows::All => FlushRequest::default(),
+            Flows::Container(container_id) => FlushRequest {
+                container_id,
+                flags: FLUSH_F_CONTAINER,
+                ..FlushRequest::default()
+            },
+            Flows::Published {
+                container_id,
+                port,
+                proto,
+            } => FlushRequest {
+                container_id,
+                flags: FLUSH_F_CONTAINER | FLUSH_F_SERVICE,
+                port,
+                proto,
+                ..FlushRequest::default()
+            },
+            Flows::Masqueraded(addr) => {
+                let mut req = FlushRequest {
+                    flags: FLUSH_F_MASQUERADE,
+                    ..FlushRequest::default()
+                };
+                req.addr[..4].copy_from_slice(&addr.octets());
+                req
+            }
+        };
+        let flows = self.run_flush(req)?;
+        if let Flows::Container(id) = which {
+            // The container's count is zero now; its record goes with it.
+            let _ = self.ct_containers.remove(&id);
+        }
+        Ok(usize::try_from(flows)
+            .unwrap_or(usize::MAX)
+            .saturating_mul(2))
+    }
+
+    /// The ids of the containers that own tracked flows.
+    pub fn flow_container_ids(&self) -> Result<BTreeSet<u32>, BpfError> {
+        super::conntrack::container_ids(self.ct.map(), self.ct_new.map()).map_err(|source| {
+            BpfError::Read {
+                name: names::CT,
+                source,
+            }
+        })
     }
 }
 

@@ -1,8 +1,8 @@
 //! The eBPF object in the kernel: loading it, pinning its maps, attaching
 //! its programs ([`attach`]), and every handle on its maps — typed
 //! operations for the agent ([`maps`], [`ratelimit`]), a read-only view for
-//! the API's reads ([`reader`]) and the conntrack collector
-//! ([`conntrack`]). No other module touches a map.
+//! the API's reads ([`reader`]) and flow reading ([`conntrack`]). No other
+//! module touches a map.
 //!
 //! Pin layout under the agent's bpffs directory:
 //! * `maps/<NAME>`: every map (with BTF: `bpftool map dump pinned` prints
@@ -24,18 +24,18 @@ mod sys;
 use std::{fs, io, path::PathBuf};
 
 use aya::{
-    Ebpf, EbpfLoader,
+    Ebpf, EbpfLoader, TestRun, TestRunOptions,
     maps::{Array, HashMap, MapData, PerCpuArray},
-    programs::{CgroupSkb, SchedClassifier, SockOps, Xdp},
+    programs::{CgroupSkb, SchedClassifier, SockOps},
 };
 use datapath_common::{
-    Config, CtEntry, CtKey, Endpoint, EndpointKey, NodeAddr, NodeAddrKey, ServiceKey, ServiceValue,
-    names, programs,
+    Config, CtContainer, CtEntry, CtKey, CtTimedEntry, Endpoint, EndpointKey, FlushRequest,
+    NodeAddr, NodeAddrKey, ServiceKey, ServiceValue, capacity, names, programs,
     ratelimit::{RateFlows, RateKey, RateLimit, RateStats},
 };
 use serde::Serialize;
 
-pub use self::{attach::RateHook, conntrack::Collector, ratelimit::RateTarget, reader::Reader};
+pub use self::{attach::RateHook, maps::Flows, ratelimit::RateTarget, reader::Reader};
 
 /// The compiled eBPF object (all programs and maps), embedded at build time.
 pub static EBPF_OBJECT: &[u8] =
@@ -101,6 +101,17 @@ pub enum BpfError {
         /// The error.
         source: io::Error,
     },
+    /// The kernel refused a flush request.
+    #[error("the conntrack flush program refused its request")]
+    Flush,
+    /// Reading a map failed.
+    #[error("read map {name}: {source}")]
+    Read {
+        /// The map's name.
+        name: &'static str,
+        /// The error.
+        source: io::Error,
+    },
     /// A bpffs path could not be created or removed.
     #[error("{action} {path}: {source}")]
     Fs {
@@ -145,7 +156,8 @@ pub struct Attachment {
 pub struct LoadOptions {
     /// The agent's bpffs directory.
     pub bpffs_dir: PathBuf,
-    /// Conntrack capacity (entries; two per flow), if not the default.
+    /// Capacity of the main conntrack table (entries; two per flow), if
+    /// not the default. The table of unconfirmed flows gets a quarter.
     pub ct_max: Option<u32>,
     /// Kernel-side log level (aya-log: 0 off … 5 trace).
     pub log_level: u8,
@@ -164,8 +176,12 @@ pub struct Datapath {
     endpoints: HashMap<MapData, EndpointKey, Endpoint>,
     /// The node's addresses.
     node_addrs: HashMap<MapData, NodeAddrKey, NodeAddr>,
-    /// Connection tracking.
-    conntrack: HashMap<MapData, CtKey, CtEntry>,
+    /// Confirmed flows.
+    ct: HashMap<MapData, CtKey, CtTimedEntry>,
+    /// Unconfirmed flows.
+    ct_new: HashMap<MapData, CtKey, CtEntry>,
+    /// Each container's use of the main conntrack table.
+    ct_containers: HashMap<MapData, u32, CtContainer>,
     /// Per-CPU counters.
     stats: PerCpuArray<MapData, u64>,
     /// Token buckets per (cgroup, direction).
@@ -181,6 +197,17 @@ pub struct Datapath {
     /// TCP sockets sharing each ingress bucket's receive windows.
     rate_flows: HashMap<MapData, RateKey, RateFlows>,
     attachments: imbl::OrdMap<PathBuf, Attachment>,
+}
+
+/// Capacity of the table of unconfirmed flows for a main table of
+/// `ct_max` entries: a quarter, at least 1,024.
+pub fn ct_new_max(ct_max: u32) -> u32 {
+    (ct_max / 4).max(1024)
+}
+
+/// Capacity of the main conntrack table.
+pub fn ct_max(opt: Option<u32>) -> u32 {
+    opt.unwrap_or(capacity::CT)
 }
 
 /// Mounts bpffs at /sys/fs/bpf if nothing is mounted there.
@@ -296,8 +323,9 @@ impl Datapath {
         }
         let overrides: Vec<(&'static str, u32)> = opts
             .ct_max
-            .map(|n| (names::CONNTRACK, n))
+            .map(|n| [(names::CT, n), (names::CT_NEW, ct_new_max(n))])
             .into_iter()
+            .flatten()
             .collect();
         let migrations = pins::prepare(EBPF_OBJECT, &maps_dir, &names::ALL, &overrides)?;
         let pins: Vec<(&'static str, PathBuf)> =
@@ -307,21 +335,23 @@ impl Datapath {
             loader.map_pin_path(name, path.as_path());
         }
         if let Some(n) = opts.ct_max {
-            loader.map_max_entries(names::CONNTRACK, n);
+            loader.map_max_entries(names::CT, n);
+            loader.map_max_entries(names::CT_NEW, ct_new_max(n));
         }
         loader.override_global(aya_log::LEVEL, &opts.log_level, false);
         let mut ebpf = loader.load(EBPF_OBJECT)?;
         pins::finish(migrations)?;
-        for name in [programs::UPLINK_TC, programs::CONTAINER_TC] {
+        for name in [
+            programs::UPLINK_TC,
+            programs::CONTAINER_TC,
+            programs::CT_FLUSH,
+        ] {
             let prog: &mut SchedClassifier = program(&mut ebpf, name)?;
             prog.load()
                 .map_err(|source| BpfError::Program { name, source })?;
         }
-        let xdp: &mut Xdp = program(&mut ebpf, programs::UPLINK_XDP)?;
-        xdp.load().map_err(|source| BpfError::Program {
-            name: programs::UPLINK_XDP,
-            source,
-        })?;
+        // The XDP program is loaded when an uplink needs it
+        // (`attach_xdp`): most uplinks are served by TC.
         for name in [programs::RATE_EGRESS, programs::RATE_INGRESS] {
             let prog: &mut CgroupSkb = program(&mut ebpf, name)?;
             prog.load()
@@ -338,7 +368,9 @@ impl Datapath {
             services: typed_map!(&mut ebpf, names::SERVICES, HashMap<MapData, ServiceKey, ServiceValue>),
             endpoints: typed_map!(&mut ebpf, names::ENDPOINTS, HashMap<MapData, EndpointKey, Endpoint>),
             node_addrs: typed_map!(&mut ebpf, names::NODE_ADDRS, HashMap<MapData, NodeAddrKey, NodeAddr>),
-            conntrack: typed_map!(&mut ebpf, names::CONNTRACK, HashMap<MapData, CtKey, CtEntry>),
+            ct: typed_map!(&mut ebpf, names::CT, HashMap<MapData, CtKey, CtTimedEntry>),
+            ct_new: typed_map!(&mut ebpf, names::CT_NEW, HashMap<MapData, CtKey, CtEntry>),
+            ct_containers: typed_map!(&mut ebpf, names::CT_CONTAINERS, HashMap<MapData, u32, CtContainer>),
             stats: typed_map!(&mut ebpf, names::STATS, PerCpuArray<MapData, u64>),
             rate_limits: typed_map!(&mut ebpf, names::RATE_LIMITS, HashMap<MapData, RateKey, RateLimit>),
             rate_stats: typed_map!(&mut ebpf, names::RATE_STATS, aya::maps::PerCpuHashMap<MapData, RateKey, RateStats>),
@@ -366,16 +398,22 @@ impl Datapath {
         Reader::new(self)
     }
 
-    /// A collector of expired flows with its own handle on the conntrack
-    /// map, so that scanning a large table never holds up anything else.
-    pub fn collector(
-        &self,
-        timeouts: datapath_common::ct::Timeouts,
-    ) -> Result<Collector, BpfError> {
-        Ok(Collector::new(
-            second_handle(&self.conntrack, names::CONNTRACK)?,
-            timeouts,
-        ))
+    /// Removes the flows `req` names, in the kernel (the `ct_flush`
+    /// program under `BPF_PROG_TEST_RUN`); returns how many.
+    fn run_flush(&mut self, req: FlushRequest) -> Result<u64, BpfError> {
+        let name = programs::CT_FLUSH;
+        let prog: &mut SchedClassifier = program(&mut self.ebpf, name)?;
+        let frame = req.frame();
+        let mut out = [0u8; 64];
+        let res = prog
+            .test_run(TestRunOptions {
+                data_in: Some(&frame),
+                data_out: Some(&mut out),
+                ..TestRunOptions::default()
+            })
+            .map_err(|source| BpfError::Program { name, source })?;
+        // The program returns -1 when the request is cut short.
+        u64::try_from(res.return_value as i32).map_err(|_| BpfError::Flush)
     }
 }
 

@@ -10,6 +10,8 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
+use crate::model::ports::PortSet;
+
 use super::State;
 
 /// The snapshot's name inside the state directory (the name of the single
@@ -76,6 +78,8 @@ struct SnapshotOut<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     snat_ports: Option<(u16, u16)>,
     containers: super::ContainersByName<'a>,
+    #[serde(skip_serializing_if = "PortSet::is_empty")]
+    reserved_ports: &'a PortSet,
 }
 
 /// The snapshot as read; a file of an earlier version has no
@@ -90,6 +94,8 @@ struct SnapshotIn {
     #[serde(default)]
     snat_ports: Option<(u16, u16)>,
     containers: std::collections::BTreeMap<String, super::Container>,
+    #[serde(default)]
+    reserved_ports: PortSet,
 }
 
 /// Loads and saves the snapshot in a directory.
@@ -130,6 +136,7 @@ impl StateStore {
                     pool: s.pool,
                     snat_ports: s.snat_ports,
                     containers: s.containers,
+                    reserved_ports: s.reserved_ports,
                 })
                 .map_err(|e| corrupt(serde::de::Error::custom(e)))?;
                 Ok((state, s.journal_seq))
@@ -158,6 +165,7 @@ impl StateStore {
             pool: state.pool(),
             snat_ports: state.snat_ports(),
             containers: super::ContainersByName(state.containers()),
+            reserved_ports: state.reserved_ports(),
         };
         let bytes = serde_json::to_vec(&out).map_err(|e| StateError::Io {
             action: "serialize",

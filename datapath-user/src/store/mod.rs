@@ -72,7 +72,7 @@ use self::{
     index::{Ipam, PortIndex},
     journal::Journal,
 };
-use crate::model::{PortMapping, RateLimits, identity::NetnsId};
+use crate::model::{PortMapping, RateLimits, identity::NetnsId, ports::PortSet};
 
 /// One container the agent manages.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -151,6 +151,11 @@ pub enum Change {
         /// The masquerade port range.
         snat_ports: (u16, u16),
     },
+    /// The ports this agent holds in `ip_local_reserved_ports` replaced.
+    ReservedPorts {
+        /// All of them.
+        ports: PortSet,
+    },
 }
 
 /// Everything the agent persists, with its indexes. Built and changed only
@@ -176,6 +181,10 @@ pub struct State {
     ports: PortIndex,
     /// The container whose limits use each cgroup's buckets.
     limited: OrdMap<u64, Arc<str>>,
+    /// The ports this agent added to the node's
+    /// `net.ipv4.ip_local_reserved_ports` (not those reserved before it),
+    /// given back when no longer published or masqueraded.
+    reserved_ports: PortSet,
 }
 
 impl PartialEq for State {
@@ -184,6 +193,7 @@ impl PartialEq for State {
             && self.pool == other.pool
             && self.snat_ports == other.snat_ports
             && self.containers == other.containers
+            && self.reserved_ports == other.reserved_ports
     }
 }
 
@@ -198,6 +208,8 @@ struct StateFields {
     #[serde(default)]
     snat_ports: Option<(u16, u16)>,
     containers: BTreeMap<String, Container>,
+    #[serde(default)]
+    reserved_ports: PortSet,
 }
 
 impl TryFrom<StateFields> for State {
@@ -211,6 +223,7 @@ impl TryFrom<StateFields> for State {
             next_id: f.next_id,
             pool: f.pool,
             snat_ports: f.snat_ports,
+            reserved_ports: f.reserved_ports,
             ..State::default()
         };
         for (name, c) in f.containers {
@@ -242,7 +255,7 @@ impl Serialize for ContainersByName<'_> {
 impl Serialize for State {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         use serde::ser::SerializeStruct as _;
-        let mut st = s.serialize_struct("State", 4)?;
+        let mut st = s.serialize_struct("State", 5)?;
         st.serialize_field("next_id", &self.next_id)?;
         if let Some(pool) = &self.pool {
             st.serialize_field("pool", pool)?;
@@ -255,6 +268,11 @@ impl Serialize for State {
             st.skip_field("snat_ports")?;
         }
         st.serialize_field("containers", &ContainersByName(&self.containers))?;
+        if self.reserved_ports.is_empty() {
+            st.skip_field("reserved_ports")?;
+        } else {
+            st.serialize_field("reserved_ports", &self.reserved_ports)?;
+        }
         st.end()
     }
 }
@@ -321,6 +339,11 @@ impl State {
     /// The published ports.
     pub fn ports(&self) -> &PortIndex {
         &self.ports
+    }
+
+    /// The ports this agent added to `ip_local_reserved_ports`.
+    pub fn reserved_ports(&self) -> &PortSet {
+        &self.reserved_ports
     }
 
     /// The container whose limits use the buckets of cgroup `cgroup_id`.
@@ -393,6 +416,10 @@ impl State {
                 }
                 self.pool = Some(*pool);
                 self.snat_ports = Some(*snat_ports);
+                Ok(())
+            }
+            Change::ReservedPorts { ports } => {
+                self.reserved_ports = ports.clone();
                 Ok(())
             }
         }

@@ -10,7 +10,9 @@
 //!   update timings in the beds' backends; [`cpu`] reads `/proc/stat`
 //!   around them and waits for a quiet machine, [`snmp`] counts the
 //!   datagrams that reach the container; [`ratelimit`] compares the rate
-//!   limiter with tc tbf through [`crate::ratebench`].
+//!   limiter with tc tbf through [`crate::ratebench`]; [`flowcore`] loads
+//!   the conntrack tables (sustained connections, SYN floods, masquerade
+//!   to one destination, table walks).
 //! * [`run`] schedules them (interleaved modes, repetitions, scaling
 //!   sizes); [`results`] and [`stats`] keep and summarize the samples;
 //!   [`targets`] checks the targets; [`report`] writes markdown and
@@ -24,6 +26,7 @@ pub mod bed;
 pub mod connrate;
 pub mod control;
 pub mod cpu;
+pub mod flowcore;
 pub mod iperf;
 pub mod mode;
 pub mod ratelimit;

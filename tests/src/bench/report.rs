@@ -325,6 +325,7 @@ pub fn markdown(meta: &Meta, cfg: &Config, r: &Results) -> String {
     if !r.ratelimit_rr.is_empty() {
         ratelimit_rr_section(&mut out, r);
     }
+    flowcore_section(&mut out, r);
     if !meta.beds.is_empty() {
         out.push_str("## Setup\n\n");
         for (mode, what) in &meta.beds {
@@ -380,6 +381,107 @@ fn modes_sections(dest: &mut String, cfg: &Config, r: &Results, modes: &[Mode]) 
     sized_table(&mut out, r, &metrics_of(Section::Update), &publishing);
 
     *dest = out;
+}
+
+/// The flow core under load: sustained connections, a SYN flood, the
+/// masquerade to one destination, table walks.
+fn flowcore_section(out: &mut String, r: &Results) {
+    let f = &r.flowcore;
+    if f.sustained.is_empty() && f.fill.is_empty() && f.snat.is_empty() && f.gc.is_empty() {
+        return;
+    }
+    out.push_str(
+        "## Conntrack under load (issue 12)\n\n\
+         New connections through a published port, as fast as the client goes, from its 64 \
+         addresses, in consecutive windows: their rate over time and the failures. nf_conntrack \
+         keeps every closed connection for TIME_WAIT (120 s); this datapath's closed flows give \
+         way to new ones.\n\n\
+         | Mode | windows | first (k/s) | lowest | last | completed | failed |\n\
+         |---|---:|---:|---:|---:|---:|---:|\n",
+    );
+    for row in &f.sustained {
+        let low = row.rates.iter().copied().fold(f64::INFINITY, f64::min);
+        let _ = writeln!(
+            out,
+            "| `{}` | {} | {} | {} | {} | {} | {} |",
+            row.mode,
+            row.rates.len(),
+            row.rates.first().map_or("—".to_owned(), |v| num(*v)),
+            if low.is_finite() {
+                num(low)
+            } else {
+                "—".to_owned()
+            },
+            row.rates.last().map_or("—".to_owned(), |v| num(*v)),
+            row.completed,
+            row.failed
+        );
+    }
+    if !f.fill.is_empty() {
+        out.push_str(
+            "\nNew connections during a spoofed SYN flood at the same port (hping3 \
+             `--rand-source --flood`):\n\n\
+             | Mode | connections (k/s) | completed | failed | tracked entries after |\n\
+             |---|---:|---:|---:|---:|\n",
+        );
+        for row in &f.fill {
+            let _ = writeln!(
+                out,
+                "| `{}` | {} | {} | {} | {} |",
+                row.mode,
+                num(row.rate),
+                row.completed,
+                row.failed,
+                row.entries
+            );
+        }
+    }
+    if !f.snat.is_empty() {
+        out.push_str(
+            "\nMasqueraded UDP flows from the container to one destination, one more at a time, \
+             each answered, until the first is not:\n\n\
+             | Mode | ports | flows | first 100 (µs each) | last 100 (µs each) |\n\
+             |---|---|---:|---:|---:|\n",
+        );
+        for row in &f.snat {
+            let flows = if row.capped {
+                format!("≥ {}", row.flows)
+            } else {
+                row.flows.to_string()
+            };
+            let _ = writeln!(
+                out,
+                "| `{}` | {} | {} | {} | {} |",
+                row.mode,
+                row.range,
+                flows,
+                num(row.first_us),
+                num(row.last_us)
+            );
+        }
+    }
+    if !f.gc.is_empty() {
+        out.push_str(
+            "\nWalking the main conntrack table (established flows, two entries each): \
+             `BPF_MAP_LOOKUP_BATCH` as the agent does, key by key as it did before, \
+             `datapath conntrack list --json` (API and JSON included), and `conntrack flush` \
+             (the kernel removes every flow):\n\n\
+             | Entries | batch (ms) | key by key (ms) | list (ms) | flush (ms) |\n\
+             |---:|---:|---:|---:|---:|\n",
+        );
+        for row in &f.gc {
+            let _ = writeln!(
+                out,
+                "| {} | {} | {} | {} | {} |",
+                row.entries,
+                num(row.batch_ms),
+                num(row.per_key_ms),
+                row.list_ms.map_or("—".to_owned(), num),
+                num(row.flush_ms)
+            );
+        }
+    }
+    out.push('\n');
 }
 
 /// Achieved/configured ratio and retransmits of the rate limiter and tbf.
@@ -685,8 +787,46 @@ pub fn json(meta: &Meta, cfg: &Config, r: &Results) -> Value {
         "figures": figures,
         "ratelimit": ratelimit,
         "ratelimit_rr": ratelimit_rr,
+        "flowcore": flowcore_json(r),
         "targets": targets,
         "notes": r.notes,
+    })
+}
+
+/// The flow-core section's figures.
+fn flowcore_json(r: &Results) -> Value {
+    let f = &r.flowcore;
+    json!({
+        "sustained": f.sustained.iter().map(|row| json!({
+            "mode": row.mode.name(),
+            "rates_kps": row.rates,
+            "completed": row.completed,
+            "failed": row.failed,
+            "first_error": row.first_error,
+        })).collect::<Vec<_>>(),
+        "fill": f.fill.iter().map(|row| json!({
+            "mode": row.mode.name(),
+            "rate_kps": row.rate,
+            "completed": row.completed,
+            "failed": row.failed,
+            "entries_after": row.entries,
+            "first_error": row.first_error,
+        })).collect::<Vec<_>>(),
+        "snat": f.snat.iter().map(|row| json!({
+            "mode": row.mode.name(),
+            "ports": row.range,
+            "flows": row.flows,
+            "capped": row.capped,
+            "first_us": row.first_us,
+            "last_us": row.last_us,
+        })).collect::<Vec<_>>(),
+        "gc": f.gc.iter().map(|row| json!({
+            "entries": row.entries,
+            "batch_ms": row.batch_ms,
+            "per_key_ms": row.per_key_ms,
+            "list_ms": row.list_ms,
+            "flush_ms": row.flush_ms,
+        })).collect::<Vec<_>>(),
     })
 }
 

@@ -2,6 +2,7 @@
 //! (samples per metric, mode and number of published ports).
 
 use crate::bench::{
+    flowcore::FlowcoreResults,
     mode::Mode,
     ratelimit::{RateRow, RrRow},
     stats::Summary,
@@ -161,6 +162,8 @@ pub struct Results {
     pub ratelimit: Vec<RateRow>,
     /// Request/response latency through an ingress limit under load.
     pub ratelimit_rr: Vec<RrRow>,
+    /// The flow core under load.
+    pub flowcore: FlowcoreResults,
 }
 
 impl Results {

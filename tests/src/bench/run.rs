@@ -19,6 +19,7 @@ use crate::{
         connrate,
         control::ControlConfig,
         cpu::{QuietPolicy, wait_quiet},
+        flowcore,
         iperf::{self, Test},
         mode::Mode,
         ratelimit,
@@ -158,6 +159,8 @@ pub struct Config {
     /// machine that is never quiet, the run would otherwise wait before
     /// every measurement).
     pub quiet_budget: Duration,
+    /// The flow-core section (`None`: not run).
+    pub flowcore: Option<flowcore::Plan>,
 }
 
 impl Config {
@@ -190,6 +193,7 @@ impl Config {
             rate_cases: ratelimit::cases(&[10, 100, 1000], &[1, 4], 5),
             rr_cases: ratelimit::rr_cases(&[10, 100, 1000], 5),
             rate_reps: 2,
+            flowcore: Some(flowcore::Plan::full(4)),
         }
     }
 
@@ -218,6 +222,7 @@ impl Config {
             rate_cases: ratelimit::cases(&[100], &[1], 3),
             rr_cases: ratelimit::rr_cases(&[100], 3),
             rate_reps: 1,
+            flowcore: Some(flowcore::Plan::quick(4)),
             ..Self::full()
         }
     }
@@ -276,6 +281,39 @@ impl<'b, 'n> Runner<'b, 'n> {
         if !self.cfg.rate_cases.is_empty() || !self.cfg.rr_cases.is_empty() {
             self.ratelimit()?;
         }
+        if self.cfg.flowcore.is_some() {
+            self.flowcore()?;
+        }
+        Ok(())
+    }
+
+    /// The flow-core section, over the beds with only the base ports.
+    fn flowcore(&mut self) -> Result<()> {
+        let Some(plan) = self.cfg.flowcore.clone() else {
+            return Ok(());
+        };
+        self.set_size(BASE_PORTS)?;
+        let mut notes = Vec::new();
+        let quiet = self.cfg.quiet;
+        let mut quiet_left = self.quiet_left;
+        let results = flowcore::run(
+            self.beds,
+            &plan,
+            || {
+                check_interrupted()?;
+                let policy = QuietPolicy {
+                    max_wait: quiet.max_wait.min(quiet_left),
+                    ..quiet
+                };
+                let q = wait_quiet(&policy);
+                quiet_left = quiet_left.saturating_sub(q.waited);
+                Ok(())
+            },
+            &mut notes,
+        )?;
+        self.quiet_left = quiet_left;
+        self.results.notes.extend(notes);
+        self.results.flowcore = results;
         Ok(())
     }
 

@@ -3,9 +3,9 @@
 //!
 //! Run through the xtask (it builds the release agent and sets
 //! `DATAPATH_BIN`; `cargo xtask bench --only ratelimit` runs the rate
-//! section alone, `--only control` the control plane's). Options, for
-//! working on the bench itself:
-//! `--modes route,datapath-tc`, `--only conn,rr,ratelimit,control`, `--reps N`,
+//! section alone, `--only flowcore` the conntrack one, `--only control` the
+//! control plane's). Options, for working on the bench itself:
+//! `--modes route,datapath-tc`, `--only conn,rr,ratelimit,flowcore,control`, `--reps N`,
 //! `--sizes 1000,10000`, `--conn-threads N`, `--out DIR`.
 
 use std::{
@@ -72,6 +72,7 @@ fn parse_args() -> Result<Args> {
     let (mut modes, mut kinds, mut reps, mut sizes) = (None, None, None, None);
     let mut threads = None;
     let mut ratelimit = None;
+    let mut flowcore = None;
     let mut control_plane = None;
     let mut only = None;
     while let Some(arg) = args.next() {
@@ -88,11 +89,12 @@ fn parse_args() -> Result<Args> {
             "--only" => {
                 let value = args.next().context("--only needs a value")?;
                 let rate = value.split(',').any(|v| v.trim() == "ratelimit");
+                let flow = value.split(',').any(|v| v.trim() == "flowcore");
                 let control = value.split(',').any(|v| v.trim() == "control");
                 let rest: Vec<&str> = value
                     .split(',')
                     .map(str::trim)
-                    .filter(|v| *v != "ratelimit" && *v != "control")
+                    .filter(|v| !["ratelimit", "flowcore", "control"].contains(v))
                     .collect();
                 let k = if rest.is_empty() {
                     Vec::new()
@@ -103,6 +105,7 @@ fn parse_args() -> Result<Args> {
                 only = Some(value.clone());
                 kinds = Some(k);
                 ratelimit = Some(rate);
+                flowcore = Some(flow);
                 control_plane = Some(control);
             }
             "--reps" => {
@@ -130,7 +133,7 @@ fn parse_args() -> Result<Args> {
             "-h" | "--help" => {
                 println!(
                     "bench [--quick] [--modes M,…] [--only KIND,…] [--reps N] [--sizes N,…] [--conn-threads N] [--out DIR]\n\
-                     modes: {}\nkinds: {},ratelimit,control",
+                     modes: {}\nkinds: {},ratelimit,flowcore,control",
                     join(&Mode::ALL, Mode::name),
                     join(&Kind::ALL, Kind::name)
                 );
@@ -147,6 +150,12 @@ fn parse_args() -> Result<Args> {
     if ratelimit == Some(false) {
         cfg.rate_cases.clear();
         cfg.rr_cases.clear();
+    }
+    if flowcore == Some(false) {
+        cfg.flowcore = None;
+    }
+    if let Some(plan) = cfg.flowcore.as_mut() {
+        plan.threads = cfg.conn_threads.max(plan.threads);
     }
     if control_plane == Some(false) {
         cfg.control.enabled = false;
@@ -208,11 +217,18 @@ fn real_main() -> Result<()> {
     );
 
     // The rate and control-plane sections (`--only ratelimit,control`)
-    // build their own nodes.
-    let modes: &[Mode] = if cfg.kinds.is_empty() {
-        &[]
+    // build their own nodes; the conntrack section alone (`--only
+    // flowcore`) needs only the modes it compares.
+    let modes: Vec<Mode> = if !cfg.kinds.is_empty() {
+        cfg.modes.clone()
+    } else if cfg.flowcore.is_some() {
+        cfg.modes
+            .iter()
+            .copied()
+            .filter(|m| datapath_tests::bench::flowcore::compared(*m))
+            .collect()
     } else {
-        &cfg.modes
+        Vec::new()
     };
     let nodes: Vec<_> = modes.iter().map(|m| bed::node_for(*m)).collect();
     let mut beds = Vec::new();
