@@ -42,6 +42,11 @@ pub mod names {
     /// Cgroup storage: the [`crate::ratelimit::RateKey`] of each cgroup
     /// attachment of the rate limiter.
     pub const RATE_CGROUPS: &str = "RATE_CGROUPS";
+    /// LPM trie of IPv4 prefixes (a `u32` prefix length, then four address
+    /// bytes in wire order) → `u8` 1: destinations container traffic keeps
+    /// its source address for (`--non-masquerade-cidr`): it goes to the
+    /// node's stack untranslated.
+    pub const NON_MASQUERADE: &str = "NON_MASQUERADE";
     /// [`crate::ratelimit::RateKey`] (ingress) →
     /// [`crate::ratelimit::RateFlows`]: the TCP sockets sharing an ingress
     /// limit's receive windows.
@@ -51,7 +56,7 @@ pub mod names {
     pub const CLOCK: &str = "CLOCK";
 
     /// Every map the agent pins, in a stable order.
-    pub const ALL: [&str; 13] = [
+    pub const ALL: [&str; 14] = [
         CONFIG,
         SERVICES,
         ENDPOINTS,
@@ -64,6 +69,7 @@ pub mod names {
         RATE_LIMITS,
         RATE_STATS,
         RATE_CGROUPS,
+        NON_MASQUERADE,
         RATE_FLOWS,
     ];
 }
@@ -107,6 +113,8 @@ pub mod capacity {
     pub const CT_CONTAINERS: u32 = 8_192;
     /// Rate-limited (cgroup, direction) pairs.
     pub const RATE_LIMITS: u32 = 8_192;
+    /// Non-masquerade destination prefixes.
+    pub const NON_MASQUERADE: u32 = 64;
 }
 
 /// IP protocol numbers used as [`ServiceKey::proto`] and [`crate::CtKey::proto`].

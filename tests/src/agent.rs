@@ -73,6 +73,7 @@ pub struct AgentBuilder<'n> {
     pool: String,
     args: Vec<String>,
     cgroup_root: Option<PathBuf>,
+    command: Option<Vec<String>>,
     env: Vec<(String, String)>,
     state_tmpfs: Option<String>,
 }
@@ -106,9 +107,22 @@ impl<'n> AgentBuilder<'n> {
         self
     }
 
+    /// Runs `datapath WORDS…` instead of `datapath agent` (e.g. a systemd
+    /// unit's `ExecStart`, after the binary); the harness's flags (uplink,
+    /// pool, paths) and [`AgentBuilder::args`] follow, and win over a
+    /// configuration file the words name.
+    pub fn command<I, S>(mut self, words: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.command = Some(words.into_iter().map(Into::into).collect());
+        self
+    }
+
     /// Sets an environment variable of the agent process.
-    pub fn env(mut self, key: &str, value: &str) -> Self {
-        self.env.push((key.to_owned(), value.to_owned()));
+    pub fn env(mut self, key: &str, value: impl Into<String>) -> Self {
+        self.env.push((key.to_owned(), value.into()));
         self
     }
 
@@ -122,6 +136,13 @@ impl<'n> AgentBuilder<'n> {
 
     /// Starts the agent and waits for its API socket.
     pub fn start(self) -> Agent<'n> {
+        let mut agent = self.spawn();
+        agent.wait_api();
+        agent
+    }
+
+    /// Starts the agent without waiting for it ([`Agent::wait_api`] does).
+    pub fn spawn(self) -> Agent<'n> {
         let bin = datapath_bin();
         sys::ensure_bpffs();
         // Named after the node, so that its leftovers are the node's.
@@ -153,6 +174,7 @@ impl<'n> AgentBuilder<'n> {
             pool: self.pool,
             args: self.args,
             cgroup_root: self.cgroup_root,
+            command: self.command,
             env: self.env,
             state_mounted: self.state_tmpfs.is_some(),
             bpffs_dir,
@@ -161,9 +183,6 @@ impl<'n> AgentBuilder<'n> {
             log_path,
         };
         agent.spawn();
-        if let Err(e) = agent.wait_ready() {
-            panic!("{e}");
-        }
         agent
     }
 }
@@ -178,6 +197,7 @@ pub struct Agent<'n> {
     pool: String,
     args: Vec<String>,
     cgroup_root: Option<PathBuf>,
+    command: Option<Vec<String>>,
     env: Vec<(String, String)>,
     state_mounted: bool,
     bpffs_dir: PathBuf,
@@ -195,6 +215,7 @@ impl<'n> Agent<'n> {
             pool: format!("198.19.{}.0/24", POOL.fetch_add(1, Ordering::Relaxed)),
             args: Vec::new(),
             cgroup_root: None,
+            command: None,
             env: Vec::new(),
             state_tmpfs: None,
         }
@@ -208,10 +229,11 @@ impl<'n> Agent<'n> {
     /// The agent's own arguments (after `datapath`): `agent`, its paths,
     /// pool and the builder's extra arguments.
     fn agent_args(&self) -> Vec<std::ffi::OsString> {
-        let mut args: Vec<std::ffi::OsString> = ["agent", "--uplink", UPLINK, "--pool"]
-            .iter()
-            .map(Into::into)
-            .collect();
+        let mut args: Vec<std::ffi::OsString> = match &self.command {
+            Some(words) => words.iter().map(Into::into).collect(),
+            None => vec!["agent".into()],
+        };
+        args.extend(["--uplink", UPLINK, "--pool"].iter().map(Into::into));
         args.push(self.pool.clone().into());
         args.push("--bpffs-dir".into());
         args.push(self.bpffs_dir.clone().into());
@@ -245,6 +267,14 @@ impl<'n> Agent<'n> {
             enter_cgroup2_stand_in(&mut cmd, stand_in, &mount);
         }
         self.child = Some(self.node.node.spawn(&mut cmd));
+    }
+
+    /// Waits for the API socket; panics with the agent's log if it exits
+    /// first or is too slow.
+    pub fn wait_api(&mut self) {
+        if let Err(e) = self.wait_ready() {
+            panic!("{e}");
+        }
     }
 
     /// Waits for the API socket; if the agent exits first (it is reaped)

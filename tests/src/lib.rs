@@ -12,7 +12,9 @@
 //!   [`leaks`] (finding what a test left behind); [`traffic`] (servers and
 //!   clients of real traffic) and [`inspect`] (bpftool and `ip` views of
 //!   what the agent made); [`ratebench`] (iperf3 runners and the rate
-//!   limiter's benchmark against tc tbf).
+//!   limiter's benchmark against tc tbf); [`sandbox`] (a node-like mount
+//!   namespace for programs run with their default paths: the README's
+//!   commands, containerd).
 //! * [`bench`] compares the datapath with iptables, nftables and plain
 //!   routing (`cargo xtask bench`).
 //!
@@ -35,6 +37,7 @@ pub mod node;
 pub mod packet;
 pub mod programs;
 pub mod ratebench;
+pub mod sandbox;
 pub mod sys;
 pub mod testbed;
 pub mod traffic;

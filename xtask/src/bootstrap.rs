@@ -51,6 +51,11 @@ const TEST_PROGRAMS: &[(&str, &str)] = &[
     ("socat", "socat"),
     ("podman", "podman"),
     ("runc", "runc"),
+    ("containerd", "containerd"),
+    ("ctr", "containerd"),
+    ("containerd-shim-runc-v2", "containerd"),
+    ("unshare", "util-linux"),
+    ("sysctl", "procps"),
 ];
 
 /// What the later steps need from the bootstrap.

@@ -150,6 +150,7 @@ mod tests {
             ct_container_share: 50,
             allow_direct_routing: false,
             mtu: None,
+            non_masquerade: Vec::new(),
             timeouts: Timeouts::default(),
             log_level: 3,
         }
@@ -204,6 +205,7 @@ mod tests {
                 cgroup: None,
                 cgroup_id: 0,
                 limits: crate::model::RateLimits::default(),
+                mtu: None,
             })
             .expect("a container in the pool");
         let e = check(&cfg("198.19.1.0/24"), &state, &node).expect_err("another pool");

@@ -7,8 +7,10 @@
 //! [`VethTag`]) names a container: its id, name, interface and namespace.
 //! Its address and MAC come from its ENDPOINTS entry, its published ports
 //! from the SERVICES entries it owns, its rate limits from the buckets of
-//! the cgroup its limiter's links are attached to. A veth without an
-//! endpoint is what a cut-off add left: it stays an orphan.
+//! the cgroup its limiter's links are attached to, its MTU from the veth
+//! (recorded as asked for only where it differs from the agent's default).
+//! A veth without an endpoint is what a cut-off add left: it stays an
+//! orphan.
 
 use datapath_common::{ServiceKey, ServiceValue, proto, ratelimit::direction};
 use ipnet::Ipv4Net;
@@ -27,21 +29,30 @@ use crate::{
 };
 
 /// The state the kernel describes, or `None` if it holds nothing of an
-/// agent's (a fresh node: the empty state is right).
+/// agent's (a fresh node: the empty state is right). `mtu` is the agent's
+/// `--mtu`; without it, the MTU of `uplink` is the containers' default.
 pub async fn rebuild(
     pool: Ipv4Net,
     snat_ports: (u16, u16),
+    mtu: Option<u32>,
+    uplink: Option<&str>,
     dp: &Datapath,
     net: &Netlink,
 ) -> anyhow::Result<Option<State>> {
     use anyhow::Context as _;
     let links = net.links().await.context("list links")?;
-    let tagged: Vec<(String, VethTag)> = links
+    let default_mtu = mtu.or_else(|| {
+        links
+            .iter()
+            .find(|l| Some(l.name.as_str()) == uplink)
+            .and_then(|l| l.mtu)
+    });
+    let tagged: Vec<(String, VethTag, Option<u32>)> = links
         .into_iter()
         .filter(|l| l.group == VETH_GROUP && l.kind == "veth")
         .filter_map(|l| {
             let tag = VethTag::parse(l.alias.as_deref()?)?;
-            (host_veth_name(tag.id) == l.name).then_some((l.name, tag))
+            (host_veth_name(tag.id) == l.name).then_some((l.name, tag, l.mtu))
         })
         .collect();
     let endpoints = dp.endpoints().context("read ENDPOINTS")?;
@@ -51,7 +62,7 @@ pub async fn rebuild(
     }
     let buckets = dp.buckets();
     let mut state = State::with_ranges(pool, snat_ports);
-    for (host_ifname, tag) in tagged {
+    for (host_ifname, tag, veth_mtu) in tagged {
         let Some((addr, ep)) = endpoints.iter().find(|(_, e)| e.container_id == tag.id) else {
             tracing::warn!(veth = %host_ifname, "no endpoint: an add that was cut off; not adopted");
             continue;
@@ -95,6 +106,7 @@ pub async fn rebuild(
             cgroup,
             cgroup_id,
             limits,
+            mtu: veth_mtu.filter(|m| Some(*m) != default_mtu),
         };
         let (name, id, addr) = (c.name.clone(), c.id, c.addr);
         match state.adopt(c) {

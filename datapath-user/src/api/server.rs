@@ -21,10 +21,10 @@ use std::{
 
 use axum::{
     Json, Router,
-    body::Body,
+    body::Bytes,
     extract::{
-        DefaultBodyLimit, Path as UrlPath, Query, Request, State,
-        rejection::{JsonRejection, QueryRejection},
+        DefaultBodyLimit, FromRequest, Path as UrlPath, Query, Request, State,
+        rejection::QueryRejection,
     },
     http::{Method, StatusCode},
     middleware::{self, Next},
@@ -35,7 +35,7 @@ use hyper_util::{
     rt::{TokioIo, TokioTimer},
     service::TowerToHyperService,
 };
-use serde::Deserialize;
+use serde::{Deserialize, de::DeserializeOwned};
 use tokio::net::{UnixListener, UnixStream};
 
 use super::wire::{
@@ -116,15 +116,31 @@ impl Failure {
     }
 }
 
-impl From<JsonRejection> for Failure {
-    fn from(e: JsonRejection) -> Self {
-        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            return too_large(MAX_BODY, "send a smaller body");
-        }
-        Failure::new(
-            e.status().as_u16(),
-            format!("invalid request body: {}", e.body_text()),
-        )
+/// A request body: JSON, whatever its `Content-Type` says (`curl -d` sends
+/// `application/x-www-form-urlencoded`; the API speaks nothing but JSON).
+/// A body that is not the expected JSON is a 400 that says why; one over
+/// [`MAX_BODY`] a 413 naming the limit (see [`ports_body`] for the routes
+/// with a larger one).
+pub struct Body<T>(pub T);
+
+impl<T, S> FromRequest<S> for Body<T>
+where
+    T: DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = Failure;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Failure> {
+        let bytes = Bytes::from_request(req, state).await.map_err(|e| {
+            if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                too_large(MAX_BODY, "send a smaller body")
+            } else {
+                Failure::new(e.status().as_u16(), e.body_text())
+            }
+        })?;
+        serde_json::from_slice(&bytes)
+            .map(Body)
+            .map_err(|e| Failure::new(400, format!("invalid request body: {e}")))
     }
 }
 
@@ -134,13 +150,13 @@ fn too_large(limit: usize, what_to_do: &str) -> Failure {
 }
 
 /// The body of a route that takes port lists, or why it was refused.
-fn ports_body<T>(body: Result<Json<T>, JsonRejection>) -> Result<T, Failure> {
+fn ports_body<T>(body: Result<Body<T>, Failure>) -> Result<T, Failure> {
     match body {
-        Ok(Json(t)) => Ok(t),
-        Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+        Ok(Body(t)) => Ok(t),
+        Err(e) if e.status == StatusCode::PAYLOAD_TOO_LARGE.as_u16() => {
             Err(too_large(MAX_PORTS_BODY, SPLIT_PORTS))
         }
-        Err(e) => Err(e.into()),
+        Err(e) => Err(e),
     }
 }
 
@@ -175,7 +191,7 @@ async fn get_one<B: Backend>(
 
 async fn add<B: Backend>(
     State(b): State<B>,
-    body: Result<Json<AddContainer>, JsonRejection>,
+    body: Result<Body<AddContainer>, Failure>,
 ) -> Result<(StatusCode, Json<ContainerInfo>), Failure> {
     let req = ports_body(body)?;
     let info = b.add(req).await?;
@@ -193,16 +209,15 @@ async fn del<B: Backend>(
 async fn update<B: Backend>(
     State(b): State<B>,
     UrlPath(name): UrlPath<String>,
-    body: Result<Json<UpdateContainer>, JsonRejection>,
+    Body(req): Body<UpdateContainer>,
 ) -> Result<Json<ContainerInfo>, Failure> {
-    let Json(req) = body?;
     Ok(Json(b.update(name, req).await?))
 }
 
 async fn publish<B: Backend>(
     State(b): State<B>,
     UrlPath(name): UrlPath<String>,
-    body: Result<Json<PortRequest>, JsonRejection>,
+    body: Result<Body<PortRequest>, Failure>,
 ) -> Result<Json<ContainerInfo>, Failure> {
     let req = ports_body(body)?;
     Ok(Json(
@@ -213,7 +228,7 @@ async fn publish<B: Backend>(
 async fn unpublish<B: Backend>(
     State(b): State<B>,
     UrlPath(name): UrlPath<String>,
-    body: Result<Json<PortRequest>, JsonRejection>,
+    body: Result<Body<PortRequest>, Failure>,
 ) -> Result<Json<ContainerInfo>, Failure> {
     let req = ports_body(body)?;
     Ok(Json(b.unpublish(name, req.publish.into_vec()).await?))
@@ -349,7 +364,7 @@ async fn read_body_in_time(req: Request, next: Next) -> Response {
         .into_response(),
         Ok(Err(_)) => too_large(limit, what_to_do).into_response(),
         Ok(Ok(bytes)) => {
-            next.run(Request::from_parts(parts, Body::from(bytes)))
+            next.run(Request::from_parts(parts, axum::body::Body::from(bytes)))
                 .await
         }
     }
@@ -520,12 +535,13 @@ async fn serve_connection(
 }
 
 /// Binds the socket (mode 0600: the API is root's; never removing the
-/// socket of an agent that answers on it) and serves until `shutdown`
-/// completes; then waits at most [`SHUTDOWN_GRACE`] for requests in
+/// socket of an agent that answers on it), calls `listening` once it
+/// accepts connections, and serves until `shutdown` completes; then waits at most [`SHUTDOWN_GRACE`] for requests in
 /// progress and removes the socket.
 pub async fn serve<B: Backend>(
     backend: B,
     socket: &Path,
+    listening: impl FnOnce(),
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     use anyhow::Context as _;
@@ -546,6 +562,7 @@ pub async fn serve<B: Backend>(
     std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))
         .with_context(|| format!("chmod {}", socket.display()))?;
     tracing::info!(socket = %socket.display(), "API listening");
+    listening();
     let app = router(backend);
     let admission = Admission::default();
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
