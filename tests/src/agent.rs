@@ -465,7 +465,7 @@ impl<'n> Agent<'n> {
 
     /// Replaces the extra arguments (the builder's [`AgentBuilder::args`])
     /// and the pool the next [`Agent::restart`] starts the agent with.
-    pub fn set_args(&mut self, pool: &str, args: &[&str]) {
+    pub fn set_pool_and_args(&mut self, pool: &str, args: &[&str]) {
         self.pool = pool.to_owned();
         self.args = args.iter().map(|a| (*a).to_owned()).collect();
     }
@@ -483,6 +483,16 @@ impl<'n> Agent<'n> {
         if let Some(v) = value {
             self.env.push((key.to_owned(), v.to_owned()));
         }
+    }
+
+    /// Replaces the arguments given with [`AgentBuilder::args`] for the
+    /// agent processes started from now on ([`Agent::restart`]).
+    pub fn set_args<I, S>(&mut self, args: I)
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.args = args.into_iter().map(Into::into).collect();
     }
 
     /// Waits up to `timeout` for the agent process to exit by itself (a

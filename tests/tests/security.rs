@@ -31,7 +31,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use datapath_common::names;
+use datapath_common::{Endpoint, EndpointKey, capacity, names};
 use datapath_tests::{
     agent::{Agent, datapath_bin},
     capture::{Capture, contains, send_frames},
@@ -635,15 +635,73 @@ fn a_pinned_map_of_another_layout_is_refused_and_one_of_another_capacity_migrate
     std::fs::remove_file(&pin).expect("remove the old layout");
     std::fs::rename(pin.with_file_name("kept_ENDPOINTS"), &pin).expect("put the real map back");
 
-    // Another capacity: migrated, with every flow.
+    // Another capacity (an older agent's smaller ENDPOINTS): migrated,
+    // with every entry.
+    let kept = pin.with_file_name("kept_ENDPOINTS");
+    std::fs::rename(&pin, &kept).expect("move the real map aside");
+    let made = Command::new("bpftool")
+        .args(["map", "create"])
+        .arg(&pin)
+        .args(["type", "hash", "key"])
+        .arg(size_of::<EndpointKey>().to_string())
+        .arg("value")
+        .arg(size_of::<Endpoint>().to_string())
+        .args(["entries", "64", "name", "ENDPOINTS"])
+        .output()
+        .expect("run bpftool");
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    let open = |path: &Path| {
+        let data = aya::maps::MapData::from_pin(path).expect("an ENDPOINTS pin");
+        aya::maps::HashMap::<_, EndpointKey, Endpoint>::try_from(aya::maps::Map::HashMap(data))
+            .expect("the ENDPOINTS layout")
+    };
+    let entries: Vec<(EndpointKey, Endpoint)> = open(&kept)
+        .iter()
+        .collect::<Result<_, _>>()
+        .expect("read ENDPOINTS");
+    assert!(!entries.is_empty(), "the container has an endpoint");
+    let mut small = open(&pin);
+    for (k, v) in &entries {
+        small.insert(k, v, 0).expect("copy an endpoint");
+    }
+    drop(small);
+    std::fs::remove_file(&kept).expect("remove the real map's pin");
     web.agent.restart();
+    assert_eq!(
+        status_max_entries(&web.agent, names::ENDPOINTS),
+        Some(u64::from(capacity::ENDPOINTS)),
+        "made again at the programs' capacity"
+    );
+    let mut migrated: Vec<(EndpointKey, Endpoint)> = open(&pin)
+        .iter()
+        .collect::<Result<_, _>>()
+        .expect("read ENDPOINTS");
+    let bytes =
+        |e: &(EndpointKey, Endpoint)| [bytemuck::bytes_of(&e.0), bytemuck::bytes_of(&e.1)].concat();
+    migrated.sort_by_key(bytes);
+    let mut entries = entries;
+    entries.sort_by_key(bytes);
+    assert!(
+        migrated.iter().map(bytes).eq(entries.iter().map(bytes)),
+        "every endpoint was copied"
+    );
+    assert!(
+        !pin.with_file_name("migrate_ENDPOINTS").exists(),
+        "the old map's pin is gone"
+    );
+
+    // A new --ct-max: the conntrack tables made again, with every flow.
     let _server = Server::line_echo(&web.ctr, 80, "web");
     let flow = RrFlow::start(&node.client, node.node_port(8080), "web");
     flow.wait_more("before the restart", 3);
     let flows = web.agent.flows().len();
     assert!(flows >= 1, "{flows}");
     web.agent.kill();
-    web.agent.set_args(&pool, &["--ct-max", "2048"]);
+    web.agent.set_pool_and_args(&pool, &["--ct-max", "2048"]);
     web.agent.restart();
     assert_eq!(status_max_entries(&web.agent, names::CT), Some(2048));
     assert_eq!(web.agent.status()["conntrack_max"], 2048);
@@ -689,13 +747,13 @@ fn a_pool_over_a_node_address_or_route_or_unlike_the_containers_is_refused() {
     let mut web = Deployment::start(&node, "web", &[]);
     let pool = web.agent.pool().to_owned();
     web.agent.kill();
-    web.agent.set_args("198.19.251.0/24", &[]);
+    web.agent.set_pool_and_args("198.19.251.0/24", &[]);
     let err = web
         .agent
         .try_restart()
         .expect_err("another pool under a container");
     assert!(err.contains(&format!("--pool {pool}")), "{err}");
-    web.agent.set_args(&pool, &[]);
+    web.agent.set_pool_and_args(&pool, &[]);
     web.agent.restart();
     let c = web.agent.container("web").expect("web is kept");
     assert_eq!(c.addr, web.info.addr);

@@ -20,6 +20,7 @@ pub mod masquerade;
 pub mod pins;
 pub mod ratelimit;
 pub mod reader;
+mod resize;
 mod sys;
 
 use std::{fs, io, path::PathBuf};
@@ -30,8 +31,8 @@ use aya::{
     programs::{CgroupSkb, SchedClassifier, SockOps},
 };
 use datapath_common::{
-    Config, CtContainer, CtEntry, CtKey, CtTimedEntry, Endpoint, EndpointKey, FlushRequest,
-    NodeAddr, NodeAddrKey, ServiceKey, ServiceValue, capacity, names, programs,
+    Config, CtContainer, CtEntry, CtKey, CtTimedEntry, Endpoint, EndpointKey, FLUSH_F_ARM,
+    FlushRequest, NodeAddr, NodeAddrKey, ServiceKey, ServiceValue, capacity, names, programs,
     ratelimit::{RateFlows, RateKey, RateLimit, RateStats},
 };
 use serde::Serialize;
@@ -312,7 +313,8 @@ impl Datapath {
     /// Loads the embedded object, reusing maps already pinned under
     /// `bpffs_dir/maps` (so a restart keeps every flow) and pinning new ones.
     /// A pinned map of another layout is migrated or refused
-    /// ([`pins`]).
+    /// ([`pins`]); conntrack tables of another size than `--ct-max` asks
+    /// for are made again at that size with their flows ([`resize`]).
     pub fn load(opts: &LoadOptions) -> Result<Self, BpfError> {
         let maps_dir = opts.bpffs_dir.join("maps");
         for dir in [&maps_dir, &opts.bpffs_dir.join("links")] {
@@ -322,23 +324,27 @@ impl Datapath {
                 source,
             })?;
         }
-        let overrides: Vec<(&'static str, u32)> = opts
-            .ct_max
-            .map(|n| [(names::CT, n), (names::CT_NEW, ct_new_max(n))])
-            .into_iter()
-            .flatten()
-            .collect();
-        let migrations = pins::prepare(EBPF_OBJECT, &maps_dir, &names::ALL, &overrides)?;
+        // The conntrack tables' capacity (`--ct-max`) is changed by
+        // `resize`, which keeps their flows paired and their timers armed:
+        // here only the rest of their layout is checked.
+        let migrations = pins::prepare(
+            EBPF_OBJECT,
+            &maps_dir,
+            &names::ALL,
+            &[names::CT, names::CT_NEW],
+        )?;
         let pins: Vec<(&'static str, PathBuf)> =
             names::ALL.iter().map(|n| (*n, maps_dir.join(n))).collect();
         let mut loader = EbpfLoader::new();
         for (name, path) in &pins {
             loader.map_pin_path(name, path.as_path());
         }
-        if let Some(n) = opts.ct_max {
-            loader.map_max_entries(names::CT, n);
-            loader.map_max_entries(names::CT_NEW, ct_new_max(n));
-        }
+        // A pinned table keeps its size: one of another size is set aside
+        // and its flows moved into a new one below.
+        let ct_entries = ct_max(opts.ct_max);
+        let resized = resize::set_aside(&maps_dir, ct_entries, ct_new_max(ct_entries))?;
+        loader.map_max_entries(names::CT, ct_entries);
+        loader.map_max_entries(names::CT_NEW, ct_new_max(ct_entries));
         loader.override_global(aya_log::LEVEL, &opts.log_level, false);
         let mut ebpf = loader.load(EBPF_OBJECT)?;
         pins::finish(migrations)?;
@@ -364,7 +370,7 @@ impl Datapath {
             source,
         })?;
 
-        Ok(Self {
+        let mut dp = Self {
             config: typed_map!(&mut ebpf, names::CONFIG, Array<MapData, Config>),
             services: typed_map!(&mut ebpf, names::SERVICES, HashMap<MapData, ServiceKey, ServiceValue>),
             endpoints: typed_map!(&mut ebpf, names::ENDPOINTS, HashMap<MapData, EndpointKey, Endpoint>),
@@ -384,7 +390,20 @@ impl Datapath {
             ebpf,
             bpffs_dir: opts.bpffs_dir.clone(),
             attachments: imbl::OrdMap::new(),
-        })
+        };
+        if resized.any() {
+            let moved = resized.migrate(&mut dp.ct, &mut dp.ct_new, &mut dp.ct_containers)?;
+            let armed = dp.run_flush(FlushRequest {
+                flags: FLUSH_F_ARM,
+                ..FlushRequest::default()
+            })?;
+            log::info!(
+                "conntrack tables resized: {} flows kept ({armed} timers armed), {} did not fit",
+                moved.copied,
+                moved.dropped
+            );
+        }
+        Ok(dp)
     }
 
     /// The aya-log ring buffer, to forward kernel-side log events.

@@ -13,6 +13,11 @@
 //! * another key or value size, or a type that cannot be copied into the
 //!   declared one: the agent **refuses** to start, naming the map, the pin
 //!   and what differs, and changes nothing.
+//!
+//! The conntrack tables' capacity is `--ct-max`'s and may change from one
+//! start to the next: [`super::resize`] makes them again at the new size,
+//! keeping their flows paired and their expiry timers armed. Here only the
+//! rest of their layout is checked.
 
 use std::{
     fs, io,
@@ -202,14 +207,15 @@ pub struct Migration {
 }
 
 /// Checks every map pinned under `maps_dir` against what `object`
-/// declares (`overrides`: capacities the loader is told), before the
-/// object is loaded. Maps to migrate are moved aside and returned; a map
+/// declares, before the object is loaded; of the maps in `resized`
+/// (whose capacity another step sets, [`super::resize`]) every property
+/// but the capacity. Maps to migrate are moved aside and returned; a map
 /// that cannot be used or migrated is refused, and nothing is changed.
 pub fn prepare(
     object: &[u8],
     maps_dir: &Path,
     names: &[&'static str],
-    overrides: &[(&'static str, u32)],
+    resized: &[&'static str],
 ) -> Result<Vec<Migration>, BpfError> {
     let object = aya_obj::Object::parse(object).map_err(|e| BpfError::Fs {
         action: "parse the eBPF object",
@@ -220,7 +226,11 @@ pub fn prepare(
     for &name in names {
         let pin = maps_dir.join(name);
         let staged = maps_dir.join(format!("{MIGRATE_PREFIX}{name}"));
-        let max = overrides.iter().find(|(n, _)| *n == name).map(|(_, m)| *m);
+        let max = if resized.contains(&name) {
+            MapLayout::of_pin(&pin)?.map(|have| have.max_entries)
+        } else {
+            None
+        };
         let Some(want) = MapLayout::declared(&object, name, max)? else {
             continue;
         };
