@@ -12,6 +12,7 @@
 //! * [`ratelimit`]: the per-cgroup token buckets' layouts and arithmetic.
 //! * [`monitor`]: per-container counters and the monitor's events.
 //! * [`clock`]: the test clock that can stand in for the programs' clock.
+//! * [`policy`]: who may send what (martian sources, neighbour discovery).
 //!
 //! The crate is `no_std` so that the eBPF crate can use it; the `user` feature
 //! adds the userspace-only trait impls.
@@ -23,6 +24,7 @@ pub mod ct;
 pub mod flow;
 pub mod maps;
 pub mod monitor;
+pub mod policy;
 pub mod ratelimit;
 pub mod stats;
 

@@ -22,7 +22,7 @@ use datapath_common::{
 use crate::{
     conntrack::{self, NewFlow, V4},
     ctx::Packet,
-    icmp,
+    guard, icmp,
     maps::{self, ENDPOINTS, NODE_ADDRS},
     nat,
     parse::{self, ETH_LEN, Flow, FrameLen, IP_SRC_OFF, Kind, L4, frag},
@@ -90,13 +90,20 @@ pub enum Verdict {
 /// Translates one packet sent by a container.
 #[inline(always)]
 pub fn process(ctx: &mut TcContext) -> Verdict {
-    let Some(cfg) = maps::config() else {
-        return Verdict::Pass;
-    };
+    // The packet's run starts first, so that a drop below is counted as
+    // this packet's (its hook; its container, found by its veth), never
+    // as the last one's. (The per-CPU scratch always exists.)
     let Some(sc) = maps::scratch() else {
-        return Verdict::Pass;
+        return Verdict::Drop(Stat::DropHelperFailed);
     };
     maps::begin(sc, hook::CONTAINER_TC);
+    // Not configured yet: nothing can be checked, so nothing goes through.
+    let Some(cfg) = maps::config() else {
+        return Verdict::Drop(Stat::DropNotConfigured);
+    };
+    if let Some(stat) = guard::container(ctx) {
+        return Verdict::Drop(stat);
+    }
     let flow = &mut sc.flow;
     let req = &mut sc.req;
     let kind = parse::parse(ctx, flow);

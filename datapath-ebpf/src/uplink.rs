@@ -9,7 +9,7 @@ use datapath_common::{
 use crate::{
     conntrack::{self, NewFlow, V4},
     ctx::Packet,
-    icmp,
+    guard, icmp,
     maps::{self, NODE_ADDRS, SERVICES},
     nat,
     parse::{self, Flow, FrameLen, Kind, L4, frag},
@@ -92,13 +92,19 @@ fn service(key: &CtKey) -> Option<&'static datapath_common::ServiceValue> {
 /// Translates one uplink packet.
 #[inline(always)]
 pub fn process<C: Packet + FrameLen + Node + TranslateIcmp>(ctx: &mut C, hook: u8) -> Verdict {
-    let Some(cfg) = maps::config() else {
-        return Verdict::Pass;
-    };
+    // The packet's run starts first, so that a drop below is counted as
+    // this packet's, never as the last one's. (The per-CPU scratch always
+    // exists.)
     let Some(sc) = maps::scratch() else {
         return Verdict::Pass;
     };
     maps::begin(sc, hook);
+    let Some(cfg) = maps::config() else {
+        return Verdict::Pass;
+    };
+    if let Some(stat) = guard::uplink(ctx, cfg) {
+        return Verdict::Drop(stat);
+    }
     let flow = &mut sc.flow;
     let req = &mut sc.req;
     let kind = parse::parse(ctx, flow);

@@ -15,7 +15,7 @@ use datapath_tests::{
     capture,
     fixture::Deployment,
     node::Node,
-    traffic::{Server, udp_request, udp_request_within, udp_send},
+    traffic::{Server, send_router_advertisement, udp_request, udp_request_within, udp_send},
     wait,
 };
 
@@ -275,6 +275,54 @@ fn monitor_shows_a_spoofed_packet_dropped_with_its_reason_and_addresses() {
     assert_eq!(ev["sport"], 5555, "{ev}");
     assert_eq!(ev["dst"], to.ip().to_string(), "{ev}");
     assert_eq!(ev["dport"], to.port(), "{ev}");
+}
+
+#[test]
+fn a_containers_router_advertisement_is_its_drop_and_the_monitor_names_it() {
+    let node = Node::new();
+    let app = Deployment::start(&node, "ra", &[]);
+    let reason = [("container", "ra"), ("reason", "router_advertisement")];
+    let before = sample(
+        &parse(&app.agent.metrics()),
+        "datapath_container_drops_total",
+        &reason,
+    )
+    .unwrap_or(0);
+    let mut monitor = app
+        .agent
+        .monitor(&["--drops", "--json", "--container", "ra"]);
+    let rx = lines(&mut monitor);
+    // The monitor subscribes shortly after it starts: send until it shows
+    // one (bounded).
+    let mut sent = 0;
+    let event = wait::for_some(Duration::from_secs(30), || {
+        app.ctr
+            .exec_closure(|| send_router_advertisement("eth0"))
+            .expect("send a router advertisement");
+        sent += 1;
+        let line = rx.recv_timeout(Duration::from_millis(200)).ok()?;
+        Some(serde_json::from_str::<serde_json::Value>(&line).expect("JSON line"))
+    });
+    let _ = monitor.kill();
+    let _ = monitor.wait();
+    let ev = event.unwrap_or_else(|| panic!("no event; agent log:\n{}", app.agent.log()));
+    assert_eq!(ev["kind"], "drop", "{ev}");
+    assert_eq!(ev["reason"], "router_advertisement", "{ev}");
+    assert_eq!(ev["hook"], "container-tc", "{ev}");
+    assert_eq!(ev["container"], "ra", "{ev}");
+    // Every advertisement sent is counted as the container's drop (the
+    // last ones may still be on their way through the veth).
+    let count = || {
+        sample(
+            &parse(&app.agent.metrics()),
+            "datapath_container_drops_total",
+            &reason,
+        )
+        .unwrap_or(0)
+            - before
+    };
+    wait::within(Duration::from_secs(10), || count() >= sent);
+    assert_eq!(count(), sent, "{}", app.agent.metrics());
 }
 
 /// The producer position of the pinned ring buffer `path` (bytes written

@@ -1,6 +1,9 @@
 //! A client of the agent's API, for the CLI and the CNI plugin.
 
-use std::path::{Path, PathBuf};
+use std::{
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use http_body_util::{BodyExt, Full};
 use hyper::{Method, Request, StatusCode, body::Bytes};
@@ -35,6 +38,16 @@ pub enum ClientError {
         /// What failed.
         message: String,
     },
+    /// The agent did not answer in time.
+    #[error(
+        "the agent at {socket} did not answer within {after:?} (is it stuck? its log says more)"
+    )]
+    Timeout {
+        /// The socket path.
+        socket: PathBuf,
+        /// How long the client waited.
+        after: Duration,
+    },
     /// The agent answered with an error.
     #[error("{message}")]
     Agent {
@@ -52,10 +65,18 @@ impl ClientError {
     }
 }
 
-/// A client of the agent's API.
+/// How long a client waits to connect.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a client waits for an answer by default.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// A client of the agent's API. Every call is bounded: connecting by
+/// [`CONNECT_TIMEOUT`] (then the agent counts as unreachable), the whole
+/// exchange by the client's timeout ([`DEFAULT_TIMEOUT`] unless set).
 #[derive(Clone, Debug)]
 pub struct Client {
     socket: PathBuf,
+    timeout: Duration,
 }
 
 impl Client {
@@ -63,12 +84,34 @@ impl Client {
     pub fn new(socket: impl Into<PathBuf>) -> Self {
         Self {
             socket: socket.into(),
+            timeout: DEFAULT_TIMEOUT,
         }
+    }
+
+    /// The same client, waiting at most `timeout` for each answer.
+    #[must_use]
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
     }
 
     /// The socket path.
     pub fn socket(&self) -> &Path {
         &self.socket
+    }
+
+    /// `exchange`, given up after the client's timeout.
+    async fn bounded<T>(
+        &self,
+        exchange: impl std::future::Future<Output = Result<T, ClientError>>,
+    ) -> Result<T, ClientError> {
+        match tokio::time::timeout(self.timeout, exchange).await {
+            Ok(result) => result,
+            Err(_) => Err(ClientError::Timeout {
+                socket: self.socket.clone(),
+                after: self.timeout,
+            }),
+        }
     }
 
     /// Sends one request; the answer's head, its body still to read.
@@ -82,12 +125,22 @@ impl Client {
             socket: self.socket.clone(),
             message,
         };
-        let stream = tokio::net::UnixStream::connect(&self.socket)
-            .await
-            .map_err(|source| ClientError::Connect {
-                socket: self.socket.clone(),
-                source,
-            })?;
+        let connect_err = |source| ClientError::Connect {
+            socket: self.socket.clone(),
+            source,
+        };
+        let stream = tokio::time::timeout(
+            CONNECT_TIMEOUT,
+            tokio::net::UnixStream::connect(&self.socket),
+        )
+        .await
+        .map_err(|_| {
+            connect_err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("no connection within {CONNECT_TIMEOUT:?}"),
+            ))
+        })?
+        .map_err(connect_err)?;
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .map_err(|e| http(format!("handshake: {e}")))?;
@@ -134,9 +187,12 @@ impl Client {
 
     /// `GET /metrics`: the metrics page.
     pub async fn metrics(&self) -> Result<String, ClientError> {
-        let resp = self.send(Method::GET, "/metrics", None).await?;
-        let (_, bytes) = self.body(resp).await?;
-        Ok(String::from_utf8_lossy(&bytes).into_owned())
+        self.bounded(async {
+            let resp = self.send(Method::GET, "/metrics", None).await?;
+            let (_, bytes) = self.body(resp).await?;
+            Ok(String::from_utf8_lossy(&bytes).into_owned())
+        })
+        .await
     }
 
     /// `GET /v1/monitor`: the monitor's events as they come, until the
@@ -150,7 +206,9 @@ impl Client {
             path.push_str("&container=");
             path.push_str(&encode(c));
         }
-        let resp = self.send(Method::GET, &path, None).await?;
+        // Bounded until the answer's head; the stream itself runs until
+        // the agent stops or the caller drops it.
+        let resp = self.bounded(self.send(Method::GET, &path, None)).await?;
         if !resp.status().is_success() {
             self.body(resp).await?;
             return Err(ClientError::Http {
@@ -198,17 +256,20 @@ impl Client {
         path: &str,
         body: Option<Vec<u8>>,
     ) -> Result<T, ClientError> {
-        let resp = self.send(method, path, body).await?;
-        let (status, bytes) = self.body(resp).await?;
-        let bytes = if bytes.is_empty() || status == StatusCode::NO_CONTENT {
-            Bytes::from_static(b"null")
-        } else {
-            bytes
-        };
-        serde_json::from_slice(&bytes).map_err(|e| ClientError::Http {
-            socket: self.socket.clone(),
-            message: format!("decode answer: {e}"),
+        self.bounded(async {
+            let resp = self.send(method, path, body).await?;
+            let (status, bytes) = self.body(resp).await?;
+            let bytes = if bytes.is_empty() || status == StatusCode::NO_CONTENT {
+                Bytes::from_static(b"null")
+            } else {
+                bytes
+            };
+            serde_json::from_slice(&bytes).map_err(|e| ClientError::Http {
+                socket: self.socket.clone(),
+                message: format!("decode answer: {e}"),
+            })
         })
+        .await
     }
 
     /// `GET /v1/status`.

@@ -7,6 +7,7 @@
 
 pub mod figures;
 pub mod flow;
+pub mod identity;
 pub mod limits;
 pub mod mac;
 pub mod mtu;
