@@ -478,6 +478,17 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 "conntrack {} / {} entries",
                 st.conntrack_entries, st.conntrack_max
             );
+            let count = &st.agent.conntrack_count;
+            println!(
+                "agent cpu {:.2} s user, {:.2} s system  conntrack count: {} passes, \
+                 at most {} entries and {} syscalls per pass (budget {})",
+                st.agent.cpu_user_s,
+                st.agent.cpu_system_s,
+                count.passes,
+                count.max_pass_entries,
+                count.max_pass_syscalls,
+                count.pass_budget
+            );
             println!("attached:");
             for a in &st.attachments {
                 println!(

@@ -10,8 +10,8 @@ use ipnet::Ipv4Net;
 
 use super::{AgentError, Node};
 use crate::{
-    api::{AttachmentInfo, ContainerInfo, Flow, MapInfo, Status, UplinkInfo},
-    datapath::{Attachment, Datapath, Reader, conntrack},
+    api::{AgentWork, AttachmentInfo, ContainerInfo, CountWork, Flow, MapInfo, Status, UplinkInfo},
+    datapath::{Attachment, COUNT_PASS_BUDGET, Datapath, Reader, conntrack},
     store::{Container, State, Store},
 };
 
@@ -77,6 +77,7 @@ impl Snapshot {
             containers: self.state.containers().len(),
             conntrack_entries: reader.conntrack_entries(&self.timeouts),
             conntrack_max: self.ct_max,
+            agent: agent_work(reader),
         }
     }
 
@@ -166,6 +167,28 @@ pub fn container_info(c: &Container, gateway: Ipv4Addr, reader: &Reader) -> Cont
         mtu: c.mtu,
         limits: c.limits,
         counters: reader.rate_counters(c.cgroup_id, &c.limits),
+    }
+}
+
+/// The agent's CPU use so far and what its periodic work has cost.
+fn agent_work(reader: &Reader) -> AgentWork {
+    use nix::sys::resource::{UsageWho, getrusage};
+    let secs = |t: nix::sys::time::TimeVal| t.tv_sec() as f64 + t.tv_usec() as f64 / 1e6;
+    let (cpu_user_s, cpu_system_s) = getrusage(UsageWho::RUSAGE_SELF)
+        .map(|u| (secs(u.user_time()), secs(u.system_time())))
+        .unwrap_or_default();
+    let w = reader.count_work();
+    AgentWork {
+        cpu_user_s,
+        cpu_system_s,
+        conntrack_count: CountWork {
+            pass_budget: COUNT_PASS_BUDGET as u64,
+            passes: w.passes,
+            walks: w.walks,
+            last_pass_entries: w.last_pass_entries,
+            max_pass_entries: w.max_pass_entries,
+            max_pass_syscalls: w.max_pass_syscalls,
+        },
     }
 }
 

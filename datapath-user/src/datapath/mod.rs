@@ -34,7 +34,12 @@ use datapath_common::{
 };
 use serde::Serialize;
 
-pub use self::{attach::RateHook, maps::Flows, ratelimit::RateTarget, reader::Reader};
+pub use self::{
+    attach::RateHook,
+    maps::Flows,
+    ratelimit::RateTarget,
+    reader::{COUNT_PASS_BUDGET, CountWork, Reader},
+};
 
 /// The compiled eBPF object (all programs and maps), embedded at build time.
 pub static EBPF_OBJECT: &[u8] =
