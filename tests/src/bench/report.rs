@@ -397,8 +397,11 @@ fn agent_cpu_table(out: &mut String, r: &Results) {
          (the packets themselves are the kernel's work, not the agent's).\n\n\
          | Kind | Mode | Ports | Runs | Median (ms) | Max (ms) |\n|---|---|---:|---:|---:|---:|\n",
     );
-    let mut keys: Vec<(&str, Mode, usize)> =
-        r.agent_cpu.iter().map(|a| (a.kind, a.mode, a.ports)).collect();
+    let mut keys: Vec<(&str, Mode, usize)> = r
+        .agent_cpu
+        .iter()
+        .map(|a| (a.kind, a.mode, a.ports))
+        .collect();
     keys.dedup();
     let mut seen = Vec::new();
     for key in keys {

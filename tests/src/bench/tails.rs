@@ -315,7 +315,9 @@ fn updates_under_load(bed: &mut Bed<'_>, plan: &Plan) -> Result<UpdateRow> {
         let start = Instant::now();
         let until = plan.load.saturating_sub(Duration::from_millis(800));
         let ms = |d: Duration| d.as_secs_f64() * 1e3;
-        while add_ms.len() < plan.updates && start.elapsed() < until && !done.load(Ordering::Relaxed)
+        while add_ms.len() < plan.updates
+            && start.elapsed() < until
+            && !done.load(Ordering::Relaxed)
         {
             let b = bed.backend();
             match b.time_add().and_then(|a| Ok((a, b.time_del()?))) {
