@@ -1117,4 +1117,61 @@ mod tests {
         assert_eq!(num(25.345), "25.3");
         assert_eq!(num(0.0123), "0.012");
     }
+
+    #[test]
+    fn the_tail_targets_compare_the_first_and_the_last_repetition_and_the_worst_update() {
+        use crate::bench::tails::{ConnectRow, UpdateRow};
+        let mut r = Results::default();
+        r.tails.ports = 10_004;
+        // Ours: 80 µs at first, drifting to 200 µs; theirs: 100 µs flat.
+        for (mode, p99s) in [
+            (Mode::DatapathTc, [80.0, 150.0, 200.0]),
+            (Mode::IptablesNft, [100.0, 100.0, 100.0]),
+        ] {
+            for (rep, p99) in p99s.into_iter().enumerate() {
+                r.tails.connect.push(ConnectRow {
+                    mode,
+                    path: Path::Published,
+                    rep,
+                    rate: 10.0,
+                    p50: 50.0,
+                    p99,
+                    max: 2.0 * p99,
+                    failed: 0,
+                    agent_cpu_s: None,
+                });
+            }
+        }
+        r.tails.updates.push(UpdateRow {
+            mode: Mode::DatapathTc,
+            add_ms: vec![0.3, 0.4, 12.5],
+            del_ms: vec![0.3, 0.3, 0.5],
+            load_rate: 10.0,
+            load_p99: 120.0,
+            agent_cpu_s: Some(0.01),
+        });
+        let t = tails_targets(&r);
+        let find = |needle: &str| {
+            t.iter()
+                .find(|(text, _)| text.contains(needle))
+                .and_then(|(_, cell)| cell.clone())
+        };
+        assert_eq!(
+            find("published port, first").map(|c| c.1),
+            Some(true),
+            "{t:?}"
+        );
+        assert_eq!(find("published port, last").map(|c| c.1), Some(false));
+        assert_eq!(find("masquerade, first"), None, "not measured");
+        assert_eq!(find("added").map(|c| c.1), Some(false), "worst 12.5 ms");
+        assert_eq!(find("removed").map(|c| c.1), Some(true));
+        let md = markdown(&Meta::default(), &Config::quick(), &r);
+        assert!(
+            md.contains("## Latency tails: 10004 published ports"),
+            "{md}"
+        );
+        assert!(md.contains("MISSED: 2.00×: 200 against 100 µs"), "{md}");
+        let j = json(&Meta::default(), &Config::quick(), &r);
+        assert_eq!(j["tails"]["updates"][0]["add_ms"]["max"], 12.5);
+    }
 }
