@@ -10,7 +10,7 @@ use std::{
 };
 
 use aya::programs::{
-    CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, LinkOrder, SchedClassifier, SockOps,
+    CgroupAttachMode, CgroupSkb, CgroupSockAddr, CgroupSkbAttachType, LinkOrder, SchedClassifier, SockOps,
     TcAttachType, Xdp, XdpMode,
     links::{FdLink, PinnedLink},
     tc::{SchedClassifierLink, TcAttachOptions},
@@ -208,6 +208,63 @@ impl Datapath {
         Ok(())
     }
 
+    /// Attaches the socket programs to cgroup directory `cgroup`. Each
+    /// link is pinned aside, then renamed over the pin of the previous
+    /// one (on whatever cgroup), which detaches it: the hooks are never
+    /// empty, and running twice for a moment is harmless (a translated
+    /// address is no published port; a reversed one no container's).
+    pub fn attach_sockets(&mut self, cgroup: &Path) -> Result<(), BpfError> {
+        let dir = fs::File::open(cgroup).map_err(|source| BpfError::Fs {
+            action: "open the cgroup",
+            path: cgroup.to_owned(),
+            source,
+        })?;
+        for (program_name, hook) in SOCKET_HOOKS {
+            let pin = self.link_pin(&socket_link_name(hook));
+            let staging = self.link_pin(&format!("{STAGING_LINK_PREFIX}{}", socket_link_name(hook)));
+            let err = |message: String| BpfError::Attach {
+                program: program_name,
+                ifname: cgroup.display().to_string(),
+                message,
+            };
+            remove_pin(&staging)?;
+            let prog: &mut CgroupSockAddr = program(&mut self.ebpf, program_name)?;
+            let program_id = prog.info().map(|i| i.id()).unwrap_or_default();
+            let id = prog
+                .attach(&dir, CgroupAttachMode::AllowMultiple)
+                .map_err(|e| err(format!("attach: {e}")))?;
+            let link = prog
+                .take_link(id)
+                .map_err(|e| err(format!("take link: {e}")))?;
+            let link = FdLink::try_from(link).map_err(|e| err(format!("link: {e}")))?;
+            link.pin(&staging)
+                .map_err(|e| err(format!("pin link at {}: {e}", staging.display())))?;
+            fs::rename(&staging, &pin).map_err(|source| BpfError::Fs {
+                action: "rename a link pin to",
+                path: pin.clone(),
+                source,
+            })?;
+            self.record(
+                program_name,
+                program_id,
+                &cgroup.display().to_string(),
+                hook,
+                pin,
+            );
+        }
+        Ok(())
+    }
+
+    /// Detaches the socket programs (idempotent).
+    pub fn detach_sockets(&mut self) -> Result<(), BpfError> {
+        for (_, hook) in SOCKET_HOOKS {
+            let pin = self.link_pin(&socket_link_name(hook));
+            self.attachments.remove(&pin);
+            remove_pin(&pin)?;
+        }
+        Ok(())
+    }
+
     /// Detaches rate limiter hook `hook` of a container (idempotent).
     pub fn detach_rate(&mut self, hook: RateHook, host_ifname: &str) -> Result<(), BpfError> {
         let pin = self.link_pin(&rate_link_name(hook, host_ifname));
@@ -379,6 +436,20 @@ impl RateHook {
             RateHook::SockOps => "cgroup-sock-ops",
         }
     }
+}
+
+/// The socket programs and their hooks' names (in pins and `datapath
+/// status`).
+const SOCKET_HOOKS: [(&str, &str); 4] = [
+    (programs::SOCK_CONNECT4, "cgroup-connect4"),
+    (programs::SOCK_SENDMSG4, "cgroup-sendmsg4"),
+    (programs::SOCK_RECVMSG4, "cgroup-recvmsg4"),
+    (programs::SOCK_GETPEERNAME4, "cgroup-getpeername4"),
+];
+
+/// The pinned link name of a socket program's hook.
+fn socket_link_name(hook: &str) -> String {
+    format!("sock_{hook}")
 }
 
 /// Prefix of the pinned link names of the rate limiter.
