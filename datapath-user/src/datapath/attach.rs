@@ -231,7 +231,7 @@ impl Datapath {
             let prog: &mut CgroupSockAddr = program(&mut self.ebpf, program_name)?;
             let program_id = prog.info().map(|i| i.id()).unwrap_or_default();
             let id = prog
-                .attach(&dir, CgroupAttachMode::AllowMultiple)
+                .attach(&dir, CgroupAttachMode::Single)
                 .map_err(|e| err(format!("attach: {e}")))?;
             let link = prog
                 .take_link(id)
