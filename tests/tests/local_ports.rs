@@ -15,6 +15,7 @@ use std::{
 use datapath_tests::{
     agent::Agent,
     netns::Netns,
+    nginx::Nginx,
     node::Node,
     traffic::{Server, assert_refused, http_get, udp_request},
 };
@@ -253,4 +254,46 @@ fn one_port_on_two_node_addresses_or_two_protocols_reaches_different_containers(
         let seen = probe_ok(&agent, &node.node, &["tcp", &on(addr, 8080).to_string()]);
         assert!(seen["body"].starts_with(&format!("{label} port 80:")), "{seen:?}");
     }
+}
+
+#[test]
+fn nginx_on_the_node_proxies_to_a_published_port_on_its_loopback() {
+    let node = Node::new();
+    let ctr = node.add_container_netns("app");
+    let agent = Agent::start(&node);
+    let web = Server::http(&ctr, 80, "app");
+    agent.add("app", &ctr, &["--publish", "8080:80"]);
+    let _router = Nginx::start(
+        &node.node,
+        Some(agent.socket_cgroup()),
+        9080,
+        SocketAddr::from((Ipv4Addr::LOCALHOST, 8080)),
+    );
+    for _ in 0..3 {
+        let body = http_get(&node.client, node.node_port(9080), "/")
+            .unwrap_or_else(|e| panic!("GET through nginx: {e}\n{}", agent.log()));
+        assert!(body.starts_with("app port 80: hello "), "{body:?}");
+    }
+    assert_eq!(web.peers().len(), 3);
+    assert!(agent.counter("sock_translated") >= 1);
+}
+
+#[test]
+fn nginx_in_a_container_proxies_to_another_through_the_node_published_port() {
+    let node = Node::new();
+    let front = node.add_container_netns("front");
+    let back = node.add_container_netns("back");
+    let agent = Agent::start(&node);
+    let web = Server::http(&back, 80, "back");
+    let f = agent.add("front", &front, &["--publish", "8080:80"]);
+    agent.add("back", &back, &["--publish", "8081:80"]);
+    let _router = Nginx::start(&front, None, 80, node.node_port(8081));
+    for _ in 0..3 {
+        let body = http_get(&node.client, node.node_port(8080), "/")
+            .unwrap_or_else(|e| panic!("GET through the front's nginx: {e}\n{}", agent.log()));
+        assert!(body.starts_with("back port 80: hello "), "{body:?}");
+    }
+    let peers = web.peers();
+    assert_eq!(peers.len(), 3);
+    assert!(peers.iter().all(|p| *p.ip() == f.addr), "{peers:?}");
 }
