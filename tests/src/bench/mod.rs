@@ -25,6 +25,7 @@ pub mod api;
 pub mod bed;
 pub mod connrate;
 pub mod control;
+pub mod local;
 pub mod cpu;
 pub mod flowcore;
 pub mod iperf;

@@ -295,6 +295,9 @@ pub fn markdown(meta: &Meta, cfg: &Config, r: &Results) -> String {
     if !r.entries.is_empty() {
         targets_table(&mut out, &outcomes);
     }
+    for line in crate::bench::local::targets(&r.local) {
+        let _ = writeln!(out, "{:<14} {line}", "datapath");
+    }
     for (text, met, measured) in ratelimit_targets(r) {
         if measured > 0 {
             let word = if met == measured { "met" } else { "MISSED" };
@@ -318,6 +321,9 @@ pub fn markdown(meta: &Meta, cfg: &Config, r: &Results) -> String {
             &metrics_of(Section::Control),
             &[Mode::DatapathTc],
         );
+    }
+    if !r.local.is_empty() {
+        out.push_str(&crate::bench::local::markdown(&r.local));
     }
     if !r.ratelimit.is_empty() {
         ratelimit_section(&mut out, r);
@@ -788,6 +794,7 @@ pub fn json(meta: &Meta, cfg: &Config, r: &Results) -> Value {
         "ratelimit": ratelimit,
         "ratelimit_rr": ratelimit_rr,
         "flowcore": flowcore_json(r),
+        "local": crate::bench::local::json(&r.local),
         "targets": targets,
         "notes": r.notes,
     })

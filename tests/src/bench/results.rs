@@ -164,6 +164,8 @@ pub struct Results {
     pub ratelimit_rr: Vec<RrRow>,
     /// The flow core under load.
     pub flowcore: FlowcoreResults,
+    /// The node's own connections to a published port on its loopback.
+    pub local: Vec<crate::bench::local::LocalRow>,
 }
 
 impl Results {

@@ -4,7 +4,8 @@
 //! Run through the xtask (it builds the release agent and sets
 //! `DATAPATH_BIN`; `cargo xtask bench --only ratelimit` runs the rate
 //! section alone, `--only flowcore` the conntrack one, `--only control` the
-//! control plane's). Options, for working on the bench itself:
+//! control plane's, `--only local` the node's connections to a published
+//! port on its loopback). Options, for working on the bench itself:
 //! `--modes route,datapath-tc`, `--only conn,rr,ratelimit,flowcore,control`, `--reps N`,
 //! `--sizes 1000,10000`, `--conn-threads N`, `--out DIR`.
 
@@ -74,6 +75,7 @@ fn parse_args() -> Result<Args> {
     let mut ratelimit = None;
     let mut flowcore = None;
     let mut control_plane = None;
+    let mut local = None;
     let mut only = None;
     while let Some(arg) = args.next() {
         match arg.as_str() {
@@ -91,10 +93,11 @@ fn parse_args() -> Result<Args> {
                 let rate = value.split(',').any(|v| v.trim() == "ratelimit");
                 let flow = value.split(',').any(|v| v.trim() == "flowcore");
                 let control = value.split(',').any(|v| v.trim() == "control");
+                let loopback = value.split(',').any(|v| v.trim() == "local");
                 let rest: Vec<&str> = value
                     .split(',')
                     .map(str::trim)
-                    .filter(|v| !["ratelimit", "flowcore", "control"].contains(v))
+                    .filter(|v| !["ratelimit", "flowcore", "control", "local"].contains(v))
                     .collect();
                 let k = if rest.is_empty() {
                     Vec::new()
@@ -107,6 +110,7 @@ fn parse_args() -> Result<Args> {
                 ratelimit = Some(rate);
                 flowcore = Some(flow);
                 control_plane = Some(control);
+                local = Some(loopback);
             }
             "--reps" => {
                 let r: usize = args.next().context("--reps needs a value")?.parse()?;
@@ -133,7 +137,7 @@ fn parse_args() -> Result<Args> {
             "-h" | "--help" => {
                 println!(
                     "bench [--quick] [--modes M,…] [--only KIND,…] [--reps N] [--sizes N,…] [--conn-threads N] [--out DIR]\n\
-                     modes: {}\nkinds: {},ratelimit,flowcore,control",
+                     modes: {}\nkinds: {},ratelimit,flowcore,control,local",
                     join(&Mode::ALL, Mode::name),
                     join(&Kind::ALL, Kind::name)
                 );
@@ -159,6 +163,9 @@ fn parse_args() -> Result<Args> {
     }
     if control_plane == Some(false) {
         cfg.control.enabled = false;
+    }
+    if local == Some(false) {
+        cfg.local.enabled = false;
     }
     let quick = if quick { " --quick" } else { "" };
     let command = if let Ok(command) = std::env::var("BENCH_COMMAND") {
