@@ -296,7 +296,7 @@ pub fn markdown(meta: &Meta, cfg: &Config, r: &Results) -> String {
         targets_table(&mut out, &outcomes);
     }
     for line in crate::bench::local::targets(&r.local) {
-        let _ = writeln!(out, "{:<14} {line}", "datapath");
+        let _ = writeln!(out, "- {line} (see the loopback section).");
     }
     for (text, met, measured) in ratelimit_targets(r) {
         if measured > 0 {
@@ -854,6 +854,9 @@ pub fn targets_text(r: &Results) -> String {
             o.target.text,
             o.cell()
         );
+    }
+    for line in crate::bench::local::targets(&r.local) {
+        let _ = writeln!(out, "{:<14} {line}", "datapath");
     }
     for (text, met, measured) in ratelimit_targets(r) {
         if measured > 0 {
