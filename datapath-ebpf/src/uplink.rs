@@ -8,9 +8,7 @@ use datapath_common::{
 use crate::{
     conntrack::{self, NewFlow, V4},
     ctx::Packet,
-    icmp,
-    maps,
-    nat,
+    icmp, maps, nat,
     parse::{self, Flow, FrameLen, Kind, L4, frag},
     route::{Fib, Node},
 };

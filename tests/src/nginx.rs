@@ -33,8 +33,7 @@ impl Nginx {
     /// `port`, proxying to `upstream`; returns once it accepts connections.
     pub fn start(ns: &Netns, cgroup: Option<&Cgroup>, port: u16, upstream: SocketAddr) -> Self {
         let dir = Path::new("/tmp").join(format!("{}-nginx", names::unique_name()));
-        std::fs::create_dir_all(&dir)
-            .unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
+        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
         let d = dir.display();
         let conf = format!(
             "daemon off;\nmaster_process off;\nworker_processes 1;\npid {d}/nginx.pid;\n\

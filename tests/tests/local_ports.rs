@@ -97,7 +97,10 @@ fn the_node_reaches_a_published_port_on_its_loopback_and_address_and_sees_the_di
     let local = SocketAddr::from((Ipv4Addr::LOCALHOST, 8080));
     for dialed in [local, node.node_port(8080)] {
         let body = curl(&agent, &format!("http://{dialed}/"));
-        assert!(body.starts_with("web port 80: hello "), "{dialed}: {body:?}");
+        assert!(
+            body.starts_with("web port 80: hello "),
+            "{dialed}: {body:?}"
+        );
         let seen = probe_ok(&agent, &node.node, &["tcp", &dialed.to_string()]);
         assert_eq!(
             seen["peer"],
@@ -157,14 +160,25 @@ fn a_port_published_on_the_node_loopback_is_reached_from_the_node_only() {
 
     let seen = probe_ok(&agent, &node.node, &["tcp", "127.0.0.1:8080"]);
     assert_eq!(seen["peer"], "127.0.0.1:8080");
-    assert!(seen["body"].starts_with("local port 80: hello "), "{seen:?}");
+    assert!(
+        seen["body"].starts_with("local port 80: hello "),
+        "{seen:?}"
+    );
     let served = web.peers().len();
 
     // Not on the node's address: from the node itself, or from the client.
-    let err = probe(&agent, &node.node, &["tcp", &node.node_port(8080).to_string()])
-        .expect_err("a loopback mapping answered on the node address");
+    let err = probe(
+        &agent,
+        &node.node,
+        &["tcp", &node.node_port(8080).to_string()],
+    )
+    .expect_err("a loopback mapping answered on the node address");
     assert!(err.contains("refused"), "{err}");
-    assert_refused(&node.client, node.node_port(8080), "published on 127.0.0.1 only");
+    assert_refused(
+        &node.client,
+        node.node_port(8080),
+        "published on 127.0.0.1 only",
+    );
     // Not on a container's own loopback, even for a process of the socket
     // cgroup: the programs translate the node namespace's sockets only.
     let err = probe(&agent, &c2, &["tcp", "127.0.0.1:8080"])
@@ -183,8 +197,16 @@ fn containers_reach_their_own_and_each_others_published_ports_through_the_node_a
     let w2 = Server::http(&c2, 80, "c2");
     let _d1 = Server::udp_echo(&c1, 53, "d1");
     let _d2 = Server::udp_echo(&c2, 53, "d2");
-    let i1 = agent.add("c1", &c1, &["--publish", "8080:80", "--publish", "5353:53/udp"]);
-    agent.add("c2", &c2, &["--publish", "8081:80", "--publish", "5354:53/udp"]);
+    let i1 = agent.add(
+        "c1",
+        &c1,
+        &["--publish", "8080:80", "--publish", "5353:53/udp"],
+    );
+    agent.add(
+        "c2",
+        &c2,
+        &["--publish", "8081:80", "--publish", "5354:53/udp"],
+    );
     let c1_addr = i1.addr;
 
     // Its own published port: answered, from the node address it dialed
@@ -233,12 +255,22 @@ fn one_port_on_two_node_addresses_or_two_protocols_reaches_different_containers(
     agent.add(
         "a",
         &c1,
-        &["--publish", "198.18.0.2:8080:80", "--publish", "9000:80/tcp"],
+        &[
+            "--publish",
+            "198.18.0.2:8080:80",
+            "--publish",
+            "9000:80/tcp",
+        ],
     );
     agent.add(
         "b",
         &c2,
-        &["--publish", "198.18.0.3:8080:80", "--publish", "9000:53/udp"],
+        &[
+            "--publish",
+            "198.18.0.3:8080:80",
+            "--publish",
+            "9000:53/udp",
+        ],
     );
     let on = |addr: Ipv4Addr, port| SocketAddr::from((addr, port));
     let a = http_get(&node.client, on(node.node_addr(), 8080), "/").expect("GET .2:8080");
@@ -252,7 +284,10 @@ fn one_port_on_two_node_addresses_or_two_protocols_reaches_different_containers(
     // From the node itself, each address reaches its own container too.
     for (addr, label) in [(node.node_addr(), "a"), (second, "b")] {
         let seen = probe_ok(&agent, &node.node, &["tcp", &on(addr, 8080).to_string()]);
-        assert!(seen["body"].starts_with(&format!("{label} port 80:")), "{seen:?}");
+        assert!(
+            seen["body"].starts_with(&format!("{label} port 80:")),
+            "{seen:?}"
+        );
     }
 }
 

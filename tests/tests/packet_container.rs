@@ -279,11 +279,19 @@ fn a_container_to_another_containers_published_port_is_dnated_and_the_reply_retu
     assert_eq!(r.verdict, TC_ACT_REDIRECT, "stats: {:?}", p.stats());
     verify_checksums(&r.data).expect("valid checksums");
     let out = ParsedFrame::parse(&r.data).expect("parses");
-    assert_eq!(out.ipv4().source, NODE, "the answer comes from the address dialed");
+    assert_eq!(
+        out.ipv4().source,
+        NODE,
+        "the answer comes from the address dialed"
+    );
     assert_eq!(out.ipv4().destination, testbed::CTR_B.addr);
     assert_eq!(out.ports(), (5353, 5555));
     let reply_key = testbed::ct_key("198.19.0.5:53", "198.19.0.6:5555", proto::UDP);
     let e = p.conntrack_get(&reply_key).expect("reply entry");
-    assert_eq!(e.ifindex, testbed::CTR_B.ifindex, "back to the asking container");
+    assert_eq!(
+        e.ifindex,
+        testbed::CTR_B.ifindex,
+        "back to the asking container"
+    );
     assert_eq!(p.stat(Stat::HairpinNew), 1);
 }

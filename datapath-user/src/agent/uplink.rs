@@ -202,20 +202,6 @@ pub async fn follow_addresses(
     Ok(true)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn veth_uplinks_get_tc_unless_xdp_is_asked_for() {
-        assert_eq!(hook_for(XdpMode::Auto, "veth"), UplinkHook::Tc);
-        assert_eq!(hook_for(XdpMode::Auto, ""), UplinkHook::XdpNative);
-        assert_eq!(hook_for(XdpMode::Native, "veth"), UplinkHook::XdpNative);
-        assert_eq!(hook_for(XdpMode::Generic, "veth"), UplinkHook::XdpGeneric);
-        assert_eq!(hook_for(XdpMode::Off, ""), UplinkHook::Tc);
-    }
-}
-
 /// The cookie of this thread's network namespace (`SO_NETNS_COOKIE`), the
 /// node's: the socket programs translate that namespace's sockets only.
 fn netns_cookie() -> std::io::Result<u64> {
@@ -254,4 +240,18 @@ pub fn attach_sockets(cfg: &AgentConfig, dp: &mut Datapath) -> anyhow::Result<()
         .with_context(|| format!("attach the socket programs to {}", dir.display()))?;
     tracing::info!(cgroup = %dir.display(), "socket programs attached");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn veth_uplinks_get_tc_unless_xdp_is_asked_for() {
+        assert_eq!(hook_for(XdpMode::Auto, "veth"), UplinkHook::Tc);
+        assert_eq!(hook_for(XdpMode::Auto, ""), UplinkHook::XdpNative);
+        assert_eq!(hook_for(XdpMode::Native, "veth"), UplinkHook::XdpNative);
+        assert_eq!(hook_for(XdpMode::Generic, "veth"), UplinkHook::XdpGeneric);
+        assert_eq!(hook_for(XdpMode::Off, ""), UplinkHook::Tc);
+    }
 }

@@ -10,8 +10,8 @@ use std::{
 };
 
 use aya::programs::{
-    CgroupAttachMode, CgroupSkb, CgroupSockAddr, CgroupSkbAttachType, LinkOrder, SchedClassifier, SockOps,
-    TcAttachType, Xdp, XdpMode,
+    CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, LinkOrder, SchedClassifier,
+    SockOps, TcAttachType, Xdp, XdpMode,
     links::{FdLink, PinnedLink},
     tc::{SchedClassifierLink, TcAttachOptions},
     xdp::XdpLink,
@@ -221,7 +221,8 @@ impl Datapath {
         })?;
         for (program_name, hook) in SOCKET_HOOKS {
             let pin = self.link_pin(&socket_link_name(hook));
-            let staging = self.link_pin(&format!("{STAGING_LINK_PREFIX}{}", socket_link_name(hook)));
+            let staging =
+                self.link_pin(&format!("{STAGING_LINK_PREFIX}{}", socket_link_name(hook)));
             let err = |message: String| BpfError::Attach {
                 program: program_name,
                 ifname: cgroup.display().to_string(),

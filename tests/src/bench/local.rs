@@ -290,7 +290,9 @@ pub fn markdown(rows: &[LocalRow]) -> String {
 /// within 10 % of a direct connection.
 pub fn targets(rows: &[LocalRow]) -> Vec<String> {
     let get = |way: &str, f: fn(&LocalRow) -> &Vec<f64>| {
-        rows.iter().find(|r| r.way == way).and_then(|r| median(f(r)))
+        rows.iter()
+            .find(|r| r.way == way)
+            .and_then(|r| median(f(r)))
     };
     let mut lines = Vec::new();
     let ours = get("datapath", |r| &r.conn_rate);
