@@ -442,15 +442,15 @@ impl RateHook {
 /// The socket programs and their hooks' names (in pins and `datapath
 /// status`).
 const SOCKET_HOOKS: [(&str, &str); 4] = [
-    (programs::SOCK_CONNECT4, "cgroup-connect4"),
-    (programs::SOCK_SENDMSG4, "cgroup-sendmsg4"),
-    (programs::SOCK_RECVMSG4, "cgroup-recvmsg4"),
-    (programs::SOCK_GETPEERNAME4, "cgroup-getpeername4"),
+    (programs::SOCK_CONNECT4, "sock-connect4"),
+    (programs::SOCK_SENDMSG4, "sock-sendmsg4"),
+    (programs::SOCK_RECVMSG4, "sock-recvmsg4"),
+    (programs::SOCK_GETPEERNAME4, "sock-getpeername4"),
 ];
 
-/// The pinned link name of a socket program's hook.
+/// The pinned link name of a socket program's hook (its name).
 fn socket_link_name(hook: &str) -> String {
-    format!("sock_{hook}")
+    hook.to_owned()
 }
 
 /// Prefix of the pinned link names of the rate limiter.
