@@ -111,6 +111,15 @@ pub mod programs {
     /// cgroup getpeername4: a socket connected through a published port
     /// shows the published address as its peer.
     pub const SOCK_GETPEERNAME4: &str = "sock_getpeername4";
+    /// cgroup connect6: [`SOCK_CONNECT4`] for dual-stack sockets dialing an
+    /// IPv4-mapped address.
+    pub const SOCK_CONNECT6: &str = "sock_connect6";
+    /// cgroup sendmsg6: [`SOCK_SENDMSG4`] for dual-stack sockets.
+    pub const SOCK_SENDMSG6: &str = "sock_sendmsg6";
+    /// cgroup recvmsg6: [`SOCK_RECVMSG4`] for dual-stack sockets.
+    pub const SOCK_RECVMSG6: &str = "sock_recvmsg6";
+    /// cgroup getpeername6: [`SOCK_GETPEERNAME4`] for dual-stack sockets.
+    pub const SOCK_GETPEERNAME6: &str = "sock_getpeername6";
 }
 
 /// Default capacities. The agent may size maps differently at load time.

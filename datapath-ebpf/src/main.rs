@@ -156,6 +156,35 @@ pub fn sock_getpeername4(ctx: SockAddrContext) -> i32 {
     1
 }
 
+/// cgroup connect6: a dual-stack node socket connecting to an IPv4-mapped
+/// published address connects to the container.
+#[cgroup_sock_addr(connect6)]
+pub fn sock_connect6(ctx: SockAddrContext) -> i32 {
+    sock::translate6(&ctx);
+    1
+}
+
+/// cgroup sendmsg6: the same for UDP datagrams.
+#[cgroup_sock_addr(sendmsg6)]
+pub fn sock_sendmsg6(ctx: SockAddrContext) -> i32 {
+    sock::translate6(&ctx);
+    1
+}
+
+/// cgroup recvmsg6: answers read as coming from the dialed address.
+#[cgroup_sock_addr(recvmsg6)]
+pub fn sock_recvmsg6(ctx: SockAddrContext) -> i32 {
+    sock::reverse6(&ctx);
+    1
+}
+
+/// cgroup getpeername6: the dialed address is the peer.
+#[cgroup_sock_addr(getpeername6)]
+pub fn sock_getpeername6(ctx: SockAddrContext) -> i32 {
+    sock::reverse6(&ctx);
+    1
+}
+
 /// `-ENODEV`.
 const ENODEV: i64 = -19;
 

@@ -109,16 +109,20 @@ fn the_node_reaches_a_published_port_on_its_loopback_and_address_and_sees_the_di
         );
         assert!(seen["body"].starts_with("web port 80: hello "), "{seen:?}");
     }
+    // A dual-stack socket dialing the IPv4-mapped loopback.
+    let seen = probe_ok(&agent, &node.node, &["tcp", "[::ffff:127.0.0.1]:8080"]);
+    assert_eq!(seen["peer"], "[::ffff:127.0.0.1]:8080");
+    assert!(seen["body"].starts_with("web port 80: hello "), "{seen:?}");
     assert_eq!(
         agent.counter("sock_translated") - before,
-        4,
-        "each of the four connections was translated once, at connect"
+        5,
+        "each of the five connections was translated once, at connect"
     );
     // The connections went straight to the container: no packet was
     // translated, and the server saw the node's own address.
     assert_eq!(agent.counter("dnat_new"), 0);
     let peers = web.peers();
-    assert_eq!(peers.len(), 4, "{peers:?}");
+    assert_eq!(peers.len(), 5, "{peers:?}");
     assert!(
         peers.iter().all(|p| !p.ip().is_loopback()),
         "the container is reached from a node address, not 127.0.0.1: {peers:?}"
@@ -145,6 +149,14 @@ fn udp_from_the_node_to_a_published_port_on_loopback_is_answered_from_the_dialed
         assert_eq!(seen["from"], to);
         assert_eq!(seen["reply"], "dns port 53: again");
     }
+    // A dual-stack socket.
+    let seen = probe_ok(
+        &agent,
+        &node.node,
+        &["udp", "[::ffff:127.0.0.1]:5353", "six"],
+    );
+    assert_eq!(seen["from"], "[::ffff:127.0.0.1]:5353");
+    assert_eq!(seen["reply"], "dns port 53: six");
 }
 
 #[test]

@@ -6,8 +6,8 @@
 use datapath_common::{
     Stat, ct_action,
     programs::{
-        CONTAINER_TC, SOCK_CONNECT4, SOCK_GETPEERNAME4, SOCK_RECVMSG4, SOCK_SENDMSG4, UPLINK_TC,
-        UPLINK_XDP,
+        CONTAINER_TC, SOCK_CONNECT4, SOCK_CONNECT6, SOCK_GETPEERNAME4, SOCK_GETPEERNAME6,
+        SOCK_RECVMSG4, SOCK_RECVMSG6, SOCK_SENDMSG4, SOCK_SENDMSG6, UPLINK_TC, UPLINK_XDP,
     },
     proto,
 };
@@ -212,6 +212,10 @@ fn every_program_passes_the_verifier() {
         SOCK_SENDMSG4,
         SOCK_RECVMSG4,
         SOCK_GETPEERNAME4,
+        SOCK_CONNECT6,
+        SOCK_SENDMSG6,
+        SOCK_RECVMSG6,
+        SOCK_GETPEERNAME6,
     ] {
         assert!(
             names.iter().any(|n| n == expected),

@@ -441,11 +441,15 @@ impl RateHook {
 
 /// The socket programs and their hooks' names (in pins and `datapath
 /// status`).
-const SOCKET_HOOKS: [(&str, &str); 4] = [
+pub const SOCKET_HOOKS: [(&str, &str); 8] = [
     (programs::SOCK_CONNECT4, "sock-connect4"),
     (programs::SOCK_SENDMSG4, "sock-sendmsg4"),
     (programs::SOCK_RECVMSG4, "sock-recvmsg4"),
     (programs::SOCK_GETPEERNAME4, "sock-getpeername4"),
+    (programs::SOCK_CONNECT6, "sock-connect6"),
+    (programs::SOCK_SENDMSG6, "sock-sendmsg6"),
+    (programs::SOCK_RECVMSG6, "sock-recvmsg6"),
+    (programs::SOCK_GETPEERNAME6, "sock-getpeername6"),
 ];
 
 /// The pinned link name of a socket program's hook (its name).

@@ -274,12 +274,7 @@ impl Datapath {
             prog.load()
                 .map_err(|source| BpfError::Program { name, source })?;
         }
-        for name in [
-            programs::SOCK_CONNECT4,
-            programs::SOCK_SENDMSG4,
-            programs::SOCK_RECVMSG4,
-            programs::SOCK_GETPEERNAME4,
-        ] {
+        for (name, _) in attach::SOCKET_HOOKS {
             let prog: &mut CgroupSockAddr = program(&mut ebpf, name)?;
             prog.load()
                 .map_err(|source| BpfError::Program { name, source })?;

@@ -15,7 +15,7 @@
 
 use std::{
     io::{Read, Write},
-    net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream, UdpSocket},
     time::Duration,
 };
 
@@ -56,7 +56,12 @@ fn tcp(addr: SocketAddr) -> anyhow::Result<()> {
 }
 
 fn udp(addr: SocketAddr, text: &str, connected: bool) -> anyhow::Result<()> {
-    let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).context("bind")?;
+    let s = if addr.is_ipv6() {
+        UdpSocket::bind((Ipv6Addr::UNSPECIFIED, 0))
+    } else {
+        UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))
+    }
+    .context("bind")?;
     s.set_read_timeout(Some(TIMEOUT))?;
     if connected {
         s.connect(addr).context("connect")?;
