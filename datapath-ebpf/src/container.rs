@@ -23,7 +23,7 @@ use datapath_common::{
 use crate::{
     conntrack::{self, NewFlow, V4},
     ctx::Packet,
-    icmp,
+    guard, icmp,
     maps::{self, ENDPOINTS, NODE_ADDRS},
     nat,
     parse::{self, ETH_LEN, Flow, IP_SRC_OFF, Kind, L4, frag},
@@ -94,9 +94,13 @@ pub enum Verdict {
 /// Translates one packet sent by a container.
 #[inline(always)]
 pub fn process(ctx: &mut TcContext) -> Verdict {
+    // Not configured yet: nothing can be checked, so nothing goes through.
     let Some(cfg) = maps::config() else {
-        return Verdict::Pass;
+        return Verdict::Drop(Stat::DropNotConfigured);
     };
+    if let Some(stat) = guard::container(ctx) {
+        return Verdict::Drop(stat);
+    }
     let Some(sc) = maps::scratch() else {
         return Verdict::Pass;
     };

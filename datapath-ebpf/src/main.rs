@@ -12,6 +12,7 @@ mod clock;
 mod conntrack;
 mod container;
 mod ctx;
+mod guard;
 mod icmp;
 mod maps;
 mod nat;
@@ -79,7 +80,7 @@ pub fn uplink_xdp(mut ctx: XdpContext) -> u32 {
             // interface must be right here.)
             // SAFETY: endpoint values are replaced whole by the agent.
             let Some(ep) = (unsafe { maps::ENDPOINTS.get(EndpointKey { addr }) }) else {
-                count(Stat::DropRedirectFailed);
+                count(Stat::DropNoEndpoint);
                 return xdp_action::XDP_DROP;
             };
             let (mac, host_mac, ifindex) = (ep.mac, ep.host_mac, ep.ifindex);
@@ -88,7 +89,7 @@ pub fn uplink_xdp(mut ctx: XdpContext) -> u32 {
                 return xdp_action::XDP_DROP;
             }
             if ctx.store(0, &mac).is_err() || ctx.store(6, &host_mac).is_err() {
-                count(Stat::DropMalformed);
+                count(Stat::DropMacStore);
                 return xdp_action::XDP_DROP;
             }
             // SAFETY: plain helper call.

@@ -8,7 +8,7 @@ use datapath_common::{
 use crate::{
     conntrack::{self, NewFlow, V4},
     ctx::Packet,
-    icmp, maps, nat,
+    guard, icmp, maps, nat,
     parse::{self, Flow, FrameLen, Kind, L4, frag},
     route::{Fib, Node},
 };
@@ -67,6 +67,9 @@ pub fn process<C: Packet + FrameLen + Node + TranslateIcmp>(ctx: &mut C) -> Verd
     let Some(cfg) = maps::config() else {
         return Verdict::Pass;
     };
+    if let Some(stat) = guard::uplink(ctx, cfg) {
+        return Verdict::Drop(stat);
+    }
     let Some(sc) = maps::scratch() else {
         return Verdict::Pass;
     };

@@ -17,7 +17,7 @@ use crate::{
         AddContainer, Client, ContainerInfo, DEFAULT_SOCKET, FlowEndpoint, FlowQuery,
         UpdateContainer,
     },
-    model::Limit,
+    model::{Limit, names::validate_cli_container_name},
 };
 
 /// Container networking with eBPF: published ports, masquerade and
@@ -28,6 +28,9 @@ pub struct Cli {
     /// The agent's API socket.
     #[arg(long, global = true, env = "DATAPATH_API_SOCKET", default_value = DEFAULT_SOCKET)]
     pub api_socket: PathBuf,
+    /// How long to wait for the agent's answer (e.g. 30s, 2m).
+    #[arg(long, global = true, default_value = "2m", value_parser = parse_duration)]
+    pub timeout: Duration,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
@@ -457,7 +460,21 @@ fn print_limits(c: &ContainerInfo) {
 
 /// Runs one CLI invocation.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
-    let client = Client::new(&cli.api_socket);
+    let client = Client::new(&cli.api_socket).with_timeout(cli.timeout);
+    // The CNI plugin's containers are changed by the runtimes through it,
+    // never by hand (they can be listed and deleted).
+    let named = match &cli.command {
+        Command::Container(
+            ContainerCmd::Add { name, .. }
+            | ContainerCmd::Update { name, .. }
+            | ContainerCmd::Publish { name, .. }
+            | ContainerCmd::Unpublish { name, .. },
+        ) => Some(name),
+        _ => None,
+    };
+    if let Some(name) = named {
+        validate_cli_container_name(name)?;
+    }
     match cli.command {
         Command::Agent(args) => run_agent(&args, cli.api_socket.clone()).await,
         Command::Status { json } => {
@@ -503,7 +520,16 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             println!("maps:");
             for m in &st.maps {
-                println!("  {:<12} {}", m.name, m.pin.display());
+                println!(
+                    "  {:<12} type {:<2} key {:<3} value {:<4} max {:<8} flags {:#x}  {}",
+                    m.name,
+                    m.map_type,
+                    m.key_size,
+                    m.value_size,
+                    m.max_entries,
+                    m.flags,
+                    m.pin.display()
+                );
             }
             println!("counters:");
             for (k, v) in st.counters.iter().filter(|(_, v)| **v > 0) {
@@ -605,6 +631,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     c.host_ifname,
                     c.publish.join(",")
                 );
+                if let Some(why) = &c.degraded {
+                    println!("  degraded: {why}");
+                }
                 print_limits(&c);
             }
             Ok(())

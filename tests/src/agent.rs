@@ -485,6 +485,19 @@ impl<'n> Agent<'n> {
         }
     }
 
+    /// Replaces the extra arguments (the builder's [`AgentBuilder::args`])
+    /// and the pool the next [`Agent::restart`] starts the agent with.
+    pub fn set_pool_and_args(&mut self, pool: &str, args: &[&str]) {
+        self.pool = pool.to_owned();
+        self.args = args.iter().map(|a| (*a).to_owned()).collect();
+    }
+
+    /// The full command line (after the binary) of `datapath agent` with
+    /// this agent's paths, pool and arguments.
+    pub fn command_line(&self) -> Vec<std::ffi::OsString> {
+        self.agent_args()
+    }
+
     /// Sets (`Some`) or unsets (`None`) an environment variable of the
     /// agent processes started from now on ([`Agent::restart`]).
     pub fn set_env(&mut self, key: &str, value: Option<&str>) {

@@ -76,7 +76,18 @@ fn agent_settings() -> Vec<String> {
                 .and_then(|rest| rest.split([' ', '=', '<']).next())
                 .map(str::to_owned)
         })
-        .filter(|k| !["config", "check-config", "cleanup", "help", "version"].contains(&k.as_str()))
+        // `--timeout` is the client commands' (a global flag).
+        .filter(|k| {
+            ![
+                "config",
+                "check-config",
+                "cleanup",
+                "help",
+                "version",
+                "timeout",
+            ]
+            .contains(&k.as_str())
+        })
         .collect();
     keys.sort();
     keys.dedup();

@@ -97,6 +97,9 @@ pub async fn setup(
     dp.set_non_masquerade(&cfg.non_masquerade)?;
     let Some(ifname) = cfg.uplink.clone() else {
         tracing::warn!("no --uplink given: programs loaded and maps pinned, nothing attached");
+        // Ready all the same, so that the containers' programs check what
+        // they send; with no uplink to masquerade to, the node routes it.
+        config.flags = (config.flags & !CONFIG_F_SNAT) | CONFIG_F_READY;
         dp.set_config(config)?;
         return Ok(None);
     };

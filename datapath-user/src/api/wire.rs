@@ -171,6 +171,15 @@ pub struct ContainerInfo {
     /// The rate limiter's counters per direction.
     #[serde(default)]
     pub counters: RateCounters,
+    /// The identity (`dev:ino`) of its network namespace, recorded when it
+    /// was added: `netns` is that namespace only while it has this identity.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub netns_id: Option<String>,
+    /// Why the container is not as it should be, if it is not (its veth
+    /// could not be restored, its namespace could not be checked): the
+    /// agent keeps it and retries.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub degraded: Option<String>,
 }
 
 /// The uplink's configuration.
@@ -203,13 +212,29 @@ pub struct AttachmentInfo {
     pub pin: PathBuf,
 }
 
-/// A pinned map.
+/// A pinned map, with the layout the kernel reports for it (all zero if
+/// nothing is pinned at `pin`).
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct MapInfo {
     /// Map name.
     pub name: String,
     /// Pin path.
     pub pin: PathBuf,
+    /// `BPF_MAP_TYPE_*` number.
+    #[serde(default)]
+    pub map_type: u32,
+    /// Key size in bytes.
+    #[serde(default)]
+    pub key_size: u32,
+    /// Value size in bytes.
+    #[serde(default)]
+    pub value_size: u32,
+    /// Maximum number of entries.
+    #[serde(default)]
+    pub max_entries: u32,
+    /// `BPF_F_*` creation flags.
+    #[serde(default)]
+    pub flags: u32,
 }
 
 /// `GET /v1/status`.

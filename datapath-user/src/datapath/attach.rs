@@ -22,6 +22,7 @@ use datapath_common::{
 };
 
 use super::{Attachment, BpfError, Datapath, UplinkHook, program};
+use crate::model::names::is_host_veth_name;
 
 impl Datapath {
     /// Pin path of the link named `name`.
@@ -298,9 +299,23 @@ impl Datapath {
         );
     }
 
+    /// The cgroup id the rate limiter's links of a container are attached
+    /// to, read from the kernel (to rebuild a lost state); `None` if it has
+    /// none.
+    pub fn rate_cgroup_of(&self, host_ifname: &str) -> Option<u64> {
+        RateHook::ALL.iter().find_map(|hook| {
+            let pin = self.link_pin(&rate_link_name(*hook, host_ifname));
+            let fd = super::sys::obj_get(&pin).ok()?;
+            super::sys::link_cgroup_id(std::os::fd::AsFd::as_fd(&fd))
+                .ok()
+                .flatten()
+        })
+    }
+
     /// Removes the link pins of no known container (`known` holds the
     /// host-side veth names of the containers there are), detaching their
-    /// programs, and staging pins left by an attach that was cut off.
+    /// programs, and staging pins left by an attach that was cut off. Only
+    /// names the agent gives its pins are looked at.
     pub fn remove_orphan_links(&mut self, known: &HashSet<String>) {
         let Ok(entries) = fs::read_dir(self.bpffs_dir.join("links")) else {
             return;
@@ -308,17 +323,19 @@ impl Datapath {
         for e in entries.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
             if let Some(veth) = name.strip_prefix(CONTAINER_LINK_PREFIX)
+                && is_host_veth_name(veth)
                 && !known.contains(veth)
             {
                 tracing::warn!(link = %name, "removing an orphaned link");
                 let _ = self.detach_container(veth);
             }
-            if name.starts_with(STAGING_LINK_PREFIX) {
+            if is_link_pin_name(&name) && name.starts_with(STAGING_LINK_PREFIX) {
                 let _ = fs::remove_file(e.path());
             }
             for hook in RateHook::ALL {
                 let prefix = rate_link_name(hook, "");
                 if let Some(veth) = name.strip_prefix(&prefix)
+                    && is_host_veth_name(veth)
                     && !known.contains(veth)
                 {
                     tracing::warn!(link = %name, "removing an orphaned link");
@@ -476,6 +493,22 @@ pub const CONTAINER_LINK_PREFIX: &str = "container_";
 /// The pinned link name of a container's host-side veth.
 pub fn container_link_name(host_ifname: &str) -> String {
     format!("{CONTAINER_LINK_PREFIX}{host_ifname}")
+}
+
+/// Whether `name` is a link pin name the agent gives: an uplink's, a
+/// container's (`container_dp<hex>`), a rate limiter hook's
+/// (`rate_<hook>_dp<hex>`), or one of those staged (`new_…`). `--cleanup`
+/// and orphan removal touch no other pin.
+pub fn is_link_pin_name(name: &str) -> bool {
+    let name = name.strip_prefix(STAGING_LINK_PREFIX).unwrap_or(name);
+    UPLINK_LINKS.iter().any(|(_, n)| *n == name)
+        || name
+            .strip_prefix(CONTAINER_LINK_PREFIX)
+            .is_some_and(is_host_veth_name)
+        || RateHook::ALL.iter().any(|hook| {
+            name.strip_prefix(&rate_link_name(*hook, ""))
+                .is_some_and(is_host_veth_name)
+        })
 }
 
 /// Removes a pin (detaching a pinned link); absent is fine.
