@@ -284,7 +284,10 @@ pub fn flow_view(
     container: Option<String>,
 ) -> Flow {
     let k = &f.key;
-    let (nat_src, nat_dst) = if ct_action::rewrites_source(f.orig.action) {
+    let (nat_src, nat_dst) = if f.orig.action == ct_action::HAIRPIN {
+        // To the container itself, from the node address it dialed.
+        (ep(k.daddr, k.sport), ep(f.orig.nat_addr, f.orig.nat_port))
+    } else if ct_action::rewrites_source(f.orig.action) {
         (ep(f.orig.nat_addr, f.orig.nat_port), ep(k.daddr, k.dport))
     } else {
         (ep(k.saddr, k.sport), ep(f.orig.nat_addr, f.orig.nat_port))
@@ -296,6 +299,7 @@ pub fn flow_view(
         kind: match f.orig.action {
             ct_action::SNAT => "snat",
             ct_action::ROUTED => "routed",
+            ct_action::HAIRPIN => "hairpin",
             _ => "dnat",
         }
         .to_owned(),

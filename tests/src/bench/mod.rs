@@ -30,6 +30,7 @@ pub mod control;
 pub mod cpu;
 pub mod flowcore;
 pub mod iperf;
+pub mod local;
 pub mod mode;
 pub mod ratelimit;
 pub mod report;

@@ -296,6 +296,9 @@ pub fn markdown(meta: &Meta, cfg: &Config, r: &Results) -> String {
     if !r.entries.is_empty() {
         targets_table(&mut out, &outcomes);
     }
+    for line in crate::bench::local::targets(&r.local) {
+        let _ = writeln!(out, "- {line} (see the loopback section).");
+    }
     for (text, met, measured) in ratelimit_targets(r) {
         if measured > 0 {
             let word = if met == measured { "met" } else { "MISSED" };
@@ -319,6 +322,9 @@ pub fn markdown(meta: &Meta, cfg: &Config, r: &Results) -> String {
             &metrics_of(Section::Control),
             &[Mode::DatapathTc],
         );
+    }
+    if !r.local.is_empty() {
+        out.push_str(&crate::bench::local::markdown(&r.local));
     }
     if !r.ratelimit.is_empty() {
         ratelimit_section(&mut out, r);
@@ -1003,6 +1009,7 @@ pub fn json(meta: &Meta, cfg: &Config, r: &Results) -> Value {
             "ports": a.ports,
             "secs": a.secs,
         })).collect::<Vec<_>>(),
+        "local": crate::bench::local::json(&r.local),
         "targets": targets,
         "notes": r.notes,
     })
@@ -1062,6 +1069,9 @@ pub fn targets_text(r: &Results) -> String {
             o.target.text,
             o.cell()
         );
+    }
+    for line in crate::bench::local::targets(&r.local) {
+        let _ = writeln!(out, "{:<14} {line}", "datapath");
     }
     for (text, met, measured) in ratelimit_targets(r) {
         if measured > 0 {

@@ -172,6 +172,8 @@ pub struct Results {
     pub tails: TailsResults,
     /// The agent's CPU time during each data-path measurement.
     pub agent_cpu: Vec<AgentCpu>,
+    /// The node's own connections to a published port on its loopback.
+    pub local: Vec<crate::bench::local::LocalRow>,
 }
 
 /// The agent's CPU seconds during one data-path measurement.

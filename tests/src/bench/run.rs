@@ -21,6 +21,7 @@ use crate::{
         cpu::{QuietPolicy, wait_quiet},
         flowcore,
         iperf::{self, Test},
+        local::LocalConfig,
         mode::Mode,
         ratelimit,
         results::{AgentCpu, Metric, Results, metric},
@@ -144,6 +145,8 @@ pub struct Config {
     pub update_samples: usize,
     /// The control plane at scale.
     pub control: ControlConfig,
+    /// The node's own connections to a published port on its loopback.
+    pub local: LocalConfig,
     /// Modes to set up.
     pub modes: Vec<Mode>,
     /// Data-path measurements to run.
@@ -185,6 +188,12 @@ impl Config {
                 churn: 50,
                 restarts: 5,
             },
+            local: LocalConfig {
+                enabled: true,
+                reps: 5,
+                window: Duration::from_secs(2),
+                threads: 2,
+            },
             modes: Mode::ALL.to_vec(),
             kinds: Kind::ALL.to_vec(),
             quiet: QuietPolicy {
@@ -216,6 +225,12 @@ impl Config {
                 containers: 1_000,
                 churn: 20,
                 restarts: 3,
+            },
+            local: LocalConfig {
+                enabled: true,
+                reps: 3,
+                window: Duration::from_millis(750),
+                threads: 2,
             },
             quiet: QuietPolicy {
                 min_idle: 0.8,
@@ -282,6 +297,9 @@ impl<'b, 'n> Runner<'b, 'n> {
         }
         if self.cfg.control.enabled {
             self.control_plane()?;
+        }
+        if self.cfg.local.enabled {
+            self.local()?;
         }
         if !self.cfg.rate_cases.is_empty() || !self.cfg.rr_cases.is_empty() {
             self.ratelimit()?;
@@ -725,6 +743,22 @@ impl<'b, 'n> Runner<'b, 'n> {
             let _ = std::io::stdout().flush();
         }
         println!();
+        Ok(())
+    }
+
+    /// The node's own connections to a published port on its loopback, in
+    /// a node of its own.
+    fn local(&mut self) -> Result<()> {
+        check_interrupted()?;
+        let mut cfg = self.cfg.local.clone();
+        cfg.threads = self.cfg.conn_threads;
+        match crate::bench::local::run(&cfg) {
+            Ok(rows) => self.results.local = rows,
+            Err(e) => self
+                .results
+                .notes
+                .push(format!("node to loopback published port failed: {e:#}")),
+        }
         Ok(())
     }
 

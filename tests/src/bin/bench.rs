@@ -4,9 +4,10 @@
 //! Run through the xtask (it builds the release agent and sets
 //! `DATAPATH_BIN`; `cargo xtask bench --only ratelimit` runs the rate
 //! section alone, `--only flowcore` the conntrack one, `--only control` the
-//! control plane's, `--only tails` the latency tails). Options, for working
-//! on the bench itself: `--modes route,datapath-tc`,
-//! `--only conn,rr,ratelimit,flowcore,control,tails`, `--reps N`,
+//! control plane's, `--only tails` the latency tails, `--only local` the
+//! node's connections to a published port on its loopback). Options, for
+//! working on the bench itself: `--modes route,datapath-tc`,
+//! `--only conn,rr,ratelimit,flowcore,control,tails,local`, `--reps N`,
 //! `--sizes 1000,10000`, `--conn-threads N`, `--out DIR`.
 
 use std::{
@@ -76,6 +77,7 @@ fn parse_args() -> Result<Args> {
     let mut flowcore = None;
     let mut control_plane = None;
     let mut tails = None;
+    let mut local = None;
     let mut only = None;
     while let Some(arg) = args.next() {
         match arg.as_str() {
@@ -94,10 +96,11 @@ fn parse_args() -> Result<Args> {
                 let flow = value.split(',').any(|v| v.trim() == "flowcore");
                 let control = value.split(',').any(|v| v.trim() == "control");
                 let tail = value.split(',').any(|v| v.trim() == "tails");
+                let loopback = value.split(',').any(|v| v.trim() == "local");
                 let rest: Vec<&str> = value
                     .split(',')
                     .map(str::trim)
-                    .filter(|v| !["ratelimit", "flowcore", "control", "tails"].contains(v))
+                    .filter(|v| !["ratelimit", "flowcore", "control", "tails", "local"].contains(v))
                     .collect();
                 let k = if rest.is_empty() {
                     Vec::new()
@@ -111,6 +114,7 @@ fn parse_args() -> Result<Args> {
                 flowcore = Some(flow);
                 control_plane = Some(control);
                 tails = Some(tail);
+                local = Some(loopback);
             }
             "--reps" => {
                 let r: usize = args.next().context("--reps needs a value")?.parse()?;
@@ -137,7 +141,7 @@ fn parse_args() -> Result<Args> {
             "-h" | "--help" => {
                 println!(
                     "bench [--quick] [--modes M,…] [--only KIND,…] [--reps N] [--sizes N,…] [--conn-threads N] [--out DIR]\n\
-                     modes: {}\nkinds: {},ratelimit,flowcore,control,tails",
+                     modes: {}\nkinds: {},ratelimit,flowcore,control,tails,local",
                     join(&Mode::ALL, Mode::name),
                     join(&Kind::ALL, Kind::name)
                 );
@@ -166,6 +170,9 @@ fn parse_args() -> Result<Args> {
     }
     if tails == Some(false) {
         cfg.tails = None;
+    }
+    if local == Some(false) {
+        cfg.local.enabled = false;
     }
     let quick = if quick { " --quick" } else { "" };
     let command = if let Ok(command) = std::env::var("BENCH_COMMAND") {
