@@ -497,7 +497,8 @@ pub fn container_link_name(host_ifname: &str) -> String {
 
 /// Whether `name` is a link pin name the agent gives: an uplink's, a
 /// container's (`container_dp<hex>`), a rate limiter hook's
-/// (`rate_<hook>_dp<hex>`), or one of those staged (`new_…`). `--cleanup`
+/// (`rate_<hook>_dp<hex>`), a socket program's (`sock-<hook>`), or one of
+/// those staged (`new_…`). `--cleanup`
 /// and orphan removal touch no other pin.
 pub fn is_link_pin_name(name: &str) -> bool {
     let name = name.strip_prefix(STAGING_LINK_PREFIX).unwrap_or(name);
@@ -509,6 +510,9 @@ pub fn is_link_pin_name(name: &str) -> bool {
             name.strip_prefix(&rate_link_name(*hook, ""))
                 .is_some_and(is_host_veth_name)
         })
+        || SOCKET_HOOKS
+            .iter()
+            .any(|(_, hook)| socket_link_name(hook) == name)
 }
 
 /// Removes a pin (detaching a pinned link); absent is fine.

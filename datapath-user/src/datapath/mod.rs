@@ -268,6 +268,7 @@ pub fn remove_pins(bpffs_dir: &std::path::Path) -> Result<Vec<PathBuf>, BpfError
     for name in names::ALL {
         remove(&maps_dir.join(name))?;
         remove(&maps_dir.join(format!("{}{name}", pins::MIGRATE_PREFIX)))?;
+        remove(&maps_dir.join(format!("{}{name}", resize::PREFIX)))?;
     }
     let links_dir = bpffs_dir.join("links");
     match fs::read_dir(&links_dir) {
