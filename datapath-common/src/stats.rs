@@ -82,6 +82,11 @@ stats! {
     /// Packets too big for their egress path, left to the node's stack,
     /// which answers "fragmentation needed".
     TooBig = "too_big",
+    /// Node sockets sent to a container instead of a published port by the
+    /// socket programs (connects, and UDP datagrams sent without one).
+    SockTranslated = "sock_translated",
+    /// New hairpin flows: a container to a port published on the node.
+    HairpinNew = "hairpin_new",
     /// Dropped: the conntrack table is full.
     DropCtFull = "drop_ct_full",
     /// Dropped: the new flow's reply tuple belongs to another live flow.

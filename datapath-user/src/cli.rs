@@ -12,7 +12,7 @@ use datapath_common::ct::Timeouts;
 use ipnet::Ipv4Net;
 
 use crate::{
-    agent::{self, AgentConfig, XdpMode},
+    agent::{self, AgentConfig, SocketCgroup, XdpMode},
     api::{
         AddContainer, Client, ContainerInfo, DEFAULT_SOCKET, FlowEndpoint, FlowQuery,
         UpdateContainer,
@@ -122,6 +122,13 @@ pub struct AgentArgs {
     /// service CIDRs, for kube-proxy or the node's routes to handle.
     #[arg(long = "non-masquerade-cidr", value_name = "CIDR")]
     pub non_masquerade_cidr: Vec<Ipv4Net>,
+    /// The cgroup (v2 directory) whose processes reach published ports at
+    /// the socket layer: their connections and UDP datagrams to a node
+    /// address or 127.0.0.1 at a published port go straight to the
+    /// container, and still show the address they dialed. `none` attaches
+    /// nothing [default: the cgroup2 root, i.e. every process of the node].
+    #[arg(long, value_name = "PATH")]
+    pub socket_cgroup: Option<PathBuf>,
     /// The configuration file (every flag is a key; flags win)
     /// [default: /etc/datapath/agent.toml, if it exists].
     #[arg(long, value_name = "PATH")]
@@ -369,6 +376,11 @@ impl AgentArgs {
                 icmp: secs(self.ct_timeout_icmp),
             },
             non_masquerade: self.non_masquerade_cidr.iter().map(|n| n.trunc()).collect(),
+            socket_cgroup: match &self.socket_cgroup {
+                None => SocketCgroup::Root,
+                Some(p) if p.as_os_str() == "none" => SocketCgroup::None,
+                Some(p) => SocketCgroup::Dir(p.clone()),
+            },
             // aya-log levels: 3 info, 4 debug.
             log_level: if self.kernel_debug_logs { 4 } else { 3 },
         }
@@ -494,6 +506,17 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             println!(
                 "conntrack {} / {} entries",
                 st.conntrack_entries, st.conntrack_max
+            );
+            let count = &st.agent.conntrack_count;
+            println!(
+                "agent cpu {:.2} s user, {:.2} s system  conntrack count: {} passes, \
+                 at most {} entries and {} syscalls per pass (budget {})",
+                st.agent.cpu_user_s,
+                st.agent.cpu_system_s,
+                count.passes,
+                count.max_pass_entries,
+                count.max_pass_syscalls,
+                count.pass_budget
             );
             println!("attached:");
             for a in &st.attachments {

@@ -180,6 +180,7 @@ fn every_key(dir: &Path) -> Vec<(&'static str, String)> {
         ("ct-timeout-udp-stream", "\"90s\"".into()),
         ("ct-timeout-icmp", "\"15s\"".into()),
         ("kernel-debug-logs", "true".into()),
+        ("socket-cgroup", "\"none\"".into()),
     ]
 }
 

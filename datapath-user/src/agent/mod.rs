@@ -110,6 +110,21 @@ pub struct AgentConfig {
     /// goes to the node's stack unmasqueraded (a cluster's pod and service
     /// CIDRs).
     pub non_masquerade: Vec<Ipv4Net>,
+    /// Where the socket programs are attached.
+    pub socket_cgroup: SocketCgroup,
+}
+
+/// Where the socket programs (published ports for the node's own
+/// processes) are attached: `--socket-cgroup`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SocketCgroup {
+    /// The cgroup2 root: every process of the node (the default).
+    Root,
+    /// This cgroup directory and those below it.
+    Dir(PathBuf),
+    /// Nowhere: the node's own processes reach published ports only if
+    /// the node routes their packets out and back.
+    None,
 }
 
 impl AgentConfig {
@@ -139,6 +154,14 @@ impl AgentConfig {
             if !dir.is_absolute() {
                 return Err(format!("{flag} {}: give an absolute path", dir.display()));
             }
+        }
+        if let SocketCgroup::Dir(dir) = &self.socket_cgroup
+            && !dir.is_absolute()
+        {
+            return Err(format!(
+                "--socket-cgroup {}: give an absolute path (or none)",
+                dir.display()
+            ));
         }
         if self.non_masquerade.len() > MAX_NON_MASQUERADE {
             return Err(format!(
@@ -279,6 +302,7 @@ impl Agent {
         pool::check(&cfg, store.state(), &view)?;
         store.set_ranges(cfg.pool, cfg.snat_ports)?;
         let uplink = uplink::setup(&cfg, &mut dp, &net).await?;
+        uplink::attach_sockets(&cfg, &mut dp)?;
         let reader = Arc::new(dp.reader()?);
         let mut agent = Agent {
             node: Node { cfg, uplink },

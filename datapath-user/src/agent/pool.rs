@@ -153,6 +153,7 @@ mod tests {
             non_masquerade: Vec::new(),
             timeouts: Timeouts::default(),
             log_level: 3,
+            socket_cgroup: crate::agent::SocketCgroup::None,
         }
     }
 

@@ -10,9 +10,9 @@ use ipnet::Ipv4Net;
 
 use super::{AgentError, Node};
 use crate::{
-    api::{AttachmentInfo, ContainerInfo, Flow, MapInfo, Status, UplinkInfo},
+    api::{AgentWork, AttachmentInfo, ContainerInfo, CountWork, Flow, MapInfo, Status, UplinkInfo},
     datapath::{
-        Attachment, Datapath, Reader, conntrack,
+        Attachment, COUNT_PASS_BUDGET, Datapath, Reader, conntrack,
         pins::{self, MapLayout},
     },
     store::{Container, State, Store},
@@ -116,6 +116,7 @@ impl Snapshot {
                 .iter()
                 .find(|m| m.name == names::CT && m.max_entries > 0)
                 .map_or(self.ct_max, |m| m.max_entries),
+            agent: agent_work(reader),
         }
     }
 
@@ -207,6 +208,28 @@ pub fn container_info(c: &Container, gateway: Ipv4Addr, reader: &Reader) -> Cont
         counters: reader.rate_counters(c.cgroup_id, &c.limits),
         netns_id: c.netns_id.map(|id| id.to_string()),
         degraded: None,
+    }
+}
+
+/// The agent's CPU use so far and what its periodic work has cost.
+fn agent_work(reader: &Reader) -> AgentWork {
+    use nix::sys::resource::{UsageWho, getrusage};
+    let secs = |t: nix::sys::time::TimeVal| t.tv_sec() as f64 + t.tv_usec() as f64 / 1e6;
+    let (cpu_user_s, cpu_system_s) = getrusage(UsageWho::RUSAGE_SELF)
+        .map(|u| (secs(u.user_time()), secs(u.system_time())))
+        .unwrap_or_default();
+    let w = reader.count_work();
+    AgentWork {
+        cpu_user_s,
+        cpu_system_s,
+        conntrack_count: CountWork {
+            pass_budget: COUNT_PASS_BUDGET as u64,
+            passes: w.passes,
+            walks: w.walks,
+            last_pass_entries: w.last_pass_entries,
+            max_pass_entries: w.max_pass_entries,
+            max_pass_syscalls: w.max_pass_syscalls,
+        },
     }
 }
 

@@ -10,8 +10,8 @@ use std::{
 };
 
 use aya::programs::{
-    CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, LinkOrder, SchedClassifier, SockOps,
-    TcAttachType, Xdp, XdpMode,
+    CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, LinkOrder, SchedClassifier,
+    SockOps, TcAttachType, Xdp, XdpMode,
     links::{FdLink, PinnedLink},
     tc::{SchedClassifierLink, TcAttachOptions},
     xdp::XdpLink,
@@ -209,6 +209,64 @@ impl Datapath {
         Ok(())
     }
 
+    /// Attaches the socket programs to cgroup directory `cgroup`. Each
+    /// link is pinned aside, then renamed over the pin of the previous
+    /// one (on whatever cgroup), which detaches it: the hooks are never
+    /// empty, and running twice for a moment is harmless (a translated
+    /// address is no published port; a reversed one no container's).
+    pub fn attach_sockets(&mut self, cgroup: &Path) -> Result<(), BpfError> {
+        let dir = fs::File::open(cgroup).map_err(|source| BpfError::Fs {
+            action: "open the cgroup",
+            path: cgroup.to_owned(),
+            source,
+        })?;
+        for (program_name, hook) in SOCKET_HOOKS {
+            let pin = self.link_pin(&socket_link_name(hook));
+            let staging =
+                self.link_pin(&format!("{STAGING_LINK_PREFIX}{}", socket_link_name(hook)));
+            let err = |message: String| BpfError::Attach {
+                program: program_name,
+                ifname: cgroup.display().to_string(),
+                message,
+            };
+            remove_pin(&staging)?;
+            let prog: &mut CgroupSockAddr = program(&mut self.ebpf, program_name)?;
+            let program_id = prog.info().map(|i| i.id()).unwrap_or_default();
+            let id = prog
+                .attach(&dir, CgroupAttachMode::Single)
+                .map_err(|e| err(format!("attach: {e}")))?;
+            let link = prog
+                .take_link(id)
+                .map_err(|e| err(format!("take link: {e}")))?;
+            let link = FdLink::try_from(link).map_err(|e| err(format!("link: {e}")))?;
+            link.pin(&staging)
+                .map_err(|e| err(format!("pin link at {}: {e}", staging.display())))?;
+            fs::rename(&staging, &pin).map_err(|source| BpfError::Fs {
+                action: "rename a link pin to",
+                path: pin.clone(),
+                source,
+            })?;
+            self.record(
+                program_name,
+                program_id,
+                &cgroup.display().to_string(),
+                hook,
+                pin,
+            );
+        }
+        Ok(())
+    }
+
+    /// Detaches the socket programs (idempotent).
+    pub fn detach_sockets(&mut self) -> Result<(), BpfError> {
+        for (_, hook) in SOCKET_HOOKS {
+            let pin = self.link_pin(&socket_link_name(hook));
+            self.attachments.remove(&pin);
+            remove_pin(&pin)?;
+        }
+        Ok(())
+    }
+
     /// Detaches rate limiter hook `hook` of a container (idempotent).
     pub fn detach_rate(&mut self, hook: RateHook, host_ifname: &str) -> Result<(), BpfError> {
         let pin = self.link_pin(&rate_link_name(hook, host_ifname));
@@ -398,6 +456,24 @@ impl RateHook {
     }
 }
 
+/// The socket programs and their hooks' names (in pins and `datapath
+/// status`).
+pub const SOCKET_HOOKS: [(&str, &str); 8] = [
+    (programs::SOCK_CONNECT4, "sock-connect4"),
+    (programs::SOCK_SENDMSG4, "sock-sendmsg4"),
+    (programs::SOCK_RECVMSG4, "sock-recvmsg4"),
+    (programs::SOCK_GETPEERNAME4, "sock-getpeername4"),
+    (programs::SOCK_CONNECT6, "sock-connect6"),
+    (programs::SOCK_SENDMSG6, "sock-sendmsg6"),
+    (programs::SOCK_RECVMSG6, "sock-recvmsg6"),
+    (programs::SOCK_GETPEERNAME6, "sock-getpeername6"),
+];
+
+/// The pinned link name of a socket program's hook (its name).
+fn socket_link_name(hook: &str) -> String {
+    hook.to_owned()
+}
+
 /// Prefix of the pinned link names of the rate limiter.
 pub const RATE_LINK_PREFIX: &str = "rate_";
 
@@ -421,7 +497,8 @@ pub fn container_link_name(host_ifname: &str) -> String {
 
 /// Whether `name` is a link pin name the agent gives: an uplink's, a
 /// container's (`container_dp<hex>`), a rate limiter hook's
-/// (`rate_<hook>_dp<hex>`), or one of those staged (`new_…`). `--cleanup`
+/// (`rate_<hook>_dp<hex>`), a socket program's (`sock-<hook>`), or one of
+/// those staged (`new_…`). `--cleanup`
 /// and orphan removal touch no other pin.
 pub fn is_link_pin_name(name: &str) -> bool {
     let name = name.strip_prefix(STAGING_LINK_PREFIX).unwrap_or(name);
@@ -433,6 +510,9 @@ pub fn is_link_pin_name(name: &str) -> bool {
             name.strip_prefix(&rate_link_name(*hook, ""))
                 .is_some_and(is_host_veth_name)
         })
+        || SOCKET_HOOKS
+            .iter()
+            .any(|(_, hook)| socket_link_name(hook) == name)
 }
 
 /// Removes a pin (detaching a pinned link); absent is fine.

@@ -28,7 +28,7 @@ use std::{fs, io, path::PathBuf};
 use aya::{
     Ebpf, EbpfLoader, TestRun, TestRunOptions,
     maps::{Array, HashMap, MapData, PerCpuArray},
-    programs::{CgroupSkb, SchedClassifier, SockOps},
+    programs::{CgroupSkb, CgroupSockAddr, SchedClassifier, SockOps},
 };
 use datapath_common::{
     Config, CtContainer, CtEntry, CtKey, CtTimedEntry, Endpoint, EndpointKey, FLUSH_F_ARM,
@@ -37,7 +37,12 @@ use datapath_common::{
 };
 use serde::Serialize;
 
-pub use self::{attach::RateHook, maps::Flows, ratelimit::RateTarget, reader::Reader};
+pub use self::{
+    attach::RateHook,
+    maps::Flows,
+    ratelimit::RateTarget,
+    reader::{COUNT_PASS_BUDGET, CountWork, Reader},
+};
 
 /// The compiled eBPF object (all programs and maps), embedded at build time.
 pub static EBPF_OBJECT: &[u8] =
@@ -263,6 +268,7 @@ pub fn remove_pins(bpffs_dir: &std::path::Path) -> Result<Vec<PathBuf>, BpfError
     for name in names::ALL {
         remove(&maps_dir.join(name))?;
         remove(&maps_dir.join(format!("{}{name}", pins::MIGRATE_PREFIX)))?;
+        remove(&maps_dir.join(format!("{}{name}", resize::PREFIX)))?;
     }
     let links_dir = bpffs_dir.join("links");
     match fs::read_dir(&links_dir) {
@@ -361,6 +367,11 @@ impl Datapath {
         // (`attach_xdp`): most uplinks are served by TC.
         for name in [programs::RATE_EGRESS, programs::RATE_INGRESS] {
             let prog: &mut CgroupSkb = program(&mut ebpf, name)?;
+            prog.load()
+                .map_err(|source| BpfError::Program { name, source })?;
+        }
+        for (name, _) in attach::SOCKET_HOOKS {
+            let prog: &mut CgroupSockAddr = program(&mut ebpf, name)?;
             prog.load()
                 .map_err(|source| BpfError::Program { name, source })?;
         }
