@@ -42,12 +42,16 @@ pub mod names {
     /// Cgroup storage: the [`crate::ratelimit::RateKey`] of each cgroup
     /// attachment of the rate limiter.
     pub const RATE_CGROUPS: &str = "RATE_CGROUPS";
+    /// Node CIDR (an LPM trie key of a `[u8; 4]` address) → [`super::Peer`]:
+    /// the node CIDRs of the other nodes of the cluster and where their
+    /// overlay endpoints are.
+    pub const PEERS: &str = "PEERS";
     /// [`crate::clock::TestClock`] array (one entry): zero in production;
     /// packet tests freeze the programs' time with it. Not pinned.
     pub const CLOCK: &str = "CLOCK";
 
     /// Every map the agent pins, in a stable order.
-    pub const ALL: [&str; 12] = [
+    pub const ALL: [&str; 13] = [
         CONFIG,
         SERVICES,
         ENDPOINTS,
@@ -60,6 +64,7 @@ pub mod names {
         RATE_LIMITS,
         RATE_STATS,
         RATE_CGROUPS,
+        PEERS,
     ];
 }
 
@@ -77,6 +82,9 @@ pub mod programs {
     pub const RATE_INGRESS: &str = "rate_ingress";
     /// sock_ops on a container's cgroup with an egress limit: TCP pacing.
     pub const RATE_SOCKOPS: &str = "rate_sockops";
+    /// TC (tcx) ingress on the overlay (VXLAN) device: decapsulated
+    /// packets delivered straight into their container.
+    pub const OVERLAY_TC: &str = "overlay_tc";
     /// Run by the agent with `BPF_PROG_TEST_RUN` (never attached): removes
     /// the flows a [`crate::FlushRequest`] names, in the kernel, so that
     /// the per-container accounting stays exact.
@@ -101,6 +109,19 @@ pub mod capacity {
     pub const CT_CONTAINERS: u32 = 8_192;
     /// Rate-limited (cgroup, direction) pairs.
     pub const RATE_LIMITS: u32 = 8_192;
+    /// Other nodes of a cluster.
+    pub const PEERS: u32 = 4_096;
+}
+
+/// The overlay between the nodes of a cluster: VXLAN (RFC 7348).
+pub mod overlay {
+    /// The UDP port VXLAN packets are sent to (IANA's).
+    pub const PORT: u16 = 4789;
+    /// The VXLAN network identifier of the container network.
+    pub const VNI: u32 = 1;
+    /// Bytes the encapsulation adds to an inner packet: outer IPv4 (20),
+    /// UDP (8), VXLAN (8) and inner Ethernet (14) headers.
+    pub const OVERHEAD: u32 = 50;
 }
 
 /// IP protocol numbers used as [`ServiceKey::proto`] and [`crate::CtKey::proto`].
@@ -138,6 +159,13 @@ pub struct Config {
     pub ct_container_max: u32,
     /// Conntrack idle timeouts.
     pub timeouts: crate::ct::Timeouts,
+    /// The cluster's container network address (with [`CONFIG_F_CLUSTER`]):
+    /// destinations in it are never masqueraded.
+    pub cluster_addr: [u8; 4],
+    /// The cluster's container network netmask.
+    pub cluster_mask: [u8; 4],
+    /// The overlay (VXLAN) device's ifindex (with [`CONFIG_F_CLUSTER`]).
+    pub overlay_ifindex: u32,
 }
 
 /// [`Config::flags`]: masquerade container egress to outside the pool.
@@ -156,6 +184,11 @@ pub const CONFIG_F_FIB: u32 = 1 << 2;
 /// Without it (packet tests, whose interface indexes are made up), the
 /// cached interface is trusted.
 pub const CONFIG_F_CHECK_LINKS: u32 = 1 << 3;
+/// [`Config::flags`]: the node is part of a cluster: packets from a
+/// container to the cluster network outside this node's pool go to the node
+/// owning the destination through the overlay ([`names::PEERS`]), never
+/// masqueraded.
+pub const CONFIG_F_CLUSTER: u32 = 1 << 4;
 /// [`Config::flags`]: the configuration has been written by an agent.
 pub const CONFIG_F_READY: u32 = 1 << 31;
 
@@ -167,6 +200,25 @@ impl Config {
         let m = u32::from_ne_bytes(self.pool_mask);
         a & m == u32::from_ne_bytes(self.pool_addr) & m
     }
+
+    /// Whether `addr` lies in the cluster's container network (never, if
+    /// the node is not part of a cluster).
+    #[inline(always)]
+    pub fn in_cluster(&self, addr: [u8; 4]) -> bool {
+        let a = u32::from_ne_bytes(addr);
+        let m = u32::from_ne_bytes(self.cluster_mask);
+        self.flags & CONFIG_F_CLUSTER != 0 && a & m == u32::from_ne_bytes(self.cluster_addr) & m
+    }
+}
+
+/// Another node of the cluster: where packets to its node CIDR go.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct Peer {
+    /// The node's underlay address: the outer destination of the overlay.
+    pub underlay: [u8; 4],
+    /// The VXLAN network identifier to send with.
+    pub vni: u32,
 }
 
 /// Key of the published-ports map: the address and port a client connects to.
@@ -285,7 +337,8 @@ impl FlushRequest {
 }
 
 const _: () = {
-    assert!(size_of::<Config>() == 56);
+    assert!(size_of::<Config>() == 68);
+    assert!(size_of::<Peer>() == 8);
     assert!(size_of::<ServiceKey>() == 8);
     assert!(size_of::<ServiceValue>() == 16);
     assert!(size_of::<EndpointKey>() == 4);
@@ -309,6 +362,7 @@ mod user {
     unsafe impl aya::Pod for Endpoint {}
     unsafe impl aya::Pod for NodeAddrKey {}
     unsafe impl aya::Pod for NodeAddr {}
+    unsafe impl aya::Pod for Peer {}
 }
 
 #[cfg(test)]

@@ -171,8 +171,8 @@ use aya_ebpf::{
 };
 use datapath_common::{
     CT_F_ORIGINAL, CT_F_PICKUP, CT_F_SEEN, CtContainer, CtEntryOf, CtKey, CtKeyOf, CtTimedEntryOf,
-    FLUSH_F_CONTAINER, FLUSH_F_MASQUERADE, FLUSH_F_SERVICE, FlushRequest, FragEntry, FragKeyOf, IpAddress, Stat,
-    bpf_timer, capacity,
+    FLUSH_F_CONTAINER, FLUSH_F_MASQUERADE, FLUSH_F_SERVICE, FlushRequest, FragEntry, FragKeyOf,
+    IpAddress, Stat, bpf_timer, capacity,
     ct::{self, Timeouts},
     ct_action, ct_state, proto, tcp_flags,
 };

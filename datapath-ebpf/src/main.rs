@@ -15,6 +15,7 @@ mod ctx;
 mod icmp;
 mod maps;
 mod nat;
+mod overlay;
 mod parse;
 mod ratelimit;
 mod route;
@@ -112,6 +113,27 @@ pub fn container_tc(mut ctx: TcContext) -> i32 {
             }
             // SAFETY: a null neighbour means "look the next hop up in the FIB".
             redirected(unsafe { bpf_redirect_neigh(ifindex, core::ptr::null_mut(), 0, 0) as i32 })
+        }
+        container::Verdict::ToOverlay { ifindex } => {
+            // SAFETY: plain helper call; the overlay device encapsulates.
+            redirected(unsafe { bpf_redirect(ifindex, 0) as i32 })
+        }
+    }
+}
+
+/// Ingress of the overlay (VXLAN) device: decapsulated packets from the
+/// other nodes go straight into their container's network namespace.
+#[classifier]
+pub fn overlay_tc(mut ctx: TcContext) -> i32 {
+    match overlay::from_overlay(&mut ctx) {
+        overlay::Delivery::Pass => TC_ACT_OK,
+        overlay::Delivery::Drop(stat) => {
+            count(stat);
+            TC_ACT_SHOT
+        }
+        overlay::Delivery::ToContainer { ifindex } => {
+            // SAFETY: plain helper call.
+            redirected(unsafe { bpf_redirect_peer(ifindex, 0) as i32 })
         }
     }
 }

@@ -70,7 +70,7 @@ pub fn datapath_bin() -> PathBuf {
 #[derive(Debug)]
 pub struct AgentBuilder<'n> {
     node: &'n Node,
-    pool: String,
+    pool: Option<String>,
     args: Vec<String>,
     cgroup_root: Option<PathBuf>,
 }
@@ -79,7 +79,13 @@ impl<'n> AgentBuilder<'n> {
     /// The container pool (default `198.19.<n>.0/24`, n counting agents
     /// started by this process).
     pub fn pool(mut self, cidr: &str) -> Self {
-        self.pool = cidr.to_owned();
+        self.pool = Some(cidr.to_owned());
+        self
+    }
+
+    /// No `--pool` (cluster mode: the agent claims its pool).
+    pub fn without_pool(mut self) -> Self {
+        self.pool = None;
         self
     }
 
@@ -147,7 +153,7 @@ pub struct Agent<'n> {
     node: &'n Node,
     bin: PathBuf,
     child: Option<Child>,
-    pool: String,
+    pool: Option<String>,
     args: Vec<String>,
     cgroup_root: Option<PathBuf>,
     bpffs_dir: PathBuf,
@@ -162,7 +168,10 @@ impl<'n> Agent<'n> {
         static POOL: AtomicU8 = AtomicU8::new(0);
         AgentBuilder {
             node,
-            pool: format!("198.19.{}.0/24", POOL.fetch_add(1, Ordering::Relaxed)),
+            pool: Some(format!(
+                "198.19.{}.0/24",
+                POOL.fetch_add(1, Ordering::Relaxed)
+            )),
             args: Vec::new(),
             cgroup_root: None,
         }
@@ -176,11 +185,14 @@ impl<'n> Agent<'n> {
     /// The agent's own arguments (after `datapath`): `agent`, its paths,
     /// pool and the builder's extra arguments.
     fn agent_args(&self) -> Vec<std::ffi::OsString> {
-        let mut args: Vec<std::ffi::OsString> = ["agent", "--uplink", UPLINK, "--pool"]
+        let mut args: Vec<std::ffi::OsString> = ["agent", "--uplink", UPLINK]
             .iter()
             .map(Into::into)
             .collect();
-        args.push(self.pool.clone().into());
+        if let Some(pool) = &self.pool {
+            args.push("--pool".into());
+            args.push(pool.into());
+        }
         args.push("--bpffs-dir".into());
         args.push(self.bpffs_dir.clone().into());
         args.push("--api-socket".into());
@@ -250,9 +262,10 @@ impl<'n> Agent<'n> {
         self.node
     }
 
-    /// The container pool.
+    /// The container pool given with `--pool` (empty without one: a
+    /// cluster agent claims its own).
     pub fn pool(&self) -> &str {
-        &self.pool
+        self.pool.as_deref().unwrap_or_default()
     }
 
     /// The agent's bpffs directory (pinned maps and links).

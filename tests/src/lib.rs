@@ -12,7 +12,8 @@
 //!   [`leaks`] (finding what a test left behind); [`traffic`] (servers and
 //!   clients of real traffic) and [`inspect`] (bpftool and `ip` views of
 //!   what the agent made); [`ratebench`] (iperf3 runners and the rate
-//!   limiter's benchmark against tc tbf).
+//!   limiter's benchmark against tc tbf); [`cluster`] (an underlay switch,
+//!   nodes on it and etcd, for cluster mode).
 //! * [`bench`] compares the datapath with iptables, nftables and plain
 //!   routing (`cargo xtask bench`).
 //!
@@ -23,6 +24,7 @@ pub mod agent;
 pub mod bench;
 pub mod capture;
 pub mod cgroup;
+pub mod cluster;
 pub mod events;
 pub mod fixture;
 pub mod frame;

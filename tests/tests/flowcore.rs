@@ -29,8 +29,7 @@ use datapath_tests::{
     netns::Netns,
     node::{self, Node},
     traffic::{
-        IO_TIMEOUT, Server, UdpPinger, line_exchange, line_on, tcp_connect_from,
-        udp_request_within,
+        IO_TIMEOUT, Server, UdpPinger, line_exchange, line_on, tcp_connect_from, udp_request_within,
     },
     wait,
 };
@@ -752,7 +751,10 @@ fn the_agent_follows_a_change_of_the_nodes_address_without_a_restart() {
     let new = Ipv4Addr::new(198, 18, 0, 3);
     node.node.exec_ok(
         "sysctl",
-        ["-qw", &format!("net.ipv4.conf.{}.promote_secondaries=1", node::UPLINK)],
+        [
+            "-qw",
+            &format!("net.ipv4.conf.{}.promote_secondaries=1", node::UPLINK),
+        ],
     );
     node.node
         .exec_ok("ip", ["addr", "add", "198.18.0.3/24", "dev", node::UPLINK]);

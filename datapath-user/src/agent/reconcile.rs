@@ -217,6 +217,10 @@ pub async fn cleanup(cfg: &AgentConfig) -> anyhow::Result<()> {
             Err(e) => tracing::warn!(veth = %name, "{}", error_chain(&e)),
         }
     }
+    match net.delete_vxlan(super::cluster::OVERLAY_IF).await {
+        Ok(()) => {}
+        Err(e) => tracing::warn!(device = super::cluster::OVERLAY_IF, "{}", error_chain(&e)),
+    }
     match std::fs::remove_dir_all(&cfg.bpffs_dir) {
         Ok(()) => tracing::info!(dir = %cfg.bpffs_dir.display(), "removed pins"),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}

@@ -8,7 +8,8 @@ use hyper_util::rt::TokioIo;
 use serde::de::DeserializeOwned;
 
 use super::wire::{
-    AddContainer, ApiError, ContainerInfo, Flow, Flushed, PortRequest, Status, UpdateContainer,
+    AddContainer, ApiError, ContainerInfo, Flow, Flushed, NodeInfo, PortRequest, Status,
+    UpdateContainer,
 };
 
 /// Errors of the API client.
@@ -126,6 +127,11 @@ impl Client {
     /// `GET /v1/status`.
     pub async fn status(&self) -> Result<Status, ClientError> {
         self.call(Method::GET, "/v1/status", None).await
+    }
+
+    /// `GET /v1/nodes`.
+    pub async fn nodes(&self) -> Result<Vec<NodeInfo>, ClientError> {
+        self.call(Method::GET, "/v1/nodes", None).await
     }
 
     /// `GET /v1/containers`.

@@ -13,7 +13,7 @@ use axum::{
 use serde::Deserialize;
 
 use super::wire::{
-    AddContainer, ApiError, ContainerInfo, Flow, Flushed, MAX_BODY, PortRequest, Status,
+    AddContainer, ApiError, ContainerInfo, Flow, Flushed, MAX_BODY, NodeInfo, PortRequest, Status,
     UpdateContainer,
 };
 
@@ -59,6 +59,8 @@ pub trait Backend: Clone + Send + Sync + 'static {
         &self,
         container: Option<String>,
     ) -> impl Future<Output = Result<usize, Failure>> + Send;
+    /// `GET /v1/nodes`: the nodes of the cluster (cluster mode only).
+    fn nodes(&self) -> impl Future<Output = Result<Vec<NodeInfo>, Failure>> + Send;
 }
 
 /// A refused or failed request: the HTTP status and what to tell the
@@ -162,6 +164,10 @@ async fn unpublish<B: Backend>(
     Ok(Json(b.unpublish(name, req.publish).await?))
 }
 
+async fn nodes<B: Backend>(State(b): State<B>) -> Result<Json<Vec<NodeInfo>>, Failure> {
+    Ok(Json(b.nodes().await?))
+}
+
 async fn conntrack<B: Backend>(State(b): State<B>) -> Result<Json<Vec<Flow>>, Failure> {
     Ok(Json(b.conntrack().await?))
 }
@@ -197,6 +203,7 @@ pub fn router<B: Backend>(backend: B) -> Router {
             axum::routing::post(publish::<B>).delete(unpublish::<B>),
         )
         .route("/v1/conntrack", get(conntrack::<B>).delete(flush::<B>))
+        .route("/v1/nodes", get(nodes::<B>))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(backend)

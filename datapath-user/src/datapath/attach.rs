@@ -57,6 +57,11 @@ impl Datapath {
         )
     }
 
+    /// Attaches the overlay program to the overlay (VXLAN) device.
+    pub fn attach_overlay(&mut self, ifname: &str) -> Result<(), BpfError> {
+        self.attach_tc(programs::OVERLAY_TC, ifname, OVERLAY_LINK)
+    }
+
     /// Detaches the container program from a host-side veth (idempotent).
     pub fn detach_container(&mut self, host_ifname: &str) -> Result<(), BpfError> {
         let name = container_link_name(host_ifname);
@@ -319,6 +324,9 @@ fn pinned_link(pin: &Path) -> Result<Option<FdLink>, String> {
         Err(e) => Err(format!("open pinned link {}: {e}", pin.display())),
     }
 }
+
+/// Pin name of the overlay device's link.
+pub const OVERLAY_LINK: &str = "overlay_tc";
 
 /// Pin names of the uplink links, by hook.
 const UPLINK_LINKS: [(UplinkHook, &str); 3] = [
