@@ -112,6 +112,27 @@ impl<'n> AgentBuilder<'n> {
 
     /// Starts the agent and waits for its API socket.
     pub fn start(self) -> Agent<'n> {
+        let mut agent = self.spawn();
+        if let Err(e) = agent.wait_ready() {
+            panic!("{e}");
+        }
+        agent
+    }
+
+    /// Starts several agents at once (all processes first, then the waits
+    /// for their sockets): agents racing each other at start.
+    pub fn start_all(builders: Vec<Self>) -> Vec<Agent<'n>> {
+        let mut agents: Vec<Agent<'n>> = builders.into_iter().map(Self::spawn).collect();
+        for agent in &mut agents {
+            if let Err(e) = agent.wait_ready() {
+                panic!("{e}");
+            }
+        }
+        agents
+    }
+
+    /// Starts the agent process, without waiting for it.
+    fn spawn(self) -> Agent<'n> {
         let bin = datapath_bin();
         sys::ensure_bpffs();
         // Named after the node, so that its leftovers are the node's.
@@ -139,9 +160,6 @@ impl<'n> AgentBuilder<'n> {
             log_path,
         };
         agent.spawn();
-        if let Err(e) = agent.wait_ready() {
-            panic!("{e}");
-        }
         agent
     }
 }

@@ -29,7 +29,7 @@ use std::{
 };
 
 use crate::{
-    agent::{Agent, TMP_DIR},
+    agent::{Agent, AgentBuilder, TMP_DIR},
     names,
     netns::Netns,
     node::{Node, SWITCH_BRIDGE},
@@ -230,11 +230,16 @@ impl Drop for Etcd {
 /// A cluster agent on `node` named `name`, using `etcd`, with the test
 /// cluster CIDR, /24 node CIDRs and any `extra` arguments.
 pub fn agent<'n>(node: &'n Node, etcd: &Etcd, name: &str, extra: &[&str]) -> Agent<'n> {
+    builder(node, etcd, name, extra).start()
+}
+
+/// The options of [`agent`], to start it later (e.g. with
+/// [`AgentBuilder::start_all`]).
+pub fn builder<'n>(node: &'n Node, etcd: &Etcd, name: &str, extra: &[&str]) -> AgentBuilder<'n> {
     Agent::builder(node)
         .without_pool()
         .args(cluster_args(etcd, name))
         .args(extra.iter().copied())
-        .start()
 }
 
 /// The cluster arguments of an agent named `name`.

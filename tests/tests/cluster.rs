@@ -8,10 +8,12 @@ use std::{
 };
 
 use datapath_tests::{
-    agent::Agent,
+    agent::{Agent, AgentBuilder},
     cluster::{self, CLUSTER_CIDR, Etcd, Switch},
+    lock::TrafficLock,
     netns::Netns,
-    traffic::{Server, line_exchange, udp_request},
+    ratebench::{Iperf3Client, Iperf3Options, Iperf3Server},
+    traffic::{RrFlow, Server, line_exchange, udp_request},
     wait,
 };
 use serde_json::Value;
@@ -132,5 +134,228 @@ fn pods_on_different_nodes_reach_each_other_with_their_own_addresses() {
     let link = ca.exec_ok("ip", ["-j", "link", "show", "dev", "eth0"]);
     let mtu = serde_json::from_str::<Value>(&link).expect("ip -j")[0]["mtu"].clone();
     assert_eq!(mtu, 1450, "container MTU: underlay 1500 - 50");
-    let _ = CLUSTER_CIDR;
+}
+
+#[test]
+fn two_agents_started_at_once_claim_distinct_cidrs_and_a_restart_gets_its_own_back() {
+    let switch = Switch::new();
+    let etcd = Etcd::start(&switch);
+    let (n1, n2) = (switch.node(1), switch.node(2));
+    let mut agents = AgentBuilder::start_all(vec![
+        cluster::builder(&n1, &etcd, "n1", &[]),
+        cluster::builder(&n2, &etcd, "n2", &[]),
+    ]);
+    let (Some(a2), Some(mut a1)) = (agents.pop(), agents.pop()) else {
+        panic!("two agents");
+    };
+    let (c1, c2) = (node_cidr(&a1), node_cidr(&a2));
+    assert_ne!(c1, c2, "two agents racing got the same node CIDR");
+    for c in [&c1, &c2] {
+        assert!(c.starts_with("198.19.") && c.ends_with("/24"), "{c}");
+    }
+    a1.stop();
+    a1.restart();
+    assert_eq!(
+        node_cidr(&a1),
+        c1,
+        "a restarted node gets its own CIDR back"
+    );
+    wait_nodes(&a1, &["n1", "n2"]);
+    wait_nodes(&a2, &["n1", "n2"]);
+}
+
+#[test]
+fn a_node_whose_agent_died_leaves_its_peers_after_the_lease_ttl() {
+    let switch = Switch::new();
+    let etcd = Etcd::start(&switch);
+    let (n1, n2) = (switch.node(1), switch.node(2));
+    let ttl = ["--cluster-lease-ttl", "2s"];
+    let a1 = cluster::agent(&n1, &etcd, "n1", &ttl);
+    let mut a2 = cluster::agent(&n2, &etcd, "n2", &ttl);
+    wait_nodes(&a1, &["n1", "n2"]);
+    let ca = n1.add_container_netns("a");
+    let cb = n2.add_container_netns("b");
+    a1.add("a", &ca, &[]);
+    let b = a2.add("b", &cb, &[]);
+    wait_ping(&ca, b.addr);
+
+    // Node 2 goes away for good: its agent killed, its namespaces removed.
+    a2.kill();
+    drop(a2);
+    drop(cb);
+    drop(n2);
+    wait_nodes(&a1, &["n1"]);
+    let before = a1.counter("drop_no_peer");
+    assert!(!ca.ping(b.addr), "node 2's container still answers");
+    assert!(
+        a1.counter("drop_no_peer") > before,
+        "packets to the gone node's CIDR are dropped, not masqueraded"
+    );
+    assert_eq!(a1.counter("snat_new"), 0);
+}
+
+#[test]
+fn traffic_between_nodes_goes_on_while_etcd_is_down_and_agents_resync_when_it_is_back() {
+    let switch = Switch::new();
+    let mut etcd = Etcd::start(&switch);
+    let (n1, n2, n3) = (switch.node(1), switch.node(2), switch.node(3));
+    let a1 = cluster::agent(&n1, &etcd, "n1", &[]);
+    let a2 = cluster::agent(&n2, &etcd, "n2", &[]);
+    wait_nodes(&a1, &["n1", "n2"]);
+    let ca = n1.add_container_netns("a");
+    let cb = n2.add_container_netns("b");
+    a1.add("a", &ca, &[]);
+    let b = a2.add("b", &cb, &[]);
+    let _server = Server::line_echo(&cb, 7000, "b");
+    let flow = RrFlow::start(&ca, SocketAddr::from((b.addr, 7000)), "b");
+    flow.wait_more("before etcd stops", 5);
+
+    etcd.stop();
+    let state_of = |agent: &Agent<'_>, name: &str| {
+        nodes(agent)
+            .iter()
+            .find(|n| n["name"] == name)
+            .map(|n| n["state"].as_str().unwrap_or_default().to_owned())
+    };
+    wait::until("node 1 notices the store is gone", PROPAGATION, || {
+        state_of(&a1, "n2").as_deref() == Some("last-known")
+    });
+    flow.wait_more("while etcd is down", 20);
+
+    etcd.restart();
+    wait::until("node 1 is back in sync", PROPAGATION * 2, || {
+        state_of(&a1, "n2").as_deref() == Some("reachable")
+    });
+    // The watch is live again: a node joining now is seen by the others.
+    let a3 = cluster::agent(&n3, &etcd, "n3", &[]);
+    wait_nodes(&a1, &["n1", "n2", "n3"]);
+    wait_nodes(&a3, &["n1", "n2", "n3"]);
+    flow.wait_more("after etcd is back", 5);
+    let n = flow
+        .finish()
+        .unwrap_or_else(|e| panic!("the flow broke: {e}"));
+    assert!(n >= 30, "{n} exchanges");
+}
+
+#[test]
+fn a_cross_node_iperf3_flow_survives_agent_restarts_on_both_nodes() {
+    let switch = Switch::new();
+    let etcd = Etcd::start(&switch);
+    let (n1, n2) = (switch.node(1), switch.node(2));
+    let mut a1 = cluster::agent(&n1, &etcd, "n1", &[]);
+    let mut a2 = cluster::agent(&n2, &etcd, "n2", &[]);
+    wait_nodes(&a1, &["n1", "n2"]);
+    let ca = n1.add_container_netns("a");
+    let cb = n2.add_container_netns("b");
+    a1.add("a", &ca, &[]);
+    let b = a2.add("b", &cb, &[]);
+    wait_ping(&ca, b.addr);
+    let _lock = TrafficLock::acquire();
+    let _server = Iperf3Server::start(&cb, None, b.addr, 5201).expect("iperf3 server");
+    let opts = Iperf3Options {
+        seconds: 8,
+        interval: 0.5,
+        ..Iperf3Options::default()
+    };
+    let client = Iperf3Client::spawn(&ca, None, SocketAddr::from((b.addr, 5201)), &opts)
+        .expect("iperf3 client");
+    let sent = a1.counter("overlay_encapsulated");
+    wait::until("the flow runs", PROPAGATION, || {
+        a1.counter("overlay_encapsulated") > sent + 100
+    });
+    for agent in [&mut a1, &mut a2] {
+        assert!(agent.stop(), "the agent stopped on SIGTERM");
+        agent.restart();
+    }
+    let report = client
+        .wait()
+        .unwrap_or_else(|e| panic!("the flow did not survive the restarts: {e}"));
+    assert!(report.received_bps > 0.0);
+    for agent in [&a1, &a2] {
+        assert_eq!(agent.counter("drop_no_peer"), 0, "a peer went missing");
+        assert_eq!(agent.counter("snat_new"), 0);
+    }
+}
+
+/// Runs `datapath agent` once in `node` with `args` (it is expected to
+/// exit), with paths of its own that are removed afterwards.
+fn agent_once(node: &datapath_tests::node::Node, args: &[&str]) -> std::process::Output {
+    let name = datapath_tests::names::unique_name();
+    let tmp = std::path::PathBuf::from("/tmp").join(&name);
+    let bpffs = std::path::PathBuf::from("/sys/fs/bpf").join(&name);
+    let mut cmd = std::process::Command::new(datapath_tests::agent::datapath_bin());
+    cmd.args([
+        "agent",
+        "--uplink",
+        datapath_tests::node::UPLINK,
+        "--bpffs-dir",
+    ])
+    .arg(&bpffs)
+    .arg("--state-dir")
+    .arg(tmp.join("state"))
+    .arg("--api-socket")
+    .arg(tmp.join("api.sock"))
+    .args(args);
+    let out = node.node.run(&mut cmd);
+    let _ = std::fs::remove_dir_all(&tmp);
+    let _ = std::fs::remove_dir_all(&bpffs);
+    out
+}
+
+#[test]
+fn an_unreachable_store_or_a_cluster_cidr_on_the_underlay_is_a_clear_error() {
+    let switch = Switch::new();
+    let n1 = switch.node(1);
+    // Nothing listens there (the node's client on the underlay).
+    let store = format!("http://{}:2379", n1.client_addr());
+    let out = agent_once(
+        &n1,
+        &[
+            "--cluster-store",
+            &store,
+            "--node-name",
+            "n1",
+            "--cluster-cidr",
+            CLUSTER_CIDR,
+        ],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("cannot reach the cluster store"), "{err}");
+
+    let out = agent_once(
+        &n1,
+        &[
+            "--cluster-store",
+            &store,
+            "--node-name",
+            "n1",
+            "--cluster-cidr",
+            "198.18.0.0/16",
+        ],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("overlaps the underlay"), "{err}");
+}
+
+#[test]
+fn a_node_record_of_an_unknown_schema_is_skipped_and_logged() {
+    let switch = Switch::new();
+    let etcd = Etcd::start(&switch);
+    let future = r#"{"schema":2,"name":"future","addresses":["198.18.0.99"]}"#;
+    etcd.put("/datapath/v1/nodes/future", future);
+    let n1 = switch.node(1);
+    let a1 = cluster::agent(&n1, &etcd, "n1", &[]);
+    wait_nodes(&a1, &["n1"]);
+    // Written while the agent watches, too.
+    etcd.put(
+        "/datapath/v1/nodes/later",
+        &future.replace("future", "later"),
+    );
+    wait::until("the record is logged", PROPAGATION, || {
+        a1.log().contains("later") && a1.log().contains("unknown schema 2")
+    });
+    assert!(a1.log().contains("future"), "{}", a1.log());
+    assert_eq!(node_names(&a1), ["n1"]);
 }

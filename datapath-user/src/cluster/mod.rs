@@ -113,7 +113,7 @@ impl ClusterConfig {
     /// request tells whether the store is there.)
     pub async fn connect(&self) -> Result<Client, ClusterError> {
         let options = ConnectOptions::new()
-            .with_connect_timeout(Duration::from_secs(2))
+            .with_connect_timeout(Duration::from_secs(3))
             .with_timeout(Duration::from_secs(5))
             .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2));
         Client::connect(&self.endpoints, Some(options))
