@@ -128,7 +128,25 @@ fn pods_on_different_nodes_reach_each_other_with_their_own_addresses() {
         &n1.node_addr(),
         "the outside sees node 1's address"
     );
-    assert_eq!(a1.counter("snat_new"), 1);
+    assert_eq!(a1.counter("snat_new"), 1, "one masqueraded flow so far");
+
+    // Published ports work on every node as before: from the underlay, and
+    // from a pod on another node (masqueraded by its node, then DNATed).
+    a2.cli_ok(["container", "publish", "b", "8080:7000"]);
+    let published = SocketAddr::from((n2.node_addr(), 8080));
+    let answer = line_exchange(&n3.client, published, "from outside")
+        .unwrap_or_else(|e| panic!("TCP to the published port: {e}"));
+    assert_eq!(answer, "b: from outside");
+    let answer = line_exchange(&ca, published, "from a")
+        .unwrap_or_else(|e| panic!("TCP a → node 2's published port: {e}"));
+    assert_eq!(answer, "b: from a");
+    let peers = tcp.wait_peers(3, Duration::from_secs(5));
+    assert_eq!(peers[1].ip(), &n3.client_addr(), "{peers:?}");
+    assert_eq!(
+        peers[2].ip(),
+        &n1.node_addr(),
+        "masqueraded by node 1: {peers:?}"
+    );
 
     // The containers' MTU leaves room for the overlay's 50 bytes.
     let link = ca.exec_ok("ip", ["-j", "link", "show", "dev", "eth0"]);
@@ -358,4 +376,38 @@ fn a_node_record_of_an_unknown_schema_is_skipped_and_logged() {
     });
     assert!(a1.log().contains("future"), "{}", a1.log());
     assert_eq!(node_names(&a1), ["n1"]);
+}
+
+#[test]
+fn a_peer_whose_underlay_address_changes_is_followed() {
+    let switch = Switch::new();
+    let etcd = Etcd::start(&switch);
+    let (n1, n2) = (switch.node(1), switch.node(2));
+    let a1 = cluster::agent(&n1, &etcd, "n1", &[]);
+    let a2 = cluster::agent(&n2, &etcd, "n2", &[]);
+    wait_nodes(&a1, &["n1", "n2"]);
+    let ca = n1.add_container_netns("a");
+    let cb = n2.add_container_netns("b");
+    a1.add("a", &ca, &[]);
+    let b = a2.add("b", &cb, &[]);
+    wait_ping(&ca, b.addr);
+
+    // Node 2 moves to another underlay address (the old one removed
+    // first: removing a primary address removes its secondaries).
+    let moved = Ipv4Addr::new(198, 18, 0, 42);
+    let uplink = datapath_tests::node::UPLINK;
+    let old = format!("{}/24", n2.node_addr());
+    n2.node.exec_ok("ip", ["addr", "del", &old, "dev", uplink]);
+    let new = format!("{moved}/24");
+    n2.node.exec_ok("ip", ["addr", "add", &new, "dev", uplink]);
+    let underlay_of_n2 = || {
+        nodes(&a1)
+            .iter()
+            .find(|n| n["name"] == "n2")
+            .and_then(|n| n["underlay"].as_str().map(str::to_owned))
+    };
+    wait::until("node 1 follows node 2's move", PROPAGATION, || {
+        underlay_of_n2().as_deref() == Some("198.18.0.42")
+    });
+    wait_ping(&ca, b.addr);
 }
