@@ -12,7 +12,8 @@
 //!   datagrams that reach the container; [`ratelimit`] compares the rate
 //!   limiter with tc tbf through [`crate::ratebench`]; [`flowcore`] loads
 //!   the conntrack tables (sustained connections, SYN floods, masquerade
-//!   to one destination, table walks).
+//!   to one destination, table walks); [`cluster`] compares pod to pod
+//!   across two nodes with a kernel VXLAN overlay and plain routing.
 //! * [`run`] schedules them (interleaved modes, repetitions, scaling
 //!   sizes); [`results`] and [`stats`] keep and summarize the samples;
 //!   [`targets`] checks the targets; [`report`] writes markdown and
@@ -23,6 +24,7 @@
 
 pub mod api;
 pub mod bed;
+pub mod cluster;
 pub mod connrate;
 pub mod control;
 pub mod cpu;

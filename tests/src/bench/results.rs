@@ -142,6 +142,8 @@ pub struct Results {
     pub ratelimit: Vec<RateRow>,
     /// The flow core under load.
     pub flowcore: FlowcoreResults,
+    /// Pod to pod across nodes, and the cluster's control plane.
+    pub cluster: crate::bench::cluster::ClusterResults,
 }
 
 impl Results {

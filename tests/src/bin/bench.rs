@@ -3,7 +3,7 @@
 //!
 //! Run through the xtask (it builds the release agent and sets
 //! `DATAPATH_BIN`). Options, for working on the bench itself:
-//! `--modes route,datapath-tc`, `--only conn,rr,ratelimit,flowcore`, `--reps N`,
+//! `--modes route,datapath-tc`, `--only conn,rr,ratelimit,flowcore,cluster`, `--reps N`,
 //! `--sizes 1000,10000`, `--conn-threads N`, `--out DIR`.
 
 use std::{
@@ -69,6 +69,7 @@ fn parse_args() -> Result<Args> {
     let mut threads = None;
     let mut ratelimit = None;
     let mut flowcore = None;
+    let mut cluster = None;
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--quick" => {
@@ -84,10 +85,11 @@ fn parse_args() -> Result<Args> {
                 let value = args.next().context("--only needs a value")?;
                 let rate = value.split(',').any(|v| v.trim() == "ratelimit");
                 let flow = value.split(',').any(|v| v.trim() == "flowcore");
+                let clus = value.split(',').any(|v| v.trim() == "cluster");
                 let rest: Vec<&str> = value
                     .split(',')
                     .map(str::trim)
-                    .filter(|v| *v != "ratelimit" && *v != "flowcore")
+                    .filter(|v| *v != "ratelimit" && *v != "flowcore" && *v != "cluster")
                     .collect();
                 let k = if rest.is_empty() {
                     Vec::new()
@@ -98,6 +100,7 @@ fn parse_args() -> Result<Args> {
                 kinds = Some(k);
                 ratelimit = Some(rate);
                 flowcore = Some(flow);
+                cluster = Some(clus);
             }
             "--reps" => {
                 let r: usize = args.next().context("--reps needs a value")?.parse()?;
@@ -124,7 +127,7 @@ fn parse_args() -> Result<Args> {
             "-h" | "--help" => {
                 println!(
                     "bench [--quick] [--modes M,…] [--only KIND,…] [--reps N] [--sizes N,…] [--conn-threads N] [--out DIR]\n\
-                     modes: {}\nkinds: {},ratelimit,flowcore",
+                     modes: {}\nkinds: {},ratelimit,flowcore,cluster",
                     join(&Mode::ALL, Mode::name),
                     join(&Kind::ALL, Kind::name)
                 );
@@ -143,6 +146,9 @@ fn parse_args() -> Result<Args> {
     }
     if flowcore == Some(false) {
         cfg.flowcore = None;
+    }
+    if cluster == Some(false) {
+        cfg.cluster = None;
     }
     if let Some(plan) = cfg.flowcore.as_mut() {
         plan.threads = cfg.conn_threads.max(plan.threads);
