@@ -148,6 +148,14 @@ fn pods_on_different_nodes_reach_each_other_with_their_own_addresses() {
         "masqueraded by node 1: {peers:?}"
     );
 
+    // The overlay's port cannot be published.
+    let refused = a2.cli(["container", "publish", "b", "4789:53/udp"]);
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success() && err.contains("overlay"),
+        "{err}"
+    );
+
     // The containers' MTU leaves room for the overlay's 50 bytes.
     let link = ca.exec_ok("ip", ["-j", "link", "show", "dev", "eth0"]);
     let mtu = serde_json::from_str::<Value>(&link).expect("ip -j")[0]["mtu"].clone();

@@ -33,6 +33,9 @@ pub async fn join(
     node_ip: Option<Ipv4Addr>,
 ) -> anyhow::Result<(Client, Ipv4Net)> {
     cfg.validate()?;
+    if uplink.is_none() {
+        anyhow::bail!("cluster mode needs an uplink (--uplink) to reach the other nodes");
+    }
     let mut addrs = Vec::new();
     if let Some(ifname) = uplink {
         let net = Netlink::new().context("open a netlink connection")?;

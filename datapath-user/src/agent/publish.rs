@@ -30,8 +30,8 @@ pub fn service_key(m: &PortMapping, port: u16) -> ServiceKey {
 }
 
 /// Checks that container `name` may publish `publish`: no masquerade port,
-/// only addresses of this node, no overlap within the request or with
-/// another container's ports.
+/// not the overlay's port in cluster mode, only addresses of this node, no
+/// overlap within the request or with another container's ports.
 pub fn check(
     node: &Node,
     store: &Store,
@@ -43,6 +43,16 @@ pub fn check(
         if m.host_port <= hi && lo <= m.host_end() {
             return Err(AgentError::BadRequest(format!(
                 "cannot publish {m}: host ports {lo}-{hi} are reserved for masquerading (--snat-ports)"
+            )));
+        }
+        let overlay = datapath_common::overlay::PORT;
+        if node.cfg.cluster.is_some()
+            && m.protocol == Protocol::Udp
+            && m.host_port <= overlay
+            && overlay <= m.host_end()
+        {
+            return Err(AgentError::BadRequest(format!(
+                "cannot publish {m}: UDP port {overlay} carries the cluster's overlay (VXLAN)"
             )));
         }
         if let (Some(ip), Some(up)) = (m.host_ip, &node.uplink)
