@@ -46,12 +46,16 @@ pub mod names {
     /// the node CIDRs of the other nodes of the cluster and where their
     /// overlay endpoints are.
     pub const PEERS: &str = "PEERS";
+    /// [`crate::ratelimit::RateKey`] (ingress) →
+    /// [`crate::ratelimit::RateFlows`]: the TCP sockets sharing an ingress
+    /// limit's receive windows.
+    pub const RATE_FLOWS: &str = "RATE_FLOWS";
     /// [`crate::clock::TestClock`] array (one entry): zero in production;
     /// packet tests freeze the programs' time with it. Not pinned.
     pub const CLOCK: &str = "CLOCK";
 
     /// Every map the agent pins, in a stable order.
-    pub const ALL: [&str; 13] = [
+    pub const ALL: [&str; 14] = [
         CONFIG,
         SERVICES,
         ENDPOINTS,
@@ -65,6 +69,7 @@ pub mod names {
         RATE_STATS,
         RATE_CGROUPS,
         PEERS,
+        RATE_FLOWS,
     ];
 }
 
@@ -80,7 +85,8 @@ pub mod programs {
     pub const RATE_EGRESS: &str = "rate_egress";
     /// cgroup_skb ingress on a rate-limited container's cgroup.
     pub const RATE_INGRESS: &str = "rate_ingress";
-    /// sock_ops on a container's cgroup with an egress limit: TCP pacing.
+    /// sock_ops on a rate-limited container's cgroup: pacing of TCP senders
+    /// (egress) and receive windows of TCP receivers (ingress).
     pub const RATE_SOCKOPS: &str = "rate_sockops";
     /// TC (tcx) ingress on the overlay (VXLAN) device: decapsulated
     /// packets delivered straight into their container.

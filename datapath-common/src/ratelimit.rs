@@ -46,6 +46,43 @@
 //! `n` senders settle at `1/n` each with the backlog near its target,
 //! below the marks and drops.
 //!
+//! # Pacing TCP receivers (ingress)
+//!
+//! Ingress has no queue to hold an excess in: a packet over the limit can
+//! only be dropped, and a TCP sender that runs into the limit loses whole
+//! flights. So the receiver paces the sender before anything is dropped:
+//! the sock_ops program chooses the window each TCP socket of the cgroup
+//! advertises, right before every segment it sends (and again as every
+//! segment arrives), and clamps it to the socket's share of what the bucket
+//! can still admit beyond a reserve of a quarter of the bucket, and to no
+//! more than twice its share of the rate times its round-trip time (at
+//! least 64 KiB) ([`RateLimit::window_grant`]). A window is counted from
+//! the data received, so the right edge it offers advances exactly as fast
+//! as the bucket refills: a sender can never have more in flight than the
+//! bucket has room for, whatever the path's round-trip time. In a steady
+//! flow the grant settles near the share of the rate times the RTT; the
+//! RTT bound keeps a sender that finds a full bucket from sending it all
+//! at once (on a path of microseconds, it has one 64 KiB segment in flight
+//! at a time, which also keeps the segments in order).
+//!
+//! When the rate times the RTT is less than a segment (10 Mbit/s over a
+//! path of a few hundred microseconds), the grant falls below one segment
+//! and the sender stops until its persist timer fires (200 ms or its RTO,
+//! whichever is longer), while the bucket refills: the average holds, with
+//! no loss and no retransmission. For the window to fall below one segment
+//! the window scale must be small: sockets created in a cgroup with an
+//! ingress limit get a window clamp of the largest grant before their
+//! handshake ([`RateLimit::window_cap`]), which also keeps their window
+//! scale as small as that window allows.
+//!
+//! The share is the grant divided by the number of established TCP
+//! sockets of the cgroup ([`RateFlows`], kept by the same program from
+//! their state changes). The reserve is there for what the windows do not
+//! cover: new and small flows (a request/response flow never waits behind a
+//! bulk one), UDP, and sockets opened before the limit. Policing stays as
+//! the backstop: ingress packets are ECN CE marked once the bucket dips into
+//! the reserve ([`RateLimit::charge_ingress`]) and dropped over the limit.
+//!
 //! Counters ([`RateStats`]) live in a separate per-CPU map so that neither a
 //! lock nor the agent's in-place updates can lose an increment.
 
@@ -120,6 +157,23 @@ const FAIR_ONE: u64 = 1024;
 const FAIR_GAIN: u64 = 4;
 /// The fair share never goes below the rate divided by this.
 pub const FAIR_FLOOR_DIV: u64 = 64;
+
+/// The smallest window clamp the kernel takes (half of its smallest
+/// receive buffer): a window this small holds no full-size segment, and the
+/// sender waits for its persist timer.
+pub const WINDOW_MIN: u32 = 1_152;
+/// The window clamp given back to a socket whose limit is gone: as good as
+/// none (the receive buffer and the window scale bound the window).
+pub const WINDOW_UNCLAMPED: u32 = 1 << 30;
+/// The smallest window clamp given at a handshake: 64 KiB, the largest
+/// window without scaling.
+pub const WINDOW_CAP_MIN: u32 = 65_535;
+/// The smallest window the round-trip time limits a grant to: 64 KiB, one
+/// GSO segment. On a path of microseconds a sender then has one segment in
+/// flight at a time, sent as the ACK of the last one opens the window.
+pub const WINDOW_RTT_MIN: u64 = 65_536;
+/// The share of the bucket kept out of the windows: a quarter.
+pub const RESERVE_DIV: u64 = 4;
 
 /// Nanoseconds per second times 8 bits per byte: a byte at `r` bit/s takes
 /// `NS_BITS / r` ns.
@@ -231,6 +285,19 @@ pub const fn cost_ns(mult: u64, shift: u32, len: u32) -> u64 {
     ((len as u64).wrapping_mul(mult)) >> (shift & 63)
 }
 
+/// The bytes sent at `rate_bps` in `ns` nanoseconds, for spans no longer
+/// than a bucket (at most [`MAX_BURST_BYTES`] at the rate), without 128-bit
+/// arithmetic (the BPF target has none): whole milliseconds and the rest
+/// are converted apart. Within those bounds neither product comes near
+/// 2^64 (`ms * rate_bps` is at most 8000 times the bucket, `rest *
+/// rate_bps` below 10^18).
+#[inline(always)]
+pub const fn ns_to_bytes(ns: u64, rate_bps: u64) -> u64 {
+    let ms = ns / 1_000_000;
+    let rest = ns % 1_000_000;
+    ms.wrapping_mul(rate_bps) / 8_000 + rest.wrapping_mul(rate_bps) / 8_000_000_000
+}
+
 /// `a / b`, 0 when `b` is 0: no panic path for the BPF verifier to reject.
 #[inline(always)]
 const fn div(a: u64, b: u64) -> u64 {
@@ -253,15 +320,15 @@ const fn min(a: u64, b: u64) -> u64 {
 ///   per concurrent TCP sender: about 128 KiB per sender keeps them within
 ///   a few percent of the rate, so the default serves 8. Bursts above the
 ///   rate only reach senders that are not paced (UDP).
-/// * Ingress: 250 ms of traffic, at least 1 MiB. Ingress is policed (there
-///   is no queue to hold packets in), and a TCP sender on a short path that
-///   overruns a small bucket loses whole flights and waits for its
-///   retransmission timer; a bucket that outlasts the timer keeps the
-///   average at the rate.
+/// * Ingress: 500 ms of traffic, at least 1 MiB. The receive windows keep
+///   a quarter of the bucket in reserve and share the rest; on a path too
+///   short for a window to pace the sender, a closed window stops it for
+///   its persist timer (200 ms or more) while the bucket refills, so the
+///   shared part must outlast that timer for the average to hold.
 pub fn default_burst(dir: u32, rate_bps: u64) -> u64 {
     let per_second = rate_bps / 8;
     let window = if dir == direction::INGRESS {
-        per_second / 4
+        per_second / 2
     } else {
         per_second / 250
     };
@@ -356,6 +423,21 @@ impl RateLimit {
     /// kernel under the bucket's lock: inline, no calls, no panics.
     #[inline(always)]
     pub fn charge(&mut self, now_ns: u64, len: u32) -> Verdict {
+        self.charge_marking(now_ns, len, self.mark_ns)
+    }
+
+    /// [`RateLimit::charge`] for ingress: packets are marked only once the
+    /// bucket has dipped into its reserve (the receive windows keep it out
+    /// of there; whatever gets in overran them).
+    #[inline(always)]
+    pub fn charge_ingress(&mut self, now_ns: u64, len: u32) -> Verdict {
+        let mark_ns = self.burst_ns - self.reserve_ns();
+        self.charge_marking(now_ns, len, mark_ns)
+    }
+
+    /// [`RateLimit::charge`] marking above a backlog of `mark_ns`.
+    #[inline(always)]
+    fn charge_marking(&mut self, now_ns: u64, len: u32, mark_ns: u64) -> Verdict {
         let backlog = self.backlog_ns(now_ns);
         if backlog > self.burst_ns {
             return Verdict::Over;
@@ -375,7 +457,7 @@ impl RateLimit {
             self.win_start_ns = now_ns;
             self.win_bytes = 0;
         }
-        if backlog > self.mark_ns {
+        if backlog > mark_ns {
             Verdict::Mark
         } else {
             Verdict::Pass
@@ -463,6 +545,79 @@ impl RateLimit {
         } else {
             f
         };
+    }
+
+    /// The part of the bucket kept out of receive windows, in ns.
+    #[inline(always)]
+    pub fn reserve_ns(&self) -> u64 {
+        self.burst_ns / RESERVE_DIV
+    }
+
+    /// The bytes the bucket can still admit at `now_ns` before it is over
+    /// the limit (0 when it is over or in debt).
+    #[inline(always)]
+    pub fn free_bytes(&self, now_ns: u64) -> u64 {
+        let backlog = self.backlog_ns(now_ns);
+        if backlog >= self.burst_ns {
+            return 0;
+        }
+        ns_to_bytes(self.burst_ns - backlog, self.rate_bps)
+    }
+
+    /// The receive window clamp of each of `flows` TCP sockets of the
+    /// cgroup at `now_ns`, for a socket whose smoothed round-trip time is
+    /// `rtt_us` (0: unknown): an equal share of what the bucket can admit
+    /// beyond its reserve, but no more than twice the share of the rate
+    /// times the round-trip time (at least [`WINDOW_RTT_MIN`]), at least
+    /// [`WINDOW_MIN`], at most [`RateLimit::window_cap`]. Runs in the
+    /// kernel: no panics.
+    #[inline(always)]
+    pub fn window_grant(&self, now_ns: u64, flows: u64, rtt_us: u32) -> u32 {
+        let flows = if flows == 0 { 1 } else { flows };
+        let free = self.free_bytes(now_ns);
+        let reserve = self.burst_bytes / RESERVE_DIV;
+        let mut share = if free > reserve {
+            div(free - reserve, flows)
+        } else {
+            0
+        };
+        if rtt_us != 0 {
+            let rtt_ns = (rtt_us as u64).wrapping_mul(1_000);
+            let in_flight = div(2 * ns_to_bytes(rtt_ns, self.rate_bps), flows);
+            share = min(
+                share,
+                if in_flight < WINDOW_RTT_MIN {
+                    WINDOW_RTT_MIN
+                } else {
+                    in_flight
+                },
+            );
+        }
+        let cap = self.window_cap();
+        if share < WINDOW_MIN as u64 {
+            WINDOW_MIN
+        } else if share > cap as u64 {
+            cap
+        } else {
+            share as u32
+        }
+    }
+
+    /// The largest window any socket can be granted: the bucket without
+    /// its reserve, at least [`WINDOW_CAP_MIN`]. Given as the window clamp
+    /// of new sockets before their handshake, it also bounds their window
+    /// scale, so that a grant of [`WINDOW_MIN`] is advertised as less than
+    /// one segment.
+    #[inline(always)]
+    pub fn window_cap(&self) -> u32 {
+        let cap = self.burst_bytes - self.burst_bytes / RESERVE_DIV;
+        if cap < WINDOW_CAP_MIN as u64 {
+            WINDOW_CAP_MIN
+        } else if cap > WINDOW_UNCLAMPED as u64 {
+            WINDOW_UNCLAMPED
+        } else {
+            cap as u32
+        }
     }
 
     /// The bytes the bucket holds at `now_ns` (negative: in debt).
@@ -555,11 +710,32 @@ impl RateStats {
     }
 }
 
+/// Value of [`crate::names::RATE_FLOWS`]: the TCP sockets of a cgroup with
+/// an ingress limit that share its receive windows, kept by the sock_ops
+/// program (one more when a socket is established, one less when it leaves
+/// that state). Signed: a socket counted before its limit was removed and
+/// given again may leave after the count restarted.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct RateFlows {
+    /// Established TCP sockets.
+    pub flows: i64,
+}
+
+impl RateFlows {
+    /// The number of sockets to share among (at least one).
+    #[inline(always)]
+    pub const fn share_count(&self) -> u64 {
+        if self.flows < 1 { 1 } else { self.flows as u64 }
+    }
+}
+
 const _: () = {
     assert!(size_of::<bpf_spin_lock>() == 4);
     assert!(size_of::<RateKey>() == 16);
     assert!(size_of::<RateLimit>() == 80);
     assert!(size_of::<RateStats>() == 48);
+    assert!(size_of::<RateFlows>() == 8);
 };
 
 #[cfg(feature = "user")]
@@ -571,6 +747,7 @@ mod user {
     unsafe impl aya::Pod for RateKey {}
     unsafe impl aya::Pod for RateLimit {}
     unsafe impl aya::Pod for RateStats {}
+    unsafe impl aya::Pod for RateFlows {}
 }
 
 #[cfg(test)]
@@ -717,7 +894,7 @@ mod tests {
         assert_eq!(default_burst(direction::EGRESS, 10_000_000), 1 << 20);
         assert_eq!(default_burst(direction::EGRESS, 10_000_000_000), 5_000_000);
         assert_eq!(default_burst(direction::INGRESS, 10_000_000), 1 << 20);
-        assert_eq!(default_burst(direction::INGRESS, 1_000_000_000), 31_250_000);
+        assert_eq!(default_burst(direction::INGRESS, 1_000_000_000), 62_500_000);
         assert_eq!(
             default_burst(direction::INGRESS, MAX_RATE_BPS),
             MAX_BURST_BYTES
@@ -790,6 +967,161 @@ mod tests {
             t += FAIR_WINDOW_MAX_NS;
         }
         assert_eq!(l.fair_share(), l.rate_bytes());
+    }
+
+    #[test]
+    fn nanoseconds_convert_to_bytes_at_the_rate() {
+        assert_eq!(ns_to_bytes(SEC, 8_000_000), 1_000_000);
+        assert_eq!(ns_to_bytes(1_500 * MS + 999, 80_000_000), 15_000_009);
+        assert_eq!(ns_to_bytes(0, MAX_RATE_BPS), 0);
+        // The largest bucket at the slowest and the fastest rate.
+        let p = RateParams::new(MIN_RATE_BPS, MAX_BURST_BYTES).expect("valid");
+        assert_eq!(ns_to_bytes(p.burst_ns, MIN_RATE_BPS), MAX_BURST_BYTES);
+        // At 1 Tbit/s a nanosecond is 125 bytes: the bucket's size in ns
+        // is rounded down to one.
+        let p = RateParams::new(MAX_RATE_BPS, MAX_BURST_BYTES).expect("valid");
+        let back = ns_to_bytes(p.burst_ns, MAX_RATE_BPS);
+        assert!(
+            back <= MAX_BURST_BYTES && MAX_BURST_BYTES - back < 125,
+            "{back}"
+        );
+    }
+
+    #[test]
+    fn windows_share_what_the_bucket_admits_beyond_its_reserve() {
+        // 80 Mbit/s, 1 MB bucket: 250 kB of reserve, 750 kB to share.
+        let mut l = limit(80_000_000, 1_000_000);
+        assert_eq!(l.free_bytes(SEC), 1_000_000);
+        assert_eq!(l.window_grant(SEC, 1, 0), 750_000);
+        assert_eq!(l.window_grant(SEC, 3, 0), 250_000);
+        assert_eq!(l.window_grant(SEC, 0, 0), 750_000, "no flows counted: one");
+        assert_eq!(l.window_cap(), 750_000);
+        // 600 kB admitted: 150 kB left to share.
+        l.charge(SEC, 600_000);
+        assert_eq!(l.free_bytes(SEC), 400_000);
+        assert_eq!(l.window_grant(SEC, 1, 0), 150_000);
+        // Into the reserve: the window closes below one segment.
+        l.charge(SEC, 200_000);
+        assert_eq!(l.window_grant(SEC, 1, 0), WINDOW_MIN);
+        // 10 ms later 100 kB came back.
+        assert_eq!(l.window_grant(SEC + 10 * MS, 1, 0), 50_000);
+        // No more than twice the share of the rate times the RTT: 10 ms at
+        // 80 Mbit/s is 100 kB; 1 ms would be 10 kB, less than 64 KiB.
+        let l = limit(80_000_000, 1_000_000);
+        assert_eq!(l.window_grant(SEC, 1, 10_000), 200_000);
+        assert_eq!(l.window_grant(SEC, 2, 10_000), 100_000);
+        assert_eq!(l.window_grant(SEC, 1, 1_000), 65_536);
+        assert_eq!(l.window_grant(SEC, 1, 0), 750_000, "RTT unknown");
+        // A tiny bucket still gets a window the size of an unscaled one.
+        assert_eq!(limit(8_000, MIN_BURST_BYTES).window_cap(), WINDOW_CAP_MIN);
+    }
+
+    #[test]
+    fn ingress_marks_only_in_the_reserve() {
+        // 8 Mbit/s (a 1000-byte packet costs 1 ms) with a 40 ms bucket:
+        // the reserve starts at a backlog of 30 ms.
+        let mut l = limit(8_000_000, 40_000);
+        let verdicts: Vec<Verdict> = (0..42).map(|_| l.charge_ingress(SEC, 1000)).collect();
+        assert!(
+            verdicts[..31].iter().all(|v| *v == Verdict::Pass),
+            "{verdicts:?}"
+        );
+        assert!(
+            verdicts[31..41].iter().all(|v| *v == Verdict::Mark),
+            "{verdicts:?}"
+        );
+        assert_eq!(verdicts[41], Verdict::Over);
+    }
+
+    #[test]
+    fn flow_counts_below_one_share_among_one() {
+        assert_eq!(RateFlows { flows: 4 }.share_count(), 4);
+        assert_eq!(RateFlows { flows: 0 }.share_count(), 1);
+        assert_eq!(RateFlows { flows: -2 }.share_count(), 1);
+    }
+
+    /// TCP receivers whose windows [`RateLimit::window_grant`] chooses, fed
+    /// by `n` greedy senders over a path of `rtt_ns`: a sender sends what
+    /// its window allows in 64 KiB segments, one segment per `rtt_ns / 16`
+    /// (the path's speed), each charged on arrival half a round trip later
+    /// and acknowledged with a new window; a window smaller than a segment
+    /// of `mss` bytes makes the sender wait 200 ms (its persist timer)
+    /// before it sends what fits. Returns the bytes admitted in the last
+    /// `secs - 1` seconds and the packets over the limit.
+    fn windowed(rate_bps: u64, n: usize, rtt_ns: u64, secs: u64) -> (u64, u64) {
+        const MSS: u64 = 1448;
+        const PERSIST_NS: u64 = 200 * MS;
+        let mut l = limit(rate_bps, default_burst(direction::INGRESS, rate_bps));
+        // Per sender: bytes sent, bytes received, right edge of the window.
+        let mut sent = vec![0u64; n];
+        let mut received = vec![0u64; n];
+        let mut edge = vec![u64::from(WINDOW_CAP_MIN); n];
+        // Events: (time, sender, Some(segment length) = arrival, None = may send).
+        let mut events: std::collections::BinaryHeap<std::cmp::Reverse<(u64, usize, Option<u64>)>> =
+            (0..n)
+                .map(|i| std::cmp::Reverse((SEC + i as u64, i, None)))
+                .collect();
+        let (start, end) = (2 * SEC, (secs + 1) * SEC);
+        let (mut admitted, mut over) = (0u64, 0u64);
+        while let Some(std::cmp::Reverse((t, i, arrival))) = events.pop() {
+            if t >= end {
+                break;
+            }
+            match arrival {
+                Some(len) => {
+                    match l.charge_ingress(t, len as u32) {
+                        Verdict::Over => over += 1,
+                        _ if t >= start => admitted += len,
+                        _ => {}
+                    }
+                    received[i] += len;
+                    let grant = u64::from(l.window_grant(t, n as u64, (rtt_ns / 1_000) as u32));
+                    edge[i] = edge[i].max(received[i] + grant);
+                    if sent[i] == received[i] {
+                        events.push(std::cmp::Reverse((t + rtt_ns / 2, i, None)));
+                    }
+                }
+                None => {
+                    let window = edge[i] - sent[i];
+                    if window >= MSS {
+                        let len = window.min(65_536);
+                        sent[i] += len;
+                        events.push(std::cmp::Reverse((t + rtt_ns / 2, i, Some(len))));
+                        events.push(std::cmp::Reverse((t + rtt_ns / 16, i, None)));
+                    } else if sent[i] == received[i] && window > 0 {
+                        // Persist probe: what fits, after the timer.
+                        sent[i] += window;
+                        events.push(std::cmp::Reverse((t + PERSIST_NS, i, Some(window))));
+                    } else if sent[i] == received[i] {
+                        events.push(std::cmp::Reverse((t + PERSIST_NS, i, None)));
+                    }
+                }
+            }
+        }
+        (admitted, over)
+    }
+
+    #[test]
+    fn windowed_senders_fill_the_rate_and_never_run_over_it() {
+        for (rate, n, rtt) in [
+            // Below a segment per round trip: the windows close and open.
+            (10_000_000, 1, 50_000),
+            (100_000_000, 4, 50_000),
+            // A window per round trip paces.
+            (1_000_000_000, 1, 50_000),
+            (1_000_000_000, 4, 50_000),
+            (100_000_000, 1, 20 * MS),
+        ] {
+            let secs = 5;
+            let (got, over) = windowed(rate, n, rtt, secs);
+            let want = rate / 8 * (secs - 1);
+            let err = got.abs_diff(want) as f64 / want as f64;
+            assert!(
+                err < 0.05,
+                "{n} senders at {rate} bit/s, RTT {rtt} ns: {got} bytes, want {want}"
+            );
+            assert_eq!(over, 0, "{n} senders at {rate} bit/s ran over the limit");
+        }
     }
 
     #[test]
@@ -887,6 +1219,29 @@ mod tests {
                 prop_assert!(p <= c, "{p} > {c}");
                 prop_assert!(p >= c / FAIR_FLOOR_DIV / 2, "{p} below the floor");
                 prop_assert!(l.fair_share() <= c && l.fair_share() >= (c / FAIR_FLOOR_DIV).max(1));
+            }
+        }
+
+        #[test]
+        fn windows_together_never_grant_more_than_the_bucket_admits(
+            rate in MIN_RATE_BPS..=MAX_RATE_BPS,
+            burst in MIN_BURST_BYTES..=MAX_BURST_BYTES,
+            flows in 0u64..1000,
+            rtt_us in 0u32..=1_000_000,
+            events in proptest::collection::vec((1u32..=65_536, 0u64..=50 * MS), 0..50),
+        ) {
+            let mut l = limit(rate, burst);
+            let mut t = SEC;
+            for (len, gap) in events {
+                t += gap;
+                l.charge(t, len);
+            }
+            let grant = u64::from(l.window_grant(t, flows, rtt_us));
+            prop_assert!(grant >= u64::from(WINDOW_MIN));
+            prop_assert!(grant <= u64::from(l.window_cap()));
+            if grant > u64::from(WINDOW_MIN) {
+                let shared = l.free_bytes(t) - burst / RESERVE_DIV;
+                prop_assert!(grant * flows.max(1) <= shared, "{grant} x {flows} > {shared}");
             }
         }
 

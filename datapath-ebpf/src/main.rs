@@ -213,7 +213,8 @@ pub fn rate_ingress(ctx: aya_ebpf::programs::SkBuffContext) -> i32 {
     ratelimit::ingress(&ctx)
 }
 
-/// sock_ops of a container's cgroup with an egress limit: TCP pacing.
+/// sock_ops of a rate-limited container's cgroup: pacing of TCP senders,
+/// receive windows of TCP receivers.
 #[aya_ebpf::macros::sock_ops]
 pub fn rate_sockops(ctx: aya_ebpf::programs::SockOpsContext) -> u32 {
     ratelimit::sock_ops(&ctx)

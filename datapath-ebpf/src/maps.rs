@@ -118,6 +118,15 @@ pub static RATE_STATS: aya_ebpf::btf_maps::PerCpuHashMap<
     { capacity::RATE_LIMITS as usize },
 > = aya_ebpf::btf_maps::PerCpuHashMap::new();
 
+/// The TCP sockets sharing each ingress bucket's receive windows (entries
+/// made and removed by the agent with the bucket; counted by sock_ops).
+#[btf_map]
+pub static RATE_FLOWS: aya_ebpf::btf_maps::HashMap<
+    datapath_common::ratelimit::RateKey,
+    datapath_common::ratelimit::RateFlows,
+    { capacity::RATE_LIMITS as usize },
+> = aya_ebpf::btf_maps::HashMap::new();
+
 /// The bucket key of each cgroup attachment of the rate limiter, written by
 /// the agent after attaching: a program attached to a container's cgroup
 /// also runs for the cgroups below it, and this is how it knows whose

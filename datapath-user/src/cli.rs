@@ -10,7 +10,10 @@ use ipnet::Ipv4Net;
 
 use crate::{
     agent::{self, AgentConfig, XdpMode},
-    api::{AddContainer, Client, ContainerInfo, DEFAULT_SOCKET, FlowEndpoint, UpdateContainer},
+    api::{
+        AddContainer, Client, ContainerInfo, DEFAULT_SOCKET, FlowEndpoint, FlowQuery,
+        UpdateContainer,
+    },
     cluster::ClusterConfig,
     model::Limit,
 };
@@ -164,9 +167,17 @@ pub enum ContainerCmd {
         /// Interface name inside the container.
         #[arg(long, default_value = "eth0")]
         ifname: String,
-        /// Publish a port like docker -p: [IP:]HOST[-END]:CONTAINER[-END][/tcp|/udp].
+        /// Publish a port like docker -p: [IP:]HOST[-END]:CONTAINER[-END][/tcp|/udp]
+        /// (repeatable).
         #[arg(long = "publish", short = 'p')]
         publish: Vec<String>,
+        /// Also publish the ports of a JSON list of specs in FILE (`-`:
+        /// standard input), e.g. `["8080:80", "8443:443"]`.
+        #[arg(long, value_name = "FILE")]
+        publish_file: Option<PathBuf>,
+        /// Publish even ports a process of the node listens on.
+        #[arg(long)]
+        force: bool,
         /// The container's cgroup v2 directory, which rate limits apply to
         /// (its processes and every cgroup below): a path in the cgroup2
         /// mount, or a name under it.
@@ -182,21 +193,29 @@ pub enum ContainerCmd {
         #[command(flatten)]
         limits: LimitArgs,
     },
-    /// Publish more ports of a running container.
+    /// Publish more ports of a running container, all in one request:
+    /// every port is published, or none is.
     Publish {
         /// Container name.
         name: String,
         /// Ports like docker -p: [IP:]HOST[-END]:CONTAINER[-END][/tcp|/udp].
-        #[arg(required = true)]
         specs: Vec<String>,
+        #[command(flatten)]
+        more: MorePorts,
+        /// Publish even ports a process of the node listens on.
+        #[arg(long)]
+        force: bool,
     },
-    /// Stop publishing ports of a container (its established flows go on).
+    /// Stop publishing ports of a container, all in one request (its
+    /// established TCP connections go on; its UDP flows through them are
+    /// removed).
     Unpublish {
         /// Container name.
         name: String,
         /// Ports as they were published.
-        #[arg(required = true)]
         specs: Vec<String>,
+        #[command(flatten)]
+        more: MorePorts,
     },
     /// Remove a container's network (succeeds if it is already gone).
     Del {
@@ -209,6 +228,62 @@ pub enum ContainerCmd {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// Ports given by flag or file besides the positional ones.
+#[derive(Debug, Args)]
+pub struct MorePorts {
+    /// A port, as with `container add` (repeatable).
+    #[arg(long = "publish", short = 'p', value_name = "SPEC")]
+    publish: Vec<String>,
+    /// The ports of a JSON list of specs in FILE (`-`: standard input),
+    /// e.g. `["8080:80", "8443:443"]`.
+    #[arg(long, value_name = "FILE")]
+    publish_file: Option<PathBuf>,
+}
+
+impl MorePorts {
+    /// Every port: `specs`, then the flags', then the file's; at least one.
+    fn all(self, mut specs: Vec<String>) -> anyhow::Result<Vec<String>> {
+        specs.extend(self.publish);
+        if let Some(file) = &self.publish_file {
+            specs.extend(read_specs(file)?);
+        }
+        anyhow::ensure!(
+            !specs.is_empty(),
+            "give at least one port (SPEC, --publish SPEC or --publish-file FILE)"
+        );
+        Ok(specs)
+    }
+}
+
+/// Reads a JSON list of port specs from `path` (`-`: standard input).
+fn read_specs(path: &std::path::Path) -> anyhow::Result<Vec<String>> {
+    let text = if path.as_os_str() == "-" {
+        std::io::read_to_string(std::io::stdin()).context("read standard input")?
+    } else {
+        std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?
+    };
+    serde_json::from_str(&text).with_context(|| {
+        format!(
+            "{}: expected a JSON list of port specs, e.g. [\"8080:80\", \"53:53/udp\"]",
+            path.display()
+        )
+    })
+}
+
+/// What `container publish|unpublish` prints: the ports now published
+/// (their number, beyond a screenful).
+fn print_ports(c: &ContainerInfo) {
+    if c.publish.len() <= 32 {
+        println!("{} publishes {}", c.name, c.publish.join(","));
+    } else {
+        println!(
+            "{} publishes {} ports (`datapath container list` shows them)",
+            c.name,
+            c.publish.len()
+        );
+    }
 }
 
 /// Rate limits in tc's units (rates: bit, kbit, mbit, gbit, tbit, bps,
@@ -224,7 +299,7 @@ pub struct LimitArgs {
     /// Egress bucket size, e.g. 64kb (default: 4 ms of the rate, at least 1mb).
     #[arg(long)]
     pub egress_burst: Option<String>,
-    /// Ingress bucket size, e.g. 256kb (default: 250 ms of the rate, at least 1mb).
+    /// Ingress bucket size, e.g. 256kb (default: 500 ms of the rate, at least 1mb).
     #[arg(long)]
     pub ingress_burst: Option<String>,
 }
@@ -232,11 +307,17 @@ pub struct LimitArgs {
 /// `datapath conntrack …`.
 #[derive(Debug, Subcommand)]
 pub enum ConntrackCmd {
-    /// List tracked flows.
+    /// List tracked flows (the agent streams them as it reads the table).
     List {
         /// Print JSON.
         #[arg(long)]
         json: bool,
+        /// Only this container's flows.
+        #[arg(long)]
+        container: Option<String>,
+        /// At most this many flows.
+        #[arg(long)]
+        limit: Option<usize>,
     },
     /// Remove tracked flows (all, or one container's).
     Flush {
@@ -408,10 +489,15 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             name,
             netns,
             ifname,
-            publish,
+            mut publish,
+            publish_file,
+            force,
             cgroup,
             limits,
         }) => {
+            if let Some(file) = &publish_file {
+                publish.extend(read_specs(file)?);
+            }
             let info = client
                 .add_container(&AddContainer {
                     name,
@@ -423,6 +509,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     ingress_rate: limits.ingress_rate,
                     egress_burst: limits.egress_burst,
                     ingress_burst: limits.ingress_burst,
+                    force,
                 })
                 .await?;
             println!(
@@ -453,18 +540,19 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Command::Container(ContainerCmd::Publish { name, specs }) => {
-            for spec in specs {
-                let info = client.publish(&name, &spec).await?;
-                println!("{} publishes {}", info.name, info.publish.join(","));
-            }
+        Command::Container(ContainerCmd::Publish {
+            name,
+            specs,
+            more,
+            force,
+        }) => {
+            let info = client.publish(&name, &more.all(specs)?, force).await?;
+            print_ports(&info);
             Ok(())
         }
-        Command::Container(ContainerCmd::Unpublish { name, specs }) => {
-            for spec in specs {
-                let info = client.unpublish(&name, &spec).await?;
-                println!("{} publishes {}", info.name, info.publish.join(","));
-            }
+        Command::Container(ContainerCmd::Unpublish { name, specs, more }) => {
+            let info = client.unpublish(&name, &more.all(specs)?).await?;
+            print_ports(&info);
             Ok(())
         }
         Command::Container(ContainerCmd::Del { name }) => {
@@ -490,8 +578,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Conntrack(ConntrackCmd::List { json }) => {
-            let flows = client.conntrack().await?;
+        Command::Conntrack(ConntrackCmd::List {
+            json,
+            container,
+            limit,
+        }) => {
+            let flows = client.conntrack(&FlowQuery { container, limit }).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&flows)?);
                 return Ok(());

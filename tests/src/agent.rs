@@ -73,6 +73,8 @@ pub struct AgentBuilder<'n> {
     pool: Option<String>,
     args: Vec<String>,
     cgroup_root: Option<PathBuf>,
+    env: Vec<(String, String)>,
+    state_tmpfs: Option<String>,
 }
 
 impl<'n> AgentBuilder<'n> {
@@ -107,6 +109,20 @@ impl<'n> AgentBuilder<'n> {
     /// regresses: the most it can limit is the stand-in.
     pub fn cgroup2_root_stand_in(mut self, stand_in: &Cgroup) -> Self {
         self.cgroup_root = Some(stand_in.path().to_owned());
+        self
+    }
+
+    /// Sets an environment variable of the agent process.
+    pub fn env(mut self, key: &str, value: &str) -> Self {
+        self.env.push((key.to_owned(), value.to_owned()));
+        self
+    }
+
+    /// Keeps the agent's state directory on a tmpfs of its own of `size`
+    /// (`mount -o size=…`, e.g. `1m`), unmounted when the agent is dropped:
+    /// a test can fill it up to make the agent's writes fail.
+    pub fn state_on_tmpfs(mut self, size: &str) -> Self {
+        self.state_tmpfs = Some(size.to_owned());
         self
     }
 
@@ -145,6 +161,16 @@ impl<'n> AgentBuilder<'n> {
         let socket = tmp_dir.join("api.sock");
         std::fs::create_dir_all(&state_dir)
             .unwrap_or_else(|e| panic!("creating {}: {e}", state_dir.display()));
+        if let Some(size) = &self.state_tmpfs {
+            nix::mount::mount(
+                Some("tmpfs"),
+                &state_dir,
+                Some("tmpfs"),
+                nix::mount::MsFlags::MS_NOSUID | nix::mount::MsFlags::MS_NODEV,
+                Some(format!("size={size},mode=0700").as_str()),
+            )
+            .unwrap_or_else(|e| panic!("mounting a tmpfs on {}: {e}", state_dir.display()));
+        }
         let log_path = tmp_dir.join("agent.log");
         File::create(&log_path).unwrap_or_else(|e| panic!("creating {}: {e}", log_path.display()));
         let mut agent = Agent {
@@ -154,6 +180,8 @@ impl<'n> AgentBuilder<'n> {
             pool: self.pool,
             args: self.args,
             cgroup_root: self.cgroup_root,
+            env: self.env,
+            state_mounted: self.state_tmpfs.is_some(),
             bpffs_dir,
             tmp_dir,
             socket,
@@ -174,6 +202,8 @@ pub struct Agent<'n> {
     pool: Option<String>,
     args: Vec<String>,
     cgroup_root: Option<PathBuf>,
+    env: Vec<(String, String)>,
+    state_mounted: bool,
     bpffs_dir: PathBuf,
     tmp_dir: PathBuf,
     socket: PathBuf,
@@ -192,6 +222,8 @@ impl<'n> Agent<'n> {
             )),
             args: Vec::new(),
             cgroup_root: None,
+            env: Vec::new(),
+            state_tmpfs: None,
         }
     }
 
@@ -234,6 +266,7 @@ impl<'n> Agent<'n> {
             .unwrap_or_else(|e| panic!("duplicating {}: {e}", self.log_path.display()));
         let mut cmd = Command::new(&self.bin);
         cmd.args(self.agent_args())
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log_err);
@@ -431,6 +464,30 @@ impl<'n> Agent<'n> {
         }
     }
 
+    /// Sets (`Some`) or unsets (`None`) an environment variable of the
+    /// agent processes started from now on ([`Agent::restart`]).
+    pub fn set_env(&mut self, key: &str, value: Option<&str>) {
+        self.env.retain(|(k, _)| k != key);
+        if let Some(v) = value {
+            self.env.push((key.to_owned(), v.to_owned()));
+        }
+    }
+
+    /// Waits up to `timeout` for the agent process to exit by itself (a
+    /// crash), reaping it; returns its exit status.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            let child = self.child.as_mut()?;
+            if let Ok(Some(status)) = child.try_wait() {
+                self.child = None;
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
     /// Starts a new agent process with the same paths and arguments, after
     /// [`Agent::kill`] or [`Agent::stop`]; returns the log if it does not
     /// come up (it is then not running).
@@ -496,6 +553,12 @@ impl Drop for Agent<'_> {
         self.stop();
         if std::thread::panicking() {
             eprintln!("agent log ({}):\n{}", self.log_path.display(), self.log());
+        }
+        if self.state_mounted {
+            let state = self.state_dir();
+            if let Err(e) = nix::mount::umount2(&state, nix::mount::MntFlags::MNT_DETACH) {
+                eprintln!("warning: unmounting {}: {e}", state.display());
+            }
         }
         for dir in [&self.bpffs_dir, &self.tmp_dir] {
             match std::fs::remove_dir_all(dir) {

@@ -42,6 +42,8 @@ pub struct Netns {
     name: String,
     path: PathBuf,
     owned: bool,
+    /// Made in-process by [`Netns::new_bare`]: removed the same way.
+    bare: bool,
 }
 
 impl Netns {
@@ -66,9 +68,56 @@ impl Netns {
             name: name.to_owned(),
             path: Path::new(NETNS_RUN_DIR).join(name),
             owned: true,
+            bare: false,
         };
         ns.exec_ok("ip", ["link", "set", "lo", "up"]);
         ns
+    }
+
+    /// Creates namespace `name` (which must start with [`names::PREFIX`])
+    /// in-process, as `ip netns add` does but without running it: a thread
+    /// unshares its network namespace and bind-mounts it on
+    /// `/var/run/netns/<name>`. Nothing is set up inside (loopback stays
+    /// down), and on drop it is unmounted and removed without looking for
+    /// processes in it: for tests that need hundreds of namespaces that
+    /// only the agent puts an interface in.
+    pub fn new_bare(name: &str) -> Self {
+        assert!(
+            name.starts_with(names::PREFIX),
+            "test namespaces are named {}*: {name}",
+            names::PREFIX
+        );
+        let path = Path::new(NETNS_RUN_DIR).join(name);
+        std::fs::create_dir_all(NETNS_RUN_DIR)
+            .unwrap_or_else(|e| panic!("creating {NETNS_RUN_DIR}: {e}"));
+        File::options()
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .unwrap_or_else(|e| panic!("creating {}: {e}", path.display()));
+        let target = path.clone();
+        let mounted = std::thread::spawn(move || -> nix::Result<()> {
+            nix::sched::unshare(CloneFlags::CLONE_NEWNET)?;
+            nix::mount::mount(
+                Some("/proc/thread-self/ns/net"),
+                &target,
+                None::<&str>,
+                nix::mount::MsFlags::MS_BIND,
+                None::<&str>,
+            )
+        })
+        .join()
+        .unwrap_or_else(|_| panic!("the thread making {name} panicked"));
+        if let Err(e) = mounted {
+            let _ = std::fs::remove_file(&path);
+            panic!("making network namespace {name}: {e}");
+        }
+        Self {
+            name: name.to_owned(),
+            path,
+            owned: true,
+            bare: true,
+        }
     }
 
     /// A handle on a namespace someone else made and removes (a container
@@ -81,6 +130,7 @@ impl Netns {
             name: path.display().to_string(),
             path,
             owned: false,
+            bare: false,
         }
     }
 
@@ -324,6 +374,15 @@ impl Netns {
 impl Drop for Netns {
     fn drop(&mut self) {
         if !self.owned {
+            return;
+        }
+        if self.bare {
+            if let Err(e) = nix::mount::umount2(&self.path, nix::mount::MntFlags::MNT_DETACH) {
+                eprintln!("warning: unmounting {}: {e}", self.path.display());
+            }
+            if let Err(e) = std::fs::remove_file(&self.path) {
+                eprintln!("warning: removing {}: {e}", self.path.display());
+            }
             return;
         }
         self.kill_all();

@@ -205,6 +205,26 @@ impl Node {
         );
     }
 
+    /// Gives the node a default route through the client, the way a node
+    /// has one through its uplink's gateway. Tests that flood from random
+    /// source addresses need it: without a route, answers to those
+    /// addresses are sent on the uplink as if on the link, one ARP entry
+    /// each, and the kernel's ARP table is shared by every namespace of the
+    /// machine (`gc_thresh3`, 1,024 entries): a full one breaks the address
+    /// resolution of tests running beside the flood.
+    pub fn default_route_via_client(&self) {
+        self.node.exec_ok(
+            "ip",
+            [
+                "route",
+                "add",
+                "default",
+                "via",
+                &self.client_addr.to_string(),
+            ],
+        );
+    }
+
     /// An empty namespace `dpt-<id>-<name>` for a container; the caller
     /// owns it (drop it before the node, or let it go out of scope).
     pub fn add_container_netns(&self, name: &str) -> Netns {

@@ -416,7 +416,12 @@ fn serve_udp(
         if let Some(label) = echo {
             let mut reply = format!("{label}: ").into_bytes();
             reply.extend_from_slice(&buf[..n]);
-            sock.send_to(&reply, peer)?;
+            // An answer that cannot leave (the route to the peer went away
+            // with an interface) is lost, as on a network; the server goes
+            // on serving.
+            if let Err(e) = sock.send_to(&reply, peer) {
+                eprintln!("server {label}: answer to {peer} not sent: {e}");
+            }
         }
     }
     Ok(())

@@ -1,30 +1,51 @@
-//! A change that fails at its last step is undone whole. Saving the state
-//! is the last step of every change, and the test makes it fail: the state
-//! file is replaced by a directory, so the agent's rename onto it fails
-//! after everything else of the change has been done.
+//! A change that fails at its last step is undone whole. Recording the
+//! change in the state's journal is the last step of every change, and
+//! the test makes it fail: the agent's state directory is a small tmpfs,
+//! filled up, so the journal write fails (no space left) after everything
+//! else of the change has been done. (The agent is restarted before, so
+//! that its journal file is new and empty: a record appended to a file
+//! whose last page has room needs no new space.)
 
-use std::path::PathBuf;
+use std::{io::Write as _, path::PathBuf};
 
 use datapath_tests::{agent::Agent, inspect, node::Node};
 
-/// The state file replaced by a directory until dropped.
-struct BrokenStateFile {
+/// The agent's state directory full until dropped.
+struct FullStateDir {
     path: PathBuf,
 }
 
-impl BrokenStateFile {
+impl FullStateDir {
     fn new(agent: &Agent<'_>) -> Self {
-        let path = agent.state_dir().join("state.json");
-        std::fs::remove_file(&path).unwrap_or_else(|e| panic!("remove {}: {e}", path.display()));
-        std::fs::create_dir(&path).unwrap_or_else(|e| panic!("mkdir {}: {e}", path.display()));
+        let path = agent.state_dir().join("filler");
+        let mut f = std::fs::File::create(&path)
+            .unwrap_or_else(|e| panic!("create {}: {e}", path.display()));
+        let block = vec![0xa5u8; 4096];
+        // Bounded: the tmpfs is 1 MiB.
+        for _ in 0..4096 {
+            if f.write_all(&block).and_then(|()| f.flush()).is_err() {
+                break;
+            }
+        }
         Self { path }
     }
 }
 
-impl Drop for BrokenStateFile {
+impl Drop for FullStateDir {
     fn drop(&mut self) {
-        let _ = std::fs::remove_dir(&self.path);
+        let _ = std::fs::remove_file(&self.path);
     }
+}
+
+/// An agent whose state directory is a 1 MiB tmpfs.
+fn agent(node: &Node) -> Agent<'_> {
+    Agent::builder(node).state_on_tmpfs("1m").start()
+}
+
+/// Restarts the agent: it starts a new, empty journal file.
+fn fresh_journal(agent: &mut Agent<'_>) {
+    agent.stop();
+    agent.restart();
 }
 
 /// Everything the agent made that a change touches: the node's links, the
@@ -85,7 +106,8 @@ fn fails_saving(agent: &Agent<'_>, args: &[&str]) {
         !out.status.success(),
         "{args:?} succeeded without its state"
     );
-    assert!(err.contains("state.json"), "{args:?}: {err}");
+    assert!(err.contains("journal"), "{args:?}: {err}");
+    assert!(err.contains("No space left"), "{args:?}: {err}");
 }
 
 #[test]
@@ -93,7 +115,7 @@ fn an_add_that_cannot_be_saved_is_undone_whole() {
     let node = Node::new();
     let web = node.add_container_netns("web");
     let other = node.add_container_netns("other");
-    let agent = Agent::start(&node);
+    let mut agent = agent(&node);
     agent.cli_ok([
         "container",
         "add",
@@ -103,9 +125,10 @@ fn an_add_that_cannot_be_saved_is_undone_whole() {
         "-p",
         "8080:80",
     ]);
+    fresh_journal(&mut agent);
     let before = made(&node, &agent);
 
-    let broken = BrokenStateFile::new(&agent);
+    let broken = FullStateDir::new(&agent);
     fails_saving(
         &agent,
         &[
@@ -150,7 +173,7 @@ fn an_add_that_cannot_be_saved_is_undone_whole() {
 fn a_publish_that_cannot_be_saved_is_undone() {
     let node = Node::new();
     let web = node.add_container_netns("web");
-    let agent = Agent::start(&node);
+    let mut agent = agent(&node);
     agent.cli_ok([
         "container",
         "add",
@@ -160,9 +183,10 @@ fn a_publish_that_cannot_be_saved_is_undone() {
         "-p",
         "8080:80",
     ]);
+    fresh_journal(&mut agent);
     let before = made(&node, &agent);
 
-    let broken = BrokenStateFile::new(&agent);
+    let broken = FullStateDir::new(&agent);
     fails_saving(&agent, &["container", "publish", "web", "9090:90"]);
     assert_eq!(made(&node, &agent), before);
     assert_eq!(
@@ -179,7 +203,7 @@ fn a_publish_that_cannot_be_saved_is_undone() {
 fn an_unpublish_that_cannot_be_saved_changes_nothing() {
     let node = Node::new();
     let web = node.add_container_netns("web");
-    let agent = Agent::start(&node);
+    let mut agent = agent(&node);
     agent.cli_ok([
         "container",
         "add",
@@ -192,9 +216,10 @@ fn an_unpublish_that_cannot_be_saved_changes_nothing() {
         "9090:90",
     ]);
     let both = vec!["8080:80/tcp".to_owned(), "9090:90/tcp".to_owned()];
+    fresh_journal(&mut agent);
     let before = made(&node, &agent);
 
-    let broken = BrokenStateFile::new(&agent);
+    let broken = FullStateDir::new(&agent);
     fails_saving(&agent, &["container", "unpublish", "web", "9090:90"]);
     assert_eq!(made(&node, &agent), before);
     assert_eq!(listing(&agent), [("web".into(), both)]);

@@ -141,9 +141,11 @@ fn a_limit_on_another_cgroup_is_not_charged() {
 }
 
 /// 8 kbit/s (1000 bytes per second, a 100-byte packet costs 100 ms) with a
-/// 1514-byte bucket (1514 ms): at one instant, packets that find a backlog
-/// of 0-700 ms pass, 800-1500 ms pass marked (above half the bucket,
-/// 757 ms), the 17th (1600 ms) is over.
+/// 1514-byte bucket (1514 ms): at one instant, egress packets that find a
+/// backlog of 0-700 ms pass, 800-1500 ms pass marked (above half the
+/// bucket, 757 ms); ingress ones pass up to 1100 ms and are marked from
+/// 1200 ms (the bucket's reserve, its last quarter, starts at 1135 ms); the
+/// 17th (1600 ms) is over.
 const RATE: u64 = 8_000;
 const BURST: u64 = 1_514;
 
@@ -176,7 +178,7 @@ fn egress_over_a_tiny_bucket_is_dropped_with_congestion_notification() {
 #[test]
 fn ingress_over_a_tiny_bucket_is_dropped_and_ecn_capable_packets_are_marked_ce() {
     let (mut p, key) = limited(direction::INGRESS);
-    // ECT(0): the marking band sets Congestion Experienced.
+    // ECT(0): the marking band (the reserve) sets Congestion Experienced.
     let ect = Frame::tcp("198.18.0.1:80", "198.19.0.5:40000")
         .payload(vec![0x5a; 60])
         .tos(0x02)
@@ -185,13 +187,13 @@ fn ingress_over_a_tiny_bucket_is_dropped_and_ecn_capable_packets_are_marked_ce()
     for i in 0..17 {
         let r = p.run_cgroup_skb(RATE_INGRESS, &ect);
         verdicts.push(r.verdict as i32);
-        if (8..16).contains(&i) {
+        if (12..16).contains(&i) {
             let tos = ip_of(&r.data)[1];
             assert_eq!(tos & 0x03, 0x03, "packet {i} not marked CE: tos {tos:#x}");
             let mut marked = ect[..14].to_vec();
             marked.extend_from_slice(ip_of(&r.data));
             verify_checksums(&marked).expect("the CE mark keeps the IP checksum valid");
-        } else if i < 8 {
+        } else if i < 12 {
             assert_eq!(ip_of(&r.data), ip_of(&ect), "packet {i} was changed");
         }
     }
@@ -201,7 +203,7 @@ fn ingress_over_a_tiny_bucket_is_dropped_and_ecn_capable_packets_are_marked_ce()
     let s = stats(&mut p, key).expect("counters");
     assert_eq!(
         (s.passed_packets, s.marked_packets, s.dropped_packets),
-        (16, 8, 1)
+        (16, 4, 1)
     );
 }
 

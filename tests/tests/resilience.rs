@@ -27,11 +27,12 @@ use std::{
     time::Duration,
 };
 
+use datapath::store::journal::FAULT_ENV;
 use datapath_common::{Endpoint, EndpointKey, ServiceKey, ServiceValue, names, proto};
 use datapath_tests::{
     agent::{Agent, datapath_bin},
     capture::{Capture, containing, ipv4_source, send_frames},
-    events::{DirMonitor, RtEvent, RtMonitor},
+    events::{RtEvent, RtMonitor},
     fixture::Deployment,
     frame::Frame,
     inspect::{self, addrs_of, agent_veths, pinned_hash},
@@ -186,7 +187,8 @@ fn an_orphaned_veth_is_removed_on_the_next_start_and_other_veths_are_kept() {
     assert_answers(&node.client, node.node_port(8080), "web", "kept");
 }
 
-/// Rewrites the agent's state file through `edit` on its JSON.
+/// Rewrites the agent's state file (the snapshot, which holds the whole
+/// state once the agent has stopped cleanly) through `edit` on its JSON.
 fn edit_state(agent: &Agent, edit: impl FnOnce(&mut serde_json::Value)) {
     let path = agent.state_dir().join("state.json");
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
@@ -205,7 +207,8 @@ fn a_container_missing_from_the_state_file_is_removed_on_the_next_start() {
     // Anything listening: a port that is still published would answer.
     let _server = Server::line_echo(&web.ctr, 80, "web");
     assert_answers(&node.client, node.node_port(8080), "web", "before");
-    web.agent.kill();
+    // Stopped cleanly, the agent leaves the whole state in the snapshot.
+    web.agent.stop();
     edit_state(&web.agent, |v| {
         v["containers"]
             .as_object_mut()
@@ -382,7 +385,7 @@ fn assert_state_refused(agent: &mut Agent, what: &str, bytes: &[u8], says: &str)
 fn a_corrupt_state_file_stops_the_agent_with_a_message_naming_it() {
     let node = Node::new();
     let mut web = Deployment::start(&node, "web", &[]);
-    web.agent.kill();
+    web.agent.stop();
     let path = web.agent.state_dir().join("state.json");
     let whole = std::fs::read(&path).expect("state file");
     for (what, bytes) in [
@@ -402,7 +405,7 @@ fn a_corrupt_state_file_stops_the_agent_with_a_message_naming_it() {
 fn a_state_file_with_impossible_values_stops_the_agent_with_a_message_naming_it() {
     let node = Node::new();
     let mut web = Deployment::start(&node, "web", &["-p", "8080:80"]);
-    web.agent.kill();
+    web.agent.stop();
     let path = web.agent.state_dir().join("state.json");
     let whole = std::fs::read(&path).expect("state file");
     type Edit = fn(&mut serde_json::Value);
@@ -446,14 +449,16 @@ enum CrashPoint {
     DefaultRoute,
     /// The published port is in the SERVICES map.
     PortPublished,
-    /// The state file with the container was renamed into place: the add
-    /// is committed, only its answer is left.
-    StateSaved,
+    /// The container's record is durable in the state's journal: the add
+    /// is committed, only its answer is left. The agent is started with
+    /// the test fault point `DATAPATH_TEST_FAULT=crash-after-journal` for
+    /// this one, and aborts itself right there.
+    Recorded,
 }
 
 /// Container `name`'s add cut off by SIGKILL at `point`; returns whether
-/// the state file held the container when the agent died (the add had
-/// committed) and the CLI's output.
+/// the persisted state held the container when the agent died (the add
+/// had committed) and the CLI's output.
 fn add_and_crash_at(
     node: &Node,
     agent: &mut Agent,
@@ -465,7 +470,11 @@ fn add_and_crash_at(
     let mut node_events = RtMonitor::open(&node.node);
     let mut ctr_events = RtMonitor::open(ns);
     let state_dir = agent.state_dir();
-    let state_renames = DirMonitor::open(&state_dir);
+    if point == CrashPoint::Recorded {
+        agent.stop();
+        agent.set_env(FAULT_ENV, Some("crash-after-journal"));
+        agent.restart();
+    }
     let services_pin = inspect::map_pin(agent, names::SERVICES);
     let socket = agent.socket().to_owned();
     let limit = Duration::from_secs(10);
@@ -530,15 +539,17 @@ fn add_and_crash_at(
                     std::thread::sleep(Duration::from_micros(100));
                 }
             }
-            CrashPoint::StateSaved => state_renames.wait_renamed("state.json", limit),
+            CrashPoint::Recorded => agent.wait_exit(limit).is_some(),
         };
         agent.kill();
         (seen, adding.join().expect("the adding thread"))
     });
+    agent.set_env(FAULT_ENV, None);
     assert!(seen, "{name}: the add never reached {point:?}");
-    let state = std::fs::read_to_string(state_dir.join("state.json")).unwrap_or_default();
-    let committed = serde_json::from_str::<serde_json::Value>(&state)
-        .is_ok_and(|v| v["containers"].get(name).is_some());
+    let committed = datapath::store::journal::load(&state_dir)
+        .unwrap_or_else(|e| panic!("{name}: the state does not read back: {e}"))
+        .get(name)
+        .is_some();
     (committed, cli)
 }
 
@@ -559,7 +570,7 @@ fn a_crash_at_any_step_of_container_add_leaves_the_whole_container_or_nothing() 
         CrashPoint::AddressSet,
         CrashPoint::DefaultRoute,
         CrashPoint::PortPublished,
-        CrashPoint::StateSaved,
+        CrashPoint::Recorded,
     ];
     let mut n = 0u16;
     for point in points {
@@ -573,8 +584,8 @@ fn a_crash_at_any_step_of_container_add_leaves_the_whole_container_or_nothing() 
             agent.restart();
             check_whole_or_nothing(&node, &agent, &ns, &name, port, committed);
             namespaces.push(ns);
-            if point == CrashPoint::StateSaved {
-                assert!(committed, "{name}: the state file was saved without it");
+            if point == CrashPoint::Recorded {
+                assert!(committed, "{name}: the record was written without it");
                 landed = true;
                 break;
             }
@@ -970,6 +981,7 @@ fn syn_flood(node: &Node, port: u16, count: u32) {
 fn a_syn_flood_leaves_an_established_flow_working_and_memory_bounded() {
     const CT_MAX: u64 = 4096;
     let node = Node::new();
+    node.default_route_via_client();
     let web = Deployment::start_with(
         Agent::builder(&node).args([
             "--ct-max",
@@ -1199,11 +1211,18 @@ fn an_oversized_request_body_gets_413() {
     let node = Node::new();
     let ctr = node.add_container_netns("web");
     let agent = Agent::start(&node);
-    let padding = " ".repeat(70 * 1024);
+    // Adding a container takes port lists: its limit is 8 MiB.
+    let padding = " ".repeat(9 << 20);
     let body = format!(r#"{{"name": "web",{padding} "netns": "{}"}}"#, ctr.name());
     let (status, answer) = http(&agent, "POST", "/v1/containers", body.as_bytes());
     assert_eq!(status, 413, "{answer}");
-    error_message(&answer);
+    assert!(error_message(&answer).contains("8 MiB"), "{answer}");
+    // Other routes take 64 KiB.
+    let padding = " ".repeat(70 * 1024);
+    let body = format!(r#"{{{padding}"egress_rate": "10mbit"}}"#);
+    let (status, answer) = http(&agent, "PATCH", "/v1/containers/web", body.as_bytes());
+    assert_eq!(status, 413, "{answer}");
+    assert!(error_message(&answer).contains("64 KiB"), "{answer}");
     assert!(agent.containers().is_empty());
     // The same request without the padding is fine.
     let body = format!(r#"{{"name": "web", "netns": "{}"}}"#, ctr.name());

@@ -77,6 +77,10 @@ enum Task {
         /// Shorter runs, for a quick look.
         #[arg(long)]
         quick: bool,
+        /// Only these sections, comma-separated (e.g. `ratelimit`, or
+        /// `conn,rr`; the bench's `--help` lists them).
+        #[arg(long, value_name = "KINDS")]
+        only: Option<String>,
     },
 }
 
@@ -109,7 +113,7 @@ fn dispatch(task: Task) -> Result<()> {
         Task::Test { args } => test(&workspace, &args),
         Task::Run { cluster, args } => run_datapath(&workspace, cluster, &args),
         Task::Fuzz { seconds, targets } => fuzz::fuzz(&workspace, seconds, &targets),
-        Task::Bench { quick } => bench(&workspace, quick),
+        Task::Bench { quick, only } => bench(&workspace, quick, only.as_deref()),
     }
 }
 
@@ -222,13 +226,21 @@ fn run_datapath(workspace: &Workspace, cluster: bool, args: &[OsString]) -> Resu
 }
 
 /// The benchmark runner, against a release build.
-fn bench(workspace: &Workspace, quick: bool) -> Result<()> {
+fn bench(workspace: &Workspace, quick: bool, only: Option<&str>) -> Result<()> {
     workspace.build(Profile::Release)?;
     let datapath = workspace.binary(Profile::Release, "datapath")?;
     let mut bench = workspace.cargo(["run", "--release", "-p", "datapath-tests", "--bin", "bench"]);
-    bench.env("DATAPATH_BIN", &datapath);
+    bench.env("DATAPATH_BIN", &datapath).arg("--");
+    let mut command = String::from("cargo xtask bench");
     if quick {
-        bench.args(["--", "--quick"]);
+        bench.arg("--quick");
+        command.push_str(" --quick");
     }
+    if let Some(only) = only {
+        bench.args(["--only", only]);
+        command.push_str(&format!(" --only {only}"));
+    }
+    // How the results say they were made.
+    bench.env("BENCH_COMMAND", command);
     Err(exec(&mut bench))
 }

@@ -14,12 +14,15 @@ use super::{
 };
 use crate::{
     api::{
-        AddContainer, ContainerInfo, Flow, NodeInfo, Status, UpdateContainer,
-        server::{Backend, Failure},
+        AddContainer, ContainerInfo, FlowQuery, NodeInfo, Status, UpdateContainer,
+        server::{Backend, Failure, FlowBatches},
     },
     cluster::View,
     datapath::Reader,
 };
+
+/// How many batches of flows a listing reads ahead of its client.
+const FLOW_BATCHES_AHEAD: usize = 4;
 
 /// A handle on the running agent (cheap to clone).
 #[derive(Clone)]
@@ -98,15 +101,20 @@ impl Backend for Handle {
         Ok(self.call(|reply| Command::Update(name, req, reply)).await?)
     }
 
-    async fn publish(&self, name: String, spec: String) -> Result<ContainerInfo, Failure> {
+    async fn publish(
+        &self,
+        name: String,
+        specs: Vec<String>,
+        force: bool,
+    ) -> Result<ContainerInfo, Failure> {
         Ok(self
-            .call(|reply| Command::Publish(name, spec, reply))
+            .call(|reply| Command::Publish(name, specs, force, reply))
             .await?)
     }
 
-    async fn unpublish(&self, name: String, spec: String) -> Result<ContainerInfo, Failure> {
+    async fn unpublish(&self, name: String, specs: Vec<String>) -> Result<ContainerInfo, Failure> {
         Ok(self
-            .call(|reply| Command::Unpublish(name, spec, reply))
+            .call(|reply| Command::Unpublish(name, specs, reply))
             .await?)
     }
 
@@ -114,8 +122,22 @@ impl Backend for Handle {
         Ok(self.call(|reply| Command::Delete(name, reply)).await?)
     }
 
-    async fn conntrack(&self) -> Result<Vec<Flow>, Failure> {
-        Ok(self.read(|s, r| s.flows(r)).await?)
+    async fn conntrack(&self, query: FlowQuery) -> Result<FlowBatches, Failure> {
+        let snapshot = Arc::clone(&self.snapshot.borrow());
+        let container = match &query.container {
+            Some(name) => Some(
+                snapshot
+                    .container_id(name)
+                    .ok_or_else(|| AgentError::no_container(name))?,
+            ),
+            None => None,
+        };
+        let reader = Arc::clone(&self.reader);
+        let (batches, receiver) = mpsc::channel(FLOW_BATCHES_AHEAD);
+        tokio::task::spawn_blocking(move || {
+            snapshot.stream_flows(&reader, container, query.limit, &batches);
+        });
+        Ok(receiver)
     }
 
     async fn flush(&self, container: Option<String>) -> Result<usize, Failure> {

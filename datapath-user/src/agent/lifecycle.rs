@@ -3,17 +3,18 @@
 //! `add` and `update` are transactions: each step that changes the kernel
 //! or the state is written down in a [`Transaction`] as it is taken, and if
 //! a later step fails, the steps taken are undone in reverse order, so a
-//! container is all there or not at all. The state file is saved last: a
-//! container is recorded only once it is complete, and an agent cut off
-//! before that finds only orphans on its next start ([`super::reconcile`]).
+//! container is all there or not at all. The record is written last (one
+//! durable journal record, [`Store::commit`]): a container is recorded
+//! only once it is complete, and an agent cut off before that finds only
+//! orphans on its next start ([`super::reconcile`]).
 //!
 //! `add` takes these steps: the veth pair ([`Netlink::create_container_link`]),
 //! the endpoint and published ports in the maps and the container program
 //! on the host end ([`Lifecycle::fill`]), the rate limits
-//! ([`Datapath::apply_limits`]), then the record, saved.
+//! ([`Datapath::apply_limits`]), then the record.
 //!
-//! `delete` cannot be undone: it tears down whatever is there, going on
-//! after failures, and then forgets the container.
+//! `delete` cannot be undone: it records the container's removal first,
+//! then tears down whatever is there, going on after failures.
 
 use std::path::Path;
 
@@ -29,7 +30,7 @@ use crate::{
     datapath::{Datapath, Flows, Reader},
     error::error_chain,
     model::{
-        PortMapping, RateLimits,
+        RateLimits,
         limits::{LimitError, limit, updated},
         mac::format_mac,
         names::{host_veth_name, validate_container_name, validate_ifname},
@@ -38,7 +39,7 @@ use crate::{
         link::{ContainerLink, LinkInfo, Netlink, NetlinkError},
         netns,
     },
-    store::{Container, Store},
+    store::{Change, Container, Store},
 };
 
 /// The container lifecycle, over the parts of the agent it changes.
@@ -77,7 +78,7 @@ impl Lifecycle<'_> {
                 Ok(self.info(&c))
             }
             Err(e) => {
-                tx.roll_back(self.dp, self.net, self.store).await;
+                tx.roll_back(self.dp, self.net).await;
                 Err(e)
             }
         }
@@ -97,12 +98,7 @@ impl Lifecycle<'_> {
                 error_chain(&e)
             ))
         })?;
-        let publish = req
-            .publish
-            .iter()
-            .map(|s| s.parse::<PortMapping>())
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| bad(&e))?;
+        let publish = publish::parse_specs(&req.publish)?;
         let rate = RateRequest::new(
             req.cgroup.as_deref(),
             (req.egress_rate.as_deref(), req.egress_burst.as_deref()),
@@ -117,14 +113,20 @@ impl Lifecycle<'_> {
                 && c.cgroup == cgroup
                 && c.limits == rate.limits
             {
-                return Ok(Plan::Exists(c.clone()));
+                return Ok(Plan::Exists(Container::clone(c)));
             }
             return Err(AgentError::Conflict(format!(
                 "container {:?} exists with another network namespace, interface or ports; delete it first",
                 req.name
             )));
         }
-        publish::check(self.node, self.store, &req.name, &publish)?;
+        publish::check(
+            self.node,
+            self.store.state(),
+            &req.name,
+            &publish,
+            req.force,
+        )?;
         check_cgroup(self.store, &req.name, cgroup_id, &rate.limits)?;
         let pool = self.node.cfg.pool;
         let (id, addr) = self
@@ -147,7 +149,7 @@ impl Lifecycle<'_> {
     }
 
     /// The steps of `add`: veth pair, maps and program, rate limits, then
-    /// the record, saved.
+    /// the record (one durable write).
     async fn create(
         &mut self,
         tx: &mut Transaction,
@@ -170,12 +172,7 @@ impl Lifecycle<'_> {
         self.dp
             .apply_limits(&rate_target(&c), false)
             .map_err(internal("apply rate limits"))?;
-        let previous = self.store.put(c.clone());
-        tx.did(Step::Record {
-            name: c.name.clone(),
-            previous: previous.map(Box::new),
-        });
-        self.store.save()?;
+        self.store.commit(vec![Change::Put(Box::new(c.clone()))])?;
         Ok(c)
     }
 
@@ -244,7 +241,7 @@ impl Lifecycle<'_> {
         let c = self
             .store
             .get(name)
-            .cloned()
+            .map(|c| Container::clone(c))
             .ok_or_else(|| AgentError::no_container(name))?;
         let bad = |e: LimitError| AgentError::BadRequest(e.to_string());
         let limits = RateLimits {
@@ -285,13 +282,13 @@ impl Lifecycle<'_> {
                 Ok(self.info(&new))
             }
             Err(e) => {
-                tx.roll_back(self.dp, self.net, self.store).await;
+                tx.roll_back(self.dp, self.net).await;
                 Err(e)
             }
         }
     }
 
-    /// The steps of `update`: the limits, then the record, saved.
+    /// The steps of `update`: the limits, then the record.
     fn change_limits(
         &mut self,
         tx: &mut Transaction,
@@ -305,23 +302,24 @@ impl Lifecycle<'_> {
         self.dp
             .apply_limits(&rate_target(new), false)
             .map_err(internal("apply rate limits"))?;
-        let replaced = self.store.put(new.clone());
-        tx.did(Step::Record {
+        self.store.commit(vec![Change::Limits {
             name: new.name.clone(),
-            previous: replaced.map(Box::new),
-        });
-        self.store.save()?;
+            limits: new.limits,
+        }])?;
         Ok(())
     }
 
-    /// Deletes a container; deleting an absent one succeeds.
+    /// Deletes a container; deleting an absent one succeeds. The record
+    /// goes first: once the deletion is durable, an agent cut off while
+    /// tearing down finds only orphans, which it removes when it starts.
     pub async fn delete(&mut self, name: &str) -> Result<(), AgentError> {
         let Some(c) = self.store.get(name).cloned() else {
             return Ok(());
         };
+        self.store.commit(vec![Change::Remove {
+            name: name.to_owned(),
+        }])?;
         self.teardown(&c).await;
-        self.store.remove(name);
-        self.store.save()?;
         tracing::info!(container = %name, "container deleted");
         Ok(())
     }
@@ -411,9 +409,10 @@ fn check_cgroup(
         return Ok(());
     }
     match store
-        .containers()
-        .values()
-        .find(|c| c.name != name && c.cgroup_id == cgroup_id && !c.limits.is_empty())
+        .state()
+        .limiting(cgroup_id)
+        .filter(|other| *other != name)
+        .and_then(|other| store.get(other))
     {
         Some(other) => Err(AgentError::Conflict(format!(
             "container {:?} already limits the cgroup {}; one cgroup has one set of limits",

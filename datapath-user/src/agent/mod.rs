@@ -24,6 +24,7 @@ pub mod lifecycle;
 mod owner;
 pub mod publish;
 pub mod reconcile;
+pub mod reserved;
 pub mod status;
 pub mod transaction;
 pub mod uplink;
@@ -122,7 +123,7 @@ pub enum AgentError {
     /// A BPF operation failed.
     #[error(transparent)]
     Bpf(#[from] BpfError),
-    /// The state file could not be read or written.
+    /// The persisted state could not be read or written.
     #[error(transparent)]
     State(#[from] StateError),
     /// Something else failed.
@@ -238,6 +239,7 @@ impl Agent {
             reader,
         };
         reconcile::reconcile(&mut agent.lifecycle()).await?;
+        agent.reserve_ports();
         Ok(agent)
     }
 
@@ -273,6 +275,7 @@ impl Agent {
         match command {
             Command::Add(req, reply) => {
                 let result = self.lifecycle().add(req).await;
+                self.reserve_ports();
                 self.answer(&publish, reply, result);
             }
             Command::Update(name, req, reply) => {
@@ -281,20 +284,33 @@ impl Agent {
             }
             Command::Delete(name, reply) => {
                 let result = self.lifecycle().delete(&name).await;
+                self.reserve_ports();
                 self.answer(&publish, reply, result);
             }
-            Command::Publish(name, spec, reply) => {
-                let result = self.ports().publish(&name, &spec).await;
+            Command::Publish(name, specs, force, reply) => {
+                let result = self.ports().publish(&name, &specs, force).await;
+                self.reserve_ports();
                 self.answer(&publish, reply, result);
             }
-            Command::Unpublish(name, spec, reply) => {
-                let result = self.ports().unpublish(&name, &spec).await;
+            Command::Unpublish(name, specs, reply) => {
+                let result = self.ports().unpublish(&name, &specs).await;
+                self.reserve_ports();
                 self.answer(&publish, reply, result);
             }
             // Flows are read live, not from the snapshot.
             Command::Flush(container, reply) => {
                 let _ = reply.send(self.flush(container.as_deref()));
             }
+        }
+    }
+
+    /// Brings the node's reserved ports in line with what is published and
+    /// masqueraded ([`reserved`]). A failure is logged: the datapath works
+    /// without it.
+    fn reserve_ports(&mut self) {
+        let wanted = reserved::wanted(&self.node, &self.store);
+        if let Err(e) = reserved::apply(&wanted, &mut self.store) {
+            tracing::warn!("reserve the published ports: {e:#}");
         }
     }
 

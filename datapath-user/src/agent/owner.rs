@@ -4,7 +4,7 @@
 //! netlink connection), and takes [`Command`]s from the API in the order
 //! they come, one at a time. Everything a change does — BPF map updates
 //! and attachments, netlink round trips, the `setns` thread of a veth
-//! pair, the state file's fsync — blocks that thread and no other: the
+//! pair, the state journal's fsync — blocks that thread and no other: the
 //! API's async workers stay free to answer reads. After each change it
 //! publishes a fresh [`Snapshot`] before it answers.
 //!
@@ -37,10 +37,11 @@ pub(super) enum Command {
     Update(String, UpdateContainer, Reply<ContainerInfo>),
     /// Delete a container.
     Delete(String, Reply<()>),
-    /// Publish a port of a container.
-    Publish(String, String, Reply<ContainerInfo>),
-    /// Stop publishing a port of a container.
-    Unpublish(String, String, Reply<ContainerInfo>),
+    /// Publish ports of a container (all or none); `true`: even ports a
+    /// node process listens on.
+    Publish(String, Vec<String>, bool, Reply<ContainerInfo>),
+    /// Stop publishing ports of a container.
+    Unpublish(String, Vec<String>, Reply<ContainerInfo>),
     /// Remove tracked flows (one container's, or all).
     Flush(Option<String>, Reply<usize>),
 }
@@ -188,6 +189,11 @@ fn run(
                 }
                 routes = next_peers(&mut peers) => agent.peers_changed(&routes),
             }
+        }
+        // A clean stop leaves the whole state in the snapshot and an empty
+        // journal (what an operator reading the state directory expects).
+        if let Err(e) = agent.store.compact() {
+            tracing::warn!("write the state snapshot at shutdown: {e}");
         }
     });
 }

@@ -1,66 +1,129 @@
 //! Adoption at start: what a previous agent left (pinned maps and links,
-//! veths, the state file) is reconciled with the state. A container whose
-//! netns is gone is removed, one whose veth is gone is recreated with the
-//! same address, and every other one gets its map entries and programs
-//! re-applied. Then orphans go: veths, map entries, link pins, buckets and
-//! flows of no known container — which is also what is left of a container
-//! whose creation was cut off (it is recorded only once complete).
+//! veths, the persisted state) is reconciled with the state. A container
+//! whose netns is gone is removed, one whose veth is gone is recreated with
+//! the same address, and every other one gets whatever of its map entries
+//! is missing or wrong, and its programs. Then orphans go: veths, map
+//! entries, link pins, buckets and flows of no known container — which is
+//! also what is left of a change cut off before its record was durable (a
+//! container being added, a port being published), and map entries whose
+//! removal was cut off after it (a port unpublished, a container deleted).
+//!
+//! The kernel is read in bulk, once: one netlink dump of the host ends, one
+//! pass over each of ENDPOINTS and SERVICES. Only what differs from the
+//! state is written, so the work beyond those reads is proportional to
+//! what changed while the agent was away, not to the number of containers
+//! and ports. The adoptions that change a record (a recreated veth's new
+//! MAC, a recreated cgroup's id) are recorded in one durable write.
 //!
 //! [`cleanup`] removes everything an agent made, for `--cleanup`.
 
-use std::collections::HashSet;
+use std::{
+    collections::{HashMap, HashSet},
+    net::Ipv4Addr,
+    sync::Arc,
+};
 
-use datapath_common::ratelimit::direction;
+use datapath_common::{Endpoint, ServiceKey, ServiceValue, ratelimit::direction};
 
 use super::{
     AgentConfig, AgentError,
     lifecycle::{HostEnd, Lifecycle},
+    publish::service_key,
     rate_target,
-    transaction::Transaction,
 };
 use crate::{
     cgroup,
     datapath::Flows,
     error::error_chain,
     model::{
+        PortMapping, Protocol,
         mac::{format_mac, parse_mac},
         names::{HOST_VETH_PREFIX, is_host_veth_name},
+        ports::PortSet,
     },
-    net::{link::Netlink, netns},
-    store::{State, StateStore, Store},
+    net::{inspect::Link, link::Netlink, netns},
+    store::{self, Change, Container, State},
 };
 
+/// What the kernel holds, read once at start.
+struct Found {
+    /// Host ends of container veths, by name.
+    links: HashMap<String, Link>,
+    /// ENDPOINTS.
+    endpoints: HashMap<Ipv4Addr, Endpoint>,
+    /// SERVICES.
+    services: HashMap<ServiceKey, ServiceValue>,
+}
+
 /// Reconciles the kernel with the state (see the module's documentation)
-/// and saves the state.
+/// and records what adoption changed.
 pub async fn reconcile(lc: &mut Lifecycle<'_>) -> anyhow::Result<()> {
-    let containers: Vec<_> = lc.store.containers().values().cloned().collect();
-    for c in containers {
+    use anyhow::Context as _;
+    let started = std::time::Instant::now();
+    let links = lc
+        .net
+        .links_with_prefix(HOST_VETH_PREFIX)
+        .await
+        .map_err(|e| anyhow::anyhow!("list the container veths: {}", error_chain(&e)))?;
+    let mut found = Found {
+        links: links.into_iter().map(|l| (l.name.clone(), l)).collect(),
+        endpoints: lc.dp.endpoints().context("read ENDPOINTS")?,
+        services: lc.dp.services().context("read SERVICES")?,
+    };
+    let containers: Vec<Arc<Container>> = lc.store.containers().values().cloned().collect();
+    let mut changes = Vec::new();
+    let mut written = 0;
+    for c in &containers {
         if !netns::is_netns(&c.netns).unwrap_or(false) {
             tracing::warn!(container = %c.name, "its network namespace is gone: removing the container");
-            lc.teardown(&c).await;
-            lc.store.remove(&c.name);
+            lc.teardown(c).await;
+            changes.push(Change::Remove {
+                name: c.name.clone(),
+            });
             continue;
         }
-        if let Err(e) = restore(lc, &c.name).await {
-            tracing::warn!(container = %c.name, "cannot restore the container, removing it: {e}");
-            lc.teardown(&c).await;
-            lc.store.remove(&c.name);
+        match restore(lc, c, &mut found).await {
+            Ok((changed, n)) => {
+                written += n;
+                if let Some(c) = changed {
+                    changes.push(Change::Put(Box::new(c)));
+                }
+            }
+            Err(e) => {
+                tracing::warn!(container = %c.name, "cannot restore the container, removing it: {e}");
+                lc.teardown(c).await;
+                changes.push(Change::Remove {
+                    name: c.name.clone(),
+                });
+            }
         }
     }
-    lc.store.save()?;
-    remove_orphans(lc).await;
+    let recorded = changes.len();
+    lc.store.commit(changes)?;
+    remove_orphans(lc, &found).await;
+    tracing::info!(
+        containers = lc.store.containers().len(),
+        entries_written = written,
+        records_changed = recorded,
+        took_ms = started.elapsed().as_millis() as u64,
+        "adopted"
+    );
     Ok(())
 }
 
-/// Brings known container `name` back: its veth (recreated with the same
-/// address if it vanished), map entries and programs, and rate limits.
-async fn restore(lc: &mut Lifecycle<'_>, name: &str) -> Result<(), AgentError> {
-    let Some(mut c) = lc.store.get(name).cloned() else {
-        return Ok(());
-    };
+/// Brings known container `c` back: its veth (recreated with the same
+/// address if it vanished, its flows then removed), whatever of its map
+/// entries is missing or wrong, its program and rate limits. Returns its
+/// record if adoption changed it, and the number of map entries written.
+async fn restore(
+    lc: &mut Lifecycle<'_>,
+    c: &Container,
+    found: &mut Found,
+) -> Result<(Option<Container>, usize), AgentError> {
+    let mut new = c.clone();
     let mut recreated = false;
-    let (host, mac) = match lc.net.link(&c.host_ifname).await {
-        Ok(Some(host)) => {
+    let (host, mac) = match found.links.get(&c.host_ifname) {
+        Some(host) => {
             let mac = parse_mac(&c.mac).ok_or_else(|| {
                 AgentError::Internal(format!("no container MAC recorded for {}", c.name))
             })?;
@@ -70,28 +133,57 @@ async fn restore(lc: &mut Lifecycle<'_>, name: &str) -> Result<(), AgentError> {
             };
             (host, mac)
         }
-        Ok(None) => {
+        None => {
             tracing::warn!(container = %c.name, veth = %c.host_ifname, "veth gone: recreating it");
             // The link pinned for the vanished veth is defunct (it cannot
             // take a new program): drop it, attaching makes a fresh one.
             lc.dp.detach_container(&c.host_ifname)?;
-            let link = lc.create_link(&c).await?;
+            let link = lc.create_link(c).await?;
             recreated = true;
-            c.mac = format_mac(link.container_mac);
+            new.mac = format_mac(link.container_mac);
             let host = HostEnd {
                 index: link.host_ifindex,
                 mac: link.host_mac,
             };
             (host, link.container_mac)
         }
-        Err(e) => return Err(AgentError::Internal(error_chain(&e))),
     };
-    // A container that cannot be restored is torn down whole by the
-    // caller: the steps need not be undone one by one.
-    let mut tx = Transaction::new();
-    let filled = lc.fill(&mut tx, &c, host, mac);
-    tx.commit();
-    filled?;
+    let mut written = 0;
+    let endpoint = Endpoint {
+        ifindex: host.index,
+        container_id: c.id,
+        mac,
+        host_mac: host.mac,
+        flags: 0,
+    };
+    if found.endpoints.get(&c.addr) != Some(&endpoint) {
+        lc.dp
+            .insert_endpoint(c.addr, endpoint)
+            .map_err(super::internal("add the endpoint"))?;
+        found.endpoints.insert(c.addr, endpoint);
+        written += 1;
+    }
+    for m in &c.publish {
+        for (hp, cp) in m.ports() {
+            let key = service_key(m, hp);
+            let value = ServiceValue {
+                backend_addr: c.addr.octets(),
+                backend_port: cp,
+                _pad: 0,
+                ifindex: host.index,
+                container_id: c.id,
+            };
+            if found.services.get(&key) != Some(&value) {
+                lc.dp
+                    .insert_service(key, value)
+                    .map_err(super::internal("publish a port"))?;
+                found.services.insert(key, value);
+                written += 1;
+            }
+        }
+    }
+    // The freshly loaded program goes into the pinned link (or a new one).
+    lc.dp.attach_container(&c.host_ifname)?;
     if recreated {
         // Its flows still send to the vanished veth: gone, the next packet
         // of each starts afresh through the entries just written.
@@ -102,16 +194,15 @@ async fn restore(lc: &mut Lifecycle<'_>, name: &str) -> Result<(), AgentError> {
             Err(e) => tracing::warn!(container = %c.name, "flush the old veth's flows: {e}"),
         }
     }
-    restore_limits(lc, &mut c);
-    lc.store.put(c.clone());
-    tracing::info!(container = %c.name, "adopted");
-    Ok(())
+    restore_limits(lc, &mut new);
+    let changed = (new != *c).then_some(new);
+    Ok((changed, written))
 }
 
 /// Re-applies a known container's rate limits with freshly attached
 /// programs, following its cgroup if it was recreated (new id). A cgroup
 /// that is gone leaves the limits recorded but unapplied.
-fn restore_limits(lc: &mut Lifecycle<'_>, c: &mut crate::store::Container) {
+fn restore_limits(lc: &mut Lifecycle<'_>, c: &mut Container) {
     let Some(path) = &c.cgroup else {
         return;
     };
@@ -132,11 +223,39 @@ fn restore_limits(lc: &mut Lifecycle<'_>, c: &mut crate::store::Container) {
     }
 }
 
-/// Removes what no known container owns: `dp<hex>` veths, SERVICES and
-/// ENDPOINTS entries, container link pins, buckets, and conntrack flows.
-async fn remove_orphans(lc: &mut Lifecycle<'_>) {
-    let containers = lc.store.containers();
-    let ids: HashSet<u32> = containers.values().map(|c| c.id).collect();
+/// Whether published port `key` → `value` is one the state describes: a
+/// mapping of the container `value` names covers it, on the same address.
+fn wanted_service(state: &State, key: &ServiceKey, value: &ServiceValue) -> bool {
+    let protocol = match key.proto {
+        p if p == Protocol::Tcp.number() => Protocol::Tcp,
+        p if p == Protocol::Udp.number() => Protocol::Udp,
+        _ => return false,
+    };
+    let host_ip = (key.addr != [0; 4]).then(|| Ipv4Addr::from(key.addr));
+    let probe = PortMapping {
+        host_ip,
+        host_port: key.port,
+        container_port: key.port,
+        count: 1,
+        protocol,
+    };
+    let Some((owner, m)) = state.ports().overlap(&probe) else {
+        return false;
+    };
+    m.host_ip == host_ip
+        && state.name_of(value.container_id) == Some(owner)
+        && state.get(owner).is_some_and(|c| {
+            let cp = m.container_port + (key.port - m.host_port);
+            value.backend_addr == c.addr.octets() && value.backend_port == cp
+        })
+}
+
+/// Removes what no known container owns, or the state does not describe:
+/// `dp<hex>` veths, SERVICES and ENDPOINTS entries, container link pins,
+/// buckets, and conntrack flows.
+async fn remove_orphans(lc: &mut Lifecycle<'_>, found: &Found) {
+    let state = lc.store.state().clone();
+    let containers = state.containers();
     let veths: HashSet<String> = containers.values().map(|c| c.host_ifname.clone()).collect();
     let limited: HashSet<(u64, u32)> = containers
         .values()
@@ -147,32 +266,41 @@ async fn remove_orphans(lc: &mut Lifecycle<'_>) {
                 .map(|d| (c.cgroup_id, d))
         })
         .collect();
-    match lc.net.links_with_prefix(HOST_VETH_PREFIX).await {
-        Ok(links) => {
-            for link in links {
-                if is_host_veth_name(&link.name) && !veths.contains(&link.name) {
-                    tracing::warn!(veth = %link.name, "removing an orphaned veth");
-                    if let Err(e) = lc.net.delete_container_link(&link.name).await {
-                        tracing::warn!(veth = %link.name, "{}", error_chain(&e));
-                    }
-                }
+    for name in found.links.keys() {
+        if is_host_veth_name(name) && !veths.contains(name) {
+            tracing::warn!(veth = %name, "removing an orphaned veth");
+            if let Err(e) = lc.net.delete_container_link(name).await {
+                tracing::warn!(veth = %name, "{}", error_chain(&e));
             }
         }
-        Err(e) => tracing::warn!("cannot list veths: {}", error_chain(&e)),
     }
-    for k in lc.dp.retain_services(|id| ids.contains(&id)) {
-        tracing::warn!(port = k.port, "removed an orphaned published port");
+    for (key, value) in &found.services {
+        if !wanted_service(&state, key, value) {
+            tracing::warn!(
+                port = key.port,
+                proto = key.proto,
+                "removed an orphaned published port"
+            );
+            lc.dp.remove_service_any(key);
+        }
     }
-    for addr in lc.dp.retain_endpoints(|id| ids.contains(&id)) {
-        tracing::warn!(%addr, "removed an orphaned endpoint");
+    for (addr, e) in &found.endpoints {
+        let wanted = state
+            .name_of(e.container_id)
+            .and_then(|n| state.get(n))
+            .is_some_and(|c| c.addr == *addr);
+        if !wanted {
+            tracing::warn!(%addr, "removed an orphaned endpoint");
+            lc.dp.remove_endpoint_any(*addr);
+        }
     }
     lc.dp.remove_orphan_links(&veths);
     for cgroup_id in lc.dp.retain_buckets(&limited) {
         tracing::warn!(cgroup_id, "removed an orphaned rate limit");
     }
     match lc.dp.flow_container_ids() {
-        Ok(found) => {
-            for id in found.into_iter().filter(|id| *id != 0 && !ids.contains(id)) {
+        Ok(ids) => {
+            for id in ids.into_iter().filter(|id| *id != 0 && !state.has_id(*id)) {
                 if let Err(e) = lc.dp.flush_flows(Flows::Container(id)) {
                     tracing::warn!(container_id = id, "flush orphaned flows: {e}");
                 }
@@ -184,21 +312,26 @@ async fn remove_orphans(lc: &mut Lifecycle<'_>) {
 
 /// Removes everything an agent with these paths made: every container's
 /// veth, every `dp<hex>` veth, the bpffs directory (pins of maps and
-/// links: the programs are detached) and the state file. Works without
-/// loading anything, and with a corrupt state file.
+/// links: the programs are detached) and the persisted state (snapshot and
+/// journal). Works without loading anything, and with a corrupt state.
 pub async fn cleanup(cfg: &AgentConfig) -> anyhow::Result<()> {
     use anyhow::Context as _;
     let net = Netlink::new().context("open a netlink connection")?;
-    let file = StateStore::new(&cfg.state_dir);
-    let state = match Store::open(&cfg.state_dir) {
-        Ok(store) => store.state().clone(),
+    let state = match store::journal::load(&cfg.state_dir) {
+        Ok(state) => {
+            // The ports this agent reserved go back to the node.
+            if let Err(e) = super::reserved::reserve(&PortSet::default(), state.reserved_ports()) {
+                tracing::warn!("give back the reserved ports: {e:#}");
+            }
+            state
+        }
         Err(e) => {
             tracing::warn!("{e}; removing veths by name only");
             State::default()
         }
     };
-    let mut names: Vec<String> = state
-        .containers
+    let mut names: std::collections::BTreeSet<String> = state
+        .containers()
         .values()
         .map(|c| c.host_ifname.clone())
         .collect();
@@ -207,8 +340,8 @@ pub async fn cleanup(cfg: &AgentConfig) -> anyhow::Result<()> {
         .await
         .unwrap_or_default()
     {
-        if is_host_veth_name(&link.name) && !names.contains(&link.name) {
-            names.push(link.name);
+        if is_host_veth_name(&link.name) {
+            names.insert(link.name);
         }
     }
     for name in names {
@@ -226,12 +359,11 @@ pub async fn cleanup(cfg: &AgentConfig) -> anyhow::Result<()> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(e).with_context(|| format!("remove {}", cfg.bpffs_dir.display())),
     }
-    match std::fs::remove_file(file.path()) {
-        Ok(()) => tracing::info!(file = %file.path().display(), "removed state"),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e).with_context(|| format!("remove {}", file.path().display())),
-    }
     // The directory too, if nothing else lives there.
-    let _ = std::fs::remove_dir(file.dir());
+    for path in store::remove_all(&cfg.state_dir)
+        .with_context(|| format!("remove the state in {}", cfg.state_dir.display()))?
+    {
+        tracing::info!(file = %path.display(), "removed state");
+    }
     Ok(())
 }

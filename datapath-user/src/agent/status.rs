@@ -3,16 +3,16 @@
 //! change; the live parts (counters, flows) are read through the
 //! [`Reader`] when asked for.
 
-use std::{collections::BTreeMap, net::Ipv4Addr, path::PathBuf};
+use std::{net::Ipv4Addr, path::PathBuf};
 
 use datapath_common::{ct::Timeouts, names};
 use ipnet::Ipv4Net;
 
-use super::{AgentError, Node, internal};
+use super::{AgentError, Node};
 use crate::{
     api::{AttachmentInfo, ContainerInfo, Flow, MapInfo, Status, UplinkInfo},
     datapath::{Attachment, Datapath, Reader, conntrack},
-    store::{Container, Store},
+    store::{Container, State, Store},
 };
 
 /// The agent's state as the API's reads see it between two changes.
@@ -25,8 +25,9 @@ pub struct Snapshot {
     ct_max: u32,
     timeouts: Timeouts,
     uplink: Option<UplinkInfo>,
-    attachments: Vec<AttachmentInfo>,
-    containers: BTreeMap<String, Container>,
+    attachments: imbl::OrdMap<PathBuf, Attachment>,
+    /// The desired state (a copy costs O(1)).
+    state: State,
 }
 
 impl Snapshot {
@@ -51,8 +52,8 @@ impl Snapshot {
             ct_max: crate::datapath::ct_max(cfg.ct_max),
             timeouts: cfg.timeouts,
             uplink: node.uplink.as_ref().map(|u| u.info()),
-            attachments: dp.attachments().iter().map(attachment_info).collect(),
-            containers: store.containers().clone(),
+            attachments: dp.attachments().clone(),
+            state: store.state().clone(),
         }
     }
 
@@ -66,7 +67,7 @@ impl Snapshot {
             pool: self.pool.to_string(),
             gateway: self.gateway,
             uplink: self.uplink.clone(),
-            attachments: self.attachments.clone(),
+            attachments: self.attachments.values().map(attachment_info).collect(),
             maps: names::ALL
                 .iter()
                 .map(|n| MapInfo {
@@ -75,7 +76,7 @@ impl Snapshot {
                 })
                 .collect(),
             counters: reader.counters(),
-            containers: self.containers.len(),
+            containers: self.state.containers().len(),
             conntrack_entries: reader.conntrack_entries(&self.timeouts),
             conntrack_max: self.ct_max,
         }
@@ -83,7 +84,8 @@ impl Snapshot {
 
     /// `GET /v1/containers`.
     pub fn containers(&self, reader: &Reader) -> Vec<ContainerInfo> {
-        self.containers
+        self.state
+            .containers()
             .values()
             .map(|c| container_info(c, self.gateway, reader))
             .collect()
@@ -91,36 +93,64 @@ impl Snapshot {
 
     /// `GET /v1/containers/{name}`.
     pub fn container(&self, name: &str, reader: &Reader) -> Result<ContainerInfo, AgentError> {
-        self.containers
+        self.state
             .get(name)
             .map(|c| container_info(c, self.gateway, reader))
             .ok_or_else(|| AgentError::no_container(name))
     }
 
-    /// `GET /v1/conntrack`: every tracked flow, with its container's name.
-    pub fn flows(&self, reader: &Reader) -> Result<Vec<Flow>, AgentError> {
+    /// The id of container `name`.
+    pub fn container_id(&self, name: &str) -> Option<u32> {
+        self.state.get(name).map(|c| c.id)
+    }
+
+    /// `GET /v1/conntrack`: walks the tracked flows (of container id
+    /// `container`, or all; at most `limit`) and sends them, with their
+    /// containers' names, to `out` in batches as they are read. Stops when
+    /// the receiver goes away.
+    pub fn stream_flows(
+        &self,
+        reader: &Reader,
+        container: Option<u32>,
+        limit: Option<usize>,
+        out: &FlowSender,
+    ) {
         let now = conntrack::now_ns();
-        let flows = reader
-            .flows(&self.timeouts, now)
-            .map_err(internal("read conntrack"))?;
-        let by_id: BTreeMap<u32, &str> = self
-            .containers
-            .values()
-            .map(|c| (c.id, c.name.as_str()))
-            .collect();
-        Ok(flows
-            .iter()
-            .map(|f| {
-                conntrack::flow_view(
-                    f,
-                    &self.timeouts,
-                    now,
-                    by_id.get(&f.orig.container_id).map(|n| (*n).to_owned()),
-                )
-            })
-            .collect())
+        let limit = limit.unwrap_or(usize::MAX);
+        let mut sent = 0;
+        let mut batch = Vec::with_capacity(FLOW_BATCH);
+        let mut open = true;
+        let walked = reader.walk_flows(&self.timeouts, now, |f| {
+            if sent >= limit {
+                return false;
+            }
+            if container.is_some_and(|id| f.orig.container_id != id) {
+                return true;
+            }
+            let name = self.state.name_of(f.orig.container_id).map(str::to_owned);
+            batch.push(conntrack::flow_view(&f, &self.timeouts, now, name));
+            sent += 1;
+            if batch.len() == FLOW_BATCH {
+                let full = std::mem::replace(&mut batch, Vec::with_capacity(FLOW_BATCH));
+                open = out.blocking_send(Ok(full)).is_ok();
+            }
+            open && sent < limit
+        });
+        let last = match walked {
+            Ok(()) => Ok(batch),
+            Err(e) => Err(format!("read conntrack: {e}")),
+        };
+        if open {
+            let _ = out.blocking_send(last);
+        }
     }
 }
+
+/// Flows of a listing go this way, in batches.
+pub type FlowSender = tokio::sync::mpsc::Sender<Result<Vec<Flow>, String>>;
+
+/// Flows per batch of a listing.
+const FLOW_BATCH: usize = 256;
 
 /// A container as the API shows it, with its rate limiter's counters.
 pub fn container_info(c: &Container, gateway: Ipv4Addr, reader: &Reader) -> ContainerInfo {

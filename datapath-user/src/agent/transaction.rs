@@ -13,7 +13,7 @@ use crate::{
     error::error_chain,
     model::RateLimits,
     net::link::Netlink,
-    store::{Container, Store},
+    store::Container,
 };
 
 /// One step a transaction took, and what undoes it.
@@ -59,21 +59,14 @@ pub enum Step {
         /// Its limits before, if it had been there before.
         previous: Option<RateLimits>,
     },
-    /// Recorded the container in the state (in memory): restore the
-    /// record it replaced, or forget it.
-    Record {
-        /// The container's name.
-        name: String,
-        /// The record it replaced.
-        previous: Option<Box<Container>>,
-    },
 }
 
 /// The steps of one change so far. It ends in [`Transaction::commit`] or
 /// [`Transaction::roll_back`], which undoes every step in reverse order.
 ///
-/// Saving the state is always the last step: a [`Step::Record`] that is
-/// undone never reached the file.
+/// Recording the change in the store ([`crate::store::Store::commit`]) is
+/// always the last step, and it is atomic: if it fails, the store is as it
+/// was, and only the steps before it are undone.
 #[derive(Debug, Default)]
 #[must_use = "a transaction ends in commit() or roll_back()"]
 pub struct Transaction {
@@ -97,15 +90,9 @@ impl Transaction {
 
     /// Undoes every step in reverse order, going on after failures (which
     /// are logged).
-    pub async fn roll_back(self, dp: &mut Datapath, net: &Netlink, store: &mut Store) {
+    pub async fn roll_back(self, dp: &mut Datapath, net: &Netlink) {
         for step in self.done.into_iter().rev() {
             match step {
-                Step::Record { name, previous } => {
-                    match previous {
-                        Some(c) => store.put(*c),
-                        None => store.remove(&name),
-                    };
-                }
                 Step::Limits {
                     container,
                     previous,

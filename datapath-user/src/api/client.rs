@@ -8,8 +8,8 @@ use hyper_util::rt::TokioIo;
 use serde::de::DeserializeOwned;
 
 use super::wire::{
-    AddContainer, ApiError, ContainerInfo, Flow, Flushed, NodeInfo, PortRequest, Status,
-    UpdateContainer,
+    AddContainer, ApiError, ContainerInfo, Flow, FlowQuery, Flushed, MAX_PORTS_BODY, NodeInfo, PortRequest,
+    SPLIT_PORTS, Specs, Status, UpdateContainer, too_large,
 };
 
 /// Errors of the API client.
@@ -155,6 +155,7 @@ impl Client {
             socket: self.socket.clone(),
             message: format!("encode request: {e}"),
         })?;
+        fits_ports_body(&body)?;
         self.call(Method::POST, "/v1/containers", Some(body)).await
     }
 
@@ -176,29 +177,44 @@ impl Client {
         .await
     }
 
-    /// `POST /v1/containers/{name}/ports`.
-    pub async fn publish(&self, name: &str, spec: &str) -> Result<ContainerInfo, ClientError> {
-        self.port_call(Method::POST, name, spec).await
+    /// `POST /v1/containers/{name}/ports`: publishes `specs` in one
+    /// request (all or none); with `force`, even where a process of the
+    /// node listens on a port.
+    pub async fn publish(
+        &self,
+        name: &str,
+        specs: &[String],
+        force: bool,
+    ) -> Result<ContainerInfo, ClientError> {
+        self.port_call(Method::POST, name, specs, force).await
     }
 
-    /// `DELETE /v1/containers/{name}/ports`.
-    pub async fn unpublish(&self, name: &str, spec: &str) -> Result<ContainerInfo, ClientError> {
-        self.port_call(Method::DELETE, name, spec).await
+    /// `DELETE /v1/containers/{name}/ports`: stops publishing `specs` in
+    /// one request.
+    pub async fn unpublish(
+        &self,
+        name: &str,
+        specs: &[String],
+    ) -> Result<ContainerInfo, ClientError> {
+        self.port_call(Method::DELETE, name, specs, false).await
     }
 
     async fn port_call(
         &self,
         method: Method,
         name: &str,
-        spec: &str,
+        specs: &[String],
+        force: bool,
     ) -> Result<ContainerInfo, ClientError> {
         let body = serde_json::to_vec(&PortRequest {
-            publish: spec.to_owned(),
+            publish: Specs::List(specs.to_vec()),
+            force,
         })
         .map_err(|e| ClientError::Http {
             socket: self.socket.clone(),
             message: format!("encode request: {e}"),
         })?;
+        fits_ports_body(&body)?;
         self.call(
             method,
             &format!("/v1/containers/{}/ports", encode(name)),
@@ -218,9 +234,21 @@ impl Client {
         .map(|_| ())
     }
 
-    /// `GET /v1/conntrack`.
-    pub async fn conntrack(&self) -> Result<Vec<Flow>, ClientError> {
-        self.call(Method::GET, "/v1/conntrack", None).await
+    /// `GET /v1/conntrack[?container=NAME][&limit=N]`.
+    pub async fn conntrack(&self, query: &FlowQuery) -> Result<Vec<Flow>, ClientError> {
+        let mut params = Vec::new();
+        if let Some(c) = &query.container {
+            params.push(format!("container={}", encode(c)));
+        }
+        if let Some(n) = query.limit {
+            params.push(format!("limit={n}"));
+        }
+        let path = if params.is_empty() {
+            "/v1/conntrack".to_owned()
+        } else {
+            format!("/v1/conntrack?{}", params.join("&"))
+        };
+        self.call(Method::GET, &path, None).await
     }
 
     /// `DELETE /v1/conntrack[?container=NAME]`.
@@ -231,6 +259,19 @@ impl Client {
         };
         self.call(Method::DELETE, &path, None).await
     }
+}
+
+/// Refuses, before sending it, a body the agent would refuse as too large
+/// (the agent stops reading such a body and answers at once; a client
+/// still writing it may never see the answer).
+fn fits_ports_body(body: &[u8]) -> Result<(), ClientError> {
+    if body.len() > MAX_PORTS_BODY {
+        return Err(ClientError::Agent {
+            status: 413,
+            message: too_large(MAX_PORTS_BODY, SPLIT_PORTS),
+        });
+    }
+    Ok(())
 }
 
 /// Percent-encodes a path segment or query value.

@@ -5,7 +5,10 @@ use std::{future::Future, os::unix::fs::PermissionsExt, path::Path};
 
 use axum::{
     Json, Router,
-    extract::{DefaultBodyLimit, Path as UrlPath, Query, State, rejection::JsonRejection},
+    extract::{
+        DefaultBodyLimit, Path as UrlPath, Query, State,
+        rejection::{JsonRejection, QueryRejection},
+    },
     http::StatusCode,
     response::{IntoResponse, Response},
     routing::get,
@@ -13,8 +16,8 @@ use axum::{
 use serde::Deserialize;
 
 use super::wire::{
-    AddContainer, ApiError, ContainerInfo, Flow, Flushed, MAX_BODY, NodeInfo, PortRequest, Status,
-    UpdateContainer,
+    AddContainer, ApiError, ContainerInfo, Flow, FlowQuery, Flushed, MAX_BODY, MAX_PORTS_BODY, NodeInfo,
+    PortRequest, SPLIT_PORTS, Status, UpdateContainer,
 };
 
 /// What the API's routes are served by (the agent). Every method answers
@@ -38,22 +41,27 @@ pub trait Backend: Clone + Send + Sync + 'static {
         name: String,
         req: UpdateContainer,
     ) -> impl Future<Output = Result<ContainerInfo, Failure>> + Send;
-    /// `POST /v1/containers/{name}/ports`.
+    /// `POST /v1/containers/{name}/ports`: one spec or a list, all or none.
     fn publish(
         &self,
         name: String,
-        spec: String,
+        specs: Vec<String>,
+        force: bool,
     ) -> impl Future<Output = Result<ContainerInfo, Failure>> + Send;
-    /// `DELETE /v1/containers/{name}/ports`.
+    /// `DELETE /v1/containers/{name}/ports`: one spec or a list.
     fn unpublish(
         &self,
         name: String,
-        spec: String,
+        specs: Vec<String>,
     ) -> impl Future<Output = Result<ContainerInfo, Failure>> + Send;
     /// `DELETE /v1/containers/{name}`.
     fn delete(&self, name: String) -> impl Future<Output = Result<(), Failure>> + Send;
-    /// `GET /v1/conntrack`.
-    fn conntrack(&self) -> impl Future<Output = Result<Vec<Flow>, Failure>> + Send;
+    /// `GET /v1/conntrack[?container=NAME][&limit=N]`: the flows as they
+    /// are read, in batches, ending with an error if the walk failed.
+    fn conntrack(
+        &self,
+        query: FlowQuery,
+    ) -> impl Future<Output = Result<FlowBatches, Failure>> + Send;
     /// `DELETE /v1/conntrack[?container=NAME]`: the number of entries removed.
     fn flush(
         &self,
@@ -62,6 +70,10 @@ pub trait Backend: Clone + Send + Sync + 'static {
     /// `GET /v1/nodes`: the nodes of the cluster (cluster mode only).
     fn nodes(&self) -> impl Future<Output = Result<Vec<NodeInfo>, Failure>> + Send;
 }
+
+/// Flows as they are read from the table: batches, or the error that cut
+/// the walk short.
+pub type FlowBatches = tokio::sync::mpsc::Receiver<Result<Vec<Flow>, String>>;
 
 /// A refused or failed request: the HTTP status and what to tell the
 /// client (what was wrong and what to do).
@@ -85,10 +97,29 @@ impl Failure {
 
 impl From<JsonRejection> for Failure {
     fn from(e: JsonRejection) -> Self {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            return too_large(MAX_BODY, "send a smaller body");
+        }
         Failure::new(
             e.status().as_u16(),
             format!("invalid request body: {}", e.body_text()),
         )
+    }
+}
+
+/// A body over a route's limit: which limit, and what to do.
+fn too_large(limit: usize, what_to_do: &str) -> Failure {
+    Failure::new(413, super::wire::too_large(limit, what_to_do))
+}
+
+/// The body of a route that takes port lists, or why it was refused.
+fn ports_body<T>(body: Result<Json<T>, JsonRejection>) -> Result<T, Failure> {
+    match body {
+        Ok(Json(t)) => Ok(t),
+        Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+            Err(too_large(MAX_PORTS_BODY, SPLIT_PORTS))
+        }
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -124,7 +155,7 @@ async fn add<B: Backend>(
     State(b): State<B>,
     body: Result<Json<AddContainer>, JsonRejection>,
 ) -> Result<(StatusCode, Json<ContainerInfo>), Failure> {
-    let Json(req) = body?;
+    let req = ports_body(body)?;
     let info = b.add(req).await?;
     Ok((StatusCode::CREATED, Json(info)))
 }
@@ -151,8 +182,10 @@ async fn publish<B: Backend>(
     UrlPath(name): UrlPath<String>,
     body: Result<Json<PortRequest>, JsonRejection>,
 ) -> Result<Json<ContainerInfo>, Failure> {
-    let Json(req) = body?;
-    Ok(Json(b.publish(name, req.publish).await?))
+    let req = ports_body(body)?;
+    Ok(Json(
+        b.publish(name, req.publish.into_vec(), req.force).await?,
+    ))
 }
 
 async fn unpublish<B: Backend>(
@@ -160,16 +193,58 @@ async fn unpublish<B: Backend>(
     UrlPath(name): UrlPath<String>,
     body: Result<Json<PortRequest>, JsonRejection>,
 ) -> Result<Json<ContainerInfo>, Failure> {
-    let Json(req) = body?;
-    Ok(Json(b.unpublish(name, req.publish).await?))
+    let req = ports_body(body)?;
+    Ok(Json(b.unpublish(name, req.publish.into_vec()).await?))
 }
 
 async fn nodes<B: Backend>(State(b): State<B>) -> Result<Json<Vec<NodeInfo>>, Failure> {
     Ok(Json(b.nodes().await?))
 }
 
-async fn conntrack<B: Backend>(State(b): State<B>) -> Result<Json<Vec<Flow>>, Failure> {
-    Ok(Json(b.conntrack().await?))
+/// Streams the flows as one JSON list, a batch at a time, as the backend
+/// reads them. A walk that fails midway ends the answer early, so the
+/// client sees a list that does not parse rather than a partial one.
+async fn conntrack<B: Backend>(
+    State(b): State<B>,
+    query: Result<Query<FlowQuery>, QueryRejection>,
+) -> Result<Response, Failure> {
+    let Query(query) =
+        query.map_err(|e| Failure::new(400, format!("invalid query: {}", e.body_text())))?;
+    let batches = b.conntrack(query).await?;
+    let chunks = futures::stream::unfold(
+        (batches, true, false),
+        |(mut batches, first, done)| async move {
+            if done {
+                return None;
+            }
+            let mut chunk = Vec::new();
+            let next = batches.recv().await;
+            let end = match next {
+                Some(Ok(flows)) => {
+                    let mut first = first;
+                    for f in &flows {
+                        chunk.push(if first { b'[' } else { b',' });
+                        first = false;
+                        if let Err(e) = serde_json::to_writer(&mut chunk, f) {
+                            return Some((Err(std::io::Error::other(e)), (batches, false, true)));
+                        }
+                    }
+                    return Some((Ok(chunk), (batches, first, false)));
+                }
+                Some(Err(e)) => {
+                    return Some((Err(std::io::Error::other(e)), (batches, false, true)));
+                }
+                None if first => b"[]".to_vec(),
+                None => b"]".to_vec(),
+            };
+            Some((Ok(end), (batches, false, true)))
+        },
+    );
+    Ok((
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        axum::body::Body::from_stream(chunks),
+    )
+        .into_response())
 }
 
 #[derive(Deserialize)]
@@ -193,14 +268,20 @@ async fn not_found() -> Failure {
 pub fn router<B: Backend>(backend: B) -> Router {
     Router::new()
         .route("/v1/status", get(status::<B>))
-        .route("/v1/containers", get(list::<B>).post(add::<B>))
+        .route(
+            "/v1/containers",
+            get(list::<B>)
+                .merge(axum::routing::post(add::<B>).layer(DefaultBodyLimit::max(MAX_PORTS_BODY))),
+        )
         .route(
             "/v1/containers/{name}",
             get(get_one::<B>).delete(del::<B>).patch(update::<B>),
         )
         .route(
             "/v1/containers/{name}/ports",
-            axum::routing::post(publish::<B>).delete(unpublish::<B>),
+            axum::routing::post(publish::<B>)
+                .delete(unpublish::<B>)
+                .layer(DefaultBodyLimit::max(MAX_PORTS_BODY)),
         )
         .route("/v1/conntrack", get(conntrack::<B>).delete(flush::<B>))
         .route("/v1/nodes", get(nodes::<B>))

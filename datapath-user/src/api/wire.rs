@@ -10,8 +10,31 @@ use serde::{Deserialize, Serialize};
 pub use crate::model::{Flow, FlowEndpoint};
 use crate::model::{RateCounters, RateLimits};
 
-/// Largest request body the agent accepts.
+/// Largest request body the agent accepts on most routes.
 pub const MAX_BODY: usize = 64 * 1024;
+
+/// Largest request body of the routes that take port lists (`POST
+/// /v1/containers` and `POST|DELETE /v1/containers/{name}/ports`): room
+/// for every TCP and UDP port of a node, each with a host address,
+/// written out one by one.
+pub const MAX_PORTS_BODY: usize = 8 * 1024 * 1024;
+
+/// How a request with many ports is split to fit [`MAX_PORTS_BODY`].
+pub const SPLIT_PORTS: &str = "split the ports over several requests of at most 100,000 ports \
+    each (`datapath container add` with the first part, then `datapath container publish NAME \
+    --publish-file PART` with each other part; through the API, `POST \
+    /v1/containers/{name}/ports` with a list)";
+
+/// What the agent (or the client, before sending) says of a request body
+/// over a route's `limit`: which limit, and `what_to_do`.
+pub fn too_large(limit: usize, what_to_do: &str) -> String {
+    let size = if limit >= 1 << 20 {
+        format!("{} MiB", limit >> 20)
+    } else {
+        format!("{} KiB", limit >> 10)
+    };
+    format!("the request body is larger than the {size} this route accepts: {what_to_do}")
+}
 
 /// `POST /v1/containers`.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
@@ -42,16 +65,20 @@ pub struct AddContainer {
     /// rate, at least 1mb).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub egress_burst: Option<String>,
-    /// Ingress bucket size in tc's units (default: 250 ms of the rate, at
+    /// Ingress bucket size in tc's units (default: 500 ms of the rate, at
     /// least 1mb).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ingress_burst: Option<String>,
+    /// Publish ports even where a process of the node listens on them
+    /// (refused otherwise).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub force: bool,
 }
 
 /// `PATCH /v1/containers/{name}`: changes rate limits in place (no flow
 /// is lost). An absent field is unchanged; a rate of `none` removes that
-/// direction's limit; a new rate keeps the current burst unless one is
-/// given.
+/// direction's limit; a new rate keeps a burst that was given and
+/// derives the default one from the new rate otherwise.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct UpdateContainer {
@@ -69,13 +96,38 @@ pub struct UpdateContainer {
     pub ingress_burst: Option<String>,
 }
 
-/// `POST /v1/containers/{name}/ports` and `DELETE …/ports`: one published
-/// port or range in Docker's `-p` syntax.
+/// `POST /v1/containers/{name}/ports` and `DELETE …/ports`: published
+/// ports or ranges in Docker's `-p` syntax, one or a list. A list is one
+/// change: all of it is done, in one durable write, or none of it.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct PortRequest {
-    /// `[ip:]host[-end]:container[-end][/tcp|/udp]`.
-    pub publish: String,
+    /// `[ip:]host[-end]:container[-end][/tcp|/udp]`, or a list of them.
+    pub publish: Specs,
+    /// Publish even where a process of the node listens on a port
+    /// (refused otherwise); unpublishing ignores it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub force: bool,
+}
+
+/// One port specification or a list of them.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(untagged)]
+pub enum Specs {
+    /// One.
+    One(String),
+    /// Several.
+    List(Vec<String>),
+}
+
+impl Specs {
+    /// The specifications as a list.
+    pub fn into_vec(self) -> Vec<String> {
+        match self {
+            Self::One(s) => vec![s],
+            Self::List(l) => l,
+        }
+    }
 }
 
 /// A container as the API shows it.
@@ -175,6 +227,20 @@ pub struct Status {
     pub conntrack_entries: usize,
     /// Conntrack capacity.
     pub conntrack_max: u32,
+}
+
+/// `GET /v1/conntrack` query: which flows to list. The answer is a JSON
+/// list streamed as the table is walked: however large the table, neither
+/// side holds more than a batch of it.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct FlowQuery {
+    /// Only this container's flows.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container: Option<String>,
+    /// At most this many flows.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<usize>,
 }
 
 /// `DELETE /v1/conntrack` answer.

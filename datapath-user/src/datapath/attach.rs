@@ -66,12 +66,12 @@ impl Datapath {
     pub fn detach_container(&mut self, host_ifname: &str) -> Result<(), BpfError> {
         let name = container_link_name(host_ifname);
         let pin = self.link_pin(&name);
-        self.attachments.retain(|a| a.pin != pin);
+        self.attachments.remove(&pin);
         remove_pin(&pin)
     }
 
-    /// What is attached where.
-    pub fn attachments(&self) -> &[Attachment] {
+    /// What is attached where, by pin (a copy costs O(1)).
+    pub fn attachments(&self) -> &imbl::OrdMap<PathBuf, Attachment> {
         &self.attachments
     }
 
@@ -216,7 +216,7 @@ impl Datapath {
     /// Detaches rate limiter hook `hook` of a container (idempotent).
     pub fn detach_rate(&mut self, hook: RateHook, host_ifname: &str) -> Result<(), BpfError> {
         let pin = self.link_pin(&rate_link_name(hook, host_ifname));
-        self.attachments.retain(|a| a.pin != pin);
+        self.attachments.remove(&pin);
         remove_pin(&pin)
     }
 
@@ -233,14 +233,16 @@ impl Datapath {
         hook: &'static str,
         pin: PathBuf,
     ) {
-        self.attachments.retain(|a| a.pin != pin);
-        self.attachments.push(Attachment {
-            program,
-            program_id,
-            ifname: ifname.to_owned(),
-            hook,
-            pin,
-        });
+        self.attachments.insert(
+            pin.clone(),
+            Attachment {
+                program,
+                program_id,
+                ifname: ifname.to_owned(),
+                hook,
+                pin,
+            },
+        );
     }
 
     /// Removes the link pins of no known container (`known` holds the
@@ -342,7 +344,8 @@ pub enum RateHook {
     Egress,
     /// cgroup_skb ingress: the ingress bucket.
     Ingress,
-    /// sock_ops: pacing of the cgroup's TCP senders by the egress bucket.
+    /// sock_ops: pacing of the cgroup's TCP senders by the egress bucket,
+    /// receive windows of its TCP receivers by the ingress bucket.
     SockOps,
 }
 

@@ -52,9 +52,27 @@ struct BatchAttr {
 /// result is a consistent view of each bucket, not of the whole map: a
 /// flow created or removed meanwhile may or may not be in it.
 pub fn read_all<K: bytemuck::Pod, V: bytemuck::Pod>(map: &MapData) -> io::Result<Vec<(K, V)>> {
-    let fd = map.fd().as_fd().as_raw_fd();
-    let mut chunk = 4096usize;
     let mut out = Vec::new();
+    walk_batches(map, 4096, |batch: &[(K, V)]| {
+        out.extend_from_slice(batch);
+        Ok(true)
+    })?;
+    Ok(out)
+}
+
+/// Reads the entries of hash map `map` with `BPF_MAP_LOOKUP_BATCH`, about
+/// `chunk` at a time (more for a bucket that holds more), calling `visit`
+/// with each batch until it returns `false` or fails. Memory stays that
+/// of one batch whatever the map's size; like [`read_all`], each bucket
+/// is seen consistently, the whole map is not.
+pub fn walk_batches<K: bytemuck::Pod, V: bytemuck::Pod>(
+    map: &MapData,
+    chunk: usize,
+    mut visit: impl FnMut(&[(K, V)]) -> io::Result<bool>,
+) -> io::Result<()> {
+    let fd = map.fd().as_fd().as_raw_fd();
+    let mut chunk = chunk.max(1);
+    let mut batch: Vec<(K, V)> = Vec::with_capacity(chunk);
     // The batch token of a hash map is a bucket index (a u32).
     let mut token = [0u64; 1];
     let mut next = [0u64; 1];
@@ -83,16 +101,25 @@ pub fn read_all<K: bytemuck::Pod, V: bytemuck::Pod>(map: &MapData) -> io::Result
         };
         let err = (rc < 0).then(io::Error::last_os_error);
         let n = (attr.count as usize).min(chunk);
-        out.extend(keys.into_iter().zip(values).take(n));
+        batch.clear();
+        batch.extend(keys.into_iter().zip(values).take(n));
         match err.as_ref().and_then(io::Error::raw_os_error) {
             None => {}
-            Some(libc::ENOENT) => return Ok(out),
+            Some(libc::ENOENT) => {
+                if !batch.is_empty() {
+                    visit(&batch)?;
+                }
+                return Ok(());
+            }
             // A bucket holds more entries than fit: retry it larger.
             Some(libc::ENOSPC) if n == 0 => {
                 chunk *= 2;
                 continue;
             }
             Some(_) => return Err(err.unwrap_or_else(io::Error::last_os_error)),
+        }
+        if !batch.is_empty() && !visit(&batch)? {
+            return Ok(());
         }
         token = next;
         first = false;

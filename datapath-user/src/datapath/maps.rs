@@ -3,7 +3,10 @@
 //! (SERVICES). Entries carry the id of the container that owns them, and
 //! removals take that id, so that no container removes another's entry.
 
-use std::{collections::BTreeSet, net::Ipv4Addr};
+use std::{
+    collections::{BTreeSet, HashMap},
+    net::Ipv4Addr,
+};
 
 use aya::maps::{IterableMap as _, MapError, lpm_trie::Key as LpmKey};
 use datapath_common::{
@@ -142,20 +145,18 @@ impl Datapath {
         }
     }
 
-    /// Removes every endpoint whose owner `keep` refuses; returns their
-    /// addresses.
-    pub fn retain_endpoints(&mut self, keep: impl Fn(u32) -> bool) -> Vec<Ipv4Addr> {
-        let stale: Vec<EndpointKey> = self
-            .endpoints
+    /// Every endpoint, read in one pass over the map.
+    pub fn endpoints(&self) -> Result<HashMap<Ipv4Addr, Endpoint>, BpfError> {
+        self.endpoints
             .iter()
-            .filter_map(Result::ok)
-            .filter(|(_, v)| !keep(v.container_id))
-            .map(|(k, _)| k)
-            .collect();
-        for k in &stale {
-            let _ = self.endpoints.remove(k);
-        }
-        stale.iter().map(|k| Ipv4Addr::from(k.addr)).collect()
+            .map(|e| e.map(|(k, v)| (Ipv4Addr::from(k.addr), v)))
+            .collect::<Result<_, _>>()
+            .map_err(map_err(names::ENDPOINTS))
+    }
+
+    /// Removes the endpoint of address `addr`, whoever owns it.
+    pub fn remove_endpoint_any(&mut self, addr: Ipv4Addr) {
+        let _ = self.endpoints.remove(&endpoint_key(addr));
     }
 
     /// Adds (or replaces) the published port `key`.
@@ -163,6 +164,19 @@ impl Datapath {
         self.services
             .insert(key, value, 0)
             .map_err(map_err(names::SERVICES))
+    }
+
+    /// Every published port, read in one pass over the map.
+    pub fn services(&self) -> Result<HashMap<ServiceKey, ServiceValue>, BpfError> {
+        self.services
+            .iter()
+            .collect::<Result<_, _>>()
+            .map_err(map_err(names::SERVICES))
+    }
+
+    /// Removes published port `key`, whoever owns it.
+    pub fn remove_service_any(&mut self, key: &ServiceKey) {
+        let _ = self.services.remove(key);
     }
 
     /// Removes published port `key` if container `owner` owns it (never a
@@ -175,22 +189,6 @@ impl Datapath {
         {
             let _ = self.services.remove(key);
         }
-    }
-
-    /// Removes every published port whose owner `keep` refuses; returns
-    /// their keys.
-    pub fn retain_services(&mut self, keep: impl Fn(u32) -> bool) -> Vec<ServiceKey> {
-        let stale: Vec<ServiceKey> = self
-            .services
-            .iter()
-            .filter_map(Result::ok)
-            .filter(|(_, v)| !keep(v.container_id))
-            .map(|(k, _)| k)
-            .collect();
-        for k in &stale {
-            let _ = self.services.remove(k);
-        }
-        stale
     }
 
     /// Removes the tracked flows `which` names in the kernel, which keeps

@@ -29,7 +29,7 @@ use aya::{
 use datapath_common::{
     Config, CtContainer, CtEntry, CtKey, CtTimedEntry, Endpoint, EndpointKey, FlushRequest,
     NodeAddr, NodeAddrKey, Peer, ServiceKey, ServiceValue, capacity, names, programs,
-    ratelimit::{RateKey, RateLimit, RateStats},
+    ratelimit::{RateFlows, RateKey, RateLimit, RateStats},
 };
 use serde::Serialize;
 
@@ -180,7 +180,9 @@ pub struct Datapath {
         reason = "cgroup storage is what gives a key per attachment"
     )]
     rate_cgroups: aya::maps::CgroupStorage<MapData, RateKey>,
-    attachments: Vec<Attachment>,
+    /// TCP sockets sharing each ingress bucket's receive windows.
+    rate_flows: HashMap<MapData, RateKey, RateFlows>,
+    attachments: imbl::OrdMap<PathBuf, Attachment>,
 }
 
 /// Capacity of the table of unconfirmed flows for a main table of
@@ -297,9 +299,10 @@ impl Datapath {
                 reason = "cgroup storage is what gives a key per attachment"
             )]
             rate_cgroups: typed_map!(&mut ebpf, names::RATE_CGROUPS, aya::maps::CgroupStorage<MapData, RateKey>),
+            rate_flows: typed_map!(&mut ebpf, names::RATE_FLOWS, HashMap<MapData, RateKey, RateFlows>),
             ebpf,
             bpffs_dir: opts.bpffs_dir.clone(),
-            attachments: Vec::new(),
+            attachments: imbl::OrdMap::new(),
         })
     }
 

@@ -5,7 +5,7 @@
 use std::{collections::HashSet, path::Path};
 
 use aya::maps::{MapData, MapError, PerCpuHashMap, PerCpuValues};
-use datapath_common::ratelimit::{RateKey, RateLimit, RateStats, direction};
+use datapath_common::ratelimit::{RateFlows, RateKey, RateLimit, RateStats, direction};
 
 use super::{BpfError, Datapath, RateHook, conntrack::now_ns};
 use crate::model::{DirectionCounters, RateCounters, RateLimits};
@@ -56,16 +56,18 @@ fn map_err(action: &'static str) -> impl FnOnce(MapError) -> ApplyError {
 
 impl Datapath {
     /// Makes the datapath match `t`'s limits: a bucket and a hook per
-    /// limited direction on its cgroup (and the TCP pacing hook while
-    /// egress is limited), none for the others. A bucket that exists is
-    /// reconfigured in place under its lock, so its state and counters
-    /// survive and the change applies to the next packet. Hooks already
-    /// attached are kept unless `reattach` (after a restart: the freshly
-    /// loaded programs replace the old ones).
+    /// limited direction on its cgroup (and the sock_ops hook that paces
+    /// TCP senders and chooses TCP receivers' windows while either is
+    /// limited), none for the others. A bucket that exists is reconfigured
+    /// in place under its lock, so its state and counters survive and the
+    /// change applies to the next packet (and to the next window of every
+    /// socket). Hooks already attached are kept unless `reattach` (after a
+    /// restart: the freshly loaded programs replace the old ones).
     ///
-    /// The pacing hook stays attached after the egress limit is removed:
-    /// paced sockets get their pacing back from it on their next ACK. It
-    /// goes with the container ([`Datapath::remove_limits`]).
+    /// The sock_ops hook stays attached after the limits are removed:
+    /// paced and clamped sockets get their pacing and window back from it
+    /// on their next segment. It goes with the container
+    /// ([`Datapath::remove_limits`]).
     pub fn apply_limits(&mut self, t: &RateTarget<'_>, reattach: bool) -> Result<(), ApplyError> {
         let Some(cgroup) = t.cgroup else {
             return if t.limits.is_empty() {
@@ -97,6 +99,13 @@ impl Datapath {
                     .map_err(map_err("add a rate limit"))?,
                 Err(e) => return Err(map_err("read a rate limit")(e)),
             }
+            if hook == RateHook::Ingress
+                && matches!(self.rate_flows.get(&key, 0), Err(MapError::KeyNotFound))
+            {
+                self.rate_flows
+                    .insert(key, RateFlows::default(), 0)
+                    .map_err(map_err("add a TCP flow count"))?;
+            }
             if matches!(self.rate_stats.get(&key, 0), Err(MapError::KeyNotFound)) {
                 let cpus = aya::util::nr_cpus()
                     .map_err(|(file, e)| ApplyError::Cpus(format!("{file}: {e}")))?;
@@ -110,7 +119,7 @@ impl Datapath {
                 self.attach_rate(hook, cgroup, t.cgroup_id, t.host_ifname)?;
             }
         }
-        if t.limits.egress.is_some()
+        if !t.limits.is_empty()
             && (reattach || !self.rate_attached(RateHook::SockOps, t.host_ifname))
         {
             self.attach_rate(RateHook::SockOps, cgroup, t.cgroup_id, t.host_ifname)?;
@@ -121,6 +130,7 @@ impl Datapath {
     fn remove_bucket(&mut self, key: RateKey) {
         let _ = self.rate_limits.remove(&key);
         let _ = self.rate_stats.remove(&key);
+        let _ = self.rate_flows.remove(&key);
     }
 
     /// Removes every hook and bucket of `t` (going on after failures,

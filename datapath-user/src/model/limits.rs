@@ -62,9 +62,33 @@ pub struct Limit {
     pub rate_bps: u64,
     /// Bucket size in bytes.
     pub burst_bytes: u64,
+    /// Whether the bucket size was given (`--*-burst`) rather than derived
+    /// from the rate ([`default_burst`]): a derived one follows the rate
+    /// when the rate is updated, a given one stays.
+    #[serde(default)]
+    pub burst_given: bool,
 }
 
 impl Limit {
+    /// A limit with a bucket size that was given.
+    pub fn given(rate_bps: u64, burst_bytes: u64) -> Self {
+        Self {
+            rate_bps,
+            burst_bytes,
+            burst_given: true,
+        }
+    }
+
+    /// A limit whose bucket size is derived from the rate
+    /// ([`default_burst`]) for `dir` (`egress` or `ingress`).
+    pub fn derived(dir: &str, rate_bps: u64) -> Self {
+        Self {
+            rate_bps,
+            burst_bytes: default_burst(direction_of(dir), rate_bps),
+            burst_given: false,
+        }
+    }
+
     /// The bucket parameters (the limit was validated when made).
     pub fn params(&self) -> Option<RateParams> {
         RateParams::new(self.rate_bps, self.burst_bytes).ok()
@@ -328,22 +352,18 @@ pub fn limit(
         (Some(NONE), None) => Ok(None),
         (Some(r), b) => {
             let rate_bps = rate(r)?;
-            let burst_bytes = match b {
-                Some(b) => burst(b)?,
-                None => default_burst(direction_of(dir), rate_bps),
-            };
-            Ok(Some(Limit {
-                rate_bps,
-                burst_bytes,
+            Ok(Some(match b {
+                Some(b) => Limit::given(rate_bps, burst(b)?),
+                None => Limit::derived(dir, rate_bps),
             }))
         }
     }
 }
 
 /// The limit after an update of `current` with a rate (`none` removes it)
-/// and a burst, either of which may be absent (unchanged). A new rate keeps
-/// the current burst unless one is given; a new limit without a burst gets
-/// [`default_burst`].
+/// and a burst, either of which may be absent (unchanged). A new rate
+/// without a burst keeps a burst that was given and derives a new one from
+/// the rate otherwise ([`default_burst`]), as for a new limit.
 pub fn updated(
     dir: &'static str,
     current: Option<Limit>,
@@ -357,20 +377,13 @@ pub fn updated(
             dir,
             burst: b.to_owned(),
         }),
-        (None, Some(b), Some(cur)) => Ok(Some(Limit {
-            rate_bps: cur.rate_bps,
-            burst_bytes: burst(b)?,
-        })),
+        (None, Some(b), Some(cur)) => Ok(Some(Limit::given(cur.rate_bps, burst(b)?))),
         (Some(r), b, cur) => {
             let rate_bps = rate(r)?;
-            let burst_bytes = match (b, cur) {
-                (Some(b), _) => burst(b)?,
-                (None, Some(cur)) => cur.burst_bytes,
-                (None, None) => default_burst(direction_of(dir), rate_bps),
-            };
-            Ok(Some(Limit {
-                rate_bps,
-                burst_bytes,
+            Ok(Some(match (b, cur) {
+                (Some(b), _) => Limit::given(rate_bps, burst(b)?),
+                (None, Some(cur)) if cur.burst_given => Limit::given(rate_bps, cur.burst_bytes),
+                (None, _) => Limit::derived(dir, rate_bps),
             }))
         }
     }
@@ -501,14 +514,16 @@ mod tests {
             limit("egress", Some("10mbit"), None),
             Ok(Some(Limit {
                 rate_bps: 10_000_000,
-                burst_bytes: default_burst(direction::EGRESS, 10_000_000)
+                burst_bytes: default_burst(direction::EGRESS, 10_000_000),
+                burst_given: false,
             }))
         );
         assert_eq!(
             limit("egress", Some("10mbit"), Some("64kb")),
             Ok(Some(Limit {
                 rate_bps: 10_000_000,
-                burst_bytes: 65_536
+                burst_bytes: 65_536,
+                burst_given: true,
             }))
         );
         assert_eq!(limit("ingress", None, None), Ok(None));
@@ -521,36 +536,76 @@ mod tests {
 
     #[test]
     fn updates_change_only_what_is_given() {
-        let cur = Some(Limit {
-            rate_bps: 10_000_000,
-            burst_bytes: 65_536,
-        });
+        let cur = Some(Limit::given(10_000_000, 65_536));
         assert_eq!(updated("egress", cur, None, None), Ok(cur));
         assert_eq!(updated("egress", cur, Some("none"), None), Ok(None));
         assert_eq!(
             updated("egress", cur, Some("100mbit"), None),
-            Ok(Some(Limit {
-                rate_bps: 100_000_000,
-                burst_bytes: 65_536
-            }))
+            Ok(Some(Limit::given(100_000_000, 65_536)))
         );
         assert_eq!(
             updated("egress", cur, None, Some("1mb")),
-            Ok(Some(Limit {
-                rate_bps: 10_000_000,
-                burst_bytes: 1 << 20
-            }))
+            Ok(Some(Limit::given(10_000_000, 1 << 20)))
         );
         assert_eq!(
             updated("egress", None, Some("1gbit"), None),
             Ok(Some(Limit {
                 rate_bps: 1_000_000_000,
-                burst_bytes: default_burst(direction::EGRESS, 1_000_000_000)
+                burst_bytes: default_burst(direction::EGRESS, 1_000_000_000),
+                burst_given: false,
             }))
         );
         assert!(updated("egress", None, None, Some("1mb")).is_err());
         assert!(updated("egress", cur, Some("none"), Some("1mb")).is_err());
         assert!(updated("egress", cur, Some("0"), None).is_err());
+    }
+
+    #[test]
+    fn a_derived_bucket_follows_an_updated_rate_and_a_given_one_stays() {
+        // 20 Mbit/s in: the default bucket (1.25 MB) follows the rate.
+        let derived = limit("ingress", Some("20mbit"), None).expect("valid");
+        assert_eq!(
+            updated("ingress", derived, Some("80mbit"), None),
+            Ok(Some(Limit {
+                rate_bps: 80_000_000,
+                burst_bytes: default_burst(direction::INGRESS, 80_000_000),
+                burst_given: false,
+            }))
+        );
+        // Even when the given size equals the default, it was given.
+        let default_size = default_burst(direction::INGRESS, 20_000_000);
+        let given =
+            limit("ingress", Some("20mbit"), Some(&format!("{default_size}b"))).expect("valid");
+        assert_eq!(
+            updated("ingress", given, Some("80mbit"), None),
+            Ok(Some(Limit::given(80_000_000, default_size)))
+        );
+        // A burst given alone keeps the rate and is kept from then on.
+        let resized = updated(
+            "egress",
+            limit("egress", Some("10mbit"), None).expect("valid"),
+            None,
+            Some("2mb"),
+        );
+        assert_eq!(resized, Ok(Some(Limit::given(10_000_000, 2 << 20))));
+        assert_eq!(
+            updated("egress", resized.expect("valid"), Some("50mbit"), None),
+            Ok(Some(Limit::given(50_000_000, 2 << 20)))
+        );
+    }
+
+    #[test]
+    fn limits_saved_before_bursts_were_marked_given_read_as_derived() {
+        let l: Limit = serde_json::from_str(r#"{"rate_bps": 8000000, "burst_bytes": 1048576}"#)
+            .expect("valid");
+        assert_eq!(
+            l,
+            Limit {
+                rate_bps: 8_000_000,
+                burst_bytes: 1 << 20,
+                burst_given: false,
+            }
+        );
     }
 
     #[test]

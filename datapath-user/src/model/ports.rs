@@ -1,7 +1,8 @@
 //! Published ports: [`PortMapping`], parsed from Docker's `-p` syntax
-//! (`8080:80`, `8080:80/udp`, `198.18.0.2:8080:80`, `8000-8010:8000-8010`).
+//! (`8080:80`, `8080:80/udp`, `198.18.0.2:8080:80`, `8000-8010:8000-8010`);
+//! sets of ports in the kernel's syntax ([`PortSet`]).
 
-use std::{fmt, net::Ipv4Addr, str::FromStr};
+use std::{collections::BTreeSet, fmt, net::Ipv4Addr, str::FromStr};
 
 use datapath_common::proto;
 use serde::{Deserialize, Serialize};
@@ -285,6 +286,107 @@ impl FromStr for PortMapping {
     }
 }
 
+/// A set of ports, written as the kernel writes
+/// `net.ipv4.ip_local_reserved_ports`: comma-separated ports and ranges in
+/// increasing order (`8080,61000-65535`; empty for none).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(into = "String", try_from = "String")]
+pub struct PortSet(BTreeSet<u16>);
+
+impl PortSet {
+    /// The ports `lo..=hi`.
+    pub fn range(lo: u16, hi: u16) -> Self {
+        Self((lo..=hi).collect())
+    }
+
+    /// Adds the ports of `other`.
+    pub fn extend(&mut self, other: &Self) {
+        self.0.extend(other.0.iter().copied());
+    }
+
+    /// Adds port `port`.
+    pub fn insert(&mut self, port: u16) {
+        self.0.insert(port);
+    }
+
+    /// The ports of `self` that are not in `other`.
+    pub fn minus(&self, other: &Self) -> Self {
+        Self(self.0.difference(&other.0).copied().collect())
+    }
+
+    /// The ports in both.
+    pub fn and(&self, other: &Self) -> Self {
+        Self(self.0.intersection(&other.0).copied().collect())
+    }
+
+    /// Whether it has no port.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl fmt::Display for PortSet {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut ports = self.0.iter().copied().peekable();
+        let mut first = true;
+        while let Some(lo) = ports.next() {
+            let mut hi = lo;
+            while ports.peek() == Some(&hi.wrapping_add(1)) && hi != u16::MAX {
+                hi += 1;
+                ports.next();
+            }
+            if !first {
+                f.write_str(",")?;
+            }
+            first = false;
+            if lo == hi {
+                write!(f, "{lo}")?;
+            } else {
+                write!(f, "{lo}-{hi}")?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl FromStr for PortSet {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let mut set = BTreeSet::new();
+        for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let port = |p: &str| {
+                p.trim()
+                    .parse::<u16>()
+                    .map_err(|e| format!("port {p:?} in {s:?}: {e}"))
+            };
+            let (lo, hi) = match part.split_once('-') {
+                Some((lo, hi)) => (port(lo)?, port(hi)?),
+                None => (port(part)?, port(part)?),
+            };
+            if lo > hi {
+                return Err(format!("range {part:?} in {s:?} runs backwards"));
+            }
+            set.extend(lo..=hi);
+        }
+        Ok(Self(set))
+    }
+}
+
+impl From<PortSet> for String {
+    fn from(p: PortSet) -> Self {
+        p.to_string()
+    }
+}
+
+impl TryFrom<String> for PortSet {
+    type Error = String;
+
+    fn try_from(s: String) -> Result<Self, String> {
+        s.parse()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -353,5 +455,18 @@ mod tests {
                 .expect("valid")
                 .overlaps(&p("198.18.0.3:8080:80").expect("valid"))
         );
+    }
+
+    #[test]
+    fn port_sets_read_and_write_the_kernels_syntax() {
+        let set: PortSet = "8080, 61000-61003,80,8081".parse().expect("valid");
+        assert_eq!(set.to_string(), "80,8080-8081,61000-61003");
+        assert_eq!("".parse::<PortSet>(), Ok(PortSet::default()));
+        assert!("5-3".parse::<PortSet>().is_err());
+        assert!("70000".parse::<PortSet>().is_err());
+        let ours = PortSet::range(8081, 8082);
+        assert_eq!(set.minus(&ours).to_string(), "80,8080,61000-61003");
+        assert_eq!(set.and(&ours).to_string(), "8081");
+        assert_eq!(PortSet::range(65534, 65535).to_string(), "65534-65535");
     }
 }

@@ -1,11 +1,13 @@
 //! The kernel's network objects the datapath configures and reads, over
 //! rtnetlink: container veth pairs with their addresses and routes
 //! ([`link`]), reading links back ([`inspect`]), network namespaces
-//! ([`netns`]), and the node's address changes ([`watch`]).
+//! ([`netns`]), the node's address changes ([`watch`]), and the node's
+//! own sockets and reserved ports ([`sockets`]).
 
 pub mod inspect;
 pub mod link;
 pub mod netns;
+pub mod sockets;
 pub mod watch;
 
 use nix::errno::Errno;

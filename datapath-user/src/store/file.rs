@@ -1,5 +1,6 @@
-//! The state file: [`State`] as JSON in the state directory, replaced
-//! atomically on every save.
+//! The snapshot file: [`State`] as JSON in the state directory, with the
+//! sequence number of the last journal record it includes; replaced
+//! atomically.
 
 use std::{
     fs,
@@ -7,12 +8,17 @@ use std::{
     path::{Path, PathBuf},
 };
 
+use serde::{Deserialize, Serialize};
+
+use crate::model::ports::PortSet;
+
 use super::State;
 
-/// The state file's name inside the state directory.
+/// The snapshot's name inside the state directory (the name of the single
+/// state file of earlier versions, which is read as a snapshot).
 pub const STATE_FILE: &str = "state.json";
 
-/// Errors reading or writing the state file.
+/// Errors reading or writing the persisted state.
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
     /// Reading or writing failed.
@@ -25,7 +31,7 @@ pub enum StateError {
         /// The underlying error.
         source: io::Error,
     },
-    /// The file exists but is not valid state.
+    /// The snapshot exists but is not valid state.
     #[error(
         "state file {path} is corrupt ({source}); fix or move it away, then restart the agent (it will re-adopt what it finds)"
     )]
@@ -35,21 +41,66 @@ pub enum StateError {
         /// The parse error.
         source: serde_json::Error,
     },
+    /// A journal record other than a torn last one does not read back, or
+    /// does not apply to the state before it.
+    #[error(
+        "state journal {path} is corrupt at byte {offset} ({reason}); move the journal files away \
+         (the agent then starts from {STATE_FILE} and re-adopts what it finds), then restart the agent"
+    )]
+    CorruptJournal {
+        /// The journal file.
+        path: PathBuf,
+        /// Where in it the bad record starts.
+        offset: u64,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A change that does not apply to the state (an agent bug): nothing
+    /// was written.
+    #[error("refused to record an inconsistent change in {dir}: {reason}")]
+    Refused {
+        /// The state directory.
+        dir: PathBuf,
+        /// Why it does not apply.
+        reason: String,
+    },
 }
 
-/// Loads and saves [`State`] in a directory.
+/// The snapshot as written: the state's fields and the journal's position.
+#[derive(Serialize)]
+struct SnapshotOut<'a> {
+    next_id: u32,
+    journal_seq: u64,
+    containers: super::ContainersByName<'a>,
+    #[serde(skip_serializing_if = "PortSet::is_empty")]
+    reserved_ports: &'a PortSet,
+}
+
+/// The snapshot as read; a file of an earlier version has no
+/// `journal_seq`.
+#[derive(Deserialize)]
+struct SnapshotIn {
+    next_id: u32,
+    #[serde(default)]
+    journal_seq: u64,
+    containers: std::collections::BTreeMap<String, super::Container>,
+    #[serde(default)]
+    reserved_ports: PortSet,
+}
+
+/// Loads and saves the snapshot in a directory.
 #[derive(Clone, Debug)]
 pub struct StateStore {
     dir: PathBuf,
 }
 
 impl StateStore {
-    /// A store in `dir` (created on the first save).
+    /// A snapshot in `dir` (created on the first save).
     pub fn new(dir: impl Into<PathBuf>) -> Self {
         Self { dir: dir.into() }
     }
 
-    /// The state file's path.
+    /// The snapshot's path.
     pub fn path(&self) -> PathBuf {
         self.dir.join(STATE_FILE)
     }
@@ -59,13 +110,26 @@ impl StateStore {
         &self.dir
     }
 
-    /// Reads the state; a missing file is an empty state.
-    pub fn load(&self) -> Result<State, StateError> {
+    /// Reads the snapshot and the sequence number of the last journal
+    /// record it includes; a missing file is an empty state.
+    pub fn load(&self) -> Result<(State, u64), StateError> {
         let path = self.path();
         match fs::read(&path) {
-            Ok(bytes) => serde_json::from_slice(&bytes)
-                .map_err(|source| StateError::Corrupt { path, source }),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(State::default()),
+            Ok(bytes) => {
+                let corrupt = |source| StateError::Corrupt {
+                    path: path.clone(),
+                    source,
+                };
+                let s: SnapshotIn = serde_json::from_slice(&bytes).map_err(corrupt)?;
+                let state = State::try_from(super::StateFields {
+                    next_id: s.next_id,
+                    containers: s.containers,
+                    reserved_ports: s.reserved_ports,
+                })
+                .map_err(|e| corrupt(serde::de::Error::custom(e)))?;
+                Ok((state, s.journal_seq))
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok((State::default(), 0)),
             Err(source) => Err(StateError::Io {
                 action: "read",
                 path,
@@ -74,25 +138,22 @@ impl StateStore {
         }
     }
 
-    /// Writes the state atomically: a temporary file, fsync, rename over the
-    /// old one. The directory is not fsynced: until the filesystem commits
-    /// the rename (seconds), a power loss can only bring back the previous
-    /// complete state, which the agent reconciles like any other (what it
-    /// no longer describes is removed as orphans). That halves the cost of
-    /// every change on disks where an fsync takes milliseconds.
-    pub fn save(&self, state: &State) -> Result<(), StateError> {
-        let io_err = |action, path: &Path| {
-            let path = path.to_owned();
-            move |source| StateError::Io {
-                action,
-                path,
-                source,
-            }
-        };
+    /// Writes the snapshot of `state`, which includes the journal up to
+    /// record `journal_seq`, atomically: a temporary file, fsync, rename
+    /// over the old one, fsync of the directory (the journal it replaces
+    /// is deleted next, so the rename must be durable first). Returns its
+    /// size.
+    pub fn save(&self, state: &State, journal_seq: u64) -> Result<u64, StateError> {
         fs::create_dir_all(&self.dir).map_err(io_err("create", &self.dir))?;
         let path = self.path();
         let tmp = self.dir.join(format!(".{STATE_FILE}.tmp"));
-        let bytes = serde_json::to_vec_pretty(state).map_err(|e| StateError::Io {
+        let out = SnapshotOut {
+            next_id: state.next_id(),
+            journal_seq,
+            containers: super::ContainersByName(state.containers()),
+            reserved_ports: state.reserved_ports(),
+        };
+        let bytes = serde_json::to_vec(&out).map_err(|e| StateError::Io {
             action: "serialize",
             path: path.clone(),
             source: io::Error::other(e),
@@ -101,6 +162,25 @@ impl StateStore {
         f.write_all(&bytes).map_err(io_err("write", &tmp))?;
         f.sync_all().map_err(io_err("fsync", &tmp))?;
         drop(f);
-        fs::rename(&tmp, &path).map_err(io_err("rename", &path))
+        fs::rename(&tmp, &path).map_err(io_err("rename", &path))?;
+        sync_dir(&self.dir)?;
+        Ok(bytes.len() as u64)
     }
+}
+
+/// An [`StateError::Io`] maker for `action` on `path`.
+pub(super) fn io_err(action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> StateError {
+    let path = path.to_owned();
+    move |source| StateError::Io {
+        action,
+        path,
+        source,
+    }
+}
+
+/// Makes the entries of `dir` (created, renamed, removed files) durable.
+pub(super) fn sync_dir(dir: &Path) -> Result<(), StateError> {
+    fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err("fsync", dir))
 }

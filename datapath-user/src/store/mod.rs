@@ -1,18 +1,76 @@
 //! The agent's persisted desired state: its containers, their addresses
-//! (the IPAM record), published ports and rate limits ([`State`]); the
-//! file it is kept in ([`StateStore`]: written atomically; a corrupt file is
-//! reported, never silently replaced); and the two together ([`Store`]),
-//! which the agent changes and saves before it acknowledges a change.
+//! (the IPAM record), published ports and rate limits ([`State`]), and how
+//! it is kept on disk ([`Store`]).
+//!
+//! # How the state is kept
+//!
+//! A change writes only what changed, and is durable before the agent
+//! acknowledges it: the state directory holds
+//!
+//! * `state.json`, a **snapshot** of the whole state (the format of the
+//!   single state file of earlier versions, plus the sequence number of the
+//!   last change it includes), written atomically (temporary file, fsync,
+//!   rename, directory fsync);
+//! * `journal.<n>`, an **append-only journal** of the changes since (one
+//!   record per change, framed with its length and a CRC-32, `fdatasync`ed
+//!   before the answer; [`journal`]).
+//!
+//! A change is one record, whatever it does (a container with 10,000 ports
+//! added, 5,000 ports published at once, one port removed): it is written
+//! whole or not at all, and applied to the state in memory only once it is
+//! durable. So a crash at any point leaves each container all there or not
+//! at all. At start the snapshot is read and the journal replayed; a torn
+//! last record (a crash in the middle of its write, never acknowledged) is
+//! dropped, anything else that does not read back is reported as corrupt,
+//! never silently discarded.
+//!
+//! When the journal has grown past the snapshot's size (at least 1 MiB), a
+//! new journal file is started and a snapshot of the state as of the end
+//! of the old one is written by a thread of its own, which then deletes the
+//! old journal: compaction costs O(state) but runs once every O(state)
+//! changes and never holds up a change.
+//!
+//! Why this and not the alternatives (measured on this project's machines,
+//! ext4 on a virtual disk, one 120-byte change): appending a record and
+//! `fdatasync` took 0.1–0.2 ms at p50; rewriting and fsyncing a 400 KB
+//! state file (10,000 ports) 0.6–3.4 ms, and growing with the state; an
+//! embedded B-tree store (`redb`) committing one row 0.13 ms, the same
+//! order as the journal, with spikes of the same size (the disk's fsync).
+//! Per-container files would still rewrite a container's whole port list
+//! for one port. The journal is the cheapest write that is O(1), keeps the
+//! human-readable JSON snapshot (and its validation) that earlier versions
+//! wrote, needs no new storage engine, and makes upgrading trivial: an
+//! existing `state.json` is simply a snapshot with an empty journal.
+//!
+//! # In memory
+//!
+//! [`State`] keeps its containers in a persistent map (`imbl`) of shared
+//! records, with indexes of published ports ([`index::PortIndex`]), ids and
+//! limited cgroups: a change is checked and applied in O(log n), and a copy
+//! of the whole state — for the API's snapshot after every change, or for
+//! compaction — costs O(1).
 
 mod file;
+pub mod index;
+pub mod journal;
 
-use std::{collections::BTreeMap, net::Ipv4Addr, path::PathBuf};
+use std::{
+    collections::{BTreeMap, HashSet},
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    sync::Arc,
+};
 
+use imbl::OrdMap;
 use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 
 pub use self::file::{STATE_FILE, StateError, StateStore};
-use crate::model::{PortMapping, RateLimits};
+use self::{
+    index::{Ipam, PortIndex},
+    journal::Journal,
+};
+use crate::model::{PortMapping, RateLimits, ports::PortSet};
 
 /// One container the agent manages.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -45,59 +103,179 @@ pub struct Container {
     pub limits: RateLimits,
 }
 
-/// Everything the agent persists. Deserializing checks what the types
-/// cannot say: every container filed under its own name, ids unique and
-/// below `next_id`, so that no id is handed out twice.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(try_from = "StateFields")]
+/// One change of the state: what a journal record holds. A record holds
+/// one or more, applied together or not at all.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Change {
+    /// A container added, or replaced whole (adoption at start).
+    Put(Box<Container>),
+    /// A container removed.
+    Remove {
+        /// Its name.
+        name: String,
+    },
+    /// Ports published by a container (none of them published before).
+    Publish {
+        /// The container's name.
+        name: String,
+        /// The new mappings.
+        ports: Vec<PortMapping>,
+    },
+    /// Ports a container no longer publishes.
+    Unpublish {
+        /// The container's name.
+        name: String,
+        /// The mappings removed (each one published before).
+        ports: Vec<PortMapping>,
+    },
+    /// A container's rate limits replaced.
+    Limits {
+        /// The container's name.
+        name: String,
+        /// The new limits.
+        limits: RateLimits,
+    },
+    /// The ports this agent holds in `ip_local_reserved_ports` replaced.
+    ReservedPorts {
+        /// All of them.
+        ports: PortSet,
+    },
+}
+
+/// Everything the agent persists, with its indexes. Built and changed only
+/// through checks that keep what the types cannot say: every container
+/// filed under its own name, ids unique, above 0 and below `next_id` (no
+/// id is handed out twice), no two published mappings overlapping.
+#[derive(Clone, Debug, Default)]
 pub struct State {
     /// The next container id to hand out (ids are never reused).
-    pub next_id: u32,
+    next_id: u32,
     /// Containers by name.
-    pub containers: BTreeMap<String, Container>,
+    containers: OrdMap<String, Arc<Container>>,
+    /// Container names by id.
+    ids: OrdMap<u32, Arc<str>>,
+    /// Published ports.
+    ports: PortIndex,
+    /// The container whose limits use each cgroup's buckets.
+    limited: OrdMap<u64, Arc<str>>,
+    /// The ports this agent added to the node's
+    /// `net.ipv4.ip_local_reserved_ports` (not those reserved before it),
+    /// given back when no longer published or masqueraded.
+    reserved_ports: PortSet,
 }
+
+impl PartialEq for State {
+    fn eq(&self, other: &Self) -> bool {
+        self.next_id == other.next_id
+            && self.containers == other.containers
+            && self.reserved_ports == other.reserved_ports
+    }
+}
+
+impl Eq for State {}
 
 /// [`State`]'s fields as stored, before they are checked.
 #[derive(Deserialize)]
 struct StateFields {
     next_id: u32,
     containers: BTreeMap<String, Container>,
+    #[serde(default)]
+    reserved_ports: PortSet,
 }
 
 impl TryFrom<StateFields> for State {
     type Error = String;
 
     fn try_from(f: StateFields) -> Result<Self, String> {
-        let mut ids = std::collections::BTreeSet::new();
-        for (name, c) in &f.containers {
-            if *name != c.name {
-                return Err(format!("container {:?} is filed under {name:?}", c.name));
-            }
-            if c.id == 0 || c.id >= f.next_id || !ids.insert(c.id) {
-                return Err(format!(
-                    "container {name:?} has id {}: ids are unique, above 0 and below next_id {}",
-                    c.id, f.next_id
-                ));
-            }
-        }
         if f.next_id == u32::MAX {
             return Err("next_id is exhausted".to_owned());
         }
-        Ok(Self {
+        let mut st = State {
             next_id: f.next_id,
-            containers: f.containers,
-        })
+            reserved_ports: f.reserved_ports,
+            ..State::default()
+        };
+        for (name, c) in f.containers {
+            if name != c.name {
+                return Err(format!("container {:?} is filed under {name:?}", c.name));
+            }
+            st.apply(&Change::Put(Box::new(c)))?;
+        }
+        Ok(st)
+    }
+}
+
+impl<'de> Deserialize<'de> for State {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let fields = StateFields::deserialize(d)?;
+        State::try_from(fields).map_err(serde::de::Error::custom)
+    }
+}
+
+/// The containers of a [`State`] as a JSON object by name.
+struct ContainersByName<'a>(&'a OrdMap<String, Arc<Container>>);
+
+impl Serialize for ContainersByName<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_map(self.0.iter().map(|(k, v)| (k, &**v)))
+    }
+}
+
+impl Serialize for State {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct as _;
+        let mut st = s.serialize_struct("State", 3)?;
+        st.serialize_field("next_id", &self.next_id)?;
+        st.serialize_field("containers", &ContainersByName(&self.containers))?;
+        if self.reserved_ports.is_empty() {
+            st.skip_field("reserved_ports")?;
+        } else {
+            st.serialize_field("reserved_ports", &self.reserved_ports)?;
+        }
+        st.end()
     }
 }
 
 impl State {
-    /// The lowest free address of `pool` for a new container, skipping the
-    /// network address, the gateway (first host) and the broadcast address.
-    pub fn allocate_addr(&self, pool: Ipv4Net) -> Option<Ipv4Addr> {
-        let gateway = gateway_of(pool);
-        pool.hosts()
-            .filter(|a| *a != gateway)
-            .find(|a| !self.containers.values().any(|c| c.addr == *a))
+    /// The next container id to hand out.
+    pub fn next_id(&self) -> u32 {
+        self.next_id
+    }
+
+    /// Containers by name.
+    pub fn containers(&self) -> &OrdMap<String, Arc<Container>> {
+        &self.containers
+    }
+
+    /// The container named `name`.
+    pub fn get(&self, name: &str) -> Option<&Arc<Container>> {
+        self.containers.get(name)
+    }
+
+    /// The name of the container with id `id`.
+    pub fn name_of(&self, id: u32) -> Option<&str> {
+        self.ids.get(&id).map(|n| &**n)
+    }
+
+    /// Whether a container has id `id`.
+    pub fn has_id(&self, id: u32) -> bool {
+        self.ids.contains_key(&id)
+    }
+
+    /// The published ports.
+    pub fn ports(&self) -> &PortIndex {
+        &self.ports
+    }
+
+    /// The ports this agent added to `ip_local_reserved_ports`.
+    pub fn reserved_ports(&self) -> &PortSet {
+        &self.reserved_ports
+    }
+
+    /// The container whose limits use the buckets of cgroup `cgroup_id`.
+    pub fn limiting(&self, cgroup_id: u64) -> Option<&str> {
+        self.limited.get(&cgroup_id).map(|n| &**n)
     }
 
     /// A fresh container id.
@@ -108,23 +286,156 @@ impl State {
         self.next_id += 1;
         id
     }
+
+    /// Applies one change, checking it first; on error nothing is changed
+    /// (the caller works on a copy: copies are O(1)).
+    pub fn apply(&mut self, change: &Change) -> Result<(), String> {
+        match change {
+            Change::Put(c) => self.put(c),
+            Change::Remove { name } => {
+                let c = self
+                    .containers
+                    .remove(name)
+                    .ok_or_else(|| format!("no container {name:?} to remove"))?;
+                self.unindex(&c);
+                Ok(())
+            }
+            Change::Publish { name, ports } => {
+                let (owner, mut c) = self.take_for_change(name)?;
+                for m in ports {
+                    self.ports.insert(&owner, m)?;
+                    c.publish.push(*m);
+                }
+                self.containers.insert(name.clone(), Arc::new(c));
+                Ok(())
+            }
+            Change::Unpublish { name, ports } => {
+                let (owner, mut c) = self.take_for_change(name)?;
+                let gone: HashSet<&PortMapping> = ports.iter().collect();
+                let before = c.publish.len();
+                c.publish.retain(|o| !gone.contains(o));
+                if gone.len() != ports.len() || before - c.publish.len() != gone.len() {
+                    return Err(format!(
+                        "container {name:?} does not publish each of {} ports exactly once",
+                        ports.len()
+                    ));
+                }
+                for m in ports {
+                    self.ports.remove(&owner, m);
+                }
+                self.containers.insert(name.clone(), Arc::new(c));
+                Ok(())
+            }
+            Change::Limits { name, limits } => {
+                let (owner, mut c) = self.take_for_change(name)?;
+                self.unlimit(&c);
+                c.limits = *limits;
+                self.limit(&owner, &c)?;
+                self.containers.insert(name.clone(), Arc::new(c));
+                Ok(())
+            }
+            Change::ReservedPorts { ports } => {
+                self.reserved_ports = ports.clone();
+                Ok(())
+            }
+        }
+    }
+
+    /// Container `name` to change (a copy of its record) and its name as
+    /// the indexes hold it.
+    fn take_for_change(&self, name: &str) -> Result<(Arc<str>, Container), String> {
+        let c = self
+            .containers
+            .get(name)
+            .ok_or_else(|| format!("no container {name:?}"))?;
+        let owner = self
+            .ids
+            .get(&c.id)
+            .cloned()
+            .unwrap_or_else(|| Arc::from(name));
+        Ok((owner, Container::clone(c)))
+    }
+
+    fn put(&mut self, c: &Container) -> Result<(), String> {
+        if c.id == 0 || c.id >= self.next_id {
+            return Err(format!(
+                "container {:?} has id {}: ids are above 0 and below next_id {}",
+                c.name, c.id, self.next_id
+            ));
+        }
+        if let Some(old) = self.containers.remove(&c.name) {
+            self.unindex(&old);
+        }
+        if let Some(other) = self.ids.get(&c.id) {
+            return Err(format!(
+                "container {:?} has id {}, which container {other:?} has too",
+                c.name, c.id
+            ));
+        }
+        let owner: Arc<str> = Arc::from(c.name.as_str());
+        self.ids.insert(c.id, Arc::clone(&owner));
+        for m in &c.publish {
+            self.ports.insert(&owner, m)?;
+        }
+        self.limit(&owner, c)?;
+        self.containers.insert(c.name.clone(), Arc::new(c.clone()));
+        Ok(())
+    }
+
+    fn unindex(&mut self, c: &Container) {
+        self.ids.remove(&c.id);
+        for m in &c.publish {
+            self.ports.remove(&c.name, m);
+        }
+        self.unlimit(c);
+    }
+
+    fn limit(&mut self, owner: &Arc<str>, c: &Container) -> Result<(), String> {
+        if c.cgroup_id == 0 || c.limits.is_empty() {
+            return Ok(());
+        }
+        if let Some(other) = self.limited.get(&c.cgroup_id)
+            && **other != *c.name
+        {
+            return Err(format!(
+                "containers {other:?} and {:?} both limit cgroup {}",
+                c.name, c.cgroup_id
+            ));
+        }
+        self.limited.insert(c.cgroup_id, Arc::clone(owner));
+        Ok(())
+    }
+
+    fn unlimit(&mut self, c: &Container) {
+        if self
+            .limited
+            .get(&c.cgroup_id)
+            .is_some_and(|n| **n == *c.name)
+        {
+            self.limited.remove(&c.cgroup_id);
+        }
+    }
 }
 
-/// The desired state in memory and the file it is saved to. Changes are
-/// made in memory ([`Store::put`], [`Store::remove`]) and are durable once
-/// [`Store::save`] returns.
+/// The desired state in memory and on disk. [`Store::commit`] makes a
+/// change durable (one journal record), then applies it in memory.
 #[derive(Debug)]
 pub struct Store {
-    file: StateStore,
     state: State,
+    journal: Journal,
+    ipam: Option<Ipam>,
 }
 
 impl Store {
-    /// Loads the state kept in `dir` (none yet is an empty state).
+    /// Loads the state kept in `dir` (none yet is an empty state): the
+    /// snapshot, then the journal.
     pub fn open(dir: impl Into<PathBuf>) -> Result<Self, StateError> {
-        let file = StateStore::new(dir);
-        let state = file.load()?;
-        Ok(Self { file, state })
+        let (state, journal) = Journal::open(dir.into())?;
+        Ok(Self {
+            state,
+            journal,
+            ipam: None,
+        })
     }
 
     /// The state.
@@ -133,36 +444,72 @@ impl Store {
     }
 
     /// Containers by name.
-    pub fn containers(&self) -> &BTreeMap<String, Container> {
-        &self.state.containers
+    pub fn containers(&self) -> &OrdMap<String, Arc<Container>> {
+        self.state.containers()
     }
 
     /// The container named `name`.
-    pub fn get(&self, name: &str) -> Option<&Container> {
-        self.state.containers.get(name)
+    pub fn get(&self, name: &str) -> Option<&Arc<Container>> {
+        self.state.get(name)
     }
 
-    /// Adds or replaces a container (in memory); returns the one it
-    /// replaced.
-    pub fn put(&mut self, c: Container) -> Option<Container> {
-        self.state.containers.insert(c.name.clone(), c)
-    }
-
-    /// Removes a container (in memory); returns it.
-    pub fn remove(&mut self, name: &str) -> Option<Container> {
-        self.state.containers.remove(name)
+    /// The state directory.
+    pub fn dir(&self) -> &Path {
+        self.journal.dir()
     }
 
     /// A fresh container id and the lowest free address of `pool` for it;
-    /// `None` if the pool is full.
+    /// `None` if the pool is full. The address is taken once a container
+    /// with it is committed.
     pub fn allocate(&mut self, pool: Ipv4Net) -> Option<(u32, Ipv4Addr)> {
-        let addr = self.state.allocate_addr(pool)?;
+        let ipam = match &mut self.ipam {
+            Some(ipam) if ipam.pool() == pool => ipam,
+            slot => slot.insert(Ipam::new(
+                pool,
+                self.state.containers.values().map(|c| c.addr),
+            )),
+        };
+        let addr = ipam.lowest()?;
         Some((self.state.take_id(), addr))
     }
 
-    /// Makes the state in memory durable.
-    pub fn save(&self) -> Result<(), StateError> {
-        self.file.save(&self.state)
+    /// Makes `changes` durable as one journal record, then applies them
+    /// in memory. Changes that do not apply (a bug of the caller) are
+    /// refused before anything is written; a record that cannot be
+    /// written leaves the state as it was.
+    pub fn commit(&mut self, changes: Vec<Change>) -> Result<(), StateError> {
+        if changes.is_empty() {
+            return Ok(());
+        }
+        let mut next = self.state.clone();
+        for change in &changes {
+            next.apply(change).map_err(|reason| StateError::Refused {
+                reason,
+                dir: self.journal.dir().to_owned(),
+            })?;
+        }
+        self.journal.append(&next, &changes)?;
+        if let Some(ipam) = &mut self.ipam {
+            for change in &changes {
+                match change {
+                    Change::Put(c) => ipam.take(c.addr),
+                    Change::Remove { name } => {
+                        if let Some(c) = self.state.get(name) {
+                            ipam.release(c.addr);
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+        self.state = next;
+        Ok(())
+    }
+
+    /// Writes a snapshot of the state now and empties the journal
+    /// (waiting for a compaction in progress first).
+    pub fn compact(&mut self) -> Result<(), StateError> {
+        self.journal.compact_now(&self.state)
     }
 }
 
@@ -171,105 +518,23 @@ pub fn gateway_of(pool: Ipv4Net) -> Ipv4Addr {
     pool.hosts().next().unwrap_or(pool.network())
 }
 
-#[cfg(test)]
-mod tests {
-    use std::fs;
-
-    use super::*;
-    use crate::model::Limit;
-
-    fn tempdir(tag: &str) -> PathBuf {
-        let d = std::env::temp_dir().join(format!("dpt-state-{tag}-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&d);
-        d
-    }
-
-    fn container(name: &str, id: u32, addr: Ipv4Addr) -> Container {
-        Container {
-            id,
-            name: name.into(),
-            netns: "/var/run/netns/x".into(),
-            ifname: "eth0".into(),
-            host_ifname: format!("dp{id:x}"),
-            addr,
-            publish: vec!["8080:80".parse().expect("valid")],
-            mac: "02:00:00:00:00:01".into(),
-            cgroup: Some("/sys/fs/cgroup/unified/web".into()),
-            cgroup_id: 4242,
-            limits: RateLimits {
-                egress: Some(Limit {
-                    rate_bps: 10_000_000,
-                    burst_bytes: 65_536,
-                }),
-                ingress: None,
-            },
+/// Removes the state kept in `dir` (snapshot and journal), and the
+/// directory if nothing else is in it.
+pub fn remove_all(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let mut removed = Vec::new();
+    for path in journal::files(dir)?
+        .into_iter()
+        .chain([dir.join(STATE_FILE)])
+    {
+        match std::fs::remove_file(&path) {
+            Ok(()) => removed.push(path),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
         }
     }
-
-    #[test]
-    fn a_state_file_without_cgroups_or_limits_still_loads() {
-        let old = r#"{"next_id": 2, "containers": {"web": {"id": 1, "name": "web",
-            "netns": "/var/run/netns/x", "ifname": "eth0", "host_ifname": "dp1",
-            "addr": "198.19.0.2", "publish": []}}}"#;
-        let st: State = serde_json::from_str(old).expect("an older state file loads");
-        let c = &st.containers["web"];
-        assert_eq!((&c.cgroup, c.cgroup_id), (&None, 0));
-        assert!(c.limits.is_empty());
-    }
-
-    #[test]
-    fn addresses_are_never_handed_out_twice() {
-        let pool: Ipv4Net = "198.19.0.0/29".parse().expect("valid");
-        let mut st = State::default();
-        let mut seen = Vec::new();
-        while let Some(a) = st.allocate_addr(pool) {
-            assert!(!seen.contains(&a));
-            assert_ne!(a, gateway_of(pool));
-            seen.push(a);
-            let id = st.take_id();
-            st.containers
-                .insert(format!("c{id}"), container("c", id, a));
-        }
-        // /29: 6 hosts minus the gateway.
-        assert_eq!(seen.len(), 5);
-        st.containers.remove("c2");
-        assert_eq!(st.allocate_addr(pool), Some(seen[1]));
-    }
-
-    #[test]
-    fn state_round_trips_through_the_file() {
-        let dir = tempdir("rt");
-        let store = StateStore::new(&dir);
-        assert_eq!(store.load().expect("empty"), State::default());
-        let mut st = State::default();
-        let id = st.take_id();
-        st.containers.insert(
-            "web".into(),
-            container("web", id, Ipv4Addr::new(198, 19, 0, 2)),
-        );
-        store.save(&st).expect("save");
-        assert_eq!(store.load().expect("load"), st);
-        assert!(!dir.join(format!(".{STATE_FILE}.tmp")).exists());
-        let _ = fs::remove_dir_all(&dir);
-    }
-
-    #[test]
-    fn a_truncated_state_file_is_reported_not_discarded() {
-        let dir = tempdir("corrupt");
-        let store = StateStore::new(&dir);
-        let mut st = State::default();
-        st.take_id();
-        store.save(&st).expect("save");
-        let bytes = fs::read(store.path()).expect("read");
-        fs::write(store.path(), &bytes[..bytes.len() / 2]).expect("truncate");
-        let err = store.load().expect_err("corrupt");
-        assert!(matches!(err, StateError::Corrupt { .. }));
-        assert!(err.to_string().contains("corrupt"), "{err}");
-        // The file is left for the operator.
-        assert_eq!(
-            fs::read(store.path()).expect("still there").len(),
-            bytes.len() / 2
-        );
-        let _ = fs::remove_dir_all(&dir);
-    }
+    let _ = std::fs::remove_dir(dir);
+    Ok(removed)
 }
+
+#[cfg(test)]
+mod tests;

@@ -162,7 +162,7 @@ pub struct FlowcoreResults {
 
 /// The modes the section compares: this datapath's TC hook and
 /// iptables (how Docker does it).
-fn compared(mode: Mode) -> bool {
+pub fn compared(mode: Mode) -> bool {
     matches!(mode, Mode::DatapathTc | Mode::Iptables)
 }
 
@@ -262,6 +262,12 @@ fn fill(bed: &Bed<'_>, plan: &Plan) -> Result<FillRow> {
     let node = bed.node();
     let target = bed.ingress(CONN_PORT);
     let secs = plan.flood.as_secs().max(1) + 1;
+    // Answers to the flood's random sources go through a gateway, as on a
+    // real node: unrouted, each would take an ARP entry of the machine-wide
+    // table, in every mode that answers them.
+    let gateway = node.client_addr().to_string();
+    node.node
+        .exec_ok("ip", ["route", "replace", "default", "via", &gateway]);
     let mut flood = node
         .client
         .enter(Command::new("timeout").args([
@@ -291,6 +297,7 @@ fn fill(bed: &Bed<'_>, plan: &Plan) -> Result<FillRow> {
     let r = connrate::measure(&node.client, &conn);
     let entries = entries(bed);
     let _ = flood.wait();
+    node.node.exec_ok("ip", ["route", "del", "default"]);
     let r = r?;
     Ok(FillRow {
         mode: bed.mode(),

@@ -1,7 +1,12 @@
 //! What the bench measures (the metric catalogue) and what it measured
 //! (samples per metric, mode and number of published ports).
 
-use crate::bench::{flowcore::FlowcoreResults, mode::Mode, ratelimit::RateRow, stats::Summary};
+use crate::bench::{
+    flowcore::FlowcoreResults,
+    mode::Mode,
+    ratelimit::{RateRow, RrRow},
+    stats::Summary,
+};
 
 /// Which way is better.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -19,6 +24,8 @@ pub enum Shape {
     Repeated,
     /// Many samples of one distribution (update times): p50 and p99.
     Distribution,
+    /// Many samples of one distribution: p50, p99 and the worst.
+    Tail,
 }
 
 /// Where a metric is reported.
@@ -30,7 +37,8 @@ pub enum Section {
     Cpu,
     /// Adding and removing one mapping.
     Update,
-    /// Adding and deleting containers.
+    /// The control plane at scale: changes, listings, restart and memory
+    /// with many containers and individually published ports.
     Control,
 }
 
@@ -102,8 +110,20 @@ pub mod metric {
         UPDATE_CLI_DEL = "update_cli_del", "Remove one mapping, `datapath container unpublish`", "ms", Lower, Distribution, Update;
         UPDATE_MAP_ADD = "update_map_add", "Insert one entry into the published-ports BPF map", "µs", Lower, Distribution, Update;
         UPDATE_MAP_DEL = "update_map_del", "Delete one entry from the published-ports BPF map", "µs", Lower, Distribution, Update;
-        CONTROL_ADD = "control_add", "Container add with one published port (API)", "ms", Lower, Distribution, Control;
-        CONTROL_DEL = "control_del", "Container delete (API)", "ms", Lower, Distribution, Control;
+        CP_PUBLISH = "cp_publish", "Publish one port (API), N individual mappings present", "ms", Lower, Tail, Control;
+        CP_UNPUBLISH = "cp_unpublish", "Unpublish one port (API), N individual mappings present", "ms", Lower, Tail, Control;
+        CP_PUBLISH_CLI = "cp_publish_cli", "Publish one port (`datapath container publish`), N individual mappings present", "ms", Lower, Tail, Control;
+        CP_UNPUBLISH_CLI = "cp_unpublish_cli", "Unpublish one port (`datapath container unpublish`), N individual mappings present", "ms", Lower, Tail, Control;
+        CP_PUBLISH_RANGE = "cp_publish_range", "Publish one port (API), N mappings present as one range", "ms", Lower, Tail, Control;
+        CP_UNPUBLISH_RANGE = "cp_unpublish_range", "Unpublish one port (API), N mappings present as one range", "ms", Lower, Tail, Control;
+        CP_BATCH = "cp_batch", "Publish N ports in one request (API), 10 mappings × 1,000 containers present", "ms", Lower, Tail, Control;
+        CONTROL_ADD = "control_add", "Container add with one published port (API), N containers present", "ms", Lower, Tail, Control;
+        CONTROL_DEL = "control_del", "Container delete (API), N containers present", "ms", Lower, Tail, Control;
+        CP_LIST = "cp_list", "`GET /v1/containers`, N containers present", "ms", Lower, Tail, Control;
+        CP_LIST_CLI = "cp_list_cli", "`datapath container list`, N containers present", "ms", Lower, Tail, Control;
+        CP_STATUS = "cp_status", "`GET /v1/status`, N containers present", "ms", Lower, Tail, Control;
+        CP_RESTART = "cp_restart", "Restart to ready: agent killed, started, API answering with everything adopted, N containers present", "ms", Lower, Tail, Control;
+        CP_RSS = "cp_rss", "Agent resident memory, N containers (10 mappings each) present", "MiB", Lower, Repeated, Control;
     }
 }
 
@@ -140,6 +160,8 @@ pub struct Results {
     pub not_quiet: usize,
     /// Rate-limit accuracy, one row per case.
     pub ratelimit: Vec<RateRow>,
+    /// Request/response latency through an ingress limit under load.
+    pub ratelimit_rr: Vec<RrRow>,
     /// The flow core under load.
     pub flowcore: FlowcoreResults,
     /// Pod to pod across nodes, and the cluster's control plane.

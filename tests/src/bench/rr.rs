@@ -135,6 +135,28 @@ impl RrResult {
 /// Runs transactions from `ns` to `target` for `duration` or `max`
 /// transactions, whichever comes first, over one connection.
 pub fn run(ns: &Netns, target: SocketAddrV4, duration: Duration, max: usize) -> Result<RrResult> {
+    transact(ns, target, duration, max, Duration::ZERO)
+}
+
+/// Runs one transaction every `gap` (plus its own time) from `ns` to
+/// `target` for `duration`, over one connection: latency-sensitive
+/// traffic that is light, not a flood.
+pub fn run_paced(
+    ns: &Netns,
+    target: SocketAddrV4,
+    duration: Duration,
+    gap: Duration,
+) -> Result<RrResult> {
+    transact(ns, target, duration, usize::MAX, gap)
+}
+
+fn transact(
+    ns: &Netns,
+    target: SocketAddrV4,
+    duration: Duration,
+    max: usize,
+    gap: Duration,
+) -> Result<RrResult> {
     ns.exec_closure(|| {
         pin();
         let (mut conn, _) =
@@ -149,6 +171,9 @@ pub fn run(ns: &Netns, target: SocketAddrV4, duration: Duration, max: usize) -> 
             conn.read_exact(&mut buf)
                 .with_context(|| format!("no answer from {target}"))?;
             lat.push(t.elapsed().as_secs_f64() * 1e6);
+            if !gap.is_zero() {
+                std::thread::sleep(gap);
+            }
         }
         let secs = start.elapsed().as_secs_f64();
         let cpu = CpuTimes::now().since(&before);

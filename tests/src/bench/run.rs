@@ -17,6 +17,7 @@ use crate::{
     bench::{
         bed::{Bed, CONN_PORT, IPERF_PORT, RR_PORT, UNDER_TEST},
         connrate,
+        control::ControlConfig,
         cpu::{QuietPolicy, wait_quiet},
         flowcore,
         iperf::{self, Test},
@@ -140,8 +141,8 @@ pub struct Config {
     pub sizes: Vec<usize>,
     /// Samples of each update time.
     pub update_samples: usize,
-    /// Containers added and deleted for the control-plane figures.
-    pub control_containers: usize,
+    /// The control plane at scale.
+    pub control: ControlConfig,
     /// Modes to set up.
     pub modes: Vec<Mode>,
     /// Data-path measurements to run.
@@ -150,6 +151,8 @@ pub struct Config {
     pub quiet: QuietPolicy,
     /// Rate-limit cases (empty: none).
     pub rate_cases: Vec<RateCase>,
+    /// Request/response-under-load cases of the rate limiter (empty: none).
+    pub rr_cases: Vec<RateCase>,
     /// Repetitions of each rate-limit case.
     pub rate_reps: usize,
     /// The most time spent waiting for quiet over the whole run (on a
@@ -174,7 +177,13 @@ impl Config {
             conn_threads: 2,
             sizes: vec![1_000, 10_000],
             update_samples: 20,
-            control_containers: 100,
+            control: ControlConfig {
+                enabled: true,
+                samples: 100,
+                containers: 1_000,
+                churn: 50,
+                restarts: 5,
+            },
             modes: Mode::ALL.to_vec(),
             kinds: Kind::ALL.to_vec(),
             quiet: QuietPolicy {
@@ -183,7 +192,8 @@ impl Config {
                 max_wait: Duration::from_secs(4),
             },
             quiet_budget: Duration::from_secs(150),
-            rate_cases: ratelimit::cases(&[10, 100, 1000], &[1, 4], 4),
+            rate_cases: ratelimit::cases(&[10, 100, 1000], &[1, 4], 5),
+            rr_cases: ratelimit::rr_cases(&[10, 100, 1000], 5),
             rate_reps: 2,
             flowcore: Some(flowcore::Plan::full(4)),
             cluster: Some(crate::bench::cluster::Plan::full()),
@@ -199,7 +209,13 @@ impl Config {
             window: Duration::from_millis(750),
             sizes: vec![10_000],
             update_samples: 6,
-            control_containers: 20,
+            control: ControlConfig {
+                enabled: true,
+                samples: 40,
+                containers: 1_000,
+                churn: 20,
+                restarts: 3,
+            },
             quiet: QuietPolicy {
                 min_idle: 0.8,
                 sample: Duration::from_millis(150),
@@ -207,6 +223,7 @@ impl Config {
             },
             quiet_budget: Duration::from_secs(20),
             rate_cases: ratelimit::cases(&[100], &[1], 3),
+            rr_cases: ratelimit::rr_cases(&[100], 3),
             rate_reps: 1,
             flowcore: Some(flowcore::Plan::quick(4)),
             cluster: Some(crate::bench::cluster::Plan::quick()),
@@ -245,11 +262,11 @@ impl<'b, 'n> Runner<'b, 'n> {
     }
 
     /// Everything. First the kinds that run with the base ports only,
-    /// then the control plane, then the scaling kinds: each repetition goes
-    /// through every size (base first), re-installing the filler ports, and
-    /// times a share of the update samples at each size. The sizes of one
-    /// mode are thus measured minutes apart, not a whole run apart. Last,
-    /// the rate-limit cases.
+    /// then the scaling kinds: each repetition goes through every size
+    /// (base first), re-installing the filler ports, and times a share of
+    /// the update samples at each size. The sizes of one mode are thus
+    /// measured minutes apart, not a whole run apart. Then the control
+    /// plane at scale (a node of its own), and last the rate-limit cases.
     pub fn run_all(&mut self) -> Result<()> {
         let kinds = self.cfg.kinds.clone();
         let (scaling, plain): (Vec<Kind>, Vec<Kind>) =
@@ -260,10 +277,12 @@ impl<'b, 'n> Runner<'b, 'n> {
             }
         }
         if !kinds.is_empty() {
-            self.control_plane()?;
             self.scaling(&scaling)?;
         }
-        if !self.cfg.rate_cases.is_empty() {
+        if self.cfg.control.enabled {
+            self.control_plane()?;
+        }
+        if !self.cfg.rate_cases.is_empty() || !self.cfg.rr_cases.is_empty() {
             self.ratelimit()?;
         }
         if self.cfg.flowcore.is_some() {
@@ -357,7 +376,8 @@ impl<'b, 'n> Runner<'b, 'n> {
         Ok(())
     }
 
-    /// The rate-limit cases, each on a fresh node of its own.
+    /// The rate-limit cases, then the request/response ones, each on a
+    /// fresh node of its own.
     fn ratelimit(&mut self) -> Result<()> {
         let cases = self.cfg.rate_cases.clone();
         let mut notes = Vec::new();
@@ -371,8 +391,20 @@ impl<'b, 'n> Runner<'b, 'n> {
             },
             &mut notes,
         )?;
+        let rr_cases = self.cfg.rr_cases.clone();
+        let rr_rows = ratelimit::run_rr(
+            &rr_cases,
+            self.cfg.rate_reps,
+            || {
+                check_interrupted()?;
+                self.wait_quiet();
+                Ok(())
+            },
+            &mut notes,
+        )?;
         self.results.notes.extend(notes);
         self.results.ratelimit = rows;
+        self.results.ratelimit_rr = rr_rows;
         Ok(())
     }
 
@@ -668,35 +700,13 @@ impl<'b, 'n> Runner<'b, 'n> {
         Ok(())
     }
 
-    /// Adds `control_containers` containers (one published port each) and
-    /// deletes them again through the API of every datapath bed.
+    /// The control plane at scale, in a node of its own.
     fn control_plane(&mut self) -> Result<()> {
-        self.flush_all();
-        let count = self.cfg.control_containers;
-        for bed in self.beds.iter().filter(|b| b.mode().is_datapath()) {
-            check_interrupted()?;
-            let mode = bed.mode();
-            let outcome = crate::bench::control::add_and_delete(bed, count);
-            match outcome {
-                Ok(times) => {
-                    for (add, del) in &times {
-                        self.results
-                            .record(&metric::CONTROL_ADD, mode, BASE_PORTS, *add);
-                        self.results
-                            .record(&metric::CONTROL_DEL, mode, BASE_PORTS, *del);
-                    }
-                    let adds: Vec<f64> = times.iter().map(|t| t.0).collect();
-                    println!(
-                        "control     : {mode}: {count} containers, add p50 {:.1} ms p99 {:.1} ms",
-                        percentile(&adds, 50.0),
-                        percentile(&adds, 99.0)
-                    );
-                }
-                Err(e) => self
-                    .results
-                    .notes
-                    .push(format!("{mode} control plane failed: {e:#}")),
-            }
+        check_interrupted()?;
+        if let Err(e) = crate::bench::control::run(&self.cfg.control, &mut self.results) {
+            self.results
+                .notes
+                .push(format!("control plane failed: {e:#}"));
         }
         Ok(())
     }

@@ -2,8 +2,10 @@
 //! and plain routing in namespace nodes; writes `bench/results/`.
 //!
 //! Run through the xtask (it builds the release agent and sets
-//! `DATAPATH_BIN`). Options, for working on the bench itself:
-//! `--modes route,datapath-tc`, `--only conn,rr,ratelimit,flowcore,cluster`, `--reps N`,
+//! `DATAPATH_BIN`; `cargo xtask bench --only ratelimit` runs the rate
+//! section alone, `--only flowcore` the conntrack one, `--only control` the
+//! control plane's, `--only cluster` the cluster's). Options, for working on the bench itself:
+//! `--modes route,datapath-tc`, `--only conn,rr,ratelimit,flowcore,control,cluster`, `--reps N`,
 //! `--sizes 1000,10000`, `--conn-threads N`, `--out DIR`.
 
 use std::{
@@ -49,6 +51,8 @@ struct Args {
     cfg: Config,
     out: PathBuf,
     command: String,
+    /// The sections chosen with `--only`, if not all.
+    only: Option<String>,
 }
 
 fn list<T>(value: Option<String>, what: &str, parse: impl Fn(&str) -> Option<T>) -> Result<Vec<T>> {
@@ -70,6 +74,8 @@ fn parse_args() -> Result<Args> {
     let mut ratelimit = None;
     let mut flowcore = None;
     let mut cluster = None;
+    let mut control_plane = None;
+    let mut only = None;
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--quick" => {
@@ -86,10 +92,11 @@ fn parse_args() -> Result<Args> {
                 let rate = value.split(',').any(|v| v.trim() == "ratelimit");
                 let flow = value.split(',').any(|v| v.trim() == "flowcore");
                 let clus = value.split(',').any(|v| v.trim() == "cluster");
+                let control = value.split(',').any(|v| v.trim() == "control");
                 let rest: Vec<&str> = value
                     .split(',')
                     .map(str::trim)
-                    .filter(|v| *v != "ratelimit" && *v != "flowcore" && *v != "cluster")
+                    .filter(|v| !["ratelimit", "flowcore", "control", "cluster"].contains(v))
                     .collect();
                 let k = if rest.is_empty() {
                     Vec::new()
@@ -97,10 +104,12 @@ fn parse_args() -> Result<Args> {
                     list(Some(rest.join(",")), "--only", Kind::parse)?
                 };
                 extra.push(format!("--only {value}"));
+                only = Some(value.clone());
                 kinds = Some(k);
                 ratelimit = Some(rate);
                 flowcore = Some(flow);
                 cluster = Some(clus);
+                control_plane = Some(control);
             }
             "--reps" => {
                 let r: usize = args.next().context("--reps needs a value")?.parse()?;
@@ -127,7 +136,7 @@ fn parse_args() -> Result<Args> {
             "-h" | "--help" => {
                 println!(
                     "bench [--quick] [--modes M,…] [--only KIND,…] [--reps N] [--sizes N,…] [--conn-threads N] [--out DIR]\n\
-                     modes: {}\nkinds: {},ratelimit,flowcore,cluster",
+                     modes: {}\nkinds: {},ratelimit,flowcore,control,cluster",
                     join(&Mode::ALL, Mode::name),
                     join(&Kind::ALL, Kind::name)
                 );
@@ -143,6 +152,7 @@ fn parse_args() -> Result<Args> {
     cfg.conn_threads = threads.unwrap_or(cfg.conn_threads);
     if ratelimit == Some(false) {
         cfg.rate_cases.clear();
+        cfg.rr_cases.clear();
     }
     if flowcore == Some(false) {
         cfg.flowcore = None;
@@ -153,8 +163,14 @@ fn parse_args() -> Result<Args> {
     if let Some(plan) = cfg.flowcore.as_mut() {
         plan.threads = cfg.conn_threads.max(plan.threads);
     }
+    if control_plane == Some(false) {
+        cfg.control.enabled = false;
+    }
     let quick = if quick { " --quick" } else { "" };
-    let command = if extra.is_empty() {
+    let command = if let Ok(command) = std::env::var("BENCH_COMMAND") {
+        // Run by `cargo xtask bench`, which says how.
+        command
+    } else if extra.is_empty() {
         format!("cargo xtask bench{quick}")
     } else {
         format!(
@@ -162,7 +178,12 @@ fn parse_args() -> Result<Args> {
             extra.join(" ")
         )
     };
-    Ok(Args { cfg, out, command })
+    Ok(Args {
+        cfg,
+        out,
+        command,
+        only,
+    })
 }
 
 fn join<T: Copy, S: ToString>(items: &[T], f: impl Fn(T) -> S) -> String {
@@ -201,9 +222,23 @@ fn real_main() -> Result<()> {
         cfg.sizes
     );
 
-    let nodes: Vec<_> = cfg.modes.iter().map(|m| bed::node_for(*m)).collect();
+    // The rate and control-plane sections (`--only ratelimit,control`)
+    // build their own nodes; the conntrack section alone (`--only
+    // flowcore`) needs only the modes it compares.
+    let modes: Vec<Mode> = if !cfg.kinds.is_empty() {
+        cfg.modes.clone()
+    } else if cfg.flowcore.is_some() {
+        cfg.modes
+            .iter()
+            .copied()
+            .filter(|m| datapath_tests::bench::flowcore::compared(*m))
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let nodes: Vec<_> = modes.iter().map(|m| bed::node_for(*m)).collect();
     let mut beds = Vec::new();
-    for (i, (mode, node)) in cfg.modes.iter().zip(&nodes).enumerate() {
+    for (i, (mode, node)) in modes.iter().zip(&nodes).enumerate() {
         let bed =
             Bed::new(*mode, node, 16 + i as u8).with_context(|| format!("setting up {mode}"))?;
         println!("set up {mode}: {}", bed.describe());
@@ -221,10 +256,18 @@ fn real_main() -> Result<()> {
     let json = serde_json::to_string_pretty(&report::json(&meta, &cfg, &results))?;
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;
+    // A run of some sections only goes to files of its own, so that it
+    // never replaces the results of a whole run.
+    let part = args
+        .only
+        .as_deref()
+        .map(|o| format!("-{}", o.replace(',', "+")))
+        .unwrap_or_default();
     let kind = if cfg.quick { "quick" } else { "full" };
     let stamp = meta.started.replace([':', '-'], "");
     let latest = if cfg.quick { "latest-quick" } else { "latest" };
-    for name in [format!("{stamp}-{kind}"), latest.to_owned()] {
+    let (kind, latest) = (format!("{kind}{part}"), format!("{latest}{part}"));
+    for name in [format!("{stamp}-{kind}"), latest.clone()] {
         for (ext, text) in [("md", &md), ("json", &json)] {
             let path = args.out.join(format!("{name}.{ext}"));
             std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;

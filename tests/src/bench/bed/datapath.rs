@@ -86,11 +86,12 @@ impl Backend for AgentBackend<'_> {
             self.api.del_container(FILLER)?;
             self.fillers = 0;
         }
-        let mut ports = filler_ports(n);
-        if let (Some(first), Some(last)) = (ports.next(), ports.last()) {
-            let spec = format!("{first}-{last}:{first}-{last}");
+        // Individual mappings, as Docker and CNI portmap publish them (in
+        // one request: the control-plane section times one at a time).
+        let specs: Vec<String> = filler_ports(n).map(|p| format!("{p}:{p}")).collect();
+        if !specs.is_empty() {
             self.api
-                .add_container(FILLER, self.filler_ns.name(), &[spec])?;
+                .add_container(FILLER, self.filler_ns.name(), &specs)?;
         }
         self.fillers = n;
         Ok(())
