@@ -8,8 +8,8 @@ use hyper_util::rt::TokioIo;
 use serde::de::DeserializeOwned;
 
 use super::wire::{
-    AddContainer, ApiError, ContainerInfo, Flow, FlowQuery, Flushed, MAX_PORTS_BODY, NodeInfo, PortRequest,
-    SPLIT_PORTS, Specs, Status, UpdateContainer, too_large,
+    AddContainer, ApiError, ContainerInfo, Flow, FlowQuery, Flushed, MAX_PORTS_BODY, NodeInfo,
+    PortRequest, SPLIT_PORTS, Specs, Status, UpdateContainer, too_large,
 };
 
 /// Errors of the API client.

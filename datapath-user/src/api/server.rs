@@ -16,8 +16,8 @@ use axum::{
 use serde::Deserialize;
 
 use super::wire::{
-    AddContainer, ApiError, ContainerInfo, Flow, FlowQuery, Flushed, MAX_BODY, MAX_PORTS_BODY, NodeInfo,
-    PortRequest, SPLIT_PORTS, Status, UpdateContainer,
+    AddContainer, ApiError, ContainerInfo, Flow, FlowQuery, Flushed, MAX_BODY, MAX_PORTS_BODY,
+    NodeInfo, PortRequest, SPLIT_PORTS, Status, UpdateContainer,
 };
 
 /// What the API's routes are served by (the agent). Every method answers
