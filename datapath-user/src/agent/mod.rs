@@ -240,6 +240,9 @@ impl Agent {
         };
         reconcile::reconcile(&mut agent.lifecycle()).await?;
         agent.reserve_ports();
+        // From now on each change carries the reservation it leads to.
+        let snat = reserved::snat_range(&agent.node);
+        agent.store.set_reserver(reserved::reserver(snat));
         Ok(agent)
     }
 
@@ -275,7 +278,6 @@ impl Agent {
         match command {
             Command::Add(req, reply) => {
                 let result = self.lifecycle().add(req).await;
-                self.reserve_ports();
                 self.answer(&publish, reply, result);
             }
             Command::Update(name, req, reply) => {
@@ -284,17 +286,14 @@ impl Agent {
             }
             Command::Delete(name, reply) => {
                 let result = self.lifecycle().delete(&name).await;
-                self.reserve_ports();
                 self.answer(&publish, reply, result);
             }
             Command::Publish(name, specs, force, reply) => {
                 let result = self.ports().publish(&name, &specs, force).await;
-                self.reserve_ports();
                 self.answer(&publish, reply, result);
             }
             Command::Unpublish(name, specs, reply) => {
                 let result = self.ports().unpublish(&name, &specs).await;
-                self.reserve_ports();
                 self.answer(&publish, reply, result);
             }
             // Flows are read live, not from the snapshot.
@@ -305,10 +304,11 @@ impl Agent {
     }
 
     /// Brings the node's reserved ports in line with what is published and
-    /// masqueraded ([`reserved`]). A failure is logged: the datapath works
+    /// masqueraded ([`reserved`]), at start (every change after that does
+    /// it in its own record). A failure is logged: the datapath works
     /// without it.
     fn reserve_ports(&mut self) {
-        let wanted = reserved::wanted(&self.node, &self.store);
+        let wanted = reserved::wanted(reserved::snat_range(&self.node), self.store.state());
         if let Err(e) = reserved::apply(&wanted, &mut self.store) {
             tracing::warn!("reserve the published ports: {e:#}");
         }

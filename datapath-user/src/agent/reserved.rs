@@ -11,18 +11,17 @@ use super::Node;
 use crate::{
     model::ports::PortSet,
     net::sockets,
-    store::{Change, Store},
+    store::{Change, Reserver, State, Store},
 };
 
-/// The ports the agent wants reserved: the masquerade range (when it
-/// masquerades) and every published host port.
-pub fn wanted(node: &Node, store: &Store) -> PortSet {
+/// The ports the agent wants reserved: the masquerade range `snat` (when
+/// it masquerades) and every published host port of `state`.
+pub fn wanted(snat: Option<(u16, u16)>, state: &State) -> PortSet {
     let mut ports = PortSet::default();
-    if node.cfg.masquerade {
-        let (lo, hi) = node.cfg.snat_ports;
+    if let Some((lo, hi)) = snat {
         ports.extend(&PortSet::range(lo, hi));
     }
-    for c in store.containers().values() {
+    for c in state.containers().values() {
         for m in &c.publish {
             for (hp, _) in m.ports() {
                 ports.insert(hp);
@@ -30,6 +29,21 @@ pub fn wanted(node: &Node, store: &Store) -> PortSet {
         }
     }
     ports
+}
+
+/// What keeps the reservation in line with each change of the store (in
+/// that change's record): the agent's masquerade range `snat`, if it
+/// masquerades, and the published ports.
+pub fn reserver(snat: Option<(u16, u16)>) -> Reserver {
+    Reserver::new(move |state| {
+        reserve(&wanted(snat, state), state.reserved_ports()).map_err(|e| format!("{e:#}"))
+    })
+}
+
+/// The masquerade range the agent reserves: `--snat-ports` when it
+/// masquerades.
+pub fn snat_range(node: &Node) -> Option<(u16, u16)> {
+    node.cfg.masquerade.then_some(node.cfg.snat_ports)
 }
 
 /// Makes the reservation `wanted`: adds what is missing, gives back what

@@ -424,6 +424,28 @@ pub struct Store {
     state: State,
     journal: Journal,
     ipam: Option<Ipam>,
+    reserver: Option<Reserver>,
+}
+
+/// Keeps the node's reserved ports in line with each change: given the
+/// state a change leads to, reserves what it needs and returns the ports
+/// that are then the agent's, recorded in the change's own record.
+pub struct Reserver(Box<ReserveFn>);
+
+/// What a [`Reserver`] calls.
+type ReserveFn = dyn FnMut(&State) -> Result<PortSet, String> + Send;
+
+impl Reserver {
+    /// A reserver calling `f`.
+    pub fn new(f: impl FnMut(&State) -> Result<PortSet, String> + Send + 'static) -> Self {
+        Self(Box::new(f))
+    }
+}
+
+impl std::fmt::Debug for Reserver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Reserver")
+    }
 }
 
 impl Store {
@@ -435,6 +457,7 @@ impl Store {
             state,
             journal,
             ipam: None,
+            reserver: None,
         })
     }
 
@@ -458,6 +481,11 @@ impl Store {
         self.journal.dir()
     }
 
+    /// Follows every change with `reserver` from now on.
+    pub fn set_reserver(&mut self, reserver: Reserver) {
+        self.reserver = Some(reserver);
+    }
+
     /// A fresh container id and the lowest free address of `pool` for it;
     /// `None` if the pool is full. The address is taken once a container
     /// with it is committed.
@@ -477,7 +505,10 @@ impl Store {
     /// in memory. Changes that do not apply (a bug of the caller) are
     /// refused before anything is written; a record that cannot be
     /// written leaves the state as it was.
-    pub fn commit(&mut self, changes: Vec<Change>) -> Result<(), StateError> {
+    ///
+    /// With a [`Reserver`], the reserved ports the change leads to go into
+    /// the same record.
+    pub fn commit(&mut self, mut changes: Vec<Change>) -> Result<(), StateError> {
         if changes.is_empty() {
             return Ok(());
         }
@@ -487,6 +518,20 @@ impl Store {
                 reason,
                 dir: self.journal.dir().to_owned(),
             })?;
+        }
+        if let Some(Reserver(reserve)) = &mut self.reserver {
+            match reserve(&next) {
+                Ok(ports) if ports != *next.reserved_ports() => {
+                    let change = Change::ReservedPorts { ports };
+                    next.apply(&change).map_err(|reason| StateError::Refused {
+                        reason,
+                        dir: self.journal.dir().to_owned(),
+                    })?;
+                    changes.push(change);
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!("reserve the published ports: {e}"),
+            }
         }
         self.journal.append(&next, &changes)?;
         if let Some(ipam) = &mut self.ipam {
