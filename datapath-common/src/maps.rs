@@ -46,6 +46,11 @@ pub mod names {
     /// the node CIDRs of the other nodes of the cluster and where their
     /// overlay endpoints are.
     pub const PEERS: &str = "PEERS";
+    /// LPM trie of IPv4 prefixes (a `u32` prefix length, then four address
+    /// bytes in wire order) → `u8` 1: destinations container traffic keeps
+    /// its source address for (`--non-masquerade-cidr`): it goes to the
+    /// node's stack untranslated.
+    pub const NON_MASQUERADE: &str = "NON_MASQUERADE";
     /// [`crate::ratelimit::RateKey`] (ingress) →
     /// [`crate::ratelimit::RateFlows`]: the TCP sockets sharing an ingress
     /// limit's receive windows.
@@ -55,7 +60,7 @@ pub mod names {
     pub const CLOCK: &str = "CLOCK";
 
     /// Every map the agent pins, in a stable order.
-    pub const ALL: [&str; 14] = [
+    pub const ALL: [&str; 15] = [
         CONFIG,
         SERVICES,
         ENDPOINTS,
@@ -69,6 +74,7 @@ pub mod names {
         RATE_STATS,
         RATE_CGROUPS,
         PEERS,
+        NON_MASQUERADE,
         RATE_FLOWS,
     ];
 }
@@ -117,6 +123,8 @@ pub mod capacity {
     pub const RATE_LIMITS: u32 = 8_192;
     /// Other nodes of a cluster.
     pub const PEERS: u32 = 4_096;
+    /// Non-masquerade destination prefixes.
+    pub const NON_MASQUERADE: u32 = 64;
 }
 
 /// The overlay between the nodes of a cluster: VXLAN (RFC 7348).

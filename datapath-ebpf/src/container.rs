@@ -226,7 +226,7 @@ fn new_flow(
         return PASS;
     }
     let dst = flow.key.daddr;
-    if cfg.in_pool(dst) || dst == cfg.gateway_addr {
+    if cfg.in_pool(dst) || dst == cfg.gateway_addr || maps::non_masquerade(dst) {
         return PASS;
     }
     *req = NewFlow {
@@ -277,7 +277,11 @@ fn new_flow(
 #[inline(always)]
 fn masqueraded(ctx: &TcContext, cfg: &Config, ifindex: u32, key: &CtKey) -> bool {
     let dst = key.daddr;
-    if cfg.flags & CONFIG_F_SNAT == 0 || cfg.in_pool(dst) || dst == cfg.gateway_addr {
+    if cfg.flags & CONFIG_F_SNAT == 0
+        || cfg.in_pool(dst)
+        || dst == cfg.gateway_addr
+        || maps::non_masquerade(dst)
+    {
         return false;
     }
     if cfg.flags & CONFIG_F_FIB == 0 {

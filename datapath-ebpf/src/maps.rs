@@ -85,6 +85,23 @@ pub fn scratch() -> Option<&'static mut Scratch> {
 #[btf_map]
 pub static STATS: PerCpuArray<u64, { STAT_COUNT as usize }> = PerCpuArray::new();
 
+/// Destinations container traffic keeps its source address for
+/// (`--non-masquerade-cidr`): prefix → 1.
+#[btf_map]
+pub static NON_MASQUERADE: aya_ebpf::btf_maps::LpmTrie<
+    [u8; 4],
+    u8,
+    { capacity::NON_MASQUERADE as usize },
+> = aya_ebpf::btf_maps::LpmTrie::new();
+
+/// Whether traffic to `addr` keeps the container's source address.
+#[inline(always)]
+pub fn non_masquerade(addr: [u8; 4]) -> bool {
+    NON_MASQUERADE
+        .get(&aya_ebpf::btf_maps::lpm_trie::Key::new(32, addr))
+        .is_some()
+}
+
 /// Adds one to counter `stat` on this CPU.
 #[inline(always)]
 pub fn count(stat: Stat) {

@@ -1,18 +1,19 @@
 //! cgroup v2 directories, as rate limits name them: where the cgroup2
-//! hierarchy is mounted, and a directory in it resolved to its canonical
-//! path and id.
+//! hierarchy is mounted, and a directory in it located (it may not exist
+//! yet) and, once it exists, resolved to its canonical path and id.
 //!
 //! A cgroup is given as a directory of the cgroup2 hierarchy. An absolute
 //! path inside the cgroup2 mount is taken as it is; anything else is taken
 //! under the cgroup2 mount (`web1`, or `/machine.slice/web1` the way
 //! container runtimes write cgroup paths). The cgroup2 mount is found in
 //! `/proc/self/mountinfo` (`/sys/fs/cgroup` on a unified hierarchy,
-//! `/sys/fs/cgroup/unified` on a hybrid one).
+//! `/sys/fs/cgroup/unified` on a hybrid one). A path with `..`, or one that
+//! names a place outside the mount, is refused ([`locate_in`]).
 
 use std::{
     fs,
     os::unix::fs::MetadataExt,
-    path::{Path, PathBuf},
+    path::{Component, Path, PathBuf},
 };
 
 /// The cgroup given is not one a limit can apply to.
@@ -44,6 +45,14 @@ pub enum CgroupError {
         /// The cgroup2 mount.
         mount: PathBuf,
     },
+    /// The path names a place outside the cgroup2 hierarchy.
+    #[error("{} is outside the cgroup2 hierarchy (mounted at {}): give a cgroup v2 directory, or a path under the mount", path.display(), mount.display())]
+    Outside {
+        /// The path.
+        path: PathBuf,
+        /// The cgroup2 mount.
+        mount: PathBuf,
+    },
     /// The cgroup2 root itself.
     #[error("{} is the cgroup2 root: limits apply to a container's own cgroup, never to the root", path.display())]
     Root {
@@ -53,6 +62,12 @@ pub enum CgroupError {
     /// An empty name.
     #[error("an empty cgroup name")]
     Empty,
+    /// A path with a `..` component.
+    #[error("cgroup {spec:?}: a cgroup path may not contain \"..\"")]
+    DotDot {
+        /// What was given.
+        spec: String,
+    },
     /// The directory could not be examined.
     #[error("{}: {source}", path.display())]
     Io {
@@ -120,83 +135,189 @@ pub struct CgroupDir {
     pub id: u64,
 }
 
-/// Resolves `spec` (see the module documentation) to a cgroup v2 directory
-/// other than the root.
+/// A cgroup located in the cgroup2 hierarchy, which may not exist yet:
+/// container runtimes set up the network before the OCI runtime creates
+/// the container's cgroup.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Located {
+    /// Its path: canonical where it exists, otherwise the canonical path of
+    /// its nearest existing ancestor joined with the rest.
+    pub path: PathBuf,
+    /// Its id, if it exists now.
+    pub id: Option<u64>,
+}
+
+/// Resolves `spec` (see the module documentation) to an existing cgroup v2
+/// directory other than the root.
 pub fn resolve_cgroup(spec: &str) -> Result<CgroupDir, CgroupError> {
     resolve_cgroup_in(spec, &cgroup2_mount()?)
 }
 
 /// [`resolve_cgroup`] with a given cgroup2 mount point.
 pub fn resolve_cgroup_in(spec: &str, mount: &Path) -> Result<CgroupDir, CgroupError> {
+    let located = locate_in(spec, mount)?;
+    match located.id {
+        Some(id) => Ok(CgroupDir {
+            path: located.path,
+            id,
+        }),
+        None => Err(CgroupError::NotFound {
+            spec: spec.to_owned(),
+            tried: located.path,
+            mount: canonical_mount(mount)?,
+        }),
+    }
+}
+
+/// Locates `spec` (see the module documentation) in the cgroup2 hierarchy,
+/// whether or not the cgroup exists yet.
+pub fn locate(spec: &str) -> Result<Located, CgroupError> {
+    locate_in(spec, &cgroup2_mount()?)
+}
+
+fn canonical_mount(mount: &Path) -> Result<PathBuf, CgroupError> {
+    fs::canonicalize(mount).map_err(|source| CgroupError::Io {
+        path: mount.to_owned(),
+        source,
+    })
+}
+
+/// [`locate`] with a given cgroup2 mount point.
+///
+/// Refused: an empty spec, a spec with a `..` component, an absolute path
+/// naming a place outside the cgroup2 mount (one whose nearest existing
+/// ancestor, `/` aside, lies outside it), a path that leaves the mount
+/// through a symbolic link, anything that is not a directory of the
+/// cgroup2 filesystem, and the cgroup2 root itself.
+pub fn locate_in(spec: &str, mount: &Path) -> Result<Located, CgroupError> {
     if spec.trim().is_empty() {
         return Err(CgroupError::Empty);
     }
-    let mount = fs::canonicalize(mount).map_err(|source| CgroupError::Io {
-        path: mount.to_owned(),
-        source,
-    })?;
     let given = Path::new(spec);
-    let candidate = if given.is_absolute() {
-        if given.starts_with(&mount) {
-            given.to_owned()
-        } else if given.exists() {
-            return Err(CgroupError::NotCgroup2 {
-                path: given.to_owned(),
-                mount,
-            });
-        } else {
-            // Runtimes write cgroup paths from the hierarchy's root.
-            mount.join(given.strip_prefix("/").unwrap_or(given))
-        }
-    } else {
-        mount.join(given)
-    };
-    let path = match fs::canonicalize(&candidate) {
-        Ok(p) => p,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Err(CgroupError::NotFound {
-                spec: spec.to_owned(),
-                tried: candidate,
-                mount,
-            });
-        }
-        Err(source) => {
-            return Err(CgroupError::Io {
-                path: candidate,
-                source,
-            });
-        }
-    };
-    let not_cgroup2 = || CgroupError::NotCgroup2 {
-        path: path.clone(),
+    if given.components().any(|c| c == Component::ParentDir) {
+        return Err(CgroupError::DotDot {
+            spec: spec.to_owned(),
+        });
+    }
+    let mount = canonical_mount(mount)?;
+    let outside = |path: &Path| CgroupError::Outside {
+        path: path.to_owned(),
         mount: mount.clone(),
     };
-    if !path.starts_with(&mount) {
-        return Err(not_cgroup2());
+    // Normal components only: `.` and repeated separators are dropped.
+    let relative = |p: &Path| -> PathBuf {
+        p.components()
+            .filter(|c| matches!(c, Component::Normal(_)))
+            .collect()
+    };
+    let candidate = if given.is_absolute() {
+        if given.starts_with(&mount) {
+            mount.join(relative(given.strip_prefix(&mount).unwrap_or(given)))
+        } else {
+            // Runtimes write cgroup paths from the hierarchy's root
+            // (`/machine.slice/web1`), but a path that names an existing
+            // place outside the mount (`/sys/fs/cgroup/memory/x`, `/etc/x`)
+            // is a mistake, not a cgroup.
+            if let Some(existing) = nearest_existing(given)
+                && existing != Path::new("/")
+            {
+                return Err(outside(given));
+            }
+            mount.join(relative(given))
+        }
+    } else {
+        mount.join(relative(given))
+    };
+    if candidate == mount {
+        return Err(CgroupError::Root { path: mount });
     }
-    let meta = fs::metadata(&path).map_err(|source| CgroupError::Io {
-        path: path.clone(),
+    let Some(existing) = nearest_existing(&candidate) else {
+        return Err(outside(&candidate));
+    };
+    let real = fs::canonicalize(&existing).map_err(|source| CgroupError::Io {
+        path: existing.clone(),
+        source,
+    })?;
+    if !real.starts_with(&mount) {
+        return Err(outside(&candidate));
+    }
+    let path = match candidate.strip_prefix(&existing) {
+        Ok(rest) if !rest.as_os_str().is_empty() => real.join(rest),
+        _ => real.clone(),
+    };
+    if path == mount {
+        return Err(CgroupError::Root { path });
+    }
+    check_cgroup2_dir(&real, &mount)?;
+    let id = if existing == candidate {
+        Some(dir_id(&real, &mount)?)
+    } else {
+        None
+    };
+    Ok(Located { path, id })
+}
+
+/// The nearest ancestor of `path` (itself included) that exists.
+pub fn nearest_existing(path: &Path) -> Option<PathBuf> {
+    path.ancestors()
+        .find(|p| !p.as_os_str().is_empty() && fs::symlink_metadata(p).is_ok())
+        .map(Path::to_owned)
+}
+
+/// The id of the cgroup at `path` (a path [`locate`] gave), or `None` if
+/// it does not exist (now).
+pub fn lookup(path: &Path) -> Result<Option<u64>, CgroupError> {
+    let mount = canonical_mount(&cgroup2_mount()?)?;
+    match fs::symlink_metadata(path) {
+        Ok(_) => {
+            check_cgroup2_dir(path, &mount)?;
+            dir_id(path, &mount).map(Some)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(CgroupError::Io {
+            path: path.to_owned(),
+            source,
+        }),
+    }
+}
+
+/// Checks that `path` is a directory of the cgroup2 filesystem.
+fn check_cgroup2_dir(path: &Path, mount: &Path) -> Result<(), CgroupError> {
+    let not_cgroup2 = || CgroupError::NotCgroup2 {
+        path: path.to_owned(),
+        mount: mount.to_owned(),
+    };
+    let meta = fs::metadata(path).map_err(|source| CgroupError::Io {
+        path: path.to_owned(),
         source,
     })?;
     if !meta.is_dir() {
         return Err(not_cgroup2());
     }
-    let fs_type = nix::sys::statfs::statfs(&path)
+    let fs_type = nix::sys::statfs::statfs(path)
         .map_err(|e| CgroupError::Io {
-            path: path.clone(),
+            path: path.to_owned(),
             source: e.into(),
         })?
         .filesystem_type();
     if fs_type != nix::sys::statfs::CGROUP2_SUPER_MAGIC {
         return Err(not_cgroup2());
     }
+    Ok(())
+}
+
+/// The id (inode) of the cgroup2 directory `path`.
+fn dir_id(path: &Path, mount: &Path) -> Result<u64, CgroupError> {
+    let meta = fs::metadata(path).map_err(|source| CgroupError::Io {
+        path: path.to_owned(),
+        source,
+    })?;
     if path == mount {
-        return Err(CgroupError::Root { path });
+        return Err(CgroupError::Root {
+            path: path.to_owned(),
+        });
     }
-    Ok(CgroupDir {
-        id: meta.ino(),
-        path,
-    })
+    Ok(meta.ino())
 }
 
 #[cfg(test)]
@@ -232,5 +353,33 @@ mod tests {
             cgroup2_mount_in("25 30 0:23 / /sys rw - sysfs sysfs rw\n"),
             None
         );
+    }
+
+    #[test]
+    fn dot_dot_and_places_outside_the_mount_are_refused() {
+        // Refused before the filesystem is asked: any directory will do as
+        // the mount.
+        let mount = std::env::temp_dir();
+        for spec in ["../x", "a/../b", "/machine.slice/../../etc", ".."] {
+            assert!(
+                matches!(locate_in(spec, &mount), Err(CgroupError::DotDot { .. })),
+                "{spec}: {:?}",
+                locate_in(spec, &mount)
+            );
+        }
+        // An absolute path naming an existing place outside the mount.
+        for spec in ["/etc/passwd-not-a-cgroup", "/proc/self"] {
+            assert!(
+                matches!(locate_in(spec, &mount), Err(CgroupError::Outside { .. })),
+                "{spec}: {:?}",
+                locate_in(spec, &mount)
+            );
+        }
+        assert!(matches!(locate_in(" ", &mount), Err(CgroupError::Empty)));
+        // Inside the mount, but not a cgroup2 filesystem.
+        assert!(matches!(
+            locate_in("web1/child", &mount),
+            Err(CgroupError::NotCgroup2 { .. })
+        ));
     }
 }

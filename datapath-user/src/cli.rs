@@ -1,10 +1,13 @@
 //! The `datapath` command line: the agent daemon and the client verbs, in
-//! the style of `ip` and `docker`.
+//! the style of `ip` and `docker`; the agent's flags can also come from its
+//! configuration file ([`config`]).
+
+pub mod config;
 
 use std::{net::Ipv4Addr, path::PathBuf, time::Duration};
 
 use anyhow::Context as _;
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory as _, Parser, Subcommand};
 use datapath_common::ct::Timeouts;
 use ipnet::Ipv4Net;
 
@@ -148,10 +151,26 @@ pub struct AgentArgs {
     /// Forward kernel-side debug logs (costly under floods).
     #[arg(long)]
     pub kernel_debug_logs: bool,
+    /// Traffic from containers to this CIDR keeps its source address and
+    /// goes to the node's stack (repeatable): a Kubernetes cluster's pod and
+    /// service CIDRs, for kube-proxy or the node's routes to handle.
+    #[arg(long = "non-masquerade-cidr", value_name = "CIDR")]
+    pub non_masquerade_cidr: Vec<Ipv4Net>,
+    /// The configuration file (every flag is a key; flags win)
+    /// [default: /etc/datapath/agent.toml, if it exists].
+    #[arg(long, value_name = "PATH")]
+    pub config: Option<PathBuf>,
+    /// Check the configuration (file and flags), print the one that results,
+    /// and exit without starting.
+    #[arg(long)]
+    pub check_config: bool,
     /// Instead of running: remove every program, link, pin, veth and state
     /// file an agent with these paths made, and exit.
     #[arg(long)]
     pub cleanup: bool,
+    /// What `--check-config` prints (set by [`parse`]).
+    #[arg(skip)]
+    pub effective: Option<String>,
 }
 
 /// `datapath container …`.
@@ -185,6 +204,10 @@ pub enum ContainerCmd {
         cgroup: Option<String>,
         #[command(flatten)]
         limits: LimitArgs,
+        /// MTU of both ends of the veth pair (default: the agent's `--mtu`,
+        /// or the uplink's).
+        #[arg(long)]
+        mtu: Option<u32>,
     },
     /// Change a container's rate limits at once, without losing a flow.
     Update {
@@ -327,6 +350,34 @@ pub enum ConntrackCmd {
     },
 }
 
+/// Parses the command line of this process, the agent's configuration file
+/// included (see [`config`]). A command line clap refuses (or `--help`)
+/// exits the process with clap's message, as [`Parser::parse`] does.
+pub fn parse() -> Result<Cli, config::ConfigError> {
+    parse_from(std::env::args_os().collect())
+}
+
+/// [`parse`] of `args` (the program name first).
+pub fn parse_from(args: Vec<std::ffi::OsString>) -> Result<Cli, config::ConfigError> {
+    let cmd = Cli::command();
+    let loaded = config::load(&cmd, args)?;
+    let mut cli = Cli::parse_from(&loaded.args);
+    if let Command::Agent(agent) = &mut cli.command
+        && agent.check_config
+    {
+        let table = config::effective(&cmd, &loaded.args).unwrap_or_else(|e| e.exit());
+        let source = loaded.path.as_deref().map_or_else(
+            || "no configuration file".to_owned(),
+            |p| format!("{} and the command line", p.display()),
+        );
+        agent.effective = Some(format!(
+            "# datapath agent: the configuration from {source} (flags win)\n{}",
+            toml::to_string(&table).unwrap_or_default()
+        ));
+    }
+    Ok(cli)
+}
+
 impl AgentArgs {
     fn config(&self) -> AgentConfig {
         let secs = |d: Duration| u32::try_from(d.as_secs().max(1)).unwrap_or(u32::MAX);
@@ -356,6 +407,7 @@ impl AgentArgs {
                 udp_stream: secs(self.ct_timeout_udp_stream),
                 icmp: secs(self.ct_timeout_icmp),
             },
+            non_masquerade: self.non_masquerade_cidr.iter().map(|n| n.trunc()).collect(),
             // aya-log levels: 3 info, 4 debug.
             log_level: if self.kernel_debug_logs { 4 } else { 3 },
             cluster: (!self.cluster_store.is_empty()).then(|| ClusterConfig {
@@ -382,10 +434,17 @@ fn host_name() -> String {
 /// Runs the agent until SIGINT or SIGTERM (or, with `--cleanup`, removes
 /// what one made).
 pub async fn run_agent(args: &AgentArgs, socket: PathBuf) -> anyhow::Result<()> {
+    let cfg = args.config();
     if args.cleanup {
-        return agent::cleanup(&args.config()).await;
+        return agent::cleanup(&cfg).await;
     }
-    agent::run(args.config(), &socket, shutdown_signal()).await
+    cfg.validate()
+        .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
+    if args.check_config {
+        print!("{}", args.effective.as_deref().unwrap_or_default());
+        return Ok(());
+    }
+    agent::run(cfg, &socket, shutdown_signal()).await
 }
 
 /// Completes on SIGINT or SIGTERM.
@@ -406,10 +465,24 @@ async fn shutdown_signal() {
     tracing::info!("shutting down; programs stay attached and maps pinned");
 }
 
+/// What `container add` says of limits whose cgroup does not exist yet.
+fn pending_note(c: &ContainerInfo) -> String {
+    format!(
+        "rate limits pending: {} does not exist yet; they apply as soon as it appears",
+        c.cgroup
+            .as_deref()
+            .map_or_else(String::new, |p| p.display().to_string())
+    )
+}
+
 /// The rate limit lines of `datapath container list` for one container.
 fn print_limits(c: &ContainerInfo) {
     if let Some(cg) = &c.cgroup {
-        println!("  cgroup {}", cg.display());
+        if c.pending {
+            println!("  cgroup {} (pending)", cg.display());
+        } else {
+            println!("  cgroup {}", cg.display());
+        }
     }
     for (dir, limit, n) in [
         ("egress", c.limits.egress, c.counters.egress),
@@ -494,6 +567,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             force,
             cgroup,
             limits,
+            mtu,
         }) => {
             if let Some(file) = &publish_file {
                 publish.extend(read_specs(file)?);
@@ -509,6 +583,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     ingress_rate: limits.ingress_rate,
                     egress_burst: limits.egress_burst,
                     ingress_burst: limits.ingress_burst,
+                    mtu,
                     force,
                 })
                 .await?;
@@ -516,6 +591,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 "{} {} via {} ({})",
                 info.name, info.addr, info.gateway, info.host_ifname
             );
+            if info.pending {
+                println!("{}", pending_note(&info));
+            }
             Ok(())
         }
         Command::Container(ContainerCmd::Update { name, limits }) => {

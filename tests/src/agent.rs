@@ -73,6 +73,7 @@ pub struct AgentBuilder<'n> {
     pool: Option<String>,
     args: Vec<String>,
     cgroup_root: Option<PathBuf>,
+    command: Option<Vec<String>>,
     env: Vec<(String, String)>,
     state_tmpfs: Option<String>,
 }
@@ -112,9 +113,22 @@ impl<'n> AgentBuilder<'n> {
         self
     }
 
+    /// Runs `datapath WORDS…` instead of `datapath agent` (e.g. a systemd
+    /// unit's `ExecStart`, after the binary); the harness's flags (uplink,
+    /// pool, paths) and [`AgentBuilder::args`] follow, and win over a
+    /// configuration file the words name.
+    pub fn command<I, S>(mut self, words: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.command = Some(words.into_iter().map(Into::into).collect());
+        self
+    }
+
     /// Sets an environment variable of the agent process.
-    pub fn env(mut self, key: &str, value: &str) -> Self {
-        self.env.push((key.to_owned(), value.to_owned()));
+    pub fn env(mut self, key: &str, value: impl Into<String>) -> Self {
+        self.env.push((key.to_owned(), value.into()));
         self
     }
 
@@ -129,9 +143,7 @@ impl<'n> AgentBuilder<'n> {
     /// Starts the agent and waits for its API socket.
     pub fn start(self) -> Agent<'n> {
         let mut agent = self.spawn();
-        if let Err(e) = agent.wait_ready() {
-            panic!("{e}");
-        }
+        agent.wait_api();
         agent
     }
 
@@ -140,15 +152,13 @@ impl<'n> AgentBuilder<'n> {
     pub fn start_all(builders: Vec<Self>) -> Vec<Agent<'n>> {
         let mut agents: Vec<Agent<'n>> = builders.into_iter().map(Self::spawn).collect();
         for agent in &mut agents {
-            if let Err(e) = agent.wait_ready() {
-                panic!("{e}");
-            }
+            agent.wait_api();
         }
         agents
     }
 
-    /// Starts the agent process, without waiting for it.
-    fn spawn(self) -> Agent<'n> {
+    /// Starts the agent without waiting for it ([`Agent::wait_api`] does).
+    pub fn spawn(self) -> Agent<'n> {
         let bin = datapath_bin();
         sys::ensure_bpffs();
         // Named after the node, so that its leftovers are the node's.
@@ -180,6 +190,7 @@ impl<'n> AgentBuilder<'n> {
             pool: self.pool,
             args: self.args,
             cgroup_root: self.cgroup_root,
+            command: self.command,
             env: self.env,
             state_mounted: self.state_tmpfs.is_some(),
             bpffs_dir,
@@ -202,6 +213,7 @@ pub struct Agent<'n> {
     pool: Option<String>,
     args: Vec<String>,
     cgroup_root: Option<PathBuf>,
+    command: Option<Vec<String>>,
     env: Vec<(String, String)>,
     state_mounted: bool,
     bpffs_dir: PathBuf,
@@ -222,6 +234,7 @@ impl<'n> Agent<'n> {
             )),
             args: Vec::new(),
             cgroup_root: None,
+            command: None,
             env: Vec::new(),
             state_tmpfs: None,
         }
@@ -235,10 +248,11 @@ impl<'n> Agent<'n> {
     /// The agent's own arguments (after `datapath`): `agent`, its paths,
     /// pool and the builder's extra arguments.
     fn agent_args(&self) -> Vec<std::ffi::OsString> {
-        let mut args: Vec<std::ffi::OsString> = ["agent", "--uplink", UPLINK]
-            .iter()
-            .map(Into::into)
-            .collect();
+        let mut args: Vec<std::ffi::OsString> = match &self.command {
+            Some(words) => words.iter().map(Into::into).collect(),
+            None => vec!["agent".into()],
+        };
+        args.extend(["--uplink", UPLINK].iter().map(Into::into));
         if let Some(pool) = &self.pool {
             args.push("--pool".into());
             args.push(pool.into());
@@ -275,6 +289,14 @@ impl<'n> Agent<'n> {
             enter_cgroup2_stand_in(&mut cmd, stand_in, &mount);
         }
         self.child = Some(self.node.node.spawn(&mut cmd));
+    }
+
+    /// Waits for the API socket; panics with the agent's log if it exits
+    /// first or is too slow.
+    pub fn wait_api(&mut self) {
+        if let Err(e) = self.wait_ready() {
+            panic!("{e}");
+        }
     }
 
     /// Waits for the API socket; if the agent exits first (it is reaped)

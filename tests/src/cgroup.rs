@@ -22,10 +22,12 @@ use std::{
 use crate::{names, sys};
 
 /// A cgroup `dpt-<unique id>` under the cgroup2 root; its processes are
-/// killed and the directory removed on drop.
+/// killed and the directory removed on drop (unless it is someone else's:
+/// [`Cgroup::attach`]).
 #[derive(Debug)]
 pub struct Cgroup {
     path: PathBuf,
+    owned: bool,
 }
 
 impl Cgroup {
@@ -35,7 +37,16 @@ impl Cgroup {
         let path = root.join(names::unique_name());
         std::fs::create_dir(&path)
             .unwrap_or_else(|e| panic!("creating cgroup {}: {e}", path.display()));
-        Self { path }
+        Self { path, owned: true }
+    }
+
+    /// A handle on a cgroup2 directory someone else made and removes (a
+    /// container runtime's): processes join it like any other, and
+    /// dropping the handle leaves it and its processes alone.
+    pub fn attach(path: impl Into<PathBuf>) -> Self {
+        let path = path.into();
+        assert!(path.is_dir(), "no cgroup at {}", path.display());
+        Self { path, owned: false }
     }
 
     /// The cgroup's directory.
@@ -69,7 +80,7 @@ impl Cgroup {
         let path = self.path.join(name);
         std::fs::create_dir(&path)
             .unwrap_or_else(|e| panic!("creating cgroup {}: {e}", path.display()));
-        Self { path }
+        Self { path, owned: true }
     }
 
     /// The processes in the cgroup.
@@ -108,6 +119,9 @@ impl Default for Cgroup {
 
 impl Drop for Cgroup {
     fn drop(&mut self) {
+        if !self.owned {
+            return;
+        }
         self.kill_all();
         // An exited process leaves the cgroup only once reaped by its
         // parent; retry the removal for a moment.
@@ -147,5 +161,41 @@ pub fn join_on_exec<'c>(cmd: &'c mut Command, dir: &Path) -> &'c mut Command {
             }
             Ok(())
         })
+    }
+}
+
+/// Mount points of every cgroup hierarchy (v1 and v2).
+pub fn cgroup_mounts() -> Vec<PathBuf> {
+    std::fs::read_to_string("/proc/mounts")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.len() > 2 && (f[2] == "cgroup" || f[2] == "cgroup2")).then(|| PathBuf::from(f[1]))
+        })
+        .collect()
+}
+
+/// Removes the cgroup `path` (from the hierarchies' root, e.g.
+/// `/dpt-1-podman`) and every cgroup below it, in every hierarchy: what a
+/// container runtime a test drove left under the parent it was given.
+pub fn remove_everywhere(path: &str) {
+    for root in cgroup_mounts() {
+        remove_tree(&root.join(path.trim_start_matches('/')));
+    }
+}
+
+/// Removes a cgroup directory and its children (rmdir, deepest first).
+fn remove_tree(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        if e.file_type().is_ok_and(|t| t.is_dir()) {
+            remove_tree(&e.path());
+        }
+    }
+    if let Err(e) = std::fs::remove_dir(dir) {
+        eprintln!("warning: rmdir {}: {e}", dir.display());
     }
 }

@@ -13,7 +13,9 @@
 //!   clients of real traffic) and [`inspect`] (bpftool and `ip` views of
 //!   what the agent made); [`ratebench`] (iperf3 runners and the rate
 //!   limiter's benchmark against tc tbf); [`cluster`] (an underlay switch,
-//!   nodes on it and etcd, for cluster mode).
+//!   nodes on it and etcd, for cluster mode); [`sandbox`] (a node-like mount
+//!   namespace for programs run with their default paths: the README's
+//!   commands, containerd).
 //! * [`bench`] compares the datapath with iptables, nftables and plain
 //!   routing (`cargo xtask bench`).
 //!
@@ -37,6 +39,7 @@ pub mod node;
 pub mod packet;
 pub mod programs;
 pub mod ratebench;
+pub mod sandbox;
 pub mod sys;
 pub mod testbed;
 pub mod traffic;

@@ -456,14 +456,20 @@ pub struct Goodput {
 /// Measures [`Goodput`] over `window` of the busiest connection to `port`
 /// in `ns`; `None` if there is no connection or it went away meanwhile.
 pub fn receiver_goodput(ns: &Netns, port: u16, window: Duration) -> Option<Goodput> {
-    let busiest = |conns: Vec<TcpReceived>| conns.into_iter().max_by_key(|c| c.bytes);
-    let first = busiest(tcp_received(ns, port))?;
-    let start = Instant::now();
+    // Each sample is dated at the middle of the `ss` run that took it: on
+    // a loaded machine one run can take a good part of a second, and
+    // dating a sample by its end only would shorten or stretch the window.
+    let sample = || {
+        let before = Instant::now();
+        let conns = tcp_received(ns, port);
+        (conns, before + before.elapsed() / 2)
+    };
+    let (conns, t0) = sample();
+    let first = conns.into_iter().max_by_key(|c| c.bytes)?;
     std::thread::sleep(window);
-    let last = tcp_received(ns, port)
-        .into_iter()
-        .find(|c| c.peer == first.peer)?;
-    let secs = start.elapsed().as_secs_f64();
+    let (conns, t1) = sample();
+    let last = conns.into_iter().find(|c| c.peer == first.peer)?;
+    let secs = t1.duration_since(t0).as_secs_f64();
     Some(Goodput {
         bps: (last.bytes.saturating_sub(first.bytes)) as f64 * 8.0 / secs,
         peer: first.peer,

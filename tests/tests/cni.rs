@@ -5,7 +5,7 @@
 
 use std::{
     io::Write,
-    net::Ipv4Addr,
+    net::{Ipv4Addr, SocketAddr},
     path::PathBuf,
     process::Stdio,
     sync::atomic::{AtomicU32, Ordering},
@@ -281,9 +281,17 @@ fn attach_and_check_result(version: &str) {
         "{result:#}"
     );
     assert_eq!(ifaces[1]["sandbox"], ctr.path().display().to_string());
-    assert_eq!(ifaces[1]["mtu"], 1500);
     let ips = result["ips"].as_array().expect("ips");
     assert_eq!(ips.len(), 1, "{result:#}");
+    if version.starts_with("0.") {
+        // The format before 1.0.0: each address names its IP version, and
+        // interfaces have no MTU.
+        assert_eq!(ips[0]["version"], "4", "{result:#}");
+        assert!(ifaces[1].get("mtu").is_none(), "{result:#}");
+    } else {
+        assert!(ips[0].get("version").is_none(), "{result:#}");
+        assert_eq!(ifaces[1]["mtu"], 1500);
+    }
     assert_eq!(ips[0]["address"], format!("{addr}/32"));
     assert_eq!(ips[0]["gateway"], gateway);
     assert_eq!(ips[0]["interface"], 1);
@@ -357,15 +365,135 @@ fn add_check_del_with_a_1_0_0_result() {
 }
 
 #[test]
-fn version_lists_the_supported_versions() {
+fn add_check_del_with_a_0_4_0_result() {
+    // podman 3 and containerd before 1.7 ask for 0.4.0.
+    attach_and_check_result("0.4.0");
+}
+
+#[test]
+fn version_lists_the_supported_versions_and_never_echoes_another() {
     let node = Node::new();
     let (_agent, plugin) = agent_and_plugin(&node);
-    let run = plugin.exec_raw(&[("CNI_COMMAND", "VERSION")], br#"{"cniVersion":"1.0.0"}"#);
-    run.ok();
-    assert_eq!(
-        run.json(),
-        json!({"cniVersion": "1.0.0", "supportedVersions": ["1.0.0", "1.1.0"]})
-    );
+    let supported = json!(["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"]);
+    for (asked, answered) in [
+        ("1.0.0", "1.0.0"),
+        ("0.4.0", "0.4.0"),
+        ("0.2.0", "1.1.0"),
+        ("9.9.9", "1.1.0"),
+    ] {
+        let stdin = format!(r#"{{"cniVersion":"{asked}"}}"#);
+        let run = plugin.exec_raw(&[("CNI_COMMAND", "VERSION")], stdin.as_bytes());
+        run.ok();
+        assert_eq!(
+            run.json(),
+            json!({"cniVersion": answered, "supportedVersions": supported}),
+            "asked {asked}"
+        );
+    }
+    // A configuration of a version it does not speak is code 1.
+    let (ctr, id) = attachment(&node, "old");
+    let mut conf = plugin.conf.clone();
+    conf["cniVersion"] = json!("0.2.0");
+    plugin
+        .exec("ADD", &id, Some(&ctr), &conf)
+        .err_saying(1, "0.4.0");
+}
+
+#[test]
+fn check_compares_network_namespaces_by_identity_not_by_path_text() {
+    let node = Node::new();
+    let (_agent, plugin) = agent_and_plugin(&node);
+    let (ctr, id) = attachment(&node, "ident");
+    let var_run = ctr.path().display().to_string();
+    let run_path = var_run.replacen("/var/run/", "/run/", 1);
+    assert_ne!(run_path, var_run, "the harness names netns under /var/run");
+    let exec = |command: &str, netns: &str, conf: &Value| {
+        plugin.exec_raw(
+            &[
+                ("CNI_COMMAND", command),
+                ("CNI_CONTAINERID", id.as_str()),
+                ("CNI_IFNAME", "eth0"),
+                ("CNI_PATH", "/nonexistent"),
+                ("CNI_NETNS", netns),
+            ],
+            conf.to_string().as_bytes(),
+        )
+    };
+    // ADD through /run/netns, CHECK through /var/run/netns: one namespace.
+    let add = exec("ADD", &run_path, &plugin.conf);
+    add.ok();
+    let result = add.json();
+    assert_eq!(result["interfaces"][1]["sandbox"], run_path);
+    let with_prev = Plugin::with_prev(&plugin.conf, &result);
+    assert_eq!(exec("CHECK", &var_run, &with_prev).ok(), "");
+    assert_eq!(exec("CHECK", &run_path, &with_prev).ok(), "");
+    // Another namespace is still told apart.
+    let other = node.add_container_netns("other");
+    let other_path = other.path().display().to_string();
+    exec("CHECK", &other_path, &with_prev).err(999);
+    assert_eq!(exec("DEL", &var_run, &with_prev).ok(), "");
+}
+
+#[test]
+fn a_retried_add_whose_read_back_fails_keeps_the_attachment_it_found() {
+    let node = Node::new();
+    let (agent, plugin) = agent_and_plugin(&node);
+    let (ctr, id) = attachment(&node, "retry");
+    let first = plugin.add(&id, &ctr, &plugin.conf);
+    let host = first["interfaces"][0]["name"]
+        .as_str()
+        .expect("host veth")
+        .to_owned();
+    // Something renames the interface: the retried ADD finds the agent's
+    // container but cannot read the interface back.
+    ctr.exec_ok("ip", ["link", "set", "eth0", "name", "eth9"]);
+    plugin
+        .exec("ADD", &id, Some(&ctr), &plugin.conf)
+        .err_saying(999, "eth0");
+    // The attachment the first ADD made is still there, whole.
+    let list = agent.containers();
+    assert_eq!(list.len(), 1, "the retried ADD removed the attachment");
+    assert_eq!(list[0].host_ifname, host);
+    assert!(node_has_link(&node, &host), "{host} was deleted");
+    ctr.exec_ok("ip", ["link", "set", "eth9", "name", "eth0"]);
+    let again = plugin.add(&id, &ctr, &plugin.conf);
+    assert_eq!(again["ips"], first["ips"]);
+    let with_prev = Plugin::with_prev(&plugin.conf, &again);
+    assert_eq!(plugin.exec("CHECK", &id, Some(&ctr), &with_prev).ok(), "");
+}
+
+#[test]
+fn the_mtu_key_sets_both_ends_of_the_veth_and_the_result() {
+    let node = Node::new();
+    let (agent, plugin) = agent_and_plugin(&node);
+    let (ctr, id) = attachment(&node, "mtu");
+    let mut conf = plugin.conf.clone();
+    conf["mtu"] = json!(1400);
+    let result = plugin.add(&id, &ctr, &conf);
+    let host = result["interfaces"][0]["name"]
+        .as_str()
+        .expect("host veth")
+        .to_owned();
+    assert_eq!(result["interfaces"][0]["mtu"], 1400, "{result:#}");
+    assert_eq!(result["interfaces"][1]["mtu"], 1400, "{result:#}");
+    let mtu_of = |ns: &Netns, dev: &str| -> Value {
+        let out = ns.exec_ok("ip", ["-j", "link", "show", "dev", dev]);
+        serde_json::from_str::<Value>(&out).expect("ip -j link")[0]["mtu"].clone()
+    };
+    assert_eq!(mtu_of(&ctr, "eth0"), 1400);
+    assert_eq!(mtu_of(&node.node, &host), 1400);
+    assert_eq!(agent.containers()[0].json["mtu"], 1400);
+    let with_prev = Plugin::with_prev(&conf, &result);
+    assert_eq!(plugin.exec("CHECK", &id, Some(&ctr), &with_prev).ok(), "");
+    assert_eq!(plugin.exec("DEL", &id, Some(&ctr), &with_prev).ok(), "");
+    // One the kernel cannot take is an invalid configuration.
+    for bad in [0, 67, 70_000] {
+        conf["mtu"] = json!(bad);
+        plugin
+            .exec("ADD", &id, Some(&ctr), &conf)
+            .err_saying(7, "mtu");
+    }
+    assert!(agent.containers().is_empty());
 }
 
 #[test]
@@ -488,8 +616,8 @@ fn bad_configurations_get_the_specifications_error_codes() {
     run.err(6);
     // 1: a version this plugin does not speak.
     let mut old = plugin.conf.clone();
-    old["cniVersion"] = json!("0.3.1");
-    add(&old).err_saying(1, "1.0.0, 1.1.0");
+    old["cniVersion"] = json!("0.2.0");
+    add(&old).err_saying(1, "0.4.0, 1.0.0, 1.1.0");
     // 7: a subnet other than the agent's pool.
     let mut subnet = plugin.conf.clone();
     subnet["ipam"] = json!({"type": "host-local", "subnet": "198.18.128.0/24"});
@@ -767,4 +895,102 @@ fn bandwidth_limits_reach_the_agent_hold_the_traffic_and_go_with_del() {
         .exec("DEL", &id, Some(&ctr), &Plugin::with_prev(&conf, &result))
         .ok();
     assert!(agent.containers().is_empty());
+}
+
+/// Kubernetes semantics on one node: the agent started with the cluster's
+/// service CIDR and another node's pod CIDR as `--non-masquerade-cidr`
+/// (and `--allow-direct-routing`, so the other node's answers reach the
+/// pod); a pod attached through the plugin with a `hostPort` and a
+/// `hostIP`, as kubelet's CRI passes them.
+#[test]
+fn kubernetes_pods_keep_their_address_to_cluster_cidrs_and_host_ports_bind_their_host_ip() {
+    const SERVICE_CIDR: &str = "198.18.64.0/18";
+    const SERVICE_IP: &str = "198.18.64.10";
+    const REMOTE_PODS: &str = "198.18.128.0/24";
+    const REMOTE_POD: &str = "198.18.128.7";
+    const HOST_IP: &str = "198.18.0.3";
+    let node = Node::new();
+    // A second node address for the hostIP; a service address on the
+    // node's own stack (where kube-proxy would translate it); the other
+    // node's pods behind the client.
+    node.node.exec_ok(
+        "ip",
+        ["addr", "add", &format!("{HOST_IP}/24"), "dev", node::UPLINK],
+    );
+    node.node.exec_ok(
+        "ip",
+        ["addr", "add", &format!("{SERVICE_IP}/32"), "dev", "lo"],
+    );
+    node.node.exec_ok(
+        "ip",
+        [
+            "route",
+            "add",
+            REMOTE_PODS,
+            "via",
+            &node.client_addr().to_string(),
+        ],
+    );
+    node.client.exec_ok(
+        "ip",
+        ["addr", "add", &format!("{REMOTE_POD}/32"), "dev", "lo"],
+    );
+    let agent = Agent::builder(&node)
+        .args([
+            "--non-masquerade-cidr",
+            SERVICE_CIDR,
+            "--non-masquerade-cidr",
+            REMOTE_PODS,
+            "--allow-direct-routing",
+        ])
+        .start();
+    node.route_from_client_via_node(agent.pool());
+    let plugin = Plugin::new(&agent, "k8s-datapath", "1.0.0");
+    let (pod, id) = attachment(&node, "pod");
+    let conf = plugin.with_runtime(json!({"portMappings": [
+        {"hostPort": 8080, "containerPort": 80, "protocol": "tcp", "hostIP": HOST_IP}
+    ]}));
+    let result = plugin.add(&id, &pod, &conf);
+    let pod_addr = result["ips"][0]["address"]
+        .as_str()
+        .and_then(|a| a.split('/').next())
+        .expect("the pod's address")
+        .to_owned();
+    let seen_by = |server: &str, addr: SocketAddr| -> String {
+        let body = http_get(&pod, addr, "/").unwrap_or_else(|e| panic!("{server}: {e}"));
+        body.split("hello ")
+            .nth(1)
+            .and_then(|p| p.split(':').next())
+            .unwrap_or_else(|| panic!("{server}: {body:?}"))
+            .to_owned()
+    };
+
+    // Pod to service: to the node's stack, with the pod's own address.
+    let _svc = Server::http(&node.node, 7000, "svc");
+    let to_service = format!("{SERVICE_IP}:7000").parse().expect("an address");
+    assert_eq!(seen_by("service", to_service), pod_addr);
+    // Pod to a pod of another node: routed by the node, address kept.
+    let _remote = Server::http(&node.client, 7001, "remote");
+    let to_remote = format!("{REMOTE_POD}:7001").parse().expect("an address");
+    assert_eq!(seen_by("remote pod", to_remote), pod_addr);
+    // Anywhere else: masqueraded to the node's address.
+    let _out = Server::http(&node.client, 7002, "out");
+    assert_eq!(
+        seen_by("outside", node.client_port(7002)),
+        node.node_addr().to_string()
+    );
+
+    // The hostPort answers on its hostIP, and only there.
+    let _web = Server::http(&pod, 80, "web");
+    let on_host_ip: SocketAddr = format!("{HOST_IP}:8080").parse().expect("an address");
+    let body = http_get(&node.client, on_host_ip, "/").expect("the hostPort on its hostIP");
+    assert!(
+        body.starts_with("web port 80: hello 198.18.0.1:"),
+        "{body:?}"
+    );
+    assert_refused(
+        &node.client,
+        node.node_port(8080),
+        "the hostPort on another address",
+    );
 }

@@ -134,17 +134,19 @@ fn new_flows_keep_being_admitted_with_the_agent_killed_for_several_timeouts() {
     let _lock = TrafficLock::acquire();
     agent.kill();
 
-    // DNS-like queries (each from a new socket: a new flow and one of 100
-    // masquerade ports) and short connections to a published port, for at
-    // least six one-second timeouts: the 300 queries need the ports of
-    // expired flows, and the connections' closed flows must make way.
+    // DNS-like queries (each from a new socket: a new flow) and short
+    // connections to a published port, for at least six one-second
+    // timeouts. The queries cycle through 100 source ports, so each of the
+    // 300 comes back to a tuple whose flow the kernel must expire first
+    // (20 rounds of at least 90 ms apart: more than the timeout), and the
+    // connections' closed flows must make way.
     let dns = node.client_port(5300);
     let web = node.node_port(8080);
     let start = Instant::now();
-    let (mut queries, mut conns) = (0, 0);
+    let (mut queries, mut conns) = (0u16, 0);
     while queries < 300 || start.elapsed() < Duration::from_secs(6) {
         for _ in 0..5 {
-            udp_request_within(&ctr, 0, dns, b"query", IO_TIMEOUT)
+            udp_request_within(&ctr, 40_000 + queries % 100, dns, b"query", IO_TIMEOUT)
                 .unwrap_or_else(|e| panic!("query {queries} with the agent down: {e}"));
             queries += 1;
         }

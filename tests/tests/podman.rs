@@ -11,6 +11,7 @@
 use std::{
     ffi::OsStr,
     fs,
+    net::Ipv4Addr,
     os::unix::fs::symlink,
     path::{Path, PathBuf},
     process::{Command, Output},
@@ -19,10 +20,14 @@ use std::{
 
 use datapath_tests::{
     agent::{Agent, datapath_bin},
-    inspect::assert_no_firewall,
+    cgroup::{Cgroup, remove_everywhere},
+    inspect::{self, assert_no_firewall},
+    lock::TrafficLock,
     names,
     netns::{Netns, which},
     node::Node,
+    ratebench::{Iperf3Options, assert_report, receive_in, send_from},
+    sys,
     traffic::{IO_TIMEOUT, Server, UdpPinger},
     wait,
 };
@@ -56,7 +61,7 @@ impl<'n> Podman<'n> {
         let _ = fs::remove_dir_all(&dir);
         let p = Self {
             node,
-            cgroup_parent: format!("/{tag}"),
+            cgroup_parent: cgroup_parent(node),
             rootfs: dir.join("rootfs"),
             dir,
         };
@@ -202,9 +207,7 @@ impl Drop for Podman<'_> {
             );
         }
         // The parent cgroup (and conmon's) in every hierarchy, deepest first.
-        for root in cgroup_mounts() {
-            remove_tree(&root.join(self.cgroup_parent.trim_start_matches('/')));
-        }
+        remove_everywhere(&self.cgroup_parent);
         if let Err(e) = fs::remove_dir_all(&self.dir)
             && e.kind() != std::io::ErrorKind::NotFound
         {
@@ -213,35 +216,14 @@ impl Drop for Podman<'_> {
     }
 }
 
+/// The cgroup (from the hierarchies' root) podman puts the containers of
+/// `node`'s test under: `/dpt-<node id>-podman`.
+fn cgroup_parent(node: &Node) -> String {
+    format!("/{}{}-podman", names::PREFIX, node.id())
+}
+
 fn mkdir(path: &Path) {
     fs::create_dir_all(path).unwrap_or_else(|e| panic!("mkdir {}: {e}", path.display()));
-}
-
-/// Mount points of every cgroup hierarchy (v1 and v2).
-fn cgroup_mounts() -> Vec<PathBuf> {
-    fs::read_to_string("/proc/mounts")
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            (f.len() > 2 && (f[2] == "cgroup" || f[2] == "cgroup2")).then(|| PathBuf::from(f[1]))
-        })
-        .collect()
-}
-
-/// Removes a cgroup directory and its children (rmdir, deepest first).
-fn remove_tree(dir: &Path) {
-    let Ok(entries) = fs::read_dir(dir) else {
-        return;
-    };
-    for e in entries.flatten() {
-        if e.file_type().is_ok_and(|t| t.is_dir()) {
-            remove_tree(&e.path());
-        }
-    }
-    if let Err(e) = fs::remove_dir(dir) {
-        eprintln!("warning: rmdir {}: {e}", dir.display());
-    }
 }
 
 /// `curl` from the client namespace until it answers (the server may still
@@ -410,4 +392,139 @@ fn a_podman_container_that_exits_is_detached_and_reattached_on_start() {
     );
     podman.ok(["rm", "-f", "-t", "0", &name]);
     assert!(agent.containers().is_empty());
+}
+
+/// The agent's rate limiter link pins.
+fn rate_pins(agent: &Agent<'_>) -> Vec<String> {
+    fs::read_dir(agent.bpffs_dir().join("links"))
+        .map(|rd| {
+            rd.filter_map(Result::ok)
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with("rate_"))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Waits until the agent holds exactly one container whose limits are
+/// applied (not pending), and returns it.
+fn applied(agent: &Agent<'_>) -> Value {
+    let mut last = Vec::new();
+    let done = wait::within(Duration::from_secs(10), || {
+        last = agent.containers();
+        last.len() == 1 && last[0].json["pending"] == false
+    });
+    assert!(done, "the limits were never applied: {last:#?}");
+    last[0].json.clone()
+}
+
+/// The rate limits in the conflist, the way the `bandwidth` plugin takes
+/// them: bits per second and bits.
+const RATE_BPS: u64 = 20_000_000;
+/// A 1 MiB bucket, in bits (buckets of 1 MB and more hold the rate best:
+/// see `ratebench::EGRESS_BAND`).
+const BURST_BITS: u64 = 8 * 1024 * 1024;
+/// Both directions must be measured within ±10% of the rate.
+const BAND: (f64, f64) = (0.9, 1.1);
+
+/// What a podman user does for limits: the rate keys and a `cgroup`
+/// template in the conflist, then `podman run -p`. podman calls ADD before
+/// runc creates the container's cgroup, so the limits are pending at
+/// first and applied when it appears; `podman stop` removes the
+/// attachment and `podman start` makes it again, limits included; `podman
+/// rm` leaves nothing.
+#[test]
+fn podman_limits_from_the_conflist_hold_through_stop_and_start_and_go_with_rm() {
+    let node = Node::new();
+    let agent = Agent::start(&node);
+    let parent = cgroup_parent(&node);
+    let podman = Podman::new(
+        &agent,
+        "dpnet",
+        &json!({
+            "egressRate": RATE_BPS,
+            "egressBurst": BURST_BITS,
+            "ingressRate": RATE_BPS,
+            "ingressBurst": BURST_BITS,
+            "cgroup": format!("{parent}/libpod-{{containerID}}"),
+        }),
+    );
+    let name = format!("{}{}-lim", names::PREFIX, node.id());
+    let id = podman.run_container(
+        &name,
+        "dpnet",
+        "5201:5201",
+        &["/bin/busybox", "sleep", "600"],
+    );
+    let root = sys::cgroup2_root().expect("cgroup2 is mounted");
+    let dir = root
+        .join(parent.trim_start_matches('/'))
+        .join(format!("libpod-{id}"));
+    let c = applied(&agent);
+    assert_eq!(c["cgroup"], dir.display().to_string(), "{c:#}");
+    assert_eq!(c["limits"]["egress"]["rate_bps"], RATE_BPS, "{c:#}");
+    assert_eq!(
+        c["limits"]["egress"]["burst_bytes"],
+        BURST_BITS / 8,
+        "{c:#}"
+    );
+    assert_eq!(c["limits"]["ingress"]["rate_bps"], RATE_BPS, "{c:#}");
+    assert_eq!(rate_pins(&agent).len(), 3, "{:?}", rate_pins(&agent));
+
+    // The container's own cgroup and namespace: what the limiter sees of
+    // its processes.
+    let measure = |what: &str, ingress: bool| {
+        let ctr = Netns::attach(podman.sandbox(&name));
+        let cg = Cgroup::attach(&dir);
+        let _lock = TrafficLock::acquire();
+        let report = if ingress {
+            let target = (Ipv4Addr::UNSPECIFIED, node.node_port(5201));
+            receive_in(
+                &node,
+                &ctr,
+                Some(&cg),
+                target,
+                &Iperf3Options::measured_ingress(),
+            )
+        } else {
+            send_from(&node, &ctr, Some(&cg), &Iperf3Options::measured())
+        }
+        .unwrap_or_else(|e| panic!("{what}: {e}"));
+        assert_report(what, &report, RATE_BPS as f64, BAND);
+    };
+    measure("podman egress", false);
+    measure("podman ingress through -p 5201:5201", true);
+
+    // podman stop: the cgroup goes and podman's cleanup detaches the
+    // container; podman start attaches it again, limits included.
+    podman.ok(["stop", "-t", "0", &name]);
+    let detached = wait::within(Duration::from_secs(10), || agent.containers().is_empty());
+    assert!(
+        detached,
+        "still attached after stop: {:#?}",
+        agent.containers()
+    );
+    assert_eq!(rate_pins(&agent), Vec::<String>::new());
+    podman.ok(["start", &name]);
+    let c = applied(&agent);
+    assert_eq!(c["limits"]["egress"]["rate_bps"], RATE_BPS, "{c:#}");
+    let buckets = inspect::map_dump(&agent, "RATE_LIMITS");
+    let id_now = std::os::unix::fs::MetadataExt::ino(&fs::metadata(&dir).expect("the cgroup"));
+    assert!(
+        buckets.len() == 2 && buckets.iter().all(|b| b["key"]["cgroup_id"] == id_now),
+        "{buckets:#?}"
+    );
+    measure("podman egress after stop and start", false);
+
+    // podman rm: nothing of the container or its limits is left.
+    podman.ok(["rm", "-f", "-t", "0", &name]);
+    assert!(agent.containers().is_empty(), "{:#?}", agent.containers());
+    assert_eq!(rate_pins(&agent), Vec::<String>::new());
+    assert_eq!(
+        inspect::map_dump(&agent, "RATE_LIMITS"),
+        Vec::<Value>::new()
+    );
+    assert_eq!(inspect::map_dump(&agent, "RATE_STATS"), Vec::<Value>::new());
+    assert!(!dir.exists(), "{} survived podman rm", dir.display());
+    assert_no_firewall(&node.node, "after podman rm");
 }

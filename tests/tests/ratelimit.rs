@@ -18,6 +18,7 @@ use datapath_tests::{
     fixture::Deployment,
     inspect,
     lock::TrafficLock,
+    names,
     node::Node,
     ratebench::{
         EGRESS_BAND, Goodput, INGRESS_BAND, Iperf3Client, Iperf3Options, Iperf3Report,
@@ -85,18 +86,46 @@ fn bad_limits_are_refused_with_clear_errors_and_nothing_is_applied() {
     let cg = Cgroup::new();
     let cgroup = cg_arg(&cg);
     let root = sys::cgroup2_root().expect("cgroup2 is mounted");
-    let missing = format!("{}/dpt-no-such-cgroup", root.display());
+    let dotted = format!("{cgroup}/../{}", names::unique_name());
+    let other_hierarchy = format!(
+        "{}/{}",
+        root.parent().unwrap_or(&root).display(),
+        names::unique_name()
+    );
+    let file = format!("{cgroup}/cgroup.procs");
     let cases: Vec<(Vec<&str>, &str)> = vec![
         (
-            vec!["--cgroup", &missing, "--egress-rate", "10mbit"],
-            "does not exist",
-        ),
-        (
             vec!["--cgroup", "/tmp", "--egress-rate", "10mbit"],
-            "not a cgroup v2 directory",
+            "outside the cgroup2 hierarchy",
         ),
         (
-            vec!["--cgroup", "/proc", "--egress-rate", "10mbit"],
+            vec!["--cgroup", "/proc/self", "--egress-rate", "10mbit"],
+            "outside the cgroup2 hierarchy",
+        ),
+        // Even where it would not exist yet.
+        (
+            vec![
+                "--cgroup",
+                "/tmp/dpt-no-such-dir/x",
+                "--egress-rate",
+                "10mbit",
+            ],
+            "outside the cgroup2 hierarchy",
+        ),
+        (
+            vec!["--cgroup", &other_hierarchy, "--egress-rate", "10mbit"],
+            "outside the cgroup2 hierarchy",
+        ),
+        (
+            vec!["--cgroup", &dotted, "--egress-rate", "10mbit"],
+            "\"..\"",
+        ),
+        (
+            vec!["--cgroup", "web/../../x", "--egress-rate", "10mbit"],
+            "\"..\"",
+        ),
+        (
+            vec!["--cgroup", &file, "--egress-rate", "10mbit"],
             "not a cgroup v2 directory",
         ),
         (vec!["--cgroup", &cgroup, "--egress-rate", "0"], "zero"),
@@ -199,7 +228,13 @@ fn the_cgroup2_root_is_refused_however_it_is_named() {
             ctr.name(),
             &["--cgroup", spec, "--egress-rate", "1tbit"],
         );
-        assert!(err.contains("cgroup2 root"), "{spec}: {err}");
+        // A spelling with `..` is refused for that, before anything else.
+        let why = if spec.contains("..") {
+            "may not contain \"..\""
+        } else {
+            "cgroup2 root"
+        };
+        assert!(err.contains(why), "{spec}: {err}");
         assert_eq!(agent.container("web"), None, "{spec} added a container");
         assert_eq!(rate_pins(&agent), Vec::<String>::new(), "{spec}");
     }
@@ -342,6 +377,138 @@ fn the_cgroup_may_be_named_under_the_cgroup2_mount() {
         &["--cgroup", &rooted, "--egress-rate", "1gbit"],
     );
     assert_eq!(c.json["cgroup"], cg_arg(&cg2), "{:#}", c.json);
+}
+
+/// Pings the client 3 times from `ctr`, in the cgroup directory `cgroup`.
+fn ping_from(node: &Node, ctr: &datapath_tests::netns::Netns, cgroup: &std::path::Path) {
+    let mut cmd = Command::new("ping");
+    cmd.args(["-c", "3", "-i", "0.2", "-W", "2"])
+        .arg(node.client_addr().to_string());
+    datapath_tests::cgroup::join_on_exec(&mut cmd, cgroup);
+    let out = ctr.run(&mut cmd);
+    assert!(
+        out.status.success(),
+        "ping from {}: {}{}",
+        cgroup.display(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Waits until container `name`'s listing says `pending` is `want`.
+fn wait_pending(agent: &Agent<'_>, name: &str, want: bool) -> Value {
+    let mut last = Value::Null;
+    let done = wait::within(Duration::from_secs(10), || {
+        last = listed(agent, name).unwrap_or(Value::Null);
+        last["pending"] == want
+    });
+    assert!(done, "{name} never became pending={want}: {last:#}");
+    last
+}
+
+#[test]
+fn limits_wait_for_a_cgroup_that_appears_later_and_follow_it_until_it_goes() {
+    // What a runtime does: the network (and the limits) first, the cgroup
+    // a moment later; then the container stops (its cgroup goes) and
+    // starts again (a new cgroup, a new id, at the same path). Two levels
+    // are missing at first, like podman's `/libpod_parent/libpod-<id>`
+    // before its first container.
+    let node = Node::new();
+    let agent = Agent::start(&node);
+    let ctr = node.add_container_netns("web");
+    let parent = Cgroup::new();
+    let path = parent.path().join("pod").join("ctr");
+    let spec = path.to_string_lossy().into_owned();
+    let added = agent.cli_ok([
+        "container",
+        "add",
+        "web",
+        "--netns",
+        ctr.name(),
+        "--cgroup",
+        &spec,
+        "--egress-rate",
+        "10mbit",
+        "--ingress-rate",
+        "20mbit",
+    ]);
+    assert!(added.contains("pending"), "{added}");
+    let c = listed(&agent, "web").expect("added although its cgroup does not exist");
+    assert_eq!(c["pending"], true, "{c:#}");
+    assert_eq!(c["cgroup"], spec, "{c:#}");
+    assert_eq!(c["limits"]["egress"]["rate_bps"], 10_000_000, "{c:#}");
+    assert_eq!(rate_pins(&agent), Vec::<String>::new());
+    assert_eq!(
+        inspect::map_dump(&agent, "RATE_LIMITS"),
+        Vec::<Value>::new()
+    );
+    let text = agent.cli_ok(["container", "list"]);
+    assert!(text.contains(&format!("cgroup {spec} (pending)")), "{text}");
+    // A second container cannot claim the same (pending) cgroup.
+    let other = node.add_container_netns("other");
+    let err = agent.add_refused(
+        "other",
+        other.name(),
+        &["--cgroup", &spec, "--egress-rate", "1mbit"],
+    );
+    assert!(err.contains("already limits"), "{err}");
+
+    // The cgroups appear, the parent first: the limits are attached.
+    let pod = parent.child("pod");
+    let cg = pod.child("ctr");
+    let c = wait_pending(&agent, "web", false);
+    let host_if = c["host_ifname"].as_str().expect("host_ifname").to_owned();
+    assert_eq!(
+        rate_pins(&agent),
+        [
+            format!("rate_cgroup-egress_{host_if}"),
+            format!("rate_cgroup-ingress_{host_if}"),
+            format!("rate_cgroup-sock-ops_{host_if}"),
+        ]
+    );
+    let buckets = inspect::map_dump(&agent, "RATE_LIMITS");
+    assert_eq!(buckets.len(), 2, "{buckets:#?}");
+    assert!(
+        buckets.iter().all(|b| b["key"]["cgroup_id"] == cg.id()),
+        "{buckets:#?}"
+    );
+    // And they count its traffic: three echo requests out, three replies in.
+    ping_from(&node, &ctr, cg.path());
+    let c = listed(&agent, "web").expect("web");
+    assert_eq!(c["counters"]["egress"]["passed_packets"], 3, "{c:#}");
+    assert_eq!(c["counters"]["ingress"]["passed_packets"], 3, "{c:#}");
+
+    // It goes: the hooks and buckets go with it, the limits stay pending.
+    let first_id = cg.id();
+    drop(cg);
+    wait_pending(&agent, "web", true);
+    assert_eq!(rate_pins(&agent), Vec::<String>::new());
+    assert_eq!(
+        inspect::map_dump(&agent, "RATE_LIMITS"),
+        Vec::<Value>::new()
+    );
+
+    // It comes back (a new id): attached again, to the new cgroup.
+    let cg = pod.child("ctr");
+    assert_ne!(cg.id(), first_id);
+    wait_pending(&agent, "web", false);
+    let buckets = inspect::map_dump(&agent, "RATE_LIMITS");
+    assert!(
+        buckets.len() == 2 && buckets.iter().all(|b| b["key"]["cgroup_id"] == cg.id()),
+        "{buckets:#?}"
+    );
+    ping_from(&node, &ctr, cg.path());
+    let c = listed(&agent, "web").expect("web");
+    assert_eq!(c["counters"]["egress"]["passed_packets"], 3, "{c:#}");
+
+    // Deleting the container removes everything, cgroup or not.
+    agent.cli_ok(["container", "del", "web"]);
+    assert_eq!(rate_pins(&agent), Vec::<String>::new());
+    assert_eq!(
+        inspect::map_dump(&agent, "RATE_LIMITS"),
+        Vec::<Value>::new()
+    );
+    drop(cg);
 }
 
 /// A node with an agent and a container `web` in cgroup `cg`, limited by

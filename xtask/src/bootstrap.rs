@@ -56,6 +56,11 @@ const TEST_PROGRAMS: &[(&str, &str)] = &[
     // protocol definitions (the build needs it).
     ("etcd", "etcd-server"),
     ("protoc", "protobuf-compiler"),
+    ("containerd", "containerd"),
+    ("ctr", "containerd"),
+    ("containerd-shim-runc-v2", "containerd"),
+    ("unshare", "util-linux"),
+    ("sysctl", "procps"),
 ];
 
 /// What the later steps need from the bootstrap.

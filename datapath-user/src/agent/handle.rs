@@ -73,6 +73,17 @@ impl Handle {
             .map_err(|e| AgentError::Internal(format!("read the datapath: {e}")))?
     }
 
+    /// The snapshots the owner publishes after every change.
+    pub fn snapshots(&self) -> watch::Receiver<Arc<Snapshot>> {
+        self.snapshot.clone()
+    }
+
+    /// Asks the owner to apply or remove the rate limits whose cgroup
+    /// appeared or went; returns how many containers changed.
+    pub async fn sync_cgroups(&self) -> Result<usize, AgentError> {
+        self.call(Command::SyncCgroups).await
+    }
+
     /// Asks the owner to stop once the commands before have been carried
     /// out, and waits for it to take the request.
     pub async fn stop(&self) {

@@ -33,6 +33,7 @@ use crate::{
         RateLimits,
         limits::{LimitError, limit, updated},
         mac::format_mac,
+        mtu::validate_mtu,
         names::{host_veth_name, validate_container_name, validate_ifname},
     },
     net::{
@@ -105,13 +106,22 @@ impl Lifecycle<'_> {
             (req.ingress_rate.as_deref(), req.ingress_burst.as_deref()),
         )
         .map_err(AgentError::BadRequest)?;
-        let (cgroup, cgroup_id) = rate.cgroup.map_or((None, 0), |cg| (Some(cg.path), cg.id));
+        // A cgroup that does not exist yet (runtimes create it after the
+        // network) is recorded with id 0: its limits are pending until it
+        // appears ([`super::cgroups`]).
+        let (cgroup, cgroup_id) = rate
+            .cgroup
+            .map_or((None, 0), |cg| (Some(cg.path), cg.id.unwrap_or(0)));
+        if let Some(mtu) = req.mtu {
+            validate_mtu(mtu).map_err(AgentError::BadRequest)?;
+        }
         if let Some(c) = self.store.get(&req.name) {
             if c.netns == netns
                 && c.ifname == ifname
                 && c.publish == publish
                 && c.cgroup == cgroup
                 && c.limits == rate.limits
+                && c.mtu == req.mtu
             {
                 return Ok(Plan::Exists(Container::clone(c)));
             }
@@ -127,7 +137,13 @@ impl Lifecycle<'_> {
             &publish,
             req.force,
         )?;
-        check_cgroup(self.store, &req.name, cgroup_id, &rate.limits)?;
+        check_cgroup(
+            self.store,
+            &req.name,
+            cgroup.as_deref(),
+            cgroup_id,
+            &rate.limits,
+        )?;
         let pool = self.node.cfg.pool;
         let (id, addr) = self
             .store
@@ -145,6 +161,7 @@ impl Lifecycle<'_> {
             cgroup,
             cgroup_id,
             limits: rate.limits,
+            mtu: req.mtu,
         }))
     }
 
@@ -185,7 +202,7 @@ impl Lifecycle<'_> {
                 ifname: c.ifname.clone(),
                 addr: c.addr,
                 gateway: self.node.cfg.gateway(),
-                mtu: self.node.container_mtu(),
+                mtu: c.mtu.or_else(|| self.node.container_mtu()),
                 gro: self.node.gro(),
             })
             .await
@@ -269,7 +286,7 @@ impl Lifecycle<'_> {
                  so delete it and add it again with --cgroup"
             )));
         }
-        check_cgroup(self.store, name, c.cgroup_id, &limits)?;
+        check_cgroup(self.store, name, c.cgroup.as_deref(), c.cgroup_id, &limits)?;
         let new = Container {
             limits,
             ..c.clone()
@@ -368,7 +385,7 @@ enum Plan {
 /// (resolved) and the limits, every value checked before anything is
 /// changed.
 struct RateRequest {
-    cgroup: Option<cgroup::CgroupDir>,
+    cgroup: Option<cgroup::Located>,
     limits: RateLimits,
 }
 
@@ -383,7 +400,7 @@ impl RateRequest {
             ingress: limit("ingress", ingress.0, ingress.1).map_err(|e| e.to_string())?,
         };
         let cgroup = match cgroup {
-            Some(spec) => Some(cgroup::resolve_cgroup(spec).map_err(|e| format!("cgroup: {e}"))?),
+            Some(spec) => Some(cgroup::locate(spec).map_err(|e| format!("cgroup: {e}"))?),
             None if !limits.is_empty() => {
                 return Err(
                     "rate limits apply to the container's cgroup: give its cgroup v2 directory \
@@ -397,21 +414,30 @@ impl RateRequest {
     }
 }
 
-/// Refuses a second container with limits on a cgroup whose buckets
-/// another container's limits already use.
+/// Refuses a second container with limits on a cgroup (existing or
+/// pending) whose buckets another container's limits already use: the
+/// same directory, or the same cgroup (`cgroup_id`; 0: not there yet).
 fn check_cgroup(
     store: &Store,
     name: &str,
+    cgroup: Option<&Path>,
     cgroup_id: u64,
     limits: &RateLimits,
 ) -> Result<(), AgentError> {
-    if cgroup_id == 0 || limits.is_empty() {
+    let Some(cgroup) = cgroup else {
+        return Ok(());
+    };
+    if limits.is_empty() {
         return Ok(());
     }
-    match store
-        .state()
-        .limiting(cgroup_id)
-        .filter(|other| *other != name)
+    let state = store.state();
+    let by_id = (cgroup_id != 0)
+        .then(|| state.limiting(cgroup_id))
+        .flatten();
+    match [state.limiting_path(cgroup), by_id]
+        .into_iter()
+        .flatten()
+        .find(|other| *other != name)
         .and_then(|other| store.get(other))
     {
         Some(other) => Err(AgentError::Conflict(format!(

@@ -11,6 +11,8 @@
 //! * [`lifecycle`]: container add, update and delete, each one
 //!   transaction whose steps are undone if a later one fails
 //!   ([`transaction::Transaction`], the undo log).
+//! * [`cgroups`]: rate limits whose cgroup appears after the container
+//!   (runtimes create it after the network), attached when it does.
 //! * [`publish`]: publishing and unpublishing ports of running containers.
 //! * [`reconcile`]: adopting what a previous agent left, removing orphans,
 //!   and `datapath agent --cleanup`.
@@ -18,6 +20,7 @@
 //! * [`status`]: what the API shows.
 //! * [`cluster`]: cluster mode: joining, the overlay device, the peers.
 
+pub mod cgroups;
 pub mod cluster;
 pub mod handle;
 pub mod lifecycle;
@@ -39,10 +42,11 @@ use datapath_common::ct::Timeouts;
 use ipnet::Ipv4Net;
 use tokio::sync::{oneshot, watch};
 
-pub use self::{handle::Handle, reconcile::cleanup};
 use self::{
-    lifecycle::Lifecycle, owner::Command, publish::Ports, status::Snapshot, uplink::Uplink,
+    cgroups::Cgroups, lifecycle::Lifecycle, owner::Command, publish::Ports, status::Snapshot,
+    uplink::Uplink,
 };
+pub use self::{handle::Handle, reconcile::cleanup};
 use crate::{
     api::server::Failure,
     datapath::{BpfError, Datapath, Flows, LoadOptions, RateTarget, Reader, UplinkHook},
@@ -99,6 +103,10 @@ pub struct AgentConfig {
     /// Cluster mode, if configured: [`run`] replaces the pool with the
     /// node CIDR it claims.
     pub cluster: Option<crate::cluster::ClusterConfig>,
+    /// Destinations container traffic keeps its source address for: it
+    /// goes to the node's stack unmasqueraded (a cluster's pod and service
+    /// CIDRs).
+    pub non_masquerade: Vec<Ipv4Net>,
 }
 
 impl AgentConfig {
@@ -106,7 +114,41 @@ impl AgentConfig {
     pub fn gateway(&self) -> Ipv4Addr {
         gateway_of(self.pool)
     }
+
+    /// Checks what the flags' parsers cannot: a pool with room for the
+    /// gateway and a container, a valid uplink name, absolute directories,
+    /// at most [`MAX_NON_MASQUERADE`] CIDRs.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.pool.prefix_len() > 30 {
+            return Err(format!(
+                "--pool {}: a pool needs room for the gateway and containers (/30 at most)",
+                self.pool
+            ));
+        }
+        if let Some(uplink) = &self.uplink {
+            crate::model::names::validate_ifname(uplink)
+                .map_err(|e| format!("--uplink {uplink:?}: {e}"))?;
+        }
+        for (flag, dir) in [
+            ("--bpffs-dir", &self.bpffs_dir),
+            ("--state-dir", &self.state_dir),
+        ] {
+            if !dir.is_absolute() {
+                return Err(format!("{flag} {}: give an absolute path", dir.display()));
+            }
+        }
+        if self.non_masquerade.len() > MAX_NON_MASQUERADE {
+            return Err(format!(
+                "--non-masquerade-cidr: at most {MAX_NON_MASQUERADE} CIDRs, {} given",
+                self.non_masquerade.len()
+            ));
+        }
+        Ok(())
+    }
 }
+
+/// How many `--non-masquerade-cidr` the datapath takes.
+pub const MAX_NON_MASQUERADE: usize = datapath_common::capacity::NON_MASQUERADE as usize;
 
 /// An error of an agent operation, with the HTTP status it maps to.
 #[derive(Debug, thiserror::Error)]
@@ -256,6 +298,13 @@ impl Agent {
         }
     }
 
+    fn cgroups(&mut self) -> Cgroups<'_> {
+        Cgroups {
+            dp: &mut self.dp,
+            store: &mut self.store,
+        }
+    }
+
     fn ports(&mut self) -> Ports<'_> {
         Ports {
             node: &self.node,
@@ -294,6 +343,10 @@ impl Agent {
             }
             Command::Unpublish(name, specs, reply) => {
                 let result = self.ports().unpublish(&name, &specs).await;
+                self.answer(&publish, reply, result);
+            }
+            Command::SyncCgroups(reply) => {
+                let result = self.cgroups().sync();
                 self.answer(&publish, reply, result);
             }
             // Flows are read live, not from the snapshot.
@@ -367,10 +420,11 @@ impl Agent {
 }
 
 /// Runs the agent until `shutdown` completes: joins the cluster (in
-/// cluster mode), loads and adopts, then serves the API on `socket`,
-/// forwards kernel logs (flows expire in the kernel) and keeps the cluster
-/// in sync. The programs stay attached and the maps pinned when it
-/// returns.
+/// cluster mode), loads and adopts, then serves the API on `socket`
+/// (telling a service manager it is ready once it listens), follows the
+/// cgroups of pending limits, forwards kernel logs (flows expire in the
+/// kernel) and keeps the cluster in sync. The programs stay attached and
+/// the maps pinned when it returns.
 pub async fn run(
     mut cfg: AgentConfig,
     socket: &Path,
@@ -421,6 +475,7 @@ pub async fn run(
         nodes = Some(view_rx);
     }
     let handle = Handle::new(started.commands, started.snapshot, started.reader, nodes);
+    tokio::spawn(cgroups::watch(handle.clone()));
     // An owner that died (a bug) takes the API down with it: a restarted
     // agent adopts what is there, where this one could only refuse changes.
     let mut gone = started.gone;
@@ -434,7 +489,9 @@ pub async fn run(
             }
         }
     };
-    let served = crate::api::server::serve(handle.clone(), socket, stop).await;
+    let served =
+        crate::api::server::serve(handle.clone(), socket, || notify_ready(socket), stop).await;
+    notify(&[sd_notify::NotifyState::Stopping]);
     if let Some(sync) = sync {
         sync.abort();
     }
@@ -446,6 +503,25 @@ pub async fn run(
         anyhow::bail!("the agent's owner task stopped unexpectedly");
     }
     served
+}
+
+/// Tells the service manager (systemd with `Type=notify`, through
+/// `NOTIFY_SOCKET`) that the agent is ready: the maps are loaded and
+/// pinned, what a previous agent left is adopted, and the API accepts
+/// connections. Without `NOTIFY_SOCKET` nothing is sent.
+fn notify_ready(socket: &Path) {
+    let status = format!("serving the API on {}", socket.display());
+    notify(&[
+        sd_notify::NotifyState::Ready,
+        sd_notify::NotifyState::Status(&status),
+    ]);
+}
+
+/// Sends `states` to the service manager, if there is one.
+fn notify(states: &[sd_notify::NotifyState<'_>]) {
+    if let Err(e) = sd_notify::notify(states) {
+        tracing::warn!("notify the service manager (NOTIFY_SOCKET): {e}");
+    }
 }
 
 async fn forward_kernel_logs(logger: aya_log::EbpfLogger<&'static dyn log::Log>) {

@@ -44,6 +44,8 @@ pub(super) enum Command {
     Unpublish(String, Vec<String>, Reply<ContainerInfo>),
     /// Remove tracked flows (one container's, or all).
     Flush(Option<String>, Reply<usize>),
+    /// Apply or remove rate limits whose cgroup appeared or went.
+    SyncCgroups(Reply<usize>),
 }
 
 /// What the owner sends its inbox: a command, or the end.

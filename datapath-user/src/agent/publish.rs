@@ -198,6 +198,15 @@ impl Ports<'_> {
         super::status::container_info(c, self.node.cfg.gateway(), self.reader)
     }
 
+    /// Whether container `name` publishes exactly `m` already.
+    fn publishes(&self, name: &str, m: &PortMapping) -> bool {
+        self.store
+            .state()
+            .ports()
+            .overlap(m)
+            .is_some_and(|(owner, o)| owner == name && o == m)
+    }
+
     fn container(&self, name: &str) -> Result<Arc<Container>, AgentError> {
         self.store
             .get(name)
@@ -223,12 +232,7 @@ impl Ports<'_> {
         for m in wanted {
             // Already published by this container, or repeated in the
             // request: nothing to do for it.
-            let published = self
-                .store
-                .state()
-                .ports()
-                .overlap(&m)
-                .is_some_and(|(owner, o)| owner == name && *o == m);
+            let published = self.publishes(name, &m);
             if !published && seen.insert(m) {
                 new.push(m);
             }
@@ -293,12 +297,7 @@ impl Ports<'_> {
         let mut gone: Vec<PortMapping> = Vec::with_capacity(wanted.len());
         let mut seen = HashSet::with_capacity(wanted.len());
         for m in wanted {
-            let published = self
-                .store
-                .state()
-                .ports()
-                .overlap(&m)
-                .is_some_and(|(owner, o)| owner == name && *o == m);
+            let published = self.publishes(name, &m);
             if published && seen.insert(m) {
                 gone.push(m);
             }

@@ -201,20 +201,30 @@ async fn restore(
 
 /// Re-applies a known container's rate limits with freshly attached
 /// programs, following its cgroup if it was recreated (new id). A cgroup
-/// that is gone leaves the limits recorded but unapplied.
+/// that is gone (or not there yet) leaves the limits pending: they are
+/// applied when it appears ([`super::cgroups`]).
 fn restore_limits(lc: &mut Lifecycle<'_>, c: &mut Container) {
     let Some(path) = &c.cgroup else {
         return;
     };
-    match cgroup::resolve_cgroup(&path.to_string_lossy()) {
-        Ok(cg) if cg.id == c.cgroup_id => {}
-        Ok(cg) => {
+    match cgroup::lookup(path) {
+        Ok(Some(id)) if id == c.cgroup_id => {}
+        Ok(Some(id)) => {
             lc.dp.remove_limits(&rate_target(c));
-            c.cgroup_id = cg.id;
+            c.cgroup_id = id;
+        }
+        Ok(None) => {
+            lc.dp.remove_limits(&rate_target(c));
+            c.cgroup_id = 0;
+            if !c.limits.is_empty() {
+                tracing::info!(container = %c.name, cgroup = %path.display(), "cgroup absent: rate limits pending");
+            }
+            return;
         }
         Err(e) => {
             tracing::warn!(container = %c.name, "rate limits not applied: {e}");
             lc.dp.remove_limits(&rate_target(c));
+            c.cgroup_id = 0;
             return;
         }
     }

@@ -57,6 +57,14 @@ impl Snapshot {
         }
     }
 
+    /// The cgroups of the containers with rate limits (existing or not).
+    pub fn limited_cgroups(&self) -> Vec<PathBuf> {
+        self.state
+            .limited_cgroups()
+            .map(std::path::Path::to_path_buf)
+            .collect()
+    }
+
     /// `GET /v1/status`: what is loaded and attached, with the counters.
     pub fn status(&self, reader: &Reader) -> Status {
         let maps_dir = self.bpffs_dir.join("maps");
@@ -164,6 +172,8 @@ pub fn container_info(c: &Container, gateway: Ipv4Addr, reader: &Reader) -> Cont
         host_ifname: c.host_ifname.clone(),
         publish: c.publish.iter().map(ToString::to_string).collect(),
         cgroup: c.cgroup.clone(),
+        pending: c.limits_pending(),
+        mtu: c.mtu,
         limits: c.limits,
         counters: reader.rate_counters(c.cgroup_id, &c.limits),
     }

@@ -93,6 +93,7 @@ pub async fn setup(
     if cfg.allow_direct_routing {
         config.flags |= CONFIG_F_ALLOW_DIRECT_ROUTING;
     }
+    dp.set_non_masquerade(&cfg.non_masquerade)?;
     let Some(ifname) = cfg.uplink.clone() else {
         tracing::warn!("no --uplink given: programs loaded and maps pinned, nothing attached");
         dp.set_config(config)?;

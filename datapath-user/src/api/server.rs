@@ -5,15 +5,16 @@ use std::{future::Future, os::unix::fs::PermissionsExt, path::Path};
 
 use axum::{
     Json, Router,
+    body::Bytes,
     extract::{
-        DefaultBodyLimit, Path as UrlPath, Query, State,
-        rejection::{JsonRejection, QueryRejection},
+        DefaultBodyLimit, FromRequest, Path as UrlPath, Query, Request, State,
+        rejection::QueryRejection,
     },
     http::StatusCode,
     response::{IntoResponse, Response},
     routing::get,
 };
-use serde::Deserialize;
+use serde::{Deserialize, de::DeserializeOwned};
 
 use super::wire::{
     AddContainer, ApiError, ContainerInfo, Flow, FlowQuery, Flushed, MAX_BODY, MAX_PORTS_BODY,
@@ -95,15 +96,31 @@ impl Failure {
     }
 }
 
-impl From<JsonRejection> for Failure {
-    fn from(e: JsonRejection) -> Self {
-        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            return too_large(MAX_BODY, "send a smaller body");
-        }
-        Failure::new(
-            e.status().as_u16(),
-            format!("invalid request body: {}", e.body_text()),
-        )
+/// A request body: JSON, whatever its `Content-Type` says (`curl -d` sends
+/// `application/x-www-form-urlencoded`; the API speaks nothing but JSON).
+/// A body that is not the expected JSON is a 400 that says why; one over
+/// [`MAX_BODY`] a 413 naming the limit (see [`ports_body`] for the routes
+/// with a larger one).
+pub struct Body<T>(pub T);
+
+impl<T, S> FromRequest<S> for Body<T>
+where
+    T: DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = Failure;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Failure> {
+        let bytes = Bytes::from_request(req, state).await.map_err(|e| {
+            if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                too_large(MAX_BODY, "send a smaller body")
+            } else {
+                Failure::new(e.status().as_u16(), e.body_text())
+            }
+        })?;
+        serde_json::from_slice(&bytes)
+            .map(Body)
+            .map_err(|e| Failure::new(400, format!("invalid request body: {e}")))
     }
 }
 
@@ -113,13 +130,13 @@ fn too_large(limit: usize, what_to_do: &str) -> Failure {
 }
 
 /// The body of a route that takes port lists, or why it was refused.
-fn ports_body<T>(body: Result<Json<T>, JsonRejection>) -> Result<T, Failure> {
+fn ports_body<T>(body: Result<Body<T>, Failure>) -> Result<T, Failure> {
     match body {
-        Ok(Json(t)) => Ok(t),
-        Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+        Ok(Body(t)) => Ok(t),
+        Err(e) if e.status == StatusCode::PAYLOAD_TOO_LARGE.as_u16() => {
             Err(too_large(MAX_PORTS_BODY, SPLIT_PORTS))
         }
-        Err(e) => Err(e.into()),
+        Err(e) => Err(e),
     }
 }
 
@@ -153,7 +170,7 @@ async fn get_one<B: Backend>(
 
 async fn add<B: Backend>(
     State(b): State<B>,
-    body: Result<Json<AddContainer>, JsonRejection>,
+    body: Result<Body<AddContainer>, Failure>,
 ) -> Result<(StatusCode, Json<ContainerInfo>), Failure> {
     let req = ports_body(body)?;
     let info = b.add(req).await?;
@@ -171,16 +188,15 @@ async fn del<B: Backend>(
 async fn update<B: Backend>(
     State(b): State<B>,
     UrlPath(name): UrlPath<String>,
-    body: Result<Json<UpdateContainer>, JsonRejection>,
+    Body(req): Body<UpdateContainer>,
 ) -> Result<Json<ContainerInfo>, Failure> {
-    let Json(req) = body?;
     Ok(Json(b.update(name, req).await?))
 }
 
 async fn publish<B: Backend>(
     State(b): State<B>,
     UrlPath(name): UrlPath<String>,
-    body: Result<Json<PortRequest>, JsonRejection>,
+    body: Result<Body<PortRequest>, Failure>,
 ) -> Result<Json<ContainerInfo>, Failure> {
     let req = ports_body(body)?;
     Ok(Json(
@@ -191,7 +207,7 @@ async fn publish<B: Backend>(
 async fn unpublish<B: Backend>(
     State(b): State<B>,
     UrlPath(name): UrlPath<String>,
-    body: Result<Json<PortRequest>, JsonRejection>,
+    body: Result<Body<PortRequest>, Failure>,
 ) -> Result<Json<ContainerInfo>, Failure> {
     let req = ports_body(body)?;
     Ok(Json(b.unpublish(name, req.publish.into_vec()).await?))
@@ -290,11 +306,13 @@ pub fn router<B: Backend>(backend: B) -> Router {
         .with_state(backend)
 }
 
-/// Binds the socket (mode 0600: the API is root's) and serves until
-/// `shutdown` completes; removes the socket afterwards.
+/// Binds the socket (mode 0600: the API is root's), calls `listening`
+/// once it accepts connections, and serves until `shutdown` completes;
+/// removes the socket afterwards.
 pub async fn serve<B: Backend>(
     backend: B,
     socket: &Path,
+    listening: impl FnOnce(),
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     use anyhow::Context as _;
@@ -314,6 +332,7 @@ pub async fn serve<B: Backend>(
     std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))
         .with_context(|| format!("chmod {}", socket.display()))?;
     tracing::info!(socket = %socket.display(), "API listening");
+    listening();
     let result = axum::serve(listener, router(backend))
         .with_graceful_shutdown(shutdown)
         .await;

@@ -69,6 +69,10 @@ pub struct AddContainer {
     /// least 1mb).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ingress_burst: Option<String>,
+    /// MTU of both ends of the veth pair (68-65535; default: the agent's
+    /// `--mtu`, or the uplink's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtu: Option<u32>,
     /// Publish ports even where a process of the node listens on them
     /// (refused otherwise).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -152,6 +156,14 @@ pub struct ContainerInfo {
     /// The cgroup rate limits apply to.
     #[serde(default)]
     pub cgroup: Option<PathBuf>,
+    /// Whether the rate limits are pending: the cgroup does not exist yet
+    /// (runtimes create it after the network), and the limits apply as
+    /// soon as it appears.
+    #[serde(default)]
+    pub pending: bool,
+    /// The veth pair's MTU, if one was asked for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtu: Option<u32>,
     /// Rate limits per direction (rates in bits/s, bursts in bytes; `null`:
     /// unlimited).
     #[serde(default)]

@@ -1,7 +1,6 @@
 //! `datapath`: the node agent and its command line.
 
-use clap::Parser as _;
-use datapath::cli::{Cli, run};
+use datapath::cli::{parse, run};
 use tracing_subscriber::EnvFilter;
 
 #[tokio::main]
@@ -12,7 +11,13 @@ async fn main() -> std::process::ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
+    let cli = match parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            eprintln!("datapath: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
     // A client verb writing into a closed pipe (`datapath conntrack list |
     // head -1`) ends quietly, as Unix tools do, instead of panicking in
     // println!. The agent keeps SIGPIPE ignored: a client hanging up on its

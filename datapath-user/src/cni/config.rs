@@ -8,6 +8,7 @@
 //!   "agentSocket": "/run/datapath/api.sock",
 //!   "ipam": { "type": "datapath", "ranges": [[{ "subnet": "10.88.0.0/16" }]] },
 //!   "dns": { "nameservers": ["10.88.0.1"] },
+//!   "mtu": 1450,
 //!   "capabilities": { "portMappings": true, "bandwidth": true, "cgroupPath": true },
 //!   "egressRate": 10000000, "egressBurst": 800000,
 //!   "cgroup": "/libpod_parent/libpod-{containerID}"
@@ -29,7 +30,7 @@ use serde::Deserialize;
 use super::types::{CniError, Dns, Success};
 use crate::{
     api::DEFAULT_SOCKET,
-    model::{PortMapping, Protocol},
+    model::{PortMapping, Protocol, mtu::validate_mtu},
 };
 
 /// The placeholder for the container id in the `cgroup` template.
@@ -55,6 +56,10 @@ pub struct NetConf {
     /// DNS settings handed to the container in the result.
     #[serde(default)]
     pub dns: Option<Dns>,
+    /// The MTU of the container's interface and its host end (default:
+    /// the agent's `--mtu`, else the uplink's).
+    #[serde(default)]
+    pub mtu: Option<u32>,
     /// Per-attachment arguments from the runtime (capabilities).
     #[serde(default)]
     pub runtime_config: RuntimeConfig,
@@ -227,9 +232,17 @@ pub struct Attachment {
 pub struct TcLimit {
     /// Rate, e.g. `1000000bit`.
     pub rate: String,
-    /// Burst in bytes, e.g. `8000b`.
-    pub burst: String,
+    /// Burst in bytes, e.g. `8000b`; `None`: the agent's default for the
+    /// rate.
+    pub burst: Option<String>,
 }
+
+/// The burst containerd's CRI sends with each rate it takes from a pod's
+/// `kubernetes.io/ingress-bandwidth` or `egress-bandwidth` annotation:
+/// 2^32 - 1 bits, meaning "none given". The agent then picks its default
+/// bucket for the rate (a 512 MiB bucket would let the first 512 MiB
+/// through unlimited).
+pub const CRI_UNSPECIFIED_BURST: u64 = u32::MAX as u64;
 
 /// Both directions' limits, in the agent API's units.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -252,8 +265,10 @@ impl std::fmt::Display for TcLimits {
         let parts: Vec<String> = [("ingress", &self.ingress), ("egress", &self.egress)]
             .into_iter()
             .filter_map(|(dir, l)| {
-                l.as_ref()
-                    .map(|l| format!("{dir} {} burst {}", l.rate, l.burst))
+                l.as_ref().map(|l| match &l.burst {
+                    Some(b) => format!("{dir} {} burst {b}", l.rate),
+                    None => format!("{dir} {}", l.rate),
+                })
             })
             .collect();
         if parts.is_empty() {
@@ -373,6 +388,13 @@ impl NetConf {
             }
         }
         Ok(out)
+    }
+
+    /// The MTU asked for, checked.
+    pub fn mtu(&self) -> Result<Option<u32>, CniError> {
+        self.mtu
+            .map(|m| validate_mtu(m).map_err(CniError::config))
+            .transpose()
     }
 
     /// The requested rate limits: the plugin-level keys if any is set,
@@ -584,12 +606,16 @@ fn limit(prefix: &str, dir: &str, rate: u64, burst: u64) -> Result<Option<TcLimi
         (_, 0) | (0, _) => Err(CniError::config(format!(
             "{prefix}{dir}Rate = {rate}, {prefix}{dir}Burst = {burst}: set both (bits/s and bits) or neither"
         ))),
+        (rate, CRI_UNSPECIFIED_BURST) => Ok(Some(TcLimit {
+            rate: format!("{rate}bit"),
+            burst: None,
+        })),
         (_, _) if burst / 8 >= u64::from(u32::MAX) => Err(CniError::config(format!(
             "{prefix}{dir}Burst = {burst}: bursts are below 4 GiB"
         ))),
         (rate, burst) => Ok(Some(TcLimit {
             rate: format!("{rate}bit"),
-            burst: format!("{}b", burst.div_ceil(8)),
+            burst: Some(format!("{}b", burst.div_ceil(8))),
         })),
     }
 }
@@ -729,7 +755,7 @@ mod tests {
             TcLimits {
                 ingress: Some(TcLimit {
                     rate: "1000000bit".into(),
-                    burst: "8000b".into()
+                    burst: Some("8000b".into())
                 }),
                 egress: None,
             }
@@ -744,7 +770,7 @@ mod tests {
                 ingress: None,
                 egress: Some(TcLimit {
                     rate: "8000000bit".into(),
-                    burst: "1544b".into()
+                    burst: Some("1544b".into())
                 }),
             }
         );

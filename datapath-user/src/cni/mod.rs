@@ -11,7 +11,14 @@
 //! published ports) with the `prevResult` and the configuration; `GC`
 //! removes the network's attachments the runtime no longer knows; `STATUS`
 //! asks whether the agent can take more; `VERSION` lists the supported
-//! versions (1.0.0, 1.1.0).
+//! versions (0.3.0, 0.3.1, 0.4.0, 1.0.0, 1.1.0: results are converted for
+//! the older ones, see [`types::Success::for_version`]).
+//!
+//! A limit's cgroup need not exist at `ADD` (runtimes create it after the
+//! network): the agent keeps the limits pending until it appears. A
+//! retried `ADD` of an attachment that exists returns it, and does not
+//! remove it if reading it back fails. `CHECK` compares network namespaces
+//! by identity (device and inode), not by the text of their paths.
 //!
 //! The agent allocates every address: an `ipam` section may only restate
 //! the agent's pool (see [`config::NetConf::check_ipam`]); no IPAM plugin
@@ -42,7 +49,13 @@
 pub mod config;
 pub mod types;
 
-use std::{collections::BTreeSet, future::Future, net::Ipv4Addr, path::PathBuf, time::Duration};
+use std::{
+    collections::BTreeSet,
+    future::Future,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use ipnet::Ipv4Net;
 
@@ -216,6 +229,16 @@ async fn dispatch(command: Command, params: &Params, stdin: &[u8]) -> Result<Str
             ),
         ));
     }
+    if command == Command::Check && !types::has_check(&conf.cni_version) {
+        return Err(CniError::new(
+            code::INCOMPATIBLE_VERSION,
+            "incompatible CNI version",
+            format!(
+                "CHECK needs cniVersion 0.4.0 or later, the configuration says {}",
+                conf.cni_version
+            ),
+        ));
+    }
     if matches!(command, Command::Gc | Command::Status)
         && !types::has_status_and_gc(&conf.cni_version)
     {
@@ -239,7 +262,9 @@ async fn dispatch(command: Command, params: &Params, stdin: &[u8]) -> Result<Str
     }
 }
 
-/// `VERSION`: echoes the input's `cniVersion` (the newest if none).
+/// `VERSION`: echoes the input's `cniVersion` if this plugin speaks it,
+/// else answers with the newest it speaks (never a version it does not
+/// support: the caller compares the list with its own).
 fn version(stdin: &[u8]) -> Result<String, CniError> {
     let cni_version = if stdin.iter().all(u8::is_ascii_whitespace) {
         LATEST_VERSION.to_owned()
@@ -254,6 +279,7 @@ fn version(stdin: &[u8]) -> Result<String, CniError> {
         value
             .get("cniVersion")
             .and_then(|v| v.as_str())
+            .filter(|v| types::is_supported(v))
             .unwrap_or(LATEST_VERSION)
             .to_owned()
     };
@@ -329,6 +355,18 @@ async fn call<T>(
     }
 }
 
+/// Whether the files `a` and `b` are the same network namespace: the same
+/// device and inode, as `/run/netns/x` and `/var/run/netns/x` (or a bind
+/// mount of `/proc/PID/ns/net`) are. Paths that cannot be examined are
+/// compared as text.
+fn same_netns(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt as _;
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(x), Ok(y)) => x.dev() == y.dev() && x.ino() == y.ino(),
+        _ => a == b,
+    }
+}
+
 /// The normalized text of a set of mappings (for comparison).
 fn mapping_set<'a>(m: impl IntoIterator<Item = &'a PortMapping>) -> BTreeSet<String> {
     m.into_iter().map(ToString::to_string).collect()
@@ -383,34 +421,26 @@ impl<'c> Plugin<'c> {
         let container_id = params.container_id()?;
         let ifname = params.ifname()?;
         let netns = params.netns()?;
-        let publish = self.conf.port_mappings()?;
-        let limits = self.conf.limits()?;
-        let cgroup = self.conf.cgroup(container_id);
+        let request = attach_request(self.conf, container_id, ifname, netns)?;
+        let name = request.name.clone();
         let prev = self.conf.prev_result()?;
         let (status, pool) = self.agent_status().await?;
         self.conf.check_ipam(pool, status.gateway)?;
-        let name = self.name(container_id, ifname);
-        let request = add_request(
-            AddContainer {
-                name: name.clone(),
-                netns: netns.to_owned(),
-                ifname: Some(ifname.to_owned()),
-                publish: publish.iter().map(ToString::to_string).collect(),
-                ..AddContainer::default()
-            },
-            &limits,
-            cgroup,
-        )?;
+        // A retried ADD finds the attachment its first try made: if reading
+        // it back fails now, it is not this ADD's to remove.
+        let existed = self.container(&name).await?.is_some();
         let info = call(
             &format!("attach container {container_id} ({name})"),
             self.client.add_container(&request),
         )
         .await?;
         match self.result(&info, netns, ifname).await {
-            Ok(ours) => Ok(merge(prev, ours)),
+            Ok(ours) => Ok(merge(prev, ours).for_version(&self.conf.cni_version)),
             Err(e) => {
-                // Leave nothing behind; the runtime's DEL finds nothing.
-                let _ = call("roll back", self.client.del_container(&name)).await;
+                if !existed {
+                    // Leave nothing behind; the runtime's DEL finds nothing.
+                    let _ = call("roll back", self.client.del_container(&name)).await;
+                }
                 Err(e)
             }
         }
@@ -463,6 +493,7 @@ impl<'c> Plugin<'c> {
                 address: format!("{}/32", info.addr),
                 gateway: Some(gateway.clone()),
                 interface: Some(1),
+                ..IpConfig::default()
             }],
             routes: vec![Route {
                 dst: "0.0.0.0/0".to_owned(),
@@ -509,7 +540,7 @@ impl<'c> Plugin<'c> {
             ))
         })?;
         let want_netns = netns::resolve(netns).unwrap_or_else(|_| PathBuf::from(netns));
-        if info.netns != want_netns || info.ifname != ifname {
+        if !same_netns(&info.netns, &want_netns) || info.ifname != ifname {
             return Err(broken(format!(
                 "the agent's container {name} is {} in {}, not {ifname} in {netns}",
                 info.ifname,
@@ -521,7 +552,12 @@ impl<'c> Plugin<'c> {
         let index = prev
             .interfaces
             .iter()
-            .position(|i| i.name == ifname && i.sandbox.as_deref() == Some(netns))
+            .position(|i| {
+                i.name == ifname
+                    && i.sandbox
+                        .as_deref()
+                        .is_some_and(|s| same_netns(Path::new(s), &want_netns))
+            })
             .ok_or_else(|| {
                 CniError::config(format!(
                     "prevResult lists no interface {ifname} with sandbox {netns}"
@@ -726,6 +762,32 @@ impl<'c> Plugin<'c> {
     }
 }
 
+/// What `ADD` asks the agent for attachment (`container_id`, `ifname`) in
+/// `netns` under configuration `conf`: the container with its published
+/// ports (`runtimeConfig.portMappings`), MTU, and rate limits
+/// ([`NetConf::limits`]) on its cgroup ([`NetConf::cgroup`]).
+pub fn attach_request(
+    conf: &NetConf,
+    container_id: &str,
+    ifname: &str,
+    netns: &str,
+) -> Result<AddContainer, CniError> {
+    let publish = conf.port_mappings()?;
+    let limits = conf.limits()?;
+    add_request(
+        AddContainer {
+            name: attachment_name(&conf.name, container_id, ifname),
+            netns: netns.to_owned(),
+            ifname: Some(ifname.to_owned()),
+            publish: publish.iter().map(ToString::to_string).collect(),
+            mtu: conf.mtu()?,
+            ..AddContainer::default()
+        },
+        &limits,
+        conf.cgroup(container_id),
+    )
+}
+
 /// The agent request for an attachment with rate limits `limits` on cgroup
 /// `cgroup`.
 ///
@@ -755,7 +817,9 @@ pub fn add_request(
     for (dir, limit) in [("ingress", &limits.ingress), ("egress", &limits.egress)] {
         if let Some(l) = limit {
             request[format!("{dir}_rate")] = l.rate.clone().into();
-            request[format!("{dir}_burst")] = l.burst.clone().into();
+            if let Some(burst) = &l.burst {
+                request[format!("{dir}_burst")] = burst.clone().into();
+            }
         }
     }
     serde_json::from_value(request).map_err(|e| {
@@ -841,18 +905,26 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn version_echoes_the_input_version() {
-        let out = run(
-            env(&[("CNI_COMMAND", "VERSION")]),
-            br#"{"cniVersion":"1.0.0"}"#,
-        )
-        .await;
-        assert!(out.success);
-        let v: VersionResult = serde_json::from_str(&out.stdout).expect("a version result");
-        assert_eq!(v.cni_version, "1.0.0");
-        assert_eq!(v.supported_versions, ["1.0.0", "1.1.0"]);
-        let out = run(env(&[("CNI_COMMAND", "VERSION")]), b"").await;
-        let v: VersionResult = serde_json::from_str(&out.stdout).expect("a version result");
+    async fn version_echoes_a_supported_input_version_and_never_another() {
+        let version_of = |out: &Output| -> VersionResult {
+            assert!(out.success, "{}", out.stdout);
+            serde_json::from_str(&out.stdout).expect("a version result")
+        };
+        for asked in ["1.0.0", "0.4.0", "0.3.1"] {
+            let stdin = format!(r#"{{"cniVersion":"{asked}"}}"#);
+            let v = version_of(&run(env(&[("CNI_COMMAND", "VERSION")]), stdin.as_bytes()).await);
+            assert_eq!(v.cni_version, asked);
+            assert_eq!(
+                v.supported_versions,
+                ["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"]
+            );
+        }
+        for asked in ["0.2.0", "2.0.0", "", "banana"] {
+            let stdin = format!(r#"{{"cniVersion":"{asked}"}}"#);
+            let v = version_of(&run(env(&[("CNI_COMMAND", "VERSION")]), stdin.as_bytes()).await);
+            assert_eq!(v.cni_version, "1.1.0", "asked {asked:?}");
+        }
+        let v = version_of(&run(env(&[("CNI_COMMAND", "VERSION")]), b"").await);
         assert_eq!(v.cni_version, "1.1.0");
     }
 
@@ -896,17 +968,33 @@ mod tests {
             ("CNI_CONTAINERID", "c1"),
             ("CNI_IFNAME", "eth0"),
         ];
+        for old in ["0.1.0", "0.2.0"] {
+            let conf = format!(r#"{{"cniVersion":"{old}","name":"n","type":"datapath-cni"}}"#);
+            let e = error_of(&run(env(&del), conf.as_bytes()).await);
+            assert_eq!(
+                (e.code, e.cni_version.as_str()),
+                (code::INCOMPATIBLE_VERSION, "1.1.0")
+            );
+        }
+        // 0.3.x has no CHECK.
+        let check = [
+            ("CNI_COMMAND", "CHECK"),
+            ("CNI_CONTAINERID", "c1"),
+            ("CNI_IFNAME", "eth0"),
+            ("CNI_NETNS", "/x"),
+        ];
         let e = error_of(
             &run(
-                env(&del),
-                br#"{"cniVersion":"0.4.0","name":"n","type":"datapath-cni"}"#,
+                env(&check),
+                br#"{"cniVersion":"0.3.1","name":"n","type":"datapath-cni"}"#,
             )
             .await,
         );
         assert_eq!(
             (e.code, e.cni_version.as_str()),
-            (code::INCOMPATIBLE_VERSION, "1.1.0")
+            (code::INCOMPATIBLE_VERSION, "0.3.1")
         );
+        assert!(e.details.contains("0.4.0"), "{e:?}");
         let e = error_of(
             &run(
                 env(&[("CNI_COMMAND", "GC")]),
@@ -990,7 +1078,7 @@ mod tests {
         let limits = config::TcLimits {
             egress: Some(config::TcLimit {
                 rate: "1000bit".into(),
-                burst: "100b".into(),
+                burst: Some("100b".into()),
             }),
             ingress: None,
         };
@@ -1011,6 +1099,7 @@ mod tests {
                 address: "198.18.9.9/32".into(),
                 gateway: None,
                 interface: Some(0),
+                ..IpConfig::default()
             }],
             routes: vec![],
             dns: types::Dns {
@@ -1035,6 +1124,7 @@ mod tests {
                 address: "198.19.0.2/32".into(),
                 gateway: Some("198.19.0.1".into()),
                 interface: Some(1),
+                ..IpConfig::default()
             }],
             routes: vec![Route {
                 dst: "0.0.0.0/0".into(),
@@ -1048,5 +1138,65 @@ mod tests {
         assert_eq!(m.interfaces[2].name, "eth0");
         assert_eq!(m.dns.nameservers, ["198.18.0.53"]);
         assert_eq!(m.routes.len(), 1);
+    }
+
+    /// What containerd's CRI hands the plugin for a Kubernetes pod with
+    /// `kubernetes.io/ingress-bandwidth: 10M`,
+    /// `kubernetes.io/egress-bandwidth: 20M`, a `hostPort` with a `hostIP`,
+    /// under the systemd cgroup driver: the `bandwidth` capability with
+    /// each rate and the burst 2^32 - 1 bits ("none given"), and the pod's
+    /// cgroup parent as `cgroupPath` (containerd 1.7 and later).
+    #[test]
+    fn kubernetes_bandwidth_annotations_through_containerds_cri_reach_the_agent() {
+        let stdin = br#"{
+            "cniVersion": "1.0.0",
+            "name": "k8s-datapath",
+            "type": "datapath-cni",
+            "agentSocket": "/run/datapath/api.sock",
+            "ipam": {"type": "datapath"},
+            "capabilities": {"portMappings": true, "bandwidth": true, "cgroupPath": true},
+            "runtimeConfig": {
+                "portMappings": [
+                    {"hostPort": 8080, "containerPort": 80, "protocol": "tcp", "hostIP": "198.18.0.2"}
+                ],
+                "bandwidth": {
+                    "ingressRate": 10000000, "ingressBurst": 4294967295,
+                    "egressRate": 20000000, "egressBurst": 4294967295
+                },
+                "cgroupPath": "kubepods-besteffort-pod0a1b2c3d.slice"
+            }
+        }"#;
+        let conf = NetConf::parse(stdin).expect("valid");
+        let id = "5d1a0c9e8f7b6a5d4c3b2a1f0e9d8c7b6a5f4e3d2c1b0a9f8e7d6c5b4a3f2e1d";
+        let req = attach_request(&conf, id, "eth0", "/var/run/netns/cni-1234").expect("valid");
+        let want: AddContainer = serde_json::from_value(serde_json::json!({
+            "name": attachment_name("k8s-datapath", id, "eth0"),
+            "netns": "/var/run/netns/cni-1234",
+            "ifname": "eth0",
+            "publish": ["198.18.0.2:8080:80/tcp"],
+            "cgroup": "/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod0a1b2c3d.slice",
+            "ingress_rate": "10000000bit",
+            "egress_rate": "20000000bit",
+        }))
+        .expect("a valid request");
+        // No burst: the agent's default bucket for the rate, not 512 MiB.
+        assert_eq!(req, want);
+        // With the cgroupfs driver the parent is a path.
+        let stdin = String::from_utf8_lossy(stdin).replace(
+            "kubepods-besteffort-pod0a1b2c3d.slice",
+            "/kubepods/besteffort/pod0a1b2c3d",
+        );
+        let conf = NetConf::parse(stdin.as_bytes()).expect("valid");
+        let req = attach_request(&conf, id, "eth0", "/var/run/netns/cni-1234").expect("valid");
+        assert_eq!(
+            req.cgroup.as_deref(),
+            Some("/kubepods/besteffort/pod0a1b2c3d")
+        );
+        // A burst the runtime did give is kept (bits to bytes).
+        let stdin = stdin.replace("\"egressBurst\": 4294967295", "\"egressBurst\": 800000");
+        let conf = NetConf::parse(stdin.as_bytes()).expect("valid");
+        let req = attach_request(&conf, id, "eth0", "/x").expect("valid");
+        assert_eq!(req.egress_burst.as_deref(), Some("100000b"));
+        assert_eq!(req.ingress_burst, None);
     }
 }

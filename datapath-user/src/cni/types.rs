@@ -1,11 +1,14 @@
 //! The CNI wire types: results, errors and the version answer (section 5 of
 //! the CNI specification), for versions 1.0.0 and 1.1.0, whose result
-//! formats differ only in optional fields this plugin never sets.
+//! formats differ only in optional fields this plugin never sets, and the
+//! older 0.3.0, 0.3.1 and 0.4.0 that podman 3 and older containerd still
+//! ask for: their results carry each address's IP `version` and no MTUs
+//! ([`Success::for_version`]).
 
 use serde::{Deserialize, Serialize};
 
 /// The specification versions this plugin speaks.
-pub const SUPPORTED_VERSIONS: [&str; 2] = ["1.0.0", "1.1.0"];
+pub const SUPPORTED_VERSIONS: [&str; 5] = ["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"];
 
 /// The newest supported version, used where the caller named none.
 pub const LATEST_VERSION: &str = "1.1.0";
@@ -18,6 +21,16 @@ pub fn is_supported(version: &str) -> bool {
 /// Whether `version` has the 1.1 operations (`STATUS`, `GC`).
 pub fn has_status_and_gc(version: &str) -> bool {
     version == "1.1.0"
+}
+
+/// Whether `version` has `CHECK` (0.4.0 and later).
+pub fn has_check(version: &str) -> bool {
+    !matches!(version, "0.3.0" | "0.3.1")
+}
+
+/// Whether `version` uses the results of before 1.0.0 (0.3.x, 0.4.0).
+pub fn is_pre_1_0(version: &str) -> bool {
+    version.starts_with("0.")
 }
 
 /// The error codes of the specification, and this plugin's own.
@@ -157,6 +170,38 @@ pub struct Success {
     pub dns: Dns,
 }
 
+impl Success {
+    /// This result in the format of `version`: before 1.0.0, each address
+    /// names its IP version, and interfaces and routes have only the
+    /// fields of that format (no MTU, socket, PCI id, route attributes).
+    pub fn for_version(mut self, version: &str) -> Self {
+        self.cni_version = version.to_owned();
+        let old = is_pre_1_0(version);
+        for ip in &mut self.ips {
+            ip.version = if old {
+                Some(if ip.address.contains(':') { "6" } else { "4" }.to_owned())
+            } else {
+                None
+            };
+        }
+        if old {
+            for i in &mut self.interfaces {
+                i.mtu = None;
+                i.socket_path = None;
+                i.pci_id = None;
+            }
+            for r in &mut self.routes {
+                *r = Route {
+                    dst: std::mem::take(&mut r.dst),
+                    gw: r.gw.take(),
+                    ..Route::default()
+                };
+            }
+        }
+        self
+    }
+}
+
 /// One interface of a result.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -185,6 +230,9 @@ pub struct Interface {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct IpConfig {
+    /// `"4"` or `"6"`: results before 1.0.0 only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
     /// Address in CIDR notation.
     pub address: String,
     /// Default gateway of its subnet.
@@ -271,6 +319,7 @@ mod tests {
                 address: "198.19.0.2/32".into(),
                 gateway: Some("198.19.0.1".into()),
                 interface: Some(1),
+                ..IpConfig::default()
             }],
             routes: vec![Route {
                 dst: "0.0.0.0/0".into(),
@@ -291,6 +340,48 @@ mod tests {
         assert_eq!(v["dns"], serde_json::json!({}));
         let back: Success = serde_json::from_value(v).expect("parses back");
         assert_eq!(back, r);
+    }
+
+    #[test]
+    fn results_for_runtimes_asking_0_4_0_carry_the_ip_version_and_no_mtu() {
+        let r = Success {
+            cni_version: "1.0.0".into(),
+            interfaces: vec![Interface {
+                name: "eth0".into(),
+                mtu: Some(1400),
+                sandbox: Some("/run/netns/x".into()),
+                ..Interface::default()
+            }],
+            ips: vec![IpConfig {
+                address: "198.19.0.2/32".into(),
+                gateway: Some("198.19.0.1".into()),
+                interface: Some(0),
+                ..IpConfig::default()
+            }],
+            routes: vec![Route {
+                dst: "0.0.0.0/0".into(),
+                gw: Some("198.19.0.1".into()),
+                mtu: Some(1400),
+                ..Route::default()
+            }],
+            dns: Dns::default(),
+        };
+        for version in ["0.3.0", "0.3.1", "0.4.0"] {
+            let v = serde_json::to_value(r.clone().for_version(version)).expect("serializes");
+            assert_eq!(v["cniVersion"], version);
+            assert_eq!(v["ips"][0]["version"], "4", "{v:#}");
+            assert_eq!(v["ips"][0]["address"], "198.19.0.2/32");
+            assert_eq!(v["ips"][0]["interface"], 0);
+            assert!(v["interfaces"][0].get("mtu").is_none(), "{v:#}");
+            assert_eq!(v["interfaces"][0]["sandbox"], "/run/netns/x");
+            assert_eq!(
+                v["routes"][0],
+                serde_json::json!({"dst": "0.0.0.0/0", "gw": "198.19.0.1"})
+            );
+        }
+        let v = serde_json::to_value(r.for_version("1.1.0")).expect("serializes");
+        assert!(v["ips"][0].get("version").is_none(), "{v:#}");
+        assert_eq!(v["interfaces"][0]["mtu"], 1400);
     }
 
     #[test]

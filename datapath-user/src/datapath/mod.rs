@@ -16,6 +16,7 @@
 pub mod attach;
 pub mod conntrack;
 pub mod maps;
+pub mod masquerade;
 pub mod ratelimit;
 pub mod reader;
 

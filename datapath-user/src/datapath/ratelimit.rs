@@ -22,7 +22,7 @@ pub struct RateTarget<'a> {
     pub host_ifname: &'a str,
     /// Its cgroup v2 directory, if it has one.
     pub cgroup: Option<&'a Path>,
-    /// That cgroup's id (0 without one).
+    /// That cgroup's id (0 without one, or while it does not exist).
     pub cgroup_id: u64,
     /// The limits.
     pub limits: RateLimits,
@@ -76,6 +76,11 @@ impl Datapath {
                 Err(ApplyError::NoCgroup(t.name.to_owned()))
             };
         };
+        if t.cgroup_id == 0 {
+            // The cgroup does not exist (yet): the limits are pending and
+            // applied once it appears.
+            return Ok(());
+        }
         let now = now_ns();
         for hook in [RateHook::Egress, RateHook::Ingress] {
             let key = RateKey::new(t.cgroup_id, hook.direction());

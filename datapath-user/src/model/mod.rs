@@ -1,5 +1,5 @@
 //! The datapath's shared vocabulary: published ports, rate limits and the
-//! limiter's counters, tracked flows, names and MAC addresses. Every other
+//! limiter's counters, tracked flows, names, MAC addresses and MTUs. Every other
 //! module speaks it; it depends on nothing else in this crate (only on the
 //! map layouts of `datapath-common`), so that the API's wire types, the
 //! persisted state, the agent and the CNI plugin can all use it without
@@ -8,6 +8,7 @@
 pub mod flow;
 pub mod limits;
 pub mod mac;
+pub mod mtu;
 pub mod names;
 pub mod ports;
 

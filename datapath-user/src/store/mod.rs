@@ -92,15 +92,29 @@ pub struct Container {
     /// MAC address of the container's interface (hex, `aa:bb:…`).
     #[serde(default)]
     pub mac: String,
-    /// Its cgroup v2 directory (canonical), if one was given.
+    /// Its cgroup v2 directory (canonical), if one was given. It may not
+    /// exist yet: runtimes create it after the network.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cgroup: Option<PathBuf>,
-    /// That cgroup's id (inode) when it was resolved; 0 without one.
+    /// That cgroup's id (inode) while it exists and its limits are
+    /// applied; 0 without one, and while it does not exist (its limits are
+    /// pending).
     #[serde(default)]
     pub cgroup_id: u64,
     /// Rate limits.
     #[serde(default)]
     pub limits: RateLimits,
+    /// The MTU of both ends of its veth pair, if given for it (none: the
+    /// agent's `--mtu`, or the uplink's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtu: Option<u32>,
+}
+
+impl Container {
+    /// Whether its rate limits wait for its cgroup to appear.
+    pub fn limits_pending(&self) -> bool {
+        self.cgroup.is_some() && self.cgroup_id == 0 && !self.limits.is_empty()
+    }
 }
 
 /// One change of the state: what a journal record holds. A record holds
@@ -136,6 +150,14 @@ pub enum Change {
         /// The new limits.
         limits: RateLimits,
     },
+    /// A container's cgroup appeared, was recreated or went: the id its
+    /// limits now use (0: gone, its limits pending).
+    Cgroup {
+        /// The container's name.
+        name: String,
+        /// The cgroup's id, 0 while it does not exist.
+        cgroup_id: u64,
+    },
     /// The ports this agent holds in `ip_local_reserved_ports` replaced.
     ReservedPorts {
         /// All of them.
@@ -159,6 +181,9 @@ pub struct State {
     ports: PortIndex,
     /// The container whose limits use each cgroup's buckets.
     limited: OrdMap<u64, Arc<str>>,
+    /// The container whose limits name each cgroup directory, applied or
+    /// pending (see [`Container::limits_pending`]).
+    limited_paths: OrdMap<PathBuf, Arc<str>>,
     /// The ports this agent added to the node's
     /// `net.ipv4.ip_local_reserved_ports` (not those reserved before it),
     /// given back when no longer published or masqueraded.
@@ -278,6 +303,18 @@ impl State {
         self.limited.get(&cgroup_id).map(|n| &**n)
     }
 
+    /// The container whose limits name cgroup directory `path`, applied or
+    /// pending.
+    pub fn limiting_path(&self, path: &Path) -> Option<&str> {
+        self.limited_paths.get(path).map(|n| &**n)
+    }
+
+    /// The cgroup directories named by containers' limits, applied or
+    /// pending.
+    pub fn limited_cgroups(&self) -> impl Iterator<Item = &Path> {
+        self.limited_paths.keys().map(PathBuf::as_path)
+    }
+
     /// A fresh container id.
     pub fn take_id(&mut self) -> u32 {
         // Id 0 is never used: conntrack entries of no container carry it.
@@ -330,6 +367,17 @@ impl State {
                 let (owner, mut c) = self.take_for_change(name)?;
                 self.unlimit(&c);
                 c.limits = *limits;
+                self.limit(&owner, &c)?;
+                self.containers.insert(name.clone(), Arc::new(c));
+                Ok(())
+            }
+            Change::Cgroup { name, cgroup_id } => {
+                let (owner, mut c) = self.take_for_change(name)?;
+                if c.cgroup.is_none() {
+                    return Err(format!("container {name:?} has no cgroup"));
+                }
+                self.unlimit(&c);
+                c.cgroup_id = *cgroup_id;
                 self.limit(&owner, &c)?;
                 self.containers.insert(name.clone(), Arc::new(c));
                 Ok(())
@@ -391,10 +439,21 @@ impl State {
     }
 
     fn limit(&mut self, owner: &Arc<str>, c: &Container) -> Result<(), String> {
-        if c.cgroup_id == 0 || c.limits.is_empty() {
+        if c.limits.is_empty() {
             return Ok(());
         }
-        if let Some(other) = self.limited.get(&c.cgroup_id)
+        if let Some(path) = &c.cgroup
+            && let Some(other) = self.limited_paths.get(path)
+            && **other != *c.name
+        {
+            return Err(format!(
+                "containers {other:?} and {:?} both limit cgroup {}",
+                c.name,
+                path.display()
+            ));
+        }
+        if c.cgroup_id != 0
+            && let Some(other) = self.limited.get(&c.cgroup_id)
             && **other != *c.name
         {
             return Err(format!(
@@ -402,7 +461,12 @@ impl State {
                 c.name, c.cgroup_id
             ));
         }
-        self.limited.insert(c.cgroup_id, Arc::clone(owner));
+        if let Some(path) = &c.cgroup {
+            self.limited_paths.insert(path.clone(), Arc::clone(owner));
+        }
+        if c.cgroup_id != 0 {
+            self.limited.insert(c.cgroup_id, Arc::clone(owner));
+        }
         Ok(())
     }
 
@@ -413,6 +477,11 @@ impl State {
             .is_some_and(|n| **n == *c.name)
         {
             self.limited.remove(&c.cgroup_id);
+        }
+        if let Some(path) = &c.cgroup
+            && self.limited_paths.get(path).is_some_and(|n| **n == *c.name)
+        {
+            self.limited_paths.remove(path);
         }
     }
 }

@@ -30,12 +30,13 @@ fn container(name: &str, id: u32, addr: Ipv4Addr, ports: &[&str]) -> Container {
         addr,
         publish: ports.iter().map(|p| p.parse().expect("valid")).collect(),
         mac: "02:00:00:00:00:01".into(),
-        cgroup: Some("/sys/fs/cgroup/unified/web".into()),
+        cgroup: Some(format!("/sys/fs/cgroup/unified/{name}").into()),
         cgroup_id: 4242 + u64::from(id),
         limits: RateLimits {
             egress: Some(Limit::given(10_000_000, 65_536)),
             ingress: None,
         },
+        mtu: Some(1400),
     }
 }
 
@@ -151,6 +152,54 @@ fn every_kind_of_change_survives_a_restart() {
     assert_eq!(
         store.state().ports().overlap(&m("5433:1")).map(|(o, _)| o),
         Some("db")
+    );
+}
+
+#[test]
+fn a_cgroup_that_goes_and_comes_back_moves_the_limits_index_and_survives_a_restart() {
+    let dir = TempDir::new("cgroup");
+    let mut store = Store::open(&dir.0).expect("open");
+    let web = add(&mut store, "web", &[]);
+    let path = web.cgroup.clone().expect("a cgroup");
+    // Gone: its limits are pending, still held by the path.
+    store
+        .commit(vec![Change::Cgroup {
+            name: "web".into(),
+            cgroup_id: 0,
+        }])
+        .expect("commit");
+    assert!(store.get("web").expect("web").limits_pending());
+    assert_eq!(store.state().limiting(web.cgroup_id), None);
+    assert_eq!(store.state().limiting_path(&path), Some("web"));
+    // Another container's limits on the same directory are refused, even
+    // while it does not exist.
+    let pool: Ipv4Net = "198.19.0.0/24".parse().expect("valid");
+    let (id, addr) = store.allocate(pool).expect("a free address");
+    let mut other = container("other", id, addr, &[]);
+    other.cgroup = Some(path.clone());
+    other.cgroup_id = 0;
+    let err = store
+        .commit(vec![Change::Put(Box::new(other))])
+        .expect_err("refused");
+    assert!(err.to_string().contains("both limit cgroup"), "{err}");
+    // Back, recreated with a new id.
+    store
+        .commit(vec![Change::Cgroup {
+            name: "web".into(),
+            cgroup_id: 777,
+        }])
+        .expect("commit");
+    drop(store);
+
+    let store = Store::open(&dir.0).expect("reopen");
+    let now = store.get("web").expect("web");
+    assert_eq!(now.cgroup_id, 777);
+    assert!(!now.limits_pending());
+    assert_eq!(store.state().limiting(777), Some("web"));
+    assert_eq!(store.state().limiting(web.cgroup_id), None);
+    assert_eq!(
+        store.state().limited_cgroups().collect::<Vec<_>>(),
+        [path.as_path()]
     );
 }
 
