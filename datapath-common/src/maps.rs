@@ -97,6 +97,9 @@ pub mod programs {
     /// TC (tcx) ingress on the overlay (VXLAN) device: decapsulated
     /// packets delivered straight into their container.
     pub const OVERLAY_TC: &str = "overlay_tc";
+    /// TC (tcx) egress on the overlay (VXLAN) device: the tunnel key of
+    /// the node's own packets for containers on other nodes.
+    pub const OVERLAY_EGRESS_TC: &str = "overlay_egress_tc";
     /// Run by the agent with `BPF_PROG_TEST_RUN` (never attached): removes
     /// the flows a [`crate::FlushRequest`] names, in the kernel, so that
     /// the per-container accounting stays exact.

@@ -138,6 +138,21 @@ pub fn overlay_tc(mut ctx: TcContext) -> i32 {
     }
 }
 
+/// Egress of the overlay (VXLAN) device: the node's own packets for
+/// containers on other nodes get their tunnel key.
+#[classifier]
+pub fn overlay_egress_tc(mut ctx: TcContext) -> i32 {
+    match overlay::to_overlay(&mut ctx) {
+        overlay::Egress::Pass => TC_ACT_OK,
+        overlay::Egress::Drop(stat) => {
+            if let Some(stat) = stat {
+                count(stat);
+            }
+            TC_ACT_SHOT
+        }
+    }
+}
+
 /// `-ENODEV`.
 const ENODEV: i64 = -19;
 

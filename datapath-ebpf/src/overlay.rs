@@ -11,6 +11,10 @@
 //!   decapsulated packet whose inner source belongs to the node that sent it
 //!   goes straight into its container (`bpf_redirect_peer`); anything else
 //!   for the node itself goes to the node's stack.
+//! * [`to_overlay`] (in `overlay_egress_tc`, the VXLAN device's egress):
+//!   the node's own packets for another node's containers (the agent routes
+//!   the cluster CIDR to the device, from the node's gateway address) get
+//!   their tunnel key there.
 //!
 //! The node that forwards a packet into the overlay decrements its TTL
 //! once: the cluster network is one routed hop.
@@ -18,7 +22,7 @@
 use aya_ebpf::{
     bindings::bpf_tunnel_key,
     btf_maps::lpm_trie::Key,
-    helpers::generated::{bpf_skb_get_tunnel_key, bpf_skb_set_tunnel_key},
+    helpers::generated::{bpf_skb_change_type, bpf_skb_get_tunnel_key, bpf_skb_set_tunnel_key},
     programs::TcContext,
 };
 use datapath_common::{Config, EndpointKey, Peer, Stat};
@@ -29,6 +33,9 @@ use crate::{
     nat,
     parse::{ETH_LEN, IP_DST_OFF, IP_SRC_OFF, IP_TTL_OFF},
 };
+
+/// `skb->pkt_type` of a packet for this host.
+const PACKET_HOST: u32 = 0;
 
 /// The outer TTL of encapsulated packets.
 const OUTER_TTL: u8 = 64;
@@ -76,6 +83,19 @@ pub fn from_container(ctx: &mut TcContext, cfg: &Config) -> ToPeer {
     if nat::decrement_ttl(ctx).is_err() {
         return ToPeer::Drop(Stat::DropHelperFailed);
     }
+    if set_tunnel_key(ctx, underlay, vni).is_err() {
+        return ToPeer::Drop(Stat::DropHelperFailed);
+    }
+    maps::count(Stat::OverlayEncapsulated);
+    ToPeer::Redirect {
+        ifindex: cfg.overlay_ifindex,
+    }
+}
+
+/// Gives the packet the tunnel key that sends it to the node at underlay
+/// address `underlay` with VNI `vni`.
+#[inline(always)]
+fn set_tunnel_key(ctx: &TcContext, underlay: [u8; 4], vni: u32) -> Result<(), ()> {
     // SAFETY: a zeroed key is valid input.
     let mut key: bpf_tunnel_key = unsafe { core::mem::zeroed() };
     key.tunnel_id = vni;
@@ -91,13 +111,66 @@ pub fn from_container(ctx: &mut TcContext, cfg: &Config) -> ToPeer {
             0,
         )
     };
-    if rc != 0 {
-        return ToPeer::Drop(Stat::DropHelperFailed);
+    if rc == 0 { Ok(()) } else { Err(()) }
+}
+
+/// The tunnel key the packet carries (on ingress, the one it came with;
+/// on egress, the one a program gave it), if any.
+#[inline(always)]
+fn tunnel_key(ctx: &TcContext) -> Option<bpf_tunnel_key> {
+    // SAFETY: a zeroed key is valid output space.
+    let mut key: bpf_tunnel_key = unsafe { core::mem::zeroed() };
+    // SAFETY: `key` is a local of the size passed.
+    let rc = unsafe {
+        bpf_skb_get_tunnel_key(
+            ctx.skb.skb,
+            &raw mut key,
+            size_of::<bpf_tunnel_key>() as u32,
+            0,
+        )
+    };
+    (rc == 0).then_some(key)
+}
+
+/// What `overlay_egress_tc` must do with a packet leaving through the
+/// overlay device.
+pub enum Egress {
+    /// Let the device encapsulate it.
+    Pass,
+    /// Drop it, counting `Stat` if there is one.
+    Drop(Option<Stat>),
+}
+
+/// A packet leaving through the overlay device (its egress): one
+/// `container_tc` redirected already carries its tunnel key and passes;
+/// one the node's stack routed there (the node itself talking to a
+/// container on another node, from the gateway address the agent's route
+/// gives as source) gets the key of the node owning its destination.
+#[inline(always)]
+pub fn to_overlay(ctx: &mut TcContext) -> Egress {
+    if tunnel_key(ctx).is_some() {
+        return Egress::Pass;
+    }
+    let Ok(ether_type) = ctx.read::<2>(ETH_LEN - 2) else {
+        return Egress::Drop(None);
+    };
+    if u16::from_be_bytes(ether_type) != 0x0800 {
+        // The device's own IPv6 neighbour and multicast chatter: it has
+        // nowhere to go.
+        return Egress::Drop(None);
+    }
+    let Ok(daddr) = ctx.read::<4>(IP_DST_OFF) else {
+        return Egress::Drop(Some(Stat::DropMalformed));
+    };
+    let Some(p) = peer(daddr) else {
+        return Egress::Drop(Some(Stat::DropNoPeer));
+    };
+    let (underlay, vni) = (p.underlay, p.vni);
+    if set_tunnel_key(ctx, underlay, vni).is_err() {
+        return Egress::Drop(Some(Stat::DropHelperFailed));
     }
     maps::count(Stat::OverlayEncapsulated);
-    ToPeer::Redirect {
-        ifindex: cfg.overlay_ifindex,
-    }
+    Egress::Pass
 }
 
 /// What `overlay_tc` must do with a decapsulated packet.
@@ -132,27 +205,28 @@ pub fn from_overlay(ctx: &mut TcContext) -> Delivery {
         return Delivery::Drop(Stat::DropOverlaySpoofed);
     };
     let underlay = p.underlay;
-    // SAFETY: a zeroed key is valid output space.
-    let mut key: bpf_tunnel_key = unsafe { core::mem::zeroed() };
-    // SAFETY: `key` is a local of the size passed.
-    let rc = unsafe {
-        bpf_skb_get_tunnel_key(
-            ctx.skb.skb,
-            &raw mut key,
-            size_of::<bpf_tunnel_key>() as u32,
-            0,
-        )
+    let Some(key) = tunnel_key(ctx) else {
+        return Delivery::Drop(Stat::DropOverlaySpoofed);
     };
-    // SAFETY: the helper wrote an IPv4 remote (or nothing: zero).
+    // SAFETY: the helper wrote an IPv4 remote.
     let remote = unsafe { key.__bindgen_anon_1.remote_ipv4 };
-    if rc != 0 || remote != u32::from_be_bytes(underlay) {
+    if remote != u32::from_be_bytes(underlay) {
         return Delivery::Drop(Stat::DropOverlaySpoofed);
     }
-    if !cfg.in_pool(daddr) {
-        return Delivery::Pass;
-    }
     // SAFETY: endpoint values are replaced whole by the agent.
-    let Some(ep) = (unsafe { ENDPOINTS.get(EndpointKey { addr: daddr }) }) else {
+    let ep = if cfg.in_pool(daddr) {
+        unsafe { ENDPOINTS.get(EndpointKey { addr: daddr }) }
+    } else {
+        None
+    };
+    let Some(ep) = ep else {
+        // For the node itself (its gateway address, a reply to the node):
+        // the inner destination MAC is the sender's gateway MAC, not this
+        // device's, so the stack would take it for another host's.
+        // SAFETY: plain helper call on the program's context.
+        if unsafe { bpf_skb_change_type(ctx.skb.skb, PACKET_HOST) } != 0 {
+            return Delivery::Drop(Stat::DropHelperFailed);
+        }
         return Delivery::Pass;
     };
     let (mac, host_mac, ifindex) = (ep.mac, ep.host_mac, ep.ifindex);

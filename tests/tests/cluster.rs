@@ -64,6 +64,16 @@ fn wait_ping(ns: &Netns, addr: Ipv4Addr) {
     assert!(ok, "{addr} does not answer pings from {}", ns.name());
 }
 
+/// The gateway (first host address) of node CIDR `cidr`.
+fn gateway_of(cidr: &str) -> Ipv4Addr {
+    let network: Ipv4Addr = cidr
+        .split('/')
+        .next()
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("not a node CIDR: {cidr}"));
+    Ipv4Addr::from(u32::from(network) + 1)
+}
+
 #[test]
 fn pods_on_different_nodes_reach_each_other_with_their_own_addresses() {
     let switch = Switch::new();
@@ -108,6 +118,29 @@ fn pods_on_different_nodes_reach_each_other_with_their_own_addresses() {
     assert_eq!(answer, b"b port 5300: ping");
     assert_eq!(udp.peers()[0].ip(), &c.addr, "b saw c's address");
 
+    // The node itself reaches containers on the other nodes, from its
+    // gateway address: an address of the cluster, which the receiving node
+    // neither masquerades nor takes for a stranger's.
+    let gateway1 = gateway_of(&cidrs[0]);
+    wait_ping(&n1.node, b.addr);
+    let answer = line_exchange(&n1.node, SocketAddr::from((b.addr, 7000)), "from node 1")
+        .unwrap_or_else(|e| panic!("TCP node 1 → b: {e}"));
+    assert_eq!(answer, "b: from node 1");
+    let peers = tcp.wait_peers(2, Duration::from_secs(5));
+    assert_eq!(
+        peers[1].ip(),
+        &gateway1,
+        "b saw node 1's gateway: {peers:?}"
+    );
+    let answer = udp_request(&n3.node, SocketAddr::from((b.addr, 5300)), b"from node 3")
+        .unwrap_or_else(|e| panic!("UDP node 3 → b: {e}"));
+    assert_eq!(answer, b"b port 5300: from node 3");
+    assert_eq!(
+        udp.peers()[1].ip(),
+        &gateway_of(&cidrs[2]),
+        "b saw node 3's gateway"
+    );
+
     // Nothing of it was masqueraded; the overlay carried it.
     for agent in [&a1, &a2, &a3] {
         assert_eq!(
@@ -140,10 +173,10 @@ fn pods_on_different_nodes_reach_each_other_with_their_own_addresses() {
     let answer = line_exchange(&ca, published, "from a")
         .unwrap_or_else(|e| panic!("TCP a → node 2's published port: {e}"));
     assert_eq!(answer, "b: from a");
-    let peers = tcp.wait_peers(3, Duration::from_secs(5));
-    assert_eq!(peers[1].ip(), &n3.client_addr(), "{peers:?}");
+    let peers = tcp.wait_peers(4, Duration::from_secs(5));
+    assert_eq!(peers[2].ip(), &n3.client_addr(), "{peers:?}");
     assert_eq!(
-        peers[2].ip(),
+        peers[3].ip(),
         &n1.node_addr(),
         "masqueraded by node 1: {peers:?}"
     );

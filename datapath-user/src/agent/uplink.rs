@@ -126,6 +126,9 @@ pub async fn setup(
             .ensure_vxlan(OVERLAY_IF, overlay::PORT, mtu)
             .await
             .context("set up the overlay device")?;
+        net.route_cluster(OVERLAY_IF, overlay_ifindex, cl.cluster_cidr, cfg.gateway())
+            .await
+            .context("route the cluster CIDR through the overlay device")?;
         config.cluster_addr = cl.cluster_cidr.network().octets();
         config.cluster_mask = cl.cluster_cidr.netmask().octets();
         config.overlay_ifindex = overlay_ifindex;

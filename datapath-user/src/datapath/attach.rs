@@ -58,8 +58,16 @@ impl Datapath {
     }
 
     /// Attaches the overlay program to the overlay (VXLAN) device.
+    /// On its ingress, the program delivering decapsulated packets; on its
+    /// egress, the one keying the node's own packets.
     pub fn attach_overlay(&mut self, ifname: &str) -> Result<(), BpfError> {
-        self.attach_tc(programs::OVERLAY_TC, ifname, OVERLAY_LINK)
+        self.attach_tc(programs::OVERLAY_TC, ifname, OVERLAY_LINK)?;
+        self.attach_tc_on(
+            programs::OVERLAY_EGRESS_TC,
+            ifname,
+            OVERLAY_EGRESS_LINK,
+            TcAttachType::Egress,
+        )
     }
 
     /// Detaches the container program from a host-side veth (idempotent).
@@ -81,13 +89,23 @@ impl Datapath {
         ifname: &str,
         link_name: &str,
     ) -> Result<(), BpfError> {
+        self.attach_tc_on(program_name, ifname, link_name, TcAttachType::Ingress)
+    }
+
+    fn attach_tc_on(
+        &mut self,
+        program_name: &'static str,
+        ifname: &str,
+        link_name: &str,
+        side: TcAttachType,
+    ) -> Result<(), BpfError> {
         let pin = self.link_pin(link_name);
         let prog: &mut SchedClassifier = program(&mut self.ebpf, program_name)?;
         let program_id = prog.info().map(|i| i.id()).unwrap_or_default();
         attach_through_pin!(prog, SchedClassifierLink, &pin, {
             prog.attach_with_options(
                 ifname,
-                TcAttachType::Ingress,
+                side,
                 TcAttachOptions::TcxOrder(LinkOrder::default()),
             )
         })
@@ -96,7 +114,11 @@ impl Datapath {
             ifname: ifname.to_owned(),
             message,
         })?;
-        self.record(program_name, program_id, ifname, "tcx-ingress", pin);
+        let hook = match side {
+            TcAttachType::Egress => "tcx-egress",
+            _ => "tcx-ingress",
+        };
+        self.record(program_name, program_id, ifname, hook, pin);
         Ok(())
     }
 
@@ -329,6 +351,8 @@ fn pinned_link(pin: &Path) -> Result<Option<FdLink>, String> {
 
 /// Pin name of the overlay device's link.
 pub const OVERLAY_LINK: &str = "overlay_tc";
+/// Pin name of the overlay device's egress link.
+pub const OVERLAY_EGRESS_LINK: &str = "overlay_egress_tc";
 
 /// Pin names of the uplink links, by hook.
 const UPLINK_LINKS: [(UplinkHook, &str); 3] = [

@@ -264,6 +264,7 @@ impl Datapath {
             programs::UPLINK_TC,
             programs::CONTAINER_TC,
             programs::OVERLAY_TC,
+            programs::OVERLAY_EGRESS_TC,
             programs::CT_FLUSH,
         ] {
             let prog: &mut SchedClassifier = program(&mut ebpf, name)?;

@@ -22,6 +22,7 @@ use std::{
     time::Instant,
 };
 
+use ipnet::Ipv4Net;
 use netlink_packet_route::{
     link::{InfoData, InfoVeth},
     route::RouteScope,
@@ -568,6 +569,51 @@ impl Netlink {
                 name: name.to_owned(),
                 kind: "nothing".to_owned(),
             })
+    }
+
+    /// Routes `cluster` through the overlay device `ifindex` from source
+    /// `gateway` (the node's gateway address, given to the device as a /32),
+    /// so that the node itself reaches the containers of the other nodes
+    /// with an address of the cluster (never masqueraded by the receiving
+    /// node). The device does no ARP: the program on its egress gives the
+    /// packets their tunnel key and the receiving node's program their
+    /// container's MACs. Replaces what an earlier agent set.
+    pub async fn route_cluster(
+        &self,
+        name: &str,
+        ifindex: u32,
+        cluster: Ipv4Net,
+        gateway: Ipv4Addr,
+    ) -> Result<(), NetlinkError> {
+        let agent = InNetns::Agent;
+        self.handle
+            .link()
+            .change(LinkUnspec::new_with_index(ifindex).arp(false).build())
+            .execute()
+            .await
+            .map_err(|e| {
+                NetlinkError::request("turn ARP off on the overlay device", name, &agent, e)
+            })?;
+        self.handle
+            .address()
+            .add(ifindex, IpAddr::V4(gateway), 32)
+            .replace()
+            .execute()
+            .await
+            .map_err(|e| NetlinkError::request("add the gateway address", name, &agent, e))?;
+        let route = RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(cluster.network(), cluster.prefix_len())
+            .output_interface(ifindex)
+            .pref_source(gateway)
+            .scope(RouteScope::Link)
+            .build();
+        self.handle
+            .route()
+            .add(route)
+            .replace()
+            .execute()
+            .await
+            .map_err(|e| NetlinkError::request("route the cluster CIDR", name, &agent, e))
     }
 
     /// Deletes the overlay device `name` if it exists (and is a VXLAN
