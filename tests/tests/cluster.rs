@@ -18,6 +18,10 @@ use datapath_tests::{
 };
 use serde_json::Value;
 
+/// The attempts to reach the store after which an agent without
+/// `--cluster-wait` gives up at start.
+const START_ATTEMPTS: usize = 5;
+
 /// How long the tests wait for a change to reach the other nodes.
 const PROPAGATION: Duration = Duration::from_secs(20);
 
@@ -280,13 +284,26 @@ fn traffic_between_nodes_goes_on_while_etcd_is_down_and_agents_resync_when_it_is
         state_of(&a1, "n2").as_deref() == Some("last-known")
     });
     flow.wait_more("while etcd is down", 20);
+    // An agent started now with --cluster-wait waits for the store: it
+    // keeps trying past the attempts after which it would give up without.
+    let mut a3 = cluster::builder(&n3, &etcd, "n3", &["--cluster-wait"]).spawn();
+    wait::until(
+        "node 3's agent tries the store again and again",
+        PROPAGATION,
+        || a3.log().matches("trying the cluster store again").count() > START_ATTEMPTS,
+    );
+    assert!(
+        a3.wait_exit(Duration::from_millis(200)).is_none(),
+        "node 3's agent gave up:\n{}",
+        a3.log()
+    );
 
     etcd.restart();
     wait::until("node 1 is back in sync", PROPAGATION * 2, || {
         state_of(&a1, "n2").as_deref() == Some("reachable")
     });
-    // The watch is live again: a node joining now is seen by the others.
-    let a3 = cluster::agent(&n3, &etcd, "n3", &[]);
+    // Node 3's agent joins, and the watch is live again: the others see it.
+    a3.wait_api();
     wait_nodes(&a1, &["n1", "n2", "n3"]);
     wait_nodes(&a3, &["n1", "n2", "n3"]);
     flow.wait_more("after etcd is back", 5);

@@ -133,6 +133,13 @@ pub async fn setup(
         config.cluster_mask = cl.cluster_cidr.netmask().octets();
         config.overlay_ifindex = overlay_ifindex;
         config.flags |= CONFIG_F_CLUSTER;
+    } else {
+        // Without cluster mode, nothing of an earlier one stays: its
+        // device (and with it the cluster CIDR's route) and its programs.
+        dp.detach_overlay()?;
+        net.delete_vxlan(OVERLAY_IF)
+            .await
+            .context("remove the overlay device of an earlier cluster mode")?;
     }
     config.flags |= CONFIG_F_READY;
     // Node addresses first, so that no packet sees a ready config without

@@ -70,6 +70,17 @@ impl Datapath {
         )
     }
 
+    /// Detaches the overlay device's programs (idempotent): a node that
+    /// left cluster mode.
+    pub fn detach_overlay(&mut self) -> Result<(), BpfError> {
+        for name in [OVERLAY_LINK, OVERLAY_EGRESS_LINK] {
+            let pin = self.link_pin(name);
+            self.attachments.remove(&pin);
+            remove_pin(&pin)?;
+        }
+        Ok(())
+    }
+
     /// Detaches the container program from a host-side veth (idempotent).
     pub fn detach_container(&mut self, host_ifname: &str) -> Result<(), BpfError> {
         let name = container_link_name(host_ifname);
