@@ -340,6 +340,11 @@ pub const FLUSH_F_SERVICE: u32 = 1 << 1;
 /// [`FlushRequest::flags`]: only the flows masqueraded as
 /// [`FlushRequest::addr`] (the node's address changed).
 pub const FLUSH_F_MASQUERADE: u32 = 1 << 2;
+/// [`FlushRequest::flags`]: remove nothing; arm the expiry timer of every
+/// confirmed flow whose timer is not armed (flows copied into a table of
+/// another size by the agent, which cannot arm timers). The program
+/// returns how many it armed.
+pub const FLUSH_F_ARM: u32 = 1 << 3;
 
 impl FlushRequest {
     /// Offset of the request in the frame.

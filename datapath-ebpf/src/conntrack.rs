@@ -171,8 +171,8 @@ use aya_ebpf::{
 };
 use datapath_common::{
     CT_F_ORIGINAL, CT_F_PICKUP, CT_F_SEEN, CtContainer, CtEntryOf, CtKey, CtKeyOf, CtTimedEntryOf,
-    FLUSH_F_CONTAINER, FLUSH_F_MASQUERADE, FLUSH_F_SERVICE, FlushRequest, FragEntry, FragKeyOf,
-    IpAddress, Stat, bpf_timer, capacity,
+    FLUSH_F_ARM, FLUSH_F_CONTAINER, FLUSH_F_MASQUERADE, FLUSH_F_SERVICE, FlushRequest, FragEntry,
+    FragKeyOf, IpAddress, Stat, bpf_timer, capacity,
     ct::{self, Timeouts},
     ct_action, ct_state, proto, tcp_flags,
 };
@@ -1303,6 +1303,12 @@ extern "C" fn flush_main<F: Family>(
     unsafe {
         let e = &raw mut (*v).entry;
         let key = *key;
+        if (*flush).req.flags & FLUSH_F_ARM != 0 {
+            if (*e).is_original() && arm_copied::<F>(&key, v) {
+                flushed();
+            }
+            return 0;
+        }
         if (*e).is_original() {
             if (*flush).flow(&key, e) && remove_pair::<F>(Table::Main, &key, e) {
                 flushed();
@@ -1315,6 +1321,31 @@ extern "C" fn flush_main<F: Family>(
         }
     }
     0
+}
+
+/// Arms the expiry timer of original entry `v` (key `key`) if it has
+/// none: an entry the agent copied from a table of another size (the
+/// kernel zeroes the timer of a value written from user space). The timer
+/// fires when the flow's idle time reaches its state's timeout, as
+/// [`arm_timer`]'s would have. An armed timer is left alone
+/// (`bpf_timer_init` refuses it).
+///
+/// # Safety
+/// `v` is the live main-table value of `key`.
+#[inline(always)]
+unsafe fn arm_copied<F: Family>(key: &CtKeyOf<F::A>, v: *mut CtTimedEntryOf<F::A>) -> bool {
+    // SAFETY: per the caller; the callback has the signature the kernel
+    // calls it with.
+    unsafe {
+        let e = &raw const (*v).entry;
+        let timeout = timeouts().of_ns(key.proto, (*e).state);
+        let idle = now().saturating_sub((*e).last_seen_ns);
+        let timer = (&raw mut (*v).timer).cast();
+        let map = core::ptr::from_ref(F::ct()).cast_mut().cast();
+        bpf_timer_init(timer, map, CLOCK_MONOTONIC) == 0
+            && bpf_timer_set_callback(timer, ct_expire::<F> as *mut c_void) == 0
+            && bpf_timer_start(timer, timeout.saturating_sub(idle).max(1), 0) == 0
+    }
 }
 
 /// Flush callback over a table of unconfirmed flows: like [`flush_main`].
@@ -1342,6 +1373,8 @@ extern "C" fn flush_new<F: Family>(
 }
 
 /// Removes the flows `req` names from a family's tables; returns how many.
+/// With [`FLUSH_F_ARM`], removes nothing and arms the timers of the
+/// confirmed flows that have none (copied by the agent); returns how many.
 #[inline(always)]
 pub fn flush<F: Family>(req: FlushRequest) -> u64 {
     let Some(sc) = maps::scratch() else {
@@ -1349,6 +1382,7 @@ pub fn flush<F: Family>(req: FlushRequest) -> u64 {
     };
     sc.flushed = 0;
     let mut f = Flush { req };
+    let arm = req.flags & FLUSH_F_ARM != 0;
     // SAFETY: the callbacks and their context match the helper's contract.
     unsafe {
         bpf_for_each_map_elem(
@@ -1357,6 +1391,9 @@ pub fn flush<F: Family>(req: FlushRequest) -> u64 {
             (&raw mut f).cast(),
             0,
         );
+        if arm {
+            return maps::scratch().map_or(0, |sc| sc.flushed);
+        }
         bpf_for_each_map_elem(
             core::ptr::from_ref(F::ct_new()).cast_mut().cast(),
             flush_new::<F> as *mut c_void,

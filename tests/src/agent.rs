@@ -495,6 +495,16 @@ impl<'n> Agent<'n> {
         }
     }
 
+    /// Replaces the arguments given with [`AgentBuilder::args`] for the
+    /// agent processes started from now on ([`Agent::restart`]).
+    pub fn set_args<I, S>(&mut self, args: I)
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.args = args.into_iter().map(Into::into).collect();
+    }
+
     /// Waits up to `timeout` for the agent process to exit by itself (a
     /// crash), reaping it; returns its exit status.
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {

@@ -22,6 +22,14 @@ pub fn map_pin(agent: &Agent<'_>, name: &str) -> PathBuf {
     agent.bpffs_dir().join("maps").join(name)
 }
 
+/// The capacity of pinned map `name` of `agent`, as the kernel reports it.
+pub fn map_max_entries(agent: &Agent<'_>, name: &str) -> u32 {
+    let pin = map_pin(agent, name);
+    aya::maps::MapInfo::from_pin(&pin)
+        .unwrap_or_else(|e| panic!("map info of {}: {e}", pin.display()))
+        .max_entries()
+}
+
 /// `bpftool map dump pinned <pin>` as bpftool prints it (with BTF: named
 /// fields).
 pub fn map_dump_text(agent: &Agent<'_>, name: &str) -> String {

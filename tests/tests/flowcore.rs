@@ -165,6 +165,60 @@ fn new_flows_keep_being_admitted_with_the_agent_killed_for_several_timeouts() {
     assert!(agent.counter("ct_expired") > 0, "the kernel expired flows");
 }
 
+/// A new `--ct-max` on a restart: the pinned tables get the new size (a
+/// pinned map otherwise keeps its own), a live connection survives the
+/// move, and its copied entry still expires in the kernel.
+#[test]
+fn a_new_ct_max_resizes_the_tables_on_restart_keeping_live_flows_that_still_expire() {
+    let node = Node::new();
+    let args = |ct_max: &'static str| ["--ct-max", ct_max, "--ct-timeout-tcp", "3s"];
+    let Deployment { ctr, mut agent, .. } = Deployment::start_with(
+        Agent::builder(&node).args(args("1024")),
+        "web",
+        &["-p", "8080:80"],
+    );
+    let _web = Server::line_echo(&ctr, 80, "web");
+    let mut live = open_connection(&node.client, node.node_port(8080), "before")
+        .expect("a connection before the restart");
+    assert_eq!(inspect::map_max_entries(&agent, "CT"), 1024);
+    let entries = |agent: &Agent<'_>| -> u64 {
+        ct_containers(agent)
+            .iter()
+            .filter_map(|c| c["value"]["entries"].as_u64())
+            .sum()
+    };
+    assert_eq!(entries(&agent), 2, "one flow: two entries counted");
+
+    agent.stop();
+    agent.set_args(args("4096"));
+    agent.restart();
+    assert_eq!(inspect::map_max_entries(&agent, "CT"), 4096);
+    assert_eq!(inspect::map_max_entries(&agent, "CT_NEW"), 1024);
+    line(&mut live, "after").expect("the live connection after the resize");
+    assert_eq!(
+        agent.flows().len(),
+        1,
+        "the flow was moved: {:?}",
+        agent.flows()
+    );
+    assert_eq!(entries(&agent), 2, "its entries are still counted");
+
+    // Idle past its timeout, the moved flow goes like any other: the
+    // kernel armed its timer.
+    wait::until(
+        "the moved flow left the table",
+        Duration::from_secs(15),
+        || inspect::map_dump(&agent, "CT").is_empty(),
+    );
+    assert!(agent.flows().is_empty());
+    assert_eq!(entries(&agent), 0);
+    assert!(agent.counter("ct_expired") >= 1);
+    assert!(
+        !inspect::map_pin(&agent, "resizing_CT").exists(),
+        "the old table is gone"
+    );
+}
+
 // ---- 2. fill resistance ---------------------------------------------------------------
 
 #[test]

@@ -19,6 +19,7 @@ pub mod maps;
 pub mod masquerade;
 pub mod ratelimit;
 pub mod reader;
+mod resize;
 
 use std::{fs, io, path::PathBuf};
 
@@ -28,8 +29,8 @@ use aya::{
     programs::{CgroupSkb, SchedClassifier, SockOps},
 };
 use datapath_common::{
-    Config, CtContainer, CtEntry, CtKey, CtTimedEntry, Endpoint, EndpointKey, FlushRequest,
-    NodeAddr, NodeAddrKey, Peer, ServiceKey, ServiceValue, capacity, names, programs,
+    Config, CtContainer, CtEntry, CtKey, CtTimedEntry, Endpoint, EndpointKey, FLUSH_F_ARM,
+    FlushRequest, NodeAddr, NodeAddrKey, Peer, ServiceKey, ServiceValue, capacity, names, programs,
     ratelimit::{RateFlows, RateKey, RateLimit, RateStats},
 };
 use serde::Serialize;
@@ -254,10 +255,12 @@ impl Datapath {
         for (name, path) in &pins {
             loader.map_pin_path(name, path.as_path());
         }
-        if let Some(n) = opts.ct_max {
-            loader.map_max_entries(names::CT, n);
-            loader.map_max_entries(names::CT_NEW, ct_new_max(n));
-        }
+        // A pinned table keeps its size: one of another size is set aside
+        // and its flows moved into a new one below.
+        let ct_entries = ct_max(opts.ct_max);
+        let resized = resize::set_aside(&maps_dir, ct_entries, ct_new_max(ct_entries))?;
+        loader.map_max_entries(names::CT, ct_entries);
+        loader.map_max_entries(names::CT_NEW, ct_new_max(ct_entries));
         loader.override_global(aya_log::LEVEL, &opts.log_level, false);
         let mut ebpf = loader.load(EBPF_OBJECT)?;
         for name in [
@@ -284,7 +287,7 @@ impl Datapath {
             source,
         })?;
 
-        Ok(Self {
+        let mut dp = Self {
             config: typed_map!(&mut ebpf, names::CONFIG, Array<MapData, Config>),
             services: typed_map!(&mut ebpf, names::SERVICES, HashMap<MapData, ServiceKey, ServiceValue>),
             endpoints: typed_map!(&mut ebpf, names::ENDPOINTS, HashMap<MapData, EndpointKey, Endpoint>),
@@ -305,7 +308,20 @@ impl Datapath {
             ebpf,
             bpffs_dir: opts.bpffs_dir.clone(),
             attachments: imbl::OrdMap::new(),
-        })
+        };
+        if resized.any() {
+            let moved = resized.migrate(&mut dp.ct, &mut dp.ct_new, &mut dp.ct_containers)?;
+            let armed = dp.run_flush(FlushRequest {
+                flags: FLUSH_F_ARM,
+                ..FlushRequest::default()
+            })?;
+            log::info!(
+                "conntrack tables resized: {} flows kept ({armed} timers armed), {} did not fit",
+                moved.copied,
+                moved.dropped
+            );
+        }
+        Ok(dp)
     }
 
     /// The aya-log ring buffer, to forward kernel-side log events.
