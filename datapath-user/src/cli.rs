@@ -76,16 +76,17 @@ pub struct AgentArgs {
     /// The node address (default: the uplink's first IPv4 address).
     #[arg(long)]
     pub node_ip: Option<Ipv4Addr>,
-    /// The containers' address pool [default: 10.88.0.0/16]. In cluster
-    /// mode the pool is the node CIDR claimed from --cluster-cidr.
-    #[arg(long, conflicts_with = "cluster_store")]
+    /// The containers' address pool [default: 10.88.0.0/16]. Not in
+    /// cluster mode: there the pool is the node CIDR claimed from
+    /// --cluster-cidr.
+    #[arg(long)]
     pub pool: Option<Ipv4Net>,
     /// Cluster mode: the etcd (v3) store the nodes share, e.g.
     /// http://198.18.0.1:2379 (several: comma-separated).
     #[arg(long, value_delimiter = ',')]
     pub cluster_store: Vec<String>,
     /// This node's name in the cluster [default: the host name].
-    #[arg(long, requires = "cluster_store")]
+    #[arg(long)]
     pub node_name: Option<String>,
     /// The cluster's container network, from which each node claims its
     /// node CIDR.
@@ -95,7 +96,7 @@ pub struct AgentArgs {
     #[arg(long, default_value_t = 24, value_parser = clap::value_parser!(u8).range(1..=30))]
     pub node_cidr_size: u8,
     /// Wait for the cluster store at start instead of failing.
-    #[arg(long, requires = "cluster_store")]
+    #[arg(long)]
     pub cluster_wait: bool,
     /// TTL of the node's registration: a node whose agent stops renewing
     /// it leaves every peer this long after.
@@ -443,6 +444,14 @@ pub async fn run_agent(args: &AgentArgs, socket: PathBuf) -> anyhow::Result<()> 
     if args.check_config {
         print!("{}", args.effective.as_deref().unwrap_or_default());
         return Ok(());
+    }
+    // Every key may stand in one configuration file (`--check-config`
+    // shows them all), but an agent starts in one mode.
+    if args.pool.is_some() && !args.cluster_store.is_empty() {
+        anyhow::bail!(
+            "--pool is not for cluster mode (--cluster-store): the pool is the node CIDR \
+             claimed from --cluster-cidr"
+        );
     }
     agent::run(cfg, &socket, shutdown_signal()).await
 }

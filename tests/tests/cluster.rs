@@ -399,6 +399,12 @@ fn an_unreachable_store_or_a_cluster_cidr_on_the_underlay_is_a_clear_error() {
     assert!(!out.status.success(), "{err}");
     assert!(err.contains("cannot reach the cluster store"), "{err}");
 
+    // A pool of its own is not for a cluster node.
+    let out = agent_once(&n1, &["--cluster-store", &store, "--pool", "198.19.0.0/24"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("--pool is not for cluster mode"), "{err}");
+
     let out = agent_once(
         &n1,
         &[
