@@ -11,6 +11,7 @@
 //! * [`stats`]: the counters every program exports, drop reasons included.
 //! * [`ratelimit`]: the per-cgroup token buckets' layouts and arithmetic.
 //! * [`clock`]: the test clock that can stand in for the programs' clock.
+//! * [`policy`]: who may send what (martian sources, neighbour discovery).
 //!
 //! The crate is `no_std` so that the eBPF crate can use it; the `user` feature
 //! adds the userspace-only trait impls.
@@ -21,6 +22,7 @@ pub mod csum;
 pub mod ct;
 pub mod flow;
 pub mod maps;
+pub mod policy;
 pub mod ratelimit;
 pub mod stats;
 

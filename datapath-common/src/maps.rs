@@ -58,9 +58,14 @@ pub mod names {
     /// [`crate::clock::TestClock`] array (one entry): zero in production;
     /// packet tests freeze the programs' time with it. Not pinned.
     pub const CLOCK: &str = "CLOCK";
+    /// [`super::SockRevKey`] → [`super::SockRevValue`] (LRU): for each node
+    /// socket the socket programs sent to a container instead of a
+    /// published port, the address it dialed (what `getpeername` and
+    /// `recvmsg` show).
+    pub const SOCK_REV: &str = "SOCK_REV";
 
     /// Every map the agent pins, in a stable order.
-    pub const ALL: [&str; 15] = [
+    pub const ALL: [&str; 16] = [
         CONFIG,
         SERVICES,
         ENDPOINTS,
@@ -76,6 +81,7 @@ pub mod names {
         PEERS,
         NON_MASQUERADE,
         RATE_FLOWS,
+        SOCK_REV,
     ];
 }
 
@@ -104,6 +110,27 @@ pub mod programs {
     /// the flows a [`crate::FlushRequest`] names, in the kernel, so that
     /// the per-container accounting stays exact.
     pub const CT_FLUSH: &str = "ct_flush";
+    /// cgroup connect4 on the node's cgroup (`--socket-cgroup`): a node
+    /// socket connecting to a published port connects to the container.
+    pub const SOCK_CONNECT4: &str = "sock_connect4";
+    /// cgroup sendmsg4: a node UDP datagram to a published port goes to
+    /// the container.
+    pub const SOCK_SENDMSG4: &str = "sock_sendmsg4";
+    /// cgroup recvmsg4: a datagram from the container reads as coming from
+    /// the published address the socket sent to.
+    pub const SOCK_RECVMSG4: &str = "sock_recvmsg4";
+    /// cgroup getpeername4: a socket connected through a published port
+    /// shows the published address as its peer.
+    pub const SOCK_GETPEERNAME4: &str = "sock_getpeername4";
+    /// cgroup connect6: [`SOCK_CONNECT4`] for dual-stack sockets dialing an
+    /// IPv4-mapped address.
+    pub const SOCK_CONNECT6: &str = "sock_connect6";
+    /// cgroup sendmsg6: [`SOCK_SENDMSG4`] for dual-stack sockets.
+    pub const SOCK_SENDMSG6: &str = "sock_sendmsg6";
+    /// cgroup recvmsg6: [`SOCK_RECVMSG4`] for dual-stack sockets.
+    pub const SOCK_RECVMSG6: &str = "sock_recvmsg6";
+    /// cgroup getpeername6: [`SOCK_GETPEERNAME4`] for dual-stack sockets.
+    pub const SOCK_GETPEERNAME6: &str = "sock_getpeername6";
 }
 
 /// Default capacities. The agent may size maps differently at load time.
@@ -128,6 +155,9 @@ pub mod capacity {
     pub const PEERS: u32 = 4_096;
     /// Non-masquerade destination prefixes.
     pub const NON_MASQUERADE: u32 = 64;
+    /// Node sockets translated by the socket programs whose dialed address
+    /// is remembered (LRU: the oldest are forgotten first).
+    pub const SOCK_REV: u32 = 65_536;
 }
 
 /// The overlay between the nodes of a cluster: VXLAN (RFC 7348).
@@ -176,6 +206,11 @@ pub struct Config {
     pub ct_container_max: u32,
     /// Conntrack idle timeouts.
     pub timeouts: crate::ct::Timeouts,
+    /// The network namespace cookie of the node (the agent's namespace):
+    /// the socket programs translate only sockets of this namespace, so a
+    /// port published on the node's loopback never appears on a container's
+    /// own. 0: not known (every namespace's sockets are translated).
+    pub node_netns_cookie: u64,
     /// The cluster's container network address (with [`CONFIG_F_CLUSTER`]):
     /// destinations in it are never masqueraded.
     pub cluster_addr: [u8; 4],
@@ -183,6 +218,8 @@ pub struct Config {
     pub cluster_mask: [u8; 4],
     /// The overlay (VXLAN) device's ifindex (with [`CONFIG_F_CLUSTER`]).
     pub overlay_ifindex: u32,
+    /// Explicit padding, always zero.
+    pub _pad_cluster: [u8; 4],
 }
 
 /// [`Config::flags`]: masquerade container egress to outside the pool.
@@ -267,6 +304,42 @@ pub struct ServiceValue {
     pub ifindex: u32,
     /// The agent's number for the container (see [`Endpoint::container_id`]).
     pub container_id: u32,
+}
+
+/// Whether `addr` is an IPv4 loopback address (127.0.0.0/8): published
+/// ports on it (`-p 127.0.0.1:8080:80`) are reached only from the node's
+/// own sockets, never by a packet.
+#[inline(always)]
+pub const fn is_loopback(addr: [u8; 4]) -> bool {
+    addr[0] == 127
+}
+
+/// Key of [`names::SOCK_REV`]: a socket (its cookie) and the container
+/// address and port it was sent to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct SockRevKey {
+    /// The socket's cookie (`bpf_get_socket_cookie`).
+    pub cookie: u64,
+    /// The container address.
+    pub addr: [u8; 4],
+    /// The container port, host order.
+    pub port: u16,
+    /// Explicit padding, always zero.
+    pub _pad: u16,
+}
+
+/// Value of [`names::SOCK_REV`]: the published address and port the socket
+/// dialed.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct SockRevValue {
+    /// The dialed address.
+    pub addr: [u8; 4],
+    /// The dialed port, host order.
+    pub port: u16,
+    /// Explicit padding, always zero.
+    pub _pad: u16,
 }
 
 /// Key of the endpoints map: a container's address.
@@ -359,8 +432,10 @@ impl FlushRequest {
 }
 
 const _: () = {
-    assert!(size_of::<Config>() == 68);
+    assert!(size_of::<Config>() == 80);
     assert!(size_of::<Peer>() == 8);
+    assert!(size_of::<SockRevKey>() == 16);
+    assert!(size_of::<SockRevValue>() == 8);
     assert!(size_of::<ServiceKey>() == 8);
     assert!(size_of::<ServiceValue>() == 16);
     assert!(size_of::<EndpointKey>() == 4);

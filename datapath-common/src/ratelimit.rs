@@ -120,6 +120,11 @@ pub mod direction {
 /// cgroup storage key of the pacing program's attachment.
 pub const ATTACH_SOCK_OPS: u32 = 3;
 
+/// The loopback device's index in every network namespace. Packets on it
+/// never leave the container (a sidecar on 127.0.0.1, a process talking to
+/// its own address): the limiter neither charges nor counts them.
+pub const LOOPBACK_IFINDEX: u32 = 1;
+
 /// Return codes of cgroup_skb programs. Egress programs may also ask for a
 /// congestion notification: the sending TCP socket reduces its congestion
 /// window as if an ECN mark had come back, UDP senders get `ENOBUFS`.

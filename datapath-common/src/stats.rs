@@ -82,6 +82,11 @@ stats! {
     /// Packets too big for their egress path, left to the node's stack,
     /// which answers "fragmentation needed".
     TooBig = "too_big",
+    /// Node sockets sent to a container instead of a published port by the
+    /// socket programs (connects, and UDP datagrams sent without one).
+    SockTranslated = "sock_translated",
+    /// New hairpin flows: a container to a port published on the node.
+    HairpinNew = "hairpin_new",
     /// Dropped: the conntrack table is full.
     DropCtFull = "drop_ct_full",
     /// Dropped: the new flow's reply tuple belongs to another live flow.
@@ -109,8 +114,28 @@ stats! {
     DropRedirectFailed = "drop_redirect_failed",
     /// Dropped: a checksum, rewrite or lookup helper failed.
     DropHelperFailed = "drop_helper_failed",
-    /// Dropped: the datapath is not configured yet.
+    /// Dropped: the datapath is not configured yet (container traffic is
+    /// never passed unchecked).
     DropNotConfigured = "drop_not_configured",
+    /// Dropped: an uplink packet from a martian source (loopback, 0/8,
+    /// multicast, class E, link-local unless the node is link-local).
+    DropMartian = "drop_martian",
+    /// Dropped: an uplink packet claiming a source only the node or its
+    /// containers hold (the pool, a node or the gateway address).
+    DropUplinkSpoofed = "drop_uplink_spoofed",
+    /// Dropped: a router advertisement from a container.
+    DropRouterAdvertisement = "drop_router_advertisement",
+    /// Dropped: an ICMP or ICMPv6 redirect from a container.
+    DropRedirect = "drop_redirect",
+    /// Dropped: an unsolicited neighbour advertisement from a container for
+    /// an address not its own.
+    DropNeighbourAdvertisement = "drop_neighbour_advertisement",
+    /// Dropped (XDP): a translated packet's container has no endpoint to
+    /// take its MACs from.
+    DropNoEndpoint = "drop_no_endpoint",
+    /// Dropped (XDP): the container's MACs could not be written into the
+    /// frame.
+    DropMacStore = "drop_mac_store",
     /// Packets from a container to a container on another node of the
     /// cluster, sent into the overlay (VXLAN) with the peer's address.
     OverlayEncapsulated = "overlay_encapsulated",

@@ -1,5 +1,8 @@
 //! Ingress of a container's host-side veth (TC): anti-spoofing, reverse DNAT
-//! of replies, masquerade of new flows to the outside.
+//! of replies, masquerade of new flows to the outside, and hairpin: a
+//! container connecting to a port published on the node's addresses
+//! reaches the container behind it (itself included) directly, both
+//! directions translated here and delivered with `bpf_redirect_peer`.
 //!
 //! Where a new flow goes is the node's FIB's decision (`bpf_fib_lookup`):
 //! destinations the node handles itself (its own addresses on any
@@ -20,7 +23,7 @@ use datapath_common::{
 use crate::{
     conntrack::{self, NewFlow, V4},
     ctx::Packet,
-    icmp,
+    guard, icmp,
     maps::{self, ENDPOINTS, NODE_ADDRS},
     nat, overlay,
     parse::{self, ETH_LEN, Flow, IP_SRC_OFF, Kind, L4, frag},
@@ -86,14 +89,21 @@ pub enum Verdict {
     /// For a container on another node: its tunnel key is set; send it to
     /// the overlay device `ifindex`.
     ToOverlay { ifindex: u32 },
+    /// Translated (hairpin): deliver it to the container behind host-side
+    /// veth `ifindex`.
+    ToContainer { ifindex: u32 },
 }
 
 /// Translates one packet sent by a container.
 #[inline(always)]
 pub fn process(ctx: &mut TcContext) -> Verdict {
+    // Not configured yet: nothing can be checked, so nothing goes through.
     let Some(cfg) = maps::config() else {
-        return Verdict::Pass;
+        return Verdict::Drop(Stat::DropNotConfigured);
     };
+    if let Some(stat) = guard::container(ctx) {
+        return Verdict::Drop(stat);
+    }
     let Some(sc) = maps::scratch() else {
         return Verdict::Pass;
     };
@@ -177,7 +187,14 @@ pub fn process(ctx: &mut TcContext) -> Verdict {
         conntrack::update::<V4>(hit, &flow.key, flow, now);
         return Verdict::Pass;
     }
-    if action != ct_action::REV_DNAT && action != ct_action::SNAT {
+    // Hairpin flows (a container to a published port of the node) are
+    // translated here in both directions; replies of DNAT flows and
+    // masqueraded flows too.
+    let hairpin = matches!(
+        action,
+        ct_action::DNAT | ct_action::HAIRPIN | ct_action::REV_HAIRPIN
+    );
+    if !hairpin && action != ct_action::REV_DNAT && action != ct_action::SNAT {
         return Verdict::Pass;
     }
     if expiring {
@@ -196,18 +213,95 @@ pub fn process(ctx: &mut TcContext) -> Verdict {
     if flow.frag == frag::FIRST {
         conntrack::frag_record(flow, now);
     }
-    if nat::rewrite(ctx, flow, true, addr, port).is_err() || nat::decrement_ttl(ctx).is_err() {
+    if rewrite(ctx, flow, action, addr, port).is_err() || nat::decrement_ttl(ctx).is_err() {
         return Verdict::Drop(Stat::DropHelperFailed);
     }
     if flow.frag == frag::LATER {
         maps::count(Stat::FragmentTranslated);
     }
-    maps::count(if action == ct_action::REV_DNAT {
-        Stat::DnatPackets
-    } else {
+    maps::count(if action == ct_action::SNAT {
         Stat::SnatPackets
+    } else {
+        Stat::DnatPackets
     });
-    Verdict::ToUplink { ifindex: out }
+    // A reply to a container (of a hairpin flow to another container's
+    // published port) goes straight into that container.
+    if hairpin || (action == ct_action::REV_DNAT && cfg.in_pool(flow.key.daddr)) {
+        Verdict::ToContainer { ifindex: out }
+    } else {
+        Verdict::ToUplink { ifindex: out }
+    }
+}
+
+/// Rewrites a packet of a flow whose entry for this direction has `action`,
+/// `addr` and `port`: the entry's side (see `ct_action::rewrites_source`)
+/// and, for a hairpin to the container itself, the other address too.
+#[inline(always)]
+fn rewrite(
+    ctx: &mut TcContext,
+    flow: &Flow,
+    action: u8,
+    addr: [u8; 4],
+    port: u16,
+) -> Result<(), ()> {
+    let source = ct_action::rewrites_source(action);
+    nat::rewrite(ctx, flow, source, addr, port)?;
+    match action {
+        // The container sees the node address it dialed as the source.
+        ct_action::HAIRPIN => nat::rewrite(ctx, flow, true, flow.key.daddr, flow.key.sport),
+        // Its reply to that address goes back to itself.
+        ct_action::REV_HAIRPIN => nat::rewrite(ctx, flow, false, flow.key.saddr, flow.key.dport),
+        _ => Ok(()),
+    }
+}
+
+/// The first packet of a flow from a container to a port published on the
+/// node (hairpin): to another container, DNAT (that container sees this
+/// one's address); to this container itself, DNAT and the node address it
+/// dialed as the source ([`ct_action::HAIRPIN`]).
+#[inline(always)]
+fn hairpin(
+    flow: &Flow,
+    req: &mut NewFlow<[u8; 4]>,
+    svc: &datapath_common::ServiceValue,
+    ifindex: u32,
+    expiring: bool,
+) -> u32 {
+    if flow.frag == frag::LATER {
+        // Its flow ended since its first fragment passed.
+        return PASS;
+    }
+    if expiring {
+        maps::count(Stat::DropTtlExceeded);
+        return PASS;
+    }
+    // A segment that cannot open a connection goes to the node, which
+    // answers for the port it does not serve.
+    if !conntrack::may_create(flow.key.proto, flow.tcp_flags) {
+        return PASS;
+    }
+    *req = NewFlow {
+        nat_addr: svc.backend_addr,
+        nat_port: svc.backend_port,
+        action: if svc.backend_addr == flow.key.saddr {
+            ct_action::HAIRPIN
+        } else {
+            ct_action::DNAT
+        },
+        tcp_flags: flow.tcp_flags,
+        orig_ifindex: svc.ifindex,
+        reply_ifindex: ifindex,
+        container_id: svc.container_id,
+        orig_mtu: 0,
+        reply_mtu: 0,
+    };
+    match conntrack::create::<V4>(&flow.key, req) {
+        CREATED => {
+            maps::count(Stat::HairpinNew);
+            CREATED
+        }
+        r => DROP + r,
+    }
 }
 
 /// The first packet of a flow from a container: masqueraded if it leaves
@@ -222,6 +316,9 @@ fn new_flow(
     req: &mut NewFlow<[u8; 4]>,
     expiring: bool,
 ) -> u32 {
+    if let Some(svc) = maps::service(flow.key.daddr, flow.key.dport, flow.key.proto, false) {
+        return hairpin(flow, req, svc, ifindex, expiring);
+    }
     if cfg.flags & CONFIG_F_SNAT == 0 {
         return PASS;
     }

@@ -29,7 +29,8 @@ use aya_ebpf::{
     programs::{SkBuffContext, SockOpsContext},
 };
 use datapath_common::ratelimit::{
-    RateKey, RateLimit, RateStats, Verdict, WINDOW_UNCLAMPED, cgroup_verdict, direction,
+    LOOPBACK_IFINDEX, RateKey, RateLimit, RateStats, Verdict, WINDOW_UNCLAMPED, cgroup_verdict,
+    direction,
 };
 
 use crate::{
@@ -52,6 +53,14 @@ fn bucket_key(ctx: &SkBuffContext, dir: u32) -> RateKey {
     }
     // SAFETY: plain helper call on the program's context.
     RateKey::new(unsafe { bpf_skb_cgroup_id(ctx.skb.skb) }, dir)
+}
+
+/// Whether the packet is on the loopback device: it stays inside the
+/// container and is neither charged nor counted.
+#[inline(always)]
+fn on_loopback(ctx: &SkBuffContext) -> bool {
+    // SAFETY: reads a field of the program's own context.
+    unsafe { (*ctx.skb.skb).ifindex == LOOPBACK_IFINDEX }
 }
 
 /// Charges the packet to its bucket; returns the bucket's verdict, or `None`
@@ -96,6 +105,9 @@ fn count(key: &RateKey, verdict: Verdict, len: u32) {
 /// congestion window); in the marking band it passes with one.
 #[inline(always)]
 pub fn egress(ctx: &SkBuffContext) -> i32 {
+    if on_loopback(ctx) {
+        return cgroup_verdict::PASS;
+    }
     let key = bucket_key(ctx, direction::EGRESS);
     let Some(verdict) = charge(ctx, &key) else {
         return cgroup_verdict::PASS;
@@ -114,6 +126,9 @@ pub fn egress(ctx: &SkBuffContext) -> i32 {
 /// Experienced.
 #[inline(always)]
 pub fn ingress(ctx: &SkBuffContext) -> i32 {
+    if on_loopback(ctx) {
+        return cgroup_verdict::PASS;
+    }
     let key = bucket_key(ctx, direction::INGRESS);
     let Some(mut verdict) = charge(ctx, &key) else {
         return cgroup_verdict::PASS;
@@ -160,14 +175,49 @@ pub fn sock_ops(ctx: &SockOpsContext) -> u32 {
         pace(ctx);
     } else if op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB || op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB
     {
-        pace(ctx);
-        window_start(ctx);
+        if peer_on_loopback(ctx) {
+            // Neither paced nor windowed; an accepted socket drops the
+            // clamp its listener was given.
+            set_int_option(ctx, SOL_TCP, TCP_WINDOW_CLAMP, WINDOW_UNCLAMPED);
+        } else {
+            pace(ctx);
+            window_start(ctx);
+        }
     } else if op == BPF_SOCK_OPS_STATE_CB {
         window_end(ctx);
-    } else if op == BPF_SOCK_OPS_TCP_LISTEN_CB || op == BPF_SOCK_OPS_TCP_CONNECT_CB {
+    } else if op == BPF_SOCK_OPS_TCP_LISTEN_CB
+        || (op == BPF_SOCK_OPS_TCP_CONNECT_CB && !peer_on_loopback(ctx))
+    {
         window_cap(ctx);
     }
     1
+}
+
+/// `AF_INET`.
+const AF_INET: u32 = 2;
+/// `AF_INET6`.
+const AF_INET6: u32 = 10;
+
+/// Whether the socket's peer is reached over the container's loopback: a
+/// loopback address, or the socket's own address (the limiter does not
+/// charge loopback traffic, so its TCP is not paced or windowed either).
+#[inline(always)]
+fn peer_on_loopback(ctx: &SockOpsContext) -> bool {
+    let family = ctx.family();
+    if family == AF_INET {
+        let remote = ctx.remote_ip4();
+        u32::from_be(remote) >> 24 == 127 || remote == ctx.local_ip4()
+    } else if family == AF_INET6 {
+        let r = ctx.remote_ip6();
+        let l = ctx.local_ip6();
+        let loopback = r[0] == 0 && r[1] == 0 && r[2] == 0 && r[3] == 1u32.to_be();
+        let mapped_loopback =
+            r[0] == 0 && r[1] == 0 && r[2] == 0xffffu32.to_be() && u32::from_be(r[3]) >> 24 == 127;
+        let own = r[0] == l[0] && r[1] == l[1] && r[2] == l[2] && r[3] == l[3];
+        loopback || mapped_loopback || own
+    } else {
+        false
+    }
 }
 
 /// The cgroup this attachment limits, once the agent has keyed it.

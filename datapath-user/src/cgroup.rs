@@ -135,6 +135,27 @@ pub struct CgroupDir {
     pub id: u64,
 }
 
+/// The cgroup v2 directory whose id (inode) is `id`, searched under the
+/// cgroup2 mount; `None` if there is none (it was removed).
+pub fn find_cgroup_by_id(id: u64) -> Option<PathBuf> {
+    use std::os::unix::fs::MetadataExt as _;
+    let mut stack = vec![cgroup2_mount().ok()?];
+    while let Some(dir) = stack.pop() {
+        if fs::metadata(&dir).is_ok_and(|m| m.ino() == id) {
+            return Some(dir);
+        }
+        if let Ok(entries) = fs::read_dir(&dir) {
+            stack.extend(
+                entries
+                    .flatten()
+                    .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                    .map(|e| e.path()),
+            );
+        }
+    }
+    None
+}
+
 /// A cgroup located in the cgroup2 hierarchy, which may not exist yet:
 /// container runtimes set up the network before the OCI runtime creates
 /// the container's cgroup.

@@ -12,13 +12,13 @@ use datapath_common::ct::Timeouts;
 use ipnet::Ipv4Net;
 
 use crate::{
-    agent::{self, AgentConfig, XdpMode},
+    agent::{self, AgentConfig, SocketCgroup, XdpMode},
     api::{
         AddContainer, Client, ContainerInfo, DEFAULT_SOCKET, FlowEndpoint, FlowQuery,
         UpdateContainer,
     },
     cluster::ClusterConfig,
-    model::Limit,
+    model::{Limit, names::validate_cli_container_name},
 };
 
 /// Container networking with eBPF: published ports, masquerade and
@@ -29,6 +29,9 @@ pub struct Cli {
     /// The agent's API socket.
     #[arg(long, global = true, env = "DATAPATH_API_SOCKET", default_value = DEFAULT_SOCKET)]
     pub api_socket: PathBuf,
+    /// How long to wait for the agent's answer (e.g. 30s, 2m).
+    #[arg(long, global = true, default_value = "2m", value_parser = parse_duration)]
+    pub timeout: Duration,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
@@ -157,6 +160,13 @@ pub struct AgentArgs {
     /// service CIDRs, for kube-proxy or the node's routes to handle.
     #[arg(long = "non-masquerade-cidr", value_name = "CIDR")]
     pub non_masquerade_cidr: Vec<Ipv4Net>,
+    /// The cgroup (v2 directory) whose processes reach published ports at
+    /// the socket layer: their connections and UDP datagrams to a node
+    /// address or 127.0.0.1 at a published port go straight to the
+    /// container, and still show the address they dialed. `none` attaches
+    /// nothing [default: the cgroup2 root, i.e. every process of the node].
+    #[arg(long, value_name = "PATH")]
+    pub socket_cgroup: Option<PathBuf>,
     /// The configuration file (every flag is a key; flags win)
     /// [default: /etc/datapath/agent.toml, if it exists].
     #[arg(long, value_name = "PATH")]
@@ -409,6 +419,11 @@ impl AgentArgs {
                 icmp: secs(self.ct_timeout_icmp),
             },
             non_masquerade: self.non_masquerade_cidr.iter().map(|n| n.trunc()).collect(),
+            socket_cgroup: match &self.socket_cgroup {
+                None => SocketCgroup::Root,
+                Some(p) if p.as_os_str() == "none" => SocketCgroup::None,
+                Some(p) => SocketCgroup::Dir(p.clone()),
+            },
             // aya-log levels: 3 info, 4 debug.
             log_level: if self.kernel_debug_logs { 4 } else { 3 },
             cluster: (!self.cluster_store.is_empty()).then(|| ClusterConfig {
@@ -513,7 +528,21 @@ fn print_limits(c: &ContainerInfo) {
 
 /// Runs one CLI invocation.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
-    let client = Client::new(&cli.api_socket);
+    let client = Client::new(&cli.api_socket).with_timeout(cli.timeout);
+    // The CNI plugin's containers are changed by the runtimes through it,
+    // never by hand (they can be listed and deleted).
+    let named = match &cli.command {
+        Command::Container(
+            ContainerCmd::Add { name, .. }
+            | ContainerCmd::Update { name, .. }
+            | ContainerCmd::Publish { name, .. }
+            | ContainerCmd::Unpublish { name, .. },
+        ) => Some(name),
+        _ => None,
+    };
+    if let Some(name) = named {
+        validate_cli_container_name(name)?;
+    }
     match cli.command {
         Command::Agent(args) => run_agent(&args, cli.api_socket.clone()).await,
         Command::Status { json } => {
@@ -546,6 +575,17 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 "conntrack {} / {} entries",
                 st.conntrack_entries, st.conntrack_max
             );
+            let count = &st.agent.conntrack_count;
+            println!(
+                "agent cpu {:.2} s user, {:.2} s system  conntrack count: {} passes, \
+                 at most {} entries and {} syscalls per pass (budget {})",
+                st.agent.cpu_user_s,
+                st.agent.cpu_system_s,
+                count.passes,
+                count.max_pass_entries,
+                count.max_pass_syscalls,
+                count.pass_budget
+            );
             println!("attached:");
             for a in &st.attachments {
                 println!(
@@ -559,7 +599,16 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             println!("maps:");
             for m in &st.maps {
-                println!("  {:<12} {}", m.name, m.pin.display());
+                println!(
+                    "  {:<12} type {:<2} key {:<3} value {:<4} max {:<8} flags {:#x}  {}",
+                    m.name,
+                    m.map_type,
+                    m.key_size,
+                    m.value_size,
+                    m.max_entries,
+                    m.flags,
+                    m.pin.display()
+                );
             }
             println!("counters:");
             for (k, v) in st.counters.iter().filter(|(_, v)| **v > 0) {
@@ -661,6 +710,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     c.host_ifname,
                     c.publish.join(",")
                 );
+                if let Some(why) = &c.degraded {
+                    println!("  degraded: {why}");
+                }
                 print_limits(&c);
             }
             Ok(())

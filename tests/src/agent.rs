@@ -183,8 +183,15 @@ impl<'n> AgentBuilder<'n> {
         }
         let log_path = tmp_dir.join("agent.log");
         File::create(&log_path).unwrap_or_else(|e| panic!("creating {}: {e}", log_path.display()));
+        // The socket programs go on a cgroup of the agent's own, never the
+        // machine's cgroup2 root (with a stand-in root, the agent's default
+        // is the stand-in).
+        let socket_cgroup = (self.cgroup_root.is_none()
+            && !self.args.iter().any(|a| a == "--socket-cgroup"))
+        .then(Cgroup::new);
         let mut agent = Agent {
             node: self.node,
+            socket_cgroup,
             bin,
             child: None,
             pool: self.pool,
@@ -208,6 +215,8 @@ impl<'n> AgentBuilder<'n> {
 #[derive(Debug)]
 pub struct Agent<'n> {
     node: &'n Node,
+    /// Where the socket programs are attached (`--socket-cgroup`).
+    socket_cgroup: Option<Cgroup>,
     bin: PathBuf,
     child: Option<Child>,
     pool: Option<String>,
@@ -223,6 +232,15 @@ pub struct Agent<'n> {
 }
 
 impl<'n> Agent<'n> {
+    /// The cgroup the agent attached its socket programs to: processes
+    /// started in it (`Cgroup::enter`) and in the node namespace reach
+    /// published ports through the node's addresses and loopback.
+    pub fn socket_cgroup(&self) -> &Cgroup {
+        self.socket_cgroup
+            .as_ref()
+            .expect("this agent's socket programs are not on a cgroup of the harness")
+    }
+
     /// Options for an agent in `node`.
     pub fn builder(node: &'n Node) -> AgentBuilder<'n> {
         static POOL: AtomicU8 = AtomicU8::new(0);
@@ -263,6 +281,10 @@ impl<'n> Agent<'n> {
         args.push(self.socket.clone().into());
         args.push("--state-dir".into());
         args.push(self.state_dir().into());
+        if let Some(cg) = &self.socket_cgroup {
+            args.push("--socket-cgroup".into());
+            args.push(cg.path().into());
+        }
         args.extend(self.args.iter().map(Into::into));
         args
     }
@@ -484,6 +506,19 @@ impl<'n> Agent<'n> {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+
+    /// Replaces the extra arguments (the builder's [`AgentBuilder::args`])
+    /// and the pool the next [`Agent::restart`] starts the agent with.
+    pub fn set_pool_and_args(&mut self, pool: &str, args: &[&str]) {
+        self.pool = Some(pool.to_owned());
+        self.args = args.iter().map(|a| (*a).to_owned()).collect();
+    }
+
+    /// The full command line (after the binary) of `datapath agent` with
+    /// this agent's paths, pool and arguments.
+    pub fn command_line(&self) -> Vec<std::ffi::OsString> {
+        self.agent_args()
     }
 
     /// Sets (`Some`) or unsets (`None`) an environment variable of the

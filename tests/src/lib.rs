@@ -35,6 +35,7 @@ pub mod leaks;
 pub mod lock;
 pub mod names;
 pub mod netns;
+pub mod nginx;
 pub mod node;
 pub mod packet;
 pub mod programs;

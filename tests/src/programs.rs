@@ -22,7 +22,7 @@ use std::{collections::HashSet, net::Ipv4Addr, time::Duration};
 use aya::{
     Ebpf, EbpfLoader, TestRun, TestRunOptions,
     maps::{Array, HashMap, MapData, MapError, PerCpuArray},
-    programs::{CgroupSkb, Program, ProgramError, SchedClassifier, SockOps, Xdp},
+    programs::{CgroupSkb, CgroupSockAddr, Program, ProgramError, SchedClassifier, SockOps, Xdp},
 };
 use bytemuck::{Pod, Zeroable};
 use datapath_common::{
@@ -253,6 +253,9 @@ const DATA_OUT_SLACK: usize = 256;
 pub struct Programs {
     ebpf: Ebpf,
     loaded: HashSet<String>,
+    /// A namespace with a veth pair, made on the first cgroup_skb run, and
+    /// the index of one end (see [`Programs::try_run_cgroup_skb_on`]).
+    device: Option<(crate::netns::Netns, u32)>,
 }
 
 impl Programs {
@@ -278,6 +281,7 @@ impl Programs {
         Ok(Self {
             ebpf,
             loaded: HashSet::new(),
+            device: None,
         })
     }
 
@@ -291,6 +295,9 @@ impl Programs {
                 Some(Program::Xdp(_)) => self.xdp(name).map(|_| ())?,
                 Some(Program::CgroupSkb(_)) => self.cgroup_skb(name).map(|_| ())?,
                 Some(Program::SockOps(_)) => self.program(name, SockOps::load).map(|_| ())?,
+                Some(Program::CgroupSockAddr(_)) => {
+                    self.program(name, CgroupSockAddr::load).map(|_| ())?
+                }
                 _ => self.classifier(name).map(|_| ())?,
             }
         }
@@ -356,20 +363,72 @@ impl Programs {
     }
 
     /// Runs cgroup_skb program `name` on `frame` (an Ethernet frame: the
-    /// kernel strips the link header, the program sees the IP packet). The
-    /// test run gives the packet a socket in the calling process's cgroup,
-    /// and the program fresh cgroup storage.
+    /// kernel strips the link header, the program sees the IP packet) on a
+    /// veth of a namespace of its own. The test run gives the packet a
+    /// socket in the calling process's cgroup, and the program fresh cgroup
+    /// storage.
     pub fn try_run_cgroup_skb(
         &mut self,
         name: &str,
         frame: &[u8],
     ) -> Result<RunResult, HarnessError> {
-        test_run(self.cgroup_skb(name)?, name, frame, None)
+        self.try_run_cgroup_skb_on(name, frame, None)
+    }
+
+    /// Like [`Programs::try_run_cgroup_skb`], with the packet on device
+    /// `ifindex` (1: loopback) instead of the veth. A test run puts the
+    /// packet on a device of the caller's namespace (loopback unless told
+    /// otherwise), so the runs happen in a namespace this object made.
+    pub fn try_run_cgroup_skb_on(
+        &mut self,
+        name: &str,
+        frame: &[u8],
+        ifindex: Option<u32>,
+    ) -> Result<RunResult, HarnessError> {
+        self.cgroup_skb(name)?;
+        if self.device.is_none() {
+            let ns = crate::netns::Netns::new_unique();
+            ns.exec_ok(
+                "ip",
+                [
+                    "link", "add", "pkt0", "type", "veth", "peer", "name", "pkt1",
+                ],
+            );
+            let index = crate::node::ifindex(&ns, "pkt0");
+            self.device = Some((ns, index));
+        }
+        let (ns, veth) =
+            self.device
+                .as_ref()
+                .map(|(n, i)| (n, *i))
+                .ok_or_else(|| HarnessError::NoProgram {
+                    name: "a namespace for cgroup_skb runs".into(),
+                })?;
+        let prog: &CgroupSkb = self
+            .ebpf
+            .program(name)
+            .ok_or_else(|| HarnessError::NoProgram { name: name.into() })?
+            .try_into()
+            .map_err(|source| HarnessError::Program {
+                name: name.into(),
+                source,
+            })?;
+        let ctx = SkBuff {
+            ifindex: ifindex.unwrap_or(veth),
+            ..SkBuff::default()
+        };
+        ns.exec_closure(|| test_run(prog, name, frame, Some(&ctx)))
     }
 
     /// [`Programs::try_run_cgroup_skb`], panicking on error.
     pub fn run_cgroup_skb(&mut self, name: &str, frame: &[u8]) -> RunResult {
         self.try_run_cgroup_skb(name, frame)
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// [`Programs::try_run_cgroup_skb_on`], panicking on error.
+    pub fn run_cgroup_skb_on(&mut self, name: &str, frame: &[u8], ifindex: u32) -> RunResult {
+        self.try_run_cgroup_skb_on(name, frame, Some(ifindex))
             .unwrap_or_else(|e| panic!("{e}"))
     }
 
@@ -574,6 +633,16 @@ impl Programs {
         let mut m = self.hash::<EndpointKey, Endpoint>(names::ENDPOINTS);
         m.insert(EndpointKey { addr }, endpoint, 0)
             .unwrap_or_else(|e| panic!("insert into {}: {e}", names::ENDPOINTS));
+    }
+
+    /// Removes a container endpoint; returns whether it was there.
+    pub fn remove_endpoint(&mut self, addr: [u8; 4]) -> bool {
+        let mut m = self.hash::<EndpointKey, Endpoint>(names::ENDPOINTS);
+        match m.remove(&EndpointKey { addr }) {
+            Ok(()) => true,
+            Err(MapError::KeyNotFound) => false,
+            Err(e) => panic!("remove from {}: {e}", names::ENDPOINTS),
+        }
     }
 
     /// Adds a node address on interface `ifindex`.

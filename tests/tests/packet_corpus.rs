@@ -30,6 +30,7 @@ use std::{collections::BTreeMap, fmt};
 
 use datapath_common::{
     CONFIG_F_SNAT, Config, CtKey, FragKey, Stat, ct_action,
+    policy::{ICMP_REDIRECT, martian_source},
     programs::{CONTAINER_TC, UPLINK_TC, UPLINK_XDP},
     proto,
 };
@@ -278,6 +279,47 @@ impl Datapath {
         a[..3] == POOL[..3]
     }
 
+    /// The drop reason the checks made from a valid IPv4 header alone give
+    /// `f` on `hook`, before any protocol parsing: on the uplink, martian
+    /// and spoofed sources and container addresses as destination; from
+    /// the container, ICMP redirects.
+    fn guarded(&self, hook: Hook, f: &[u8]) -> Option<Stat> {
+        if f.len() < ETH + 20 || be16(f, 12) != 0x0800 {
+            return None;
+        }
+        let ip = &f[ETH..];
+        let ihl = usize::from(ip[0] & 0xf) * 4;
+        let tot = usize::from(be16(ip, 2));
+        if ip[0] >> 4 != 4 || ihl < 20 || tot < ihl || ETH + tot > f.len() {
+            return None;
+        }
+        let s = [ip[12], ip[13], ip[14], ip[15]];
+        let d = [ip[16], ip[17], ip[18], ip[19]];
+        let node = |a: [u8; 4]| a == NODE || a == self.config.gateway_addr;
+        if hook.is_uplink() {
+            if martian_source(s, d, false) {
+                Some(Stat::DropMartian)
+            } else if self.in_pool(s) || node(s) {
+                Some(Stat::DropUplinkSpoofed)
+            } else if self.in_pool(d) && !node(d) {
+                Some(Stat::DropDirectRouting)
+            } else {
+                None
+            }
+        } else {
+            let first = be16(ip, 6) & 0x1fff == 0;
+            let redirect =
+                ip[9] == proto::ICMP && first && tot >= ihl + 8 && ip[ihl] == ICMP_REDIRECT;
+            redirect.then_some(Stat::DropRedirect)
+        }
+    }
+
+    /// What a frame with a malformed L4 header gets: dropped as malformed
+    /// unless the checks of its IP header dropped it first.
+    fn malformed(&self, hook: Hook, f: &[u8]) -> Expect {
+        Expect::Drop(self.guarded(hook, f).unwrap_or(Stat::DropMalformed))
+    }
+
     /// Whether a container's packet to `dst` leaves masqueraded.
     fn masqueraded(&self, dst: [u8; 4]) -> bool {
         self.config.flags & CONFIG_F_SNAT != 0
@@ -290,6 +332,9 @@ impl Datapath {
     /// it is now.
     fn expect(&mut self, hook: Hook, f: &[u8]) -> Expect {
         let tracked = |p: &mut Programs, k: &CtKey| p.conntrack_get(k);
+        if let Some(stat) = self.guarded(hook, f) {
+            return Expect::Drop(stat);
+        }
         let m = model(f);
         // A container may send IPv4 only from its own address and MAC,
         // whatever the packet: the node would route what is passed.
@@ -737,7 +782,7 @@ fn frames_cut_at_every_byte_with_consistent_lengths_are_judged_by_the_rules() {
             let cut = with_tot_len(full[..len].to_vec(), (len - ETH) as u16);
             for (hook, dp) in &mut dps {
                 let what = label(format!("{name} cut to {len}, total length {}", len - ETH));
-                if dp.check(*hook, &what, &cut) == Expect::Drop(Stat::DropMalformed) {
+                if dp.check(*hook, &what, &cut) == dp.malformed(*hook, &cut) {
                     malformed += 1;
                 }
             }
@@ -875,7 +920,7 @@ fn tcp_data_offsets_below_five_are_dropped_as_malformed() {
                 let e = dp.check(*hook, &label(format!("{name} data offset {doff}")), &f);
                 if doff < 5 {
                     // Parsed, and judged, before anything else is looked at.
-                    assert_eq!(e, Expect::Drop(Stat::DropMalformed), "{name} {doff}");
+                    assert_eq!(e, dp.malformed(*hook, &f), "{name} {doff}");
                 }
             }
         }

@@ -15,7 +15,9 @@ use aya::maps::{HashMap, MapData, MapError, PerCpuHashMap, PerCpuValues};
 use datapath_common::{
     names,
     programs::{RATE_EGRESS, RATE_INGRESS},
-    ratelimit::{RateKey, RateLimit, RateParams, RateStats, cgroup_verdict, direction},
+    ratelimit::{
+        LOOPBACK_IFINDEX, RateKey, RateLimit, RateParams, RateStats, cgroup_verdict, direction,
+    },
 };
 use datapath_tests::{frame::Frame, packet::verify_checksums, programs::Programs, sys};
 
@@ -124,6 +126,29 @@ fn a_cgroup_without_a_limit_passes_untouched_and_uncounted() {
     let own = own_cgroup_id();
     for dir in [direction::EGRESS, direction::INGRESS] {
         assert_eq!(stats(&mut p, RateKey::new(own, dir)), None);
+    }
+}
+
+#[test]
+fn packets_on_loopback_are_neither_charged_nor_counted() {
+    let frame = segment();
+    for (program, dir) in [
+        (RATE_EGRESS, direction::EGRESS),
+        (RATE_INGRESS, direction::INGRESS),
+    ] {
+        let (mut p, key) = limited(dir);
+        // Far more than the bucket holds: a sidecar on 127.0.0.1.
+        for _ in 0..(BURST as usize / frame.len() + 10) * 2 {
+            let r = p.run_cgroup_skb_on(program, &frame, LOOPBACK_IFINDEX);
+            assert_eq!(r.verdict as i32, cgroup_verdict::PASS, "{program}");
+        }
+        let counted = stats(&mut p, key).unwrap_or_default();
+        assert_eq!(counted, RateStats::default(), "{program} counted loopback");
+        // The same packet on the container's veth is charged.
+        let r = p.run_cgroup_skb(program, &frame);
+        assert_eq!(r.verdict as i32, cgroup_verdict::PASS, "{program}");
+        let counted = stats(&mut p, key).unwrap_or_default();
+        assert_eq!(counted.passed_packets, 1, "{program}: {counted:?}");
     }
 }
 

@@ -27,7 +27,7 @@ use std::{
     time::Duration,
 };
 
-use datapath::store::journal::FAULT_ENV;
+use datapath::{model::identity::VETH_GROUP, store::journal::FAULT_ENV};
 use datapath_common::{Endpoint, EndpointKey, ServiceKey, ServiceValue, names, proto};
 use datapath_tests::{
     agent::{Agent, datapath_bin},
@@ -164,7 +164,16 @@ fn an_orphaned_veth_is_removed_on_the_next_start_and_other_veths_are_kept() {
     let node = Node::new();
     let mut web = Deployment::start(&node, "web", &["-p", "8080:80"]);
     web.agent.kill();
-    for (a, b) in [("dpabc", "orph0"), ("keep0", "keep1")] {
+    let group = VETH_GROUP.to_string();
+    // An orphan: a veth of the agent's (in its group) of no container.
+    node.node.exec_ok(
+        "ip",
+        [
+            "link", "add", "dpabc", "group", &group, "type", "veth", "peer", "name", "orph0",
+        ],
+    );
+    // Not the agent's, whatever their names: never removed.
+    for (a, b) in [("keep0", "keep1"), ("dpdef", "keep2")] {
         node.node
             .exec_ok("ip", ["link", "add", a, "type", "veth", "peer", "name", b]);
     }
@@ -175,12 +184,13 @@ fn an_orphaned_veth_is_removed_on_the_next_start_and_other_veths_are_kept() {
         "the orphan is gone: {after:?}"
     );
     assert!(
-        after.contains("keep0") && after.contains("keep1"),
-        "a veth the agent did not make is kept: {after:?}"
+        ["keep0", "keep1", "dpdef", "keep2"]
+            .iter()
+            .all(|l| after.contains(*l)),
+        "veths the agent did not make are kept: {after:?}"
     );
-    assert_eq!(
-        agent_veths(&node.node),
-        BTreeSet::from([web.info.host_ifname.clone()]),
+    assert!(
+        after.contains(&web.info.host_ifname),
         "the container's own veth is kept"
     );
     let _server = Server::line_echo(&web.ctr, 80, "web");
@@ -954,9 +964,14 @@ fn uplink_traffic_reaches_a_container_address_when_direct_routing_is_allowed() {
     assert_eq!(web.agent.counter("drop_direct_routing"), 0);
 }
 
-/// `hping3` SYN flood of `count` packets from random sources at the
-/// node's `port`, bounded to 20 s.
+/// `hping3` SYN flood of `count` packets at the node's `port`, bounded to
+/// 20 s: each from another source port of an address on the client's link
+/// that nobody holds (so no one ever answers the container's SYN-ACKs).
+/// Not from random addresses: the node would resolve a neighbour entry for
+/// each, and the kernel's neighbour table is shared by every namespace, so
+/// a full one would stall the other tests' traffic.
 fn syn_flood(node: &Node, port: u16, count: u32) {
+    let spoofed = Ipv4Addr::from(u32::from(node.client_addr()) + 200);
     let flood = node.client.run(Command::new("timeout").args([
         "20",
         "hping3",
@@ -964,7 +979,8 @@ fn syn_flood(node: &Node, port: u16, count: u32) {
         "-S",
         "-p",
         &port.to_string(),
-        "--rand-source",
+        "-a",
+        &spoofed.to_string(),
         "-c",
         &count.to_string(),
         "--faster",

@@ -76,7 +76,18 @@ fn agent_settings() -> Vec<String> {
                 .and_then(|rest| rest.split([' ', '=', '<']).next())
                 .map(str::to_owned)
         })
-        .filter(|k| !["config", "check-config", "cleanup", "help", "version"].contains(&k.as_str()))
+        // `--timeout` is the client commands' (a global flag).
+        .filter(|k| {
+            ![
+                "config",
+                "check-config",
+                "cleanup",
+                "help",
+                "version",
+                "timeout",
+            ]
+            .contains(&k.as_str())
+        })
         .collect();
     keys.sort();
     keys.dedup();
@@ -175,6 +186,7 @@ fn every_key(dir: &Path) -> Vec<(&'static str, String)> {
         ("node-cidr-size", "26".into()),
         ("cluster-wait", "true".into()),
         ("cluster-lease-ttl", "\"9s\"".into()),
+        ("socket-cgroup", "\"none\"".into()),
     ]
 }
 

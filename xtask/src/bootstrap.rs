@@ -61,6 +61,7 @@ const TEST_PROGRAMS: &[(&str, &str)] = &[
     ("containerd-shim-runc-v2", "containerd"),
     ("unshare", "util-linux"),
     ("sysctl", "procps"),
+    ("nginx", "nginx-light"),
 ];
 
 /// What the later steps need from the bootstrap.

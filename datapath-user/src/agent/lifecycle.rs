@@ -16,7 +16,7 @@
 //! `delete` cannot be undone: it records the container's removal first,
 //! then tears down whatever is there, going on after failures.
 
-use std::path::Path;
+use std::{collections::BTreeMap, path::Path};
 
 use datapath_common::Endpoint;
 
@@ -31,6 +31,7 @@ use crate::{
     error::error_chain,
     model::{
         RateLimits,
+        identity::{MAX_ALIAS_LEN, VethTag},
         limits::{LimitError, limit, updated},
         mac::format_mac,
         mtu::validate_mtu,
@@ -38,7 +39,7 @@ use crate::{
     },
     net::{
         link::{ContainerLink, LinkInfo, Netlink, NetlinkError},
-        netns,
+        netns::{self, Netns},
     },
     store::{Change, Container, Store},
 };
@@ -55,6 +56,9 @@ pub struct Lifecycle<'a> {
     pub store: &'a mut Store,
     /// The read-only view (for the answers' counters).
     pub reader: &'a Reader,
+    /// Containers kept though they could not be restored, with why
+    /// ([`super::reconcile`] retries them).
+    pub degraded: &'a mut BTreeMap<String, String>,
 }
 
 impl Lifecycle<'_> {
@@ -92,13 +96,19 @@ impl Lifecycle<'_> {
         validate_container_name(&req.name).map_err(|e| bad(&e))?;
         let ifname = req.ifname.clone().unwrap_or_else(|| "eth0".to_owned());
         validate_ifname(&ifname).map_err(|e| bad(&e))?;
-        let netns = netns::resolve(&req.netns).map_err(|e| {
+        let netns_err = |e: &dyn std::error::Error| {
             AgentError::BadRequest(format!(
                 "network namespace {:?}: {}",
                 req.netns,
-                error_chain(&e)
+                error_chain(e)
             ))
-        })?;
+        };
+        let netns = netns::resolve(&req.netns).map_err(|e| netns_err(&e))?;
+        // The namespace is recorded by identity: its path is trusted only
+        // while it names this namespace.
+        let ns = Netns::open_path(&netns).map_err(|e| netns_err(&e))?;
+        ns.check_container_netns().map_err(|e| netns_err(&e))?;
+        let netns_id = ns.id();
         let publish = publish::parse_specs(&req.publish)?;
         let rate = RateRequest::new(
             req.cgroup.as_deref(),
@@ -116,6 +126,14 @@ impl Lifecycle<'_> {
             validate_mtu(mtu).map_err(AgentError::BadRequest)?;
         }
         if let Some(c) = self.store.get(&req.name) {
+            if c.netns == netns && c.netns_id.is_some_and(|id| id != netns_id) {
+                return Err(AgentError::Conflict(format!(
+                    "container {:?} exists, but {} names another network namespace than when it \
+                     was added: its namespace is gone; delete it first",
+                    req.name,
+                    netns.display()
+                )));
+            }
             if c.netns == netns
                 && c.ifname == ifname
                 && c.publish == publish
@@ -144,6 +162,21 @@ impl Lifecycle<'_> {
             cgroup_id,
             &rate.limits,
         )?;
+        let tag = VethTag {
+            id: u32::MAX,
+            name: req.name.clone(),
+            ifname: ifname.clone(),
+            netns_id,
+            netns: netns.clone(),
+        };
+        if tag.alias().is_none() {
+            return Err(AgentError::BadRequest(format!(
+                "the network namespace path {} and the name {:?} are too long together: \
+                 the container's veth records both in its alias (at most {MAX_ALIAS_LEN} bytes)",
+                netns.display(),
+                req.name
+            )));
+        }
         let pool = self.node.cfg.pool;
         let (id, addr) = self
             .store
@@ -153,6 +186,7 @@ impl Lifecycle<'_> {
             id,
             name: req.name,
             netns,
+            netns_id: Some(netns_id),
             ifname,
             host_ifname: host_veth_name(id),
             addr,
@@ -172,7 +206,10 @@ impl Lifecycle<'_> {
         tx: &mut Transaction,
         mut c: Container,
     ) -> Result<Container, AgentError> {
-        let link = self.create_link(&c).await?;
+        let link = self.create_link(&c).await.map_err(|e| match e {
+            NetlinkError::Netns(_) => AgentError::BadRequest(error_chain(&e)),
+            e => AgentError::Internal(format!("create the veth pair: {}", error_chain(&e))),
+        })?;
         tx.did(Step::Veth {
             host_ifname: c.host_ifname.clone(),
         });
@@ -193,12 +230,15 @@ impl Lifecycle<'_> {
         Ok(c)
     }
 
-    /// Creates a container's veth pair.
-    pub async fn create_link(&self, c: &Container) -> Result<LinkInfo, AgentError> {
+    /// Creates a container's veth pair, in the namespace the container
+    /// was recorded with (by identity) and tagged as the agent's.
+    pub async fn create_link(&self, c: &Container) -> Result<LinkInfo, NetlinkError> {
         self.net
             .create_container_link(&ContainerLink {
                 host_ifname: c.host_ifname.clone(),
                 netns: c.netns.clone(),
+                netns_id: c.netns_id,
+                alias: veth_tag(c).and_then(|t| t.alias()).unwrap_or_default(),
                 ifname: c.ifname.clone(),
                 addr: c.addr,
                 gateway: self.node.cfg.gateway(),
@@ -206,10 +246,6 @@ impl Lifecycle<'_> {
                 gro: self.node.gro(),
             })
             .await
-            .map_err(|e| match e {
-                NetlinkError::Netns(_) => AgentError::BadRequest(error_chain(&e)),
-                e => AgentError::Internal(format!("create the veth pair: {}", error_chain(&e))),
-            })
     }
 
     /// Puts container `c` into the maps (its endpoint: its veth's host end
@@ -337,6 +373,7 @@ impl Lifecycle<'_> {
             name: name.to_owned(),
         }])?;
         self.teardown(&c).await;
+        self.degraded.remove(name);
         tracing::info!(container = %name, "container deleted");
         Ok(())
     }
@@ -362,6 +399,18 @@ impl Lifecycle<'_> {
             tracing::warn!(container = %c.name, "delete veth: {}", error_chain(&e));
         }
     }
+}
+
+/// The tag of container `c`'s veth (none for a container recorded by an
+/// older agent without its namespace's identity).
+pub fn veth_tag(c: &Container) -> Option<VethTag> {
+    Some(VethTag {
+        id: c.id,
+        name: c.name.clone(),
+        ifname: c.ifname.clone(),
+        netns_id: c.netns_id?,
+        netns: c.netns.clone(),
+    })
 }
 
 /// The host end of a container's veth pair, as the maps need it.

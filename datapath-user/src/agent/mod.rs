@@ -15,7 +15,9 @@
 //!   (runtimes create it after the network), attached when it does.
 //! * [`publish`]: publishing and unpublishing ports of running containers.
 //! * [`reconcile`]: adopting what a previous agent left, removing orphans,
-//!   and `datapath agent --cleanup`.
+//!   retrying degraded containers, and `datapath agent --cleanup`.
+//! * [`rebuild`]: the state rebuilt from the kernel when its file is lost.
+//! * [`pool`]: the pool checked against the node and the recorded state.
 //! * [`uplink`]: the uplink and the global configuration, at start.
 //! * [`status`]: what the API shows.
 //! * [`cluster`]: cluster mode: joining, the overlay device, the peers.
@@ -25,7 +27,9 @@ pub mod cluster;
 pub mod handle;
 pub mod lifecycle;
 mod owner;
+pub mod pool;
 pub mod publish;
+pub mod rebuild;
 pub mod reconcile;
 pub mod reserved;
 pub mod status;
@@ -33,6 +37,7 @@ pub mod transaction;
 pub mod uplink;
 
 use std::{
+    collections::{BTreeMap, HashSet},
     net::Ipv4Addr,
     path::{Path, PathBuf},
     sync::Arc,
@@ -51,8 +56,11 @@ use crate::{
     api::server::Failure,
     datapath::{BpfError, Datapath, Flows, LoadOptions, RateTarget, Reader, UplinkHook},
     net::link::Netlink,
-    store::{Container, StateError, Store, gateway_of},
+    store::{self, Container, StateError, StateLock, Store, gateway_of},
 };
+
+/// How often containers that could not be restored are tried again.
+pub const RETRY_INTERVAL: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// How the uplink hook is chosen.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -107,6 +115,21 @@ pub struct AgentConfig {
     /// goes to the node's stack unmasqueraded (a cluster's pod and service
     /// CIDRs).
     pub non_masquerade: Vec<Ipv4Net>,
+    /// Where the socket programs are attached.
+    pub socket_cgroup: SocketCgroup,
+}
+
+/// Where the socket programs (published ports for the node's own
+/// processes) are attached: `--socket-cgroup`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SocketCgroup {
+    /// The cgroup2 root: every process of the node (the default).
+    Root,
+    /// This cgroup directory and those below it.
+    Dir(PathBuf),
+    /// Nowhere: the node's own processes reach published ports only if
+    /// the node routes their packets out and back.
+    None,
 }
 
 impl AgentConfig {
@@ -136,6 +159,14 @@ impl AgentConfig {
             if !dir.is_absolute() {
                 return Err(format!("{flag} {}: give an absolute path", dir.display()));
             }
+        }
+        if let SocketCgroup::Dir(dir) = &self.socket_cgroup
+            && !dir.is_absolute()
+        {
+            return Err(format!(
+                "--socket-cgroup {}: give an absolute path (or none)",
+                dir.display()
+            ));
         }
         if self.non_masquerade.len() > MAX_NON_MASQUERADE {
             return Err(format!(
@@ -255,6 +286,8 @@ struct Agent {
     net: Netlink,
     store: Store,
     reader: Arc<Reader>,
+    /// Containers kept though they could not be restored, with why.
+    degraded: BTreeMap<String, String>,
 }
 
 impl Agent {
@@ -269,9 +302,18 @@ impl Agent {
             log_level: cfg.log_level,
         })
         .context("load the datapath")?;
-        let store = Store::open(&cfg.state_dir)?;
         let net = Netlink::new().context("open a netlink connection")?;
+        let mut store = open_store(&cfg, &dp, &net).await?;
+        let known: HashSet<String> = store
+            .containers()
+            .values()
+            .map(|c| c.host_ifname.clone())
+            .collect();
+        let view = pool::NodeView::read(&net, &known).await?;
+        pool::check(&cfg, store.state(), &view)?;
+        store.set_ranges(cfg.pool, cfg.snat_ports)?;
         let uplink = uplink::setup(&cfg, &mut dp, &net).await?;
+        uplink::attach_sockets(&cfg, &mut dp)?;
         let reader = Arc::new(dp.reader()?);
         let mut agent = Agent {
             node: Node { cfg, uplink },
@@ -279,6 +321,7 @@ impl Agent {
             net,
             store,
             reader,
+            degraded: BTreeMap::new(),
         };
         reconcile::reconcile(&mut agent.lifecycle()).await?;
         agent.reserve_ports();
@@ -295,6 +338,15 @@ impl Agent {
             net: &self.net,
             store: &mut self.store,
             reader: &self.reader,
+            degraded: &mut self.degraded,
+        }
+    }
+
+    /// Tries the degraded containers again.
+    async fn retry(&mut self) {
+        let left = reconcile::retry_degraded(&mut self.lifecycle()).await;
+        if left > 0 {
+            tracing::debug!(degraded = left, "containers still degraded");
         }
     }
 
@@ -317,7 +369,7 @@ impl Agent {
 
     /// What the API's reads see until the next change.
     fn snapshot(&self) -> Snapshot {
-        Snapshot::capture(&self.node, &self.dp, &self.store)
+        Snapshot::capture(&self.node, &self.dp, &self.store, &self.degraded)
     }
 
     /// Carries out one command. A change is answered once `publish` has
@@ -419,17 +471,53 @@ impl Agent {
     }
 }
 
-/// Runs the agent until `shutdown` completes: joins the cluster (in
-/// cluster mode), loads and adopts, then serves the API on `socket`
-/// (telling a service manager it is ready once it listens), follows the
-/// cgroups of pending limits, forwards kernel logs (flows expire in the
-/// kernel) and keeps the cluster in sync. The programs stay attached and
-/// the maps pinned when it returns.
+/// The state kept in the state directory; if its snapshot is missing, the
+/// state rebuilt from what the kernel holds ([`rebuild`]), so that a lost
+/// snapshot never removes the node's containers. A corrupt
+/// snapshot or journal is refused (and left alone): moving it away lets
+/// the agent rebuild.
+async fn open_store(cfg: &AgentConfig, dp: &Datapath, net: &Netlink) -> anyhow::Result<Store> {
+    // Checked before opening: opening writes an empty snapshot.
+    if store::exists(&cfg.state_dir) {
+        return Ok(Store::open(&cfg.state_dir)?);
+    }
+    match rebuild::rebuild(
+        cfg.pool,
+        cfg.snat_ports,
+        cfg.mtu,
+        cfg.uplink.as_deref(),
+        dp,
+        net,
+    )
+    .await?
+    {
+        None => Ok(Store::open(&cfg.state_dir)?),
+        Some(state) => {
+            tracing::warn!(
+                dir = %cfg.state_dir.display(),
+                containers = state.containers().len(),
+                "no state snapshot, but the kernel holds an agent's containers: state rebuilt from them"
+            );
+            Ok(Store::create(&cfg.state_dir, &state)?)
+        }
+    }
+}
+
+/// Runs the agent until `shutdown` completes: takes its state directory
+/// (refusing if another agent has it, or answers on `socket`), loads and
+/// adopts, then serves the API on `socket` (telling a service manager it is
+/// ready once it listens), follows the cgroups of pending limits and
+/// forwards kernel logs (flows expire in the kernel) and keeps the cluster in
+/// sync (joined first, in cluster mode). The programs stay attached and the
+/// maps pinned when it returns.
 pub async fn run(
     mut cfg: AgentConfig,
     socket: &Path,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    // Before anything in the state directory is read; held until exit.
+    let _lock = StateLock::acquire(&cfg.state_dir)?;
+    crate::api::server::refuse_if_answered(socket).await?;
     let mut joined = None;
     if let Some(cl) = cfg.cluster.clone() {
         let (client, cidr) = cluster::join(&cl, cfg.uplink.as_deref(), cfg.node_ip).await?;

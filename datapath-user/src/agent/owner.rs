@@ -169,6 +169,8 @@ fn run(
         let publish = |snapshot: Snapshot| {
             snapshots.send_replace(Arc::new(snapshot));
         };
+        let mut retry = tokio::time::interval(super::RETRY_INTERVAL);
+        retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // The uplink's address changes, watched from now on; one may have
         // come since the uplink was set up, so its addresses are read once
         // more right away.
@@ -186,6 +188,10 @@ fn run(
                     Some(Message::Command(command)) => agent.execute(*command, publish).await,
                     Some(Message::Stop) | None => break,
                 },
+                _ = retry.tick(), if !agent.degraded.is_empty() => {
+                    agent.retry().await;
+                    publish(agent.snapshot());
+                }
                 Some(ifindex) = next_event(events.as_mut()) => {
                     agent.addresses_changed(ifindex, publish).await;
                 }

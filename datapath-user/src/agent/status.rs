@@ -3,15 +3,18 @@
 //! change; the live parts (counters, flows) are read through the
 //! [`Reader`] when asked for.
 
-use std::{net::Ipv4Addr, path::PathBuf};
+use std::{collections::BTreeMap, net::Ipv4Addr, path::PathBuf};
 
 use datapath_common::{ct::Timeouts, names};
 use ipnet::Ipv4Net;
 
 use super::{AgentError, Node};
 use crate::{
-    api::{AttachmentInfo, ContainerInfo, Flow, MapInfo, Status, UplinkInfo},
-    datapath::{Attachment, Datapath, Reader, conntrack},
+    api::{AgentWork, AttachmentInfo, ContainerInfo, CountWork, Flow, MapInfo, Status, UplinkInfo},
+    datapath::{
+        Attachment, COUNT_PASS_BUDGET, Datapath, Reader, conntrack,
+        pins::{self, MapLayout},
+    },
     store::{Container, State, Store},
 };
 
@@ -28,6 +31,8 @@ pub struct Snapshot {
     attachments: imbl::OrdMap<PathBuf, Attachment>,
     /// The desired state (a copy costs O(1)).
     state: State,
+    /// Containers kept though they could not be restored, with why.
+    degraded: BTreeMap<String, String>,
 }
 
 impl Snapshot {
@@ -42,7 +47,12 @@ impl Snapshot {
     }
 
     /// The owner's state now.
-    pub(super) fn capture(node: &Node, dp: &Datapath, store: &Store) -> Self {
+    pub(super) fn capture(
+        node: &Node,
+        dp: &Datapath,
+        store: &Store,
+        degraded: &BTreeMap<String, String>,
+    ) -> Self {
         let cfg = &node.cfg;
         Self {
             bpffs_dir: cfg.bpffs_dir.clone(),
@@ -54,6 +64,16 @@ impl Snapshot {
             uplink: node.uplink.as_ref().map(|u| u.info()),
             attachments: dp.attachments().clone(),
             state: store.state().clone(),
+            degraded: degraded.clone(),
+        }
+    }
+
+    /// Container `c` as listed: [`container_info`] with why it is
+    /// degraded, if it is.
+    fn listed(&self, c: &Container, reader: &Reader) -> ContainerInfo {
+        ContainerInfo {
+            degraded: self.degraded.get(&c.name).cloned(),
+            ..container_info(c, self.gateway, reader)
         }
     }
 
@@ -68,6 +88,28 @@ impl Snapshot {
     /// `GET /v1/status`: what is loaded and attached, with the counters.
     pub fn status(&self, reader: &Reader) -> Status {
         let maps_dir = self.bpffs_dir.join("maps");
+        // The sizes the kernel reports, not what the agent asked for.
+        let maps: Vec<MapInfo> = pins::layouts(&maps_dir, &names::ALL)
+            .into_iter()
+            .map(|(name, layout)| {
+                let l = layout.unwrap_or(MapLayout {
+                    map_type: 0,
+                    key_size: 0,
+                    value_size: 0,
+                    max_entries: 0,
+                    flags: 0,
+                });
+                MapInfo {
+                    name: name.to_owned(),
+                    pin: maps_dir.join(name),
+                    map_type: l.map_type,
+                    key_size: l.key_size,
+                    value_size: l.value_size,
+                    max_entries: l.max_entries,
+                    flags: l.flags,
+                }
+            })
+            .collect();
         Status {
             version: env!("CARGO_PKG_VERSION").to_owned(),
             bpffs_dir: self.bpffs_dir.clone(),
@@ -76,17 +118,15 @@ impl Snapshot {
             gateway: self.gateway,
             uplink: self.uplink.clone(),
             attachments: self.attachments.values().map(attachment_info).collect(),
-            maps: names::ALL
-                .iter()
-                .map(|n| MapInfo {
-                    name: (*n).to_owned(),
-                    pin: maps_dir.join(n),
-                })
-                .collect(),
+            maps: maps.clone(),
             counters: reader.counters(),
             containers: self.state.containers().len(),
             conntrack_entries: reader.conntrack_entries(&self.timeouts),
-            conntrack_max: self.ct_max,
+            conntrack_max: maps
+                .iter()
+                .find(|m| m.name == names::CT && m.max_entries > 0)
+                .map_or(self.ct_max, |m| m.max_entries),
+            agent: agent_work(reader),
         }
     }
 
@@ -95,7 +135,7 @@ impl Snapshot {
         self.state
             .containers()
             .values()
-            .map(|c| container_info(c, self.gateway, reader))
+            .map(|c| self.listed(c, reader))
             .collect()
     }
 
@@ -103,7 +143,7 @@ impl Snapshot {
     pub fn container(&self, name: &str, reader: &Reader) -> Result<ContainerInfo, AgentError> {
         self.state
             .get(name)
-            .map(|c| container_info(c, self.gateway, reader))
+            .map(|c| self.listed(c, reader))
             .ok_or_else(|| AgentError::no_container(name))
     }
 
@@ -176,6 +216,30 @@ pub fn container_info(c: &Container, gateway: Ipv4Addr, reader: &Reader) -> Cont
         mtu: c.mtu,
         limits: c.limits,
         counters: reader.rate_counters(c.cgroup_id, &c.limits),
+        netns_id: c.netns_id.map(|id| id.to_string()),
+        degraded: None,
+    }
+}
+
+/// The agent's CPU use so far and what its periodic work has cost.
+fn agent_work(reader: &Reader) -> AgentWork {
+    use nix::sys::resource::{UsageWho, getrusage};
+    let secs = |t: nix::sys::time::TimeVal| t.tv_sec() as f64 + t.tv_usec() as f64 / 1e6;
+    let (cpu_user_s, cpu_system_s) = getrusage(UsageWho::RUSAGE_SELF)
+        .map(|u| (secs(u.user_time()), secs(u.system_time())))
+        .unwrap_or_default();
+    let w = reader.count_work();
+    AgentWork {
+        cpu_user_s,
+        cpu_system_s,
+        conntrack_count: CountWork {
+            pass_budget: COUNT_PASS_BUDGET as u64,
+            passes: w.passes,
+            walks: w.walks,
+            last_pass_entries: w.last_pass_entries,
+            max_pass_entries: w.max_pass_entries,
+            max_pass_syscalls: w.max_pass_syscalls,
+        },
     }
 }
 

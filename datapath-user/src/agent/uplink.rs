@@ -10,7 +10,7 @@ use datapath_common::{
     CONFIG_F_READY, CONFIG_F_SNAT, Config, overlay,
 };
 
-use super::{AgentConfig, XdpMode, cluster::OVERLAY_IF};
+use super::{AgentConfig, SocketCgroup, XdpMode, cluster::OVERLAY_IF};
 use crate::{
     api::UplinkInfo,
     datapath::{self, Datapath, Flows, UplinkHook},
@@ -85,6 +85,7 @@ pub async fn setup(
             u32::try_from(u64::from(ct_max) * u64::from(share) / 100).unwrap_or(u32::MAX)
         },
         timeouts: cfg.timeouts,
+        node_netns_cookie: netns_cookie().context("read the network namespace's cookie")?,
         ..Config::default()
     };
     if cfg.masquerade {
@@ -96,6 +97,9 @@ pub async fn setup(
     dp.set_non_masquerade(&cfg.non_masquerade)?;
     let Some(ifname) = cfg.uplink.clone() else {
         tracing::warn!("no --uplink given: programs loaded and maps pinned, nothing attached");
+        // Ready all the same, so that the containers' programs check what
+        // they send; with no uplink to masquerade to, the node routes it.
+        config.flags = (config.flags & !CONFIG_F_SNAT) | CONFIG_F_READY;
         dp.set_config(config)?;
         return Ok(None);
     };
@@ -223,6 +227,46 @@ pub async fn follow_addresses(
     uplink.node_ip = node_ip;
     uplink.node_addrs = node_addrs;
     Ok(true)
+}
+
+/// The cookie of this thread's network namespace (`SO_NETNS_COOKIE`), the
+/// node's: the socket programs translate that namespace's sockets only.
+fn netns_cookie() -> std::io::Result<u64> {
+    let sock = std::net::UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))?;
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: `cookie` and `len` are live locals of the sizes given.
+    let r = unsafe {
+        libc::getsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&sock),
+            libc::SOL_SOCKET,
+            libc::SO_NETNS_COOKIE,
+            (&raw mut cookie).cast(),
+            &raw mut len,
+        )
+    };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(cookie)
+}
+
+/// Attaches the socket programs (published ports for the node's own
+/// processes) to `--socket-cgroup`, or detaches them with `none`.
+pub fn attach_sockets(cfg: &AgentConfig, dp: &mut Datapath) -> anyhow::Result<()> {
+    let dir = match &cfg.socket_cgroup {
+        SocketCgroup::None => {
+            dp.detach_sockets()?;
+            return Ok(());
+        }
+        SocketCgroup::Dir(dir) => dir.clone(),
+        SocketCgroup::Root => crate::cgroup::cgroup2_mount()
+            .context("find the cgroup2 root for the socket programs (or pass --socket-cgroup)")?,
+    };
+    dp.attach_sockets(&dir)
+        .with_context(|| format!("attach the socket programs to {}", dir.display()))?;
+    tracing::info!(cgroup = %dir.display(), "socket programs attached");
+    Ok(())
 }
 
 #[cfg(test)]

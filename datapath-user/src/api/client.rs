@@ -1,6 +1,9 @@
 //! A client of the agent's API, for the CLI and the CNI plugin.
 
-use std::path::{Path, PathBuf};
+use std::{
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use http_body_util::{BodyExt, Full};
 use hyper::{Method, Request, StatusCode, body::Bytes};
@@ -33,6 +36,16 @@ pub enum ClientError {
         /// What failed.
         message: String,
     },
+    /// The agent did not answer in time.
+    #[error(
+        "the agent at {socket} did not answer within {after:?} (is it stuck? its log says more)"
+    )]
+    Timeout {
+        /// The socket path.
+        socket: PathBuf,
+        /// How long the client waited.
+        after: Duration,
+    },
     /// The agent answered with an error.
     #[error("{message}")]
     Agent {
@@ -50,10 +63,18 @@ impl ClientError {
     }
 }
 
-/// A client of the agent's API.
+/// How long a client waits to connect.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a client waits for an answer by default.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// A client of the agent's API. Every call is bounded: connecting by
+/// [`CONNECT_TIMEOUT`] (then the agent counts as unreachable), the whole
+/// exchange by the client's timeout ([`DEFAULT_TIMEOUT`] unless set).
 #[derive(Clone, Debug)]
 pub struct Client {
     socket: PathBuf,
+    timeout: Duration,
 }
 
 impl Client {
@@ -61,7 +82,15 @@ impl Client {
     pub fn new(socket: impl Into<PathBuf>) -> Self {
         Self {
             socket: socket.into(),
+            timeout: DEFAULT_TIMEOUT,
         }
+    }
+
+    /// The same client, waiting at most `timeout` for each answer.
+    #[must_use]
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
     }
 
     /// The socket path.
@@ -75,16 +104,41 @@ impl Client {
         path: &str,
         body: Option<Vec<u8>>,
     ) -> Result<T, ClientError> {
+        match tokio::time::timeout(self.timeout, self.exchange(method, path, body)).await {
+            Ok(result) => result,
+            Err(_) => Err(ClientError::Timeout {
+                socket: self.socket.clone(),
+                after: self.timeout,
+            }),
+        }
+    }
+
+    async fn exchange<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<T, ClientError> {
         let http = |message: String| ClientError::Http {
             socket: self.socket.clone(),
             message,
         };
-        let stream = tokio::net::UnixStream::connect(&self.socket)
-            .await
-            .map_err(|source| ClientError::Connect {
-                socket: self.socket.clone(),
-                source,
-            })?;
+        let connect_err = |source| ClientError::Connect {
+            socket: self.socket.clone(),
+            source,
+        };
+        let stream = tokio::time::timeout(
+            CONNECT_TIMEOUT,
+            tokio::net::UnixStream::connect(&self.socket),
+        )
+        .await
+        .map_err(|_| {
+            connect_err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("no connection within {CONNECT_TIMEOUT:?}"),
+            ))
+        })?
+        .map_err(connect_err)?;
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .map_err(|e| http(format!("handshake: {e}")))?;

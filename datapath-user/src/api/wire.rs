@@ -171,6 +171,15 @@ pub struct ContainerInfo {
     /// The rate limiter's counters per direction.
     #[serde(default)]
     pub counters: RateCounters,
+    /// The identity (`dev:ino`) of its network namespace, recorded when it
+    /// was added: `netns` is that namespace only while it has this identity.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub netns_id: Option<String>,
+    /// Why the container is not as it should be, if it is not (its veth
+    /// could not be restored, its namespace could not be checked): the
+    /// agent keeps it and retries.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub degraded: Option<String>,
 }
 
 /// The uplink's configuration.
@@ -203,13 +212,29 @@ pub struct AttachmentInfo {
     pub pin: PathBuf,
 }
 
-/// A pinned map.
+/// A pinned map, with the layout the kernel reports for it (all zero if
+/// nothing is pinned at `pin`).
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct MapInfo {
     /// Map name.
     pub name: String,
     /// Pin path.
     pub pin: PathBuf,
+    /// `BPF_MAP_TYPE_*` number.
+    #[serde(default)]
+    pub map_type: u32,
+    /// Key size in bytes.
+    #[serde(default)]
+    pub key_size: u32,
+    /// Value size in bytes.
+    #[serde(default)]
+    pub value_size: u32,
+    /// Maximum number of entries.
+    #[serde(default)]
+    pub max_entries: u32,
+    /// `BPF_F_*` creation flags.
+    #[serde(default)]
+    pub flags: u32,
 }
 
 /// `GET /v1/status`.
@@ -239,6 +264,42 @@ pub struct Status {
     pub conntrack_entries: usize,
     /// Conntrack capacity.
     pub conntrack_max: u32,
+    /// The agent's own CPU use and the cost of its periodic work.
+    #[serde(default)]
+    pub agent: AgentWork,
+}
+
+/// The agent's own CPU use (`getrusage`), and what its only periodic
+/// work, counting the conntrack entries for `status`, has cost: the
+/// kernel expires flows itself, so nothing else runs on a timer.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct AgentWork {
+    /// CPU seconds spent in user mode since the agent started.
+    pub cpu_user_s: f64,
+    /// CPU seconds spent in the kernel on the agent's behalf since it
+    /// started (syscalls: map reads and writes, netlink, fsync).
+    pub cpu_system_s: f64,
+    /// The count of the conntrack entries.
+    pub conntrack_count: CountWork,
+}
+
+/// What counting the conntrack entries has cost. The count runs only
+/// while `status` is asked for, in passes at least a second apart, each
+/// touching at most `pass_budget` entries whatever the tables' sizes.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct CountWork {
+    /// The most entries one pass may touch (read, or looked up).
+    pub pass_budget: u64,
+    /// Passes made.
+    pub passes: u64,
+    /// Walks of both tables completed.
+    pub walks: u64,
+    /// Entries touched by the last pass.
+    pub last_pass_entries: u64,
+    /// The most entries touched by one pass.
+    pub max_pass_entries: u64,
+    /// The most syscalls made by one pass.
+    pub max_pass_syscalls: u64,
 }
 
 /// `GET /v1/conntrack` query: which flows to list. The answer is a JSON

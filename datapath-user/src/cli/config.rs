@@ -34,8 +34,17 @@ use clap::{ArgMatches, Command, parser::ValueSource};
 /// names one. A missing file there is no error.
 pub const DEFAULT_CONFIG: &str = "/etc/datapath/agent.toml";
 
-/// The agent's flags that are not settings (and so not keys).
-const NOT_KEYS: &[&str] = &["config", "check-config", "cleanup", "help", "version"];
+/// The agent's flags that are not settings (and so not keys): `--timeout`
+/// is the client commands' wait for the agent's answer, a global flag the
+/// agent ignores.
+const NOT_KEYS: &[&str] = &[
+    "config",
+    "check-config",
+    "cleanup",
+    "help",
+    "version",
+    "timeout",
+];
 
 /// The agent subcommand's name.
 const AGENT: &str = "agent";

@@ -77,7 +77,7 @@ use crate::{
 pub const AGENT_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The prefix of every agent container the plugin creates.
-pub const NAME_PREFIX: &str = "cni-";
+pub const NAME_PREFIX: &str = crate::model::names::CNI_NAME_PREFIX;
 
 /// `CNI_COMMAND`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -326,13 +326,15 @@ pub fn attachment_name(network: &str, container_id: &str, ifname: &str) -> Strin
 /// Maps a failed agent call to a CNI error.
 fn agent_error(what: &str, e: ClientError) -> CniError {
     match e {
-        ClientError::Connect { .. } | ClientError::Http { .. } => CniError::new(
-            code::TRY_AGAIN_LATER,
-            "the datapath agent is not reachable",
-            format!(
-                "{what}: {e} (start the agent, or set agentSocket in the network configuration)"
-            ),
-        ),
+        ClientError::Connect { .. } | ClientError::Http { .. } | ClientError::Timeout { .. } => {
+            CniError::new(
+                code::TRY_AGAIN_LATER,
+                "the datapath agent is not reachable",
+                format!(
+                    "{what}: {e} (start the agent, or set agentSocket in the network configuration)"
+                ),
+            )
+        }
         ClientError::Agent { status, message } => CniError::failed(
             format!("the datapath agent refused to {what}"),
             format!("{message} (HTTP {status})"),
@@ -382,7 +384,7 @@ impl<'c> Plugin<'c> {
     fn new(conf: &'c NetConf) -> Self {
         Self {
             conf,
-            client: Client::new(conf.agent_socket()),
+            client: Client::new(conf.agent_socket()).with_timeout(AGENT_TIMEOUT),
         }
     }
 
@@ -586,8 +588,15 @@ impl<'c> Plugin<'c> {
             }
         }
 
-        // Inside the container.
-        let link = inspect::link(Some(&info.netns), ifname)
+        // Inside the container: the namespace the agent recorded, by
+        // identity (a reused path names another one).
+        let recorded = info
+            .netns_id
+            .as_deref()
+            .and_then(|id| id.parse::<netns::NetnsId>().ok());
+        let ns = netns::Netns::open_expecting(&info.netns, recorded)
+            .map_err(|e| broken(error_chain(&e)))?;
+        let link = inspect::link_in(Some(&ns), ifname)
             .await
             .map_err(|e| broken(error_chain(&e)))?
             .ok_or_else(|| broken(format!("{ifname} is missing in {netns}")))?;

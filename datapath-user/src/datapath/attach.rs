@@ -10,8 +10,8 @@ use std::{
 };
 
 use aya::programs::{
-    CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, LinkOrder, SchedClassifier, SockOps,
-    TcAttachType, Xdp, XdpMode,
+    CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, LinkOrder, SchedClassifier,
+    SockOps, TcAttachType, Xdp, XdpMode,
     links::{FdLink, PinnedLink},
     tc::{SchedClassifierLink, TcAttachOptions},
     xdp::XdpLink,
@@ -22,6 +22,7 @@ use datapath_common::{
 };
 
 use super::{Attachment, BpfError, Datapath, UplinkHook, program};
+use crate::model::names::is_host_veth_name;
 
 impl Datapath {
     /// Pin path of the link named `name`.
@@ -246,6 +247,64 @@ impl Datapath {
         Ok(())
     }
 
+    /// Attaches the socket programs to cgroup directory `cgroup`. Each
+    /// link is pinned aside, then renamed over the pin of the previous
+    /// one (on whatever cgroup), which detaches it: the hooks are never
+    /// empty, and running twice for a moment is harmless (a translated
+    /// address is no published port; a reversed one no container's).
+    pub fn attach_sockets(&mut self, cgroup: &Path) -> Result<(), BpfError> {
+        let dir = fs::File::open(cgroup).map_err(|source| BpfError::Fs {
+            action: "open the cgroup",
+            path: cgroup.to_owned(),
+            source,
+        })?;
+        for (program_name, hook) in SOCKET_HOOKS {
+            let pin = self.link_pin(&socket_link_name(hook));
+            let staging =
+                self.link_pin(&format!("{STAGING_LINK_PREFIX}{}", socket_link_name(hook)));
+            let err = |message: String| BpfError::Attach {
+                program: program_name,
+                ifname: cgroup.display().to_string(),
+                message,
+            };
+            remove_pin(&staging)?;
+            let prog: &mut CgroupSockAddr = program(&mut self.ebpf, program_name)?;
+            let program_id = prog.info().map(|i| i.id()).unwrap_or_default();
+            let id = prog
+                .attach(&dir, CgroupAttachMode::Single)
+                .map_err(|e| err(format!("attach: {e}")))?;
+            let link = prog
+                .take_link(id)
+                .map_err(|e| err(format!("take link: {e}")))?;
+            let link = FdLink::try_from(link).map_err(|e| err(format!("link: {e}")))?;
+            link.pin(&staging)
+                .map_err(|e| err(format!("pin link at {}: {e}", staging.display())))?;
+            fs::rename(&staging, &pin).map_err(|source| BpfError::Fs {
+                action: "rename a link pin to",
+                path: pin.clone(),
+                source,
+            })?;
+            self.record(
+                program_name,
+                program_id,
+                &cgroup.display().to_string(),
+                hook,
+                pin,
+            );
+        }
+        Ok(())
+    }
+
+    /// Detaches the socket programs (idempotent).
+    pub fn detach_sockets(&mut self) -> Result<(), BpfError> {
+        for (_, hook) in SOCKET_HOOKS {
+            let pin = self.link_pin(&socket_link_name(hook));
+            self.attachments.remove(&pin);
+            remove_pin(&pin)?;
+        }
+        Ok(())
+    }
+
     /// Detaches rate limiter hook `hook` of a container (idempotent).
     pub fn detach_rate(&mut self, hook: RateHook, host_ifname: &str) -> Result<(), BpfError> {
         let pin = self.link_pin(&rate_link_name(hook, host_ifname));
@@ -278,9 +337,23 @@ impl Datapath {
         );
     }
 
+    /// The cgroup id the rate limiter's links of a container are attached
+    /// to, read from the kernel (to rebuild a lost state); `None` if it has
+    /// none.
+    pub fn rate_cgroup_of(&self, host_ifname: &str) -> Option<u64> {
+        RateHook::ALL.iter().find_map(|hook| {
+            let pin = self.link_pin(&rate_link_name(*hook, host_ifname));
+            let fd = super::sys::obj_get(&pin).ok()?;
+            super::sys::link_cgroup_id(std::os::fd::AsFd::as_fd(&fd))
+                .ok()
+                .flatten()
+        })
+    }
+
     /// Removes the link pins of no known container (`known` holds the
     /// host-side veth names of the containers there are), detaching their
-    /// programs, and staging pins left by an attach that was cut off.
+    /// programs, and staging pins left by an attach that was cut off. Only
+    /// names the agent gives its pins are looked at.
     pub fn remove_orphan_links(&mut self, known: &HashSet<String>) {
         let Ok(entries) = fs::read_dir(self.bpffs_dir.join("links")) else {
             return;
@@ -288,17 +361,19 @@ impl Datapath {
         for e in entries.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
             if let Some(veth) = name.strip_prefix(CONTAINER_LINK_PREFIX)
+                && is_host_veth_name(veth)
                 && !known.contains(veth)
             {
                 tracing::warn!(link = %name, "removing an orphaned link");
                 let _ = self.detach_container(veth);
             }
-            if name.starts_with(STAGING_LINK_PREFIX) {
+            if is_link_pin_name(&name) && name.starts_with(STAGING_LINK_PREFIX) {
                 let _ = fs::remove_file(e.path());
             }
             for hook in RateHook::ALL {
                 let prefix = rate_link_name(hook, "");
                 if let Some(veth) = name.strip_prefix(&prefix)
+                    && is_host_veth_name(veth)
                     && !known.contains(veth)
                 {
                     tracing::warn!(link = %name, "removing an orphaned link");
@@ -424,6 +499,24 @@ impl RateHook {
     }
 }
 
+/// The socket programs and their hooks' names (in pins and `datapath
+/// status`).
+pub const SOCKET_HOOKS: [(&str, &str); 8] = [
+    (programs::SOCK_CONNECT4, "sock-connect4"),
+    (programs::SOCK_SENDMSG4, "sock-sendmsg4"),
+    (programs::SOCK_RECVMSG4, "sock-recvmsg4"),
+    (programs::SOCK_GETPEERNAME4, "sock-getpeername4"),
+    (programs::SOCK_CONNECT6, "sock-connect6"),
+    (programs::SOCK_SENDMSG6, "sock-sendmsg6"),
+    (programs::SOCK_RECVMSG6, "sock-recvmsg6"),
+    (programs::SOCK_GETPEERNAME6, "sock-getpeername6"),
+];
+
+/// The pinned link name of a socket program's hook (its name).
+fn socket_link_name(hook: &str) -> String {
+    hook.to_owned()
+}
+
 /// Prefix of the pinned link names of the rate limiter.
 pub const RATE_LINK_PREFIX: &str = "rate_";
 
@@ -443,6 +536,27 @@ pub const CONTAINER_LINK_PREFIX: &str = "container_";
 /// The pinned link name of a container's host-side veth.
 pub fn container_link_name(host_ifname: &str) -> String {
     format!("{CONTAINER_LINK_PREFIX}{host_ifname}")
+}
+
+/// Whether `name` is a link pin name the agent gives: an uplink's, a
+/// container's (`container_dp<hex>`), a rate limiter hook's
+/// (`rate_<hook>_dp<hex>`), a socket program's (`sock-<hook>`), the
+/// overlay device's, or one of those staged (`new_…`). `--cleanup`
+/// and orphan removal touch no other pin.
+pub fn is_link_pin_name(name: &str) -> bool {
+    let name = name.strip_prefix(STAGING_LINK_PREFIX).unwrap_or(name);
+    UPLINK_LINKS.iter().any(|(_, n)| *n == name)
+        || name
+            .strip_prefix(CONTAINER_LINK_PREFIX)
+            .is_some_and(is_host_veth_name)
+        || RateHook::ALL.iter().any(|hook| {
+            name.strip_prefix(&rate_link_name(*hook, ""))
+                .is_some_and(is_host_veth_name)
+        })
+        || SOCKET_HOOKS
+            .iter()
+            .any(|(_, hook)| socket_link_name(hook) == name)
+        || [OVERLAY_LINK, OVERLAY_EGRESS_LINK].contains(&name)
 }
 
 /// Removes a pin (detaching a pinned link); absent is fine.

@@ -17,16 +17,18 @@ pub mod attach;
 pub mod conntrack;
 pub mod maps;
 pub mod masquerade;
+pub mod pins;
 pub mod ratelimit;
 pub mod reader;
 mod resize;
+mod sys;
 
 use std::{fs, io, path::PathBuf};
 
 use aya::{
     Ebpf, EbpfLoader, TestRun, TestRunOptions,
     maps::{Array, HashMap, MapData, PerCpuArray},
-    programs::{CgroupSkb, SchedClassifier, SockOps},
+    programs::{CgroupSkb, CgroupSockAddr, SchedClassifier, SockOps},
 };
 use datapath_common::{
     Config, CtContainer, CtEntry, CtKey, CtTimedEntry, Endpoint, EndpointKey, FLUSH_F_ARM,
@@ -35,7 +37,12 @@ use datapath_common::{
 };
 use serde::Serialize;
 
-pub use self::{attach::RateHook, maps::Flows, ratelimit::RateTarget, reader::Reader};
+pub use self::{
+    attach::RateHook,
+    maps::Flows,
+    ratelimit::RateTarget,
+    reader::{COUNT_PASS_BUDGET, CountWork, Reader},
+};
 
 /// The compiled eBPF object (all programs and maps), embedded at build time.
 pub static EBPF_OBJECT: &[u8] =
@@ -78,6 +85,20 @@ pub enum BpfError {
         ifname: String,
         /// What failed.
         message: String,
+    },
+    /// A pinned map has a layout the programs cannot use and that cannot
+    /// be migrated (or its migration failed).
+    #[error(
+        "pinned map {name} ({}) cannot be used: {reason}. Nothing was changed",
+        path.display()
+    )]
+    PinnedMap {
+        /// The map's name.
+        name: &'static str,
+        /// Its pin.
+        path: PathBuf,
+        /// What differs, and why it cannot be migrated.
+        reason: String,
     },
     /// A second handle on a map could not be made.
     #[error("duplicate the descriptor of map {name}: {source}")]
@@ -226,6 +247,65 @@ pub fn ensure_bpffs() -> Result<(), BpfError> {
     })
 }
 
+/// Removes the pins an agent makes under `bpffs_dir` — the maps of
+/// [`names::ALL`] (and any left aside by a migration), the links
+/// [`attach::is_link_pin_name`] recognises — detaching the programs, then
+/// the directories if nothing else is left in them. Nothing the agent
+/// did not name is removed: what remains is returned.
+pub fn remove_pins(bpffs_dir: &std::path::Path) -> Result<Vec<PathBuf>, BpfError> {
+    let fs_err = |action: &'static str, path: &std::path::Path| {
+        let path = path.to_owned();
+        move |source| BpfError::Fs {
+            action,
+            path,
+            source,
+        }
+    };
+    let remove = |path: &std::path::Path| match fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(fs_err("remove", path)(e)),
+    };
+    let maps_dir = bpffs_dir.join("maps");
+    for name in names::ALL {
+        remove(&maps_dir.join(name))?;
+        remove(&maps_dir.join(format!("{}{name}", pins::MIGRATE_PREFIX)))?;
+        remove(&maps_dir.join(format!("{}{name}", resize::PREFIX)))?;
+    }
+    let links_dir = bpffs_dir.join("links");
+    match fs::read_dir(&links_dir) {
+        Ok(entries) => {
+            for e in entries {
+                let e = e.map_err(fs_err("read", &links_dir))?;
+                if attach::is_link_pin_name(&e.file_name().to_string_lossy()) {
+                    remove(&e.path())?;
+                }
+            }
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(fs_err("read", &links_dir)(e)),
+    }
+    let mut left = Vec::new();
+    for dir in [&links_dir, &maps_dir, &bpffs_dir.to_owned()] {
+        match fs::remove_dir(dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) if e.raw_os_error() == Some(libc::ENOTEMPTY) => {
+                if let Ok(entries) = fs::read_dir(dir) {
+                    left.extend(
+                        entries
+                            .flatten()
+                            .map(|e| e.path())
+                            .filter(|p| p != &maps_dir && p != &links_dir),
+                    );
+                }
+            }
+            Err(e) => return Err(fs_err("remove", dir)(e)),
+        }
+    }
+    Ok(left)
+}
+
 fn take_map(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map, BpfError> {
     ebpf.take_map(name).ok_or(BpfError::MissingMap { name })
 }
@@ -240,6 +320,9 @@ macro_rules! typed_map {
 impl Datapath {
     /// Loads the embedded object, reusing maps already pinned under
     /// `bpffs_dir/maps` (so a restart keeps every flow) and pinning new ones.
+    /// A pinned map of another layout is migrated or refused
+    /// ([`pins`]); conntrack tables of another size than `--ct-max` asks
+    /// for are made again at that size with their flows ([`resize`]).
     pub fn load(opts: &LoadOptions) -> Result<Self, BpfError> {
         let maps_dir = opts.bpffs_dir.join("maps");
         for dir in [&maps_dir, &opts.bpffs_dir.join("links")] {
@@ -249,6 +332,15 @@ impl Datapath {
                 source,
             })?;
         }
+        // The conntrack tables' capacity (`--ct-max`) is changed by
+        // `resize`, which keeps their flows paired and their timers armed:
+        // here only the rest of their layout is checked.
+        let migrations = pins::prepare(
+            EBPF_OBJECT,
+            &maps_dir,
+            &names::ALL,
+            &[names::CT, names::CT_NEW],
+        )?;
         let pins: Vec<(&'static str, PathBuf)> =
             names::ALL.iter().map(|n| (*n, maps_dir.join(n))).collect();
         let mut loader = EbpfLoader::new();
@@ -263,6 +355,7 @@ impl Datapath {
         loader.map_max_entries(names::CT_NEW, ct_new_max(ct_entries));
         loader.override_global(aya_log::LEVEL, &opts.log_level, false);
         let mut ebpf = loader.load(EBPF_OBJECT)?;
+        pins::finish(migrations)?;
         for name in [
             programs::UPLINK_TC,
             programs::CONTAINER_TC,
@@ -278,6 +371,11 @@ impl Datapath {
         // (`attach_xdp`): most uplinks are served by TC.
         for name in [programs::RATE_EGRESS, programs::RATE_INGRESS] {
             let prog: &mut CgroupSkb = program(&mut ebpf, name)?;
+            prog.load()
+                .map_err(|source| BpfError::Program { name, source })?;
+        }
+        for (name, _) in attach::SOCKET_HOOKS {
+            let prog: &mut CgroupSockAddr = program(&mut ebpf, name)?;
             prog.load()
                 .map_err(|source| BpfError::Program { name, source })?;
         }

@@ -5,10 +5,12 @@
 use std::{collections::HashSet, path::Path};
 
 use aya::maps::{MapData, MapError, PerCpuHashMap, PerCpuValues};
-use datapath_common::ratelimit::{RateFlows, RateKey, RateLimit, RateStats, direction};
+use datapath_common::ratelimit::{
+    RateFlows, RateKey, RateLimit, RateStats, default_burst, direction,
+};
 
 use super::{BpfError, Datapath, RateHook, conntrack::now_ns};
-use crate::model::{DirectionCounters, RateCounters, RateLimits};
+use crate::model::{DirectionCounters, Limit, RateCounters, RateLimits};
 
 /// `BPF_F_LOCK`: read or write a spin-locked map value under its lock.
 pub const BPF_F_LOCK: u64 = 4;
@@ -151,6 +153,28 @@ impl Datapath {
                 self.remove_bucket(RateKey::new(t.cgroup_id, dir));
             }
         }
+    }
+
+    /// The limit each bucket was configured with (to rebuild a lost
+    /// state).
+    pub fn buckets(&self) -> Vec<(RateKey, Limit)> {
+        self.rate_limits
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(k, v)| {
+                // A bucket of the size the rate derives was most likely
+                // not given: it keeps following the rate.
+                let derived = default_burst(k.direction, v.rate_bps);
+                (
+                    k,
+                    Limit {
+                        rate_bps: v.rate_bps,
+                        burst_bytes: v.burst_bytes,
+                        burst_given: v.burst_bytes != derived,
+                    },
+                )
+            })
+            .collect()
     }
 
     /// Removes every bucket not in `limited` (pairs of cgroup id and

@@ -6,6 +6,7 @@
 //! depending on each other.
 
 pub mod flow;
+pub mod identity;
 pub mod limits;
 pub mod mac;
 pub mod mtu;

@@ -12,6 +12,12 @@ pub const MAX_CONTAINER_NAME_LEN: usize = 64;
 /// Prefix of the host-side veth of every container (`dp<id in hex>`).
 pub const HOST_VETH_PREFIX: &str = "dp";
 
+/// Prefix of the names of the containers the CNI plugin makes. They are the
+/// plugin's: the command line refuses to add them
+/// ([`validate_cli_container_name`]), so that a typo cannot take over or
+/// shadow a runtime's attachment.
+pub const CNI_NAME_PREFIX: &str = "cni-";
+
 /// A name that is refused, and why.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[error("invalid {kind} {name:?}: {reason}")]
@@ -58,6 +64,22 @@ pub fn validate_container_name(name: &str) -> Result<(), InvalidName> {
             reason: "use 1-64 characters of A-Z a-z 0-9 _ . -",
         })
     }
+}
+
+/// Checks a container name typed on the command line: a valid name
+/// ([`validate_container_name`]) that is not one of the CNI plugin's
+/// ([`CNI_NAME_PREFIX`]).
+pub fn validate_cli_container_name(name: &str) -> Result<(), InvalidName> {
+    validate_container_name(name)?;
+    if name.starts_with(CNI_NAME_PREFIX) {
+        return Err(InvalidName {
+            kind: NameKind::Container,
+            name: name.to_owned(),
+            reason: "names starting with \"cni-\" belong to the CNI plugin; \
+                     remove it with the runtime that made it",
+        });
+    }
+    Ok(())
 }
 
 /// Checks an interface name the way the kernel's `dev_valid_name` does:
@@ -113,6 +135,15 @@ mod tests {
         assert!(validate_container_name(&"x".repeat(65)).is_err());
         let e = validate_container_name("bad/name").expect_err("refused");
         assert!(e.to_string().starts_with("invalid container name"), "{e}");
+    }
+
+    #[test]
+    fn the_command_line_refuses_the_cni_plugins_names() {
+        validate_cli_container_name("web").expect("a plain name");
+        validate_cli_container_name("cnix").expect("only the prefix with its dash");
+        let e = validate_cli_container_name("cni-2c066063-x").expect_err("the plugin's");
+        assert!(e.to_string().contains("CNI plugin"), "{e}");
+        assert!(validate_cli_container_name("a/b").is_err());
     }
 
     #[test]

@@ -37,6 +37,10 @@ pub struct Link {
     pub kind: String,
     /// MTU.
     pub mtu: Option<u32>,
+    /// Interface group (0, the default, for most links).
+    pub group: u32,
+    /// Interface alias, if set.
+    pub alias: Option<String>,
 }
 
 impl Link {
@@ -49,6 +53,8 @@ impl Link {
             up: m.header.flags.contains(LinkFlags::Up),
             kind: String::new(),
             mtu: None,
+            group: 0,
+            alias: None,
         };
         for attr in &m.attributes {
             match attr {
@@ -59,6 +65,10 @@ impl Link {
                     }
                 }
                 LinkAttribute::Mtu(mtu) => link.mtu = Some(*mtu),
+                LinkAttribute::Group(group) => link.group = *group,
+                LinkAttribute::IfAlias(alias) if !alias.is_empty() => {
+                    link.alias = Some(alias.clone());
+                }
                 LinkAttribute::LinkInfo(infos) => {
                     if let Some(kind) = infos.iter().find_map(|i| match i {
                         LinkInfo::Kind(k) => Some(k.to_string()),
@@ -150,6 +160,50 @@ pub async fn ipv4_routes(handle: &Handle, index: u32) -> Result<Vec<RouteView>, 
         .collect())
 }
 
+/// Every IPv4 route of the main table, with its output interface (if it
+/// has one).
+pub async fn all_ipv4_routes(
+    handle: &Handle,
+) -> Result<Vec<(RouteView, Option<u32>)>, rtnetlink::Error> {
+    let routes: Vec<RouteMessage> = handle
+        .route()
+        .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
+        .execute()
+        .try_collect()
+        .await?;
+    Ok(routes
+        .iter()
+        .filter(|r| table(r) == u32::from(RouteHeader::RT_TABLE_MAIN))
+        .filter_map(|r| {
+            let oif = r.attributes.iter().find_map(|a| match a {
+                RouteAttribute::Oif(i) => Some(*i),
+                _ => None,
+            });
+            route_view(r).map(|v| (v, oif))
+        })
+        .collect())
+}
+
+/// Every IPv4 address of every link, as (link index, address, prefix
+/// length).
+pub async fn all_ipv4_addrs(handle: &Handle) -> Result<Vec<(u32, Ipv4Addr, u8)>, rtnetlink::Error> {
+    let mut request = handle.address().get();
+    request.message_mut().header.family = AddressFamily::Inet;
+    let messages: Vec<_> = request.execute().try_collect().await?;
+    Ok(messages
+        .iter()
+        .filter(|m| m.header.family == AddressFamily::Inet)
+        .filter_map(|m| {
+            m.attributes.iter().find_map(|a| match a {
+                AddressAttribute::Local(IpAddr::V4(ip)) => {
+                    Some((m.header.index, *ip, m.header.prefix_len))
+                }
+                _ => None,
+            })
+        })
+        .collect())
+}
+
 fn table(r: &RouteMessage) -> u32 {
     r.attributes
         .iter()
@@ -236,14 +290,25 @@ pub struct LinkView {
 /// caller's own netns if `None`), over a netlink connection of its own.
 /// `Ok(None)` if there is no such link.
 pub async fn link(netns: Option<&Path>, ifname: &str) -> Result<Option<LinkView>, InspectError> {
-    let owned = netns.map(Path::to_path_buf);
+    match netns {
+        Some(path) => link_in(Some(&Netns::open_path(path)?), ifname).await,
+        None => link_in(None, ifname).await,
+    }
+}
+
+/// Like [`link`], in a namespace already opened (and checked by the
+/// caller).
+pub async fn link_in(
+    netns: Option<&Netns>,
+    ifname: &str,
+) -> Result<Option<LinkView>, InspectError> {
+    let owned = netns.map(|ns| ns.path().to_path_buf());
     let socket_err = |source| InspectError::Socket {
         netns: owned.clone(),
         source,
     };
     let (connection, handle, _) = match netns {
-        Some(path) => {
-            let ns = Netns::open_path(path)?;
+        Some(ns) => {
             let runtime = tokio::runtime::Handle::current();
             ns.run(|| {
                 let _runtime = runtime.enter();

@@ -35,9 +35,12 @@ use rtnetlink::{Handle, LinkMessageBuilder, LinkUnspec, LinkVeth, LinkVxlan, Rou
 
 use super::{
     inspect::{self, Link},
-    netns::{Netns, NetnsError},
+    netns::{Netns, NetnsError, NetnsId},
 };
-use crate::model::names::{InvalidName, MAX_IFNAME_LEN, validate_ifname};
+use crate::model::{
+    identity::VETH_GROUP,
+    names::{InvalidName, MAX_IFNAME_LEN, validate_ifname},
+};
 
 /// What can go wrong while configuring links. Every variant says which step
 /// failed, on which link and in which netns.
@@ -49,6 +52,14 @@ pub enum NetlinkError {
     /// An interface name the kernel would refuse.
     #[error(transparent)]
     InvalidName(#[from] InvalidName),
+    /// A sysctl of a host end could not be set.
+    #[error("set the sysctls of {link}: {source}")]
+    Sysctl {
+        /// The link.
+        link: String,
+        /// The error.
+        source: io::Error,
+    },
     /// The container's netns could not be opened or entered.
     #[error("container network namespace")]
     Netns(#[from] NetnsError),
@@ -149,6 +160,17 @@ pub enum NetlinkError {
         /// Its kind.
         kind: String,
     },
+    /// Deleting by name found a veth the agent did not make (not in its
+    /// group, [`VETH_GROUP`]): it is left alone.
+    #[error(
+        "{name} is a veth the agent did not make (group {group}, not the agent's); not deleting it"
+    )]
+    NotOurs {
+        /// The link's name.
+        name: String,
+        /// Its group.
+        group: u32,
+    },
     /// A setup step failed and removing what had been created failed too.
     #[error("{source}; removing the half-made link failed too: {rollback}")]
     RollbackFailed {
@@ -169,6 +191,17 @@ impl NetlinkError {
             Self::NotFound { .. } => true,
             Self::Netns(e) => e.is_not_found(),
             Self::RollbackFailed { source, .. } => source.is_not_found(),
+            _ => false,
+        }
+    }
+
+    /// Whether the container's namespace is certainly gone: nothing at its
+    /// path, or the path names another namespace now
+    /// ([`NetnsError::is_gone`]).
+    pub fn is_netns_gone(&self) -> bool {
+        match self {
+            Self::Netns(e) => e.is_gone(),
+            Self::RollbackFailed { source, .. } => source.is_netns_gone(),
             _ => false,
         }
     }
@@ -240,6 +273,12 @@ pub struct ContainerLink {
     /// Path of the container's netns file (`/var/run/netns/NAME`,
     /// `/proc/PID/ns/net`, ...).
     pub netns: PathBuf,
+    /// The namespace the path must name (its identity, recorded when the
+    /// container was added); `None` to take whatever namespace is there.
+    pub netns_id: Option<NetnsId>,
+    /// The alias of the host end (the agent's tag of the veth); none if
+    /// empty.
+    pub alias: String,
     /// Name of the container end, inside its netns (e.g. `eth0`).
     pub ifname: String,
     /// The container's address (assigned as a /32).
@@ -319,9 +358,15 @@ impl Netlink {
     ) -> Result<LinkInfo, NetlinkError> {
         let started = Instant::now();
         spec.validate()?;
-        let netns = Netns::open_path(&spec.netns)?;
+        let netns = Netns::open_expecting(&spec.netns, spec.netns_id)?;
+        netns.check_container_netns()?;
         self.add_veth_pair(spec, &netns).await?;
-        let result = self.configure_container_link(spec, &netns).await;
+        // The host end is policed before the container end can send
+        // anything: the container end is down until it is configured.
+        let result = match self.secure_host_end(spec).await {
+            Ok(()) => self.configure_container_link(spec, &netns).await,
+            Err(e) => Err(e),
+        };
         let info = match result {
             Ok(info) => info,
             Err(error) => {
@@ -352,7 +397,11 @@ impl Netlink {
         let mut peer = LinkMessageBuilder::<LinkUnspec>::new()
             .name(spec.ifname.as_str())
             .setns_by_fd(netns.as_fd().as_raw_fd());
-        let mut host = LinkVeth::new(&spec.host_ifname, &spec.ifname).up();
+        // The group marks the veth as the agent's from the message that
+        // creates it: no crash can leave an unmarked veth of the agent's.
+        let mut host = LinkVeth::new(&spec.host_ifname, &spec.ifname)
+            .up()
+            .link_group(VETH_GROUP);
         if let Some(mtu) = spec.mtu {
             peer = peer.mtu(mtu);
             host = host.mtu(mtu);
@@ -376,7 +425,21 @@ impl Netlink {
             })
     }
 
-    /// Steps 2 to 4: GRO, then the container end and the host end
+    /// Step 2: the host end's alias (the agent's tag) and its sysctls: no
+    /// router advertisements or redirects from the container are accepted
+    /// (the kernel's defaults would let a container with CAP_NET_RAW become
+    /// the node's IPv6 default router).
+    async fn secure_host_end(&self, spec: &ContainerLink) -> Result<(), NetlinkError> {
+        if spec.alias.is_empty() {
+            return harden_host_end(&spec.host_ifname).map_err(|source| NetlinkError::Sysctl {
+                link: spec.host_ifname.clone(),
+                source,
+            });
+        }
+        self.retag(&spec.host_ifname, &spec.alias).await
+    }
+
+    /// Steps 3 to 5: GRO, then the container end and the host end
     /// configured concurrently over their own sockets.
     async fn configure_container_link(
         &self,
@@ -473,7 +536,8 @@ impl Netlink {
 
     /// Deletes a container's veth pair by the name of its host end (the
     /// container end goes with it). Succeeds if no such link exists; refuses
-    /// to delete a link that is not a veth.
+    /// to delete a link that is not a veth, or a veth not in the agent's
+    /// group ([`VETH_GROUP`]: the agent did not make it).
     pub async fn delete_container_link(&self, host_ifname: &str) -> Result<(), NetlinkError> {
         let Some(link) = self.link(host_ifname).await? else {
             return Ok(());
@@ -482,6 +546,12 @@ impl Netlink {
             return Err(NetlinkError::NotVeth {
                 name: host_ifname.to_owned(),
                 kind: link.kind,
+            });
+        }
+        if link.group != VETH_GROUP {
+            return Err(NetlinkError::NotOurs {
+                name: host_ifname.to_owned(),
+                group: link.group,
             });
         }
         match self.handle.link().del(link.index).execute().await {
@@ -637,6 +707,55 @@ impl Netlink {
         }
     }
 
+    /// Every IPv4 address of the agent's netns: (link index, address,
+    /// prefix length).
+    pub async fn all_ipv4_addrs(&self) -> Result<Vec<(u32, Ipv4Addr, u8)>, NetlinkError> {
+        inspect::all_ipv4_addrs(&self.handle)
+            .await
+            .map_err(|e| NetlinkError::request("list addresses", "all links", &InNetns::Agent, e))
+    }
+
+    /// Every IPv4 route of the main table of the agent's netns, with its
+    /// output interface.
+    pub async fn all_ipv4_routes(
+        &self,
+    ) -> Result<Vec<(inspect::RouteView, Option<u32>)>, NetlinkError> {
+        inspect::all_ipv4_routes(&self.handle)
+            .await
+            .map_err(|e| NetlinkError::request("list routes", "all links", &InNetns::Agent, e))
+    }
+
+    /// Hardens link `name` like a new host end ([`harden_host_end`]) and
+    /// tags it as the agent's: its group ([`VETH_GROUP`]) and `alias`. For
+    /// a new host end, and for a container's veth made by an agent that
+    /// did not tag it.
+    pub async fn retag(&self, name: &str, alias: &str) -> Result<(), NetlinkError> {
+        let agent = InNetns::Agent;
+        harden_host_end(name).map_err(|source| NetlinkError::Sysctl {
+            link: name.to_owned(),
+            source,
+        })?;
+        let (index, _) = lookup_link(&self.handle, name, &agent).await?;
+        self.handle
+            .link()
+            .change(
+                LinkUnspec::new_with_index(index)
+                    .alias(alias.to_owned())
+                    .link_group(VETH_GROUP)
+                    .build(),
+            )
+            .execute()
+            .await
+            .map_err(|e| NetlinkError::request("tag", name, &agent, e))
+    }
+
+    /// Every link of the agent's netns.
+    pub async fn links(&self) -> Result<Vec<Link>, NetlinkError> {
+        inspect::links(&self.handle)
+            .await
+            .map_err(|e| NetlinkError::request("list links", "all", &InNetns::Agent, e))
+    }
+
     /// The links whose names start with `prefix` (to find host ends left
     /// behind by containers that are gone).
     pub async fn links_with_prefix(&self, prefix: &str) -> Result<Vec<Link>, NetlinkError> {
@@ -789,6 +908,27 @@ pub fn enable_ip_forward() -> io::Result<()> {
     std::fs::write("/proc/sys/net/ipv4/ip_forward", "1")
 }
 
+/// The sysctls of a host-side veth (in the calling thread's netns) that
+/// keep a container from steering the node: `accept_ra=0` and
+/// `accept_redirects=0` for IPv6, `accept_redirects=0` for IPv4.
+pub fn harden_host_end(ifname: &str) -> io::Result<()> {
+    validate_ifname(ifname).map_err(io::Error::other)?;
+    for (family, key) in [
+        ("ipv6", "accept_ra"),
+        ("ipv6", "accept_redirects"),
+        ("ipv4", "accept_redirects"),
+    ] {
+        let path = format!("/proc/sys/net/{family}/conf/{ifname}/{key}");
+        match std::fs::write(&path, "0") {
+            Ok(()) => {}
+            // IPv6 disabled on the node: nothing to accept.
+            Err(e) if e.kind() == io::ErrorKind::NotFound && family == "ipv6" => {}
+            Err(e) => return Err(io::Error::new(e.kind(), format!("{path}: {e}"))),
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     //! These tests build a node from throwaway namespaces: a "node" netns
@@ -836,6 +976,8 @@ mod tests {
         ContainerLink {
             host_ifname: host_ifname.to_owned(),
             netns: container.path.clone(),
+            netns_id: None,
+            alias: format!("datapath test {host_ifname}"),
             ifname: "eth0".to_owned(),
             addr: Ipv4Addr::new(198, 19, subnet, 2),
             gateway: Ipv4Addr::new(198, 19, subnet, 1),
@@ -974,6 +1116,8 @@ mod tests {
         let good = ContainerLink {
             host_ifname: "dp0123abcd".to_owned(),
             netns: container,
+            netns_id: None,
+            alias: String::new(),
             ifname: "eth0".to_owned(),
             addr: Ipv4Addr::new(198, 19, 0, 2),
             gateway: Ipv4Addr::new(198, 19, 0, 1),
@@ -1069,6 +1213,32 @@ mod tests {
         let host_links = ip_json(&node.path, &["link", "show", "dev", &spec.host_ifname]);
         assert_eq!(host_links[0]["mtu"], 1400);
         assert_eq!(host_links[0]["address"], format_mac(info.host_mac));
+        // The agent's tag: its group from creation, its alias.
+        let detail = ip_json(
+            &node.path,
+            &["-d", "link", "show", "dev", &spec.host_ifname],
+        );
+        assert_eq!(detail[0]["group"], format!("{VETH_GROUP}"), "{detail}");
+        assert_eq!(detail[0]["ifalias"], spec.alias.as_str(), "{detail}");
+        // No router advertisement or redirect from the container counts.
+        let sysctl = |family: &str, key: &str| {
+            node.open()
+                .run(|| {
+                    std::fs::read_to_string(format!(
+                        "/proc/sys/net/{family}/conf/{}/{key}",
+                        spec.host_ifname
+                    ))
+                    .expect("read a sysctl")
+                })
+                .expect("enter the node")
+        };
+        for (family, key) in [
+            ("ipv6", "accept_ra"),
+            ("ipv6", "accept_redirects"),
+            ("ipv4", "accept_redirects"),
+        ] {
+            assert_eq!(sysctl(family, key).trim(), "0", "{family} {key}");
+        }
         let host_routes = ip_json(&node.path, &["-4", "route", "show"]);
         let host_routes = host_routes.as_array().expect("a list of routes");
         assert!(
@@ -1147,6 +1317,36 @@ mod tests {
             );
         });
         assert!(link_names(&node.path).contains(&"dp0000dead".to_owned()));
+    }
+
+    #[test]
+    fn delete_container_link_refuses_a_veth_the_agent_did_not_make() {
+        let node = TestNetns::new("node");
+        ip_cmd(
+            &node.path,
+            &[
+                "link",
+                "add",
+                "dp0000beef",
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "x0",
+            ],
+        );
+        in_netns(&node, || async {
+            let netlink = Netlink::new().expect("connect to the node netns");
+            let err = netlink
+                .delete_container_link("dp0000beef")
+                .await
+                .expect_err("deleted a foreign veth");
+            assert!(
+                matches!(&err, NetlinkError::NotOurs { group: 0, .. }),
+                "{err:?}"
+            );
+        });
+        assert!(link_names(&node.path).contains(&"dp0000beef".to_owned()));
     }
 
     #[test]

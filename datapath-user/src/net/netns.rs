@@ -10,8 +10,11 @@
 use std::{
     fs::File,
     io,
-    os::fd::{AsFd, AsRawFd, BorrowedFd},
-    path::{Path, PathBuf},
+    os::{
+        fd::{AsFd, AsRawFd, BorrowedFd},
+        unix::fs::MetadataExt,
+    },
+    path::{Component, Path, PathBuf},
     thread,
 };
 
@@ -21,8 +24,19 @@ use nix::{
     sys::statfs::{NSFS_MAGIC, fstatfs},
 };
 
+pub use crate::model::identity::NetnsId;
+
 /// Where `ip netns add NAME` mounts named network namespaces.
 pub const NETNS_RUN_DIR: &str = "/var/run/netns";
+
+/// The inode number of the initial network namespace on kernels that give
+/// it a fixed one (`PROC_NET_INIT_INO`; older kernels number every
+/// namespace from 0xF0000000 up, so no other namespace can have it).
+pub const INIT_NET_INO: u64 = 0xEFFF_FFF9;
+
+/// The longest namespace path a container may have (it is recorded in the
+/// tag of the container's veth, see [`crate::model::identity::VethTag`]).
+pub const MAX_NETNS_PATH_LEN: usize = 128;
 
 /// What can go wrong when opening or entering a network namespace.
 #[derive(Debug, thiserror::Error)]
@@ -48,6 +62,34 @@ pub enum NetnsError {
     NotNetns {
         /// The path that was looked up.
         path: PathBuf,
+    },
+    /// The path names another namespace than the one recorded: the
+    /// container's namespace is gone and its path was reused (a PID taken
+    /// by a new process, a name re-created).
+    #[error(
+        "{} now names another network namespace ({found}) than the container's ({expected}): \
+         the container's namespace is gone",
+        path.display()
+    )]
+    Replaced {
+        /// The path that was looked up.
+        path: PathBuf,
+        /// The recorded identity.
+        expected: NetnsId,
+        /// What the path names now.
+        found: NetnsId,
+    },
+    /// A namespace that no container may have: the agent's own or the
+    /// root namespace (PID 1's).
+    #[error(
+        "{} is {which} network namespace: a container needs a namespace of its own",
+        path.display()
+    )]
+    Forbidden {
+        /// The path given.
+        path: PathBuf,
+        /// Whose namespace it is.
+        which: &'static str,
     },
     /// Opening or inspecting the namespace file failed.
     #[error("open network namespace {}", path.display())]
@@ -80,33 +122,57 @@ impl NetnsError {
     pub fn is_not_found(&self) -> bool {
         matches!(self, Self::NotFound { .. } | Self::NotNetns { .. })
     }
+
+    /// Whether the namespace a container was recorded with is certainly
+    /// gone: nothing is at its path (ENOENT), or the path names another
+    /// namespace now. Any other failure says nothing about the namespace.
+    pub fn is_gone(&self) -> bool {
+        matches!(self, Self::NotFound { .. } | Self::Replaced { .. })
+    }
 }
 
 /// Resolves how users name a network namespace to the path of its file.
 ///
-/// Anything containing a `/` is a path and is returned unchanged (for
-/// example `/proc/PID/ns/net` or `/var/run/netns/web1`); a bare name is one
-/// made by `ip netns add NAME` and maps to `/var/run/netns/NAME`.
+/// An absolute path is returned as it is (for example `/proc/PID/ns/net`
+/// or `/var/run/netns/web1`); a bare name is one made by `ip netns add
+/// NAME` and maps to `/var/run/netns/NAME`. Relative paths (they would
+/// depend on the agent's working directory), paths with `..`, control
+/// characters or more than [`MAX_NETNS_PATH_LEN`] bytes are refused.
 pub fn resolve(spec: &str) -> Result<PathBuf, NetnsError> {
-    if spec.contains('/') {
-        return Ok(PathBuf::from(spec));
-    }
     let reason = if spec.is_empty() {
         Some("empty")
+    } else if spec.bytes().any(|b| b.is_ascii_control()) {
+        Some("contains a control character")
     } else if spec == "." || spec == ".." {
         Some("not a file name")
-    } else if spec.contains('\0') {
-        Some("contains a NUL byte")
+    } else if spec.contains('/') && !spec.starts_with('/') {
+        Some("a relative path: give an absolute path or a name under /var/run/netns")
+    } else if Path::new(spec)
+        .components()
+        .any(|c| matches!(c, Component::ParentDir))
+    {
+        Some("contains '..'")
     } else {
         None
     };
-    match reason {
-        Some(reason) => Err(NetnsError::InvalidName {
+    if let Some(reason) = reason {
+        return Err(NetnsError::InvalidName {
             name: spec.to_owned(),
             reason,
-        }),
-        None => Ok(Path::new(NETNS_RUN_DIR).join(spec)),
+        });
     }
+    let path = if spec.starts_with('/') {
+        PathBuf::from(spec)
+    } else {
+        Path::new(NETNS_RUN_DIR).join(spec)
+    };
+    if path.as_os_str().len() > MAX_NETNS_PATH_LEN {
+        return Err(NetnsError::InvalidName {
+            name: spec.to_owned(),
+            reason: "longer than 128 bytes",
+        });
+    }
+    Ok(path)
 }
 
 /// An open handle on a network namespace. Holding it keeps the namespace
@@ -115,6 +181,7 @@ pub fn resolve(spec: &str) -> Result<PathBuf, NetnsError> {
 pub struct Netns {
     file: File,
     path: PathBuf,
+    id: NetnsId,
 }
 
 impl Netns {
@@ -158,15 +225,73 @@ impl Netns {
                 path: path.to_owned(),
             });
         }
+        let meta = file.metadata().map_err(|source| NetnsError::Open {
+            path: path.to_owned(),
+            source,
+        })?;
         Ok(Self {
             file,
             path: path.to_owned(),
+            id: NetnsId {
+                dev: meta.dev(),
+                ino: meta.ino(),
+            },
         })
+    }
+
+    /// Opens the namespace at `path` and checks that it still is the one
+    /// recorded as `expected` (when one is): a path that names another
+    /// namespace now is [`NetnsError::Replaced`].
+    pub fn open_expecting(path: &Path, expected: Option<NetnsId>) -> Result<Self, NetnsError> {
+        let ns = Self::open_path(path)?;
+        match expected {
+            Some(expected) if expected != ns.id => Err(NetnsError::Replaced {
+                path: path.to_owned(),
+                expected,
+                found: ns.id,
+            }),
+            _ => Ok(ns),
+        }
     }
 
     /// The path this namespace was opened from.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Its identity.
+    pub fn id(&self) -> NetnsId {
+        self.id
+    }
+
+    /// Refuses a namespace no container may have: the calling process's
+    /// own (the agent's) and the root namespace (PID 1's, or the initial
+    /// namespace, which has inode [`INIT_NET_INO`] on current kernels). A
+    /// container there would put its veth end, address and default route
+    /// into the node itself.
+    pub fn check_container_netns(&self) -> Result<(), NetnsError> {
+        let forbidden = |which| NetnsError::Forbidden {
+            path: self.path.clone(),
+            which,
+        };
+        if self.id.ino == INIT_NET_INO {
+            return Err(forbidden("the root (initial)"));
+        }
+        let own = std::fs::metadata("/proc/self/ns/net").map_err(|source| NetnsError::Open {
+            path: PathBuf::from("/proc/self/ns/net"),
+            source,
+        })?;
+        if (own.dev(), own.ino()) == (self.id.dev, self.id.ino) {
+            return Err(forbidden("the agent's own"));
+        }
+        // PID 1's may be out of reach (a sandbox without ptrace rights on
+        // it); the initial namespace was checked above.
+        if let Ok(init) = std::fs::metadata("/proc/1/ns/net")
+            && (init.dev(), init.ino()) == (self.id.dev, self.id.ino)
+        {
+            return Err(forbidden("the root (PID 1's)"));
+        }
+        Ok(())
     }
 
     /// Runs `f` inside this namespace; see [`run_in_netns`].
@@ -296,15 +421,22 @@ mod tests {
             resolve("/proc/42/ns/net").expect("a path resolves"),
             Path::new("/proc/42/ns/net")
         );
-        assert_eq!(
-            resolve("./ns").expect("a relative path resolves"),
-            Path::new("./ns")
-        );
     }
 
     #[test]
     fn resolve_rejects_names_that_are_not_file_names() {
-        for bad in ["", ".", ".."] {
+        let long = format!("/{}", "x".repeat(MAX_NETNS_PATH_LEN));
+        for bad in [
+            "",
+            ".",
+            "..",
+            "./ns",
+            "ns/net",
+            "/var/run/netns/../x",
+            "a\nb",
+            "a\0b",
+            &long,
+        ] {
             assert!(
                 matches!(resolve(bad), Err(NetnsError::InvalidName { .. })),
                 "{bad:?} was accepted"
@@ -359,6 +491,27 @@ mod tests {
             .expect("run in the test netns");
         assert_eq!(inside, target);
         assert_eq!(netns_inode("/proc/thread-self/ns/net"), before);
+    }
+
+    #[test]
+    fn the_agents_own_namespace_is_refused_and_a_replaced_one_told_apart() {
+        let own = Netns::open("/proc/self/ns/net").expect("open our own netns");
+        let e = own.check_container_netns().expect_err("our own is refused");
+        assert!(matches!(e, NetnsError::Forbidden { .. }), "{e}");
+        let ns = TestNetns::new("id");
+        let opened = ns.open();
+        opened
+            .check_container_netns()
+            .expect("a namespace of its own");
+        let id = opened.id();
+        assert_eq!(id.ino, netns_inode(&ns.path.to_string_lossy()));
+        Netns::open_expecting(&ns.path, Some(id)).expect("the same namespace");
+        // The path naming another namespace than the recorded one.
+        let e = Netns::open_expecting(&ns.path, Some(own.id())).expect_err("replaced");
+        assert!(
+            matches!(e, NetnsError::Replaced { .. }) && e.is_gone(),
+            "{e}"
+        );
     }
 
     #[test]

@@ -33,7 +33,9 @@ pub enum StateError {
     },
     /// The snapshot exists but is not valid state.
     #[error(
-        "state file {path} is corrupt ({source}); fix or move it away, then restart the agent (it will re-adopt what it finds)"
+        "state file {path} is corrupt ({source}); the agent changed nothing and the datapath keeps \
+         forwarding. Fix the file, or move it away: the agent then rebuilds its state from the \
+         pinned maps and its veths"
     )]
     Corrupt {
         /// The file.
@@ -71,6 +73,10 @@ pub enum StateError {
 struct SnapshotOut<'a> {
     next_id: u32,
     journal_seq: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pool: Option<ipnet::Ipv4Net>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    snat_ports: Option<(u16, u16)>,
     containers: super::ContainersByName<'a>,
     #[serde(skip_serializing_if = "PortSet::is_empty")]
     reserved_ports: &'a PortSet,
@@ -83,6 +89,10 @@ struct SnapshotIn {
     next_id: u32,
     #[serde(default)]
     journal_seq: u64,
+    #[serde(default)]
+    pool: Option<ipnet::Ipv4Net>,
+    #[serde(default)]
+    snat_ports: Option<(u16, u16)>,
     containers: std::collections::BTreeMap<String, super::Container>,
     #[serde(default)]
     reserved_ports: PortSet,
@@ -123,6 +133,8 @@ impl StateStore {
                 let s: SnapshotIn = serde_json::from_slice(&bytes).map_err(corrupt)?;
                 let state = State::try_from(super::StateFields {
                     next_id: s.next_id,
+                    pool: s.pool,
+                    snat_ports: s.snat_ports,
                     containers: s.containers,
                     reserved_ports: s.reserved_ports,
                 })
@@ -150,6 +162,8 @@ impl StateStore {
         let out = SnapshotOut {
             next_id: state.next_id(),
             journal_seq,
+            pool: state.pool(),
+            snat_ports: state.snat_ports(),
             containers: super::ContainersByName(state.containers()),
             reserved_ports: state.reserved_ports(),
         };

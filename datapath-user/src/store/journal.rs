@@ -34,7 +34,7 @@ use super::{
 };
 
 /// Journal files are named this, then a number.
-const PREFIX: &str = "journal.";
+pub(super) const PREFIX: &str = "journal.";
 /// The journal is compacted once it is larger than the snapshot, and at
 /// least this large.
 const MIN_COMPACT_BYTES: u64 = 1 << 20;

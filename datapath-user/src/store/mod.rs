@@ -53,6 +53,7 @@
 mod file;
 pub mod index;
 pub mod journal;
+mod lock;
 
 use std::{
     collections::{BTreeMap, HashSet},
@@ -66,11 +67,12 @@ use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 
 pub use self::file::{STATE_FILE, StateError, StateStore};
+pub use self::lock::{LockError, StateLock};
 use self::{
     index::{Ipam, PortIndex},
     journal::Journal,
 };
-use crate::model::{PortMapping, RateLimits, ports::PortSet};
+use crate::model::{PortMapping, RateLimits, identity::NetnsId, ports::PortSet};
 
 /// One container the agent manages.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -81,6 +83,11 @@ pub struct Container {
     pub name: String,
     /// Path of its network namespace.
     pub netns: PathBuf,
+    /// Identity of that namespace when the container was added: the path
+    /// is trusted only while it names this namespace. Absent in state files
+    /// of older agents (the namespace found at the path is recorded then).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub netns_id: Option<NetnsId>,
     /// Interface name inside the container.
     pub ifname: String,
     /// Host-side veth name.
@@ -150,6 +157,14 @@ pub enum Change {
         /// The new limits.
         limits: RateLimits,
     },
+    /// The pool and masquerade ports the agent runs with (every
+    /// container's address must be in the pool).
+    Ranges {
+        /// The container pool.
+        pool: Ipv4Net,
+        /// The masquerade port range.
+        snat_ports: (u16, u16),
+    },
     /// A container's cgroup appeared, was recreated or went: the id its
     /// limits now use (0: gone, its limits pending).
     Cgroup {
@@ -173,6 +188,13 @@ pub enum Change {
 pub struct State {
     /// The next container id to hand out (ids are never reused).
     next_id: u32,
+    /// The pool the containers' addresses come from (absent in state files
+    /// of older agents): a restart with another pool is refused while
+    /// containers from this one exist, and every container's address is in
+    /// it.
+    pool: Option<Ipv4Net>,
+    /// The masquerade port range the agent ran with.
+    snat_ports: Option<(u16, u16)>,
     /// Containers by name.
     containers: OrdMap<String, Arc<Container>>,
     /// Container names by id.
@@ -193,6 +215,8 @@ pub struct State {
 impl PartialEq for State {
     fn eq(&self, other: &Self) -> bool {
         self.next_id == other.next_id
+            && self.pool == other.pool
+            && self.snat_ports == other.snat_ports
             && self.containers == other.containers
             && self.reserved_ports == other.reserved_ports
     }
@@ -204,6 +228,10 @@ impl Eq for State {}
 #[derive(Deserialize)]
 struct StateFields {
     next_id: u32,
+    #[serde(default)]
+    pool: Option<Ipv4Net>,
+    #[serde(default)]
+    snat_ports: Option<(u16, u16)>,
     containers: BTreeMap<String, Container>,
     #[serde(default)]
     reserved_ports: PortSet,
@@ -218,6 +246,8 @@ impl TryFrom<StateFields> for State {
         }
         let mut st = State {
             next_id: f.next_id,
+            pool: f.pool,
+            snat_ports: f.snat_ports,
             reserved_ports: f.reserved_ports,
             ..State::default()
         };
@@ -250,8 +280,18 @@ impl Serialize for ContainersByName<'_> {
 impl Serialize for State {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         use serde::ser::SerializeStruct as _;
-        let mut st = s.serialize_struct("State", 3)?;
+        let mut st = s.serialize_struct("State", 5)?;
         st.serialize_field("next_id", &self.next_id)?;
+        if let Some(pool) = &self.pool {
+            st.serialize_field("pool", pool)?;
+        } else {
+            st.skip_field("pool")?;
+        }
+        if let Some(ports) = &self.snat_ports {
+            st.serialize_field("snat_ports", ports)?;
+        } else {
+            st.skip_field("snat_ports")?;
+        }
         st.serialize_field("containers", &ContainersByName(&self.containers))?;
         if self.reserved_ports.is_empty() {
             st.skip_field("reserved_ports")?;
@@ -276,6 +316,39 @@ impl State {
     /// The container named `name`.
     pub fn get(&self, name: &str) -> Option<&Arc<Container>> {
         self.containers.get(name)
+    }
+
+    /// The pool recorded (`None` in the state of an older agent).
+    pub fn pool(&self) -> Option<Ipv4Net> {
+        self.pool
+    }
+
+    /// The masquerade ports recorded (`None` in the state of an older
+    /// agent).
+    pub fn snat_ports(&self) -> Option<(u16, u16)> {
+        self.snat_ports
+    }
+
+    /// An empty state recording the pool and masquerade ports (the start
+    /// of a state rebuilt from the kernel).
+    pub fn with_ranges(pool: Ipv4Net, snat_ports: (u16, u16)) -> Self {
+        Self {
+            next_id: 1,
+            pool: Some(pool),
+            snat_ports: Some(snat_ports),
+            ..Self::default()
+        }
+    }
+
+    /// Adds a container found in the kernel, with the id it has there
+    /// (ids up to it are never handed out again), checked as any other;
+    /// on error nothing is changed.
+    pub fn adopt(&mut self, c: Container) -> Result<(), String> {
+        let mut next = self.clone();
+        next.next_id = next.next_id.max(c.id.saturating_add(1));
+        next.put(&c)?;
+        *self = next;
+        Ok(())
     }
 
     /// The name of the container with id `id`.
@@ -371,6 +444,17 @@ impl State {
                 self.containers.insert(name.clone(), Arc::new(c));
                 Ok(())
             }
+            Change::Ranges { pool, snat_ports } => {
+                if let Some(c) = self.containers.values().find(|c| !pool.contains(&c.addr)) {
+                    return Err(format!(
+                        "container {:?} has address {} outside the pool {pool}",
+                        c.name, c.addr
+                    ));
+                }
+                self.pool = Some(*pool);
+                self.snat_ports = Some(*snat_ports);
+                Ok(())
+            }
             Change::Cgroup { name, cgroup_id } => {
                 let (owner, mut c) = self.take_for_change(name)?;
                 if c.cgroup.is_none() {
@@ -409,6 +493,14 @@ impl State {
             return Err(format!(
                 "container {:?} has id {}: ids are above 0 and below next_id {}",
                 c.name, c.id, self.next_id
+            ));
+        }
+        if let Some(pool) = self.pool
+            && !pool.contains(&c.addr)
+        {
+            return Err(format!(
+                "container {:?} has address {} outside the pool {pool}",
+                c.name, c.addr
             ));
         }
         if let Some(old) = self.containers.remove(&c.name) {
@@ -625,6 +717,49 @@ impl Store {
     pub fn compact(&mut self) -> Result<(), StateError> {
         self.journal.compact_now(&self.state)
     }
+
+    /// Records the pool and masquerade ports the agent runs with (one
+    /// journal record, written only when they differ from those recorded).
+    pub fn set_ranges(&mut self, pool: Ipv4Net, snat_ports: (u16, u16)) -> Result<(), StateError> {
+        if self.state.pool == Some(pool) && self.state.snat_ports == Some(snat_ports) {
+            return Ok(());
+        }
+        self.commit(vec![Change::Ranges { pool, snat_ports }])
+    }
+
+    /// Starts the state kept in `dir` with `state` (the state rebuilt from
+    /// the kernel when no snapshot was kept): journal files left without
+    /// their snapshot are set aside (renamed `….lost`, never replayed onto
+    /// it), the state is written as a snapshot, then opened as any other.
+    pub fn create(dir: impl Into<PathBuf>, state: &State) -> Result<Self, StateError> {
+        let dir = dir.into();
+        for path in journal::files(&dir).map_err(|source| StateError::Io {
+            action: "list",
+            path: dir.clone(),
+            source,
+        })? {
+            let mut lost = path.clone().into_os_string();
+            lost.push(LOST_SUFFIX);
+            tracing::warn!(journal = %path.display(), "a journal without its snapshot: set aside");
+            std::fs::rename(&path, &lost).map_err(|source| StateError::Io {
+                action: "rename",
+                path: path.clone(),
+                source,
+            })?;
+        }
+        StateStore::new(&dir).save(state, 0)?;
+        Self::open(dir)
+    }
+}
+
+/// What a journal file set aside by [`Store::create`] is renamed with.
+const LOST_SUFFIX: &str = ".lost";
+
+/// Whether `dir` keeps a snapshot of the state. Without one the journal
+/// is not the whole state (its first records were compacted away): the
+/// agent then rebuilds the state from the kernel ([`Store::create`]).
+pub fn exists(dir: &Path) -> bool {
+    dir.join(STATE_FILE).exists()
 }
 
 /// The gateway address of a pool: its first host address.
@@ -636,8 +771,21 @@ pub fn gateway_of(pool: Ipv4Net) -> Ipv4Addr {
 /// directory if nothing else is in it.
 pub fn remove_all(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     let mut removed = Vec::new();
+    let lost = match std::fs::read_dir(dir) {
+        Ok(entries) => entries
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .filter(|p| {
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with(journal::PREFIX) && n.ends_with(LOST_SUFFIX))
+            })
+            .collect(),
+        Err(_) => Vec::new(),
+    };
     for path in journal::files(dir)?
         .into_iter()
+        .chain(lost)
         .chain([dir.join(STATE_FILE)])
     {
         match std::fs::remove_file(&path) {

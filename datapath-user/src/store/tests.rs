@@ -25,6 +25,10 @@ fn container(name: &str, id: u32, addr: Ipv4Addr, ports: &[&str]) -> Container {
         id,
         name: name.into(),
         netns: "/var/run/netns/x".into(),
+        netns_id: Some(NetnsId {
+            dev: 4,
+            ino: 4026531840 + u64::from(id),
+        }),
         ifname: "eth0".into(),
         host_ifname: format!("dp{id:x}"),
         addr,
@@ -372,4 +376,97 @@ fn a_truncated_snapshot_is_reported_not_discarded() {
         fs::read(snapshot.path()).expect("still there").len(),
         bytes.len() / 2
     );
+}
+
+#[test]
+fn the_pool_and_masquerade_ports_are_recorded_across_restarts() {
+    let dir = TempDir::new("ranges");
+    let pool: Ipv4Net = "198.19.0.0/24".parse().expect("valid");
+    {
+        let mut store = Store::open(&dir.0).expect("open");
+        store.set_ranges(pool, (61000, 65535)).expect("record");
+        add(&mut store, "web", &["8080:80"]);
+        let bytes = |files: Vec<PathBuf>| -> u64 {
+            files
+                .iter()
+                .map(|f| fs::metadata(f).expect("stat").len())
+                .sum()
+        };
+        let before = bytes(journal_files(&dir.0));
+        store.set_ranges(pool, (61000, 65535)).expect("unchanged");
+        let after = bytes(journal_files(&dir.0));
+        assert_eq!(after, before, "the same ranges write nothing");
+    }
+    // Replayed from the journal, then read back from the snapshot.
+    for _ in 0..2 {
+        let store = Store::open(&dir.0).expect("reopen");
+        assert_eq!(store.state().pool(), Some(pool));
+        assert_eq!(store.state().snat_ports(), Some((61000, 65535)));
+        assert!(store.get("web").is_some());
+    }
+}
+
+#[test]
+fn a_container_outside_the_recorded_pool_is_refused() {
+    let dir = TempDir::new("outside");
+    let mut store = Store::open(&dir.0).expect("open");
+    add(&mut store, "web", &[]);
+    let other: Ipv4Net = "198.18.0.0/24".parse().expect("valid");
+    let e = store
+        .set_ranges(other, (61000, 65535))
+        .expect_err("web's address is not in it");
+    assert!(e.to_string().contains("outside the pool"), "{e}");
+    let pool: Ipv4Net = "198.19.0.0/24".parse().expect("valid");
+    store.set_ranges(pool, (61000, 65535)).expect("record");
+    let (id, _) = store.allocate(pool).expect("an id");
+    let stray = container("stray", id, Ipv4Addr::new(198, 18, 0, 5), &[]);
+    let e = store
+        .commit(vec![Change::Put(Box::new(stray))])
+        .expect_err("outside the pool");
+    assert!(e.to_string().contains("outside the pool"), "{e}");
+    store.compact().expect("compact");
+    drop(store);
+    let snapshot = fs::read_to_string(dir.0.join(STATE_FILE)).expect("read");
+    let tampered = snapshot.replace("198.19.0.0/24", "198.18.0.0/24");
+    assert_ne!(tampered, snapshot);
+    fs::write(dir.0.join(STATE_FILE), tampered).expect("write");
+    for f in journal_files(&dir.0) {
+        fs::remove_file(f).expect("remove");
+    }
+    let e = Store::open(&dir.0).expect_err("a snapshot with web outside its pool");
+    assert!(e.to_string().contains("outside the pool"), "{e}");
+}
+
+#[test]
+fn a_rebuilt_state_is_kept_only_where_none_was() {
+    let dir = TempDir::new("rebuilt");
+    fs::create_dir_all(&dir.0).expect("mkdir");
+    let leftover = dir.0.join("journal.0000000004");
+    fs::write(&leftover, b"records of a lost state").expect("write");
+    assert!(
+        !exists(&dir.0),
+        "a journal without its snapshot is not the state"
+    );
+    let pool: Ipv4Net = "198.19.0.0/24".parse().expect("valid");
+    let mut rebuilt = State::with_ranges(pool, (61000, 65535));
+    rebuilt
+        .adopt(container(
+            "web",
+            7,
+            Ipv4Addr::new(198, 19, 0, 9),
+            &["8080:80"],
+        ))
+        .expect("adopt");
+    let mut store = Store::create(&dir.0, &rebuilt).expect("create");
+    assert!(exists(&dir.0));
+    assert_eq!(store.state(), &rebuilt);
+    assert!(!leftover.exists(), "set aside, not replayed");
+    assert!(dir.0.join("journal.0000000004.lost").exists());
+    let (id, addr) = store.allocate(pool).expect("a free address");
+    assert!(id > 7, "ids of adopted containers are not handed out again");
+    assert_ne!(addr, Ipv4Addr::new(198, 19, 0, 9));
+    drop(store);
+    assert_eq!(Store::open(&dir.0).expect("reopen").state(), &rebuilt);
+    remove_all(&dir.0).expect("remove");
+    assert!(!dir.0.exists(), "the set-aside journal goes with the rest");
 }

@@ -13,7 +13,10 @@
 //!   limiter with tc tbf through [`crate::ratebench`]; [`flowcore`] loads
 //!   the conntrack tables (sustained connections, SYN floods, masquerade
 //!   to one destination, table walks); [`cluster`] compares pod to pod
-//!   across two nodes with a kernel VXLAN overlay and plain routing.
+//!   across two nodes with a kernel VXLAN overlay and plain routing;
+//!   [`tails`] the latency tails with
+//!   10,000 ports published (connect p99 per repetition, updates under
+//!   load, the agent's CPU time).
 //! * [`run`] schedules them (interleaved modes, repetitions, scaling
 //!   sizes); [`results`] and [`stats`] keep and summarize the samples;
 //!   [`targets`] checks the targets; [`report`] writes markdown and
@@ -30,6 +33,7 @@ pub mod control;
 pub mod cpu;
 pub mod flowcore;
 pub mod iperf;
+pub mod local;
 pub mod mode;
 pub mod ratelimit;
 pub mod report;
@@ -39,4 +43,5 @@ pub mod run;
 pub mod snmp;
 pub mod sock;
 pub mod stats;
+pub mod tails;
 pub mod targets;
