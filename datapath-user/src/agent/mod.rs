@@ -304,11 +304,16 @@ impl Agent {
         .context("load the datapath")?;
         let net = Netlink::new().context("open a netlink connection")?;
         let mut store = open_store(&cfg, &dp, &net).await?;
-        let known: HashSet<String> = store
+        let mut known: HashSet<String> = store
             .containers()
             .values()
             .map(|c| c.host_ifname.clone())
             .collect();
+        if cfg.cluster.is_some() {
+            // The overlay device carries the pool's gateway address and the
+            // cluster's route by design.
+            known.insert(cluster::OVERLAY_IF.to_owned());
+        }
         let view = pool::NodeView::read(&net, &known).await?;
         pool::check(&cfg, store.state(), &view)?;
         store.set_ranges(cfg.pool, cfg.snat_ports)?;
