@@ -309,11 +309,10 @@ impl Agent {
             .values()
             .map(|c| c.host_ifname.clone())
             .collect();
-        if cfg.cluster.is_some() {
-            // The overlay device carries the pool's gateway address and the
-            // cluster's route by design.
-            known.insert(cluster::OVERLAY_IF.to_owned());
-        }
+        // The agent's overlay device carries the pool's gateway address and
+        // the cluster's route by design in cluster mode; outside it, one
+        // left by a cluster-mode run is removed below.
+        known.insert(cluster::OVERLAY_IF.to_owned());
         let view = pool::NodeView::read(&net, &known).await?;
         pool::check(&cfg, store.state(), &view)?;
         store.set_ranges(cfg.pool, cfg.snat_ports)?;
