@@ -42,6 +42,10 @@ pub mod names {
     /// Cgroup storage: the [`crate::ratelimit::RateKey`] of each cgroup
     /// attachment of the rate limiter.
     pub const RATE_CGROUPS: &str = "RATE_CGROUPS";
+    /// Node CIDR (an LPM trie key of a `[u8; 4]` address) → [`super::Peer`]:
+    /// the node CIDRs of the other nodes of the cluster and where their
+    /// overlay endpoints are.
+    pub const PEERS: &str = "PEERS";
     /// LPM trie of IPv4 prefixes (a `u32` prefix length, then four address
     /// bytes in wire order) → `u8` 1: destinations container traffic keeps
     /// its source address for (`--non-masquerade-cidr`): it goes to the
@@ -61,7 +65,7 @@ pub mod names {
     pub const SOCK_REV: &str = "SOCK_REV";
 
     /// Every map the agent pins, in a stable order.
-    pub const ALL: [&str; 15] = [
+    pub const ALL: [&str; 16] = [
         CONFIG,
         SERVICES,
         ENDPOINTS,
@@ -74,6 +78,7 @@ pub mod names {
         RATE_LIMITS,
         RATE_STATS,
         RATE_CGROUPS,
+        PEERS,
         NON_MASQUERADE,
         RATE_FLOWS,
         SOCK_REV,
@@ -95,6 +100,12 @@ pub mod programs {
     /// sock_ops on a rate-limited container's cgroup: pacing of TCP senders
     /// (egress) and receive windows of TCP receivers (ingress).
     pub const RATE_SOCKOPS: &str = "rate_sockops";
+    /// TC (tcx) ingress on the overlay (VXLAN) device: decapsulated
+    /// packets delivered straight into their container.
+    pub const OVERLAY_TC: &str = "overlay_tc";
+    /// TC (tcx) egress on the overlay (VXLAN) device: the tunnel key of
+    /// the node's own packets for containers on other nodes.
+    pub const OVERLAY_EGRESS_TC: &str = "overlay_egress_tc";
     /// Run by the agent with `BPF_PROG_TEST_RUN` (never attached): removes
     /// the flows a [`crate::FlushRequest`] names, in the kernel, so that
     /// the per-container accounting stays exact.
@@ -140,11 +151,24 @@ pub mod capacity {
     pub const CT_CONTAINERS: u32 = 8_192;
     /// Rate-limited (cgroup, direction) pairs.
     pub const RATE_LIMITS: u32 = 8_192;
+    /// Other nodes of a cluster.
+    pub const PEERS: u32 = 4_096;
     /// Non-masquerade destination prefixes.
     pub const NON_MASQUERADE: u32 = 64;
     /// Node sockets translated by the socket programs whose dialed address
     /// is remembered (LRU: the oldest are forgotten first).
     pub const SOCK_REV: u32 = 65_536;
+}
+
+/// The overlay between the nodes of a cluster: VXLAN (RFC 7348).
+pub mod overlay {
+    /// The UDP port VXLAN packets are sent to (IANA's).
+    pub const PORT: u16 = 4789;
+    /// The VXLAN network identifier of the container network.
+    pub const VNI: u32 = 1;
+    /// Bytes the encapsulation adds to an inner packet: outer IPv4 (20),
+    /// UDP (8), VXLAN (8) and inner Ethernet (14) headers.
+    pub const OVERHEAD: u32 = 50;
 }
 
 /// IP protocol numbers used as [`ServiceKey::proto`] and [`crate::CtKey::proto`].
@@ -187,6 +211,15 @@ pub struct Config {
     /// port published on the node's loopback never appears on a container's
     /// own. 0: not known (every namespace's sockets are translated).
     pub node_netns_cookie: u64,
+    /// The cluster's container network address (with [`CONFIG_F_CLUSTER`]):
+    /// destinations in it are never masqueraded.
+    pub cluster_addr: [u8; 4],
+    /// The cluster's container network netmask.
+    pub cluster_mask: [u8; 4],
+    /// The overlay (VXLAN) device's ifindex (with [`CONFIG_F_CLUSTER`]).
+    pub overlay_ifindex: u32,
+    /// Explicit padding, always zero.
+    pub _pad_cluster: [u8; 4],
 }
 
 /// [`Config::flags`]: masquerade container egress to outside the pool.
@@ -205,6 +238,11 @@ pub const CONFIG_F_FIB: u32 = 1 << 2;
 /// Without it (packet tests, whose interface indexes are made up), the
 /// cached interface is trusted.
 pub const CONFIG_F_CHECK_LINKS: u32 = 1 << 3;
+/// [`Config::flags`]: the node is part of a cluster: packets from a
+/// container to the cluster network outside this node's pool go to the node
+/// owning the destination through the overlay ([`names::PEERS`]), never
+/// masqueraded.
+pub const CONFIG_F_CLUSTER: u32 = 1 << 4;
 /// [`Config::flags`]: the configuration has been written by an agent.
 pub const CONFIG_F_READY: u32 = 1 << 31;
 
@@ -216,6 +254,25 @@ impl Config {
         let m = u32::from_ne_bytes(self.pool_mask);
         a & m == u32::from_ne_bytes(self.pool_addr) & m
     }
+
+    /// Whether `addr` lies in the cluster's container network (never, if
+    /// the node is not part of a cluster).
+    #[inline(always)]
+    pub fn in_cluster(&self, addr: [u8; 4]) -> bool {
+        let a = u32::from_ne_bytes(addr);
+        let m = u32::from_ne_bytes(self.cluster_mask);
+        self.flags & CONFIG_F_CLUSTER != 0 && a & m == u32::from_ne_bytes(self.cluster_addr) & m
+    }
+}
+
+/// Another node of the cluster: where packets to its node CIDR go.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct Peer {
+    /// The node's underlay address: the outer destination of the overlay.
+    pub underlay: [u8; 4],
+    /// The VXLAN network identifier to send with.
+    pub vni: u32,
 }
 
 /// Key of the published-ports map: the address and port a client connects to.
@@ -375,7 +432,8 @@ impl FlushRequest {
 }
 
 const _: () = {
-    assert!(size_of::<Config>() == 64);
+    assert!(size_of::<Config>() == 80);
+    assert!(size_of::<Peer>() == 8);
     assert!(size_of::<SockRevKey>() == 16);
     assert!(size_of::<SockRevValue>() == 8);
     assert!(size_of::<ServiceKey>() == 8);
@@ -401,6 +459,7 @@ mod user {
     unsafe impl aya::Pod for Endpoint {}
     unsafe impl aya::Pod for NodeAddrKey {}
     unsafe impl aya::Pod for NodeAddr {}
+    unsafe impl aya::Pod for Peer {}
 }
 
 #[cfg(test)]

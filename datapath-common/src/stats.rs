@@ -136,6 +136,17 @@ stats! {
     /// Dropped (XDP): the container's MACs could not be written into the
     /// frame.
     DropMacStore = "drop_mac_store",
+    /// Packets from a container to a container on another node of the
+    /// cluster, sent into the overlay (VXLAN) with the peer's address.
+    OverlayEncapsulated = "overlay_encapsulated",
+    /// Packets from the overlay delivered straight into a container.
+    OverlayDelivered = "overlay_delivered",
+    /// Dropped: a container sent to the cluster's network, but no node
+    /// owns the destination (it is never masqueraded).
+    DropNoPeer = "drop_no_peer",
+    /// Dropped: an overlay packet whose inner source is not in the node
+    /// CIDR of the node that sent it.
+    DropOverlaySpoofed = "drop_overlay_spoofed",
 }
 
 /// Number of counters: the length of the [`crate::names::STATS`] array.

@@ -25,7 +25,7 @@ use crate::{
     ctx::Packet,
     guard, icmp,
     maps::{self, ENDPOINTS, NODE_ADDRS},
-    nat,
+    nat, overlay,
     parse::{self, ETH_LEN, Flow, IP_SRC_OFF, Kind, L4, frag},
     route::{Fib, Node},
 };
@@ -86,6 +86,9 @@ pub enum Verdict {
     /// Translated: send it out of interface `ifindex` (the uplink),
     /// resolving the next hop's MAC.
     ToUplink { ifindex: u32 },
+    /// For a container on another node: its tunnel key is set; send it to
+    /// the overlay device `ifindex`.
+    ToOverlay { ifindex: u32 },
     /// Translated (hairpin): deliver it to the container behind host-side
     /// veth `ifindex`.
     ToContainer { ifindex: u32 },
@@ -120,6 +123,14 @@ pub fn process(ctx: &mut TcContext) -> Verdict {
         Source::Spoofed => return Verdict::Drop(Stat::DropSpoofed),
         Source::Own(ep) => ep,
     };
+    // The rest of the cluster: every IPv4 packet, whatever its kind, goes
+    // through the overlay untranslated.
+    match overlay::from_container(ctx, cfg) {
+        overlay::ToPeer::NotOverlay => {}
+        overlay::ToPeer::Pass => return Verdict::Pass,
+        overlay::ToPeer::Drop(stat) => return Verdict::Drop(stat),
+        overlay::ToPeer::Redirect { ifindex } => return Verdict::ToOverlay { ifindex },
+    }
     if kind != Kind::Flow {
         return Verdict::Pass;
     }

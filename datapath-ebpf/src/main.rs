@@ -16,6 +16,7 @@ mod guard;
 mod icmp;
 mod maps;
 mod nat;
+mod overlay;
 mod parse;
 mod ratelimit;
 mod route;
@@ -121,6 +122,42 @@ pub fn container_tc(mut ctx: TcContext) -> i32 {
             }
             // SAFETY: plain helper call.
             redirected(unsafe { bpf_redirect_peer(ifindex, 0) as i32 })
+        }
+        container::Verdict::ToOverlay { ifindex } => {
+            // SAFETY: plain helper call; the overlay device encapsulates.
+            redirected(unsafe { bpf_redirect(ifindex, 0) as i32 })
+        }
+    }
+}
+
+/// Ingress of the overlay (VXLAN) device: decapsulated packets from the
+/// other nodes go straight into their container's network namespace.
+#[classifier]
+pub fn overlay_tc(mut ctx: TcContext) -> i32 {
+    match overlay::from_overlay(&mut ctx) {
+        overlay::Delivery::Pass => TC_ACT_OK,
+        overlay::Delivery::Drop(stat) => {
+            count(stat);
+            TC_ACT_SHOT
+        }
+        overlay::Delivery::ToContainer { ifindex } => {
+            // SAFETY: plain helper call.
+            redirected(unsafe { bpf_redirect_peer(ifindex, 0) as i32 })
+        }
+    }
+}
+
+/// Egress of the overlay (VXLAN) device: the node's own packets for
+/// containers on other nodes get their tunnel key.
+#[classifier]
+pub fn overlay_egress_tc(mut ctx: TcContext) -> i32 {
+    match overlay::to_overlay(&mut ctx) {
+        overlay::Egress::Pass => TC_ACT_OK,
+        overlay::Egress::Drop(stat) => {
+            if let Some(stat) = stat {
+                count(stat);
+            }
+            TC_ACT_SHOT
         }
     }
 }

@@ -2,12 +2,12 @@
 //! and pins them (aya-ebpf's BTF maps cannot pin by name).
 
 use aya_ebpf::{
-    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
     macros::btf_map,
 };
 use datapath_common::{
-    Config, CtContainer, Endpoint, EndpointKey, NodeAddr, NodeAddrKey, STAT_COUNT, ServiceKey,
-    ServiceValue, SockRevKey, SockRevValue, Stat, capacity, is_loopback, proto,
+    Config, CtContainer, Endpoint, EndpointKey, NodeAddr, NodeAddrKey, Peer, STAT_COUNT,
+    ServiceKey, ServiceValue, SockRevKey, SockRevValue, Stat, capacity, is_loopback, proto,
 };
 
 use crate::conntrack::{FragTable, MainTable, NewTable};
@@ -72,6 +72,10 @@ pub static ENDPOINTS: HashMap<EndpointKey, Endpoint, { capacity::ENDPOINTS as us
 #[btf_map]
 pub static NODE_ADDRS: HashMap<NodeAddrKey, NodeAddr, { capacity::NODE_ADDRS as usize }> =
     HashMap::new();
+
+/// The other nodes of the cluster by node CIDR (see `overlay`).
+#[btf_map]
+pub static PEERS: LpmTrie<[u8; 4], Peer, { capacity::PEERS as usize }> = LpmTrie::new();
 
 /// Confirmed flows, with their expiry timers (see `conntrack`). A plain
 /// hash: nothing is ever evicted from it.

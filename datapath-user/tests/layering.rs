@@ -24,14 +24,15 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("store", &["model"]),
     ("net", &["model"]),
     ("datapath", &["model"]),
+    ("cluster", &["model"]),
     (
         "agent",
         &[
-            "model", "error", "cgroup", "api", "store", "net", "datapath",
+            "model", "error", "cgroup", "api", "store", "net", "datapath", "cluster",
         ],
     ),
     ("cni", &["model", "error", "api", "net"]),
-    ("cli", &["model", "api", "agent"]),
+    ("cli", &["model", "api", "agent", "cluster"]),
 ];
 
 type Module = Vec<String>;

@@ -70,7 +70,7 @@ pub fn datapath_bin() -> PathBuf {
 #[derive(Debug)]
 pub struct AgentBuilder<'n> {
     node: &'n Node,
-    pool: String,
+    pool: Option<String>,
     args: Vec<String>,
     cgroup_root: Option<PathBuf>,
     command: Option<Vec<String>>,
@@ -82,7 +82,13 @@ impl<'n> AgentBuilder<'n> {
     /// The container pool (default `198.19.<n>.0/24`, n counting agents
     /// started by this process).
     pub fn pool(mut self, cidr: &str) -> Self {
-        self.pool = cidr.to_owned();
+        self.pool = Some(cidr.to_owned());
+        self
+    }
+
+    /// No `--pool` (cluster mode: the agent claims its pool).
+    pub fn without_pool(mut self) -> Self {
+        self.pool = None;
         self
     }
 
@@ -139,6 +145,16 @@ impl<'n> AgentBuilder<'n> {
         let mut agent = self.spawn();
         agent.wait_api();
         agent
+    }
+
+    /// Starts several agents at once (all processes first, then the waits
+    /// for their sockets): agents racing each other at start.
+    pub fn start_all(builders: Vec<Self>) -> Vec<Agent<'n>> {
+        let mut agents: Vec<Agent<'n>> = builders.into_iter().map(Self::spawn).collect();
+        for agent in &mut agents {
+            agent.wait_api();
+        }
+        agents
     }
 
     /// Starts the agent without waiting for it ([`Agent::wait_api`] does).
@@ -203,7 +219,7 @@ pub struct Agent<'n> {
     socket_cgroup: Option<Cgroup>,
     bin: PathBuf,
     child: Option<Child>,
-    pool: String,
+    pool: Option<String>,
     args: Vec<String>,
     cgroup_root: Option<PathBuf>,
     command: Option<Vec<String>>,
@@ -230,7 +246,10 @@ impl<'n> Agent<'n> {
         static POOL: AtomicU8 = AtomicU8::new(0);
         AgentBuilder {
             node,
-            pool: format!("198.19.{}.0/24", POOL.fetch_add(1, Ordering::Relaxed)),
+            pool: Some(format!(
+                "198.19.{}.0/24",
+                POOL.fetch_add(1, Ordering::Relaxed)
+            )),
             args: Vec::new(),
             cgroup_root: None,
             command: None,
@@ -251,8 +270,11 @@ impl<'n> Agent<'n> {
             Some(words) => words.iter().map(Into::into).collect(),
             None => vec!["agent".into()],
         };
-        args.extend(["--uplink", UPLINK, "--pool"].iter().map(Into::into));
-        args.push(self.pool.clone().into());
+        args.extend(["--uplink", UPLINK].iter().map(Into::into));
+        if let Some(pool) = &self.pool {
+            args.push("--pool".into());
+            args.push(pool.into());
+        }
         args.push("--bpffs-dir".into());
         args.push(self.bpffs_dir.clone().into());
         args.push("--api-socket".into());
@@ -335,9 +357,10 @@ impl<'n> Agent<'n> {
         self.node
     }
 
-    /// The container pool.
+    /// The container pool given with `--pool` (empty without one: a
+    /// cluster agent claims its own).
     pub fn pool(&self) -> &str {
-        &self.pool
+        self.pool.as_deref().unwrap_or_default()
     }
 
     /// The agent's bpffs directory (pinned maps and links).
@@ -488,7 +511,7 @@ impl<'n> Agent<'n> {
     /// Replaces the extra arguments (the builder's [`AgentBuilder::args`])
     /// and the pool the next [`Agent::restart`] starts the agent with.
     pub fn set_pool_and_args(&mut self, pool: &str, args: &[&str]) {
-        self.pool = pool.to_owned();
+        self.pool = Some(pool.to_owned());
         self.args = args.iter().map(|a| (*a).to_owned()).collect();
     }
 

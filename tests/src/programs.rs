@@ -525,7 +525,7 @@ impl Programs {
             flags: datapath_common::CONFIG_F_SNAT | CONFIG_F_READY,
             ct_container_max: 0,
             timeouts: datapath_common::ct::Timeouts::UNSET,
-            node_netns_cookie: 0,
+            ..Config::default()
         }
     }
 

@@ -180,6 +180,12 @@ fn every_key(dir: &Path) -> Vec<(&'static str, String)> {
         ("ct-timeout-udp-stream", "\"90s\"".into()),
         ("ct-timeout-icmp", "\"15s\"".into()),
         ("kernel-debug-logs", "true".into()),
+        ("cluster-store", "[\"http://198.18.7.1:2379\"]".into()),
+        ("node-name", "\"n7\"".into()),
+        ("cluster-cidr", "\"198.19.0.0/16\"".into()),
+        ("node-cidr-size", "26".into()),
+        ("cluster-wait", "true".into()),
+        ("cluster-lease-ttl", "\"9s\"".into()),
         ("socket-cgroup", "\"none\"".into()),
     ]
 }

@@ -14,9 +14,10 @@ use super::{
 };
 use crate::{
     api::{
-        AddContainer, ContainerInfo, FlowQuery, Status, UpdateContainer,
+        AddContainer, ContainerInfo, FlowQuery, NodeInfo, Status, UpdateContainer,
         server::{Backend, Failure, FlowBatches},
     },
+    cluster::View,
     datapath::Reader,
 };
 
@@ -29,6 +30,8 @@ pub struct Handle {
     commands: mpsc::Sender<Message>,
     snapshot: watch::Receiver<Arc<Snapshot>>,
     reader: Arc<Reader>,
+    /// The cluster as the synchronisation sees it (cluster mode only).
+    nodes: Option<watch::Receiver<Arc<View>>>,
 }
 
 impl Handle {
@@ -36,11 +39,13 @@ impl Handle {
         commands: mpsc::Sender<Message>,
         snapshot: watch::Receiver<Arc<Snapshot>>,
         reader: Arc<Reader>,
+        nodes: Option<watch::Receiver<Arc<View>>>,
     ) -> Self {
         Self {
             commands,
             snapshot,
             reader,
+            nodes,
         }
     }
 
@@ -148,5 +153,16 @@ impl Backend for Handle {
 
     async fn flush(&self, container: Option<String>) -> Result<usize, Failure> {
         Ok(self.call(|reply| Command::Flush(container, reply)).await?)
+    }
+
+    async fn nodes(&self) -> Result<Vec<NodeInfo>, Failure> {
+        let Some(nodes) = &self.nodes else {
+            return Err(AgentError::BadRequest(
+                "the agent is not in cluster mode (start it with --cluster-store)".to_owned(),
+            )
+            .into());
+        };
+        let view = Arc::clone(&nodes.borrow());
+        Ok(super::cluster::node_infos(&view))
     }
 }

@@ -20,8 +20,10 @@
 //! * [`pool`]: the pool checked against the node and the recorded state.
 //! * [`uplink`]: the uplink and the global configuration, at start.
 //! * [`status`]: what the API shows.
+//! * [`cluster`]: cluster mode: joining, the overlay device, the peers.
 
 pub mod cgroups;
+pub mod cluster;
 pub mod handle;
 pub mod lifecycle;
 mod owner;
@@ -43,7 +45,7 @@ use std::{
 
 use datapath_common::ct::Timeouts;
 use ipnet::Ipv4Net;
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 
 use self::{
     cgroups::Cgroups, lifecycle::Lifecycle, owner::Command, publish::Ports, status::Snapshot,
@@ -106,6 +108,9 @@ pub struct AgentConfig {
     pub timeouts: Timeouts,
     /// Kernel-side log level (aya-log).
     pub log_level: u8,
+    /// Cluster mode, if configured: [`run`] replaces the pool with the
+    /// node CIDR it claims.
+    pub cluster: Option<crate::cluster::ClusterConfig>,
     /// Destinations container traffic keeps its source address for: it
     /// goes to the node's stack unmasqueraded (a cluster's pod and service
     /// CIDRs).
@@ -249,12 +254,18 @@ pub struct Node {
 }
 
 impl Node {
-    /// The MTU of the containers' veth pairs: `--mtu`, else the uplink's,
-    /// else the kernel's default.
+    /// The MTU of the containers' veth pairs: `--mtu`, else the uplink's
+    /// (less the overlay's overhead in cluster mode), else the kernel's
+    /// default.
     pub fn container_mtu(&self) -> Option<u32> {
-        self.cfg
-            .mtu
-            .or_else(|| self.uplink.as_ref().and_then(|u| u.mtu))
+        self.cfg.mtu.or_else(|| {
+            let mtu = self.uplink.as_ref().and_then(|u| u.mtu)?;
+            Some(if self.cfg.cluster.is_some() {
+                mtu.saturating_sub(datapath_common::overlay::OVERHEAD)
+            } else {
+                mtu
+            })
+        })
     }
 
     /// Whether container ends need GRO: native XDP redirects into a veth
@@ -293,11 +304,15 @@ impl Agent {
         .context("load the datapath")?;
         let net = Netlink::new().context("open a netlink connection")?;
         let mut store = open_store(&cfg, &dp, &net).await?;
-        let known: HashSet<String> = store
+        let mut known: HashSet<String> = store
             .containers()
             .values()
             .map(|c| c.host_ifname.clone())
             .collect();
+        // The agent's overlay device carries the pool's gateway address and
+        // the cluster's route by design in cluster mode; outside it, one
+        // left by a cluster-mode run is removed below.
+        known.insert(cluster::OVERLAY_IF.to_owned());
         let view = pool::NodeView::read(&net, &known).await?;
         pool::check(&cfg, store.state(), &view)?;
         store.set_ranges(cfg.pool, cfg.snat_ports)?;
@@ -423,6 +438,13 @@ impl Agent {
         }
     }
 
+    /// Makes the datapath's peers the ones the cluster published.
+    fn peers_changed(&mut self, peers: &[crate::cluster::PeerRoute]) {
+        if let Err(e) = cluster::apply_peers(&mut self.dp, peers) {
+            tracing::error!("apply the cluster's peers: {e}");
+        }
+    }
+
     /// Publishes the snapshot, then answers. A client that went away
     /// meanwhile misses the answer; the change stands.
     fn answer<T>(
@@ -489,21 +511,62 @@ async fn open_store(cfg: &AgentConfig, dp: &Datapath, net: &Netlink) -> anyhow::
 /// (refusing if another agent has it, or answers on `socket`), loads and
 /// adopts, then serves the API on `socket` (telling a service manager it is
 /// ready once it listens), follows the cgroups of pending limits and
-/// forwards kernel logs (flows expire in the kernel). The programs stay
-/// attached and the maps pinned when it returns.
+/// forwards kernel logs (flows expire in the kernel) and keeps the cluster in
+/// sync (joined first, in cluster mode). The programs stay attached and the
+/// maps pinned when it returns.
 pub async fn run(
-    cfg: AgentConfig,
+    mut cfg: AgentConfig,
     socket: &Path,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     // Before anything in the state directory is read; held until exit.
     let _lock = StateLock::acquire(&cfg.state_dir)?;
     crate::api::server::refuse_if_answered(socket).await?;
-    let started = owner::spawn(cfg).await?;
+    let mut joined = None;
+    if let Some(cl) = cfg.cluster.clone() {
+        let (client, cidr) = cluster::join(&cl, cfg.uplink.as_deref(), cfg.node_ip).await?;
+        tracing::info!(node = %cl.node_name, %cidr, "joined the cluster; the node CIDR is the pool");
+        cfg.pool = cidr;
+        joined = Some((cl, client));
+    }
+    let (peers_tx, peers_rx) = watch::channel(None);
+    let started = owner::spawn(cfg, peers_rx).await?;
     if let Some(logger) = started.logger {
         tokio::spawn(forward_kernel_logs(logger));
     }
-    let handle = Handle::new(started.commands, started.snapshot, started.reader);
+    let mut nodes = None;
+    let mut sync = None;
+    if let Some((cl, client)) = joined {
+        let snapshot = started.snapshot.borrow().clone();
+        let Some(node_ip) = snapshot.node_ip() else {
+            anyhow::bail!("cluster mode needs an uplink (--uplink) to reach the other nodes");
+        };
+        let me = crate::cluster::NodeRecord::new(&cl.node_name, node_ip, snapshot.pool());
+        let (underlay_tx, underlay_rx) = watch::channel(node_ip);
+        let mut snapshots = started.snapshot.clone();
+        tokio::spawn(async move {
+            while snapshots.changed().await.is_ok() {
+                let ip = snapshots.borrow_and_update().node_ip();
+                if let Some(ip) = ip {
+                    underlay_tx.send_if_modified(|cur| std::mem::replace(cur, ip) != ip);
+                }
+            }
+        });
+        let (view_tx, view_rx) = watch::channel(Arc::new(crate::cluster::View::default()));
+        let outputs = crate::cluster::sync::Outputs {
+            peers: peers_tx,
+            view: view_tx,
+        };
+        sync = Some(tokio::spawn(crate::cluster::sync::run(
+            cl,
+            client,
+            me,
+            underlay_rx,
+            outputs,
+        )));
+        nodes = Some(view_rx);
+    }
+    let handle = Handle::new(started.commands, started.snapshot, started.reader, nodes);
     tokio::spawn(cgroups::watch(handle.clone()));
     // An owner that died (a bug) takes the API down with it: a restarted
     // agent adopts what is there, where this one could only refuse changes.
@@ -521,6 +584,9 @@ pub async fn run(
     let served =
         crate::api::server::serve(handle.clone(), socket, || notify_ready(socket), stop).await;
     notify(&[sd_notify::NotifyState::Stopping]);
+    if let Some(sync) = sync {
+        sync.abort();
+    }
     // Every request has been answered; the owner finishes and stops.
     handle.stop().await;
     let owner = started.owner;

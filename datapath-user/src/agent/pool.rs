@@ -154,6 +154,7 @@ mod tests {
             timeouts: Timeouts::default(),
             log_level: 3,
             socket_cgroup: crate::agent::SocketCgroup::None,
+            cluster: None,
         }
     }
 

@@ -36,6 +36,16 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
+    /// The node's address, if it has an uplink.
+    pub fn node_ip(&self) -> Option<Ipv4Addr> {
+        self.uplink.as_ref().map(|u| u.node_ip)
+    }
+
+    /// The container pool.
+    pub fn pool(&self) -> Ipv4Net {
+        self.pool
+    }
+
     /// The owner's state now.
     pub(super) fn capture(
         node: &Node,

@@ -6,11 +6,11 @@ use std::net::Ipv4Addr;
 
 use anyhow::{Context as _, bail};
 use datapath_common::{
-    CONFIG_F_ALLOW_DIRECT_ROUTING, CONFIG_F_CHECK_LINKS, CONFIG_F_FIB, CONFIG_F_READY,
-    CONFIG_F_SNAT, Config,
+    CONFIG_F_ALLOW_DIRECT_ROUTING, CONFIG_F_CHECK_LINKS, CONFIG_F_CLUSTER, CONFIG_F_FIB,
+    CONFIG_F_READY, CONFIG_F_SNAT, Config, overlay,
 };
 
-use super::{AgentConfig, SocketCgroup, XdpMode};
+use super::{AgentConfig, SocketCgroup, XdpMode, cluster::OVERLAY_IF};
 use crate::{
     api::UplinkInfo,
     datapath::{self, Datapath, Flows, UplinkHook},
@@ -111,13 +111,11 @@ pub async fn setup(
         bail!("uplink {ifname} does not exist in this network namespace");
     };
     let ifindex = link.index;
-    let addrs: Vec<Ipv4Addr> = net
+    let with_len = net
         .ipv4_addrs(ifindex)
         .await
-        .with_context(|| format!("read addresses of {ifname}"))?
-        .into_iter()
-        .map(|(a, _)| a)
-        .collect();
+        .with_context(|| format!("read addresses of {ifname}"))?;
+    let addrs: Vec<Ipv4Addr> = with_len.iter().map(|(a, _)| *a).collect();
     if cfg.node_ip.is_none() && addrs.is_empty() {
         bail!("uplink {ifname} has no IPv4 address; give one to it or pass --node-ip");
     }
@@ -125,6 +123,28 @@ pub async fn setup(
     let hook = hook_for(cfg.xdp_mode, &link.kind);
     config.node_addr = node_ip.octets();
     config.uplink_ifindex = ifindex;
+    if let Some(cl) = &cfg.cluster {
+        crate::cluster::check_overlap(cl.cluster_cidr, Some(node_ip), &with_len)?;
+        let mtu = link.mtu.map(|m| m.saturating_sub(overlay::OVERHEAD));
+        let overlay_ifindex = net
+            .ensure_vxlan(OVERLAY_IF, overlay::PORT, mtu)
+            .await
+            .context("set up the overlay device")?;
+        net.route_cluster(OVERLAY_IF, overlay_ifindex, cl.cluster_cidr, cfg.gateway())
+            .await
+            .context("route the cluster CIDR through the overlay device")?;
+        config.cluster_addr = cl.cluster_cidr.network().octets();
+        config.cluster_mask = cl.cluster_cidr.netmask().octets();
+        config.overlay_ifindex = overlay_ifindex;
+        config.flags |= CONFIG_F_CLUSTER;
+    } else {
+        // Without cluster mode, nothing of an earlier one stays: its
+        // device (and with it the cluster CIDR's route) and its programs.
+        dp.detach_overlay()?;
+        net.delete_vxlan(OVERLAY_IF)
+            .await
+            .context("remove the overlay device of an earlier cluster mode")?;
+    }
     config.flags |= CONFIG_F_READY;
     // Node addresses first, so that no packet sees a ready config without
     // them.
@@ -132,6 +152,10 @@ pub async fn setup(
     dp.set_config(config)?;
     enable_ip_forward().context("enable IPv4 forwarding")?;
     dp.attach_uplink(&ifname, hook)?;
+    if cfg.cluster.is_some() {
+        dp.attach_overlay(OVERLAY_IF)?;
+        tracing::info!(device = OVERLAY_IF, "overlay attached");
+    }
     tracing::info!(uplink = %ifname, ?hook, %node_ip, "uplink attached");
     Ok(Some(Uplink {
         ifname,

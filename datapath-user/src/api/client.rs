@@ -11,8 +11,8 @@ use hyper_util::rt::TokioIo;
 use serde::de::DeserializeOwned;
 
 use super::wire::{
-    AddContainer, ApiError, ContainerInfo, Flow, FlowQuery, Flushed, MAX_PORTS_BODY, PortRequest,
-    SPLIT_PORTS, Specs, Status, UpdateContainer, too_large,
+    AddContainer, ApiError, ContainerInfo, Flow, FlowQuery, Flushed, MAX_PORTS_BODY, NodeInfo,
+    PortRequest, SPLIT_PORTS, Specs, Status, UpdateContainer, too_large,
 };
 
 /// Errors of the API client.
@@ -181,6 +181,11 @@ impl Client {
     /// `GET /v1/status`.
     pub async fn status(&self) -> Result<Status, ClientError> {
         self.call(Method::GET, "/v1/status", None).await
+    }
+
+    /// `GET /v1/nodes`.
+    pub async fn nodes(&self) -> Result<Vec<NodeInfo>, ClientError> {
+        self.call(Method::GET, "/v1/nodes", None).await
     }
 
     /// `GET /v1/containers`.

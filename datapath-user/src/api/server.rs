@@ -40,7 +40,7 @@ use tokio::net::{UnixListener, UnixStream};
 
 use super::wire::{
     AddContainer, ApiError, ContainerInfo, Flow, FlowQuery, Flushed, MAX_BODY, MAX_PORTS_BODY,
-    PortRequest, SPLIT_PORTS, Status, UpdateContainer,
+    NodeInfo, PortRequest, SPLIT_PORTS, Status, UpdateContainer,
 };
 
 /// What the API's routes are served by (the agent). Every method answers
@@ -90,6 +90,8 @@ pub trait Backend: Clone + Send + Sync + 'static {
         &self,
         container: Option<String>,
     ) -> impl Future<Output = Result<usize, Failure>> + Send;
+    /// `GET /v1/nodes`: the nodes of the cluster (cluster mode only).
+    fn nodes(&self) -> impl Future<Output = Result<Vec<NodeInfo>, Failure>> + Send;
 }
 
 /// Flows as they are read from the table: batches, or the error that cut
@@ -232,6 +234,10 @@ async fn unpublish<B: Backend>(
 ) -> Result<Json<ContainerInfo>, Failure> {
     let req = ports_body(body)?;
     Ok(Json(b.unpublish(name, req.publish.into_vec()).await?))
+}
+
+async fn nodes<B: Backend>(State(b): State<B>) -> Result<Json<Vec<NodeInfo>>, Failure> {
+    Ok(Json(b.nodes().await?))
 }
 
 /// Streams the flows as one JSON list, a batch at a time, as the backend
@@ -412,6 +418,7 @@ pub fn router<B: Backend>(backend: B) -> Router {
                 .layer(DefaultBodyLimit::max(MAX_PORTS_BODY)),
         )
         .route("/v1/conntrack", get(conntrack::<B>).delete(flush::<B>))
+        .route("/v1/nodes", get(nodes::<B>))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .layer(middleware::from_fn(read_body_in_time))

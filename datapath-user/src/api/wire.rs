@@ -323,6 +323,25 @@ pub struct Flushed {
     pub removed: usize,
 }
 
+/// `GET /v1/nodes`: one node of the cluster.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct NodeInfo {
+    /// The node's name.
+    pub name: String,
+    /// Its node CIDR (its containers' addresses).
+    pub cidr: String,
+    /// Its underlay address (its overlay endpoint).
+    pub underlay: Ipv4Addr,
+    /// Whether it is the node this agent runs on.
+    pub this_node: bool,
+    /// Seconds since this agent first saw the node's current lease.
+    pub lease_age_s: u64,
+    /// `local` (this node), `reachable` (its record is live in the store
+    /// and its route installed), or `last-known` (the store is unreachable:
+    /// the datapath keeps forwarding to it as last seen).
+    pub state: String,
+}
+
 /// The body of every error answer.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ApiError {

@@ -58,6 +58,30 @@ impl Datapath {
         )
     }
 
+    /// Attaches the overlay program to the overlay (VXLAN) device.
+    /// On its ingress, the program delivering decapsulated packets; on its
+    /// egress, the one keying the node's own packets.
+    pub fn attach_overlay(&mut self, ifname: &str) -> Result<(), BpfError> {
+        self.attach_tc(programs::OVERLAY_TC, ifname, OVERLAY_LINK)?;
+        self.attach_tc_on(
+            programs::OVERLAY_EGRESS_TC,
+            ifname,
+            OVERLAY_EGRESS_LINK,
+            TcAttachType::Egress,
+        )
+    }
+
+    /// Detaches the overlay device's programs (idempotent): a node that
+    /// left cluster mode.
+    pub fn detach_overlay(&mut self) -> Result<(), BpfError> {
+        for name in [OVERLAY_LINK, OVERLAY_EGRESS_LINK] {
+            let pin = self.link_pin(name);
+            self.attachments.remove(&pin);
+            remove_pin(&pin)?;
+        }
+        Ok(())
+    }
+
     /// Detaches the container program from a host-side veth (idempotent).
     pub fn detach_container(&mut self, host_ifname: &str) -> Result<(), BpfError> {
         let name = container_link_name(host_ifname);
@@ -77,13 +101,23 @@ impl Datapath {
         ifname: &str,
         link_name: &str,
     ) -> Result<(), BpfError> {
+        self.attach_tc_on(program_name, ifname, link_name, TcAttachType::Ingress)
+    }
+
+    fn attach_tc_on(
+        &mut self,
+        program_name: &'static str,
+        ifname: &str,
+        link_name: &str,
+        side: TcAttachType,
+    ) -> Result<(), BpfError> {
         let pin = self.link_pin(link_name);
         let prog: &mut SchedClassifier = program(&mut self.ebpf, program_name)?;
         let program_id = prog.info().map(|i| i.id()).unwrap_or_default();
         attach_through_pin!(prog, SchedClassifierLink, &pin, {
             prog.attach_with_options(
                 ifname,
-                TcAttachType::Ingress,
+                side,
                 TcAttachOptions::TcxOrder(LinkOrder::default()),
             )
         })
@@ -92,7 +126,11 @@ impl Datapath {
             ifname: ifname.to_owned(),
             message,
         })?;
-        self.record(program_name, program_id, ifname, "tcx-ingress", pin);
+        let hook = match side {
+            TcAttachType::Egress => "tcx-egress",
+            _ => "tcx-ingress",
+        };
+        self.record(program_name, program_id, ifname, hook, pin);
         Ok(())
     }
 
@@ -397,6 +435,11 @@ fn pinned_link(pin: &Path) -> Result<Option<FdLink>, String> {
     }
 }
 
+/// Pin name of the overlay device's link.
+pub const OVERLAY_LINK: &str = "overlay_tc";
+/// Pin name of the overlay device's egress link.
+pub const OVERLAY_EGRESS_LINK: &str = "overlay_egress_tc";
+
 /// Pin names of the uplink links, by hook.
 const UPLINK_LINKS: [(UplinkHook, &str); 3] = [
     (UplinkHook::Tc, "uplink_tc"),
@@ -497,8 +540,8 @@ pub fn container_link_name(host_ifname: &str) -> String {
 
 /// Whether `name` is a link pin name the agent gives: an uplink's, a
 /// container's (`container_dp<hex>`), a rate limiter hook's
-/// (`rate_<hook>_dp<hex>`), a socket program's (`sock-<hook>`), or one of
-/// those staged (`new_…`). `--cleanup`
+/// (`rate_<hook>_dp<hex>`), a socket program's (`sock-<hook>`), the
+/// overlay device's, or one of those staged (`new_…`). `--cleanup`
 /// and orphan removal touch no other pin.
 pub fn is_link_pin_name(name: &str) -> bool {
     let name = name.strip_prefix(STAGING_LINK_PREFIX).unwrap_or(name);
@@ -513,6 +556,7 @@ pub fn is_link_pin_name(name: &str) -> bool {
         || SOCKET_HOOKS
             .iter()
             .any(|(_, hook)| socket_link_name(hook) == name)
+        || [OVERLAY_LINK, OVERLAY_EGRESS_LINK].contains(&name)
 }
 
 /// Removes a pin (detaching a pinned link); absent is fine.

@@ -32,7 +32,7 @@ use aya::{
 };
 use datapath_common::{
     Config, CtContainer, CtEntry, CtKey, CtTimedEntry, Endpoint, EndpointKey, FLUSH_F_ARM,
-    FlushRequest, NodeAddr, NodeAddrKey, ServiceKey, ServiceValue, capacity, names, programs,
+    FlushRequest, NodeAddr, NodeAddrKey, Peer, ServiceKey, ServiceValue, capacity, names, programs,
     ratelimit::{RateFlows, RateKey, RateLimit, RateStats},
 };
 use serde::Serialize;
@@ -191,6 +191,8 @@ pub struct Datapath {
     ct_containers: HashMap<MapData, u32, CtContainer>,
     /// Per-CPU counters.
     stats: PerCpuArray<MapData, u64>,
+    /// The other nodes of the cluster by node CIDR.
+    peers: aya::maps::LpmTrie<MapData, [u8; 4], Peer>,
     /// Token buckets per (cgroup, direction).
     rate_limits: HashMap<MapData, RateKey, RateLimit>,
     /// Per-CPU counters of each bucket.
@@ -357,6 +359,8 @@ impl Datapath {
         for name in [
             programs::UPLINK_TC,
             programs::CONTAINER_TC,
+            programs::OVERLAY_TC,
+            programs::OVERLAY_EGRESS_TC,
             programs::CT_FLUSH,
         ] {
             let prog: &mut SchedClassifier = program(&mut ebpf, name)?;
@@ -390,6 +394,7 @@ impl Datapath {
             ct_new: typed_map!(&mut ebpf, names::CT_NEW, HashMap<MapData, CtKey, CtEntry>),
             ct_containers: typed_map!(&mut ebpf, names::CT_CONTAINERS, HashMap<MapData, u32, CtContainer>),
             stats: typed_map!(&mut ebpf, names::STATS, PerCpuArray<MapData, u64>),
+            peers: typed_map!(&mut ebpf, names::PEERS, aya::maps::LpmTrie<MapData, [u8; 4], Peer>),
             rate_limits: typed_map!(&mut ebpf, names::RATE_LIMITS, HashMap<MapData, RateKey, RateLimit>),
             rate_stats: typed_map!(&mut ebpf, names::RATE_STATS, aya::maps::PerCpuHashMap<MapData, RateKey, RateStats>),
             #[expect(

@@ -12,7 +12,9 @@
 //!   datagrams that reach the container; [`ratelimit`] compares the rate
 //!   limiter with tc tbf through [`crate::ratebench`]; [`flowcore`] loads
 //!   the conntrack tables (sustained connections, SYN floods, masquerade
-//!   to one destination, table walks); [`tails`] the latency tails with
+//!   to one destination, table walks); [`cluster`] compares pod to pod
+//!   across two nodes with a kernel VXLAN overlay and plain routing;
+//!   [`tails`] the latency tails with
 //!   10,000 ports published (connect p99 per repetition, updates under
 //!   load, the agent's CPU time).
 //! * [`run`] schedules them (interleaved modes, repetitions, scaling
@@ -25,6 +27,7 @@
 
 pub mod api;
 pub mod bed;
+pub mod cluster;
 pub mod connrate;
 pub mod control;
 pub mod cpu;

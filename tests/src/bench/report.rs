@@ -10,7 +10,7 @@ use crate::bench::{
     ratelimit::{self, RateRow, RrRow},
     results::{Better, Metric, Results, Section, Shape, metric},
     run::{BASE_PORTS, Config},
-    stats::Summary,
+    stats::{Summary, percentile},
     tails::{self, Path},
     targets::{self, Outcome},
 };
@@ -333,6 +333,7 @@ pub fn markdown(meta: &Meta, cfg: &Config, r: &Results) -> String {
         ratelimit_rr_section(&mut out, r);
     }
     flowcore_section(&mut out, r);
+    cluster_section(&mut out, r);
     tails_section(&mut out, r);
     if !meta.beds.is_empty() {
         out.push_str("## Setup\n\n");
@@ -1002,6 +1003,7 @@ pub fn json(meta: &Meta, cfg: &Config, r: &Results) -> Value {
         "ratelimit": ratelimit,
         "ratelimit_rr": ratelimit_rr,
         "flowcore": flowcore_json(r),
+        "cluster": cluster_json(r),
         "tails": tails_json(r),
         "agent_cpu": r.agent_cpu.iter().map(|a| json!({
             "kind": a.kind,
@@ -1092,6 +1094,95 @@ pub fn targets_text(r: &Results) -> String {
         let _ = writeln!(out, "{:<14} {text:<70} {cell}", Mode::DatapathTc.name());
     }
     out
+}
+
+/// The cluster section: pod to pod across two nodes, three ways, and the
+/// control plane.
+fn cluster_section(out: &mut String, r: &Results) {
+    let c = &r.cluster;
+    if c.rows.is_empty() && c.reach_ms.is_empty() {
+        return;
+    }
+    out.push_str(
+        "## Cluster: pod to pod across two nodes (issue 19)\n\n\
+         From a pod on node 1 to a pod on node 2 of one underlay switch (medians of the \
+         repetitions). `route`: plain routing between the nodes, no encapsulation (the limit); \
+         `kernel-vxlan`: flannel's VXLAN backend (a kernel VXLAN device, static FDB and \
+         neighbour entries, a route per peer, iptables MASQUERADE of traffic leaving the \
+         cluster); `datapath`: this datapath's cluster mode (etcd, the agents, VXLAN driven \
+         from the programs).\n\n\
+         | Mode | bulk TCP (Gbit/s) | UDP 64 B (k pps) | RR p50 (µs) | RR p99 (µs) | connections (k/s) |\n\
+         |---|---:|---:|---:|---:|---:|\n",
+    );
+    for row in &c.rows {
+        let _ = writeln!(
+            out,
+            "| `{}` | {} | {} | {} | {} | {} |",
+            row.mode,
+            num(row.tcp_gbits),
+            num(row.udp_pps / 1000.0),
+            num(row.rr_p50_us),
+            num(row.rr_p99_us),
+            num(row.conn_rate / 1000.0)
+        );
+    }
+    if let (Some(ours), Some(kernel)) = (c.row("datapath"), c.row("kernel-vxlan")) {
+        let ratio = |a: f64, b: f64| {
+            if b > 0.0 {
+                num(a / b)
+            } else {
+                "—".to_owned()
+            }
+        };
+        let _ = writeln!(
+            out,
+            "\n`datapath` / `kernel-vxlan`: bulk TCP {}× (goal ≥ 1.0), connections/s {}× \
+             (goal ≥ 1.2), UDP {}×, RR p99 {}× (lower is better).",
+            ratio(ours.tcp_gbits, kernel.tcp_gbits),
+            ratio(ours.conn_rate, kernel.conn_rate),
+            ratio(ours.udp_pps, kernel.udp_pps),
+            ratio(ours.rr_p99_us, kernel.rr_p99_us)
+        );
+    }
+    if !c.reach_ms.is_empty() {
+        let _ = writeln!(
+            out,
+            "\nControl plane: from `datapath container add` on node 1 (CLI process start \
+             included) to the first UDP answer the new pod gives a pod on node 3, over {} \
+             pods: p50 {} ms, p99 {} ms (goal p99 < 100 ms).",
+            c.reach_ms.len(),
+            num(percentile(&c.reach_ms, 50.0)),
+            num(percentile(&c.reach_ms, 99.0))
+        );
+    }
+    if let Some(ms) = c.peers_ms {
+        let _ = writeln!(
+            out,
+            "\n{} simulated peers registered in etcd: node 1's agent listed every one of them \
+             {} ms after the last registration.",
+            c.peers,
+            num(ms)
+        );
+    }
+    out.push('\n');
+}
+
+/// The cluster section's figures.
+fn cluster_json(r: &Results) -> Value {
+    let c = &r.cluster;
+    json!({
+        "rows": c.rows.iter().map(|row| json!({
+            "mode": row.mode,
+            "tcp_gbits": row.tcp_gbits,
+            "udp_pps": row.udp_pps,
+            "rr_p50_us": row.rr_p50_us,
+            "rr_p99_us": row.rr_p99_us,
+            "conn_per_s": row.conn_rate,
+        })).collect::<Vec<_>>(),
+        "reach_ms": c.reach_ms,
+        "peers": c.peers,
+        "peers_ms": c.peers_ms,
+    })
 }
 
 #[cfg(test)]

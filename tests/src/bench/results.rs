@@ -168,6 +168,8 @@ pub struct Results {
     pub ratelimit_rr: Vec<RrRow>,
     /// The flow core under load.
     pub flowcore: FlowcoreResults,
+    /// Pod to pod across nodes, and the cluster's control plane.
+    pub cluster: crate::bench::cluster::ClusterResults,
     /// Latency tails (issue 22).
     pub tails: TailsResults,
     /// The agent's CPU time during each data-path measurement.

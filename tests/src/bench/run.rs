@@ -165,6 +165,8 @@ pub struct Config {
     pub quiet_budget: Duration,
     /// The flow-core section (`None`: not run).
     pub flowcore: Option<flowcore::Plan>,
+    /// The cluster section (`None`: not run).
+    pub cluster: Option<crate::bench::cluster::Plan>,
     /// The latency-tail section (`None`: not run).
     pub tails: Option<tails::Plan>,
 }
@@ -206,6 +208,7 @@ impl Config {
             rr_cases: ratelimit::rr_cases(&[10, 100, 1000], 5),
             rate_reps: 2,
             flowcore: Some(flowcore::Plan::full(4)),
+            cluster: Some(crate::bench::cluster::Plan::full()),
             tails: Some(tails::Plan::full(2)),
         }
     }
@@ -242,6 +245,7 @@ impl Config {
             rr_cases: ratelimit::rr_cases(&[100], 3),
             rate_reps: 1,
             flowcore: Some(flowcore::Plan::quick(4)),
+            cluster: Some(crate::bench::cluster::Plan::quick()),
             tails: Some(tails::Plan::quick(2)),
             ..Self::full()
         }
@@ -307,8 +311,45 @@ impl<'b, 'n> Runner<'b, 'n> {
         if self.cfg.flowcore.is_some() {
             self.flowcore()?;
         }
+        if self.cfg.cluster.is_some() {
+            self.cluster()?;
+        }
         if self.cfg.tails.is_some() {
             self.tails()?;
+        }
+        Ok(())
+    }
+
+    /// The cluster section, in namespaces of its own.
+    fn cluster(&mut self) -> Result<()> {
+        let Some(plan) = self.cfg.cluster.clone() else {
+            return Ok(());
+        };
+        let mut notes = Vec::new();
+        let quiet = self.cfg.quiet;
+        let mut quiet_left = self.quiet_left;
+        let results = crate::bench::cluster::run(
+            &plan,
+            || {
+                check_interrupted()?;
+                let policy = QuietPolicy {
+                    max_wait: quiet.max_wait.min(quiet_left),
+                    ..quiet
+                };
+                let q = wait_quiet(&policy);
+                quiet_left = quiet_left.saturating_sub(q.waited);
+                Ok(())
+            },
+            &mut notes,
+        );
+        self.quiet_left = quiet_left;
+        self.results.notes.extend(notes);
+        match results {
+            Ok(r) => self.results.cluster = r,
+            Err(e) => self
+                .results
+                .notes
+                .push(format!("cluster section failed: {e:#}")),
         }
         Ok(())
     }

@@ -4,10 +4,11 @@
 //! Run through the xtask (it builds the release agent and sets
 //! `DATAPATH_BIN`; `cargo xtask bench --only ratelimit` runs the rate
 //! section alone, `--only flowcore` the conntrack one, `--only control` the
-//! control plane's, `--only tails` the latency tails, `--only local` the
-//! node's connections to a published port on its loopback). Options, for
-//! working on the bench itself: `--modes route,datapath-tc`,
-//! `--only conn,rr,ratelimit,flowcore,control,tails,local`, `--reps N`,
+//! control plane's, `--only cluster` the cluster's, `--only tails` the
+//! latency tails, `--only local` the node's connections to a published port
+//! on its loopback). Options, for working on the bench itself:
+//! `--modes route,datapath-tc`,
+//! `--only conn,rr,ratelimit,flowcore,control,cluster,tails,local`, `--reps N`,
 //! `--sizes 1000,10000`, `--conn-threads N`, `--out DIR`.
 
 use std::{
@@ -75,6 +76,7 @@ fn parse_args() -> Result<Args> {
     let mut threads = None;
     let mut ratelimit = None;
     let mut flowcore = None;
+    let mut cluster = None;
     let mut control_plane = None;
     let mut tails = None;
     let mut local = None;
@@ -94,13 +96,24 @@ fn parse_args() -> Result<Args> {
                 let value = args.next().context("--only needs a value")?;
                 let rate = value.split(',').any(|v| v.trim() == "ratelimit");
                 let flow = value.split(',').any(|v| v.trim() == "flowcore");
+                let clus = value.split(',').any(|v| v.trim() == "cluster");
                 let control = value.split(',').any(|v| v.trim() == "control");
                 let tail = value.split(',').any(|v| v.trim() == "tails");
                 let loopback = value.split(',').any(|v| v.trim() == "local");
                 let rest: Vec<&str> = value
                     .split(',')
                     .map(str::trim)
-                    .filter(|v| !["ratelimit", "flowcore", "control", "tails", "local"].contains(v))
+                    .filter(|v| {
+                        ![
+                            "ratelimit",
+                            "flowcore",
+                            "control",
+                            "cluster",
+                            "tails",
+                            "local",
+                        ]
+                        .contains(v)
+                    })
                     .collect();
                 let k = if rest.is_empty() {
                     Vec::new()
@@ -112,6 +125,7 @@ fn parse_args() -> Result<Args> {
                 kinds = Some(k);
                 ratelimit = Some(rate);
                 flowcore = Some(flow);
+                cluster = Some(clus);
                 control_plane = Some(control);
                 tails = Some(tail);
                 local = Some(loopback);
@@ -141,7 +155,7 @@ fn parse_args() -> Result<Args> {
             "-h" | "--help" => {
                 println!(
                     "bench [--quick] [--modes M,…] [--only KIND,…] [--reps N] [--sizes N,…] [--conn-threads N] [--out DIR]\n\
-                     modes: {}\nkinds: {},ratelimit,flowcore,control,tails,local",
+                     modes: {}\nkinds: {},ratelimit,flowcore,control,cluster,tails,local",
                     join(&Mode::ALL, Mode::name),
                     join(&Kind::ALL, Kind::name)
                 );
@@ -161,6 +175,9 @@ fn parse_args() -> Result<Args> {
     }
     if flowcore == Some(false) {
         cfg.flowcore = None;
+    }
+    if cluster == Some(false) {
+        cfg.cluster = None;
     }
     if let Some(plan) = cfg.flowcore.as_mut() {
         plan.threads = cfg.conn_threads.max(plan.threads);
