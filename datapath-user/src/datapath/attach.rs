@@ -230,21 +230,34 @@ impl Datapath {
         self.rate_cgroups
             .insert(storage_key, key, 0)
             .map_err(|e| err(format!("write the attachment's key: {e}")))?;
-        link.pin(&staging)
-            .map_err(|e| err(format!("pin link at {}: {e}", staging.display())))?;
-        fs::rename(&staging, &pin).map_err(|source| BpfError::Fs {
-            action: "rename a link pin to",
-            path: pin.clone(),
-            source,
-        })?;
+        self.pin_over(link, &staging, pin, err)?;
         self.record(
             program_name,
             program_id,
             &cgroup.display().to_string(),
             hook.name(),
-            pin,
+            self.link_pin(&link_name),
         );
         Ok(())
+    }
+
+    /// Pins `link` at `staging`, then renames it over `pin`: a link pinned
+    /// there before (on whatever target) is detached only once the new
+    /// one holds the hook.
+    fn pin_over(
+        &self,
+        link: FdLink,
+        staging: &Path,
+        pin: PathBuf,
+        err: impl Fn(String) -> BpfError,
+    ) -> Result<(), BpfError> {
+        link.pin(staging)
+            .map_err(|e| err(format!("pin link at {}: {e}", staging.display())))?;
+        fs::rename(staging, &pin).map_err(|source| BpfError::Fs {
+            action: "rename a link pin to",
+            path: pin,
+            source,
+        })
     }
 
     /// Attaches the socket programs to cgroup directory `cgroup`. Each
@@ -259,9 +272,8 @@ impl Datapath {
             source,
         })?;
         for (program_name, hook) in SOCKET_HOOKS {
-            let pin = self.link_pin(&socket_link_name(hook));
-            let staging =
-                self.link_pin(&format!("{STAGING_LINK_PREFIX}{}", socket_link_name(hook)));
+            let pin = self.link_pin(hook);
+            let staging = self.link_pin(&format!("{STAGING_LINK_PREFIX}{hook}"));
             let err = |message: String| BpfError::Attach {
                 program: program_name,
                 ifname: cgroup.display().to_string(),
@@ -277,13 +289,7 @@ impl Datapath {
                 .take_link(id)
                 .map_err(|e| err(format!("take link: {e}")))?;
             let link = FdLink::try_from(link).map_err(|e| err(format!("link: {e}")))?;
-            link.pin(&staging)
-                .map_err(|e| err(format!("pin link at {}: {e}", staging.display())))?;
-            fs::rename(&staging, &pin).map_err(|source| BpfError::Fs {
-                action: "rename a link pin to",
-                path: pin.clone(),
-                source,
-            })?;
+            self.pin_over(link, &staging, pin.clone(), err)?;
             self.record(
                 program_name,
                 program_id,
@@ -298,7 +304,7 @@ impl Datapath {
     /// Detaches the socket programs (idempotent).
     pub fn detach_sockets(&mut self) -> Result<(), BpfError> {
         for (_, hook) in SOCKET_HOOKS {
-            let pin = self.link_pin(&socket_link_name(hook));
+            let pin = self.link_pin(hook);
             self.attachments.remove(&pin);
             remove_pin(&pin)?;
         }
@@ -512,11 +518,6 @@ pub const SOCKET_HOOKS: [(&str, &str); 8] = [
     (programs::SOCK_GETPEERNAME6, "sock-getpeername6"),
 ];
 
-/// The pinned link name of a socket program's hook (its name).
-fn socket_link_name(hook: &str) -> String {
-    hook.to_owned()
-}
-
 /// Prefix of the pinned link names of the rate limiter.
 pub const RATE_LINK_PREFIX: &str = "rate_";
 
@@ -553,9 +554,7 @@ pub fn is_link_pin_name(name: &str) -> bool {
             name.strip_prefix(&rate_link_name(*hook, ""))
                 .is_some_and(is_host_veth_name)
         })
-        || SOCKET_HOOKS
-            .iter()
-            .any(|(_, hook)| socket_link_name(hook) == name)
+        || SOCKET_HOOKS.iter().any(|(_, hook)| *hook == name)
         || [OVERLAY_LINK, OVERLAY_EGRESS_LINK].contains(&name)
 }
 
