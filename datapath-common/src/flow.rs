@@ -159,11 +159,21 @@ pub mod ct_action {
     /// direct routing), and its replies: nothing is rewritten, but the
     /// container's replies must not be masqueraded.
     pub const ROUTED: u8 = 5;
+    /// Container → node address at a port the container itself publishes
+    /// (hairpin to itself): rewrite the destination to the container and
+    /// the source to the node address it dialed (a packet from its own
+    /// address would be dropped as a martian by the container's stack).
+    pub const HAIRPIN: u8 = 6;
+    /// The container's reply of a [`HAIRPIN`] flow: rewrite the source
+    /// back to the published address and port, and the destination (the
+    /// node address) back to the container's own.
+    pub const REV_HAIRPIN: u8 = 7;
 
-    /// Whether `action` rewrites the source (else the destination).
+    /// Whether `action` rewrites the source (else the destination) with
+    /// the entry's address and port.
     #[inline(always)]
     pub const fn rewrites_source(action: u8) -> bool {
-        matches!(action, REV_DNAT | SNAT)
+        matches!(action, REV_DNAT | SNAT | REV_HAIRPIN)
     }
 
     /// The action of the reply direction of a flow whose original
@@ -173,6 +183,7 @@ pub mod ct_action {
         match action {
             DNAT => REV_DNAT,
             SNAT => REV_SNAT,
+            HAIRPIN => REV_HAIRPIN,
             a => a,
         }
     }
@@ -185,6 +196,8 @@ pub mod ct_action {
             SNAT => "snat",
             REV_SNAT => "rev-snat",
             ROUTED => "routed",
+            HAIRPIN => "hairpin",
+            REV_HAIRPIN => "rev-hairpin",
             _ => "unknown",
         }
     }
@@ -324,6 +337,14 @@ impl<A: IpAddress> CtEntryOf<A> {
     #[inline(always)]
     pub fn peer_key(&self, key: &CtKeyOf<A>) -> CtKeyOf<A> {
         let mut t = *key;
+        // A hairpin rewrites the other address too: the original's source
+        // becomes the node address it dialed, the reply's destination the
+        // container's own address (its source).
+        if self.action == ct_action::HAIRPIN {
+            t.saddr = key.daddr;
+        } else if self.action == ct_action::REV_HAIRPIN {
+            t.daddr = key.saddr;
+        }
         if ct_action::rewrites_source(self.action) {
             t.saddr = self.nat_addr;
             t.sport = self.nat_port;

@@ -57,6 +57,10 @@ pub mod names {
     /// only while the monitor is on ([`super::CONFIG_F_MONITOR_DROPS`],
     /// [`super::CONFIG_F_MONITOR_FLOWS`]).
     pub const EVENTS: &str = "EVENTS";
+    /// Node CIDR (an LPM trie key of a `[u8; 4]` address) → [`super::Peer`]:
+    /// the node CIDRs of the other nodes of the cluster and where their
+    /// overlay endpoints are.
+    pub const PEERS: &str = "PEERS";
     /// LPM trie of IPv4 prefixes (a `u32` prefix length, then four address
     /// bytes in wire order) → `u8` 1: destinations container traffic keeps
     /// its source address for (`--non-masquerade-cidr`): it goes to the
@@ -69,9 +73,14 @@ pub mod names {
     /// [`crate::clock::TestClock`] array (one entry): zero in production;
     /// packet tests freeze the programs' time with it. Not pinned.
     pub const CLOCK: &str = "CLOCK";
+    /// [`super::SockRevKey`] → [`super::SockRevValue`] (LRU): for each node
+    /// socket the socket programs sent to a container instead of a
+    /// published port, the address it dialed (what `getpeername` and
+    /// `recvmsg` show).
+    pub const SOCK_REV: &str = "SOCK_REV";
 
     /// Every map the agent pins, in a stable order.
-    pub const ALL: [&str; 18] = [
+    pub const ALL: [&str; 20] = [
         CONFIG,
         SERVICES,
         ENDPOINTS,
@@ -88,8 +97,10 @@ pub mod names {
         CONTAINER_DROPS,
         CONTAINER_VETHS,
         EVENTS,
+        PEERS,
         NON_MASQUERADE,
         RATE_FLOWS,
+        SOCK_REV,
     ];
 }
 
@@ -108,10 +119,37 @@ pub mod programs {
     /// sock_ops on a rate-limited container's cgroup: pacing of TCP senders
     /// (egress) and receive windows of TCP receivers (ingress).
     pub const RATE_SOCKOPS: &str = "rate_sockops";
+    /// TC (tcx) ingress on the overlay (VXLAN) device: decapsulated
+    /// packets delivered straight into their container.
+    pub const OVERLAY_TC: &str = "overlay_tc";
+    /// TC (tcx) egress on the overlay (VXLAN) device: the tunnel key of
+    /// the node's own packets for containers on other nodes.
+    pub const OVERLAY_EGRESS_TC: &str = "overlay_egress_tc";
     /// Run by the agent with `BPF_PROG_TEST_RUN` (never attached): removes
     /// the flows a [`crate::FlushRequest`] names, in the kernel, so that
     /// the per-container accounting stays exact.
     pub const CT_FLUSH: &str = "ct_flush";
+    /// cgroup connect4 on the node's cgroup (`--socket-cgroup`): a node
+    /// socket connecting to a published port connects to the container.
+    pub const SOCK_CONNECT4: &str = "sock_connect4";
+    /// cgroup sendmsg4: a node UDP datagram to a published port goes to
+    /// the container.
+    pub const SOCK_SENDMSG4: &str = "sock_sendmsg4";
+    /// cgroup recvmsg4: a datagram from the container reads as coming from
+    /// the published address the socket sent to.
+    pub const SOCK_RECVMSG4: &str = "sock_recvmsg4";
+    /// cgroup getpeername4: a socket connected through a published port
+    /// shows the published address as its peer.
+    pub const SOCK_GETPEERNAME4: &str = "sock_getpeername4";
+    /// cgroup connect6: [`SOCK_CONNECT4`] for dual-stack sockets dialing an
+    /// IPv4-mapped address.
+    pub const SOCK_CONNECT6: &str = "sock_connect6";
+    /// cgroup sendmsg6: [`SOCK_SENDMSG4`] for dual-stack sockets.
+    pub const SOCK_SENDMSG6: &str = "sock_sendmsg6";
+    /// cgroup recvmsg6: [`SOCK_RECVMSG4`] for dual-stack sockets.
+    pub const SOCK_RECVMSG6: &str = "sock_recvmsg6";
+    /// cgroup getpeername6: [`SOCK_GETPEERNAME4`] for dual-stack sockets.
+    pub const SOCK_GETPEERNAME6: &str = "sock_getpeername6";
 }
 
 /// Default capacities. The agent may size maps differently at load time.
@@ -132,8 +170,24 @@ pub mod capacity {
     pub const CT_CONTAINERS: u32 = 8_192;
     /// Rate-limited (cgroup, direction) pairs.
     pub const RATE_LIMITS: u32 = 8_192;
+    /// Other nodes of a cluster.
+    pub const PEERS: u32 = 4_096;
     /// Non-masquerade destination prefixes.
     pub const NON_MASQUERADE: u32 = 64;
+    /// Node sockets translated by the socket programs whose dialed address
+    /// is remembered (LRU: the oldest are forgotten first).
+    pub const SOCK_REV: u32 = 65_536;
+}
+
+/// The overlay between the nodes of a cluster: VXLAN (RFC 7348).
+pub mod overlay {
+    /// The UDP port VXLAN packets are sent to (IANA's).
+    pub const PORT: u16 = 4789;
+    /// The VXLAN network identifier of the container network.
+    pub const VNI: u32 = 1;
+    /// Bytes the encapsulation adds to an inner packet: outer IPv4 (20),
+    /// UDP (8), VXLAN (8) and inner Ethernet (14) headers.
+    pub const OVERHEAD: u32 = 50;
 }
 
 /// IP protocol numbers used as [`ServiceKey::proto`] and [`crate::CtKey::proto`].
@@ -171,6 +225,20 @@ pub struct Config {
     pub ct_container_max: u32,
     /// Conntrack idle timeouts.
     pub timeouts: crate::ct::Timeouts,
+    /// The network namespace cookie of the node (the agent's namespace):
+    /// the socket programs translate only sockets of this namespace, so a
+    /// port published on the node's loopback never appears on a container's
+    /// own. 0: not known (every namespace's sockets are translated).
+    pub node_netns_cookie: u64,
+    /// The cluster's container network address (with [`CONFIG_F_CLUSTER`]):
+    /// destinations in it are never masqueraded.
+    pub cluster_addr: [u8; 4],
+    /// The cluster's container network netmask.
+    pub cluster_mask: [u8; 4],
+    /// The overlay (VXLAN) device's ifindex (with [`CONFIG_F_CLUSTER`]).
+    pub overlay_ifindex: u32,
+    /// Explicit padding, always zero.
+    pub _pad_cluster: [u8; 4],
 }
 
 /// [`Config::flags`]: masquerade container egress to outside the pool.
@@ -189,13 +257,18 @@ pub const CONFIG_F_FIB: u32 = 1 << 2;
 /// Without it (packet tests, whose interface indexes are made up), the
 /// cached interface is trusted.
 pub const CONFIG_F_CHECK_LINKS: u32 = 1 << 3;
+/// [`Config::flags`]: the node is part of a cluster: packets from a
+/// container to the cluster network outside this node's pool go to the node
+/// owning the destination through the overlay ([`names::PEERS`]), never
+/// masqueraded.
+pub const CONFIG_F_CLUSTER: u32 = 1 << 4;
 /// [`Config::flags`]: the monitor is on for drops: every dropped packet is
 /// written to the [`names::EVENTS`] ring buffer (within
 /// [`crate::monitor::MONITOR_BURST`]). Off, the programs write nothing there.
-pub const CONFIG_F_MONITOR_DROPS: u32 = 1 << 4;
+pub const CONFIG_F_MONITOR_DROPS: u32 = 1 << 5;
 /// [`Config::flags`]: the monitor is on for flows: new, closed and expired
 /// flows are written to the [`names::EVENTS`] ring buffer.
-pub const CONFIG_F_MONITOR_FLOWS: u32 = 1 << 5;
+pub const CONFIG_F_MONITOR_FLOWS: u32 = 1 << 6;
 /// [`Config::flags`]: the configuration has been written by an agent.
 pub const CONFIG_F_READY: u32 = 1 << 31;
 
@@ -207,6 +280,25 @@ impl Config {
         let m = u32::from_ne_bytes(self.pool_mask);
         a & m == u32::from_ne_bytes(self.pool_addr) & m
     }
+
+    /// Whether `addr` lies in the cluster's container network (never, if
+    /// the node is not part of a cluster).
+    #[inline(always)]
+    pub fn in_cluster(&self, addr: [u8; 4]) -> bool {
+        let a = u32::from_ne_bytes(addr);
+        let m = u32::from_ne_bytes(self.cluster_mask);
+        self.flags & CONFIG_F_CLUSTER != 0 && a & m == u32::from_ne_bytes(self.cluster_addr) & m
+    }
+}
+
+/// Another node of the cluster: where packets to its node CIDR go.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct Peer {
+    /// The node's underlay address: the outer destination of the overlay.
+    pub underlay: [u8; 4],
+    /// The VXLAN network identifier to send with.
+    pub vni: u32,
 }
 
 /// Key of the published-ports map: the address and port a client connects to.
@@ -238,6 +330,42 @@ pub struct ServiceValue {
     pub ifindex: u32,
     /// The agent's number for the container (see [`Endpoint::container_id`]).
     pub container_id: u32,
+}
+
+/// Whether `addr` is an IPv4 loopback address (127.0.0.0/8): published
+/// ports on it (`-p 127.0.0.1:8080:80`) are reached only from the node's
+/// own sockets, never by a packet.
+#[inline(always)]
+pub const fn is_loopback(addr: [u8; 4]) -> bool {
+    addr[0] == 127
+}
+
+/// Key of [`names::SOCK_REV`]: a socket (its cookie) and the container
+/// address and port it was sent to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct SockRevKey {
+    /// The socket's cookie (`bpf_get_socket_cookie`).
+    pub cookie: u64,
+    /// The container address.
+    pub addr: [u8; 4],
+    /// The container port, host order.
+    pub port: u16,
+    /// Explicit padding, always zero.
+    pub _pad: u16,
+}
+
+/// Value of [`names::SOCK_REV`]: the published address and port the socket
+/// dialed.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct SockRevValue {
+    /// The dialed address.
+    pub addr: [u8; 4],
+    /// The dialed port, host order.
+    pub port: u16,
+    /// Explicit padding, always zero.
+    pub _pad: u16,
 }
 
 /// Key of the endpoints map: a container's address.
@@ -330,7 +458,10 @@ impl FlushRequest {
 }
 
 const _: () = {
-    assert!(size_of::<Config>() == 56);
+    assert!(size_of::<Config>() == 80);
+    assert!(size_of::<Peer>() == 8);
+    assert!(size_of::<SockRevKey>() == 16);
+    assert!(size_of::<SockRevValue>() == 8);
     assert!(size_of::<ServiceKey>() == 8);
     assert!(size_of::<ServiceValue>() == 16);
     assert!(size_of::<EndpointKey>() == 4);
@@ -354,6 +485,7 @@ mod user {
     unsafe impl aya::Pod for Endpoint {}
     unsafe impl aya::Pod for NodeAddrKey {}
     unsafe impl aya::Pod for NodeAddr {}
+    unsafe impl aya::Pod for Peer {}
 }
 
 #[cfg(test)]

@@ -89,6 +89,12 @@ pub mod hook {
     pub const UPLINK_XDP: u8 = 2;
     /// TC ingress of a container's host-side veth.
     pub const CONTAINER_TC: u8 = 3;
+    /// TC ingress of the overlay (VXLAN) device: packets from the other
+    /// nodes of the cluster.
+    pub const OVERLAY_TC: u8 = 4;
+    /// TC egress of the overlay (VXLAN) device: the node's own packets for
+    /// containers on other nodes.
+    pub const OVERLAY_EGRESS_TC: u8 = 5;
 
     /// The hook's name in the monitor's output.
     pub const fn name(hook: u8) -> &'static str {
@@ -97,6 +103,8 @@ pub mod hook {
             UPLINK_TC => "uplink-tc",
             UPLINK_XDP => "uplink-xdp",
             CONTAINER_TC => "container-tc",
+            OVERLAY_TC => "overlay-tc",
+            OVERLAY_EGRESS_TC => "overlay-egress-tc",
             _ => "unknown",
         }
     }

@@ -94,6 +94,11 @@ stats! {
     MonitorSampledOut = "monitor_sampled_out",
     /// Monitor events lost: the ring buffer was full (its reader is behind).
     MonitorLost = "monitor_lost",
+    /// Node sockets sent to a container instead of a published port by the
+    /// socket programs (connects, and UDP datagrams sent without one).
+    SockTranslated = "sock_translated",
+    /// New hairpin flows: a container to a port published on the node.
+    HairpinNew = "hairpin_new",
     /// Dropped: the conntrack table is full.
     DropCtFull = "drop_ct_full",
     /// Dropped: the new flow's reply tuple belongs to another live flow.
@@ -143,6 +148,17 @@ stats! {
     /// Dropped (XDP): the container's MACs could not be written into the
     /// frame.
     DropMacStore = "drop_mac_store",
+    /// Packets from a container to a container on another node of the
+    /// cluster, sent into the overlay (VXLAN) with the peer's address.
+    OverlayEncapsulated = "overlay_encapsulated",
+    /// Packets from the overlay delivered straight into a container.
+    OverlayDelivered = "overlay_delivered",
+    /// Dropped: a container sent to the cluster's network, but no node
+    /// owns the destination (it is never masqueraded).
+    DropNoPeer = "drop_no_peer",
+    /// Dropped: an overlay packet whose inner source is not in the node
+    /// CIDR of the node that sent it.
+    DropOverlaySpoofed = "drop_overlay_spoofed",
 }
 
 /// Number of counters: the length of the [`crate::names::STATS`] array.

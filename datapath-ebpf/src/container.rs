@@ -1,5 +1,8 @@
 //! Ingress of a container's host-side veth (TC): anti-spoofing, reverse DNAT
-//! of replies, masquerade of new flows to the outside.
+//! of replies, masquerade of new flows to the outside, and hairpin: a
+//! container connecting to a port published on the node's addresses
+//! reaches the container behind it (itself included) directly, both
+//! directions translated here and delivered with `bpf_redirect_peer`.
 //!
 //! Where a new flow goes is the node's FIB's decision (`bpf_fib_lookup`):
 //! destinations the node handles itself (its own addresses on any
@@ -24,7 +27,7 @@ use crate::{
     ctx::Packet,
     guard, icmp,
     maps::{self, ENDPOINTS, NODE_ADDRS},
-    nat,
+    nat, overlay,
     parse::{self, ETH_LEN, Flow, FrameLen, IP_SRC_OFF, Kind, L4, frag},
     route::{Fib, Node},
 };
@@ -85,6 +88,12 @@ pub enum Verdict {
     /// Translated: send it out of interface `ifindex` (the uplink),
     /// resolving the next hop's MAC.
     ToUplink { ifindex: u32 },
+    /// For a container on another node: its tunnel key is set; send it to
+    /// the overlay device `ifindex`.
+    ToOverlay { ifindex: u32 },
+    /// Translated (hairpin): deliver it to the container behind host-side
+    /// veth `ifindex`.
+    ToContainer { ifindex: u32 },
 }
 
 /// Translates one packet sent by a container.
@@ -127,6 +136,14 @@ pub fn process(ctx: &mut TcContext) -> Verdict {
         ctx.frame_len() as u64,
         ctx.segments(),
     );
+    // The rest of the cluster: every IPv4 packet, whatever its kind, goes
+    // through the overlay untranslated.
+    match overlay::from_container(ctx, cfg) {
+        overlay::ToPeer::NotOverlay => {}
+        overlay::ToPeer::Pass => return Verdict::Pass,
+        overlay::ToPeer::Drop(stat) => return Verdict::Drop(stat),
+        overlay::ToPeer::Redirect { ifindex } => return Verdict::ToOverlay { ifindex },
+    }
     if kind != Kind::Flow {
         return Verdict::Pass;
     }
@@ -168,7 +185,7 @@ pub fn process(ctx: &mut TcContext) -> Verdict {
     };
     // SAFETY: points into a live conntrack value (RCU); the fields the
     // translation needs are read once.
-    let (action, addr, port, out, mtu) = unsafe {
+    let (action, addr, port, out, mtu, owner) = unsafe {
         let e = hit.entry;
         (
             (*e).action,
@@ -176,6 +193,7 @@ pub fn process(ctx: &mut TcContext) -> Verdict {
             (*e).nat_port,
             (*e).ifindex,
             (*e).mtu,
+            (*e).container_id,
         )
     };
     if action == ct_action::ROUTED {
@@ -183,7 +201,14 @@ pub fn process(ctx: &mut TcContext) -> Verdict {
         conntrack::update::<V4>(hit, &flow.key, flow, now);
         return Verdict::Pass;
     }
-    if action != ct_action::REV_DNAT && action != ct_action::SNAT {
+    // Hairpin flows (a container to a published port of the node) are
+    // translated here in both directions; replies of DNAT flows and
+    // masqueraded flows too.
+    let hairpin = matches!(
+        action,
+        ct_action::DNAT | ct_action::HAIRPIN | ct_action::REV_HAIRPIN
+    );
+    if !hairpin && action != ct_action::REV_DNAT && action != ct_action::SNAT {
         return Verdict::Pass;
     }
     if expiring {
@@ -202,18 +227,118 @@ pub fn process(ctx: &mut TcContext) -> Verdict {
     if flow.frag == frag::FIRST {
         conntrack::frag_record(flow, now);
     }
-    if nat::rewrite(ctx, flow, true, addr, port).is_err() || nat::decrement_ttl(ctx).is_err() {
+    if rewrite(ctx, flow, action, addr, port).is_err() || nat::decrement_ttl(ctx).is_err() {
         return Verdict::Drop(Stat::DropHelperFailed);
     }
     if flow.frag == frag::LATER {
         maps::count(Stat::FragmentTranslated);
     }
-    maps::count(if action == ct_action::REV_DNAT {
-        Stat::DnatPackets
-    } else {
+    maps::count(if action == ct_action::SNAT {
         Stat::SnatPackets
+    } else {
+        Stat::DnatPackets
     });
-    Verdict::ToUplink { ifindex: out }
+    // A reply to a container (of a hairpin flow to another container's
+    // published port) goes straight into that container.
+    if hairpin || (action == ct_action::REV_DNAT && cfg.in_pool(flow.key.daddr)) {
+        maps::account(
+            receiver(action, owner, out),
+            true,
+            ctx.frame_len() as u64,
+            ctx.segments(),
+        );
+        Verdict::ToContainer { ifindex: out }
+    } else {
+        Verdict::ToUplink { ifindex: out }
+    }
+}
+
+/// The container a hairpin packet is delivered to, for its received
+/// traffic. A hairpin flow's entries belong to the container behind the
+/// published port (`owner`): the receiver of its packets to that port, and
+/// of a hairpin to itself both ways. Only a reply to another container
+/// (`REV_DNAT`) goes elsewhere: to the container behind host-side veth
+/// `out`, looked up on this path only.
+#[inline(always)]
+fn receiver(action: u8, owner: u32, out: u32) -> u32 {
+    if action != ct_action::REV_DNAT {
+        return owner;
+    }
+    // SAFETY: plain values, replaced whole by the agent.
+    unsafe { maps::CONTAINER_VETHS.get(out) }.map_or(0, |id| *id)
+}
+
+/// Rewrites a packet of a flow whose entry for this direction has `action`,
+/// `addr` and `port`: the entry's side (see `ct_action::rewrites_source`)
+/// and, for a hairpin to the container itself, the other address too.
+#[inline(always)]
+fn rewrite(
+    ctx: &mut TcContext,
+    flow: &Flow,
+    action: u8,
+    addr: [u8; 4],
+    port: u16,
+) -> Result<(), ()> {
+    let source = ct_action::rewrites_source(action);
+    nat::rewrite(ctx, flow, source, addr, port)?;
+    match action {
+        // The container sees the node address it dialed as the source.
+        ct_action::HAIRPIN => nat::rewrite(ctx, flow, true, flow.key.daddr, flow.key.sport),
+        // Its reply to that address goes back to itself.
+        ct_action::REV_HAIRPIN => nat::rewrite(ctx, flow, false, flow.key.saddr, flow.key.dport),
+        _ => Ok(()),
+    }
+}
+
+/// The first packet of a flow from a container to a port published on the
+/// node (hairpin): to another container, DNAT (that container sees this
+/// one's address); to this container itself, DNAT and the node address it
+/// dialed as the source ([`ct_action::HAIRPIN`]).
+#[inline(always)]
+fn hairpin(
+    ctx: &TcContext,
+    flow: &Flow,
+    req: &mut NewFlow<[u8; 4]>,
+    svc: &datapath_common::ServiceValue,
+    ifindex: u32,
+    expiring: bool,
+) -> u32 {
+    if flow.frag == frag::LATER {
+        // Its flow ended since its first fragment passed.
+        return PASS;
+    }
+    if expiring {
+        maps::dropped(Stat::DropTtlExceeded, ifindex, ctx.len());
+        return PASS;
+    }
+    // A segment that cannot open a connection goes to the node, which
+    // answers for the port it does not serve.
+    if !conntrack::may_create(flow.key.proto, flow.tcp_flags) {
+        return PASS;
+    }
+    *req = NewFlow {
+        nat_addr: svc.backend_addr,
+        nat_port: svc.backend_port,
+        action: if svc.backend_addr == flow.key.saddr {
+            ct_action::HAIRPIN
+        } else {
+            ct_action::DNAT
+        },
+        tcp_flags: flow.tcp_flags,
+        orig_ifindex: svc.ifindex,
+        reply_ifindex: ifindex,
+        container_id: svc.container_id,
+        orig_mtu: 0,
+        reply_mtu: 0,
+    };
+    match conntrack::create::<V4>(&flow.key, req) {
+        CREATED => {
+            maps::count(Stat::HairpinNew);
+            maps::flow_event(event_kind::FLOW_NEW, &flow.key, svc.container_id);
+            CREATED
+        }
+        r => DROP + r,
+    }
 }
 
 /// The first packet of a flow from a container: masqueraded if it leaves
@@ -228,6 +353,9 @@ fn new_flow(
     req: &mut NewFlow<[u8; 4]>,
     expiring: bool,
 ) -> u32 {
+    if let Some(svc) = maps::service(flow.key.daddr, flow.key.dport, flow.key.proto, false) {
+        return hairpin(ctx, flow, req, svc, ifindex, expiring);
+    }
     if cfg.flags & CONFIG_F_SNAT == 0 {
         return PASS;
     }

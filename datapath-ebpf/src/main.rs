@@ -16,17 +16,19 @@ mod guard;
 mod icmp;
 mod maps;
 mod nat;
+mod overlay;
 mod parse;
 mod ratelimit;
 mod route;
+mod sock;
 mod uplink;
 
 use aya_ebpf::{
     EbpfContext,
     bindings::{TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, xdp_action},
     helpers::generated::{bpf_check_mtu, bpf_redirect, bpf_redirect_neigh, bpf_redirect_peer},
-    macros::{classifier, xdp},
-    programs::{TcContext, XdpContext},
+    macros::{cgroup_sock_addr, classifier, xdp},
+    programs::{SockAddrContext, TcContext, XdpContext},
 };
 use aya_log_ebpf::debug;
 use datapath_common::{CONFIG_F_CHECK_LINKS, EndpointKey, FlushRequest, Stat, monitor::hook};
@@ -117,7 +119,114 @@ pub fn container_tc(mut ctx: TcContext) -> i32 {
                 bpf_redirect_neigh(ifindex, core::ptr::null_mut(), 0, 0) as i32
             })
         }
+        container::Verdict::ToContainer { ifindex } => {
+            if interface_gone(&ctx, ifindex) {
+                return stale_interface(&ctx);
+            }
+            // SAFETY: plain helper call.
+            redirected(&ctx, unsafe { bpf_redirect_peer(ifindex, 0) as i32 })
+        }
+        container::Verdict::ToOverlay { ifindex } => {
+            // SAFETY: plain helper call; the overlay device encapsulates.
+            redirected(&ctx, unsafe { bpf_redirect(ifindex, 0) as i32 })
+        }
     }
+}
+
+/// Ingress of the overlay (VXLAN) device: decapsulated packets from the
+/// other nodes go straight into their container's network namespace.
+#[classifier]
+pub fn overlay_tc(mut ctx: TcContext) -> i32 {
+    match overlay::from_overlay(&mut ctx) {
+        overlay::Delivery::Pass => TC_ACT_OK,
+        overlay::Delivery::Drop(stat) => {
+            tc_dropped(&ctx, stat);
+            TC_ACT_SHOT
+        }
+        overlay::Delivery::ToContainer { ifindex } => {
+            // SAFETY: plain helper call.
+            redirected(&ctx, unsafe { bpf_redirect_peer(ifindex, 0) as i32 })
+        }
+    }
+}
+
+/// Egress of the overlay (VXLAN) device: the node's own packets for
+/// containers on other nodes get their tunnel key.
+#[classifier]
+pub fn overlay_egress_tc(mut ctx: TcContext) -> i32 {
+    match overlay::to_overlay(&mut ctx) {
+        overlay::Egress::Pass => TC_ACT_OK,
+        overlay::Egress::Drop(stat) => {
+            if let Some(stat) = stat {
+                // On egress: the device the packet leaves by.
+                // SAFETY: `skb` is the program's context.
+                let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+                maps::dropped(stat, ifindex, ctx.len());
+            }
+            TC_ACT_SHOT
+        }
+    }
+}
+
+/// cgroup connect4 on the node's cgroup: a node socket connecting to a
+/// published port connects to the container (see [`sock`]).
+#[cgroup_sock_addr(connect4)]
+pub fn sock_connect4(ctx: SockAddrContext) -> i32 {
+    sock::translate4(&ctx);
+    1
+}
+
+/// cgroup sendmsg4: a node UDP datagram to a published port is sent to
+/// the container.
+#[cgroup_sock_addr(sendmsg4)]
+pub fn sock_sendmsg4(ctx: SockAddrContext) -> i32 {
+    sock::translate4(&ctx);
+    1
+}
+
+/// cgroup recvmsg4: a datagram from a container a node socket sent to
+/// through a published port reads as coming from the published address.
+#[cgroup_sock_addr(recvmsg4)]
+pub fn sock_recvmsg4(ctx: SockAddrContext) -> i32 {
+    sock::reverse4(&ctx);
+    1
+}
+
+/// cgroup getpeername4: a node socket connected through a published port
+/// shows the published address as its peer.
+#[cgroup_sock_addr(getpeername4)]
+pub fn sock_getpeername4(ctx: SockAddrContext) -> i32 {
+    sock::reverse4(&ctx);
+    1
+}
+
+/// cgroup connect6: a dual-stack node socket connecting to an IPv4-mapped
+/// published address connects to the container.
+#[cgroup_sock_addr(connect6)]
+pub fn sock_connect6(ctx: SockAddrContext) -> i32 {
+    sock::translate6(&ctx);
+    1
+}
+
+/// cgroup sendmsg6: the same for UDP datagrams.
+#[cgroup_sock_addr(sendmsg6)]
+pub fn sock_sendmsg6(ctx: SockAddrContext) -> i32 {
+    sock::translate6(&ctx);
+    1
+}
+
+/// cgroup recvmsg6: answers read as coming from the dialed address.
+#[cgroup_sock_addr(recvmsg6)]
+pub fn sock_recvmsg6(ctx: SockAddrContext) -> i32 {
+    sock::reverse6(&ctx);
+    1
+}
+
+/// cgroup getpeername6: the dialed address is the peer.
+#[cgroup_sock_addr(getpeername6)]
+pub fn sock_getpeername6(ctx: SockAddrContext) -> i32 {
+    sock::reverse6(&ctx);
+    1
 }
 
 /// `-ENODEV`.

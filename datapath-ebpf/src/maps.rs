@@ -2,16 +2,18 @@
 //! and pins them (aya-ebpf's BTF maps cannot pin by name).
 
 use aya_ebpf::{
-    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
+    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
     macros::btf_map,
 };
 use datapath_common::{
     CONFIG_F_MONITOR_DROPS, CONFIG_F_MONITOR_FLOWS, Config, CtContainer, Endpoint, EndpointKey,
-    NodeAddr, NodeAddrKey, STAT_COUNT, ServiceKey, ServiceValue, Stat, capacity,
+    NodeAddr, NodeAddrKey, Peer, STAT_COUNT, ServiceKey, ServiceValue, SockRevKey, SockRevValue,
+    Stat, capacity, is_loopback,
     monitor::{
         CONTAINER_SLOTS, ContainerDrops, ContainerStats, EVENTS_BYTES, Event, MONITOR_BURST,
         MONITOR_WINDOW_NS, event_kind, slot,
     },
+    proto,
 };
 
 use crate::conntrack::{FragTable, MainTable, NewTable};
@@ -25,6 +27,48 @@ pub static CONFIG: Array<Config, 1> = Array::new();
 pub static SERVICES: HashMap<ServiceKey, ServiceValue, { capacity::SERVICES as usize }> =
     HashMap::new();
 
+/// The published addresses node sockets dialed (see `sock`).
+#[btf_map]
+pub static SOCK_REV: LruHashMap<SockRevKey, SockRevValue, { capacity::SOCK_REV as usize }> =
+    LruHashMap::new();
+
+/// Where a published port leads: the entry for the exact address, else
+/// the wildcard entry, which only matches the node's own addresses (and,
+/// for the node's own sockets, `from_node`, its loopback addresses). A
+/// loopback address is never published to a packet: the uplink and the
+/// containers cannot reach a port published on the node's loopback.
+#[inline(always)]
+pub fn service(
+    addr: [u8; 4],
+    port: u16,
+    protocol: u8,
+    from_node: bool,
+) -> Option<&'static ServiceValue> {
+    if protocol != proto::TCP && protocol != proto::UDP {
+        return None;
+    }
+    let loopback = is_loopback(addr);
+    if loopback && !from_node {
+        return None;
+    }
+    let mut key = ServiceKey {
+        addr,
+        port,
+        proto: protocol,
+        _pad: 0,
+    };
+    // SAFETY: service values are only replaced whole by the agent; a torn
+    // read is impossible for values this size under RCU.
+    if let Some(v) = unsafe { SERVICES.get(&key) } {
+        return Some(v);
+    }
+    if !loopback && unsafe { NODE_ADDRS.get(NodeAddrKey { addr }) }.is_none() {
+        return None;
+    }
+    key.addr = [0; 4];
+    unsafe { SERVICES.get(&key) }
+}
+
 /// Containers by address.
 #[btf_map]
 pub static ENDPOINTS: HashMap<EndpointKey, Endpoint, { capacity::ENDPOINTS as usize }> =
@@ -34,6 +78,10 @@ pub static ENDPOINTS: HashMap<EndpointKey, Endpoint, { capacity::ENDPOINTS as us
 #[btf_map]
 pub static NODE_ADDRS: HashMap<NodeAddrKey, NodeAddr, { capacity::NODE_ADDRS as usize }> =
     HashMap::new();
+
+/// The other nodes of the cluster by node CIDR (see `overlay`).
+#[btf_map]
+pub static PEERS: LpmTrie<[u8; 4], Peer, { capacity::PEERS as usize }> = LpmTrie::new();
 
 /// Confirmed flows, with their expiry timers (see `conntrack`). A plain
 /// hash: nothing is ever evicted from it.

@@ -2,16 +2,14 @@
 //! ports and reverse SNAT of masqueraded flows' replies.
 
 use datapath_common::{
-    CONFIG_F_ALLOW_DIRECT_ROUTING, CONFIG_F_FIB, Config, CtKey, EndpointKey, NodeAddrKey,
-    ServiceKey, Stat, ct_action, monitor::event_kind, proto,
+    CONFIG_F_ALLOW_DIRECT_ROUTING, CONFIG_F_FIB, Config, CtKey, EndpointKey, Stat, ct_action,
+    monitor::event_kind,
 };
 
 use crate::{
     conntrack::{self, NewFlow, V4},
     ctx::Packet,
-    guard, icmp,
-    maps::{self, NODE_ADDRS, SERVICES},
-    nat,
+    guard, icmp, maps, nat,
     parse::{self, Flow, FrameLen, Kind, L4, frag},
     route::{Fib, Node},
 };
@@ -62,31 +60,6 @@ impl TranslateIcmp for aya_ebpf::programs::XdpContext {
     fn translate_icmp(&mut self, flow: &Flow, out: &mut icmp::Forward) -> u32 {
         icmp::translate(self, flow, false, out)
     }
-}
-
-/// Looks up a published port: first for the exact address, then for the
-/// wildcard, which only matches the node's own addresses.
-#[inline(always)]
-fn service(key: &CtKey) -> Option<&'static datapath_common::ServiceValue> {
-    if key.proto != proto::TCP && key.proto != proto::UDP {
-        return None;
-    }
-    let mut skey = ServiceKey {
-        addr: key.daddr,
-        port: key.dport,
-        proto: key.proto,
-        _pad: 0,
-    };
-    // SAFETY: service values are only replaced whole by the agent; a torn
-    // read is impossible for values this size under RCU.
-    if let Some(v) = unsafe { SERVICES.get(&skey) } {
-        return Some(v);
-    }
-    if unsafe { NODE_ADDRS.get(NodeAddrKey { addr: skey.addr }) }.is_none() {
-        return None;
-    }
-    skey.addr = [0; 4];
-    unsafe { SERVICES.get(&skey) }
 }
 
 /// Translates one uplink packet.
@@ -218,7 +191,7 @@ fn new_flow<C: Packet + Node>(
         orig_mtu: 0,
         reply_mtu: 0,
     };
-    if let Some(svc) = service(&flow.key) {
+    if let Some(svc) = maps::service(flow.key.daddr, flow.key.dport, flow.key.proto, false) {
         if expiring {
             return DROP + Stat::DropTtlExceeded as u32;
         }

@@ -12,11 +12,12 @@ use datapath_common::ct::Timeouts;
 use ipnet::Ipv4Net;
 
 use crate::{
-    agent::{self, AgentConfig, XdpMode},
+    agent::{self, AgentConfig, SocketCgroup, XdpMode},
     api::{
         AddContainer, Client, ContainerInfo, DEFAULT_SOCKET, FlowEndpoint, FlowQuery, MonitorQuery,
         UpdateContainer,
     },
+    cluster::ClusterConfig,
     model::{Figures, Limit, names::validate_cli_container_name},
 };
 
@@ -72,6 +73,20 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// The nodes of the cluster (cluster mode).
+    #[command(subcommand)]
+    Node(NodeCmd),
+}
+
+/// `datapath node …`.
+#[derive(Debug, Subcommand)]
+pub enum NodeCmd {
+    /// List the nodes: name, node CIDR, underlay address, lease age, state.
+    List {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// `datapath agent`.
@@ -83,9 +98,32 @@ pub struct AgentArgs {
     /// The node address (default: the uplink's first IPv4 address).
     #[arg(long)]
     pub node_ip: Option<Ipv4Addr>,
-    /// The containers' address pool.
-    #[arg(long, default_value = "10.88.0.0/16")]
-    pub pool: Ipv4Net,
+    /// The containers' address pool [default: 10.88.0.0/16]. Not in
+    /// cluster mode: there the pool is the node CIDR claimed from
+    /// --cluster-cidr.
+    #[arg(long)]
+    pub pool: Option<Ipv4Net>,
+    /// Cluster mode: the etcd (v3) store the nodes share, e.g.
+    /// http://198.18.0.1:2379 (several: comma-separated).
+    #[arg(long, value_delimiter = ',')]
+    pub cluster_store: Vec<String>,
+    /// This node's name in the cluster [default: the host name].
+    #[arg(long)]
+    pub node_name: Option<String>,
+    /// The cluster's container network, from which each node claims its
+    /// node CIDR.
+    #[arg(long, default_value = "10.88.0.0/14")]
+    pub cluster_cidr: Ipv4Net,
+    /// Prefix length of each node's CIDR.
+    #[arg(long, default_value_t = 24, value_parser = clap::value_parser!(u8).range(1..=30))]
+    pub node_cidr_size: u8,
+    /// Wait for the cluster store at start instead of failing.
+    #[arg(long)]
+    pub cluster_wait: bool,
+    /// TTL of the node's registration: a node whose agent stops renewing
+    /// it leaves every peer this long after.
+    #[arg(long, default_value = "20s", value_parser = parse_duration)]
+    pub cluster_lease_ttl: Duration,
     /// Uplink hook: auto = TC on veth uplinks, native XDP elsewhere.
     #[arg(long, value_enum, default_value = "auto")]
     pub xdp_mode: XdpMode,
@@ -150,6 +188,13 @@ pub struct AgentArgs {
     /// service CIDRs, for kube-proxy or the node's routes to handle.
     #[arg(long = "non-masquerade-cidr", value_name = "CIDR")]
     pub non_masquerade_cidr: Vec<Ipv4Net>,
+    /// The cgroup (v2 directory) whose processes reach published ports at
+    /// the socket layer: their connections and UDP datagrams to a node
+    /// address or 127.0.0.1 at a published port go straight to the
+    /// container, and still show the address they dialed. `none` attaches
+    /// nothing [default: the cgroup2 root, i.e. every process of the node].
+    #[arg(long, value_name = "PATH")]
+    pub socket_cgroup: Option<PathBuf>,
     /// The configuration file (every flag is a key; flags win)
     /// [default: /etc/datapath/agent.toml, if it exists].
     #[arg(long, value_name = "PATH")]
@@ -378,7 +423,12 @@ impl AgentArgs {
         AgentConfig {
             uplink: self.uplink.clone(),
             node_ip: self.node_ip,
-            pool: self.pool.trunc(),
+            pool: self
+                .pool
+                .unwrap_or_else(|| {
+                    Ipv4Net::new(Ipv4Addr::new(10, 88, 0, 0), 16).unwrap_or_default()
+                })
+                .trunc(),
             xdp_mode: self.xdp_mode,
             bpffs_dir: self.bpffs_dir.clone(),
             state_dir: self.state_dir.clone(),
@@ -397,12 +447,34 @@ impl AgentArgs {
                 icmp: secs(self.ct_timeout_icmp),
             },
             non_masquerade: self.non_masquerade_cidr.iter().map(|n| n.trunc()).collect(),
+            socket_cgroup: match &self.socket_cgroup {
+                None => SocketCgroup::Root,
+                Some(p) if p.as_os_str() == "none" => SocketCgroup::None,
+                Some(p) => SocketCgroup::Dir(p.clone()),
+            },
             // aya-log levels: 3 info, 4 debug.
             log_level: if self.kernel_debug_logs { 4 } else { 3 },
             metrics: self.metrics,
             bpf_stats: self.bpf_stats,
+            cluster: (!self.cluster_store.is_empty()).then(|| ClusterConfig {
+                endpoints: self.cluster_store.clone(),
+                node_name: self.node_name.clone().unwrap_or_else(host_name),
+                cluster_cidr: self.cluster_cidr.trunc(),
+                node_cidr_size: self.node_cidr_size,
+                wait: self.cluster_wait,
+                lease_ttl: self.cluster_lease_ttl,
+            }),
         }
     }
+}
+
+/// The host's name (the default node name).
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".to_owned())
 }
 
 /// Runs the agent until SIGINT or SIGTERM (or, with `--cleanup`, removes
@@ -417,6 +489,14 @@ pub async fn run_agent(args: &AgentArgs, socket: PathBuf) -> anyhow::Result<()> 
     if args.check_config {
         print!("{}", args.effective.as_deref().unwrap_or_default());
         return Ok(());
+    }
+    // Every key may stand in one configuration file (`--check-config`
+    // shows them all), but an agent starts in one mode.
+    if args.pool.is_some() && !args.cluster_store.is_empty() {
+        anyhow::bail!(
+            "--pool is not for cluster mode (--cluster-store): the pool is the node CIDR \
+             claimed from --cluster-cidr"
+        );
     }
     agent::run(cfg, &socket, shutdown_signal()).await
 }
@@ -633,6 +713,17 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 "conntrack {} / {} entries",
                 st.conntrack_entries, st.conntrack_max
             );
+            let count = &st.agent.conntrack_count;
+            println!(
+                "agent cpu {:.2} s user, {:.2} s system  conntrack count: {} passes, \
+                 at most {} entries and {} syscalls per pass (budget {})",
+                st.agent.cpu_user_s,
+                st.agent.cpu_system_s,
+                count.passes,
+                count.max_pass_entries,
+                count.max_pass_syscalls,
+                count.pass_budget
+            );
             println!("attached:");
             for a in &st.attachments {
                 println!(
@@ -824,6 +915,24 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     f.packets + f.reply_packets,
                     f.bytes + f.reply_bytes,
                     f.container.unwrap_or_else(|| "-".into())
+                );
+            }
+            Ok(())
+        }
+        Command::Node(NodeCmd::List { json }) => {
+            let nodes = client.nodes().await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&nodes)?);
+                return Ok(());
+            }
+            println!(
+                "{:<24} {:<18} {:<16} {:>9}  STATE",
+                "NAME", "CIDR", "UNDERLAY", "LEASE-AGE"
+            );
+            for n in nodes {
+                println!(
+                    "{:<24} {:<18} {:<16} {:>8}s  {}",
+                    n.name, n.cidr, n.underlay, n.lease_age_s, n.state
                 );
             }
             Ok(())

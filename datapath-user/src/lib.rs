@@ -13,6 +13,8 @@
 //! * [`datapath`]: the eBPF object, its maps and programs.
 //! * [`agent`]: the owner task and its parts (lifecycle, publishing,
 //!   reconcile, status).
+//! * [`cluster`]: cluster mode: the node CIDR claim, registration and the
+//!   other nodes, kept in etcd.
 //! * [`cni`]: the CNI plugin, a client of the API.
 //! * [`cli`]: the `datapath` command line.
 
@@ -20,6 +22,7 @@ pub mod agent;
 pub mod api;
 pub mod cgroup;
 pub mod cli;
+pub mod cluster;
 pub mod cni;
 pub mod datapath;
 pub mod error;

@@ -355,6 +355,32 @@ pub fn render(figures: &Figures) -> Result<String, std::fmt::Error> {
         runs,
     );
 
+    let cpu = Family::<Labels, Counter<f64, std::sync::atomic::AtomicU64>>::default();
+    for (mode, us) in [
+        ("user", figures.agent_cpu_user_us),
+        ("system", figures.agent_cpu_system_us),
+    ] {
+        cpu.get_or_create(&vec![label("mode", mode)])
+            .inc_by(us as f64 / 1e6);
+    }
+    reg.register(
+        "datapath_agent_cpu_seconds",
+        "CPU time the agent used since it started, in user mode and in the kernel on its behalf",
+        cpu,
+    );
+    let passes = Counter::<u64>::default();
+    passes.inc_by(figures.conntrack_count_passes);
+    reg.register(
+        "datapath_conntrack_count_passes",
+        "Passes of the background count of the conntrack entries (the figures above come from it)",
+        passes,
+    );
+    reg.register(
+        "datapath_conntrack_count_max_pass_entries",
+        "The most conntrack entries one pass of the background count touched",
+        gauge(figures.conntrack_count_max_pass_entries),
+    );
+
     let t = &*TELEMETRY;
     reg.register(
         "datapath_map_update_duration_seconds",
@@ -395,6 +421,7 @@ mod tests {
                 .collect(),
             conntrack_max: 100,
             conntrack_new_max: 25,
+            agent_cpu_user_us: 1_500_000,
             ..Figures::default()
         }
     }
@@ -414,6 +441,10 @@ mod tests {
             page.contains(
                 "datapath_container_packets_total{container=\"web\",direction=\"rx\"} 11"
             ),
+            "{page}"
+        );
+        assert!(
+            page.contains("datapath_agent_cpu_seconds_total{mode=\"user\"} 1.5"),
             "{page}"
         );
         assert!(

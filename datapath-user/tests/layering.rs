@@ -25,14 +25,15 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("store", &["model"]),
     ("net", &["model"]),
     ("datapath", &["model", "metrics"]),
+    ("cluster", &["model"]),
     (
         "agent",
         &[
-            "model", "error", "cgroup", "api", "store", "net", "datapath", "metrics",
+            "model", "error", "cgroup", "api", "store", "net", "datapath", "metrics", "cluster",
         ],
     ),
     ("cni", &["model", "error", "api", "net"]),
-    ("cli", &["model", "api", "agent"]),
+    ("cli", &["model", "api", "agent", "cluster"]),
 ];
 
 type Module = Vec<String>;

@@ -70,7 +70,7 @@ pub fn datapath_bin() -> PathBuf {
 #[derive(Debug)]
 pub struct AgentBuilder<'n> {
     node: &'n Node,
-    pool: String,
+    pool: Option<String>,
     args: Vec<String>,
     cgroup_root: Option<PathBuf>,
     command: Option<Vec<String>>,
@@ -82,7 +82,13 @@ impl<'n> AgentBuilder<'n> {
     /// The container pool (default `198.19.<n>.0/24`, n counting agents
     /// started by this process).
     pub fn pool(mut self, cidr: &str) -> Self {
-        self.pool = cidr.to_owned();
+        self.pool = Some(cidr.to_owned());
+        self
+    }
+
+    /// No `--pool` (cluster mode: the agent claims its pool).
+    pub fn without_pool(mut self) -> Self {
+        self.pool = None;
         self
     }
 
@@ -141,6 +147,16 @@ impl<'n> AgentBuilder<'n> {
         agent
     }
 
+    /// Starts several agents at once (all processes first, then the waits
+    /// for their sockets): agents racing each other at start.
+    pub fn start_all(builders: Vec<Self>) -> Vec<Agent<'n>> {
+        let mut agents: Vec<Agent<'n>> = builders.into_iter().map(Self::spawn).collect();
+        for agent in &mut agents {
+            agent.wait_api();
+        }
+        agents
+    }
+
     /// Starts the agent without waiting for it ([`Agent::wait_api`] does).
     pub fn spawn(self) -> Agent<'n> {
         let bin = datapath_bin();
@@ -167,8 +183,15 @@ impl<'n> AgentBuilder<'n> {
         }
         let log_path = tmp_dir.join("agent.log");
         File::create(&log_path).unwrap_or_else(|e| panic!("creating {}: {e}", log_path.display()));
+        // The socket programs go on a cgroup of the agent's own, never the
+        // machine's cgroup2 root (with a stand-in root, the agent's default
+        // is the stand-in).
+        let socket_cgroup = (self.cgroup_root.is_none()
+            && !self.args.iter().any(|a| a == "--socket-cgroup"))
+        .then(Cgroup::new);
         let mut agent = Agent {
             node: self.node,
+            socket_cgroup,
             bin,
             child: None,
             pool: self.pool,
@@ -210,9 +233,11 @@ pub fn metrics_at(socket: &Path) -> Result<String, String> {
 #[derive(Debug)]
 pub struct Agent<'n> {
     node: &'n Node,
+    /// Where the socket programs are attached (`--socket-cgroup`).
+    socket_cgroup: Option<Cgroup>,
     bin: PathBuf,
     child: Option<Child>,
-    pool: String,
+    pool: Option<String>,
     args: Vec<String>,
     cgroup_root: Option<PathBuf>,
     command: Option<Vec<String>>,
@@ -225,12 +250,24 @@ pub struct Agent<'n> {
 }
 
 impl<'n> Agent<'n> {
+    /// The cgroup the agent attached its socket programs to: processes
+    /// started in it (`Cgroup::enter`) and in the node namespace reach
+    /// published ports through the node's addresses and loopback.
+    pub fn socket_cgroup(&self) -> &Cgroup {
+        self.socket_cgroup
+            .as_ref()
+            .expect("this agent's socket programs are not on a cgroup of the harness")
+    }
+
     /// Options for an agent in `node`.
     pub fn builder(node: &'n Node) -> AgentBuilder<'n> {
         static POOL: AtomicU8 = AtomicU8::new(0);
         AgentBuilder {
             node,
-            pool: format!("198.19.{}.0/24", POOL.fetch_add(1, Ordering::Relaxed)),
+            pool: Some(format!(
+                "198.19.{}.0/24",
+                POOL.fetch_add(1, Ordering::Relaxed)
+            )),
             args: Vec::new(),
             cgroup_root: None,
             command: None,
@@ -251,14 +288,21 @@ impl<'n> Agent<'n> {
             Some(words) => words.iter().map(Into::into).collect(),
             None => vec!["agent".into()],
         };
-        args.extend(["--uplink", UPLINK, "--pool"].iter().map(Into::into));
-        args.push(self.pool.clone().into());
+        args.extend(["--uplink", UPLINK].iter().map(Into::into));
+        if let Some(pool) = &self.pool {
+            args.push("--pool".into());
+            args.push(pool.into());
+        }
         args.push("--bpffs-dir".into());
         args.push(self.bpffs_dir.clone().into());
         args.push("--api-socket".into());
         args.push(self.socket.clone().into());
         args.push("--state-dir".into());
         args.push(self.state_dir().into());
+        if let Some(cg) = &self.socket_cgroup {
+            args.push("--socket-cgroup".into());
+            args.push(cg.path().into());
+        }
         args.extend(self.args.iter().map(Into::into));
         args
     }
@@ -331,9 +375,10 @@ impl<'n> Agent<'n> {
         self.node
     }
 
-    /// The container pool.
+    /// The container pool given with `--pool` (empty without one: a
+    /// cluster agent claims its own).
     pub fn pool(&self) -> &str {
-        &self.pool
+        self.pool.as_deref().unwrap_or_default()
     }
 
     /// The agent's bpffs directory (pinned maps and links).
@@ -519,7 +564,7 @@ impl<'n> Agent<'n> {
     /// Replaces the extra arguments (the builder's [`AgentBuilder::args`])
     /// and the pool the next [`Agent::restart`] starts the agent with.
     pub fn set_pool_and_args(&mut self, pool: &str, args: &[&str]) {
-        self.pool = pool.to_owned();
+        self.pool = Some(pool.to_owned());
         self.args = args.iter().map(|a| (*a).to_owned()).collect();
     }
 

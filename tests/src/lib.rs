@@ -12,7 +12,8 @@
 //!   [`leaks`] (finding what a test left behind); [`traffic`] (servers and
 //!   clients of real traffic) and [`inspect`] (bpftool and `ip` views of
 //!   what the agent made); [`ratebench`] (iperf3 runners and the rate
-//!   limiter's benchmark against tc tbf); [`sandbox`] (a node-like mount
+//!   limiter's benchmark against tc tbf); [`cluster`] (an underlay switch,
+//!   nodes on it and etcd, for cluster mode); [`sandbox`] (a node-like mount
 //!   namespace for programs run with their default paths: the README's
 //!   commands, containerd).
 //! * [`bench`] compares the datapath with iptables, nftables and plain
@@ -25,6 +26,7 @@ pub mod agent;
 pub mod bench;
 pub mod capture;
 pub mod cgroup;
+pub mod cluster;
 pub mod events;
 pub mod fixture;
 pub mod frame;
@@ -33,6 +35,7 @@ pub mod leaks;
 pub mod lock;
 pub mod names;
 pub mod netns;
+pub mod nginx;
 pub mod node;
 pub mod packet;
 pub mod programs;

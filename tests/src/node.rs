@@ -19,6 +19,7 @@
 
 use std::{
     net::{Ipv4Addr, SocketAddr},
+    path::PathBuf,
     process::Command,
 };
 
@@ -28,6 +29,8 @@ use crate::{names, netns::Netns};
 pub const UPLINK: &str = "up0";
 /// The client's interface name.
 pub const CLIENT_IF: &str = "eth0";
+/// The bridge of a switch namespace ([`NodeBuilder::switch`]).
+pub const SWITCH_BRIDGE: &str = "br0";
 
 /// Options of a [`Node`].
 #[derive(Clone, Debug)]
@@ -36,6 +39,7 @@ pub struct NodeBuilder {
     node_addr: Ipv4Addr,
     prefix_len: u8,
     client_tx_offload: bool,
+    switch: Option<PathBuf>,
 }
 
 impl Default for NodeBuilder {
@@ -45,6 +49,7 @@ impl Default for NodeBuilder {
             node_addr: Ipv4Addr::new(198, 18, 0, 2),
             prefix_len: 24,
             client_tx_offload: true,
+            switch: None,
         }
     }
 }
@@ -76,6 +81,15 @@ impl NodeBuilder {
         self
     }
 
+    /// Plugs the client and the node into a switch (a bridge
+    /// [`SWITCH_BRIDGE`] in the namespace at `switch`) instead of joining
+    /// them with one veth pair: nodes plugged into one switch share an
+    /// underlay, and each client is a host on it.
+    pub fn switch(mut self, switch: &Netns) -> Self {
+        self.switch = Some(switch.path().to_owned());
+        self
+    }
+
     /// Builds the node.
     pub fn build(self) -> Node {
         for a in [self.client_addr, self.node_addr] {
@@ -87,9 +101,20 @@ impl NodeBuilder {
         let id = names::unique_id();
         let client = Netns::new(&format!("{}{id}-cl", names::PREFIX));
         let node = Netns::new(&format!("{}{id}-nd", names::PREFIX));
-        client
-            .add_veth(CLIENT_IF, UPLINK, &node)
-            .unwrap_or_else(|e| panic!("{e}"));
+        match &self.switch {
+            None => client
+                .add_veth(CLIENT_IF, UPLINK, &node)
+                .unwrap_or_else(|e| panic!("{e}")),
+            Some(path) => {
+                let switch = Netns::attach(path);
+                for (ns, ifname, port) in [(&client, CLIENT_IF, "c"), (&node, UPLINK, "n")] {
+                    let port = format!("{id}{port}");
+                    ns.add_veth(ifname, &port, &switch)
+                        .unwrap_or_else(|e| panic!("{e}"));
+                    switch.exec_ok("ip", ["link", "set", &port, "master", SWITCH_BRIDGE, "up"]);
+                }
+            }
+        }
         let (c, n) = (
             format!("{}/{}", self.client_addr, self.prefix_len),
             format!("{}/{}", self.node_addr, self.prefix_len),

@@ -22,7 +22,7 @@ use std::{collections::HashSet, net::Ipv4Addr, time::Duration};
 use aya::{
     Ebpf, EbpfLoader, TestRun, TestRunOptions,
     maps::{Array, HashMap, MapData, MapError, PerCpuArray},
-    programs::{CgroupSkb, Program, ProgramError, SchedClassifier, SockOps, Xdp},
+    programs::{CgroupSkb, CgroupSockAddr, Program, ProgramError, SchedClassifier, SockOps, Xdp},
 };
 use bytemuck::{Pod, Zeroable};
 use datapath_common::{
@@ -295,6 +295,9 @@ impl Programs {
                 Some(Program::Xdp(_)) => self.xdp(name).map(|_| ())?,
                 Some(Program::CgroupSkb(_)) => self.cgroup_skb(name).map(|_| ())?,
                 Some(Program::SockOps(_)) => self.program(name, SockOps::load).map(|_| ())?,
+                Some(Program::CgroupSockAddr(_)) => {
+                    self.program(name, CgroupSockAddr::load).map(|_| ())?
+                }
                 _ => self.classifier(name).map(|_| ())?,
             }
         }
@@ -522,6 +525,7 @@ impl Programs {
             flags: datapath_common::CONFIG_F_SNAT | CONFIG_F_READY,
             ct_container_max: 0,
             timeouts: datapath_common::ct::Timeouts::UNSET,
+            ..Config::default()
         }
     }
 

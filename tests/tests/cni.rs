@@ -15,12 +15,14 @@ use std::{
 use datapath_tests::{
     agent::{Agent, ContainerInfo, datapath_bin},
     cgroup::Cgroup,
+    cluster::{self, Etcd, Switch},
     lock::TrafficLock,
     netns::Netns,
     node::{self, Node},
     ratebench::{EGRESS_BAND, INGRESS_BAND, Iperf3Options, assert_report, receive_in, send_from},
     sys,
     traffic::{IO_TIMEOUT, Server, UdpPinger, assert_refused, http_get},
+    wait,
 };
 use serde_json::{Value, json};
 
@@ -992,5 +994,51 @@ fn kubernetes_pods_keep_their_address_to_cluster_cidrs_and_host_ports_bind_their
         &node.client,
         node.node_port(8080),
         "the hostPort on another address",
+    );
+}
+
+#[test]
+fn on_cluster_nodes_the_plugin_hands_out_node_cidr_addresses_that_reach_across_nodes() {
+    let switch = Switch::new();
+    let etcd = Etcd::start(&switch);
+    let (n1, n2) = (switch.node(1), switch.node(2));
+    let a1 = cluster::agent(&n1, &etcd, "n1", &[]);
+    let a2 = cluster::agent(&n2, &etcd, "n2", &[]);
+    let seen = wait::within(Duration::from_secs(20), || {
+        [&a1, &a2].iter().all(|a| {
+            a.cli_json(["node", "list", "--json"])
+                .as_array()
+                .is_some_and(|nodes| nodes.len() == 2)
+        })
+    });
+    assert!(seen, "the nodes do not see each other");
+    // The plugin, unchanged, on each node: an address of the node's CIDR.
+    let mut addrs = Vec::new();
+    for (agent, node, tag) in [(&a1, &n1, "a"), (&a2, &n2, "b")] {
+        let plugin = Plugin::new(agent, "dpnet", "1.1.0");
+        let (ctr, id) = attachment(node, tag);
+        let result = plugin.add(&id, &ctr, &plugin.conf);
+        let addr = result["ips"][0]["address"].as_str().expect("an address");
+        let addr: Ipv4Addr = addr
+            .split('/')
+            .next()
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| panic!("not an address: {addr}"));
+        let cidr = agent.status()["pool"].as_str().expect("a pool").to_owned();
+        let (network, prefix) = parse_pool(&cidr);
+        assert_eq!(
+            u32::from(addr) & (u32::MAX << (32 - prefix)),
+            u32::from(network),
+            "{addr} is not in the node CIDR {cidr}"
+        );
+        addrs.push((ctr, addr, cidr));
+    }
+    let (a, b) = (&addrs[0], &addrs[1]);
+    assert_ne!(a.2, b.2, "the nodes' CIDRs");
+    assert!(
+        wait::within(Duration::from_secs(20), || a.0.ping(b.1)),
+        "{} does not reach {} on the other node",
+        a.1,
+        b.1
     );
 }

@@ -5,7 +5,8 @@
 //! masquerade fills its range; the node's own connections keep their
 //! replies; fragments cross both ways; egress follows the node's routes and
 //! MTU; connection load at full rate never collapses; the tables are walked
-//! and flushed whole.
+//! and flushed whole; counting a table of a million entries costs a
+//! bounded amount of work per pass (issue 22).
 
 use std::{
     io,
@@ -1044,4 +1045,71 @@ fn thousands_of_flows_are_listed_and_flushed_whole() {
     let listed = agent.cli_json(["conntrack", "list", "--json"]);
     assert_eq!(listed, serde_json::json!([]));
     drop(open);
+}
+
+// ---- issue 22: the agent's periodic work is bounded ------------------------------
+
+/// The most entries one pass of the agent's count may touch
+/// (`COUNT_PASS_BUDGET`).
+const COUNT_PASS_BUDGET: u64 = 65_536;
+
+#[test]
+fn counting_a_million_conntrack_entries_touches_a_bounded_number_per_pass() {
+    use aya::maps::{HashMap as BpfHashMap, Map, MapData};
+    use datapath_common::{CtKey, CtTimedEntry};
+    const ENTRIES: usize = 1 << 20;
+    let node = Node::new();
+    let agent = Agent::builder(&node)
+        .args(["--ct-max", &ENTRIES.to_string()])
+        .start();
+    let pin = agent.bpffs_dir().join("maps/CT");
+    let data = MapData::from_pin(&pin).expect("open the pinned CT");
+    let mut map: BpfHashMap<MapData, CtKey, CtTimedEntry> =
+        BpfHashMap::try_from(Map::HashMap(data)).expect("CT is a hash map");
+    datapath_tests::bench::flowcore::fill_table(&mut map, ENTRIES).expect("fill CT");
+    let work = |st: &Value| st["agent"]["conntrack_count"].clone();
+    // Asked for continuously, the count goes on pass after pass (a second
+    // apart) until its walk of the tables is done.
+    let mut st = agent.status();
+    wait::until(
+        "a count of the whole table",
+        Duration::from_secs(300),
+        || {
+            st = agent.status();
+            work(&st)["walks"].as_u64() >= Some(1)
+                && st["conntrack_entries"].as_u64() == Some(ENTRIES as u64)
+        },
+    );
+    let w = work(&st);
+    eprintln!("count of {ENTRIES} entries: {w:#}, agent {:#}", st["agent"]);
+    let passes = w["passes"].as_u64().expect("passes");
+    let most = w["max_pass_entries"].as_u64().expect("max_pass_entries");
+    let syscalls = w["max_pass_syscalls"].as_u64().expect("max_pass_syscalls");
+    // 1M entries read and 512k replies looked up cannot fit fewer passes.
+    let least = (ENTRIES as u64 * 3 / 2).div_ceil(COUNT_PASS_BUDGET);
+    assert!(
+        passes >= least,
+        "{passes} passes for {ENTRIES} entries: {w:#}"
+    );
+    assert!(
+        most <= COUNT_PASS_BUDGET && most > 0,
+        "one pass touched {most} entries: {w:#}"
+    );
+    // One batch read per 1,024 entries at most… and one lookup per flow.
+    assert!(
+        syscalls <= COUNT_PASS_BUDGET,
+        "one pass made {syscalls} syscalls: {w:#}"
+    );
+    assert_eq!(w["pass_budget"].as_u64(), Some(COUNT_PASS_BUDGET));
+    let cpu = st["agent"]["cpu_user_s"].as_f64().expect("cpu_user_s")
+        + st["agent"]["cpu_system_s"].as_f64().expect("cpu_system_s");
+    assert!(
+        cpu > 0.0,
+        "the agent's CPU time is reported: {:#}",
+        st["agent"]
+    );
+    assert_eq!(
+        agent.cli_ok(["conntrack", "flush"]).trim(),
+        format!("removed {ENTRIES} entries")
+    );
 }

@@ -146,6 +146,96 @@ fn container_counters_move_by_exactly_the_packets_sent_and_the_page_parses() {
     );
 }
 
+/// How far the figures of [`traffic`] moved between two scrapes.
+fn moved(before: [u64; 4], after: [u64; 4]) -> [u64; 4] {
+    [
+        after[0] - before[0],
+        after[1] - before[1],
+        after[2] - before[2],
+        after[3] - before[3],
+    ]
+}
+
+/// A first UDP exchange from `from` with the echo server at `to`, retried
+/// while the server starts and the path settles: the answer's length.
+fn first_answer_len(from: &datapath_tests::netns::Netns, to: SocketAddr, payload: &[u8]) -> usize {
+    let first = wait::for_some(Duration::from_secs(30), || {
+        udp_request_within(from, 0, to, payload, Duration::from_secs(2)).ok()
+    })
+    .expect("the echo server answers");
+    first.len()
+}
+
+#[test]
+fn hairpin_packets_count_as_received_by_the_container_they_reach() {
+    const N: u64 = 9;
+    let node = Node::new();
+    let c1 = node.add_container_netns("c1");
+    let c2 = node.add_container_netns("c2");
+    let agent = datapath_tests::agent::Agent::start(&node);
+    agent.add("c1", &c1, &[]);
+    agent.add("c2", &c2, &["-p", "5354:53/udp"]);
+    let _echo = Server::udp_echo(&c2, 53, "c2");
+    let to = node.node_port(5354);
+    let payload = [b'h'; 40];
+    let reply = first_answer_len(&c1, to, &payload);
+    let before = parse(&agent.metrics());
+    for _ in 0..N {
+        udp_request(&c1, to, &payload).expect("c1 → node:5354 (c2's)");
+    }
+    let after = parse(&agent.metrics());
+    // Both ways through the container program (hairpin): each container
+    // sends N and receives N, whole frames.
+    let frame = |len: usize| 42 + len as u64;
+    let (out, back) = (N * frame(payload.len()), N * frame(reply));
+    assert_eq!(
+        moved(traffic(&before, "c2"), traffic(&after, "c2")),
+        [N, out, N, back],
+        "rx packets, rx bytes, tx packets, tx bytes of c2 (the published port's)"
+    );
+    assert_eq!(
+        moved(traffic(&before, "c1"), traffic(&after, "c1")),
+        [N, back, N, out],
+        "rx packets, rx bytes, tx packets, tx bytes of c1 (the client)"
+    );
+}
+
+#[test]
+fn overlay_packets_count_for_the_containers_on_both_nodes() {
+    use datapath_tests::cluster::{self, Etcd, Switch};
+    const N: u64 = 7;
+    let switch = Switch::new();
+    let etcd = Etcd::start(&switch);
+    let (n1, n2) = (switch.node(1), switch.node(2));
+    let a1 = cluster::agent(&n1, &etcd, "n1", &[]);
+    let a2 = cluster::agent(&n2, &etcd, "n2", &[]);
+    let (ca, cb) = (n1.add_container_netns("a"), n2.add_container_netns("b"));
+    a1.add("a", &ca, &[]);
+    let b = a2.add("b", &cb, &[]);
+    let _echo = Server::udp_echo(&cb, 5300, "b");
+    let to = SocketAddr::from((b.addr, 5300));
+    let payload = [b'o'; 24];
+    // The first exchange waits for the nodes to learn of each other.
+    let reply = first_answer_len(&ca, to, &payload);
+    let (before1, before2) = (parse(&a1.metrics()), parse(&a2.metrics()));
+    for _ in 0..N {
+        udp_request(&ca, to, &payload).expect("a → b across the overlay");
+    }
+    let (after1, after2) = (parse(&a1.metrics()), parse(&a2.metrics()));
+    let frame = |len: usize| 42 + len as u64;
+    let (out, back) = (N * frame(payload.len()), N * frame(reply));
+    assert_eq!(
+        moved(traffic(&before1, "a"), traffic(&after1, "a")),
+        [N, back, N, out],
+        "rx packets, rx bytes, tx packets, tx bytes of a (node 1)"
+    );
+    assert_eq!(
+        moved(traffic(&before2, "b"), traffic(&after2, "b")),
+        [N, out, N, back],
+        "rx packets, rx bytes, tx packets, tx bytes of b (node 2)"
+    );
+}
+
 #[test]
 fn a_deleted_containers_series_vanish_and_metrics_serve_over_tcp() {
     let node = Node::new();

@@ -5,7 +5,10 @@
 
 use datapath_common::{
     Stat, ct_action,
-    programs::{CONTAINER_TC, UPLINK_TC, UPLINK_XDP},
+    programs::{
+        CONTAINER_TC, SOCK_CONNECT4, SOCK_CONNECT6, SOCK_GETPEERNAME4, SOCK_GETPEERNAME6,
+        SOCK_RECVMSG4, SOCK_RECVMSG6, SOCK_SENDMSG4, SOCK_SENDMSG6, UPLINK_TC, UPLINK_XDP,
+    },
     proto,
 };
 use datapath_tests::{
@@ -201,10 +204,98 @@ fn the_context_reaches_the_program() {
 fn every_program_passes_the_verifier() {
     let mut p = Programs::load();
     let names = p.load_all().unwrap_or_else(|e| panic!("{e}"));
-    for expected in [UPLINK_TC, UPLINK_XDP, CONTAINER_TC] {
+    for expected in [
+        UPLINK_TC,
+        UPLINK_XDP,
+        CONTAINER_TC,
+        SOCK_CONNECT4,
+        SOCK_SENDMSG4,
+        SOCK_RECVMSG4,
+        SOCK_GETPEERNAME4,
+        SOCK_CONNECT6,
+        SOCK_SENDMSG6,
+        SOCK_RECVMSG6,
+        SOCK_GETPEERNAME6,
+    ] {
         assert!(
             names.iter().any(|n| n == expected),
             "{expected} missing from {names:?}"
         );
     }
+}
+
+#[test]
+fn a_container_to_its_own_published_port_is_hairpinned_from_the_node_address_both_ways() {
+    let mut p = datapath();
+    let syn = from_container(
+        Frame::tcp("198.19.0.5:40000", "198.18.0.2:8080")
+            .tcp_flags(tcp_flags::SYN)
+            .ttl(64),
+    );
+    let r = p.container_tc(&syn, CTR_IFINDEX);
+    assert_eq!(r.verdict, TC_ACT_REDIRECT, "stats: {:?}", p.stats());
+    verify_checksums(&r.data).expect("valid checksums");
+    let out = ParsedFrame::parse(&r.data).expect("parses");
+    // To itself, from the node address it dialed (its own address would
+    // be a martian source to its stack).
+    assert_eq!(out.ipv4().source, NODE);
+    assert_eq!(out.ipv4().destination, CTR);
+    assert_eq!(out.ports(), (40000, 80));
+    let orig_key = testbed::ct_key("198.19.0.5:40000", "198.18.0.2:8080", proto::TCP);
+    let reply_key = testbed::ct_key("198.19.0.5:80", "198.18.0.2:40000", proto::TCP);
+    let orig = p.conntrack_get(&orig_key).expect("hairpin entry");
+    assert_eq!(orig.action, ct_action::HAIRPIN);
+    assert_eq!(orig.ifindex, CTR_IFINDEX);
+    let reply = p.conntrack_get(&reply_key).expect("reverse hairpin entry");
+    assert_eq!(reply.action, ct_action::REV_HAIRPIN);
+    assert_eq!(reply.ifindex, CTR_IFINDEX);
+    assert_eq!(p.stat(Stat::HairpinNew), 1);
+
+    let synack = from_container(
+        Frame::tcp("198.19.0.5:80", "198.18.0.2:40000")
+            .tcp_flags(tcp_flags::SYN | tcp_flags::ACK)
+            .ack_number(1),
+    );
+    let r = p.container_tc(&synack, CTR_IFINDEX);
+    assert_eq!(r.verdict, TC_ACT_REDIRECT, "stats: {:?}", p.stats());
+    verify_checksums(&r.data).expect("valid checksums");
+    let out = ParsedFrame::parse(&r.data).expect("parses");
+    assert_eq!(out.ipv4().source, NODE);
+    assert_eq!(out.ipv4().destination, CTR);
+    assert_eq!(out.ports(), (8080, 40000));
+}
+
+#[test]
+fn a_container_to_another_containers_published_port_is_dnated_and_the_reply_returns_to_it() {
+    let mut p = datapath();
+    testbed::add_container(&mut p, &testbed::CTR_B);
+    let query = testbed::CTR_B.frame(Frame::udp("198.19.0.6:5555", "198.18.0.2:5353"));
+    let r = p.container_tc(&query, testbed::CTR_B.ifindex);
+    assert_eq!(r.verdict, TC_ACT_REDIRECT, "stats: {:?}", p.stats());
+    verify_checksums(&r.data).expect("valid checksums");
+    let out = ParsedFrame::parse(&r.data).expect("parses");
+    assert_eq!(out.ipv4().source, testbed::CTR_B.addr, "the source is kept");
+    assert_eq!(out.ipv4().destination, CTR);
+    assert_eq!(out.ports(), (5555, 53));
+
+    let answer = from_container(Frame::udp("198.19.0.5:53", "198.19.0.6:5555"));
+    let r = p.container_tc(&answer, CTR_IFINDEX);
+    assert_eq!(r.verdict, TC_ACT_REDIRECT, "stats: {:?}", p.stats());
+    verify_checksums(&r.data).expect("valid checksums");
+    let out = ParsedFrame::parse(&r.data).expect("parses");
+    assert_eq!(
+        out.ipv4().source,
+        NODE,
+        "the answer comes from the address dialed"
+    );
+    assert_eq!(out.ipv4().destination, testbed::CTR_B.addr);
+    assert_eq!(out.ports(), (5353, 5555));
+    let reply_key = testbed::ct_key("198.19.0.5:53", "198.19.0.6:5555", proto::UDP);
+    let e = p.conntrack_get(&reply_key).expect("reply entry");
+    assert_eq!(
+        e.ifindex,
+        testbed::CTR_B.ifindex,
+        "back to the asking container"
+    );
+    assert_eq!(p.stat(Stat::HairpinNew), 1);
 }

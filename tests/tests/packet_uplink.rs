@@ -150,3 +150,29 @@ fn second_packet_of_a_flow_uses_the_conntrack_entry() {
     assert_eq!(p.stat(Stat::DnatNew), 1);
     assert_eq!(p.stat(Stat::DnatPackets), 2);
 }
+
+#[test]
+fn a_packet_to_the_node_loopback_is_never_translated_even_where_a_port_is_published_there() {
+    let mut p = published();
+    p.publish(
+        [127, 0, 0, 1],
+        9090,
+        proto::TCP,
+        BACKEND,
+        80,
+        CTR_IFINDEX,
+        CTR_ID,
+    );
+    // 8080 is published on every address, 9090 on the loopback only: a
+    // crafted packet to either on 127.0.0.1 is the node stack's to drop.
+    for dst in ["127.0.0.1:8080", "127.0.0.1:9090"] {
+        let input = Frame::tcp("198.18.0.1:40000", dst)
+            .tcp_flags(tcp_flags::SYN)
+            .build();
+        let run = p.uplink_tc(&input);
+        assert_eq!(run.verdict, TC_ACT_OK, "to {dst}");
+        assert_eq!(run.data, input, "to {dst}");
+    }
+    assert!(p.conntrack().is_empty());
+    assert_eq!(p.stat(Stat::DnatNew), 0);
+}

@@ -243,10 +243,12 @@ fn the_cgroup2_root_is_refused_however_it_is_named() {
         .arg(stand_in.path())
         .output()
         .expect("bpftool");
+    // The socket programs (published ports for the node's processes) are
+    // on the root by default, as on a real host; no rate limiter is.
+    let listing = String::from_utf8_lossy(&attached.stdout);
     assert!(
-        String::from_utf8_lossy(&attached.stdout).trim().is_empty(),
-        "programs attached to the stand-in root: {}",
-        String::from_utf8_lossy(&attached.stdout)
+        !listing.contains("rate_"),
+        "rate limiter programs attached to the stand-in root: {listing}"
     );
 }
 

@@ -19,9 +19,11 @@
 //! becomes `198.19.0.0/16`.
 //!
 //! `datapath agent` without `--check-config` runs in the background until
-//! the next one starts (or the end); every other command must succeed, a
-//! `curl` must print JSON that is no error (a Prometheus page if it asks
-//! for `/metrics`), and `--json` output must be JSON. Every fenced block must say its language (`sh` is run; `text`,
+//! the next one starts (or the end), `etcd` (cluster mode's store) until
+//! the end, once it answers on its client URL; every other command must
+//! succeed, a `curl` must print JSON that is no error (a Prometheus page
+//! if it asks for `/metrics`), and `--json` output must be JSON. Every
+//! fenced block must say its language (`sh` is run; `text`,
 //! `toml` and `json` are not commands), so none escapes; the only commands
 //! not run are `cargo xtask run` and `cargo xtask test` (this test is part
 //! of the latter).
@@ -190,6 +192,25 @@ struct Running {
     example: String,
 }
 
+impl Drop for Running {
+    /// Whatever happens to the test, nothing it started outlives it.
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The client URL `etcd` command `command` advertises, which answers
+/// `/health` once it serves.
+fn etcd_url(command: &str) -> &str {
+    let mut words = command.split_whitespace();
+    words
+        .find(|w| *w == "--advertise-client-urls")
+        .and_then(|_| words.next())
+        .and_then(|urls| urls.split(',').next())
+        .unwrap_or_else(|| panic!("`{command}` names no --advertise-client-urls"))
+}
+
 impl Running {
     /// SIGTERM, then SIGKILL; whether it exited cleanly.
     fn stop(mut self) -> bool {
@@ -224,6 +245,7 @@ fn every_command_the_readme_shows_runs_as_written() {
     let work = WorkDir(Path::new("/tmp").join(format!("{}{}-readme", names::PREFIX, node.id())));
     let sandbox = sandbox(&node, &work.0);
     let mut agent: Option<Running> = None;
+    let mut store: Option<Running> = None;
     let mut not_run = Vec::new();
     for (n, ex) in examples.iter().enumerate() {
         let what = format!("README.md:{}: {}", ex.line, ex.command);
@@ -239,6 +261,27 @@ fn every_command_the_readme_shows_runs_as_written() {
             continue;
         }
         let command = ex.command.replace(POOL.0, POOL.1);
+        if command.starts_with("etcd ") {
+            assert!(store.is_none(), "{what}: a second etcd");
+            let log = work.0.join(format!("etcd{n}.log"));
+            let mut running = Running {
+                child: sandbox.spawn(&command, &log),
+                log,
+                example: what.clone(),
+            };
+            let health = format!("curl -sf {}/health", etcd_url(&command));
+            let up = wait::within(START_TIMEOUT, || {
+                running.child.try_wait().ok().flatten().is_some()
+                    || sandbox.run(&health).status.success()
+            });
+            assert!(
+                up && running.child.try_wait().ok().flatten().is_none(),
+                "{what}: etcd did not start:\n{}",
+                running.log()
+            );
+            store = Some(running);
+            continue;
+        }
         let daemon = command.starts_with("datapath agent")
             && !command.contains("--check-config")
             && !command.contains("--cleanup");
@@ -302,7 +345,9 @@ fn every_command_the_readme_shows_runs_as_written() {
             "the agent of `{example}` did not stop cleanly"
         );
     }
+    drop(store);
     not_run.sort();
+    not_run.dedup();
     let mut expected: Vec<String> = NOT_RUN.iter().map(|(c, _)| (*c).to_owned()).collect();
     expected.sort();
     assert_eq!(not_run, expected, "the commands not run changed");
@@ -342,6 +387,16 @@ fn the_readme_lists_every_pinned_map_and_attached_program() {
         programs::RATE_EGRESS,
         programs::RATE_INGRESS,
         programs::RATE_SOCKOPS,
+        programs::OVERLAY_TC,
+        programs::OVERLAY_EGRESS_TC,
+        programs::SOCK_CONNECT4,
+        programs::SOCK_SENDMSG4,
+        programs::SOCK_RECVMSG4,
+        programs::SOCK_GETPEERNAME4,
+        programs::SOCK_CONNECT6,
+        programs::SOCK_SENDMSG6,
+        programs::SOCK_RECVMSG6,
+        programs::SOCK_GETPEERNAME6,
     ] {
         assert!(
             table

@@ -33,7 +33,8 @@ const BOOTSTRAP_ROOT_VAR: &str = "DATAPATH_BOOTSTRAP_ROOT";
 /// iptables and friends live there, and a non-root `PATH` often lacks them.
 const SBIN_DIRS: [&str; 2] = ["/usr/sbin", "/sbin"];
 
-/// Every program the tests run, with the Debian package that ships it.
+/// Every program the tests (and the build: protoc) run, with the Debian
+/// package that ships it.
 const TEST_PROGRAMS: &[(&str, &str)] = &[
     ("bpftool", "bpftool"),
     ("iperf3", "iperf3"),
@@ -51,11 +52,16 @@ const TEST_PROGRAMS: &[(&str, &str)] = &[
     ("socat", "socat"),
     ("podman", "podman"),
     ("runc", "runc"),
+    // Cluster mode: the tests' store, and the compiler of its client's
+    // protocol definitions (the build needs it).
+    ("etcd", "etcd-server"),
+    ("protoc", "protobuf-compiler"),
     ("containerd", "containerd"),
     ("ctr", "containerd"),
     ("containerd-shim-runc-v2", "containerd"),
     ("unshare", "util-linux"),
     ("sysctl", "procps"),
+    ("nginx", "nginx-light"),
 ];
 
 /// What the later steps need from the bootstrap.

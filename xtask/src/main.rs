@@ -56,6 +56,10 @@ enum Task {
     /// Run the sandbox, or with ARGS the datapath binary itself
     /// (e.g. `cargo xtask run -- agent --uplink eth0`).
     Run {
+        /// The cluster sandbox: three nodes, an underlay and etcd (ARGS
+        /// go to the sandbox, e.g. `-- --once`).
+        #[arg(long)]
+        cluster: bool,
         /// Arguments for the datapath binary.
         #[arg(last = true)]
         args: Vec<OsString>,
@@ -107,7 +111,7 @@ fn dispatch(task: Task) -> Result<()> {
             Profile::Debug
         }),
         Task::Test { args } => test(&workspace, &args),
-        Task::Run { args } => run_datapath(&workspace, &args),
+        Task::Run { cluster, args } => run_datapath(&workspace, cluster, &args),
         Task::Fuzz { seconds, targets } => fuzz::fuzz(&workspace, seconds, &targets),
         Task::Bench { quick, only } => bench(&workspace, quick, only.as_deref()),
     }
@@ -203,12 +207,16 @@ fn run_tests(workspace: &Workspace, datapath: &Path, args: &[OsString]) -> Resul
     outcome.and(doc)
 }
 
-/// The sandbox without arguments, else the datapath binary with them.
-fn run_datapath(workspace: &Workspace, args: &[OsString]) -> Result<()> {
+/// The sandbox (with `cluster`, the cluster sandbox) without arguments,
+/// else the datapath binary with them.
+fn run_datapath(workspace: &Workspace, cluster: bool, args: &[OsString]) -> Result<()> {
     workspace.build(Profile::Debug)?;
     let datapath = workspace.binary(Profile::Debug, "datapath")?;
-    if args.is_empty() {
+    if args.is_empty() || cluster {
         let mut sandbox = workspace.cargo(["run", "-p", "datapath-tests", "--bin", "sandbox"]);
+        if cluster {
+            sandbox.args(["--", "--cluster"]).args(args);
+        }
         sandbox.env("DATAPATH_BIN", &datapath);
         return Err(exec(&mut sandbox));
     }

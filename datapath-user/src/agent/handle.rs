@@ -17,10 +17,11 @@ use super::{
 };
 use crate::{
     api::{
-        AddContainer, ContainerInfo, FlowQuery, MonitorEvent, MonitorQuery, Status,
+        AddContainer, ContainerInfo, FlowQuery, MonitorEvent, MonitorQuery, NodeInfo, Status,
         UpdateContainer,
         server::{Backend, Failure, FlowBatches},
     },
+    cluster::View,
     datapath::Reader,
     metrics,
 };
@@ -36,6 +37,8 @@ pub struct Handle {
     reader: Arc<Reader>,
     program_stats: Arc<ProgramStats>,
     monitor: Arc<Monitor>,
+    /// The cluster as the synchronisation sees it (cluster mode only).
+    nodes: Option<watch::Receiver<Arc<View>>>,
 }
 
 impl Handle {
@@ -45,6 +48,7 @@ impl Handle {
         reader: Arc<Reader>,
         program_stats: Arc<ProgramStats>,
         monitor: Arc<Monitor>,
+        nodes: Option<watch::Receiver<Arc<View>>>,
     ) -> Self {
         Self {
             commands,
@@ -52,6 +56,7 @@ impl Handle {
             reader,
             program_stats,
             monitor,
+            nodes,
         }
     }
 
@@ -220,5 +225,16 @@ impl Backend for Handle {
             }
         });
         Ok(stream.boxed())
+    }
+
+    async fn nodes(&self) -> Result<Vec<NodeInfo>, Failure> {
+        let Some(nodes) = &self.nodes else {
+            return Err(AgentError::BadRequest(
+                "the agent is not in cluster mode (start it with --cluster-store)".to_owned(),
+            )
+            .into());
+        };
+        let view = Arc::clone(&nodes.borrow());
+        Ok(super::cluster::node_infos(&view))
     }
 }

@@ -20,8 +20,10 @@
 //! * [`pool`]: the pool checked against the node and the recorded state.
 //! * [`uplink`]: the uplink and the global configuration, at start.
 //! * [`status`]: what the API shows.
+//! * [`cluster`]: cluster mode: joining, the overlay device, the peers.
 
 pub mod cgroups;
+pub mod cluster;
 pub mod handle;
 pub mod lifecycle;
 pub mod observe;
@@ -44,7 +46,7 @@ use std::{
 
 use datapath_common::ct::Timeouts;
 use ipnet::Ipv4Net;
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 
 use self::{
     cgroups::Cgroups, lifecycle::Lifecycle, owner::Command, publish::Ports, status::Snapshot,
@@ -112,10 +114,28 @@ pub struct AgentConfig {
     pub bpf_stats: bool,
     /// Kernel-side log level (aya-log).
     pub log_level: u8,
+    /// Cluster mode, if configured: [`run`] replaces the pool with the
+    /// node CIDR it claims.
+    pub cluster: Option<crate::cluster::ClusterConfig>,
     /// Destinations container traffic keeps its source address for: it
     /// goes to the node's stack unmasqueraded (a cluster's pod and service
     /// CIDRs).
     pub non_masquerade: Vec<Ipv4Net>,
+    /// Where the socket programs are attached.
+    pub socket_cgroup: SocketCgroup,
+}
+
+/// Where the socket programs (published ports for the node's own
+/// processes) are attached: `--socket-cgroup`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SocketCgroup {
+    /// The cgroup2 root: every process of the node (the default).
+    Root,
+    /// This cgroup directory and those below it.
+    Dir(PathBuf),
+    /// Nowhere: the node's own processes reach published ports only if
+    /// the node routes their packets out and back.
+    None,
 }
 
 impl AgentConfig {
@@ -145,6 +165,14 @@ impl AgentConfig {
             if !dir.is_absolute() {
                 return Err(format!("{flag} {}: give an absolute path", dir.display()));
             }
+        }
+        if let SocketCgroup::Dir(dir) = &self.socket_cgroup
+            && !dir.is_absolute()
+        {
+            return Err(format!(
+                "--socket-cgroup {}: give an absolute path (or none)",
+                dir.display()
+            ));
         }
         if self.non_masquerade.len() > MAX_NON_MASQUERADE {
             return Err(format!(
@@ -232,12 +260,18 @@ pub struct Node {
 }
 
 impl Node {
-    /// The MTU of the containers' veth pairs: `--mtu`, else the uplink's,
-    /// else the kernel's default.
+    /// The MTU of the containers' veth pairs: `--mtu`, else the uplink's
+    /// (less the overlay's overhead in cluster mode), else the kernel's
+    /// default.
     pub fn container_mtu(&self) -> Option<u32> {
-        self.cfg
-            .mtu
-            .or_else(|| self.uplink.as_ref().and_then(|u| u.mtu))
+        self.cfg.mtu.or_else(|| {
+            let mtu = self.uplink.as_ref().and_then(|u| u.mtu)?;
+            Some(if self.cfg.cluster.is_some() {
+                mtu.saturating_sub(datapath_common::overlay::OVERHEAD)
+            } else {
+                mtu
+            })
+        })
     }
 
     /// Whether container ends need GRO: native XDP redirects into a veth
@@ -276,15 +310,20 @@ impl Agent {
         .context("load the datapath")?;
         let net = Netlink::new().context("open a netlink connection")?;
         let mut store = open_store(&cfg, &dp, &net).await?;
-        let known: HashSet<String> = store
+        let mut known: HashSet<String> = store
             .containers()
             .values()
             .map(|c| c.host_ifname.clone())
             .collect();
+        // The agent's overlay device carries the pool's gateway address and
+        // the cluster's route by design in cluster mode; outside it, one
+        // left by a cluster-mode run is removed below.
+        known.insert(cluster::OVERLAY_IF.to_owned());
         let view = pool::NodeView::read(&net, &known).await?;
         pool::check(&cfg, store.state(), &view)?;
         store.set_ranges(cfg.pool, cfg.snat_ports)?;
         let uplink = uplink::setup(&cfg, &mut dp, &net).await?;
+        uplink::attach_sockets(&cfg, &mut dp)?;
         let reader = Arc::new(dp.reader()?);
         let mut agent = Agent {
             node: Node { cfg, uplink },
@@ -412,6 +451,13 @@ impl Agent {
         }
     }
 
+    /// Makes the datapath's peers the ones the cluster published.
+    fn peers_changed(&mut self, peers: &[crate::cluster::PeerRoute]) {
+        if let Err(e) = cluster::apply_peers(&mut self.dp, peers) {
+            tracing::error!("apply the cluster's peers: {e}");
+        }
+    }
+
     /// Publishes the snapshot, then answers. A client that went away
     /// meanwhile misses the answer; the change stands.
     fn answer<T>(
@@ -478,10 +524,11 @@ async fn open_store(cfg: &AgentConfig, dp: &Datapath, net: &Netlink) -> anyhow::
 /// (refusing if another agent has it, or answers on `socket`), loads and
 /// adopts, then serves the API on `socket` (telling a service manager it is
 /// ready once it listens), follows the cgroups of pending limits and
-/// forwards kernel logs (flows expire in the kernel). The programs stay
-/// attached and the maps pinned when it returns.
+/// forwards kernel logs (flows expire in the kernel) and keeps the cluster in
+/// sync (joined first, in cluster mode). The programs stay attached and the
+/// maps pinned when it returns.
 pub async fn run(
-    cfg: AgentConfig,
+    mut cfg: AgentConfig,
     socket: &Path,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
@@ -491,7 +538,15 @@ pub async fn run(
     use anyhow::Context as _;
     let metrics_addr = cfg.metrics;
     let program_stats = Arc::new(observe::ProgramStats::new(cfg.bpf_stats));
-    let started = owner::spawn(cfg).await?;
+    let mut joined = None;
+    if let Some(cl) = cfg.cluster.clone() {
+        let (client, cidr) = cluster::join(&cl, cfg.uplink.as_deref(), cfg.node_ip).await?;
+        tracing::info!(node = %cl.node_name, %cidr, "joined the cluster; the node CIDR is the pool");
+        cfg.pool = cidr;
+        joined = Some((cl, client));
+    }
+    let (peers_tx, peers_rx) = watch::channel(None);
+    let started = owner::spawn(cfg, peers_rx).await?;
     if let Some(logger) = started.logger {
         tokio::spawn(forward_kernel_logs(logger));
     }
@@ -509,12 +564,45 @@ pub async fn run(
             }
         });
     }
+    let mut nodes = None;
+    let mut sync = None;
+    if let Some((cl, client)) = joined {
+        let snapshot = started.snapshot.borrow().clone();
+        let Some(node_ip) = snapshot.node_ip() else {
+            anyhow::bail!("cluster mode needs an uplink (--uplink) to reach the other nodes");
+        };
+        let me = crate::cluster::NodeRecord::new(&cl.node_name, node_ip, snapshot.pool());
+        let (underlay_tx, underlay_rx) = watch::channel(node_ip);
+        let mut snapshots = started.snapshot.clone();
+        tokio::spawn(async move {
+            while snapshots.changed().await.is_ok() {
+                let ip = snapshots.borrow_and_update().node_ip();
+                if let Some(ip) = ip {
+                    underlay_tx.send_if_modified(|cur| std::mem::replace(cur, ip) != ip);
+                }
+            }
+        });
+        let (view_tx, view_rx) = watch::channel(Arc::new(crate::cluster::View::default()));
+        let outputs = crate::cluster::sync::Outputs {
+            peers: peers_tx,
+            view: view_tx,
+        };
+        sync = Some(tokio::spawn(crate::cluster::sync::run(
+            cl,
+            client,
+            me,
+            underlay_rx,
+            outputs,
+        )));
+        nodes = Some(view_rx);
+    }
     let handle = Handle::new(
         started.commands,
         started.snapshot,
         started.reader,
         program_stats,
         monitor,
+        nodes,
     );
     let (metrics_stop, metrics_stopped) = oneshot::channel::<()>();
     if let Some(addr) = metrics_addr {
@@ -550,6 +638,9 @@ pub async fn run(
         crate::api::server::serve(handle.clone(), socket, || notify_ready(socket), stop).await;
     let _ = metrics_stop.send(());
     notify(&[sd_notify::NotifyState::Stopping]);
+    if let Some(sync) = sync {
+        sync.abort();
+    }
     // Every request has been answered; the owner finishes and stops.
     handle.stop().await;
     let owner = started.owner;

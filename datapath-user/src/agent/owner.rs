@@ -18,6 +18,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use super::{Agent, AgentConfig, AgentError, status::Snapshot};
 use crate::{
     api::{AddContainer, ContainerInfo, UpdateContainer},
+    cluster::PeerRoute,
     datapath::Reader,
     net::watch::AddressEvents,
 };
@@ -88,7 +89,7 @@ struct Ready {
 /// Starts the agent (load, uplink, adoption) on the owner's thread and
 /// returns once it is ready to take commands, or with the reason it could
 /// not start.
-pub(super) async fn spawn(cfg: AgentConfig) -> anyhow::Result<Started> {
+pub(super) async fn spawn(cfg: AgentConfig, peers: PeersRx) -> anyhow::Result<Started> {
     let (commands, inbox) = mpsc::channel(QUEUE);
     let (ready_tx, ready_rx) = oneshot::channel();
     let (alive, gone) = oneshot::channel::<()>();
@@ -97,7 +98,7 @@ pub(super) async fn spawn(cfg: AgentConfig) -> anyhow::Result<Started> {
         .spawn(move || {
             // Dropped when the thread ends, unwinding or not.
             let _alive = alive;
-            run(cfg, inbox, ready_tx);
+            run(cfg, inbox, ready_tx, peers);
         })
         .context("start the owner thread")?;
     let ready = ready_rx
@@ -122,11 +123,28 @@ async fn next_event(events: Option<&mut AddressEvents>) -> Option<u32> {
     }
 }
 
+/// The cluster's peers as the cluster's synchronisation publishes them
+/// (`None` until its first listing: the datapath keeps what it has).
+pub(super) type PeersRx = watch::Receiver<Option<Arc<Vec<PeerRoute>>>>;
+
+/// The next set of peers, or never once the publisher is gone.
+async fn next_peers(peers: &mut PeersRx) -> Arc<Vec<PeerRoute>> {
+    loop {
+        if peers.changed().await.is_err() {
+            return std::future::pending().await;
+        }
+        if let Some(p) = peers.borrow_and_update().clone() {
+            return p;
+        }
+    }
+}
+
 /// The owner thread's body.
 fn run(
     cfg: AgentConfig,
     mut inbox: mpsc::Receiver<Message>,
     ready: oneshot::Sender<anyhow::Result<Ready>>,
+    mut peers: PeersRx,
 ) {
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -185,6 +203,7 @@ fn run(
                 Some(ifindex) = next_event(events.as_mut()) => {
                     agent.addresses_changed(ifindex, publish).await;
                 }
+                routes = next_peers(&mut peers) => agent.peers_changed(&routes),
             }
         }
         // A clean stop leaves the whole state in the snapshot and an empty

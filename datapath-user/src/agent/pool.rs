@@ -155,6 +155,8 @@ mod tests {
             log_level: 3,
             metrics: None,
             bpf_stats: false,
+            socket_cgroup: crate::agent::SocketCgroup::None,
+            cluster: None,
         }
     }
 

@@ -32,7 +32,8 @@ pub fn service_key(m: &PortMapping, port: u16) -> ServiceKey {
 }
 
 /// Checks that container `name` may publish `publish` (none of which it
-/// publishes yet): no masquerade port, only addresses of this node, no
+/// publishes yet): no masquerade port, not the overlay's port in cluster mode, only
+/// addresses of this node (its loopback included), no
 /// overlap within the request or with ports already published (its own
 /// or another container's), and (unless `force`) no port a process of the
 /// node listens on. O(log n) per mapping in the ports published.
@@ -54,8 +55,21 @@ pub fn check(
                 "cannot publish {m}: host ports {lo}-{hi} are reserved for masquerading (--snat-ports)"
             )));
         }
+        let overlay = datapath_common::overlay::PORT;
+        if node.cfg.cluster.is_some()
+            && m.protocol == Protocol::Udp
+            && m.host_port <= overlay
+            && overlay <= m.host_end()
+        {
+            return Err(AgentError::BadRequest(format!(
+                "cannot publish {m}: UDP port {overlay} carries the cluster's overlay (VXLAN)"
+            )));
+        }
+        // The node's loopback is published to the node's own processes
+        // (the socket programs), never to packets.
         if let (Some(ip), Some(up)) = (m.host_ip, &node.uplink)
             && !up.node_addrs.contains(&ip)
+            && !ip.is_loopback()
         {
             return Err(AgentError::BadRequest(format!(
                 "cannot publish {m}: {ip} is not an address of this node ({})",

@@ -483,6 +483,10 @@ pub async fn cleanup(cfg: &AgentConfig) -> anyhow::Result<()> {
     } else {
         tracing::warn!(dir = %cfg.bpffs_dir.display(), ?left, "removed the agent's pins; left what it did not make");
     }
+    match net.delete_vxlan(super::cluster::OVERLAY_IF).await {
+        Ok(()) => {}
+        Err(e) => tracing::warn!(device = super::cluster::OVERLAY_IF, "{}", error_chain(&e)),
+    }
     for path in store::remove_all(&cfg.state_dir)
         .with_context(|| format!("remove the state in {}", cfg.state_dir.display()))?
     {

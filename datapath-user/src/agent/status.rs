@@ -10,9 +10,9 @@ use ipnet::Ipv4Net;
 
 use super::{AgentError, Node};
 use crate::{
-    api::{AttachmentInfo, ContainerInfo, Flow, MapInfo, Status, UplinkInfo},
+    api::{AgentWork, AttachmentInfo, ContainerInfo, CountWork, Flow, MapInfo, Status, UplinkInfo},
     datapath::{
-        Attachment, ContainerRef, Datapath, Reader, conntrack,
+        Attachment, COUNT_PASS_BUDGET, ContainerRef, Datapath, Reader, conntrack,
         pins::{self, MapLayout},
     },
     model::Figures,
@@ -38,6 +38,16 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
+    /// The node's address, if it has an uplink.
+    pub fn node_ip(&self) -> Option<Ipv4Addr> {
+        self.uplink.as_ref().map(|u| u.node_ip)
+    }
+
+    /// The container pool.
+    pub fn pool(&self) -> Ipv4Net {
+        self.pool
+    }
+
     /// The owner's state now.
     pub(super) fn capture(
         node: &Node,
@@ -70,6 +80,8 @@ impl Snapshot {
     /// gathers program statistics now, which are then read too).
     pub fn figures(&self, reader: &Reader, program_stats: bool) -> Figures {
         let ct = reader.conntrack_figures(&self.timeouts);
+        let work = agent_work(reader);
+        let us = |s: f64| (s * 1e6) as u64;
         let programs: Vec<(u32, String, String)> = self
             .attachments
             .values()
@@ -101,6 +113,10 @@ impl Snapshot {
                 Vec::new()
             },
             program_stats,
+            agent_cpu_user_us: us(work.cpu_user_s),
+            agent_cpu_system_us: us(work.cpu_system_s),
+            conntrack_count_passes: work.conntrack_count.passes,
+            conntrack_count_max_pass_entries: work.conntrack_count.max_pass_entries,
         }
     }
 
@@ -164,6 +180,7 @@ impl Snapshot {
                 .find(|m| m.name == names::CT && m.max_entries > 0)
                 .map_or(self.ct_max, |m| m.max_entries),
             figures,
+            agent: agent_work(reader),
         }
     }
 
@@ -255,6 +272,28 @@ pub fn container_info(c: &Container, gateway: Ipv4Addr, reader: &Reader) -> Cont
         counters: reader.rate_counters(c.cgroup_id, &c.limits),
         netns_id: c.netns_id.map(|id| id.to_string()),
         degraded: None,
+    }
+}
+
+/// The agent's CPU use so far and what its periodic work has cost.
+fn agent_work(reader: &Reader) -> AgentWork {
+    use nix::sys::resource::{UsageWho, getrusage};
+    let secs = |t: nix::sys::time::TimeVal| t.tv_sec() as f64 + t.tv_usec() as f64 / 1e6;
+    let (cpu_user_s, cpu_system_s) = getrusage(UsageWho::RUSAGE_SELF)
+        .map(|u| (secs(u.user_time()), secs(u.system_time())))
+        .unwrap_or_default();
+    let w = reader.count_work();
+    AgentWork {
+        cpu_user_s,
+        cpu_system_s,
+        conntrack_count: CountWork {
+            pass_budget: COUNT_PASS_BUDGET as u64,
+            passes: w.passes,
+            walks: w.walks,
+            last_pass_entries: w.last_pass_entries,
+            max_pass_entries: w.max_pass_entries,
+            max_pass_syscalls: w.max_pass_syscalls,
+        },
     }
 }
 

@@ -6,11 +6,11 @@ use std::net::Ipv4Addr;
 
 use anyhow::{Context as _, bail};
 use datapath_common::{
-    CONFIG_F_ALLOW_DIRECT_ROUTING, CONFIG_F_CHECK_LINKS, CONFIG_F_FIB, CONFIG_F_READY,
-    CONFIG_F_SNAT, Config,
+    CONFIG_F_ALLOW_DIRECT_ROUTING, CONFIG_F_CHECK_LINKS, CONFIG_F_CLUSTER, CONFIG_F_FIB,
+    CONFIG_F_READY, CONFIG_F_SNAT, Config, overlay,
 };
 
-use super::{AgentConfig, XdpMode};
+use super::{AgentConfig, SocketCgroup, XdpMode, cluster::OVERLAY_IF};
 use crate::{
     api::UplinkInfo,
     datapath::{self, Datapath, Flows, UplinkHook},
@@ -85,6 +85,7 @@ pub async fn setup(
             u32::try_from(u64::from(ct_max) * u64::from(share) / 100).unwrap_or(u32::MAX)
         },
         timeouts: cfg.timeouts,
+        node_netns_cookie: netns_cookie().context("read the network namespace's cookie")?,
         ..Config::default()
     };
     if cfg.masquerade {
@@ -110,13 +111,11 @@ pub async fn setup(
         bail!("uplink {ifname} does not exist in this network namespace");
     };
     let ifindex = link.index;
-    let addrs: Vec<Ipv4Addr> = net
+    let with_len = net
         .ipv4_addrs(ifindex)
         .await
-        .with_context(|| format!("read addresses of {ifname}"))?
-        .into_iter()
-        .map(|(a, _)| a)
-        .collect();
+        .with_context(|| format!("read addresses of {ifname}"))?;
+    let addrs: Vec<Ipv4Addr> = with_len.iter().map(|(a, _)| *a).collect();
     if cfg.node_ip.is_none() && addrs.is_empty() {
         bail!("uplink {ifname} has no IPv4 address; give one to it or pass --node-ip");
     }
@@ -124,6 +123,28 @@ pub async fn setup(
     let hook = hook_for(cfg.xdp_mode, &link.kind);
     config.node_addr = node_ip.octets();
     config.uplink_ifindex = ifindex;
+    if let Some(cl) = &cfg.cluster {
+        crate::cluster::check_overlap(cl.cluster_cidr, Some(node_ip), &with_len)?;
+        let mtu = link.mtu.map(|m| m.saturating_sub(overlay::OVERHEAD));
+        let overlay_ifindex = net
+            .ensure_vxlan(OVERLAY_IF, overlay::PORT, mtu)
+            .await
+            .context("set up the overlay device")?;
+        net.route_cluster(OVERLAY_IF, overlay_ifindex, cl.cluster_cidr, cfg.gateway())
+            .await
+            .context("route the cluster CIDR through the overlay device")?;
+        config.cluster_addr = cl.cluster_cidr.network().octets();
+        config.cluster_mask = cl.cluster_cidr.netmask().octets();
+        config.overlay_ifindex = overlay_ifindex;
+        config.flags |= CONFIG_F_CLUSTER;
+    } else {
+        // Without cluster mode, nothing of an earlier one stays: its
+        // device (and with it the cluster CIDR's route) and its programs.
+        dp.detach_overlay()?;
+        net.delete_vxlan(OVERLAY_IF)
+            .await
+            .context("remove the overlay device of an earlier cluster mode")?;
+    }
     config.flags |= CONFIG_F_READY;
     // Node addresses first, so that no packet sees a ready config without
     // them.
@@ -131,6 +152,10 @@ pub async fn setup(
     dp.set_config(config)?;
     enable_ip_forward().context("enable IPv4 forwarding")?;
     dp.attach_uplink(&ifname, hook)?;
+    if cfg.cluster.is_some() {
+        dp.attach_overlay(OVERLAY_IF)?;
+        tracing::info!(device = OVERLAY_IF, "overlay attached");
+    }
     tracing::info!(uplink = %ifname, ?hook, %node_ip, "uplink attached");
     Ok(Some(Uplink {
         ifname,
@@ -202,6 +227,46 @@ pub async fn follow_addresses(
     uplink.node_ip = node_ip;
     uplink.node_addrs = node_addrs;
     Ok(true)
+}
+
+/// The cookie of this thread's network namespace (`SO_NETNS_COOKIE`), the
+/// node's: the socket programs translate that namespace's sockets only.
+fn netns_cookie() -> std::io::Result<u64> {
+    let sock = std::net::UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))?;
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: `cookie` and `len` are live locals of the sizes given.
+    let r = unsafe {
+        libc::getsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&sock),
+            libc::SOL_SOCKET,
+            libc::SO_NETNS_COOKIE,
+            (&raw mut cookie).cast(),
+            &raw mut len,
+        )
+    };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(cookie)
+}
+
+/// Attaches the socket programs (published ports for the node's own
+/// processes) to `--socket-cgroup`, or detaches them with `none`.
+pub fn attach_sockets(cfg: &AgentConfig, dp: &mut Datapath) -> anyhow::Result<()> {
+    let dir = match &cfg.socket_cgroup {
+        SocketCgroup::None => {
+            dp.detach_sockets()?;
+            return Ok(());
+        }
+        SocketCgroup::Dir(dir) => dir.clone(),
+        SocketCgroup::Root => crate::cgroup::cgroup2_mount()
+            .context("find the cgroup2 root for the socket programs (or pass --socket-cgroup)")?,
+    };
+    dp.attach_sockets(&dir)
+        .with_context(|| format!("attach the socket programs to {}", dir.display()))?;
+    tracing::info!(cgroup = %dir.display(), "socket programs attached");
+    Ok(())
 }
 
 #[cfg(test)]

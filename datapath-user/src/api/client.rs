@@ -14,7 +14,7 @@ use futures::{StreamExt as _, stream::BoxStream};
 
 use super::wire::{
     AddContainer, ApiError, ContainerInfo, Flow, FlowQuery, Flushed, MAX_PORTS_BODY, MonitorEvent,
-    MonitorQuery, PortRequest, SPLIT_PORTS, Specs, Status, UpdateContainer, too_large,
+    MonitorQuery, NodeInfo, PortRequest, SPLIT_PORTS, Specs, Status, UpdateContainer, too_large,
 };
 
 /// Errors of the API client.
@@ -275,6 +275,11 @@ impl Client {
     /// `GET /v1/status`.
     pub async fn status(&self) -> Result<Status, ClientError> {
         self.call(Method::GET, "/v1/status", None).await
+    }
+
+    /// `GET /v1/nodes`.
+    pub async fn nodes(&self) -> Result<Vec<NodeInfo>, ClientError> {
+        self.call(Method::GET, "/v1/nodes", None).await
     }
 
     /// `GET /v1/containers`.

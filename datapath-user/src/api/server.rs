@@ -41,7 +41,7 @@ use tokio::net::{UnixListener, UnixStream};
 
 use super::wire::{
     AddContainer, ApiError, ContainerInfo, Flow, FlowQuery, Flushed, MAX_BODY, MAX_PORTS_BODY,
-    MonitorEvent, MonitorQuery, PortRequest, SPLIT_PORTS, Status, UpdateContainer,
+    MonitorEvent, MonitorQuery, NodeInfo, PortRequest, SPLIT_PORTS, Status, UpdateContainer,
 };
 use crate::metrics;
 
@@ -99,6 +99,8 @@ pub trait Backend: Clone + Send + Sync + 'static {
         &self,
         query: MonitorQuery,
     ) -> impl Future<Output = Result<BoxStream<'static, MonitorEvent>, Failure>> + Send;
+    /// `GET /v1/nodes`: the nodes of the cluster (cluster mode only).
+    fn nodes(&self) -> impl Future<Output = Result<Vec<NodeInfo>, Failure>> + Send;
 }
 
 /// Flows as they are read from the table: batches, or the error that cut
@@ -241,6 +243,10 @@ async fn unpublish<B: Backend>(
 ) -> Result<Json<ContainerInfo>, Failure> {
     let req = ports_body(body)?;
     Ok(Json(b.unpublish(name, req.publish.into_vec()).await?))
+}
+
+async fn nodes<B: Backend>(State(b): State<B>) -> Result<Json<Vec<NodeInfo>>, Failure> {
+    Ok(Json(b.nodes().await?))
 }
 
 /// Streams the flows as one JSON list, a batch at a time, as the backend
@@ -481,6 +487,7 @@ pub fn router<B: Backend>(backend: B) -> Router {
         )
         .route("/v1/conntrack", get(conntrack::<B>).delete(flush::<B>))
         .route("/v1/monitor", get(monitor::<B>))
+        .route("/v1/nodes", get(nodes::<B>))
         .route("/metrics", get(metrics::<B>))
         .route_layer(axum::middleware::from_fn(track))
         .fallback(not_found)

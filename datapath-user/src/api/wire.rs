@@ -268,6 +268,42 @@ pub struct Status {
     /// status` to show in words.
     #[serde(default)]
     pub figures: Figures,
+    /// The agent's own CPU use and the cost of its periodic work.
+    #[serde(default)]
+    pub agent: AgentWork,
+}
+
+/// The agent's own CPU use (`getrusage`), and what its only periodic
+/// work, counting the conntrack entries for `status`, has cost: the
+/// kernel expires flows itself, so nothing else runs on a timer.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct AgentWork {
+    /// CPU seconds spent in user mode since the agent started.
+    pub cpu_user_s: f64,
+    /// CPU seconds spent in the kernel on the agent's behalf since it
+    /// started (syscalls: map reads and writes, netlink, fsync).
+    pub cpu_system_s: f64,
+    /// The count of the conntrack entries.
+    pub conntrack_count: CountWork,
+}
+
+/// What counting the conntrack entries has cost. The count runs only
+/// while `status` is asked for, in passes at least a second apart, each
+/// touching at most `pass_budget` entries whatever the tables' sizes.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct CountWork {
+    /// The most entries one pass may touch (read, or looked up).
+    pub pass_budget: u64,
+    /// Passes made.
+    pub passes: u64,
+    /// Walks of both tables completed.
+    pub walks: u64,
+    /// Entries touched by the last pass.
+    pub last_pass_entries: u64,
+    /// The most entries touched by one pass.
+    pub max_pass_entries: u64,
+    /// The most syscalls made by one pass.
+    pub max_pass_syscalls: u64,
 }
 
 /// `GET /v1/monitor` query: what to stream (drops and flows when neither
@@ -310,7 +346,7 @@ pub struct MonitorEvent {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
     /// Where the datapath saw it: `uplink-tc`, `uplink-xdp`,
-    /// `container-tc`, `timer`.
+    /// `container-tc`, `overlay-tc`, `overlay-egress-tc`, `timer`.
     #[serde(default)]
     pub hook: String,
     /// The container concerned, if known.
@@ -395,6 +431,25 @@ pub struct FlowQuery {
 pub struct Flushed {
     /// Entries removed (two per flow).
     pub removed: usize,
+}
+
+/// `GET /v1/nodes`: one node of the cluster.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct NodeInfo {
+    /// The node's name.
+    pub name: String,
+    /// Its node CIDR (its containers' addresses).
+    pub cidr: String,
+    /// Its underlay address (its overlay endpoint).
+    pub underlay: Ipv4Addr,
+    /// Whether it is the node this agent runs on.
+    pub this_node: bool,
+    /// Seconds since this agent first saw the node's current lease.
+    pub lease_age_s: u64,
+    /// `local` (this node), `reachable` (its record is live in the store
+    /// and its route installed), or `last-known` (the store is unreachable:
+    /// the datapath keeps forwarding to it as last seen).
+    pub state: String,
 }
 
 /// The body of every error answer.

@@ -10,8 +10,8 @@ use std::{
 };
 
 use aya::programs::{
-    CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, LinkOrder, SchedClassifier, SockOps,
-    TcAttachType, Xdp, XdpMode,
+    CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, LinkOrder, SchedClassifier,
+    SockOps, TcAttachType, Xdp, XdpMode,
     links::{FdLink, PinnedLink},
     tc::{SchedClassifierLink, TcAttachOptions},
     xdp::XdpLink,
@@ -58,6 +58,30 @@ impl Datapath {
         )
     }
 
+    /// Attaches the overlay program to the overlay (VXLAN) device.
+    /// On its ingress, the program delivering decapsulated packets; on its
+    /// egress, the one keying the node's own packets.
+    pub fn attach_overlay(&mut self, ifname: &str) -> Result<(), BpfError> {
+        self.attach_tc(programs::OVERLAY_TC, ifname, OVERLAY_LINK)?;
+        self.attach_tc_on(
+            programs::OVERLAY_EGRESS_TC,
+            ifname,
+            OVERLAY_EGRESS_LINK,
+            TcAttachType::Egress,
+        )
+    }
+
+    /// Detaches the overlay device's programs (idempotent): a node that
+    /// left cluster mode.
+    pub fn detach_overlay(&mut self) -> Result<(), BpfError> {
+        for name in [OVERLAY_LINK, OVERLAY_EGRESS_LINK] {
+            let pin = self.link_pin(name);
+            self.attachments.remove(&pin);
+            remove_pin(&pin)?;
+        }
+        Ok(())
+    }
+
     /// Detaches the container program from a host-side veth (idempotent).
     pub fn detach_container(&mut self, host_ifname: &str) -> Result<(), BpfError> {
         let name = container_link_name(host_ifname);
@@ -77,13 +101,23 @@ impl Datapath {
         ifname: &str,
         link_name: &str,
     ) -> Result<(), BpfError> {
+        self.attach_tc_on(program_name, ifname, link_name, TcAttachType::Ingress)
+    }
+
+    fn attach_tc_on(
+        &mut self,
+        program_name: &'static str,
+        ifname: &str,
+        link_name: &str,
+        side: TcAttachType,
+    ) -> Result<(), BpfError> {
         let pin = self.link_pin(link_name);
         let prog: &mut SchedClassifier = program(&mut self.ebpf, program_name)?;
         let program_id = prog.info().map(|i| i.id()).unwrap_or_default();
         attach_through_pin!(prog, SchedClassifierLink, &pin, {
             prog.attach_with_options(
                 ifname,
-                TcAttachType::Ingress,
+                side,
                 TcAttachOptions::TcxOrder(LinkOrder::default()),
             )
         })
@@ -92,7 +126,11 @@ impl Datapath {
             ifname: ifname.to_owned(),
             message,
         })?;
-        self.record(program_name, program_id, ifname, "tcx-ingress", pin);
+        let hook = match side {
+            TcAttachType::Egress => "tcx-egress",
+            _ => "tcx-ingress",
+        };
+        self.record(program_name, program_id, ifname, hook, pin);
         Ok(())
     }
 
@@ -192,20 +230,84 @@ impl Datapath {
         self.rate_cgroups
             .insert(storage_key, key, 0)
             .map_err(|e| err(format!("write the attachment's key: {e}")))?;
-        link.pin(&staging)
-            .map_err(|e| err(format!("pin link at {}: {e}", staging.display())))?;
-        fs::rename(&staging, &pin).map_err(|source| BpfError::Fs {
-            action: "rename a link pin to",
-            path: pin.clone(),
-            source,
-        })?;
+        self.pin_over(link, &staging, pin, err)?;
         self.record(
             program_name,
             program_id,
             &cgroup.display().to_string(),
             hook.name(),
-            pin,
+            self.link_pin(&link_name),
         );
+        Ok(())
+    }
+
+    /// Pins `link` at `staging`, then renames it over `pin`: a link pinned
+    /// there before (on whatever target) is detached only once the new
+    /// one holds the hook.
+    fn pin_over(
+        &self,
+        link: FdLink,
+        staging: &Path,
+        pin: PathBuf,
+        err: impl Fn(String) -> BpfError,
+    ) -> Result<(), BpfError> {
+        link.pin(staging)
+            .map_err(|e| err(format!("pin link at {}: {e}", staging.display())))?;
+        fs::rename(staging, &pin).map_err(|source| BpfError::Fs {
+            action: "rename a link pin to",
+            path: pin,
+            source,
+        })
+    }
+
+    /// Attaches the socket programs to cgroup directory `cgroup`. Each
+    /// link is pinned aside, then renamed over the pin of the previous
+    /// one (on whatever cgroup), which detaches it: the hooks are never
+    /// empty, and running twice for a moment is harmless (a translated
+    /// address is no published port; a reversed one no container's).
+    pub fn attach_sockets(&mut self, cgroup: &Path) -> Result<(), BpfError> {
+        let dir = fs::File::open(cgroup).map_err(|source| BpfError::Fs {
+            action: "open the cgroup",
+            path: cgroup.to_owned(),
+            source,
+        })?;
+        for (program_name, hook) in SOCKET_HOOKS {
+            let pin = self.link_pin(hook);
+            let staging = self.link_pin(&format!("{STAGING_LINK_PREFIX}{hook}"));
+            let err = |message: String| BpfError::Attach {
+                program: program_name,
+                ifname: cgroup.display().to_string(),
+                message,
+            };
+            remove_pin(&staging)?;
+            let prog: &mut CgroupSockAddr = program(&mut self.ebpf, program_name)?;
+            let program_id = prog.info().map(|i| i.id()).unwrap_or_default();
+            let id = prog
+                .attach(&dir, CgroupAttachMode::Single)
+                .map_err(|e| err(format!("attach: {e}")))?;
+            let link = prog
+                .take_link(id)
+                .map_err(|e| err(format!("take link: {e}")))?;
+            let link = FdLink::try_from(link).map_err(|e| err(format!("link: {e}")))?;
+            self.pin_over(link, &staging, pin.clone(), err)?;
+            self.record(
+                program_name,
+                program_id,
+                &cgroup.display().to_string(),
+                hook,
+                pin,
+            );
+        }
+        Ok(())
+    }
+
+    /// Detaches the socket programs (idempotent).
+    pub fn detach_sockets(&mut self) -> Result<(), BpfError> {
+        for (_, hook) in SOCKET_HOOKS {
+            let pin = self.link_pin(hook);
+            self.attachments.remove(&pin);
+            remove_pin(&pin)?;
+        }
         Ok(())
     }
 
@@ -339,6 +441,11 @@ fn pinned_link(pin: &Path) -> Result<Option<FdLink>, String> {
     }
 }
 
+/// Pin name of the overlay device's link.
+pub const OVERLAY_LINK: &str = "overlay_tc";
+/// Pin name of the overlay device's egress link.
+pub const OVERLAY_EGRESS_LINK: &str = "overlay_egress_tc";
+
 /// Pin names of the uplink links, by hook.
 const UPLINK_LINKS: [(UplinkHook, &str); 3] = [
     (UplinkHook::Tc, "uplink_tc"),
@@ -398,6 +505,19 @@ impl RateHook {
     }
 }
 
+/// The socket programs and their hooks' names (in pins and `datapath
+/// status`).
+pub const SOCKET_HOOKS: [(&str, &str); 8] = [
+    (programs::SOCK_CONNECT4, "sock-connect4"),
+    (programs::SOCK_SENDMSG4, "sock-sendmsg4"),
+    (programs::SOCK_RECVMSG4, "sock-recvmsg4"),
+    (programs::SOCK_GETPEERNAME4, "sock-getpeername4"),
+    (programs::SOCK_CONNECT6, "sock-connect6"),
+    (programs::SOCK_SENDMSG6, "sock-sendmsg6"),
+    (programs::SOCK_RECVMSG6, "sock-recvmsg6"),
+    (programs::SOCK_GETPEERNAME6, "sock-getpeername6"),
+];
+
 /// Prefix of the pinned link names of the rate limiter.
 pub const RATE_LINK_PREFIX: &str = "rate_";
 
@@ -421,7 +541,8 @@ pub fn container_link_name(host_ifname: &str) -> String {
 
 /// Whether `name` is a link pin name the agent gives: an uplink's, a
 /// container's (`container_dp<hex>`), a rate limiter hook's
-/// (`rate_<hook>_dp<hex>`), or one of those staged (`new_…`). `--cleanup`
+/// (`rate_<hook>_dp<hex>`), a socket program's (`sock-<hook>`), the
+/// overlay device's, or one of those staged (`new_…`). `--cleanup`
 /// and orphan removal touch no other pin.
 pub fn is_link_pin_name(name: &str) -> bool {
     let name = name.strip_prefix(STAGING_LINK_PREFIX).unwrap_or(name);
@@ -433,6 +554,8 @@ pub fn is_link_pin_name(name: &str) -> bool {
             name.strip_prefix(&rate_link_name(*hook, ""))
                 .is_some_and(is_host_veth_name)
         })
+        || SOCKET_HOOKS.iter().any(|(_, hook)| *hook == name)
+        || [OVERLAY_LINK, OVERLAY_EGRESS_LINK].contains(&name)
 }
 
 /// Removes a pin (detaching a pinned link); absent is fine.

@@ -70,59 +70,99 @@ pub fn walk_batches<K: bytemuck::Pod, V: bytemuck::Pod>(
     chunk: usize,
     mut visit: impl FnMut(&[(K, V)]) -> io::Result<bool>,
 ) -> io::Result<()> {
-    let fd = map.fd().as_fd().as_raw_fd();
-    let mut chunk = chunk.max(1);
-    let mut batch: Vec<(K, V)> = Vec::with_capacity(chunk);
-    // The batch token of a hash map is a bucket index (a u32).
-    let mut token = [0u64; 1];
-    let mut next = [0u64; 1];
-    let mut first = true;
-    loop {
-        let mut keys = vec![K::zeroed(); chunk];
-        let mut values = vec![V::zeroed(); chunk];
-        let mut attr = BatchAttr {
-            in_batch: if first { 0 } else { token.as_ptr() as u64 },
-            out_batch: next.as_mut_ptr() as u64,
-            keys: keys.as_mut_ptr() as u64,
-            values: values.as_mut_ptr() as u64,
-            count: chunk as u32,
-            map_fd: fd as u32,
-            ..BatchAttr::default()
-        };
-        // SAFETY: `attr` points at live buffers of `chunk` keys and values
-        // of the map's sizes; the kernel writes at most that many.
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_MAP_LOOKUP_BATCH,
-                &raw mut attr,
-                size_of::<BatchAttr>(),
-            )
-        };
-        let err = (rc < 0).then(io::Error::last_os_error);
-        let n = (attr.count as usize).min(chunk);
-        batch.clear();
-        batch.extend(keys.into_iter().zip(values).take(n));
-        match err.as_ref().and_then(io::Error::raw_os_error) {
-            None => {}
-            Some(libc::ENOENT) => {
-                if !batch.is_empty() {
-                    visit(&batch)?;
-                }
-                return Ok(());
-            }
-            // A bucket holds more entries than fit: retry it larger.
-            Some(libc::ENOSPC) if n == 0 => {
-                chunk *= 2;
-                continue;
-            }
-            Some(_) => return Err(err.unwrap_or_else(io::Error::last_os_error)),
-        }
+    let mut cursor = BatchCursor::default();
+    let mut batch: Vec<(K, V)> = Vec::with_capacity(chunk.max(1));
+    while !cursor.done() {
+        cursor.next(map, chunk, &mut batch)?;
         if !batch.is_empty() && !visit(&batch)? {
             return Ok(());
         }
-        token = next;
-        first = false;
+    }
+    Ok(())
+}
+
+/// A position in a walk of a hash map with `BPF_MAP_LOOKUP_BATCH`, kept
+/// between calls: a walk of a large table can be spread over many
+/// passes, each reading a bounded number of entries, and pick up where
+/// the last one stopped.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct BatchCursor {
+    /// The batch token of the next read (a hash map's bucket index).
+    token: u64,
+    /// Whether a read was made (the first read passes no token).
+    started: bool,
+    /// Whether the walk reached the map's end.
+    done: bool,
+}
+
+impl BatchCursor {
+    /// Whether the walk has read the whole map.
+    pub fn done(&self) -> bool {
+        self.done
+    }
+
+    /// Reads the next batch of at most `chunk` entries into `out` (emptied
+    /// first; more than `chunk` only for a bucket that holds more), with
+    /// one `BPF_MAP_LOOKUP_BATCH` (a few more only for such a bucket).
+    /// Reading past the end yields nothing.
+    pub fn next<K: bytemuck::Pod, V: bytemuck::Pod>(
+        &mut self,
+        map: &MapData,
+        chunk: usize,
+        out: &mut Vec<(K, V)>,
+    ) -> io::Result<()> {
+        out.clear();
+        if self.done {
+            return Ok(());
+        }
+        let fd = map.fd().as_fd().as_raw_fd();
+        let mut chunk = chunk.max(1);
+        loop {
+            let token = [self.token];
+            let mut next = [0u64; 1];
+            let mut keys = vec![K::zeroed(); chunk];
+            let mut values = vec![V::zeroed(); chunk];
+            let mut attr = BatchAttr {
+                in_batch: if self.started {
+                    token.as_ptr() as u64
+                } else {
+                    0
+                },
+                out_batch: next.as_mut_ptr() as u64,
+                keys: keys.as_mut_ptr() as u64,
+                values: values.as_mut_ptr() as u64,
+                count: chunk as u32,
+                map_fd: fd as u32,
+                ..BatchAttr::default()
+            };
+            // SAFETY: `attr` points at live buffers of `chunk` keys and
+            // values of the map's sizes; the kernel writes at most that
+            // many.
+            let rc = unsafe {
+                libc::syscall(
+                    libc::SYS_bpf,
+                    BPF_MAP_LOOKUP_BATCH,
+                    &raw mut attr,
+                    size_of::<BatchAttr>(),
+                )
+            };
+            let err = (rc < 0).then(io::Error::last_os_error);
+            let n = (attr.count as usize).min(chunk);
+            match err.as_ref().and_then(io::Error::raw_os_error) {
+                None => {}
+                Some(libc::ENOENT) => self.done = true,
+                // A bucket holds more entries than fit: retry it larger.
+                Some(libc::ENOSPC) if n == 0 => {
+                    chunk *= 2;
+                    continue;
+                }
+                Some(_) => return Err(err.unwrap_or_else(io::Error::last_os_error)),
+            }
+            out.extend(keys.into_iter().zip(values).take(n));
+            self.token = next[0];
+            self.started = true;
+            return Ok(());
+        }
     }
 }
 
@@ -244,7 +284,10 @@ pub fn flow_view(
     container: Option<String>,
 ) -> Flow {
     let k = &f.key;
-    let (nat_src, nat_dst) = if ct_action::rewrites_source(f.orig.action) {
+    let (nat_src, nat_dst) = if f.orig.action == ct_action::HAIRPIN {
+        // To the container itself, from the node address it dialed.
+        (ep(k.daddr, k.sport), ep(f.orig.nat_addr, f.orig.nat_port))
+    } else if ct_action::rewrites_source(f.orig.action) {
         (ep(f.orig.nat_addr, f.orig.nat_port), ep(k.daddr, k.dport))
     } else {
         (ep(k.saddr, k.sport), ep(f.orig.nat_addr, f.orig.nat_port))
@@ -256,6 +299,7 @@ pub fn flow_view(
         kind: match f.orig.action {
             ct_action::SNAT => "snat",
             ct_action::ROUTED => "routed",
+            ct_action::HAIRPIN => "hairpin",
             _ => "dnat",
         }
         .to_owned(),

@@ -8,14 +8,15 @@ use std::{
     net::Ipv4Addr,
 };
 
-use aya::maps::{IterableMap as _, MapData, MapError, PerCpuValues};
+use aya::maps::{IterableMap as _, MapData, MapError, PerCpuValues, lpm_trie::Key as LpmKey};
 use datapath_common::{
     CONFIG_F_MONITOR_DROPS, CONFIG_F_MONITOR_FLOWS, CONFIG_F_READY, Config, Endpoint, EndpointKey,
     FLUSH_F_CONTAINER, FLUSH_F_MASQUERADE, FLUSH_F_SERVICE, FlushRequest, NodeAddr, NodeAddrKey,
-    STAT_COUNT, ServiceKey, ServiceValue,
+    Peer, STAT_COUNT, ServiceKey, ServiceValue,
     monitor::{self, ContainerStats},
-    names,
+    names, overlay,
 };
+use ipnet::Ipv4Net;
 
 use super::{BpfError, Datapath};
 use crate::metrics;
@@ -123,6 +124,50 @@ impl Datapath {
             .map_err(map_err(names::NODE_ADDRS))?;
         }
         Ok(())
+    }
+
+    /// Makes the peers map exactly `peers` (node CIDR → underlay address):
+    /// entries are replaced in place, stale ones removed after, so that a
+    /// peer present before and after is never missing in between.
+    pub fn set_peers(&mut self, peers: &[(Ipv4Net, Ipv4Addr)]) -> Result<(), BpfError> {
+        for (cidr, underlay) in peers {
+            let key = LpmKey::new(u32::from(cidr.prefix_len()), cidr.network().octets());
+            let value = Peer {
+                underlay: underlay.octets(),
+                vni: overlay::VNI,
+            };
+            self.peers
+                .insert(&key, value, 0)
+                .map_err(map_err(names::PEERS))?;
+        }
+        let stale: Vec<LpmKey<[u8; 4]>> = self
+            .peers
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| {
+                !peers.iter().any(|(c, _)| {
+                    u32::from(c.prefix_len()) == k.prefix_len() && c.network().octets() == k.data()
+                })
+            })
+            .collect();
+        for k in stale {
+            let _ = self.peers.remove(&k);
+        }
+        Ok(())
+    }
+
+    /// The peers map's entries.
+    pub fn peers(&self) -> Vec<(Ipv4Net, Ipv4Addr)> {
+        self.peers
+            .iter()
+            .filter_map(Result::ok)
+            .filter_map(|(k, v)| {
+                let net =
+                    Ipv4Net::new(Ipv4Addr::from(k.data()), u8::try_from(k.prefix_len()).ok()?)
+                        .ok()?;
+                Some((net, Ipv4Addr::from(v.underlay)))
+            })
+            .collect()
     }
 
     /// The container endpoint of address `addr`, if there is one.

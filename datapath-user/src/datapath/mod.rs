@@ -28,11 +28,11 @@ use std::{fs, io, path::PathBuf};
 use aya::{
     Ebpf, EbpfLoader, TestRun, TestRunOptions,
     maps::{Array, HashMap, MapData, PerCpuArray},
-    programs::{CgroupSkb, SchedClassifier, SockOps},
+    programs::{CgroupSkb, CgroupSockAddr, SchedClassifier, SockOps},
 };
 use datapath_common::{
     Config, CtContainer, CtEntry, CtKey, CtTimedEntry, Endpoint, EndpointKey, FLUSH_F_ARM,
-    FlushRequest, NodeAddr, NodeAddrKey, ServiceKey, ServiceValue, capacity,
+    FlushRequest, NodeAddr, NodeAddrKey, Peer, ServiceKey, ServiceValue, capacity,
     monitor::{ContainerDrops, ContainerStats},
     names, programs,
     ratelimit::{RateFlows, RateKey, RateLimit, RateStats},
@@ -43,7 +43,7 @@ pub use self::{
     attach::RateHook,
     maps::Flows,
     ratelimit::RateTarget,
-    reader::{ContainerRef, Reader},
+    reader::{COUNT_PASS_BUDGET, ContainerRef, CountWork, Reader},
 };
 
 /// The compiled eBPF object (all programs and maps), embedded at build time.
@@ -195,6 +195,8 @@ pub struct Datapath {
     ct_containers: HashMap<MapData, u32, CtContainer>,
     /// Per-CPU counters.
     stats: PerCpuArray<MapData, u64>,
+    /// The other nodes of the cluster by node CIDR.
+    peers: aya::maps::LpmTrie<MapData, [u8; 4], Peer>,
     /// Token buckets per (cgroup, direction).
     rate_limits: HashMap<MapData, RateKey, RateLimit>,
     /// Per-CPU counters of each bucket.
@@ -281,6 +283,7 @@ pub fn remove_pins(bpffs_dir: &std::path::Path) -> Result<Vec<PathBuf>, BpfError
     for name in names::ALL {
         remove(&maps_dir.join(name))?;
         remove(&maps_dir.join(format!("{}{name}", pins::MIGRATE_PREFIX)))?;
+        remove(&maps_dir.join(format!("{}{name}", resize::PREFIX)))?;
     }
     let links_dir = bpffs_dir.join("links");
     match fs::read_dir(&links_dir) {
@@ -369,6 +372,8 @@ impl Datapath {
         for name in [
             programs::UPLINK_TC,
             programs::CONTAINER_TC,
+            programs::OVERLAY_TC,
+            programs::OVERLAY_EGRESS_TC,
             programs::CT_FLUSH,
         ] {
             let prog: &mut SchedClassifier = program(&mut ebpf, name)?;
@@ -379,6 +384,11 @@ impl Datapath {
         // (`attach_xdp`): most uplinks are served by TC.
         for name in [programs::RATE_EGRESS, programs::RATE_INGRESS] {
             let prog: &mut CgroupSkb = program(&mut ebpf, name)?;
+            prog.load()
+                .map_err(|source| BpfError::Program { name, source })?;
+        }
+        for (name, _) in attach::SOCKET_HOOKS {
+            let prog: &mut CgroupSockAddr = program(&mut ebpf, name)?;
             prog.load()
                 .map_err(|source| BpfError::Program { name, source })?;
         }
@@ -398,6 +408,7 @@ impl Datapath {
             ct_new: typed_map!(&mut ebpf, names::CT_NEW, HashMap<MapData, CtKey, CtEntry>),
             ct_containers: typed_map!(&mut ebpf, names::CT_CONTAINERS, HashMap<MapData, u32, CtContainer>),
             stats: typed_map!(&mut ebpf, names::STATS, PerCpuArray<MapData, u64>),
+            peers: typed_map!(&mut ebpf, names::PEERS, aya::maps::LpmTrie<MapData, [u8; 4], Peer>),
             rate_limits: typed_map!(&mut ebpf, names::RATE_LIMITS, HashMap<MapData, RateKey, RateLimit>),
             rate_stats: typed_map!(&mut ebpf, names::RATE_STATS, aya::maps::PerCpuHashMap<MapData, RateKey, RateStats>),
             #[expect(

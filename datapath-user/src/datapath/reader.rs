@@ -7,9 +7,9 @@
 //! Nothing here holds a whole table in memory: flows are walked a batch
 //! at a time ([`Reader::walk_flows`]), and the conntrack entries are
 //! counted (by table, protocol and state, with the masquerade ports by
-//! destination) in the background at most once a second
-//! ([`Reader::conntrack_entries`], [`Reader::conntrack_figures`]), never by
-//! the read that asks for them.
+//! destination) in the background, never by the read that asks for them,
+//! in passes of bounded work ([`Reader::conntrack_entries`],
+//! [`Reader::conntrack_figures`], [`COUNT_PASS_BUDGET`]).
 
 use std::{
     collections::BTreeMap,
@@ -167,13 +167,129 @@ fn flow(
     }
 }
 
+/// The most entries one pass of the count touches: entries read from the
+/// tables plus reply entries looked up. Whatever the tables' sizes, the
+/// count costs at most this per [`COUNT_PASS_INTERVAL`] (about a hundred
+/// batch reads and half as many lookups as entries: a few tens of ms of one
+/// CPU); a table larger than this is counted over several passes.
+pub const COUNT_PASS_BUDGET: usize = 65_536;
+
+/// The least time between the starts of two passes of the count.
+const COUNT_PASS_INTERVAL: Duration = Duration::from_secs(1);
+
+/// The smallest batch a pass of the count reads: the pass ends when less
+/// than twice this is left of its budget. A batch holds whole buckets of
+/// the hash table, and a bucket holds far fewer entries than this (the
+/// table has at least as many buckets as entries), so a batch never
+/// grows past what was asked and a pass never past its budget.
+const COUNT_MIN_BATCH: usize = 64;
+
+/// What the count of the conntrack entries has cost so far (the only
+/// periodic work of the agent: the kernel expires flows itself).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CountWork {
+    /// Passes made.
+    pub passes: u64,
+    /// Walks of both tables completed (each publishing a new count).
+    pub walks: u64,
+    /// Entries touched (read or looked up) by the last pass.
+    pub last_pass_entries: u64,
+    /// The most entries touched by one pass.
+    pub max_pass_entries: u64,
+    /// The most syscalls made by one pass.
+    pub max_pass_syscalls: u64,
+}
+
+/// Where a walk of both tables for the count is, and what it has counted.
+#[derive(Default)]
+struct CountWalk {
+    /// The main table's cursor, then the unconfirmed table's.
+    ct: conntrack::BatchCursor,
+    ct_new: conntrack::BatchCursor,
+    /// The live entries counted so far, by table, protocol and state,
+    /// with the masquerade ports by destination.
+    census: Census,
+}
+
+/// What one pass did.
+#[derive(Clone, Copy, Debug, Default)]
+struct Pass {
+    entries: u64,
+    syscalls: u64,
+}
+
+impl Tables {
+    /// One pass of the count: goes on with `walk` for at most `budget`
+    /// entries touched (read, or looked up as a reply), adding the live
+    /// ones (flows not expired at `now`, two entries per answered flow).
+    fn count_pass(
+        &self,
+        walk: &mut CountWalk,
+        budget: usize,
+        timeouts: &Timeouts,
+        now: u64,
+    ) -> io::Result<Pass> {
+        let mut pass = Pass::default();
+        let mut left = budget;
+        let mut main: Vec<(CtKey, CtTimedEntry)> = Vec::new();
+        // A batch of n entries touches at most 2n: n read, n lookups.
+        while !walk.ct.done() && left >= 2 * COUNT_MIN_BATCH {
+            walk.ct
+                .next(self.ct.map(), (left / 2).min(WALK_BATCH), &mut main)?;
+            pass.syscalls += 1;
+            let mut touched = main.len();
+            for (key, v) in &main {
+                if !v.entry.is_original() {
+                    continue;
+                }
+                let reply_key = v.entry.peer_key(key);
+                let reply = lookup(self.ct.get(&reply_key, 0))?.map(|r| r.entry);
+                pass.syscalls += 1;
+                touched += 1;
+                let f = flow(*key, v.entry, reply_key, reply, true);
+                if !f.expired(timeouts, now) {
+                    walk.census.add(&f);
+                }
+            }
+            left = left.saturating_sub(touched);
+            pass.entries += touched as u64;
+        }
+        let mut new: Vec<(CtKey, CtEntry)> = Vec::new();
+        while walk.ct.done() && !walk.ct_new.done() && left >= 2 * COUNT_MIN_BATCH {
+            walk.ct_new
+                .next(self.ct_new.map(), (left / 2).min(WALK_BATCH), &mut new)?;
+            pass.syscalls += 1;
+            let mut touched = new.len();
+            for (key, v) in &new {
+                if !v.is_original() {
+                    continue;
+                }
+                let reply_key = v.peer_key(key);
+                let reply = lookup(self.ct_new.get(&reply_key, 0))?;
+                pass.syscalls += 1;
+                touched += 1;
+                let f = flow(*key, *v, reply_key, reply, false);
+                if !f.expired(timeouts, now) {
+                    walk.census.add(&f);
+                }
+            }
+            left = left.saturating_sub(touched);
+            pass.entries += touched as u64;
+        }
+        Ok(pass)
+    }
+}
+
 /// The conntrack tables' census (entries by table, protocol and state;
-/// masquerade ports by destination), taken on a thread of its own.
+/// masquerade ports by destination), taken on a thread of its own in passes
+/// of bounded work ([`COUNT_PASS_BUDGET`] entries touched at most per
+/// [`COUNT_PASS_INTERVAL`]), and only while someone asks.
 struct EntryCount {
     tables: Arc<Tables>,
     entries: AtomicUsize,
     figures: Mutex<Arc<ConntrackFigures>>,
-    /// When the last census finished, and whether one is running.
+    work: Mutex<CountWork>,
+    /// When the last count finished, and whether one is running.
     state: Mutex<(Option<Instant>, bool)>,
 }
 
@@ -222,20 +338,40 @@ impl EntryCount {
             .unwrap_or_default()
     }
 
+    /// One whole count, pass by pass, each pass starting at least
+    /// [`COUNT_PASS_INTERVAL`] after the one before.
     fn count(&self, timeouts: &Timeouts) {
-        let mut census = Census::default();
-        let walked = self.tables.walk(timeouts, conntrack::now_ns(), |f| {
-            census.add(&f);
-            true
-        });
-        match walked {
-            Ok(()) => {
-                self.entries.store(census.total, Ordering::Relaxed);
-                if let Ok(mut figures) = self.figures.lock() {
-                    *figures = Arc::new(census.finish());
+        let mut walk = CountWalk::default();
+        loop {
+            let started = Instant::now();
+            let pass =
+                self.tables
+                    .count_pass(&mut walk, COUNT_PASS_BUDGET, timeouts, conntrack::now_ns());
+            let finished = walk.ct.done() && walk.ct_new.done();
+            match pass {
+                Ok(pass) => {
+                    if let Ok(mut work) = self.work.lock() {
+                        work.passes += 1;
+                        work.walks += u64::from(finished);
+                        work.last_pass_entries = pass.entries;
+                        work.max_pass_entries = work.max_pass_entries.max(pass.entries);
+                        work.max_pass_syscalls = work.max_pass_syscalls.max(pass.syscalls);
+                    }
+                    if finished {
+                        let census = std::mem::take(&mut walk.census);
+                        self.entries.store(census.total, Ordering::Relaxed);
+                        if let Ok(mut figures) = self.figures.lock() {
+                            *figures = Arc::new(census.finish());
+                        }
+                        break;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!("count the conntrack entries: {e}");
+                    break;
                 }
             }
-            Err(e) => tracing::warn!("count the conntrack entries: {e}"),
+            std::thread::sleep(COUNT_PASS_INTERVAL.saturating_sub(started.elapsed()));
         }
         if let Ok(mut state) = self.state.lock() {
             *state = (Some(Instant::now()), false);
@@ -248,7 +384,9 @@ impl EntryCount {
 struct Census {
     total: usize,
     entries: BTreeMap<(&'static str, &'static str, &'static str), u64>,
-    masquerade: BTreeMap<String, u64>,
+    /// Masquerade ports by destination address, port and protocol (made
+    /// into words only for the busiest, by [`Self::finish`]).
+    masquerade: BTreeMap<([u8; 4], u16, &'static str), u64>,
 }
 
 impl Census {
@@ -267,24 +405,24 @@ impl Census {
             .entry((table, protocol, ct_state::name(f.orig.state)))
             .or_default() += n as u64;
         if f.orig.action == ct_action::SNAT {
-            let [a, b, c, d] = f.key.daddr;
-            let dest = format!("{a}.{b}.{c}.{d}:{}/{protocol}", f.key.dport);
-            *self.masquerade.entry(dest).or_default() += 1;
+            *self
+                .masquerade
+                .entry((f.key.daddr, f.key.dport, protocol))
+                .or_default() += 1;
         }
     }
 
     fn finish(self) -> ConntrackFigures {
-        let mut masquerade: Vec<MasqueradeFigure> = self
-            .masquerade
+        let mut busiest: Vec<_> = self.masquerade.into_iter().collect();
+        busiest.sort_by(|(a, a_ports), (b, b_ports)| b_ports.cmp(a_ports).then(a.cmp(b)));
+        busiest.truncate(MASQUERADE_DESTINATIONS);
+        let masquerade = busiest
             .into_iter()
-            .map(|(destination, ports)| MasqueradeFigure { destination, ports })
+            .map(|(([a, b, c, d], port, protocol), ports)| MasqueradeFigure {
+                destination: format!("{a}.{b}.{c}.{d}:{port}/{protocol}"),
+                ports,
+            })
             .collect();
-        masquerade.sort_by(|a, b| {
-            b.ports
-                .cmp(&a.ports)
-                .then(a.destination.cmp(&b.destination))
-        });
-        masquerade.truncate(MASQUERADE_DESTINATIONS);
         ConntrackFigures {
             entries: self
                 .entries
@@ -311,6 +449,7 @@ impl Reader {
             tables: Arc::clone(&tables),
             entries: AtomicUsize::new(0),
             figures: Mutex::default(),
+            work: Mutex::new(CountWork::default()),
             state: Mutex::new((None, false)),
         });
         Ok(Self {
@@ -395,10 +534,16 @@ impl Reader {
     }
 
     /// The number of live conntrack entries (two per answered flow) in
-    /// both tables, as counted in the background within the last second
-    /// or so: a read never walks the tables for it.
+    /// both tables, as last counted in the background: a read never walks
+    /// the tables for it. A table larger than one pass's budget is
+    /// counted over several passes, a second apart.
     pub fn conntrack_entries(&self, timeouts: &Timeouts) -> usize {
         self.count.get(timeouts)
+    }
+
+    /// What counting the conntrack entries has cost so far.
+    pub fn count_work(&self) -> CountWork {
+        self.count.work.lock().map(|w| *w).unwrap_or_default()
     }
 
     /// Walks the live flows of both tables a batch at a time (flows the

@@ -30,7 +30,7 @@ use super::{BpfError, conntrack::read_all};
 
 /// Prefix of the pin of a conntrack table set aside for a resize (bpffs
 /// refuses names with a dot).
-const PREFIX: &str = "resizing_";
+pub(crate) const PREFIX: &str = "resizing_";
 
 /// The conntrack tables set aside by [`set_aside`].
 #[derive(Debug, Default)]

@@ -34,6 +34,20 @@ pub struct Figures {
     /// (`BPF_ENABLE_STATS`): while metrics are scraped, or by
     /// `--bpf-stats`.
     pub program_stats: bool,
+    /// The agent's own CPU time since it started, in user mode and in the
+    /// kernel on its behalf (µs).
+    #[serde(default)]
+    pub agent_cpu_user_us: u64,
+    /// See [`Figures::agent_cpu_user_us`].
+    #[serde(default)]
+    pub agent_cpu_system_us: u64,
+    /// Passes made by the background count of the conntrack entries (its
+    /// only periodic work).
+    #[serde(default)]
+    pub conntrack_count_passes: u64,
+    /// The most entries one pass of that count touched.
+    #[serde(default)]
+    pub conntrack_count_max_pass_entries: u64,
 }
 
 /// How many masquerade destinations [`Figures::masquerade`] lists at most:

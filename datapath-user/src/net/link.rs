@@ -22,6 +22,7 @@ use std::{
     time::Instant,
 };
 
+use ipnet::Ipv4Net;
 use netlink_packet_route::{
     link::{InfoData, InfoVeth},
     route::RouteScope,
@@ -30,7 +31,7 @@ use nix::{
     errno::Errno,
     sys::socket::{self, SockFlag, SockType},
 };
-use rtnetlink::{Handle, LinkMessageBuilder, LinkUnspec, LinkVeth, RouteMessageBuilder};
+use rtnetlink::{Handle, LinkMessageBuilder, LinkUnspec, LinkVeth, LinkVxlan, RouteMessageBuilder};
 
 use super::{
     inspect::{self, Link},
@@ -148,6 +149,15 @@ pub enum NetlinkError {
         /// The link's name.
         name: String,
         /// Its kind ("" for links without one, like physical NICs).
+        kind: String,
+    },
+    /// The overlay device's name is taken by a link that is not a VXLAN
+    /// device: it is left alone.
+    #[error("{name} is a link of kind {kind:?}, not a VXLAN device; not using it")]
+    NotVxlan {
+        /// The link's name.
+        name: String,
+        /// Its kind.
         kind: String,
     },
     /// Deleting by name found a veth the agent did not make (not in its
@@ -574,6 +584,127 @@ impl Netlink {
                     e,
                 )
             })
+    }
+
+    /// Makes sure the overlay device `name` exists: a collect-metadata
+    /// ("external") VXLAN device sending to UDP `port`, with MTU `mtu`, up.
+    /// An existing VXLAN device of that name is kept (its traffic goes on
+    /// across an agent restart) and only given the MTU and brought up.
+    /// Returns its ifindex.
+    pub async fn ensure_vxlan(
+        &self,
+        name: &str,
+        port: u16,
+        mtu: Option<u32>,
+    ) -> Result<u32, NetlinkError> {
+        let agent = InNetns::Agent;
+        if let Some(link) = self.link(name).await? {
+            if link.kind != "vxlan" {
+                return Err(NetlinkError::NotVxlan {
+                    name: name.to_owned(),
+                    kind: link.kind,
+                });
+            }
+            let mut change = LinkUnspec::new_with_index(link.index).up();
+            if let Some(mtu) = mtu {
+                change = change.mtu(mtu);
+            }
+            self.handle
+                .link()
+                .change(change.build())
+                .execute()
+                .await
+                .map_err(|e| {
+                    NetlinkError::request("configure the overlay device", name, &agent, e)
+                })?;
+            return Ok(link.index);
+        }
+        let mut add = LinkMessageBuilder::<LinkVxlan>::new(name)
+            .collect_metadata(true)
+            .port(port)
+            .up();
+        if let Some(mtu) = mtu {
+            add = add.mtu(mtu);
+        }
+        self.handle
+            .link()
+            .add(add.build())
+            .execute()
+            .await
+            .map_err(|e| NetlinkError::request("create the overlay device", name, &agent, e))?;
+        self.link(name)
+            .await?
+            .map(|l| l.index)
+            .ok_or_else(|| NetlinkError::NotVxlan {
+                name: name.to_owned(),
+                kind: "nothing".to_owned(),
+            })
+    }
+
+    /// Routes `cluster` through the overlay device `ifindex` from source
+    /// `gateway` (the node's gateway address, given to the device as a /32),
+    /// so that the node itself reaches the containers of the other nodes
+    /// with an address of the cluster (never masqueraded by the receiving
+    /// node). The device does no ARP: the program on its egress gives the
+    /// packets their tunnel key and the receiving node's program their
+    /// container's MACs. Replaces what an earlier agent set.
+    pub async fn route_cluster(
+        &self,
+        name: &str,
+        ifindex: u32,
+        cluster: Ipv4Net,
+        gateway: Ipv4Addr,
+    ) -> Result<(), NetlinkError> {
+        let agent = InNetns::Agent;
+        self.handle
+            .link()
+            .change(LinkUnspec::new_with_index(ifindex).arp(false).build())
+            .execute()
+            .await
+            .map_err(|e| {
+                NetlinkError::request("turn ARP off on the overlay device", name, &agent, e)
+            })?;
+        self.handle
+            .address()
+            .add(ifindex, IpAddr::V4(gateway), 32)
+            .replace()
+            .execute()
+            .await
+            .map_err(|e| NetlinkError::request("add the gateway address", name, &agent, e))?;
+        let route = RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(cluster.network(), cluster.prefix_len())
+            .output_interface(ifindex)
+            .pref_source(gateway)
+            .scope(RouteScope::Link)
+            .build();
+        self.handle
+            .route()
+            .add(route)
+            .replace()
+            .execute()
+            .await
+            .map_err(|e| NetlinkError::request("route the cluster CIDR", name, &agent, e))
+    }
+
+    /// Deletes the overlay device `name` if it exists (and is a VXLAN
+    /// device).
+    pub async fn delete_vxlan(&self, name: &str) -> Result<(), NetlinkError> {
+        let Some(link) = self.link(name).await? else {
+            return Ok(());
+        };
+        if link.kind != "vxlan" {
+            return Err(NetlinkError::NotVxlan {
+                name: name.to_owned(),
+                kind: link.kind,
+            });
+        }
+        match self.handle.link().del(link.index).execute().await {
+            Ok(()) => Ok(()),
+            Err(e) => match NetlinkError::request("delete link", name, &InNetns::Agent, e) {
+                e if e.is_not_found() => Ok(()),
+                e => Err(e),
+            },
+        }
     }
 
     /// Every IPv4 address of the agent's netns: (link index, address,

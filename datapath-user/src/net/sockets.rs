@@ -114,14 +114,15 @@ fn dump(socket: &Socket, family: u8, proto: u8, out: &mut Vec<SocketAddr>) -> io
 }
 
 /// Whether a receiver bound to `local` takes traffic sent to node address
-/// `addr` (`None`: any of them): it is bound to that address or to a
-/// wildcard. Loopback-only listeners never see the uplink's traffic.
+/// `addr` (`None`: any of them, the node's loopback included, which a
+/// port published on every address covers for the node's own processes):
+/// it is bound to that address or to a wildcard.
 pub fn receives_for(local: &SocketAddr, addr: Option<IpAddr>) -> bool {
     let ip = match local.ip() {
         IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
         v4 => v4,
     };
-    ip.is_unspecified() || addr.is_none_or(|a| a == ip) && !ip.is_loopback()
+    ip.is_unspecified() || addr.is_none_or(|a| a == ip)
 }
 
 #[cfg(test)]
@@ -162,6 +163,12 @@ mod tests {
         assert!(!receives_for(&at("198.18.0.3:80"), node));
         assert!(receives_for(&at("198.18.0.3:80"), None));
         assert!(!receives_for(&at("127.0.0.1:80"), node));
-        assert!(!receives_for(&at("127.0.0.1:80"), None));
+        // A port published on every address takes the node's own
+        // connections to its loopback too.
+        assert!(receives_for(&at("127.0.0.1:80"), None));
+        let loopback = Some(IpAddr::V4(Ipv4Addr::LOCALHOST));
+        assert!(receives_for(&at("127.0.0.1:80"), loopback));
+        assert!(receives_for(&at("0.0.0.0:80"), loopback));
+        assert!(!receives_for(&at("198.18.0.2:80"), loopback));
     }
 }

@@ -93,6 +93,19 @@ impl CpuDelta {
     }
 }
 
+/// The CPU seconds (user and system, all threads) process `pid` has used
+/// so far, from `/proc/<pid>/stat`.
+pub fn process_cpu_secs(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may hold spaces: fields count from after its `)`.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime: fields 14 and 15 of the line, 12 and 13 here.
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    Some((utime + stime) as f64 / ticks_per_sec())
+}
+
 /// Clock ticks per second (`USER_HZ`).
 pub fn ticks_per_sec() -> f64 {
     // SAFETY: sysconf has no memory effects.

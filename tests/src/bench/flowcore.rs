@@ -473,8 +473,10 @@ fn map_data(map: &BpfHashMap<MapData, CtKey, CtTimedEntry>) -> &MapData {
     map.map()
 }
 
-/// Puts `size` entries (`size / 2` established flows) into the main table.
-fn fill_table(map: &mut BpfHashMap<MapData, CtKey, CtTimedEntry>, size: usize) -> Result<()> {
+/// Puts `size` entries (`size / 2` established flows of container id 1,
+/// each of a client of its own) into the main table `map` (an agent's
+/// pinned `CT`), without timers: they stay until flushed.
+pub fn fill_table(map: &mut BpfHashMap<MapData, CtKey, CtTimedEntry>, size: usize) -> Result<()> {
     let now = datapath::datapath::conntrack::now_ns();
     for i in 0..(size / 2) as u32 {
         let client = [198, 18, (i >> 16) as u8, (i >> 8) as u8];

@@ -12,7 +12,11 @@
 //!   datagrams that reach the container; [`ratelimit`] compares the rate
 //!   limiter with tc tbf through [`crate::ratebench`]; [`flowcore`] loads
 //!   the conntrack tables (sustained connections, SYN floods, masquerade
-//!   to one destination, table walks).
+//!   to one destination, table walks); [`cluster`] compares pod to pod
+//!   across two nodes with a kernel VXLAN overlay and plain routing;
+//!   [`tails`] the latency tails with
+//!   10,000 ports published (connect p99 per repetition, updates under
+//!   load, the agent's CPU time).
 //! * [`run`] schedules them (interleaved modes, repetitions, scaling
 //!   sizes); [`results`] and [`stats`] keep and summarize the samples;
 //!   [`targets`] checks the targets; [`report`] writes markdown and
@@ -23,11 +27,13 @@
 
 pub mod api;
 pub mod bed;
+pub mod cluster;
 pub mod connrate;
 pub mod control;
 pub mod cpu;
 pub mod flowcore;
 pub mod iperf;
+pub mod local;
 pub mod mode;
 pub mod ratelimit;
 pub mod report;
@@ -37,4 +43,5 @@ pub mod run;
 pub mod snmp;
 pub mod sock;
 pub mod stats;
+pub mod tails;
 pub mod targets;

@@ -10,7 +10,8 @@ use crate::bench::{
     ratelimit::{self, RateRow, RrRow},
     results::{Better, Metric, Results, Section, Shape, metric},
     run::{BASE_PORTS, Config},
-    stats::Summary,
+    stats::{Summary, percentile},
+    tails::{self, Path},
     targets::{self, Outcome},
 };
 
@@ -295,6 +296,9 @@ pub fn markdown(meta: &Meta, cfg: &Config, r: &Results) -> String {
     if !r.entries.is_empty() {
         targets_table(&mut out, &outcomes);
     }
+    for line in crate::bench::local::targets(&r.local) {
+        let _ = writeln!(out, "- {line} (see the loopback section).");
+    }
     for (text, met, measured) in ratelimit_targets(r) {
         if measured > 0 {
             let word = if met == measured { "met" } else { "MISSED" };
@@ -319,6 +323,9 @@ pub fn markdown(meta: &Meta, cfg: &Config, r: &Results) -> String {
             &[Mode::DatapathTc],
         );
     }
+    if !r.local.is_empty() {
+        out.push_str(&crate::bench::local::markdown(&r.local));
+    }
     if !r.ratelimit.is_empty() {
         ratelimit_section(&mut out, r);
     }
@@ -326,6 +333,8 @@ pub fn markdown(meta: &Meta, cfg: &Config, r: &Results) -> String {
         ratelimit_rr_section(&mut out, r);
     }
     flowcore_section(&mut out, r);
+    cluster_section(&mut out, r);
+    tails_section(&mut out, r);
     if !meta.beds.is_empty() {
         out.push_str("## Setup\n\n");
         for (mode, what) in &meta.beds {
@@ -370,7 +379,7 @@ fn modes_sections(dest: &mut String, cfg: &Config, r: &Results, modes: &[Mode]) 
 
     let _ = writeln!(
         out,
-        "## Updating one mapping (p50 / p99 of {} samples)\n\n\
+        "## Updating one mapping (p50 / p99 / max of {} samples)\n\n\
          iptables and nft: one command each (`iptables -t nat -A|-D`, `nft add|delete element`), \
          process start included, as Docker and CNI plugins run them. This datapath: one API call \
          publishing or unpublishing a port of a running container (map entry plus one record \
@@ -379,8 +388,214 @@ fn modes_sections(dest: &mut String, cfg: &Config, r: &Results, modes: &[Mode]) 
         cfg.update_samples
     );
     sized_table(&mut out, r, &metrics_of(Section::Update), &publishing);
+    agent_cpu_table(&mut out, r);
 
     *dest = out;
+}
+
+/// The agent's CPU time during each data-path measurement, by kind.
+fn agent_cpu_table(out: &mut String, r: &Results) {
+    if r.agent_cpu.is_empty() {
+        return;
+    }
+    out.push_str(
+        "## The agent's CPU time during each data-path measurement\n\n\
+         `/proc/<pid>/stat` user + system of the agent process around each measurement \
+         (the packets themselves are the kernel's work, not the agent's).\n\n\
+         | Kind | Mode | Ports | Runs | Median (ms) | Max (ms) |\n|---|---|---:|---:|---:|---:|\n",
+    );
+    let mut keys: Vec<(&str, Mode, usize)> = r
+        .agent_cpu
+        .iter()
+        .map(|a| (a.kind, a.mode, a.ports))
+        .collect();
+    keys.dedup();
+    let mut seen = Vec::new();
+    for key in keys {
+        if seen.contains(&key) {
+            continue;
+        }
+        seen.push(key);
+        let ms: Vec<f64> = r
+            .agent_cpu
+            .iter()
+            .filter(|a| (a.kind, a.mode, a.ports) == key)
+            .map(|a| a.secs * 1e3)
+            .collect();
+        let (p50, _, max) = tails::tail(&ms);
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} | {} | {} |",
+            key.0,
+            key.1,
+            key.2,
+            ms.len(),
+            num(p50),
+            num(max)
+        );
+    }
+    out.push('\n');
+}
+
+/// The targets of the latency-tail section: (text, datapath's figure,
+/// whether met), `None` where a figure is missing.
+pub fn tails_targets(r: &Results) -> Vec<(String, Option<(String, bool)>)> {
+    let t = &r.tails;
+    let mut out = Vec::new();
+    if t.connect.is_empty() && t.updates.is_empty() {
+        return out;
+    }
+    for path in Path::ALL {
+        let ours = t.runs(Mode::DatapathTc, path);
+        let base = t.runs(Mode::IptablesNft, path);
+        for (which, pick) in [("first", 0usize), ("last", usize::MAX)] {
+            let at = |v: &[&tails::ConnectRow]| {
+                if pick == 0 { v.first() } else { v.last() }.map(|r| r.p99)
+            };
+            let text = format!(
+                "Connect p99 {}, {which} repetition ≤ 0.9× iptables-nft",
+                path.label()
+            );
+            let cell = at(&ours).zip(at(&base)).map(|(o, b)| {
+                let ratio = o / b;
+                (
+                    format!("{}×: {} against {} µs", num(ratio), num(o), num(b)),
+                    ratio <= 0.9,
+                )
+            });
+            out.push((text, cell));
+        }
+    }
+    let update = t.updates.iter().find(|u| u.mode == Mode::DatapathTc);
+    for (what, pick) in [("added", 0), ("removed", 1)] {
+        let cell = update.map(|u| {
+            let v = if pick == 0 { &u.add_ms } else { &u.del_ms };
+            let (_, _, max) = tails::tail(v);
+            (format!("{} ms", num(max)), max <= 10.0)
+        });
+        out.push((
+            format!(
+                "One mapping {what} under load with {} present: max ≤ 10 ms",
+                t.ports
+            ),
+            cell,
+        ));
+    }
+    out
+}
+
+/// The latency-tail section.
+fn tails_section(out: &mut String, r: &Results) {
+    let t = &r.tails;
+    if t.connect.is_empty() && t.updates.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        out,
+        "## Latency tails: {} published ports, this datapath against iptables-nft\n\n\
+         New connections (connect, 1 byte each way, close) through a published port and from \
+         the container through the masquerade, repeated in turn (modes interleaved), each \
+         repetition on its own so that drift within a run shows. Cells: connect p50 / p99 / \
+         max (µs), rate, and the agent's CPU time during the run. Then one mapping added and \
+         removed repeatedly while new connections run through another published port.\n",
+        t.ports
+    );
+    for (text, cell) in tails_targets(r) {
+        let cell = match cell {
+            Some((figure, true)) => format!("met: {figure}"),
+            Some((figure, false)) => format!("MISSED: {figure}"),
+            None => "not measured".to_owned(),
+        };
+        let _ = writeln!(out, "- {text}: {cell}");
+    }
+    out.push('\n');
+    for path in Path::ALL {
+        let _ = writeln!(
+            out,
+            "### Connect {}\n\n| Repetition | Mode | p50 / p99 / max (µs) | Rate (k/s) | Failed | Agent CPU (ms) |\n|---:|---|---:|---:|---:|---:|",
+            path.label()
+        );
+        let mut rows: Vec<&tails::ConnectRow> =
+            t.connect.iter().filter(|c| c.path == path).collect();
+        rows.sort_by_key(|c| (c.rep, c.mode != Mode::DatapathTc));
+        for c in rows {
+            let _ = writeln!(
+                out,
+                "| {} | {} | {} / {} / {} | {} | {} | {} |",
+                c.rep + 1,
+                c.mode,
+                num(c.p50),
+                num(c.p99),
+                num(c.max),
+                num(c.rate),
+                c.failed,
+                c.agent_cpu_s.map_or("–".to_owned(), |s| num(s * 1e3))
+            );
+        }
+        out.push('\n');
+    }
+    out.push_str(
+        "### One mapping added and removed under load\n\n\
+         | Mode | Samples | Add p50 / p99 / max (ms) | Remove p50 / p99 / max (ms) | Load (k conn/s) | Load connect p99 (µs) | Agent CPU (ms) |\n\
+         |---|---:|---:|---:|---:|---:|---:|\n",
+    );
+    for u in &t.updates {
+        let (a50, a99, amax) = tails::tail(&u.add_ms);
+        let (d50, d99, dmax) = tails::tail(&u.del_ms);
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} / {} / {} | {} / {} / {} | {} | {} | {} |",
+            u.mode,
+            u.add_ms.len(),
+            num(a50),
+            num(a99),
+            num(amax),
+            num(d50),
+            num(d99),
+            num(dmax),
+            num(u.load_rate),
+            num(u.load_p99),
+            u.agent_cpu_s.map_or("–".to_owned(), |s| num(s * 1e3))
+        );
+    }
+    out.push('\n');
+}
+
+/// The latency-tail section's figures.
+fn tails_json(r: &Results) -> Value {
+    let t = &r.tails;
+    json!({
+        "ports": t.ports,
+        "connect": t.connect.iter().map(|c| json!({
+            "mode": c.mode.name(),
+            "path": c.path.id(),
+            "rep": c.rep,
+            "rate_kps": c.rate,
+            "p50_us": c.p50,
+            "p99_us": c.p99,
+            "max_us": c.max,
+            "failed": c.failed,
+            "agent_cpu_s": c.agent_cpu_s,
+        })).collect::<Vec<_>>(),
+        "updates": t.updates.iter().map(|u| {
+            let (a50, a99, amax) = tails::tail(&u.add_ms);
+            let (d50, d99, dmax) = tails::tail(&u.del_ms);
+            json!({
+                "mode": u.mode.name(),
+                "samples": u.add_ms.len(),
+                "add_ms": { "p50": a50, "p99": a99, "max": amax },
+                "del_ms": { "p50": d50, "p99": d99, "max": dmax },
+                "load_rate_kps": u.load_rate,
+                "load_p99_us": u.load_p99,
+                "agent_cpu_s": u.agent_cpu_s,
+            })
+        }).collect::<Vec<_>>(),
+        "targets": tails_targets(r).into_iter().map(|(text, cell)| json!({
+            "target": text,
+            "figure": cell.as_ref().map(|c| c.0.clone()),
+            "met": cell.map(|c| c.1),
+        })).collect::<Vec<_>>(),
+    })
 }
 
 /// The flow core under load: sustained connections, a SYN flood, the
@@ -788,6 +1003,15 @@ pub fn json(meta: &Meta, cfg: &Config, r: &Results) -> Value {
         "ratelimit": ratelimit,
         "ratelimit_rr": ratelimit_rr,
         "flowcore": flowcore_json(r),
+        "cluster": cluster_json(r),
+        "tails": tails_json(r),
+        "agent_cpu": r.agent_cpu.iter().map(|a| json!({
+            "kind": a.kind,
+            "mode": a.mode.name(),
+            "ports": a.ports,
+            "secs": a.secs,
+        })).collect::<Vec<_>>(),
+        "local": crate::bench::local::json(&r.local),
         "targets": targets,
         "notes": r.notes,
     })
@@ -848,6 +1072,9 @@ pub fn targets_text(r: &Results) -> String {
             o.cell()
         );
     }
+    for line in crate::bench::local::targets(&r.local) {
+        let _ = writeln!(out, "{:<14} {line}", "datapath");
+    }
     for (text, met, measured) in ratelimit_targets(r) {
         if measured > 0 {
             let word = if met == measured { "met" } else { "MISSED" };
@@ -858,7 +1085,104 @@ pub fn targets_text(r: &Results) -> String {
             );
         }
     }
+    for (text, cell) in tails_targets(r) {
+        let cell = match cell {
+            Some((figure, true)) => format!("met: {figure}"),
+            Some((figure, false)) => format!("MISSED: {figure}"),
+            None => "not measured".to_owned(),
+        };
+        let _ = writeln!(out, "{:<14} {text:<70} {cell}", Mode::DatapathTc.name());
+    }
     out
+}
+
+/// The cluster section: pod to pod across two nodes, three ways, and the
+/// control plane.
+fn cluster_section(out: &mut String, r: &Results) {
+    let c = &r.cluster;
+    if c.rows.is_empty() && c.reach_ms.is_empty() {
+        return;
+    }
+    out.push_str(
+        "## Cluster: pod to pod across two nodes (issue 19)\n\n\
+         From a pod on node 1 to a pod on node 2 of one underlay switch (medians of the \
+         repetitions). `route`: plain routing between the nodes, no encapsulation (the limit); \
+         `kernel-vxlan`: flannel's VXLAN backend (a kernel VXLAN device, static FDB and \
+         neighbour entries, a route per peer, iptables MASQUERADE of traffic leaving the \
+         cluster); `datapath`: this datapath's cluster mode (etcd, the agents, VXLAN driven \
+         from the programs).\n\n\
+         | Mode | bulk TCP (Gbit/s) | UDP 64 B (k pps) | RR p50 (µs) | RR p99 (µs) | connections (k/s) |\n\
+         |---|---:|---:|---:|---:|---:|\n",
+    );
+    for row in &c.rows {
+        let _ = writeln!(
+            out,
+            "| `{}` | {} | {} | {} | {} | {} |",
+            row.mode,
+            num(row.tcp_gbits),
+            num(row.udp_pps / 1000.0),
+            num(row.rr_p50_us),
+            num(row.rr_p99_us),
+            num(row.conn_rate / 1000.0)
+        );
+    }
+    if let (Some(ours), Some(kernel)) = (c.row("datapath"), c.row("kernel-vxlan")) {
+        let ratio = |a: f64, b: f64| {
+            if b > 0.0 {
+                num(a / b)
+            } else {
+                "—".to_owned()
+            }
+        };
+        let _ = writeln!(
+            out,
+            "\n`datapath` / `kernel-vxlan`: bulk TCP {}× (goal ≥ 1.0), connections/s {}× \
+             (goal ≥ 1.2), UDP {}×, RR p99 {}× (lower is better).",
+            ratio(ours.tcp_gbits, kernel.tcp_gbits),
+            ratio(ours.conn_rate, kernel.conn_rate),
+            ratio(ours.udp_pps, kernel.udp_pps),
+            ratio(ours.rr_p99_us, kernel.rr_p99_us)
+        );
+    }
+    if !c.reach_ms.is_empty() {
+        let _ = writeln!(
+            out,
+            "\nControl plane: from `datapath container add` on node 1 (CLI process start \
+             included) to the first UDP answer the new pod gives a pod on node 3, over {} \
+             pods: p50 {} ms, p99 {} ms (goal p99 < 100 ms).",
+            c.reach_ms.len(),
+            num(percentile(&c.reach_ms, 50.0)),
+            num(percentile(&c.reach_ms, 99.0))
+        );
+    }
+    if let Some(ms) = c.peers_ms {
+        let _ = writeln!(
+            out,
+            "\n{} simulated peers registered in etcd: node 1's agent listed every one of them \
+             {} ms after the last registration.",
+            c.peers,
+            num(ms)
+        );
+    }
+    out.push('\n');
+}
+
+/// The cluster section's figures.
+fn cluster_json(r: &Results) -> Value {
+    let c = &r.cluster;
+    json!({
+        "rows": c.rows.iter().map(|row| json!({
+            "mode": row.mode,
+            "tcp_gbits": row.tcp_gbits,
+            "udp_pps": row.udp_pps,
+            "rr_p50_us": row.rr_p50_us,
+            "rr_p99_us": row.rr_p99_us,
+            "conn_per_s": row.conn_rate,
+        })).collect::<Vec<_>>(),
+        "reach_ms": c.reach_ms,
+        "peers": c.peers,
+        "peers_ms": c.peers_ms,
+    })
 }
 
 #[cfg(test)]
@@ -893,5 +1217,62 @@ mod tests {
         assert_eq!(fig["ratios"]["iptables"]["parity"], false);
         assert_eq!(num(25.345), "25.3");
         assert_eq!(num(0.0123), "0.012");
+    }
+
+    #[test]
+    fn the_tail_targets_compare_the_first_and_the_last_repetition_and_the_worst_update() {
+        use crate::bench::tails::{ConnectRow, UpdateRow};
+        let mut r = Results::default();
+        r.tails.ports = 10_004;
+        // Ours: 80 µs at first, drifting to 200 µs; theirs: 100 µs flat.
+        for (mode, p99s) in [
+            (Mode::DatapathTc, [80.0, 150.0, 200.0]),
+            (Mode::IptablesNft, [100.0, 100.0, 100.0]),
+        ] {
+            for (rep, p99) in p99s.into_iter().enumerate() {
+                r.tails.connect.push(ConnectRow {
+                    mode,
+                    path: Path::Published,
+                    rep,
+                    rate: 10.0,
+                    p50: 50.0,
+                    p99,
+                    max: 2.0 * p99,
+                    failed: 0,
+                    agent_cpu_s: None,
+                });
+            }
+        }
+        r.tails.updates.push(UpdateRow {
+            mode: Mode::DatapathTc,
+            add_ms: vec![0.3, 0.4, 12.5],
+            del_ms: vec![0.3, 0.3, 0.5],
+            load_rate: 10.0,
+            load_p99: 120.0,
+            agent_cpu_s: Some(0.01),
+        });
+        let t = tails_targets(&r);
+        let find = |needle: &str| {
+            t.iter()
+                .find(|(text, _)| text.contains(needle))
+                .and_then(|(_, cell)| cell.clone())
+        };
+        assert_eq!(
+            find("published port, first").map(|c| c.1),
+            Some(true),
+            "{t:?}"
+        );
+        assert_eq!(find("published port, last").map(|c| c.1), Some(false));
+        assert_eq!(find("masquerade, first"), None, "not measured");
+        assert_eq!(find("added").map(|c| c.1), Some(false), "worst 12.5 ms");
+        assert_eq!(find("removed").map(|c| c.1), Some(true));
+        let md = markdown(&Meta::default(), &Config::quick(), &r);
+        assert!(
+            md.contains("## Latency tails: 10004 published ports"),
+            "{md}"
+        );
+        assert!(md.contains("MISSED: 2.00×: 200 against 100 µs"), "{md}");
+        let j = json(&Meta::default(), &Config::quick(), &r);
+        assert_eq!(j["tails"]["updates"][0]["add_ms"]["max"], 12.5);
     }
 }

@@ -6,6 +6,7 @@ use crate::bench::{
     mode::Mode,
     ratelimit::{RateRow, RrRow},
     stats::Summary,
+    tails::TailsResults,
 };
 
 /// Which way is better.
@@ -76,7 +77,7 @@ macro_rules! metrics {
         pub const ALL: &[&Metric] = &[$(&$name),*];
 
         /// The metrics measured again with many published ports.
-        pub const SCALING: &[&Metric] = &[&CONN_RATE, &CONN_P99, &RR_P50, &RR_P99, &TCP_1];
+        pub const SCALING: &[&Metric] = &[&CONN_RATE, &CONN_P99, &CONN_MAX, &RR_P50, &RR_P99, &RR_MAX, &TCP_1];
     };
 }
 
@@ -92,24 +93,27 @@ pub mod metric {
         UDP_LOSS = "udp_loss", "UDP 64 B, sent but not reaching the container's UDP layer", "%", Lower, Repeated, DataPath;
         RR_P50 = "rr_p50", "Request/response over one connection, p50", "µs", Lower, Repeated, DataPath;
         RR_P99 = "rr_p99", "Request/response over one connection, p99", "µs", Lower, Repeated, DataPath;
+        RR_MAX = "rr_max", "Request/response over one connection, worst", "µs", Lower, Repeated, DataPath;
         RR_TPS = "rr_tps", "Request/response transactions", "k/s", Higher, Repeated, DataPath;
         CONN_RATE = "conn_rate", "New connections through DNAT", "k/s", Higher, Repeated, DataPath;
         CONN_P50 = "conn_p50", "Connect time through DNAT, p50", "µs", Lower, Repeated, DataPath;
         CONN_P99 = "conn_p99", "Connect time through DNAT, p99", "µs", Lower, Repeated, DataPath;
+        CONN_MAX = "conn_max", "Connect time through DNAT, worst", "µs", Lower, Repeated, DataPath;
         EGRESS_TCP = "egress_tcp", "TCP, 1 stream, container → outside (masquerade)", "Gbit/s", Higher, Repeated, DataPath;
         EGRESS_CONN = "egress_conn", "New connections, container → outside (masquerade)", "k/s", Higher, Repeated, DataPath;
         EGRESS_CONN_P99 = "egress_conn_p99", "Connect time, container → outside, p99", "µs", Lower, Repeated, DataPath;
+        EGRESS_CONN_MAX = "egress_conn_max", "Connect time, container → outside, worst", "µs", Lower, Repeated, DataPath;
         CPU_SOFTIRQ_GBIT = "cpu_softirq_per_gbit", "softirq CPU per Gbit (TCP, 1 stream →)", "ms", Lower, Repeated, Cpu;
         CPU_SYS_GBIT = "cpu_sys_per_gbit", "system+irq+softirq CPU per Gbit (TCP, 1 stream →)", "ms", Lower, Repeated, Cpu;
         CPU_SOFTIRQ_PKTS = "cpu_softirq_per_100k_pkts", "softirq CPU per 100k UDP packets reaching the container", "ms", Lower, Repeated, Cpu;
         CPU_SYS_PKTS = "cpu_sys_per_100k_pkts", "system+irq+softirq CPU per 100k UDP packets reaching the container", "ms", Lower, Repeated, Cpu;
         CPU_SYS_CONN = "cpu_sys_per_conn", "system+irq+softirq CPU per new connection", "µs", Lower, Repeated, Cpu;
-        UPDATE_ADD = "update_add", "Add one mapping (iptables -A / nft add element / API publish)", "ms", Lower, Distribution, Update;
-        UPDATE_DEL = "update_del", "Remove one mapping (iptables -D / nft delete element / API unpublish)", "ms", Lower, Distribution, Update;
-        UPDATE_CLI_ADD = "update_cli_add", "Add one mapping, `datapath container publish`", "ms", Lower, Distribution, Update;
-        UPDATE_CLI_DEL = "update_cli_del", "Remove one mapping, `datapath container unpublish`", "ms", Lower, Distribution, Update;
-        UPDATE_MAP_ADD = "update_map_add", "Insert one entry into the published-ports BPF map", "µs", Lower, Distribution, Update;
-        UPDATE_MAP_DEL = "update_map_del", "Delete one entry from the published-ports BPF map", "µs", Lower, Distribution, Update;
+        UPDATE_ADD = "update_add", "Add one mapping (iptables -A / nft add element / API publish)", "ms", Lower, Tail, Update;
+        UPDATE_DEL = "update_del", "Remove one mapping (iptables -D / nft delete element / API unpublish)", "ms", Lower, Tail, Update;
+        UPDATE_CLI_ADD = "update_cli_add", "Add one mapping, `datapath container publish`", "ms", Lower, Tail, Update;
+        UPDATE_CLI_DEL = "update_cli_del", "Remove one mapping, `datapath container unpublish`", "ms", Lower, Tail, Update;
+        UPDATE_MAP_ADD = "update_map_add", "Insert one entry into the published-ports BPF map", "µs", Lower, Tail, Update;
+        UPDATE_MAP_DEL = "update_map_del", "Delete one entry from the published-ports BPF map", "µs", Lower, Tail, Update;
         CP_PUBLISH = "cp_publish", "Publish one port (API), N individual mappings present", "ms", Lower, Tail, Control;
         CP_UNPUBLISH = "cp_unpublish", "Unpublish one port (API), N individual mappings present", "ms", Lower, Tail, Control;
         CP_PUBLISH_CLI = "cp_publish_cli", "Publish one port (`datapath container publish`), N individual mappings present", "ms", Lower, Tail, Control;
@@ -164,6 +168,27 @@ pub struct Results {
     pub ratelimit_rr: Vec<RrRow>,
     /// The flow core under load.
     pub flowcore: FlowcoreResults,
+    /// Pod to pod across nodes, and the cluster's control plane.
+    pub cluster: crate::bench::cluster::ClusterResults,
+    /// Latency tails (issue 22).
+    pub tails: TailsResults,
+    /// The agent's CPU time during each data-path measurement.
+    pub agent_cpu: Vec<AgentCpu>,
+    /// The node's own connections to a published port on its loopback.
+    pub local: Vec<crate::bench::local::LocalRow>,
+}
+
+/// The agent's CPU seconds during one data-path measurement.
+#[derive(Clone, Debug)]
+pub struct AgentCpu {
+    /// The measurement's kind (its `--only` name).
+    pub kind: &'static str,
+    /// The mode.
+    pub mode: Mode,
+    /// Published ports present.
+    pub ports: usize,
+    /// CPU seconds, user and system.
+    pub secs: f64,
 }
 
 impl Results {

@@ -21,12 +21,14 @@ use crate::{
         cpu::{QuietPolicy, wait_quiet},
         flowcore,
         iperf::{self, Test},
+        local::LocalConfig,
         mode::Mode,
         ratelimit,
-        results::{Metric, Results, metric},
+        results::{AgentCpu, Metric, Results, metric},
         rr,
         snmp::UdpCounters,
         stats::percentile,
+        tails,
     },
     ratebench::RateCase,
 };
@@ -143,6 +145,8 @@ pub struct Config {
     pub update_samples: usize,
     /// The control plane at scale.
     pub control: ControlConfig,
+    /// The node's own connections to a published port on its loopback.
+    pub local: LocalConfig,
     /// Modes to set up.
     pub modes: Vec<Mode>,
     /// Data-path measurements to run.
@@ -161,6 +165,10 @@ pub struct Config {
     pub quiet_budget: Duration,
     /// The flow-core section (`None`: not run).
     pub flowcore: Option<flowcore::Plan>,
+    /// The cluster section (`None`: not run).
+    pub cluster: Option<crate::bench::cluster::Plan>,
+    /// The latency-tail section (`None`: not run).
+    pub tails: Option<tails::Plan>,
 }
 
 impl Config {
@@ -182,6 +190,12 @@ impl Config {
                 churn: 50,
                 restarts: 5,
             },
+            local: LocalConfig {
+                enabled: true,
+                reps: 5,
+                window: Duration::from_secs(2),
+                threads: 2,
+            },
             modes: Mode::ALL.to_vec(),
             kinds: Kind::ALL.to_vec(),
             quiet: QuietPolicy {
@@ -194,6 +208,8 @@ impl Config {
             rr_cases: ratelimit::rr_cases(&[10, 100, 1000], 5),
             rate_reps: 2,
             flowcore: Some(flowcore::Plan::full(4)),
+            cluster: Some(crate::bench::cluster::Plan::full()),
+            tails: Some(tails::Plan::full(2)),
         }
     }
 
@@ -213,6 +229,12 @@ impl Config {
                 churn: 20,
                 restarts: 3,
             },
+            local: LocalConfig {
+                enabled: true,
+                reps: 3,
+                window: Duration::from_millis(750),
+                threads: 2,
+            },
             quiet: QuietPolicy {
                 min_idle: 0.8,
                 sample: Duration::from_millis(150),
@@ -223,6 +245,8 @@ impl Config {
             rr_cases: ratelimit::rr_cases(&[100], 3),
             rate_reps: 1,
             flowcore: Some(flowcore::Plan::quick(4)),
+            cluster: Some(crate::bench::cluster::Plan::quick()),
+            tails: Some(tails::Plan::quick(2)),
             ..Self::full()
         }
     }
@@ -278,12 +302,97 @@ impl<'b, 'n> Runner<'b, 'n> {
         if self.cfg.control.enabled {
             self.control_plane()?;
         }
+        if self.cfg.local.enabled {
+            self.local()?;
+        }
         if !self.cfg.rate_cases.is_empty() || !self.cfg.rr_cases.is_empty() {
             self.ratelimit()?;
         }
         if self.cfg.flowcore.is_some() {
             self.flowcore()?;
         }
+        if self.cfg.cluster.is_some() {
+            self.cluster()?;
+        }
+        if self.cfg.tails.is_some() {
+            self.tails()?;
+        }
+        Ok(())
+    }
+
+    /// The cluster section, in namespaces of its own.
+    fn cluster(&mut self) -> Result<()> {
+        let Some(plan) = self.cfg.cluster.clone() else {
+            return Ok(());
+        };
+        let mut notes = Vec::new();
+        let quiet = self.cfg.quiet;
+        let mut quiet_left = self.quiet_left;
+        let results = crate::bench::cluster::run(
+            &plan,
+            || {
+                check_interrupted()?;
+                let policy = QuietPolicy {
+                    max_wait: quiet.max_wait.min(quiet_left),
+                    ..quiet
+                };
+                let q = wait_quiet(&policy);
+                quiet_left = quiet_left.saturating_sub(q.waited);
+                Ok(())
+            },
+            &mut notes,
+        );
+        self.quiet_left = quiet_left;
+        self.results.notes.extend(notes);
+        match results {
+            Ok(r) => self.results.cluster = r,
+            Err(e) => self
+                .results
+                .notes
+                .push(format!("cluster section failed: {e:#}")),
+        }
+        Ok(())
+    }
+
+    /// The latency-tail section, with the most published ports of the
+    /// run (10,000 unless `--sizes` says otherwise).
+    fn tails(&mut self) -> Result<()> {
+        let Some(plan) = self.cfg.tails.clone() else {
+            return Ok(());
+        };
+        let size = self
+            .cfg
+            .sizes
+            .iter()
+            .copied()
+            .max()
+            .unwrap_or(BASE_PORTS)
+            .max(BASE_PORTS);
+        self.set_size(size)?;
+        let mut notes = Vec::new();
+        let quiet = self.cfg.quiet;
+        let mut quiet_left = self.quiet_left;
+        let mut measurements = 0;
+        let results = tails::run(
+            self.beds,
+            &plan,
+            || {
+                check_interrupted()?;
+                let policy = QuietPolicy {
+                    max_wait: quiet.max_wait.min(quiet_left),
+                    ..quiet
+                };
+                let q = wait_quiet(&policy);
+                quiet_left = quiet_left.saturating_sub(q.waited);
+                measurements += 1;
+                Ok(())
+            },
+            &mut notes,
+        )?;
+        self.quiet_left = quiet_left;
+        self.results.measurements += measurements;
+        self.results.notes.extend(notes);
+        self.results.tails = results;
         Ok(())
     }
 
@@ -408,7 +517,17 @@ impl<'b, 'n> Runner<'b, 'n> {
             let i = idx[(k + rep) % idx.len()];
             self.wait_quiet();
             let mode = self.beds[i].mode();
-            match self.measure(i, kind) {
+            let cpu0 = self.beds[i].agent_cpu_secs();
+            let measured = self.measure(i, kind);
+            if let (Some(a), Some(b), Ok(_)) = (cpu0, self.beds[i].agent_cpu_secs(), &measured) {
+                self.results.agent_cpu.push(AgentCpu {
+                    kind: kind.name(),
+                    mode,
+                    ports,
+                    secs: b - a,
+                });
+            }
+            match measured {
                 Ok(shown) => print!("  {mode} {shown}"),
                 Err(e) => {
                     print!("  {mode} FAILED");
@@ -532,6 +651,12 @@ impl<'b, 'n> Runner<'b, 'n> {
                 );
                 r.record(&metric::RR_P50, mode, ports, p50);
                 r.record(&metric::RR_P99, mode, ports, p99);
+                r.record(
+                    &metric::RR_MAX,
+                    mode,
+                    ports,
+                    res.latencies_us.iter().copied().fold(0.0, f64::max),
+                );
                 r.record(&metric::RR_TPS, mode, ports, res.tps() / 1e3);
                 Ok(format!("{p50:.0}/{p99:.0}µs"))
             }
@@ -560,13 +685,16 @@ impl<'b, 'n> Runner<'b, 'n> {
                 let rate = res.rate() / 1e3;
                 let p50 = percentile(&res.connect_us, 50.0);
                 let p99 = percentile(&res.connect_us, 99.0);
+                let max = res.connect_us.iter().copied().fold(0.0, f64::max);
                 if egress {
+                    r.record(&metric::EGRESS_CONN_MAX, mode, ports, max);
                     r.record(&metric::EGRESS_CONN, mode, ports, rate);
                     r.record(&metric::EGRESS_CONN_P99, mode, ports, p99);
                 } else {
                     r.record(&metric::CONN_RATE, mode, ports, rate);
                     r.record(&metric::CONN_P50, mode, ports, p50);
                     r.record(&metric::CONN_P99, mode, ports, p99);
+                    r.record(&metric::CONN_MAX, mode, ports, max);
                     if ports == BASE_PORTS && res.completed > 0 {
                         r.record(
                             &metric::CPU_SYS_CONN,
@@ -656,6 +784,22 @@ impl<'b, 'n> Runner<'b, 'n> {
             let _ = std::io::stdout().flush();
         }
         println!();
+        Ok(())
+    }
+
+    /// The node's own connections to a published port on its loopback, in
+    /// a node of its own.
+    fn local(&mut self) -> Result<()> {
+        check_interrupted()?;
+        let mut cfg = self.cfg.local.clone();
+        cfg.threads = self.cfg.conn_threads;
+        match crate::bench::local::run(&cfg) {
+            Ok(rows) => self.results.local = rows,
+            Err(e) => self
+                .results
+                .notes
+                .push(format!("node to loopback published port failed: {e:#}")),
+        }
         Ok(())
     }
 

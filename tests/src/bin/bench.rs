@@ -4,8 +4,11 @@
 //! Run through the xtask (it builds the release agent and sets
 //! `DATAPATH_BIN`; `cargo xtask bench --only ratelimit` runs the rate
 //! section alone, `--only flowcore` the conntrack one, `--only control` the
-//! control plane's). Options, for working on the bench itself:
-//! `--modes route,datapath-tc`, `--only conn,rr,ratelimit,flowcore,control`, `--reps N`,
+//! control plane's, `--only cluster` the cluster's, `--only tails` the
+//! latency tails, `--only local` the node's connections to a published port
+//! on its loopback). Options, for working on the bench itself:
+//! `--modes route,datapath-tc`,
+//! `--only conn,rr,ratelimit,flowcore,control,cluster,tails,local`, `--reps N`,
 //! `--sizes 1000,10000`, `--conn-threads N`, `--out DIR`.
 
 use std::{
@@ -73,7 +76,10 @@ fn parse_args() -> Result<Args> {
     let mut threads = None;
     let mut ratelimit = None;
     let mut flowcore = None;
+    let mut cluster = None;
     let mut control_plane = None;
+    let mut tails = None;
+    let mut local = None;
     let mut only = None;
     while let Some(arg) = args.next() {
         match arg.as_str() {
@@ -90,11 +96,24 @@ fn parse_args() -> Result<Args> {
                 let value = args.next().context("--only needs a value")?;
                 let rate = value.split(',').any(|v| v.trim() == "ratelimit");
                 let flow = value.split(',').any(|v| v.trim() == "flowcore");
+                let clus = value.split(',').any(|v| v.trim() == "cluster");
                 let control = value.split(',').any(|v| v.trim() == "control");
+                let tail = value.split(',').any(|v| v.trim() == "tails");
+                let loopback = value.split(',').any(|v| v.trim() == "local");
                 let rest: Vec<&str> = value
                     .split(',')
                     .map(str::trim)
-                    .filter(|v| !["ratelimit", "flowcore", "control"].contains(v))
+                    .filter(|v| {
+                        ![
+                            "ratelimit",
+                            "flowcore",
+                            "control",
+                            "cluster",
+                            "tails",
+                            "local",
+                        ]
+                        .contains(v)
+                    })
                     .collect();
                 let k = if rest.is_empty() {
                     Vec::new()
@@ -106,7 +125,10 @@ fn parse_args() -> Result<Args> {
                 kinds = Some(k);
                 ratelimit = Some(rate);
                 flowcore = Some(flow);
+                cluster = Some(clus);
                 control_plane = Some(control);
+                tails = Some(tail);
+                local = Some(loopback);
             }
             "--reps" => {
                 let r: usize = args.next().context("--reps needs a value")?.parse()?;
@@ -133,7 +155,7 @@ fn parse_args() -> Result<Args> {
             "-h" | "--help" => {
                 println!(
                     "bench [--quick] [--modes M,…] [--only KIND,…] [--reps N] [--sizes N,…] [--conn-threads N] [--out DIR]\n\
-                     modes: {}\nkinds: {},ratelimit,flowcore,control",
+                     modes: {}\nkinds: {},ratelimit,flowcore,control,cluster,tails,local",
                     join(&Mode::ALL, Mode::name),
                     join(&Kind::ALL, Kind::name)
                 );
@@ -154,11 +176,20 @@ fn parse_args() -> Result<Args> {
     if flowcore == Some(false) {
         cfg.flowcore = None;
     }
+    if cluster == Some(false) {
+        cfg.cluster = None;
+    }
     if let Some(plan) = cfg.flowcore.as_mut() {
         plan.threads = cfg.conn_threads.max(plan.threads);
     }
     if control_plane == Some(false) {
         cfg.control.enabled = false;
+    }
+    if tails == Some(false) {
+        cfg.tails = None;
+    }
+    if local == Some(false) {
+        cfg.local.enabled = false;
     }
     let quick = if quick { " --quick" } else { "" };
     let command = if let Ok(command) = std::env::var("BENCH_COMMAND") {
@@ -217,18 +248,19 @@ fn real_main() -> Result<()> {
     );
 
     // The rate and control-plane sections (`--only ratelimit,control`)
-    // build their own nodes; the conntrack section alone (`--only
-    // flowcore`) needs only the modes it compares.
+    // build their own nodes; the conntrack and latency-tail sections alone
+    // (`--only flowcore,tails`) need only the modes they compare.
     let modes: Vec<Mode> = if !cfg.kinds.is_empty() {
         cfg.modes.clone()
-    } else if cfg.flowcore.is_some() {
+    } else {
         cfg.modes
             .iter()
             .copied()
-            .filter(|m| datapath_tests::bench::flowcore::compared(*m))
+            .filter(|m| {
+                (cfg.flowcore.is_some() && datapath_tests::bench::flowcore::compared(*m))
+                    || (cfg.tails.is_some() && datapath_tests::bench::tails::compared(*m))
+            })
             .collect()
-    } else {
-        Vec::new()
     };
     let nodes: Vec<_> = modes.iter().map(|m| bed::node_for(*m)).collect();
     let mut beds = Vec::new();

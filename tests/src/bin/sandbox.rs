@@ -14,6 +14,18 @@
 //! Ctrl-C (SIGINT) or SIGTERM. Cleanup is the harness's guards: the signal
 //! handler only raises a flag, so that `main` returns and every guard runs.
 //!
+//! With `--cluster` (`cargo xtask run --cluster`) it builds a cluster
+//! instead: an underlay switch, etcd and three nodes with an agent each,
+//! one container per node, and shows the containers talking across the
+//! nodes with their own addresses.
+//!
+//! ```text
+//!              switch (br0) ── etcd 198.18.0.2
+//!      ┌──────────────┼──────────────┐
+//!   node1 .11      node2 .12      node3 .13      (underlay 198.18.0.0/24)
+//!   pod 198.19.0.2 pod 198.19.1.2 pod 198.19.2.2 (cluster 198.19.0.0/16)
+//! ```
+//!
 //! The agent binary is `$DATAPATH_BIN`, else `datapath` next to this one.
 
 use std::{
@@ -26,10 +38,12 @@ use std::{
 use anyhow::{Context as _, bail};
 use datapath_tests::{
     agent::Agent,
+    cluster::{self, Etcd, Switch},
     inspect,
     netns::Netns,
     node::{Node, UPLINK},
-    traffic::{Server, http_get, udp_request},
+    traffic::{Server, http_get, line_exchange, udp_request},
+    wait,
 };
 use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, sigaction};
 
@@ -78,28 +92,126 @@ fn find_agent_binary() -> anyhow::Result<()> {
 }
 
 fn main() -> anyhow::Result<()> {
-    let once = match std::env::args().nth(1).as_deref() {
-        None => false,
-        Some("--once") => true,
-        Some("-h" | "--help") => {
-            println!("usage: sandbox [--once]\n\n{}", HELP.trim());
-            return Ok(());
+    let (mut once, mut cluster) = (false, false);
+    for arg in std::env::args().skip(1) {
+        match arg.as_str() {
+            "--once" => once = true,
+            "--cluster" => cluster = true,
+            "-h" | "--help" => {
+                println!("usage: sandbox [--cluster] [--once]\n\n{}", HELP.trim());
+                return Ok(());
+            }
+            other => bail!("unknown argument {other:?}: usage: sandbox [--cluster] [--once]"),
         }
-        Some(other) => bail!("unknown argument {other:?}: usage: sandbox [--once]"),
-    };
+    }
     find_agent_binary()?;
     install_signal_handlers()?;
     if nix::unistd::geteuid().as_raw() != 0 {
         bail!("the sandbox makes network namespaces: run it as root");
     }
+    if cluster {
+        return run_cluster(once);
+    }
     run(once)
+}
+
+/// The cluster sandbox (`--cluster`).
+fn run_cluster(once: bool) -> anyhow::Result<()> {
+    let switch = Switch::new();
+    let etcd = Etcd::start(&switch);
+    println!(
+        "underlay switch {}, etcd at {}",
+        switch.ns.name(),
+        etcd.url()
+    );
+    let nodes: Vec<Node> = (1..=3).map(|n| switch.node(n)).collect();
+    let names = ["node1", "node2", "node3"];
+    let agents: Vec<Agent<'_>> = nodes
+        .iter()
+        .zip(names)
+        .map(|(node, name)| cluster::agent(node, &etcd, name, &[]))
+        .collect();
+    for (node, agent) in nodes.iter().zip(&agents) {
+        println!(
+            "{}: {} on {}, agent pid {}, API {}",
+            node.node.name(),
+            node.node_addr(),
+            UPLINK,
+            agent.pid().unwrap_or_default(),
+            agent.socket().display()
+        );
+    }
+    for agent in &agents {
+        let all = wait::within(Duration::from_secs(20), || {
+            agent
+                .cli_json(["node", "list", "--json"])
+                .as_array()
+                .is_some_and(|n| n.len() == names.len())
+        });
+        if !all {
+            bail!("the agents did not all see each other within 20 s");
+        }
+    }
+    let pods: Vec<Netns> = nodes.iter().map(|n| n.add_container_netns("pod")).collect();
+    let infos: Vec<_> = agents
+        .iter()
+        .zip(&pods)
+        .map(|(agent, pod)| agent.add("pod", pod, &[]))
+        .collect();
+    let servers: Vec<Server> = pods
+        .iter()
+        .zip(names)
+        .map(|(pod, name)| Server::line_echo(pod, 7000, name))
+        .collect();
+    show(&agents[0], &["node", "list"]);
+    println!(
+        "
+TCP between the pods (each server prints the source it saw):"
+    );
+    for (i, pod) in pods.iter().enumerate() {
+        for (j, server) in servers.iter().enumerate().filter(|(j, _)| *j != i) {
+            let dst = SocketAddr::from((infos[j].addr, 7000));
+            let line = format!("hello from {}", names[i]);
+            let answer = line_exchange(pod, dst, &line).with_context(|| format!("TCP to {dst}"))?;
+            let seen = server
+                .peers()
+                .last()
+                .map(|p| p.ip().to_string())
+                .unwrap_or_default();
+            println!(
+                "  {} ({}) -> {dst}: {answer:?}, seen from {seen}",
+                names[i], infos[i].addr
+            );
+        }
+    }
+    show(&agents[0], &["status"]);
+    if once {
+        println!("\n--once: cleaning up");
+        return Ok(());
+    }
+    let bin = std::env::var("DATAPATH_BIN").unwrap_or_else(|_| "datapath".into());
+    println!(
+        "\nThe cluster is up. In another shell, try:\n  \
+         nsenter --net={pod1} ping -c1 {addr3}\n  \
+         {bin} --api-socket {sock} node list\n\
+         Ctrl-C cleans everything up.",
+        pod1 = pods[0].path().display(),
+        addr3 = infos[2].addr,
+        sock = agents[0].socket().display(),
+    );
+    while !STOP.load(Ordering::SeqCst) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    println!("\nstopping: removing the agents, etcd and the namespaces");
+    Ok(())
 }
 
 const HELP: &str = "
 Builds a node in network namespaces, starts the datapath agent in it, publishes
 two containers' ports, sends requests through them and shows what the agent and
-its maps hold. --once: exit after that; otherwise wait for Ctrl-C. Everything
-made is removed on exit.";
+its maps hold. --cluster: three such nodes, an underlay and etcd, one container
+per node, talking across the nodes. --once: exit after that; otherwise wait for
+Ctrl-C. Everything made is removed on exit.";
 
 /// Runs `datapath ARGS` against the agent and prints the command and its
 /// output.

@@ -81,6 +81,10 @@ impl<'n> AgentBackend<'n> {
 }
 
 impl Backend for AgentBackend<'_> {
+    fn agent_pid(&self) -> Option<u32> {
+        self.agent.pid()
+    }
+
     fn set_fillers(&mut self, n: usize) -> Result<()> {
         if self.fillers > 0 {
             self.api.del_container(FILLER)?;

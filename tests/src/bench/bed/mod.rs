@@ -139,6 +139,10 @@ pub trait Backend {
     }
     /// Forgets every tracked connection.
     fn flush_conntrack(&self) -> Result<()>;
+    /// The process id of the agent, where one runs.
+    fn agent_pid(&self) -> Option<u32> {
+        None
+    }
     /// What is installed, in a few words.
     fn describe(&self) -> String;
 }
@@ -415,6 +419,14 @@ impl<'n> Bed<'n> {
     /// The mode's backend.
     pub fn backend(&mut self) -> &mut dyn Backend {
         self.backend.as_mut()
+    }
+
+    /// The CPU seconds (user and system) the mode's agent has used so
+    /// far, where one runs.
+    pub fn agent_cpu_secs(&self) -> Option<f64> {
+        self.backend
+            .agent_pid()
+            .and_then(crate::bench::cpu::process_cpu_secs)
     }
 
     /// Forgets every tracked connection of the mode.
