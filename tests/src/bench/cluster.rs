@@ -43,8 +43,15 @@ use crate::{
 const IPERF_PORT: u16 = 5201;
 /// The request/response server's port.
 const RR_PORT: u16 = 7000;
-/// The connection server's port.
+/// The connection servers' first port; they listen on `CONN_PORTS` ports
+/// from it.
 const CONN_PORT: u16 = 7001;
+/// How many ports the connection servers listen on. One pod address talks to
+/// one pod address, so the client's TIME_WAIT entries would exhaust its
+/// ephemeral ports towards a single server port within seconds and the figure
+/// would measure the port search; rotating over this many destination ports
+/// keeps every repetition of every mode far from that limit.
+const CONN_PORTS: u16 = 32;
 /// The echo port of the pods the control-plane figure adds.
 const REACH_PORT: u16 = 7100;
 /// The kernel VXLAN device's name (flannel's).
@@ -387,7 +394,9 @@ fn measure(
 ) -> Result<ClusterRow> {
     let _iperf = IperfServer::start(server, IPERF_PORT)?;
     let _rr = RrServer::start(server, RR_PORT)?;
-    let _conn = ConnServer::start(server, CONN_PORT, 2)?;
+    let _conn = (CONN_PORT..CONN_PORT + CONN_PORTS)
+        .map(|port| ConnServer::start(server, port, 1))
+        .collect::<Result<Vec<_>>>()?;
     let (mut tcp, mut udp, mut p50, mut p99, mut conn) = (vec![], vec![], vec![], vec![], vec![]);
     for _ in 0..plan.reps {
         before()?;
@@ -423,7 +432,9 @@ fn measure(
             client,
             &connrate::Plan {
                 sources: vec![None],
-                dests: vec![SocketAddrV4::new(addr, CONN_PORT)],
+                dests: (CONN_PORT..CONN_PORT + CONN_PORTS)
+                    .map(|port| SocketAddrV4::new(addr, port))
+                    .collect(),
                 threads: 2,
                 duration: plan.window,
                 max: 500_000,
