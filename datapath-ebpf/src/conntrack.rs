@@ -445,17 +445,19 @@ pub fn lookup<F: Family>(
     Some(hit)
 }
 
-/// The entry of a flow just created (or created by another CPU first).
+/// The entry of a flow just created (or created by another CPU first):
+/// the table of unconfirmed flows first, where a new flow is, then the
+/// main table, where another CPU may have confirmed it meanwhile.
 #[inline(always)]
 pub fn lookup_created<F: Family>(key: &CtKeyOf<F::A>) -> Option<Hit<F::A>> {
-    match get::<F>(Table::Main, key) {
+    match get::<F>(Table::New, key) {
         Some(entry) => Some(Hit {
             entry,
-            table: Table::Main,
-        }),
-        None => get::<F>(Table::New, key).map(|entry| Hit {
-            entry,
             table: Table::New,
+        }),
+        None => get::<F>(Table::Main, key).map(|entry| Hit {
+            entry,
+            table: Table::Main,
         }),
     }
 }

@@ -353,13 +353,20 @@ fn new_flow(
     req: &mut NewFlow<[u8; 4]>,
     expiring: bool,
 ) -> u32 {
-    if let Some(svc) = maps::service(flow.key.daddr, flow.key.dport, flow.key.proto, false) {
-        return hairpin(ctx, flow, req, svc, ifindex, expiring);
+    let dst = flow.key.daddr;
+    // Ports are published only on the node's addresses (the agent refuses
+    // any other host IP), so a flow to anywhere else costs one lookup
+    // here. The node's addresses are never masqueraded to.
+    // SAFETY: node address values are replaced whole by the agent.
+    if unsafe { NODE_ADDRS.get(NodeAddrKey { addr: dst }) }.is_some() {
+        return match maps::published(dst, flow.key.dport, flow.key.proto) {
+            Some(svc) => hairpin(ctx, flow, req, svc, ifindex, expiring),
+            None => PASS,
+        };
     }
     if cfg.flags & CONFIG_F_SNAT == 0 {
         return PASS;
     }
-    let dst = flow.key.daddr;
     if cfg.in_pool(dst) || dst == cfg.gateway_addr || maps::non_masquerade(dst) {
         return PASS;
     }
@@ -384,8 +391,6 @@ fn new_flow(
             return too_big_code(flow);
         }
         req.orig_mtu = r.mtu;
-    } else if unsafe { NODE_ADDRS.get(NodeAddrKey { addr: dst }) }.is_some() {
-        return PASS;
     }
     if expiring {
         maps::dropped(Stat::DropTtlExceeded, ifindex, ctx.len());

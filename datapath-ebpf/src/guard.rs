@@ -4,7 +4,12 @@
 //!
 //! * Uplink: martian and spoofed sources are dropped (the programs redirect
 //!   past the kernel's own checks), and so is everything addressed to a
-//!   container address unless direct routing is allowed.
+//!   container address unless direct routing is allowed. A source claiming
+//!   one of the node's addresses costs a map lookup, so that check
+//!   ([`uplink_node_source`]) is made where a packet could start something
+//!   (a new flow, an ICMP error, anything the parser does not translate),
+//!   not for packets of established flows: their tuple matched a flow whose
+//!   creation was checked, and an established packet costs one lookup.
 //! * Container: router advertisements, redirects and unsolicited neighbour
 //!   advertisements of another address are dropped.
 
@@ -68,9 +73,10 @@ fn ipv4_header<C: Packet + FrameLen>(ctx: &C) -> Option<[u8; IPV4_HDR_LEN]> {
 
 /// The drop reason for an IPv4 packet arriving on the uplink, if it must
 /// not go further: a martian source ([`martian_source`]), a source only
-/// the node or its containers hold (the pool, a node or the gateway
+/// the containers or the node's gateway hold (the pool, the gateway
 /// address), or a container address as destination without direct
 /// routing. A packet too short for an IP header is left to the parser.
+/// The node's other addresses as source are [`uplink_node_source`]'s.
 #[inline(always)]
 pub fn uplink<C: Packet + FrameLen>(ctx: &C, cfg: &Config) -> Option<Stat> {
     if ether_type(ctx)? != ETH_P_IP {
@@ -82,7 +88,7 @@ pub fn uplink<C: Packet + FrameLen>(ctx: &C, cfg: &Config) -> Option<Stat> {
     if martian_source(saddr, daddr, is_link_local(cfg.node_addr)) {
         return Some(Stat::DropMartian);
     }
-    if cfg.in_pool(saddr) || node_address(cfg, saddr) {
+    if cfg.in_pool(saddr) || saddr == cfg.gateway_addr {
         return Some(Stat::DropUplinkSpoofed);
     }
     if cfg.flags & CONFIG_F_ALLOW_DIRECT_ROUTING == 0
@@ -92,6 +98,23 @@ pub fn uplink<C: Packet + FrameLen>(ctx: &C, cfg: &Config) -> Option<Stat> {
         return Some(Stat::DropDirectRouting);
     }
     None
+}
+
+/// Whether an IPv4 packet arriving on the uplink, with a header [`uplink`]
+/// checked, claims one of the node's own addresses as its source
+/// ([`Stat::DropUplinkSpoofed`]). Asked on every path but the one of a
+/// packet matching an established flow (see the module documentation).
+#[inline(always)]
+pub fn uplink_node_source<C: Packet + FrameLen>(ctx: &C) -> bool {
+    if ether_type(ctx) != Some(ETH_P_IP) {
+        return false;
+    }
+    let Some(h) = ipv4_header(ctx) else {
+        return false;
+    };
+    let saddr = [h[12], h[13], h[14], h[15]];
+    // SAFETY: node address values are replaced whole by the agent.
+    unsafe { NODE_ADDRS.get(NodeAddrKey { addr: saddr }) }.is_some()
 }
 
 /// The drop reason for a frame a container sends, if it must not go

@@ -69,6 +69,28 @@ pub fn service(
     unsafe { SERVICES.get(&key) }
 }
 
+/// [`service`] for a packet to `addr`, known to be one of the node's
+/// (non-loopback) addresses: the entry for the exact address, else the
+/// wildcard entry.
+#[inline(always)]
+pub fn published(addr: [u8; 4], port: u16, protocol: u8) -> Option<&'static ServiceValue> {
+    if (protocol != proto::TCP && protocol != proto::UDP) || is_loopback(addr) {
+        return None;
+    }
+    let mut key = ServiceKey {
+        addr,
+        port,
+        proto: protocol,
+        _pad: 0,
+    };
+    // SAFETY: as in `service`.
+    if let Some(v) = unsafe { SERVICES.get(&key) } {
+        return Some(v);
+    }
+    key.addr = [0; 4];
+    unsafe { SERVICES.get(&key) }
+}
+
 /// Containers by address.
 #[btf_map]
 pub static ENDPOINTS: HashMap<EndpointKey, Endpoint, { capacity::ENDPOINTS as usize }> =

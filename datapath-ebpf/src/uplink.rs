@@ -81,9 +81,11 @@ pub fn process<C: Packet + FrameLen + Node + TranslateIcmp>(ctx: &mut C, hook: u
     let flow = &mut sc.flow;
     let req = &mut sc.req;
     let kind = parse::parse(ctx, flow);
+    // The node's own addresses as source: every path checks them but that
+    // of a packet matching an established flow (see `guard`).
     match kind {
-        Kind::NotOurs => return Verdict::Pass,
-        Kind::Malformed => return Verdict::Drop(Stat::DropMalformed),
+        Kind::NotOurs => return spoofed_or(ctx, Verdict::Pass),
+        Kind::Malformed => return spoofed_or(ctx, Verdict::Drop(Stat::DropMalformed)),
         Kind::Flow => {}
     }
     let now = conntrack::now();
@@ -91,12 +93,15 @@ pub fn process<C: Packet + FrameLen + Node + TranslateIcmp>(ctx: &mut C, hook: u
     // translated here is the node's own (or came first): the node's stack
     // reassembles it or times it out.
     if flow.frag == frag::LATER && !conntrack::frag_ports(flow, now) {
-        return Verdict::Pass;
+        return spoofed_or(ctx, Verdict::Pass);
     }
     // Forwarding decrements the TTL: a packet that would leave with zero is
     // dropped before it can create a flow.
     let expiring = flow.ttl <= 1;
     if flow.l4 == L4::IcmpError {
+        if guard::uplink_node_source(ctx) {
+            return Verdict::Drop(Stat::DropUplinkSpoofed);
+        }
         let mut fwd = icmp::Forward::default();
         return match ctx.translate_icmp(flow, &mut fwd) {
             icmp::NOT_OURS => Verdict::Pass,
@@ -110,6 +115,9 @@ pub fn process<C: Packet + FrameLen + Node + TranslateIcmp>(ctx: &mut C, hook: u
     let hit = match conntrack::lookup::<V4>(&flow.key, flow.tcp_flags, &cfg.timeouts, now) {
         Some(hit) => hit,
         None => {
+            if guard::uplink_node_source(ctx) {
+                return Verdict::Drop(Stat::DropUplinkSpoofed);
+            }
             let r = new_flow(ctx, cfg, flow, req, expiring);
             if r != CREATED {
                 return refused(r);
@@ -163,6 +171,17 @@ pub fn process<C: Packet + FrameLen + Node + TranslateIcmp>(ctx: &mut C, hook: u
     });
     maps::account(container, true, ctx.frame_len() as u64, ctx.segments());
     Verdict::ToContainer { ifindex, addr }
+}
+
+/// `verdict`, unless the packet claims one of the node's addresses as its
+/// source ([`guard::uplink_node_source`]).
+#[inline(always)]
+fn spoofed_or<C: Packet + FrameLen>(ctx: &C, verdict: Verdict) -> Verdict {
+    if guard::uplink_node_source(ctx) {
+        Verdict::Drop(Stat::DropUplinkSpoofed)
+    } else {
+        verdict
+    }
 }
 
 /// The first packet of a flow from the uplink: to a published port (DNAT),

@@ -282,7 +282,9 @@ impl Datapath {
     /// The drop reason the checks made from a valid IPv4 header alone give
     /// `f` on `hook`, before any protocol parsing: on the uplink, martian
     /// and spoofed sources and container addresses as destination; from
-    /// the container, ICMP redirects.
+    /// the container, ICMP redirects. (The datapath checks a node address
+    /// as source after the conntrack lookup, skipping it for established
+    /// flows; no flow ever has one, so the verdict is the same.)
     fn guarded(&self, hook: Hook, f: &[u8]) -> Option<Stat> {
         if f.len() < ETH + 20 || be16(f, 12) != 0x0800 {
             return None;

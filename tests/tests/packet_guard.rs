@@ -11,7 +11,7 @@ use datapath_common::{
     proto,
 };
 use datapath_tests::{
-    frame::Frame,
+    frame::{self, Frame, IcmpError},
     programs::{Programs, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, XDP_DROP, XDP_PASS},
     testbed::{self, CTR, NODE},
 };
@@ -81,6 +81,76 @@ fn uplink_packets_claiming_a_pool_node_or_gateway_source_are_dropped_and_counted
     let f = Frame::udp("198.18.0.1:4000", "198.18.0.2:5353").build();
     let got = uplink_both(testbed::datapath, &f, Stat::DropUplinkSpoofed);
     assert_eq!(got[0], (TC_ACT_REDIRECT, 0));
+}
+
+/// One uplink frame through a fresh-or-given datapath's TC or XDP program:
+/// its verdict and how far `stat` moved.
+fn uplink_run(p: &mut Programs, xdp: bool, frame: &[u8], stat: Stat) -> (u32, u64) {
+    let before = p.stat(stat);
+    let verdict = if xdp {
+        p.uplink_xdp(frame).verdict
+    } else {
+        p.uplink_tc(frame).verdict
+    };
+    (verdict, p.stat(stat) - before)
+}
+
+#[test]
+fn a_node_address_as_uplink_source_is_dropped_on_every_path_but_an_established_flows() {
+    // Only a packet matching an established flow skips the node address
+    // check: every other path could start something with it.
+    let node = Ipv4Addr::from(NODE);
+    for xdp in [false, true] {
+        let (drop, redirect) = if xdp {
+            (XDP_DROP, datapath_tests::programs::XDP_REDIRECT)
+        } else {
+            (TC_ACT_SHOT, TC_ACT_REDIRECT)
+        };
+        let mut p = testbed::datapath();
+        // A flow through the published port, for the ICMP error to be about.
+        let syn = Frame::tcp("198.18.0.1:40000", "198.18.0.2:8080").build();
+        assert_eq!(
+            uplink_run(&mut p, xdp, &syn, Stat::DropUplinkSpoofed),
+            (redirect, 0),
+            "xdp={xdp}: a genuine client opens the flow"
+        );
+        let synack = Frame::tcp("198.18.0.2:8080", "198.18.0.1:40000")
+            .tcp_flags(frame::tcp_flags::SYN | frame::tcp_flags::ACK);
+        let frames = [
+            (
+                "an ICMP error about the flow",
+                Frame::icmp_error(NODE, NODE, IcmpError::PortUnreachable, &synack).build(),
+            ),
+            (
+                "a SYN to the published port",
+                Frame::tcp((node, 40001), "198.18.0.2:8080").build(),
+            ),
+            (
+                "a protocol the parser does not translate",
+                Frame::raw_ip(node, node, 132).payload(vec![0; 32]).build(),
+            ),
+            (
+                "a later fragment",
+                Frame::udp((node, 4000), "198.18.0.2:5353")
+                    .payload(vec![1; 64])
+                    .fragment(false, 8)
+                    .build(),
+            ),
+            (
+                "a TCP header cut short",
+                Frame::raw_ip(node, node, proto::TCP)
+                    .payload(vec![0; 8])
+                    .build(),
+            ),
+        ];
+        for (what, f) in frames {
+            assert_eq!(
+                uplink_run(&mut p, xdp, &f, Stat::DropUplinkSpoofed),
+                (drop, 1),
+                "xdp={xdp}: {what}"
+            );
+        }
+    }
 }
 
 // ---- the direct-routing ban ----------------------------------------------------------------------
