@@ -186,6 +186,9 @@ pub fn remove_everywhere(path: &str) {
 }
 
 /// Removes a cgroup directory and its children (rmdir, deepest first).
+/// A runtime's processes may still be leaving (`podman rm -f` returns before
+/// conmon and the container's processes are reaped): whatever is still in a
+/// cgroup is killed, and the removal is retried for a moment.
 fn remove_tree(dir: &Path) {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return;
@@ -195,7 +198,26 @@ fn remove_tree(dir: &Path) {
             remove_tree(&e.path());
         }
     }
-    if let Err(e) = std::fs::remove_dir(dir) {
-        eprintln!("warning: rmdir {}: {e}", dir.display());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match std::fs::remove_dir(dir) {
+            Ok(()) => return,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
+            Err(e) if Instant::now() > deadline => {
+                eprintln!("warning: rmdir {}: {e}", dir.display());
+                return;
+            }
+            Err(_) => {
+                let procs = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
+                for pid in procs.lines().filter_map(|p| p.trim().parse::<i32>().ok()) {
+                    // Gone already is fine: the retry sees it either way.
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(pid),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
     }
 }
