@@ -5,6 +5,7 @@
 //! persisted state, the agent and the CNI plugin can all use it without
 //! depending on each other.
 
+pub mod dual;
 pub mod flow;
 pub mod identity;
 pub mod limits;
@@ -13,6 +14,7 @@ pub mod mtu;
 pub mod names;
 pub mod ports;
 
+pub use dual::{DualPool, GATEWAY6};
 pub use flow::{Flow, FlowEndpoint};
 pub use limits::{DirectionCounters, Limit, RateCounters, RateLimits};
 pub use ports::{PortMapping, Protocol};
