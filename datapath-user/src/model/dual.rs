@@ -103,7 +103,10 @@ mod tests {
             Some(Ipv4Addr::new(198, 19, 1, 5))
         );
         assert_eq!(p.addr6(Ipv4Addr::new(198, 20, 0, 1)), None);
-        assert_eq!(p.addr4("fd00:db8:1::1:0:0".parse().expect("an address")), None);
+        assert_eq!(
+            p.addr4("fd00:db8:1::1:0:0".parse().expect("an address")),
+            None
+        );
         assert_eq!(p.addr4("fd00:db8:2::1".parse().expect("an address")), None);
     }
 
