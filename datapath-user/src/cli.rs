@@ -470,6 +470,14 @@ pub async fn run_agent(args: &AgentArgs, socket: PathBuf) -> anyhow::Result<()> 
     }
     // Every key may stand in one configuration file (`--check-config`
     // shows them all), but an agent starts in one mode.
+    if let Some(pool6) = args.pool6
+        && !args.cluster_store.is_empty()
+    {
+        anyhow::bail!(
+            "--pool6 {pool6} is not for cluster mode (--cluster-store) yet: every node would \
+             derive the same IPv6 addresses"
+        );
+    }
     if args.pool.is_some() && !args.cluster_store.is_empty() {
         anyhow::bail!(
             "--pool is not for cluster mode (--cluster-store): the pool is the node CIDR \

@@ -191,12 +191,6 @@ impl AgentConfig {
             ));
         }
         if let Some(pool6) = self.pool6 {
-            if self.cluster.is_some() {
-                return Err(format!(
-                    "--pool6 {pool6} is not for cluster mode (--cluster-store) yet: every node \
-                     would derive the same IPv6 addresses"
-                ));
-            }
             DualPool::new(self.pool, pool6)?;
         }
         Ok(())
