@@ -10,6 +10,7 @@
 //!   XDP program (which has no checksum helpers) and by the tests.
 //! * [`stats`]: the counters every program exports, drop reasons included.
 //! * [`ratelimit`]: the per-cgroup token buckets' layouts and arithmetic.
+//! * [`monitor`]: per-container counters and the monitor's events.
 //! * [`clock`]: the test clock that can stand in for the programs' clock.
 //! * [`policy`]: who may send what (martian sources, neighbour discovery).
 //!
@@ -22,6 +23,7 @@ pub mod csum;
 pub mod ct;
 pub mod flow;
 pub mod maps;
+pub mod monitor;
 pub mod policy;
 pub mod ratelimit;
 pub mod stats;

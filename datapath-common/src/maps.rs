@@ -42,6 +42,21 @@ pub mod names {
     /// Cgroup storage: the [`crate::ratelimit::RateKey`] of each cgroup
     /// attachment of the rate limiter.
     pub const RATE_CGROUPS: &str = "RATE_CGROUPS";
+    /// Per-CPU [`crate::monitor::ContainerStats`] indexed by
+    /// [`crate::monitor::slot`]: each container's packets and bytes.
+    pub const CONTAINER_STATS: &str = "CONTAINER_STATS";
+    /// [`crate::monitor::ContainerDrops`] indexed by
+    /// [`crate::monitor::slot`]: each container's drops by reason.
+    pub const CONTAINER_DROPS: &str = "CONTAINER_DROPS";
+    /// Hash of a container's host-side veth (`u32` ifindex) → its id
+    /// (`u32`): read only for a packet a container sent that is dropped
+    /// before its address is known (an IPv6 router advertisement, a
+    /// malformed header), to count the drop as the container's.
+    pub const CONTAINER_VETHS: &str = "CONTAINER_VETHS";
+    /// Ring buffer of [`crate::monitor::Event`]s: drops and flows, written
+    /// only while the monitor is on ([`super::CONFIG_F_MONITOR_DROPS`],
+    /// [`super::CONFIG_F_MONITOR_FLOWS`]).
+    pub const EVENTS: &str = "EVENTS";
     /// Node CIDR (an LPM trie key of a `[u8; 4]` address) → [`super::Peer`]:
     /// the node CIDRs of the other nodes of the cluster and where their
     /// overlay endpoints are.
@@ -65,7 +80,7 @@ pub mod names {
     pub const SOCK_REV: &str = "SOCK_REV";
 
     /// Every map the agent pins, in a stable order.
-    pub const ALL: [&str; 16] = [
+    pub const ALL: [&str; 20] = [
         CONFIG,
         SERVICES,
         ENDPOINTS,
@@ -78,6 +93,10 @@ pub mod names {
         RATE_LIMITS,
         RATE_STATS,
         RATE_CGROUPS,
+        CONTAINER_STATS,
+        CONTAINER_DROPS,
+        CONTAINER_VETHS,
+        EVENTS,
         PEERS,
         NON_MASQUERADE,
         RATE_FLOWS,
@@ -243,6 +262,13 @@ pub const CONFIG_F_CHECK_LINKS: u32 = 1 << 3;
 /// owning the destination through the overlay ([`names::PEERS`]), never
 /// masqueraded.
 pub const CONFIG_F_CLUSTER: u32 = 1 << 4;
+/// [`Config::flags`]: the monitor is on for drops: every dropped packet is
+/// written to the [`names::EVENTS`] ring buffer (within
+/// [`crate::monitor::MONITOR_BURST`]). Off, the programs write nothing there.
+pub const CONFIG_F_MONITOR_DROPS: u32 = 1 << 5;
+/// [`Config::flags`]: the monitor is on for flows: new, closed and expired
+/// flows are written to the [`names::EVENTS`] ring buffer.
+pub const CONFIG_F_MONITOR_FLOWS: u32 = 1 << 6;
 /// [`Config::flags`]: the configuration has been written by an agent.
 pub const CONFIG_F_READY: u32 = 1 << 31;
 

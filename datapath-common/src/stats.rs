@@ -27,6 +27,13 @@ macro_rules! stats {
                 }
             }
 
+            /// Whether the counter counts dropped packets (its name starts
+            /// with `drop_`).
+            pub const fn is_drop(self) -> bool {
+                let n = self.name().as_bytes();
+                n.len() > 5 && n[0] == b'd' && n[1] == b'r' && n[2] == b'o' && n[3] == b'p' && n[4] == b'_'
+            }
+
             /// The counter's name in listings and the API.
             pub const fn name(self) -> &'static str {
                 match self {
@@ -82,6 +89,11 @@ stats! {
     /// Packets too big for their egress path, left to the node's stack,
     /// which answers "fragmentation needed".
     TooBig = "too_big",
+    /// Monitor events not sent: over the per-CPU rate of
+    /// `monitor::MONITOR_BURST` per millisecond.
+    MonitorSampledOut = "monitor_sampled_out",
+    /// Monitor events lost: the ring buffer was full (its reader is behind).
+    MonitorLost = "monitor_lost",
     /// Node sockets sent to a container instead of a published port by the
     /// socket programs (connects, and UDP datagrams sent without one).
     SockTranslated = "sock_translated",

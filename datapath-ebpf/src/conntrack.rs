@@ -174,7 +174,9 @@ use datapath_common::{
     FLUSH_F_ARM, FLUSH_F_CONTAINER, FLUSH_F_MASQUERADE, FLUSH_F_SERVICE, FlushRequest, FragEntry,
     FragKeyOf, IpAddress, Stat, bpf_timer, capacity,
     ct::{self, Timeouts},
-    ct_action, ct_state, proto, tcp_flags,
+    ct_action, ct_state,
+    monitor::event_kind,
+    proto, tcp_flags,
 };
 
 use crate::{
@@ -219,6 +221,9 @@ pub trait Family: 'static {
     fn snat_port(key: &CtKeyOf<Self::A>, masq: &Self::A) -> u32;
     /// [`dp_ct_create`].
     fn create(key: &CtKeyOf<Self::A>, req: &NewFlow<Self::A>) -> u32;
+    /// Tells the monitor of flow event `kind` (its event layout is IPv4's
+    /// for now; other families tell it nothing).
+    fn flow_event(kind: u8, key: &CtKeyOf<Self::A>, container_id: u32);
 }
 
 /// IPv4.
@@ -266,6 +271,11 @@ impl Family for V4 {
     fn create(key: &CtKey, req: &NewFlow<[u8; 4]>) -> u32 {
         dp_ct_create(key, req)
     }
+
+    #[inline(always)]
+    fn flow_event(kind: u8, key: &CtKey, container_id: u32) {
+        crate::maps::flow_event(kind, key, container_id);
+    }
 }
 
 /// The clock of every conntrack decision (ns): the programs' clock, which
@@ -306,7 +316,7 @@ unsafe fn or<A: IpAddress>(e: *mut CtEntryOf<A>, tcp: u32, ct: u32) {
 /// # Safety
 /// `p` points into a live map value.
 #[inline(always)]
-unsafe fn add(p: *mut u64, n: u64) {
+pub unsafe fn add(p: *mut u64, n: u64) {
     // SAFETY: per the caller; the result is unused (a plain atomic add).
     unsafe {
         atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(p, n);
@@ -639,8 +649,11 @@ fn evict<F: Family>(key: &CtKeyOf<F::A>, table: Table, reopen: bool) -> u32 {
     if !flow_expired::<F>(table, key, e, now()) {
         return 0;
     }
+    // SAFETY: a live map value (RCU).
+    let id = unsafe { (*e).container_id };
     remove_pair::<F>(table, key, e);
     count(Stat::CtExpired);
+    F::flow_event(event_kind::FLOW_EXPIRED, key, id);
     1
 }
 
@@ -851,8 +864,11 @@ unsafe fn close<F: Family>(
         let _ = F::ct_new().insert(key, &*e, BPF_ANY.into());
         let _ = F::ct_new().insert(peer_key, &*p, BPF_ANY.into());
     }
+    // SAFETY: per the caller.
+    let id = unsafe { (*e).container_id };
     remove_pair::<F>(Table::Main, key, e);
     count(Stat::CtClosed);
+    F::flow_event(event_kind::FLOW_CLOSED, key, id);
 }
 
 /// Moves a flow from the table of unconfirmed flows into the main table in
@@ -968,9 +984,11 @@ extern "C" fn ct_expire<F: Family>(
             bpf_timer_start((&raw mut (*v).timer).cast(), timeout - idle, 0);
             return 0;
         }
+        let id = (*e).container_id;
         remove_pair::<F>(Table::Main, &key, e);
+        count(Stat::CtExpired);
+        F::flow_event(event_kind::FLOW_EXPIRED, &key, id);
     }
-    count(Stat::CtExpired);
     0
 }
 

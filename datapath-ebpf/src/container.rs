@@ -17,7 +17,9 @@
 
 use aya_ebpf::programs::TcContext;
 use datapath_common::{
-    CONFIG_F_FIB, CONFIG_F_SNAT, Config, CtKey, Endpoint, EndpointKey, NodeAddrKey, Stat, ct_action,
+    CONFIG_F_FIB, CONFIG_F_SNAT, Config, CtKey, Endpoint, EndpointKey, NodeAddrKey, Stat,
+    ct_action,
+    monitor::{event_kind, hook},
 };
 
 use crate::{
@@ -26,7 +28,7 @@ use crate::{
     guard, icmp,
     maps::{self, ENDPOINTS, NODE_ADDRS},
     nat, overlay,
-    parse::{self, ETH_LEN, Flow, IP_SRC_OFF, Kind, L4, frag},
+    parse::{self, ETH_LEN, Flow, FrameLen, IP_SRC_OFF, Kind, L4, frag},
     route::{Fib, Node},
 };
 
@@ -97,6 +99,13 @@ pub enum Verdict {
 /// Translates one packet sent by a container.
 #[inline(always)]
 pub fn process(ctx: &mut TcContext) -> Verdict {
+    // The packet's run starts first, so that a drop below is counted as
+    // this packet's (its hook; its container, found by its veth), never
+    // as the last one's. (The per-CPU scratch always exists.)
+    let Some(sc) = maps::scratch() else {
+        return Verdict::Drop(Stat::DropHelperFailed);
+    };
+    maps::begin(sc, hook::CONTAINER_TC);
     // Not configured yet: nothing can be checked, so nothing goes through.
     let Some(cfg) = maps::config() else {
         return Verdict::Drop(Stat::DropNotConfigured);
@@ -104,9 +113,6 @@ pub fn process(ctx: &mut TcContext) -> Verdict {
     if let Some(stat) = guard::container(ctx) {
         return Verdict::Drop(stat);
     }
-    let Some(sc) = maps::scratch() else {
-        return Verdict::Pass;
-    };
     let flow = &mut sc.flow;
     let req = &mut sc.req;
     let kind = parse::parse(ctx, flow);
@@ -123,6 +129,13 @@ pub fn process(ctx: &mut TcContext) -> Verdict {
         Source::Spoofed => return Verdict::Drop(Stat::DropSpoofed),
         Source::Own(ep) => ep,
     };
+    sc.container = ep.container_id;
+    maps::account(
+        ep.container_id,
+        false,
+        ctx.frame_len() as u64,
+        ctx.segments(),
+    );
     // The rest of the cluster: every IPv4 packet, whatever its kind, goes
     // through the overlay untranslated.
     match overlay::from_container(ctx, cfg) {
@@ -172,7 +185,7 @@ pub fn process(ctx: &mut TcContext) -> Verdict {
     };
     // SAFETY: points into a live conntrack value (RCU); the fields the
     // translation needs are read once.
-    let (action, addr, port, out, mtu) = unsafe {
+    let (action, addr, port, out, mtu, owner) = unsafe {
         let e = hit.entry;
         (
             (*e).action,
@@ -180,6 +193,7 @@ pub fn process(ctx: &mut TcContext) -> Verdict {
             (*e).nat_port,
             (*e).ifindex,
             (*e).mtu,
+            (*e).container_id,
         )
     };
     if action == ct_action::ROUTED {
@@ -198,7 +212,7 @@ pub fn process(ctx: &mut TcContext) -> Verdict {
         return Verdict::Pass;
     }
     if expiring {
-        return ttl_expired();
+        return ttl_expired(ctx, ifindex);
     }
     if mtu != 0 && too_big(ctx, flow, mtu) {
         // The path may have changed since the flow was created.
@@ -227,10 +241,31 @@ pub fn process(ctx: &mut TcContext) -> Verdict {
     // A reply to a container (of a hairpin flow to another container's
     // published port) goes straight into that container.
     if hairpin || (action == ct_action::REV_DNAT && cfg.in_pool(flow.key.daddr)) {
+        maps::account(
+            receiver(action, owner, out),
+            true,
+            ctx.frame_len() as u64,
+            ctx.segments(),
+        );
         Verdict::ToContainer { ifindex: out }
     } else {
         Verdict::ToUplink { ifindex: out }
     }
+}
+
+/// The container a hairpin packet is delivered to, for its received
+/// traffic. A hairpin flow's entries belong to the container behind the
+/// published port (`owner`): the receiver of its packets to that port, and
+/// of a hairpin to itself both ways. Only a reply to another container
+/// (`REV_DNAT`) goes elsewhere: to the container behind host-side veth
+/// `out`, looked up on this path only.
+#[inline(always)]
+fn receiver(action: u8, owner: u32, out: u32) -> u32 {
+    if action != ct_action::REV_DNAT {
+        return owner;
+    }
+    // SAFETY: plain values, replaced whole by the agent.
+    unsafe { maps::CONTAINER_VETHS.get(out) }.map_or(0, |id| *id)
 }
 
 /// Rewrites a packet of a flow whose entry for this direction has `action`,
@@ -261,6 +296,7 @@ fn rewrite(
 /// dialed as the source ([`ct_action::HAIRPIN`]).
 #[inline(always)]
 fn hairpin(
+    ctx: &TcContext,
     flow: &Flow,
     req: &mut NewFlow<[u8; 4]>,
     svc: &datapath_common::ServiceValue,
@@ -272,7 +308,7 @@ fn hairpin(
         return PASS;
     }
     if expiring {
-        maps::count(Stat::DropTtlExceeded);
+        maps::dropped(Stat::DropTtlExceeded, ifindex, ctx.len());
         return PASS;
     }
     // A segment that cannot open a connection goes to the node, which
@@ -298,6 +334,7 @@ fn hairpin(
     match conntrack::create::<V4>(&flow.key, req) {
         CREATED => {
             maps::count(Stat::HairpinNew);
+            maps::flow_event(event_kind::FLOW_NEW, &flow.key, svc.container_id);
             CREATED
         }
         r => DROP + r,
@@ -317,7 +354,7 @@ fn new_flow(
     expiring: bool,
 ) -> u32 {
     if let Some(svc) = maps::service(flow.key.daddr, flow.key.dport, flow.key.proto, false) {
-        return hairpin(flow, req, svc, ifindex, expiring);
+        return hairpin(ctx, flow, req, svc, ifindex, expiring);
     }
     if cfg.flags & CONFIG_F_SNAT == 0 {
         return PASS;
@@ -351,7 +388,7 @@ fn new_flow(
         return PASS;
     }
     if expiring {
-        maps::count(Stat::DropTtlExceeded);
+        maps::dropped(Stat::DropTtlExceeded, ifindex, ctx.len());
         return PASS;
     }
     // A later fragment whose flow ended since its first fragment, or a TCP
@@ -363,6 +400,7 @@ fn new_flow(
     match conntrack::create::<V4>(&flow.key, req) {
         CREATED => {
             maps::count(Stat::SnatNew);
+            maps::flow_event(event_kind::FLOW_NEW, &flow.key, ep.container_id);
             CREATED
         }
         r => DROP + r,
@@ -418,7 +456,7 @@ fn too_big_code(flow: &Flow) -> u32 {
 /// time exceeded from the gateway address and drops it, as a router does
 /// (traceroute's first hop). Counted, since the datapath does not forward it.
 #[inline(always)]
-fn ttl_expired() -> Verdict {
-    maps::count(Stat::DropTtlExceeded);
+fn ttl_expired(ctx: &TcContext, ifindex: u32) -> Verdict {
+    maps::dropped(Stat::DropTtlExceeded, ifindex, ctx.len());
     Verdict::Pass
 }

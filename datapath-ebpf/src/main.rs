@@ -31,7 +31,7 @@ use aya_ebpf::{
     programs::{SockAddrContext, TcContext, XdpContext},
 };
 use aya_log_ebpf::debug;
-use datapath_common::{CONFIG_F_CHECK_LINKS, EndpointKey, FlushRequest, Stat};
+use datapath_common::{CONFIG_F_CHECK_LINKS, EndpointKey, FlushRequest, Stat, monitor::hook};
 
 use crate::{ctx::Packet, maps::count};
 
@@ -40,22 +40,22 @@ use crate::{ctx::Packet, maps::count};
 /// node's IP stack and keeping GSO super-packets whole.
 #[classifier]
 pub fn uplink_tc(mut ctx: TcContext) -> i32 {
-    match uplink::process(&mut ctx) {
+    match uplink::process(&mut ctx, hook::UPLINK_TC) {
         uplink::Verdict::Pass => {
             count(Stat::Passed);
             TC_ACT_OK
         }
         uplink::Verdict::Drop(stat) => {
             log_drop(&ctx, stat);
-            count(stat);
+            tc_dropped(&ctx, stat);
             TC_ACT_SHOT
         }
         uplink::Verdict::ToContainer { ifindex, .. } => {
             if interface_gone(&ctx, ifindex) {
-                return stale_interface();
+                return stale_interface(&ctx);
             }
             // SAFETY: plain helper call.
-            redirected(unsafe { bpf_redirect_peer(ifindex, 0) as i32 })
+            redirected(&ctx, unsafe { bpf_redirect_peer(ifindex, 0) as i32 })
         }
     }
 }
@@ -64,14 +64,14 @@ pub fn uplink_tc(mut ctx: TcContext) -> i32 {
 /// are redirected into its veth pair.
 #[xdp]
 pub fn uplink_xdp(mut ctx: XdpContext) -> u32 {
-    match uplink::process(&mut ctx) {
+    match uplink::process(&mut ctx, hook::UPLINK_XDP) {
         uplink::Verdict::Pass => {
             count(Stat::Passed);
             xdp_action::XDP_PASS
         }
         uplink::Verdict::Drop(stat) => {
             log_drop(&ctx, stat);
-            count(stat);
+            xdp_dropped(&ctx, stat);
             xdp_action::XDP_DROP
         }
         uplink::Verdict::ToContainer { addr, .. } => {
@@ -81,16 +81,17 @@ pub fn uplink_xdp(mut ctx: XdpContext) -> u32 {
             // interface must be right here.)
             // SAFETY: endpoint values are replaced whole by the agent.
             let Some(ep) = (unsafe { maps::ENDPOINTS.get(EndpointKey { addr }) }) else {
-                count(Stat::DropNoEndpoint);
+                xdp_dropped(&ctx, Stat::DropNoEndpoint);
                 return xdp_action::XDP_DROP;
             };
             let (mac, host_mac, ifindex) = (ep.mac, ep.host_mac, ep.ifindex);
             if interface_gone(&ctx, ifindex) {
-                stale_interface();
+                forget_flow();
+                xdp_dropped(&ctx, Stat::DropRedirectFailed);
                 return xdp_action::XDP_DROP;
             }
             if ctx.store(0, &mac).is_err() || ctx.store(6, &host_mac).is_err() {
-                count(Stat::DropMacStore);
+                xdp_dropped(&ctx, Stat::DropMacStore);
                 return xdp_action::XDP_DROP;
             }
             // SAFETY: plain helper call.
@@ -106,26 +107,28 @@ pub fn container_tc(mut ctx: TcContext) -> i32 {
         container::Verdict::Pass => TC_ACT_OK,
         container::Verdict::Drop(stat) => {
             log_drop(&ctx, stat);
-            count(stat);
+            tc_dropped(&ctx, stat);
             TC_ACT_SHOT
         }
         container::Verdict::ToUplink { ifindex } => {
             if interface_gone(&ctx, ifindex) {
-                return stale_interface();
+                return stale_interface(&ctx);
             }
             // SAFETY: a null neighbour means "look the next hop up in the FIB".
-            redirected(unsafe { bpf_redirect_neigh(ifindex, core::ptr::null_mut(), 0, 0) as i32 })
+            redirected(&ctx, unsafe {
+                bpf_redirect_neigh(ifindex, core::ptr::null_mut(), 0, 0) as i32
+            })
         }
         container::Verdict::ToContainer { ifindex } => {
             if interface_gone(&ctx, ifindex) {
-                return stale_interface();
+                return stale_interface(&ctx);
             }
             // SAFETY: plain helper call.
-            redirected(unsafe { bpf_redirect_peer(ifindex, 0) as i32 })
+            redirected(&ctx, unsafe { bpf_redirect_peer(ifindex, 0) as i32 })
         }
         container::Verdict::ToOverlay { ifindex } => {
             // SAFETY: plain helper call; the overlay device encapsulates.
-            redirected(unsafe { bpf_redirect(ifindex, 0) as i32 })
+            redirected(&ctx, unsafe { bpf_redirect(ifindex, 0) as i32 })
         }
     }
 }
@@ -137,12 +140,12 @@ pub fn overlay_tc(mut ctx: TcContext) -> i32 {
     match overlay::from_overlay(&mut ctx) {
         overlay::Delivery::Pass => TC_ACT_OK,
         overlay::Delivery::Drop(stat) => {
-            count(stat);
+            tc_dropped(&ctx, stat);
             TC_ACT_SHOT
         }
         overlay::Delivery::ToContainer { ifindex } => {
             // SAFETY: plain helper call.
-            redirected(unsafe { bpf_redirect_peer(ifindex, 0) as i32 })
+            redirected(&ctx, unsafe { bpf_redirect_peer(ifindex, 0) as i32 })
         }
     }
 }
@@ -155,7 +158,10 @@ pub fn overlay_egress_tc(mut ctx: TcContext) -> i32 {
         overlay::Egress::Pass => TC_ACT_OK,
         overlay::Egress::Drop(stat) => {
             if let Some(stat) = stat {
-                count(stat);
+                // On egress: the device the packet leaves by.
+                // SAFETY: `skb` is the program's context.
+                let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+                maps::dropped(stat, ifindex, ctx.len());
             }
             TC_ACT_SHOT
         }
@@ -246,20 +252,42 @@ fn interface_gone<C: EbpfContext>(ctx: &C, ifindex: u32) -> bool {
 /// the endpoint and published port maps (the agent rewrites those when it
 /// recreates a veth).
 #[inline(always)]
-fn stale_interface() -> i32 {
-    count(Stat::DropRedirectFailed);
+fn stale_interface(ctx: &TcContext) -> i32 {
+    forget_flow();
+    tc_dropped(ctx, Stat::DropRedirectFailed);
+    TC_ACT_SHOT
+}
+
+/// Removes the flow of the packet being processed (see [`stale_interface`]).
+#[inline(always)]
+fn forget_flow() {
     if let Some(sc) = maps::scratch() {
         conntrack::dp_ct_forget(&sc.flow.key);
     }
-    TC_ACT_SHOT
+}
+
+/// Counts a packet a TC program drops (see [`maps::dropped`]).
+#[inline(always)]
+fn tc_dropped(ctx: &TcContext, stat: Stat) {
+    // SAFETY: `skb` is the program's context.
+    let ifindex = unsafe { (*ctx.skb.skb).ingress_ifindex };
+    maps::dropped(stat, ifindex, ctx.len());
+}
+
+/// Counts a packet the XDP program drops (see [`maps::dropped`]).
+#[inline(always)]
+fn xdp_dropped(ctx: &XdpContext, stat: Stat) {
+    // SAFETY: `ctx` is the program's context.
+    let ifindex = unsafe { (*ctx.ctx).ingress_ifindex };
+    maps::dropped(stat, ifindex, (ctx.data_end() - ctx.data()) as u32);
 }
 
 /// Counts a redirect the helper refused (it then returns the drop verdict):
 /// the interface is gone or not a veth.
 #[inline(always)]
-fn redirected(verdict: i32) -> i32 {
+fn redirected(ctx: &TcContext, verdict: i32) -> i32 {
     if verdict != TC_ACT_REDIRECT {
-        count(Stat::DropRedirectFailed);
+        tc_dropped(ctx, Stat::DropRedirectFailed);
     }
     verdict
 }

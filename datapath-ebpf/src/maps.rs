@@ -2,12 +2,18 @@
 //! and pins them (aya-ebpf's BTF maps cannot pin by name).
 
 use aya_ebpf::{
-    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
+    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
     macros::btf_map,
 };
 use datapath_common::{
-    Config, CtContainer, Endpoint, EndpointKey, NodeAddr, NodeAddrKey, Peer, STAT_COUNT,
-    ServiceKey, ServiceValue, SockRevKey, SockRevValue, Stat, capacity, is_loopback, proto,
+    CONFIG_F_MONITOR_DROPS, CONFIG_F_MONITOR_FLOWS, Config, CtContainer, Endpoint, EndpointKey,
+    NodeAddr, NodeAddrKey, Peer, STAT_COUNT, ServiceKey, ServiceValue, SockRevKey, SockRevValue,
+    Stat, capacity, is_loopback,
+    monitor::{
+        CONTAINER_SLOTS, ContainerDrops, ContainerStats, EVENTS_BYTES, Event, MONITOR_BURST,
+        MONITOR_WINDOW_NS, event_kind, slot,
+    },
+    proto,
 };
 
 use crate::conntrack::{FragTable, MainTable, NewTable};
@@ -113,6 +119,18 @@ pub struct Scratch {
     pub req: crate::conntrack::NewFlow<[u8; 4]>,
     /// Flows a flush removed.
     pub flushed: u64,
+    /// The hook running ([`datapath_common::monitor::hook`]), for the
+    /// monitor's events.
+    pub hook: u32,
+    /// The container the packet is from or for, once known (0: none), for
+    /// its drop counters and the monitor's events.
+    pub container: u32,
+    /// Start of this CPU's monitor window (see [`emit`]).
+    pub mon_window_ns: u64,
+    /// Events sent in it.
+    pub mon_sent: u32,
+    /// Explicit padding.
+    pub _pad: u32,
 }
 
 /// This CPU's scratch space.
@@ -126,6 +144,147 @@ pub fn scratch() -> Option<&'static mut Scratch> {
 /// Per-CPU counters indexed by [`Stat`].
 #[btf_map]
 pub static STATS: PerCpuArray<u64, { STAT_COUNT as usize }> = PerCpuArray::new();
+
+/// Each container's packets and bytes, per CPU, by
+/// [`datapath_common::monitor::slot`].
+#[btf_map]
+pub static CONTAINER_STATS: PerCpuArray<ContainerStats, { CONTAINER_SLOTS as usize }> =
+    PerCpuArray::new();
+
+/// Each container's drops by reason (atomic adds), by
+/// [`datapath_common::monitor::slot`].
+#[btf_map]
+pub static CONTAINER_DROPS: Array<ContainerDrops, { CONTAINER_SLOTS as usize }> = Array::new();
+
+/// Each container's host-side veth (ifindex) → its id: read only on the
+/// drop path, for a packet dropped before its container is known.
+#[btf_map]
+pub static CONTAINER_VETHS: HashMap<u32, u32, { capacity::ENDPOINTS as usize }> = HashMap::new();
+
+/// The monitor's events (drops, flows); written only while the monitor is
+/// on.
+#[btf_map]
+pub static EVENTS: RingBuf<Event, { EVENTS_BYTES as usize }> = RingBuf::new();
+
+/// Starts a packet's run: which hook, no container known yet.
+#[inline(always)]
+pub fn begin(sc: &mut Scratch, hook: u8) {
+    sc.hook = u32::from(hook);
+    sc.container = 0;
+    // A drop before the packet is parsed must not show the last one's
+    // addresses.
+    sc.flow.key = datapath_common::CtKey::default();
+}
+
+/// Counts a packet of `frame_len` bytes (`segments` on the wire) to or
+/// from container `container_id` on this CPU: an array slot, no lookup.
+#[inline(always)]
+pub fn account(container_id: u32, rx: bool, frame_len: u64, segments: u64) {
+    if let Some(c) = CONTAINER_STATS.get_ptr_mut(slot(container_id)) {
+        // SAFETY: per-CPU slot, no other writer while this program runs.
+        unsafe {
+            if rx {
+                (*c).rx_packets += segments;
+                (*c).rx_bytes += frame_len;
+            } else {
+                (*c).tx_packets += segments;
+                (*c).tx_bytes += frame_len;
+            }
+        }
+    }
+}
+
+/// Counts a dropped packet: globally, for its container if known, and
+/// tells the monitor if it is on for drops.
+#[inline(always)]
+pub fn dropped(stat: Stat, ifindex: u32, frame_len: u32) {
+    count(stat);
+    let Some(sc) = scratch() else {
+        return;
+    };
+    let mut id = sc.container;
+    if id == 0 && sc.hook == u32::from(datapath_common::monitor::hook::CONTAINER_TC) {
+        // A packet a container sent, dropped before its address was read:
+        // its veth tells whose it is (a lookup on the drop path only).
+        // SAFETY: plain values, replaced whole by the agent.
+        if let Some(c) = unsafe { CONTAINER_VETHS.get(ifindex) } {
+            id = *c;
+            sc.container = id;
+        }
+    }
+    if id != 0
+        && let Some(d) = CONTAINER_DROPS.get_ptr_mut(slot(id))
+    {
+        // Opaque to the compiler, which would drop the bounds check the
+        // verifier needs (it knows every `Stat` is in range).
+        let i = stat as u32;
+        // SAFETY: a local.
+        let i = unsafe { core::ptr::read_volatile(&i) } as usize;
+        if i < STAT_COUNT as usize {
+            // SAFETY: a live array value, `i` below its length.
+            unsafe { crate::conntrack::add((&raw mut (*d)[i]).cast(), 1) };
+        }
+    }
+    if config().is_some_and(|c| c.flags & CONFIG_F_MONITOR_DROPS != 0) {
+        let ev = Event {
+            time_ns: crate::conntrack::now(),
+            key: sc.flow.key,
+            container_id: id,
+            ifindex,
+            len: frame_len,
+            reason: stat as u16,
+            kind: event_kind::DROP,
+            hook: sc.hook as u8,
+        };
+        emit(sc, &ev);
+    }
+}
+
+/// Tells the monitor, if it is on for flows, of flow event `kind` of the
+/// flow of `key` (its original direction) of container `container_id`.
+#[inline(always)]
+pub fn flow_event(kind: u8, key: &datapath_common::CtKey, container_id: u32) {
+    if !config().is_some_and(|c| c.flags & CONFIG_F_MONITOR_FLOWS != 0) {
+        return;
+    }
+    let Some(sc) = scratch() else {
+        return;
+    };
+    let ev = Event {
+        time_ns: crate::conntrack::now(),
+        key: *key,
+        container_id,
+        ifindex: 0,
+        len: 0,
+        reason: 0,
+        kind,
+        hook: if kind == event_kind::FLOW_NEW {
+            sc.hook as u8
+        } else {
+            datapath_common::monitor::hook::TIMER
+        },
+    };
+    emit(sc, &ev);
+}
+
+/// Writes `ev` to the ring buffer, at most [`MONITOR_BURST`] per CPU per
+/// [`MONITOR_WINDOW_NS`] (the rest counted as sampled out); a full ring
+/// buffer is counted as lost.
+#[inline(always)]
+fn emit(sc: &mut Scratch, ev: &Event) {
+    if ev.time_ns.wrapping_sub(sc.mon_window_ns) >= MONITOR_WINDOW_NS {
+        sc.mon_window_ns = ev.time_ns;
+        sc.mon_sent = 0;
+    }
+    if sc.mon_sent >= MONITOR_BURST {
+        count(Stat::MonitorSampledOut);
+        return;
+    }
+    sc.mon_sent += 1;
+    if EVENTS.output(ev, 0).is_err() {
+        count(Stat::MonitorLost);
+    }
+}
 
 /// Destinations container traffic keeps its source address for
 /// (`--non-masquerade-cidr`): prefix → 1.

@@ -25,13 +25,13 @@ use aya_ebpf::{
     helpers::generated::{bpf_skb_change_type, bpf_skb_get_tunnel_key, bpf_skb_set_tunnel_key},
     programs::TcContext,
 };
-use datapath_common::{Config, EndpointKey, Peer, Stat};
+use datapath_common::{Config, EndpointKey, Peer, Stat, monitor::hook};
 
 use crate::{
     ctx::Packet,
     maps::{self, ENDPOINTS, PEERS},
     nat,
-    parse::{ETH_LEN, IP_DST_OFF, IP_SRC_OFF, IP_TTL_OFF},
+    parse::{ETH_LEN, FrameLen, IP_DST_OFF, IP_SRC_OFF, IP_TTL_OFF},
 };
 
 /// `skb->pkt_type` of a packet for this host.
@@ -77,7 +77,11 @@ pub fn from_container(ctx: &mut TcContext, cfg: &Config) -> ToPeer {
         return ToPeer::Drop(Stat::DropMalformed);
     };
     if ttl <= 1 {
-        maps::count(Stat::DropTtlExceeded);
+        // Left to the node's stack, which answers time exceeded: counted
+        // as the container's, like any packet whose TTL expires here.
+        // SAFETY: `skb` is the program's context.
+        let ifindex = unsafe { (*ctx.skb.skb).ingress_ifindex };
+        maps::dropped(Stat::DropTtlExceeded, ifindex, ctx.len());
         return ToPeer::Pass;
     }
     if nat::decrement_ttl(ctx).is_err() {
@@ -148,6 +152,12 @@ pub enum Egress {
 /// gives as source) gets the key of the node owning its destination.
 #[inline(always)]
 pub fn to_overlay(ctx: &mut TcContext) -> Egress {
+    // The packet's run starts first, so that a drop is never counted as
+    // the last packet's. (The per-CPU scratch always exists.)
+    let Some(sc) = maps::scratch() else {
+        return Egress::Pass;
+    };
+    maps::begin(sc, hook::OVERLAY_EGRESS_TC);
     if tunnel_key(ctx).is_some() {
         return Egress::Pass;
     }
@@ -187,6 +197,11 @@ pub enum Delivery {
 /// Delivers a decapsulated packet (see the module documentation).
 #[inline(always)]
 pub fn from_overlay(ctx: &mut TcContext) -> Delivery {
+    // As in `to_overlay`: this packet's run, no container known yet.
+    let Some(sc) = maps::scratch() else {
+        return Delivery::Pass;
+    };
+    maps::begin(sc, hook::OVERLAY_TC);
     let Some(cfg) = maps::config() else {
         return Delivery::Drop(Stat::DropNotConfigured);
     };
@@ -199,6 +214,9 @@ pub fn from_overlay(ctx: &mut TcContext) -> Delivery {
     let (Ok(saddr), Ok(daddr)) = (ctx.read::<4>(IP_SRC_OFF), ctx.read::<4>(IP_DST_OFF)) else {
         return Delivery::Drop(Stat::DropMalformed);
     };
+    // What the monitor shows of a drop below.
+    sc.flow.key.saddr = saddr;
+    sc.flow.key.daddr = daddr;
     // The inner source must lie in the node CIDR of the node the packet
     // came from: no node can speak for another's containers.
     let Some(p) = peer(saddr) else {
@@ -229,10 +247,13 @@ pub fn from_overlay(ctx: &mut TcContext) -> Delivery {
         }
         return Delivery::Pass;
     };
-    let (mac, host_mac, ifindex) = (ep.mac, ep.host_mac, ep.ifindex);
+    let (mac, host_mac, ifindex, container) = (ep.mac, ep.host_mac, ep.ifindex, ep.container_id);
+    sc.container = container;
     if ctx.store(0, &mac).is_err() || ctx.store(6, &host_mac).is_err() {
         return Delivery::Drop(Stat::DropHelperFailed);
     }
     maps::count(Stat::OverlayDelivered);
+    // Its container's received traffic, from the entry already read.
+    maps::account(container, true, ctx.frame_len() as u64, ctx.segments());
     Delivery::ToContainer { ifindex }
 }

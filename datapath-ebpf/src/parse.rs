@@ -134,6 +134,8 @@ pub enum Kind {
 pub trait FrameLen {
     /// Bytes in the frame.
     fn frame_len(&self) -> usize;
+    /// Packets on the wire the frame stands for (a GSO packet's segments).
+    fn segments(&self) -> u64;
 }
 
 impl FrameLen for aya_ebpf::programs::TcContext {
@@ -141,12 +143,23 @@ impl FrameLen for aya_ebpf::programs::TcContext {
     fn frame_len(&self) -> usize {
         self.len() as usize
     }
+
+    #[inline(always)]
+    fn segments(&self) -> u64 {
+        // SAFETY: `skb` is the program's context.
+        u64::from(unsafe { (*self.skb.skb).gso_segs }.max(1))
+    }
 }
 
 impl FrameLen for aya_ebpf::programs::XdpContext {
     #[inline(always)]
     fn frame_len(&self) -> usize {
         Packet::data_end(self) - Packet::data(self)
+    }
+
+    #[inline(always)]
+    fn segments(&self) -> u64 {
+        1
     }
 }
 

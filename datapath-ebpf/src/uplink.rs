@@ -3,6 +3,7 @@
 
 use datapath_common::{
     CONFIG_F_ALLOW_DIRECT_ROUTING, CONFIG_F_FIB, Config, CtKey, EndpointKey, Stat, ct_action,
+    monitor::event_kind,
 };
 
 use crate::{
@@ -63,16 +64,20 @@ impl TranslateIcmp for aya_ebpf::programs::XdpContext {
 
 /// Translates one uplink packet.
 #[inline(always)]
-pub fn process<C: Packet + FrameLen + Node + TranslateIcmp>(ctx: &mut C) -> Verdict {
+pub fn process<C: Packet + FrameLen + Node + TranslateIcmp>(ctx: &mut C, hook: u8) -> Verdict {
+    // The packet's run starts first, so that a drop below is counted as
+    // this packet's, never as the last one's. (The per-CPU scratch always
+    // exists.)
+    let Some(sc) = maps::scratch() else {
+        return Verdict::Pass;
+    };
+    maps::begin(sc, hook);
     let Some(cfg) = maps::config() else {
         return Verdict::Pass;
     };
     if let Some(stat) = guard::uplink(ctx, cfg) {
         return Verdict::Drop(stat);
     }
-    let Some(sc) = maps::scratch() else {
-        return Verdict::Pass;
-    };
     let flow = &mut sc.flow;
     let req = &mut sc.req;
     let kind = parse::parse(ctx, flow);
@@ -117,12 +122,20 @@ pub fn process<C: Packet + FrameLen + Node + TranslateIcmp>(ctx: &mut C) -> Verd
     };
     // SAFETY: points into a live conntrack value (RCU); the fields the
     // translation needs are read once.
-    let (action, addr, port, ifindex) = unsafe {
+    let (action, addr, port, ifindex, container) = unsafe {
         let e = hit.entry;
-        ((*e).action, (*e).nat_addr, (*e).nat_port, (*e).ifindex)
+        (
+            (*e).action,
+            (*e).nat_addr,
+            (*e).nat_port,
+            (*e).ifindex,
+            (*e).container_id,
+        )
     };
+    sc.container = container;
     if action == ct_action::ROUTED {
         conntrack::update::<V4>(hit, &flow.key, flow, now);
+        maps::account(container, true, ctx.frame_len() as u64, 1);
         return Verdict::Pass;
     }
     // Replies arriving on the uplink are only ever REV_SNAT; an entry of
@@ -148,6 +161,7 @@ pub fn process<C: Packet + FrameLen + Node + TranslateIcmp>(ctx: &mut C) -> Verd
     } else {
         Stat::SnatPackets
     });
+    maps::account(container, true, ctx.frame_len() as u64, ctx.segments());
     Verdict::ToContainer { ifindex, addr }
 }
 
@@ -213,6 +227,7 @@ fn new_flow<C: Packet + Node>(
         let r = conntrack::create::<V4>(&flow.key, req);
         if r == CREATED {
             maps::count(Stat::DnatNew);
+            maps::flow_event(event_kind::FLOW_NEW, &flow.key, req.container_id);
             return CREATED;
         }
         return DROP + r;

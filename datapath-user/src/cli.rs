@@ -4,7 +4,7 @@
 
 pub mod config;
 
-use std::{net::Ipv4Addr, path::PathBuf, time::Duration};
+use std::{io::Write as _, net::Ipv4Addr, path::PathBuf, time::Duration};
 
 use anyhow::Context as _;
 use clap::{Args, CommandFactory as _, Parser, Subcommand};
@@ -14,11 +14,11 @@ use ipnet::{Ipv4Net, Ipv6Net};
 use crate::{
     agent::{self, AgentConfig, SocketCgroup, XdpMode},
     api::{
-        AddContainer, Client, ContainerInfo, DEFAULT_SOCKET, FlowEndpoint, FlowQuery,
+        AddContainer, Client, ContainerInfo, DEFAULT_SOCKET, FlowEndpoint, FlowQuery, MonitorQuery,
         UpdateContainer,
     },
     cluster::ClusterConfig,
-    model::{Limit, names::validate_cli_container_name},
+    model::{Figures, Limit, names::validate_cli_container_name},
 };
 
 /// Container networking with eBPF: published ports, masquerade and
@@ -54,6 +54,25 @@ pub enum Command {
     /// Inspect or flush tracked connections.
     #[command(subcommand)]
     Conntrack(ConntrackCmd),
+    /// Stream what the datapath does, live: dropped packets (reason,
+    /// addresses, ports, hook) and new, closed and expired flows. Both
+    /// unless --drops or --flows. The kernel sends events only while a
+    /// monitor runs, at most 64 per CPU per millisecond (the rest are
+    /// counted: monitor_sampled_out, monitor_lost).
+    Monitor {
+        /// Only this container's events.
+        #[arg(long)]
+        container: Option<String>,
+        /// Dropped packets.
+        #[arg(long)]
+        drops: bool,
+        /// New, closed and expired flows.
+        #[arg(long)]
+        flows: bool,
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+    },
     /// The nodes of the cluster (cluster mode).
     #[command(subcommand)]
     Node(NodeCmd),
@@ -162,6 +181,15 @@ pub struct AgentArgs {
     /// Forward kernel-side debug logs (costly under floods).
     #[arg(long)]
     pub kernel_debug_logs: bool,
+    /// Serve Prometheus metrics at http://ADDR:PORT/metrics (off by
+    /// default; the API socket serves them at /metrics either way).
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub metrics: Option<std::net::SocketAddr>,
+    /// Keep the kernel's BPF program statistics (run time and count) on;
+    /// without it they are on only while metrics are scraped (they cost a
+    /// clock read per program run).
+    #[arg(long)]
+    pub bpf_stats: bool,
     /// Traffic from containers to this CIDR keeps its source address and
     /// goes to the node's stack (repeatable): a Kubernetes cluster's pod and
     /// service CIDRs, for kube-proxy or the node's routes to handle.
@@ -434,6 +462,8 @@ impl AgentArgs {
             },
             // aya-log levels: 3 info, 4 debug.
             log_level: if self.kernel_debug_logs { 4 } else { 3 },
+            metrics: self.metrics,
+            bpf_stats: self.bpf_stats,
             cluster: (!self.cluster_store.is_empty()).then(|| ClusterConfig {
                 endpoints: self.cluster_store.clone(),
                 node_name: self.node_name.clone().unwrap_or_else(host_name),
@@ -542,6 +572,114 @@ fn print_limits(c: &ContainerInfo) {
     }
 }
 
+/// The figures of the metrics page, in words (`datapath status`).
+fn print_figures(f: &Figures) {
+    let main: u64 = f
+        .conntrack
+        .iter()
+        .filter(|c| c.table == "main")
+        .map(|c| c.entries)
+        .sum();
+    let new: u64 = f
+        .conntrack
+        .iter()
+        .filter(|c| c.table == "new")
+        .map(|c| c.entries)
+        .sum();
+    let pct = |used: u64, max: u64| {
+        if max == 0 {
+            0.0
+        } else {
+            used as f64 * 100.0 / max as f64
+        }
+    };
+    println!(
+        "conntrack tables: main {main} of {} entries ({:.1}% full), unconfirmed {new} of {} ({:.1}%)",
+        f.conntrack_max,
+        pct(main, f.conntrack_max),
+        f.conntrack_new_max,
+        pct(new, f.conntrack_new_max)
+    );
+    for c in &f.conntrack {
+        println!(
+            "  {:<4} {:<5} {:<12} {} entries",
+            c.table, c.protocol, c.state, c.entries
+        );
+    }
+    if !f.masquerade.is_empty() {
+        println!(
+            "masquerade ports in use (of {} per destination):",
+            f.masquerade_range
+        );
+        for m in &f.masquerade {
+            println!("  {:<28} {} ports", m.destination, m.ports);
+        }
+    }
+    let drops: Vec<_> = f
+        .counters
+        .iter()
+        .filter_map(|(k, v)| Some((k.strip_prefix("drop_")?, *v)))
+        .filter(|(_, v)| *v > 0)
+        .collect();
+    if drops.is_empty() {
+        println!("drops: none");
+    } else {
+        println!("drops by reason:");
+        for (k, v) in drops {
+            println!("  {k:<28} {v} packets");
+        }
+    }
+    for c in &f.containers {
+        println!(
+            "container {}: received {} packets ({} bytes), sent {} packets ({} bytes), {} conntrack entries",
+            c.name, c.rx_packets, c.rx_bytes, c.tx_packets, c.tx_bytes, c.conntrack_entries
+        );
+        for (k, v) in &c.drops {
+            println!(
+                "  dropped {v} packets: {}",
+                k.strip_prefix("drop_").unwrap_or(k)
+            );
+        }
+        if c.conntrack_over_share > 0 {
+            println!(
+                "  {} flows kept out of the main conntrack table (share used up)",
+                c.conntrack_over_share
+            );
+        }
+        if c.masquerade_exhausted > 0 {
+            println!(
+                "  {} new flows dropped: no free masquerade port",
+                c.masquerade_exhausted
+            );
+        }
+        for (dir, d) in [("egress", &c.rate.egress), ("ingress", &c.rate.ingress)] {
+            if d.passed_packets + d.dropped_packets > 0 {
+                println!(
+                    "  rate limiter {dir}: passed {} packets ({} marked), dropped {}",
+                    d.passed_packets, d.marked_packets, d.dropped_packets
+                );
+            }
+        }
+    }
+    if f.program_stats {
+        println!("programs (kernel statistics):");
+        for p in &f.programs {
+            let avg = p.run_time_ns.checked_div(p.run_count).unwrap_or(0);
+            println!(
+                "  {:<14} {:<12} {} runs, {:.3} s total, {avg} ns each",
+                p.program,
+                p.attachment,
+                p.run_count,
+                p.run_time_ns as f64 / 1e9
+            );
+        }
+    } else {
+        println!(
+            "programs: kernel statistics off (on while metrics are scraped, or with --bpf-stats)"
+        );
+    }
+}
+
 /// Runs one CLI invocation.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let client = Client::new(&cli.api_socket).with_timeout(cli.timeout);
@@ -629,6 +767,36 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("counters:");
             for (k, v) in st.counters.iter().filter(|(_, v)| **v > 0) {
                 println!("  {k:<28} {v}");
+            }
+            print_figures(&st.figures);
+            Ok(())
+        }
+        Command::Monitor {
+            container,
+            drops,
+            flows,
+            json,
+        } => {
+            let mut events = client
+                .monitor(&MonitorQuery {
+                    drops,
+                    flows,
+                    container,
+                })
+                .await?;
+            use futures::StreamExt as _;
+            let mut out = std::io::stdout();
+            while let Some(ev) = events.next().await {
+                let ev = ev?;
+                let line = if json {
+                    serde_json::to_string(&ev)?
+                } else {
+                    ev.to_string()
+                };
+                if writeln!(out, "{line}").and_then(|()| out.flush()).is_err() {
+                    // The reader went away (a closed pipe): done.
+                    return Ok(());
+                }
             }
             Ok(())
         }

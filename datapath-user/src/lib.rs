@@ -26,6 +26,7 @@ pub mod cluster;
 pub mod cni;
 pub mod datapath;
 pub mod error;
+pub mod metrics;
 pub mod model;
 pub mod net;
 pub mod store;

@@ -210,6 +210,24 @@ impl<'n> AgentBuilder<'n> {
     }
 }
 
+/// The metrics page an agent serves at `/metrics` on API socket `socket`.
+pub fn metrics_at(socket: &Path) -> Result<String, String> {
+    use std::io::{Read as _, Write as _};
+    let mut s = std::os::unix::net::UnixStream::connect(socket)
+        .map_err(|e| format!("connect {}: {e}", socket.display()))?;
+    s.set_read_timeout(Some(Duration::from_secs(60)))
+        .map_err(|e| format!("socket timeout: {e}"))?;
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: datapath\r\n\r\n")
+        .map_err(|e| format!("send the request: {e}"))?;
+    let mut answer = String::new();
+    s.read_to_string(&mut answer)
+        .map_err(|e| format!("read the metrics: {e}"))?;
+    match answer.split_once("\r\n\r\n") {
+        Some((head, body)) if head.starts_with("HTTP/1.0 200") => Ok(body.to_owned()),
+        _ => Err(format!("metrics refused: {answer}")),
+    }
+}
+
 /// A running agent; stopped (SIGTERM, then SIGKILL) on drop, its bpffs and
 /// temporary directories removed.
 #[derive(Debug)]
@@ -446,6 +464,41 @@ impl<'n> Agent<'n> {
         st["counters"][name]
             .as_u64()
             .unwrap_or_else(|| panic!("no counter {name} in {st:#}"))
+    }
+
+    /// The metrics page the agent serves at `/metrics` on its API socket.
+    #[track_caller]
+    pub fn metrics(&self) -> String {
+        use std::io::{Read as _, Write as _};
+        let mut s = std::os::unix::net::UnixStream::connect(&self.socket)
+            .unwrap_or_else(|e| panic!("connect {}: {e}", self.socket.display()));
+        s.set_read_timeout(Some(Duration::from_secs(60)))
+            .expect("socket timeout");
+        s.write_all(b"GET /metrics HTTP/1.0\r\nHost: datapath\r\n\r\n")
+            .expect("send the request");
+        let mut answer = String::new();
+        s.read_to_string(&mut answer).expect("read the metrics");
+        let (head, body) = answer
+            .split_once("\r\n\r\n")
+            .unwrap_or_else(|| panic!("no HTTP answer: {answer}"));
+        assert!(
+            head.starts_with("HTTP/1.0 200"),
+            "metrics refused: {answer}"
+        );
+        body.to_owned()
+    }
+
+    /// Starts `datapath monitor ARGS` in the node namespace, its stdout
+    /// piped (killed when dropped, with the node).
+    pub fn monitor(&self, args: &[&str]) -> Child {
+        let mut cmd = Command::new(&self.bin);
+        cmd.arg("--api-socket")
+            .arg(&self.socket)
+            .arg("monitor")
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null());
+        self.node.node.spawn(&mut cmd)
     }
 
     /// The flows of `datapath conntrack list --json`.

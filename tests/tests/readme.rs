@@ -21,9 +21,9 @@
 //! `datapath agent` without `--check-config` runs in the background until
 //! the next one starts (or the end), `etcd` (cluster mode's store) until
 //! the end, once it answers on its client URL; every other command must
-//! succeed, a
-//! `curl` must print JSON that is no error, and `--json` output must be
-//! JSON. Every fenced block must say its language (`sh` is run; `text`,
+//! succeed, a `curl` must print JSON that is no error (a Prometheus page
+//! if it asks for `/metrics`), and `--json` output must be JSON. Every
+//! fenced block must say its language (`sh` is run; `text`,
 //! `toml` and `json` are not commands), so none escapes; the only commands
 //! not run are `cargo xtask run` and `cargo xtask test` (this test is part
 //! of the latter).
@@ -322,7 +322,17 @@ fn every_command_the_readme_shows_runs_as_written() {
             out.status,
             String::from_utf8_lossy(&out.stderr)
         );
-        if command.starts_with("curl") || command.contains("--json") {
+        if command.starts_with("curl") && command.ends_with("/metrics") {
+            let lines = stdout.lines().map(|l| Ok(l.to_owned()));
+            let page = prometheus_parse::Scrape::parse(lines)
+                .unwrap_or_else(|e| panic!("{what}: not a metrics page ({e}): {stdout}"));
+            assert!(
+                page.samples
+                    .iter()
+                    .any(|s| s.metric == "datapath_build_info"),
+                "{what}: {stdout}"
+            );
+        } else if command.starts_with("curl") || command.contains("--json") {
             let json: serde_json::Value = serde_json::from_str(&stdout)
                 .unwrap_or_else(|e| panic!("{what}: not JSON ({e}): {stdout}"));
             assert!(json.get("error").is_none(), "{what}: {json:#}");
@@ -341,4 +351,58 @@ fn every_command_the_readme_shows_runs_as_written() {
     let mut expected: Vec<String> = NOT_RUN.iter().map(|(c, _)| (*c).to_owned()).collect();
     expected.sort();
     assert_eq!(not_run, expected, "the commands not run changed");
+}
+
+/// The pinned names are an interface: the README's table of them lists
+/// every map the agent pins and every program it attaches.
+#[test]
+fn the_readme_lists_every_pinned_map_and_attached_program() {
+    use datapath_common::maps::{names, programs};
+    let readme = fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .expect("the repository")
+            .join("README.md"),
+    )
+    .expect("read README.md");
+    let table: Vec<&str> = readme
+        .split("### Pinned names")
+        .nth(1)
+        .expect("a section `Pinned names`")
+        .lines()
+        .skip_while(|l| !l.starts_with('|'))
+        .take_while(|l| l.starts_with('|'))
+        .collect();
+    for map in names::ALL {
+        let pin = format!("| `maps/{map}` |");
+        assert!(
+            table.iter().any(|row| row.starts_with(&pin)),
+            "the README's pinned names do not list map {map}"
+        );
+    }
+    for program in [
+        programs::UPLINK_TC,
+        programs::UPLINK_XDP,
+        programs::CONTAINER_TC,
+        programs::RATE_EGRESS,
+        programs::RATE_INGRESS,
+        programs::RATE_SOCKOPS,
+        programs::OVERLAY_TC,
+        programs::OVERLAY_EGRESS_TC,
+        programs::SOCK_CONNECT4,
+        programs::SOCK_SENDMSG4,
+        programs::SOCK_RECVMSG4,
+        programs::SOCK_GETPEERNAME4,
+        programs::SOCK_CONNECT6,
+        programs::SOCK_SENDMSG6,
+        programs::SOCK_RECVMSG6,
+        programs::SOCK_GETPEERNAME6,
+    ] {
+        assert!(
+            table
+                .iter()
+                .any(|row| row.contains(&format!("`{program}`"))),
+            "the README's pinned names do not say where program {program} is attached"
+        );
+    }
 }

@@ -43,7 +43,7 @@ use datapath_tests::{
     netns::Netns,
     node,
     node::Node,
-    traffic::{RrFlow, Server, line_exchange},
+    traffic::{RrFlow, Server, line_exchange, send_router_advertisement},
     wait,
 };
 
@@ -901,67 +901,6 @@ fn a_slow_client_on_the_api_socket_does_not_block_others_and_is_cut_off() {
 }
 
 // ---- router advertisements ------------------------------------------------------------------
-
-/// Sends a router advertisement (router lifetime 1800 s) to all nodes from
-/// the calling thread's namespace, out of `ifname`; retries while the
-/// link-local address is tentative.
-fn send_router_advertisement(ifname: &str) -> Result<(), String> {
-    let name = std::ffi::CString::new(ifname).map_err(|e| e.to_string())?;
-    // SAFETY: a NUL-terminated name.
-    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
-    if index == 0 {
-        return Err(format!("no interface {ifname}"));
-    }
-    // SAFETY: plain socket calls on values built here.
-    let fd = unsafe { libc::socket(libc::AF_INET6, libc::SOCK_RAW, libc::IPPROTO_ICMPV6) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error().to_string());
-    }
-    let hops: libc::c_int = 255;
-    let size = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: `hops` outlives the call; its size is given.
-    unsafe {
-        libc::setsockopt(
-            fd,
-            libc::IPPROTO_IPV6,
-            libc::IPV6_MULTICAST_HOPS,
-            std::ptr::from_ref(&hops).cast(),
-            size,
-        );
-    }
-    let mut to: libc::sockaddr_in6 = unsafe { std::mem::zeroed() };
-    to.sin6_family = libc::AF_INET6 as libc::sa_family_t;
-    to.sin6_addr.s6_addr = [0xff, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
-    to.sin6_scope_id = index;
-    // Type 134, code 0, checksum (the kernel's), hop limit 64, flags 0,
-    // router lifetime 1800 s, reachable and retransmit times 0.
-    let ra: [u8; 16] = [134, 0, 0, 0, 64, 0, 0x07, 0x08, 0, 0, 0, 0, 0, 0, 0, 0];
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let result = loop {
-        // SAFETY: `ra` and `to` outlive the call; their sizes are given.
-        let sent = unsafe {
-            libc::sendto(
-                fd,
-                ra.as_ptr().cast(),
-                ra.len(),
-                0,
-                std::ptr::from_ref(&to).cast(),
-                std::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t,
-            )
-        };
-        if sent >= 0 {
-            break Ok(());
-        }
-        let e = std::io::Error::last_os_error();
-        if e.raw_os_error() != Some(libc::EADDRNOTAVAIL) || Instant::now() > deadline {
-            break Err(e.to_string());
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    // SAFETY: `fd` is ours.
-    unsafe { libc::close(fd) };
-    result
-}
 
 /// `Icmp6InRouterAdvertisements` of link `ifname` in `ns`.
 fn router_advertisements_in(ns: &Netns, ifname: &str) -> u64 {

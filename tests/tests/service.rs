@@ -181,6 +181,8 @@ fn every_key(dir: &Path) -> Vec<(&'static str, String)> {
         ("ct-timeout-udp-stream", "\"90s\"".into()),
         ("ct-timeout-icmp", "\"15s\"".into()),
         ("kernel-debug-logs", "true".into()),
+        ("metrics", "\"127.0.0.1:9465\"".into()),
+        ("bpf-stats", "true".into()),
         ("cluster-store", "[\"http://198.18.7.1:2379\"]".into()),
         ("node-name", "\"n7\"".into()),
         ("cluster-cidr", "\"198.19.0.0/16\"".into()),

@@ -5,20 +5,25 @@
 
 use std::sync::Arc;
 
-use tokio::sync::{mpsc, oneshot, watch};
+use datapath_common::monitor::event_kind;
+use futures::{StreamExt as _, stream::BoxStream};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
 use super::{
     AgentError,
+    observe::{self, Monitor, ProgramStats},
     owner::{Command, Message, Reply},
     status::Snapshot,
 };
 use crate::{
     api::{
-        AddContainer, ContainerInfo, FlowQuery, NodeInfo, Status, UpdateContainer,
+        AddContainer, ContainerInfo, FlowQuery, MonitorEvent, MonitorQuery, NodeInfo, Status,
+        UpdateContainer,
         server::{Backend, Failure, FlowBatches},
     },
     cluster::View,
     datapath::Reader,
+    metrics,
 };
 
 /// How many batches of flows a listing reads ahead of its client.
@@ -30,6 +35,8 @@ pub struct Handle {
     commands: mpsc::Sender<Message>,
     snapshot: watch::Receiver<Arc<Snapshot>>,
     reader: Arc<Reader>,
+    program_stats: Arc<ProgramStats>,
+    monitor: Arc<Monitor>,
     /// The cluster as the synchronisation sees it (cluster mode only).
     nodes: Option<watch::Receiver<Arc<View>>>,
 }
@@ -39,12 +46,16 @@ impl Handle {
         commands: mpsc::Sender<Message>,
         snapshot: watch::Receiver<Arc<Snapshot>>,
         reader: Arc<Reader>,
+        program_stats: Arc<ProgramStats>,
+        monitor: Arc<Monitor>,
         nodes: Option<watch::Receiver<Arc<View>>>,
     ) -> Self {
         Self {
             commands,
             snapshot,
             reader,
+            program_stats,
+            monitor,
             nodes,
         }
     }
@@ -93,7 +104,8 @@ impl Handle {
 
 impl Backend for Handle {
     async fn status(&self) -> Result<Status, Failure> {
-        Ok(self.read(|s, r| Ok(s.status(r))).await?)
+        let stats = self.program_stats.enabled();
+        Ok(self.read(move |s, r| Ok(s.status(r, stats))).await?)
     }
 
     async fn containers(&self) -> Result<Vec<ContainerInfo>, Failure> {
@@ -153,6 +165,66 @@ impl Backend for Handle {
 
     async fn flush(&self, container: Option<String>) -> Result<usize, Failure> {
         Ok(self.call(|reply| Command::Flush(container, reply)).await?)
+    }
+
+    async fn metrics(&self) -> Result<String, Failure> {
+        self.program_stats.scraped();
+        let page = self
+            .read(|s, r| {
+                metrics::render(&s.figures(r, true))
+                    .map_err(|e| AgentError::Internal(format!("encode the metrics: {e}")))
+            })
+            .await?;
+        Ok(page)
+    }
+
+    async fn monitor(
+        &self,
+        query: MonitorQuery,
+    ) -> Result<BoxStream<'static, MonitorEvent>, Failure> {
+        let only = match &query.container {
+            Some(name) => Some(
+                self.snapshot
+                    .borrow()
+                    .container_id(name)
+                    .ok_or_else(|| AgentError::no_container(name))?,
+            ),
+            None => None,
+        };
+        let (drops, flows) = (query.wants_drops(), query.wants_flows());
+        let sub = self.monitor.subscribe(drops, flows).await?;
+        let snapshot = self.snapshot.clone();
+        let stream = futures::stream::unfold(sub, move |mut sub| {
+            let snapshot = snapshot.clone();
+            async move {
+                loop {
+                    match sub.events.recv().await {
+                        Ok(ev) => {
+                            let is_drop = ev.kind == event_kind::DROP;
+                            if (is_drop && !drops) || (!is_drop && !flows) {
+                                continue;
+                            }
+                            if only.is_some_and(|id| id != ev.container_id) {
+                                continue;
+                            }
+                            let snap = Arc::clone(&snapshot.borrow());
+                            let view = observe::event_view(&ev, |id| snap.container_name(id));
+                            return Some((view, sub));
+                        }
+                        Err(broadcast::error::RecvError::Lagged(n)) => {
+                            let lost = MonitorEvent {
+                                kind: "lost".to_owned(),
+                                count: n,
+                                ..MonitorEvent::default()
+                            };
+                            return Some((lost, sub));
+                        }
+                        Err(broadcast::error::RecvError::Closed) => return None,
+                    }
+                }
+            }
+        });
+        Ok(stream.boxed())
     }
 
     async fn nodes(&self) -> Result<Vec<NodeInfo>, Failure> {

@@ -223,6 +223,11 @@ impl Lifecycle<'_> {
             index: link.host_ifindex,
             mac: link.host_mac,
         };
+        // A new container starts from zero: its counters' slot may have
+        // served a container deleted before.
+        self.dp
+            .reset_container_counters(c.id)
+            .map_err(internal("reset the container's counters"))?;
         self.fill(tx, &c, host, link.container_mac)?;
         tx.did(Step::Limits {
             container: Box::new(c.clone()),

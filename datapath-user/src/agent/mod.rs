@@ -26,6 +26,7 @@ pub mod cgroups;
 pub mod cluster;
 pub mod handle;
 pub mod lifecycle;
+pub mod observe;
 mod owner;
 pub mod pool;
 pub mod publish;
@@ -110,6 +111,11 @@ pub struct AgentConfig {
     pub mtu: Option<u32>,
     /// Conntrack idle timeouts.
     pub timeouts: Timeouts,
+    /// Where to serve the metrics page over TCP (`--metrics`), if at all.
+    pub metrics: Option<std::net::SocketAddr>,
+    /// Keep the kernel's program statistics on (`--bpf-stats`), not only
+    /// while metrics are scraped.
+    pub bpf_stats: bool,
     /// Kernel-side log level (aya-log).
     pub log_level: u8,
     /// Cluster mode, if configured: [`run`] replaces the pool with the
@@ -428,6 +434,13 @@ impl Agent {
             Command::Flush(container, reply) => {
                 let _ = reply.send(self.flush(container.as_deref()));
             }
+            Command::Monitor(flags, reply) => {
+                let _ = reply.send(
+                    self.dp
+                        .set_monitor(flags)
+                        .map_err(internal("turn the monitor on or off")),
+                );
+            }
         }
     }
 
@@ -541,6 +554,9 @@ pub async fn run(
     // Before anything in the state directory is read; held until exit.
     let _lock = StateLock::acquire(&cfg.state_dir)?;
     crate::api::server::refuse_if_answered(socket).await?;
+    use anyhow::Context as _;
+    let metrics_addr = cfg.metrics;
+    let program_stats = Arc::new(observe::ProgramStats::new(cfg.bpf_stats));
     let mut joined = None;
     if let Some(cl) = cfg.cluster.clone() {
         let (client, cidr) = cluster::join(&cl, cfg.uplink.as_deref(), cfg.node_ip).await?;
@@ -552,6 +568,20 @@ pub async fn run(
     let started = owner::spawn(cfg, peers_rx).await?;
     if let Some(logger) = started.logger {
         tokio::spawn(forward_kernel_logs(logger));
+    }
+    let monitor = observe::Monitor::new(started.commands.clone());
+    if let Some(ring) = started.events {
+        tokio::spawn(Arc::clone(&monitor).read(ring));
+    }
+    {
+        let stats = Arc::clone(&program_stats);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(std::time::Duration::from_secs(30));
+            loop {
+                tick.tick().await;
+                stats.expire();
+            }
+        });
     }
     let mut nodes = None;
     let mut sync = None;
@@ -585,7 +615,30 @@ pub async fn run(
         )));
         nodes = Some(view_rx);
     }
-    let handle = Handle::new(started.commands, started.snapshot, started.reader, nodes);
+    let handle = Handle::new(
+        started.commands,
+        started.snapshot,
+        started.reader,
+        program_stats,
+        monitor,
+        nodes,
+    );
+    let (metrics_stop, metrics_stopped) = oneshot::channel::<()>();
+    if let Some(addr) = metrics_addr {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("listen for metrics on {addr}"))?;
+        tracing::info!(%addr, "metrics listening");
+        let backend = handle.clone();
+        tokio::spawn(async move {
+            let stop = async move {
+                let _ = metrics_stopped.await;
+            };
+            if let Err(e) = crate::api::server::serve_metrics(backend, listener, stop).await {
+                tracing::error!("metrics server: {e:#}");
+            }
+        });
+    }
     tokio::spawn(cgroups::watch(handle.clone()));
     // An owner that died (a bug) takes the API down with it: a restarted
     // agent adopts what is there, where this one could only refuse changes.
@@ -602,6 +655,7 @@ pub async fn run(
     };
     let served =
         crate::api::server::serve(handle.clone(), socket, || notify_ready(socket), stop).await;
+    let _ = metrics_stop.send(());
     notify(&[sd_notify::NotifyState::Stopping]);
     if let Some(sync) = sync {
         sync.abort();

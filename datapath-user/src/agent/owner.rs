@@ -44,6 +44,9 @@ pub(super) enum Command {
     Unpublish(String, Vec<String>, Reply<ContainerInfo>),
     /// Remove tracked flows (one container's, or all).
     Flush(Option<String>, Reply<usize>),
+    /// Turn the monitor's events on or off in the kernel
+    /// (`CONFIG_F_MONITOR_*` bits).
+    Monitor(u32, Reply<()>),
     /// Apply or remove rate limits whose cgroup appeared or went.
     SyncCgroups(Reply<usize>),
 }
@@ -71,6 +74,8 @@ pub(super) struct Started {
     pub gone: oneshot::Receiver<()>,
     /// The kernel-side log ring buffer, if the object has one.
     pub logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
+    /// The monitor's ring buffer.
+    pub events: Option<aya::maps::RingBuf<aya::maps::MapData>>,
 }
 
 /// What the owner hands back once the agent has started.
@@ -78,6 +83,7 @@ struct Ready {
     snapshot: watch::Receiver<Arc<Snapshot>>,
     reader: Arc<Reader>,
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
+    events: Option<aya::maps::RingBuf<aya::maps::MapData>>,
 }
 
 /// Starts the agent (load, uplink, adoption) on the owner's thread and
@@ -105,6 +111,7 @@ pub(super) async fn spawn(cfg: AgentConfig, peers: PeersRx) -> anyhow::Result<St
         owner,
         gone,
         logger: ready.logger,
+        events: ready.events,
     })
 }
 
@@ -162,6 +169,7 @@ fn run(
             snapshot,
             reader: Arc::clone(&agent.reader),
             logger: agent.dp.take_logger(),
+            events: agent.dp.take_events(),
         };
         if ready.send(Ok(handed)).is_err() {
             return;

@@ -154,6 +154,8 @@ mod tests {
             non_masquerade: Vec::new(),
             timeouts: Timeouts::default(),
             log_level: 3,
+            metrics: None,
+            bpf_stats: false,
             socket_cgroup: crate::agent::SocketCgroup::None,
             cluster: None,
         }

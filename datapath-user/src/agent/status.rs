@@ -16,10 +16,10 @@ use super::{AgentError, Node};
 use crate::{
     api::{AgentWork, AttachmentInfo, ContainerInfo, CountWork, Flow, MapInfo, Status, UplinkInfo},
     datapath::{
-        Attachment, COUNT_PASS_BUDGET, Datapath, Reader, conntrack,
+        Attachment, COUNT_PASS_BUDGET, ContainerRef, Datapath, Reader, conntrack,
         pins::{self, MapLayout},
     },
-    model::{DualPool, GATEWAY6},
+    model::{DualPool, Figures, GATEWAY6},
     store::{Container, State, Store},
 };
 
@@ -37,6 +37,7 @@ pub struct Snapshot {
     attachments: imbl::OrdMap<PathBuf, Attachment>,
     /// The desired state (a copy costs O(1)).
     state: State,
+    snat_range: u64,
     /// Containers kept though they could not be restored, with why.
     degraded: BTreeMap<String, String>,
 }
@@ -72,6 +73,56 @@ impl Snapshot {
             attachments: dp.attachments().clone(),
             state: store.state().clone(),
             degraded: degraded.clone(),
+            snat_range: u64::from(cfg.snat_ports.1.saturating_sub(cfg.snat_ports.0)) + 1,
+        }
+    }
+
+    /// The name of container `id`, if it is one of ours.
+    pub fn container_name(&self, id: u32) -> Option<String> {
+        self.state.name_of(id).map(str::to_owned)
+    }
+
+    /// Every figure of the datapath (`program_stats`: whether the kernel
+    /// gathers program statistics now, which are then read too).
+    pub fn figures(&self, reader: &Reader, program_stats: bool) -> Figures {
+        let ct = reader.conntrack_figures(&self.timeouts);
+        let work = agent_work(reader);
+        let us = |s: f64| (s * 1e6) as u64;
+        let programs: Vec<(u32, String, String)> = self
+            .attachments
+            .values()
+            .map(|a| (a.program_id, a.program.to_owned(), a.ifname.clone()))
+            .collect();
+        Figures {
+            counters: reader.counters(),
+            containers: self
+                .state
+                .containers()
+                .values()
+                .map(|c| {
+                    reader.container_figures(&ContainerRef {
+                        name: &c.name,
+                        id: c.id,
+                        cgroup_id: c.cgroup_id,
+                        limits: &c.limits,
+                    })
+                })
+                .collect(),
+            conntrack: ct.entries.clone(),
+            conntrack_max: u64::from(self.ct_max),
+            conntrack_new_max: u64::from(crate::datapath::ct_new_max(self.ct_max)),
+            masquerade: ct.masquerade.clone(),
+            masquerade_range: self.snat_range,
+            programs: if program_stats {
+                reader.program_figures(&programs)
+            } else {
+                Vec::new()
+            },
+            program_stats,
+            agent_cpu_user_us: us(work.cpu_user_s),
+            agent_cpu_system_us: us(work.cpu_system_s),
+            conntrack_count_passes: work.conntrack_count.passes,
+            conntrack_count_max_pass_entries: work.conntrack_count.max_pass_entries,
         }
     }
 
@@ -93,8 +144,9 @@ impl Snapshot {
     }
 
     /// `GET /v1/status`: what is loaded and attached, with the counters.
-    pub fn status(&self, reader: &Reader) -> Status {
+    pub fn status(&self, reader: &Reader, program_stats: bool) -> Status {
         let maps_dir = self.bpffs_dir.join("maps");
+        let figures = self.figures(reader, program_stats);
         // The sizes the kernel reports, not what the agent asked for.
         let maps: Vec<MapInfo> = pins::layouts(&maps_dir, &names::ALL)
             .into_iter()
@@ -134,6 +186,7 @@ impl Snapshot {
                 .iter()
                 .find(|m| m.name == names::CT && m.max_entries > 0)
                 .map_or(self.ct_max, |m| m.max_entries),
+            figures,
             agent: agent_work(reader),
         }
     }

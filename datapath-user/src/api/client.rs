@@ -10,9 +10,11 @@ use hyper::{Method, Request, StatusCode, body::Bytes};
 use hyper_util::rt::TokioIo;
 use serde::de::DeserializeOwned;
 
+use futures::{StreamExt as _, stream::BoxStream};
+
 use super::wire::{
-    AddContainer, ApiError, ContainerInfo, Flow, FlowQuery, Flushed, MAX_PORTS_BODY, NodeInfo,
-    PortRequest, SPLIT_PORTS, Specs, Status, UpdateContainer, too_large,
+    AddContainer, ApiError, ContainerInfo, Flow, FlowQuery, Flushed, MAX_PORTS_BODY, MonitorEvent,
+    MonitorQuery, NodeInfo, PortRequest, SPLIT_PORTS, Specs, Status, UpdateContainer, too_large,
 };
 
 /// Errors of the API client.
@@ -98,13 +100,12 @@ impl Client {
         &self.socket
     }
 
-    async fn call<T: DeserializeOwned>(
+    /// `exchange`, given up after the client's timeout.
+    async fn bounded<T>(
         &self,
-        method: Method,
-        path: &str,
-        body: Option<Vec<u8>>,
+        exchange: impl std::future::Future<Output = Result<T, ClientError>>,
     ) -> Result<T, ClientError> {
-        match tokio::time::timeout(self.timeout, self.exchange(method, path, body)).await {
+        match tokio::time::timeout(self.timeout, exchange).await {
             Ok(result) => result,
             Err(_) => Err(ClientError::Timeout {
                 socket: self.socket.clone(),
@@ -113,12 +114,13 @@ impl Client {
         }
     }
 
-    async fn exchange<T: DeserializeOwned>(
+    /// Sends one request; the answer's head, its body still to read.
+    async fn send(
         &self,
         method: Method,
         path: &str,
         body: Option<Vec<u8>>,
-    ) -> Result<T, ClientError> {
+    ) -> Result<hyper::Response<hyper::body::Incoming>, ClientError> {
         let http = |message: String| ClientError::Http {
             socket: self.socket.clone(),
             message,
@@ -150,16 +152,26 @@ impl Client {
             .header("content-type", "application/json")
             .body(Full::new(Bytes::from(body.unwrap_or_default())))
             .map_err(|e| http(format!("build request: {e}")))?;
-        let resp = sender
+        sender
             .send_request(req)
             .await
-            .map_err(|e| http(format!("request: {e}")))?;
+            .map_err(|e| http(format!("request: {e}")))
+    }
+
+    /// The whole body of an answer, or the agent's error.
+    async fn body(
+        &self,
+        resp: hyper::Response<hyper::body::Incoming>,
+    ) -> Result<(StatusCode, Bytes), ClientError> {
         let status = resp.status();
         let bytes = resp
             .into_body()
             .collect()
             .await
-            .map_err(|e| http(format!("read answer: {e}")))?
+            .map_err(|e| ClientError::Http {
+                socket: self.socket.clone(),
+                message: format!("read answer: {e}"),
+            })?
             .to_bytes();
         if !status.is_success() {
             let message = serde_json::from_slice::<ApiError>(&bytes)
@@ -170,12 +182,94 @@ impl Client {
                 message,
             });
         }
-        let bytes = if bytes.is_empty() || status == StatusCode::NO_CONTENT {
-            Bytes::from_static(b"null")
-        } else {
-            bytes
-        };
-        serde_json::from_slice(&bytes).map_err(|e| http(format!("decode answer: {e}")))
+        Ok((status, bytes))
+    }
+
+    /// `GET /metrics`: the metrics page.
+    pub async fn metrics(&self) -> Result<String, ClientError> {
+        self.bounded(async {
+            let resp = self.send(Method::GET, "/metrics", None).await?;
+            let (_, bytes) = self.body(resp).await?;
+            Ok(String::from_utf8_lossy(&bytes).into_owned())
+        })
+        .await
+    }
+
+    /// `GET /v1/monitor`: the monitor's events as they come, until the
+    /// agent stops.
+    pub async fn monitor(
+        &self,
+        query: &MonitorQuery,
+    ) -> Result<BoxStream<'static, Result<MonitorEvent, ClientError>>, ClientError> {
+        let mut path = format!("/v1/monitor?drops={}&flows={}", query.drops, query.flows);
+        if let Some(c) = &query.container {
+            path.push_str("&container=");
+            path.push_str(&encode(c));
+        }
+        // Bounded until the answer's head; the stream itself runs until
+        // the agent stops or the caller drops it.
+        let resp = self.bounded(self.send(Method::GET, &path, None)).await?;
+        if !resp.status().is_success() {
+            self.body(resp).await?;
+            return Err(ClientError::Http {
+                socket: self.socket.clone(),
+                message: "the monitor was refused".to_owned(),
+            });
+        }
+        let socket = self.socket.clone();
+        let state = (resp.into_body(), Vec::<u8>::new(), socket);
+        let stream = futures::stream::unfold(state, |(mut body, mut buf, socket)| async move {
+            loop {
+                if let Some(nl) = buf.iter().position(|b| *b == b'\n') {
+                    let line: Vec<u8> = buf.drain(..=nl).collect();
+                    let ev = serde_json::from_slice::<MonitorEvent>(&line).map_err(|e| {
+                        ClientError::Http {
+                            socket: socket.clone(),
+                            message: format!("bad monitor event: {e}"),
+                        }
+                    });
+                    return Some((ev, (body, buf, socket)));
+                }
+                match body.frame().await {
+                    Some(Ok(frame)) => {
+                        if let Ok(data) = frame.into_data() {
+                            buf.extend_from_slice(&data);
+                        }
+                    }
+                    Some(Err(e)) => {
+                        let err = ClientError::Http {
+                            socket: socket.clone(),
+                            message: format!("read the monitor: {e}"),
+                        };
+                        return Some((Err(err), (body, Vec::new(), socket)));
+                    }
+                    None => return None,
+                }
+            }
+        });
+        Ok(stream.boxed())
+    }
+
+    async fn call<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<T, ClientError> {
+        self.bounded(async {
+            let resp = self.send(method, path, body).await?;
+            let (status, bytes) = self.body(resp).await?;
+            let bytes = if bytes.is_empty() || status == StatusCode::NO_CONTENT {
+                Bytes::from_static(b"null")
+            } else {
+                bytes
+            };
+            serde_json::from_slice(&bytes).map_err(|e| ClientError::Http {
+                socket: self.socket.clone(),
+                message: format!("decode answer: {e}"),
+            })
+        })
+        .await
     }
 
     /// `GET /v1/status`.

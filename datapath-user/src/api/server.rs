@@ -16,21 +16,22 @@ use std::{
     os::unix::fs::PermissionsExt,
     path::Path,
     sync::{Arc, Mutex},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use axum::{
     Json, Router,
     body::Bytes,
     extract::{
-        DefaultBodyLimit, FromRequest, Path as UrlPath, Query, Request, State,
+        DefaultBodyLimit, FromRequest, MatchedPath, Path as UrlPath, Query, Request, State,
         rejection::QueryRejection,
     },
-    http::{Method, StatusCode},
+    http::{Method, StatusCode, header},
     middleware::{self, Next},
     response::{IntoResponse, Response},
     routing::get,
 };
+use futures::{StreamExt as _, stream::BoxStream};
 use hyper_util::{
     rt::{TokioIo, TokioTimer},
     service::TowerToHyperService,
@@ -40,8 +41,9 @@ use tokio::net::{UnixListener, UnixStream};
 
 use super::wire::{
     AddContainer, ApiError, ContainerInfo, Flow, FlowQuery, Flushed, MAX_BODY, MAX_PORTS_BODY,
-    NodeInfo, PortRequest, SPLIT_PORTS, Status, UpdateContainer,
+    MonitorEvent, MonitorQuery, NodeInfo, PortRequest, SPLIT_PORTS, Status, UpdateContainer,
 };
+use crate::metrics;
 
 /// What the API's routes are served by (the agent). Every method answers
 /// one route; reads must not wait for mutations in progress.
@@ -90,6 +92,13 @@ pub trait Backend: Clone + Send + Sync + 'static {
         &self,
         container: Option<String>,
     ) -> impl Future<Output = Result<usize, Failure>> + Send;
+    /// `GET /metrics`: the metrics page (OpenMetrics text).
+    fn metrics(&self) -> impl Future<Output = Result<String, Failure>> + Send;
+    /// `GET /v1/monitor`: the monitor's events, until the client goes.
+    fn monitor(
+        &self,
+        query: MonitorQuery,
+    ) -> impl Future<Output = Result<BoxStream<'static, MonitorEvent>, Failure>> + Send;
     /// `GET /v1/nodes`: the nodes of the cluster (cluster mode only).
     fn nodes(&self) -> impl Future<Output = Result<Vec<NodeInfo>, Failure>> + Send;
 }
@@ -299,6 +308,65 @@ async fn flush<B: Backend>(
     Ok(Json(Flushed { removed }))
 }
 
+async fn metrics<B: Backend>(State(b): State<B>) -> Result<Response, Failure> {
+    let page = b.metrics().await?;
+    Ok(([(header::CONTENT_TYPE, metrics::CONTENT_TYPE)], page).into_response())
+}
+
+async fn monitor<B: Backend>(
+    State(b): State<B>,
+    Query(q): Query<MonitorQuery>,
+) -> Result<Response, Failure> {
+    let events = b.monitor(q).await?;
+    let lines = events.map(|e| {
+        let mut line = serde_json::to_vec(&e).unwrap_or_default();
+        line.push(b'\n');
+        Ok::<_, std::convert::Infallible>(line)
+    });
+    Ok((
+        [(header::CONTENT_TYPE, "application/x-ndjson")],
+        axum::body::Body::from_stream(lines),
+    )
+        .into_response())
+}
+
+/// Counts every request and its latency by method, route pattern and
+/// status (the metrics' `datapath_api_requests_total`).
+async fn track(req: Request, next: Next) -> Response {
+    let method = req.method().to_string();
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or("unmatched", MatchedPath::as_str)
+        .to_owned();
+    let start = Instant::now();
+    let resp = next.run(req).await;
+    metrics::api_request(&method, &route, resp.status().as_u16(), start.elapsed());
+    resp
+}
+
+/// The metrics page alone (`datapath agent --metrics ADDR:PORT`), served by
+/// `backend`.
+pub fn metrics_router<B: Backend>(backend: B) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics::<B>))
+        .fallback(not_found)
+        .with_state(backend)
+}
+
+/// Serves [`metrics_router`] on TCP `listener` until `shutdown` completes.
+pub async fn serve_metrics<B: Backend>(
+    backend: B,
+    listener: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    axum::serve(listener, metrics_router(backend))
+        .with_graceful_shutdown(shutdown)
+        .await
+        .context("serve the metrics")
+}
+
 async fn not_found() -> Failure {
     Failure::new(404, "no such API route; see `datapath --help`")
 }
@@ -418,7 +486,10 @@ pub fn router<B: Backend>(backend: B) -> Router {
                 .layer(DefaultBodyLimit::max(MAX_PORTS_BODY)),
         )
         .route("/v1/conntrack", get(conntrack::<B>).delete(flush::<B>))
+        .route("/v1/monitor", get(monitor::<B>))
         .route("/v1/nodes", get(nodes::<B>))
+        .route("/metrics", get(metrics::<B>))
+        .route_layer(axum::middleware::from_fn(track))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .layer(middleware::from_fn(read_body_in_time))

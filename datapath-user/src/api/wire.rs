@@ -11,8 +11,8 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
+use crate::model::{Figures, RateCounters, RateLimits};
 pub use crate::model::{Flow, FlowEndpoint};
-use crate::model::{RateCounters, RateLimits};
 
 /// Largest request body the agent accepts on most routes.
 pub const MAX_BODY: usize = 64 * 1024;
@@ -278,6 +278,10 @@ pub struct Status {
     pub conntrack_entries: usize,
     /// Conntrack capacity.
     pub conntrack_max: u32,
+    /// Every figure of the metrics page (`/metrics`), for `datapath
+    /// status` to show in words.
+    #[serde(default)]
+    pub figures: Figures,
     /// The agent's own CPU use and the cost of its periodic work.
     #[serde(default)]
     pub agent: AgentWork,
@@ -314,6 +318,112 @@ pub struct CountWork {
     pub max_pass_entries: u64,
     /// The most syscalls made by one pass.
     pub max_pass_syscalls: u64,
+}
+
+/// `GET /v1/monitor` query: what to stream (drops and flows when neither
+/// is asked for).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct MonitorQuery {
+    /// Dropped packets.
+    #[serde(default)]
+    pub drops: bool,
+    /// New, closed and expired flows.
+    #[serde(default)]
+    pub flows: bool,
+    /// Only this container's events.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container: Option<String>,
+}
+
+impl MonitorQuery {
+    /// Whether drops are streamed.
+    pub fn wants_drops(&self) -> bool {
+        self.drops || !self.flows
+    }
+
+    /// Whether flows are streamed.
+    pub fn wants_flows(&self) -> bool {
+        self.flows || !self.drops
+    }
+}
+
+/// One line of `GET /v1/monitor` (newline-delimited JSON).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct MonitorEvent {
+    /// `drop`, `flow-new`, `flow-closed`, `flow-expired`, or `lost` (this
+    /// reader fell behind: `count` events were skipped).
+    pub kind: String,
+    /// When (the datapath's clock, ns).
+    #[serde(default)]
+    pub time_ns: u64,
+    /// For a drop: its reason (the counter's name without `drop_`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Where the datapath saw it: `uplink-tc`, `uplink-xdp`,
+    /// `container-tc`, `overlay-tc`, `overlay-egress-tc`, `timer`.
+    #[serde(default)]
+    pub hook: String,
+    /// The container concerned, if known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container: Option<String>,
+    /// `tcp`, `udp`, `icmp` or the protocol number.
+    #[serde(default)]
+    pub protocol: String,
+    /// Source address.
+    #[serde(default)]
+    pub src: Option<Ipv4Addr>,
+    /// Source port (ICMP: the echo identifier).
+    #[serde(default)]
+    pub sport: u16,
+    /// Destination address.
+    #[serde(default)]
+    pub dst: Option<Ipv4Addr>,
+    /// Destination port.
+    #[serde(default)]
+    pub dport: u16,
+    /// The interface the packet came in on.
+    #[serde(default)]
+    pub ifindex: u32,
+    /// The frame's length.
+    #[serde(default)]
+    pub len: u32,
+    /// For `lost`: how many events.
+    #[serde(default)]
+    pub count: u64,
+}
+
+impl std::fmt::Display for MonitorEvent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.kind == "lost" {
+            return write!(f, "lost {} events (the reader fell behind)", self.count);
+        }
+        let addr = |a: Option<Ipv4Addr>, p: u16| match a {
+            Some(a) if p != 0 => format!("{a}:{p}"),
+            Some(a) => a.to_string(),
+            None => "-".to_owned(),
+        };
+        write!(f, "{:<12} {:<13}", self.kind, self.hook)?;
+        if let Some(r) = &self.reason {
+            write!(f, " reason={r}")?;
+        }
+        write!(
+            f,
+            " {} {} -> {}",
+            self.protocol,
+            addr(self.src, self.sport),
+            addr(self.dst, self.dport)
+        )?;
+        if let Some(c) = &self.container {
+            write!(f, " container={c}")?;
+        }
+        if self.len != 0 {
+            write!(f, " len={}", self.len)?;
+        }
+        if self.ifindex != 0 {
+            write!(f, " ifindex={}", self.ifindex)?;
+        }
+        Ok(())
+    }
 }
 
 /// `GET /v1/conntrack` query: which flows to list. The answer is a JSON

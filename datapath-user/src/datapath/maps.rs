@@ -8,14 +8,21 @@ use std::{
     net::Ipv4Addr,
 };
 
-use aya::maps::{IterableMap as _, MapError, lpm_trie::Key as LpmKey};
+use aya::maps::{IterableMap as _, MapData, MapError, PerCpuValues, lpm_trie::Key as LpmKey};
 use datapath_common::{
-    Config, Endpoint, EndpointKey, FLUSH_F_CONTAINER, FLUSH_F_MASQUERADE, FLUSH_F_SERVICE,
-    FlushRequest, NodeAddr, NodeAddrKey, Peer, ServiceKey, ServiceValue, names, overlay,
+    CONFIG_F_MONITOR_DROPS, CONFIG_F_MONITOR_FLOWS, CONFIG_F_READY, Config, Endpoint, EndpointKey,
+    FLUSH_F_CONTAINER, FLUSH_F_MASQUERADE, FLUSH_F_SERVICE, FlushRequest, NodeAddr, NodeAddrKey,
+    Peer, STAT_COUNT, ServiceKey, ServiceValue,
+    monitor::{self, ContainerStats},
+    names, overlay,
 };
 use ipnet::Ipv4Net;
 
 use super::{BpfError, Datapath};
+use crate::metrics;
+
+/// The configuration bits that belong to the monitor.
+const MONITOR_FLAGS: u32 = CONFIG_F_MONITOR_DROPS | CONFIG_F_MONITOR_FLOWS;
 
 /// Which tracked flows [`Datapath::flush_flows`] removes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -49,11 +56,55 @@ impl Datapath {
         self.config.get(&0, 0).map_err(map_err(names::CONFIG))
     }
 
-    /// Sets the global configuration.
-    pub fn set_config(&mut self, config: Config) -> Result<(), BpfError> {
-        self.config
-            .set(0, config, 0)
+    /// Sets the global configuration (the monitor's bits are the
+    /// datapath's own: see [`Datapath::set_monitor`]).
+    pub fn set_config(&mut self, mut config: Config) -> Result<(), BpfError> {
+        config.flags = (config.flags & !MONITOR_FLAGS) | self.monitor_flags;
+        metrics::timed(names::CONFIG, || self.config.set(0, config, 0))
             .map_err(map_err(names::CONFIG))
+    }
+
+    /// Turns the monitor's events on or off in the kernel:
+    /// `flags` are `CONFIG_F_MONITOR_*` bits (0: off, the programs write
+    /// nothing to the ring buffer).
+    pub fn set_monitor(&mut self, flags: u32) -> Result<(), BpfError> {
+        self.monitor_flags = flags & MONITOR_FLAGS;
+        let config = self.config()?;
+        if config.flags & CONFIG_F_READY == 0 {
+            // Written with the configuration.
+            return Ok(());
+        }
+        self.set_config(config)
+    }
+
+    /// The monitor's ring buffer, to its one reader.
+    pub fn take_events(&mut self) -> Option<aya::maps::RingBuf<MapData>> {
+        self.events.take()
+    }
+
+    /// Zeroes the per-container counters of container `id`'s slot (which
+    /// an earlier container may have used).
+    pub fn reset_container_counters(&mut self, id: u32) -> Result<(), BpfError> {
+        let slot = monitor::slot(id);
+        let cpus = aya::util::nr_cpus().map_err(|(_, source)| BpfError::Read {
+            name: names::CONTAINER_STATS,
+            source,
+        })?;
+        let zeros =
+            PerCpuValues::try_from(vec![ContainerStats::default(); cpus]).map_err(|source| {
+                BpfError::Read {
+                    name: names::CONTAINER_STATS,
+                    source,
+                }
+            })?;
+        metrics::timed(names::CONTAINER_STATS, || {
+            self.container_stats.set(slot, zeros, 0)
+        })
+        .map_err(map_err(names::CONTAINER_STATS))?;
+        metrics::timed(names::CONTAINER_DROPS, || {
+            self.container_drops.set(slot, [0; STAT_COUNT as usize], 0)
+        })
+        .map_err(map_err(names::CONTAINER_DROPS))
     }
 
     /// Makes the node's addresses exactly `addrs`, all on interface
@@ -66,9 +117,11 @@ impl Datapath {
             }
         }
         for a in addrs {
-            self.node_addrs
-                .insert(NodeAddrKey { addr: a.octets() }, NodeAddr { ifindex }, 0)
-                .map_err(map_err(names::NODE_ADDRS))?;
+            metrics::timed(names::NODE_ADDRS, || {
+                self.node_addrs
+                    .insert(NodeAddrKey { addr: a.octets() }, NodeAddr { ifindex }, 0)
+            })
+            .map_err(map_err(names::NODE_ADDRS))?;
         }
         Ok(())
     }
@@ -126,22 +179,44 @@ impl Datapath {
         }
     }
 
-    /// Adds (or replaces) the endpoint of address `addr`.
+    /// Adds (or replaces) the endpoint of address `addr`, and the veth
+    /// entry that names its container.
     pub fn insert_endpoint(&mut self, addr: Ipv4Addr, endpoint: Endpoint) -> Result<(), BpfError> {
-        self.endpoints
-            .insert(endpoint_key(addr), endpoint, 0)
+        let key = endpoint_key(addr);
+        if let Ok(old) = self.endpoints.get(&key, 0)
+            && old.ifindex != endpoint.ifindex
+        {
+            self.remove_veth(old.ifindex, old.container_id);
+        }
+        metrics::timed(names::CONTAINER_VETHS, || {
+            self.container_veths
+                .insert(endpoint.ifindex, endpoint.container_id, 0)
+        })
+        .map_err(map_err(names::CONTAINER_VETHS))?;
+        metrics::timed(names::ENDPOINTS, || self.endpoints.insert(key, endpoint, 0))
             .map_err(map_err(names::ENDPOINTS))
     }
 
-    /// Removes the endpoint of address `addr` if container `owner` owns it.
+    /// Removes the veth entry of `ifindex` if it names container `owner`.
+    fn remove_veth(&mut self, ifindex: u32, owner: u32) {
+        if self
+            .container_veths
+            .get(&ifindex, 0)
+            .is_ok_and(|id| id == owner)
+        {
+            let _ = self.container_veths.remove(&ifindex);
+        }
+    }
+
+    /// Removes the endpoint of address `addr` (and its veth entry) if
+    /// container `owner` owns it.
     pub fn remove_endpoint(&mut self, addr: Ipv4Addr, owner: u32) {
         let key = endpoint_key(addr);
-        if self
-            .endpoints
-            .get(&key, 0)
-            .is_ok_and(|e| e.container_id == owner)
+        if let Ok(e) = self.endpoints.get(&key, 0)
+            && e.container_id == owner
         {
             let _ = self.endpoints.remove(&key);
+            self.remove_veth(e.ifindex, owner);
         }
     }
 
@@ -156,13 +231,16 @@ impl Datapath {
 
     /// Removes the endpoint of address `addr`, whoever owns it.
     pub fn remove_endpoint_any(&mut self, addr: Ipv4Addr) {
-        let _ = self.endpoints.remove(&endpoint_key(addr));
+        let key = endpoint_key(addr);
+        if let Ok(e) = self.endpoints.get(&key, 0) {
+            self.remove_veth(e.ifindex, e.container_id);
+        }
+        let _ = self.endpoints.remove(&key);
     }
 
     /// Adds (or replaces) the published port `key`.
     pub fn insert_service(&mut self, key: ServiceKey, value: ServiceValue) -> Result<(), BpfError> {
-        self.services
-            .insert(key, value, 0)
+        metrics::timed(names::SERVICES, || self.services.insert(key, value, 0))
             .map_err(map_err(names::SERVICES))
     }
 

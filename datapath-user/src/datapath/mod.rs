@@ -32,7 +32,9 @@ use aya::{
 };
 use datapath_common::{
     Config, CtContainer, CtEntry, CtKey, CtTimedEntry, Endpoint, EndpointKey, FLUSH_F_ARM,
-    FlushRequest, NodeAddr, NodeAddrKey, Peer, ServiceKey, ServiceValue, capacity, names, programs,
+    FlushRequest, NodeAddr, NodeAddrKey, Peer, ServiceKey, ServiceValue, capacity,
+    monitor::{ContainerDrops, ContainerStats},
+    names, programs,
     ratelimit::{RateFlows, RateKey, RateLimit, RateStats},
 };
 use serde::Serialize;
@@ -41,7 +43,7 @@ pub use self::{
     attach::RateHook,
     maps::Flows,
     ratelimit::RateTarget,
-    reader::{COUNT_PASS_BUDGET, CountWork, Reader},
+    reader::{COUNT_PASS_BUDGET, ContainerRef, CountWork, Reader},
 };
 
 /// The compiled eBPF object (all programs and maps), embedded at build time.
@@ -181,6 +183,8 @@ pub struct Datapath {
     services: HashMap<MapData, ServiceKey, ServiceValue>,
     /// Containers by address.
     endpoints: HashMap<MapData, EndpointKey, Endpoint>,
+    /// Host-side veth ifindex → container id (see [`names::CONTAINER_VETHS`]).
+    container_veths: HashMap<MapData, u32, u32>,
     /// The node's addresses.
     node_addrs: HashMap<MapData, NodeAddrKey, NodeAddr>,
     /// Confirmed flows.
@@ -203,6 +207,15 @@ pub struct Datapath {
         reason = "cgroup storage is what gives a key per attachment"
     )]
     rate_cgroups: aya::maps::CgroupStorage<MapData, RateKey>,
+    /// Each container's packets and bytes, per CPU, by slot.
+    container_stats: PerCpuArray<MapData, ContainerStats>,
+    /// Each container's drops by reason, by slot.
+    container_drops: Array<MapData, ContainerDrops>,
+    /// The monitor's ring buffer, until [`Datapath::take_events`].
+    events: Option<aya::maps::RingBuf<MapData>>,
+    /// The monitor's `CONFIG_F_MONITOR_*` bits, kept across
+    /// [`Datapath::set_config`].
+    monitor_flags: u32,
     /// TCP sockets sharing each ingress bucket's receive windows.
     rate_flows: HashMap<MapData, RateKey, RateFlows>,
     attachments: imbl::OrdMap<PathBuf, Attachment>,
@@ -389,6 +402,7 @@ impl Datapath {
             config: typed_map!(&mut ebpf, names::CONFIG, Array<MapData, Config>),
             services: typed_map!(&mut ebpf, names::SERVICES, HashMap<MapData, ServiceKey, ServiceValue>),
             endpoints: typed_map!(&mut ebpf, names::ENDPOINTS, HashMap<MapData, EndpointKey, Endpoint>),
+            container_veths: typed_map!(&mut ebpf, names::CONTAINER_VETHS, HashMap<MapData, u32, u32>),
             node_addrs: typed_map!(&mut ebpf, names::NODE_ADDRS, HashMap<MapData, NodeAddrKey, NodeAddr>),
             ct: typed_map!(&mut ebpf, names::CT, HashMap<MapData, CtKey, CtTimedEntry>),
             ct_new: typed_map!(&mut ebpf, names::CT_NEW, HashMap<MapData, CtKey, CtEntry>),
@@ -402,6 +416,14 @@ impl Datapath {
                 reason = "cgroup storage is what gives a key per attachment"
             )]
             rate_cgroups: typed_map!(&mut ebpf, names::RATE_CGROUPS, aya::maps::CgroupStorage<MapData, RateKey>),
+            container_stats: typed_map!(&mut ebpf, names::CONTAINER_STATS, PerCpuArray<MapData, ContainerStats>),
+            container_drops: typed_map!(&mut ebpf, names::CONTAINER_DROPS, Array<MapData, ContainerDrops>),
+            events: Some(typed_map!(
+                &mut ebpf,
+                names::EVENTS,
+                aya::maps::RingBuf<MapData>
+            )),
+            monitor_flags: 0,
             rate_flows: typed_map!(&mut ebpf, names::RATE_FLOWS, HashMap<MapData, RateKey, RateFlows>),
             ebpf,
             bpffs_dir: opts.bpffs_dir.clone(),

@@ -5,10 +5,11 @@
 //! workers (`spawn_blocking`).
 //!
 //! Nothing here holds a whole table in memory: flows are walked a batch
-//! at a time ([`Reader::walk_flows`]), and the number of conntrack entries
-//! is counted in the background, never by the read that asks for it, in
-//! passes of bounded work ([`Reader::conntrack_entries`],
-//! [`COUNT_PASS_BUDGET`]).
+//! at a time ([`Reader::walk_flows`]), and the conntrack entries are
+//! counted (by table, protocol and state, with the masquerade ports by
+//! destination) in the background, never by the read that asks for them,
+//! in passes of bounded work ([`Reader::conntrack_entries`],
+//! [`Reader::conntrack_figures`], [`COUNT_PASS_BUDGET`]).
 
 use std::{
     collections::BTreeMap,
@@ -20,16 +21,23 @@ use std::{
     time::{Duration, Instant},
 };
 
-use aya::maps::{HashMap, IterableMap as _, MapData, MapError, PerCpuArray, PerCpuHashMap};
+use aya::maps::{Array, HashMap, IterableMap as _, MapData, MapError, PerCpuArray, PerCpuHashMap};
 use datapath_common::{
-    CtEntry, CtKey, CtTimedEntry, STAT_COUNT, Stat,
+    CtContainer, CtEntry, CtKey, CtTimedEntry, STAT_COUNT, Stat,
     ct::Timeouts,
-    names,
+    ct_action, ct_state,
+    monitor::{ContainerDrops, ContainerStats, slot},
+    names, proto,
     ratelimit::{RateKey, RateStats},
 };
 
 use super::{BpfError, Datapath, conntrack, ratelimit::read_counters, second_handle};
-use crate::model::{RateCounters, RateLimits};
+use crate::model::{
+    RateCounters, RateLimits,
+    figures::{
+        ConntrackFigure, ContainerFigures, MASQUERADE_DESTINATIONS, MasqueradeFigure, ProgramFigure,
+    },
+};
 
 /// How old the conntrack entry count may be before a read asks for a new
 /// one.
@@ -45,6 +53,9 @@ pub struct Reader {
     tables: Arc<Tables>,
     rate_stats: PerCpuHashMap<MapData, RateKey, RateStats>,
     count: Arc<EntryCount>,
+    ct_containers: HashMap<MapData, u32, CtContainer>,
+    container_stats: PerCpuArray<MapData, ContainerStats>,
+    container_drops: Array<MapData, ContainerDrops>,
 }
 
 /// Handles on both conntrack tables: confirmed flows (CT) and unconfirmed
@@ -52,6 +63,27 @@ pub struct Reader {
 struct Tables {
     ct: HashMap<MapData, CtKey, CtTimedEntry>,
     ct_new: HashMap<MapData, CtKey, CtEntry>,
+}
+
+/// A container whose figures [`Reader::container_figures`] reads.
+pub struct ContainerRef<'a> {
+    /// Its name.
+    pub name: &'a str,
+    /// Its id.
+    pub id: u32,
+    /// Its cgroup's id (0: none).
+    pub cgroup_id: u64,
+    /// Its rate limits.
+    pub limits: &'a RateLimits,
+}
+
+/// The conntrack figures [`Reader::conntrack_figures`] reads.
+#[derive(Default, Debug)]
+pub struct ConntrackFigures {
+    /// Entries by table, protocol and state.
+    pub entries: Vec<ConntrackFigure>,
+    /// Masquerade ports in use by destination, busiest first.
+    pub masquerade: Vec<MasqueradeFigure>,
 }
 
 impl Tables {
@@ -174,8 +206,9 @@ struct CountWalk {
     /// The main table's cursor, then the unconfirmed table's.
     ct: conntrack::BatchCursor,
     ct_new: conntrack::BatchCursor,
-    /// Live entries counted so far.
-    entries: usize,
+    /// The live entries counted so far, by table, protocol and state,
+    /// with the masquerade ports by destination.
+    census: Census,
 }
 
 /// What one pass did.
@@ -215,7 +248,7 @@ impl Tables {
                 touched += 1;
                 let f = flow(*key, v.entry, reply_key, reply, true);
                 if !f.expired(timeouts, now) {
-                    walk.entries += 1 + usize::from(f.reply.is_some());
+                    walk.census.add(&f);
                 }
             }
             left = left.saturating_sub(touched);
@@ -237,7 +270,7 @@ impl Tables {
                 touched += 1;
                 let f = flow(*key, *v, reply_key, reply, false);
                 if !f.expired(timeouts, now) {
-                    walk.entries += 1 + usize::from(f.reply.is_some());
+                    walk.census.add(&f);
                 }
             }
             left = left.saturating_sub(touched);
@@ -247,24 +280,26 @@ impl Tables {
     }
 }
 
-/// The number of live conntrack entries, counted on a thread of its own
-/// in passes of bounded work ([`COUNT_PASS_BUDGET`] entries touched at
-/// most per [`COUNT_PASS_INTERVAL`]), and only while someone asks.
+/// The conntrack tables' census (entries by table, protocol and state;
+/// masquerade ports by destination), taken on a thread of its own in passes
+/// of bounded work ([`COUNT_PASS_BUDGET`] entries touched at most per
+/// [`COUNT_PASS_INTERVAL`]), and only while someone asks.
 struct EntryCount {
     tables: Arc<Tables>,
     entries: AtomicUsize,
+    figures: Mutex<Arc<ConntrackFigures>>,
     work: Mutex<CountWork>,
     /// When the last count finished, and whether one is running.
     state: Mutex<(Option<Instant>, bool)>,
 }
 
 impl EntryCount {
-    /// The last count, starting a new one (with `timeouts`) in the
-    /// background if it is older than [`COUNT_MAX_AGE`].
-    fn get(self: &Arc<Self>, timeouts: &Timeouts) -> usize {
+    /// Starts a new census (with `timeouts`) in the background if the last
+    /// one is older than [`COUNT_MAX_AGE`] and none is running.
+    fn refresh(self: &Arc<Self>, timeouts: &Timeouts) {
         let start = {
             let Ok(mut state) = self.state.lock() else {
-                return self.entries.load(Ordering::Relaxed);
+                return;
             };
             let (at, running) = &mut *state;
             let stale = at.is_none_or(|t| t.elapsed() >= COUNT_MAX_AGE);
@@ -286,7 +321,21 @@ impl EntryCount {
                 state.1 = false;
             }
         }
+    }
+
+    /// The last count of entries (see [`Self::refresh`]).
+    fn get(self: &Arc<Self>, timeouts: &Timeouts) -> usize {
+        self.refresh(timeouts);
         self.entries.load(Ordering::Relaxed)
+    }
+
+    /// The last census (see [`Self::refresh`]).
+    fn figures(self: &Arc<Self>, timeouts: &Timeouts) -> Arc<ConntrackFigures> {
+        self.refresh(timeouts);
+        self.figures
+            .lock()
+            .map(|f| Arc::clone(&f))
+            .unwrap_or_default()
     }
 
     /// One whole count, pass by pass, each pass starting at least
@@ -309,7 +358,11 @@ impl EntryCount {
                         work.max_pass_syscalls = work.max_pass_syscalls.max(pass.syscalls);
                     }
                     if finished {
-                        self.entries.store(walk.entries, Ordering::Relaxed);
+                        let census = std::mem::take(&mut walk.census);
+                        self.entries.store(census.total, Ordering::Relaxed);
+                        if let Ok(mut figures) = self.figures.lock() {
+                            *figures = Arc::new(census.finish());
+                        }
                         break;
                     }
                 }
@@ -326,6 +379,66 @@ impl EntryCount {
     }
 }
 
+/// Conntrack figures being gathered, a flow at a time.
+#[derive(Default)]
+struct Census {
+    total: usize,
+    entries: BTreeMap<(&'static str, &'static str, &'static str), u64>,
+    /// Masquerade ports by destination address, port and protocol (made
+    /// into words only for the busiest, by [`Self::finish`]).
+    masquerade: BTreeMap<([u8; 4], u16, &'static str), u64>,
+}
+
+impl Census {
+    fn add(&mut self, f: &conntrack::FlowEntries) {
+        let n = 1 + usize::from(f.reply.is_some());
+        self.total += n;
+        let table = if f.confirmed { "main" } else { "new" };
+        let protocol = match f.key.proto {
+            proto::TCP => "tcp",
+            proto::UDP => "udp",
+            proto::ICMP => "icmp",
+            _ => "other",
+        };
+        *self
+            .entries
+            .entry((table, protocol, ct_state::name(f.orig.state)))
+            .or_default() += n as u64;
+        if f.orig.action == ct_action::SNAT {
+            *self
+                .masquerade
+                .entry((f.key.daddr, f.key.dport, protocol))
+                .or_default() += 1;
+        }
+    }
+
+    fn finish(self) -> ConntrackFigures {
+        let mut busiest: Vec<_> = self.masquerade.into_iter().collect();
+        busiest.sort_by(|(a, a_ports), (b, b_ports)| b_ports.cmp(a_ports).then(a.cmp(b)));
+        busiest.truncate(MASQUERADE_DESTINATIONS);
+        let masquerade = busiest
+            .into_iter()
+            .map(|(([a, b, c, d], port, protocol), ports)| MasqueradeFigure {
+                destination: format!("{a}.{b}.{c}.{d}:{port}/{protocol}"),
+                ports,
+            })
+            .collect();
+        ConntrackFigures {
+            entries: self
+                .entries
+                .into_iter()
+                .map(|((table, protocol, state), entries)| ConntrackFigure {
+                    table: table.to_owned(),
+                    protocol: protocol.to_owned(),
+                    state: state.to_owned(),
+                    entries,
+                })
+                .collect(),
+            masquerade,
+        }
+    }
+}
+
 impl Reader {
     pub(super) fn new(dp: &Datapath) -> Result<Self, BpfError> {
         let tables = Arc::new(Tables {
@@ -335,6 +448,7 @@ impl Reader {
         let count = Arc::new(EntryCount {
             tables: Arc::clone(&tables),
             entries: AtomicUsize::new(0),
+            figures: Mutex::default(),
             work: Mutex::new(CountWork::default()),
             state: Mutex::new((None, false)),
         });
@@ -343,7 +457,66 @@ impl Reader {
             tables,
             rate_stats: second_handle(&dp.rate_stats, names::RATE_STATS)?,
             count,
+            ct_containers: second_handle(&dp.ct_containers, names::CT_CONTAINERS)?,
+            container_stats: second_handle(&dp.container_stats, names::CONTAINER_STATS)?,
+            container_drops: second_handle(&dp.container_drops, names::CONTAINER_DROPS)?,
         })
+    }
+
+    /// A container's traffic, drops, conntrack share and rate limiter
+    /// counters.
+    pub fn container_figures(&self, c: &ContainerRef<'_>) -> ContainerFigures {
+        let mut f = ContainerFigures {
+            name: c.name.to_owned(),
+            rate: self.rate_counters(c.cgroup_id, c.limits),
+            ..ContainerFigures::default()
+        };
+        if let Ok(per_cpu) = self.container_stats.get(&slot(c.id), 0) {
+            for s in per_cpu.iter() {
+                f.rx_packets += s.rx_packets;
+                f.rx_bytes += s.rx_bytes;
+                f.tx_packets += s.tx_packets;
+                f.tx_bytes += s.tx_bytes;
+            }
+        }
+        if let Ok(drops) = self.container_drops.get(&slot(c.id), 0) {
+            for (stat, n) in Stat::ALL.iter().zip(drops.iter()) {
+                if *n != 0 && stat.is_drop() {
+                    f.drops.insert(stat.name().to_owned(), *n);
+                }
+            }
+        }
+        if let Ok(ct) = self.ct_containers.get(&c.id, 0) {
+            f.conntrack_entries = ct.entries;
+            f.conntrack_over_share = ct.over_share;
+            f.masquerade_exhausted = ct.snat_exhausted;
+        }
+        f
+    }
+
+    /// Conntrack entries by table, protocol and state, and masquerade
+    /// ports in use by destination, as counted in the background within the
+    /// last second or so (like [`Self::conntrack_entries`]).
+    pub fn conntrack_figures(&self, timeouts: &Timeouts) -> Arc<ConntrackFigures> {
+        self.count.figures(timeouts)
+    }
+
+    /// The kernel's statistics of the programs with ids `programs` (id,
+    /// name, where attached): run time and count.
+    pub fn program_figures(&self, programs: &[(u32, String, String)]) -> Vec<ProgramFigure> {
+        let mut out = Vec::new();
+        for info in aya::programs::loaded_programs().flatten() {
+            if let Some((_, name, at)) = programs.iter().find(|(id, ..)| *id == info.id()) {
+                out.push(ProgramFigure {
+                    program: name.clone(),
+                    attachment: at.clone(),
+                    run_time_ns: u64::try_from(info.run_time().as_nanos()).unwrap_or(u64::MAX),
+                    run_count: info.run_count(),
+                });
+            }
+        }
+        out.sort_by(|a, b| (&a.program, &a.attachment).cmp(&(&b.program, &b.attachment)));
+        out
     }
 
     /// The datapath's counters by name, summed over CPUs.

@@ -6,6 +6,7 @@
 //! depending on each other.
 
 pub mod dual;
+pub mod figures;
 pub mod flow;
 pub mod identity;
 pub mod limits;
@@ -15,6 +16,7 @@ pub mod names;
 pub mod ports;
 
 pub use dual::{DualPool, GATEWAY6};
+pub use figures::Figures;
 pub use flow::{Flow, FlowEndpoint};
 pub use limits::{DirectionCounters, Limit, RateCounters, RateLimits};
 pub use ports::{PortMapping, Protocol};

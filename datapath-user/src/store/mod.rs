@@ -62,6 +62,8 @@ use std::{
     sync::Arc,
 };
 
+use datapath_common::monitor::{CONTAINER_SLOTS, slot};
+
 use imbl::OrdMap;
 use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
@@ -392,9 +394,26 @@ impl State {
     pub fn take_id(&mut self) -> u32 {
         // Id 0 is never used: conntrack entries of no container carry it.
         self.next_id = self.next_id.max(1);
-        let id = self.next_id;
-        self.next_id += 1;
-        id
+        // The kernel counts each container in slot `id % CONTAINER_SLOTS`
+        // of its per-container counters: an id whose slot a live container
+        // holds is skipped (ids are never reused either way). Live ids are
+        // below `next_id`, so those sharing a slot with `id` are
+        // `id - k * CONTAINER_SLOTS`.
+        let full = self.ids.len() >= CONTAINER_SLOTS as usize;
+        loop {
+            let id = self.next_id;
+            self.next_id += 1;
+            let mut other = id;
+            let mut busy = false;
+            while !full && other >= CONTAINER_SLOTS && !busy {
+                other -= CONTAINER_SLOTS;
+                busy = self.ids.contains_key(&other);
+            }
+            if !busy {
+                debug_assert!(full || self.ids.keys().all(|&i| slot(i) != slot(id)));
+                return id;
+            }
+        }
     }
 
     /// Applies one change, checking it first; on error nothing is changed

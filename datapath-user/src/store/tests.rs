@@ -379,6 +379,29 @@ fn a_truncated_snapshot_is_reported_not_discarded() {
 }
 
 #[test]
+fn a_new_id_never_shares_a_live_containers_counter_slot() {
+    use datapath_common::monitor::{CONTAINER_SLOTS, slot};
+    let mut st = State::default();
+    let first = st.take_id();
+    st.apply(&Change::Put(Box::new(container(
+        "a",
+        first,
+        Ipv4Addr::new(198, 19, 0, 2),
+        &[],
+    ))))
+    .expect("put");
+    st.next_id = first + CONTAINER_SLOTS;
+    let id = st.take_id();
+    assert_eq!(id, first + CONTAINER_SLOTS + 1, "the busy slot is skipped");
+    assert_ne!(slot(id), slot(first));
+    // Once the container is gone its slot is free again.
+    st.apply(&Change::Remove { name: "a".into() })
+        .expect("remove");
+    st.next_id = first + 2 * CONTAINER_SLOTS;
+    assert_eq!(st.take_id(), first + 2 * CONTAINER_SLOTS);
+}
+
+#[test]
 fn the_pool_and_masquerade_ports_are_recorded_across_restarts() {
     let dir = TempDir::new("ranges");
     let pool: Ipv4Net = "198.19.0.0/24".parse().expect("valid");

@@ -24,17 +24,25 @@ pub enum Mode {
     /// This datapath with its uplink hook in native XDP (`--xdp-mode
     /// native`; the client's TX checksum offload is off, see FACTS).
     DatapathXdp,
+    /// [`Mode::DatapathTc`] with its metrics scraped every second (the
+    /// kernel's program statistics on): what observing costs.
+    DatapathTcMetrics,
+    /// [`Mode::DatapathTc`] with a `datapath monitor` of drops and flows
+    /// running: what the monitor costs.
+    DatapathTcMonitor,
 }
 
 impl Mode {
     /// Every mode, in report order.
-    pub const ALL: [Mode; 6] = [
+    pub const ALL: [Mode; 8] = [
         Mode::Route,
         Mode::Iptables,
         Mode::IptablesNft,
         Mode::NftablesMap,
         Mode::DatapathTc,
         Mode::DatapathXdp,
+        Mode::DatapathTcMetrics,
+        Mode::DatapathTcMonitor,
     ];
 
     /// The modes the targets speak of as "ours".
@@ -49,6 +57,8 @@ impl Mode {
             Mode::NftablesMap => "nftables-map",
             Mode::DatapathTc => "datapath-tc",
             Mode::DatapathXdp => "datapath-xdp",
+            Mode::DatapathTcMetrics => "datapath-tc-metrics",
+            Mode::DatapathTcMonitor => "datapath-tc-monitor",
         }
     }
 
@@ -64,7 +74,13 @@ impl Mode {
 
     /// Whether the mode is this datapath (an agent runs in the node).
     pub fn is_datapath(self) -> bool {
-        matches!(self, Mode::DatapathTc | Mode::DatapathXdp)
+        matches!(
+            self,
+            Mode::DatapathTc
+                | Mode::DatapathXdp
+                | Mode::DatapathTcMetrics
+                | Mode::DatapathTcMonitor
+        )
     }
 }
 

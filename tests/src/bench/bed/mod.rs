@@ -159,9 +159,10 @@ struct Servers {
 
 /// A mode's node, container, servers and backend.
 pub struct Bed<'n> {
-    // Fields drop in order: servers, then the backend (the agent), then
-    // the container namespace.
+    // Fields drop in order: servers, the observer, then the backend (the
+    // agent), then the container namespace.
     _servers: Servers,
+    _observer: Option<Observer>,
     backend: Box<dyn Backend + 'n>,
     api: Option<Api>,
     mode: Mode,
@@ -180,6 +181,64 @@ impl std::fmt::Debug for Bed<'_> {
             .field("ctr_addr", &self.ctr_addr)
             .field("backend", &self.backend.describe())
             .finish_non_exhaustive()
+    }
+}
+
+/// What watches the agent of an observed mode while it is measured: a
+/// thread scraping its metrics every second, or a `datapath monitor`.
+struct Observer {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    child: Option<std::process::Child>,
+}
+
+impl Observer {
+    /// Scrapes the metrics on API socket `socket` every second.
+    fn scraper(socket: &std::path::Path) -> Self {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (flag, socket) = (std::sync::Arc::clone(&stop), socket.to_owned());
+        let thread = std::thread::spawn(move || {
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Err(e) = crate::agent::metrics_at(&socket) {
+                    eprintln!("scraping the metrics: {e}");
+                }
+                std::thread::sleep(std::time::Duration::from_secs(1));
+            }
+        });
+        Self {
+            stop,
+            thread: Some(thread),
+            child: None,
+        }
+    }
+
+    /// Runs `datapath monitor` (drops and flows) against API socket
+    /// `socket`, in `node`'s namespace, its output discarded.
+    fn monitor(node: &Node, socket: &std::path::Path) -> Self {
+        let mut cmd = std::process::Command::new(crate::agent::datapath_bin());
+        cmd.arg("--api-socket")
+            .arg(socket)
+            .args(["monitor", "--json"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        Self {
+            stop: std::sync::Arc::default(),
+            thread: None,
+            child: Some(node.node.spawn(&mut cmd)),
+        }
+    }
+}
+
+impl Drop for Observer {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
     }
 }
 
@@ -204,6 +263,7 @@ impl<'n> Bed<'n> {
             ns.exec_ok("sysctl", ["-qw", "net.ipv4.ip_local_port_range=1024 65535"]);
         }
         let mut api = None;
+        let mut observer = None;
         let (backend, ctr_addr): (Box<dyn Backend + 'n>, Ipv4Addr) = if mode.is_datapath() {
             let xdp = if mode == Mode::DatapathXdp {
                 "native"
@@ -214,6 +274,11 @@ impl<'n> Bed<'n> {
                 .pool(&pool)
                 .args(["--xdp-mode", xdp])
                 .start();
+            observer = match mode {
+                Mode::DatapathTcMetrics => Some(Observer::scraper(agent.socket())),
+                Mode::DatapathTcMonitor => Some(Observer::monitor(node, agent.socket())),
+                _ => None,
+            };
             let backend = datapath::AgentBackend::new(
                 agent,
                 node.add_container_netns("fill"),
@@ -261,7 +326,10 @@ impl<'n> Bed<'n> {
                 Mode::NftablesMap => {
                     Box::new(netfilter::NftMap::new(node, &pool, addr, filler_addr)?)
                 }
-                Mode::DatapathTc | Mode::DatapathXdp => unreachable!("handled above"),
+                Mode::DatapathTc
+                | Mode::DatapathXdp
+                | Mode::DatapathTcMetrics
+                | Mode::DatapathTcMonitor => unreachable!("handled above"),
             };
             (backend, addr)
         };
@@ -274,6 +342,7 @@ impl<'n> Bed<'n> {
         };
         Ok(Self {
             _servers: servers,
+            _observer: observer,
             backend,
             api,
             mode,
