@@ -9,7 +9,7 @@ use std::{io::Write as _, net::Ipv4Addr, path::PathBuf, time::Duration};
 use anyhow::Context as _;
 use clap::{Args, CommandFactory as _, Parser, Subcommand};
 use datapath_common::ct::Timeouts;
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 
 use crate::{
     agent::{self, AgentConfig, SocketCgroup, XdpMode},
@@ -103,6 +103,13 @@ pub struct AgentArgs {
     /// --cluster-cidr.
     #[arg(long)]
     pub pool: Option<Ipv4Net>,
+    /// The containers' IPv6 pool (dual stack): each container also gets
+    /// the address at its IPv4 address's offset in this prefix, and a
+    /// default route via the link-local fe80::1 of its veth's host end.
+    /// Needs at least as many host bits as --pool (a /64 for any IPv4
+    /// pool). Without it the node is IPv4-only.
+    #[arg(long)]
+    pub pool6: Option<Ipv6Net>,
     /// Cluster mode: the etcd (v3) store the nodes share, e.g.
     /// http://198.18.0.1:2379 (several: comma-separated).
     #[arg(long, value_delimiter = ',')]
@@ -429,6 +436,7 @@ impl AgentArgs {
                     Ipv4Net::new(Ipv4Addr::new(10, 88, 0, 0), 16).unwrap_or_default()
                 })
                 .trunc(),
+            pool6: self.pool6.map(|p| p.trunc()),
             xdp_mode: self.xdp_mode,
             bpffs_dir: self.bpffs_dir.clone(),
             state_dir: self.state_dir.clone(),
@@ -492,6 +500,14 @@ pub async fn run_agent(args: &AgentArgs, socket: PathBuf) -> anyhow::Result<()> 
     }
     // Every key may stand in one configuration file (`--check-config`
     // shows them all), but an agent starts in one mode.
+    if let Some(pool6) = args.pool6
+        && !args.cluster_store.is_empty()
+    {
+        anyhow::bail!(
+            "--pool6 {pool6} is not for cluster mode (--cluster-store) yet: every node would \
+             derive the same IPv6 addresses"
+        );
+    }
     if args.pool.is_some() && !args.cluster_store.is_empty() {
         anyhow::bail!(
             "--pool is not for cluster mode (--cluster-store): the pool is the node CIDR \

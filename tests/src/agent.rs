@@ -701,6 +701,8 @@ pub struct ContainerInfo {
     pub id: u32,
     /// Its address.
     pub addr: Ipv4Addr,
+    /// Its IPv6 address, on a dual-stack node (`--pool6`).
+    pub addr6: Option<std::net::Ipv6Addr>,
     /// The host end of its veth pair.
     pub host_ifname: String,
     /// The whole listing entry.
@@ -725,6 +727,10 @@ impl ContainerInfo {
             addr: field("addr")
                 .parse()
                 .unwrap_or_else(|e| panic!("bad addr in {json:#}: {e}")),
+            addr6: json["addr6"].as_str().map(|a| {
+                a.parse()
+                    .unwrap_or_else(|e| panic!("bad addr6 in {json:#}: {e}"))
+            }),
             host_ifname: field("host_ifname"),
             json,
         }

@@ -18,7 +18,7 @@
 //! ```
 
 use std::{
-    net::{Ipv4Addr, SocketAddr},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
     path::PathBuf,
     process::Command,
 };
@@ -29,6 +29,11 @@ use crate::{names, netns::Netns};
 pub const UPLINK: &str = "up0";
 /// The client's interface name.
 pub const CLIENT_IF: &str = "eth0";
+/// The client's IPv6 address after [`Node::enable_ipv6`].
+pub const CLIENT_ADDR6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1);
+/// The node's IPv6 address after [`Node::enable_ipv6`].
+pub const NODE_ADDR6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 2);
+
 /// The bridge of a switch namespace ([`NodeBuilder::switch`]).
 pub const SWITCH_BRIDGE: &str = "br0";
 
@@ -222,6 +227,29 @@ impl Node {
                 "via",
                 &self.client_addr.to_string(),
             ],
+        );
+    }
+
+    /// Gives the link IPv6 addresses too: the client [`CLIENT_ADDR6`], the
+    /// node [`NODE_ADDR6`] (a /64 of 2001:db8::/32, usable at once: no
+    /// duplicate address detection). Call it before starting the agent,
+    /// which reads the uplink's addresses at start.
+    pub fn enable_ipv6(&self) {
+        for (ns, ifname, addr) in [
+            (&self.client, CLIENT_IF, CLIENT_ADDR6),
+            (&self.node, UPLINK, NODE_ADDR6),
+        ] {
+            let a = format!("{addr}/64");
+            ns.exec_ok("ip", ["-6", "addr", "add", &a, "dev", ifname, "nodad"]);
+        }
+    }
+
+    /// Routes IPv6 `cidr` (a container pool) from the client through the
+    /// node.
+    pub fn route6_from_client_via_node(&self, cidr: &str) {
+        self.client.exec_ok(
+            "ip",
+            ["-6", "route", "add", cidr, "via", &NODE_ADDR6.to_string()],
         );
     }
 

@@ -1042,3 +1042,64 @@ fn on_cluster_nodes_the_plugin_hands_out_node_cidr_addresses_that_reach_across_n
         b.1
     );
 }
+
+#[test]
+fn a_dual_stack_agent_returns_both_families_and_check_verifies_both() {
+    let node = Node::new();
+    let agent = Agent::builder(&node)
+        .args(["--pool6", "fd00:db8:77::/64"])
+        .start();
+    let plugin = Plugin::new(&agent, "dpnet", "1.1.0");
+    let (ctr, id) = attachment(&node, "dual");
+    let mut conf = plugin.with_runtime(json!({}));
+    conf["ipam"] = json!({"type": "host-local",
+        "ranges": [[{"subnet": agent.pool()}], [{"subnet": "fd00:db8:77::/64"}]],
+        "routes": [{"dst": "0.0.0.0/0"}, {"dst": "::/0"}]});
+    let result = plugin.add(&id, &ctr, &conf);
+    let info = &agent.containers()[0];
+    let addr6 = info.addr6.expect("an IPv6 address");
+    let ips = result["ips"].as_array().expect("ips");
+    assert_eq!(ips.len(), 2, "{result:#}");
+    assert_eq!(ips[0]["address"], format!("{}/32", info.addr), "{result:#}");
+    assert_eq!(ips[1]["address"], format!("{addr6}/128"), "{result:#}");
+    assert_eq!(ips[1]["gateway"], "fe80::1", "{result:#}");
+    assert_eq!(ips[1]["interface"], 1, "{result:#}");
+    assert!(
+        result["routes"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|r| r["dst"] == "::/0" && r["gw"] == "fe80::1"),
+        "{result:#}"
+    );
+    let with_prev = Plugin::with_prev(&conf, &result);
+    assert_eq!(plugin.exec("CHECK", &id, Some(&ctr), &with_prev).ok(), "");
+
+    // Another IPv6 address in the previous result.
+    let mut wrong = result.clone();
+    wrong["ips"][1]["address"] = json!("fd00:db8:77::99/128");
+    plugin
+        .exec("CHECK", &id, Some(&ctr), &Plugin::with_prev(&conf, &wrong))
+        .err_saying(999, "the agent gave it");
+
+    // The IPv6 default route removed inside the container.
+    ctr.exec_ok("ip", ["-6", "route", "del", "default"]);
+    plugin
+        .exec("CHECK", &id, Some(&ctr), &with_prev)
+        .err_saying(999, "IPv6 default route");
+
+    // The IPv6 address removed.
+    let a = format!("{addr6}/128");
+    ctr.exec_ok("ip", ["-6", "addr", "del", &a, "dev", "eth0"]);
+    plugin
+        .exec("CHECK", &id, Some(&ctr), &with_prev)
+        .err_saying(999, "lacks its IPv6 address");
+
+    // An IPv6 range the agent does not have.
+    let mut other = plugin.with_runtime(json!({}));
+    other["ipam"] = json!({"ranges": [[{"subnet": "fd00:db8:78::/64"}]]});
+    let (ctr2, id2) = attachment(&node, "dual2");
+    plugin
+        .exec("ADD", &id2, Some(&ctr2), &other)
+        .err_saying(7, "fd00:db8:77::/64");
+}

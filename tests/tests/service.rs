@@ -153,6 +153,7 @@ fn every_key(dir: &Path) -> Vec<(&'static str, String)> {
         ("uplink", "\"up9\"".into()),
         ("node-ip", "\"198.18.7.2\"".into()),
         ("pool", "\"10.99.0.0/20\"".into()),
+        ("pool6", "\"fd00:99::/64\"".into()),
         ("xdp-mode", "\"off\"".into()),
         (
             "bpffs-dir",

@@ -64,7 +64,12 @@ pub struct Lifecycle<'a> {
 impl Lifecycle<'_> {
     /// How the API shows container `c`.
     pub fn info(&self, c: &Container) -> ContainerInfo {
-        super::status::container_info(c, self.node.cfg.gateway(), self.reader)
+        super::status::container_info(
+            c,
+            self.node.cfg.gateway(),
+            self.node.cfg.dual(),
+            self.reader,
+        )
     }
 
     /// Creates a container's network: veth pair, address, routes, maps,
@@ -247,6 +252,7 @@ impl Lifecycle<'_> {
                 ifname: c.ifname.clone(),
                 addr: c.addr,
                 gateway: self.node.cfg.gateway(),
+                addr6: self.node.cfg.addr6(c.addr),
                 mtu: c.mtu.or_else(|| self.node.container_mtu()),
                 gro: self.node.gro(),
             })

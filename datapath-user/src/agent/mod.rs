@@ -39,13 +39,13 @@ pub mod uplink;
 
 use std::{
     collections::{BTreeMap, HashSet},
-    net::Ipv4Addr,
+    net::{Ipv4Addr, Ipv6Addr},
     path::{Path, PathBuf},
     sync::Arc,
 };
 
 use datapath_common::ct::Timeouts;
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 use tokio::sync::{oneshot, watch};
 
 use self::{
@@ -56,6 +56,7 @@ pub use self::{handle::Handle, reconcile::cleanup};
 use crate::{
     api::server::Failure,
     datapath::{BpfError, Datapath, Flows, LoadOptions, RateTarget, Reader, UplinkHook},
+    model::DualPool,
     net::link::Netlink,
     store::{self, Container, StateError, StateLock, Store, gateway_of},
 };
@@ -86,6 +87,9 @@ pub struct AgentConfig {
     pub node_ip: Option<Ipv4Addr>,
     /// The container pool.
     pub pool: Ipv4Net,
+    /// The containers' IPv6 pool (`--pool6`): each container's IPv6
+    /// address is its IPv4 address's offset in it ([`DualPool`]).
+    pub pool6: Option<Ipv6Net>,
     /// Uplink hook choice.
     pub xdp_mode: XdpMode,
     /// bpffs directory for pins.
@@ -144,6 +148,18 @@ impl AgentConfig {
         gateway_of(self.pool)
     }
 
+    /// Both pools, when the node is dual-stack (`--pool6`) and they fit
+    /// together ([`AgentConfig::validate`] says why not).
+    pub fn dual(&self) -> Option<DualPool> {
+        DualPool::new(self.pool, self.pool6?).ok()
+    }
+
+    /// The IPv6 address of the container with IPv4 address `addr`, on a
+    /// dual-stack node.
+    pub fn addr6(&self, addr: Ipv4Addr) -> Option<Ipv6Addr> {
+        self.dual()?.addr6(addr)
+    }
+
     /// Checks what the flags' parsers cannot: a pool with room for the
     /// gateway and a container, a valid uplink name, absolute directories,
     /// at most [`MAX_NON_MASQUERADE`] CIDRs.
@@ -179,6 +195,9 @@ impl AgentConfig {
                 "--non-masquerade-cidr: at most {MAX_NON_MASQUERADE} CIDRs, {} given",
                 self.non_masquerade.len()
             ));
+        }
+        if let Some(pool6) = self.pool6 {
+            DualPool::new(self.pool, pool6)?;
         }
         Ok(())
     }

@@ -141,6 +141,7 @@ mod tests {
             uplink: None,
             node_ip: None,
             pool: pool.parse().expect("a pool"),
+            pool6: None,
             xdp_mode: XdpMode::Off,
             bpffs_dir: PathBuf::from("/x"),
             state_dir: PathBuf::from("/y"),

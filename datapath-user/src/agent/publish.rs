@@ -198,7 +198,12 @@ pub struct Ports<'a> {
 
 impl Ports<'_> {
     fn info(&self, c: &Container) -> ContainerInfo {
-        super::status::container_info(c, self.node.cfg.gateway(), self.reader)
+        super::status::container_info(
+            c,
+            self.node.cfg.gateway(),
+            self.node.cfg.dual(),
+            self.reader,
+        )
     }
 
     /// Whether container `name` publishes exactly `m` already.

@@ -3,7 +3,11 @@
 //! change; the live parts (counters, flows) are read through the
 //! [`Reader`] when asked for.
 
-use std::{collections::BTreeMap, net::Ipv4Addr, path::PathBuf};
+use std::{
+    collections::BTreeMap,
+    net::{Ipv4Addr, Ipv6Addr},
+    path::PathBuf,
+};
 
 use datapath_common::{ct::Timeouts, names};
 use ipnet::Ipv4Net;
@@ -15,7 +19,7 @@ use crate::{
         Attachment, COUNT_PASS_BUDGET, ContainerRef, Datapath, Reader, conntrack,
         pins::{self, MapLayout},
     },
-    model::Figures,
+    model::{DualPool, Figures, GATEWAY6},
     store::{Container, State, Store},
 };
 
@@ -25,6 +29,7 @@ pub struct Snapshot {
     bpffs_dir: PathBuf,
     state_dir: PathBuf,
     pool: Ipv4Net,
+    dual: Option<DualPool>,
     gateway: Ipv4Addr,
     ct_max: u32,
     timeouts: Timeouts,
@@ -60,6 +65,7 @@ impl Snapshot {
             bpffs_dir: cfg.bpffs_dir.clone(),
             state_dir: cfg.state_dir.clone(),
             pool: cfg.pool,
+            dual: cfg.dual(),
             gateway: cfg.gateway(),
             ct_max: crate::datapath::ct_max(cfg.ct_max),
             timeouts: cfg.timeouts,
@@ -125,7 +131,7 @@ impl Snapshot {
     fn listed(&self, c: &Container, reader: &Reader) -> ContainerInfo {
         ContainerInfo {
             degraded: self.degraded.get(&c.name).cloned(),
-            ..container_info(c, self.gateway, reader)
+            ..container_info(c, self.gateway, self.dual, reader)
         }
     }
 
@@ -168,6 +174,7 @@ impl Snapshot {
             bpffs_dir: self.bpffs_dir.clone(),
             state_dir: self.state_dir.clone(),
             pool: self.pool.to_string(),
+            pool6: self.dual.map(|d| d.pool6.to_string()),
             gateway: self.gateway,
             uplink: self.uplink.clone(),
             attachments: self.attachments.values().map(attachment_info).collect(),
@@ -255,12 +262,20 @@ pub type FlowSender = tokio::sync::mpsc::Sender<Result<Vec<Flow>, String>>;
 const FLOW_BATCH: usize = 256;
 
 /// A container as the API shows it, with its rate limiter's counters.
-pub fn container_info(c: &Container, gateway: Ipv4Addr, reader: &Reader) -> ContainerInfo {
+pub fn container_info(
+    c: &Container,
+    gateway: Ipv4Addr,
+    dual: Option<DualPool>,
+    reader: &Reader,
+) -> ContainerInfo {
+    let addr6: Option<Ipv6Addr> = dual.and_then(|d| d.addr6(c.addr));
     ContainerInfo {
         name: c.name.clone(),
         id: c.id,
         addr: c.addr,
         gateway,
+        addr6,
+        gateway6: addr6.map(|_| GATEWAY6),
         netns: c.netns.clone(),
         ifname: c.ifname.clone(),
         host_ifname: c.host_ifname.clone(),

@@ -14,7 +14,7 @@ use super::{AgentConfig, SocketCgroup, XdpMode, cluster::OVERLAY_IF};
 use crate::{
     api::UplinkInfo,
     datapath::{self, Datapath, Flows, UplinkHook},
-    net::link::{Netlink, enable_ip_forward},
+    net::link::{Netlink, enable_ip_forward, enable_ipv6_forward},
 };
 
 /// The uplink as configured at start.
@@ -151,6 +151,9 @@ pub async fn setup(
     dp.set_node_addrs(&node_addrs, ifindex)?;
     dp.set_config(config)?;
     enable_ip_forward().context("enable IPv4 forwarding")?;
+    if cfg.pool6.is_some() {
+        enable_ipv6_forward().context("enable IPv6 forwarding")?;
+    }
     dp.attach_uplink(&ifname, hook)?;
     if cfg.cluster.is_some() {
         dp.attach_overlay(OVERLAY_IF)?;

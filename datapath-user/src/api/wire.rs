@@ -3,7 +3,11 @@
 //! server, the client and the CNI plugin share them without depending on
 //! the agent.
 
-use std::{collections::BTreeMap, net::Ipv4Addr, path::PathBuf};
+use std::{
+    collections::BTreeMap,
+    net::{Ipv4Addr, Ipv6Addr},
+    path::PathBuf,
+};
 
 use serde::{Deserialize, Serialize};
 
@@ -145,6 +149,13 @@ pub struct ContainerInfo {
     pub addr: Ipv4Addr,
     /// Gateway (host-side veth address).
     pub gateway: Ipv4Addr,
+    /// The IPv6 address, on a dual-stack node (`--pool6`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub addr6: Option<Ipv6Addr>,
+    /// The IPv6 gateway (link-local, on the host-side veth), on a
+    /// dual-stack node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway6: Option<Ipv6Addr>,
     /// Network namespace path.
     pub netns: PathBuf,
     /// Interface inside the container.
@@ -248,6 +259,9 @@ pub struct Status {
     pub state_dir: PathBuf,
     /// Container pool.
     pub pool: String,
+    /// The containers' IPv6 pool, on a dual-stack node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool6: Option<String>,
     /// Containers' gateway.
     pub gateway: Ipv4Addr,
     /// The uplink, if one is configured.

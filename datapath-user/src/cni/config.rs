@@ -20,17 +20,17 @@
 
 use std::{
     collections::BTreeSet,
-    net::{IpAddr, Ipv4Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     path::PathBuf,
 };
 
-use ipnet::{IpNet, Ipv4Net};
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use serde::Deserialize;
 
 use super::types::{CniError, Dns, Success};
 use crate::{
     api::DEFAULT_SOCKET,
-    model::{PortMapping, Protocol, mtu::validate_mtu},
+    model::{GATEWAY6, PortMapping, Protocol, mtu::validate_mtu},
 };
 
 /// The placeholder for the container id in the `cgroup` template.
@@ -446,11 +446,17 @@ impl NetConf {
             })
     }
 
-    /// Checks the `ipam` section against the agent's pool and gateway: the
-    /// agent allocates every address, so the section may only restate its
-    /// pool (one IPv4 range whose subnet is the pool, the pool's gateway,
-    /// the default route).
-    pub fn check_ipam(&self, pool: Ipv4Net, gateway: Ipv4Addr) -> Result<(), CniError> {
+    /// Checks the `ipam` section against the agent's pools and gateways:
+    /// the agent allocates every address, so the section may only restate
+    /// them (one IPv4 range whose subnet is the pool, the pool's gateway;
+    /// on a dual-stack agent, `pool6`, also one IPv6 range whose subnet is
+    /// the IPv6 pool; the default routes).
+    pub fn check_ipam(
+        &self,
+        pool: Ipv4Net,
+        gateway: Ipv4Addr,
+        pool6: Option<Ipv6Net>,
+    ) -> Result<(), CniError> {
         let Some(ipam) = &self.ipam else {
             return Ok(());
         };
@@ -481,31 +487,38 @@ impl NetConf {
                 ranges.push((format!("ipam.ranges[{i}][{j}]"), r.clone()));
             }
         }
-        if ranges.len() > 1 {
-            return Err(CniError::unsupported(
-                "ipam.ranges",
-                format!("{} ranges", ranges.len()),
-                "give one IPv4 range: the agent assigns one address per attachment from its pool",
-            ));
-        }
-        if let Some((key, r)) = ranges.first() {
+        let (mut v4, mut v6) = (0, 0);
+        for (key, r) in &ranges {
             let subnet: IpNet = r.subnet.parse().map_err(|_| {
                 CniError::config(format!(
                     "{key}.subnet = {:?}: not a subnet in CIDR notation",
                     r.subnet
                 ))
             })?;
-            let IpNet::V4(subnet) = subnet else {
-                return Err(CniError::unsupported(
-                    &format!("{key}.subnet"),
-                    subnet,
-                    "the datapath assigns IPv4 addresses only",
-                ));
-            };
-            if subnet.trunc() != pool {
-                return Err(CniError::config(format!(
-                    "{key}.subnet = {subnet} differs from the agent's pool {pool}: make it {pool} (the agent allocates every address) or start the agent with --pool {subnet}"
-                )));
+            match subnet {
+                IpNet::V4(subnet) => {
+                    v4 += 1;
+                    if subnet.trunc() != pool {
+                        return Err(CniError::config(format!(
+                            "{key}.subnet = {subnet} differs from the agent's pool {pool}: make it {pool} (the agent allocates every address) or start the agent with --pool {subnet}"
+                        )));
+                    }
+                }
+                IpNet::V6(subnet) => {
+                    v6 += 1;
+                    let Some(pool6) = pool6 else {
+                        return Err(CniError::unsupported(
+                            &format!("{key}.subnet"),
+                            subnet,
+                            "the datapath agent is IPv4-only: start it with --pool6 for IPv6 addresses",
+                        ));
+                    };
+                    if subnet.trunc() != pool6 {
+                        return Err(CniError::config(format!(
+                            "{key}.subnet = {subnet} differs from the agent's IPv6 pool {pool6}: make it {pool6} (the agent allocates every address) or start the agent with --pool6 {subnet}"
+                        )));
+                    }
+                }
             }
             for (field, value) in [("rangeStart", &r.range_start), ("rangeEnd", &r.range_end)] {
                 if let Some(v) = value {
@@ -516,26 +529,54 @@ impl NetConf {
                     ));
                 }
             }
-            if let Some(gw) = &r.gateway
-                && gw.parse::<Ipv4Addr>().ok() != Some(gateway)
-            {
-                return Err(CniError::config(format!(
-                    "{key}.gateway = {gw:?}: the agent's gateway is {gateway}"
-                )));
+            if let Some(gw) = &r.gateway {
+                let ok = match subnet {
+                    IpNet::V4(_) => gw.parse::<Ipv4Addr>().ok() == Some(gateway),
+                    IpNet::V6(_) => gw.parse::<Ipv6Addr>().ok() == Some(GATEWAY6),
+                };
+                if !ok {
+                    let theirs = match subnet {
+                        IpNet::V4(_) => gateway.to_string(),
+                        IpNet::V6(_) => GATEWAY6.to_string(),
+                    };
+                    return Err(CniError::config(format!(
+                        "{key}.gateway = {gw:?}: the agent's gateway is {theirs}"
+                    )));
+                }
             }
+        }
+        if v4 > 1 || v6 > 1 {
+            return Err(CniError::unsupported(
+                "ipam.ranges",
+                format!("{} ranges", ranges.len()),
+                "give one IPv4 range (and, on a dual-stack agent, one IPv6 range): the agent assigns one address per family and attachment from its pools",
+            ));
         }
         for (i, route) in ipam.routes.iter().enumerate() {
             let dst: Option<IpNet> = route.dst.parse().ok();
-            let default = dst == Some(IpNet::V4(Ipv4Net::default()));
-            let gw_ok = route
-                .gw
-                .as_deref()
-                .is_none_or(|g| g.parse::<Ipv4Addr>().ok() == Some(gateway));
-            if !default || !gw_ok {
+            let ok = match dst {
+                Some(IpNet::V4(d)) => {
+                    d == Ipv4Net::default()
+                        && route
+                            .gw
+                            .as_deref()
+                            .is_none_or(|g| g.parse::<Ipv4Addr>().ok() == Some(gateway))
+                }
+                Some(IpNet::V6(d)) => {
+                    pool6.is_some()
+                        && d == Ipv6Net::default()
+                        && route
+                            .gw
+                            .as_deref()
+                            .is_none_or(|g| g.parse::<Ipv6Addr>().ok() == Some(GATEWAY6))
+                }
+                None => false,
+            };
+            if !ok {
                 return Err(CniError::unsupported(
                     &format!("ipam.routes[{i}]"),
                     format!("{{dst: {:?}, gw: {:?}}}", route.dst, route.gw),
-                    "containers get exactly one route, the default route via the agent's gateway",
+                    "containers get exactly one route per family, the default route via the agent's gateway",
                 ));
             }
         }
@@ -855,9 +896,36 @@ mod tests {
                    "routes": [{"dst": "0.0.0.0/0", "gw": "198.19.0.1"}]}),
         ] {
             let c = conf(with(base(), "ipam", ipam.clone())).expect("decodes");
-            c.check_ipam(pool(), gw())
+            c.check_ipam(pool(), gw(), None)
                 .unwrap_or_else(|e| panic!("{ipam}: {e}"));
         }
+    }
+
+    #[test]
+    fn a_dual_stack_agent_takes_one_range_per_family() {
+        let pool6: Ipv6Net = "fd00:db8:19::/64".parse().expect("a prefix");
+        let both = json!({"type": "host-local",
+            "ranges": [[{"subnet": POOL}], [{"subnet": "fd00:db8:19::/64", "gateway": "fe80::1"}]],
+            "routes": [{"dst": "0.0.0.0/0"}, {"dst": "::/0", "gw": "fe80::1"}]});
+        let c = conf(with(base(), "ipam", both)).expect("decodes");
+        c.check_ipam(pool(), gw(), Some(pool6))
+            .expect("both pools restated");
+        let e = c
+            .check_ipam(pool(), gw(), None)
+            .expect_err("an IPv4-only agent");
+        assert!(e.to_string().contains("--pool6"), "{e}");
+        let other = json!({"ranges": [[{"subnet": POOL}], [{"subnet": "fd00:db8:20::/64"}]]});
+        let e = conf(with(base(), "ipam", other))
+            .expect("decodes")
+            .check_ipam(pool(), gw(), Some(pool6))
+            .expect_err("another IPv6 pool");
+        assert!(e.to_string().contains("IPv6 pool fd00:db8:19::/64"), "{e}");
+        let two =
+            json!({"ranges": [[{"subnet": "fd00:db8:19::/64"}], [{"subnet": "fd00:db8:19::/64"}]]});
+        conf(with(base(), "ipam", two))
+            .expect("decodes")
+            .check_ipam(pool(), gw(), Some(pool6))
+            .expect_err("two IPv6 ranges");
     }
 
     #[test]
@@ -916,7 +984,7 @@ mod tests {
         ];
         for (ipam, want, text) in cases {
             let c = conf(with(base(), "ipam", ipam.clone())).expect("decodes");
-            let e = c.check_ipam(pool(), gw()).expect_err("refused");
+            let e = c.check_ipam(pool(), gw(), None).expect_err("refused");
             assert_eq!(e.code, want, "{ipam}: {e}");
             assert!(e.details.contains(text), "{ipam}: {e}");
         }

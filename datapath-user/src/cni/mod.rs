@@ -52,12 +52,12 @@ pub mod types;
 use std::{
     collections::BTreeSet,
     future::Future,
-    net::Ipv4Addr,
+    net::IpAddr,
     path::{Path, PathBuf},
     time::Duration,
 };
 
-use ipnet::Ipv4Net;
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
 use self::{
     config::NetConf,
@@ -427,7 +427,16 @@ impl<'c> Plugin<'c> {
         let name = request.name.clone();
         let prev = self.conf.prev_result()?;
         let (status, pool) = self.agent_status().await?;
-        self.conf.check_ipam(pool, status.gateway)?;
+        let pool6 = match &status.pool6 {
+            Some(p) => Some(p.parse::<Ipv6Net>().map_err(|e| {
+                CniError::failed(
+                    "the datapath agent reported an invalid IPv6 pool",
+                    format!("{p:?}: {e}"),
+                )
+            })?),
+            None => None,
+        };
+        self.conf.check_ipam(pool, status.gateway, pool6)?;
         // A retried ADD finds the attachment its first try made: if reading
         // it back fails now, it is not this ADD's to remove.
         let existed = self.container(&name).await?.is_some();
@@ -474,6 +483,30 @@ impl<'c> Plugin<'c> {
         // lacks its MAC address.
         let host = inspect::link(None, &info.host_ifname).await.ok().flatten();
         let gateway = info.gateway.to_string();
+        let mut ips = vec![IpConfig {
+            address: format!("{}/32", info.addr),
+            gateway: Some(gateway.clone()),
+            interface: Some(1),
+            ..IpConfig::default()
+        }];
+        let mut routes = vec![Route {
+            dst: "0.0.0.0/0".to_owned(),
+            gw: Some(gateway),
+            ..Route::default()
+        }];
+        if let (Some(addr6), Some(gateway6)) = (info.addr6, info.gateway6) {
+            ips.push(IpConfig {
+                address: format!("{addr6}/128"),
+                gateway: Some(gateway6.to_string()),
+                interface: Some(1),
+                ..IpConfig::default()
+            });
+            routes.push(Route {
+                dst: "::/0".to_owned(),
+                gw: Some(gateway6.to_string()),
+                ..Route::default()
+            });
+        }
         Ok(Success {
             cni_version: self.conf.cni_version.clone(),
             interfaces: vec![
@@ -491,17 +524,8 @@ impl<'c> Plugin<'c> {
                     ..Interface::default()
                 },
             ],
-            ips: vec![IpConfig {
-                address: format!("{}/32", info.addr),
-                gateway: Some(gateway.clone()),
-                interface: Some(1),
-                ..IpConfig::default()
-            }],
-            routes: vec![Route {
-                dst: "0.0.0.0/0".to_owned(),
-                gw: Some(gateway),
-                ..Route::default()
-            }],
+            ips,
+            routes,
             dns: self.conf.dns.clone().unwrap_or_default(),
         })
     }
@@ -567,23 +591,36 @@ impl<'c> Plugin<'c> {
             })?;
         let want_addr = Ipv4Net::new(info.addr, 32).map_err(|e| broken(e.to_string()))?;
         for ip in prev.ips.iter().filter(|ip| ip.interface == Some(index)) {
-            let addr: Ipv4Net = ip.address.parse().map_err(|_| {
+            let addr: IpNet = ip.address.parse().map_err(|_| {
                 CniError::config(format!(
-                    "prevResult address {:?} is not an IPv4 address in CIDR notation",
+                    "prevResult address {:?} is not an IP address in CIDR notation",
                     ip.address
                 ))
             })?;
-            if addr != want_addr {
+            let (want, want_gw) = match addr {
+                IpNet::V4(_) => (IpNet::V4(want_addr), IpAddr::V4(info.gateway)),
+                IpNet::V6(_) => match (info.addr6, info.gateway6) {
+                    (Some(a), Some(g)) => (
+                        IpNet::V6(Ipv6Net::new(a, 128).map_err(|e| broken(e.to_string()))?),
+                        IpAddr::V6(g),
+                    ),
+                    _ => {
+                        return Err(broken(format!(
+                            "prevResult gives {ifname} the IPv6 address {addr}, the agent gave it none (it is IPv4-only now)"
+                        )));
+                    }
+                },
+            };
+            if addr != want {
                 return Err(broken(format!(
-                    "prevResult gives {ifname} the address {addr}, the agent gave it {want_addr}"
+                    "prevResult gives {ifname} the address {addr}, the agent gave it {want}"
                 )));
             }
             if let Some(gw) = &ip.gateway
-                && gw.parse::<Ipv4Addr>().ok() != Some(info.gateway)
+                && gw.parse::<IpAddr>().ok() != Some(want_gw)
             {
                 return Err(broken(format!(
-                    "prevResult gives the gateway {gw}, the agent's is {}",
-                    info.gateway
+                    "prevResult gives the gateway {gw}, the agent's is {want_gw}"
                 )));
             }
         }
@@ -627,24 +664,44 @@ impl<'c> Plugin<'c> {
                 "{ifname} in {netns} lacks the link route to the gateway {gw_route}"
             )));
         }
+        if let (Some(addr6), Some(gateway6)) = (info.addr6, info.gateway6) {
+            if !link.addrs6.contains(&(addr6, 128)) {
+                return Err(broken(format!(
+                    "{ifname} in {netns} lacks its IPv6 address {addr6}/128 (it has {:?})",
+                    link.addrs6
+                )));
+            }
+            if !link.routes6.contains(&(Ipv6Net::default(), Some(gateway6))) {
+                return Err(broken(format!(
+                    "{ifname} in {netns} lacks the IPv6 default route via {gateway6}"
+                )));
+            }
+        }
         for route in &prev.routes {
-            let dst: Ipv4Net = route.dst.parse().map_err(|_| {
+            let dst: IpNet = route.dst.parse().map_err(|_| {
                 CniError::config(format!(
-                    "prevResult route {:?} is not an IPv4 destination in CIDR notation",
+                    "prevResult route {:?} is not a destination in CIDR notation",
                     route.dst
                 ))
             })?;
             let gw = match &route.gw {
-                Some(g) => Some(g.parse::<Ipv4Addr>().map_err(|_| {
-                    CniError::config(format!("prevResult route gateway {g:?} is not IPv4"))
+                Some(g) => Some(g.parse::<IpAddr>().map_err(|_| {
+                    CniError::config(format!("prevResult route gateway {g:?} is not an address"))
                 })?),
-                None => Some(info.gateway),
+                None => match dst {
+                    IpNet::V4(_) => Some(IpAddr::V4(info.gateway)),
+                    IpNet::V6(_) => info.gateway6.map(IpAddr::V6),
+                },
             };
-            if !link
-                .routes
-                .iter()
-                .any(|r| r.dst == dst.trunc() && r.gateway == gw)
-            {
+            let present = match (dst, gw) {
+                (IpNet::V4(d), Some(IpAddr::V4(g))) => link
+                    .routes
+                    .iter()
+                    .any(|r| r.dst == d.trunc() && r.gateway == Some(g)),
+                (IpNet::V6(d), Some(IpAddr::V6(g))) => link.routes6.contains(&(d.trunc(), Some(g))),
+                _ => false,
+            };
+            if !present {
                 return Err(broken(format!(
                     "{ifname} in {netns} lacks the route to {dst} via {}",
                     gw.map(|g| g.to_string()).unwrap_or_default()
@@ -862,6 +919,8 @@ fn merge(prev: Option<Success>, ours: Success) -> Success {
 
 #[cfg(test)]
 mod tests {
+    use std::net::Ipv4Addr;
+
     use super::*;
 
     #[test]
@@ -1057,6 +1116,7 @@ mod tests {
             conf.check_ipam(
                 "10.88.0.0/16".parse().expect("pool"),
                 Ipv4Addr::new(10, 88, 0, 1),
+                None,
             )
             .unwrap_or_else(|e| panic!("{e}: {text}"));
             for v in list["cniVersions"].as_array().into_iter().flatten() {

@@ -5,6 +5,7 @@
 //! persisted state, the agent and the CNI plugin can all use it without
 //! depending on each other.
 
+pub mod dual;
 pub mod figures;
 pub mod flow;
 pub mod identity;
@@ -14,6 +15,7 @@ pub mod mtu;
 pub mod names;
 pub mod ports;
 
+pub use dual::{DualPool, GATEWAY6};
 pub use figures::Figures;
 pub use flow::{Flow, FlowEndpoint};
 pub use limits::{DirectionCounters, Limit, RateCounters, RateLimits};

@@ -6,12 +6,12 @@
 //! netns or inside a container's).
 
 use std::{
-    net::{IpAddr, Ipv4Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     path::{Path, PathBuf},
 };
 
 use futures::TryStreamExt;
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 use netlink_packet_route::{
     AddressFamily,
     address::AddressAttribute,
@@ -124,6 +124,64 @@ pub async fn ipv4_addrs(
             attr(true)
                 .or_else(|| attr(false))
                 .map(|ip| (ip, m.header.prefix_len))
+        })
+        .collect())
+}
+
+/// The IPv6 addresses of link `index`, with their prefix lengths.
+pub async fn ipv6_addrs(
+    handle: &Handle,
+    index: u32,
+) -> Result<Vec<(Ipv6Addr, u8)>, rtnetlink::Error> {
+    let mut request = handle.address().get().set_link_index_filter(index);
+    request.message_mut().header.family = AddressFamily::Inet6;
+    let messages: Vec<_> = request.execute().try_collect().await?;
+    Ok(messages
+        .iter()
+        .filter(|m| m.header.family == AddressFamily::Inet6 && m.header.index == index)
+        .filter_map(|m| {
+            m.attributes.iter().find_map(|a| match a {
+                AddressAttribute::Address(IpAddr::V6(ip)) => Some((*ip, m.header.prefix_len)),
+                _ => None,
+            })
+        })
+        .collect())
+}
+
+/// The IPv6 routes of the main table whose output interface is link
+/// `index`: destination and gateway.
+pub async fn ipv6_routes(
+    handle: &Handle,
+    index: u32,
+) -> Result<Vec<(Ipv6Net, Option<Ipv6Addr>)>, rtnetlink::Error> {
+    let routes: Vec<RouteMessage> = handle
+        .route()
+        .get(RouteMessageBuilder::<Ipv6Addr>::new().build())
+        .execute()
+        .try_collect()
+        .await?;
+    Ok(routes
+        .iter()
+        .filter(|r| table(r) == u32::from(RouteHeader::RT_TABLE_MAIN))
+        .filter(|r| {
+            r.attributes
+                .iter()
+                .any(|a| matches!(a, RouteAttribute::Oif(i) if *i == index))
+        })
+        .filter_map(|r| {
+            let addr = |want_dst: bool| {
+                r.attributes.iter().find_map(|a| match a {
+                    RouteAttribute::Destination(RouteAddress::Inet6(ip)) if want_dst => Some(*ip),
+                    RouteAttribute::Gateway(RouteAddress::Inet6(ip)) if !want_dst => Some(*ip),
+                    _ => None,
+                })
+            };
+            let dst = Ipv6Net::new(
+                addr(true).unwrap_or(Ipv6Addr::UNSPECIFIED),
+                r.header.destination_prefix_length,
+            )
+            .ok()?;
+            Some((dst, addr(false)))
         })
         .collect())
 }
@@ -284,6 +342,11 @@ pub struct LinkView {
     pub addrs: Vec<(Ipv4Addr, u8)>,
     /// IPv4 routes of the main table whose output interface it is.
     pub routes: Vec<RouteView>,
+    /// IPv6 addresses with their prefix lengths.
+    pub addrs6: Vec<(Ipv6Addr, u8)>,
+    /// IPv6 routes of the main table whose output interface it is:
+    /// destination and gateway.
+    pub routes6: Vec<(Ipv6Net, Option<Ipv6Addr>)>,
 }
 
 /// Reads link `ifname` with its addresses and routes in `netns` (the
@@ -349,6 +412,12 @@ async fn read(
     let routes = ipv4_routes(handle, link.index)
         .await
         .map_err(request_err("list routes".to_owned()))?;
+    let addrs6 = ipv6_addrs(handle, link.index)
+        .await
+        .map_err(request_err(format!("list IPv6 addresses of {ifname}")))?;
+    let routes6 = ipv6_routes(handle, link.index)
+        .await
+        .map_err(request_err("list IPv6 routes".to_owned()))?;
     Ok(Some(LinkView {
         index: link.index,
         mac: link.mac,
@@ -357,5 +426,7 @@ async fn read(
         mtu: link.mtu,
         addrs,
         routes,
+        addrs6,
+        routes6,
     }))
 }

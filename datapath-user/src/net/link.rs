@@ -16,7 +16,7 @@
 
 use std::{
     fmt, io, mem,
-    net::{IpAddr, Ipv4Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd},
     path::PathBuf,
     time::Instant,
@@ -24,6 +24,7 @@ use std::{
 
 use ipnet::Ipv4Net;
 use netlink_packet_route::{
+    address::{AddressAttribute, AddressFlags},
     link::{InfoData, InfoVeth},
     route::RouteScope,
 };
@@ -38,6 +39,7 @@ use super::{
     netns::{Netns, NetnsError, NetnsId},
 };
 use crate::model::{
+    GATEWAY6,
     identity::VETH_GROUP,
     names::{InvalidName, MAX_IFNAME_LEN, validate_ifname},
 };
@@ -285,6 +287,9 @@ pub struct ContainerLink {
     pub addr: Ipv4Addr,
     /// The gateway: a /32 on the host end, the container's default route.
     pub gateway: Ipv4Addr,
+    /// The container's IPv6 address on a dual-stack node (assigned as a
+    /// /128, routed via [`GATEWAY6`] on the host end).
+    pub addr6: Option<Ipv6Addr>,
     /// MTU of both ends; the kernel's default (1500) when `None`.
     pub mtu: Option<u32>,
     /// Turn GRO on on the container end. Native-mode XDP redirects into the
@@ -517,19 +522,44 @@ impl Netlink {
                 .add(index, IpAddr::V4(spec.gateway), 32)
                 .execute()
                 .await
-                .map_err(|e| NetlinkError::request("add the gateway address", name, &agent, e))
+                .map_err(|e| NetlinkError::request("add the gateway address", name, &agent, e))?;
+            if spec.addr6.is_some() {
+                add_address6(&self.handle, index, GATEWAY6, 64)
+                    .await
+                    .map_err(|e| {
+                        NetlinkError::request("add the IPv6 gateway address", name, &agent, e)
+                    })?;
+            }
+            Ok::<_, NetlinkError>(())
         };
-        let route =
-            async {
-                let route = RouteMessageBuilder::<Ipv4Addr>::new()
-                    .destination_prefix(spec.addr, 32)
+        let route = async {
+            let route = RouteMessageBuilder::<Ipv4Addr>::new()
+                .destination_prefix(spec.addr, 32)
+                .output_interface(index)
+                .scope(RouteScope::Link)
+                .build();
+            self.handle
+                .route()
+                .add(route)
+                .execute()
+                .await
+                .map_err(|e| NetlinkError::request("add the container's route", name, &agent, e))?;
+            if let Some(addr6) = spec.addr6 {
+                let route = RouteMessageBuilder::<Ipv6Addr>::new()
+                    .destination_prefix(addr6, 128)
                     .output_interface(index)
-                    .scope(RouteScope::Link)
                     .build();
-                self.handle.route().add(route).execute().await.map_err(|e| {
-                    NetlinkError::request("add the container's route", name, &agent, e)
-                })
-            };
+                self.handle
+                    .route()
+                    .add(route)
+                    .execute()
+                    .await
+                    .map_err(|e| {
+                        NetlinkError::request("add the container's IPv6 route", name, &agent, e)
+                    })?;
+            }
+            Ok::<_, NetlinkError>(())
+        };
         futures::try_join!(address, route)?;
         Ok((index, mac))
     }
@@ -793,40 +823,75 @@ async fn configure_container_end(
             .add(index, IpAddr::V4(spec.addr), 32)
             .execute()
             .await
-            .map_err(|e| NetlinkError::request("add the container address", name, netns, e))
+            .map_err(|e| NetlinkError::request("add the container address", name, netns, e))?;
+        if let Some(addr6) = spec.addr6 {
+            add_address6(handle, index, addr6, 128).await.map_err(|e| {
+                NetlinkError::request("add the container's IPv6 address", name, netns, e)
+            })?;
+        }
+        Ok::<_, NetlinkError>(())
     };
     // Routes need the link up.
-    let routes = async {
-        handle
-            .link()
-            .change(LinkUnspec::new_with_index(index).up().build())
-            .execute()
-            .await
-            .map_err(|e| NetlinkError::request("bring up", name, netns, e))?;
-        let gateway = RouteMessageBuilder::<Ipv4Addr>::new()
-            .destination_prefix(spec.gateway, 32)
-            .output_interface(index)
-            .scope(RouteScope::Link)
-            .build();
-        handle
-            .route()
-            .add(gateway)
-            .execute()
-            .await
-            .map_err(|e| NetlinkError::request("add the gateway route", name, netns, e))?;
-        let default = RouteMessageBuilder::<Ipv4Addr>::new()
-            .gateway(spec.gateway)
-            .output_interface(index)
-            .build();
-        handle
-            .route()
-            .add(default)
-            .execute()
-            .await
-            .map_err(|e| NetlinkError::request("add the default route", name, netns, e))
-    };
+    let routes =
+        async {
+            handle
+                .link()
+                .change(LinkUnspec::new_with_index(index).up().build())
+                .execute()
+                .await
+                .map_err(|e| NetlinkError::request("bring up", name, netns, e))?;
+            let gateway = RouteMessageBuilder::<Ipv4Addr>::new()
+                .destination_prefix(spec.gateway, 32)
+                .output_interface(index)
+                .scope(RouteScope::Link)
+                .build();
+            handle
+                .route()
+                .add(gateway)
+                .execute()
+                .await
+                .map_err(|e| NetlinkError::request("add the gateway route", name, netns, e))?;
+            let default = RouteMessageBuilder::<Ipv4Addr>::new()
+                .gateway(spec.gateway)
+                .output_interface(index)
+                .build();
+            handle
+                .route()
+                .add(default)
+                .execute()
+                .await
+                .map_err(|e| NetlinkError::request("add the default route", name, netns, e))?;
+            if spec.addr6.is_some() {
+                // A link-local next hop needs only the interface.
+                let default6 = RouteMessageBuilder::<Ipv6Addr>::new()
+                    .gateway(GATEWAY6)
+                    .output_interface(index)
+                    .build();
+                handle.route().add(default6).execute().await.map_err(|e| {
+                    NetlinkError::request("add the IPv6 default route", name, netns, e)
+                })?;
+            }
+            Ok::<_, NetlinkError>(())
+        };
     futures::try_join!(loopback, address, routes)?;
     Ok((index, mac))
+}
+
+/// Adds IPv6 address `addr`/`prefix_len` to link `index` without duplicate
+/// address detection: usable at once (a tentative address cannot be a
+/// source or answer neighbour solicitations), and on a veth pair nobody
+/// else can hold it.
+async fn add_address6(
+    handle: &Handle,
+    index: u32,
+    addr: Ipv6Addr,
+    prefix_len: u8,
+) -> Result<(), rtnetlink::Error> {
+    let mut req = handle.address().add(index, IpAddr::V6(addr), prefix_len);
+    req.message_mut()
+        .attributes
+        .push(AddressAttribute::Flags(AddressFlags::Nodad));
+    req.execute().await
 }
 
 /// A link's index and MAC address, by name; a missing link is an error.
@@ -908,6 +973,14 @@ pub fn enable_ip_forward() -> io::Result<()> {
     std::fs::write("/proc/sys/net/ipv4/ip_forward", "1")
 }
 
+/// Enables IPv6 forwarding in the calling thread's netns (the agent's), on
+/// a dual-stack node. Only this namespace's: `all.forwarding` also makes
+/// its interfaces act as routers (no router advertisements accepted),
+/// which the host ends must do anyway.
+pub fn enable_ipv6_forward() -> io::Result<()> {
+    std::fs::write("/proc/sys/net/ipv6/conf/all/forwarding", "1")
+}
+
 /// The sysctls of a host-side veth (in the calling thread's netns) that
 /// keep a container from steering the node: `accept_ra=0` and
 /// `accept_redirects=0` for IPv6, `accept_redirects=0` for IPv4.
@@ -981,6 +1054,7 @@ mod tests {
             ifname: "eth0".to_owned(),
             addr: Ipv4Addr::new(198, 19, subnet, 2),
             gateway: Ipv4Addr::new(198, 19, subnet, 1),
+            addr6: None,
             mtu: None,
             gro: false,
         }
@@ -1121,6 +1195,7 @@ mod tests {
             ifname: "eth0".to_owned(),
             addr: Ipv4Addr::new(198, 19, 0, 2),
             gateway: Ipv4Addr::new(198, 19, 0, 1),
+            addr6: None,
             mtu: None,
             gro: false,
         };
